@@ -1,0 +1,150 @@
+"""NIfTI in and out, and the preprocessing that maps any scan onto the model grid.
+
+Any orientation -> RAS, resampled to the target spacing, cropped/padded to the model shape around the brain's
+centre, intensities scaled by percentiles 0..99.5 to [0, 1]. Masks use nearest interpolation and are binarised.
+The model-grid affine travels with the data so outputs are written back in scanner space.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Orientation, ScaleIntensityRangePercentiles, Spacing
+
+from neuromf.utils import atomic_write
+
+
+class VolumeError(ValueError):
+    """A scan that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    shape: tuple[int, int, int] = (64, 64, 64)
+    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    lower_percentile: float = 0.0
+    upper_percentile: float = 99.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+        if len(self.shape) != 3 or len(self.spacing) != 3:
+            raise ValueError(f"shape and spacing need 3 values, got {self.shape} and {self.spacing}")
+        if any(s % 4 for s in self.shape):
+            raise ValueError(f"model grid shape {self.shape} must be divisible by 4 (the VAE downsamples 4x)")
+
+    def key(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Volume:
+    """One volume on the model grid: data (1, H, W, D) and its RAS affine."""
+
+    data: torch.Tensor
+    affine: np.ndarray
+    source: Path | None = None
+
+
+def read_nifti(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3D NIfTI as float32 + affine, with errors that name the file and what is wrong with it."""
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"{path}: file does not exist")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel raises many types for corrupt/truncated files
+        raise VolumeError(f"{path}: not a readable NIfTI file ({err})") from err
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise VolumeError(f"{path}: expected a 3D volume, got {data.ndim}D with shape {data.shape}")
+    data = data.astype(np.float32)
+    if not np.isfinite(data).all():
+        raise VolumeError(f"{path}: contains NaN or infinite values")
+    return data, img.affine.astype(np.float64)
+
+
+def _to_ras_grid(data: np.ndarray, affine: np.ndarray, prep: Preprocessing, mode: str) -> MetaTensor:
+    volume = MetaTensor(torch.from_numpy(np.ascontiguousarray(data))[None], affine=torch.from_numpy(affine))
+    volume = Orientation(axcodes="RAS")(volume)
+    return Spacing(pixdim=prep.spacing, mode=mode, padding_mode="zeros")(volume)
+
+
+def _window(volume: MetaTensor, start: np.ndarray, shape: tuple[int, int, int]) -> tuple[torch.Tensor, np.ndarray]:
+    """Crop/pad `volume` to `shape` starting at voxel `start` (may be negative); returns data and new affine."""
+    src = volume.as_tensor()[0]
+    out = torch.zeros(shape, dtype=src.dtype)
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + np.array(shape), src.shape)
+    if np.all(hi > lo):
+        dst_lo = lo - start
+        dst_hi = dst_lo + (hi - lo)
+        out[dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1], dst_lo[2]:dst_hi[2]] = \
+            src[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
+    return out[None], shifted
+
+
+def brain_window_start(volume: MetaTensor, shape: tuple[int, int, int]) -> np.ndarray:
+    """Window origin that centres the model grid on the brain's centre of mass (foreground > 10% of p99)."""
+    data = volume.as_tensor()[0].numpy()
+    threshold = 0.1 * np.percentile(data, 99)
+    coords = np.argwhere(data > threshold)
+    centre = coords.mean(axis=0) if len(coords) else np.array(data.shape) / 2
+    return np.round(centre - np.array(shape) / 2).astype(int)
+
+
+def preprocess_pair(image_path: Path | str, mask_path: Path | str | None,
+                    prep: Preprocessing) -> tuple[Volume, Volume | None]:
+    """Image (and optional mask) on the model grid; the mask shares the image's window and affine."""
+    image, affine = read_nifti(image_path)
+    grid = _to_ras_grid(image, affine, prep, mode="bilinear")
+    start = brain_window_start(grid, prep.shape)
+    data, grid_affine = _window(grid, start, prep.shape)
+    scaled = ScaleIntensityRangePercentiles(lower=prep.lower_percentile, upper=prep.upper_percentile,
+                                            b_min=0.0, b_max=1.0, clip=True)(data)
+    image_volume = Volume(torch.as_tensor(scaled, dtype=torch.float32), grid_affine, Path(image_path))
+    if mask_path is None:
+        return image_volume, None
+    from neuromf.io.bids import load_mask_array
+
+    mask = load_mask_array(Path(mask_path)).astype(np.float32)
+    _, mask_affine = read_nifti(mask_path)
+    if mask.shape != image.shape:
+        raise VolumeError(f"{mask_path}: mask shape {mask.shape} differs from image shape {image.shape}")
+    mask_grid = _to_ras_grid(mask, mask_affine, prep, mode="nearest")
+    mask_data, _ = _window(mask_grid, start, prep.shape)
+    return image_volume, Volume((mask_data > 0.5).to(torch.float32), grid_affine, Path(mask_path))
+
+
+def preprocess_image(path: Path | str, prep: Preprocessing) -> Volume:
+    return preprocess_pair(path, None, prep)[0]
+
+
+def save_nifti(array: np.ndarray | torch.Tensor, affine: np.ndarray, path: Path | str,
+               dtype: type | None = None) -> Path:
+    """Write a 3D volume atomically (temp file + rename); `dtype` e.g. np.uint8 for masks."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    while array.ndim > 3 and array.shape[0] == 1:
+        array = array[0]
+    if dtype is not None:
+        array = array.astype(dtype)
+    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm")
+    payload = img.to_bytes()
+    path = Path(path)
+    if path.name.endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=6, mtime=0)
+    return atomic_write(path, lambda p: p.write_bytes(payload))

@@ -1,0 +1,64 @@
+"""Saving and loading trained MeanFlow models: safetensors weights + JSON sidecar (architecture, VAE, scale)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from neuromf.models.unet import MeanFlowUNet
+from neuromf.utils import atomic_write, atomic_write_json, file_sha256
+from neuromf.weights import check_keys, embedded_model_dir, load_state_dict
+
+
+def save_flow_model(model: MeanFlowUNet, directory: Path, meta: dict[str, Any]) -> Path:
+    """`model.safetensors` + `model.json` (architecture + whatever generation needs: VAE, grid, channels)."""
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p)))
+    atomic_write_json(directory / "model.json", {"kind": "meanflow_unet", "arch": model.arch, **meta})
+    return weights
+
+
+def resolve_model_path(spec: str | Path) -> tuple[Path, Path]:
+    """(weights, sidecar) for `embedded`, a model folder, or a `.safetensors` file next to its `.json`."""
+    if str(spec) == "embedded":
+        spec = embedded_model_dir("base_small")
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec}: base model not found (expected a folder with model.safetensors + "
+                                "model.json, or the .safetensors file itself)")
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"{path}: missing sidecar {sidecar.name} (architecture and VAE settings)")
+    return path, sidecar
+
+
+def load_flow_model(spec: str | Path, preset: str | None = None) -> tuple[MeanFlowUNet, dict[str, Any]]:
+    """Rebuild the UNet from its sidecar and load the weights; `preset` guards against the wrong checkpoint."""
+    weights, sidecar = resolve_model_path(spec)
+    meta = json.loads(sidecar.read_text())
+    if meta.get("kind") != "meanflow_unet":
+        raise ValueError(f"{sidecar}: not a MeanFlow model sidecar (kind={meta.get('kind')!r})")
+    arch = meta["arch"]
+    if preset is not None and arch["preset"] != preset:
+        raise ValueError(f"{weights}: checkpoint is a {arch['preset']!r} UNet but the config asks for {preset!r} "
+                         "(model.preset)")
+    model = MeanFlowUNet(arch["in_channels"], arch["out_channels"], preset=arch["preset"])
+    state = load_state_dict(weights)
+    check_keys(weights, model, state)
+    model.load_state_dict(state)
+    meta["weights_path"] = str(weights)
+    meta["weights_sha256"] = file_sha256(weights)
+    return model, meta
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

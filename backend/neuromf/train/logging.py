@@ -1,0 +1,79 @@
+"""Per-epoch loss log: CSV (appended across resumes), optional TensorBoard, and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from neuromf.utils import atomic_write
+
+
+class EpochLog:
+    def __init__(self, out_dir: Path, tensorboard: bool = True) -> None:
+        self.path = out_dir / "losses.csv"
+        self.png = out_dir / "loss_curve.png"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is an optional extra
+                self.writer = None
+
+    def rows(self) -> list[dict[str, float]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as fh:
+            return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+
+    def append(self, row: dict[str, float], keep_until_step: int | None = None) -> None:
+        rows = self.rows()
+        if keep_until_step is not None:  # after a resume, drop epochs logged past the checkpoint
+            rows = [r for r in rows if r["step"] <= keep_until_step]
+        rows.append(row)
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+
+        def write(p: Path) -> None:
+            with open(p, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=fields)
+                w.writeheader()
+                w.writerows(rows)
+
+        atomic_write(self.path, write)
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    self.writer.add_scalar(f"epoch/{key}", value, int(row["step"]))
+            self.writer.flush()
+
+    def plot(self) -> Path | None:
+        rows = self.rows()
+        if not rows:
+            return None
+        return plot_loss_curve(rows, self.png)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_loss_curve(rows: list[dict[str, float]], png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key in [k for k in rows[-1] if k.startswith("raw") or k == "loss"]:
+        ax.plot(epochs, [r.get(key, float("nan")) for r in rows], label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(png, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return png

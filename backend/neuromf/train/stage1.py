@@ -1,0 +1,65 @@
+"""Stage 1: a MeanFlow UNet trained from scratch on image latents of healthy brains (C = 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from pathlib import Path
+from threading import Event
+
+import torch
+
+from neuromf.config import RunConfig, save_config
+from neuromf.data.latents import encode_images, make_cache, resolve_data_dir
+from neuromf.io.bids import discover_cases
+from neuromf.io.nifti import Preprocessing
+from neuromf.meanflow import ChannelLp, MeanFlowLoss, TimeSampler
+from neuromf.models.flow_model import save_flow_model
+from neuromf.models.unet import MeanFlowUNet
+from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, train
+from neuromf.train.run_dir import prepare_run_dir
+from neuromf.vae import MAISIVAEWrapper
+
+
+def build_loss(cfg: RunConfig, n_image: int = 4, n_mask: int = 0) -> MeanFlowLoss:
+    lc = cfg.loss
+    return MeanFlowLoss(
+        distance=ChannelLp.for_channels(n_image, n_mask, lc.p_img, lc.p_mask, lc.lambda_img, lc.lambda_mask),
+        time_sampler=TimeSampler(lc.time_mean, lc.time_std, lc.ratio_r_neq_t),
+        adaptive_power=lc.adaptive_power, adaptive_c=lc.adaptive_c,
+        flow_matching=lc.kind == "flow_matching", cheap_jvp=lc.cheap_jvp,
+    )
+
+
+def preprocessing_of(cfg: RunConfig) -> Preprocessing:
+    return Preprocessing(shape=tuple(cfg.data.shape), spacing=tuple(cfg.data.spacing))
+
+
+def load_vae(cfg: RunConfig, device: str | torch.device = "cpu") -> MAISIVAEWrapper:
+    return MAISIVAEWrapper.resolve(cfg.model.vae, preset=cfg.model.vae_preset, device=device)
+
+
+def vae_meta(cfg: RunConfig, vae: MAISIVAEWrapper, prep: Preprocessing) -> dict:
+    return {"vae": cfg.model.vae, "vae_preset": vae.preset, "vae_identity": vae.identity,
+            "scale_factor": vae.scale_factor, "preprocessing": prep.key()}
+
+
+def train_base(cfg: RunConfig, resume: bool = False, overwrite: bool = False, stop: Event | None = None,
+               progress: bool = True) -> Generator[TrainEvent, None, TrainResult]:
+    """Encode the healthy scans once (latent cache), then run the training loop on their latents."""
+    out_dir = prepare_run_dir(Path(cfg.training.output_dir), cfg, resume=resume, overwrite=overwrite)
+    save_config(cfg, out_dir / "config.yaml")
+    torch.manual_seed(cfg.training.seed)
+    prep = preprocessing_of(cfg)
+    vae = load_vae(cfg)
+    root = resolve_data_dir(cfg.data.data_dir)
+    cases = discover_cases(root, group=cfg.data.group, split=cfg.data.split)
+    cache = make_cache(Path(cfg.data.cache_dir or out_dir.parent / "latent_cache"), vae, prep)
+    latents = encode_images([c.image for c in cases], vae, prep, cache, flip=cfg.data.flip, progress=progress)
+    model = MeanFlowUNet(in_channels=latents.shape[1], preset=cfg.model.preset)
+    loss = build_loss(cfg)
+    meta = {**vae_meta(cfg, vae, prep), "latent_shape": list(latents.shape[1:]),
+            "channels": {"image": latents.shape[1], "mask": 0}, "stage": 1,
+            "train_cases": [c.case_id for c in cases]}
+    task = TrainTask(model=model, loss_fn=loss, meta=meta,
+                     export=lambda m, d: save_flow_model(m, d, meta))
+    return (yield from train(task, latents, cfg.training, out_dir, stop=stop, resume=resume))

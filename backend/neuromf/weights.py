@@ -1,0 +1,79 @@
+"""Loading tensors from local weight files safely, and locating the embedded sample data and models."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import neuromf
+
+
+def sample_data_root() -> Path:
+    """`sample_data/` of a source checkout, or the copy packaged into the wheel."""
+    package_dir = Path(neuromf.__file__).resolve().parent
+    for candidate in (package_dir.parents[1] / "sample_data", package_dir / "_sample_data"):
+        if (candidate / "models").is_dir() or (candidate / "fcd_phantoms").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"embedded sample data not found next to {package_dir} (looked for ../../sample_data and _sample_data)"
+    )
+
+
+def embedded_model_dir(name: str) -> Path:
+    path = sample_data_root() / "models" / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"embedded model {name!r} not found at {path}")
+    return path
+
+
+def load_state_dict(path: Path | str, nested_key: str | None = "unet_state_dict") -> dict[str, torch.Tensor]:
+    """Read a state_dict from `.safetensors` or `.pt`/`.pth` without ever unpickling arbitrary objects.
+
+    Released MAISI files are either a plain state_dict or nest it under `unet_state_dict`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weight file does not exist")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"{path}: refused to load: the file contains pickled Python objects, not only tensors "
+                f"(weights_only=True). Convert it to safetensors or a plain state_dict. Detail: {err}"
+            ) from err
+        except Exception as err:  # zip/EOF errors on truncated files
+            raise ValueError(f"{path}: not a readable PyTorch weight file ({err})") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict (mapping of names to tensors), got {type(state).__name__}")
+    if nested_key and nested_key in state and isinstance(state[nested_key], dict):
+        state = state[nested_key]
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path}: entries that are not tensors: {bad[:5]}")
+    return state
+
+
+def check_keys(path: Path | str, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Raise an error listing missing/unexpected/mis-shaped keys instead of torch's generic message."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if shape:
+            k = shape[0]
+            parts.append(f"{len(shape)} with wrong shape (e.g. {k}: file {tuple(state[k].shape)} vs model "
+                         f"{tuple(expected[k].shape)})")
+        raise ValueError(f"{path}: weights do not match the {type(model).__name__} architecture: " + "; ".join(parts)
+                         + ". Is the preset right?")

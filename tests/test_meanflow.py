@@ -1,0 +1,127 @@
+"""MeanFlow maths: JVP vs finite differences, cheap vs full JVP gradients, per-channel Lp, samplers."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+
+from neuromf.meanflow import ChannelLp, MeanFlowLoss, TimeSampler, adaptive_weight, sample_euler, sample_meanflow
+from neuromf.meanflow.loss import meanflow_target
+from neuromf.models.unet import UNET_PRESETS, MeanFlowUNet
+
+
+def _perturbed_tiny(dtype=torch.float64) -> MeanFlowUNet:
+    """A tiny UNet with every weight jittered: MONAI zero-initialises the residual convs and the output conv,
+    which would make r and t irrelevant and the derivative checks vacuous."""
+    model = MeanFlowUNet(4, preset="tiny").to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_jvp_matches_central_finite_differences():
+    model = _perturbed_tiny()
+    z = torch.randn(2, 4, 8, 8, 8, dtype=torch.float64)
+    r = torch.tensor([0.1, 0.4], dtype=torch.float64)
+    t = torch.tensor([0.7, 0.9], dtype=torch.float64)
+    v = torch.randn_like(z)
+    with torch.no_grad():
+        _, dudt = torch.func.jvp(model, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+        h = 1e-4
+        fd = (model(z + h * v, r, t + h) - model(z - h * v, r, t - h)) / (2 * h)
+    rel = (dudt - fd).norm() / fd.norm()
+    assert rel < 1e-2
+    # the interval embedding matters: moving t with r fixed changes t - r, so dropping it gives another answer
+    with torch.no_grad():
+        fd_interval_frozen = (model(z + h * v, r + h, t + h) - model(z - h * v, r - h, t - h)) / (2 * h)
+    assert (dudt - fd_interval_frozen).norm() / fd.norm() > 1e-3
+
+
+def test_cheap_and_single_jvp_give_same_gradients():
+    model = _perturbed_tiny(torch.float32)
+    z = torch.randn(2, 4, 8, 8, 8)
+    r, t = torch.tensor([0.2, 0.5]), torch.tensor([0.6, 0.8])
+    v = torch.randn_like(z)
+    grads = []
+    for cheap in (True, False):
+        model.zero_grad()
+        u, target = meanflow_target(model, z, r, t, v, cheap=cheap)
+        ((u - target) ** 2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_zero_interval_embedding_reproduces_plain_unet():
+    model = MeanFlowUNet(4, preset="tiny")
+    p = UNET_PRESETS["tiny"]
+    plain = DiffusionModelUNet(spatial_dims=3, in_channels=4, out_channels=4, num_res_blocks=p.num_res_blocks,
+                               channels=p.channels, attention_levels=p.attention_levels,
+                               norm_num_groups=p.norm_num_groups, num_head_channels=p.num_head_channels)
+    with torch.no_grad():  # jitter every weight so t actually reaches the output
+        for param in plain.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(k.startswith("interval_embed") for k in missing)
+    x = torch.randn(2, 4, 8, 8, 8)
+    t = torch.tensor([0.3, 0.8])
+    r = torch.tensor([0.0, 0.5])
+    with torch.no_grad():
+        ours = model(x, r, t)
+        theirs = plain(x, t * 1000.0)
+    torch.testing.assert_close(ours, theirs)
+    with torch.no_grad():  # and t does matter, so the equality above is not vacuous
+        assert (plain(x, t * 1000.0) - plain(x, (1 - t) * 1000.0)).abs().max() > 1e-4
+
+
+def test_channel_lp_matches_hand_computation():
+    delta = torch.tensor([[[[[1.0, -2.0]]], [[[0.5, 0.0]]], [[[3.0, 1.0]]]]])  # (1, 3, 1, 1, 2)
+    lp = ChannelLp.for_channels(n_image=2, n_mask=1, p_img=1.5, p_mask=2.0, lambda_img=1.0, lambda_mask=0.5)
+    img = ((1 ** 1.5 + 2 ** 1.5) / 2) + ((0.5 ** 1.5 + 0) / 2)
+    mask = 0.5 * ((9 + 1) / 2)
+    groups = lp.per_group(delta)
+    assert abs(float(groups[0]) - img) < 1e-6
+    assert abs(float(groups[1]) - mask) < 1e-6
+    assert abs(float(lp(delta)) - (img + mask)) < 1e-6
+
+
+def test_adaptive_weight_is_stop_gradient_and_per_sample():
+    per_sample = torch.tensor([0.5, 2.0], requires_grad=True)
+    w = adaptive_weight(per_sample, power=1.0, c=1e-3)
+    assert not w.requires_grad
+    torch.testing.assert_close(w, 1 / (per_sample.detach() + 1e-3))
+    (w * per_sample).sum().backward()
+    torch.testing.assert_close(per_sample.grad, w)
+
+
+def test_time_sampler_orders_and_fraction():
+    r, t = TimeSampler(ratio_r_neq_t=0.25)(20000, generator=torch.Generator().manual_seed(0))
+    assert torch.all(r <= t) and torch.all((t > 0) & (t < 1))
+    frac = (r != t).float().mean().item()
+    assert abs(frac - 0.25) < 0.02
+    # logit-normal with mean -0.4: the median of single draws is sigmoid(-0.4) ~ 0.40, t = max is higher
+    assert 0.4 < t.median().item() < 0.65
+
+
+def test_samplers_shapes_and_one_step_equivalence():
+    model = _perturbed_tiny(torch.float32).eval()
+    noise = torch.randn(3, 4, 8, 8, 8)
+    one = sample_meanflow(model, noise, steps=1)
+    assert one.shape == noise.shape and one.dtype == noise.dtype
+    with torch.no_grad():
+        manual = noise - model(noise, torch.zeros(3), torch.ones(3))
+    torch.testing.assert_close(one, manual)
+    two = sample_meanflow(model, noise, steps=2)
+    assert not torch.allclose(one, two)
+    euler = sample_euler(model, noise, steps=4)
+    assert euler.shape == noise.shape and torch.isfinite(euler).all()
+
+
+def test_flow_matching_loss_needs_no_jvp_and_meanflow_loss_is_finite():
+    model = _perturbed_tiny(torch.float32)
+    x = torch.randn(4, 4, 8, 8, 8)
+    for fm in (False, True):
+        loss, parts = MeanFlowLoss(flow_matching=fm)(model, x, torch.Generator().manual_seed(0))
+        assert torch.isfinite(loss) and loss.requires_grad
+        assert parts["raw"] > 0

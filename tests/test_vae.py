@@ -1,0 +1,103 @@
+"""MAISI VAE wrapper: released architecture, safe loading, shapes, split choice and input checks."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiConvolution
+from safetensors.torch import save_file
+
+from neuromf.vae import MAISIVAEWrapper, build_maisi_autoencoder, choose_num_splits
+
+
+def test_maisi_preset_has_released_parameter_count():
+    model = build_maisi_autoencoder("maisi")
+    assert sum(p.numel() for p in model.parameters()) == 20_944_897
+
+
+def test_nested_unet_state_dict_loads_from_pt(tmp_path):
+    source = MAISIVAEWrapper("tiny")
+    path = tmp_path / "autoencoder.pt"
+    torch.save({"unet_state_dict": source.autoencoder.state_dict()}, path)
+    loaded = MAISIVAEWrapper.from_file(path, preset="tiny")
+    for (k, a), (_, b) in zip(source.autoencoder.state_dict().items(), loaded.autoencoder.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_plain_safetensors_loads_and_wrong_preset_lists_keys(tmp_path):
+    source = MAISIVAEWrapper("tiny")
+    path = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in source.autoencoder.state_dict().items()}, str(path))
+    MAISIVAEWrapper.from_file(path, preset="tiny")
+    with pytest.raises(ValueError, match=r"vae.safetensors.*(missing|wrong shape)"):
+        MAISIVAEWrapper.from_file(path, preset="small")
+
+
+def test_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"  # an arbitrary Python object: unpickling it could run code
+    torch.save({"unet_state_dict": {}, "payload": argparse.Namespace(cmd="rm -rf /")}, path)
+    with pytest.raises(ValueError, match="evil.pt.*pickled"):
+        MAISIVAEWrapper.from_file(path, preset="tiny")
+
+
+def test_missing_file_names_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        MAISIVAEWrapper.from_file(tmp_path / "nowhere.pt", preset="tiny")
+
+
+def test_encode_decode_shapes_64_cubed_and_posterior_mean_is_deterministic():
+    vae = MAISIVAEWrapper("tiny", scale_factor=2.0)
+    x = torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        z1, z2 = vae.encode(x), vae.encode(x)
+        zs = vae.encode(x, sample=True)
+        y = vae.decode(z1)
+    assert z1.shape == (1, 4, 16, 16, 16) and y.shape == (1, 1, 64, 64, 64)
+    assert torch.equal(z1, z2) and not torch.equal(z1, zs)
+    with torch.no_grad():  # scale factor multiplies the latent
+        vae.scale_factor = 1.0
+        torch.testing.assert_close(vae.encode(x) * 2.0, z1)
+
+
+@pytest.mark.parametrize("length,requested,expected", [(64, 4, 4), (32, 4, 2), (48, 4, 3), (128, 4, 4), (16, 4, 1),
+                                                      (96, 16, 6)])
+def test_num_splits_choice(length, requested, expected):
+    n = choose_num_splits(length, requested)
+    assert n == expected
+    latent = length // 4
+    assert n == 1 or (latent % n == 0 and latent // n > 3)
+
+
+def test_split_encoding_equals_unsplit():
+    vae = MAISIVAEWrapper("tiny")
+    x = torch.rand(1, 1, 32, 64, 32)  # MAISI splits along the second spatial axis: 64 -> 4 chunks
+    with torch.no_grad():
+        split = vae.encode(x)
+        splits = {m.num_splits for m in vae.autoencoder.modules() if isinstance(m, MaisiConvolution)}
+        assert splits == {4}
+        vae.set_num_splits_for(4)  # a 1-voxel latent axis forces a single chunk
+        whole = vae.autoencoder.encode(x)[0]
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.rand(1, 64, 64, 64), "5D"),
+    (torch.rand(1, 1, 62, 64, 64), "divisible by 4"),
+    (torch.full((1, 1, 16, 16, 16), float("nan")), "NaN"),
+    (torch.ones(1, 1, 16, 16, 16, dtype=torch.int64), "floating"),
+    (torch.rand(1, 2, 16, 16, 16), "channel"),
+])
+def test_bad_inputs_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        MAISIVAEWrapper("tiny").encode(bad)
+
+
+def test_fit_scale_factor_gives_unit_std():
+    vae = MAISIVAEWrapper("tiny")
+    vols = [torch.rand(1, 32, 32, 32) for _ in range(3)]
+    factor = vae.fit_scale_factor(vols)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(v[None]).flatten() for v in vols])
+    assert factor > 0 and abs(float(z.std()) - 1.0) < 1e-3
