@@ -90,17 +90,14 @@ def cmd_make_phantoms(args) -> int:
 
 def cmd_check_data(args) -> int:
     from neuromf.data.latents import resolve_data_dir
-    from neuromf.io.bids import discover_cases, format_case_table, validate_case
+    from neuromf.io.bids import case_report, discover_cases, format_case_table
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cases = discover_cases(resolve_data_dir(args.data))
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    rows = []
-    for case in cases:
-        row = validate_case(case)
-        rows.append({"id": case.case_id, "group": case.group, "split": case.split, **row})
+    rows = [case_report(case) for case in cases]
     print(format_case_table(rows))
     unusable = [r["id"] for r in rows if not r["usable"]]
     n_fcd = sum(1 for c in cases if c.mask is not None)

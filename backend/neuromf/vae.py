@@ -176,6 +176,7 @@ class MAISIVAEWrapper(nn.Module):
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.norm_float16)
 
+    @torch.no_grad()
     def encode(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """Scaled latents; the posterior mean unless `sample=True` (MAISI's stage-2 inputs are sampled)."""
         self._check_volume(x, 1, "VAE input")
@@ -188,6 +189,7 @@ class MAISIVAEWrapper(nn.Module):
             z = self.autoencoder.sampling(z_mu, z_sigma) if sample else z_mu
         return z.float() * self.scale_factor
 
+    @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         self._check_volume(z, self.latent_channels, "VAE latent")
         self.set_num_splits_for(z.shape[2 + VAE_PRESETS[self.preset].dim_split] * DOWNSAMPLE)

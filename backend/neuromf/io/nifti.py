@@ -74,7 +74,7 @@ def read_nifti(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
 
 def _to_ras_grid(data: np.ndarray, affine: np.ndarray, prep: Preprocessing, mode: str) -> MetaTensor:
     volume = MetaTensor(torch.from_numpy(np.ascontiguousarray(data))[None], affine=torch.from_numpy(affine))
-    volume = Orientation(axcodes="RAS")(volume)
+    volume = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(volume)
     return Spacing(pixdim=prep.spacing, mode=mode, padding_mode="zeros")(volume)
 
 

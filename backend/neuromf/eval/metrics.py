@@ -1,0 +1,342 @@
+"""Figures for generated (FLAIR, lesion mask) pairs against real FCD cases (spec P7-T6, `neuromf evaluate`).
+
+Everything is measured on the model grid: real cases go through the same preprocessing as training data, so
+a generated mask and a real mask are voxel-aligned arrays of the same shape. Reported:
+
+- best Dice of each generated mask against the real *training* masks and against the held-out *test* masks
+  (both, so that memorisation shows as train >> test; P7-T6 target mean > 0.3, informational);
+- fraction of non-empty generated masks;
+- lesion-volume distributions (cm^3) of generated and real masks with a two-sample KS statistic;
+- lesion contrast: mean FLAIR inside the mask / mean FLAIR in a 2-voxel shell around it (brain voxels only);
+- diversity: mean pairwise MS-SSIM of the generated images (MONAI), scales and kernel fitted to the grid.
+"""
+
+from __future__ import annotations
+
+import re
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage, stats
+
+from neuromf.io.nifti import Preprocessing
+
+DICE_TARGET = 0.3
+SHELL_VOXELS = 2
+BRAIN_THRESHOLD = 0.05
+# Wang et al. (2003) MS-SSIM scale weights; truncated and renormalised when the grid allows fewer scales.
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+_PAIR_RE = re.compile(r"^(sample_.+)_(flair|mask)\.nii(\.gz)?$")
+
+
+def dice(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    """Dice overlap of two binary arrays (> 0.5 is foreground); both empty -> 1.0, one empty -> 0.0."""
+    a = _as_bool(a)
+    b = _as_bool(b)
+    if a.shape != b.shape:
+        raise ValueError(f"dice: shapes differ ({a.shape} vs {b.shape})")
+    total = int(a.sum()) + int(b.sum())
+    if total == 0:
+        return 1.0
+    return float(2.0 * np.logical_and(a, b).sum() / total)
+
+
+def _as_bool(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    return x.astype(bool) if x.dtype == bool else x > 0.5
+
+
+def _squeeze3d(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    while x.ndim > 3 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {x.shape}")
+    return x
+
+
+def find_generated_pairs(generated_dir: Path) -> list[tuple[str, Path, Path]]:
+    """(sample id, flair path, mask path) for every `sample_XXX_flair/mask.nii[.gz]` pair, sorted by id.
+
+    ValueError naming the folder when it is missing, holds no pairs, or a sample lacks one of its two files.
+    """
+    generated_dir = Path(generated_dir)
+    if not generated_dir.is_dir():
+        raise ValueError(f"{generated_dir}: generated-samples folder does not exist")
+    found: dict[str, dict[str, Path]] = {}
+    for path in sorted(generated_dir.iterdir()):
+        match = _PAIR_RE.match(path.name)
+        if match and path.is_file():
+            found.setdefault(match.group(1), {})[match.group(2)] = path
+    if not found:
+        raise ValueError(
+            f"{generated_dir}: no generated pairs found (expected sample_XXX_flair.nii.gz + sample_XXX_mask.nii.gz)"
+        )
+    incomplete = [f"{sid} (missing {'mask' if 'flair' in parts else 'flair'})"
+                  for sid, parts in found.items() if len(parts) != 2]
+    if incomplete:
+        raise ValueError(f"{generated_dir}: incomplete generated pairs: {', '.join(incomplete)}")
+    return [(sid, parts["flair"], parts["mask"]) for sid, parts in sorted(found.items())]
+
+
+def load_generated_pair(flair: Path, mask: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image float32, mask bool, affine) of one generated pair; ValueError when shapes or affines differ."""
+    img = nib.load(str(flair))
+    msk = nib.load(str(mask))
+    image = _squeeze3d(np.asarray(img.dataobj, dtype=np.float32))
+    binary = _squeeze3d(np.asarray(msk.dataobj)) > 0.5
+    if image.shape != binary.shape:
+        raise ValueError(f"{mask}: mask shape {binary.shape} differs from {flair.name} shape {image.shape}")
+    if not np.allclose(img.affine, msk.affine, atol=1e-3):
+        raise ValueError(f"{mask}: affine differs from {flair.name}")
+    return image, binary, np.asarray(img.affine, dtype=np.float64)
+
+
+def voxel_volume_cm3(affine: np.ndarray) -> float:
+    """Volume of one voxel in cm^3 from the affine's 3x3 part (mm^3 / 1000)."""
+    return float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+
+
+def lesion_contrast(image: np.ndarray, mask: np.ndarray, shell: int = SHELL_VOXELS,
+                    brain_threshold: float = BRAIN_THRESHOLD) -> float | None:
+    """Mean FLAIR inside the mask / mean FLAIR in a shell (dilation by `shell` voxels minus mask, brain only).
+
+    FCD lesions are FLAIR-hyperintense, so real cases sit above 1; None when the mask or shell is empty.
+    """
+    image = _squeeze3d(image).astype(np.float64)
+    mask = _as_bool(_squeeze3d(mask))
+    if not mask.any():
+        return None
+    ring = ndimage.binary_dilation(mask, iterations=shell) & ~mask & (image > brain_threshold)
+    if not ring.any():
+        return None
+    outside = float(image[ring].mean())
+    if outside <= 0:
+        return None
+    return float(image[mask].mean()) / outside
+
+
+def ms_ssim_settings(shape: tuple[int, ...]) -> dict[str, Any]:
+    """Kernel size and scale weights of MS-SSIM that fit a grid (MS-SSIM halves the image per scale).
+
+    Grids of 176+ voxels per side take MONAI's defaults (kernel 11, 5 scales). Smaller ones use kernel 3 and
+    the most scales (<= 5) whose coarsest image still has >= 4 kernel widths and that pass MONAI's own size
+    check; 64^3 -> 3 scales (64, 32, 16), 32^3 -> 2, 16^3 -> 1.
+    """
+    side = int(min(shape))
+    if side // (len(MS_SSIM_WEIGHTS) - 1) ** 2 > 10:
+        return {"kernel_size": 11, "kernel_sigma": 1.5, "weights": list(MS_SSIM_WEIGHTS)}
+    kernel = 3
+    scales = 1
+    for n in range(2, len(MS_SSIM_WEIGHTS) + 1):
+        if side // 2 ** (n - 1) >= 4 * kernel and side // max(1, n - 1) ** 2 > kernel - 1:
+            scales = n
+    weights = np.asarray(MS_SSIM_WEIGHTS[:scales], dtype=np.float64)
+    weights = weights / weights.sum()
+    return {"kernel_size": kernel, "kernel_sigma": 1.0, "weights": [round(float(w), 6) for w in weights]}
+
+
+def ms_ssim(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, data_range: float = 1.0) -> float:
+    """MS-SSIM of two 3D volumes with settings from `ms_ssim_settings` (1.0 for identical images)."""
+    x = torch.as_tensor(_squeeze3d(a), dtype=torch.float32)[None, None]
+    y = torch.as_tensor(_squeeze3d(b), dtype=torch.float32)[None, None]
+    return _ms_ssim_batch(x, y, data_range)[0]
+
+
+def _ms_ssim_batch(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> list[float]:
+    from monai.metrics import MultiScaleSSIMMetric
+
+    cfg = ms_ssim_settings(tuple(x.shape[2:]))
+    metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=data_range, kernel_size=cfg["kernel_size"],
+                                  kernel_sigma=cfg["kernel_sigma"], weights=cfg["weights"])
+    with torch.no_grad():
+        values = metric(x, y)
+    return [float(v) for v in values.reshape(-1)]
+
+
+def mean_pairwise_ms_ssim(images: list[np.ndarray], chunk: int = 8) -> dict[str, Any]:
+    """Mean MS-SSIM over all pairs of generated images: high (-> 1) means the samples look alike."""
+    settings = ms_ssim_settings(images[0].shape) if images else {}
+    pairs = list(combinations(range(len(images)), 2))
+    values: list[float] = []
+    for start in range(0, len(pairs), chunk):
+        batch = pairs[start:start + chunk]
+        x = torch.stack([torch.as_tensor(images[i], dtype=torch.float32) for i, _ in batch])[:, None]
+        y = torch.stack([torch.as_tensor(images[j], dtype=torch.float32) for _, j in batch])[:, None]
+        values.extend(_ms_ssim_batch(x, y))
+    return {"mean_pairwise_ms_ssim": float(np.mean(values)) if values else None, "n_pairs": len(values),
+            **settings}
+
+
+def _describe(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0, "mean": None, "median": None, "min": None, "max": None}
+    arr = np.asarray(values, dtype=np.float64)
+    return {"n": int(arr.size), "mean": float(arr.mean()), "median": float(np.median(arr)),
+            "min": float(arr.min()), "max": float(arr.max())}
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.median(kept)) if kept else None
+
+
+def _load_real(data_dir: Path, prep: Preprocessing, progress: bool) -> tuple[list[dict], list[str]]:
+    """Preprocessed real FCD cases with their split; all FCD cases count as train when no split is given."""
+    from neuromf.io.bids import DataError, discover_cases
+
+    notes: list[str] = []
+    by_split: dict[str, list] = {}
+    for split in ("train", "test"):
+        try:
+            by_split[split] = discover_cases(data_dir, group="fcd", split=split)
+        except DataError:
+            by_split[split] = []
+    if not by_split["train"] and not by_split["test"]:
+        by_split["train"] = discover_cases(data_dir, group="fcd")  # raises DataError naming the folder
+        notes.append("no train/test split in participants.tsv: all FCD cases are used as 'train'")
+    if not by_split["test"]:
+        notes.append("no held-out test FCD cases: test Dice not reported")
+    cases = [(split, case) for split in ("train", "test") for case in by_split[split]]
+    if progress:
+        from tqdm import tqdm
+
+        cases = tqdm(cases, desc="real FCD cases", unit="case")
+    real = []
+    for split, case in cases:
+        image, mask = _preprocess_real(case.image, case.mask, prep)
+        if not mask.any():
+            notes.append(f"{case.case_id}: lesion mask is empty on the model grid; case skipped")
+            continue
+        real.append({"id": case.case_id, "split": split, "image": image, "mask": mask,
+                     "voxel_cm3": voxel_volume_cm3(np.diag([*prep.spacing, 1.0]))})
+    return real, notes
+
+
+def _preprocess_real(image: Path, mask: Path, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """Real image and mask on the model grid as numpy arrays (H, W, D)."""
+    from neuromf.io.nifti import preprocess_pair
+
+    img, msk = preprocess_pair(image, mask, prep)
+    return img.data[0].numpy(), msk.data[0].numpy() > 0.5
+
+
+def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing, out_json: Path | None = None,
+                       progress: bool = False) -> dict:
+    """Compare generated pairs in `generated_dir` with the real FCD cases of `data_dir` on the model grid.
+
+    Returns (and writes atomically to `out_json` when given) a dict with keys ``dice``, ``fraction_nonempty``,
+    ``lesion_volume_cm3``, ``lesion_contrast``, ``diversity``, ``samples`` (one row per generated pair) and
+    ``real_cases``. ValueError naming the folder when no pairs or an incomplete pair is found, or when the
+    generated grid differs from `prep.shape`.
+    """
+    generated_dir, data_dir = Path(generated_dir), Path(data_dir)
+    pairs = find_generated_pairs(generated_dir)
+    generated = []
+    for sid, flair, mask_path in pairs:
+        image, mask, affine = load_generated_pair(flair, mask_path)
+        if image.shape != tuple(prep.shape):
+            raise ValueError(f"{generated_dir}: {flair.name} has shape {image.shape}, but the model grid is "
+                             f"{tuple(prep.shape)}; evaluate with the preprocessing the model was trained on")
+        generated.append({"id": sid, "flair": flair, "mask_path": mask_path, "image": image, "mask": mask,
+                          "voxel_cm3": voxel_volume_cm3(affine)})
+
+    real, notes = _load_real(data_dir, prep, progress)
+    train = [r for r in real if r["split"] == "train"]
+    test = [r for r in real if r["split"] == "test"]
+
+    def best(mask: np.ndarray, refs: list[dict]) -> tuple[float | None, str | None]:
+        if not refs:
+            return None, None
+        scores = [(dice(mask, r["mask"]), r["id"]) for r in refs]
+        return max(scores, key=lambda s: s[0])
+
+    rows = []
+    iterator = generated
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(generated, desc="generated pairs", unit="pair")
+    for g in iterator:
+        voxels = int(g["mask"].sum())
+        dice_train, match_train = best(g["mask"], train)
+        dice_test, match_test = best(g["mask"], test)
+        rows.append({
+            "id": g["id"], "flair": str(g["flair"]), "mask": str(g["mask_path"]),
+            "lesion_voxels": voxels, "lesion_cm3": voxels * g["voxel_cm3"], "nonempty": voxels > 0,
+            "best_dice_train": dice_train, "best_match_train": match_train,
+            "best_dice_test": dice_test, "best_match_test": match_test,
+            "lesion_contrast": lesion_contrast(g["image"], g["mask"]),
+        })
+    real_rows = [{"id": r["id"], "split": r["split"], "lesion_cm3": int(r["mask"].sum()) * r["voxel_cm3"],
+                  "lesion_contrast": lesion_contrast(r["image"], r["mask"])} for r in real]
+
+    gen_volumes = [r["lesion_cm3"] for r in rows if r["nonempty"]]
+    real_volumes = [r["lesion_cm3"] for r in real_rows]
+    ks_stat = ks_p = None
+    if gen_volumes and real_volumes:
+        ks = stats.ks_2samp(gen_volumes, real_volumes)
+        ks_stat, ks_p = float(ks.statistic), float(ks.pvalue)
+    train_scores = [r["best_dice_train"] for r in rows]
+    test_scores = [r["best_dice_test"] for r in rows]
+    mean_train, mean_test = _mean_or_none(train_scores), _mean_or_none(test_scores)
+
+    result = {
+        "generated_dir": str(generated_dir),
+        "data_dir": str(data_dir),
+        "preprocessing": {"shape": list(prep.shape), "spacing": list(prep.spacing)},
+        "n_generated": len(rows),
+        "n_real_train": len(train),
+        "n_real_test": len(test),
+        "fraction_nonempty": float(np.mean([r["nonempty"] for r in rows])),
+        "dice": {
+            "mean_best_train": mean_train,
+            "median_best_train": _median_or_none(train_scores),
+            "mean_best_test": mean_test,
+            "median_best_test": _median_or_none(test_scores),
+            "target": DICE_TARGET,
+            "meets_target_train": None if mean_train is None else mean_train > DICE_TARGET,
+            "meets_target_test": None if mean_test is None else mean_test > DICE_TARGET,
+            "status": "INFORMATIONAL",
+            "note": "best Dice of each generated mask over real masks; train >> test suggests memorisation",
+        },
+        "lesion_volume_cm3": {
+            "generated": _describe(gen_volumes),
+            "real": _describe(real_volumes),
+            "real_train": _describe([r["lesion_cm3"] for r in real_rows if r["split"] == "train"]),
+            "real_test": _describe([r["lesion_cm3"] for r in real_rows if r["split"] == "test"]),
+            "ks_statistic": ks_stat,
+            "ks_pvalue": ks_p,
+            "note": "model-grid voxel counts x voxel volume; generated: non-empty masks only",
+        },
+        "lesion_contrast": {
+            "generated_mean": _mean_or_none([r["lesion_contrast"] for r in rows]),
+            "real_mean": _mean_or_none([r["lesion_contrast"] for r in real_rows]),
+            "n_generated": sum(r["lesion_contrast"] is not None for r in rows),
+            "n_real": sum(r["lesion_contrast"] is not None for r in real_rows),
+            "definition": f"mean FLAIR in mask / mean FLAIR in a {SHELL_VOXELS}-voxel dilation shell minus the "
+                          f"mask, brain voxels > {BRAIN_THRESHOLD} only",
+        },
+        "diversity": mean_pairwise_ms_ssim([g["image"] for g in generated]),
+        "samples": rows,
+        "real_cases": real_rows,
+        "notes": notes,
+    }
+    if out_json is not None:
+        from neuromf.utils import atomic_write_json
+
+        atomic_write_json(Path(out_json), result)
+    return result

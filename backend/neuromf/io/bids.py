@@ -1,0 +1,408 @@
+"""Find (FLAIR, lesion mask) cases in a BIDS tree or a flat folder, and check them.
+
+BIDS rules follow the Bonn FCD type II data set (OpenNeuro ds004199):
+
+- image: ``sub-*/anat/*_FLAIR.nii[.gz]``; lesion ROI: ``sub-*/anat/*FLAIR_roi.nii[.gz]``, globbed per
+  subject and never rebuilt from the image name, because the ROI's ``acq`` label can differ;
+- controls have no ROI; ``participants.tsv`` ``group`` (fcd/hc, any case) and ``split`` are honoured;
+- subjects whose only FLAIR is a thick-slice 2D acquisition are skipped with a warning. The test is
+  anisotropy read from the header (largest voxel side >= 2.5 mm and more than twice the next one,
+  e.g. 0.45x0.45x4 mm), not absolute size: isotropic 3 mm phantoms are fine.
+
+Flat folder: ``<stem>_FLAIR.nii[.gz]`` images with ``<stem>_*roi*.nii[.gz]`` or ``<stem>*mask*`` partners.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+GROUPS = ("fcd", "hc", "unknown")
+SPLITS = ("train", "test", "unknown")
+_GROUP_ALIASES = {
+    "fcd": "fcd",
+    "patient": "fcd",
+    "patients": "fcd",
+    "hc": "hc",
+    "control": "hc",
+    "controls": "hc",
+}
+_THICK_SLICE_MM = 2.5
+_THICK_SLICE_RATIO = 2.0
+
+
+@dataclass
+class Case:
+    """One FLAIR image with its lesion mask (None for controls) and where it came from."""
+
+    case_id: str
+    image: Path
+    mask: Path | None
+    group: str  # "fcd" | "hc" | "unknown"
+    split: str  # "train" | "test" | "unknown"
+    problems: list[str] = field(default_factory=list)  # warnings that do not make the case unusable
+
+
+class DataError(ValueError):
+    """Unusable input data; the message always names the file (or folder) and the problem."""
+
+
+def _strip_nifti(name: str) -> str | None:
+    """File name without .nii/.nii.gz, or None when it is not a NIfTI file."""
+    lower = name.lower()
+    for suffix in (".nii.gz", ".nii"):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _is_mask_name(name: str) -> bool:
+    lower = name.lower()
+    return "_roi" in lower or "mask" in lower
+
+
+def _voxel_sizes(path: Path) -> tuple[float, ...]:
+    return tuple(float(z) for z in nib.load(path).header.get_zooms()[:3])
+
+
+def is_thick_slice_2d(zooms: tuple[float, ...]) -> bool:
+    """True for a 2D thick-slice acquisition: one voxel side >= 2.5 mm and over twice the next largest."""
+    sides = sorted(float(z) for z in zooms[:3])
+    return sides[2] >= _THICK_SLICE_MM and sides[2] > _THICK_SLICE_RATIO * sides[1]
+
+
+def _format_zooms(zooms: tuple[float, ...]) -> str:
+    return "x".join(f"{z:.2f}" for z in zooms) + " mm"
+
+
+def _acq_label(name: str) -> str | None:
+    match = re.search(r"_acq-([A-Za-z0-9]+)", name)
+    return match.group(1) if match else None
+
+
+def _split_2d(images: list[Path], problems: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Separate 3D images from thick-slice 2D ones; unreadable headers stay (validation reports them)."""
+    volumetric, thick = [], []
+    for path in images:
+        try:
+            zooms = _voxel_sizes(path)
+        except Exception as exc:  # any reader failure is reported, not raised here
+            problems.append(f"{path.name}: cannot read header ({exc})")
+            volumetric.append(path)
+            continue
+        if is_thick_slice_2d(zooms):
+            thick.append((path, _format_zooms(zooms)))
+        else:
+            volumetric.append(path)
+    return volumetric, thick
+
+
+def _read_participants(root: Path) -> dict[str, dict[str, str]]:
+    """participants.tsv as {participant_id: {column: value}}, ids normalised to 'sub-<label>'."""
+    path = root / "participants.tsv"
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read participants table ({exc})") from exc
+    table = {}
+    for row in rows:
+        pid = (row.get("participant_id") or "").strip()
+        if pid:
+            table[pid if pid.startswith("sub-") else f"sub-{pid}"] = {
+                (k or "").strip().lower(): (v or "").strip() for k, v in row.items()
+            }
+    return table
+
+
+def _group_and_split(info: dict[str, str], has_mask: bool, problems: list[str]) -> tuple[str, str]:
+    raw_group = info.get("group", "").lower()
+    if raw_group in ("", "n/a"):
+        group = "fcd" if has_mask else "unknown"  # no group given: a lesion ROI marks a patient
+    else:
+        group = _GROUP_ALIASES.get(raw_group, "unknown")
+        if group == "unknown":
+            problems.append(
+                f"participants.tsv group {info.get('group')!r} not recognised (expected fcd or hc)"
+            )
+    raw_split = info.get("split", "").lower()
+    split = raw_split if raw_split in ("train", "test") else "unknown"
+    if group == "hc" and has_mask:
+        problems.append("control (group hc) with a lesion ROI")
+    if group == "fcd" and not has_mask:
+        problems.append("FCD subject without a lesion ROI: usable as an image only")
+    return group, split
+
+
+def _discover_bids(root: Path) -> tuple[list[Case], int]:
+    """Cases from a BIDS tree and the number of subjects skipped as thick-slice 2D."""
+    participants = _read_participants(root)
+    cases, skipped = [], 0
+    for subject in sorted(p for p in root.glob("sub-*") if p.is_dir()):
+        anat_dirs = [subject / "anat", *sorted(subject.glob("ses-*/anat"))]
+        images = sorted(p for d in anat_dirs for p in d.glob("*_FLAIR.nii*") if "_roi" not in p.name.lower())
+        rois = sorted(p for d in anat_dirs for p in d.glob("*FLAIR_roi.nii*"))
+        if not images:
+            if rois:
+                raise DataError(f"{rois[0]}: lesion ROI without a FLAIR image in {subject}")
+            continue
+        problems: list[str] = []
+        volumetric, thick = _split_2d(images, problems)
+        if not volumetric:
+            for path, zooms in thick:
+                warnings.warn(f"{path}: thick-slice 2D FLAIR ({zooms}); subject skipped", stacklevel=3)
+            skipped += 1
+            continue
+        for path, zooms in thick:
+            problems.append(f"{path.name}: thick-slice 2D FLAIR ({zooms}) ignored")
+        image = volumetric[0]
+        if len(volumetric) > 1:
+            roi_acqs = {_acq_label(r.name) for r in rois}
+            same_acq = [p for p in volumetric if _acq_label(p.name) in roi_acqs]
+            image = (same_acq or volumetric)[0]
+            problems.append(f"{len(volumetric)} 3D FLAIR images; using {image.name}")
+        mask = None
+        if rois:
+            same_acq_roi = [r for r in rois if _acq_label(r.name) == _acq_label(image.name)]
+            mask = (same_acq_roi or rois)[0]
+            if len(rois) > 1:
+                problems.append(f"{len(rois)} lesion ROIs; using {mask.name}")
+        group, split = _group_and_split(participants.get(subject.name, {}), mask is not None, problems)
+        cases.append(Case(subject.name, image, mask, group, split, problems))
+    return cases, skipped
+
+
+def _discover_flat(root: Path) -> tuple[list[Case], int]:
+    """Cases from a flat folder: <stem>_FLAIR images paired with <stem>...roi/mask files."""
+    images: dict[str, Path] = {}
+    masks: list[Path] = []
+    for path in sorted(p for p in root.iterdir() if p.is_file()):
+        base = _strip_nifti(path.name)
+        if base is None:
+            continue
+        if _is_mask_name(path.name):
+            masks.append(path)
+        elif base.lower().endswith("_flair"):
+            images[base[: -len("_flair")]] = path
+    if not images and not masks:
+        return [], 0
+    pairs: dict[str, list[Path]] = {stem: [] for stem in images}
+    problems: dict[str, list[str]] = {stem: [] for stem in images}
+    for mask in masks:
+        matches = [stem for stem in images if mask.name.startswith(f"{stem}_")]
+        if not matches:
+            subject = mask.name.split("_")[0]
+            matches = [
+                stem for stem in images if subject.startswith("sub-") and stem.split("_")[0] == subject
+            ]
+            if len(matches) == 1:
+                problems[matches[0]].append(
+                    f"{mask.name}: paired by subject id (labels differ from the image)"
+                )
+            else:
+                matches = []
+        if not matches:
+            raise DataError(
+                f"{mask}: lesion mask without a matching FLAIR image (<stem>_FLAIR.nii[.gz]) in {root}"
+            )
+        pairs[max(matches, key=len)].append(mask)  # longest stem: 'sub-1_acq-x' beats 'sub-1'
+
+    cases, skipped = [], 0
+    for stem, image in images.items():
+        notes = problems[stem]
+        volumetric, thick = _split_2d([image], notes)
+        if thick:
+            warnings.warn(f"{image}: thick-slice 2D FLAIR ({thick[0][1]}); case skipped", stacklevel=3)
+            skipped += 1
+            continue
+        candidates = sorted(pairs[stem], key=lambda p: ("_roi" not in p.name.lower(), p.name))
+        mask = candidates[0] if candidates else None
+        if len(candidates) > 1:
+            notes.append(f"{len(candidates)} mask files; using {mask.name}")
+        cases.append(Case(stem, image, mask, "fcd" if mask else "unknown", "unknown", notes))
+    return cases, skipped
+
+
+def discover_cases(
+    root: Path, group: str | None = None, split: str | None = None, require_mask: bool = False
+) -> list[Case]:
+    """All usable-looking cases under ``root`` (BIDS tree or flat folder), sorted by id.
+
+    ``group="fcd"`` returns FCD cases that have a mask; ``group="hc"`` the controls; ``split`` filters
+    on participants.tsv's split. Raises DataError when nothing is found or the layout is broken.
+    """
+    root = Path(root)
+    if group is not None and group.lower() not in GROUPS:
+        raise ValueError(f"group must be one of {GROUPS} or None, got {group!r}")
+    if split is not None and split.lower() not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+    if not root.exists():
+        raise DataError(f"{root}: data folder does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    is_bids = (root / "participants.tsv").is_file() or any(p.is_dir() for p in root.glob("sub-*"))
+    cases, skipped = _discover_bids(root) if is_bids else _discover_flat(root)
+    if not cases:
+        looked_for = (
+            "sub-*/anat/*_FLAIR.nii[.gz] images (BIDS tree)"
+            if is_bids
+            else "*_FLAIR.nii[.gz] images with *_roi.nii[.gz] or *mask* partners (flat folder)"
+        )
+        extra = f"; {skipped} skipped as thick-slice 2D FLAIR" if skipped else ""
+        raise DataError(f"{root}: no cases found: looked for {looked_for}{extra}")
+
+    selected = cases
+    if group is not None:
+        selected = [c for c in selected if c.group == group.lower()]
+        if group.lower() == "fcd":
+            selected = [c for c in selected if c.mask is not None]
+    if split is not None:
+        selected = [c for c in selected if c.split == split.lower()]
+    if require_mask:
+        selected = [c for c in selected if c.mask is not None]
+    if not selected:
+        raise DataError(
+            f"{root}: no cases match group={group!r} split={split!r} require_mask={require_mask} "
+            f"({len(cases)} cases found before filtering)"
+        )
+    return sorted(selected, key=lambda c: c.case_id)
+
+
+def _read_mask(path: Path) -> tuple[np.ndarray, str | None]:
+    """Mask as uint8 {0,1} plus a note when it had to be binarised; DataError when it is not a mask."""
+    try:
+        data = np.asanyarray(nib.load(path).dataobj)
+    except Exception as exc:  # reader errors of any kind become one DataError
+        raise DataError(f"{path}: cannot read mask ({exc})") from exc
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: mask must be 3D, got shape {data.shape}")
+    if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+        raise DataError(f"{path}: mask contains NaN or infinite values")
+    if np.all((data == 0) | (data == 1)):
+        return data.astype(np.uint8), None
+    values = np.unique(data)
+    if len(values) > 2:
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        raise DataError(f"{path}: mask has {len(values)} distinct values ({shown}); expected two (0 and 1)")
+    lesion_value = values[-1]
+    binary = (data == lesion_value) if len(values) == 2 else (data != 0)
+    kept = ", ".join(f"{v:g}" for v in values)
+    return binary.astype(
+        np.uint8
+    ), f"{path.name}: two-valued mask {{{kept}}} binarised ({lesion_value:g} -> 1)"
+
+
+def load_mask_array(path: Path) -> np.ndarray:
+    """Lesion mask as uint8 {0,1}.
+
+    A two-valued mask that is not {0,1} (e.g. {0,255}) is binarised (larger value -> 1) with a warning
+    naming the file; a mask with more than two values raises DataError naming the file.
+    """
+    mask, note = _read_mask(Path(path))
+    if note:
+        warnings.warn(note, stacklevel=2)
+    return mask
+
+
+def validate_case(case: Case, atol: float = 1e-3) -> dict:
+    """Check one case from its headers and mask data.
+
+    Returns {"shape", "spacing", "lesion_cm3", "problems", "usable"}. Unusable: unreadable image, image
+    not 3D, mask shape or affine (beyond ``atol``) different from the image's, mask with more than two
+    values, empty mask. A binarised two-valued mask is only a warning.
+    """
+    problems = list(case.problems)
+    report: dict = {"shape": None, "spacing": None, "lesion_cm3": None, "problems": problems, "usable": True}
+    try:
+        image = nib.load(case.image)
+    except Exception as exc:
+        problems.append(f"{case.image.name}: cannot read image ({exc})")
+        report["usable"] = False
+        return report
+    shape = tuple(int(s) for s in image.shape)
+    spacing = tuple(round(float(z), 4) for z in image.header.get_zooms()[:3])
+    report["shape"], report["spacing"] = shape[:3], spacing
+    if len(shape) < 3 or any(s != 1 for s in shape[3:]):
+        problems.append(f"{case.image.name}: image must be 3D, got shape {shape}")
+        report["usable"] = False
+    if case.mask is None:
+        return report
+
+    try:
+        mask_img = nib.load(case.mask)
+    except Exception as exc:
+        problems.append(f"{case.mask.name}: cannot read mask ({exc})")
+        report["usable"] = False
+        return report
+    if tuple(mask_img.shape[:3]) != shape[:3]:
+        problems.append(f"{case.mask.name}: mask shape {tuple(mask_img.shape)} != image shape {shape}")
+        report["usable"] = False
+        return report
+    affine_gap = float(np.max(np.abs(np.asarray(mask_img.affine) - np.asarray(image.affine))))
+    if affine_gap > atol:
+        problems.append(
+            f"{case.mask.name}: mask affine differs from the image's by up to {affine_gap:.4g} (atol {atol})"
+        )
+        report["usable"] = False
+        return report
+    try:
+        mask, note = _read_mask(case.mask)
+    except DataError as exc:
+        problems.append(str(exc))
+        report["usable"] = False
+        return report
+    if note:
+        problems.append(note)
+    n_lesion = int(np.count_nonzero(mask))
+    report["lesion_cm3"] = n_lesion * float(np.prod(image.header.get_zooms()[:3])) / 1000.0
+    if n_lesion == 0:
+        problems.append(f"{case.mask.name}: empty mask (no lesion voxels)")
+        report["usable"] = False
+    return report
+
+
+def case_report(case: Case, atol: float = 1e-3) -> dict:
+    """One row for ``format_case_table``: the case's id, group and split plus ``validate_case``."""
+    return {"id": case.case_id, "group": case.group, "split": case.split, **validate_case(case, atol)}
+
+
+def format_case_table(rows: list[dict]) -> str:
+    """Fixed-width table: id, group, split, shape, spacing, lesion cm^3, problems.
+
+    Rows are ``case_report`` dicts ("id" or "case_id" key); unusable rows are flagged in the problems.
+    """
+    header = ("id", "group", "split", "shape", "spacing (mm)", "lesion cm^3", "problems")
+    lines = []
+    for row in rows:
+        shape, spacing, lesion = row.get("shape"), row.get("spacing"), row.get("lesion_cm3")
+        problems = "; ".join(row.get("problems") or []) or "-"
+        if row.get("usable") is False:
+            problems = f"UNUSABLE: {problems}"
+        lines.append(
+            (
+                str(row.get("id", row.get("case_id", "?"))),
+                str(row.get("group", "unknown")),
+                str(row.get("split", "unknown")),
+                "x".join(str(s) for s in shape) if shape else "-",
+                "x".join(f"{s:.2f}" for s in spacing) if spacing else "-",
+                f"{lesion:.2f}" if lesion is not None else "-",
+                problems,
+            )
+        )
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header) - 1)]
+
+    def render(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells[:-1], widths)) + "  " + cells[-1]
+
+    rule = "  ".join("-" * w for w in widths) + "  " + "-" * len(header[-1])
+    return "\n".join([render(header), rule, *(render(r) for r in lines)])

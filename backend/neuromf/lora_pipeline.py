@@ -1,0 +1,213 @@
+"""Stage 2: LoRA fine-tuning on FCD image + mask latents, joint generation, and the P7-T7 Lp ablation."""
+
+from __future__ import annotations
+
+import copy
+import gc
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from threading import Event
+from typing import Any
+
+import numpy as np
+import torch
+
+from neuromf.config import RunConfig, save_config
+from neuromf.data.fcd_dataset import FCDDataset, decode_mask_channel, mask_channels, upsample_mask
+from neuromf.eval.mask_test import read_decision
+from neuromf.generate import model_grid_affine, sample_latents, vae_for
+from neuromf.io.nifti import Preprocessing, save_nifti
+from neuromf.models.flow_model import load_flow_model
+from neuromf.models.lora import (
+    WIDENED_MODULES,
+    count_lora_params,
+    count_trainable_params,
+    inject_lora,
+    load_adapter,
+    read_adapter_sidecar,
+    save_adapter,
+    widen_io_channels,
+)
+from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, train
+from neuromf.train.run_dir import prepare_run_dir
+from neuromf.train.stage1 import build_loss
+from neuromf.utils import resolve_device
+from neuromf.vae import MAISIVAEWrapper
+from neuromf.weights import embedded_model_dir
+
+DEFAULT_MASK_TEST = Path("experiments/stage2_fcd/mask_vae_test.json")
+ADAPTER_DIR = "adapter"
+
+
+def resolve_strategy(cfg: RunConfig) -> str:
+    """`auto` reads the mask test's decision (P7-T1); otherwise the configured strategy."""
+    if cfg.data.mask_strategy != "auto":
+        return cfg.data.mask_strategy
+    return read_decision(cfg.data.mask_test or DEFAULT_MASK_TEST)
+
+
+@dataclass
+class JointModel:
+    """A frozen base model with a LoRA adapter, and everything needed to turn its latents into image + mask."""
+
+    model: torch.nn.Module
+    vae: MAISIVAEWrapper
+    meta: dict[str, Any]
+
+    @property
+    def strategy(self) -> str:
+        return self.meta["strategy"]
+
+    def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode joint latents (B, C, h, w, d) -> image (B, 1, H, W, D) in [0, 1], binary mask (B, 1, H, W, D)."""
+        n_img = self.meta["channels"]["image"]
+        image = self.vae.decode(z[:, :n_img]).clamp(0, 1)
+        if self.strategy == "vae":
+            mask = (self.vae.decode(z[:, n_img:]) > 0.5).float()
+        else:
+            mask = upsample_mask(decode_mask_channel(z[:, n_img:], self.meta["mask_scale"]))
+        return image.cpu(), mask.cpu()
+
+
+def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int) -> tuple[torch.nn.Module, dict]:
+    base, base_meta = load_flow_model(base_checkpoint, preset=cfg.model.preset)
+    if base.in_channels != 4:
+        raise ValueError(f"{base_checkpoint}: base model has {base.in_channels} input channels; stage 2 starts from "
+                         "an image-only (4-channel) stage-1 model")
+    channels = base.in_channels + n_mask
+    widen_io_channels(base, channels, channels)
+    model = inject_lora(base, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                        modules_to_save=WIDENED_MODULES, dropout=cfg.lora.dropout)
+    return model, base_meta
+
+
+def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume: bool = False,
+               overwrite: bool = False, stop: Event | None = None,
+               progress: bool = True) -> Generator[TrainEvent, None, TrainResult]:
+    """Fine-tune LoRA + widened convs on the FCD latents with the per-channel Lp MeanFlow loss.
+
+    The adapter (peft format + sidecar) is exported to `<output_dir>/adapter` at the end and on stop.
+    """
+    out_dir = prepare_run_dir(Path(cfg.training.output_dir), cfg, resume=resume, overwrite=overwrite)
+    save_config(cfg, out_dir / "config.yaml")
+    torch.manual_seed(cfg.training.seed)
+    strategy = resolve_strategy(cfg)
+    n_mask = mask_channels(strategy)
+    model, base_meta = build_joint_model(cfg, base_checkpoint, n_mask)
+    vae = vae_for(base_meta)
+    prep = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in base_meta["preprocessing"].items()})
+    cache_dir = cfg.data.cache_dir or out_dir.parent / "latent_cache"
+    dataset = FCDDataset(cfg.data.data_dir, strategy, vae=vae, prep=prep, cache_dir=cache_dir,
+                         downsample_mode=cfg.data.downsample_mode, flip=cfg.data.flip, split=cfg.data.split,
+                         progress=progress)
+    latents = dataset.latents()
+    trainable, total = count_trainable_params(model)
+    sidecar = {
+        "kind": "neuromf_lora_adapter", "strategy": strategy, "downsample_mode": cfg.data.downsample_mode,
+        "channels": {"image": 4, "mask": n_mask}, "mask_scale": dataset.mask_scale,
+        "base_checkpoint": str(base_checkpoint), "base_sha256": base_meta["weights_sha256"],
+        "base_preset": base_meta["arch"]["preset"], "vae": base_meta["vae"], "vae_preset": base_meta["vae_preset"],
+        "vae_identity": base_meta["vae_identity"], "scale_factor": base_meta["scale_factor"],
+        "preprocessing": base_meta["preprocessing"], "latent_shape": list(latents.shape[1:]),
+        "trainable_params": trainable, "total_params": total, "lora_params": count_lora_params(model),
+        "data_dir": str(dataset.root), "train_cases": [case_id for case_id, _ in dataset.items],
+        "config": cfg.to_dict(),
+    }
+    joint = JointModel(model, vae, sidecar)
+    preview_noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(cfg.training.seed))
+
+    def export(m: torch.nn.Module, directory: Path) -> Path:
+        return save_adapter(m, directory / ADAPTER_DIR, sidecar)
+
+    def preview(m: torch.nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
+        from neuromf.meanflow import sample_meanflow
+
+        device = next(m.parameters()).device
+        image, mask = joint.split(sample_meanflow(m, preview_noise.to(device), steps=1))
+        return [(image[0, 0].numpy(), mask[0, 0].numpy().astype(np.uint8))]
+
+    task = TrainTask(model=model, loss_fn=build_loss(cfg, 4, n_mask), export=export, preview=preview,
+                     meta={"kind": "lora", "strategy": strategy, "base_checkpoint": str(base_checkpoint)})
+    return (yield from train(task, latents, cfg.training, out_dir, stop=stop, resume=resume))
+
+
+def resolve_adapter(spec: str | Path) -> Path:
+    return embedded_model_dir("lora_demo") if str(spec) == "embedded" else Path(spec)
+
+
+def load_joint_model(adapter: str | Path, device: str | torch.device = "cpu", merge: bool = True) -> JointModel:
+    """Base model named in the adapter sidecar + the adapter (merged for inference by default)."""
+    directory = resolve_adapter(adapter)
+    meta = read_adapter_sidecar(directory)
+    base_spec = meta["base_checkpoint"]
+    base, base_meta = load_flow_model(base_spec)
+    if base_meta["weights_sha256"] != meta["base_sha256"]:
+        raise ValueError(f"{directory}: adapter was trained on a different base model than {base_spec} "
+                         "(weights hash differs)")
+    model = load_adapter(base, directory, merge=merge).to(resolve_device(device)).eval()
+    return JointModel(model, vae_for(meta, device=resolve_device(device)), meta)
+
+
+@dataclass
+class GeneratedPair:
+    index: int
+    image: np.ndarray  # (H, W, D) float32 in [0, 1]
+    mask: np.ndarray  # (H, W, D) uint8 {0, 1}
+    affine: np.ndarray
+    meta: dict[str, Any]
+
+
+def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
+                   device: str = "auto") -> Iterator[GeneratedPair]:
+    """Joint FLAIR + lesion mask samples, decoded by the adapter's strategy; sample i depends only on (seed, i)."""
+    dev = resolve_device(device)
+    joint = load_joint_model(adapter, dev)
+    prep = joint.meta["preprocessing"]
+    affine = model_grid_affine(prep["shape"], prep["spacing"])
+    index = 0
+    for z in sample_latents(joint.model, joint.meta["latent_shape"], n, steps, seed, dev):
+        images, masks = joint.split(z)
+        for i in range(z.shape[0]):
+            yield GeneratedPair(index, images[i, 0].numpy().astype(np.float32), masks[i, 0].numpy().astype(np.uint8),
+                                affine, {"seed": seed, "steps": steps, "adapter": str(resolve_adapter(adapter))})
+            index += 1
+
+
+def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
+                          device: str = "auto") -> list[Path]:
+    """`sample_XXX_flair.nii.gz` + `sample_XXX_mask.nii.gz` with the same model-grid affine."""
+    paths = []
+    for pair in generate_pairs(adapter, n, steps, seed, device):
+        paths.append(save_nifti(pair.image, pair.affine, Path(out_dir) / f"sample_{pair.index:03d}_flair.nii.gz"))
+        paths.append(save_nifti(pair.mask, pair.affine, Path(out_dir) / f"sample_{pair.index:03d}_mask.nii.gz",
+                                dtype=np.uint8))
+    return paths
+
+
+@torch.no_grad()
+def check_adapter(adapter: str | Path) -> dict[str, Any]:
+    """P7-T2/T3 on a saved adapter: a forward pass with LoRA succeeds, and the trainable share of parameters."""
+    directory = resolve_adapter(adapter)
+    meta = read_adapter_sidecar(directory)
+    base, _ = load_flow_model(meta["base_checkpoint"])
+    channels = meta["channels"]["image"] + meta["channels"]["mask"]
+    fresh = copy.deepcopy(base)
+    model = load_adapter(base, directory, merge=False)
+    z = torch.randn((1, *meta["latent_shape"]))
+    out = model(z, torch.zeros(1), torch.ones(1))
+    # trainable share as in training: rebuild the same injection on a fresh copy
+    widen_io_channels(fresh, channels, channels)
+    cfg = meta["config"]["lora"]
+    trainable_model = inject_lora(fresh, cfg["rank"], cfg["alpha"], cfg["target_modules"], WIDENED_MODULES)
+    trainable, total = count_trainable_params(trainable_model)
+    return {"forward_ok": bool(torch.isfinite(out).all()) and tuple(out.shape) == tuple(z.shape),
+            "output_shape": list(out.shape), "trainable": trainable, "total": total, "fraction": trainable / total,
+            "lora_params": count_lora_params(trainable_model)}
+
+
+def release_memory() -> None:
+    """Drop cached tensors after a run (the GUI calls this when training ends or stops)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

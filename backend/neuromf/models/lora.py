@@ -1,0 +1,154 @@
+"""LoRA for the MeanFlow UNet through peft, plus widening the first/last convolutions for joint image + mask.
+
+Stage 2 keeps the healthy-brain model frozen, adapts only the attention q/k/v projections with low-rank updates
+(W = W0 + alpha/r * B A, Eq. 34) and trains the widened input/output convolutions in full (peft modules_to_save).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from neuromf.models.unet import MeanFlowUNet
+from neuromf.utils import atomic_write_json
+
+DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v"]
+# MONAI wraps each conv in a Convolution block: peft must target the inner nn.Conv3d
+WIDENED_MODULES = ["conv_in.conv", "out.2.conv"]
+SIDECAR = "neuromf_adapter.json"
+
+
+def _wider_conv(old: nn.Conv3d, in_channels: int, out_channels: int) -> nn.Conv3d:
+    new = nn.Conv3d(in_channels, out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
+                    old.groups, bias=old.bias is not None).to(old.weight.device, old.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:old.out_channels, :old.in_channels] = old.weight
+        if old.bias is not None:
+            new.bias.zero_()
+            new.bias[:old.out_channels] = old.bias
+    return new
+
+
+def widen_io_channels(model: MeanFlowUNet, in_channels: int, out_channels: int) -> MeanFlowUNet:
+    """Grow conv_in and the output conv from 4 to `in/out_channels` (8 for strategy A, 5 for B).
+
+    Base weights go into the first channels and the new ones start at zero, so at step 0 the image-channel
+    velocity equals the base model's whatever the mask channels hold, and the mask velocity is zero.
+    """
+    if in_channels < model.in_channels or out_channels < model.out_channels:
+        raise ValueError(f"cannot narrow the model ({model.in_channels}->{in_channels}, "
+                         f"{model.out_channels}->{out_channels})")
+    model.conv_in.conv = _wider_conv(model.conv_in.conv, in_channels, model.conv_in.conv.out_channels)
+    out_conv = model.out[2].conv
+    model.out[2].conv = _wider_conv(out_conv, out_conv.in_channels, out_channels)
+    model.in_channels, model.out_channels = in_channels, out_channels
+    return model
+
+
+def inject_lora(model: nn.Module, rank: int = 16, alpha: float = 16.0, target_modules: list[str] | None = None,
+                modules_to_save: list[str] | None = None, dropout: float = 0.0) -> PeftModel:
+    """Wrap `model` with peft LoRA on `target_modules` (default: attention q, k, v projections).
+
+    The base weights are frozen; LoRA matrices and `modules_to_save` (the widened convs) train.
+    """
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    targets = list(target_modules or DEFAULT_TARGET_MODULES)
+    names = [n for n, _ in model.named_modules()]
+    for target in targets:
+        if not any(n == target or n.endswith(f".{target}") for n in names):
+            raise ValueError(f"LoRA target {target!r} matches no module of {type(model).__name__} "
+                             f"(attention projections are named to_q/to_k/to_v)")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, bias="none",
+                        modules_to_save=list(modules_to_save) if modules_to_save else None)
+    peft_model = get_peft_model(model, config)
+    freeze_base_unfreeze_lora(peft_model)
+    return peft_model
+
+
+def freeze_base_unfreeze_lora(model: nn.Module) -> None:
+    """requires_grad only on LoRA matrices and modules_to_save copies; everything else frozen."""
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name or ".modules_to_save." in name)
+
+
+def count_trainable_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def count_lora_params(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def expected_lora_params(model: nn.Module, rank: int, target_modules: list[str] | None = None) -> int:
+    """Eq. 35 generalised to layers of different widths: sum over targeted Linear(d_in, d_out) of r (d_in + d_out)."""
+    targets = target_modules or DEFAULT_TARGET_MODULES
+    return sum(rank * (m.in_features + m.out_features) for name, m in _projections(model)
+               if any(name == t or name.endswith(f".{t}") for t in targets))
+
+
+def _projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Linear projections by name, seen through peft's LoRA wrappers (which keep in/out_features)."""
+    return [(name, m) for name, m in model.named_modules()
+            if hasattr(m, "in_features") and hasattr(m, "out_features") and ".base_layer" not in name
+            and "lora_" not in name]
+
+
+def attention_layers(model: nn.Module) -> list[tuple[str, int]]:
+    """(name, d_model) of every attention block with a q projection: L and d of Eq. 35."""
+    return [(name[: -len(".to_q")], m.in_features) for name, m in _projections(model) if name.endswith("to_q")]
+
+
+def save_adapter(model: PeftModel, directory: Path, sidecar: dict[str, Any]) -> Path:
+    """peft's own format (adapter_config.json + adapter_model.safetensors) plus our sidecar, swapped in atomically."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        atomic_write_json(staging / SIDECAR, sidecar)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def read_adapter_sidecar(directory: Path) -> dict[str, Any]:
+    directory = Path(directory)
+    for name in ("adapter_config.json", "adapter_model.safetensors", SIDECAR):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory}: not a NeuroMF LoRA adapter (missing {name})")
+    return json.loads((directory / SIDECAR).read_text())
+
+
+def load_adapter(base: MeanFlowUNet, directory: Path, merge: bool = False) -> nn.Module:
+    """Widen `base` as the sidecar says, load the adapter with peft, optionally merge it for inference."""
+    meta = read_adapter_sidecar(directory)
+    channels = meta["channels"]["image"] + meta["channels"]["mask"]
+    if base.in_channels != meta["channels"]["image"]:
+        raise ValueError(f"{directory}: adapter expects a base model with {meta['channels']['image']} input channels, "
+                         f"got {base.in_channels}")
+    widen_io_channels(base, channels, channels)
+    model = PeftModel.from_pretrained(base, str(directory), is_trainable=False)
+    if merge:
+        return model.merge_and_unload()
+    return model

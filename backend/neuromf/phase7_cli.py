@@ -1,0 +1,195 @@
+"""Phase-7 subcommands: mask-test, train-lora, evaluate, ablate-lp, verify and the end-to-end demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+STAGE_DIR = Path("experiments/stage2_fcd")
+REPORT = Path("experiments/phase_7/verification_report.md")
+
+
+def cmd_mask_test(args) -> int:
+    from tqdm.auto import tqdm
+
+    from neuromf.data.latents import resolve_data_dir
+    from neuromf.eval.mask_test import mask_vae_test, save_mask_test
+    from neuromf.io.bids import discover_cases
+    from neuromf.io.nifti import Preprocessing
+    from neuromf.vae import MAISIVAEWrapper
+
+    vae = MAISIVAEWrapper.resolve(args.vae, preset=args.vae_preset, device=args.device)
+    prep = Preprocessing(shape=tuple(args.shape), spacing=tuple(args.spacing))
+    cases = discover_cases(resolve_data_dir(args.data), group="fcd")
+    with tqdm(total=len(cases), desc="mask-test", unit="case") as bar:
+        result = mask_vae_test(args.data, vae, prep, cases=cases, on_case=lambda row: bar.update(1))
+    save_mask_test(result, args.out)
+    s = result["summary"]
+    print(f"strategy A (VAE) mean Dice {s['mean_dice_vae']:.3f} (median {s['median_dice_vae']:.3f}); strategy B "
+          + ", ".join(f"{m} {d:.3f}" for m, d in s["mean_dice_downsample"].items()))
+    print(f"decision: {result['decision']} ({result['reason']}); wrote {args.out}")
+    return 0
+
+
+def cmd_train_lora(args) -> int:
+    from neuromf.cli import _drive, _load_cfg, _stop_on_sigint
+    from neuromf.lora_pipeline import train_lora
+
+    cfg = _load_cfg(args)
+    result = _drive(train_lora(cfg, args.base_checkpoint, resume=args.resume, overwrite=args.overwrite,
+                               stop=_stop_on_sigint()), "train-lora")
+    print(f"{'stopped' if result.stopped else 'finished'} at step {result.step}; adapter: {result.export}; "
+          f"resume with --resume; loss curve: {result.out_dir / 'loss_curve.png'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from neuromf.eval.metrics import evaluate_generated
+    from neuromf.io.nifti import Preprocessing
+    from neuromf.lora_pipeline import resolve_adapter
+    from neuromf.models.lora import read_adapter_sidecar
+
+    prep_meta = read_adapter_sidecar(resolve_adapter(args.adapter))["preprocessing"]
+    prep = Preprocessing(shape=tuple(prep_meta["shape"]), spacing=tuple(prep_meta["spacing"]))
+    result = evaluate_generated(Path(args.generated), args.data, prep, Path(args.out), progress=True)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2, default=str)[:2000])
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_ablation(config: str, base_checkpoint: str, out_dir: Path, n: int, seed: int, data: str,
+                 overrides: dict | None = None) -> dict:
+    """P7-T7: per-channel Lp (1.5 / 2.0) vs uniform L2, same seed, data and budget; mask Dice of each."""
+    from neuromf.cli import _drive
+    from neuromf.config import load_config
+    from neuromf.eval.metrics import evaluate_generated
+    from neuromf.io.nifti import Preprocessing
+    from neuromf.lora_pipeline import train_lora, write_generated_pairs
+    from neuromf.utils import atomic_write_json
+
+    arms = {"per_channel_lp": {"loss.p_img": 1.5, "loss.p_mask": 2.0},
+            "uniform_l2": {"loss.p_img": 2.0, "loss.p_mask": 2.0}}
+    report: dict = {"config": config, "n_generated": n, "seed": seed}
+    for name, loss_keys in arms.items():
+        run = out_dir / name
+        cfg = load_config(config, {**(overrides or {}), **loss_keys, "training.output_dir": str(run)})
+        started = time.perf_counter()
+        result = _drive(train_lora(cfg, base_checkpoint, overwrite=True), f"ablate {name}")
+        write_generated_pairs(result.export, run / "generated", n=n, seed=seed)
+        prep_keys = json.loads((result.export / "neuromf_adapter.json").read_text())["preprocessing"]
+        prep = Preprocessing(shape=tuple(prep_keys["shape"]), spacing=tuple(prep_keys["spacing"]))
+        metrics = evaluate_generated(run / "generated", data, prep, run / "metrics.json")
+        report[name] = {"p_img": cfg.loss.p_img, "p_mask": cfg.loss.p_mask, "steps": result.step,
+                        "train_seconds": round(time.perf_counter() - started, 1),
+                        "mean_dice_train": metrics["dice"]["mean_best_train"],
+                        "mean_dice_test": metrics["dice"]["mean_best_test"],
+                        "nonempty_fraction": metrics["fraction_nonempty"]}
+    a, b = (report[arm]["mean_dice_test"] or report[arm]["mean_dice_train"] for arm in arms)
+    report["better"] = "tie" if abs(a - b) < 0.01 else ("per_channel_lp" if a > b else "uniform_l2")
+    report["note"] = "mask Dice on held-out test masks; differences under 0.01 are reported as a tie (null result)"
+    atomic_write_json(out_dir / "ablation_lp.json", report)
+    return report
+
+
+def cmd_ablate_lp(args) -> int:
+    from neuromf.cli import _overrides
+
+    report = run_ablation(args.config, args.base_checkpoint, Path(args.out), args.n, args.seed, args.data,
+                          _overrides(args.set))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from neuromf.eval.report import write_verification_report
+    from neuromf.lora_pipeline import check_adapter
+
+    run_dir = Path(args.run)
+    checks = check_adapter(run_dir / "adapter")
+    path = write_verification_report(Path(args.stage_dir), run_dir, Path(args.report), t2_t3=checks)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """mask-test -> train-lora (demo schedule) -> generate -> evaluate -> ablate-lp -> verify, on embedded data."""
+    from neuromf.cli import main as cli
+
+    stage = Path(args.out) / "stage2_fcd"
+    report = Path(args.out) / "phase_7" / "verification_report.md"
+    run = Path(args.runs) / "lora_demo"
+    started = time.perf_counter()
+    steps = [
+        ["mask-test", "--data", "embedded", "--vae", "embedded", "--out", str(stage / "mask_vae_test.json")],
+        ["train-lora", "--config", "demo_lora", "--base_checkpoint", "embedded", "--output-dir", str(run),
+         "--overwrite", "--set", f"data.mask_test={stage / 'mask_vae_test.json'}"],
+        ["generate", "--adapter", str(run / "adapter"), "--n", str(args.n), "--steps", "1", "--seed", "0",
+         "--out", str(stage / "generated")],
+        ["evaluate", "--adapter", str(run / "adapter"), "--generated", str(stage / "generated"), "--data", "embedded",
+         "--out", str(stage / "metrics" / "metrics.json")],
+    ]
+    if not args.skip_ablation:
+        steps.append(["ablate-lp", "--config", "demo_lora", "--base_checkpoint", "embedded", "--n", str(args.n),
+                      "--out", str(stage), "--set", f"data.mask_test={stage / 'mask_vae_test.json'}",
+                      "--set", f"training.max_steps={args.ablation_steps}"])
+    steps.append(["verify", "--run", str(run), "--stage-dir", str(stage), "--report", str(report)])
+    for argv in steps:
+        print(f"\n== neuromf {' '.join(argv)}", flush=True)
+        code = cli(argv)
+        if code:
+            print(f"demo: step `neuromf {argv[0]}` failed with exit code {code}")
+            return code
+    minutes = (time.perf_counter() - started) / 60
+    print(f"\ndemo finished in {minutes:.1f} min\n  report:    {report}\n  montages:  {report.parent / 'montages'}\n"
+          f"  generated: {stage / 'generated'}\n  metrics:   {stage / 'metrics' / 'metrics.json'}\n"
+          f"  adapter:   {run / 'adapter'}")
+    return 0
+
+
+def register(add: Callable[[str, Callable, str], argparse.ArgumentParser]) -> None:
+    from neuromf.cli import _add_train_flags
+
+    p = add("mask-test", cmd_mask_test, "P7-T1: round-trip Dice of lesion masks through the VAE vs downsampling")
+    p.add_argument("--data", default="embedded", help="BIDS tree / flat folder with FCD cases, or 'embedded'")
+    p.add_argument("--vae", default="embedded", help="'embedded' or a local MAISI weight file")
+    p.add_argument("--vae-preset", default="maisi", choices=["maisi", "small", "tiny"],
+                   help="architecture of a local VAE file")
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64])
+    p.add_argument("--spacing", type=float, nargs=3, default=[3.0, 3.0, 3.0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(STAGE_DIR / "mask_vae_test.json"))
+
+    p = add("train-lora", cmd_train_lora, "stage 2: LoRA fine-tuning on FCD image + mask latents")
+    _add_train_flags(p)
+    p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded",
+                   help="stage-1 model folder / model.safetensors, or 'embedded'")
+
+    p = add("evaluate", cmd_evaluate, "metrics of generated pairs against real FCD masks (P7-T6)")
+    p.add_argument("--adapter", default="embedded")
+    p.add_argument("--generated", default=str(STAGE_DIR / "generated"))
+    p.add_argument("--data", default="embedded")
+    p.add_argument("--out", default=str(STAGE_DIR / "metrics" / "metrics.json"))
+
+    p = add("ablate-lp", cmd_ablate_lp, "P7-T7: per-channel Lp (1.5/2.0) vs uniform L2, same seed/data/budget")
+    p.add_argument("--config", default="demo_lora")
+    p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded")
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="embedded")
+    p.add_argument("--out", default=str(STAGE_DIR))
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+
+    p = add("verify", cmd_verify, "write the phase-7 verification report (P7-T1..T7)")
+    p.add_argument("--run", default="runs/lora_demo", help="train-lora output folder")
+    p.add_argument("--stage-dir", default=str(STAGE_DIR))
+    p.add_argument("--report", default=str(REPORT))
+
+    p = add("demo", cmd_demo, "the main job: the whole phase-7 pipeline on the embedded data and weights")
+    p.add_argument("--out", default="experiments")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--ablation-steps", type=int, default=60)
+    p.add_argument("--skip-ablation", action="store_true")

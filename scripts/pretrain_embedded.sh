@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Rebuild the embedded default weights (sample_data/models/{vae_small,base_small}) from the committed phantoms.
+# Wall time on 2 CPU cores is recorded in each model's card. Run from the repository root with the venv active.
+set -euo pipefail
+runs=${RUNS:-runs/embedded}
+neuromf train-vae --config vae_small --output-dir "$runs/vae_small" --overwrite "$@"
+mkdir -p sample_data/models/vae_small
+cp "$runs/vae_small/model.safetensors" "$runs/vae_small/model.json" sample_data/models/vae_small/
+cp "$runs/vae_small/loss_curve.png" sample_data/models/vae_small/loss_curve.png
+neuromf train-base --config base_small --output-dir "$runs/base_small" --overwrite "$@"
+mkdir -p sample_data/models/base_small
+cp "$runs/base_small/model.safetensors" "$runs/base_small/model.json" sample_data/models/base_small/
+cp "$runs/base_small/loss_curve.png" sample_data/models/base_small/loss_curve.png

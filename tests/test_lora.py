@@ -1,0 +1,111 @@
+"""Phase 7: LoRA injection (P7-T2), trainable budget (P7-T3, Eq. 35), widened convs, adapters, FCD dataset."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from neuromf.models.lora import (
+    WIDENED_MODULES,
+    attention_layers,
+    count_lora_params,
+    count_trainable_params,
+    expected_lora_params,
+    freeze_base_unfreeze_lora,
+    inject_lora,
+    load_adapter,
+    save_adapter,
+    widen_io_channels,
+)
+from neuromf.models.unet import MeanFlowUNet
+
+
+def jittered(preset: str = "tiny") -> MeanFlowUNet:
+    torch.manual_seed(0)
+    model = MeanFlowUNet(4, preset=preset)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("channels", [8, 5])
+def test_inject_and_forward_both_strategies(channels):  # P7-T2
+    model = inject_lora(widen_io_channels(jittered(), channels, channels), modules_to_save=WIDENED_MODULES)
+    z = torch.randn(2, channels, 8, 8, 8)
+    out = model(z, torch.tensor([0.0, 0.2]), torch.tensor([1.0, 0.6]))
+    assert out.shape == z.shape and torch.isfinite(out).all()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or ".modules_to_save." in n for n in names)
+    # the JVP of the MeanFlow target runs through peft's layers
+    _, dudt = torch.func.jvp(model, (z, torch.zeros(2), torch.ones(2)), (z, torch.zeros(2), torch.ones(2)))
+    assert torch.isfinite(dudt).all()
+
+
+@pytest.mark.parametrize("preset", ["small", "base"])
+def test_trainable_share_below_one_percent_and_eq35(preset):  # P7-T3
+    base = MeanFlowUNet(4, preset=preset)
+    layers = attention_layers(base)
+    widths = {d for _, d in layers}
+    model = inject_lora(widen_io_channels(base, 8, 8), rank=16, alpha=16.0, modules_to_save=WIDENED_MODULES)
+    trainable, total = count_trainable_params(model)
+    assert trainable / total < 0.01
+    lora = count_lora_params(model)
+    # Eq. 35: 6 L r d for L attention layers of width d (q, k, v are d x d), summed over the widths present
+    assert lora == sum(6 * sum(1 for _, d in layers if d == w) * 16 * w for w in widths)
+    assert lora == expected_lora_params(model, 16)
+    widened = sum(p.numel() for n, p in model.named_parameters() if ".modules_to_save." in n)
+    assert trainable == lora + widened
+
+
+def test_widened_model_reproduces_base_image_velocity():
+    base = jittered()
+    widened = widen_io_channels(copy.deepcopy(base), 8, 8)
+    x = torch.randn(2, 4, 8, 8, 8)
+    joint = torch.cat([x, torch.randn(2, 4, 8, 8, 8)], dim=1)  # whatever the mask channels hold
+    r, t = torch.tensor([0.0, 0.3]), torch.tensor([1.0, 0.8])
+    with torch.no_grad():
+        ref = base(x, r, t)
+        out = widened(joint, r, t)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(out[:, :4], ref)
+    assert out[:, 4:].abs().max() == 0
+
+
+def test_freeze_helper_and_adapter_round_trip_and_merge(tmp_path):
+    base = jittered()
+    model = inject_lora(widen_io_channels(copy.deepcopy(base), 5, 5), rank=4, alpha=8.0,
+                        modules_to_save=WIDENED_MODULES)
+    with torch.no_grad():  # move away from the identity initialisation (lora_B = 0)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    freeze_base_unfreeze_lora(model)
+    assert all(("lora_" in n or ".modules_to_save." in n) == p.requires_grad for n, p in model.named_parameters())
+    z = torch.randn(1, 5, 8, 8, 8)
+    r, t = torch.tensor([0.2]), torch.tensor([0.9])
+    with torch.no_grad():
+        expected = model(z, r, t)
+    directory = save_adapter(model, tmp_path / "adapter", {"channels": {"image": 4, "mask": 1}})
+    assert (directory / "adapter_config.json").is_file() and (directory / "adapter_model.safetensors").is_file()
+    loaded = load_adapter(copy.deepcopy(base), directory)
+    merged = load_adapter(copy.deepcopy(base), directory, merge=True)
+    assert type(merged) is MeanFlowUNet
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(z, r, t), expected)
+        torch.testing.assert_close(merged(z, r, t), expected, rtol=1e-4, atol=1e-5)
+        assert (expected[:, :4] - base(z[:, :4], r, t)).abs().max() > 1e-4  # the adapter changed something
+
+
+def test_bad_target_and_channel_mismatch(tmp_path):
+    with pytest.raises(ValueError, match="to_x"):
+        inject_lora(jittered(), target_modules=["to_x"])
+    model = inject_lora(widen_io_channels(jittered(), 8, 8), modules_to_save=WIDENED_MODULES)
+    directory = save_adapter(model, tmp_path / "a", {"channels": {"image": 4, "mask": 4}})
+    other = widen_io_channels(jittered(), 5, 5)
+    with pytest.raises(ValueError, match="input channels"):
+        load_adapter(other, directory)

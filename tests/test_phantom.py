@@ -1,0 +1,146 @@
+"""Phantom generator: determinism, lesion volume and placement, FLAIR contrast, BIDS output."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from neuromf.data.phantom import (
+    PhantomConfig,
+    generate_subject,
+    generate_subject_with_tissue,
+    lesion_volume_cm3,
+    make_phantom_dataset,
+)
+from neuromf.io.bids import discover_cases, validate_case
+
+MIRROR_MARGIN = 1.10  # lesion mean FLAIR >= 110% of the mirrored region in the other hemisphere
+N_HEALTHY, N_FCD, SEED = 2, 4, 3
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_phantom_dataset(tmp_path_factory.mktemp("phantoms") / "ds", N_HEALTHY, N_FCD, seed=SEED)
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "dataset_description.json"  # that one names the output folder
+    }
+
+
+def _subjects(root: Path) -> list[dict[str, str]]:
+    with open(root / "participants.tsv", newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def test_same_seed_gives_identical_files(dataset: Path, tmp_path: Path) -> None:
+    again = make_phantom_dataset(tmp_path / "again", N_HEALTHY, N_FCD, seed=SEED)
+    assert _file_hashes(again) == _file_hashes(dataset)
+    other = make_phantom_dataset(tmp_path / "other", N_HEALTHY, N_FCD, seed=SEED + 1)
+    assert _file_hashes(other) != _file_hashes(dataset)
+
+
+def test_bids_layout_and_participants(dataset: Path) -> None:
+    rows = _subjects(dataset)
+    assert [r["participant_id"] for r in rows] == [f"sub-{i:05d}" for i in range(1, N_HEALTHY + N_FCD + 1)]
+    assert sorted(r["group"] for r in rows) == ["fcd"] * N_FCD + ["hc"] * N_HEALTHY
+    for group, n in (("fcd", N_FCD), ("hc", N_HEALTHY)):
+        assert sum(r["split"] == "test" for r in rows if r["group"] == group) == round(0.25 * n)
+    for row in rows:
+        anat = dataset / row["participant_id"] / "anat"
+        flair = nib.load(anat / f"{row['participant_id']}_acq-phantom_FLAIR.nii.gz")
+        assert flair.get_data_dtype() == np.int16 and flair.shape == (64, 64, 64)
+        assert np.allclose(flair.affine[:3, :3], np.diag([3.0, 3.0, 3.0]))  # RAS, 3 mm
+        rois = list(anat.glob("*_roi.nii.gz"))
+        assert len(rois) == (1 if row["group"] == "fcd" else 0)
+        if rois:
+            assert nib.load(rois[0]).get_data_dtype() == np.uint8
+            assert np.allclose(nib.load(rois[0]).affine, flair.affine)
+    description = json.loads((dataset / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "raw" and description["BIDSVersion"]
+    assert f"--seed {SEED}" in description["GeneratedBy"][0]["Description"]
+
+
+def test_written_dataset_is_discovered_and_usable(dataset: Path) -> None:
+    cases = discover_cases(dataset)
+    assert len(cases) == N_HEALTHY + N_FCD
+    reports = [validate_case(c) for c in cases]
+    assert all(r["usable"] and not r["problems"] for r in reports), reports
+    assert len(discover_cases(dataset, group="fcd")) == N_FCD
+
+
+def test_lesion_brighter_than_mirrored_region(dataset: Path) -> None:
+    for roi_path in sorted(dataset.glob("sub-*/anat/*_roi.nii.gz")):
+        flair = np.asarray(nib.load(str(roi_path).replace("_roi", "")).dataobj, dtype=np.float32)
+        mask = np.asarray(nib.load(roi_path).dataobj) > 0
+        mirrored = mask[::-1]  # x axis flipped about the midline (the grid is centred on it)
+        assert not np.any(mask & mirrored)
+        ratio = flair[mask].mean() / flair[mirrored].mean()
+        assert ratio >= MIRROR_MARGIN, f"{roi_path.name}: lesion/mirror FLAIR ratio {ratio:.3f}"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lesion_volume_placement_and_contrast(seed: int) -> None:
+    cfg = PhantomConfig()
+    flair, mask, affine, tissue = generate_subject_with_tissue(np.random.default_rng(seed), cfg, True)
+    assert flair.dtype == np.float32 and mask.dtype == np.uint8 and flair.shape == cfg.shape
+    assert set(np.unique(mask)) == {0, 1}
+    volume = lesion_volume_cm3(mask, cfg.spacing)
+    assert cfg.lesion_volume_cm3[0] <= volume <= cfg.lesion_volume_cm3[1]
+    assert np.all(flair[mask > 0] > 0) and np.all(tissue.sum(axis=0)[mask > 0] > 0.5)  # inside the brain
+    assert flair[mask > 0].mean() >= MIRROR_MARGIN * flair[mask[::-1] > 0].mean()
+    gm, wm, csf = tissue
+    healthy = mask == 0
+    gm_level = np.median(flair[(gm > 0.7) & healthy])
+    wm_level = np.median(flair[(wm > 0.9) & healthy])
+    csf_level = np.median(flair[csf > 0.8])
+    assert gm_level > wm_level > 1.5 * csf_level  # FLAIR: GM brighter than WM, CSF dark
+    assert 0.4 < wm_level < 0.75
+
+
+def test_lesion_volume_range_is_honoured() -> None:
+    cfg = PhantomConfig(lesion_volume_cm3=(2.0, 3.0))
+    for seed in range(4):
+        _, mask, _ = generate_subject(np.random.default_rng(seed), cfg, True)
+        assert 2.0 <= lesion_volume_cm3(mask, cfg.spacing) <= 3.0
+
+
+def test_healthy_subject_whole_brain_inside_grid() -> None:
+    cfg = PhantomConfig()
+    volumes = []
+    for seed in range(3):
+        flair, mask, affine = generate_subject(np.random.default_rng(seed), cfg, False)
+        assert mask is None
+        brain = flair > 0
+        for axis in range(3):  # no brain on any face of the grid
+            assert not np.take(brain, 0, axis=axis).any() and not np.take(brain, -1, axis=axis).any()
+        volumes.append(brain.sum() * 27 / 1000)
+        assert abs((affine @ [31.5, 0, 0, 1])[0]) < 1e-6  # grid centred on the midline x = 0
+    assert all(1100 < v < 1900 for v in volumes), volumes  # cm^3, incl. CSF; adult brains ~1200-1700
+    assert len({round(v, 1) for v in volumes}) == 3  # subjects differ
+
+
+def test_generation_is_fast() -> None:
+    cfg = PhantomConfig()
+    generate_subject(np.random.default_rng(0), cfg, True)  # warm the template cache
+    start = time.perf_counter()
+    for seed in range(3):
+        generate_subject(np.random.default_rng(seed), cfg, True)
+    assert (time.perf_counter() - start) / 3 < 1.0
+
+
+def test_refuses_to_mix_with_stale_subjects(dataset: Path, tmp_path: Path) -> None:
+    target = make_phantom_dataset(tmp_path / "ds", 1, 2, seed=0)
+    with pytest.raises(FileExistsError, match="sub-00003"):
+        make_phantom_dataset(target, 0, 2, seed=0)
+    make_phantom_dataset(target, 1, 2, seed=0)  # regenerating the same layout in place is fine

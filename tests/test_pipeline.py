@@ -1,0 +1,229 @@
+"""End-to-end backend pipelines on real NIfTI phantoms with tiny real models: stage 1, FCD dataset, mask test,
+LoRA fine-tuning, joint generation, evaluation and the verification report."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import TEST_LATENT, TEST_SHAPE, TEST_SPACING, coarse_prep, tiny_config
+
+from neuromf.cli import main as cli
+from neuromf.data.fcd_dataset import FCDDataset, downsample_mask, upsample_mask
+from neuromf.eval.mask_test import mask_vae_test, read_decision, save_mask_test
+from neuromf.lora_pipeline import check_adapter, generate_pairs, train_lora, write_generated_pairs
+from neuromf.models.flow_model import load_flow_model
+from neuromf.train import run_to_end
+from neuromf.vae import MAISIVAEWrapper
+
+
+def test_stage1_export_and_generate_cli(tiny_base_dir, tmp_path):
+    model, meta = load_flow_model(tiny_base_dir)
+    assert meta["latent_shape"] == [4, *TEST_LATENT] and meta["channels"] == {"image": 4, "mask": 0}
+    assert (tiny_base_dir / "losses.csv").is_file() and (tiny_base_dir / "checkpoint.safetensors").is_file()
+    out = tmp_path / "gen"
+    assert cli(["generate", "--checkpoint", str(tiny_base_dir), "--n", "2", "--out", str(out), "--device", "cpu"]) == 0
+    files = sorted(out.glob("sample_*_flair.nii.gz"))
+    assert len(files) == 2
+    img = nib.load(str(files[0]))
+    assert img.shape == TEST_SHAPE and np.allclose(img.header.get_zooms(), TEST_SPACING)
+    assert np.isfinite(img.get_fdata()).all()
+
+
+def test_wrong_preset_base_checkpoint_is_refused(tiny_base_dir):
+    with pytest.raises(ValueError, match="'tiny' UNet but the config asks for 'small'"):
+        load_flow_model(tiny_base_dir, preset="small")
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("strategy,mode,channels", [("vae", "nearest", 8), ("downsample", "nearest", 5),
+                                                    ("downsample", "area", 5), ("downsample", "max", 5)])
+def test_fcd_dataset_shapes(phantom_dir, tiny_vae_dir, shared_cache, strategy, mode, channels):
+    vae = MAISIVAEWrapper.from_file(tiny_vae_dir)
+    ds = FCDDataset(phantom_dir, strategy, vae=vae, prep=coarse_prep(), cache_dir=shared_cache, downsample_mode=mode,
+                    flip=True, split=None, return_volumes=True)
+    assert len(ds) == 2 * len(ds.cases) == 8
+    item = ds[1]
+    assert item["z"].shape == (channels, *TEST_LATENT) and item["case_id"].endswith("_flip")
+    assert item["image"].shape == item["mask"].shape == (1, *TEST_SHAPE)
+    assert ds.latents().shape == (8, channels, *TEST_LATENT)
+    if strategy == "downsample":
+        low = item["z"][4]
+        assert low.min() == pytest.approx(-ds.mask_scale)  # background maps to -scale, lesion upwards
+        assert low.max() > low.min()
+    # flipped copy mirrors the mask left-right
+    torch.testing.assert_close(ds[1]["mask"], ds[0]["mask"].flip(1))
+    # a second dataset over the same cache encodes nothing
+    again = FCDDataset(phantom_dir, strategy, vae=vae, prep=coarse_prep(), cache_dir=shared_cache,
+                       downsample_mode=mode, flip=True, split=None)
+    assert again.cache.stats()["misses"] == 0 and again.cache.stats()["hits"] == 8
+
+
+def test_downsample_modes_numerics():
+    mask = torch.zeros(1, 1, 8, 8, 8)
+    mask[0, 0, :2, :4, :4] = 1  # half of the first 4x4x4 block
+    assert downsample_mask(mask, "area")[0, 0, 0, 0, 0] == pytest.approx(0.5)
+    assert downsample_mask(mask, "max")[0, 0, 0, 0, 0] == 1
+    assert downsample_mask(mask, "nearest")[0, 0, 0, 0, 0] == 1  # picks the block's first voxel
+    full = torch.zeros(1, 1, 8, 8, 8)
+    full[0, 0, :4, :4, :4] = 1
+    assert torch.equal(upsample_mask(downsample_mask(full, "area"))[0, 0, 1:3, 1:3, 1:3], torch.ones(2, 2, 2))
+
+
+def test_fcd_dataset_without_fcd_cases_and_empty_mask(tmp_path, tiny_vae_dir, phantom_dir):
+    from neuromf.data.phantom import PhantomConfig, make_phantom_dataset
+    from neuromf.io.bids import DataError
+
+    healthy = make_phantom_dataset(tmp_path / "hc", n_healthy=2, n_fcd=0, seed=1,
+                                   cfg=PhantomConfig(shape=TEST_SHAPE, spacing=TEST_SPACING))
+    vae = MAISIVAEWrapper.from_file(tiny_vae_dir)
+    with pytest.raises(DataError, match="FCD"):
+        FCDDataset(healthy, "vae", vae=vae, prep=coarse_prep(), cache_dir=tmp_path / "c", split=None)
+    # an empty mask: the case is skipped with a warning naming the file
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    roi = sorted(phantom_dir.glob("sub-*/anat/*_roi.nii.gz"))
+    images = [next(r.parent.glob("*_FLAIR.nii.gz")) for r in roi[:2]]
+    for i, (image, mask) in enumerate(zip(images, roi[:2])):
+        (flat / f"case{i}_FLAIR.nii.gz").write_bytes(image.read_bytes())
+        m = nib.load(str(mask))
+        data = np.asarray(m.dataobj) * (0 if i == 0 else 1)
+        nib.save(nib.Nifti1Image(data.astype(np.uint8), m.affine), str(flat / f"case{i}_roi.nii.gz"))
+    with pytest.warns(UserWarning, match="case0_roi.nii.gz: empty lesion mask"):
+        ds = FCDDataset(flat, "downsample", vae=vae, prep=coarse_prep(), cache_dir=tmp_path / "c2", split=None)
+    assert len(ds) == 1
+
+
+def test_mask_test_schema_and_decision(phantom_dir, tiny_vae_dir, tmp_path):
+    vae = MAISIVAEWrapper.from_file(tiny_vae_dir)
+    seen = []
+    result = mask_vae_test(phantom_dir, vae, coarse_prep(), on_case=seen.append)
+    assert len(seen) == len(result["cases"]) == 4
+    row = result["cases"][0]
+    assert set(row) >= {"id", "lesion_cm3", "size_bin", "dice_vae", "dice_downsample"}
+    assert set(row["dice_downsample"]) == {"nearest", "area", "max"}
+    assert all(0 <= r["dice_vae"] <= 1 and r["lesion_cm3"] > 0 for r in result["cases"])
+    mean_a = np.mean([r["dice_vae"] for r in result["cases"]])
+    assert result["summary"]["mean_dice_vae"] == pytest.approx(mean_a)
+    # an untrained VAE cannot carry a mask: the rule picks strategy B
+    assert mean_a < 0.85 and result["decision"] == "downsample"
+    path = save_mask_test(result, tmp_path / "m.json")
+    assert read_decision(path) == "downsample"
+    forced = dict(result, decision="vae")
+    assert read_decision(save_mask_test(forced, tmp_path / "f.json")) == "vae"
+    with pytest.raises(FileNotFoundError, match="neuromf mask-test"):
+        read_decision(tmp_path / "missing.json")
+
+
+def lora_cfg(tmp: Path, phantom_dir: Path, tiny_vae_dir: Path, mask_test: Path, **kw):
+    values = {"data.mask_strategy": "auto", "data.mask_test": str(mask_test), "data.group": None,
+              "data.downsample_mode": "area", "lora.rank": 4, "lora.alpha": 4.0, "loss.p_img": 1.5, "loss.p_mask": 2.0,
+              "training.max_steps": 8, "training.lr": 5e-3, "training.warmup_steps": 1}
+    values.update(kw)
+    return tiny_config(tmp, phantom_dir, tiny_vae_dir, **values)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, phantom_dir, tiny_vae_dir, tiny_base_dir):
+    tmp = tmp_path_factory.mktemp("lora")
+    mask_test = save_mask_test({"decision": "downsample"}, tmp / "mask_vae_test.json")
+    cfg = lora_cfg(tmp, phantom_dir, tiny_vae_dir, mask_test)
+    events = []
+    result = run_to_end(train_lora(cfg, tiny_base_dir, progress=False), events.append)
+    return tmp, cfg, result, events
+
+
+def test_train_lora_lowers_loss_and_exports_adapter(lora_run):
+    tmp, cfg, result, events = lora_run
+    assert result.step == 8 and not result.stopped
+    adapter = result.export
+    for name in ("adapter_config.json", "adapter_model.safetensors", "neuromf_adapter.json"):
+        assert (adapter / name).is_file()
+    meta = json.loads((adapter / "neuromf_adapter.json").read_text())
+    assert meta["strategy"] == "downsample" and meta["channels"] == {"image": 4, "mask": 1}
+    assert meta["trainable_params"] < meta["total_params"]
+    steps = [e for e in events if e.kind == "step"]
+    assert {"raw_img", "raw_mask"} <= set(steps[0].parts)
+    first, last = np.mean([e.loss for e in steps[:2]]), np.mean([e.loss for e in steps[-2:]])
+    assert last < first
+    header = (result.out_dir / "losses.csv").read_text().splitlines()[0]
+    assert "raw_mask" in header and (result.out_dir / "loss_curve.png").is_file()
+
+
+def test_generate_pairs_and_evaluate_and_verify(lora_run, phantom_dir, tmp_path):
+    _, _, result, _ = lora_run
+    out = tmp_path / "generated"
+    paths = write_generated_pairs(result.export, out, n=3, seed=1, device="cpu")
+    assert len(paths) == 6
+    flair, mask = nib.load(str(out / "sample_000_flair.nii.gz")), nib.load(str(out / "sample_000_mask.nii.gz"))
+    assert flair.shape == mask.shape == TEST_SHAPE
+    np.testing.assert_allclose(flair.affine, mask.affine)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    # the same seed reproduces the same pair, whatever the batch
+    again = next(generate_pairs(result.export, n=1, seed=1, device="cpu"))
+    np.testing.assert_allclose(again.image, flair.get_fdata(dtype=np.float32), atol=1e-5)
+    checks = check_adapter(result.export)
+    assert checks["forward_ok"] and checks["output_shape"] == [1, 5, *TEST_LATENT]
+    stage = tmp_path / "stage"
+    assert cli(["evaluate", "--adapter", str(result.export), "--generated", str(out), "--data", str(phantom_dir),
+                "--out", str(stage / "metrics" / "metrics.json")]) == 0
+    metrics = json.loads((stage / "metrics" / "metrics.json").read_text())
+    assert metrics["n_generated"] == 3
+    (stage / "generated").mkdir()
+    for p in out.iterdir():
+        (stage / "generated" / p.name).write_bytes(p.read_bytes())
+    report = tmp_path / "phase_7" / "verification_report.md"
+    assert cli(["verify", "--run", str(result.out_dir), "--stage-dir", str(stage), "--report", str(report)]) == 0
+    text = report.read_text()
+    for test_id in ("P7-T1", "P7-T2", "P7-T3", "P7-T4", "P7-T5", "P7-T6", "P7-T7"):
+        assert test_id in text
+    assert "| P7-T2 |" in text and "PASS" in text.split("| P7-T2 |")[1].split("\n")[0]
+
+
+def test_stop_leaves_adapter_and_resume_continues(tmp_path, phantom_dir, tiny_vae_dir, tiny_base_dir, shared_cache):
+    from threading import Event
+
+    mask_test = save_mask_test({"decision": "vae"}, tmp_path / "mt.json")
+    cfg = lora_cfg(tmp_path, phantom_dir, tiny_vae_dir, mask_test,
+                   **{"training.max_steps": 6, "data.cache_dir": str(shared_cache)})
+    stop = Event()
+
+    def stop_at_2(event):
+        if event.kind == "step" and event.step == 2:
+            stop.set()
+
+    result = run_to_end(train_lora(cfg, tiny_base_dir, stop=stop, progress=False), stop_at_2)
+    assert result.stopped and result.step == 2 and (result.export / "adapter_model.safetensors").is_file()
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_to_end(train_lora(cfg, tiny_base_dir, progress=False))
+    with pytest.raises(ValueError, match="conflict"):
+        run_to_end(train_lora(cfg, tiny_base_dir, resume=True, overwrite=True, progress=False))
+    resumed = run_to_end(train_lora(cfg, tiny_base_dir, resume=True, progress=False))
+    assert resumed.step == 6 and not resumed.stopped
+    meta = json.loads((resumed.export / "neuromf_adapter.json").read_text())
+    assert meta["strategy"] == "vae" and meta["channels"]["mask"] == 4
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  lrr: 1.0\n")
+    assert cli(["train-base", "--config", str(bad)]) == 2
+    assert "unknown key 'training.lrr'" in capsys.readouterr().err
+    bad.write_text("training:\n  lr: fast\n")
+    assert cli(["train-base", "--config", str(bad)]) == 2
+    assert "'training.lr' must be a number" in capsys.readouterr().err
+    assert cli(["check-data", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli(["generate", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert "base model not found" in capsys.readouterr().err
