@@ -8,7 +8,6 @@ remedy, so nothing escapes into Qt.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -124,10 +123,9 @@ def describe_error(err: BaseException, what: str, device: str | None = None, bat
 def model_preset_of(base_checkpoint: str) -> str | None:
     """The UNet preset recorded in a base checkpoint's sidecar (None when it cannot be read)."""
     try:
-        from neuromf.models.flow_model import resolve_model_path
+        from neuromf.models.flow_model import read_model_meta
 
-        _, sidecar = resolve_model_path(base_checkpoint)
-        return json.loads(sidecar.read_text())["arch"]["preset"]
+        return read_model_meta(base_checkpoint)["arch"]["preset"]
     except Exception:  # the training run reports a missing/broken checkpoint with its own message
         return None
 

@@ -11,7 +11,7 @@ import torch
 
 from neuromf.io.nifti import save_nifti
 from neuromf.meanflow import sample
-from neuromf.models.flow_model import load_flow_model
+from neuromf.models.flow_model import load_flow_model, read_model_meta
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.utils import resolve_device
 from neuromf.vae import MAISIVAEWrapper
@@ -68,8 +68,7 @@ def generate_images(model_spec: str | Path, n: int, steps: int = 1, seed: int = 
 
 def write_generated_images(model_spec: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                            device: str = "auto") -> list[Path]:
-    _, meta = load_flow_model(model_spec)
-    prep = meta["preprocessing"]
+    prep = read_model_meta(model_spec)["preprocessing"]
     affine = model_grid_affine(prep["shape"], prep["spacing"])
     paths = []
     for volume in generate_images(model_spec, n, steps, seed, device):

@@ -39,6 +39,12 @@ def resolve_model_path(spec: str | Path) -> tuple[Path, Path]:
     return path, sidecar
 
 
+def read_model_meta(spec: str | Path) -> dict[str, Any]:
+    """The sidecar of a saved model (architecture, VAE, grid) without loading its weights."""
+    _, sidecar = resolve_model_path(spec)
+    return json.loads(sidecar.read_text())
+
+
 def load_flow_model(spec: str | Path, preset: str | None = None) -> tuple[MeanFlowUNet, dict[str, Any]]:
     """Rebuild the UNet from its sidecar and load the weights; `preset` guards against the wrong checkpoint."""
     weights, sidecar = resolve_model_path(spec)
