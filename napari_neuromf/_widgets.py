@@ -9,6 +9,7 @@ and failures become napari notifications that name the file and the problem.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+REFRESH_S = 0.5  # GUI refresh interval during training
+
 def _phantom_root() -> str:
     try:
         from neuromf.weights import sample_data_root
@@ -692,12 +695,20 @@ class LoRAWidget(QWidget):
         self.resume_button.setEnabled(not running)
         self.stop_button.setEnabled(running)
 
+    _last_refresh = 0.0
+
     def _on_event(self, event: Any) -> None:
         if isinstance(event, Failure):
             show_error(event.message)
             self.status.setText("Failed: see the notification")
             return
         self.run.record(event)
+        # redrawing the plot and napari's progress bar costs tens of ms on the GUI thread, which competes with
+        # the training thread for the GIL: refresh at most a few times per second (every point is recorded)
+        now = time.monotonic()
+        if event.kind == "step" and event.step < event.total_steps and now - self._last_refresh < REFRESH_S:
+            return
+        self._last_refresh = now
         if event.total_steps:
             if self.pbar is None:
                 self.pbar = progress(total=event.total_steps, desc="LoRA fine-tuning")

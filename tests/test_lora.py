@@ -34,7 +34,7 @@ def jittered(preset: str = "tiny") -> MeanFlowUNet:
 @pytest.mark.parametrize("channels", [8, 5])
 def test_inject_and_forward_both_strategies(channels):  # P7-T2
     model = inject_lora(widen_io_channels(jittered(), channels, channels), modules_to_save=WIDENED_MODULES)
-    z = torch.randn(2, channels, 8, 8, 8)
+    z = torch.randn(2, channels, 4, 4, 4)
     out = model(z, torch.tensor([0.0, 0.2]), torch.tensor([1.0, 0.6]))
     assert out.shape == z.shape and torch.isfinite(out).all()
     names = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -57,9 +57,10 @@ def test_fcd_dataset_shapes(phantom_dir, tiny_vae_dir, shared_cache, strategy, m
     assert item["image"].shape == item["mask"].shape == (1, *TEST_SHAPE)
     assert ds.latents().shape == (8, channels, *TEST_LATENT)
     if strategy == "downsample":
-        low = item["z"][4]
+        low = torch.stack([ds[i]["z"][4] for i in range(len(ds))])
         assert low.min() == pytest.approx(-ds.mask_scale)  # background maps to -scale, lesion upwards
-        assert low.max() > low.min()
+        if mode != "nearest":  # nearest may miss a small lesion on this coarse grid; area/max never do
+            assert (low.flatten(1).max(dim=1).values > -ds.mask_scale).all()
     # flipped copy mirrors the mask left-right
     torch.testing.assert_close(ds[1]["mask"], ds[0]["mask"].flip(1))
     # a second dataset over the same cache encodes nothing

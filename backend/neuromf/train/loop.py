@@ -134,6 +134,7 @@ def train(task: TrainTask, data: torch.Tensor, cfg: TrainingConfig, out_dir: Pat
         if stop is not None and stop.is_set():
             path = checkpoint()
             exported = export()
+            log.plot()
             log.close()
             yield TrainEvent("stopped", state.step, epoch, total, path=path, message=f"stopped at step {state.step}")
             return TrainResult(out_dir, state.step, True, path, exported, state.skipped_steps)
