@@ -23,7 +23,7 @@ class DataConfig:
     data_dir: str = "embedded"  # "embedded" = sample_data/fcd_phantoms, else a BIDS tree or flat folder
     shape: list[int] = field(default_factory=lambda: [64, 64, 64])
     spacing: list[float] = field(default_factory=lambda: [3.0, 3.0, 3.0])
-    cache_dir: str | None = None  # default: <output_dir>/../latent_cache
+    cache_dir: str | None = None  # default: $NEUROMF_CACHE or ~/.cache/neuromf/latents
     group: str | None = None  # participants.tsv group filter: "hc" for stage 1, "fcd" for stage 2
     split: str | None = "train"
     mask_strategy: str = "auto"  # "vae" (A, C=8) | "downsample" (B, C=5) | "auto" (read mask_test)

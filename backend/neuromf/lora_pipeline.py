@@ -32,7 +32,7 @@ from neuromf.models.lora import (
 from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, train
 from neuromf.train.run_dir import prepare_run_dir
 from neuromf.train.stage1 import build_loss
-from neuromf.utils import resolve_device
+from neuromf.utils import default_cache_dir, resolve_device
 from neuromf.vae import MAISIVAEWrapper
 from neuromf.weights import embedded_model_dir
 
@@ -97,7 +97,7 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
     model, base_meta = build_joint_model(cfg, base_checkpoint, n_mask)
     vae = vae_for(base_meta)
     prep = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in base_meta["preprocessing"].items()})
-    cache_dir = cfg.data.cache_dir or out_dir.parent / "latent_cache"
+    cache_dir = cfg.data.cache_dir or default_cache_dir()
     dataset = FCDDataset(cfg.data.data_dir, strategy, vae=vae, prep=prep, cache_dir=cache_dir,
                          downsample_mode=cfg.data.downsample_mode, flip=cfg.data.flip, split=cfg.data.split,
                          progress=progress)

@@ -95,3 +95,10 @@ def default_output_root() -> Path:
         return Path(base)
     xdg = os.environ.get("XDG_DATA_HOME")
     return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "neuromf"
+
+
+def default_cache_dir() -> Path:
+    """Shared latent cache ($NEUROMF_CACHE or ~/.cache/neuromf/latents): entries are keyed by content, so every
+    run, the CLI and the GUI can reuse each other's encodings safely."""
+    env = os.environ.get("NEUROMF_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "neuromf" / "latents"

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from neuromf.data.latents import encode_case, make_cache, resolve_data_dir
 from neuromf.io.bids import DataError, discover_cases
 from neuromf.io.nifti import Preprocessing, preprocess_pair
+from neuromf.utils import default_cache_dir
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper
 
 STRATEGIES = ("vae", "downsample")
@@ -74,7 +75,7 @@ class FCDDataset(Dataset):
         self.vae = vae if vae is not None else MAISIVAEWrapper.embedded()
         self.prep = prep or Preprocessing()
         self.return_volumes = return_volumes
-        cache_root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "neuromf" / "latents"
+        cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.cache = make_cache(cache_root, self.vae, self.prep)
         try:
             cases = discover_cases(self.root, group="fcd", split=split)

@@ -17,6 +17,7 @@ from neuromf.models.flow_model import save_flow_model
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, train
 from neuromf.train.run_dir import prepare_run_dir
+from neuromf.utils import default_cache_dir
 from neuromf.vae import MAISIVAEWrapper
 
 
@@ -53,7 +54,7 @@ def train_base(cfg: RunConfig, resume: bool = False, overwrite: bool = False, st
     vae = load_vae(cfg)
     root = resolve_data_dir(cfg.data.data_dir)
     cases = discover_cases(root, group=cfg.data.group, split=cfg.data.split)
-    cache = make_cache(Path(cfg.data.cache_dir or out_dir.parent / "latent_cache"), vae, prep)
+    cache = make_cache(Path(cfg.data.cache_dir or default_cache_dir()), vae, prep)
     latents = encode_images([c.image for c in cases], vae, prep, cache, flip=cfg.data.flip, progress=progress)
     model = MeanFlowUNet(in_channels=latents.shape[1], preset=cfg.model.preset)
     loss = build_loss(cfg)

@@ -1,0 +1,73 @@
+"""The embedded default: committed phantoms and weights load by name with no network, and meet their cards."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import SSIMMetric
+
+from neuromf.cli import main as cli
+from neuromf.data.latents import resolve_data_dir
+from neuromf.generate import generate_images
+from neuromf.io.bids import discover_cases
+from neuromf.io.nifti import Preprocessing, preprocess_image
+from neuromf.models.flow_model import load_flow_model
+from neuromf.vae import MAISIVAEWrapper
+from neuromf.weights import embedded_model_dir
+
+BRAIN_THRESHOLD = 0.1  # background is 0, CSF is the darkest brain tissue at about 0.15-0.2
+
+
+def test_check_data_lists_all_phantom_subjects(capsys):
+    assert cli(["check-data", "embedded"]) == 0
+    out = capsys.readouterr().out
+    assert "64 cases (24 with lesion masks), 0 unusable" in out
+    assert out.count("sub-000") == 64
+
+
+def test_embedded_vae_meets_its_card():
+    vae = MAISIVAEWrapper.embedded()
+    card = vae.metadata["held_out_quality"]
+    assert vae.preset == "small" and vae.scale_factor != 1.0
+    case = discover_cases(resolve_data_dir("embedded"), split="test")[0]
+    x = preprocess_image(case.image, Preprocessing(**_prep_of(vae.metadata)))
+    recon = vae.decode(vae.encode(x.data[None])).clamp(0, 1)
+    ssim = float(SSIMMetric(spatial_dims=3, data_range=1.0)(recon, x.data[None]))
+    assert ssim >= card["ssim"] - 0.02
+    # the card quotes the same figures as the sidecar
+    text = (embedded_model_dir("vae_small") / "README.md").read_text()
+    assert f"{card['ssim']:.3f}" in text and f"{card['psnr_db']:.1f}" in text
+
+
+def _prep_of(meta: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()}
+
+
+def _brain_stats(volume: np.ndarray) -> tuple[float, int]:
+    brain = volume > BRAIN_THRESHOLD
+    return float(volume[brain].mean()), int(brain.sum())
+
+
+def test_embedded_base_model_samples_look_like_healthy_training_brains():
+    model, meta = load_flow_model("embedded")
+    assert meta["channels"] == {"image": 4, "mask": 0} and model.preset == "small"
+    prep = Preprocessing(**_prep_of(meta))
+    cases = discover_cases(resolve_data_dir("embedded"), group="hc", split="train")
+    real = [_brain_stats(preprocess_image(c.image, prep).data[0].numpy()) for c in cases]
+    real_intensity, real_volume = np.mean([r[0] for r in real]), np.mean([r[1] for r in real])
+    torch.manual_seed(0)
+    samples = [_brain_stats(v.image) for v in generate_images("embedded", n=4, steps=1, seed=0, device="cpu")]
+    gen_intensity, gen_volume = np.mean([s[0] for s in samples]), np.mean([s[1] for s in samples])
+    assert gen_intensity == pytest.approx(real_intensity, rel=0.10)
+    assert gen_volume == pytest.approx(real_volume, rel=0.10)
+
+
+def test_embedded_files_have_cards_and_sizes():
+    for name in ("vae_small", "base_small"):
+        directory = embedded_model_dir(name)
+        assert (directory / "README.md").is_file() and (directory / "model.json").is_file()
+        assert (directory / "model.safetensors").stat().st_size <= 15 * 2**20
+        json.loads((directory / "model.json").read_text())
