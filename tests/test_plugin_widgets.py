@@ -202,7 +202,10 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
     widget.start_button.click()
     qtbot.waitUntil(lambda: len(widget.run.losses) >= 3 or not widget.busy, timeout=120_000)
     assert widget.run.failure is None, widget.run.failure
+    # the dock redraws at most every REFRESH_S seconds, each time with every step recorded so far
+    qtbot.waitUntil(lambda: len(widget.loss_line.get_xdata()) >= 3 or not widget.busy, timeout=60_000)
     assert len(widget.loss_line.get_xdata()) >= 3  # one plot point per step event
+    assert list(widget.loss_line.get_xdata()) == [s for s, _ in widget.run.losses][:len(widget.loss_line.get_xdata())]
     assert widget.progress_bar.maximum() == 500 and widget.progress_bar.value() >= 3
     assert "ETA" in widget.progress_bar.format()
     _assert_overlay(viewer.layers["preview 0 FLAIR"], viewer.layers["preview 0 lesion"])

@@ -82,6 +82,32 @@ def lesion_montage(image: np.ndarray, mask: np.ndarray, out_png: Path, title: st
     return out_png
 
 
+def sample_montage(images: list[np.ndarray], out_png: Path, title: str = "") -> Path:
+    """One row per volume: mid-sagittal, coronal and axial slices (a quick look at generated samples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), dpi=90, squeeze=False)
+    for row, volume in zip(axes, images):
+        volume = _squeeze3d(volume).astype(np.float32)
+        x, y, z = (s // 2 for s in volume.shape)
+        cuts = (("sagittal", volume[x]), ("coronal", volume[:, y]), ("axial", volume[:, :, z]))
+        for ax, (name, cut) in zip(row, cuts):
+            ax.imshow(cut.T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0)
+            ax.set_title(name, fontsize=8)
+            ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        atomic_write(Path(out_png), lambda p: fig.savefig(p, format="png"))
+    finally:
+        plt.close(fig)
+    return Path(out_png)
+
+
 def _squeeze3d(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()

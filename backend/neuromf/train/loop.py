@@ -108,12 +108,17 @@ def train(task: TrainTask, data: torch.Tensor, cfg: TrainingConfig, out_dir: Pat
     batch_size = min(cfg.batch_size, n)
     steps_per_epoch = math.ceil(n / batch_size)
     total = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * steps_per_epoch
+    started = time.perf_counter()
     log = EpochLog(out_dir)
     meta = {**task.meta, "training": cfg.__dict__, "steps_per_epoch": steps_per_epoch}
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
                 else contextlib.nullcontext())
 
+    prior_wall_s = float(state.extra.get("wall_time_s", 0.0))
+
     def checkpoint() -> Path:
+        # cumulative training wall time across resumes, for model cards
+        state.extra["wall_time_s"] = round(prior_wall_s + time.perf_counter() - started, 1)
         return save_checkpoint(out_dir, model, ema, optimizer, generator, state, meta)
 
     def export() -> Path | None:
@@ -125,7 +130,7 @@ def train(task: TrainTask, data: torch.Tensor, cfg: TrainingConfig, out_dir: Pat
     bad_in_row = 0
     epoch_sums: dict[str, float] = {}
     epoch_count = 0
-    started, start_step = time.perf_counter(), state.step
+    start_step = state.step
     while state.step < total:
         epoch = state.step // steps_per_epoch
         order = epoch_order(n, cfg.seed, epoch)
