@@ -9,5 +9,9 @@ cp "$runs/vae_small/model.safetensors" "$runs/vae_small/model.json" sample_data/
 cp "$runs/vae_small/loss_curve.png" sample_data/models/vae_small/loss_curve.png
 neuromf train-base --config base_small --output-dir "$runs/base_small" --overwrite "$@"
 mkdir -p sample_data/models/base_small
-cp "$runs/base_small/model.safetensors" "$runs/base_small/model.json" sample_data/models/base_small/
+# float16 storage keeps the embedded UNet under 15 MB; it is loaded back into float32 parameters
+python -c "import sys; from neuromf.weights import save_half_precision as h; h(sys.argv[1], sys.argv[2])" \
+  "$runs/base_small/model.safetensors" sample_data/models/base_small/model.safetensors
+cp "$runs/base_small/model.json" sample_data/models/base_small/
 cp "$runs/base_small/loss_curve.png" sample_data/models/base_small/loss_curve.png
+python scripts/write_model_cards.py --runs "$runs"

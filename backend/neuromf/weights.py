@@ -77,3 +77,17 @@ def check_keys(path: Path | str, model: torch.nn.Module, state: dict[str, torch.
                          f"{tuple(expected[k].shape)})")
         raise ValueError(f"{path}: weights do not match the {type(model).__name__} architecture: " + "; ".join(parts)
                          + ". Is the preset right?")
+
+
+def save_half_precision(src: Path | str, dst: Path | str) -> Path:
+    """Copy a safetensors weight file with floating tensors stored as float16 (halves embedded model size).
+
+    Loading casts back: `load_state_dict` copies into the model's float32 parameters.
+    """
+    from safetensors.torch import save_file
+
+    from neuromf.utils import atomic_write
+
+    state = load_state_dict(src, nested_key=None)
+    half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    return atomic_write(Path(dst), lambda p: save_file(half, str(p)))
