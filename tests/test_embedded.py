@@ -66,8 +66,19 @@ def test_embedded_base_model_samples_look_like_healthy_training_brains():
 
 
 def test_embedded_files_have_cards_and_sizes():
-    for name in ("vae_small", "base_small"):
+    for name in ("vae_small", "base_small"):  # lora_demo has its own card (README.md) too
         directory = embedded_model_dir(name)
         assert (directory / "README.md").is_file() and (directory / "model.json").is_file()
         assert (directory / "model.safetensors").stat().st_size <= 15 * 2**20
         json.loads((directory / "model.json").read_text())
+
+
+def test_embedded_demo_adapter_generates_a_pair():
+    from neuromf.lora_pipeline import check_adapter, generate_pairs
+
+    pair = next(generate_pairs("embedded", n=1, steps=1, seed=0, device="cpu"))
+    assert pair.image.shape == pair.mask.shape == (64, 64, 64)
+    assert pair.mask.dtype == np.uint8 and set(np.unique(pair.mask)) <= {0, 1}
+    assert np.isfinite(pair.image).all() and 0.0 <= pair.image.min() and pair.image.max() <= 1.0
+    checks = check_adapter("embedded")
+    assert checks["forward_ok"] and checks["fraction"] < 0.01

@@ -243,7 +243,9 @@ def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing,
     ``real_cases``. ValueError naming the folder when no pairs or an incomplete pair is found, or when the
     generated grid differs from `prep.shape`.
     """
-    generated_dir, data_dir = Path(generated_dir), Path(data_dir)
+    from neuromf.data.latents import resolve_data_dir
+
+    generated_dir, data_dir = Path(generated_dir), resolve_data_dir(data_dir)
     pairs = find_generated_pairs(generated_dir)
     generated = []
     for sid, flair, mask_path in pairs:
