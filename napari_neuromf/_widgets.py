@@ -705,10 +705,11 @@ class LoRAWidget(QWidget):
         self.run.record(event)
         # redrawing the plot and napari's progress bar costs tens of ms on the GUI thread, which competes with
         # the training thread for the GIL: refresh at most a few times per second (every point is recorded)
-        now = time.monotonic()
-        if event.kind == "step" and event.step < event.total_steps and now - self._last_refresh < REFRESH_S:
-            return
-        self._last_refresh = now
+        if event.kind == "step":  # only step events are throttled; previews, epochs and the end always show
+            now = time.monotonic()
+            if event.step < event.total_steps and now - self._last_refresh < REFRESH_S:
+                return
+            self._last_refresh = now
         if event.total_steps:
             if self.pbar is None:
                 self.pbar = progress(total=event.total_steps, desc="LoRA fine-tuning")
@@ -730,6 +731,7 @@ class LoRAWidget(QWidget):
         elif event.kind == "preview" and event.preview:
             self._show_previews(event)
         elif event.kind in ("done", "stopped"):
+            self._plot()  # the throttled redraw may have skipped the last steps
             self.status.setText(f"{event.message}; saved in {self.run.out_dir}")
 
     def _plot(self) -> None:
