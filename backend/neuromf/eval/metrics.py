@@ -52,7 +52,8 @@ def _as_bool(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return x.astype(bool) if x.dtype == bool else x > 0.5
 
 
-def _squeeze3d(x: np.ndarray | torch.Tensor) -> np.ndarray:
+def as_volume(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A (H, W, D) numpy volume from a tensor or array with leading singleton axes."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
@@ -91,8 +92,8 @@ def load_generated_pair(flair: Path, mask: Path) -> tuple[np.ndarray, np.ndarray
     """(image float32, mask bool, affine) of one generated pair; ValueError when shapes or affines differ."""
     img = nib.load(str(flair))
     msk = nib.load(str(mask))
-    image = _squeeze3d(np.asarray(img.dataobj, dtype=np.float32))
-    binary = _squeeze3d(np.asarray(msk.dataobj)) > 0.5
+    image = as_volume(np.asarray(img.dataobj, dtype=np.float32))
+    binary = as_volume(np.asarray(msk.dataobj)) > 0.5
     if image.shape != binary.shape:
         raise ValueError(f"{mask}: mask shape {binary.shape} differs from {flair.name} shape {image.shape}")
     if not np.allclose(img.affine, msk.affine, atol=1e-3):
@@ -111,8 +112,8 @@ def lesion_contrast(image: np.ndarray, mask: np.ndarray, shell: int = SHELL_VOXE
 
     FCD lesions are FLAIR-hyperintense, so real cases sit above 1; None when the mask or shell is empty.
     """
-    image = _squeeze3d(image).astype(np.float64)
-    mask = _as_bool(_squeeze3d(mask))
+    image = as_volume(image).astype(np.float64)
+    mask = _as_bool(as_volume(mask))
     if not mask.any():
         return None
     ring = ndimage.binary_dilation(mask, iterations=shell) & ~mask & (image > brain_threshold)
@@ -146,8 +147,8 @@ def ms_ssim_settings(shape: tuple[int, ...]) -> dict[str, Any]:
 
 def ms_ssim(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, data_range: float = 1.0) -> float:
     """MS-SSIM of two 3D volumes with settings from `ms_ssim_settings` (1.0 for identical images)."""
-    x = torch.as_tensor(_squeeze3d(a), dtype=torch.float32)[None, None]
-    y = torch.as_tensor(_squeeze3d(b), dtype=torch.float32)[None, None]
+    x = torch.as_tensor(as_volume(a), dtype=torch.float32)[None, None]
+    y = torch.as_tensor(as_volume(b), dtype=torch.float32)[None, None]
     return _ms_ssim_batch(x, y, data_range)[0]
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from neuromf.eval.metrics import as_volume
 from neuromf.utils import atomic_write, atomic_write_text
 
 LORA_FRACTION_LIMIT = 0.01
@@ -51,8 +52,8 @@ def lesion_montage(image: np.ndarray, mask: np.ndarray, out_png: Path, title: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    image = _squeeze3d(image).astype(np.float32)
-    mask = _squeeze3d(mask) > 0.5
+    image = as_volume(image).astype(np.float32)
+    mask = as_volume(mask) > 0.5
     if image.shape != mask.shape:
         raise ValueError(f"lesion_montage: image shape {image.shape} differs from mask shape {mask.shape}")
     coords = np.argwhere(mask)
@@ -91,7 +92,7 @@ def sample_montage(images: list[np.ndarray], out_png: Path, title: str = "") -> 
 
     fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), dpi=90, squeeze=False)
     for row, volume in zip(axes, images):
-        volume = _squeeze3d(volume).astype(np.float32)
+        volume = as_volume(volume).astype(np.float32)
         x, y, z = (s // 2 for s in volume.shape)
         cuts = (("sagittal", volume[x]), ("coronal", volume[:, y]), ("axial", volume[:, :, z]))
         for ax, (name, cut) in zip(row, cuts):
@@ -106,17 +107,6 @@ def sample_montage(images: list[np.ndarray], out_png: Path, title: str = "") -> 
     finally:
         plt.close(fig)
     return Path(out_png)
-
-
-def _squeeze3d(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    while x.ndim > 3 and x.shape[0] == 1:
-        x = x[0]
-    if x.ndim != 3:
-        raise ValueError(f"expected a 3D volume, got shape {x.shape}")
-    return x
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
