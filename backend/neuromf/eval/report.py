@@ -152,9 +152,10 @@ def _t1(stage_dir: Path) -> Row:
     return row
 
 
-def _sidecar(run_dir: Path) -> tuple[Path, dict]:
+def _sidecar(run_dir: Path) -> tuple[Path, dict | None]:
+    """The adapter sidecar's path and content (None when the file is missing)."""
     path = run_dir / "adapter" / "neuromf_adapter.json"
-    return path, _read_json(path)
+    return path, (_read_json(path) if path.is_file() else None)
 
 
 def _t2(run_dir: Path, t2_t3: dict | None) -> Row:
@@ -165,12 +166,11 @@ def _t2(run_dir: Path, t2_t3: dict | None) -> Row:
         row.status = "PASS" if ok else "FAIL"
         row.figure = f"forward {'OK' if ok else 'failed'}, output shape {t2_t3.get('output_shape')}"
         return row
-    path = run_dir / "adapter" / "neuromf_adapter.json"
+    path, side = _sidecar(run_dir)
     row.source = str(path)
-    if not path.is_file():
+    if side is None:
         row.figure = _missing(path)
         return row
-    _, side = _sidecar(run_dir)
     peft_files = [run_dir / "adapter" / n for n in ("adapter_config.json", "adapter_model.safetensors")]
     absent = [p.name for p in peft_files if not p.is_file()]
     channels = side.get("channels") or {}
@@ -190,12 +190,11 @@ def _t3(run_dir: Path, t2_t3: dict | None) -> Row:
         trainable, total = t2_t3.get("trainable"), t2_t3.get("total")
         fraction = t2_t3.get("fraction")
     else:
-        path = run_dir / "adapter" / "neuromf_adapter.json"
+        path, side = _sidecar(run_dir)
         row.source = str(path)
-        if not path.is_file():
+        if side is None:
             row.figure = _missing(path)
             return row
-        _, side = _sidecar(run_dir)
         trainable, total = side.get("trainable_params"), side.get("total_params")
         fraction = None
     if fraction is None and trainable is not None and total:
