@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import write_nifti
 
 from neuromf.config import ConfigError, config_from_dict, load_config
@@ -107,6 +108,10 @@ def test_config_validation_names_key():
         config_from_dict({"lora": {"target_modules": "to_q"}})
     cfg = config_from_dict({"training": {"lr": 1}, "data": {"cache_dir": None}})
     assert cfg.training.lr == 1.0 and isinstance(cfg.training.lr, float)
+    # YAML 1.1 (PyYAML) reads 3e-4 without a dot as a string; a number is still meant
+    assert config_from_dict(yaml.safe_load("training: {lr: 3e-4}")).training.lr == pytest.approx(3e-4)
+    with pytest.raises(ConfigError, match="'training.lr' must be a number, got str"):
+        config_from_dict({"training": {"lr": "fast"}})
 
 
 def test_seed_config_keys_and_packaged_lookup():

@@ -114,6 +114,13 @@ _CHOICES = {
 }
 
 
+def _float_or_same(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _check_value(key: str, value: Any, annotation: Any, source: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -143,6 +150,8 @@ def _check_value(key: str, value: Any, annotation: Any, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be an integer, got {type(value).__name__} ({value!r})")
         return value
     if annotation is float:
+        if isinstance(value, str):
+            value = _float_or_same(value)  # YAML 1.1 reads "3e-4" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {type(value).__name__} ({value!r})")
         return float(value)
