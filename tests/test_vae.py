@@ -101,3 +101,28 @@ def test_fit_scale_factor_gives_unit_std():
     with torch.no_grad():
         z = torch.cat([vae.encode(v[None]).flatten() for v in vols])
     assert factor > 0 and abs(float(z.std()) - 1.0) < 1e-3
+
+
+def test_separable_ssim_equals_monai_metric_and_has_gradients():
+    from monai.metrics import SSIMMetric
+
+    from neuromf.eval.image_metrics import ssim_3d
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 20, 24, 18)
+    y = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    expected = SSIMMetric(spatial_dims=3, data_range=1.0)(y, x).flatten()
+    x.requires_grad_(True)
+    got = ssim_3d(y, x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert float(ssim_3d(x, x).min()) == pytest.approx(1.0, abs=1e-5)
+    (1 - got.mean()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_vae_training_splits_nothing_and_inference_restores_preset_splits():
+    vae = MAISIVAEWrapper(preset="small")
+    vae.set_num_splits_for(64, requested=1)
+    assert {m.num_splits for m in vae.modules() if isinstance(m, MaisiConvolution)} == {1}
+    vae.encode(torch.rand(1, 1, 64, 64, 64))
+    assert {m.num_splits for m in vae.modules() if isinstance(m, MaisiConvolution)} == {choose_num_splits(64, 4)}

@@ -167,8 +167,9 @@ class MAISIVAEWrapper(nn.Module):
         if not torch.isfinite(x).all():
             raise ValueError(f"{name}: contains NaN or inf values")
 
-    def set_num_splits_for(self, spatial_len: int) -> None:
-        n = choose_num_splits(spatial_len, VAE_PRESETS[self.preset].num_splits)
+    def set_num_splits_for(self, spatial_len: int, requested: int | None = None) -> None:
+        """Split count for inputs of this length; `requested` overrides the preset's (1 = no splitting)."""
+        n = choose_num_splits(spatial_len, VAE_PRESETS[self.preset].num_splits if requested is None else requested)
         for module in self.autoencoder.modules():
             if isinstance(module, MaisiConvolution):
                 module.num_splits = n

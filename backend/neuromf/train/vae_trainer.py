@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from neuromf.config import RunConfig, save_config
 from neuromf.data.latents import resolve_data_dir
-from neuromf.eval.image_metrics import reconstruction_metrics
+from neuromf.eval.image_metrics import reconstruction_metrics, ssim_3d
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import preprocess_image
 from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, train
@@ -48,9 +48,7 @@ class VAELoss:
         loss = l1 + self.kl_weight * kl
         parts = {"raw_l1": float(l1.detach()), "raw_kl": float(kl.detach())}
         if self.ssim_weight:
-            from monai.losses import SSIMLoss
-
-            ssim = SSIMLoss(spatial_dims=3, data_range=1.0)(recon, x)
+            ssim = 1 - ssim_3d(recon, x).mean()
             loss = loss + self.ssim_weight * ssim
             parts["raw_ssim_loss"] = float(ssim.detach())
         return loss, parts
@@ -72,7 +70,9 @@ def train_vae(cfg: RunConfig, preset: str = "small", resume: bool = False, overw
     volumes, train_ids = load_volumes(cfg, cfg.data.split, progress)
     held_out, test_ids = load_volumes(cfg, "test", progress) if cfg.data.split == "train" else (volumes[:0], [])
     wrapper = MAISIVAEWrapper(preset=preset)
-    wrapper.set_num_splits_for(cfg.vae_training.patch_size or cfg.data.shape[0])
+    train_len = cfg.vae_training.patch_size or cfg.data.shape[0]
+    # splitting convolutions only saves memory; on small patches it costs ~20% of the step time
+    wrapper.set_num_splits_for(train_len, requested=1)
     prep = preprocessing_of(cfg)
     vt = cfg.vae_training
 
@@ -81,7 +81,7 @@ def train_vae(cfg: RunConfig, preset: str = "small", resume: bool = False, overw
         wrapper.fit_scale_factor(list(volumes))
         quality = reconstruction_metrics(wrapper, held_out) if len(held_out) else {}
         autoencoder.train()
-        wrapper.set_num_splits_for(cfg.vae_training.patch_size or cfg.data.shape[0])
+        wrapper.set_num_splits_for(train_len, requested=1)
         wrapper.save(directory, extra={"preprocessing": prep.key(), "train_cases": train_ids,
                                        "test_cases": test_ids, "held_out_quality": quality})
         return directory / "model.safetensors"
