@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -78,7 +79,30 @@ def test_embedded_demo_adapter_generates_a_pair():
 
     pair = next(generate_pairs("embedded", n=1, steps=1, seed=0, device="cpu"))
     assert pair.image.shape == pair.mask.shape == (64, 64, 64)
+    assert pair.meta["index"] == pair.index == 0 and pair.meta["seed"] == 0
     assert pair.mask.dtype == np.uint8 and set(np.unique(pair.mask)) <= {0, 1}
     assert np.isfinite(pair.image).all() and 0.0 <= pair.image.min() and pair.image.max() <= 1.0
     checks = check_adapter("embedded")
     assert checks["forward_ok"] and checks["fraction"] < 0.01
+
+
+def test_shipped_demo_adapter_carries_no_machine_paths():
+    """The adapter sidecar travels in the wheel: it must name embedded models/data, not this machine's folders."""
+    meta = json.loads((embedded_model_dir("lora_demo") / "neuromf_adapter.json").read_text())
+    assert meta["base_checkpoint"] == meta["vae"] == meta["data_dir"] == "embedded"
+
+    def strings(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+        elif isinstance(value, str):
+            yield value
+
+    absolute = [s for s in strings(meta) if s.startswith("/") or s[1:3] == ":\\"]
+    assert not absolute, f"absolute paths in the shipped sidecar: {absolute}"
+    report = embedded_model_dir("lora_demo") / "demo_report" / "verification_report.md"
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text()):
+        assert (report.parent / link).is_file(), f"{report} links a missing picture {link}"

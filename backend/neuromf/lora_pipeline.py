@@ -111,7 +111,9 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
         "vae_identity": base_meta["vae_identity"], "scale_factor": base_meta["scale_factor"],
         "preprocessing": base_meta["preprocessing"], "latent_shape": list(latents.shape[1:]),
         "trainable_params": trainable, "total_params": total, "lora_params": count_lora_params(model),
-        "data_dir": str(dataset.root), "train_cases": [case_id for case_id, _ in dataset.items],
+        # "embedded" stays a name so a shipped adapter does not carry this machine's path
+        "data_dir": "embedded" if cfg.data.data_dir == "embedded" else str(dataset.root),
+        "train_cases": [case_id for case_id, _ in dataset.items],
         "config": cfg.to_dict(),
     }
     joint = JointModel(model, vae, sidecar)
@@ -165,12 +167,14 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
     joint = load_joint_model(adapter, dev)
     prep = joint.meta["preprocessing"]
     affine = model_grid_affine(prep["shape"], prep["spacing"])
+    source = str(resolve_adapter(adapter))
     index = 0
     for z in sample_latents(joint.model, joint.meta["latent_shape"], n, steps, seed, dev):
         images, masks = joint.split(z)
         for i in range(z.shape[0]):
             yield GeneratedPair(index, images[i, 0].numpy().astype(np.float32), masks[i, 0].numpy().astype(np.uint8),
-                                affine, {"seed": seed, "steps": steps, "adapter": str(resolve_adapter(adapter))})
+                                affine,
+                                {"index": index, "seed": seed, "steps": steps, "adapter": source})
             index += 1
 
 
