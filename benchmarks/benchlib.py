@@ -63,13 +63,13 @@ def pick(args: argparse.Namespace, name: str, full: Any, quick: Any) -> Any:
 def setup_torch(threads: int, device: str = "auto") -> Any:
     import torch
 
+    from neuromf.utils import resolve_device
+
     torch.set_num_threads(max(1, int(threads)))
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: CUDA is not available")
-    return dev
+    try:
+        return resolve_device(device)
+    except RuntimeError as err:
+        raise SystemExit(f"--device {device}: {err}") from None
 
 
 def synchronize(device: Any) -> None:
@@ -119,24 +119,23 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def rss_mb() -> float:
-    kb = _status_kb("VmRSS")
+def _rss_field_mb(field: str) -> float:
+    """A /proc/self/status memory field in MB; where there is no /proc, the peak RSS from getrusage."""
+    kb = _status_kb(field)
     if kb is not None:
         return kb / 1024
     import resource
 
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def rss_mb() -> float:
+    return _rss_field_mb("VmRSS")
 
 
 def peak_rss_mb() -> float:
-    kb = _status_kb("VmHWM")
-    if kb is not None:
-        return kb / 1024
-    import resource
-
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    return _rss_field_mb("VmHWM")
 
 
 def _child_peak(fn: Callable[..., Any], kwargs: dict[str, Any], threads: int, device: str) -> dict[str, Any]:
