@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from neuromf.io.bids import (
     case_report,
     discover_cases,
     format_case_table,
+    is_2d_image,
     is_thick_slice_2d,
     load_mask_array,
     validate_case,
@@ -106,10 +108,44 @@ def test_bids_prefers_3d_flair_over_2d(bids_tree: Path) -> None:
     assert any("thick-slice 2D" in p for p in case.problems)
 
 
-def test_bids_roi_without_image(bids_tree: Path) -> None:
+def test_bids_roi_without_image_is_a_problem_row(bids_tree: Path) -> None:
+    """One orphan ROI skips its subject (a problem row, or a warning naming the file), not the whole tree."""
     _mask(bids_tree / "sub-00009" / "anat" / "sub-00009_acq-x_FLAIR_roi.nii.gz")
-    with pytest.raises(DataError, match=r"sub-00009_acq-x_FLAIR_roi\.nii\.gz.*without a FLAIR image"):
-        _discover_quietly(bids_tree)
+    skipped: list[dict] = []
+    cases = _discover_quietly(bids_tree, skipped=skipped)
+    assert [c.case_id for c in cases] == ["sub-00001", "sub-00002", "sub-00004"]
+    assert [r["id"] for r in skipped] == ["sub-00009"] and skipped[0]["usable"] is False
+    assert re.search(r"sub-00009_acq-x_FLAIR_roi\.nii\.gz: lesion ROI without a FLAIR image", skipped[0]["problems"][0])
+    with pytest.warns(UserWarning, match=r"sub-00009_acq-x_FLAIR_roi\.nii\.gz.*without a FLAIR image"):
+        assert len(discover_cases(bids_tree)) == 3
+    assert "UNUSABLE" in format_case_table(skipped)
+
+
+def test_2d_image_is_a_problem_row_not_a_crash(bids_tree: Path) -> None:
+    """A 2D FLAIR (two axes, or a single slice) has no third voxel size: it is skipped, never an IndexError."""
+    _write(bids_tree / "sub-00005" / "anat" / "sub-00005_FLAIR.nii.gz", np.ones((8, 8), np.int16))
+    _write(bids_tree / "sub-00006" / "anat" / "sub-00006_FLAIR.nii.gz", np.ones((8, 8, 1), np.int16))
+    _write(bids_tree / "sub-00001" / "anat" / "sub-00001_acq-x_FLAIR.nii.gz", np.ones((8, 8), np.int16))
+    skipped: list[dict] = []
+    cases = {c.case_id: c for c in _discover_quietly(bids_tree, skipped=skipped)}
+    assert sorted(cases) == ["sub-00001", "sub-00002", "sub-00004"]
+    assert [r["id"] for r in skipped] == ["sub-00005", "sub-00006"]
+    assert all("2D image" in r["problems"][0] for r in skipped)
+    assert "sub-00005_FLAIR.nii.gz" in skipped[0]["problems"][0]
+    # a subject with a 3D FLAIR keeps it and notes the extra 2D file
+    assert any("sub-00001_acq-x_FLAIR.nii.gz: 2D image" in p for p in cases["sub-00001"].problems)
+    assert not is_thick_slice_2d((1.0, 1.0))
+    assert is_2d_image((8, 8)) and is_2d_image((8, 1, 8)) and not is_2d_image((8, 8, 8))
+
+
+def test_flat_2d_image_and_broken_link(tmp_path: Path) -> None:
+    _image(tmp_path / "a_FLAIR.nii.gz")
+    _write(tmp_path / "b_FLAIR.nii.gz", np.ones((8, 8), np.int16))
+    (tmp_path / "c_FLAIR.nii.gz").symlink_to(tmp_path / "c_FLAIR.nii.gz")  # a link to itself: a loop
+    skipped: list[dict] = []
+    assert [c.case_id for c in discover_cases(tmp_path, skipped=skipped)] == ["a"]
+    problems = {r["id"]: r["problems"][0] for r in skipped}
+    assert "2D image" in problems["b"] and "looping symbolic link" in problems["c"]
 
 
 def test_thick_slice_rule_uses_anisotropy() -> None:
@@ -141,7 +177,11 @@ def test_flat_folder_pairing(tmp_path: Path) -> None:
 def test_flat_roi_without_image(tmp_path: Path) -> None:
     _image(tmp_path / "a_FLAIR.nii.gz")
     _mask(tmp_path / "z_FLAIR_roi.nii.gz")
-    with pytest.raises(DataError, match=r"z_FLAIR_roi\.nii\.gz.*without a matching FLAIR"):
+    skipped: list[dict] = []
+    assert [c.case_id for c in discover_cases(tmp_path, skipped=skipped)] == ["a"]
+    assert re.search(r"z_FLAIR_roi\.nii\.gz: lesion mask without a matching FLAIR", skipped[0]["problems"][0])
+    (tmp_path / "a_FLAIR.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"no cases found.*z_FLAIR_roi\.nii\.gz: lesion mask without"):
         discover_cases(tmp_path)
 
 
@@ -182,6 +222,22 @@ def test_two_valued_mask_is_binarised_with_warning(tmp_path: Path) -> None:
     report = validate_case(Case("a", _image(tmp_path / "a_FLAIR.nii.gz"), mask, "fcd", "train"))
     assert report["usable"] and "binarised" in report["problems"][0]
     assert report["lesion_cm3"] == pytest.approx(4 / 1000)
+
+
+def test_truncated_and_non_finite_images_are_unusable(tmp_path: Path) -> None:
+    """validate_case reads the voxel data: a readable header over truncated or NaN/Inf data is unusable."""
+    full = _write(tmp_path / "a_FLAIR.nii", np.ones(SHAPE, np.float32))
+    truncated = tmp_path / "b_FLAIR.nii"
+    truncated.write_bytes(full.read_bytes()[:600])
+    report = validate_case(Case("b", truncated, None, "hc", "train"))
+    assert not report["usable"] and "b_FLAIR.nii: cannot read image data" in report["problems"][0]
+    assert report["shape"] == SHAPE  # the header alone still reads
+    for name, value in (("c", np.nan), ("d", np.inf)):
+        data = np.ones(SHAPE, np.float32)
+        data[1, 2, 3] = value
+        report = validate_case(Case(name, _write(tmp_path / f"{name}_FLAIR.nii.gz", data), None, "hc", "train"))
+        assert not report["usable"]
+        assert f"{name}_FLAIR.nii.gz: image contains 1 NaN or infinite" in report["problems"][0]
 
 
 def test_empty_mask_is_unusable(tmp_path: Path) -> None:

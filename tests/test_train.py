@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from threading import Event
 
@@ -10,6 +11,7 @@ import torch
 
 from neuromf.config import TrainingConfig
 from neuromf.meanflow import MeanFlowLoss, sample_meanflow
+from neuromf.meanflow.loss import interpolate
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.train import NonFiniteLossError, TrainTask, run_to_end, train
 from neuromf.train import checkpoint as ckpt_module
@@ -35,23 +37,56 @@ def task() -> TrainTask:
     return TrainTask(model=MeanFlowUNet(4, preset="tiny"), loss_fn=MeanFlowLoss())
 
 
-def test_toy_distribution_is_learned(tmp_path):
+def flow_matching_error(model: MeanFlowUNet, data: torch.Tensor) -> float:
+    """Instantaneous-velocity error on a fixed batch (fixed noise and t, r = t): a deterministic measure of what
+    the model has learned, free of the heavy tail of the training loss's JVP term."""
+    g = torch.Generator().manual_seed(123)
+    noise = torch.randn(data.shape, generator=g)
+    t = torch.rand(data.shape[0], generator=g) * 0.98 + 0.01
+    z, v = interpolate(data, noise, t)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        error = (model(z, t, t) - v).pow(2).flatten(1).mean(1).mul(data.shape[1]).mean()
+    model.train(was_training)
+    return float(error)
+
+
+def mode_distance(v: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared distance to the nearer of the two modes (+1 / -1 everywhere)."""
+    return torch.minimum((v - 1).pow(2).mean(dim=(1, 2, 3, 4)), (v + 1).pow(2).mean(dim=(1, 2, 3, 4)))
+
+
+@pytest.mark.parametrize(("init_seed", "train_seed"), [(0, 1), (1, 2)])
+def test_toy_distribution_is_learned(tmp_path, init_seed, train_seed):
+    """What training must achieve, on two seeds: not one trajectory's raw loss.
+
+    The raw MeanFlow loss is heavy-tailed: for pairs with r != t the target carries (t - r) du/dt, and du/dt of
+    a half-trained net on two narrow modes is occasionally huge (single steps reach 100-3000 against a median
+    of ~2). The adaptive weight 1/(L + c) keeps those steps' gradients bounded, so training does not diverge,
+    but whether a spike falls into a given 20-step window depends on the exact float trajectory (thread count,
+    CPU): the former "mean of the last 20 < half the first 20" failed on about half of all seeds. Checked here
+    instead: a deterministic held-out velocity error, medians over loss windows, and 1-step sample quality.
+    """
     data = two_blobs(64)
-    t = task()
+    torch.manual_seed(init_seed)
+    t = TrainTask(model=MeanFlowUNet(4, preset="tiny"), loss_fn=MeanFlowLoss())
+    before = flow_matching_error(t.model, data)
     events = []
-    result = run_to_end(train(t, data, cfg(tmp_path, max_steps=200, checkpoint_every=0), tmp_path), events.append)
+    config = cfg(tmp_path, max_steps=200, checkpoint_every=0, seed=train_seed)
+    result = run_to_end(train(t, data, config, tmp_path), events.append)
     losses = [e.parts["raw"] for e in events if e.kind == "step"]
-    assert result.step == 200 and not result.stopped
-    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
-    # 1-step samples land near one of the two modes: much closer than the noise they started from
-    noise = torch.randn(16, 4, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    assert result.step == 200 and not result.stopped and len(losses) == 200
+    # the velocity field is learned: 0.23-0.31 of the untrained error over 17 seeds (1 and 2 threads)
+    assert flow_matching_error(t.model, data) < 0.45 * before
+    # the typical training loss falls (medians ignore the rare JVP spikes): seen 0.32-0.65
+    assert statistics.median(losses[-50:]) < 0.8 * statistics.median(losses[:20])
+    # 1-step samples land near one of the two modes: much closer than the noise they started from (seen <= 0.30)
+    noise = torch.randn(32, 4, 4, 4, 4, generator=torch.Generator().manual_seed(5))
     t.model.eval()
-    x = sample_meanflow(t.model, noise, steps=1)
-
-    def dist(v):
-        return torch.minimum((v - 1).pow(2).mean(dim=(1, 2, 3, 4)), (v + 1).pow(2).mean(dim=(1, 2, 3, 4)))
-
-    assert dist(x).mean() < 0.3 * dist(noise).mean()
+    with torch.no_grad():
+        x = sample_meanflow(t.model, noise, steps=1)
+    assert mode_distance(x).mean() < 0.5 * mode_distance(noise).mean()
     assert (tmp_path / "losses.csv").is_file() and (tmp_path / "loss_curve.png").stat().st_size > 1000
 
 

@@ -105,3 +105,42 @@ def default_cache_dir() -> Path:
     run, the CLI and the GUI can reuse each other's encodings safely."""
     env = os.environ.get("NEUROMF_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "neuromf" / "latents"
+
+
+class OutputNotWritableError(PermissionError):
+    """An output location that cannot be written; raised before any work starts, naming the location."""
+
+
+def ensure_writable(path: Path | str, file: bool = False) -> Path:
+    """Check that outputs can be written at `path` (a folder, or with `file=True` a file) before work starts.
+
+    Creates nothing: the nearest existing folder is probed with a temporary file that is removed at once, so a
+    read-only mount, a missing permission or a path through a regular file fails here with a message naming
+    the location instead of as an OSError after minutes of computing. Returns `path`.
+    """
+    path = Path(path)
+    target = path
+    if file:
+        if path.is_dir():
+            raise OutputNotWritableError(f"{path}: output file is an existing folder")
+        target = path.parent
+    elif path.exists() and not path.is_dir():
+        raise OutputNotWritableError(f"{path}: output folder is an existing file")
+    probe_dir = target
+    while not probe_dir.exists():
+        if probe_dir.is_symlink():
+            raise OutputNotWritableError(f"{path}: cannot create output folder: {probe_dir} is a broken link")
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise OutputNotWritableError(f"{path}: cannot create output folder: {probe_dir} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".neuromf-write-test-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        where = "folder" if probe_dir == target else f"folder ({probe_dir}, where it would be created)"
+        raise OutputNotWritableError(
+            f"{path}: output {where} is not writable ({err.strerror or err})") from err
+    return path

@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import neuromf
@@ -29,33 +30,62 @@ def embedded_model_dir(name: str) -> Path:
     return path
 
 
+class WeightFileError(ValueError):
+    """A weight file that cannot be used (corrupt, truncated, pickled, not a state_dict); names the file."""
+
+
+def _safetensors_problem(path: Path, err: Exception) -> str:
+    """Plain words for safetensors' header errors, plus a hint when the file is really a pickle/zip."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    size = path.stat().st_size
+    if size == 0:
+        what = "the file is empty (0 bytes)"
+    elif head[:2] == b"PK" or head[:1] == b"\x80":
+        what = "the file is a PyTorch pickle/zip archive, not safetensors (rename it to .pt to read it as tensors)"
+    elif "incomplete metadata" in str(err) or "not fully covered" in str(err):
+        what = f"the file is truncated ({size} bytes, shorter than its header says)"
+    else:
+        what = "the file is corrupt or not a safetensors file"
+    return f"{path}: not a readable safetensors weight file: {what} ({err})"
+
+
 def load_state_dict(path: Path | str, nested_key: str | None = "unet_state_dict") -> dict[str, torch.Tensor]:
     """Read a state_dict from `.safetensors` or `.pt`/`.pth` without ever unpickling arbitrary objects.
 
-    Released MAISI files are either a plain state_dict or nest it under `unet_state_dict`.
+    Released MAISI files are either a plain state_dict or nest it under `unet_state_dict`. A corrupt,
+    truncated, empty or pickled file raises WeightFileError (a ValueError) naming the file and the problem.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weight file does not exist")
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise WeightFileError(_safetensors_problem(path, err)) from err
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise ValueError(
+            # torch's message suggests weights_only=False (arbitrary code execution): keep only its diagnosis
+            text = str(err)
+            detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0] if text else ""
+            raise WeightFileError(
                 f"{path}: refused to load: the file contains pickled Python objects, not only tensors "
-                f"(weights_only=True). Convert it to safetensors or a plain state_dict. Detail: {err}"
+                f"(weights_only=True). Convert it to safetensors or a plain state_dict. Detail: {detail}"
             ) from err
         except Exception as err:  # zip/EOF errors on truncated files
-            raise ValueError(f"{path}: not a readable PyTorch weight file ({err})") from err
+            empty = " (the file is empty, 0 bytes)" if path.stat().st_size == 0 else ""
+            raise WeightFileError(f"{path}: not a readable PyTorch weight file{empty} ({err})") from err
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state_dict (mapping of names to tensors), got {type(state).__name__}")
+        raise WeightFileError(
+            f"{path}: expected a state_dict (mapping of names to tensors), got {type(state).__name__}")
     if nested_key and nested_key in state and isinstance(state[nested_key], dict):
         state = state[nested_key]
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{path}: entries that are not tensors: {bad[:5]}")
+        raise WeightFileError(f"{path}: entries that are not tensors: {bad[:5]}")
     return state
 
 

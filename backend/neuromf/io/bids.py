@@ -7,7 +7,10 @@ BIDS rules follow the Bonn FCD type II data set (OpenNeuro ds004199):
 - controls have no ROI; ``participants.tsv`` ``group`` (fcd/hc, any case) and ``split`` are honoured;
 - subjects whose only FLAIR is a thick-slice 2D acquisition are skipped with a warning. The test is
   anisotropy read from the header (largest voxel side >= 2.5 mm and more than twice the next one,
-  e.g. 0.45x0.45x4 mm), not absolute size: isotropic 3 mm phantoms are fine.
+  e.g. 0.45x0.45x4 mm), not absolute size: isotropic 3 mm phantoms are fine;
+- broken subjects never stop discovery: a lesion ROI without a FLAIR image, or a FLAIR that is a 2D image
+  (fewer than 3 axes, or a single slice), is skipped as a problem row (``discover_cases(skipped=...)``, else a
+  warning), so one bad file does not hide the rest of the data set.
 
 Flat folder: ``<stem>_FLAIR.nii[.gz]`` images with ``<stem>_*roi*.nii[.gz]`` or ``<stem>*mask*`` partners.
 """
@@ -67,12 +70,24 @@ def _is_mask_name(name: str) -> bool:
     return "_roi" in lower or "mask" in lower
 
 
-def _voxel_sizes(path: Path) -> tuple[float, ...]:
-    return tuple(float(z) for z in nib.load(path).header.get_zooms()[:3])
+def _header_geometry(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(shape, voxel sizes of the first three axes) from the header alone."""
+    header = nib.load(path).header
+    return tuple(int(s) for s in header.get_data_shape()), tuple(float(z) for z in header.get_zooms()[:3])
+
+
+def is_2d_image(shape: tuple[int, ...]) -> bool:
+    """True for an image that is not a volume: fewer than 3 axes, or a single slice along one of them."""
+    return len(shape) < 3 or any(s <= 1 for s in shape[:3])
 
 
 def is_thick_slice_2d(zooms: tuple[float, ...]) -> bool:
-    """True for a 2D thick-slice acquisition: one voxel side >= 2.5 mm and over twice the next largest."""
+    """True for a 2D thick-slice acquisition: one voxel side >= 2.5 mm and over twice the next largest.
+
+    A header with fewer than three voxel sizes is a 2D image, not a thick-slice volume (see ``is_2d_image``).
+    """
+    if len(zooms) < 3:
+        return False
     sides = sorted(float(z) for z in zooms[:3])
     return sides[2] >= _THICK_SLICE_MM and sides[2] > _THICK_SLICE_RATIO * sides[1]
 
@@ -86,21 +101,36 @@ def _acq_label(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _split_2d(images: list[Path], problems: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Separate 3D images from thick-slice 2D ones; unreadable headers stay (validation reports them)."""
-    volumetric, thick = [], []
+def _split_2d(
+    images: list[Path], problems: list[str]
+) -> tuple[list[Path], list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """Separate 3D images from thick-slice 2D ones and from 2D images (returned with a description).
+
+    Unreadable headers stay with the 3D images: validation reports them as unusable.
+    """
+    volumetric, thick, flat = [], [], []
     for path in images:
         try:
-            zooms = _voxel_sizes(path)
+            shape, zooms = _header_geometry(path)
         except Exception as exc:  # any reader failure is reported, not raised here
             problems.append(f"{path.name}: cannot read header ({exc})")
             volumetric.append(path)
             continue
-        if is_thick_slice_2d(zooms):
+        if is_2d_image(shape):
+            flat.append((path, f"2D image (shape {'x'.join(map(str, shape)) or 'empty'}), not a 3D volume"))
+        elif is_thick_slice_2d(zooms):
             thick.append((path, _format_zooms(zooms)))
         else:
             volumetric.append(path)
-    return volumetric, thick
+    return volumetric, thick, flat
+
+
+def _skip(rows: list[dict], case_id: str, path: Path, reason: str, group: str = "unknown",
+          split: str = "unknown") -> None:
+    """Record a subject or file left out of discovery as an unusable ``case_report``-style problem row."""
+    rows.append({"id": case_id, "group": group, "split": split, "shape": None, "spacing": None,
+                 "lesion_cm3": None, "problems": [f"{path.name}: {reason}; skipped"], "usable": False,
+                 "path": str(path)})
 
 
 def _read_participants(root: Path) -> dict[str, dict[str, str]]:
@@ -142,27 +172,37 @@ def _group_and_split(info: dict[str, str], has_mask: bool, problems: list[str]) 
     return group, split
 
 
-def _discover_bids(root: Path) -> tuple[list[Case], int]:
-    """Cases from a BIDS tree and the number of subjects skipped as thick-slice 2D."""
+def _discover_bids(root: Path, rows: list[dict]) -> tuple[list[Case], int]:
+    """Cases from a BIDS tree and the number of subjects skipped as thick-slice 2D; broken subjects (an ROI
+    without a FLAIR, only 2D images) go to ``rows`` as problem rows."""
     participants = _read_participants(root)
     cases, skipped = [], 0
     for subject in sorted(p for p in root.glob("sub-*") if p.is_dir()):
         anat_dirs = [subject / "anat", *sorted(subject.glob("ses-*/anat"))]
         images = sorted(p for d in anat_dirs for p in d.glob("*_FLAIR.nii*") if "_roi" not in p.name.lower())
         rois = sorted(p for d in anat_dirs for p in d.glob("*FLAIR_roi.nii*"))
+        info = participants.get(subject.name, {})
+        group = _GROUP_ALIASES.get(info.get("group", "").lower(), "fcd" if rois else "unknown")
+        split = info.get("split", "").lower() if info.get("split", "").lower() in ("train", "test") else "unknown"
         if not images:
             if rois:
-                raise DataError(f"{rois[0]}: lesion ROI without a FLAIR image in {subject}")
+                _skip(rows, subject.name, rois[0], f"lesion ROI without a FLAIR image in {subject.name}", group,
+                      split)
             continue
         problems: list[str] = []
-        volumetric, thick = _split_2d(images, problems)
+        volumetric, thick, flat = _split_2d(images, problems)
         if not volumetric:
+            if flat:
+                _skip(rows, subject.name, flat[0][0], flat[0][1], group, split)
+                continue
             for path, zooms in thick:
                 warnings.warn(f"{path}: thick-slice 2D FLAIR ({zooms}); subject skipped", stacklevel=3)
             skipped += 1
             continue
         for path, zooms in thick:
             problems.append(f"{path.name}: thick-slice 2D FLAIR ({zooms}) ignored")
+        for path, what in flat:
+            problems.append(f"{path.name}: {what}; ignored")
         image = volumetric[0]
         if len(volumetric) > 1:
             roi_acqs = {_acq_label(r.name) for r in rois}
@@ -180,13 +220,19 @@ def _discover_bids(root: Path) -> tuple[list[Case], int]:
     return cases, skipped
 
 
-def _discover_flat(root: Path) -> tuple[list[Case], int]:
-    """Cases from a flat folder: <stem>_FLAIR images paired with <stem>...roi/mask files."""
+def _discover_flat(root: Path, rows: list[dict]) -> tuple[list[Case], int]:
+    """Cases from a flat folder: <stem>_FLAIR images paired with <stem>...roi/mask files; masks without an
+    image, 2D images and dangling or looping links go to ``rows`` as problem rows."""
     images: dict[str, Path] = {}
     masks: list[Path] = []
-    for path in sorted(p for p in root.iterdir() if p.is_file()):
+    for path in sorted(root.iterdir()):
         base = _strip_nifti(path.name)
-        if base is None:
+        if base is None or path.is_dir():
+            continue
+        if not path.is_file():  # a dangling or looping symbolic link (is_file() follows links)
+            if path.is_symlink() and (_is_mask_name(path.name) or base.lower().endswith("_flair")):
+                stem = base[: -len("_flair")] if base.lower().endswith("_flair") else base
+                _skip(rows, stem, path, "broken or looping symbolic link")
             continue
         if _is_mask_name(path.name):
             masks.append(path)
@@ -210,15 +256,18 @@ def _discover_flat(root: Path) -> tuple[list[Case], int]:
             else:
                 matches = []
         if not matches:
-            raise DataError(
-                f"{mask}: lesion mask without a matching FLAIR image (<stem>_FLAIR.nii[.gz]) in {root}"
-            )
+            _skip(rows, _strip_nifti(mask.name) or mask.name, mask,
+                  "lesion mask without a matching FLAIR image (<stem>_FLAIR.nii[.gz])", "fcd")
+            continue
         pairs[max(matches, key=len)].append(mask)  # longest stem: 'sub-1_acq-x' beats 'sub-1'
 
     cases, skipped = [], 0
     for stem, image in images.items():
         notes = problems[stem]
-        volumetric, thick = _split_2d([image], notes)
+        volumetric, thick, flat = _split_2d([image], notes)
+        if flat:
+            _skip(rows, stem, image, flat[0][1], "fcd" if pairs[stem] else "unknown")
+            continue
         if thick:
             warnings.warn(f"{image}: thick-slice 2D FLAIR ({thick[0][1]}); case skipped", stacklevel=3)
             skipped += 1
@@ -232,12 +281,18 @@ def _discover_flat(root: Path) -> tuple[list[Case], int]:
 
 
 def discover_cases(
-    root: Path, group: str | None = None, split: str | None = None, require_mask: bool = False
+    root: Path,
+    group: str | None = None,
+    split: str | None = None,
+    require_mask: bool = False,
+    skipped: list[dict] | None = None,
 ) -> list[Case]:
     """All usable-looking cases under ``root`` (BIDS tree or flat folder), sorted by id.
 
     ``group="fcd"`` returns FCD cases that have a mask; ``group="hc"`` the controls; ``split`` filters
     on participants.tsv's split. Raises DataError when nothing is found or the layout is broken.
+    Broken subjects (a lesion ROI without a FLAIR, a 2D image) are left out: appended to ``skipped`` as
+    unusable ``case_report``-style rows when a list is given, otherwise reported as warnings.
     """
     root = Path(root)
     if group is not None and group.lower() not in GROUPS:
@@ -249,14 +304,26 @@ def discover_cases(
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     is_bids = (root / "participants.tsv").is_file() or any(p.is_dir() for p in root.glob("sub-*"))
-    cases, skipped = _discover_bids(root) if is_bids else _discover_flat(root)
+    rows: list[dict] = []
+    try:
+        cases, n_thick = _discover_bids(root, rows) if is_bids else _discover_flat(root, rows)
+    except OSError as exc:  # an unreadable folder (permissions, I/O error) inside the tree
+        raise DataError(f"{getattr(exc, 'filename', None) or root}: cannot read ({exc.strerror or exc})") from exc
+    if skipped is not None:
+        skipped.extend(rows)
+    else:
+        for row in rows:
+            warnings.warn(f"{row['path']}: {row['problems'][0].split(': ', 1)[1]}", stacklevel=2)
     if not cases:
         looked_for = (
             "sub-*/anat/*_FLAIR.nii[.gz] images (BIDS tree)"
             if is_bids
             else "*_FLAIR.nii[.gz] images with *_roi.nii[.gz] or *mask* partners (flat folder)"
         )
-        extra = f"; {skipped} skipped as thick-slice 2D FLAIR" if skipped else ""
+        extra = f"; {n_thick} skipped as thick-slice 2D FLAIR" if n_thick else ""
+        if rows:
+            extra += f"; {len(rows)} skipped: " + "; ".join(r["problems"][0] for r in rows[:3])
+            extra += "; ..." if len(rows) > 3 else ""
         raise DataError(f"{root}: no cases found: looked for {looked_for}{extra}")
 
     selected = cases
@@ -314,12 +381,32 @@ def load_mask_array(path: Path) -> np.ndarray:
     return mask
 
 
-def validate_case(case: Case, atol: float = 1e-3) -> dict:
-    """Check one case from its headers and mask data.
+def _image_data_problem(image: nib.spatialimages.SpatialImage, name: str) -> str | None:
+    """Why the voxel data of a readable header cannot be used (truncated file, NaN or infinite values), or None.
 
-    Returns {"shape", "spacing", "lesion_cm3", "problems", "usable"}. Unusable: unreadable image, image
-    not 3D, mask shape or affine (beyond ``atol``) different from the image's, mask with more than two
-    values, empty mask. A binarised two-valued mask is only a warning.
+    Reads the whole image: headers alone let a truncated or NaN-filled scan pass as usable.
+    """
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as exc:  # truncated gzip / short file: nibabel raises several types
+        return f"{name}: cannot read image data, the file is truncated or corrupt ({exc})"
+    if np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            return f"{name}: image contains {bad} NaN or infinite values"
+        # e.g. an int16 image with a huge scl_slope: finite here, infinite once preprocessing casts to float32
+        if data.size and float(np.max(np.abs(data))) > float(np.finfo(np.float32).max):
+            return f"{name}: image values overflow float32 (max |value| {float(np.max(np.abs(data))):.3g}; " \
+                   "check the header's scl_slope)"
+    return None
+
+
+def validate_case(case: Case, atol: float = 1e-3) -> dict:
+    """Check one case from its headers and its image and mask data.
+
+    Returns {"shape", "spacing", "lesion_cm3", "problems", "usable"}. Unusable: unreadable, truncated or
+    non-finite image, image not 3D, mask shape or affine (beyond ``atol``) different from the image's, mask
+    with more than two values, empty mask. A binarised two-valued mask is only a warning.
     """
     problems = list(case.problems)
     report: dict = {"shape": None, "spacing": None, "lesion_cm3": None, "problems": problems, "usable": True}
@@ -334,6 +421,9 @@ def validate_case(case: Case, atol: float = 1e-3) -> dict:
     report["shape"], report["spacing"] = shape[:3], spacing
     if len(shape) < 3 or any(s != 1 for s in shape[3:]):
         problems.append(f"{case.image.name}: image must be 3D, got shape {shape}")
+        report["usable"] = False
+    elif (data_problem := _image_data_problem(image, case.image.name)) is not None:
+        problems.append(data_problem)
         report["usable"] = False
     if case.mask is None:
         return report

@@ -11,7 +11,7 @@ from torch import nn
 
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.utils import atomic_write, atomic_write_json, file_sha256
-from neuromf.weights import check_keys, embedded_model_dir, load_state_dict
+from neuromf.weights import WeightFileError, check_keys, embedded_model_dir, load_state_dict
 
 
 def save_flow_model(model: MeanFlowUNet, directory: Path, meta: dict[str, Any]) -> Path:
@@ -39,23 +39,40 @@ def resolve_model_path(spec: str | Path) -> tuple[Path, Path]:
     return path, sidecar
 
 
+def _read_sidecar(sidecar: Path) -> dict[str, Any]:
+    """A model sidecar as a dict; WeightFileError naming the file when it is not readable JSON of a model."""
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightFileError(f"{sidecar}: model sidecar is not readable JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise WeightFileError(f"{sidecar}: model sidecar must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
 def read_model_meta(spec: str | Path) -> dict[str, Any]:
     """The sidecar of a saved model (architecture, VAE, grid) without loading its weights."""
     _, sidecar = resolve_model_path(spec)
-    return json.loads(sidecar.read_text())
+    return _read_sidecar(sidecar)
 
 
 def load_flow_model(spec: str | Path, preset: str | None = None) -> tuple[MeanFlowUNet, dict[str, Any]]:
     """Rebuild the UNet from its sidecar and load the weights; `preset` guards against the wrong checkpoint."""
     weights, sidecar = resolve_model_path(spec)
-    meta = json.loads(sidecar.read_text())
+    meta = _read_sidecar(sidecar)
     if meta.get("kind") != "meanflow_unet":
         raise ValueError(f"{sidecar}: not a MeanFlow model sidecar (kind={meta.get('kind')!r})")
-    arch = meta["arch"]
+    arch = meta.get("arch")
+    if not isinstance(arch, dict) or not {"preset", "in_channels", "out_channels"} <= set(arch):
+        raise WeightFileError(f"{sidecar}: model sidecar lacks the architecture ('arch' with preset, in_channels, "
+                              "out_channels)")
     if preset is not None and arch["preset"] != preset:
         raise ValueError(f"{weights}: checkpoint is a {arch['preset']!r} UNet but the config asks for {preset!r} "
                          "(model.preset)")
-    model = MeanFlowUNet(arch["in_channels"], arch["out_channels"], preset=arch["preset"])
+    try:
+        model = MeanFlowUNet(arch["in_channels"], arch["out_channels"], preset=arch["preset"])
+    except (TypeError, ValueError) as err:
+        raise WeightFileError(f"{sidecar}: invalid architecture in the model sidecar ({err})") from err
     state = load_state_dict(weights)
     check_keys(weights, model, state)
     model.load_state_dict(state)

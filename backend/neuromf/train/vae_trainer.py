@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from neuromf.config import RunConfig, save_config
+from neuromf.config import RunConfig
 from neuromf.data.latents import resolve_data_dir
 from neuromf.eval.image_metrics import reconstruction_metrics, ssim_3d
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import preprocess_image
 from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, train
-from neuromf.train.run_dir import prepare_run_dir
+from neuromf.train.run_dir import in_run_dir
 from neuromf.train.stage1 import preprocessing_of
 from neuromf.vae import MAISIVAEWrapper
 
@@ -61,11 +61,11 @@ def load_volumes(cfg: RunConfig, split: str | None, progress: bool = True) -> tu
     return torch.stack(vols), [c.case_id for c in cases]
 
 
+@in_run_dir
 def train_vae(cfg: RunConfig, preset: str = "small", resume: bool = False, overwrite: bool = False,
               stop: Event | None = None, progress: bool = True) -> Generator[TrainEvent, None, TrainResult]:
     """Train on the config's split, then fit the latent scale factor and report PSNR/SSIM on the test split."""
-    out_dir = prepare_run_dir(Path(cfg.training.output_dir), cfg, resume=resume, overwrite=overwrite)
-    save_config(cfg, out_dir / "config.yaml")
+    out_dir = Path(cfg.training.output_dir)  # prepared with config.yaml by @in_run_dir, removed on a failed start
     torch.manual_seed(cfg.training.seed)
     volumes, train_ids = load_volumes(cfg, cfg.data.split, progress)
     held_out, test_ids = load_volumes(cfg, "test", progress) if cfg.data.split == "train" else (volumes[:0], [])
