@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from neuromf.eval.metrics import (
     dice,
+    dice_reference_points,
     evaluate_generated,
     find_generated_pairs,
     lesion_contrast,
     ms_ssim,
     ms_ssim_settings,
 )
-from neuromf.eval.report import lesion_montage, write_verification_report
+from neuromf.eval.report import CHECKS, lesion_montage, write_verification_report
 from neuromf.io.nifti import Preprocessing, preprocess_pair, save_nifti
 
 PREP = Preprocessing((64, 64, 64), (3.0, 3.0, 3.0))
@@ -55,6 +58,10 @@ def world(tmp_path_factory) -> dict:
     _write_pair(gen, "sample_001", img_te, mask_te)  # copy of the test case: test Dice 1
     _write_pair(gen, "sample_002", img_tr, shifted)  # shifted training mask
     _write_pair(gen, "sample_003", img_te * 0.9, np.zeros_like(mask_tr))  # empty mask
+    # the generator's provenance files: a recorded noise correlation, one without it, one unreadable
+    (gen / "sample_000.json").write_text(json.dumps({"seed": 0, "mask_noise_correlation": -0.02}))
+    (gen / "sample_001.json").write_text(json.dumps({"seed": 1}))
+    (gen / "sample_002.json").write_text("{not json")
     return {"data": data, "stage": stage, "gen": gen, "real": real, "train_id": train_id, "test_id": test_id,
             "shifted": shifted, "root": root}
 
@@ -125,6 +132,59 @@ def test_evaluate_generated_figures(world, metrics):
     div = metrics["diversity"]
     assert div["n_pairs"] == 6 and 0.0 < div["mean_pairwise_ms_ssim"] <= 1.0
 
+    # P7-T6 reference points: from the real masks only, as defined in dice_reference_points
+    masks = {split: [m for s, _, m in world["real"].values() if s == split] for split in ("train", "test")}
+    reference = metrics["dice"]["reference"]
+    expected_ref = dice_reference_points(masks["train"], masks["test"])
+    for key in ("real_test_vs_train", "train_leave_one_out", "memoriser_best_train", "memoriser_best_test"):
+        assert reference[key] == pytest.approx(expected_ref[key]), key
+    assert reference["real_test_vs_train"] == pytest.approx(max(dice(masks["test"][0], m) for m in masks["train"]))
+    assert "memoriser" in reference["definitions"]
+
+
+def test_evaluate_lesion_like_section(world, metrics):
+    section = metrics["lesion_like"]
+    samples = {s["id"]: s for s in section["samples"]}
+    # copies of real lesions on their own FLAIR pass every criterion; the empty mask fails every one
+    assert samples["sample_000"]["lesion_like"] and samples["sample_001"]["lesion_like"]
+    assert samples["sample_003"]["lesion_like"] is False and "nonempty" in samples["sample_003"]["failed"]
+    assert samples["sample_000"]["n_components"] == 1 and samples["sample_000"]["inside_brain_share"] == 1.0
+    _, _, mask_tr = world["real"][world["train_id"]]
+    assert samples["sample_000"]["volume_cm3"] == pytest.approx(mask_tr.sum() * 27 / 1000)
+    n_like = sum(s["lesion_like"] for s in samples.values())
+    assert section["summary"]["n_lesion_like"] == n_like and section["rate"] == pytest.approx(n_like / 4)
+    assert section["meets_acceptance"] == (n_like / 4 >= 0.7)
+    # noise correlation: read from sample_000.json; absent key, unreadable file and no file give null
+    assert samples["sample_000"]["noise_correlation"] == pytest.approx(-0.02)
+    assert [samples[f"sample_00{i}"]["noise_correlation"] for i in (1, 2, 3)] == [None, None, None]
+    assert section["noise_correlation"]["n"] == 1 and section["noise_correlation"]["max_abs"] == pytest.approx(0.02)
+    assert any("sample_002.json" in note for note in metrics["notes"])
+    # the reference ranges come from the 3 real lesions, which all pass their own reference
+    ref = section["reference"]
+    real_volumes = sorted(r["lesion_cm3"] for r in metrics["real_cases"])
+    assert ref["n"] == 3 and ref["accepted_volume_cm3"] == pytest.approx([0.5 * real_volumes[0],
+                                                                         2.0 * real_volumes[-1]])
+    assert ref["accepted_min_contrast"] == pytest.approx(1 + 0.5 * (ref["median_contrast"] - 1))
+    assert section["real_summary"]["rate"] == 1.0
+    assert {r["split"] for r in section["real_cases"]} == {"train", "test"}
+
+
+def test_dice_reference_points_hand_computed():
+    def line(lo: int, hi: int) -> np.ndarray:
+        m = np.zeros((20, 1, 1), bool)
+        m[lo:hi] = True
+        return m
+
+    a, b, c = line(0, 10), line(5, 15), line(10, 20)  # Dice(a, b) = Dice(b, c) = 0.5, Dice(a, c) = 0
+    ref = dice_reference_points([a, b], [c])
+    assert ref["real_test_vs_train"] == pytest.approx(0.5)  # c's best over {a, b}
+    assert ref["train_leave_one_out"] == pytest.approx(0.5)  # a vs {b}, b vs {a}
+    assert ref["memoriser_best_train"] == 1.0
+    assert ref["memoriser_best_test"] == pytest.approx(0.25)  # mean of a vs c (0) and b vs c (0.5)
+    alone = dice_reference_points([a], [])
+    assert alone["train_leave_one_out"] is None and alone["real_test_vs_train"] is None
+    assert alone["memoriser_best_test"] is None
+
 
 def test_evaluate_generated_bad_folders(world, tmp_path):
     with pytest.raises(ValueError, match=str(tmp_path)):
@@ -166,25 +226,184 @@ def _table(text: str) -> dict[str, list[str]]:
             for line in text.splitlines() if line.startswith("| P7-")}
 
 
+def _report(stage: Path, run: Path, out: Path, **kwargs) -> tuple[str, dict[str, list[str]]]:
+    text = write_verification_report(stage, run, out / "phase_7" / "verification_report.md", **kwargs).read_text()
+    return text, _table(text)
+
+
+IN_PROCESS = {"forward_ok": True, "output_shape": [1, 8, 16, 16, 16], "trainable": 50, "total": 100_000,
+              "fraction": 5e-4}
+
+
+def _write_losses(run: Path, rows: list[dict]) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(run / "losses.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_checks_registry():
+    assert [c.test for c in CHECKS] == [f"P7-T{i}" for i in range(1, 8)]
+    assert [c.critical for c in CHECKS] == [True] * 5 + [False] * 2
+    assert len({c.description for c in CHECKS}) == 7
+
+
 def test_report_all_present(world, metrics, tmp_path):
     stage, run = _complete_run(world)
-    report = write_verification_report(stage, run, tmp_path / "phase_7" / "verification_report.md",
-                                       max_montages=3)
-    text = report.read_text()
-    rows = _table(text)
+    text, rows = _report(stage, run, tmp_path, max_montages=3)
+    report_dir = tmp_path / "phase_7"
     assert list(rows) == [f"P7-T{i}" for i in range(1, 8)]
+    for check in CHECKS:  # each row carries its registry description
+        assert rows[check.test][1] == check.description.replace("|", "\\|")
     for test in ("P7-T1", "P7-T2", "P7-T3", "P7-T4"):
         assert rows[test][3].startswith("PASS"), rows[test]
-    assert rows["P7-T5"][3] == "REVIEW (visual inspection)"
     assert rows["P7-T6"][3] == rows["P7-T7"][3] == "INFO"
     assert "0.910" in rows["P7-T1"][4] and "vae" in rows["P7-T1"][4]
     assert "0.400%" in rows["P7-T3"][4]
     assert "epoch 1 = 1" in rows["P7-T4"][4] and "epoch 4 = 0.25" in rows["P7-T4"][4]
-    assert "automatic checks PASS; P7-T5 awaits visual inspection" in text
-    montages = sorted((report.parent / "montages").glob("*.png"))
+    assert "no fixed evaluation draw" in rows["P7-T4"][4]
+    # P7-T5 is decided by the automatic figures: 3 of 4 generated pairs are lesion-like (>= 70%)
+    section = metrics["lesion_like"]
+    assert section["summary"]["n_lesion_like"] == 3
+    assert rows["P7-T5"][3] == "PASS", rows["P7-T5"]
+    assert "3/4 generated pairs lesion-like (75%" in rows["P7-T5"][4]
+    assert "non-empty 75%" in rows["P7-T5"][4] and "max abs(r) 0.020" in rows["P7-T5"][4]
+    assert "**Phase 7 PASSED** (P7-T1..P7-T5 all PASS)" in text
+    # per-sample figures beside the montages
+    assert "| sample_003 | 0.00 | 0 | n/a |" in text and "no (fails: non-empty" in text
+    assert "| sample_000 |" in text and "| -0.020 | yes |" in text
+    montages = sorted((report_dir / "montages").glob("*.png"))
     assert [p.stem for p in montages] == ["sample_000", "sample_001", "sample_002"]  # non-empty first
     assert "![sample_000](montages/sample_000.png)" in text
-    assert (report.parent / "loss_curve.png").is_file() and "![loss curve](loss_curve.png)" in text
+    assert (report_dir / "loss_curve.png").is_file() and "![loss curve](loss_curve.png)" in text
+    # P7-T6: best-match Dice beside its reference points, with their definitions
+    ref = metrics["dice"]["reference"]
+    assert f"held-out vs train {ref['real_test_vs_train']:.3f}" in rows["P7-T6"][4]
+    assert f"perfect memoriser vs test {ref['memoriser_best_test']:.3f} (vs train 1.000)" in rows["P7-T6"][4]
+    assert "| perfect memoriser | 1.000 |" in text and "mask-representation loss" in text
+    assert "(one seed)" in rows["P7-T7"][4]
+
+
+def test_report_p7_t5_fails_on_non_lesions(world, metrics, tmp_path):
+    """Scattered noise masks in two of four samples: 50% lesion-like < 70%, so P7-T5 FAILs and says why."""
+    stage = tmp_path / "stage"
+    shutil.copytree(world["stage"], stage)
+    rng = np.random.default_rng(0)
+    for sid in ("sample_001", "sample_002"):
+        image = np.asarray(nib.load(str(stage / "generated" / f"{sid}_flair.nii.gz")).dataobj)
+        _write_pair(stage / "generated", sid, image, rng.random(image.shape) > 0.995)
+    out = evaluate_generated(stage / "generated", world["data"], PREP, out_json=stage / "metrics" / "metrics.json")
+    samples = {s["id"]: s for s in out["lesion_like"]["samples"]}
+    assert not samples["sample_001"]["lesion_like"] and "largest_share" in samples["sample_001"]["failed"]
+    assert samples["sample_001"]["n_components"] > 50
+    assert out["lesion_like"]["rate"] == 0.25 and out["lesion_like"]["meets_acceptance"] is False
+    _, run = _complete_run(world)
+    text, rows = _report(stage, run, tmp_path)
+    assert rows["P7-T5"][3] == "FAIL"
+    assert rows["P7-T5"][4].startswith("FAILED: only 25% lesion-like (< 70%")
+    assert "largest component >= 80% 25%" in rows["P7-T5"][4]
+    assert "**Phase 7 NOT PASSED**: P7-T5 not PASS" in text
+
+
+def _edit_metrics(stage: Path, edit) -> None:
+    path = stage / "metrics" / "metrics.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_report_p7_t5_noise_stale_and_missing_figures(world, metrics, tmp_path):
+    _, run = _complete_run(world)
+    stage = tmp_path / "stage"
+    shutil.copytree(world["stage"], stage)
+
+    def noisy(data: dict) -> None:  # every pair lesion-like, but the masks carry their starting noise
+        for s in data["lesion_like"]["samples"]:
+            s["lesion_like"], s["noise_correlation"] = True, 0.88
+            s["criteria"] = {c: True for c in s["criteria"]}
+
+    _edit_metrics(stage, noisy)
+    _, rows = _report(stage, run, tmp_path / "a")
+    assert rows["P7-T5"][3] == "FAIL" and "FAILED: noise correlation max abs(r) 0.880 >= 0.1" in rows["P7-T5"][4]
+    assert "4/4 generated pairs lesion-like (100%" in rows["P7-T5"][4]
+
+    _edit_metrics(stage, lambda d: d["lesion_like"]["samples"].pop())  # scored before sample_003 existed
+    _, rows = _report(stage, run, tmp_path / "b")
+    assert rows["P7-T5"][3] == "FAIL" and "stale figures" in rows["P7-T5"][4]
+
+    _edit_metrics(stage, lambda d: d.pop("lesion_like"))  # written by an older `neuromf evaluate`
+    _, rows = _report(stage, run, tmp_path / "c")
+    assert rows["P7-T5"][3] == "FAIL" and "no lesion_like section" in rows["P7-T5"][4]
+    assert "4 montage(s) below" in rows["P7-T5"][4]  # the montages are still drawn
+    assert "no reference points" not in rows["P7-T6"][4]
+
+    (stage / "metrics" / "metrics.json").unlink()
+    _, rows = _report(stage, run, tmp_path / "d")
+    assert rows["P7-T5"][3] == "FAIL" and "no automatic figures: missing file" in rows["P7-T5"][4]
+
+
+def test_report_p7_t4_fixed_evaluation_draw(tmp_path):
+    stage, run = tmp_path / "stage", tmp_path / "run"
+    stage.mkdir()
+    # the training loss falls, but on the fixed draw the image part rises (issue 9's finding): FAIL
+    rows = [{"epoch": e, "step": e, "loss": 1.0 / e, "raw": 1.0 / e, "eval_raw": 2.0 - 0.1 * e,
+             "eval_raw_img": 0.5 + 0.01 * e, "eval_raw_mask": 1.5 - 0.1 * e, "eval_raw_lesion": 3.0 - 0.2 * e}
+            for e in range(1, 4)]
+    _write_losses(run, rows)
+    _, table = _report(stage, run, tmp_path / "a", t2_t3=IN_PROCESS)
+    figure = table["P7-T4"][4]
+    assert table["P7-T4"][3] == "FAIL", figure
+    assert "fixed evaluation draw, epoch 1 -> 3" in figure and "image 0.51 -> 0.53" in figure
+    assert "mask 1.4 -> 1.2" in figure and "lesion voxels 2.8 -> 2.4" in figure
+    assert figure.endswith("not lower: image")
+
+    for r in rows:
+        r["eval_raw_img"] = 0.6 - 0.01 * r["epoch"]
+    _write_losses(run, rows)
+    _, table = _report(stage, run, tmp_path / "b", t2_t3=IN_PROCESS)
+    assert table["P7-T4"][3] == "PASS" and "not lower" not in table["P7-T4"][4]
+
+    # conditional run: no mask part logged; the fixed draw evaluated on two epochs only (blank cells elsewhere)
+    cond = [{"epoch": e, "step": e, "loss": 1.0, "raw": 1.0, "eval_raw": "" if e == 2 else 1.0 / e,
+             "eval_raw_img": "" if e == 2 else 1.0 / e, "eval_raw_lesion": "" if e == 2 else 2.0 / e}
+            for e in range(1, 4)]
+    _write_losses(run, cond)
+    _, table = _report(stage, run, tmp_path / "c", t2_t3=IN_PROCESS)
+    assert table["P7-T4"][3] == "PASS" and "epoch 1 -> 3" in table["P7-T4"][4]
+    assert "mask" not in table["P7-T4"][4]
+    # the column exists but only one epoch was evaluated: no comparison, no PASS (no fallback to random batches)
+    _write_losses(run, [{"epoch": 1, "loss": 2.0, "eval_raw": 1.0}, {"epoch": 2, "loss": 1.0, "eval_raw": ""}])
+    _, table = _report(stage, run, tmp_path / "d", t2_t3=IN_PROCESS)
+    assert table["P7-T4"][3] == "FAIL" and "1 epoch(s) with a fixed-draw evaluation" in table["P7-T4"][4]
+    _write_losses(run, [{"epoch": 1, "loss": 2.0, "eval_raw": 1.0}, {"epoch": 2, "loss": 1.0, "eval_raw": "nan"}])
+    _, table = _report(stage, run, tmp_path / "e", t2_t3=IN_PROCESS)
+    assert table["P7-T4"][3] == "FAIL" and "not lower: total" in table["P7-T4"][4]
+
+
+def test_report_p7_t7_seeds(tmp_path):
+    stage, run = tmp_path / "stage", tmp_path / "run"
+    stage.mkdir()
+    (stage / "ablation_lp.json").write_text(json.dumps({
+        "seeds": [0, 1, 2],
+        "per_channel_lp": {"p_img": 1.5, "p_mask": 2.0, "mean_dice_test": [0.30, 0.32, 0.34]},
+        "uniform_l2": {"p_img": 2.0, "p_mask": 2.0, "mean_dice_test": [0.20, 0.21, 0.22]},
+        "better": "per_channel_lp"}))
+    _, table = _report(stage, run, tmp_path / "a", t2_t3=IN_PROCESS)
+    figure = table["P7-T7"][4]
+    assert table["P7-T7"][3] == "INFO"
+    assert "n = 3 / 3" in figure and "0.320 ± 0.020" in figure and "0.210 ± 0.010" in figure
+    assert "null result" not in figure
+    # per-seed reports under the top-level key, with a chosen metric; overlapping arms are a null result
+    (stage / "ablation_lp.json").write_text(json.dumps({
+        "metric": "lesion_like_rate",
+        "seeds": [{"seed": s, "per_channel_lp": {"lesion_like_rate": v}, "uniform_l2": {"lesion_like_rate": w}}
+                  for s, v, w in ((0, 0.5, 0.4), (1, 0.3, 0.5), (2, 0.4, 0.45))]}))
+    _, table = _report(stage, run, tmp_path / "b", t2_t3=IN_PROCESS)
+    figure = table["P7-T7"][4]
+    assert "lesion_like_rate" in figure and "0.400 ± 0.100" in figure and "0.450 ± 0.050" in figure
+    assert "within one sd: null result" in figure
 
 
 def test_report_missing_inputs(tmp_path):

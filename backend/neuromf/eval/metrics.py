@@ -8,11 +8,15 @@ a generated mask and a real mask are voxel-aligned arrays of the same shape. Rep
 - fraction of non-empty generated masks;
 - lesion-volume distributions (cm^3) of generated and real masks with a two-sample KS statistic;
 - lesion contrast: mean FLAIR inside the mask / mean FLAIR in a 2-voxel shell around it (brain voxels only);
+- lesion-likeness (P7-T5, `neuromf.eval.lesion_metrics`): per-pair figures and criteria against the real lesions,
+  pass rates, and the mask latent's correlation with its starting noise when the generator recorded it;
+- reference points for the best-match Dice, computed from real masks only (see `dice_reference_points`);
 - diversity: mean pairwise MS-SSIM of the generated images (MONAI), scales and kernel fitted to the grid.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from itertools import combinations
 from pathlib import Path
@@ -21,13 +25,31 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from scipy import ndimage, stats
+from scipy import stats
 
+from neuromf.eval.lesion_metrics import (
+    BRAIN_THRESHOLD,
+    CRITERIA,
+    LESION_LIKE_RATE_TARGET,
+    NOISE_CORRELATION_MAX,
+    SHELL_VOXELS,
+    LesionReference,
+    LesionStats,
+    lesion_contrast,
+    lesion_like,
+    lesion_stats,
+    reference_from_real,
+    summarise_lesion_like,
+)
 from neuromf.io.nifti import Preprocessing
 
+__all__ = ["BRAIN_THRESHOLD", "DICE_TARGET", "SHELL_VOXELS", "as_volume", "dice", "dice_reference_points",
+           "evaluate_generated", "find_generated_pairs", "lesion_contrast", "load_generated_pair",
+           "mean_pairwise_ms_ssim", "ms_ssim", "ms_ssim_settings", "read_noise_correlation", "voxel_spacing",
+           "voxel_volume_cm3"]
+
 DICE_TARGET = 0.3
-SHELL_VOXELS = 2
-BRAIN_THRESHOLD = 0.05
+NOISE_KEY = "mask_noise_correlation"
 # Wang et al. (2003) MS-SSIM scale weights; truncated and renormalised when the grid allows fewer scales.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 _PAIR_RE = re.compile(r"^(sample_.+)_(flair|mask)\.nii(\.gz)?$")
@@ -106,23 +128,149 @@ def voxel_volume_cm3(affine: np.ndarray) -> float:
     return float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
 
 
-def lesion_contrast(image: np.ndarray, mask: np.ndarray, shell: int = SHELL_VOXELS,
-                    brain_threshold: float = BRAIN_THRESHOLD) -> float | None:
-    """Mean FLAIR inside the mask / mean FLAIR in a shell (dilation by `shell` voxels minus mask, brain only).
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size (mm) along each grid axis: the column norms of the affine's 3x3 part."""
+    norms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return float(norms[0]), float(norms[1]), float(norms[2])
 
-    FCD lesions are FLAIR-hyperintense, so real cases sit above 1; None when the mask or shell is empty.
+
+def read_noise_correlation(generated_dir: Path, sample_id: str) -> tuple[float | None, str | None]:
+    """The generator's `mask_noise_correlation` from `sample_XXX.json` next to the pair, and a note if unusable.
+
+    (None, None) when the file is absent or does not hold the key (a generator that does not record it);
+    (None, note) when the file is unreadable or the value is not a finite number.
     """
-    image = as_volume(image).astype(np.float64)
-    mask = _as_bool(as_volume(mask))
-    if not mask.any():
-        return None
-    ring = ndimage.binary_dilation(mask, iterations=shell) & ~mask & (image > brain_threshold)
-    if not ring.any():
-        return None
-    outside = float(image[ring].mean())
-    if outside <= 0:
-        return None
-    return float(image[mask].mean()) / outside
+    path = Path(generated_dir) / f"{sample_id}.json"
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return None, f"{path}: unreadable ({err}); noise correlation not reported"
+    value = data.get(NOISE_KEY) if isinstance(data, dict) else None
+    if value is None:
+        return None, None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        return None, f"{path}: {NOISE_KEY} is not a finite number ({value!r}); not reported"
+    return float(value), None
+
+
+def _index_sets(masks: list[np.ndarray]) -> list[np.ndarray]:
+    return [np.flatnonzero(_as_bool(m)) for m in masks]
+
+
+def _best_dice(query: np.ndarray, refs: list[np.ndarray]) -> float:
+    """Best Dice of one mask (as flat voxel indices) over reference masks; lesions are small, so index sets are
+    far cheaper than whole-grid boolean operations."""
+    best = 0.0
+    for ref in refs:
+        total = query.size + ref.size
+        score = 1.0 if total == 0 else 2.0 * np.intersect1d(query, ref, assume_unique=True).size / total
+        best = max(best, score)
+    return best
+
+
+def dice_reference_points(train_masks: list[np.ndarray], test_masks: list[np.ndarray]) -> dict[str, Any]:
+    """Reference points for the best-match Dice (P7-T6), from real masks on the model grid only.
+
+    - ``real_test_vs_train``: mean over held-out (test) masks of the best Dice against the training masks: what
+      realistic *new* lesions score against the training set.
+    - ``train_leave_one_out``: mean over training masks of the best Dice against the *other* training masks.
+    - perfect memoriser: a generator whose samples are exactly the training masks (each once, on the model grid,
+      with no loss from the mask representation). ``memoriser_best_train`` is 1.0 by construction and
+      ``memoriser_best_test`` is the mean over training masks of the best Dice against the test masks, i.e. the
+      spec's test figure reached by copying. A generated figure near these values says little; one far above
+      ``real_test_vs_train`` on train says memorisation.
+    """
+    train, test = _index_sets(train_masks), _index_sets(test_masks)
+    test_vs_train = [_best_dice(t, train) for t in test] if train else []
+    loo = [_best_dice(t, train[:i] + train[i + 1:]) for i, t in enumerate(train)] if len(train) > 1 else []
+    memoriser_test = [_best_dice(t, test) for t in train] if test else []
+    return {
+        "real_test_vs_train": _mean_or_none(test_vs_train),
+        "train_leave_one_out": _mean_or_none(loo),
+        "memoriser_best_train": 1.0 if train else None,
+        "memoriser_best_test": _mean_or_none(memoriser_test),
+        "n_train": len(train),
+        "n_test": len(test),
+        "definitions": {
+            "real_test_vs_train": "mean over real held-out masks of the best Dice against the real training masks",
+            "train_leave_one_out": "mean over real training masks of the best Dice against the other training masks",
+            "memoriser": "samples = the real training masks themselves (each once, model grid, no mask-"
+                         "representation loss); best_train = 1 by construction, best_test = mean over training "
+                         "masks of the best Dice against the held-out masks",
+        },
+    }
+
+
+def _lesion_like_section(generated: list[dict], real: list[dict], spacing: tuple[float, float, float],
+                         generated_dir: Path, notes: list[str]) -> dict[str, Any]:
+    """metrics.json's ``lesion_like``: generated pairs scored against the real lesions (issue 9 criteria)."""
+    real_stats = [lesion_stats(r["image"], r["mask"], spacing) for r in real]
+    gen_stats = [lesion_stats(g["image"], g["mask"], voxel_spacing(g["affine"])) for g in generated]
+    correlations = []
+    for g in generated:
+        value, note = read_noise_correlation(generated_dir, g["id"])
+        correlations.append(value)
+        if note:
+            notes.append(note)
+    try:
+        ref: LesionReference | None = reference_from_real(real_stats)
+    except ValueError as err:
+        ref = None
+        notes.append(f"lesion_like: {err}")
+
+    def rows(items: list[dict], all_stats: list[LesionStats]) -> list[dict]:
+        out = []
+        for item, st in zip(items, all_stats):
+            crit = lesion_like(st, ref) if ref is not None else None
+            out.append({"id": item["id"], **({"split": item["split"]} if "split" in item else {}), **st.to_dict(),
+                        "criteria": crit, "lesion_like": None if crit is None else crit["all"],
+                        "failed": None if crit is None else [c for c in CRITERIA if not crit[c]]})
+        return out
+
+    samples = rows(generated, gen_stats)
+    for row, value in zip(samples, correlations):
+        row["noise_correlation"] = value
+    known = [abs(v) for v in correlations if v is not None]
+    noise = {
+        "n": len(known),
+        "mean_abs": float(np.mean(known)) if known else None,
+        "max_abs": float(np.max(known)) if known else None,
+        "threshold": NOISE_CORRELATION_MAX,
+        "meets_threshold": (max(known) < NOISE_CORRELATION_MAX) if known else None,
+        "definition": f"Pearson correlation of each generated mask latent with the noise it started from, read "
+                      f"from sample_XXX.json ({NOISE_KEY}) when the generator wrote it; passes when every "
+                      f"sample's |r| < {NOISE_CORRELATION_MAX}",
+    }
+    summary = summarise_lesion_like(gen_stats, ref) if ref is not None else None
+    rate = None if summary is None else summary["rate"]
+    meets = None if rate is None else bool(rate >= LESION_LIKE_RATE_TARGET and noise["meets_threshold"] is not False)
+    return {
+        "criteria": {
+            "nonempty": "the mask has at least one voxel",
+            "largest_share": "largest 26-connected component >= 80% of the mask",
+            "volume": "volume within [0.5 x smallest, 2 x largest] real lesion",
+            "inside_brain": ">= 90% of the mask inside the brain (FLAIR > 0.05, largest component, holes filled)",
+            "depth": "median depth below the brain surface within the real lesions' range",
+            "contrast": f"mean FLAIR in mask / in a {SHELL_VOXELS}-voxel ring of brain >= 1 + 0.5 x (median real "
+                        "contrast - 1)",
+        },
+        "reference": None if ref is None else {**ref.to_dict(), "source": "all real FCD cases (train + test) "
+                                                "preprocessed onto the model grid"},
+        "summary": summary,
+        "rate": rate,
+        "target_rate": LESION_LIKE_RATE_TARGET,
+        "noise_correlation": noise,
+        "meets_acceptance": meets,
+        "acceptance": f">= {LESION_LIKE_RATE_TARGET:.0%} of generated pairs pass all criteria and, when recorded, "
+                      f"every mask latent's |noise correlation| < {NOISE_CORRELATION_MAX}",
+        "samples": samples,
+        "real_summary": summarise_lesion_like(real_stats, ref) if ref is not None else None,
+        "real_cases": rows(real, real_stats),
+    }
+
+
 
 
 def ms_ssim_settings(shape: tuple[int, ...]) -> dict[str, Any]:
@@ -239,10 +387,11 @@ def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing,
                        progress: bool = False) -> dict:
     """Compare generated pairs in `generated_dir` with the real FCD cases of `data_dir` on the model grid.
 
-    Returns (and writes atomically to `out_json` when given) a dict with keys ``dice``, ``fraction_nonempty``,
-    ``lesion_volume_cm3``, ``lesion_contrast``, ``diversity``, ``samples`` (one row per generated pair) and
-    ``real_cases``. ValueError naming the folder when no pairs or an incomplete pair is found, or when the
-    generated grid differs from `prep.shape`.
+    Returns (and writes atomically to `out_json` when given) a dict with keys ``dice`` (its ``reference``: see
+    `dice_reference_points`), ``fraction_nonempty``, ``lesion_volume_cm3``, ``lesion_contrast``,
+    ``lesion_like`` (P7-T5 figures, criteria, rates and reference ranges), ``diversity``, ``samples`` (one row
+    per generated pair) and ``real_cases``. ValueError naming the folder when no pairs or an incomplete pair is
+    found, or when the generated grid differs from `prep.shape`.
     """
     from neuromf.data.latents import resolve_data_dir
 
@@ -255,16 +404,18 @@ def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing,
             raise ValueError(f"{generated_dir}: {flair.name} has shape {image.shape}, but the model grid is "
                              f"{tuple(prep.shape)}; evaluate with the preprocessing the model was trained on")
         generated.append({"id": sid, "flair": flair, "mask_path": mask_path, "image": image, "mask": mask,
-                          "voxel_cm3": voxel_volume_cm3(affine)})
+                          "affine": affine, "voxel_cm3": voxel_volume_cm3(affine)})
 
     real, notes = _load_real(data_dir, prep, progress)
     train = [r for r in real if r["split"] == "train"]
     test = [r for r in real if r["split"] == "test"]
+    train_sets, test_sets = _index_sets([r["mask"] for r in train]), _index_sets([r["mask"] for r in test])
 
-    def best(mask: np.ndarray, refs: list[dict]) -> tuple[float | None, str | None]:
+    def best(mask: np.ndarray, refs: list[dict], sets: list[np.ndarray]) -> tuple[float | None, str | None]:
         if not refs:
             return None, None
-        scores = [(dice(mask, r["mask"]), r["id"]) for r in refs]
+        query = np.flatnonzero(mask)
+        scores = [(_best_dice(query, [s]), r["id"]) for s, r in zip(sets, refs)]
         return max(scores, key=lambda s: s[0])
 
     rows = []
@@ -275,8 +426,8 @@ def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing,
         iterator = tqdm(generated, desc="generated pairs", unit="pair")
     for g in iterator:
         voxels = int(g["mask"].sum())
-        dice_train, match_train = best(g["mask"], train)
-        dice_test, match_test = best(g["mask"], test)
+        dice_train, match_train = best(g["mask"], train, train_sets)
+        dice_test, match_test = best(g["mask"], test, test_sets)
         rows.append({
             "id": g["id"], "flair": str(g["flair"]), "mask": str(g["mask_path"]),
             "lesion_voxels": voxels, "lesion_cm3": voxels * g["voxel_cm3"], "nonempty": voxels > 0,
@@ -296,6 +447,7 @@ def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing,
     train_scores = [r["best_dice_train"] for r in rows]
     test_scores = [r["best_dice_test"] for r in rows]
     mean_train, mean_test = _mean_or_none(train_scores), _mean_or_none(test_scores)
+    lesion_like_section = _lesion_like_section(generated, real, prep.spacing, generated_dir, notes)
 
     result = {
         "generated_dir": str(generated_dir),
@@ -314,7 +466,10 @@ def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing,
             "meets_target_train": None if mean_train is None else mean_train > DICE_TARGET,
             "meets_target_test": None if mean_test is None else mean_test > DICE_TARGET,
             "status": "INFORMATIONAL",
-            "note": "best Dice of each generated mask over real masks; train >> test suggests memorisation",
+            "note": "best Dice of each generated mask over real masks; train >> test suggests memorisation. Read "
+                    "it against `reference`: real held-out masks, leave-one-out and a perfect memoriser on the "
+                    "same grid",
+            "reference": dice_reference_points([r["mask"] for r in train], [r["mask"] for r in test]),
         },
         "lesion_volume_cm3": {
             "generated": _describe(gen_volumes),
@@ -333,6 +488,7 @@ def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing,
             "definition": f"mean FLAIR in mask / mean FLAIR in a {SHELL_VOXELS}-voxel dilation shell minus the "
                           f"mask, brain voxels > {BRAIN_THRESHOLD} only",
         },
+        "lesion_like": lesion_like_section,
         "diversity": mean_pairwise_ms_ssim([g["image"] for g in generated]),
         "samples": rows,
         "real_cases": real_rows,

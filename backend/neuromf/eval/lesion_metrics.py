@@ -1,0 +1,248 @@
+"""Is this mask a lesion, and does the FLAIR show it? Automatic lesion-likeness figures (P7-T5, issue 9).
+
+A generated (FLAIR, mask) pair on the model grid is judged against the *real* FCD lesions preprocessed onto the
+same grid. Per pair (`lesion_stats`): lesion volume, connected components (26-connectivity) and the largest
+one's share, share of the mask inside the brain, median depth below the brain surface and FLAIR contrast (mask
+vs a 2-voxel ring of brain around it). `reference_from_real` turns the real lesions' figures into ranges, and
+`lesion_like` applies the issue's acceptance criteria:
+
+- non-empty;
+- largest component >= 80% of the mask (one compact lesion, not scattered pieces);
+- volume within [0.5 x smallest, 2 x largest] real lesion;
+- >= 90% of the mask inside the brain;
+- median depth within the real lesions' range (min..max of their median depths);
+- contrast >= 1 + 0.5 x (median real contrast - 1), i.e. at least half of the real lesions' median excess.
+
+numpy / scipy only: tensors are accepted (anything with ``.detach()``), torch is never imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.stats import ks_2samp
+
+SHELL_VOXELS = 2
+BRAIN_THRESHOLD = 0.05
+LARGEST_SHARE_MIN = 0.8
+VOLUME_LOW_FACTOR = 0.5
+VOLUME_HIGH_FACTOR = 2.0
+INSIDE_BRAIN_MIN = 0.9
+CONTRAST_EXCESS_FRACTION = 0.5
+# acceptance of the joint mode (issue 9): share of generated masks that pass every criterion, and the largest
+# correlation of a generated mask latent with the noise it started from
+LESION_LIKE_RATE_TARGET = 0.7
+NOISE_CORRELATION_MAX = 0.1
+CRITERIA = ("nonempty", "largest_share", "volume", "inside_brain", "depth", "contrast")
+# 26-connectivity: voxels touching at an edge or corner belong to the same component
+_STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def _volume(x: Any) -> np.ndarray:
+    """(H, W, D) numpy view of an array or tensor with optional leading singleton axes."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    while x.ndim > 3 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {x.shape}")
+    return x
+
+
+def _binary(x: Any) -> np.ndarray:
+    x = _volume(x)
+    return x.astype(bool) if x.dtype == bool else x > 0.5
+
+
+def brain_mask(image: Any, threshold: float = BRAIN_THRESHOLD) -> np.ndarray:
+    """Foreground of a FLAIR on the model grid (intensities ~[0, 1.5]): voxels > `threshold`, largest
+    26-connected component, holes filled (dark ventricles count as brain, so depth is measured from the outside).
+    """
+    fg = _volume(image) > threshold
+    labels, n = ndimage.label(fg, structure=_STRUCTURE_26)
+    if n == 0:
+        return fg
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return ndimage.binary_fill_holes(labels == int(sizes.argmax()))
+
+
+def depth_map(brain: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """Distance (mm) of each brain voxel to the nearest non-brain voxel; 0 outside the brain.
+
+    The grid is padded by one empty voxel so that a brain touching the grid edge has its surface there.
+    """
+    padded = np.pad(np.asarray(brain, dtype=bool), 1)
+    depth = ndimage.distance_transform_edt(padded, sampling=tuple(float(s) for s in spacing))
+    return depth[1:-1, 1:-1, 1:-1]
+
+
+def lesion_contrast(image: Any, mask: Any, shell: int = SHELL_VOXELS, brain_threshold: float = BRAIN_THRESHOLD,
+                    brain: np.ndarray | None = None) -> float | None:
+    """Mean FLAIR inside the mask / mean FLAIR in a ring (dilation by `shell` voxels minus the mask) of tissue.
+
+    Ring voxels must be > `brain_threshold` (dark CSF or background would inflate the ratio) and, when `brain`
+    is given, inside it. FCD lesions are FLAIR-hyperintense, so real ones sit above 1; None when the mask or
+    its ring is empty.
+    """
+    image = _volume(image).astype(np.float64)
+    mask = _binary(mask)
+    if not mask.any():
+        return None
+    inside = image > brain_threshold
+    if brain is not None:
+        inside &= _binary(brain)
+    ring = ndimage.binary_dilation(mask, iterations=shell) & ~mask & inside
+    if not ring.any():
+        return None
+    outside = float(image[ring].mean())
+    if outside <= 0:
+        return None
+    return float(image[mask].mean()) / outside
+
+
+@dataclass
+class LesionStats:
+    """Lesion-likeness figures of one (FLAIR, mask) pair; None where a figure is undefined (empty mask)."""
+
+    volume_cm3: float
+    n_voxels: int
+    n_components: int
+    largest_share: float | None
+    inside_brain_share: float | None
+    median_depth_mm: float | None
+    contrast: float | None
+    empty: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lesion_stats(image: Any, mask: Any, spacing: tuple[float, float, float],
+                 brain: np.ndarray | None = None) -> LesionStats:
+    """Figures of one pair on a grid of voxel size `spacing` (mm); `brain` defaults to `brain_mask(image)`."""
+    image = _volume(image)
+    mask = _binary(mask)
+    if image.shape != mask.shape:
+        raise ValueError(f"lesion_stats: image shape {image.shape} differs from mask shape {mask.shape}")
+    brain = brain_mask(image) if brain is None else _binary(brain)
+    n_voxels = int(mask.sum())
+    volume = n_voxels * float(np.prod(spacing)) / 1000.0
+    if n_voxels == 0:
+        return LesionStats(0.0, 0, 0, None, None, None, None, True)
+    labels, n_components = ndimage.label(mask, structure=_STRUCTURE_26)
+    largest = int(np.bincount(labels.ravel())[1:].max())
+    depth = depth_map(brain, spacing)
+    return LesionStats(
+        volume_cm3=volume,
+        n_voxels=n_voxels,
+        n_components=int(n_components),
+        largest_share=largest / n_voxels,
+        inside_brain_share=float((mask & brain).sum()) / n_voxels,
+        median_depth_mm=float(np.median(depth[mask])),
+        contrast=lesion_contrast(image, mask, brain=brain),
+        empty=False,
+    )
+
+
+@dataclass
+class LesionReference:
+    """Ranges of the real lesions that generated ones are judged against (`reference_from_real`)."""
+
+    min_volume_cm3: float
+    max_volume_cm3: float
+    min_depth_mm: float
+    max_depth_mm: float
+    median_contrast: float
+    volumes_cm3: list[float] = field(default_factory=list)
+    n: int = 0
+
+    @property
+    def volume_range(self) -> tuple[float, float]:
+        """Accepted volumes: [0.5 x smallest, 2 x largest] real lesion."""
+        return VOLUME_LOW_FACTOR * self.min_volume_cm3, VOLUME_HIGH_FACTOR * self.max_volume_cm3
+
+    @property
+    def min_contrast(self) -> float:
+        """Smallest accepted contrast: 1 + half of the real lesions' median excess over 1."""
+        return 1.0 + CONTRAST_EXCESS_FRACTION * (self.median_contrast - 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        low, high = self.volume_range
+        return {**asdict(self), "accepted_volume_cm3": [low, high], "accepted_depth_mm": [self.min_depth_mm,
+                self.max_depth_mm], "accepted_min_contrast": self.min_contrast,
+                "accepted_min_largest_share": LARGEST_SHARE_MIN, "accepted_min_inside_brain": INSIDE_BRAIN_MIN}
+
+
+def reference_from_real(real: list[LesionStats]) -> LesionReference:
+    """Reference ranges from the figures of real lesions (empty masks are ignored); ValueError if none is left."""
+    kept = [s for s in real if not s.empty]
+    if not kept:
+        raise ValueError("reference_from_real: no non-empty real lesion to build a reference from")
+    volumes = [s.volume_cm3 for s in kept]
+    depths = [s.median_depth_mm for s in kept if s.median_depth_mm is not None]
+    contrasts = [s.contrast for s in kept if s.contrast is not None]
+    if not contrasts:
+        raise ValueError("reference_from_real: no real lesion has a defined contrast (empty rings)")
+    return LesionReference(min_volume_cm3=min(volumes), max_volume_cm3=max(volumes), min_depth_mm=min(depths),
+                           max_depth_mm=max(depths), median_contrast=float(np.median(contrasts)),
+                           volumes_cm3=[float(v) for v in volumes], n=len(kept))
+
+
+def lesion_like(stats: LesionStats, ref: LesionReference) -> dict[str, bool]:
+    """Each criterion of the module docstring (keys `CRITERIA`) and ``all``; an empty mask fails every one."""
+    if stats.empty:
+        return {**{name: False for name in CRITERIA}, "all": False}
+    low, high = ref.volume_range
+    result = {
+        "nonempty": True,
+        "largest_share": stats.largest_share is not None and stats.largest_share >= LARGEST_SHARE_MIN,
+        "volume": low <= stats.volume_cm3 <= high,
+        "inside_brain": stats.inside_brain_share is not None and stats.inside_brain_share >= INSIDE_BRAIN_MIN,
+        "depth": stats.median_depth_mm is not None and ref.min_depth_mm <= stats.median_depth_mm <= ref.max_depth_mm,
+        "contrast": stats.contrast is not None and stats.contrast >= ref.min_contrast,
+    }
+    result["all"] = all(result.values())
+    return result
+
+
+def _median(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.median(kept)) if kept else None
+
+
+def summarise_lesion_like(stats_list: list[LesionStats], ref: LesionReference) -> dict[str, Any]:
+    """Pass rate of each criterion and of all together, KS statistic of the non-empty volumes vs the real ones,
+    and medians of each figure over non-empty masks. Rates are None for an empty list."""
+    verdicts = [lesion_like(s, ref) for s in stats_list]
+    n = len(verdicts)
+    rates = {name: (sum(v[name] for v in verdicts) / n if n else None) for name in (*CRITERIA, "all")}
+    nonempty = [s for s in stats_list if not s.empty]
+    ks_stat = ks_p = None
+    if nonempty and ref.volumes_cm3:
+        ks = ks_2samp([s.volume_cm3 for s in nonempty], ref.volumes_cm3)
+        ks_stat, ks_p = float(ks.statistic), float(ks.pvalue)
+    medians = {key: _median([getattr(s, key) for s in nonempty])
+               for key in ("volume_cm3", "n_components", "largest_share", "inside_brain_share", "median_depth_mm",
+                           "contrast")}
+    return {"n": n, "n_lesion_like": sum(v["all"] for v in verdicts), "rate": rates["all"], "rates": rates,
+            "volume_ks_statistic": ks_stat, "volume_ks_pvalue": ks_p, "medians": medians}
+
+
+def noise_correlation(latent: Any, noise: Any) -> float:
+    """Pearson correlation of a generated mask latent with the noise it was sampled from (flattened).
+
+    Near 1 means the sampler passed its input noise through instead of drawing a mask (issue 9: 0.88 before the
+    fix); the acceptance is < `NOISE_CORRELATION_MAX`. NaN when either input is constant.
+    """
+    a = (latent.detach().cpu().numpy() if hasattr(latent, "detach") else np.asarray(latent)).astype(np.float64)
+    b = (noise.detach().cpu().numpy() if hasattr(noise, "detach") else np.asarray(noise)).astype(np.float64)
+    if a.size != b.size:
+        raise ValueError(f"noise_correlation: sizes differ ({a.shape} vs {b.shape})")
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")

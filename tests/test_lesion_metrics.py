@@ -1,0 +1,257 @@
+"""Lesion-likeness figures (`neuromf.eval.lesion_metrics`): hand-computed values, real phantom lesions pass the
+criteria, and masks that are not lesions (noise, outside the brain, no hyperintensity, two blobs) fail them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neuromf.eval.lesion_metrics import (
+    CRITERIA,
+    LesionReference,
+    LesionStats,
+    brain_mask,
+    depth_map,
+    lesion_contrast,
+    lesion_like,
+    lesion_stats,
+    noise_correlation,
+    reference_from_real,
+    summarise_lesion_like,
+)
+from neuromf.io.nifti import Preprocessing
+
+PHANTOMS = Path(__file__).resolve().parents[1] / "sample_data" / "fcd_phantoms"
+
+
+def _box_brain(shape=(30, 30, 30), lo=5, hi=25, value=0.5) -> np.ndarray:
+    image = np.zeros(shape, np.float32)
+    image[lo:hi, lo:hi, lo:hi] = value
+    return image
+
+
+def _stats(volume: float = 5.0, share: float = 1.0, inside: float = 1.0, depth: float = 10.0,
+           contrast: float | None = 1.3) -> LesionStats:
+    return LesionStats(volume, 100, 1, share, inside, depth, contrast, False)
+
+
+REF = LesionReference(min_volume_cm3=2.0, max_volume_cm3=10.0, min_depth_mm=5.0, max_depth_mm=15.0,
+                      median_contrast=1.4, volumes_cm3=[2.0, 5.0, 10.0], n=3)
+
+
+# ---------------------------------------------------------------- hand computations on small arrays
+
+
+def test_brain_mask_largest_component_and_filled_holes():
+    image = _box_brain()
+    image[12:16, 12:16, 12:16] = 0.0  # dark "ventricle" inside: filled
+    image[0, 0, 0] = 0.9  # a bright speck in the background: dropped
+    image[1:3, 28, 28] = 0.04  # below threshold: background
+    brain = brain_mask(image)
+    assert brain.sum() == 20 ** 3
+    assert brain[13, 13, 13] and not brain[0, 0, 0]
+    # 1.5 is a valid FLAIR value after the new normalisation (lesions are no longer clipped at 1)
+    image[10, 10, 10] = 1.5
+    assert brain_mask(image).sum() == 20 ** 3
+    assert not brain_mask(np.zeros((4, 4, 4))).any()
+
+
+def test_lesion_stats_cube_volume_depth_and_components():
+    image = _box_brain()  # brain = voxels 5..24 on each axis; 4 and 25 are the first outside
+    mask = np.zeros(image.shape, bool)
+    mask[6:9, 6:9, 6:9] = True
+    s = lesion_stats(image, mask, (2.0, 2.0, 2.0))
+    assert s.n_voxels == 27 and s.volume_cm3 == pytest.approx(27 * 8 / 1000)
+    assert (s.n_components, s.largest_share, s.inside_brain_share) == (1, 1.0, 1.0)
+    # depth of voxel (i, j, k) = (min(i, j, k) - 4) voxels: 19 voxels at 2, 7 at 3, 1 at 4 -> median 2 voxels
+    assert s.median_depth_mm == pytest.approx(4.0)
+    assert not s.empty
+    assert s.contrast is None or s.contrast == pytest.approx(1.0)  # flat image: no hyperintensity
+
+    # anisotropic spacing: the depth follows the nearest surface in millimetres, not in voxels
+    depth = depth_map(brain_mask(image), (1.0, 2.0, 3.0))
+    assert depth[5, 12, 12] == pytest.approx(1.0)  # 1 voxel from the x face at 1 mm
+    assert depth[12, 12, 6] == pytest.approx(6.0)  # 2 voxels from the z face at 3 mm (x: 8 mm, y: 16 mm)
+    assert depth[0, 0, 0] == 0.0
+    # a brain touching the grid edge has its surface there
+    edge = depth_map(np.ones((5, 5, 5), bool), (1.0, 1.0, 1.0))
+    assert edge[0, 2, 2] == pytest.approx(1.0) and edge[2, 2, 2] == pytest.approx(3.0)
+
+    # corner-touching voxels are one component with 26-connectivity
+    corner = np.zeros(image.shape, bool)
+    corner[10, 10, 10] = corner[11, 11, 11] = True
+    assert lesion_stats(image, corner, (1.0, 1.0, 1.0)).n_components == 1
+
+    # half a cube outside the brain
+    half = np.zeros(image.shape, bool)
+    half[3:7, 10:12, 10:12] = True  # x = 3, 4 outside; 5, 6 inside
+    assert lesion_stats(image, half, (1.0, 1.0, 1.0)).inside_brain_share == pytest.approx(0.5)
+
+    empty = lesion_stats(image, np.zeros(image.shape), (2.0, 2.0, 2.0))
+    assert empty.empty and empty.volume_cm3 == 0.0 and empty.contrast is None
+    with pytest.raises(ValueError, match="differs"):
+        lesion_stats(image, np.zeros((3, 3, 3)), (1.0, 1.0, 1.0))
+
+
+def test_lesion_contrast_ring_is_tissue_of_the_brain():
+    image = _box_brain(value=0.5)
+    mask = np.zeros(image.shape, bool)
+    mask[10:13, 10:13, 10:13] = True
+    image[mask] = 0.8
+    assert lesion_contrast(image, mask) == pytest.approx(1.6)
+    # dark CSF in the ring is not tissue: it must not inflate the ratio
+    image[13:15, 10:13, 10:13] = 0.0
+    assert lesion_contrast(image, mask, brain=brain_mask(image)) == pytest.approx(1.6)
+    # a ring voxel outside `brain` is ignored even when bright
+    image[8, 10:13, 10:13] = 2.0
+    brain = brain_mask(image)
+    brain[8] = False
+    assert lesion_contrast(image, mask, brain=brain) == pytest.approx(1.6)
+    assert lesion_contrast(image, np.zeros(image.shape)) is None
+    # a mask surrounded by background only has no ring
+    far = np.zeros(image.shape, bool)
+    far[0:2, 0:2, 0:2] = True
+    assert lesion_contrast(image, far) is None
+
+
+def test_reference_and_criteria_thresholds():
+    real = [_stats(volume=2.0, depth=5.0, contrast=1.2), _stats(volume=10.0, depth=15.0, contrast=1.6),
+            _stats(volume=5.0, depth=8.0, contrast=1.4), LesionStats(0.0, 0, 0, None, None, None, None, True)]
+    ref = reference_from_real(real)
+    assert (ref.min_volume_cm3, ref.max_volume_cm3, ref.n) == (2.0, 10.0, 3)  # the empty one is ignored
+    assert (ref.min_depth_mm, ref.max_depth_mm) == (5.0, 15.0)
+    assert ref.median_contrast == pytest.approx(1.4) and ref.min_contrast == pytest.approx(1.2)
+    assert ref.volume_range == (1.0, 20.0)
+    assert ref.to_dict()["accepted_volume_cm3"] == [1.0, 20.0]
+    with pytest.raises(ValueError, match="no non-empty"):
+        reference_from_real([LesionStats(0.0, 0, 0, None, None, None, None, True)])
+
+    good = lesion_like(_stats(volume=1.0, share=0.8, inside=0.9, depth=5.0, contrast=1.2), ref)  # all at the edge
+    assert good == {**{c: True for c in CRITERIA}, "all": True}
+    cases = {
+        "volume": _stats(volume=0.99), "largest_share": _stats(share=0.79), "inside_brain": _stats(inside=0.89),
+        "depth": _stats(depth=15.1), "contrast": _stats(contrast=1.19),
+    }
+    for criterion, stats in cases.items():
+        verdict = lesion_like(stats, ref)
+        assert not verdict[criterion] and not verdict["all"], criterion
+        assert all(verdict[c] for c in CRITERIA if c != criterion), criterion
+    assert not lesion_like(_stats(volume=20.1), ref)["volume"]
+    assert not lesion_like(_stats(contrast=None), ref)["contrast"]
+    empty = lesion_like(LesionStats(0.0, 0, 0, None, None, None, None, True), ref)
+    assert not any(empty.values())
+
+
+def test_summarise_rates_ks_and_medians():
+    stats = [_stats(volume=2.0), _stats(volume=5.0), _stats(volume=10.0, share=0.5),
+             LesionStats(0.0, 0, 0, None, None, None, None, True)]
+    summary = summarise_lesion_like(stats, REF)
+    assert summary["n"] == 4 and summary["n_lesion_like"] == 2 and summary["rate"] == 0.5
+    assert summary["rates"]["nonempty"] == 0.75 and summary["rates"]["largest_share"] == 0.5
+    assert summary["volume_ks_statistic"] == pytest.approx(0.0)  # same volumes as the reference
+    assert summary["medians"]["volume_cm3"] == 5.0 and summary["medians"]["largest_share"] == 1.0
+    far = summarise_lesion_like([_stats(volume=100.0)], REF)
+    assert far["volume_ks_statistic"] == pytest.approx(1.0) and far["rate"] == 0.0
+    none = summarise_lesion_like([], REF)
+    assert none["rate"] is None and none["volume_ks_statistic"] is None
+
+
+def test_noise_correlation():
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((4, 16, 16, 16))
+    other = rng.standard_normal(noise.shape)
+    assert noise_correlation(noise, noise) == pytest.approx(1.0)
+    # the shipped adapter's failure mode: u = 0.30 eps + 1.05 keeps a perfect linear dependence on the noise
+    assert noise_correlation(noise - (0.3 * noise + 1.05), noise) == pytest.approx(1.0)
+    mixed = 0.6 * noise + 0.8 * other  # r = 0.6 / sqrt(0.36 + 0.64) up to sampling error
+    assert noise_correlation(mixed, noise) == pytest.approx(np.corrcoef(mixed.ravel(), noise.ravel())[0, 1])
+    assert noise_correlation(mixed, noise) == pytest.approx(0.6, abs=0.02)
+    assert abs(noise_correlation(other, noise)) < 0.05
+    assert noise_correlation(torch.from_numpy(-noise), torch.from_numpy(noise)) == pytest.approx(-1.0)
+    assert np.isnan(noise_correlation(np.ones(8), np.arange(8.0)))
+    with pytest.raises(ValueError, match="sizes differ"):
+        noise_correlation(np.zeros(3), np.zeros(4))
+
+
+# ---------------------------------------------------------------- real phantom lesions vs non-lesions
+
+
+@pytest.fixture(scope="module")
+def real():
+    """The embedded phantom FCD cases on the model grid: (id, split, image, mask, stats)."""
+    from neuromf.io.bids import discover_cases
+    from neuromf.io.nifti import preprocess_pair
+
+    prep = Preprocessing()
+    cases = []
+    for split in ("train", "test"):
+        for case in discover_cases(PHANTOMS, group="fcd", split=split):
+            image, mask = preprocess_pair(case.image, case.mask, prep)
+            img, msk = image.data[0].numpy(), mask.data[0].numpy() > 0.5
+            cases.append((case.case_id, split, img, msk, lesion_stats(img, msk, prep.spacing)))
+    assert len(cases) >= 5
+    return {"cases": cases, "spacing": prep.spacing, "ref": reference_from_real([c[4] for c in cases])}
+
+
+def test_real_phantom_lesions_are_lesion_like(real):
+    ref = real["ref"]
+    summary = summarise_lesion_like([c[4] for c in real["cases"]], ref)
+    failing = {c[0]: lesion_like(c[4], ref) for c in real["cases"] if not lesion_like(c[4], ref)["all"]}
+    assert summary["rate"] >= 0.9, failing
+    assert ref.median_contrast > 1.05  # phantom lesions are FLAIR-hyperintense
+    assert summary["medians"]["n_components"] == 1 and summary["medians"]["inside_brain_share"] > 0.99
+    # held-out lesions judged against a reference built from the training lesions only (not circular)
+    train_ref = reference_from_real([c[4] for c in real["cases"] if c[1] == "train"])
+    test_stats = [c[4] for c in real["cases"] if c[1] == "test"]
+    assert test_stats and summarise_lesion_like(test_stats, train_ref)["rate"] >= 0.8
+
+
+def test_non_lesions_fail(real):
+    ref, spacing = real["ref"], real["spacing"]
+    case_id, _, image, mask, _ = max(real["cases"], key=lambda c: c[4].volume_cm3)
+    brain = brain_mask(image)
+    rng = np.random.default_rng(0)
+
+    # thresholded noise of a typical lesion's voxel count: scattered specks, everywhere in the grid
+    noise = rng.random(image.shape) > 1.0 - mask.sum() / image.size
+    s = lesion_stats(image, noise, spacing)
+    verdict = lesion_like(s, ref)
+    assert s.n_components > 50 and not verdict["largest_share"] and not verdict["inside_brain"]
+    assert not verdict["all"]
+
+    # the real lesion moved into an empty corner of the grid: outside the brain
+    box = np.argwhere(mask)
+    lo, hi = box.min(axis=0), box.max(axis=0) + 1
+    moved = np.zeros_like(mask)
+    moved[tuple(slice(0, h - low) for low, h in zip(lo, hi))] = mask[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    assert not (moved & brain).any(), "the grid corner must be background for this test"
+    verdict = lesion_like(lesion_stats(image, moved, spacing), ref)
+    assert verdict["largest_share"] and verdict["volume"]
+    assert not verdict["inside_brain"] and not verdict["all"]
+
+    # the same lesion where the FLAIR is flat: lesion and its surroundings set to the ring's mean
+    flat = image.copy()
+    around = np.zeros_like(mask)
+    around[tuple(slice(max(0, a - 4), b + 4) for a, b in zip(lo, hi))] = True
+    around &= flat > 0.05
+    flat[around] = float(flat[around & ~mask].mean())
+    s = lesion_stats(flat, mask, spacing)
+    verdict = lesion_like(s, ref)
+    assert s.contrast == pytest.approx(1.0)
+    assert not verdict["contrast"] and not verdict["all"]
+    assert all(verdict[c] for c in CRITERIA if c != "contrast"), (case_id, verdict)
+
+    # two distant blobs of half a lesion each: the largest is 50% of the mask
+    half = max(1, int(round((mask.sum() / 2) ** (1 / 3))))
+    centre = np.round(np.argwhere(brain).mean(axis=0)).astype(int)
+    blobs = np.zeros_like(mask)
+    for offset in (-8, 8):
+        c = centre + np.array([offset, 0, 0])
+        blobs[c[0]:c[0] + half, c[1]:c[1] + half, c[2]:c[2] + half] = True
+    assert (blobs & brain).sum() == blobs.sum()
+    s = lesion_stats(image, blobs, spacing)
+    assert s.n_components == 2 and s.largest_share == pytest.approx(0.5)
+    assert not lesion_like(s, ref)["largest_share"]
