@@ -8,6 +8,7 @@ remedy, so nothing escapes into Qt.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -223,7 +224,7 @@ def preprocessing_for(vae: Any) -> Any:
 
     prep = (getattr(vae, "metadata", None) or {}).get("preprocessing")
     if isinstance(prep, dict):
-        return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()})
+        return Preprocessing.from_dict(prep)
     return Preprocessing()
 
 
@@ -290,6 +291,26 @@ def reconstruct(case: Any, vae_spec: str, vae_preset: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- generation
+def lesion_on_model_grid(data: Any, layer_meta: dict, adapter: str) -> tuple[Any, Any]:
+    """A Labels layer (painted, or a case's mask) as a binary mask on a conditional adapter's model grid, and
+    that grid's affine in the layer's world (scanner) coordinates, so the generated FLAIR overlays the layer."""
+    import numpy as np
+
+    from napari_neuromf._layers import nifti_from_layer
+    from neuromf.io.nifti import Preprocessing, mask_to_model_grid
+    from neuromf.pipelines.conditional import SIDECAR, resolve_conditional_adapter
+
+    sidecar = resolve_conditional_adapter(adapter) / SIDECAR
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"{sidecar.parent}: not a conditional adapter (missing {SIDECAR}); choose one "
+                                "trained with train-conditional, or 'embedded'")
+    prep = Preprocessing.from_dict(json.loads(sidecar.read_text())["preprocessing"])
+    image = nifti_from_layer(np.asarray(data) > 0, layer_meta)
+    volume = mask_to_model_grid(np.asarray(image.dataobj), image.affine, prep,
+                                source=f"layer {layer_meta.get('name', 'lesion')!r}")
+    return volume.data[0].numpy().astype(np.uint8), volume.affine
+
+
 @dataclass
 class GenerateRun:
     adapter: str = EMBEDDED
@@ -297,15 +318,28 @@ class GenerateRun:
     steps: int = 1
     seed: int = 0
     device: str = "auto"
+    mode: str = "joint"  # "joint" (image + mask from noise) | "conditional" (a FLAIR for a lesion)
+    lesion: tuple[Any, dict] | None = None  # conditional: (Labels data, layer state); None = the mask prior
     pairs: int = 0
     failure: Failure | None = None
 
     def drive(self) -> Generator[Any, None, int]:
-        """Worker body: one GeneratedPair per yield (then a Failure if anything went wrong)."""
+        """Worker body: one generated pair per yield (then a Failure if anything went wrong)."""
         try:
-            from neuromf.lora_pipeline import generate_pairs
+            if self.mode == "conditional":
+                from neuromf.pipelines.conditional import generate_conditional_pairs
 
-            for pair in generate_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed, device=self.device):
+                masks = affines = None
+                if self.lesion is not None:
+                    mask, affine = lesion_on_model_grid(*self.lesion, self.adapter)
+                    masks, affines = [mask] * self.n, [affine] * self.n
+                pairs = generate_conditional_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed,
+                                                   device=self.device, masks=masks, affines=affines)
+            else:
+                from neuromf.lora_pipeline import generate_pairs
+
+                pairs = generate_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed, device=self.device)
+            for pair in pairs:
                 self.pairs += 1
                 yield pair
         except Exception as err:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from napari.layers import Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
 
 # ------------------------------------------------------------------------------------------------ helpers
 REFRESH_S = 0.5  # GUI refresh interval during training
+GENERATION_MODES = ("joint", "conditional")
+PRIOR_LESION = "drawn from the training lesions"
 
 def _phantom_root() -> str:
     try:
@@ -224,8 +227,9 @@ class FCDDataWidget(QWidget):
         if not folder:
             show_error("FCD data: choose a dataset folder first")
             return
+        skipped: list[dict] = []  # broken subjects (ROI without FLAIR, 2D image): shown as rows, not an error
         try:
-            cases = discover_cases(Path(folder))
+            cases = discover_cases(Path(folder), skipped=skipped)
         except (DataError, ValueError, OSError) as err:
             show_error(f"FCD data: {err}")
             return
@@ -233,6 +237,8 @@ class FCDDataWidget(QWidget):
         self.table.setRowCount(0)
         for i, case in enumerate(cases):
             _set_row(self.table, i, [case.case_id, case.group, case.split, "…", "…", "…", "checking"])
+        for i, row in enumerate(skipped, start=len(cases)):  # after the cases: row index i < len(cases) loads
+            self._show_row((i, row))
         self.worker = create_worker(_report_rows, cases, _progress={"total": len(cases), "desc": "Checking cases"})
         self.worker.yielded.connect(self._show_row)
         launch(self, self.worker)
@@ -836,6 +842,17 @@ class GenerateWidget(QWidget):
         self.seed.setRange(0, 2**31 - 1)
         self.device = QComboBox()
         self.device.addItems(_devices())
+        self.mode = QComboBox()
+        self.mode.addItems(list(GENERATION_MODES))
+        self.mode.setToolTip("joint: FLAIR and lesion mask both generated from noise (LoRA adapter).\n"
+                             "conditional: a FLAIR that carries a given lesion (ControlNet adapter): paint one in "
+                             "a Labels layer, pick a case's mask, or draw one from the training lesions")
+        self.lesion = QComboBox()
+        self.lesion.setToolTip("conditional mode: the Labels layer whose lesion the FLAIR should carry")
+        self.mode.currentTextChanged.connect(self._refresh_lesions)
+        self.viewer.layers.events.inserted.connect(self._refresh_lesions)
+        self.viewer.layers.events.removed.connect(self._refresh_lesions)
+        self._refresh_lesions()
         self.generate_button = QPushButton("Generate")
         self.generate_button.clicked.connect(self.start)
         self.out_dir = PathField(str(_output_root() / "generated"), "dir", "Folder for generated pairs")
@@ -847,6 +864,8 @@ class GenerateWidget(QWidget):
         adapter_row.addWidget(latest)
         form = QFormLayout()
         form.addRow("Adapter", adapter_row)
+        form.addRow("Mode", self.mode)
+        form.addRow("Lesion", self.lesion)
         form.addRow("Samples", self.n)
         form.addRow("Steps", self.steps)
         form.addRow("Seed", self.seed)
@@ -862,6 +881,16 @@ class GenerateWidget(QWidget):
 
     def _adapter_edited(self, *_: Any) -> None:
         self.follow_training = False
+
+    def _refresh_lesions(self, *_: Any) -> None:
+        """Lesion choices: the prior, then every open Labels layer (a painted lesion, a case's mask)."""
+        current = self.lesion.currentText()
+        self.lesion.clear()
+        self.lesion.addItem(PRIOR_LESION)
+        self.lesion.addItems([layer.name for layer in self.viewer.layers if isinstance(layer, Labels)])
+        if current and self.lesion.findText(current) >= 0:
+            self.lesion.setCurrentText(current)
+        self.lesion.setEnabled(self.mode.currentText() == "conditional")
 
     def _new_adapter(self, adapter: Path) -> None:
         if self.follow_training:
@@ -882,8 +911,19 @@ class GenerateWidget(QWidget):
         if adapter != _session.EMBEDDED and not Path(adapter).is_dir():
             show_error(f"Generate: adapter folder {adapter} does not exist")
             return None
+        mode, lesion = self.mode.currentText(), None
+        if mode == "conditional" and self.lesion.currentText() != PRIOR_LESION:
+            name = self.lesion.currentText()
+            if name not in self.viewer.layers:
+                show_error(f"Generate: Labels layer {name!r} is no longer open")
+                return None
+            data, state, _ = self.viewer.layers[name].as_layer_data_tuple()
+            if not np.asarray(data).any():
+                show_error(f"Generate: Labels layer {name!r} is empty: paint a lesion first")
+                return None
+            lesion = (np.asarray(data).copy(), state)  # a copy: the user may keep painting while we generate
         self.run = _session.GenerateRun(adapter, self.n.value(), self.steps.value(), self.seed.value(),
-                                        self.device.currentText())
+                                        self.device.currentText(), mode=mode, lesion=lesion)
         self.generate_button.setEnabled(False)
         self.worker = create_worker(self.run.drive, _progress={"total": self.run.n, "desc": "Generating pairs"})
         self.worker.yielded.connect(self._on_pair)

@@ -1,25 +1,40 @@
 #!/usr/bin/env bash
-# Ship the adapter and report of a finished `neuromf demo` run as sample_data/models/lora_demo (the embedded demo
-# adapter that the napari Generate widget and the "Generated pair" sample use). Run from the repository root after
-# `make demo`; then update the figures in sample_data/models/lora_demo/README.md from demo_report/.
+# Ship the adapters and report of a finished `neuromf demo` run as sample_data/models/lora_demo (joint mode) and
+# sample_data/models/cond_demo (conditional mode): the embedded demo adapters that the napari Generate widget and
+# the sample data use. Run from the repository root after `make demo`; then update the figures in the two cards
+# (README.md of each) from demo_report/.
 set -euo pipefail
 run=${RUN:-runs/lora_demo}
+cond_run=${COND_RUN:-runs/cond_demo}
 exp=${EXPERIMENTS:-experiments}
 dest=sample_data/models/lora_demo
+cond_dest=sample_data/models/cond_demo
 report=$dest/demo_report
 rm -rf "$report"
 mkdir -p "$report/montages"
 cp "$run"/adapter/{adapter_config.json,adapter_model.safetensors,neuromf_adapter.json} "$run/loss_curve.png" "$dest/"
 cp "$exp"/phase_7/{verification_report.md,loss_curve.png} "$report/"
-cp "$exp"/phase_7/montages/*.png "$report/montages/"
+cp -r "$exp"/phase_7/montages/. "$report/montages/"
 cp "$exp"/stage2_fcd/{mask_vae_test.json,ablation_lp.json} "$exp/stage2_fcd/metrics/metrics.json" "$report/"
-# the sidecar names the base and data as "embedded", so the shipped adapter resolves on any machine
-python - "$dest/neuromf_adapter.json" <<'PY'
+if [[ -d $cond_run/adapter ]]; then
+  mkdir -p "$cond_dest"
+  # float16 storage keeps the ControlNet small; it is loaded back into float32 parameters
+  python -c "import sys; from neuromf.weights import save_half_precision as h; h(sys.argv[1], sys.argv[2])" \
+    "$cond_run/adapter/controlnet.safetensors" "$cond_dest/controlnet.safetensors"
+  cp "$cond_run"/adapter/{mask_prior.safetensors,neuromf_adapter.json} "$cond_run/loss_curve.png" "$cond_dest/"
+  cp "$exp/stage2_fcd/conditional/metrics.json" "$report/conditional_metrics.json"
+fi
+# the sidecars name the base and data as "embedded", so the shipped adapters resolve on any machine
+python - "$dest/neuromf_adapter.json" "$cond_dest/neuromf_adapter.json" <<'PY'
 import json, sys
-meta = json.load(open(sys.argv[1]))
-bad = {k: meta[k] for k in ("base_checkpoint", "vae", "data_dir") if meta.get(k) != "embedded"}
-if bad:
-    sys.exit(f"{sys.argv[1]}: demo adapter must reference embedded models and data, got {bad}")
+from pathlib import Path
+for path in sys.argv[1:]:
+    if not Path(path).is_file():
+        continue
+    meta = json.load(open(path))
+    bad = {k: meta[k] for k in ("base_checkpoint", "vae", "data_dir") if meta.get(k) != "embedded"}
+    if bad:
+        sys.exit(f"{path}: demo adapter must reference embedded models and data, got {bad}")
 PY
-chmod -R u+rwX,go+rX "$dest"
-echo "shipped $run as $dest"
+chmod -R u+rwX,go+rX "$dest" "$cond_dest" 2>/dev/null || true
+echo "shipped $run as $dest and $cond_run as $cond_dest"

@@ -79,7 +79,7 @@ Use the released MAISI weights (`--vae PATH --vae-preset maisi`) for real scans.
 def base_card(run: Path, wall_note: str, n: int = 4) -> str:
     directory = embedded_model_dir("base_small")
     meta = json.loads((directory / "model.json").read_text())
-    prep = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()})
+    prep = Preprocessing.from_dict(meta["preprocessing"])
     cases = discover_cases(resolve_data_dir("embedded"), group="hc", split="train")
     real = [_brain(preprocess_image(c.image, prep).data[0].numpy()) for c in cases]
     images = [v.image for v in generate_images("embedded", n=n, steps=1, seed=0, device="cpu")]

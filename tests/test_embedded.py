@@ -34,17 +34,13 @@ def test_embedded_vae_meets_its_card():
     card = vae.metadata["held_out_quality"]
     assert vae.preset == "small" and vae.scale_factor != 1.0
     case = discover_cases(resolve_data_dir("embedded"), split="test")[0]
-    x = preprocess_image(case.image, Preprocessing(**_prep_of(vae.metadata)))
+    x = preprocess_image(case.image, Preprocessing.from_dict(vae.metadata["preprocessing"]))
     recon = vae.decode(vae.encode(x.data[None])).clamp(0, 1)
     ssim = float(SSIMMetric(spatial_dims=3, data_range=1.0)(recon, x.data[None]))
     assert ssim >= card["ssim"] - 0.02
     # the card quotes the same figures as the sidecar
     text = (embedded_model_dir("vae_small") / "README.md").read_text()
     assert f"{card['ssim']:.3f}" in text and f"{card['psnr_db']:.1f}" in text
-
-
-def _prep_of(meta: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()}
 
 
 def _brain_stats(volume: np.ndarray) -> tuple[float, int]:
@@ -55,7 +51,7 @@ def _brain_stats(volume: np.ndarray) -> tuple[float, int]:
 def test_embedded_base_model_samples_look_like_healthy_training_brains():
     model, meta = load_flow_model("embedded")
     assert meta["channels"] == {"image": 4, "mask": 0} and model.preset == "small"
-    prep = Preprocessing(**_prep_of(meta))
+    prep = Preprocessing.from_dict(meta["preprocessing"])
     cases = discover_cases(resolve_data_dir("embedded"), group="hc", split="train")
     real = [_brain_stats(preprocess_image(c.image, prep).data[0].numpy()) for c in cases]
     real_intensity, real_volume = np.mean([r[0] for r in real]), np.mean([r[1] for r in real])

@@ -53,6 +53,21 @@ def test_cheap_and_single_jvp_give_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def test_cheap_target_differentiates_only_moving_samples_and_matches_the_full_jvp():
+    """r = t samples need no JVP ((t - r) du/dt = 0): the cheap path skips them and still gives the same target."""
+    model = _perturbed_tiny(torch.float32)
+    z = torch.randn(3, 4, 8, 8, 8)
+    r, t = torch.tensor([0.2, 0.7, 0.5]), torch.tensor([0.6, 0.7, 0.9])
+    v = torch.randn_like(z)
+    _, cheap = meanflow_target(model, z, r, t, v, cheap=True)
+    _, full = meanflow_target(model, z, r, t, v, cheap=False)
+    torch.testing.assert_close(cheap, full, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(cheap[1], v[1])  # r = t: the target is the instantaneous velocity
+    assert not torch.allclose(cheap[0], v[0])
+    _, all_still = meanflow_target(model, z, t, t, v, cheap=True)
+    torch.testing.assert_close(all_still, v)
+
+
 def test_zero_interval_embedding_reproduces_plain_unet():
     model = MeanFlowUNet(4, preset="tiny")
     p = UNET_PRESETS["tiny"]

@@ -115,10 +115,19 @@ def test_mask_test_schema_and_decision(phantom_dir, tiny_vae_dir, tmp_path):
     assert all(0 <= r["dice_vae"] <= 1 and r["lesion_cm3"] > 0 for r in result["cases"])
     mean_a = np.mean([r["dice_vae"] for r in result["cases"]])
     assert result["summary"]["mean_dice_vae"] == pytest.approx(mean_a)
-    # an untrained VAE cannot carry a mask: the rule picks strategy B
-    assert mean_a < 0.85 and result["decision"] == "downsample"
+    # an untrained VAE cannot carry a mask: the rule picks strategy B, as a signed distance when that round-trips
+    # better than every binary downsampling
+    summary = result["summary"]
+    assert summary["mean_dice_sdf"] == pytest.approx(np.mean([r["dice_sdf"] for r in result["cases"]]))
+    expected = "sdf" if summary["mean_dice_sdf"] > max(summary["mean_dice_downsample"].values()) else "downsample"
+    assert mean_a < 0.85 and result["decision"] == expected
+    assert not any(k.startswith("_") for r in seen + result["cases"] for k in r)  # no in-memory objects saved
+    # ceilings: phantom lesions are hyperintense after preprocessing (no clip at the 99.5th percentile)
+    ceilings = summary["ceilings"]
+    assert ceilings["median_contrast_preprocessed"] > 1.1
+    assert 0.0 <= ceilings["sdf_round_trip_lesion_like"] <= 1.0
     path = save_mask_test(result, tmp_path / "m.json")
-    assert read_decision(path) == "downsample"
+    assert read_decision(path) == expected
     forced = dict(result, decision="vae")
     assert read_decision(save_mask_test(forced, tmp_path / "f.json")) == "vae"
     with pytest.raises(FileNotFoundError, match="neuromf mask-test"):
@@ -164,7 +173,9 @@ def test_generate_pairs_and_evaluate_and_verify(lora_run, phantom_dir, tmp_path)
     _, _, result, _ = lora_run
     out = tmp_path / "generated"
     paths = write_generated_pairs(result.export, out, n=3, seed=1, device="cpu")
-    assert len(paths) == 6
+    assert len(paths) == 9  # FLAIR + mask + provenance JSON per sample
+    provenance = json.loads((out / "sample_002.json").read_text())
+    assert provenance["index"] == 2 and abs(provenance["mask_noise_correlation"]) <= 1
     flair, mask = nib.load(str(out / "sample_000_flair.nii.gz")), nib.load(str(out / "sample_000_mask.nii.gz"))
     assert flair.shape == mask.shape == TEST_SHAPE
     np.testing.assert_allclose(flair.affine, mask.affine)

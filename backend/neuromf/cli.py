@@ -36,11 +36,14 @@ def _drive(events: Generator, desc: str):
             bar.total = event.total_steps
         bar.n = event.step
         if event.kind == "step":
-            bar.set_postfix(loss=f"{event.loss:.4g}", lr=f"{event.lr:.2g}", refresh=False)
+            # the adaptive-weighted loss is ~1 by construction; the unweighted Lp is the one that falls
+            bar.set_postfix(lp=f"{event.parts.get('raw', float('nan')):.4g}", loss=f"{event.loss:.4g}",
+                            lr=f"{event.lr:.2g}", refresh=False)
         elif event.kind in ("skipped", "stopped"):
             tqdm.write(event.message)
         elif event.kind == "epoch":
-            bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4g}", refresh=False)
+            bar.set_postfix(epoch=event.epoch, lp=f"{event.parts.get('raw', float('nan')):.4g}",
+                            loss=f"{event.loss:.4g}", refresh=False)
         bar.refresh()
 
     try:
@@ -92,12 +95,13 @@ def cmd_check_data(args) -> int:
     from neuromf.data.latents import resolve_data_dir
     from neuromf.io.bids import case_report, discover_cases, format_case_table
 
+    skipped: list[dict] = []  # broken subjects (ROI without FLAIR, 2D image): problem rows, not an abort
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cases = discover_cases(resolve_data_dir(args.data))
+        cases = discover_cases(resolve_data_dir(args.data), skipped=skipped)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    rows = [case_report(case) for case in cases]
+    rows = sorted([case_report(case) for case in cases] + skipped, key=lambda r: r["id"])
     print(format_case_table(rows))
     unusable = [r["id"] for r in rows if not r["usable"]]
     n_fcd = sum(1 for c in cases if c.mask is not None)
@@ -133,7 +137,17 @@ def cmd_generate(args) -> int:
 
     if bool(args.checkpoint) == bool(args.adapter):
         raise SystemExit("generate: give exactly one of --checkpoint (base model) or --adapter (LoRA joint model)")
-    if args.adapter:
+    from neuromf.utils import ensure_writable
+
+    ensure_writable(Path(args.out))  # before loading and sampling, not at the first write
+    from neuromf.pipelines.conditional import generation_mode
+
+    mode = generation_mode(args.adapter, args.mode) if args.adapter else "base"
+    if (args.mask or args.image) and mode != "conditional":
+        raise SystemExit("generate: --mask/--image need a conditional adapter (--mode conditional)")
+    if mode == "conditional":
+        paths = _generate_conditional(args)
+    elif mode == "joint":
         from neuromf.lora_pipeline import write_generated_pairs
 
         paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device)
@@ -141,6 +155,25 @@ def cmd_generate(args) -> int:
         paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.device)
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
+
+
+def _generate_conditional(args) -> list[Path]:
+    """FLAIRs for `--mask` files (on each mask's own model-grid window) or for masks drawn from the prior."""
+    import json
+
+    from neuromf.io.nifti import Preprocessing, preprocess_mask
+    from neuromf.pipelines.conditional import SIDECAR, resolve_conditional_adapter, write_conditional_pairs
+
+    masks = affines = None
+    if args.mask:
+        sidecar = resolve_conditional_adapter(args.adapter) / SIDECAR
+        if not sidecar.is_file():
+            raise FileNotFoundError(f"{sidecar.parent}: not a NeuroMF conditional adapter (missing {SIDECAR})")
+        prep = Preprocessing.from_dict(json.loads(sidecar.read_text())["preprocessing"])
+        volumes = [preprocess_mask(path, prep, args.image) for path in args.mask]
+        masks, affines = [v.data[0].numpy() for v in volumes], [v.affine for v in volumes]
+    return write_conditional_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
+                                   masks, affines)
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -183,7 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("generate", cmd_generate, "sample volumes (base model) or image+mask pairs (LoRA adapter)")
     p.add_argument("--checkpoint", help="base model folder, model.safetensors, or 'embedded'")
-    p.add_argument("--adapter", help="LoRA adapter folder (joint image + mask synthesis)")
+    p.add_argument("--adapter", help="adapter folder: LoRA (joint image + mask) or ControlNet (conditional); "
+                                     "'embedded' for the shipped demo of the chosen mode")
+    p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
+                   help="joint: image + mask from noise; conditional: a FLAIR for each given or prior-drawn mask")
+    p.add_argument("--mask", nargs="+", metavar="FILE", help="conditional mode: lesion mask NIfTI file(s)")
+    p.add_argument("--image", metavar="FILE",
+                   help="conditional mode: the FLAIR the masks belong to (centres the model grid on its brain)")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -208,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, VolumeError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ConfigError, VolumeError, ValueError, OSError) as err:  # OSError: unreadable input, full disk, ...
         print(f"neuromf {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

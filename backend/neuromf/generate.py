@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neuromf.io.nifti import save_nifti
+from neuromf.io.nifti import Preprocessing, save_nifti
 from neuromf.meanflow import sample
 from neuromf.models.flow_model import load_flow_model, read_model_meta
 from neuromf.models.unet import MeanFlowUNet
@@ -38,19 +38,22 @@ def vae_for(meta: dict, device: str | torch.device = "cpu") -> MAISIVAEWrapper:
 @dataclass
 class GeneratedVolume:
     index: int
-    image: np.ndarray  # (H, W, D) float32 in about [0, 1]
+    image: np.ndarray  # (H, W, D) float32 in [0, clip_max]: about [0, 1], lesions brighter
     latent: torch.Tensor
 
 
 @torch.no_grad()
 def sample_latents(model: MeanFlowUNet, latent_shape: list[int], n: int, steps: int, seed: int,
-                   device: torch.device, method: str = "meanflow", batch_size: int = 4) -> Iterator[torch.Tensor]:
-    """Latent batches from fixed-seed noise: sample i always gets the same noise, whatever the batch size."""
+                   device: torch.device, method: str = "meanflow",
+                   batch_size: int = 4) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(noise, latents) batches (B, C, h, w, d) from fixed-seed noise: sample i always gets the same noise,
+    whatever the batch size."""
     model = model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *latent_shape), generator=generator)
     for start in range(0, n, batch_size):
-        yield sample(model, noise[start:start + batch_size].to(device), steps=steps, method=method)
+        batch = noise[start:start + batch_size]
+        yield batch, sample(model, batch.to(device), steps=steps, method=method).cpu()
 
 
 def generate_images(model_spec: str | Path, n: int, steps: int = 1, seed: int = 0, device: str = "auto",
@@ -59,8 +62,9 @@ def generate_images(model_spec: str | Path, n: int, steps: int = 1, seed: int = 
     model, meta = load_flow_model(model_spec)
     vae = vae_for(meta, device=dev)
     index = 0
-    for z in sample_latents(model, meta["latent_shape"], n, steps, seed, dev, method):
-        images = vae.decode(z[:, :vae.latent_channels]).clamp(0, 1).cpu()
+    clip_max = Preprocessing.from_dict(meta["preprocessing"]).clip_max
+    for _, z in sample_latents(model, meta["latent_shape"], n, steps, seed, dev, method):
+        images = vae.decode(z[:, :vae.latent_channels].to(dev)).clamp(0, clip_max).cpu()
         for i in range(z.shape[0]):
             yield GeneratedVolume(index, images[i, 0].numpy(), z[i].cpu())
             index += 1

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuromf.config import RunConfig, save_config
-from neuromf.data.fcd_dataset import FCDDataset, decode_mask_channel, mask_channels, upsample_mask
+from neuromf.config import RunConfig
+from neuromf.data.fcd_dataset import FCDDataset
+from neuromf.data.mask_codec import decode_mask_channel, decode_sdf, mask_channels, tanh_threshold, upsample_mask
 from neuromf.eval.mask_test import read_decision
 from neuromf.generate import model_grid_affine, sample_latents, vae_for
 from neuromf.io.nifti import Preprocessing, save_nifti
@@ -29,10 +30,11 @@ from neuromf.models.lora import (
     save_adapter,
     widen_io_channels,
 )
-from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, train
-from neuromf.train.run_dir import prepare_run_dir
+from neuromf.pipelines.conditional import packed_lesion_loss, stage2_preprocessing
+from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, fixed_draw_evaluator, train
+from neuromf.train.run_dir import in_run_dir
 from neuromf.train.stage1 import build_loss
-from neuromf.utils import default_cache_dir, resolve_device
+from neuromf.utils import atomic_write_json, default_cache_dir, resolve_device
 from neuromf.vae import MAISIVAEWrapper
 from neuromf.weights import embedded_model_dir
 
@@ -60,11 +62,15 @@ class JointModel:
         return self.meta["strategy"]
 
     def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode joint latents (B, C, h, w, d) -> image (B, 1, H, W, D) in [0, 1], binary mask (B, 1, H, W, D)."""
+        """Decode joint latents (B, C, h, w, d) -> image (B, 1, H, W, D) in [0, clip_max], binary mask."""
         n_img = self.meta["channels"]["image"]
-        image = self.vae.decode(z[:, :n_img]).clamp(0, 1)
+        clip_max = Preprocessing.from_dict(self.meta["preprocessing"]).clip_max
+        image = self.vae.decode(z[:, :n_img]).clamp(0, clip_max)
         if self.strategy == "vae":
             mask = (self.vae.decode(z[:, n_img:]) > 0.5).float()
+        elif self.strategy == "sdf":
+            mask = decode_sdf(z[:, n_img:] / self.meta["mask_scale"], self.meta["sdf_subgrid"],
+                              tanh_threshold(self.meta["sdf_threshold_mm"], self.meta["sdf_scale_mm"]))
         else:
             mask = upsample_mask(decode_mask_channel(z[:, n_img:], self.meta["mask_scale"]))
         return image.cpu(), mask.cpu()
@@ -77,11 +83,13 @@ def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int) 
                          "an image-only (4-channel) stage-1 model")
     channels = base.in_channels + n_mask
     widen_io_channels(base, channels, channels)
+    base.skip_channels = n_mask if cfg.lora.mask_passthrough else 0
     model = inject_lora(base, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                         modules_to_save=WIDENED_MODULES, dropout=cfg.lora.dropout)
     return model, base_meta
 
 
+@in_run_dir
 def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume: bool = False,
                overwrite: bool = False, stop: Event | None = None,
                progress: bool = True) -> Generator[TrainEvent, None, TrainResult]:
@@ -89,23 +97,25 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
 
     The adapter (peft format + sidecar) is exported to `<output_dir>/adapter` at the end and on stop.
     """
-    out_dir = prepare_run_dir(Path(cfg.training.output_dir), cfg, resume=resume, overwrite=overwrite)
-    save_config(cfg, out_dir / "config.yaml")
+    out_dir = Path(cfg.training.output_dir)  # prepared with config.yaml by @in_run_dir, removed on a failed start
     torch.manual_seed(cfg.training.seed)
     strategy = resolve_strategy(cfg)
-    n_mask = mask_channels(strategy)
+    n_mask = mask_channels(strategy, subgrid=cfg.data.sdf_subgrid)
     model, base_meta = build_joint_model(cfg, base_checkpoint, n_mask)
     vae = vae_for(base_meta)
-    prep = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in base_meta["preprocessing"].items()})
+    prep = stage2_preprocessing(base_meta, cfg)
     cache_dir = cfg.data.cache_dir or default_cache_dir()
     dataset = FCDDataset(cfg.data.data_dir, strategy, vae=vae, prep=prep, cache_dir=cache_dir,
                          downsample_mode=cfg.data.downsample_mode, flip=cfg.data.flip, split=cfg.data.split,
-                         progress=progress)
+                         progress=progress, sdf_scale_mm=cfg.data.sdf_scale_mm, sdf_subgrid=cfg.data.sdf_subgrid)
     latents = dataset.latents()
     trainable, total = count_trainable_params(model)
     sidecar = {
         "kind": "neuromf_lora_adapter", "strategy": strategy, "downsample_mode": cfg.data.downsample_mode,
-        "channels": {"image": 4, "mask": n_mask}, "mask_scale": dataset.mask_scale,
+        "mode": "joint", "channels": {"image": 4, "mask": n_mask}, "mask_scale": dataset.mask_scale,
+        "sdf_scale_mm": cfg.data.sdf_scale_mm, "sdf_subgrid": cfg.data.sdf_subgrid,
+        "sdf_threshold_mm": cfg.data.sdf_threshold_mm, "mask_passthrough": cfg.lora.mask_passthrough,
+        "lesion_weight": cfg.loss.lesion_weight,
         "base_checkpoint": str(base_checkpoint), "base_sha256": base_meta["weights_sha256"],
         "base_preset": base_meta["arch"]["preset"], "vae": base_meta["vae"], "vae_preset": base_meta["vae_preset"],
         "vae_identity": base_meta["vae_identity"], "scale_factor": base_meta["scale_factor"],
@@ -129,9 +139,13 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
         image, mask = joint.split(sample_meanflow(m, preview_noise.to(device), steps=1))
         return [(image[0, 0].numpy(), mask[0, 0].numpy().astype(np.uint8))]
 
-    task = TrainTask(model=model, loss_fn=build_loss(cfg, 4, n_mask), export=export, preview=preview,
+    loss_fn = packed_lesion_loss(build_loss(cfg, 4, n_mask), 4 + n_mask, conditional=False,
+                                 dilate=cfg.loss.lesion_dilate)
+    data = dataset.packed(latents)
+    task = TrainTask(model=model, loss_fn=loss_fn, export=export, preview=preview,
+                     evaluate=fixed_draw_evaluator(loss_fn, data),
                      meta={"kind": "lora", "strategy": strategy, "base_checkpoint": str(base_checkpoint)})
-    return (yield from train(task, latents, cfg.training, out_dir, stop=stop, resume=resume))
+    return (yield from train(task, data, cfg.training, out_dir, stop=stop, resume=resume))
 
 
 def resolve_adapter(spec: str | Path) -> Path:
@@ -169,12 +183,16 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
     affine = model_grid_affine(prep["shape"], prep["spacing"])
     source = str(resolve_adapter(adapter))
     index = 0
-    for z in sample_latents(joint.model, joint.meta["latent_shape"], n, steps, seed, dev):
-        images, masks = joint.split(z)
+    n_img = joint.meta["channels"]["image"]
+    for noise, z in sample_latents(joint.model, joint.meta["latent_shape"], n, steps, seed, dev):
+        images, masks = joint.split(z.to(dev))
         for i in range(z.shape[0]):
+            # how much of its starting noise the mask latent kept (a working generator: about 0)
+            corr = float(np.corrcoef(z[i, n_img:].flatten().numpy(), noise[i, n_img:].flatten().numpy())[0, 1])
             yield GeneratedPair(index, images[i, 0].numpy().astype(np.float32), masks[i, 0].numpy().astype(np.uint8),
                                 affine,
-                                {"index": index, "seed": seed, "steps": steps, "adapter": source})
+                                {"index": index, "seed": seed, "steps": steps, "adapter": source, "mode": "joint",
+                                 "strategy": joint.strategy, "mask_noise_correlation": round(corr, 4)})
             index += 1
 
 
@@ -183,9 +201,10 @@ def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int
     """`sample_XXX_flair.nii.gz` + `sample_XXX_mask.nii.gz` with the same model-grid affine."""
     paths = []
     for pair in generate_pairs(adapter, n, steps, seed, device):
-        paths.append(save_nifti(pair.image, pair.affine, Path(out_dir) / f"sample_{pair.index:03d}_flair.nii.gz"))
-        paths.append(save_nifti(pair.mask, pair.affine, Path(out_dir) / f"sample_{pair.index:03d}_mask.nii.gz",
-                                dtype=np.uint8))
+        stem = Path(out_dir) / f"sample_{pair.index:03d}"
+        paths.append(save_nifti(pair.image, pair.affine, f"{stem}_flair.nii.gz"))
+        paths.append(save_nifti(pair.mask, pair.affine, f"{stem}_mask.nii.gz", dtype=np.uint8))
+        paths.append(atomic_write_json(Path(f"{stem}.json"), pair.meta))
     return paths
 
 

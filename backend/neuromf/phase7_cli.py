@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,17 +20,29 @@ def cmd_mask_test(args) -> int:
     from neuromf.eval.mask_test import mask_vae_test, save_mask_test
     from neuromf.io.bids import discover_cases
     from neuromf.io.nifti import Preprocessing
+    from neuromf.utils import ensure_writable
     from neuromf.vae import MAISIVAEWrapper
 
+    ensure_writable(Path(args.out), file=True)  # before the VAE round trips, not after them
+    skipped: list[dict] = []  # broken subjects (ROI without FLAIR, 2D image) are skipped, not an abort
+    cases = discover_cases(resolve_data_dir(args.data), group="fcd", skipped=skipped)
     vae = MAISIVAEWrapper.resolve(args.vae, preset=args.vae_preset, device=args.device)
     prep = Preprocessing(shape=tuple(args.shape), spacing=tuple(args.spacing))
-    cases = discover_cases(resolve_data_dir(args.data), group="fcd")
     with tqdm(total=len(cases), desc="mask-test", unit="case") as bar:
         result = mask_vae_test(args.data, vae, prep, cases=cases, on_case=lambda row: bar.update(1))
+    result["skipped"] = [r for r in skipped if r["group"] != "hc"] + result.get("skipped", [])
+    for row in result["skipped"]:
+        print(f"skipped {row['id']}: {'; '.join(row['problems'])}", file=sys.stderr)
     save_mask_test(result, args.out)
     s = result["summary"]
     print(f"strategy A (VAE) mean Dice {s['mean_dice_vae']:.3f} (median {s['median_dice_vae']:.3f}); strategy B "
           + ", ".join(f"{m} {d:.3f}" for m, d in s["mean_dice_downsample"].items()))
+    c = s["ceilings"]
+    print(f"strategy B as a signed distance (sdf) {s['mean_dice_sdf']:.3f} (min {s['min_dice_sdf']:.3f}); ceilings: "
+          f"lesion contrast {c['median_contrast_preprocessed']:.3f} after preprocessing, "
+          f"{c['median_contrast_vae_round_trip']:.3f} after the VAE round trip "
+          f"({c['share_hyperintense_vae_round_trip']:.0%} hyperintense); sdf round trips lesion-like: "
+          f"{c['sdf_round_trip_lesion_like']:.0%}")
     print(f"decision: {result['decision']} ({result['reason']}); wrote {args.out}")
     return 0
 
@@ -46,50 +59,79 @@ def cmd_train_lora(args) -> int:
     return 0
 
 
+def cmd_train_conditional(args) -> int:
+    from neuromf.cli import _drive, _load_cfg, _stop_on_sigint
+    from neuromf.pipelines.conditional import train_conditional
+
+    cfg = _load_cfg(args)
+    result = _drive(train_conditional(cfg, args.base_checkpoint, resume=args.resume, overwrite=args.overwrite,
+                                      stop=_stop_on_sigint()), "train-conditional")
+    print(f"{'stopped' if result.stopped else 'finished'} at step {result.step}; adapter: {result.export}; "
+          f"generate with: neuromf generate --adapter {result.export} --mode conditional [--mask FILE]")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from neuromf.eval.metrics import evaluate_generated
     from neuromf.io.nifti import Preprocessing
-    from neuromf.lora_pipeline import resolve_adapter
-    from neuromf.models.lora import read_adapter_sidecar
+    from neuromf.pipelines.conditional import adapter_meta
 
-    prep_meta = read_adapter_sidecar(resolve_adapter(args.adapter))["preprocessing"]
-    prep = Preprocessing(shape=tuple(prep_meta["shape"]), spacing=tuple(prep_meta["spacing"]))
+    prep = Preprocessing.from_dict(adapter_meta(args.adapter, args.mode)["preprocessing"])
     result = evaluate_generated(Path(args.generated), args.data, prep, Path(args.out), progress=True)
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2, default=str)[:2000])
+    like = result["lesion_like"]
+    print(f"lesion-like: {like['summary']['n_lesion_like']}/{like['summary']['n']} ({like['rate']:.0%}); per "
+          "criterion: " + ", ".join(f"{k} {v:.0%}" for k, v in like["summary"]["rates"].items() if k != "all")
+          + f"; median contrast {like['summary']['medians'].get('contrast')}")
     print(f"wrote {args.out}")
     return 0
 
 
-def run_ablation(config: str, base_checkpoint: str, out_dir: Path, n: int, seed: int, data: str,
+def run_ablation(config: str, base_checkpoint: str, out_dir: Path, n: int, seeds: list[int], data: str,
                  overrides: dict | None = None) -> dict:
-    """P7-T7: per-channel Lp (1.5 / 2.0) vs uniform L2, same seed, data and budget; mask Dice of each."""
+    """P7-T7: per-channel Lp (1.5 / 2.0) vs uniform L2, same data and budget, one run per arm and seed.
+
+    Per arm, lists over seeds (training seed = generation seed) of the mask figures: best-match Dice against the
+    held-out and training masks, the lesion-like rate and the non-empty fraction. "better" compares the mean
+    held-out Dice and calls a difference within one standard deviation (or under 0.01) a tie.
+    """
+    import numpy as np
+
     from neuromf.cli import _drive
     from neuromf.config import load_config
     from neuromf.eval.metrics import evaluate_generated
     from neuromf.io.nifti import Preprocessing
     from neuromf.lora_pipeline import train_lora, write_generated_pairs
+    from neuromf.pipelines.conditional import adapter_meta
     from neuromf.utils import atomic_write_json
 
     arms = {"per_channel_lp": {"loss.p_img": 1.5, "loss.p_mask": 2.0},
             "uniform_l2": {"loss.p_img": 2.0, "loss.p_mask": 2.0}}
-    report: dict = {"config": config, "n_generated": n, "seed": seed}
+    figures = ("mean_dice_test", "mean_dice_train", "lesion_like_rate", "nonempty_fraction", "train_seconds")
+    report: dict = {"config": config, "n_generated": n, "seeds": list(seeds), "metric": "mean_dice_test"}
     for name, loss_keys in arms.items():
-        run = out_dir / name
-        cfg = load_config(config, {**(overrides or {}), **loss_keys, "training.output_dir": str(run)})
-        started = time.perf_counter()
-        result = _drive(train_lora(cfg, base_checkpoint, overwrite=True), f"ablate {name}")
-        write_generated_pairs(result.export, run / "generated", n=n, seed=seed)
-        prep_keys = json.loads((result.export / "neuromf_adapter.json").read_text())["preprocessing"]
-        prep = Preprocessing(shape=tuple(prep_keys["shape"]), spacing=tuple(prep_keys["spacing"]))
-        metrics = evaluate_generated(run / "generated", data, prep, run / "metrics.json")
-        report[name] = {"p_img": cfg.loss.p_img, "p_mask": cfg.loss.p_mask, "steps": result.step,
-                        "train_seconds": round(time.perf_counter() - started, 1),
-                        "mean_dice_train": metrics["dice"]["mean_best_train"],
-                        "mean_dice_test": metrics["dice"]["mean_best_test"],
-                        "nonempty_fraction": metrics["fraction_nonempty"]}
-    a, b = (report[arm]["mean_dice_test"] or report[arm]["mean_dice_train"] for arm in arms)
-    report["better"] = "tie" if abs(a - b) < 0.01 else ("per_channel_lp" if a > b else "uniform_l2")
-    report["note"] = "mask Dice on held-out test masks; differences under 0.01 are reported as a tie (null result)"
+        arm = report[name] = {"p_img": loss_keys["loss.p_img"], "p_mask": loss_keys["loss.p_mask"],
+                              **{key: [] for key in figures}}
+        for seed in seeds:
+            run = out_dir / name / f"seed_{seed}"
+            cfg = load_config(config, {**(overrides or {}), **loss_keys, "training.output_dir": str(run),
+                                       "training.seed": seed})
+            started = time.perf_counter()
+            result = _drive(train_lora(cfg, base_checkpoint, overwrite=True), f"ablate {name} seed {seed}")
+            arm["steps"] = result.step
+            write_generated_pairs(result.export, run / "generated", n=n, seed=seed)
+            prep = Preprocessing.from_dict(adapter_meta(result.export)["preprocessing"])
+            metrics = evaluate_generated(run / "generated", data, prep, run / "metrics.json")
+            arm["mean_dice_test"].append(metrics["dice"]["mean_best_test"] or 0.0)
+            arm["mean_dice_train"].append(metrics["dice"]["mean_best_train"] or 0.0)
+            arm["lesion_like_rate"].append(metrics["lesion_like"]["rate"] or 0.0)
+            arm["nonempty_fraction"].append(metrics["fraction_nonempty"])
+            arm["train_seconds"].append(round(time.perf_counter() - started, 1))
+    a, b = (np.asarray(report[arm]["mean_dice_test"]) for arm in arms)
+    spread = max(a.std(ddof=1) if len(a) > 1 else 0.0, b.std(ddof=1) if len(b) > 1 else 0.0, 0.01)
+    diff = float(a.mean() - b.mean())
+    report["better"] = "tie" if abs(diff) <= spread else ("per_channel_lp" if diff > 0 else "uniform_l2")
+    report["note"] = ("mask Dice on held-out test masks, mean over seeds; a difference within one sd (or < 0.01) "
+                      "is reported as a tie (null result)")
     atomic_write_json(out_dir / "ablation_lp.json", report)
     return report
 
@@ -97,7 +139,7 @@ def run_ablation(config: str, base_checkpoint: str, out_dir: Path, n: int, seed:
 def cmd_ablate_lp(args) -> int:
     from neuromf.cli import _overrides
 
-    report = run_ablation(args.config, args.base_checkpoint, Path(args.out), args.n, args.seed, args.data,
+    report = run_ablation(args.config, args.base_checkpoint, Path(args.out), args.n, args.seeds, args.data,
                           _overrides(args.set))
     print(json.dumps(report, indent=2))
     return 0
@@ -115,12 +157,14 @@ def cmd_verify(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """mask-test -> train-lora (demo schedule) -> generate -> evaluate -> ablate-lp -> verify, on embedded data."""
+    """mask-test -> train-lora (demo schedule) -> generate -> evaluate -> ablate-lp -> train-conditional ->
+    generate --mode conditional -> evaluate -> verify, on the embedded data and weights."""
     from neuromf.cli import main as cli
 
     stage = Path(args.out) / "stage2_fcd"
     report = Path(args.out) / "phase_7" / "verification_report.md"
     run = Path(args.runs) / "lora_demo"
+    cond_run, cond_stage = Path(args.runs) / "cond_demo", stage / "conditional"
     started = time.perf_counter()
     steps = [
         ["mask-test", "--data", "embedded", "--vae", "embedded", "--out", str(stage / "mask_vae_test.json")],
@@ -134,7 +178,17 @@ def cmd_demo(args) -> int:
     if not args.skip_ablation:
         steps.append(["ablate-lp", "--config", "demo_lora", "--base_checkpoint", "embedded", "--n", str(args.n),
                       "--out", str(stage), "--set", f"data.mask_test={stage / 'mask_vae_test.json'}",
-                      "--set", f"training.max_steps={args.ablation_steps}"])
+                      "--set", f"training.max_steps={args.ablation_steps}",
+                      "--seeds", *map(str, args.ablation_seeds)])
+    if not args.skip_conditional:
+        steps += [
+            ["train-conditional", "--config", "demo_cond", "--base_checkpoint", "embedded", "--output-dir",
+             str(cond_run), "--overwrite"],
+            ["generate", "--adapter", str(cond_run / "adapter"), "--mode", "conditional", "--n", str(args.n),
+             "--steps", "1", "--seed", "0", "--out", str(cond_stage / "generated")],
+            ["evaluate", "--adapter", str(cond_run / "adapter"), "--generated", str(cond_stage / "generated"),
+             "--data", "embedded", "--out", str(cond_stage / "metrics.json")],
+        ]
     steps.append(["verify", "--run", str(run), "--stage-dir", str(stage), "--report", str(report)])
     for argv in steps:
         print(f"\n== neuromf {' '.join(argv)}", flush=True)
@@ -167,8 +221,16 @@ def register(add: Callable[[str, Callable, str], argparse.ArgumentParser]) -> No
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded",
                    help="stage-1 model folder / model.safetensors, or 'embedded'")
 
+    p = add("train-conditional", cmd_train_conditional,
+            "conditional mode: a ControlNet that turns a lesion mask into a FLAIR carrying it")
+    _add_train_flags(p)
+    p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded",
+                   help="stage-1 model folder / model.safetensors, or 'embedded'")
+
     p = add("evaluate", cmd_evaluate, "metrics of generated pairs against real FCD masks (P7-T6)")
-    p.add_argument("--adapter", default="embedded")
+    p.add_argument("--adapter", default="embedded", help="the adapter that generated the pairs (its grid)")
+    p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
+                   help="with --adapter embedded: which demo adapter")
     p.add_argument("--generated", default=str(STAGE_DIR / "generated"))
     p.add_argument("--data", default="embedded")
     p.add_argument("--out", default=str(STAGE_DIR / "metrics" / "metrics.json"))
@@ -177,7 +239,7 @@ def register(add: Callable[[str, Callable, str], argparse.ArgumentParser]) -> No
     p.add_argument("--config", default="demo_lora")
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded")
     p.add_argument("--n", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per arm and seed")
     p.add_argument("--data", default="embedded")
     p.add_argument("--out", default=str(STAGE_DIR))
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -192,4 +254,6 @@ def register(add: Callable[[str, Callable, str], argparse.ArgumentParser]) -> No
     p.add_argument("--runs", default="runs")
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--ablation-steps", type=int, default=60)
+    p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--skip-ablation", action="store_true")
+    p.add_argument("--skip-conditional", action="store_true", help="leave out the conditional mode (mask -> FLAIR)")

@@ -1,8 +1,11 @@
-"""FCD image + mask pairs as joint latents for stage 2 (Eq. 37-38).
+"""FCD image + mask pairs as joint latents for stage 2 (Eq. 37-38), and as image latents + clean masks for the
+conditional mode.
 
 Strategy A ("vae"): the mask goes through the same VAE as the image -> 4 + 4 = 8 channels.
 Strategy B ("downsample"): the mask is reduced 4x per axis (nearest, area fraction or max) -> 4 + 1 = 5 channels,
 mapped from [0, 1] to [-s, s] with s about the image latents' spread, so no channel dominates the loss.
+"sdf": tanh of the signed distance on a 2x finer grid, pixel-shuffled -> 4 + 8 channels, also scaled by s.
+The representations live in `neuromf.data.mask_codec`.
 """
 
 from __future__ import annotations
@@ -11,67 +14,47 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from neuromf.data.latents import encode_case, make_cache, resolve_data_dir
+from neuromf.data.mask_codec import (  # noqa: F401  (re-exported: the strategies' public home used to be here)
+    DOWNSAMPLE_MODES,
+    STRATEGIES,
+    decode_mask_channel,
+    downsample_mask,
+    encode_mask_channel,
+    encode_sdf,
+    mask_channels,
+    pixel_unshuffle_3d,
+    upsample_mask,
+)
 from neuromf.io.bids import DataError, discover_cases
 from neuromf.io.nifti import Preprocessing, preprocess_pair
 from neuromf.utils import default_cache_dir
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper
 
-STRATEGIES = ("vae", "downsample")
-DOWNSAMPLE_MODES = ("nearest", "area", "max")
-
-
-def mask_channels(strategy: str, latent_channels: int = 4) -> int:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"mask_strategy must be one of {STRATEGIES}, got {strategy!r}")
-    return latent_channels if strategy == "vae" else 1
-
-
-def downsample_mask(mask: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
-    """(B, 1, H, W, D) binary mask -> (B, 1, H/4, W/4, D/4) values in [0, 1]."""
-    if mode == "nearest":
-        return F.interpolate(mask, scale_factor=1 / DOWNSAMPLE, mode="nearest")
-    if mode == "area":
-        return F.avg_pool3d(mask, DOWNSAMPLE)
-    if mode == "max":
-        return F.max_pool3d(mask, DOWNSAMPLE)
-    raise ValueError(f"downsample mode must be one of {DOWNSAMPLE_MODES}, got {mode!r}")
-
-
-def upsample_mask(low: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Strategy B's inverse: trilinear 4x upsampling of a [0, 1] map, then threshold -> binary float mask."""
-    return (F.interpolate(low, scale_factor=DOWNSAMPLE, mode="trilinear", align_corners=False) > threshold).float()
-
-
-def encode_mask_channel(low: torch.Tensor, scale: float) -> torch.Tensor:
-    return (2.0 * low - 1.0) * scale
-
-
-def decode_mask_channel(channel: torch.Tensor, scale: float) -> torch.Tensor:
-    return ((channel / scale + 1.0) / 2.0).clamp(0, 1)
-
 
 class FCDDataset(Dataset):
-    """Joint latents `z` (C, h, w, d), C = 8 ("vae") or 5 ("downsample"), of the FCD cases of a data set.
+    """Joint latents `z` (C, h, w, d), C = 8 ("vae"), 5 ("downsample") or 12 ("sdf"), of the FCD cases of a data set.
 
     Encoding goes through the latent cache, so each scan is encoded once per VAE and preprocessing. With
     `flip=True` every case also appears mirrored left-right (image and mask together). Cases with an empty
-    mask are skipped with a warning.
+    mask are skipped with a warning, unless `include_healthy` (the conditional mode), which also adds the
+    healthy cases of the split with empty masks so the model learns that no lesion means no hyperintensity.
     """
 
     def __init__(self, data_dir: Path | str, mask_strategy: str = "vae", vae: MAISIVAEWrapper | None = None,
                  prep: Preprocessing | None = None, cache_dir: Path | str | None = None,
                  downsample_mode: str = "nearest", flip: bool = False, split: str | None = "train",
-                 return_volumes: bool = False, mask_scale: float | None = None, progress: bool = False) -> None:
+                 return_volumes: bool = False, mask_scale: float | None = None, progress: bool = False,
+                 sdf_scale_mm: float = 6.0, sdf_subgrid: int = 2, include_healthy: bool = False) -> None:
         if mask_strategy not in STRATEGIES:
             raise ValueError(f"mask_strategy must be one of {STRATEGIES} (or auto in a config), got {mask_strategy!r}")
         if downsample_mode not in DOWNSAMPLE_MODES:
             raise ValueError(f"downsample_mode must be one of {DOWNSAMPLE_MODES}, got {downsample_mode!r}")
         self.root = resolve_data_dir(data_dir)
         self.mask_strategy, self.downsample_mode = mask_strategy, downsample_mode
+        self.sdf_scale_mm, self.sdf_subgrid = float(sdf_scale_mm), int(sdf_subgrid)
         self.vae = vae if vae is not None else MAISIVAEWrapper.embedded()
         self.prep = prep or Preprocessing()
         self.return_volumes = return_volumes
@@ -84,17 +67,26 @@ class FCDDataset(Dataset):
         self.cases = [c for c in cases if c.mask is not None]
         if not self.cases:
             raise DataError(f"{self.root}: no FCD cases with lesion masks (split={split!r})")
+        healthy = []
+        if include_healthy:
+            try:
+                healthy = [c for c in discover_cases(self.root, group="hc", split=split) if c.mask is None]
+            except DataError:
+                healthy = []
         self.items: list[tuple[str, dict[str, torch.Tensor]]] = []
         from tqdm.auto import tqdm
 
-        for case in tqdm(self.cases, desc="encoding FCD cases", disable=not progress, unit="case"):
+        for case in tqdm(self.cases + healthy, desc="encoding cases", disable=not progress, unit="case"):
             for mirrored in ((False, True) if flip else (False,)):
                 tensors = encode_case(case.image, case.mask, self.vae, self.prep, self.cache, flip=mirrored,
                                       encode_mask=mask_strategy == "vae")
-                if not tensors["mask"].any():
+                if case.mask is None:
+                    tensors = {**tensors, "mask": torch.zeros((1, *self.prep.shape), dtype=torch.uint8)}
+                elif not tensors["mask"].any():
                     warnings.warn(f"{case.mask}: empty lesion mask, case {case.case_id} skipped", stacklevel=2)
                     break
                 self.items.append((case.case_id + ("_flip" if mirrored else ""), tensors))
+        self.n_healthy = len(healthy) * (2 if flip else 1)
         if not self.items:
             raise DataError(f"{self.root}: every FCD case has an empty mask")
         image_std = float(torch.stack([t["z_img"] for _, t in self.items]).std())
@@ -103,15 +95,22 @@ class FCDDataset(Dataset):
     @property
     def channels(self) -> tuple[int, int]:
         """(image channels, mask channels)."""
-        return self.vae.latent_channels, mask_channels(self.mask_strategy, self.vae.latent_channels)
+        return self.vae.latent_channels, mask_channels(self.mask_strategy, self.vae.latent_channels,
+                                                       self.sdf_subgrid)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def joint_latent(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(C, h, w, d): image latents followed by the strategy's mask channels."""
         if self.mask_strategy == "vae":
             return torch.cat([tensors["z_img"], tensors["z_mask"]])
-        low = downsample_mask(tensors["mask"][None].float(), self.downsample_mode)[0]
+        mask = tensors["mask"][None].float()
+        if self.mask_strategy == "sdf":
+            return torch.cat([tensors["z_img"],
+                              encode_sdf(mask, self.prep.spacing, self.sdf_scale_mm, self.sdf_subgrid)[0]
+                              * self.mask_scale])
+        low = downsample_mask(mask, self.downsample_mode)[0]
         return torch.cat([tensors["z_img"], encode_mask_channel(low, self.mask_scale)])
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor | str]:
@@ -128,5 +127,19 @@ class FCDDataset(Dataset):
         return next(c for c in self.cases if c.case_id == case_id.removesuffix("_flip"))
 
     def latents(self) -> torch.Tensor:
-        """All joint latents stacked (N, C, h, w, d): what the training loop consumes."""
+        """All joint latents stacked (N, C, h, w, d)."""
         return torch.stack([self.joint_latent(t) for _, t in self.items])
+
+    def image_latents(self) -> torch.Tensor:
+        """Image latents only (N, 4, h, w, d), for the conditional mode."""
+        return torch.stack([t["z_img"] for _, t in self.items])
+
+    def masks(self) -> torch.Tensor:
+        """Binary masks on the model grid (N, 1, H, W, D), float."""
+        return torch.stack([t["mask"].float() for _, t in self.items])
+
+    def packed(self, latents: torch.Tensor) -> torch.Tensor:
+        """`latents` (N, C, h, w, d) with each full-resolution mask appended as 4^3 pixel-unshuffled channels:
+        (N, C + 64, h, w, d). One tensor is what the training loop batches; the loss unpacks the mask for the
+        lesion weighting and the conditional mode's ControlNet."""
+        return torch.cat([latents, pixel_unshuffle_3d(self.masks(), DOWNSAMPLE)], dim=1)

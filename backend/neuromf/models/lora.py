@@ -19,6 +19,7 @@ from torch import nn
 
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.utils import atomic_write_json
+from neuromf.weights import WeightFileError, load_state_dict
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v"]
 # MONAI wraps each conv in a Convolution block: peft must target the inner nn.Conv3d
@@ -137,7 +138,13 @@ def read_adapter_sidecar(directory: Path) -> dict[str, Any]:
     for name in ("adapter_config.json", "adapter_model.safetensors", SIDECAR):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: not a NeuroMF LoRA adapter (missing {name})")
-    return json.loads((directory / SIDECAR).read_text())
+    try:
+        meta = json.loads((directory / SIDECAR).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightFileError(f"{directory / SIDECAR}: adapter sidecar is not readable JSON ({err})") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("channels"), dict):
+        raise WeightFileError(f"{directory / SIDECAR}: adapter sidecar lacks its 'channels' entry")
+    return meta
 
 
 def load_adapter(base: MeanFlowUNet, directory: Path, merge: bool = False) -> nn.Module:
@@ -148,7 +155,12 @@ def load_adapter(base: MeanFlowUNet, directory: Path, merge: bool = False) -> nn
         raise ValueError(f"{directory}: adapter expects a base model with {meta['channels']['image']} input channels, "
                          f"got {base.in_channels}")
     widen_io_channels(base, channels, channels)
-    model = PeftModel.from_pretrained(base, str(directory), is_trainable=False)
+    base.skip_channels = meta["channels"]["mask"] if meta.get("mask_passthrough") else 0
+    load_state_dict(directory / "adapter_model.safetensors", nested_key=None)  # corrupt file: error naming it
+    try:
+        model = PeftModel.from_pretrained(base, str(directory), is_trainable=False)
+    except (RuntimeError, TypeError, KeyError, ValueError, OSError) as err:  # size mismatch, bad adapter_config
+        raise WeightFileError(f"{directory}: LoRA adapter does not load onto its base model ({err})") from err
     if merge:
         return model.merge_and_unload()
     return model

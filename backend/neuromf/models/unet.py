@@ -32,6 +32,29 @@ UNET_PRESETS: dict[str, UNetPreset] = {
 }
 
 
+def meanflow_embedding(net: nn.Module, x: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The (r, t) conditioning shared by the UNet and its ControlNet: embed(t) + interval_embed(t - r).
+
+    t - r is computed here, inside the function a JVP differentiates, so a tangent on t moves it.
+    """
+    if r.ndim != 1 or t.ndim != 1 or r.shape[0] != x.shape[0] or t.shape[0] != x.shape[0]:
+        raise ValueError(f"r and t must have shape ({x.shape[0]},), got {tuple(r.shape)} and {tuple(t.shape)}")
+    width = net.block_out_channels[0]
+
+    def embed(values: torch.Tensor) -> torch.Tensor:
+        return get_timestep_embedding(values * TIME_SCALE, width).to(x.dtype)
+
+    return net.time_embed(embed(t)) + net.interval_embed(embed(t - r))
+
+
+def interval_embedding(width: int) -> nn.Sequential:
+    """Embedding of t - r whose last layer starts at zero: a flow-matching network is unchanged by adding it."""
+    embed = nn.Sequential(nn.Linear(width, width * 4), nn.SiLU(), nn.Linear(width * 4, width * 4))
+    nn.init.zeros_(embed[2].weight)
+    nn.init.zeros_(embed[2].bias)
+    return embed
+
+
 class MeanFlowUNet(DiffusionModelUNet):
     """u_theta(z, r, t): the average velocity between times r <= t (t=0 data, t=1 noise).
 
@@ -58,37 +81,51 @@ class MeanFlowUNet(DiffusionModelUNet):
             use_flash_attention=use_flash_attention,
         )
         self.preset = preset
-        embed_dim = p.channels[0] * 4
-        self.interval_embed = nn.Sequential(nn.Linear(p.channels[0], embed_dim), nn.SiLU(),
-                                            nn.Linear(embed_dim, embed_dim))
-        nn.init.zeros_(self.interval_embed[2].weight)
-        nn.init.zeros_(self.interval_embed[2].bias)
+        self.interval_embed = interval_embedding(p.channels[0])
+        # joint mode: the last `skip_channels` outputs get their input added (u = z + g), so at t = 1 the
+        # network need not carry the noise through itself: one-step x = eps - u = -g (see widen_io_channels)
+        self.skip_channels = 0
 
     @property
     def arch(self) -> dict:
         return {"preset": self.preset, "in_channels": self.in_channels, "out_channels": self.out_channels,
                 **asdict(UNET_PRESETS[self.preset])}
 
-    def _embed(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return get_timestep_embedding(values * TIME_SCALE, self.block_out_channels[0]).to(dtype)
+    def forward(self, x: torch.Tensor, r: torch.Tensor, t: torch.Tensor,  # type: ignore[override]
+                down_residuals: list[torch.Tensor] | None = None,
+                mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Average velocity u(x, r, t).
 
-    def forward(self, x: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """x: (B,C,h,w,d); r, t: (B,) in [0, 1] with r <= t."""
-        if r.ndim != 1 or t.ndim != 1 or r.shape[0] != x.shape[0] or t.shape[0] != x.shape[0]:
-            raise ValueError(f"r and t must have shape ({x.shape[0]},), got {tuple(r.shape)} and {tuple(t.shape)}")
-        emb = self.time_embed(self._embed(t, x.dtype)) + self.interval_embed(self._embed(t - r, x.dtype))
-
+        Args:
+            x: (B, C, h, w, d) latents at time t.
+            r, t: (B,) times in [0, 1] with r <= t.
+            down_residuals, mid_residual: optional ControlNet residuals added to the skip connections and the
+                middle block (the shapes `MeanFlowControlNet` returns), as in MONAI's DiffusionModelUNet.
+        Returns:
+            (B, C_out, h, w, d).
+        """
+        emb = meanflow_embedding(self, x, r, t)
         h = self.conv_in(x)
         skips: list[torch.Tensor] = [h]
         for block in self.down_blocks:
             h, res = block(hidden_states=h, temb=emb, context=None)
             skips.extend(res)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"expected {len(skips)} down residuals, got {len(down_residuals)}")
+            skips = [s + extra for s, extra in zip(skips, down_residuals)]
         h = self.middle_block(hidden_states=h, temb=emb, context=None)
+        if mid_residual is not None:
+            h = h + mid_residual
         for block in self.up_blocks:
             n = len(block.resnets)
             h = block(hidden_states=h, res_hidden_states_list=skips[-n:], temb=emb, context=None)
             skips = skips[:-n]
-        return self.out(h)
+        out = self.out(h)
+        if self.skip_channels:
+            k = self.skip_channels
+            out = torch.cat([out[:, :-k], out[:, -k:] + x[:, -k:]], dim=1)
+        return out
 
 
 def build_unet(preset: str, in_channels: int = 4, out_channels: int | None = None) -> MeanFlowUNet:

@@ -36,6 +36,9 @@ class TrainTask:
     meta: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint sidecar
     export: Callable[[nn.Module, Path], Path] | None = None  # called with EMA weights applied
     preview: Callable[[nn.Module], Any] | None = None  # called with EMA weights applied
+    # loss parts on a FIXED draw (cases, noise, times), logged each epoch as eval_*: the curve that P7-T4
+    # compares, since per-batch losses of random draws swing more than training moves them
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 @dataclass
@@ -75,6 +78,21 @@ def lr_at(step: int, total: int, cfg: TrainingConfig) -> float:
         ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return cfg.lr * ratio
     return cfg.lr
+
+
+def fixed_draw_evaluator(loss_fn: LossFn, data: torch.Tensor, n: int = 8,
+                         seed: int = 20_251_126) -> Callable[[nn.Module], dict[str, float]]:
+    """Unweighted loss parts of `n` evenly spaced samples of `data` under one fixed noise/time draw."""
+    batch = data[torch.linspace(0, data.shape[0] - 1, min(n, data.shape[0])).round().long()]
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            _, parts = loss_fn(model, batch.to(device), generator)
+        return parts
+
+    return evaluate
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -184,6 +202,8 @@ def train(task: TrainTask, data: torch.Tensor, cfg: TrainingConfig, out_dir: Pat
 
         if state.step % steps_per_epoch == 0 or state.step == total:
             means = {k: v / epoch_count for k, v in epoch_sums.items()}
+            if task.evaluate is not None:
+                means.update({f"eval_{k}": v for k, v in task.evaluate(model).items()})
             log.append({"epoch": epoch + 1, "step": state.step, **means, "lr": lr}, keep_until_step=state.step)
             epoch_sums, epoch_count = {}, 0
             yield TrainEvent("epoch", state.step, epoch + 1, total, loss=means["loss"], parts=means, lr=lr, eta_s=eta)
@@ -217,4 +237,5 @@ def run_to_end(events: Generator[TrainEvent, None, TrainResult],
             on_event(event)
 
 
-__all__ = ["TrainEvent", "TrainResult", "TrainTask", "checkpoint_paths", "lr_at", "run_to_end", "train"]
+__all__ = ["TrainEvent", "TrainResult", "TrainTask", "checkpoint_paths", "fixed_draw_evaluator", "lr_at", "run_to_end",
+           "train"]

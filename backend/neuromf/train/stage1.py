@@ -8,7 +8,7 @@ from threading import Event
 
 import torch
 
-from neuromf.config import RunConfig, save_config
+from neuromf.config import RunConfig
 from neuromf.data.latents import encode_images, make_cache, resolve_data_dir
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import Preprocessing
@@ -16,7 +16,7 @@ from neuromf.meanflow import ChannelLp, MeanFlowLoss, TimeSampler
 from neuromf.models.flow_model import save_flow_model
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, train
-from neuromf.train.run_dir import prepare_run_dir
+from neuromf.train.run_dir import in_run_dir
 from neuromf.utils import default_cache_dir
 from neuromf.vae import MAISIVAEWrapper
 
@@ -32,7 +32,7 @@ def build_loss(cfg: RunConfig, n_image: int = 4, n_mask: int = 0) -> MeanFlowLos
 
 
 def preprocessing_of(cfg: RunConfig) -> Preprocessing:
-    return Preprocessing(shape=tuple(cfg.data.shape), spacing=tuple(cfg.data.spacing))
+    return Preprocessing(shape=tuple(cfg.data.shape), spacing=tuple(cfg.data.spacing), clip_max=cfg.data.clip_max)
 
 
 def load_vae(cfg: RunConfig, device: str | torch.device = "cpu") -> MAISIVAEWrapper:
@@ -44,11 +44,11 @@ def vae_meta(cfg: RunConfig, vae: MAISIVAEWrapper, prep: Preprocessing) -> dict:
             "scale_factor": vae.scale_factor, "preprocessing": prep.key()}
 
 
+@in_run_dir
 def train_base(cfg: RunConfig, resume: bool = False, overwrite: bool = False, stop: Event | None = None,
                progress: bool = True) -> Generator[TrainEvent, None, TrainResult]:
     """Encode the healthy scans once (latent cache), then run the training loop on their latents."""
-    out_dir = prepare_run_dir(Path(cfg.training.output_dir), cfg, resume=resume, overwrite=overwrite)
-    save_config(cfg, out_dir / "config.yaml")
+    out_dir = Path(cfg.training.output_dir)  # prepared with config.yaml by @in_run_dir, removed on a failed start
     torch.manual_seed(cfg.training.seed)
     prep = preprocessing_of(cfg)
     vae = load_vae(cfg)

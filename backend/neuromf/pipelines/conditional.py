@@ -1,0 +1,295 @@
+"""Conditional mode, mask -> FLAIR: a ControlNet on the frozen MeanFlow UNet, trained on FCD + healthy cases.
+
+Beyond the spec (which generates mask channels jointly): the lesion mask is a clean input, so generated lesions
+are lesion-shaped by construction, and training only has to make the FLAIR show them. The loss covers the image
+latents with a strong lesion weight; healthy cases enter with empty masks. Masks for generation come from the
+user (a painted Labels layer, a case's mask, `--mask FILE`) or from the `MaskPrior` of the training lesions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from threading import Event
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from neuromf.config import RunConfig
+from neuromf.data.fcd_dataset import FCDDataset
+from neuromf.data.mask_codec import lesion_region, pixel_shuffle_3d
+from neuromf.data.mask_prior import MaskPrior
+from neuromf.generate import model_grid_affine, vae_for
+from neuromf.io.nifti import Preprocessing
+from neuromf.meanflow import sample
+from neuromf.meanflow.loss import MeanFlowLoss
+from neuromf.models.controlnet import ConditionedFlowModel, MeanFlowControlNet, controlnet_from_unet
+from neuromf.models.flow_model import load_flow_model
+from neuromf.train.loop import LossFn, TrainEvent, TrainResult, TrainTask, fixed_draw_evaluator, train
+from neuromf.train.run_dir import in_run_dir
+from neuromf.train.stage1 import build_loss
+from neuromf.utils import atomic_write, atomic_write_json, default_cache_dir, resolve_device
+from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper
+from neuromf.weights import embedded_model_dir
+
+ADAPTER_DIR = "adapter"
+SIDECAR = "neuromf_adapter.json"
+WEIGHTS = "controlnet.safetensors"
+PRIOR = "mask_prior.safetensors"
+KIND = "neuromf_controlnet_adapter"
+
+
+def stage2_preprocessing(base_meta: dict[str, Any], cfg: RunConfig) -> Preprocessing:
+    """The base model's grid (shape, spacing, percentiles: its latents' layout) with stage 2's own intensity bound
+    `data.clip_max`: FCD lesions are brighter than the 99.5th percentile, and a base model trained on clipped
+    healthy scans would otherwise clip every lesion it is fine-tuned on."""
+    return dataclasses.replace(Preprocessing.from_dict(base_meta["preprocessing"]), clip_max=cfg.data.clip_max)
+
+
+def packed_lesion_loss(loss: MeanFlowLoss, n_model_channels: int, conditional: bool,
+                       dilate: int = 1) -> LossFn:
+    """The stage-2 loss on packed batches (N, C + 64, h, w, d): model channels, then the full-resolution mask
+    pixel-unshuffled (`FCDDataset.packed`). The mask gives the lesion region the loss weighs, and in the
+    conditional mode it is also the ControlNet's input."""
+
+    def loss_fn(model: torch.nn.Module, batch: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch[:, :n_model_channels]
+        mask = pixel_shuffle_3d(batch[:, n_model_channels:], DOWNSAMPLE)
+        return loss(model, x, generator, lesion=lesion_region(mask, dilate), cond=mask if conditional else None)
+
+    return loss_fn
+
+
+@in_run_dir
+def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume: bool = False,
+                      overwrite: bool = False, stop: Event | None = None,
+                      progress: bool = True) -> Generator[TrainEvent, None, TrainResult]:
+    """Train a ControlNet (the UNet stays frozen) on FCD + healthy image latents conditioned on their masks.
+
+    Exports `<output_dir>/adapter`: the ControlNet weights, a mask prior of the training lesions and a sidecar.
+    """
+    out_dir = Path(cfg.training.output_dir)
+    torch.manual_seed(cfg.training.seed)
+    base, base_meta = load_flow_model(base_checkpoint, preset=cfg.model.preset)
+    if base.in_channels != 4:
+        raise ValueError(f"{base_checkpoint}: the conditional mode starts from an image-only (4-channel) model, "
+                         f"got {base.in_channels} channels")
+    controlnet = controlnet_from_unet(base, cfg.conditional.embedding_channels)
+    model = ConditionedFlowModel(base, controlnet)
+    vae = vae_for(base_meta)
+    prep = stage2_preprocessing(base_meta, cfg)
+    dataset = FCDDataset(cfg.data.data_dir, "downsample", vae=vae, prep=prep,
+                         cache_dir=cfg.data.cache_dir or default_cache_dir(), flip=cfg.data.flip,
+                         split=cfg.data.split, progress=progress, include_healthy=cfg.conditional.include_healthy)
+    images = dataset.image_latents()
+    data = dataset.packed(images)
+    lesion_masks = [t["mask"][0].numpy() for _, t in dataset.items if t["mask"].any()]
+    # the decoded mean latent is a smooth average brain: enough for the prior's reference brain mask
+    mean_brain = vae.decode(images.mean(0, keepdim=True))[0, 0].clamp(0, prep.clip_max).numpy()
+    prior = MaskPrior.from_cases(lesion_masks, [mean_brain], prep.spacing)
+    sidecar = {
+        "kind": KIND, "mode": "conditional", "base_checkpoint": str(base_checkpoint),
+        "base_sha256": base_meta["weights_sha256"], "base_preset": base_meta["arch"]["preset"],
+        "controlnet": controlnet.arch, "vae": base_meta["vae"], "vae_preset": base_meta["vae_preset"],
+        "vae_identity": base_meta["vae_identity"], "scale_factor": base_meta["scale_factor"],
+        "preprocessing": prep.key(), "latent_shape": list(images.shape[1:]),
+        "channels": {"image": 4, "mask": 0}, "lesion_weight": cfg.loss.lesion_weight,
+        "trainable_params": sum(p.numel() for p in controlnet.parameters()),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "data_dir": "embedded" if cfg.data.data_dir == "embedded" else str(dataset.root),
+        "train_cases": [case_id for case_id, _ in dataset.items], "n_healthy": dataset.n_healthy,
+        "config": cfg.to_dict(),
+    }
+    loss_fn = packed_lesion_loss(build_loss(cfg, 4, 0), 4, conditional=True, dilate=cfg.loss.lesion_dilate)
+    preview_mask = torch.from_numpy(prior.sample(np.random.default_rng(cfg.training.seed))).float()[None, None]
+    preview_noise = torch.randn((1, *images.shape[1:]), generator=torch.Generator().manual_seed(cfg.training.seed))
+
+    def export(m: ConditionedFlowModel, directory: Path) -> Path:
+        return save_conditional_adapter(m.controlnet, prior, directory / ADAPTER_DIR, sidecar)
+
+    def preview(m: ConditionedFlowModel) -> list[tuple[np.ndarray, np.ndarray]]:
+        device = next(m.parameters()).device
+        z = sample(functools.partial(m, cond=preview_mask.to(device)), preview_noise.to(device), steps=1)
+        image = vae.decode(z)[0, 0].clamp(0, prep.clip_max).cpu().numpy()
+        return [(image, preview_mask[0, 0].numpy().astype(np.uint8))]
+
+    task = TrainTask(model=model, loss_fn=loss_fn, export=export, preview=preview,
+                     evaluate=fixed_draw_evaluator(loss_fn, _lesion_first(data)),
+                     meta={"kind": "conditional", "base_checkpoint": str(base_checkpoint)})
+    return (yield from train(task, data, cfg.training, out_dir, stop=stop, resume=resume))
+
+
+def _lesion_first(packed: torch.Tensor) -> torch.Tensor:
+    """Samples with a lesion first, so the fixed evaluation draw measures the lesion part too."""
+    has_lesion = packed[:, 4:].flatten(1).amax(1) > 0
+    return torch.cat([packed[has_lesion], packed[~has_lesion]])
+
+
+def save_conditional_adapter(controlnet: MeanFlowControlNet, prior: MaskPrior, directory: Path,
+                             sidecar: dict[str, Any]) -> Path:
+    """ControlNet weights (safetensors) + mask prior + sidecar, each written atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in controlnet.state_dict().items()}
+    atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p)))
+    prior.save(directory / PRIOR)
+    atomic_write_json(directory / SIDECAR, sidecar)
+    return directory
+
+
+@dataclass
+class ConditionalModel:
+    """A loaded conditional adapter: the conditioned model, its VAE, mask prior and sidecar."""
+
+    model: ConditionedFlowModel
+    vae: MAISIVAEWrapper
+    prior: MaskPrior
+    meta: dict[str, Any]
+
+    @property
+    def prep(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.meta["preprocessing"])
+
+    @torch.no_grad()
+    def generate(self, mask: np.ndarray, noise: torch.Tensor, steps: int = 1) -> np.ndarray:
+        """FLAIR (H, W, D) on the model grid carrying `mask` (H, W, D) {0, 1}; noise (4, h, w, d)."""
+        prep = self.prep
+        if tuple(mask.shape) != prep.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} is not the model grid {prep.shape}: map it onto the "
+                             "grid first (neuromf.io.nifti.preprocess_mask)")
+        device = next(self.model.parameters()).device
+        cond = torch.as_tensor(np.asarray(mask) > 0, dtype=torch.float32, device=device)[None, None]
+        z = sample(functools.partial(self.model, cond=cond), noise[None].to(device), steps=steps)
+        return self.vae.decode(z)[0, 0].clamp(0, prep.clip_max).cpu().numpy().astype(np.float32)
+
+
+def is_conditional_adapter(directory: Path | str) -> bool:
+    return (Path(directory) / WEIGHTS).is_file()
+
+
+def resolve_conditional_adapter(spec: str | Path) -> Path:
+    return embedded_model_dir("cond_demo") if str(spec) == "embedded" else Path(spec)
+
+
+def adapter_meta(spec: str | Path, mode: str = "auto") -> dict[str, Any]:
+    """The sidecar of a joint (LoRA) or conditional (ControlNet) adapter; "embedded" is the demo of `mode`."""
+    import json
+
+    mode = generation_mode(spec, mode)
+    if str(spec) == "embedded":
+        directory = embedded_model_dir("cond_demo" if mode == "conditional" else "lora_demo")
+    else:
+        directory = Path(spec)
+    sidecar = directory / SIDECAR
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"{directory}: not a NeuroMF adapter (missing {SIDECAR})")
+    try:
+        return json.loads(sidecar.read_text())
+    except ValueError as err:
+        raise ValueError(f"{sidecar}: not valid JSON ({err})") from err
+
+
+def generation_mode(adapter: str | Path, mode: str = "auto") -> str:
+    """"joint" or "conditional" for an adapter; `auto` reads the folder ("embedded" alone means the joint demo)."""
+    if mode not in ("auto", "joint", "conditional"):
+        raise ValueError(f"mode must be auto, joint or conditional, got {mode!r}")
+    if str(adapter) == "embedded":
+        return "joint" if mode == "auto" else mode
+    found = "conditional" if is_conditional_adapter(adapter) else "joint"
+    if mode != "auto" and mode != found:
+        remedy = "train one with train-conditional" if mode == "conditional" else "use --mode conditional"
+        raise ValueError(f"{adapter}: a {found} adapter cannot generate in {mode} mode ({remedy})")
+    return found
+
+
+def load_conditional_model(adapter: str | Path, device: str | torch.device = "cpu") -> ConditionalModel:
+    """Base model named in the sidecar + the ControlNet + the mask prior."""
+    import json
+
+    directory = resolve_conditional_adapter(adapter)
+    for name in (WEIGHTS, PRIOR, SIDECAR):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory}: not a NeuroMF conditional adapter (missing {name})")
+    meta = json.loads((directory / SIDECAR).read_text())
+    base, base_meta = load_flow_model(meta["base_checkpoint"])
+    if base_meta["weights_sha256"] != meta["base_sha256"]:
+        raise ValueError(f"{directory}: adapter was trained on a different base model than "
+                         f"{meta['base_checkpoint']} (weights hash differs)")
+    arch = meta["controlnet"]
+    controlnet = MeanFlowControlNet(arch["in_channels"], arch["preset"], arch["cond_channels"],
+                                    arch["embedding_channels"])
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except Exception as err:
+        raise ValueError(f"{directory / WEIGHTS}: not a readable safetensors file ({err})") from err
+    missing, unexpected = controlnet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS}: weights do not fit the ControlNet in the sidecar "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    dev = resolve_device(device)
+    model = ConditionedFlowModel(base, controlnet).to(dev).eval()
+    return ConditionalModel(model, vae_for(meta, device=dev), MaskPrior.load(directory / PRIOR), meta)
+
+
+@dataclass
+class ConditionalPair:
+    index: int
+    image: np.ndarray  # (H, W, D) float32, about [0, 1.3]
+    mask: np.ndarray  # (H, W, D) uint8 {0, 1}: the condition
+    affine: np.ndarray
+    meta: dict[str, Any]
+
+
+def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
+                               device: str = "auto", masks: list[np.ndarray] | None = None,
+                               affines: list[np.ndarray] | None = None,
+                               on_pair: Callable[[int], None] | None = None) -> Iterator[ConditionalPair]:
+    """FLAIRs for given masks on the model grid (each with its grid affine), or for `n` masks drawn from the
+    adapter's prior (model-grid affine centred on the origin).
+
+    Sample i uses noise seeded by (seed, i) and, from the prior, mask draw (seed, i): reproducible one by one.
+    """
+    cond = load_conditional_model(adapter, device)
+    prep = cond.prep
+    default_affine = model_grid_affine(prep.shape, prep.spacing)
+    source = str(resolve_conditional_adapter(adapter))
+    count = len(masks) if masks is not None else n
+    for i in range(count):
+        if masks is not None:
+            mask, origin = (np.asarray(masks[i]) > 0).astype(np.uint8), "given"
+        else:
+            mask, origin = cond.prior.sample(np.random.default_rng([seed, i])), "prior"
+        noise = torch.randn(cond.meta["latent_shape"], generator=torch.Generator().manual_seed(seed * 100_003 + i))
+        image = cond.generate(mask, noise, steps)
+        if on_pair is not None:
+            on_pair(i)
+        affine = affines[i] if affines is not None else default_affine
+        yield ConditionalPair(i, image, mask, affine,
+                              {"index": i, "seed": seed, "steps": steps, "adapter": source, "mode": "conditional",
+                               "mask_source": origin})
+
+
+def write_conditional_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
+                            device: str = "auto", masks: list[np.ndarray] | None = None,
+                            affines: list[np.ndarray] | None = None) -> list[Path]:
+    """`sample_XXX_flair.nii.gz` + `sample_XXX_mask.nii.gz` (+ `sample_XXX.json`), as joint generation writes."""
+    from neuromf.io.nifti import save_nifti
+
+    paths = []
+    for pair in generate_conditional_pairs(adapter, n, steps, seed, device, masks, affines):
+        stem = Path(out_dir) / f"sample_{pair.index:03d}"
+        paths.append(save_nifti(pair.image, pair.affine, f"{stem}_flair.nii.gz"))
+        paths.append(save_nifti(pair.mask, pair.affine, f"{stem}_mask.nii.gz", dtype=np.uint8))
+        paths.append(atomic_write_json(Path(f"{stem}.json"), pair.meta))
+    return paths
+
+
+__all__ = ["ConditionalModel", "ConditionalPair", "generate_conditional_pairs", "is_conditional_adapter",
+           "load_conditional_model", "packed_lesion_loss", "train_conditional",
+           "write_conditional_pairs"]

@@ -1,0 +1,148 @@
+"""Stage 2's two modes on tiny real models: the conditional mode (MONAI ControlNet, mask -> FLAIR) and the joint
+mode with the signed-distance mask channels and the noise pass-through; CLI generation from a mask file."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import TEST_SHAPE, tiny_config, write_nifti
+
+from neuromf.cli import main as cli
+from neuromf.meanflow.loss import meanflow_target
+from neuromf.models.controlnet import ConditionedFlowModel, controlnet_from_unet
+from neuromf.models.unet import MeanFlowUNet
+from neuromf.train import run_to_end
+
+
+def _conditioned(seed: int = 0) -> tuple[MeanFlowUNet, ConditionedFlowModel]:
+    torch.manual_seed(seed)
+    unet = MeanFlowUNet(4, preset="tiny").eval()
+    with torch.no_grad():  # MONAI zero-initialises the output conv: a fresh UNet would output 0 whatever the input
+        for p in unet.out.parameters():
+            p.normal_(0, 0.1)
+    return unet, ConditionedFlowModel(unet, controlnet_from_unet(unet, (4, 8, 8))).eval()
+
+
+def test_controlnet_starts_as_the_base_model_and_trains_alone():
+    unet, model = _conditioned()
+    z, r, t = torch.randn(2, 4, 4, 4, 4), torch.tensor([0.1, 0.0]), torch.tensor([0.6, 1.0])
+    cond = torch.zeros(2, 1, 16, 16, 16)
+    cond[:, :, 4:9, 4:9, 4:9] = 1
+    with torch.no_grad():
+        assert torch.allclose(model(z, r, t, cond), unet(z, r, t), atol=1e-6)  # zero convs: nothing added yet
+    u, target = meanflow_target(lambda *a: model(*a, cond=cond), z, r, t, torch.randn_like(z))
+    (u - target).pow(2).mean().backward()
+    assert all(p.grad is None for p in unet.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.controlnet.parameters())
+
+
+def test_conditioned_model_depends_on_the_mask_and_its_jvp_matches_finite_differences():
+    _, model = _conditioned()
+    with torch.no_grad():  # open the zero convolutions so the mask has an effect
+        for block in [*model.controlnet.controlnet_down_blocks, model.controlnet.controlnet_mid_block,
+                      model.controlnet.controlnet_cond_embedding.conv_out]:
+            for p in block.parameters():
+                p.normal_(0, 1.0)
+    z, r, t = torch.randn(1, 4, 4, 4, 4), torch.tensor([0.2]), torch.tensor([0.7])
+    empty, lesion = torch.zeros(1, 1, 16, 16, 16), torch.zeros(1, 1, 16, 16, 16)
+    lesion[..., 5:10, 5:10, 5:10] = 1
+    with torch.no_grad():
+        assert (model(z, r, t, lesion) - model(z, r, t, empty)).abs().max() > 1e-3
+    v = torch.randn_like(z)
+
+    def f(z_, r_, t_):
+        return model(z_, r_, t_, cond=lesion)
+
+    _, dudt = torch.func.jvp(f, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    eps = 1e-3
+    with torch.no_grad():
+        fd = (f(z + eps * v, r, t + eps) - f(z - eps * v, r, t - eps)) / (2 * eps)
+    assert torch.allclose(dudt, fd, atol=2e-3, rtol=1e-2)
+
+
+def test_mask_passthrough_adds_the_input_to_the_mask_outputs():
+    torch.manual_seed(0)
+    unet = MeanFlowUNet(6, preset="tiny").eval()
+    z, r, t = torch.randn(1, 6, 4, 4, 4), torch.zeros(1), torch.ones(1)
+    with torch.no_grad():
+        plain = unet(z, r, t)
+        unet.skip_channels = 2
+        skipped = unet(z, r, t)
+    assert torch.equal(skipped[:, :4], plain[:, :4])
+    assert torch.allclose(skipped[:, 4:], plain[:, 4:] + z[:, 4:])
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory, phantom_dir, tiny_vae_dir, tiny_base_dir):
+    from neuromf.pipelines.conditional import train_conditional
+
+    tmp = tmp_path_factory.mktemp("cond")
+    cfg = tiny_config(tmp, phantom_dir, tiny_vae_dir, **{"loss.lesion_weight": 50.0, "training.max_steps": 2,
+                                                         "conditional.embedding_channels": [8]})
+    return run_to_end(train_conditional(cfg, tiny_base_dir, progress=False))
+
+
+def test_conditional_training_exports_an_adapter_and_logs_a_fixed_draw(conditional_run):
+    from neuromf.pipelines.conditional import SIDECAR, load_conditional_model
+
+    adapter = conditional_run.export
+    meta = json.loads((adapter / SIDECAR).read_text())
+    assert meta["mode"] == "conditional" and meta["n_healthy"] > 0
+    header = (conditional_run.out_dir / "losses.csv").read_text().splitlines()[0].split(",")
+    assert {"raw_lesion", "eval_raw", "eval_raw_img", "eval_raw_lesion"} <= set(header)
+    loaded = load_conditional_model(adapter)
+    trained = {k: v for k, v in loaded.model.controlnet.state_dict().items() if "controlnet_mid_block" in k}
+    assert any(v.abs().sum() > 0 for v in trained.values())  # the zero convs moved
+    mask = loaded.prior.sample(np.random.default_rng(0))
+    assert mask.shape == TEST_SHAPE and mask.any()
+
+
+def test_generate_conditional_from_a_mask_file_and_from_the_prior(conditional_run, phantom_dir, tmp_path):
+    from neuromf.io.bids import discover_cases
+
+    case = next(c for c in discover_cases(phantom_dir, group="fcd") if c.mask is not None)
+    before = case.mask.read_bytes()
+    out = tmp_path / "given"
+    assert cli(["generate", "--adapter", str(conditional_run.export), "--mode", "conditional",
+                "--mask", str(case.mask), "--image", str(case.image), "--out", str(out), "--device", "cpu"]) == 0
+    flair, mask = nib.load(out / "sample_000_flair.nii.gz"), nib.load(out / "sample_000_mask.nii.gz")
+    assert flair.shape == TEST_SHAPE and np.allclose(flair.affine, mask.affine)
+    assert np.asarray(mask.dataobj).any() and np.isfinite(np.asarray(flair.dataobj)).all()
+    assert json.loads((out / "sample_000.json").read_text())["mask_source"] == "given"
+    assert case.mask.read_bytes() == before  # inputs are never modified
+    prior_out = tmp_path / "prior"
+    assert cli(["generate", "--adapter", str(conditional_run.export), "--n", "2", "--out", str(prior_out),
+                "--device", "cpu"]) == 0  # auto mode finds the conditional adapter
+    masks = [np.asarray(nib.load(prior_out / f"sample_00{i}_mask.nii.gz").dataobj) for i in range(2)]
+    assert all(m.any() for m in masks) and not np.array_equal(masks[0], masks[1])
+
+
+def test_generate_refuses_a_mode_the_adapter_cannot_do(conditional_run, tmp_path, capsys):
+    code = cli(["generate", "--adapter", str(conditional_run.export), "--mode", "joint", "--out", str(tmp_path)])
+    assert code != 0 and "conditional adapter cannot generate in joint mode" in capsys.readouterr().err
+    empty = write_nifti(tmp_path / "empty_roi.nii.gz", np.zeros((20, 20, 20), np.uint8), np.diag([2, 2, 2, 1.0]))
+    code = cli(["generate", "--adapter", str(conditional_run.export), "--mask", str(empty),
+                "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code != 0 and "empty_roi.nii.gz" in err and "empty" in err and "Traceback" not in err
+
+
+def test_joint_sdf_mode_trains_generates_and_records_noise_correlation(tmp_path, phantom_dir, tiny_vae_dir,
+                                                                          tiny_base_dir):
+    from neuromf.lora_pipeline import load_joint_model, train_lora, write_generated_pairs
+
+    cfg = tiny_config(tmp_path, phantom_dir, tiny_vae_dir, **{"data.mask_strategy": "sdf",
+                                                              "loss.lesion_weight": 20.0})
+    result = run_to_end(train_lora(cfg, tiny_base_dir, progress=False))
+    joint = load_joint_model(result.export)
+    assert joint.strategy == "sdf" and joint.meta["channels"]["mask"] == 8
+    assert joint.model.skip_channels == 8  # the pass-through survives saving and loading
+    write_generated_pairs(result.export, tmp_path / "gen", n=2)
+    meta = json.loads((tmp_path / "gen" / "sample_001.json").read_text())
+    assert -1.0 <= meta["mask_noise_correlation"] <= 1.0 and meta["strategy"] == "sdf"
+    header = (result.out_dir / "losses.csv").read_text().splitlines()[0].split(",")
+    assert {"raw_mask", "raw_lesion", "eval_raw_mask", "eval_raw_lesion"} <= set(header)

@@ -1,0 +1,142 @@
+"""Mask representations (signed distance, pixel shuffles), the lesion-weighted loss, the normalisation that keeps
+lesions bright, and the mask prior: checked numerically on small arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from neuromf.data.mask_codec import (
+    decode_sdf,
+    encode_sdf,
+    lesion_region,
+    mask_channels,
+    pixel_shuffle_3d,
+    pixel_unshuffle_3d,
+    signed_distance_mm,
+    tanh_threshold,
+)
+from neuromf.data.mask_prior import MaskPrior
+from neuromf.eval.metrics import dice
+from neuromf.io.nifti import Preprocessing
+from neuromf.meanflow.loss import ChannelLp, MeanFlowLoss
+
+
+def ball(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1)
+    return (np.linalg.norm(grid - np.asarray(centre), axis=-1) <= radius).astype(np.float32)
+
+
+def test_pixel_shuffles_are_inverse_and_keep_blocks_together():
+    x = torch.arange(2 * 1 * 8 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8, 8)
+    packed = pixel_unshuffle_3d(x, 4)
+    assert packed.shape == (2, 64, 2, 2, 2)
+    assert torch.equal(pixel_shuffle_3d(packed, 4), x)
+    # channel values at latent voxel (0, 0, 0) are exactly the first 4^3 block of the image grid
+    assert torch.equal(packed[0, :, 0, 0, 0].sort().values, x[0, 0, :4, :4, :4].flatten().sort().values)
+
+
+def test_signed_distance_sign_and_scale():
+    mask = np.zeros((9, 9, 9), dtype=bool)
+    mask[3:6, 3:6, 3:6] = True
+    phi = signed_distance_mm(mask, (2.0, 2.0, 2.0))
+    assert phi[4, 4, 4] > 0 and phi[0, 0, 0] < 0
+    # centre voxel: 2 voxels (4 mm) to the nearest outside voxel, minus half a voxel (the face)
+    assert phi[4, 4, 4] == pytest.approx(4.0 - 1.0)
+    # a face neighbour outside: 1 voxel (2 mm) away, minus half a voxel
+    assert phi[2, 4, 4] == pytest.approx(-(2.0 - 1.0))
+    assert (signed_distance_mm(np.zeros((4, 4, 4), bool), (1.0, 1.0, 1.0)) < -100).all()
+
+
+@pytest.mark.parametrize("radius", [3.0, 5.0, 8.0])
+def test_sdf_round_trip_keeps_small_lesions(radius):
+    """A lesion a few latent voxels wide survives the 4x coarser grid (binary downsampling lost a third)."""
+    mask = torch.from_numpy(ball((32, 32, 32), (15.3, 16.0, 14.6), radius))[None, None]
+    channels = encode_sdf(mask, (3.0, 3.0, 3.0), scale_mm=6.0, subgrid=2)
+    assert channels.shape == (1, mask_channels("sdf", subgrid=2), 8, 8, 8)
+    assert channels.abs().max() <= 1.0  # bounded: no 15-20 sd tail for the sampler to reach
+    decoded = decode_sdf(channels, subgrid=2, threshold=tanh_threshold(-1.0, 6.0))
+    assert decoded.shape == mask.shape
+    assert dice(decoded.numpy(), mask.numpy()) > 0.75
+
+
+def test_sdf_of_an_empty_mask_decodes_empty():
+    channels = encode_sdf(torch.zeros(1, 1, 16, 16, 16), (3.0, 3.0, 3.0))
+    assert channels.max() < -0.99
+    assert decode_sdf(channels).sum() == 0
+
+
+def test_lesion_region_covers_the_lesion_and_its_neighbours():
+    mask = torch.zeros(1, 1, 32, 32, 32)
+    mask[0, 0, 17, 17, 17] = 1
+    region = lesion_region(mask, dilate=1)
+    assert region.shape == (1, 1, 8, 8, 8)
+    assert region[0, 0, 4, 4, 4] == 1 and region[0, 0, 3, 5, 4] == 1
+    assert region.sum() == 27
+    assert lesion_region(mask, dilate=0).sum() == 1
+
+
+def test_voxel_weighted_lp_by_hand():
+    delta = torch.zeros(1, 2, 2, 1, 1)
+    delta[0, 0, 0] = 2.0  # image channel, voxel 0
+    delta[0, 1, 1] = 1.0  # mask channel, voxel 1
+    weight = torch.tensor([1.0, 5.0]).view(1, 1, 2, 1, 1)
+    lp = ChannelLp.for_channels(1, 1, p_img=2.0, p_mask=1.0)
+    img, msk = lp.per_group(delta, weight)
+    assert float(img) == pytest.approx((4.0 * 1.0 + 0.0) / 2)
+    assert float(msk) == pytest.approx((0.0 + 1.0 * 5.0) / 2)
+    region = torch.tensor([0.0, 1.0]).view(1, 1, 2, 1, 1)
+    assert float(lp.region_mean(delta, region)) == pytest.approx(0.0)
+    assert float(lp.region_mean(delta, 1 - region)) == pytest.approx(4.0)
+
+
+def test_lesion_weight_changes_the_loss_not_the_reported_parts():
+    x = torch.randn(2, 4, 4, 4, 4)
+    lesion = torch.zeros(2, 1, 4, 4, 4)
+    lesion[:, :, 1:3, 1:3, 1:3] = 1
+
+    def model(z, r, t):
+        return 0.5 * z
+
+    losses = {}
+    for w in (0.0, 50.0):
+        loss = MeanFlowLoss(lesion_weight=w, adaptive_power=0.0)
+        value, parts = loss(model, x, torch.Generator().manual_seed(0), lesion=lesion)
+        losses[w] = (float(value), parts)
+    assert losses[0.0][1]["raw"] == pytest.approx(losses[50.0][1]["raw"])
+    assert losses[0.0][1]["raw_lesion"] == pytest.approx(losses[50.0][1]["raw_lesion"])
+    assert losses[50.0][0] > 5 * losses[0.0][0]
+
+
+def test_normalisation_keeps_the_brightest_tissue():
+    data = torch.linspace(0, 1, 1000).reshape(10, 10, 10)
+    data[0, 0, :5] = 1.3  # a lesion brighter than the 99.5th percentile
+    scaled = Preprocessing().scale(data)
+    assert scaled.max() > 1.2
+    assert Preprocessing(clip_max=1.0).scale(data).max() == pytest.approx(1.0)
+    # sidecars written before clip_max existed were made with the old clip
+    old = Preprocessing.from_dict({"shape": [64, 64, 64], "spacing": [3, 3, 3], "lower_percentile": 0.0,
+                                   "upper_percentile": 99.5})
+    assert old.clip_max == 1.0 and old.shape == (64, 64, 64)
+    with pytest.raises(ValueError, match="clip_max"):
+        Preprocessing(clip_max=0.5)
+
+
+def test_mask_prior_places_real_lesions_inside_the_brain(tmp_path):
+    shape = (32, 32, 32)
+    brain_image = ball(shape, (16, 16, 16), 12) * 0.6
+    lesions = [ball(shape, (8, 16, 16), 2.0), ball(shape, (16, 24, 16), 3.0)]
+    prior = MaskPrior.from_cases(lesions, [brain_image], (3.0, 3.0, 3.0))
+    volumes = {int(m.sum()) for m in lesions}
+    rng = np.random.default_rng(0)
+    drawn = [prior.sample(rng) for _ in range(20)]
+    for mask in drawn:
+        assert int(mask.sum()) in volumes
+        assert (mask.astype(bool) & prior.brain).sum() >= 0.95 * mask.sum()
+    assert len({tuple(np.argwhere(m).mean(0).round()) for m in drawn}) > 5  # re-placed, not copied
+    loaded = MaskPrior.load(prior.save(tmp_path / "prior.safetensors"))
+    assert loaded.depth_range == pytest.approx(prior.depth_range)
+    assert np.array_equal(loaded.sample(np.random.default_rng(3)), prior.sample(np.random.default_rng(3)))
+    with pytest.raises(ValueError, match="not a readable"):
+        MaskPrior.load(tmp_path / "prior.safetensors.missing")
