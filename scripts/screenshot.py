@@ -4,8 +4,9 @@ Run under a virtual display (no screen needed):
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshot.py
 
-It samples one pair from the LoRA adapter given with --adapter (default: the embedded demo adapter). When no
-adapter is available yet it falls back to the FCD phantom sample case, and says so.
+It samples one pair from the adapter given with --adapter (default: the embedded demo adapter of --mode: joint =
+lora_demo, conditional = cond_demo, which draws the lesion from its prior of training lesions). When no adapter is
+available yet it falls back to the FCD phantom sample case, and says so.
 """
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pair_layers_or_phantom(adapter: str, seed: int, steps: int) -> tuple[list, str]:
+def pair_layers_or_phantom(adapter: str, seed: int, steps: int, mode: str = "joint") -> tuple[list, str]:
     from napari_neuromf._layers import case_layers, pair_layers
 
     try:
-        from neuromf.lora_pipeline import generate_pairs
+        if mode == "conditional":
+            from neuromf.pipelines.conditional import generate_conditional_pairs as generate
+        else:
+            from neuromf.lora_pipeline import generate_pairs as generate
 
-        pair = next(iter(generate_pairs(adapter, n=1, steps=steps, seed=seed, device="auto")))
+        pair = next(iter(generate(adapter, n=1, steps=steps, seed=seed, device="auto")))
         meta = {**pair.meta, "generated": True, "seed": seed, "steps": steps, "checkpoint": adapter}
-        return pair_layers("gen_000", pair.image, pair.mask, pair.affine, meta), f"generated pair ({adapter})"
+        return (pair_layers("gen_000", pair.image, pair.mask, pair.affine, meta),
+                f"generated pair, {mode} mode ({adapter})")
     except Exception as err:  # no adapter yet: show the phantom case instead
         print(f"screenshot: cannot generate from {adapter!r} ({type(err).__name__}: {err}); "
               "using the FCD phantom sample case instead", file=sys.stderr)
@@ -40,7 +45,8 @@ def pair_layers_or_phantom(adapter: str, seed: int, steps: int) -> tuple[list, s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", default="embedded", help="LoRA adapter folder or 'embedded'")
+    parser.add_argument("--adapter", default="embedded", help="adapter folder or 'embedded'")
+    parser.add_argument("--mode", default="joint", choices=["joint", "conditional"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshot.png")
@@ -58,12 +64,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_neuromf._widgets import add_layer
 
-    layers, what = pair_layers_or_phantom(args.adapter, args.seed, args.steps)
+    layers, what = pair_layers_or_phantom(args.adapter, args.seed, args.steps, args.mode)
     viewer = napari.Viewer(title="NeuroMF", show=True)
     viewer.window.resize(*args.size)
-    viewer.window.add_plugin_dock_widget("napari-neuromf", "Generate")
+    _, generate_widget = viewer.window.add_plugin_dock_widget("napari-neuromf", "Generate")
+    generate_widget.mode.setCurrentText(args.mode)
+    generate_widget.seed.setValue(args.seed)
     added = [add_layer(viewer, t) for t in layers]
-    lesion = next(layer for layer in added if layer._type_string == "labels")
+    lesion = next(layer for layer in added if isinstance(layer, napari.layers.Labels))
+    image = next(layer for layer in added if isinstance(layer, napari.layers.Image))
+    # a window from brain percentiles keeps the hyperintensity visible; the lesion as a contour shows what is
+    # under it
+    brain = image.data[image.data > 0.05]
+    if brain.size:
+        image.contrast_limits = (0.0, float(np.percentile(brain, 99.9)))
+    lesion.contour = 1
+    lesion.opacity = 1.0
 
     # axial slice through the lesion's centre, anterior up
     viewer.dims.axis_labels = ("R", "A", "S")

@@ -223,7 +223,7 @@ def _complete_run(world) -> tuple[Path, Path]:
 
 def _table(text: str) -> dict[str, list[str]]:
     return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
-            for line in text.splitlines() if line.startswith("| P7-")}
+            for line in text.splitlines() if line.startswith(("| P7-", "| C-"))}
 
 
 def _report(stage: Path, run: Path, out: Path, **kwargs) -> tuple[str, dict[str, list[str]]]:
@@ -245,16 +245,18 @@ def _write_losses(run: Path, rows: list[dict]) -> None:
 
 
 def test_checks_registry():
-    assert [c.test for c in CHECKS] == [f"P7-T{i}" for i in range(1, 8)]
-    assert [c.critical for c in CHECKS] == [True] * 5 + [False] * 2
-    assert len({c.description for c in CHECKS}) == 7
+    # the spec's seven checks, then the conditional mode's two (beyond the spec, informational)
+    assert [c.test for c in CHECKS] == [f"P7-T{i}" for i in range(1, 8)] + ["C-1", "C-2"]
+    assert [c.critical for c in CHECKS] == [True] * 5 + [False] * 4
+    assert len({c.description for c in CHECKS}) == 9
 
 
 def test_report_all_present(world, metrics, tmp_path):
     stage, run = _complete_run(world)
     text, rows = _report(stage, run, tmp_path, max_montages=3)
     report_dir = tmp_path / "phase_7"
-    assert list(rows) == [f"P7-T{i}" for i in range(1, 8)]
+    assert list(rows) == [f"P7-T{i}" for i in range(1, 8)] + ["C-1", "C-2"]
+    assert rows["C-1"][3] == rows["C-2"][3] == "NOT RUN"  # no conditional run in this stage folder
     for check in CHECKS:  # each row carries its registry description
         assert rows[check.test][1] == check.description.replace("|", "\\|")
     for test in ("P7-T1", "P7-T2", "P7-T3", "P7-T4"):

@@ -135,6 +135,13 @@ def test_mask_prior_places_real_lesions_inside_the_brain(tmp_path):
         assert int(mask.sum()) in volumes
         assert (mask.astype(bool) & prior.brain).sum() >= 0.95 * mask.sum()
     assert len({tuple(np.argwhere(m).mean(0).round()) for m in drawn}) > 5  # re-placed, not copied
+    # centres stay within the real lesions' inferior-superior range (no cerebellar FCD from cerebral lesions)
+    from scipy import ndimage
+
+    depth = ndimage.distance_transform_edt(prior.brain, sampling=prior.spacing)
+    assert all(prior.depth_range[0] <= np.median(depth[m > 0]) <= prior.depth_range[1] for m in drawn)
+    low, high = prior.height_range
+    assert all(low - 0.5 <= np.argwhere(m).mean(0)[2] <= high + 0.5 for m in drawn)
     loaded = MaskPrior.load(prior.save(tmp_path / "prior.safetensors"))
     assert loaded.depth_range == pytest.approx(prior.depth_range)
     assert np.array_equal(loaded.sample(np.random.default_rng(3)), prior.sample(np.random.default_rng(3)))

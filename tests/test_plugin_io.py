@@ -151,7 +151,8 @@ def test_sample_data_and_widgets_from_manifest(make_napari_viewer):
 
     viewer = make_napari_viewer()
     manifest = PluginManager.instance().get_manifest("napari-neuromf")
-    assert {s.display_name for s in manifest.contributions.sample_data} == {"FCD phantom case", "Generated pair"}
+    assert {s.display_name for s in manifest.contributions.sample_data} == {
+        "FCD phantom case", "Generated pair", "Generated FLAIR for a lesion (conditional)"}
     names = [w.display_name for w in manifest.contributions.widgets]
     assert names == ["FCD data", "Mask-VAE test", "LoRA fine-tuning", "Generate"]
     for name in names:
@@ -194,6 +195,23 @@ def test_generated_pair_sample(make_napari_viewer, monkeypatch):
     assert image.data.shape == lesion.data.shape == (8, 8, 8)
     assert tuple(image.scale) == tuple(lesion.scale) == (3.0, 3.0, 3.0)
     assert lesion.metadata["neuromf"]["seed"] == 0 and lesion.metadata["neuromf"]["checkpoint"] == "embedded"
+
+
+@pytest.mark.gui
+def test_conditional_pair_sample_uses_the_embedded_controlnet(make_napari_viewer):
+    """The conditional sample: the shipped cond_demo adapter draws a training lesion and generates a FLAIR for it
+    (real models, one step on the 64^3 model grid)."""
+    from neuromf.weights import sample_data_root
+
+    if not (sample_data_root() / "models" / "cond_demo").is_dir():
+        pytest.skip("no embedded conditional adapter in this install")
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-neuromf", "conditional_pair")
+    image, lesion = viewer.layers["gen_000 FLAIR"], viewer.layers["gen_000 lesion"]
+    assert image.data.shape == lesion.data.shape == (64, 64, 64)
+    assert lesion.data.any() and lesion.metadata["neuromf"]["mode"] == "conditional"
+    assert lesion.metadata["neuromf"]["mask_source"] == "prior"
+    assert np.isfinite(image.data).all() and 0.0 <= float(image.data.min())
 
 
 def _has_embedded_dir() -> bool:

@@ -119,7 +119,7 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
         "base_checkpoint": str(base_checkpoint), "base_sha256": base_meta["weights_sha256"],
         "base_preset": base_meta["arch"]["preset"], "vae": base_meta["vae"], "vae_preset": base_meta["vae_preset"],
         "vae_identity": base_meta["vae_identity"], "scale_factor": base_meta["scale_factor"],
-        "preprocessing": base_meta["preprocessing"], "latent_shape": list(latents.shape[1:]),
+        "preprocessing": prep.key(), "latent_shape": list(latents.shape[1:]),
         "trainable_params": trainable, "total_params": total, "lora_params": count_lora_params(model),
         # "embedded" stays a name so a shipped adapter does not carry this machine's path
         "data_dir": "embedded" if cfg.data.data_dir == "embedded" else str(dataset.root),

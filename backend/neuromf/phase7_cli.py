@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 STAGE_DIR = Path("experiments/stage2_fcd")
 REPORT = Path("experiments/phase_7/verification_report.md")
@@ -47,27 +48,30 @@ def cmd_mask_test(args) -> int:
     return 0
 
 
-def cmd_train_lora(args) -> int:
+def _train_stage2(args, train_fn: Callable, name: str) -> Any:
+    """Drive a stage-2 training generator from the command line (progress bar, Ctrl-C stops and saves)."""
     from neuromf.cli import _drive, _load_cfg, _stop_on_sigint
-    from neuromf.lora_pipeline import train_lora
 
     cfg = _load_cfg(args)
-    result = _drive(train_lora(cfg, args.base_checkpoint, resume=args.resume, overwrite=args.overwrite,
-                               stop=_stop_on_sigint()), "train-lora")
+    result = _drive(train_fn(cfg, args.base_checkpoint, resume=args.resume, overwrite=args.overwrite,
+                             stop=_stop_on_sigint()), name)
     print(f"{'stopped' if result.stopped else 'finished'} at step {result.step}; adapter: {result.export}; "
           f"resume with --resume; loss curve: {result.out_dir / 'loss_curve.png'}")
+    return result
+
+
+def cmd_train_lora(args) -> int:
+    from neuromf.lora_pipeline import train_lora
+
+    _train_stage2(args, train_lora, "train-lora")
     return 0
 
 
 def cmd_train_conditional(args) -> int:
-    from neuromf.cli import _drive, _load_cfg, _stop_on_sigint
     from neuromf.pipelines.conditional import train_conditional
 
-    cfg = _load_cfg(args)
-    result = _drive(train_conditional(cfg, args.base_checkpoint, resume=args.resume, overwrite=args.overwrite,
-                                      stop=_stop_on_sigint()), "train-conditional")
-    print(f"{'stopped' if result.stopped else 'finished'} at step {result.step}; adapter: {result.export}; "
-          f"generate with: neuromf generate --adapter {result.export} --mode conditional [--mask FILE]")
+    result = _train_stage2(args, train_conditional, "train-conditional")
+    print(f"generate with: neuromf generate --adapter {result.export} --mode conditional [--mask FILE]")
     return 0
 
 
@@ -82,6 +86,29 @@ def cmd_evaluate(args) -> int:
     print(f"lesion-like: {like['summary']['n_lesion_like']}/{like['summary']['n']} ({like['rate']:.0%}); per "
           "criterion: " + ", ".join(f"{k} {v:.0%}" for k, v in like["summary"]["rates"].items() if k != "all")
           + f"; median contrast {like['summary']['medians'].get('contrast')}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_consistency(args) -> int:
+    from neuromf.eval.segmenter import evaluate_consistency
+    from neuromf.io.nifti import Preprocessing
+    from neuromf.pipelines.conditional import adapter_meta
+    from neuromf.utils import ensure_writable
+
+    ensure_writable(Path(args.out), file=True)  # before the trainings, not after them
+    prep = Preprocessing.from_dict(adapter_meta(args.adapter, args.mode)["preprocessing"])
+    result = evaluate_consistency(Path(args.generated), args.data, prep, seeds=args.seeds, steps=args.steps,
+                                  out_json=Path(args.out), device=args.device, progress=True)
+
+    def pm(d: dict) -> str:
+        return f"{d['mean']:.3f}" + ("" if d["sd"] is None else f" +- {d['sd']:.3f}")
+
+    down = result["downstream"]
+    print(f"segmenter ceiling (held-out real Dice) {pm(result['ceiling'])}; image-mask consistency Dice "
+          f"{pm(result['consistency'])} on {result['n_generated']} generated pairs ({len(args.seeds)} seeds)")
+    print(f"downstream: real only {pm(down['real_only'])}, real + generated {pm(down['real_plus_generated'])}; "
+          f"{down['verdict']}")
     print(f"wrote {args.out}")
     return 0
 
@@ -188,6 +215,9 @@ def cmd_demo(args) -> int:
              "--steps", "1", "--seed", "0", "--out", str(cond_stage / "generated")],
             ["evaluate", "--adapter", str(cond_run / "adapter"), "--generated", str(cond_stage / "generated"),
              "--data", "embedded", "--out", str(cond_stage / "metrics.json")],
+            ["consistency", "--adapter", str(cond_run / "adapter"), "--generated", str(cond_stage / "generated"),
+             "--data", "embedded", "--out", str(cond_stage / "consistency.json"), "--seeds",
+             *map(str, args.ablation_seeds)],
         ]
     steps.append(["verify", "--run", str(run), "--stage-dir", str(stage), "--report", str(report)])
     for argv in steps:
@@ -235,6 +265,18 @@ def register(add: Callable[[str, Callable, str], argparse.ArgumentParser]) -> No
     p.add_argument("--data", default="embedded")
     p.add_argument("--out", default=str(STAGE_DIR / "metrics" / "metrics.json"))
 
+    p = add("consistency", cmd_consistency,
+            "image-mask consistency and downstream use of generated pairs, judged by a small MONAI segmenter")
+    p.add_argument("--adapter", default="embedded", help="the adapter that generated the pairs (its grid)")
+    p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
+                   help="with --adapter embedded: which demo adapter")
+    p.add_argument("--generated", default=str(STAGE_DIR / "generated"))
+    p.add_argument("--data", default="embedded")
+    p.add_argument("--out", default=str(STAGE_DIR / "metrics" / "consistency.json"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one segmenter pair per seed")
+    p.add_argument("--steps", type=int, default=300, help="training steps of each segmenter")
+    p.add_argument("--device", default="cpu")
+
     p = add("ablate-lp", cmd_ablate_lp, "P7-T7: per-channel Lp (1.5/2.0) vs uniform L2, same seed/data/budget")
     p.add_argument("--config", default="demo_lora")
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded")
@@ -253,7 +295,7 @@ def register(add: Callable[[str, Callable, str], argparse.ArgumentParser]) -> No
     p.add_argument("--out", default="experiments")
     p.add_argument("--runs", default="runs")
     p.add_argument("--n", type=int, default=8)
-    p.add_argument("--ablation-steps", type=int, default=60)
+    p.add_argument("--ablation-steps", type=int, default=40)
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--skip-ablation", action="store_true")
     p.add_argument("--skip-conditional", action="store_true", help="leave out the conditional mode (mask -> FLAIR)")

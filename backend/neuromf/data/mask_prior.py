@@ -2,7 +2,9 @@
 
 A drawn mask is one of the training lesions (cropped to its bounding box), mirrored left-right at random, and
 moved to a new centre chosen among brain voxels whose depth below the brain surface lies within the range of
-the real lesions' depths (FCD lesions sit at the grey/white junction, a few mm to ~2 cm deep). A placement is
+the real lesions' depths (FCD lesions sit at the grey/white junction, a few mm to ~2 cm deep) and whose height
+(inferior-superior) lies within the real lesions' range (FCD is a cortical malformation of the cerebrum: no
+lesion in the cerebellum or brainstem unless the training lesions go there). A placement is
 kept when >= 95% of the lesion lies inside the reference brain; volumes therefore follow the training
 distribution. The reference brain is the voxel-wise mean of the training FLAIRs on the model grid.
 """
@@ -46,6 +48,8 @@ class MaskPrior:
     brain: np.ndarray
     spacing: tuple[float, float, float]
     depth_range: tuple[float, float]
+    # inferior-superior voxel range (axis 2 of the RAS grid) of the real lesion centroids; None = anywhere
+    height_range: tuple[float, float] | None = None
 
     @classmethod
     def from_cases(cls, masks: list[np.ndarray], images: list[np.ndarray],
@@ -56,9 +60,12 @@ class MaskPrior:
             raise ValueError("the mask prior needs at least one non-empty training lesion")
         brain = brain_of(np.mean(np.stack(images), axis=0))
         depth = ndimage.distance_transform_edt(brain, sampling=spacing)
-        centre_depths = [float(depth[tuple(np.round(ndimage.center_of_mass(m)).astype(int))]) for m in lesions]
+        centres = [np.round(ndimage.center_of_mass(m)).astype(int) for m in lesions]
+        # median depth of the lesion's voxels, as the lesion-likeness check measures it
+        depths = [float(np.median(depth[m])) for m in lesions]
+        heights = [float(c[2]) for c in centres]
         return cls([_crop(m) for m in lesions], brain, tuple(float(s) for s in spacing),
-                   (min(centre_depths), max(centre_depths)))
+                   (min(depths), max(depths)), (min(heights), max(heights)))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -68,13 +75,19 @@ class MaskPrior:
         """(K, 3) voxel indices where a lesion centre may go."""
         depth = ndimage.distance_transform_edt(self.brain, sampling=self.spacing)
         lo, hi = self.depth_range
-        return np.argwhere(self.brain & (depth >= lo) & (depth <= hi))
+        allowed = self.brain & (depth >= lo) & (depth <= hi)
+        if self.height_range is not None:
+            height = np.arange(self.shape[2])[None, None, :]
+            allowed &= (height >= self.height_range[0]) & (height <= self.height_range[1])
+        return np.argwhere(allowed)
 
     def sample(self, rng: np.random.Generator, max_tries: int = 200) -> np.ndarray:
         """One (H, W, D) uint8 lesion mask on the model grid."""
         centres = self.candidate_centres()
         if not len(centres):
             raise ValueError("the mask prior's reference brain has no voxel at the real lesions' depth")
+        depth = ndimage.distance_transform_edt(self.brain, sampling=self.spacing)
+        lo, hi = self.depth_range
         best, best_inside = None, -1.0
         for _ in range(max_tries):
             lesion = self.lesions[rng.integers(len(self.lesions))]
@@ -85,7 +98,7 @@ class MaskPrior:
             if not placed.any():
                 continue
             inside = float((placed & self.brain).sum()) / float(placed.sum())
-            if inside >= MIN_INSIDE:
+            if inside >= MIN_INSIDE and lo <= float(np.median(depth[placed])) <= hi:
                 return placed.astype(np.uint8)
             if inside > best_inside:
                 best, best_inside = placed, inside
@@ -111,6 +124,8 @@ class MaskPrior:
         tensors = {"brain": torch.from_numpy(self.brain.astype(np.uint8)),
                    "spacing": torch.tensor(self.spacing, dtype=torch.float64),
                    "depth_range": torch.tensor(self.depth_range, dtype=torch.float64)}
+        if self.height_range is not None:
+            tensors["height_range"] = torch.tensor(self.height_range, dtype=torch.float64)
         for i, lesion in enumerate(self.lesions):
             tensors[f"lesion_{i:04d}"] = torch.from_numpy(lesion.astype(np.uint8))
         return atomic_write(Path(path), lambda p: save_file(tensors, str(p)))
@@ -120,7 +135,8 @@ class MaskPrior:
         try:
             tensors = load_file(str(path))
             lesions = [tensors[k].numpy() > 0 for k in sorted(tensors) if k.startswith("lesion_")]
+            height = tuple(tensors["height_range"].tolist()) if "height_range" in tensors else None
             return cls(lesions, tensors["brain"].numpy() > 0, tuple(tensors["spacing"].tolist()),
-                       tuple(tensors["depth_range"].tolist()))
+                       tuple(tensors["depth_range"].tolist()), height)
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"{path}: not a readable NeuroMF mask prior ({err})") from err

@@ -41,7 +41,7 @@ CRITERIA = ("nonempty", "largest_share", "volume", "inside_brain", "depth", "con
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
-def _volume(x: Any) -> np.ndarray:
+def as_volume(x: Any) -> np.ndarray:
     """(H, W, D) numpy view of an array or tensor with optional leading singleton axes."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
@@ -54,7 +54,7 @@ def _volume(x: Any) -> np.ndarray:
 
 
 def _binary(x: Any) -> np.ndarray:
-    x = _volume(x)
+    x = as_volume(x)
     return x.astype(bool) if x.dtype == bool else x > 0.5
 
 
@@ -62,7 +62,7 @@ def brain_mask(image: Any, threshold: float = BRAIN_THRESHOLD) -> np.ndarray:
     """Foreground of a FLAIR on the model grid (intensities ~[0, 1.5]): voxels > `threshold`, largest
     26-connected component, holes filled (dark ventricles count as brain, so depth is measured from the outside).
     """
-    fg = _volume(image) > threshold
+    fg = as_volume(image) > threshold
     labels, n = ndimage.label(fg, structure=_STRUCTURE_26)
     if n == 0:
         return fg
@@ -89,7 +89,7 @@ def lesion_contrast(image: Any, mask: Any, shell: int = SHELL_VOXELS, brain_thre
     is given, inside it. FCD lesions are FLAIR-hyperintense, so real ones sit above 1; None when the mask or
     its ring is empty.
     """
-    image = _volume(image).astype(np.float64)
+    image = as_volume(image).astype(np.float64)
     mask = _binary(mask)
     if not mask.any():
         return None
@@ -125,7 +125,7 @@ class LesionStats:
 def lesion_stats(image: Any, mask: Any, spacing: tuple[float, float, float],
                  brain: np.ndarray | None = None) -> LesionStats:
     """Figures of one pair on a grid of voxel size `spacing` (mm); `brain` defaults to `brain_mask(image)`."""
-    image = _volume(image)
+    image = as_volume(image)
     mask = _binary(mask)
     if image.shape != mask.shape:
         raise ValueError(f"lesion_stats: image shape {image.shape} differs from mask shape {mask.shape}")

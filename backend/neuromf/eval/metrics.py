@@ -35,6 +35,7 @@ from neuromf.eval.lesion_metrics import (
     SHELL_VOXELS,
     LesionReference,
     LesionStats,
+    as_volume,
     lesion_contrast,
     lesion_like,
     lesion_stats,
@@ -72,18 +73,6 @@ def _as_bool(x: np.ndarray | torch.Tensor) -> np.ndarray:
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
     return x.astype(bool) if x.dtype == bool else x > 0.5
-
-
-def as_volume(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A (H, W, D) numpy volume from a tensor or array with leading singleton axes."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    while x.ndim > 3 and x.shape[0] == 1:
-        x = x[0]
-    if x.ndim != 3:
-        raise ValueError(f"expected a 3D volume, got shape {x.shape}")
-    return x
 
 
 def find_generated_pairs(generated_dir: Path) -> list[tuple[str, Path, Path]]:

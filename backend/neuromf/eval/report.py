@@ -30,6 +30,7 @@ from neuromf.eval.metrics import as_volume
 from neuromf.utils import atomic_write, atomic_write_text
 
 LORA_FRACTION_LIMIT = 0.01
+CONSISTENCY_TARGET = 0.3  # issue 9: a segmenter trained on real cases finds the generated lesion
 CONDITIONAL_RATE_TARGET = 0.9  # masks drawn from the prior are real lesions: the FLAIR under them must show them
 MASK_DICE_THRESHOLD = 0.85
 # parts of the loss on the fixed evaluation draw that training may log (losses.csv), with their report names
@@ -211,7 +212,17 @@ def _t1(check: Check, ctx: _Context) -> Row:
     threshold = data.get("threshold", MASK_DICE_THRESHOLD)
     row.figure = (f"mean Dice A = {_fmt(summary.get('mean_dice_vae'))} (threshold {_fmt(threshold, 2)}) -> "
                   f"decision: {decision}")
-    if decision in ("vae", "downsample"):
+    if summary.get("mean_dice_sdf") is not None:
+        best_b = max((summary.get("mean_dice_downsample") or {}).values(), default=None)
+        row.figure += (f"; strategy B round trips: binary best {_fmt(best_b)}, signed distance (sdf) "
+                       f"{_fmt(summary['mean_dice_sdf'])}")
+    ceilings = summary.get("ceilings") or {}
+    if ceilings:
+        row.figure += (f"; ceilings: lesion contrast {_fmt(ceilings.get('median_contrast_vae_round_trip'))} after "
+                       f"the VAE round trip ({100 * ceilings.get('share_hyperintense_vae_round_trip', 0):.0f}% "
+                       f"hyperintense), sdf round trips lesion-like "
+                       f"{100 * ceilings.get('sdf_round_trip_lesion_like', 0):.0f}%")
+    if decision in ("vae", "downsample", "sdf"):
         row.status = "PASS"
     else:
         row.figure += " (no valid decision in the file)"
@@ -565,6 +576,28 @@ def _t7(check: Check, ctx: _Context) -> Row:
     return row
 
 
+def _consistency(check: Check, ctx: _Context) -> Row:
+    """Image-mask consistency of the conditional pairs: a segmenter trained on real cases, run on generated FLAIRs,
+    Dice against the masks they were generated for; its Dice on held-out real cases is the ceiling."""
+    path = ctx.stage_dir / "conditional" / "consistency.json"
+    row = check.row(path)
+    if not path.is_file():
+        row.figure = f"not run ({_missing(path)})"
+        return row
+    data = _read_json(path)
+
+    def pm(d: dict) -> str:
+        return "n/a" if d.get("mean") is None else _mean_sd(list(d.get("values") or [d["mean"]]))
+
+    cons, ceiling, down = data["consistency"], data["ceiling"], data["downstream"]
+    row.status = "PASS" if (cons.get("mean") or 0.0) > CONSISTENCY_TARGET else "FAIL"
+    row.figure = (f"consistency Dice {pm(cons)} (target > {CONSISTENCY_TARGET}; ceiling on held-out real cases "
+                  f"{pm(ceiling)}); downstream segmenter on held-out real cases: real only "
+                  f"{pm(down['real_only'])} vs real + generated {pm(down['real_plus_generated'])} "
+                  f"({down.get('verdict', '')})")
+    return row
+
+
 CHECKS: tuple[Check, ...] = (
     Check("P7-T1", "Mask VAE round-trip Dice (strategy A) and strategy choice", True,
           lambda c: c.stage_dir / "mask_vae_test.json", _t1),
@@ -581,6 +614,9 @@ CHECKS: tuple[Check, ...] = (
     Check("C-1", f"Beyond the spec: conditional mode, FLAIRs for prior-drawn masks are lesion-like (>= "
           f"{100 * CONDITIONAL_RATE_TARGET:.0f}%); montages below", False,
           lambda c: c.stage_dir / "conditional" / "metrics.json", _conditional),
+    Check("C-2", "Beyond the spec: conditional FLAIRs show their lesion to a segmenter trained on real cases "
+          f"(consistency Dice > {CONSISTENCY_TARGET}); downstream use", False,
+          lambda c: c.stage_dir / "conditional" / "consistency.json", _consistency),
 )
 
 

@@ -89,10 +89,7 @@ def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", 
                          split=cfg.data.split, progress=progress, include_healthy=cfg.conditional.include_healthy)
     images = dataset.image_latents()
     data = dataset.packed(images)
-    lesion_masks = [t["mask"][0].numpy() for _, t in dataset.items if t["mask"].any()]
-    # the decoded mean latent is a smooth average brain: enough for the prior's reference brain mask
-    mean_brain = vae.decode(images.mean(0, keepdim=True))[0, 0].clamp(0, prep.clip_max).numpy()
-    prior = MaskPrior.from_cases(lesion_masks, [mean_brain], prep.spacing)
+    prior = build_mask_prior(dataset, vae, prep)
     sidecar = {
         "kind": KIND, "mode": "conditional", "base_checkpoint": str(base_checkpoint),
         "base_sha256": base_meta["weights_sha256"], "base_preset": base_meta["arch"]["preset"],
@@ -123,6 +120,30 @@ def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", 
                      evaluate=fixed_draw_evaluator(loss_fn, _lesion_first(data)),
                      meta={"kind": "conditional", "base_checkpoint": str(base_checkpoint)})
     return (yield from train(task, data, cfg.training, out_dir, stop=stop, resume=resume))
+
+
+@torch.no_grad()
+def build_mask_prior(dataset: FCDDataset, vae: MAISIVAEWrapper, prep: Preprocessing) -> MaskPrior:
+    """The prior of a training set: its lesions, and as reference brain the decoded mean image latent (a smooth
+    average brain, enough for a brain mask and depths)."""
+    lesion_masks = [t["mask"][0].numpy() for _, t in dataset.items if t["mask"].any()]
+    mean_brain = vae.decode(dataset.image_latents().mean(0, keepdim=True))[0, 0].clamp(0, prep.clip_max).numpy()
+    return MaskPrior.from_cases(lesion_masks, [mean_brain], prep.spacing)
+
+
+def rebuild_mask_prior(adapter: str | Path) -> Path:
+    """Re-make an adapter's mask prior from its own training data and settings (after the prior's code changed)."""
+    from neuromf.config import config_from_dict
+
+    directory = resolve_conditional_adapter(adapter)
+    meta = adapter_meta(directory, "conditional")
+    cfg = config_from_dict(meta["config"], source=str(directory / SIDECAR))
+    _, base_meta = load_flow_model(meta["base_checkpoint"])
+    vae, prep = vae_for(base_meta), Preprocessing.from_dict(meta["preprocessing"])
+    dataset = FCDDataset(cfg.data.data_dir, "downsample", vae=vae, prep=prep,
+                         cache_dir=cfg.data.cache_dir or default_cache_dir(), flip=cfg.data.flip,
+                         split=cfg.data.split, include_healthy=cfg.conditional.include_healthy)
+    return build_mask_prior(dataset, vae, prep).save(directory / PRIOR)
 
 
 def _lesion_first(packed: torch.Tensor) -> torch.Tensor:
