@@ -36,5 +36,14 @@ for path in sys.argv[1:]:
     if bad:
         sys.exit(f"{path}: demo adapter must reference embedded models and data, got {bad}")
 PY
+# shipped JSON results name files relative to the repository, not this machine's checkout
+python - "$PWD/" "$report"/*.json <<'PY'
+import sys
+from pathlib import Path
+root = sys.argv[1]
+for name in sys.argv[2:]:
+    path = Path(name)
+    path.write_text(path.read_text().replace(root, ""))
+PY
 chmod -R u+rwX,go+rX "$dest" "$cond_dest" 2>/dev/null || true
 echo "shipped $run as $dest and $cond_run as $cond_dest"
