@@ -8,7 +8,6 @@ remedy, so nothing escapes into Qt.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -298,13 +297,9 @@ def lesion_on_model_grid(data: Any, layer_meta: dict, adapter: str) -> tuple[Any
 
     from napari_neuromf._layers import nifti_from_layer
     from neuromf.io.nifti import Preprocessing, mask_to_model_grid
-    from neuromf.pipelines.conditional import SIDECAR, resolve_conditional_adapter
+    from neuromf.pipelines.conditional import adapter_meta
 
-    sidecar = resolve_conditional_adapter(adapter) / SIDECAR
-    if not sidecar.is_file():
-        raise FileNotFoundError(f"{sidecar.parent}: not a conditional adapter (missing {SIDECAR}); choose one "
-                                "trained with train-conditional, or 'embedded'")
-    prep = Preprocessing.from_dict(json.loads(sidecar.read_text())["preprocessing"])
+    prep = Preprocessing.from_dict(adapter_meta(adapter, "conditional")["preprocessing"])
     image = nifti_from_layer(np.asarray(data) > 0, layer_meta)
     volume = mask_to_model_grid(np.asarray(image.dataobj), image.affine, prep,
                                 source=f"layer {layer_meta.get('name', 'lesion')!r}")

@@ -159,17 +159,12 @@ def cmd_generate(args) -> int:
 
 def _generate_conditional(args) -> list[Path]:
     """FLAIRs for `--mask` files (on each mask's own model-grid window) or for masks drawn from the prior."""
-    import json
-
     from neuromf.io.nifti import Preprocessing, preprocess_mask
-    from neuromf.pipelines.conditional import SIDECAR, resolve_conditional_adapter, write_conditional_pairs
+    from neuromf.pipelines.conditional import adapter_meta, write_conditional_pairs
 
     masks = affines = None
     if args.mask:
-        sidecar = resolve_conditional_adapter(args.adapter) / SIDECAR
-        if not sidecar.is_file():
-            raise FileNotFoundError(f"{sidecar.parent}: not a NeuroMF conditional adapter (missing {SIDECAR})")
-        prep = Preprocessing.from_dict(json.loads(sidecar.read_text())["preprocessing"])
+        prep = Preprocessing.from_dict(adapter_meta(args.adapter, "conditional")["preprocessing"])
         volumes = [preprocess_mask(path, prep, args.image) for path in args.mask]
         masks, affines = [v.data[0].numpy() for v in volumes], [v.affine for v in volumes]
     return write_conditional_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,

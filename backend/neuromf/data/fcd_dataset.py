@@ -10,6 +10,7 @@ The representations live in `neuromf.data.mask_codec`.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -69,10 +70,8 @@ class FCDDataset(Dataset):
             raise DataError(f"{self.root}: no FCD cases with lesion masks (split={split!r})")
         healthy = []
         if include_healthy:
-            try:
+            with contextlib.suppress(DataError):  # no healthy cases: train on the FCD cases alone
                 healthy = [c for c in discover_cases(self.root, group="hc", split=split) if c.mask is None]
-            except DataError:
-                healthy = []
         self.items: list[tuple[str, dict[str, torch.Tensor]]] = []
         from tqdm.auto import tqdm
 

@@ -332,7 +332,21 @@ def _median_or_none(values: list[float | None]) -> float | None:
     return float(np.median(kept)) if kept else None
 
 
-def _load_real(data_dir: Path, prep: Preprocessing, progress: bool) -> tuple[list[dict], list[str]]:
+def load_generated(generated_dir: Path, prep: Preprocessing) -> list[dict]:
+    """Every generated pair of a folder (`id`, `flair`, `mask_path`, `image`, `mask`, `affine`, `voxel_cm3`),
+    checked to lie on the model grid of `prep`."""
+    generated = []
+    for sid, flair, mask_path in find_generated_pairs(generated_dir):
+        image, mask, affine = load_generated_pair(flair, mask_path)
+        if image.shape != tuple(prep.shape):
+            raise ValueError(f"{generated_dir}: {flair.name} has shape {image.shape}, but the model grid is "
+                             f"{tuple(prep.shape)}; evaluate with the preprocessing the model was trained on")
+        generated.append({"id": sid, "flair": flair, "mask_path": mask_path, "image": image, "mask": mask,
+                          "affine": affine, "voxel_cm3": voxel_volume_cm3(affine)})
+    return generated
+
+
+def load_real_cases(data_dir: Path, prep: Preprocessing, progress: bool = False) -> tuple[list[dict], list[str]]:
     """Preprocessed real FCD cases with their split; all FCD cases count as train when no split is given."""
     from neuromf.io.bids import DataError, discover_cases
 
@@ -385,17 +399,8 @@ def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing,
     from neuromf.data.latents import resolve_data_dir
 
     generated_dir, data_dir = Path(generated_dir), resolve_data_dir(data_dir)
-    pairs = find_generated_pairs(generated_dir)
-    generated = []
-    for sid, flair, mask_path in pairs:
-        image, mask, affine = load_generated_pair(flair, mask_path)
-        if image.shape != tuple(prep.shape):
-            raise ValueError(f"{generated_dir}: {flair.name} has shape {image.shape}, but the model grid is "
-                             f"{tuple(prep.shape)}; evaluate with the preprocessing the model was trained on")
-        generated.append({"id": sid, "flair": flair, "mask_path": mask_path, "image": image, "mask": mask,
-                          "affine": affine, "voxel_cm3": voxel_volume_cm3(affine)})
-
-    real, notes = _load_real(data_dir, prep, progress)
+    generated = load_generated(generated_dir, prep)
+    real, notes = load_real_cases(data_dir, prep, progress)
     train = [r for r in real if r["split"] == "train"]
     test = [r for r in real if r["split"] == "test"]
     train_sets, test_sets = _index_sets([r["mask"] for r in train]), _index_sets([r["mask"] for r in test])

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuromf.eval.metrics import dice, find_generated_pairs, load_generated_pair
+from neuromf.eval.metrics import dice, load_generated, load_real_cases
 from neuromf.io.nifti import Preprocessing
 
 __all__ = ["consistency", "describe", "evaluate_consistency", "segment", "train_segmenter"]
@@ -171,22 +171,11 @@ def _downstream_verdict(difference: dict[str, Any]) -> tuple[str, bool | None]:
             f"({sd:.3f}) over seeds", False)
 
 
-def _load_real_fcd(data_dir: Path, prep: Preprocessing, notes: list[str]) -> dict[str, list[dict]]:
-    """Real FCD cases on the model grid, by split; cases whose mask is empty on the grid are skipped (noted)."""
-    from neuromf.io.bids import discover_cases
-    from neuromf.io.nifti import preprocess_pair
-
-    by_split: dict[str, list[dict]] = {"train": [], "test": []}
-    for case in discover_cases(data_dir, group="fcd"):
-        if case.split not in by_split:
-            notes.append(f"{case.case_id}: split {case.split!r} is neither train nor test; case skipped")
-            continue
-        img, msk = preprocess_pair(case.image, case.mask, prep)
-        image, mask = img.data[0].numpy(), msk.data[0].numpy() > 0.5
-        if not mask.any():
-            notes.append(f"{case.case_id}: lesion mask is empty on the model grid; case skipped")
-            continue
-        by_split[case.split].append({"id": case.case_id, "image": image, "mask": mask})
+def _real_by_split(data_dir: Path, prep: Preprocessing, notes: list[str]) -> dict[str, list[dict]]:
+    """Real FCD cases on the model grid (`neuromf.eval.metrics.load_real_cases`), by split; both are needed."""
+    real, found = load_real_cases(data_dir, prep)
+    notes.extend(found)
+    by_split = {split: [c for c in real if c["split"] == split] for split in ("train", "test")}
     for split, cases in by_split.items():
         if not cases:
             raise ValueError(f"{data_dir}: no usable {split}-split FCD cases; the segmenter needs real train cases "
@@ -215,15 +204,9 @@ def evaluate_consistency(generated_dir: Path, data_dir: Path | str, prep: Prepro
     generated_dir, data_dir = Path(generated_dir), resolve_data_dir(data_dir)
     if not seeds:
         raise ValueError("evaluate_consistency: give at least one seed")
-    generated = []
-    for sid, flair, mask_path in find_generated_pairs(generated_dir):
-        image, mask, _ = load_generated_pair(flair, mask_path)
-        if image.shape != tuple(prep.shape):
-            raise ValueError(f"{generated_dir}: {flair.name} has shape {image.shape}, but the model grid is "
-                             f"{tuple(prep.shape)}; evaluate with the preprocessing the model was trained on")
-        generated.append({"id": sid, "image": image, "mask": mask})
+    generated = load_generated(generated_dir, prep)
     notes: list[str] = []
-    real = _load_real_fcd(data_dir, prep, notes)
+    real = _real_by_split(data_dir, prep, notes)
     train, test = real["train"], real["test"]
     train_images, train_masks = [c["image"] for c in train], [c["mask"] for c in train]
     aug_images = train_images + [g["image"] for g in generated]

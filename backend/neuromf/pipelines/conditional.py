@@ -84,9 +84,7 @@ def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", 
     model = ConditionedFlowModel(base, controlnet)
     vae = vae_for(base_meta)
     prep = stage2_preprocessing(base_meta, cfg)
-    dataset = FCDDataset(cfg.data.data_dir, "downsample", vae=vae, prep=prep,
-                         cache_dir=cfg.data.cache_dir or default_cache_dir(), flip=cfg.data.flip,
-                         split=cfg.data.split, progress=progress, include_healthy=cfg.conditional.include_healthy)
+    dataset = conditional_dataset(cfg, vae, prep, progress)
     images = dataset.image_latents()
     data = dataset.packed(images)
     prior = build_mask_prior(dataset, vae, prep)
@@ -122,6 +120,14 @@ def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", 
     return (yield from train(task, data, cfg.training, out_dir, stop=stop, resume=resume))
 
 
+def conditional_dataset(cfg: RunConfig, vae: MAISIVAEWrapper, prep: Preprocessing,
+                        progress: bool = False) -> FCDDataset:
+    """The conditional mode's training set: FCD cases with their masks (+ healthy cases with empty masks)."""
+    return FCDDataset(cfg.data.data_dir, "downsample", vae=vae, prep=prep,
+                      cache_dir=cfg.data.cache_dir or default_cache_dir(), flip=cfg.data.flip, split=cfg.data.split,
+                      progress=progress, include_healthy=cfg.conditional.include_healthy)
+
+
 @torch.no_grad()
 def build_mask_prior(dataset: FCDDataset, vae: MAISIVAEWrapper, prep: Preprocessing) -> MaskPrior:
     """The prior of a training set: its lesions, and as reference brain the decoded mean image latent (a smooth
@@ -140,10 +146,7 @@ def rebuild_mask_prior(adapter: str | Path) -> Path:
     cfg = config_from_dict(meta["config"], source=str(directory / SIDECAR))
     _, base_meta = load_flow_model(meta["base_checkpoint"])
     vae, prep = vae_for(base_meta), Preprocessing.from_dict(meta["preprocessing"])
-    dataset = FCDDataset(cfg.data.data_dir, "downsample", vae=vae, prep=prep,
-                         cache_dir=cfg.data.cache_dir or default_cache_dir(), flip=cfg.data.flip,
-                         split=cfg.data.split, include_healthy=cfg.conditional.include_healthy)
-    return build_mask_prior(dataset, vae, prep).save(directory / PRIOR)
+    return build_mask_prior(conditional_dataset(cfg, vae, prep), vae, prep).save(directory / PRIOR)
 
 
 def _lesion_first(packed: torch.Tensor) -> torch.Tensor:
@@ -231,13 +234,11 @@ def generation_mode(adapter: str | Path, mode: str = "auto") -> str:
 
 def load_conditional_model(adapter: str | Path, device: str | torch.device = "cpu") -> ConditionalModel:
     """Base model named in the sidecar + the ControlNet + the mask prior."""
-    import json
-
     directory = resolve_conditional_adapter(adapter)
     for name in (WEIGHTS, PRIOR, SIDECAR):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: not a NeuroMF conditional adapter (missing {name})")
-    meta = json.loads((directory / SIDECAR).read_text())
+    meta = adapter_meta(directory, "conditional")
     base, base_meta = load_flow_model(meta["base_checkpoint"])
     if base_meta["weights_sha256"] != meta["base_sha256"]:
         raise ValueError(f"{directory}: adapter was trained on a different base model than "
