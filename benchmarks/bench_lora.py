@@ -54,7 +54,7 @@ from neuromf.models.lora import (  # noqa: E402
     widen_io_channels,
 )
 from neuromf.models.unet import MeanFlowUNet  # noqa: E402
-from neuromf.train.stage1 import build_loss  # noqa: E402
+from neuromf.pipelines.stage1 import build_loss  # noqa: E402
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper  # noqa: E402
 
 TARGET_ADAPTER_FRACTION = 0.05

@@ -48,7 +48,7 @@ def _sample_pair(mode: str) -> list:
         if mode == "conditional":
             from neuromf.pipelines.conditional import generate_conditional_pairs as generate
         else:
-            from neuromf.lora_pipeline import generate_pairs as generate
+            from neuromf.pipelines.lora import generate_pairs as generate
 
         pair = next(iter(generate("embedded", n=1, steps=1, seed=0, device="auto")))
     except FileNotFoundError as err:

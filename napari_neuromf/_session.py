@@ -183,7 +183,7 @@ class TrainingRun:
         """Worker body: the backend's training generator, errors turned into a Failure, memory released."""
         events = None
         try:
-            from neuromf.lora_pipeline import train_lora
+            from neuromf.pipelines.lora import train_lora
 
             events = train_lora(self.cfg, self.base_checkpoint, resume=self.resume, stop=self.stop, progress=False)
             while True:
@@ -207,7 +207,7 @@ class TrainingRun:
 
 def release_memory() -> None:
     try:
-        from neuromf.lora_pipeline import release_memory as backend_release
+        from neuromf.pipelines.lora import release_memory as backend_release
     except ImportError:
         import gc
 
@@ -331,7 +331,7 @@ class GenerateRun:
                 pairs = generate_conditional_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed,
                                                    device=self.device, masks=masks, affines=affines)
             else:
-                from neuromf.lora_pipeline import generate_pairs
+                from neuromf.pipelines.lora import generate_pairs
 
                 pairs = generate_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed, device=self.device)
             for pair in pairs:

@@ -27,7 +27,7 @@ def pair_layers_or_phantom(adapter: str, seed: int, steps: int, mode: str = "joi
         if mode == "conditional":
             from neuromf.pipelines.conditional import generate_conditional_pairs as generate
         else:
-            from neuromf.lora_pipeline import generate_pairs as generate
+            from neuromf.pipelines.lora import generate_pairs as generate
 
         pair = next(iter(generate(adapter, n=1, steps=steps, seed=seed, device="auto")))
         meta = {**pair.meta, "generated": True, "seed": seed, "steps": steps, "checkpoint": adapter}

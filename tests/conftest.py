@@ -71,8 +71,8 @@ def tiny_config(tmp: Path, data_dir: Path, vae_dir: Path, **overrides):
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory, phantom_dir, tiny_vae_dir) -> Path:
     """A stage-1 tiny MeanFlow model trained for a few steps on the healthy phantoms (the real pipeline)."""
+    from neuromf.pipelines.stage1 import train_base
     from neuromf.train import run_to_end
-    from neuromf.train.stage1 import train_base
 
     tmp = tmp_path_factory.mktemp("base")
     cfg = tiny_config(tmp, phantom_dir, tiny_vae_dir, **{"data.group": "hc"})

@@ -30,9 +30,9 @@ from neuromf.meanflow import sample
 from neuromf.meanflow.loss import MeanFlowLoss
 from neuromf.models.controlnet import ConditionedFlowModel, MeanFlowControlNet, controlnet_from_unet
 from neuromf.models.flow_model import load_flow_model
+from neuromf.pipelines.stage1 import build_loss
 from neuromf.train.loop import LossFn, TrainEvent, TrainResult, TrainTask, fixed_draw_evaluator, train
 from neuromf.train.run_dir import in_run_dir
-from neuromf.train.stage1 import build_loss
 from neuromf.utils import atomic_write, atomic_write_json, default_cache_dir, resolve_device
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper
 from neuromf.weights import embedded_model_dir

@@ -16,8 +16,9 @@ from conftest import TEST_LATENT, TEST_SHAPE, TEST_SPACING, coarse_prep, tiny_co
 from neuromf.cli import main as cli
 from neuromf.data.fcd_dataset import FCDDataset, downsample_mask, upsample_mask
 from neuromf.eval.mask_test import mask_vae_test, read_decision, save_mask_test
-from neuromf.lora_pipeline import check_adapter, generate_pairs, train_lora, write_generated_pairs
 from neuromf.models.flow_model import load_flow_model
+from neuromf.models.joint import check_adapter
+from neuromf.pipelines.lora import generate_pairs, train_lora, write_generated_pairs
 from neuromf.train import run_to_end
 from neuromf.vae import MAISIVAEWrapper
 

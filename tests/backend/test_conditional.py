@@ -133,7 +133,8 @@ def test_generate_refuses_a_mode_the_adapter_cannot_do(conditional_run, tmp_path
 
 def test_joint_sdf_mode_trains_generates_and_records_noise_correlation(tmp_path, phantom_dir, tiny_vae_dir,
                                                                           tiny_base_dir):
-    from neuromf.lora_pipeline import load_joint_model, train_lora, write_generated_pairs
+    from neuromf.models.joint import load_joint_model
+    from neuromf.pipelines.lora import train_lora, write_generated_pairs
 
     cfg = tiny_config(tmp_path, phantom_dir, tiny_vae_dir, **{"data.mask_strategy": "sdf",
                                                               "loss.lesion_weight": 20.0})

@@ -72,7 +72,7 @@ def tiny_base(tmp_path_factory) -> Path:
 def tiny_adapter(tiny_base, phantom_subset, tmp_path_factory) -> Path:
     """A 3-step LoRA adapter trained headless (the Generate widget's input)."""
     from neuromf.config import load_config
-    from neuromf.lora_pipeline import train_lora
+    from neuromf.pipelines.lora import train_lora
     from neuromf.train import run_to_end
 
     out = tmp_path_factory.mktemp("lora") / "run"
@@ -261,7 +261,7 @@ def test_lora_widget_out_of_memory_gives_remedy(make_napari_viewer, qtbot, monke
     """A CUDA OOM inside the training generator becomes a notification with the remedy; buttons come back."""
     import torch
 
-    import neuromf.lora_pipeline as pipeline
+    import neuromf.pipelines.lora as pipeline
     from neuromf.train import TrainEvent
 
     def train_lora(cfg, base_checkpoint="embedded", resume=False, overwrite=False, stop=None, progress=False):

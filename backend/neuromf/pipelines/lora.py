@@ -1,8 +1,7 @@
-"""Stage 2: LoRA fine-tuning on FCD image + mask latents, joint generation, and the P7-T7 Lp ablation."""
+"""Stage 2, joint mode: LoRA fine-tuning on FCD image + mask latents, and generation of image + mask pairs."""
 
 from __future__ import annotations
 
-import copy
 import gc
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -15,28 +14,21 @@ import torch
 
 from neuromf.config import RunConfig
 from neuromf.data.fcd_dataset import FCDDataset
-from neuromf.data.mask_codec import decode_mask_channel, decode_sdf, mask_channels, tanh_threshold, upsample_mask
+from neuromf.data.mask_codec import mask_channels
 from neuromf.eval.mask_test import read_decision
 from neuromf.generate import model_grid_affine, sample_latents, vae_for
-from neuromf.io.nifti import Preprocessing, save_nifti
-from neuromf.models.flow_model import load_flow_model
+from neuromf.io.nifti import save_nifti
+from neuromf.models.joint import JointModel, build_joint_model, load_joint_model, resolve_adapter
 from neuromf.models.lora import (
-    WIDENED_MODULES,
     count_lora_params,
     count_trainable_params,
-    inject_lora,
-    load_adapter,
-    read_adapter_sidecar,
     save_adapter,
-    widen_io_channels,
 )
 from neuromf.pipelines.conditional import packed_lesion_loss, stage2_preprocessing
+from neuromf.pipelines.stage1 import build_loss
 from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, fixed_draw_evaluator, train
 from neuromf.train.run_dir import in_run_dir
-from neuromf.train.stage1 import build_loss
 from neuromf.utils import atomic_write_json, default_cache_dir, resolve_device
-from neuromf.vae import MAISIVAEWrapper
-from neuromf.weights import embedded_model_dir
 
 DEFAULT_MASK_TEST = Path("experiments/stage2_fcd/mask_vae_test.json")
 ADAPTER_DIR = "adapter"
@@ -47,46 +39,6 @@ def resolve_strategy(cfg: RunConfig) -> str:
     if cfg.data.mask_strategy != "auto":
         return cfg.data.mask_strategy
     return read_decision(cfg.data.mask_test or DEFAULT_MASK_TEST)
-
-
-@dataclass
-class JointModel:
-    """A frozen base model with a LoRA adapter, and everything needed to turn its latents into image + mask."""
-
-    model: torch.nn.Module
-    vae: MAISIVAEWrapper
-    meta: dict[str, Any]
-
-    @property
-    def strategy(self) -> str:
-        return self.meta["strategy"]
-
-    def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode joint latents (B, C, h, w, d) -> image (B, 1, H, W, D) in [0, clip_max], binary mask."""
-        n_img = self.meta["channels"]["image"]
-        clip_max = Preprocessing.from_dict(self.meta["preprocessing"]).clip_max
-        image = self.vae.decode(z[:, :n_img]).clamp(0, clip_max)
-        if self.strategy == "vae":
-            mask = (self.vae.decode(z[:, n_img:]) > 0.5).float()
-        elif self.strategy == "sdf":
-            mask = decode_sdf(z[:, n_img:] / self.meta["mask_scale"], self.meta["sdf_subgrid"],
-                              tanh_threshold(self.meta["sdf_threshold_mm"], self.meta["sdf_scale_mm"]))
-        else:
-            mask = upsample_mask(decode_mask_channel(z[:, n_img:], self.meta["mask_scale"]))
-        return image.cpu(), mask.cpu()
-
-
-def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int) -> tuple[torch.nn.Module, dict]:
-    base, base_meta = load_flow_model(base_checkpoint, preset=cfg.model.preset)
-    if base.in_channels != 4:
-        raise ValueError(f"{base_checkpoint}: base model has {base.in_channels} input channels; stage 2 starts from "
-                         "an image-only (4-channel) stage-1 model")
-    channels = base.in_channels + n_mask
-    widen_io_channels(base, channels, channels)
-    base.skip_channels = n_mask if cfg.lora.mask_passthrough else 0
-    model = inject_lora(base, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
-                        modules_to_save=WIDENED_MODULES, dropout=cfg.lora.dropout)
-    return model, base_meta
 
 
 @in_run_dir
@@ -148,23 +100,6 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
     return (yield from train(task, data, cfg.training, out_dir, stop=stop, resume=resume))
 
 
-def resolve_adapter(spec: str | Path) -> Path:
-    return embedded_model_dir("lora_demo") if str(spec) == "embedded" else Path(spec)
-
-
-def load_joint_model(adapter: str | Path, device: str | torch.device = "cpu", merge: bool = True) -> JointModel:
-    """Base model named in the adapter sidecar + the adapter (merged for inference by default)."""
-    directory = resolve_adapter(adapter)
-    meta = read_adapter_sidecar(directory)
-    base_spec = meta["base_checkpoint"]
-    base, base_meta = load_flow_model(base_spec)
-    if base_meta["weights_sha256"] != meta["base_sha256"]:
-        raise ValueError(f"{directory}: adapter was trained on a different base model than {base_spec} "
-                         "(weights hash differs)")
-    model = load_adapter(base, directory, merge=merge).to(resolve_device(device)).eval()
-    return JointModel(model, vae_for(meta, device=resolve_device(device)), meta)
-
-
 @dataclass
 class GeneratedPair:
     index: int
@@ -206,27 +141,6 @@ def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int
         paths.append(save_nifti(pair.mask, pair.affine, f"{stem}_mask.nii.gz", dtype=np.uint8))
         paths.append(atomic_write_json(Path(f"{stem}.json"), pair.meta))
     return paths
-
-
-@torch.no_grad()
-def check_adapter(adapter: str | Path) -> dict[str, Any]:
-    """P7-T2/T3 on a saved adapter: a forward pass with LoRA succeeds, and the trainable share of parameters."""
-    directory = resolve_adapter(adapter)
-    meta = read_adapter_sidecar(directory)
-    base, _ = load_flow_model(meta["base_checkpoint"])
-    channels = meta["channels"]["image"] + meta["channels"]["mask"]
-    fresh = copy.deepcopy(base)
-    model = load_adapter(base, directory, merge=False)
-    z = torch.randn((1, *meta["latent_shape"]))
-    out = model(z, torch.zeros(1), torch.ones(1))
-    # trainable share as in training: rebuild the same injection on a fresh copy
-    widen_io_channels(fresh, channels, channels)
-    cfg = meta["config"]["lora"]
-    trainable_model = inject_lora(fresh, cfg["rank"], cfg["alpha"], cfg["target_modules"], WIDENED_MODULES)
-    trainable, total = count_trainable_params(trainable_model)
-    return {"forward_ok": bool(torch.isfinite(out).all()) and tuple(out.shape) == tuple(z.shape),
-            "output_shape": list(out.shape), "trainable": trainable, "total": total, "fraction": trainable / total,
-            "lora_params": count_lora_params(trainable_model)}
 
 
 def release_memory() -> None:

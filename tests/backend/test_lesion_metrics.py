@@ -24,7 +24,7 @@ from neuromf.eval.lesion_metrics import (
 )
 from neuromf.io.nifti import Preprocessing
 
-PHANTOMS = Path(__file__).resolve().parents[1] / "sample_data" / "fcd_phantoms"
+PHANTOMS = Path(__file__).resolve().parents[2] / "sample_data" / "fcd_phantoms"
 
 
 def _box_brain(shape=(30, 30, 30), lo=5, hi=25, value=0.5) -> np.ndarray:

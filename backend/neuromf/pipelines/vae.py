@@ -16,9 +16,9 @@ from neuromf.data.latents import resolve_data_dir
 from neuromf.eval.image_metrics import reconstruction_metrics, ssim_3d
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import preprocess_image
+from neuromf.pipelines.stage1 import preprocessing_of
 from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, train
 from neuromf.train.run_dir import in_run_dir
-from neuromf.train.stage1 import preprocessing_of
 from neuromf.vae import MAISIVAEWrapper
 
 

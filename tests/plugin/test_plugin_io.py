@@ -170,7 +170,7 @@ def test_sample_data_and_widgets_from_manifest(make_napari_viewer):
 @pytest.mark.gui
 def test_generated_pair_sample(make_napari_viewer, monkeypatch):
     """The "Generated pair" sample adds a paired Image + Labels; without an adapter it notifies instead."""
-    import neuromf.lora_pipeline as pipeline
+    import neuromf.pipelines.lora as pipeline
 
     viewer = make_napari_viewer()
     if not _has_embedded_dir():  # File > Open Sample shows this exception as one error notification

@@ -1,0 +1,99 @@
+"""Helpers every subcommand shares: config loading with --set overrides, the progress bar, Ctrl-C handling."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable, Generator
+from pathlib import Path
+from threading import Event
+
+import yaml
+
+STAGE_DIR = Path("experiments/stage2_fcd")
+REPORT = Path("experiments/phase_7/verification_report.md")
+AddCommand = Callable[[str, Callable, str], argparse.ArgumentParser]
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects KEY=VALUE (e.g. training.lr=1e-4), got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def drive(events: Generator, desc: str):
+    """Run a training generator with a tqdm bar; returns its TrainResult."""
+    from tqdm.auto import tqdm
+
+    from neuromf.train import run_to_end
+
+    bar = tqdm(desc=desc, unit="step", dynamic_ncols=True)
+
+    def on_event(event) -> None:
+        if bar.total != event.total_steps:
+            bar.total = event.total_steps
+        bar.n = event.step
+        if event.kind == "step":
+            # the adaptive-weighted loss is ~1 by construction; the unweighted Lp is the one that falls
+            bar.set_postfix(lp=f"{event.parts.get('raw', float('nan')):.4g}", loss=f"{event.loss:.4g}",
+                            lr=f"{event.lr:.2g}", refresh=False)
+        elif event.kind in ("skipped", "stopped"):
+            tqdm.write(event.message)
+        elif event.kind == "epoch":
+            bar.set_postfix(epoch=event.epoch, lp=f"{event.parts.get('raw', float('nan')):.4g}",
+                            loss=f"{event.loss:.4g}", refresh=False)
+        bar.refresh()
+
+    try:
+        return run_to_end(events, on_event)
+    finally:
+        bar.close()
+
+
+def stop_on_sigint() -> Event:
+    """First Ctrl-C asks the loop to stop after the current step (it saves a checkpoint); a second one aborts."""
+    stop = Event()
+
+    def handler(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print("\nstopping after this step (Ctrl-C again to abort without saving)...", file=sys.stderr)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def load_cfg(args):
+    from neuromf.config import load_config
+
+    overrides = parse_overrides(args.set)
+    if getattr(args, "output_dir", None):
+        overrides["training.output_dir"] = str(args.output_dir)
+    if getattr(args, "device", None):
+        overrides["training.device"] = args.device
+    cfg = load_config(args.config, overrides)
+    if cfg.training.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.training.num_threads)
+    return cfg
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file, or a packaged config name")
+    p.add_argument("--resume", action="store_true", help="continue the run in the output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="overrides training.output_dir")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides training.device)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. training.lr=1e-4")
+
+
+def add_base_checkpoint_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded",
+                   help="stage-1 model folder / model.safetensors, or 'embedded'")

@@ -1,0 +1,96 @@
+"""Data subcommands: make-phantoms, check-data and mask-test (P7-T1)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+from neuromf.cli._common import STAGE_DIR, AddCommand
+
+
+def cmd_make_phantoms(args) -> int:
+    from neuromf.data.phantom import PhantomConfig, make_phantom_dataset
+
+    cfg = PhantomConfig(shape=tuple(args.shape), spacing=tuple(args.spacing))
+    out = make_phantom_dataset(args.out, args.n_healthy, args.n_fcd, seed=args.seed, cfg=cfg, progress=True)
+    print(f"wrote {args.n_healthy} healthy + {args.n_fcd} FCD phantom subjects to {out}")
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    from neuromf.data.latents import resolve_data_dir
+    from neuromf.io.bids import case_report, discover_cases, format_case_table
+
+    skipped: list[dict] = []  # broken subjects (ROI without FLAIR, 2D image): problem rows, not an abort
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cases = discover_cases(resolve_data_dir(args.data), skipped=skipped)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    rows = sorted([case_report(case) for case in cases] + skipped, key=lambda r: r["id"])
+    print(format_case_table(rows))
+    unusable = [r["id"] for r in rows if not r["usable"]]
+    n_fcd = sum(1 for c in cases if c.mask is not None)
+    print(f"{len(rows)} cases ({n_fcd} with lesion masks), {len(unusable)} unusable")
+    if unusable:
+        print("unusable: " + ", ".join(unusable), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_mask_test(args) -> int:
+    from tqdm.auto import tqdm
+
+    from neuromf.data.latents import resolve_data_dir
+    from neuromf.eval.mask_test import mask_vae_test, save_mask_test
+    from neuromf.io.bids import discover_cases
+    from neuromf.io.nifti import Preprocessing
+    from neuromf.utils import ensure_writable
+    from neuromf.vae import MAISIVAEWrapper
+
+    ensure_writable(Path(args.out), file=True)  # before the VAE round trips, not after them
+    skipped: list[dict] = []  # broken subjects (ROI without FLAIR, 2D image) are skipped, not an abort
+    cases = discover_cases(resolve_data_dir(args.data), group="fcd", skipped=skipped)
+    vae = MAISIVAEWrapper.resolve(args.vae, preset=args.vae_preset, device=args.device)
+    prep = Preprocessing(shape=tuple(args.shape), spacing=tuple(args.spacing))
+    with tqdm(total=len(cases), desc="mask-test", unit="case") as bar:
+        result = mask_vae_test(args.data, vae, prep, cases=cases, on_case=lambda row: bar.update(1))
+    result["skipped"] = [r for r in skipped if r["group"] != "hc"] + result.get("skipped", [])
+    for row in result["skipped"]:
+        print(f"skipped {row['id']}: {'; '.join(row['problems'])}", file=sys.stderr)
+    save_mask_test(result, args.out)
+    s = result["summary"]
+    print(f"strategy A (VAE) mean Dice {s['mean_dice_vae']:.3f} (median {s['median_dice_vae']:.3f}); strategy B "
+          + ", ".join(f"{m} {d:.3f}" for m, d in s["mean_dice_downsample"].items()))
+    c = s["ceilings"]
+    print(f"strategy B as a signed distance (sdf) {s['mean_dice_sdf']:.3f} (min {s['min_dice_sdf']:.3f}); ceilings: "
+          f"lesion contrast {c['median_contrast_preprocessed']:.3f} after preprocessing, "
+          f"{c['median_contrast_vae_round_trip']:.3f} after the VAE round trip "
+          f"({c['share_hyperintense_vae_round_trip']:.0%} hyperintense); sdf round trips lesion-like: "
+          f"{c['sdf_round_trip_lesion_like']:.0%}")
+    print(f"decision: {result['decision']} ({result['reason']}); wrote {args.out}")
+    return 0
+
+
+def register(add: AddCommand) -> None:
+    p = add("make-phantoms", cmd_make_phantoms, "write a synthetic FCD phantom data set (BIDS, like ds004199)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--n-healthy", type=int, default=40)
+    p.add_argument("--n-fcd", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64])
+    p.add_argument("--spacing", type=float, nargs=3, default=[3.0, 3.0, 3.0])
+
+    p = add("check-data", cmd_check_data, "list the cases of a BIDS tree or flat folder and their problems")
+    p.add_argument("data", help="data folder, or 'embedded'")
+
+    p = add("mask-test", cmd_mask_test, "P7-T1: round-trip Dice of lesion masks through the VAE vs downsampling")
+    p.add_argument("--data", default="embedded", help="BIDS tree / flat folder with FCD cases, or 'embedded'")
+    p.add_argument("--vae", default="embedded", help="'embedded' or a local MAISI weight file")
+    p.add_argument("--vae-preset", default="maisi", choices=["maisi", "small", "tiny"],
+                   help="architecture of a local VAE file")
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64])
+    p.add_argument("--spacing", type=float, nargs=3, default=[3.0, 3.0, 3.0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(STAGE_DIR / "mask_vae_test.json"))

@@ -1,0 +1,102 @@
+"""Evaluation subcommands: evaluate (P7-T5/T6), consistency, ablate-lp (P7-T7) and verify (the report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from neuromf.cli._common import REPORT, STAGE_DIR, AddCommand, drive, parse_overrides
+
+
+def cmd_evaluate(args) -> int:
+    from neuromf.eval.metrics import evaluate_generated
+    from neuromf.io.nifti import Preprocessing
+    from neuromf.pipelines.conditional import adapter_meta
+
+    prep = Preprocessing.from_dict(adapter_meta(args.adapter, args.mode)["preprocessing"])
+    result = evaluate_generated(Path(args.generated), args.data, prep, Path(args.out), progress=True)
+    like = result["lesion_like"]
+    print(f"lesion-like: {like['summary']['n_lesion_like']}/{like['summary']['n']} ({like['rate']:.0%}); per "
+          "criterion: " + ", ".join(f"{k} {v:.0%}" for k, v in like["summary"]["rates"].items() if k != "all")
+          + f"; median contrast {like['summary']['medians'].get('contrast')}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_consistency(args) -> int:
+    from neuromf.eval.segmenter import evaluate_consistency
+    from neuromf.io.nifti import Preprocessing
+    from neuromf.pipelines.conditional import adapter_meta
+    from neuromf.utils import ensure_writable
+
+    ensure_writable(Path(args.out), file=True)  # before the trainings, not after them
+    prep = Preprocessing.from_dict(adapter_meta(args.adapter, args.mode)["preprocessing"])
+    result = evaluate_consistency(Path(args.generated), args.data, prep, seeds=args.seeds, steps=args.steps,
+                                  out_json=Path(args.out), device=args.device, progress=True)
+
+    def pm(d: dict) -> str:
+        return f"{d['mean']:.3f}" + ("" if d["sd"] is None else f" +- {d['sd']:.3f}")
+
+    down = result["downstream"]
+    print(f"segmenter ceiling (held-out real Dice) {pm(result['ceiling'])}; image-mask consistency Dice "
+          f"{pm(result['consistency'])} on {result['n_generated']} generated pairs ({len(args.seeds)} seeds)")
+    print(f"downstream: real only {pm(down['real_only'])}, real + generated {pm(down['real_plus_generated'])}; "
+          f"{down['verdict']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_ablate_lp(args) -> int:
+    from neuromf.pipelines.ablation import run_ablation
+
+    report = run_ablation(args.config, args.base_checkpoint, Path(args.out), args.n, args.seeds, args.data,
+                          parse_overrides(args.set), drive=drive)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from neuromf.eval.report import write_verification_report
+    from neuromf.models.joint import check_adapter
+
+    run_dir = Path(args.run)
+    checks = check_adapter(run_dir / "adapter")
+    path = write_verification_report(Path(args.stage_dir), run_dir, Path(args.report), t2_t3=checks)
+    print(f"wrote {path}")
+    return 0
+
+
+def register(add: AddCommand) -> None:
+    p = add("evaluate", cmd_evaluate, "metrics of generated pairs against real FCD masks (P7-T6)")
+    p.add_argument("--adapter", default="embedded", help="the adapter that generated the pairs (its grid)")
+    p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
+                   help="with --adapter embedded: which demo adapter")
+    p.add_argument("--generated", default=str(STAGE_DIR / "generated"))
+    p.add_argument("--data", default="embedded")
+    p.add_argument("--out", default=str(STAGE_DIR / "metrics" / "metrics.json"))
+
+    p = add("consistency", cmd_consistency,
+            "image-mask consistency and downstream use of generated pairs, judged by a small MONAI segmenter")
+    p.add_argument("--adapter", default="embedded", help="the adapter that generated the pairs (its grid)")
+    p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
+                   help="with --adapter embedded: which demo adapter")
+    p.add_argument("--generated", default=str(STAGE_DIR / "generated"))
+    p.add_argument("--data", default="embedded")
+    p.add_argument("--out", default=str(STAGE_DIR / "metrics" / "consistency.json"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one segmenter pair per seed")
+    p.add_argument("--steps", type=int, default=300, help="training steps of each segmenter")
+    p.add_argument("--device", default="cpu")
+
+    p = add("ablate-lp", cmd_ablate_lp, "P7-T7: per-channel Lp (1.5/2.0) vs uniform L2, same seed/data/budget")
+    p.add_argument("--config", default="demo_lora")
+    p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded")
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per arm and seed")
+    p.add_argument("--data", default="embedded")
+    p.add_argument("--out", default=str(STAGE_DIR))
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+
+    p = add("verify", cmd_verify, "write the phase-7 verification report (P7-T1..T7)")
+    p.add_argument("--run", default="runs/lora_demo", help="train-lora output folder")
+    p.add_argument("--stage-dir", default=str(STAGE_DIR))
+    p.add_argument("--report", default=str(REPORT))
