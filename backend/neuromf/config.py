@@ -1,4 +1,8 @@
-"""YAML run configs validated into dataclasses: an unknown key or a wrong type is an error naming the key."""
+"""YAML run configs validated into dataclasses.
+
+An unknown key, a wrong type, a value outside its choices (`Literal` fields) or outside its range (`bounded` fields,
+checked in each section's `__post_init__`) is a `ConfigError` naming the key and what is allowed.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -18,94 +22,146 @@ class ConfigError(ValueError):
     """A config file with an unknown key, a wrong type or an invalid value."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number (or of each item of a list of numbers); None = unbounded on that side."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself not allowed (e.g. a learning rate > 0)
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def __str__(self) -> str:
+        lo = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        hi = "" if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+        return " and ".join(part for part in (lo, hi) if part)
+
+
+def bounded(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False) -> Any:
+    """A dataclass field whose value (None excepted) must lie in a range."""
+    meta = {"range": Range(low, high, low_open, high_open)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class _Section:
+    """Checks the ranges of its `bounded` fields after construction (so defaults, YAML and code are all checked)."""
+
+    section = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            allowed = f.metadata.get("range")
+            value = getattr(self, f.name)
+            if allowed is None or value is None:
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                if item not in allowed:
+                    raise ConfigError(f"'{self.section}.{f.name}' must be {allowed}, got {value!r}")
+
+
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
+    section = "data"
     data_dir: str = "embedded"  # "embedded" = sample_data/fcd_phantoms, else a BIDS tree or flat folder
-    shape: list[int] = field(default_factory=lambda: [64, 64, 64])
-    spacing: list[float] = field(default_factory=lambda: [3.0, 3.0, 3.0])
-    clip_max: float = 2.0  # intensity bound after percentile scaling (99.5th -> 1); lesions are brighter than 1
+    shape: list[int] = bounded([64, 64, 64], 8)
+    spacing: list[float] = bounded([3.0, 3.0, 3.0], 0, low_open=True)
+    clip_max: float = bounded(2.0, 1)  # intensity bound after percentile scaling (99.5th -> 1); lesions are brighter than 1
     cache_dir: str | None = None  # default: $NEUROMF_CACHE or ~/.cache/neuromf/latents
-    group: str | None = None  # participants.tsv group filter: "hc" for stage 1, "fcd" for stage 2
-    split: str | None = "train"
-    mask_strategy: str = "auto"  # "vae" (A, C=8) | "downsample" (B, C=5) | "sdf" (C=4+8) | "auto" (mask_test)
-    downsample_mode: str = "nearest"  # strategy B: "nearest" | "area" | "max"
-    sdf_scale_mm: float = 6.0  # "sdf": tanh(signed distance / scale)
-    sdf_subgrid: int = 2  # "sdf": mask grid this many times finer than the latent grid (subgrid^3 channels)
+    group: Literal["hc", "fcd"] | None = None  # participants.tsv group filter: "hc" for stage 1, "fcd" for stage 2
+    split: Literal["train", "test"] | None = "train"
+    mask_strategy: Literal["auto", "vae", "downsample", "sdf"] = "auto"  # "vae" (A, C=8) | "downsample" (B, C=5) | "sdf" (C=4+8) | "auto" (mask_test)
+    downsample_mode: Literal["nearest", "area", "max"] = "nearest"  # strategy B: "nearest" | "area" | "max"
+    sdf_scale_mm: float = bounded(6.0, 0, low_open=True)  # "sdf": tanh(signed distance / scale)
+    sdf_subgrid: int = bounded(2, 1, 4)  # "sdf": mask grid this many times finer than the latent grid (subgrid^3 channels)
     sdf_threshold_mm: float = -1.0  # "sdf" decoding boundary (measured best round trip: Dice 0.92 at 3 mm)
     mask_test: str | None = None  # mask_vae_test.json for mask_strategy "auto"
     flip: bool = True  # add left-right flipped copies (image and mask together)
 
 
 @dataclass
-class ModelConfig:
-    preset: str = "small"  # MeanFlowUNet preset: tiny | small | base
+class ModelConfig(_Section):
+    section = "model"
+    preset: Literal["tiny", "small", "base"] = "small"  # MeanFlowUNet preset: tiny | small | base
     vae: str = "embedded"  # "embedded" or a local MAISI weight file
-    vae_preset: str = "small"  # architecture of a local VAE file: maisi | small | tiny
+    vae_preset: Literal["maisi", "small", "tiny"] = "small"  # architecture of a local VAE file: maisi | small | tiny
 
 
 @dataclass
-class LossConfig:
-    kind: str = "meanflow"  # "meanflow" | "flow_matching"
-    p_img: float = 2.0
-    p_mask: float = 2.0
-    lambda_img: float = 1.0
-    lambda_mask: float = 1.0
-    adaptive_power: float = 1.0
-    adaptive_c: float = 1.0e-3
+class LossConfig(_Section):
+    section = "loss"
+    kind: Literal["meanflow", "flow_matching"] = "meanflow"
+    p_img: float = bounded(2.0, 0, low_open=True)
+    p_mask: float = bounded(2.0, 0, low_open=True)
+    lambda_img: float = bounded(1.0, 0)
+    lambda_mask: float = bounded(1.0, 0)
+    adaptive_power: float = bounded(1.0, 0)
+    adaptive_c: float = bounded(1.0e-3, 0, low_open=True)
     time_mean: float = -0.4
-    time_std: float = 1.0
-    ratio_r_neq_t: float = 0.25
+    time_std: float = bounded(1.0, 0, low_open=True)
+    ratio_r_neq_t: float = bounded(0.25, 0, 1)
     cheap_jvp: bool = True
-    lesion_weight: float = 0.0  # stage 2: per-voxel weight 1 + w on latent voxels near the lesion
-    lesion_dilate: int = 1  # latent voxels the lesion region is grown by
+    lesion_weight: float = bounded(0.0, 0)  # stage 2: per-voxel weight 1 + w on latent voxels near the lesion
+    lesion_dilate: int = bounded(1, 0)  # latent voxels the lesion region is grown by
 
 
 @dataclass
-class LoraConfigSection:
-    rank: int = 16
-    alpha: float = 16.0
+class LoraConfigSection(_Section):
+    section = "lora"
+    rank: int = bounded(16, 1)
+    alpha: float = bounded(16.0, 0, low_open=True)
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v"])
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, 0, 1, high_open=True)
     # joint mode: mask outputs get their input added (u = z + g), so one-step sampling needs no learned noise
     # pass-through for the new channels (zero-initialised, they kept ~70% of their noise)
     mask_passthrough: bool = True
 
 
 @dataclass
-class ConditionalConfig:
+class ConditionalConfig(_Section):
+    section = "conditional"
     # ControlNet mask embedding: [32] = 4^3 pixel-unshuffle + convs on the latent grid; [16, 32, 64] = MAISI-style
     # strided convs from the full-resolution mask (10x the CPU cost)
-    embedding_channels: list[int] = field(default_factory=lambda: [32])
+    embedding_channels: list[int] = bounded([32], 1)
     include_healthy: bool = True  # healthy cases with empty masks: no lesion in, no hyperintensity out
 
 
 @dataclass
-class VAETrainingConfig:
-    patch_size: int = 32
-    kl_weight: float = 1.0e-6
-    ssim_weight: float = 0.0
+class VAETrainingConfig(_Section):
+    section = "vae_training"
+    patch_size: int = bounded(32, 8)
+    kl_weight: float = bounded(1.0e-6, 0)
+    ssim_weight: float = bounded(0.0, 0)
 
 
 @dataclass
-class TrainingConfig:
-    max_epochs: int = 500
-    max_steps: int | None = None  # overrides max_epochs when set
-    batch_size: int = 8
-    lr: float = 1.0e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    schedule: str = "constant"  # "constant" | "cosine"
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    seed: int = 0
+class TrainingConfig(_Section):
+    section = "training"
+    max_epochs: int = bounded(500, 1)
+    max_steps: int | None = bounded(None, 1)  # overrides max_epochs when set
+    batch_size: int = bounded(8, 1)
+    lr: float = bounded(1.0e-4, 0, low_open=True)
+    weight_decay: float = bounded(0.0, 0)
+    warmup_steps: int = bounded(100, 0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = bounded(0.1, 0, 1)
+    grad_clip: float = bounded(1.0, 0, low_open=True)
+    ema_decay: float = bounded(0.999, 0, 1, high_open=True)
+    seed: int = bounded(0, 0)
     device: str = "auto"
     bf16: bool = False  # autocast on CUDA outside the JVP
-    checkpoint_every: int = 200
-    preview_every: int = 0
-    max_bad_steps: int = 20
+    checkpoint_every: int = bounded(200, 0)  # 0: only at the end and on stop
+    preview_every: int = bounded(0, 0)
+    max_bad_steps: int = bounded(20, 1)
     output_dir: str = "runs/run"
-    num_threads: int | None = None
+    num_threads: int | None = bounded(None, 1)
 
 
 @dataclass
@@ -122,16 +178,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {
-    "loss.kind": {"meanflow", "flow_matching"},
-    "data.mask_strategy": {"auto", "vae", "downsample", "sdf"},
-    "data.downsample_mode": {"nearest", "area", "max"},
-    "training.schedule": {"constant", "cosine"},
-    "model.preset": {"tiny", "small", "base"},
-    "model.vae_preset": {"tiny", "small", "maisi"},
-}
-
-
 def _float_or_same(text: str) -> float | str:
     try:
         return float(text)
@@ -145,15 +191,20 @@ def _check_value(key: str, value: Any, annotation: Any, source: str) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
-        errors = []
+        errors: list[ConfigError] = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _check_value(key, value, option, source)
             except ConfigError as err:
-                errors.append(str(err))
-        raise errors[0] if len(errors) == 1 else ConfigError(errors[0])
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{source}: '{key}' must be one of {sorted(choices)}, got {value!r}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: '{key}' must be a list, got {type(value).__name__} ({value!r})")
@@ -195,9 +246,10 @@ def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
             kwargs[name] = _build(hints[name], value or {}, f"{key}.", source)
         else:
             kwargs[name] = _check_value(key, value, hints[name], source)
-            if key in _CHOICES and kwargs[name] not in _CHOICES[key]:
-                raise ConfigError(f"{source}: '{key}' must be one of {sorted(_CHOICES[key])}, got {value!r}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a range check in __post_init__: add the file it came from
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def config_from_dict(values: dict, source: str = "<config>") -> RunConfig:

@@ -1,18 +1,13 @@
-"""Preprocessing onto the model grid, config validation, and the latent cache."""
+"""Preprocessing onto the model grid: orientation, world coordinates, bad volumes, atomic saving."""
 
 from __future__ import annotations
-
-import json
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import write_nifti
 
-from neuromf.config import ConfigError, config_from_dict, load_config
-from neuromf.data.latent_cache import LatentCache
 from neuromf.io.nifti import Preprocessing, VolumeError, preprocess_pair, read_nifti, save_nifti
 
 
@@ -95,59 +90,3 @@ def test_save_nifti_is_atomic_and_round_trips(tmp_path):
     np.testing.assert_array_equal(back.get_fdata(dtype=np.float32), data)
     np.testing.assert_allclose(back.affine, affine)
     assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]
-
-
-def test_config_validation_names_key():
-    with pytest.raises(ConfigError, match="unknown key 'training.lrr'"):
-        config_from_dict({"training": {"lrr": 1}})
-    with pytest.raises(ConfigError, match="'training.batch_size' must be an integer"):
-        config_from_dict({"training": {"batch_size": 2.5}})
-    with pytest.raises(ConfigError, match="'data.flip' must be true or false"):
-        config_from_dict({"data": {"flip": "yes"}})
-    with pytest.raises(ConfigError, match="'data.mask_strategy' must be one of"):
-        config_from_dict({"data": {"mask_strategy": "magic"}})
-    with pytest.raises(ConfigError, match="'lora.target_modules' must be a list"):
-        config_from_dict({"lora": {"target_modules": "to_q"}})
-    cfg = config_from_dict({"training": {"lr": 1}, "data": {"cache_dir": None}})
-    assert cfg.training.lr == 1.0 and isinstance(cfg.training.lr, float)
-    # YAML 1.1 (PyYAML) reads 3e-4 without a dot as a string; a number is still meant
-    assert config_from_dict(yaml.safe_load("training: {lr: 3e-4}")).training.lr == pytest.approx(3e-4)
-    with pytest.raises(ConfigError, match="'training.lr' must be a number, got str"):
-        config_from_dict({"training": {"lr": "fast"}})
-
-
-def test_seed_config_keys_and_packaged_lookup():
-    cfg = load_config("configs/lora_fcd.yaml")  # the seed's path works from the repository root
-    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules) == (16, 16.0, ["to_q", "to_k", "to_v"])
-    assert (cfg.loss.p_img, cfg.loss.p_mask, cfg.training.max_epochs, cfg.training.lr) == (1.5, 2.0, 500, 5e-5)
-    assert cfg.data.mask_strategy in ("auto", "vae", "downsample")
-    assert load_config("demo_lora", {"training.lr": 0.5}).training.lr == 0.5
-    with pytest.raises(FileNotFoundError, match="packaged configs"):
-        load_config("nope.yaml")
-
-
-def test_latent_cache_hit_miss_invalidation_and_corruption(tmp_path):
-    source = write_nifti(tmp_path / "a.nii.gz", np.ones((4, 4, 4), np.float32))
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return {"z": torch.full((2, 2), float(len(calls)))}
-
-    cache = LatentCache(tmp_path / "cache", "vae-1", {"shape": [4, 4, 4]})
-    first = cache.get([source], "orig", compute)
-    assert cache.get([source], "orig", compute)["z"].equal(first["z"]) and len(calls) == 1
-    assert cache.stats() == {"hits": 1, "misses": 1, "rebuilt": 0}
-    # a fresh cache object reads the manifest from disk
-    assert LatentCache(tmp_path / "cache", "vae-1", {"shape": [4, 4, 4]}).get([source], "orig", compute)["z"][0, 0] == 1
-    # another VAE or preprocessing or source content -> new key, re-encoded; the stale file is removed
-    other = LatentCache(tmp_path / "cache", "vae-2", {"shape": [4, 4, 4]})
-    assert other.get([source], "orig", compute)["z"][0, 0] == 2 and other.stats()["misses"] == 1
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
-    write_nifti(source, np.zeros((4, 4, 4), np.float32))
-    assert other.get([source], "orig", compute)["z"][0, 0] == 3
-    # a corrupt entry is detected and rebuilt
-    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    entry = next(iter(manifest.values()))
-    (tmp_path / "cache" / entry["file"]).write_bytes(b"garbage")
-    assert other.get([source], "orig", compute)["z"][0, 0] == 4 and other.stats()["rebuilt"] == 1
