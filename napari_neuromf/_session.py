@@ -296,10 +296,10 @@ def lesion_on_model_grid(data: Any, layer_meta: dict, adapter: str) -> tuple[Any
     import numpy as np
 
     from napari_neuromf._layers import nifti_from_layer
-    from neuromf.io.nifti import Preprocessing, mask_to_model_grid
-    from neuromf.pipelines.conditional import adapter_meta
+    from neuromf.io.nifti import mask_to_model_grid
+    from neuromf.models.adapter_meta import adapter_meta
 
-    prep = Preprocessing.from_dict(adapter_meta(adapter, "conditional")["preprocessing"])
+    prep = adapter_meta(adapter, "conditional").prep
     image = nifti_from_layer(np.asarray(data) > 0, layer_meta)
     volume = mask_to_model_grid(np.asarray(image.dataobj), image.affine, prep,
                                 source=f"layer {layer_meta.get('name', 'lesion')!r}")

@@ -73,14 +73,14 @@ class DataConfig(_Section):
     data_dir: str = "embedded"  # "embedded" = sample_data/fcd_phantoms, else a BIDS tree or flat folder
     shape: list[int] = bounded([64, 64, 64], 8)
     spacing: list[float] = bounded([3.0, 3.0, 3.0], 0, low_open=True)
-    clip_max: float = bounded(2.0, 1)  # intensity bound after percentile scaling (99.5th -> 1); lesions are brighter than 1
+    clip_max: float = bounded(2.0, 1)  # bound after percentile scaling (99.5th -> 1): lesions are brighter
     cache_dir: str | None = None  # default: $NEUROMF_CACHE or ~/.cache/neuromf/latents
     group: Literal["hc", "fcd"] | None = None  # participants.tsv group filter: "hc" for stage 1, "fcd" for stage 2
     split: Literal["train", "test"] | None = "train"
-    mask_strategy: Literal["auto", "vae", "downsample", "sdf"] = "auto"  # "vae" (A, C=8) | "downsample" (B, C=5) | "sdf" (C=4+8) | "auto" (mask_test)
-    downsample_mode: Literal["nearest", "area", "max"] = "nearest"  # strategy B: "nearest" | "area" | "max"
+    mask_strategy: Literal["auto", "vae", "downsample", "sdf"] = "auto"  # A C=8 | B C=5 | C=4+8 | mask_test
+    downsample_mode: Literal["nearest", "area", "max"] = "nearest"  # strategy B
     sdf_scale_mm: float = bounded(6.0, 0, low_open=True)  # "sdf": tanh(signed distance / scale)
-    sdf_subgrid: int = bounded(2, 1, 4)  # "sdf": mask grid this many times finer than the latent grid (subgrid^3 channels)
+    sdf_subgrid: int = bounded(2, 1, 4)  # "sdf": grid this much finer than the latent one
     sdf_threshold_mm: float = -1.0  # "sdf" decoding boundary (measured best round trip: Dice 0.92 at 3 mm)
     mask_test: str | None = None  # mask_vae_test.json for mask_strategy "auto"
     flip: bool = True  # add left-right flipped copies (image and mask together)

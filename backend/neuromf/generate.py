@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from neuromf.io.nifti import Preprocessing, save_nifti
 from neuromf.meanflow import sample
 from neuromf.models.flow_model import load_flow_model, read_model_meta
 from neuromf.models.unet import MeanFlowUNet
-from neuromf.utils import resolve_device
+from neuromf.utils import atomic_write_json, resolve_device
 from neuromf.vae import MAISIVAEWrapper
 
 
@@ -40,6 +41,28 @@ class GeneratedVolume:
     index: int
     image: np.ndarray  # (H, W, D) float32 in [0, clip_max]: about [0, 1], lesions brighter
     latent: torch.Tensor
+
+
+@dataclass
+class GeneratedPair:
+    """One generated FLAIR + lesion mask on the model grid (joint or conditional mode)."""
+
+    index: int
+    image: np.ndarray  # (H, W, D) float32 in [0, clip_max]
+    mask: np.ndarray  # (H, W, D) uint8 {0, 1}
+    affine: np.ndarray  # (4, 4) voxel -> world (RAS, mm)
+    meta: dict[str, Any]  # written as sample_XXX.json: seed, steps, adapter, mode, ...
+
+
+def write_pairs(pairs: Iterable[GeneratedPair], out_dir: Path) -> list[Path]:
+    """`sample_XXX_flair.nii.gz` + `sample_XXX_mask.nii.gz` (same affine) + `sample_XXX.json`, each atomic."""
+    paths = []
+    for pair in pairs:
+        stem = Path(out_dir) / f"sample_{pair.index:03d}"
+        paths.append(save_nifti(pair.image, pair.affine, f"{stem}_flair.nii.gz"))
+        paths.append(save_nifti(pair.mask, pair.affine, f"{stem}_mask.nii.gz", dtype=np.uint8))
+        paths.append(atomic_write_json(Path(f"{stem}.json"), pair.meta))
+    return paths
 
 
 @torch.no_grad()

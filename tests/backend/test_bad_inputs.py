@@ -97,6 +97,7 @@ def models(tmp_path_factory, tiny_vae_dir) -> dict[str, Path]:
     """An untrained tiny base model and a LoRA adapter on it, saved in the real formats (no training needed:
     every case fails while loading, before a model would be used)."""
     from neuromf.io.nifti import Preprocessing
+    from neuromf.models.adapter_meta import AdapterMeta
     from neuromf.models.flow_model import load_flow_model, save_flow_model
     from neuromf.models.lora import WIDENED_MODULES, inject_lora, save_adapter, widen_io_channels
     from neuromf.models.unet import MeanFlowUNet
@@ -117,8 +118,8 @@ def models(tmp_path_factory, tiny_vae_dir) -> dict[str, Path]:
                "channels": {"image": 4, "mask": 1}, "mask_scale": 1.0, "base_checkpoint": str(root / "base"),
                "base_sha256": base_meta["weights_sha256"], "base_preset": "tiny", "vae": str(tiny_vae_dir),
                "vae_preset": "tiny", "vae_identity": vae.identity, "scale_factor": 1.0,
-               "preprocessing": prep.key(), "latent_shape": [5, *latent[1:]]}
-    save_adapter(model, root / "adapter", sidecar)
+               "preprocessing": prep.key(), "latent_shape": [5, *latent[1:]], "config": {}}
+    save_adapter(model, root / "adapter", AdapterMeta.from_dict(sidecar))
     torch.manual_seed(0)
     save_flow_model(MeanFlowUNet(8, preset="tiny"), root / "base_8ch", {**meta})  # other conv_in/out shapes
     return {"base": root / "base", "adapter": root / "adapter", "vae": Path(tiny_vae_dir),

@@ -87,7 +87,8 @@ def conditional_run(tmp_path_factory, phantom_dir, tiny_vae_dir, tiny_base_dir):
 
 
 def test_conditional_training_exports_an_adapter_and_logs_a_fixed_draw(conditional_run):
-    from neuromf.pipelines.conditional import SIDECAR, load_conditional_model
+    from neuromf.models.adapter_meta import SIDECAR
+    from neuromf.pipelines.conditional import load_conditional_model
 
     adapter = conditional_run.export
     meta = json.loads((adapter / SIDECAR).read_text())
@@ -140,7 +141,7 @@ def test_joint_sdf_mode_trains_generates_and_records_noise_correlation(tmp_path,
                                                               "loss.lesion_weight": 20.0})
     result = run_to_end(train_lora(cfg, tiny_base_dir, progress=False))
     joint = load_joint_model(result.export)
-    assert joint.strategy == "sdf" and joint.meta["channels"]["mask"] == 8
+    assert joint.strategy == "sdf" and joint.meta.n_mask == 8
     assert joint.model.skip_channels == 8  # the pass-through survives saving and loading
     write_generated_pairs(result.export, tmp_path / "gen", n=2)
     meta = json.loads((tmp_path / "gen" / "sample_001.json").read_text())

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from neuromf.models.adapter_meta import AdapterMeta
 from neuromf.models.lora import (
     WIDENED_MODULES,
     attention_layers,
@@ -20,6 +21,14 @@ from neuromf.models.lora import (
     widen_io_channels,
 )
 from neuromf.models.unet import MeanFlowUNet
+
+
+def sidecar(n_mask: int) -> AdapterMeta:
+    """The sidecar of an adapter made outside a training run (no base file, VAE or data behind it)."""
+    return AdapterMeta(mode="joint", base_checkpoint="-", base_sha256="-", base_preset="tiny", vae="-",
+                       vae_preset="tiny", vae_identity="-", scale_factor=1.0, preprocessing={},
+                       latent_shape=[4 + n_mask, 8, 8, 8], channels={"image": 4, "mask": n_mask}, config={},
+                       strategy="downsample")
 
 
 def jittered(preset: str = "tiny") -> MeanFlowUNet:
@@ -90,7 +99,7 @@ def test_freeze_helper_and_adapter_round_trip_and_merge(tmp_path):
     r, t = torch.tensor([0.2]), torch.tensor([0.9])
     with torch.no_grad():
         expected = model(z, r, t)
-    directory = save_adapter(model, tmp_path / "adapter", {"channels": {"image": 4, "mask": 1}})
+    directory = save_adapter(model, tmp_path / "adapter", sidecar(1))
     assert (directory / "adapter_config.json").is_file() and (directory / "adapter_model.safetensors").is_file()
     loaded = load_adapter(copy.deepcopy(base), directory)
     merged = load_adapter(copy.deepcopy(base), directory, merge=True)
@@ -105,7 +114,7 @@ def test_bad_target_and_channel_mismatch(tmp_path):
     with pytest.raises(ValueError, match="to_x"):
         inject_lora(jittered(), target_modules=["to_x"])
     model = inject_lora(widen_io_channels(jittered(), 8, 8), modules_to_save=WIDENED_MODULES)
-    directory = save_adapter(model, tmp_path / "a", {"channels": {"image": 4, "mask": 4}})
+    directory = save_adapter(model, tmp_path / "a", sidecar(4))
     other = widen_io_channels(jittered(), 5, 5)
     with pytest.raises(ValueError, match="input channels"):
         load_adapter(other, directory)

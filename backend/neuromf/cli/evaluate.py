@@ -10,10 +10,9 @@ from neuromf.cli._common import REPORT, STAGE_DIR, AddCommand, drive, parse_over
 
 def cmd_evaluate(args) -> int:
     from neuromf.eval.metrics import evaluate_generated
-    from neuromf.io.nifti import Preprocessing
-    from neuromf.pipelines.conditional import adapter_meta
+    from neuromf.models.adapter_meta import adapter_meta
 
-    prep = Preprocessing.from_dict(adapter_meta(args.adapter, args.mode)["preprocessing"])
+    prep = adapter_meta(args.adapter, args.mode).prep
     result = evaluate_generated(Path(args.generated), args.data, prep, Path(args.out), progress=True)
     like = result["lesion_like"]
     print(f"lesion-like: {like['summary']['n_lesion_like']}/{like['summary']['n']} ({like['rate']:.0%}); per "
@@ -25,12 +24,11 @@ def cmd_evaluate(args) -> int:
 
 def cmd_consistency(args) -> int:
     from neuromf.eval.segmenter import evaluate_consistency
-    from neuromf.io.nifti import Preprocessing
-    from neuromf.pipelines.conditional import adapter_meta
+    from neuromf.models.adapter_meta import adapter_meta
     from neuromf.utils import ensure_writable
 
     ensure_writable(Path(args.out), file=True)  # before the trainings, not after them
-    prep = Preprocessing.from_dict(adapter_meta(args.adapter, args.mode)["preprocessing"])
+    prep = adapter_meta(args.adapter, args.mode).prep
     result = evaluate_consistency(Path(args.generated), args.data, prep, seeds=args.seeds, steps=args.steps,
                                   out_json=Path(args.out), device=args.device, progress=True)
 

@@ -15,7 +15,7 @@ def cmd_generate(args) -> int:
     from neuromf.utils import ensure_writable
 
     ensure_writable(Path(args.out))  # before loading and sampling, not at the first write
-    from neuromf.pipelines.conditional import generation_mode
+    from neuromf.models.adapter_meta import generation_mode
 
     mode = generation_mode(args.adapter, args.mode) if args.adapter else "base"
     if (args.mask or args.image) and mode != "conditional":
@@ -34,12 +34,13 @@ def cmd_generate(args) -> int:
 
 def _generate_conditional(args) -> list[Path]:
     """FLAIRs for `--mask` files (on each mask's own model-grid window) or for masks drawn from the prior."""
-    from neuromf.io.nifti import Preprocessing, preprocess_mask
-    from neuromf.pipelines.conditional import adapter_meta, write_conditional_pairs
+    from neuromf.io.nifti import preprocess_mask
+    from neuromf.models.adapter_meta import adapter_meta
+    from neuromf.pipelines.conditional import write_conditional_pairs
 
     masks = affines = None
     if args.mask:
-        prep = Preprocessing.from_dict(adapter_meta(args.adapter, "conditional")["preprocessing"])
+        prep = adapter_meta(args.adapter, "conditional").prep
         volumes = [preprocess_mask(path, prep, args.image) for path in args.mask]
         masks, affines = [v.data[0].numpy() for v in volumes], [v.affine for v in volumes]
     return write_conditional_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,

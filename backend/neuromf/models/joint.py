@@ -16,7 +16,7 @@ import torch
 from neuromf.config import RunConfig
 from neuromf.data.mask_codec import decode_mask_channel, decode_sdf, tanh_threshold, upsample_mask
 from neuromf.generate import vae_for
-from neuromf.io.nifti import Preprocessing
+from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
 from neuromf.models.flow_model import load_flow_model
 from neuromf.models.lora import (
     WIDENED_MODULES,
@@ -24,12 +24,11 @@ from neuromf.models.lora import (
     count_trainable_params,
     inject_lora,
     load_adapter,
-    read_adapter_sidecar,
+    read_adapter_meta,
     widen_io_channels,
 )
 from neuromf.utils import resolve_device
 from neuromf.vae import MAISIVAEWrapper
-from neuromf.weights import embedded_model_dir
 
 
 @dataclass
@@ -38,24 +37,23 @@ class JointModel:
 
     model: torch.nn.Module
     vae: MAISIVAEWrapper
-    meta: dict[str, Any]
+    meta: AdapterMeta
 
     @property
     def strategy(self) -> str:
-        return self.meta["strategy"]
+        return self.meta.strategy
 
     def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode joint latents (B, C, h, w, d) -> image (B, 1, H, W, D) in [0, clip_max], binary mask."""
-        n_img = self.meta["channels"]["image"]
-        clip_max = Preprocessing.from_dict(self.meta["preprocessing"]).clip_max
-        image = self.vae.decode(z[:, :n_img]).clamp(0, clip_max)
+        meta, n_img = self.meta, self.meta.n_image
+        image = self.vae.decode(z[:, :n_img]).clamp(0, meta.prep.clip_max)
         if self.strategy == "vae":
             mask = (self.vae.decode(z[:, n_img:]) > 0.5).float()
         elif self.strategy == "sdf":
-            mask = decode_sdf(z[:, n_img:] / self.meta["mask_scale"], self.meta["sdf_subgrid"],
-                              tanh_threshold(self.meta["sdf_threshold_mm"], self.meta["sdf_scale_mm"]))
+            mask = decode_sdf(z[:, n_img:] / meta.mask_scale, meta.sdf_subgrid,
+                              tanh_threshold(meta.sdf_threshold_mm, meta.sdf_scale_mm))
         else:
-            mask = upsample_mask(decode_mask_channel(z[:, n_img:], self.meta["mask_scale"]))
+            mask = upsample_mask(decode_mask_channel(z[:, n_img:], meta.mask_scale))
         return image.cpu(), mask.cpu()
 
 
@@ -72,37 +70,33 @@ def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int) 
     return model, base_meta
 
 
-def resolve_adapter(spec: str | Path) -> Path:
-    return embedded_model_dir("lora_demo") if str(spec) == "embedded" else Path(spec)
-
-
 def load_joint_model(adapter: str | Path, device: str | torch.device = "cpu", merge: bool = True) -> JointModel:
     """Base model named in the adapter sidecar + the adapter (merged for inference by default)."""
-    directory = resolve_adapter(adapter)
-    meta = read_adapter_sidecar(directory)
-    base_spec = meta["base_checkpoint"]
+    directory = resolve_adapter_dir(adapter, "joint")
+    meta = read_adapter_meta(directory)
+    base_spec = meta.base_checkpoint
     base, base_meta = load_flow_model(base_spec)
-    if base_meta["weights_sha256"] != meta["base_sha256"]:
+    if base_meta["weights_sha256"] != meta.base_sha256:
         raise ValueError(f"{directory}: adapter was trained on a different base model than {base_spec} "
                          "(weights hash differs)")
     model = load_adapter(base, directory, merge=merge).to(resolve_device(device)).eval()
-    return JointModel(model, vae_for(meta, device=resolve_device(device)), meta)
+    return JointModel(model, vae_for(meta.vae_reference(), device=resolve_device(device)), meta)
 
 
 @torch.no_grad()
 def check_adapter(adapter: str | Path) -> dict[str, Any]:
     """P7-T2/T3 on a saved adapter: a forward pass with LoRA succeeds, and the trainable share of parameters."""
-    directory = resolve_adapter(adapter)
-    meta = read_adapter_sidecar(directory)
-    base, _ = load_flow_model(meta["base_checkpoint"])
-    channels = meta["channels"]["image"] + meta["channels"]["mask"]
+    directory = resolve_adapter_dir(adapter, "joint")
+    meta = read_adapter_meta(directory)
+    base, _ = load_flow_model(meta.base_checkpoint)
+    channels = meta.n_image + meta.n_mask
     fresh = copy.deepcopy(base)
     model = load_adapter(base, directory, merge=False)
-    z = torch.randn((1, *meta["latent_shape"]))
+    z = torch.randn((1, *meta.latent_shape))
     out = model(z, torch.zeros(1), torch.ones(1))
     # trainable share as in training: rebuild the same injection on a fresh copy
     widen_io_channels(fresh, channels, channels)
-    cfg = meta["config"]["lora"]
+    cfg = meta.config["lora"]
     trainable_model = inject_lora(fresh, cfg["rank"], cfg["alpha"], cfg["target_modules"], WIDENED_MODULES)
     trainable, total = count_trainable_params(trainable_model)
     return {"forward_ok": bool(torch.isfinite(out).all()) and tuple(out.shape) == tuple(z.shape),

@@ -6,25 +6,23 @@ Stage 2 keeps the healthy-brain model frozen, adapts only the attention q/k/v pr
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from neuromf.models.adapter_meta import AdapterMeta
 from neuromf.models.unet import MeanFlowUNet
-from neuromf.utils import atomic_write_json
 from neuromf.weights import WeightFileError, load_state_dict
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v"]
 # MONAI wraps each conv in a Convolution block: peft must target the inner nn.Conv3d
 WIDENED_MODULES = ["conv_in.conv", "out.2.conv"]
-SIDECAR = "neuromf_adapter.json"
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def _wider_conv(old: nn.Conv3d, in_channels: int, out_channels: int) -> nn.Conv3d:
@@ -112,14 +110,14 @@ def attention_layers(model: nn.Module) -> list[tuple[str, int]]:
     return [(name[: -len(".to_q")], m.in_features) for name, m in _projections(model) if name.endswith("to_q")]
 
 
-def save_adapter(model: PeftModel, directory: Path, sidecar: dict[str, Any]) -> Path:
+def save_adapter(model: PeftModel, directory: Path, meta: AdapterMeta) -> Path:
     """peft's own format (adapter_config.json + adapter_model.safetensors) plus our sidecar, swapped in atomically."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         model.save_pretrained(str(staging), safe_serialization=True)
-        atomic_write_json(staging / SIDECAR, sidecar)
+        meta.save(staging)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -133,29 +131,24 @@ def save_adapter(model: PeftModel, directory: Path, sidecar: dict[str, Any]) -> 
     return directory
 
 
-def read_adapter_sidecar(directory: Path) -> dict[str, Any]:
+def read_adapter_meta(directory: Path) -> AdapterMeta:
+    """The sidecar of a LoRA adapter folder, once peft's own files are known to be there."""
     directory = Path(directory)
-    for name in ("adapter_config.json", "adapter_model.safetensors", SIDECAR):
+    for name in PEFT_FILES:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: not a NeuroMF LoRA adapter (missing {name})")
-    try:
-        meta = json.loads((directory / SIDECAR).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WeightFileError(f"{directory / SIDECAR}: adapter sidecar is not readable JSON ({err})") from err
-    if not isinstance(meta, dict) or not isinstance(meta.get("channels"), dict):
-        raise WeightFileError(f"{directory / SIDECAR}: adapter sidecar lacks its 'channels' entry")
-    return meta
+    return AdapterMeta.load(directory)
 
 
 def load_adapter(base: MeanFlowUNet, directory: Path, merge: bool = False) -> nn.Module:
     """Widen `base` as the sidecar says, load the adapter with peft, optionally merge it for inference."""
-    meta = read_adapter_sidecar(directory)
-    channels = meta["channels"]["image"] + meta["channels"]["mask"]
-    if base.in_channels != meta["channels"]["image"]:
-        raise ValueError(f"{directory}: adapter expects a base model with {meta['channels']['image']} input channels, "
+    meta = read_adapter_meta(directory)
+    if base.in_channels != meta.n_image:
+        raise ValueError(f"{directory}: adapter expects a base model with {meta.n_image} input channels, "
                          f"got {base.in_channels}")
+    channels = meta.n_image + meta.n_mask
     widen_io_channels(base, channels, channels)
-    base.skip_channels = meta["channels"]["mask"] if meta.get("mask_passthrough") else 0
+    base.skip_channels = meta.n_mask if meta.mask_passthrough else 0
     load_state_dict(directory / "adapter_model.safetensors", nested_key=None)  # corrupt file: error naming it
     try:
         model = PeftModel.from_pretrained(base, str(directory), is_trainable=False)

@@ -27,8 +27,7 @@ def run_ablation(config: str, base_checkpoint: str, out_dir: Path, n: int, seeds
 
     from neuromf.config import load_config
     from neuromf.eval.metrics import evaluate_generated
-    from neuromf.io.nifti import Preprocessing
-    from neuromf.pipelines.conditional import adapter_meta
+    from neuromf.models.adapter_meta import adapter_meta
     from neuromf.pipelines.lora import train_lora, write_generated_pairs
     from neuromf.utils import atomic_write_json
 
@@ -47,7 +46,7 @@ def run_ablation(config: str, base_checkpoint: str, out_dir: Path, n: int, seeds
             result = drive(train_lora(cfg, base_checkpoint, overwrite=True), f"ablate {name} seed {seed}")
             arm["steps"] = result.step
             write_generated_pairs(result.export, run / "generated", n=n, seed=seed)
-            prep = Preprocessing.from_dict(adapter_meta(result.export)["preprocessing"])
+            prep = adapter_meta(result.export).prep
             metrics = evaluate_generated(run / "generated", data, prep, run / "metrics.json")
             arm["mean_dice_test"].append(metrics["dice"]["mean_best_test"] or 0.0)
             arm["mean_dice_train"].append(metrics["dice"]["mean_best_train"] or 0.0)

@@ -24,24 +24,30 @@ from neuromf.config import RunConfig
 from neuromf.data.fcd_dataset import FCDDataset
 from neuromf.data.mask_codec import lesion_region, pixel_shuffle_3d
 from neuromf.data.mask_prior import MaskPrior
-from neuromf.generate import model_grid_affine, vae_for
+from neuromf.generate import GeneratedPair, model_grid_affine, vae_for, write_pairs
 from neuromf.io.nifti import Preprocessing
 from neuromf.meanflow import sample
 from neuromf.meanflow.loss import MeanFlowLoss
+from neuromf.models.adapter_meta import (
+    ADAPTER_DIR,
+    CONTROLNET_WEIGHTS,
+    SIDECAR,
+    AdapterMeta,
+    adapter_meta,
+    base_reference,
+    data_reference,
+    is_conditional_adapter,
+    resolve_adapter_dir,
+)
 from neuromf.models.controlnet import ConditionedFlowModel, MeanFlowControlNet, controlnet_from_unet
 from neuromf.models.flow_model import load_flow_model
 from neuromf.pipelines.stage1 import build_loss
 from neuromf.train.loop import LossFn, TrainEvent, TrainResult, TrainTask, fixed_draw_evaluator, train
 from neuromf.train.run_dir import in_run_dir
-from neuromf.utils import atomic_write, atomic_write_json, default_cache_dir, resolve_device
+from neuromf.utils import atomic_write, default_cache_dir, resolve_device
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper
-from neuromf.weights import embedded_model_dir
 
-ADAPTER_DIR = "adapter"
-SIDECAR = "neuromf_adapter.json"
-WEIGHTS = "controlnet.safetensors"
 PRIOR = "mask_prior.safetensors"
-KIND = "neuromf_controlnet_adapter"
 
 
 def stage2_preprocessing(base_meta: dict[str, Any], cfg: RunConfig) -> Preprocessing:
@@ -88,19 +94,13 @@ def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", 
     images = dataset.image_latents()
     data = dataset.packed(images)
     prior = build_mask_prior(dataset, vae, prep)
-    sidecar = {
-        "kind": KIND, "mode": "conditional", "base_checkpoint": str(base_checkpoint),
-        "base_sha256": base_meta["weights_sha256"], "base_preset": base_meta["arch"]["preset"],
-        "controlnet": controlnet.arch, "vae": base_meta["vae"], "vae_preset": base_meta["vae_preset"],
-        "vae_identity": base_meta["vae_identity"], "scale_factor": base_meta["scale_factor"],
-        "preprocessing": prep.key(), "latent_shape": list(images.shape[1:]),
-        "channels": {"image": 4, "mask": 0}, "lesion_weight": cfg.loss.lesion_weight,
-        "trainable_params": sum(p.numel() for p in controlnet.parameters()),
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "data_dir": "embedded" if cfg.data.data_dir == "embedded" else str(dataset.root),
-        "train_cases": [case_id for case_id, _ in dataset.items], "n_healthy": dataset.n_healthy,
-        "config": cfg.to_dict(),
-    }
+    sidecar = AdapterMeta(
+        mode="conditional", **base_reference(base_checkpoint, base_meta), preprocessing=prep.key(),
+        latent_shape=list(images.shape[1:]), channels={"image": 4, "mask": 0}, config=cfg.to_dict(),
+        data_dir=data_reference(cfg.data.data_dir, dataset.root), train_cases=[case_id for case_id, _ in dataset.items],
+        lesion_weight=cfg.loss.lesion_weight, trainable_params=sum(p.numel() for p in controlnet.parameters()),
+        total_params=sum(p.numel() for p in model.parameters()), controlnet=controlnet.arch,
+        n_healthy=dataset.n_healthy)
     loss_fn = packed_lesion_loss(build_loss(cfg, 4, 0), 4, conditional=True, dilate=cfg.loss.lesion_dilate)
     preview_mask = torch.from_numpy(prior.sample(np.random.default_rng(cfg.training.seed))).float()[None, None]
     preview_noise = torch.randn((1, *images.shape[1:]), generator=torch.Generator().manual_seed(cfg.training.seed))
@@ -141,11 +141,11 @@ def rebuild_mask_prior(adapter: str | Path) -> Path:
     """Re-make an adapter's mask prior from its own training data and settings (after the prior's code changed)."""
     from neuromf.config import config_from_dict
 
-    directory = resolve_conditional_adapter(adapter)
+    directory = resolve_adapter_dir(adapter, "conditional")
     meta = adapter_meta(directory, "conditional")
-    cfg = config_from_dict(meta["config"], source=str(directory / SIDECAR))
-    _, base_meta = load_flow_model(meta["base_checkpoint"])
-    vae, prep = vae_for(base_meta), Preprocessing.from_dict(meta["preprocessing"])
+    cfg = config_from_dict(meta.config, source=str(directory / SIDECAR))
+    _, base_meta = load_flow_model(meta.base_checkpoint)
+    vae, prep = vae_for(base_meta), meta.prep
     return build_mask_prior(conditional_dataset(cfg, vae, prep), vae, prep).save(directory / PRIOR)
 
 
@@ -156,14 +156,14 @@ def _lesion_first(packed: torch.Tensor) -> torch.Tensor:
 
 
 def save_conditional_adapter(controlnet: MeanFlowControlNet, prior: MaskPrior, directory: Path,
-                             sidecar: dict[str, Any]) -> Path:
+                             meta: AdapterMeta) -> Path:
     """ControlNet weights (safetensors) + mask prior + sidecar, each written atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in controlnet.state_dict().items()}
-    atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p)))
+    atomic_write(directory / CONTROLNET_WEIGHTS, lambda p: save_file(state, str(p)))
     prior.save(directory / PRIOR)
-    atomic_write_json(directory / SIDECAR, sidecar)
+    meta.save(directory)
     return directory
 
 
@@ -174,11 +174,11 @@ class ConditionalModel:
     model: ConditionedFlowModel
     vae: MAISIVAEWrapper
     prior: MaskPrior
-    meta: dict[str, Any]
+    meta: AdapterMeta
 
     @property
     def prep(self) -> Preprocessing:
-        return Preprocessing.from_dict(self.meta["preprocessing"])
+        return self.meta.prep
 
     @torch.no_grad()
     def generate(self, mask: np.ndarray, noise: torch.Tensor, steps: int = 1) -> np.ndarray:
@@ -193,85 +193,37 @@ class ConditionalModel:
         return self.vae.decode(z)[0, 0].clamp(0, prep.clip_max).cpu().numpy().astype(np.float32)
 
 
-def is_conditional_adapter(directory: Path | str) -> bool:
-    return (Path(directory) / WEIGHTS).is_file()
-
-
-def resolve_conditional_adapter(spec: str | Path) -> Path:
-    return embedded_model_dir("cond_demo") if str(spec) == "embedded" else Path(spec)
-
-
-def adapter_meta(spec: str | Path, mode: str = "auto") -> dict[str, Any]:
-    """The sidecar of a joint (LoRA) or conditional (ControlNet) adapter; "embedded" is the demo of `mode`."""
-    import json
-
-    mode = generation_mode(spec, mode)
-    if str(spec) == "embedded":
-        directory = embedded_model_dir("cond_demo" if mode == "conditional" else "lora_demo")
-    else:
-        directory = Path(spec)
-    sidecar = directory / SIDECAR
-    if not sidecar.is_file():
-        raise FileNotFoundError(f"{directory}: not a NeuroMF adapter (missing {SIDECAR})")
-    try:
-        return json.loads(sidecar.read_text())
-    except ValueError as err:
-        raise ValueError(f"{sidecar}: not valid JSON ({err})") from err
-
-
-def generation_mode(adapter: str | Path, mode: str = "auto") -> str:
-    """"joint" or "conditional" for an adapter; `auto` reads the folder ("embedded" alone means the joint demo)."""
-    if mode not in ("auto", "joint", "conditional"):
-        raise ValueError(f"mode must be auto, joint or conditional, got {mode!r}")
-    if str(adapter) == "embedded":
-        return "joint" if mode == "auto" else mode
-    found = "conditional" if is_conditional_adapter(adapter) else "joint"
-    if mode != "auto" and mode != found:
-        remedy = "train one with train-conditional" if mode == "conditional" else "use --mode conditional"
-        raise ValueError(f"{adapter}: a {found} adapter cannot generate in {mode} mode ({remedy})")
-    return found
-
-
 def load_conditional_model(adapter: str | Path, device: str | torch.device = "cpu") -> ConditionalModel:
     """Base model named in the sidecar + the ControlNet + the mask prior."""
-    directory = resolve_conditional_adapter(adapter)
-    for name in (WEIGHTS, PRIOR, SIDECAR):
+    directory = resolve_adapter_dir(adapter, "conditional")
+    for name in (CONTROLNET_WEIGHTS, PRIOR, SIDECAR):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: not a NeuroMF conditional adapter (missing {name})")
     meta = adapter_meta(directory, "conditional")
-    base, base_meta = load_flow_model(meta["base_checkpoint"])
-    if base_meta["weights_sha256"] != meta["base_sha256"]:
+    base, base_meta = load_flow_model(meta.base_checkpoint)
+    if base_meta["weights_sha256"] != meta.base_sha256:
         raise ValueError(f"{directory}: adapter was trained on a different base model than "
-                         f"{meta['base_checkpoint']} (weights hash differs)")
-    arch = meta["controlnet"]
+                         f"{meta.base_checkpoint} (weights hash differs)")
+    arch = meta.controlnet
     controlnet = MeanFlowControlNet(arch["in_channels"], arch["preset"], arch["cond_channels"],
                                     arch["embedding_channels"])
     try:
-        state = load_file(str(directory / WEIGHTS))
+        state = load_file(str(directory / CONTROLNET_WEIGHTS))
     except Exception as err:
-        raise ValueError(f"{directory / WEIGHTS}: not a readable safetensors file ({err})") from err
+        raise ValueError(f"{directory / CONTROLNET_WEIGHTS}: not a readable safetensors file ({err})") from err
     missing, unexpected = controlnet.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS}: weights do not fit the ControlNet in the sidecar "
+        raise ValueError(f"{directory / CONTROLNET_WEIGHTS}: weights do not fit the ControlNet in the sidecar "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     dev = resolve_device(device)
     model = ConditionedFlowModel(base, controlnet).to(dev).eval()
-    return ConditionalModel(model, vae_for(meta, device=dev), MaskPrior.load(directory / PRIOR), meta)
-
-
-@dataclass
-class ConditionalPair:
-    index: int
-    image: np.ndarray  # (H, W, D) float32, about [0, 1.3]
-    mask: np.ndarray  # (H, W, D) uint8 {0, 1}: the condition
-    affine: np.ndarray
-    meta: dict[str, Any]
+    return ConditionalModel(model, vae_for(meta.vae_reference(), device=dev), MaskPrior.load(directory / PRIOR), meta)
 
 
 def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
                                device: str = "auto", masks: list[np.ndarray] | None = None,
                                affines: list[np.ndarray] | None = None,
-                               on_pair: Callable[[int], None] | None = None) -> Iterator[ConditionalPair]:
+                               on_pair: Callable[[int], None] | None = None) -> Iterator[GeneratedPair]:
     """FLAIRs for given masks on the model grid (each with its grid affine), or for `n` masks drawn from the
     adapter's prior (model-grid affine centred on the origin).
 
@@ -280,19 +232,19 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
     cond = load_conditional_model(adapter, device)
     prep = cond.prep
     default_affine = model_grid_affine(prep.shape, prep.spacing)
-    source = str(resolve_conditional_adapter(adapter))
+    source = str(resolve_adapter_dir(adapter, "conditional"))
     count = len(masks) if masks is not None else n
     for i in range(count):
         if masks is not None:
             mask, origin = (np.asarray(masks[i]) > 0).astype(np.uint8), "given"
         else:
             mask, origin = cond.prior.sample(np.random.default_rng([seed, i])), "prior"
-        noise = torch.randn(cond.meta["latent_shape"], generator=torch.Generator().manual_seed(seed * 100_003 + i))
+        noise = torch.randn(cond.meta.latent_shape, generator=torch.Generator().manual_seed(seed * 100_003 + i))
         image = cond.generate(mask, noise, steps)
         if on_pair is not None:
             on_pair(i)
         affine = affines[i] if affines is not None else default_affine
-        yield ConditionalPair(i, image, mask, affine,
+        yield GeneratedPair(i, image, mask, affine,
                               {"index": i, "seed": seed, "steps": steps, "adapter": source, "mode": "conditional",
                                "mask_source": origin})
 
@@ -300,18 +252,10 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
 def write_conditional_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                             device: str = "auto", masks: list[np.ndarray] | None = None,
                             affines: list[np.ndarray] | None = None) -> list[Path]:
-    """`sample_XXX_flair.nii.gz` + `sample_XXX_mask.nii.gz` (+ `sample_XXX.json`), as joint generation writes."""
-    from neuromf.io.nifti import save_nifti
-
-    paths = []
-    for pair in generate_conditional_pairs(adapter, n, steps, seed, device, masks, affines):
-        stem = Path(out_dir) / f"sample_{pair.index:03d}"
-        paths.append(save_nifti(pair.image, pair.affine, f"{stem}_flair.nii.gz"))
-        paths.append(save_nifti(pair.mask, pair.affine, f"{stem}_mask.nii.gz", dtype=np.uint8))
-        paths.append(atomic_write_json(Path(f"{stem}.json"), pair.meta))
-    return paths
+    """Conditional pairs written by `neuromf.generate.write_pairs`, as joint generation writes them."""
+    return write_pairs(generate_conditional_pairs(adapter, n, steps, seed, device, masks, affines), out_dir)
 
 
-__all__ = ["ConditionalModel", "ConditionalPair", "generate_conditional_pairs", "is_conditional_adapter",
+__all__ = ["ConditionalModel", "generate_conditional_pairs", "is_conditional_adapter",
            "load_conditional_model", "packed_lesion_loss", "train_conditional",
            "write_conditional_pairs"]

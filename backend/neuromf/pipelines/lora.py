@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from threading import Event
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,9 +14,9 @@ from neuromf.config import RunConfig
 from neuromf.data.fcd_dataset import FCDDataset
 from neuromf.data.mask_codec import mask_channels
 from neuromf.eval.mask_test import read_decision
-from neuromf.generate import model_grid_affine, sample_latents, vae_for
-from neuromf.io.nifti import save_nifti
-from neuromf.models.joint import JointModel, build_joint_model, load_joint_model, resolve_adapter
+from neuromf.generate import GeneratedPair, model_grid_affine, sample_latents, vae_for, write_pairs
+from neuromf.models.adapter_meta import ADAPTER_DIR, AdapterMeta, base_reference, data_reference, resolve_adapter_dir
+from neuromf.models.joint import JointModel, build_joint_model, load_joint_model
 from neuromf.models.lora import (
     count_lora_params,
     count_trainable_params,
@@ -28,10 +26,9 @@ from neuromf.pipelines.conditional import packed_lesion_loss, stage2_preprocessi
 from neuromf.pipelines.stage1 import build_loss
 from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, fixed_draw_evaluator, train
 from neuromf.train.run_dir import in_run_dir
-from neuromf.utils import atomic_write_json, default_cache_dir, resolve_device
+from neuromf.utils import default_cache_dir, resolve_device
 
 DEFAULT_MASK_TEST = Path("experiments/stage2_fcd/mask_vae_test.json")
-ADAPTER_DIR = "adapter"
 
 
 def resolve_strategy(cfg: RunConfig) -> str:
@@ -62,22 +59,15 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
                          progress=progress, sdf_scale_mm=cfg.data.sdf_scale_mm, sdf_subgrid=cfg.data.sdf_subgrid)
     latents = dataset.latents()
     trainable, total = count_trainable_params(model)
-    sidecar = {
-        "kind": "neuromf_lora_adapter", "strategy": strategy, "downsample_mode": cfg.data.downsample_mode,
-        "mode": "joint", "channels": {"image": 4, "mask": n_mask}, "mask_scale": dataset.mask_scale,
-        "sdf_scale_mm": cfg.data.sdf_scale_mm, "sdf_subgrid": cfg.data.sdf_subgrid,
-        "sdf_threshold_mm": cfg.data.sdf_threshold_mm, "mask_passthrough": cfg.lora.mask_passthrough,
-        "lesion_weight": cfg.loss.lesion_weight,
-        "base_checkpoint": str(base_checkpoint), "base_sha256": base_meta["weights_sha256"],
-        "base_preset": base_meta["arch"]["preset"], "vae": base_meta["vae"], "vae_preset": base_meta["vae_preset"],
-        "vae_identity": base_meta["vae_identity"], "scale_factor": base_meta["scale_factor"],
-        "preprocessing": prep.key(), "latent_shape": list(latents.shape[1:]),
-        "trainable_params": trainable, "total_params": total, "lora_params": count_lora_params(model),
-        # "embedded" stays a name so a shipped adapter does not carry this machine's path
-        "data_dir": "embedded" if cfg.data.data_dir == "embedded" else str(dataset.root),
-        "train_cases": [case_id for case_id, _ in dataset.items],
-        "config": cfg.to_dict(),
-    }
+    sidecar = AdapterMeta(
+        mode="joint", **base_reference(base_checkpoint, base_meta), preprocessing=prep.key(),
+        latent_shape=list(latents.shape[1:]), channels={"image": 4, "mask": n_mask}, config=cfg.to_dict(),
+        data_dir=data_reference(cfg.data.data_dir, dataset.root), train_cases=[case_id for case_id, _ in dataset.items],
+        lesion_weight=cfg.loss.lesion_weight, trainable_params=trainable, total_params=total,
+        strategy=strategy, downsample_mode=cfg.data.downsample_mode, mask_scale=dataset.mask_scale,
+        sdf_scale_mm=cfg.data.sdf_scale_mm, sdf_subgrid=cfg.data.sdf_subgrid,
+        sdf_threshold_mm=cfg.data.sdf_threshold_mm, mask_passthrough=cfg.lora.mask_passthrough,
+        lora_params=count_lora_params(model))
     joint = JointModel(model, vae, sidecar)
     preview_noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(cfg.training.seed))
 
@@ -100,26 +90,17 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
     return (yield from train(task, data, cfg.training, out_dir, stop=stop, resume=resume))
 
 
-@dataclass
-class GeneratedPair:
-    index: int
-    image: np.ndarray  # (H, W, D) float32 in [0, 1]
-    mask: np.ndarray  # (H, W, D) uint8 {0, 1}
-    affine: np.ndarray
-    meta: dict[str, Any]
-
-
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
                    device: str = "auto") -> Iterator[GeneratedPair]:
     """Joint FLAIR + lesion mask samples, decoded by the adapter's strategy; sample i depends only on (seed, i)."""
     dev = resolve_device(device)
     joint = load_joint_model(adapter, dev)
-    prep = joint.meta["preprocessing"]
-    affine = model_grid_affine(prep["shape"], prep["spacing"])
-    source = str(resolve_adapter(adapter))
+    prep = joint.meta.prep
+    affine = model_grid_affine(prep.shape, prep.spacing)
+    source = str(resolve_adapter_dir(adapter, "joint"))
     index = 0
-    n_img = joint.meta["channels"]["image"]
-    for noise, z in sample_latents(joint.model, joint.meta["latent_shape"], n, steps, seed, dev):
+    n_img = joint.meta.n_image
+    for noise, z in sample_latents(joint.model, joint.meta.latent_shape, n, steps, seed, dev):
         images, masks = joint.split(z.to(dev))
         for i in range(z.shape[0]):
             # how much of its starting noise the mask latent kept (a working generator: about 0)
@@ -133,14 +114,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
 
 def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                           device: str = "auto") -> list[Path]:
-    """`sample_XXX_flair.nii.gz` + `sample_XXX_mask.nii.gz` with the same model-grid affine."""
-    paths = []
-    for pair in generate_pairs(adapter, n, steps, seed, device):
-        stem = Path(out_dir) / f"sample_{pair.index:03d}"
-        paths.append(save_nifti(pair.image, pair.affine, f"{stem}_flair.nii.gz"))
-        paths.append(save_nifti(pair.mask, pair.affine, f"{stem}_mask.nii.gz", dtype=np.uint8))
-        paths.append(atomic_write_json(Path(f"{stem}.json"), pair.meta))
-    return paths
+    """Joint pairs written by `neuromf.generate.write_pairs`."""
+    return write_pairs(generate_pairs(adapter, n, steps, seed, device), out_dir)
 
 
 def release_memory() -> None:

@@ -1,0 +1,170 @@
+"""Adapter metadata: what a saved stage-2 adapter (joint LoRA or conditional ControlNet) needs to be used again.
+
+Written as `neuromf_adapter.json` beside the weights, the way peft's config mixin writes `adapter_config.json`.
+Every reader goes through `AdapterMeta.load`, so a missing file, bad JSON or a missing entry is one error that
+names the file, and old sidecars (no `mode`, no sdf entries) load with the values they were trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from neuromf.io.nifti import Preprocessing
+from neuromf.utils import atomic_write_json
+from neuromf.weights import WeightFileError, embedded_model_dir
+
+SIDECAR = "neuromf_adapter.json"
+ADAPTER_DIR = "adapter"  # a training run's adapter folder: <output_dir>/adapter
+CONTROLNET_WEIGHTS = "controlnet.safetensors"  # conditional adapters; joint ones hold peft's files
+KINDS = {"joint": "neuromf_lora_adapter", "conditional": "neuromf_controlnet_adapter"}
+Mode = Literal["joint", "conditional"]
+
+
+@dataclass
+class AdapterMeta:
+    """The sidecar of a stage-2 adapter.
+
+    Common entries name the frozen base model (path + weights hash), the VAE, the model grid (`preprocessing`,
+    `latent_shape` = (C, h, w, d)) and the training config; joint-mode entries say how the mask channels are
+    encoded (`strategy`, `mask_scale`, sdf settings); conditional-mode entries give the ControlNet architecture.
+    """
+
+    mode: Mode
+    base_checkpoint: str
+    base_sha256: str
+    base_preset: str
+    vae: str
+    vae_preset: str
+    vae_identity: str
+    scale_factor: float
+    preprocessing: dict[str, Any]
+    latent_shape: list[int]
+    channels: dict[str, int]  # {"image": 4, "mask": n_mask} (mask 0 in the conditional mode)
+    config: dict[str, Any]
+    data_dir: str = "embedded"
+    train_cases: list[str] = field(default_factory=list)
+    lesion_weight: float = 0.0
+    trainable_params: int = 0
+    total_params: int = 0
+    # joint mode
+    strategy: str | None = None  # "vae" | "downsample" | "sdf"
+    downsample_mode: str | None = None
+    mask_scale: float = 1.0
+    sdf_scale_mm: float = 6.0
+    sdf_subgrid: int = 2
+    sdf_threshold_mm: float = -1.0
+    mask_passthrough: bool = False
+    lora_params: int | None = None
+    # conditional mode
+    controlnet: dict[str, Any] | None = None  # MeanFlowControlNet constructor arguments
+    n_healthy: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return KINDS[self.mode]
+
+    @property
+    def prep(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.preprocessing)
+
+    @property
+    def n_image(self) -> int:
+        return int(self.channels["image"])
+
+    @property
+    def n_mask(self) -> int:
+        return int(self.channels["mask"])
+
+    def vae_reference(self) -> dict[str, Any]:
+        """The entries `neuromf.generate.vae_for` needs (the same keys as a base model's sidecar)."""
+        return {"vae": self.vae, "vae_preset": self.vae_preset, "vae_identity": self.vae_identity,
+                "scale_factor": self.scale_factor}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    def save(self, directory: Path) -> Path:
+        """Write `directory/neuromf_adapter.json` atomically; returns its path."""
+        return atomic_write_json(Path(directory) / SIDECAR, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "<adapter sidecar>") -> AdapterMeta:
+        """Validate a sidecar's content; unknown entries (from newer versions) are ignored."""
+        if not isinstance(values, dict):
+            raise WeightFileError(f"{source}: adapter sidecar is not a JSON object")
+        values = dict(values)
+        kind = values.pop("kind", None)
+        by_kind = {k: m for m, k in KINDS.items()}
+        if kind not in by_kind:
+            raise WeightFileError(f"{source}: not a NeuroMF adapter sidecar (kind={kind!r}, expected one of "
+                                  f"{sorted(by_kind)})")
+        values.setdefault("mode", by_kind[kind])  # sidecars written before the conditional mode had no `mode`
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(values))
+        if missing:
+            raise WeightFileError(f"{source}: adapter sidecar lacks {', '.join(repr(m) for m in missing)}")
+        meta = cls(**{k: v for k, v in values.items() if k in names})
+        if not isinstance(meta.channels, dict) or {"image", "mask"} - set(meta.channels):
+            raise WeightFileError(f"{source}: adapter sidecar's 'channels' must hold 'image' and 'mask' counts")
+        if meta.mode == "conditional" and not isinstance(meta.controlnet, dict):
+            raise WeightFileError(f"{source}: conditional adapter sidecar lacks its 'controlnet' architecture")
+        return meta
+
+    @classmethod
+    def load(cls, directory: Path | str) -> AdapterMeta:
+        """Read `directory/neuromf_adapter.json`; errors name the file and the problem."""
+        path = Path(directory) / SIDECAR
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory}: not a NeuroMF adapter (missing {SIDECAR})")
+        try:
+            values = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise WeightFileError(f"{path}: adapter sidecar is not readable JSON ({err})") from err
+        return cls.from_dict(values, source=str(path))
+
+
+def base_reference(base_checkpoint: str | Path, base_meta: dict[str, Any]) -> dict[str, Any]:
+    """The AdapterMeta entries that name the frozen base model and its VAE, from the base model's sidecar."""
+    return {"base_checkpoint": str(base_checkpoint), "base_sha256": base_meta["weights_sha256"],
+            "base_preset": base_meta["arch"]["preset"], "vae": base_meta["vae"], "vae_preset": base_meta["vae_preset"],
+            "vae_identity": base_meta["vae_identity"], "scale_factor": base_meta["scale_factor"]}
+
+
+def data_reference(data_dir: str, root: Path) -> str:
+    """"embedded" stays a name, so a shipped adapter does not carry the training machine's path."""
+    return "embedded" if data_dir == "embedded" else str(root)
+
+
+def is_conditional_adapter(directory: Path | str) -> bool:
+    return (Path(directory) / CONTROLNET_WEIGHTS).is_file()
+
+
+def resolve_adapter_dir(spec: str | Path, mode: Mode = "joint") -> Path:
+    """An adapter folder; "embedded" is the shipped demo adapter of `mode`."""
+    if str(spec) == "embedded":
+        return embedded_model_dir("cond_demo" if mode == "conditional" else "lora_demo")
+    return Path(spec)
+
+
+def generation_mode(adapter: str | Path, mode: str = "auto") -> Mode:
+    """"joint" or "conditional" for an adapter; `auto` reads the folder ("embedded" alone means the joint demo)."""
+    if mode not in ("auto", "joint", "conditional"):
+        raise ValueError(f"mode must be auto, joint or conditional, got {mode!r}")
+    if str(adapter) == "embedded":
+        return "joint" if mode == "auto" else mode
+    found = "conditional" if is_conditional_adapter(adapter) else "joint"
+    if mode != "auto" and mode != found:
+        remedy = "train one with train-conditional" if mode == "conditional" else "use --mode conditional"
+        raise ValueError(f"{adapter}: a {found} adapter cannot generate in {mode} mode ({remedy})")
+    return found
+
+
+def adapter_meta(spec: str | Path, mode: str = "auto") -> AdapterMeta:
+    """The sidecar of a joint (LoRA) or conditional (ControlNet) adapter; "embedded" is the demo of `mode`."""
+    return AdapterMeta.load(resolve_adapter_dir(spec, generation_mode(spec, mode)))
