@@ -15,7 +15,7 @@ import numpy as np
 
 from neuromf.config import load_config
 from neuromf.data.latents import resolve_data_dir
-from neuromf.eval.report import sample_montage
+from neuromf.eval.figures import sample_montage
 from neuromf.generate import generate_images
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import Preprocessing, preprocess_image

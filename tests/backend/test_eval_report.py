@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from neuromf.eval.checks import CHECKS
+from neuromf.eval.figures import lesion_montage
 from neuromf.eval.metrics import (
     dice,
     dice_reference_points,
@@ -21,8 +23,9 @@ from neuromf.eval.metrics import (
     ms_ssim,
     ms_ssim_settings,
 )
-from neuromf.eval.report import CHECKS, lesion_montage, write_verification_report
+from neuromf.eval.report import write_verification_report
 from neuromf.io.nifti import Preprocessing, preprocess_pair, save_nifti
+from neuromf.models.adapter_meta import AdapterMeta
 
 PREP = Preprocessing((64, 64, 64), (3.0, 3.0, 3.0))
 CENTRED = np.diag([3.0, 3.0, 3.0, 1.0])
@@ -209,9 +212,10 @@ def _complete_run(world) -> tuple[Path, Path]:
     (run / "adapter").mkdir(parents=True, exist_ok=True)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (run / "adapter" / name).write_text("{}")
-    (run / "adapter" / "neuromf_adapter.json").write_text(json.dumps({
-        "strategy": "vae", "channels": {"image": 4, "mask": 4}, "trainable_params": 12_000,
-        "total_params": 3_000_000, "lora_params": 10_000}))
+    AdapterMeta(mode="joint", base_checkpoint="base", base_sha256="-", base_preset="tiny", vae="-", vae_preset="tiny",
+                vae_identity="-", scale_factor=1.0, preprocessing={}, latent_shape=[8, 8, 8, 8],
+                channels={"image": 4, "mask": 4}, config={}, strategy="vae", trainable_params=12_000,
+                total_params=3_000_000, lora_params=10_000).save(run / "adapter")
     rows = [{"epoch": e, "step": 2 * e, "loss": 1.0 / e, "raw": 1.0 / e, "lr": 5e-5} for e in range(1, 5)]
     with open(run / "losses.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

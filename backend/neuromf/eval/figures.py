@@ -1,0 +1,79 @@
+"""Pictures people would rather look at than read: lesion montages (P7-T5) and sample montages, PNGs written
+atomically with matplotlib's Agg backend (no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from neuromf.eval.metrics import as_volume
+from neuromf.utils import atomic_write
+
+
+def lesion_montage(image: np.ndarray, mask: np.ndarray, out_png: Path, title: str = "") -> Path:
+    """Sagittal, coronal and axial slices through the lesion centroid, mask contour in red; PNG written atomically.
+
+    Arrays are RAS voxel grids (H, W, D) or (1, H, W, D); an empty mask uses the volume centre. Slices are shown
+    with anterior / superior up so a lesion can be judged by eye (P7-T5).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = as_volume(image).astype(np.float32)
+    mask = as_volume(mask) > 0.5
+    if image.shape != mask.shape:
+        raise ValueError(f"lesion_montage: image shape {image.shape} differs from mask shape {mask.shape}")
+    coords = np.argwhere(mask)
+    centre = np.round(coords.mean(axis=0)).astype(int) if len(coords) else np.array(image.shape) // 2
+    x, y, z = (int(c) for c in centre)
+    views = [
+        ("sagittal", image[x, :, :], mask[x, :, :], f"x={x}"),
+        ("coronal", image[:, y, :], mask[:, y, :], f"y={y}"),
+        ("axial", image[:, :, z], mask[:, :, z], f"z={z}"),
+    ]
+    vmax = float(np.percentile(image, 99.5)) if image.size else 1.0
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.3), dpi=100)
+    for ax, (name, img_slice, mask_slice, where) in zip(axes, views):
+        ax.imshow(img_slice.T, cmap="gray", origin="lower", vmin=0.0, vmax=vmax if vmax > 0 else 1.0)
+        if mask_slice.any() and not mask_slice.all():
+            ax.contour(mask_slice.T.astype(np.float32), levels=[0.5], colors="red", linewidths=1.0)
+        ax.set_title(f"{name} ({where})", fontsize=9)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    try:
+        atomic_write(out_png, lambda p: fig.savefig(p, format="png"))
+    finally:
+        plt.close(fig)
+    return out_png
+
+
+def sample_montage(images: list[np.ndarray], out_png: Path, title: str = "") -> Path:
+    """One row per volume: mid-sagittal, coronal and axial slices (a quick look at generated samples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), dpi=90, squeeze=False)
+    for row, volume in zip(axes, images):
+        volume = as_volume(volume).astype(np.float32)
+        x, y, z = (s // 2 for s in volume.shape)
+        cuts = (("sagittal", volume[x]), ("coronal", volume[:, y]), ("axial", volume[:, :, z]))
+        for ax, (name, cut) in zip(row, cuts):
+            ax.imshow(cut.T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0)
+            ax.set_title(name, fontsize=8)
+            ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        atomic_write(Path(out_png), lambda p: fig.savefig(p, format="png"))
+    finally:
+        plt.close(fig)
+    return Path(out_png)
