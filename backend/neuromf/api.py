@@ -1,0 +1,129 @@
+"""The public Python API for scripts and notebooks: the few entry points a headless session needs.
+
+`import neuromf` re-exports these names (loaded on first use, so importing the package stays cheap). Training
+entry points here run to the end and report through a callback; the generators they wrap
+(`neuromf.pipelines.lora.train_lora`, ...) are what the CLI and the napari plugin drive step by step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from threading import Event
+from typing import Any
+
+from neuromf.config import RunConfig, load_config
+from neuromf.io.nifti import Preprocessing
+from neuromf.train.loop import TrainEvent, TrainResult, run_to_end
+
+
+def mask_test(data: str | Path = "embedded", vae: str | Path = "embedded", vae_preset: str | None = None,
+              shape: tuple[int, int, int] = (64, 64, 64), spacing: tuple[float, float, float] = (3.0, 3.0, 3.0),
+              out: str | Path | None = None, device: str = "cpu",
+              on_case: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """P7-T1 on the FCD cases of `data`: mask round trips through the VAE and the downsampled representations.
+
+    Args:
+        data: BIDS tree, flat folder or "embedded".
+        vae: "embedded" or a local MAISI weight file; `vae_preset` its architecture (read from its sidecar when
+            there is one).
+        shape, spacing: the model grid (voxels, mm).
+        out: where to write the JSON result (its `decision` is what `mask_strategy: auto` reads).
+        on_case: called with each case's row as it is measured (progress).
+
+    Returns:
+        The result dict: per-case Dice rows, `summary`, `decision` ("vae" | "downsample" | "sdf") and `reason`.
+    """
+    from neuromf.data.latents import resolve_data_dir
+    from neuromf.eval.mask_test import mask_vae_test, save_mask_test
+    from neuromf.vae import MAISIVAEWrapper
+
+    model = MAISIVAEWrapper.resolve(vae, preset=vae_preset, device=device)
+    result = mask_vae_test(resolve_data_dir(data), model, Preprocessing(shape=tuple(shape), spacing=tuple(spacing)),
+                           on_case=on_case)
+    if out is not None:
+        save_mask_test(result, out)
+    return result
+
+
+def _config(config: str | Path | RunConfig, overrides: dict[str, Any] | None) -> RunConfig:
+    if isinstance(config, RunConfig):
+        if overrides:
+            raise ValueError("overrides apply to a config file or name, not to a RunConfig object")
+        return config
+    return load_config(config, overrides)
+
+
+def fine_tune(config: str | Path | RunConfig = "demo_lora", base_checkpoint: str | Path = "embedded",
+              mode: str = "joint", overrides: dict[str, Any] | None = None,
+              on_event: Callable[[TrainEvent], None] | None = None, stop: Event | None = None,
+              resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Stage 2 on FCD cases, run to the end: LoRA (`mode="joint"`) or the ControlNet (`mode="conditional"`).
+
+    Args:
+        config: a YAML file, a packaged config name ("demo_lora", "lora_fcd", "demo_cond") or a RunConfig.
+        base_checkpoint: the frozen stage-1 model: folder, model.safetensors or "embedded".
+        overrides: dotted keys, e.g. {"training.max_steps": 50, "training.output_dir": "runs/x"}.
+        on_event: called with every TrainEvent (kind "step" | "epoch" | "checkpoint" | "preview" | "stopped" ...;
+            `step`, `total_steps`, `loss`, `parts`): progress bars, logging, plots.
+        stop: set it (from another thread) to stop after the current step; the run saves and can be resumed.
+        resume / overwrite: continue the run in `training.output_dir`, or replace it.
+
+    Returns:
+        TrainResult: `step`, `stopped`, `out_dir`, `checkpoint`, `export` (the adapter folder).
+    """
+    cfg = _config(config, overrides)
+    if mode == "joint":
+        from neuromf.pipelines.lora import train_lora as trainer
+    elif mode == "conditional":
+        from neuromf.pipelines.conditional import train_conditional as trainer
+    else:
+        raise ValueError(f"mode must be 'joint' or 'conditional', got {mode!r}")
+    events = trainer(cfg, base_checkpoint, resume=resume, overwrite=overwrite, stop=stop, progress=False)
+    return run_to_end(events, on_event)
+
+
+def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path | None = None, mode: str = "auto",
+             steps: int = 1, seed: int = 0, device: str = "auto", masks: list | None = None) -> list:
+    """Generated FLAIR + lesion mask pairs (`neuromf.generate.GeneratedPair`: image, mask, affine, meta).
+
+    Args:
+        adapter: a stage-2 adapter folder or "embedded"; `mode` "auto" reads the folder ("embedded" + "auto"
+            is the joint demo; pass mode="conditional" for the conditional demo).
+        masks: conditional mode only: lesion masks (H, W, D) on the model grid to generate FLAIRs for; without
+            them, `n` masks are drawn from the adapter's prior of real lesions.
+        out: also write them as `sample_XXX_{flair,mask}.nii.gz` + `sample_XXX.json`.
+
+    Returns:
+        The list of pairs (sample i depends only on (seed, i)).
+    """
+    from neuromf.generate import write_pairs
+    from neuromf.models.adapter_meta import generation_mode
+
+    if generation_mode(adapter, mode) == "conditional":
+        from neuromf.pipelines.conditional import generate_conditional_pairs
+
+        pairs = list(generate_conditional_pairs(adapter, n, steps, seed, device, masks))
+    else:
+        if masks is not None:
+            raise ValueError("masks need a conditional adapter (mode='conditional')")
+        from neuromf.pipelines.lora import generate_pairs as joint_pairs
+
+        pairs = list(joint_pairs(adapter, n, steps, seed, device))
+    if out is not None:
+        write_pairs(pairs, Path(out))
+    return pairs
+
+
+def evaluate(generated: str | Path, adapter: str | Path = "embedded", data: str | Path = "embedded",
+             mode: str = "auto", out: str | Path | None = None) -> dict[str, Any]:
+    """Lesion-likeness, best-match Dice with reference points and image metrics of a folder of generated pairs,
+    judged against the real FCD cases of `data` on the adapter's model grid (what `neuromf evaluate` writes)."""
+    from neuromf.eval.metrics import evaluate_generated
+    from neuromf.models.adapter_meta import adapter_meta
+
+    prep = adapter_meta(adapter, mode).prep
+    return evaluate_generated(Path(generated), data, prep, None if out is None else Path(out))
+
+
+__all__ = ["evaluate", "fine_tune", "generate_pairs", "mask_test"]
