@@ -91,7 +91,7 @@ class ModelConfig(_Section):
     section = "model"
     preset: Literal["tiny", "small", "base"] = "small"  # MeanFlowUNet preset: tiny | small | base
     vae: str = "embedded"  # "embedded" or a local MAISI weight file
-    vae_preset: Literal["maisi", "small", "tiny"] = "small"  # architecture of a local VAE file: maisi | small | tiny
+    vae_preset: Literal["maisi", "small", "tiny"] | None = None  # a local VAE file's architecture; None: its sidecar
 
 
 @dataclass

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from neuromf.utils import atomic_write, atomic_write_json, resolve_device, state_dict_sha256
-from neuromf.weights import check_keys, embedded_model_dir, load_state_dict
+from neuromf.weights import WeightFileError, check_keys, embedded_model_dir, load_state_dict
 
 DOWNSAMPLE = 4  # the MAISI encoder halves each axis twice
 
@@ -74,6 +74,16 @@ def choose_num_splits(spatial_len: int, requested: int, kernel_size: int = 3) ->
     return 1
 
 
+def _read_sidecar(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightFileError(f"{path}: VAE sidecar is not readable JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise WeightFileError(f"{path}: VAE sidecar must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
 class MAISIVAEWrapper(nn.Module):
     """Encode (B,1,H,W,D) volumes in [0,1] to scaled latents (B,4,H/4,W/4,D/4) and decode them back.
 
@@ -116,20 +126,29 @@ class MAISIVAEWrapper(nn.Module):
         return self
 
     @classmethod
-    def from_file(cls, path: Path | str, preset: str = "maisi", scale_factor: float | None = None,
+    def from_file(cls, path: Path | str, preset: str | None = None, scale_factor: float | None = None,
                   device: str | torch.device = "cpu") -> MAISIVAEWrapper:
         """Load a local MAISI weight file (plain or `unet_state_dict`-nested) or one of our saved VAEs.
 
-        Our saved VAEs carry a JSON sidecar with preset and scale factor; for bare MAISI files pass them in.
+        Our saved VAEs carry a JSON sidecar (`model.json`) with preset and scale factor; for bare MAISI files pass
+        them in (`preset` defaults to maisi). A `preset` that disagrees with the sidecar's is refused with both
+        named, rather than one of them silently winning.
         """
         path = Path(path)
         weight_file = path / "model.safetensors" if path.is_dir() else path
         sidecar = weight_file.with_suffix(".json")
-        meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-        if meta.get("preset") and meta["preset"] != preset and path.is_dir():
-            preset = meta["preset"]
+        meta = _read_sidecar(sidecar) if sidecar.is_file() else {}
+        saved = meta.get("preset")
+        if saved is not None and saved not in VAE_PRESETS:
+            raise WeightFileError(f"{sidecar}: unknown VAE preset {saved!r} in the sidecar; expected one of "
+                                  f"{sorted(VAE_PRESETS)}")
+        if saved is not None and preset is not None and saved != preset:
+            raise WeightFileError(
+                f"{weight_file}: VAE preset mismatch: its sidecar {sidecar.name} says {saved!r} but {preset!r} was "
+                f"asked for (--vae-preset / model.vae_preset); ask for {saved!r}, or pick a VAE of the {preset!r} "
+                "architecture")
         factor = scale_factor if scale_factor is not None else float(meta.get("scale_factor", 1.0))
-        vae = cls(preset=meta.get("preset", preset), scale_factor=factor, device=device)
+        vae = cls(preset=saved or preset or "maisi", scale_factor=factor, device=device)
         vae.load_weights(weight_file)
         vae.metadata = meta
         return vae
@@ -140,8 +159,9 @@ class MAISIVAEWrapper(nn.Module):
         return cls.from_file(embedded_model_dir("vae_small"), preset="small", device=device)
 
     @classmethod
-    def resolve(cls, spec: str | Path, preset: str = "maisi", device: str | torch.device = "cpu") -> MAISIVAEWrapper:
-        """`embedded` or a local path."""
+    def resolve(cls, spec: str | Path, preset: str | None = None,
+                device: str | torch.device = "cpu") -> MAISIVAEWrapper:
+        """`embedded` or a local path (see `from_file` for `preset`)."""
         if str(spec) == "embedded":
             return cls.embedded(device=device)
         return cls.from_file(spec, preset=preset, device=device)

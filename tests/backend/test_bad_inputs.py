@@ -323,6 +323,20 @@ def _only_orphan(env: Env) -> Path:
     return bids(env.inp / "data", {"02": (None, lesion())})
 
 
+def _thick_slice(env: Env) -> Path:
+    """sub-02's only FLAIR (and its ROI) acquired in 40 mm slices: a 2D acquisition, unusable as a volume."""
+    root = good_fcd(env.inp / "data")
+    thick = np.diag([SPACING, SPACING, 40.0, 1.0])
+    nii(root / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz", brain(), thick)
+    nii(root / "sub-02" / "anat" / "sub-02_FLAIR_roi.nii.gz", lesion(), thick)
+    return root
+
+
+def _drop_good_after(build: Callable[[Env], Path], env: Env) -> Path:
+    build(env)
+    return _drop_good(env)
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -356,6 +370,9 @@ CHECK_DATA = [
         [r"sub-02_FLAIR\.nii\.gz", r"2D image"], rc=1),
     Bad("check-data: single-slice FLAIR", _check_data(_two_subjects(np.ones((16, 16, 1), np.float32))),
         [r"sub-02_FLAIR\.nii\.gz", r"2D image"], rc=1),
+    Bad("check-data: thick-slice 2D FLAIR (12x12x40 mm voxels)", _check_data(_thick_slice),
+        [r"sub-02_FLAIR\.nii\.gz", r"thick-slice 2D FLAIR \(12\.00x12\.00x40\.00 mm voxels\)",
+         r"not a 3D acquisition", r"1 unusable"], rc=1),
     Bad("check-data: 4D FLAIR", _check_data(_two_subjects(np.ones((*SHAPE, 3), np.float32))),
         [r"sub-02_FLAIR\.nii\.gz", r"must be 3D"], rc=1),
     Bad("check-data: int16 FLAIR whose scl_slope overflows float32", _check_data(_file_case(_overflow)),
@@ -413,6 +430,12 @@ def _vae_file(make: Callable[[Path], None], name: str = "model.safetensors") -> 
         make(path)
         return ["--vae", str(path), "--vae-preset", "tiny"]
     return build
+
+
+def _vae_bad_sidecar(env: Env) -> list[str]:
+    folder = env.copy("vae")
+    (folder / "model.json").write_text('{"kind": "maisi_vae", "preset": ')
+    return ["--vae", str(folder), "--vae-preset", "tiny"]
 
 
 def _garbage(path: Path) -> None:
@@ -473,6 +496,15 @@ MASK_TEST = [
                                                   lambda env: ["--vae", str(env.inp / "none.pt"), "--vae-preset",
                                                                "tiny"]),
         [r"none\.pt", r"does not exist"], rc=2),
+    Bad("mask-test: --vae-preset disagrees with the VAE's sidecar",
+        _mask_test(lambda env: good_fcd(env.inp / "data"),
+                   lambda env: ["--vae", str(env.models["vae"]), "--vae-preset", "small"]),
+        [r"vae_tiny/model\.safetensors", r"preset mismatch", r"model\.json says 'tiny'", r"'small' was asked for"],
+        rc=2),
+    Bad("mask-test: VAE sidecar is not JSON", _mask_test(lambda env: good_fcd(env.inp / "data"), _vae_bad_sidecar),
+        [r"vae/model\.json", r"not readable JSON"], rc=2),
+    Bad("mask-test: only FLAIR is thick-slice 2D", _mask_test(lambda env: _drop_good_after(_thick_slice, env)),
+        [r"sub-02_FLAIR\.nii\.gz", r"thick-slice 2D FLAIR", r"no cases found|no usable FCD case"], rc=2),
 ]
 
 
@@ -640,6 +672,10 @@ TRAIN_BASE = [
                      str(env.config(good_fcd(env.inp / "data"),
                                     **{"model.vae": str(_vae_path(env, lambda p: truncate(p, 0.5)))}))],
         [r"vae/model\.safetensors", r"truncated"], rc=2),
+    Bad("train-base: model.vae_preset disagrees with the VAE's sidecar",
+        lambda env: ["train-base", "--config",
+                     str(env.config(good_fcd(env.inp / "data"), **{"model.vae_preset": "small"}))],
+        [r"vae_tiny/model\.safetensors", r"model\.json says 'tiny'", r"'small' was asked for"], rc=2),
     Bad("evaluate: malformed adapter sidecar",
         lambda env: ["evaluate", "--adapter", str(_corrupt_sidecar(env)), "--generated", str(env.inp / "g"),
                      "--data", str(good_fcd(env.inp / "data")), "--out", str(env.out / "metrics.json")],

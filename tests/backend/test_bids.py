@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -100,6 +104,36 @@ def test_bids_filters(bids_tree: Path) -> None:
         _discover_quietly(bids_tree, group="hc", split="test")
 
 
+def test_thick_slice_only_subject_is_an_unusable_row_in_check_data(bids_tree: Path, capsys) -> None:
+    """Issue 10: a subject whose only FLAIR is a thick-slice 2D acquisition was only a warning; check-data now
+    lists it as an unusable row with the reason in plain words (and exits 1), like the other broken subjects."""
+    from neuromf.cli import main
+
+    skipped: list[dict] = []
+    cases = discover_cases(bids_tree, skipped=skipped)
+    assert [c.case_id for c in cases] == ["sub-00001", "sub-00002", "sub-00004"]
+    (row,) = skipped
+    assert (row["id"], row["group"], row["split"], row["usable"]) == ("sub-00003", "fcd", "train", False)
+    assert row["problems"] == ["sub-00003_acq-tse2D_FLAIR.nii.gz: thick-slice 2D FLAIR (0.45x0.45x4.00 mm voxels), "
+                               "not a 3D acquisition: its slices are too thick to use as a volume; a 3D FLAIR of "
+                               "this subject is needed; skipped"]
+    assert main(["check-data", str(bids_tree)]) == 1
+    out, err = capsys.readouterr()
+    line = next(line for line in out.splitlines() if line.startswith("sub-00003"))
+    assert "UNUSABLE: sub-00003_acq-tse2D_FLAIR.nii.gz: thick-slice 2D FLAIR" in line
+    assert "4 cases (2 with lesion masks), 1 unusable" in out and "unusable: sub-00003" in err
+    assert "warning" not in err  # a row, not a warning
+    # the same rule in a flat folder
+    flat = bids_tree.parent / "flat"
+    _image(flat / "a_FLAIR.nii.gz")
+    _image(flat / "b_FLAIR.nii.gz", zooms=(1.0, 5.0, 1.0))
+    _mask(flat / "b_roi.nii.gz", zooms=(1.0, 5.0, 1.0))
+    skipped = []
+    assert [c.case_id for c in discover_cases(flat, skipped=skipped)] == ["a"]
+    assert [(r["id"], r["group"]) for r in skipped] == [("b", "fcd")]
+    assert "b_FLAIR.nii.gz: thick-slice 2D FLAIR (1.00x5.00x1.00 mm voxels)" in skipped[0]["problems"][0]
+
+
 def test_bids_prefers_3d_flair_over_2d(bids_tree: Path) -> None:
     anat = bids_tree / "sub-00003" / "anat"
     _image(anat / "sub-00003_acq-3D_FLAIR.nii.gz")
@@ -114,8 +148,10 @@ def test_bids_roi_without_image_is_a_problem_row(bids_tree: Path) -> None:
     skipped: list[dict] = []
     cases = _discover_quietly(bids_tree, skipped=skipped)
     assert [c.case_id for c in cases] == ["sub-00001", "sub-00002", "sub-00004"]
-    assert [r["id"] for r in skipped] == ["sub-00009"] and skipped[0]["usable"] is False
-    assert re.search(r"sub-00009_acq-x_FLAIR_roi\.nii\.gz: lesion ROI without a FLAIR image", skipped[0]["problems"][0])
+    rows = {r["id"]: r for r in skipped}
+    assert sorted(rows) == ["sub-00003", "sub-00009"] and rows["sub-00009"]["usable"] is False
+    assert re.search(r"sub-00009_acq-x_FLAIR_roi\.nii\.gz: lesion ROI without a FLAIR image",
+                     rows["sub-00009"]["problems"][0])
     with pytest.warns(UserWarning, match=r"sub-00009_acq-x_FLAIR_roi\.nii\.gz.*without a FLAIR image"):
         assert len(discover_cases(bids_tree)) == 3
     assert "UNUSABLE" in format_case_table(skipped)
@@ -129,6 +165,7 @@ def test_2d_image_is_a_problem_row_not_a_crash(bids_tree: Path) -> None:
     skipped: list[dict] = []
     cases = {c.case_id: c for c in _discover_quietly(bids_tree, skipped=skipped)}
     assert sorted(cases) == ["sub-00001", "sub-00002", "sub-00004"]
+    skipped = [r for r in skipped if r["id"] != "sub-00003"]  # thick-slice 2D: see test_thick_slice_...
     assert [r["id"] for r in skipped] == ["sub-00005", "sub-00006"]
     assert all("2D image" in r["problems"][0] for r in skipped)
     assert "sub-00005_FLAIR.nii.gz" in skipped[0]["problems"][0]
@@ -256,3 +293,85 @@ def test_case_table(bids_tree: Path) -> None:
     assert table[2].index("fcd") == table[0].index("group")  # fixed-width columns
     assert table[-1].endswith("UNUSABLE: bad")
     assert "-" in table[3].split()  # control: no lesion volume
+
+
+# --------------------------------------------------------------------------------------------- the field's tools
+def _pybids_flairs(root: Path) -> dict[str, set[str]]:
+    """FLAIR image names per subject as pybids' BIDSLayout indexes them (validating names, like a BIDS app)."""
+    bids = pytest.importorskip("bids")
+    layout = bids.BIDSLayout(str(root), validate=True)
+    found: dict[str, set[str]] = {}
+    for f in layout.get(suffix="FLAIR", extension=[".nii", ".nii.gz"]):
+        found.setdefault(f"sub-{f.entities['subject']}", set()).add(Path(f.path).name)
+    return found
+
+
+def _our_flairs(root: Path) -> dict[str, str]:
+    """The FLAIR image our discovery uses (or reports as unusable) per subject."""
+    skipped: list[dict] = []
+    cases = _discover_quietly(root, skipped=skipped)
+    chosen = {c.case_id: c.image.name for c in cases}
+    for row in skipped:
+        name = Path(row["path"]).name
+        if "_roi" not in name.lower():  # an orphan ROI row names no FLAIR
+            chosen[row["id"]] = name
+    return chosen
+
+
+def test_discovery_agrees_with_pybids(bids_tree: Path, phantom_dir: Path) -> None:
+    """Issue 10: the same subjects and FLAIR files as pybids' BIDSLayout on every kind of BIDS tree the tests
+    build: ds004199 quirks (acq labels, a thick-slice 2D subject), extra / 2D FLAIRs and an orphan ROI, the
+    generated phantoms, and the shipped sample data."""
+    from neuromf.weights import sample_data_root
+
+    pytest.importorskip("bids")
+    quirky = bids_tree.parent / "quirky"
+    shutil.copytree(bids_tree, quirky)
+    _image(quirky / "sub-00003" / "anat" / "sub-00003_acq-3D_FLAIR.nii.gz")
+    _write(quirky / "sub-00005" / "anat" / "sub-00005_FLAIR.nii.gz", np.ones((8, 8), np.int16))
+    _write(quirky / "sub-00001" / "anat" / "sub-00001_acq-x_FLAIR.nii.gz", np.ones((8, 8, 1), np.int16))
+    _mask(quirky / "sub-00009" / "anat" / "sub-00009_acq-x_FLAIR_roi.nii.gz")
+    for root in (bids_tree, quirky, phantom_dir, sample_data_root() / "fcd_phantoms"):
+        theirs, ours = _pybids_flairs(root), _our_flairs(root)
+        assert sorted(ours) == sorted(theirs), root
+        for subject, image in ours.items():
+            assert image in theirs[subject], (root, subject)
+            if len(theirs[subject]) == 1:
+                assert {image} == theirs[subject]
+    assert _our_flairs(quirky)["sub-00003"] == "sub-00003_acq-3D_FLAIR.nii.gz"
+
+
+def _validator() -> str:
+    """The official schema-based BIDS validator (pip package bids-validator-deno), next to this Python or on PATH."""
+    beside = Path(sys.executable).parent / "bids-validator-deno"
+    found = str(beside) if beside.is_file() else shutil.which("bids-validator-deno")
+    if found is None:
+        pytest.skip("bids-validator-deno is not installed (pip install bids-validator-deno)")
+    return found
+
+
+def _validate(root: Path) -> list[dict]:
+    proc = subprocess.run([_validator(), str(root), "--format", "json"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.stdout, proc.stderr
+    return json.loads(proc.stdout)["issues"]["issues"]
+
+
+def test_phantom_trees_pass_the_bids_validator(phantom_dir: Path) -> None:
+    """Issue 10: the generated and the shipped phantom trees have no BIDS errors (the lesion ROIs, named as in
+    ds004199, are declared in .bidsignore); the generated one names its Authors."""
+    from neuromf.weights import sample_data_root
+
+    for root in (phantom_dir, sample_data_root() / "fcd_phantoms"):
+        issues = _validate(root)
+        errors = sorted({f"{i['code']} {i.get('location', '')}" for i in issues if i["severity"] == "error"})
+        assert not errors, (root, errors[:10])
+        assert (root / ".bidsignore").is_file()
+    codes = {i["code"] for i in _validate(phantom_dir)}
+    assert "NO_AUTHORS" not in codes and "NOT_INCLUDED" not in codes
+    # the check can fail: without the .bidsignore the ROIs are errors
+    stripped = phantom_dir.parent / "no_bidsignore"
+    shutil.copytree(phantom_dir, stripped)
+    (stripped / ".bidsignore").unlink()
+    not_included = [i for i in _validate(stripped) if i["severity"] == "error"]
+    assert not_included and all(i["code"] == "NOT_INCLUDED" and "_FLAIR_roi" in i["location"] for i in not_included)

@@ -88,8 +88,9 @@ def register(add: AddCommand) -> None:
     p = add("mask-test", cmd_mask_test, "P7-T1: round-trip Dice of lesion masks through the VAE vs downsampling")
     p.add_argument("--data", default="embedded", help="BIDS tree / flat folder with FCD cases, or 'embedded'")
     p.add_argument("--vae", default="embedded", help="'embedded' or a local MAISI weight file")
-    p.add_argument("--vae-preset", default="maisi", choices=["maisi", "small", "tiny"],
-                   help="architecture of a local VAE file")
+    p.add_argument("--vae-preset", default=None, choices=["maisi", "small", "tiny"],
+                   help="architecture of a local VAE file (default: the preset in its model.json sidecar, else "
+                        "maisi); refused when it disagrees with the sidecar")
     p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64])
     p.add_argument("--spacing", type=float, nargs=3, default=[3.0, 3.0, 3.0])
     p.add_argument("--device", default="cpu")

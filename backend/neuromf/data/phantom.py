@@ -428,13 +428,27 @@ def make_phantom_dataset(
             json.dumps(_dataset_description(out_dir, n_healthy, n_fcd, seed, cfg), indent=2) + "\n"
         ),
     )
+    _atomic_write(out_dir / ".bidsignore", lambda p: p.write_text(BIDSIGNORE))
     return out_dir
+
+
+# The lesion ROIs keep ds004199's names (`*_FLAIR_roi.nii.gz`), which BIDS does not define (a BIDS mask would be
+# `*_desc-lesion_mask.nii.gz` in a derivative); ds004199 declares them in a .bidsignore, and so do we, so the
+# official validator (bids-validator-deno) reports no error for the tree.
+BIDSIGNORE = """\
+# Lesion masks named as in the Bonn FCD type II data set (OpenNeuro ds004199); not a BIDS suffix
+*_FLAIR_roi.nii.gz
+*_FLAIR_roi.nii
+"""
 
 
 _PARTICIPANTS_JSON = {
     "group": {"Description": "fcd: synthetic FCD type II patient (has a lesion ROI); hc: healthy control"},
     "split": {"Description": "train or test; test_fraction of each group goes to test"},
 }
+
+
+AUTHORS = ("NeuroMF contributors (synthetic data generator)",)
 
 
 def _dataset_description(out_dir: Path, n_healthy: int, n_fcd: int, seed: int, cfg: PhantomConfig) -> dict:
@@ -451,6 +465,7 @@ def _dataset_description(out_dir: Path, n_healthy: int, n_fcd: int, seed: int, c
         "Name": "NeuroMF synthetic FCD type II FLAIR phantoms",
         "BIDSVersion": "1.8.0",
         "DatasetType": "raw",
+        "Authors": list(AUTHORS),
         "License": "MNI152 2009 template notice (see HowToAcknowledge); synthetic data, no human subjects",
         "HowToAcknowledge": MNI152_NOTICE,
         "GeneratedBy": [

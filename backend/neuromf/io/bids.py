@@ -5,12 +5,12 @@ BIDS rules follow the Bonn FCD type II data set (OpenNeuro ds004199):
 - image: ``sub-*/anat/*_FLAIR.nii[.gz]``; lesion ROI: ``sub-*/anat/*FLAIR_roi.nii[.gz]``, globbed per
   subject and never rebuilt from the image name, because the ROI's ``acq`` label can differ;
 - controls have no ROI; ``participants.tsv`` ``group`` (fcd/hc, any case) and ``split`` are honoured;
-- subjects whose only FLAIR is a thick-slice 2D acquisition are skipped with a warning. The test is
-  anisotropy read from the header (largest voxel side >= 2.5 mm and more than twice the next one,
-  e.g. 0.45x0.45x4 mm), not absolute size: isotropic 3 mm phantoms are fine;
-- broken subjects never stop discovery: a lesion ROI without a FLAIR image, or a FLAIR that is a 2D image
-  (fewer than 3 axes, or a single slice), is skipped as a problem row (``discover_cases(skipped=...)``, else a
-  warning), so one bad file does not hide the rest of the data set.
+- broken subjects never stop discovery: a lesion ROI without a FLAIR image, a FLAIR that is a 2D image
+  (fewer than 3 axes, or a single slice), or a subject whose only FLAIR is a thick-slice 2D acquisition is
+  skipped as an unusable problem row (``discover_cases(skipped=...)``, else a warning), so one bad file does
+  not hide the rest of the data set. The thick-slice test is anisotropy read from the header (largest voxel
+  side >= 2.5 mm and more than twice the next one, e.g. 0.45x0.45x4 mm), not absolute size: isotropic 3 mm
+  phantoms are fine.
 
 Flat folder: ``<stem>_FLAIR.nii[.gz]`` images with ``<stem>_*roi*.nii[.gz]`` or ``<stem>*mask*`` partners.
 """
@@ -96,6 +96,11 @@ def _format_zooms(zooms: tuple[float, ...]) -> str:
     return "x".join(f"{z:.2f}" for z in zooms) + " mm"
 
 
+def _thick_reason(zooms: str) -> str:
+    return (f"thick-slice 2D FLAIR ({zooms} voxels), not a 3D acquisition: its slices are too thick to use as a "
+            "volume; a 3D FLAIR of this subject is needed")
+
+
 def _acq_label(name: str) -> str | None:
     match = re.search(r"_acq-([A-Za-z0-9]+)", name)
     return match.group(1) if match else None
@@ -172,11 +177,11 @@ def _group_and_split(info: dict[str, str], has_mask: bool, problems: list[str]) 
     return group, split
 
 
-def _discover_bids(root: Path, rows: list[dict]) -> tuple[list[Case], int]:
-    """Cases from a BIDS tree and the number of subjects skipped as thick-slice 2D; broken subjects (an ROI
-    without a FLAIR, only 2D images) go to ``rows`` as problem rows."""
+def _discover_bids(root: Path, rows: list[dict]) -> list[Case]:
+    """Cases from a BIDS tree; broken subjects (an ROI without a FLAIR, only 2D or thick-slice 2D images) go to
+    ``rows`` as problem rows."""
     participants = _read_participants(root)
-    cases, skipped = [], 0
+    cases = []
     for subject in sorted(p for p in root.glob("sub-*") if p.is_dir()):
         anat_dirs = [subject / "anat", *sorted(subject.glob("ses-*/anat"))]
         images = sorted(p for d in anat_dirs for p in d.glob("*_FLAIR.nii*") if "_roi" not in p.name.lower())
@@ -194,10 +199,8 @@ def _discover_bids(root: Path, rows: list[dict]) -> tuple[list[Case], int]:
         if not volumetric:
             if flat:
                 _skip(rows, subject.name, flat[0][0], flat[0][1], group, split)
-                continue
-            for path, zooms in thick:
-                warnings.warn(f"{path}: thick-slice 2D FLAIR ({zooms}); subject skipped", stacklevel=3)
-            skipped += 1
+            else:
+                _skip(rows, subject.name, thick[0][0], _thick_reason(thick[0][1]), group, split)
             continue
         for path, zooms in thick:
             problems.append(f"{path.name}: thick-slice 2D FLAIR ({zooms}) ignored")
@@ -217,12 +220,12 @@ def _discover_bids(root: Path, rows: list[dict]) -> tuple[list[Case], int]:
                 problems.append(f"{len(rois)} lesion ROIs; using {mask.name}")
         group, split = _group_and_split(participants.get(subject.name, {}), mask is not None, problems)
         cases.append(Case(subject.name, image, mask, group, split, problems))
-    return cases, skipped
+    return cases
 
 
-def _discover_flat(root: Path, rows: list[dict]) -> tuple[list[Case], int]:
+def _discover_flat(root: Path, rows: list[dict]) -> list[Case]:
     """Cases from a flat folder: <stem>_FLAIR images paired with <stem>...roi/mask files; masks without an
-    image, 2D images and dangling or looping links go to ``rows`` as problem rows."""
+    image, 2D and thick-slice 2D images and dangling or looping links go to ``rows`` as problem rows."""
     images: dict[str, Path] = {}
     masks: list[Path] = []
     for path in sorted(root.iterdir()):
@@ -239,7 +242,7 @@ def _discover_flat(root: Path, rows: list[dict]) -> tuple[list[Case], int]:
         elif base.lower().endswith("_flair"):
             images[base[: -len("_flair")]] = path
     if not images and not masks:
-        return [], 0
+        return []
     pairs: dict[str, list[Path]] = {stem: [] for stem in images}
     problems: dict[str, list[str]] = {stem: [] for stem in images}
     for mask in masks:
@@ -261,7 +264,7 @@ def _discover_flat(root: Path, rows: list[dict]) -> tuple[list[Case], int]:
             continue
         pairs[max(matches, key=len)].append(mask)  # longest stem: 'sub-1_acq-x' beats 'sub-1'
 
-    cases, skipped = [], 0
+    cases = []
     for stem, image in images.items():
         notes = problems[stem]
         volumetric, thick, flat = _split_2d([image], notes)
@@ -269,15 +272,14 @@ def _discover_flat(root: Path, rows: list[dict]) -> tuple[list[Case], int]:
             _skip(rows, stem, image, flat[0][1], "fcd" if pairs[stem] else "unknown")
             continue
         if thick:
-            warnings.warn(f"{image}: thick-slice 2D FLAIR ({thick[0][1]}); case skipped", stacklevel=3)
-            skipped += 1
+            _skip(rows, stem, image, _thick_reason(thick[0][1]), "fcd" if pairs[stem] else "unknown")
             continue
         candidates = sorted(pairs[stem], key=lambda p: ("_roi" not in p.name.lower(), p.name))
         mask = candidates[0] if candidates else None
         if len(candidates) > 1:
             notes.append(f"{len(candidates)} mask files; using {mask.name}")
         cases.append(Case(stem, image, mask, "fcd" if mask else "unknown", "unknown", notes))
-    return cases, skipped
+    return cases
 
 
 def discover_cases(
@@ -291,8 +293,8 @@ def discover_cases(
 
     ``group="fcd"`` returns FCD cases that have a mask; ``group="hc"`` the controls; ``split`` filters
     on participants.tsv's split. Raises DataError when nothing is found or the layout is broken.
-    Broken subjects (a lesion ROI without a FLAIR, a 2D image) are left out: appended to ``skipped`` as
-    unusable ``case_report``-style rows when a list is given, otherwise reported as warnings.
+    Broken subjects (a lesion ROI without a FLAIR, a 2D or thick-slice 2D image) are left out: appended to
+    ``skipped`` as unusable ``case_report``-style rows when a list is given, otherwise reported as warnings.
     """
     root = Path(root)
     if group is not None and group.lower() not in GROUPS:
@@ -306,7 +308,7 @@ def discover_cases(
     is_bids = (root / "participants.tsv").is_file() or any(p.is_dir() for p in root.glob("sub-*"))
     rows: list[dict] = []
     try:
-        cases, n_thick = _discover_bids(root, rows) if is_bids else _discover_flat(root, rows)
+        cases = _discover_bids(root, rows) if is_bids else _discover_flat(root, rows)
     except OSError as exc:  # an unreadable folder (permissions, I/O error) inside the tree
         raise DataError(f"{getattr(exc, 'filename', None) or root}: cannot read ({exc.strerror or exc})") from exc
     if skipped is not None:
@@ -320,7 +322,7 @@ def discover_cases(
             if is_bids
             else "*_FLAIR.nii[.gz] images with *_roi.nii[.gz] or *mask* partners (flat folder)"
         )
-        extra = f"; {n_thick} skipped as thick-slice 2D FLAIR" if n_thick else ""
+        extra = ""
         if rows:
             extra += f"; {len(rows)} skipped: " + "; ".join(r["problems"][0] for r in rows[:3])
             extra += "; ..." if len(rows) > 3 else ""

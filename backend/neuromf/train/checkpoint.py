@@ -1,19 +1,32 @@
-"""Training checkpoints: safetensors (trainable weights, EMA, optimizer, RNG) + a JSON sidecar, written atomically."""
+"""Training checkpoints: safetensors (trainable weights, EMA, optimizer, RNG) + a JSON sidecar, written atomically.
+
+The weights file is the checkpoint: its safetensors metadata carries the whole sidecar too, so the one rename
+that puts it in place switches to the new checkpoint at once. `checkpoint.json` is a readable copy written
+after it; a process killed between the two renames leaves a stale copy, which the next resume rewrites.
+
+Fault injection (tests only): ``NEUROMF_FAULT_CHECKPOINT=<point>@<step>`` makes the process SIGKILL itself at
+``<point>`` of the checkpoint written at ``<step>``: ``weights-written`` (weights in a temp file, not yet
+renamed), ``weights-renamed`` (new weights in place, sidecar still the old one) or ``sidecar-written``.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from neuromf.train.ema import EMA, trainable_parameters
-from neuromf.utils import atomic_write, atomic_write_json, library_versions
+from neuromf.utils import library_versions
 
 CHECKPOINT_NAME = "checkpoint"
 
@@ -30,9 +43,47 @@ def checkpoint_paths(out_dir: Path) -> tuple[Path, Path]:
     return out_dir / f"{CHECKPOINT_NAME}.safetensors", out_dir / f"{CHECKPOINT_NAME}.json"
 
 
+META_KEY = "neuromf_checkpoint"  # safetensors metadata entry holding the sidecar as JSON
+FAULT_ENV = "NEUROMF_FAULT_CHECKPOINT"
+
+
+def _fault(point: str, step: int) -> None:
+    """Test hook: SIGKILL this process at `point` of the checkpoint of `step` (see the module docstring)."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec and spec == f"{point}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], None], point: str, step: int) -> None:
+    """Write through a temp file in the same folder and rename it over `path`; the temp file is removed on any
+    error (a SIGKILL leaves it: the next resume clears such leftovers, see run_dir.remove_stale_temporaries)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) make 0600 files
+        _fault(point, step)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_checkpoint(out_dir: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator, state: TrainState, meta: dict[str, Any]) -> Path:
-    """Write weights then sidecar, each through a temp file + rename; both carry the step so a torn pair shows."""
+    """Write the weights (sidecar embedded) then the sidecar copy, each through a temp file + rename."""
     tensors: dict[str, torch.Tensor] = {}
     for name, p in trainable_parameters(model).items():
         tensors[f"model/{name}"] = p.detach().cpu().contiguous()
@@ -50,32 +101,67 @@ def save_checkpoint(out_dir: Path, model: nn.Module, ema: EMA, optimizer: torch.
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
-    weights, sidecar = checkpoint_paths(out_dir)
-    atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={"step": str(state.step)}))
-    atomic_write_json(sidecar, {
+    sidecar_text = json.dumps({
         "step": state.step, "epoch": state.epoch, "skipped_steps": state.skipped_steps, "extra": state.extra,
         "optimizer_param_groups": opt_state["param_groups"], "optimizer_scalar_state": scalar_state,
         "generator_device": str(generator.device), "versions": library_versions(), **meta,
-    })
+    }, indent=2, default=_json_default) + "\n"
+    weights, sidecar = checkpoint_paths(Path(out_dir))
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"step": str(state.step), META_KEY: sidecar_text}
+    _replace_atomically(weights, lambda p: save_file(tensors, str(p), metadata=metadata), "weights-written",
+                        state.step)
+    _fault("weights-renamed", state.step)
+    _replace_atomically(sidecar, lambda p: p.write_text(sidecar_text), "sidecar-written", state.step)
     return weights
 
 
+def _weights_metadata(weights: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            return fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights}: checkpoint weights are not a readable safetensors file ({err}); the "
+                         "checkpoint is damaged: start the run again with --overwrite") from err
+
+
 def read_checkpoint_meta(out_dir: Path) -> dict[str, Any]:
-    weights, sidecar = checkpoint_paths(out_dir)
-    if not weights.is_file() or not sidecar.is_file():
+    """The checkpoint's sidecar: the copy inside the weights file (authoritative), else checkpoint.json."""
+    weights, sidecar = checkpoint_paths(Path(out_dir))
+    if not weights.is_file():
+        raise FileNotFoundError(f"{out_dir}: no resumable checkpoint ({weights.name} + {sidecar.name})")
+    metadata = _weights_metadata(weights)
+    if META_KEY in metadata:
+        return json.loads(metadata[META_KEY])
+    if not sidecar.is_file():  # a checkpoint written before the sidecar was embedded
         raise FileNotFoundError(f"{out_dir}: no resumable checkpoint ({weights.name} + {sidecar.name})")
     meta = json.loads(sidecar.read_text())
-    with safe_open(str(weights), framework="pt") as fh:
-        step = (fh.metadata() or {}).get("step")
+    step = metadata.get("step")
     if step is not None and int(step) != meta["step"]:
         raise ValueError(f"{out_dir}: checkpoint weights (step {step}) and sidecar (step {meta['step']}) disagree")
     return meta
+
+
+def _repair_sidecar(out_dir: Path) -> None:
+    """Rewrite checkpoint.json from the weights file when a kill between the two renames left it stale."""
+    weights, sidecar = checkpoint_paths(Path(out_dir))
+    embedded = _weights_metadata(weights).get(META_KEY)
+    if embedded is None:
+        return
+    try:
+        current = sidecar.read_text() if sidecar.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        current = None
+    if current != embedded:
+        step = json.loads(embedded)["step"]
+        _replace_atomically(sidecar, lambda p: p.write_text(embedded), "sidecar-repaired", step)
 
 
 def load_checkpoint(out_dir: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator) -> TrainState:
     """Restore trainable weights, EMA, optimizer and RNG states; returns the saved step counters."""
     meta = read_checkpoint_meta(out_dir)
+    _repair_sidecar(out_dir)
     weights, _ = checkpoint_paths(out_dir)
     with safe_open(str(weights), framework="pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
