@@ -5,28 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from testkit import TEST_SHAPE, TEST_SPACING, tiny_config
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-TEST_SHAPE = (32, 32, 32)
-TEST_SPACING = (6.0, 6.0, 6.0)
-TEST_LATENT = (8, 8, 8)
-
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
-
-
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -47,25 +36,6 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     vae = MAISIVAEWrapper("tiny", scale_factor=1.0)
     return vae.save(tmp_path_factory.mktemp("vae") / "vae_tiny")
-
-
-def coarse_prep():
-    from neuromf.io.nifti import Preprocessing
-
-    return Preprocessing(shape=TEST_SHAPE, spacing=TEST_SPACING)
-
-
-def tiny_config(tmp: Path, data_dir: Path, vae_dir: Path, **overrides):
-    """A RunConfig for the tiny UNet + tiny VAE on a phantom tree: a few steps, CPU."""
-    from neuromf.config import load_config
-
-    values = {"data.data_dir": str(data_dir), "data.split": None, "data.shape": list(TEST_SHAPE),
-              "data.spacing": list(TEST_SPACING), "data.flip": False, "data.cache_dir": str(tmp / "cache"),
-              "model.preset": "tiny", "model.vae": str(vae_dir), "model.vae_preset": "tiny",
-              "training.max_steps": 3, "training.batch_size": 4, "training.device": "cpu",
-              "training.checkpoint_every": 0, "training.output_dir": str(tmp / "run")}
-    values.update(overrides)
-    return load_config("base_tiny", values)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_SHAPE, tiny_config, write_nifti
+from testkit import TEST_SHAPE, tiny_config, write_nifti
 
 from neuromf.cli import main as cli
 from neuromf.meanflow.loss import meanflow_target
@@ -120,6 +120,8 @@ def test_generate_conditional_from_a_mask_file_and_from_the_prior(conditional_ru
                 "--device", "cpu"]) == 0  # auto mode finds the conditional adapter
     masks = [np.asarray(nib.load(prior_out / f"sample_00{i}_mask.nii.gz").dataobj) for i in range(2)]
     assert all(m.any() for m in masks) and not np.array_equal(masks[0], masks[1])
+    placed = [json.loads((prior_out / f"sample_00{i}.json").read_text())["placed_in"] for i in range(2)]
+    assert set(placed) <= {"generated brain", "reference brain"}
 
 
 def test_generate_refuses_a_mode_the_adapter_cannot_do(conditional_run, tmp_path, capsys):

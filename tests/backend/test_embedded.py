@@ -84,6 +84,22 @@ def test_embedded_demo_adapter_generates_a_pair():
     assert checks["forward_ok"] and checks["fraction"] < 0.01
 
 
+def test_embedded_conditional_adapter_puts_prior_lesions_in_the_brain_it_generates():
+    """Prior-drawn lesions go where lesions go in the FLAIR generated for them: inside its brain, at a real
+    lesion's depth in that brain, and the FLAIR shows them brighter than their surroundings."""
+    from neuromf.eval.lesion_metrics import lesion_stats
+    from neuromf.pipelines.conditional import generate_conditional_pairs, load_conditional_model
+
+    prior = load_conditional_model("embedded").prior
+    low, high = prior.depth_range
+    for pair in generate_conditional_pairs("embedded", n=3, steps=1, seed=0, device="cpu"):
+        assert pair.meta["mask_source"] == "prior" and pair.meta["placed_in"] == "generated brain"
+        stats = lesion_stats(pair.image, pair.mask, prior.spacing)
+        assert stats.inside_brain_share >= 0.9, pair.index
+        assert low - 1.0 <= stats.median_depth_mm <= high + 1.0, (pair.index, stats.median_depth_mm)
+        assert stats.contrast > 1.05, (pair.index, stats.contrast)
+
+
 def test_shipped_demo_adapter_carries_no_machine_paths():
     """The adapter sidecar travels in the wheel: it must name embedded models/data, not this machine's folders."""
     meta = json.loads((embedded_model_dir("lora_demo") / "neuromf_adapter.json").read_text())

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TEST_SHAPE, TEST_SPACING
 from safetensors.torch import load_file
+from testkit import TEST_SHAPE, TEST_SPACING
 
 from neuromf.cli import main as cli
 from neuromf.config import load_config

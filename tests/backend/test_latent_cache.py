@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import torch
-from conftest import write_nifti
+from testkit import write_nifti
 
 from neuromf.data.latent_cache import LatentCache
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from neuromf.data.brain import brain_mask, depth_map
 from neuromf.data.mask_codec import (
     decode_sdf,
     encode_sdf,
@@ -127,7 +128,7 @@ def test_mask_prior_places_real_lesions_inside_the_brain(tmp_path):
     shape = (32, 32, 32)
     brain_image = ball(shape, (16, 16, 16), 12) * 0.6
     lesions = [ball(shape, (8, 16, 16), 2.0), ball(shape, (16, 24, 16), 3.0)]
-    prior = MaskPrior.from_cases(lesions, [brain_image], (3.0, 3.0, 3.0))
+    prior = MaskPrior.from_cases(lesions, [brain_image, brain_image], (3.0, 3.0, 3.0))
     volumes = {int(m.sum()) for m in lesions}
     rng = np.random.default_rng(0)
     drawn = [prior.sample(rng) for _ in range(20)]
@@ -135,11 +136,12 @@ def test_mask_prior_places_real_lesions_inside_the_brain(tmp_path):
         assert int(mask.sum()) in volumes
         assert (mask.astype(bool) & prior.brain).sum() >= 0.95 * mask.sum()
     assert len({tuple(np.argwhere(m).mean(0).round()) for m in drawn}) > 5  # re-placed, not copied
-    # centres stay within the real lesions' inferior-superior range (no cerebellar FCD from cerebral lesions)
-    from scipy import ndimage
-
-    depth = ndimage.distance_transform_edt(prior.brain, sampling=prior.spacing)
+    # depth as the lesion-likeness check measures it: each real lesion in its own brain, each new one in its brain
+    depth = depth_map(prior.brain, prior.spacing)
+    real = [float(np.median(depth_map(brain_mask(brain_image), prior.spacing)[m > 0])) for m in lesions]
+    assert prior.depth_range == pytest.approx((min(real), max(real)))
     assert all(prior.depth_range[0] <= np.median(depth[m > 0]) <= prior.depth_range[1] for m in drawn)
+    # centres stay within the real lesions' inferior-superior range (no cerebellar FCD from cerebral lesions)
     low, high = prior.height_range
     assert all(low - 0.5 <= np.argwhere(m).mean(0)[2] <= high + 0.5 for m in drawn)
     loaded = MaskPrior.load(prior.save(tmp_path / "prior.safetensors"))
@@ -147,3 +149,24 @@ def test_mask_prior_places_real_lesions_inside_the_brain(tmp_path):
     assert np.array_equal(loaded.sample(np.random.default_rng(3)), prior.sample(np.random.default_rng(3)))
     with pytest.raises(ValueError, match="not a readable"):
         MaskPrior.load(tmp_path / "prior.safetensors.missing")
+    with pytest.raises(ValueError, match="one FLAIR per mask"):
+        MaskPrior.from_cases(lesions, [brain_image], (3.0, 3.0, 3.0))
+
+
+def test_mask_prior_places_lesions_in_the_brain_it_is_given():
+    """Generation passes the brain of the FLAIR the lesion goes into: lesions follow that brain, not the mean one."""
+    shape = (32, 32, 32)
+    reference = ball(shape, (16, 16, 16), 11) * 0.6
+    lesions = [ball(shape, (7, 16, 16), 2.0), ball(shape, (16, 25, 16), 2.5)]
+    prior = MaskPrior.from_cases(lesions, [reference, reference], (3.0, 3.0, 3.0))
+    shifted = ball(shape, (16, 16, 19), 12) > 0  # a bigger brain, higher on the grid
+    depth = depth_map(shifted, prior.spacing)
+    rng = np.random.default_rng(1)
+    for _ in range(15):
+        mask = prior.sample(rng, brain=shifted) > 0
+        assert (mask & shifted).sum() >= 0.95 * mask.sum()
+        assert prior.depth_range[0] <= np.median(depth[mask]) <= prior.depth_range[1]
+        assert prior.fits(mask, shifted)
+        assert not prior.fits(mask, np.zeros(shape, bool)) and not prior.fits(np.zeros(shape, bool), shifted)
+    with pytest.raises(ValueError, match="not the prior's grid"):
+        prior.sample(rng, brain=np.ones((8, 8, 8), bool))

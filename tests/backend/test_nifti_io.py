@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import write_nifti
+from testkit import write_nifti
 
 from neuromf.io.nifti import Preprocessing, VolumeError, preprocess_pair, read_nifti, save_nifti
 

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_LATENT, TEST_SHAPE, TEST_SPACING, coarse_prep, tiny_config
+from testkit import TEST_LATENT, TEST_SHAPE, TEST_SPACING, coarse_prep, tiny_config
 
 from neuromf.cli import main as cli
 from neuromf.data.fcd_dataset import FCDDataset, downsample_mask, upsample_mask

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import tiny_config
+from testkit import tiny_config
 
 import neuromf
 from neuromf.config import save_config

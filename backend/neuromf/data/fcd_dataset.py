@@ -30,7 +30,7 @@ from neuromf.data.mask_codec import (  # noqa: F401  (re-exported: the strategie
     upsample_mask,
 )
 from neuromf.io.bids import DataError, discover_cases
-from neuromf.io.nifti import Preprocessing, preprocess_pair
+from neuromf.io.nifti import Preprocessing, preprocess_image
 from neuromf.utils import default_cache_dir
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper
 
@@ -116,11 +116,14 @@ class FCDDataset(Dataset):
         case_id, tensors = self.items[idx]
         item: dict[str, torch.Tensor | str] = {"z": self.joint_latent(tensors), "case_id": case_id}
         if self.return_volumes:
-            image, mask = preprocess_pair(self._case(case_id).image, self._case(case_id).mask, self.prep)
-            flip = case_id.endswith("_flip")
-            item["image"] = image.data.flip(1) if flip else image.data
+            item["image"] = self.image_volume(case_id)
             item["mask"] = tensors["mask"].float()
         return item
+
+    def image_volume(self, case_id: str) -> torch.Tensor:
+        """(1, H, W, D) preprocessed FLAIR of an item on the model grid, mirrored like the item."""
+        image = preprocess_image(self._case(case_id).image, self.prep).data
+        return image.flip(1) if case_id.endswith("_flip") else image
 
     def _case(self, case_id: str):
         return next(c for c in self.cases if c.case_id == case_id.removesuffix("_flip"))

@@ -4,9 +4,11 @@ A drawn mask is one of the training lesions (cropped to its bounding box), mirro
 moved to a new centre chosen among brain voxels whose depth below the brain surface lies within the range of
 the real lesions' depths (FCD lesions sit at the grey/white junction, a few mm to ~2 cm deep) and whose height
 (inferior-superior) lies within the real lesions' range (FCD is a cortical malformation of the cerebrum: no
-lesion in the cerebellum or brainstem unless the training lesions go there). A placement is
-kept when >= 95% of the lesion lies inside the reference brain; volumes therefore follow the training
-distribution. The reference brain is the voxel-wise mean of the training FLAIRs on the model grid.
+lesion in the cerebellum or brainstem unless the training lesions go there). A placement is kept when >= 95% of
+the lesion lies inside the brain and its median depth is in the real range; volumes follow the training
+distribution. Depth is measured as the lesion-likeness check measures it (`neuromf.data.brain`): each real
+lesion in its own scan's brain, and a new lesion in the brain it is placed in, which is the generated brain when
+the caller passes one (`sample(rng, brain=...)`), else the mean of the training FLAIRs.
 """
 
 from __future__ import annotations
@@ -19,19 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
+from neuromf.data.brain import brain_mask, depth_map
 from neuromf.utils import atomic_write
 
-BRAIN_THRESHOLD = 0.05
 MIN_INSIDE = 0.95
-
-
-def brain_of(mean_image: np.ndarray, threshold: float = BRAIN_THRESHOLD) -> np.ndarray:
-    """Largest foreground component of a FLAIR on the model grid, holes filled."""
-    labels, n = ndimage.label(mean_image > threshold)
-    if n == 0:
-        return np.zeros(mean_image.shape, dtype=bool)
-    largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(labels), labels, range(1, n + 1))))
-    return ndimage.binary_fill_holes(labels == largest)
+# centres are drawn this share of the depth range away from its ends: the lesion's own median depth then
+# lands inside the range, not on its edge
+DEPTH_MARGIN = 0.15
 
 
 def _crop(mask: np.ndarray) -> np.ndarray:
@@ -54,40 +50,51 @@ class MaskPrior:
     @classmethod
     def from_cases(cls, masks: list[np.ndarray], images: list[np.ndarray],
                    spacing: tuple[float, float, float]) -> MaskPrior:
-        """Build from training masks and FLAIRs on the model grid (all the same shape)."""
-        lesions = [np.asarray(m) > 0.5 for m in masks if np.asarray(m).any()]
-        if not lesions:
+        """Build from training masks (H, W, D) and their own FLAIRs on the model grid, pairwise (same order)."""
+        if len(masks) != len(images):
+            raise ValueError(f"the mask prior needs one FLAIR per mask, got {len(masks)} masks, {len(images)} FLAIRs")
+        pairs = [(np.asarray(m) > 0.5, np.asarray(i)) for m, i in zip(masks, images) if np.asarray(m).any()]
+        if not pairs:
             raise ValueError("the mask prior needs at least one non-empty training lesion")
-        brain = brain_of(np.mean(np.stack(images), axis=0))
-        depth = ndimage.distance_transform_edt(brain, sampling=spacing)
-        centres = [np.round(ndimage.center_of_mass(m)).astype(int) for m in lesions]
-        # median depth of the lesion's voxels, as the lesion-likeness check measures it
-        depths = [float(np.median(depth[m])) for m in lesions]
-        heights = [float(c[2]) for c in centres]
+        lesions = [m for m, _ in pairs]
+        # median depth of the lesion's voxels in its own scan's brain, as the lesion-likeness check measures it
+        depths = [float(np.median(depth_map(brain_mask(image), spacing)[m])) for m, image in pairs]
+        heights = [float(np.round(ndimage.center_of_mass(m))[2]) for m in lesions]
+        brain = brain_mask(np.mean(np.stack([image for _, image in pairs]), axis=0))
         return cls([_crop(m) for m in lesions], brain, tuple(float(s) for s in spacing),
                    (min(depths), max(depths)), (min(heights), max(heights)))
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """The model grid (H, W, D) of the reference brain, and so of the drawn masks."""
         return tuple(self.brain.shape)
 
-    def candidate_centres(self) -> np.ndarray:
-        """(K, 3) voxel indices where a lesion centre may go."""
-        depth = ndimage.distance_transform_edt(self.brain, sampling=self.spacing)
+    def candidate_centres(self, brain: np.ndarray | None = None) -> np.ndarray:
+        """(K, 3) voxel indices where a lesion centre may go in `brain` (default: the reference brain)."""
+        brain = self.brain if brain is None else np.asarray(brain, dtype=bool)
+        depth = depth_map(brain, self.spacing)
         lo, hi = self.depth_range
-        allowed = self.brain & (depth >= lo) & (depth <= hi)
+        margin = DEPTH_MARGIN * (hi - lo)
+        allowed = brain & (depth >= lo + margin) & (depth <= hi - margin)
         if self.height_range is not None:
             height = np.arange(self.shape[2])[None, None, :]
             allowed &= (height >= self.height_range[0]) & (height <= self.height_range[1])
         return np.argwhere(allowed)
 
-    def sample(self, rng: np.random.Generator, max_tries: int = 200) -> np.ndarray:
-        """One (H, W, D) uint8 lesion mask on the model grid."""
-        centres = self.candidate_centres()
+    def sample(self, rng: np.random.Generator, brain: np.ndarray | None = None, max_tries: int = 200) -> np.ndarray:
+        """One (H, W, D) uint8 lesion mask on the model grid, placed in `brain` (H, W, D) bool when given (e.g.
+        the brain of the FLAIR it will be generated into), else in the reference brain."""
+        if brain is not None and tuple(np.shape(brain)) != self.shape:
+            raise ValueError(f"brain shape {tuple(np.shape(brain))} is not the prior's grid {self.shape}")
+        brain = self.brain if brain is None else np.asarray(brain, dtype=bool)
+        centres = self.candidate_centres(brain)
         if not len(centres):
-            raise ValueError("the mask prior's reference brain has no voxel at the real lesions' depth")
-        depth = ndimage.distance_transform_edt(self.brain, sampling=self.spacing)
+            raise ValueError("the brain has no voxel at the real lesions' depth to place a lesion in")
+        depth = depth_map(brain, self.spacing)
+        # the lesion's own median depth, kept half a margin inside the real range: the FLAIR generated around it
+        # has a slightly different brain, and its depth must still lie in the real range there
         lo, hi = self.depth_range
+        lo, hi = lo + DEPTH_MARGIN / 2 * (hi - lo), hi - DEPTH_MARGIN / 2 * (hi - lo)
         best, best_inside = None, -1.0
         for _ in range(max_tries):
             lesion = self.lesions[rng.integers(len(self.lesions))]
@@ -97,7 +104,7 @@ class MaskPrior:
             placed = self._place(lesion, centre)
             if not placed.any():
                 continue
-            inside = float((placed & self.brain).sum()) / float(placed.sum())
+            inside = float((placed & brain).sum()) / float(placed.sum())
             if inside >= MIN_INSIDE and lo <= float(np.median(depth[placed])) <= hi:
                 return placed.astype(np.uint8)
             if inside > best_inside:
@@ -105,6 +112,15 @@ class MaskPrior:
         if best is None:
             raise ValueError("the mask prior could not place any lesion inside the grid")
         return best.astype(np.uint8)
+
+    def fits(self, mask: np.ndarray, brain: np.ndarray) -> bool:
+        """Whether a placed lesion (H, W, D) lies where real ones do in `brain`: >= 95% inside it, median depth
+        within the real lesions' range."""
+        mask, brain = np.asarray(mask) > 0, np.asarray(brain, dtype=bool)
+        if not mask.any() or float((mask & brain).sum()) < MIN_INSIDE * float(mask.sum()):
+            return False
+        lo, hi = self.depth_range
+        return lo <= float(np.median(depth_map(brain, self.spacing)[mask])) <= hi
 
     def _place(self, lesion: np.ndarray, centre: np.ndarray) -> np.ndarray:
         out = np.zeros(self.shape, dtype=bool)
@@ -132,6 +148,7 @@ class MaskPrior:
 
     @classmethod
     def load(cls, path: Path | str) -> MaskPrior:
+        """Read a prior written by `save`; ValueError naming `path` when it is missing or corrupt."""
         try:
             tensors = load_file(str(path))
             lesions = [tensors[k].numpy() > 0 for k in sorted(tensors) if k.startswith("lesion_")]

@@ -25,8 +25,9 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import ks_2samp
 
+from neuromf.data.brain import BRAIN_THRESHOLD, STRUCTURE_26, as_volume, brain_mask, depth_map
+
 SHELL_VOXELS = 2
-BRAIN_THRESHOLD = 0.05
 LARGEST_SHARE_MIN = 0.8
 VOLUME_LOW_FACTOR = 0.5
 VOLUME_HIGH_FACTOR = 2.0
@@ -37,48 +38,11 @@ CONTRAST_EXCESS_FRACTION = 0.5
 LESION_LIKE_RATE_TARGET = 0.7
 NOISE_CORRELATION_MAX = 0.1
 CRITERIA = ("nonempty", "largest_share", "volume", "inside_brain", "depth", "contrast")
-# 26-connectivity: voxels touching at an edge or corner belong to the same component
-_STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
-
-
-def as_volume(x: Any) -> np.ndarray:
-    """(H, W, D) numpy view of an array or tensor with optional leading singleton axes."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    while x.ndim > 3 and x.shape[0] == 1:
-        x = x[0]
-    if x.ndim != 3:
-        raise ValueError(f"expected a 3D volume, got shape {x.shape}")
-    return x
 
 
 def _binary(x: Any) -> np.ndarray:
     x = as_volume(x)
     return x.astype(bool) if x.dtype == bool else x > 0.5
-
-
-def brain_mask(image: Any, threshold: float = BRAIN_THRESHOLD) -> np.ndarray:
-    """Foreground of a FLAIR on the model grid (intensities ~[0, 1.5]): voxels > `threshold`, largest
-    26-connected component, holes filled (dark ventricles count as brain, so depth is measured from the outside).
-    """
-    fg = as_volume(image) > threshold
-    labels, n = ndimage.label(fg, structure=_STRUCTURE_26)
-    if n == 0:
-        return fg
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return ndimage.binary_fill_holes(labels == int(sizes.argmax()))
-
-
-def depth_map(brain: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
-    """Distance (mm) of each brain voxel to the nearest non-brain voxel; 0 outside the brain.
-
-    The grid is padded by one empty voxel so that a brain touching the grid edge has its surface there.
-    """
-    padded = np.pad(np.asarray(brain, dtype=bool), 1)
-    depth = ndimage.distance_transform_edt(padded, sampling=tuple(float(s) for s in spacing))
-    return depth[1:-1, 1:-1, 1:-1]
 
 
 def lesion_contrast(image: Any, mask: Any, shell: int = SHELL_VOXELS, brain_threshold: float = BRAIN_THRESHOLD,
@@ -119,6 +83,7 @@ class LesionStats:
     empty: bool
 
     def to_dict(self) -> dict[str, Any]:
+        """The figures as a JSON-ready dict."""
         return asdict(self)
 
 
@@ -134,7 +99,7 @@ def lesion_stats(image: Any, mask: Any, spacing: tuple[float, float, float],
     volume = n_voxels * float(np.prod(spacing)) / 1000.0
     if n_voxels == 0:
         return LesionStats(0.0, 0, 0, None, None, None, None, True)
-    labels, n_components = ndimage.label(mask, structure=_STRUCTURE_26)
+    labels, n_components = ndimage.label(mask, structure=STRUCTURE_26)
     largest = int(np.bincount(labels.ravel())[1:].max())
     depth = depth_map(brain, spacing)
     return LesionStats(
@@ -172,6 +137,7 @@ class LesionReference:
         return 1.0 + CONTRAST_EXCESS_FRACTION * (self.median_contrast - 1.0)
 
     def to_dict(self) -> dict[str, Any]:
+        """The reference ranges plus the accepted bounds derived from them, JSON-ready."""
         low, high = self.volume_range
         return {**asdict(self), "accepted_volume_cm3": [low, high], "accepted_depth_mm": [self.min_depth_mm,
                 self.max_depth_mm], "accepted_min_contrast": self.min_contrast,

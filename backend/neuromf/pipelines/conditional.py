@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neuromf.config import RunConfig
+from neuromf.data.brain import brain_mask
 from neuromf.data.fcd_dataset import FCDDataset
 from neuromf.data.mask_codec import lesion_region, pixel_shuffle_3d
 from neuromf.data.mask_prior import MaskPrior
@@ -93,7 +94,7 @@ def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", 
     dataset = conditional_dataset(cfg, vae, prep, progress)
     images = dataset.image_latents()
     data = dataset.packed(images)
-    prior = build_mask_prior(dataset, vae, prep)
+    prior = build_mask_prior(dataset)
     sidecar = AdapterMeta(
         mode="conditional", **base_reference(base_checkpoint, base_meta), preprocessing=prep.key(),
         latent_shape=list(images.shape[1:]), channels={"image": 4, "mask": 0}, config=cfg.to_dict(),
@@ -129,12 +130,13 @@ def conditional_dataset(cfg: RunConfig, vae: MAISIVAEWrapper, prep: Preprocessin
 
 
 @torch.no_grad()
-def build_mask_prior(dataset: FCDDataset, vae: MAISIVAEWrapper, prep: Preprocessing) -> MaskPrior:
-    """The prior of a training set: its lesions, and as reference brain the decoded mean image latent (a smooth
-    average brain, enough for a brain mask and depths)."""
-    lesion_masks = [t["mask"][0].numpy() for _, t in dataset.items if t["mask"].any()]
-    mean_brain = vae.decode(dataset.image_latents().mean(0, keepdim=True))[0, 0].clamp(0, prep.clip_max).numpy()
-    return MaskPrior.from_cases(lesion_masks, [mean_brain], prep.spacing)
+def build_mask_prior(dataset: FCDDataset) -> MaskPrior:
+    """The prior of a training set: its lesions, each with the depth range measured in its own preprocessed FLAIR
+    (as the lesion-likeness check measures real lesions), and the mean of those FLAIRs as reference brain."""
+    with_lesion = [(case_id, t) for case_id, t in dataset.items if t["mask"].any()]
+    masks = [t["mask"][0].numpy() for _, t in with_lesion]
+    images = [dataset.image_volume(case_id)[0].numpy() for case_id, _ in with_lesion]
+    return MaskPrior.from_cases(masks, images, dataset.prep.spacing)
 
 
 def rebuild_mask_prior(adapter: str | Path) -> Path:
@@ -146,7 +148,7 @@ def rebuild_mask_prior(adapter: str | Path) -> Path:
     cfg = config_from_dict(meta.config, source=str(directory / SIDECAR))
     _, base_meta = load_flow_model(meta.base_checkpoint)
     vae, prep = vae_for(base_meta), meta.prep
-    return build_mask_prior(conditional_dataset(cfg, vae, prep), vae, prep).save(directory / PRIOR)
+    return build_mask_prior(conditional_dataset(cfg, vae, prep)).save(directory / PRIOR)
 
 
 def _lesion_first(packed: torch.Tensor) -> torch.Tensor:
@@ -178,11 +180,22 @@ class ConditionalModel:
 
     @property
     def prep(self) -> Preprocessing:
+        """The model grid and intensity scaling of the adapter (from its sidecar)."""
         return self.meta.prep
 
     @torch.no_grad()
     def generate(self, mask: np.ndarray, noise: torch.Tensor, steps: int = 1) -> np.ndarray:
-        """FLAIR (H, W, D) on the model grid carrying `mask` (H, W, D) {0, 1}; noise (4, h, w, d)."""
+        """The FLAIR the conditioned model generates from `noise` for `mask`.
+
+        Args:
+            mask: (H, W, D) lesion mask on the model grid (nonzero = lesion).
+            noise: (4, h, w, d) Gaussian noise, h = H / 4 (one sample, no batch axis).
+            steps: sampler steps (1 = one-step MeanFlow).
+        Returns:
+            (H, W, D) float32 FLAIR in [0, clip_max].
+        Raises:
+            ValueError: `mask` is not on the model grid.
+        """
         prep = self.prep
         if tuple(mask.shape) != prep.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} is not the model grid {prep.shape}: map it onto the "
@@ -220,6 +233,27 @@ def load_conditional_model(adapter: str | Path, device: str | torch.device = "cp
     return ConditionalModel(model, vae_for(meta.vae_reference(), device=dev), MaskPrior.load(directory / PRIOR), meta)
 
 
+PLACEMENT_ROUNDS = 3
+
+
+def _place_and_generate(cond: ConditionalModel, noise: torch.Tensor, steps: int,
+                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """A prior lesion placed in the brain generated from `noise`, and the FLAIR generated for it."""
+    brain = brain_mask(cond.generate(np.zeros(cond.prep.shape, dtype=np.uint8), noise, steps))
+    rounds = 0
+    while True:
+        rounds += 1
+        try:
+            mask, placed_in = cond.prior.sample(rng, brain=brain), "generated brain"
+        except ValueError:  # no voxel of that brain at a real lesion's depth (an untrained model's blur)
+            mask, placed_in = cond.prior.sample(rng), "reference brain"
+        image = cond.generate(mask, noise, steps)
+        brain = brain_mask(image)
+        if placed_in == "reference brain" or rounds == PLACEMENT_ROUNDS or cond.prior.fits(mask, brain):
+            break
+    return mask, image, {"placed_in": placed_in, "placement_rounds": rounds}
+
+
 def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
                                device: str = "auto", masks: list[np.ndarray] | None = None,
                                affines: list[np.ndarray] | None = None,
@@ -227,7 +261,25 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
     """FLAIRs for given masks on the model grid (each with its grid affine), or for `n` masks drawn from the
     adapter's prior (model-grid affine centred on the origin).
 
-    Sample i uses noise seeded by (seed, i) and, from the prior, mask draw (seed, i): reproducible one by one.
+    A prior-drawn lesion is placed in the brain its noise generates: a first pass without a lesion (the ControlNet
+    learned "no lesion in, no hyperintensity out" from the healthy cases) gives that brain, the lesion goes to a
+    real lesion's depth in it, and a pass from the same noise generates the FLAIR carrying it. A large lesion can
+    reshape the generated brain; when it then no longer sits at a real depth there, it is placed again in that
+    brain (up to `PLACEMENT_ROUNDS` passes). Sample i uses noise seeded by (seed, i) and, from the prior, mask
+    draws (seed, i): reproducible one by one.
+
+    Args:
+        adapter: a conditional adapter folder or "embedded" (the shipped demo).
+        n: number of prior-drawn masks; ignored when `masks` is given.
+        steps: sampler steps (1 = one-step MeanFlow).
+        seed: noise and mask-draw seed.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        masks: (H, W, D) masks already on the model grid (`neuromf.io.nifti.preprocess_mask`), nonzero = lesion.
+        affines: (4, 4) voxel -> world affine per given mask (as `preprocess_mask` gives it); default: model grid's.
+        on_pair: called with i once pair i is generated, before it is yielded (progress).
+    Yields:
+        `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, (4, 4) affine, and
+        meta (seed, steps, adapter, `mask_source` "given" or "prior", placement for prior masks).
     """
     cond = load_conditional_model(adapter, device)
     prep = cond.prep
@@ -235,24 +287,33 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
     source = str(resolve_adapter_dir(adapter, "conditional"))
     count = len(masks) if masks is not None else n
     for i in range(count):
+        noise = torch.randn(cond.meta.latent_shape, generator=torch.Generator().manual_seed(seed * 100_003 + i))
+        placement = {}
         if masks is not None:
             mask, origin = (np.asarray(masks[i]) > 0).astype(np.uint8), "given"
+            image = cond.generate(mask, noise, steps)
         else:
-            mask, origin = cond.prior.sample(np.random.default_rng([seed, i])), "prior"
-        noise = torch.randn(cond.meta.latent_shape, generator=torch.Generator().manual_seed(seed * 100_003 + i))
-        image = cond.generate(mask, noise, steps)
+            origin = "prior"
+            mask, image, placement = _place_and_generate(cond, noise, steps, np.random.default_rng([seed, i]))
         if on_pair is not None:
             on_pair(i)
         affine = affines[i] if affines is not None else default_affine
         yield GeneratedPair(i, image, mask, affine,
                               {"index": i, "seed": seed, "steps": steps, "adapter": source, "mode": "conditional",
-                               "mask_source": origin})
+                               "mask_source": origin, **placement})
 
 
 def write_conditional_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                             device: str = "auto", masks: list[np.ndarray] | None = None,
                             affines: list[np.ndarray] | None = None) -> list[Path]:
-    """Conditional pairs written by `neuromf.generate.write_pairs`, as joint generation writes them."""
+    """Conditional pairs written by `neuromf.generate.write_pairs`, as joint generation writes them.
+
+    Args:
+        adapter, n, steps, seed, device, masks, affines: as for `generate_conditional_pairs`.
+        out_dir: output folder.
+    Returns:
+        The written paths: FLAIR, mask and JSON per pair.
+    """
     return write_pairs(generate_conditional_pairs(adapter, n, steps, seed, device, masks, affines), out_dir)
 
 

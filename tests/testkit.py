@@ -1,0 +1,38 @@
+"""Helpers shared by the test modules (import them from here, not from conftest: each test folder has its own
+conftest, and `from conftest import ...` would pick whichever was imported first)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+TEST_SHAPE = (32, 32, 32)
+TEST_SPACING = (6.0, 6.0, 6.0)
+TEST_LATENT = (8, 8, 8)
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def coarse_prep():
+    from neuromf.io.nifti import Preprocessing
+
+    return Preprocessing(shape=TEST_SHAPE, spacing=TEST_SPACING)
+
+
+def tiny_config(tmp: Path, data_dir: Path, vae_dir: Path, **overrides):
+    """A RunConfig for the tiny UNet + tiny VAE on a phantom tree: a few steps, CPU."""
+    from neuromf.config import load_config
+
+    values = {"data.data_dir": str(data_dir), "data.split": None, "data.shape": list(TEST_SHAPE),
+              "data.spacing": list(TEST_SPACING), "data.flip": False, "data.cache_dir": str(tmp / "cache"),
+              "model.preset": "tiny", "model.vae": str(vae_dir), "model.vae_preset": "tiny",
+              "training.max_steps": 3, "training.batch_size": 4, "training.device": "cpu",
+              "training.checkpoint_every": 0, "training.output_dir": str(tmp / "run")}
+    values.update(overrides)
+    return load_config("base_tiny", values)
