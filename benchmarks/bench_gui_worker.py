@@ -86,7 +86,7 @@ def steps_per_s(stamps: list[float], skip: int) -> float:
 
 
 def make_tiny_base(root: Path, preset: str, grid: int, spacing: float, seed: int) -> Path:
-    """A random UNet saved like a stage-1 model with a random `tiny` VAE (as tests/test_plugin_widgets.py)."""
+    """A random UNet saved like a stage-1 model with a random `tiny` VAE (as tests/plugin/test_plugin_widgets.py)."""
     torch.manual_seed(seed)
     prep = Preprocessing(shape=(grid,) * 3, spacing=(spacing,) * 3)
     vae = MAISIVAEWrapper("tiny", scale_factor=1.0)
@@ -128,8 +128,8 @@ def main() -> dict:
     from qtpy.QtCore import QEventLoop, QTimer
     from qtpy.QtWidgets import QApplication
 
-    import napari_neuromf._widgets as widgets_module
-    from napari_neuromf._widgets import LoRAWidget
+    import napari_neuromf._lora_widget as widgets_module
+    from napari_neuromf._lora_widget import LoRAWidget
 
     with tempfile.TemporaryDirectory(prefix="neuromf_bench_gui_") as tmp_name:
         tmp = Path(tmp_name)
@@ -149,6 +149,10 @@ def main() -> dict:
         viewer.dims.ndisplay = args.ndisplay
         widget = LoRAWidget(viewer)
         viewer.window.add_dock_widget(widget, name="LoRA fine-tuning", area="right")
+        app = QApplication.instance()
+        while not widget.ready:  # the widget imports the backend in a worker, then fills its defaults
+            app.processEvents()
+            time.sleep(0.01)
         widget.config.setCurrentText(CONFIG)
         widget.base.setText(str(base))
         widget.data.setText(str(data_root))
@@ -161,7 +165,6 @@ def main() -> dict:
         overrides = {"data.cache_dir": str(tmp / "latent_cache"), "data.flip": False,
                      "training.checkpoint_every": 0}
         settings = {**widget.settings(), **overrides}
-        app = QApplication.instance()
         for _ in range(20):  # let the window map and draw its layers
             app.processEvents()
             time.sleep(0.01)
@@ -217,9 +220,9 @@ def main() -> dict:
                         gui_time[count] += 1
             return wrapper
 
-        # GUI-thread cost of the widget per step: its yielded handler, and the deferred loss-plot redraws
+        # GUI-thread cost of the widget per step: its yielded handler, and the loss-plot repaints (QPainter)
         widget._on_event = timed(widget._on_event, "handler_s")
-        widget.canvas.draw = timed(widget.canvas.draw, "plot_draw_s", "draws")
+        widget.loss_plot.paintEvent = timed(widget.loss_plot.paintEvent, "plot_draw_s", "draws")
 
         def run_widget(out: Path) -> dict:
             widget.output.setText(str(out))
@@ -246,7 +249,8 @@ def main() -> dict:
 
         runners = {"headless": run_headless, "worker": run_worker, "widget": run_widget}
         if widgets_module._session is not _session:
-            raise RuntimeError("napari_neuromf._widgets does not use napari_neuromf._session: cannot time its runs")
+            raise RuntimeError("napari_neuromf._lora_widget does not use napari_neuromf._session: cannot time its "
+                               "runs")
         run_headless(tmp / "runs" / "warmup_headless")  # fills the latent cache, warms up the step
         run_worker(tmp / "runs" / "warmup_worker")
         samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -290,7 +294,7 @@ def main() -> dict:
                   "thread), median over runs; the GUI variants run a QEventLoop on the main thread until the worker "
                   "finishes, like napari.run(); gui_received_steps_per_s = the same from GUI-thread receipt times; "
                   "gui_thread_ms_per_step = GUI-thread time in the widget's yielded handler and in its loss-plot "
-                  "redraws (deferred draw_idle), per training step: Python time that competes with the training "
+                  "repaints, per training step: Python time that competes with the training "
                   "thread for the GIL",
         "variants": per_variant,
         "ratios": ratios,

@@ -8,6 +8,8 @@ remedy, so nothing escapes into Qt.
 
 from __future__ import annotations
 
+import json
+import os
 import queue
 import threading
 import time
@@ -30,17 +32,55 @@ class Failure:
 
 @dataclass
 class PluginState:
-    """Shared between widgets: the last trained adapter and the last mask-test result (defaults for others)."""
+    """Shared between widgets and remembered across sessions: the last data folder, mask-test result, adapter,
+    run folder and config. ``attach(path)`` reads the JSON file once; every ``remember`` writes it back."""
 
     last_adapter: Path | None = None
     last_run_dir: Path | None = None
     last_mask_test: Path | None = None
+    last_data_dir: Path | None = None
+    last_config: str | None = None
+    path: Path | None = None  # the JSON file in the user data folder; None until attached (nothing persisted)
     _vae: tuple[tuple, Any] | None = None
     _adapter_listeners: list = field(default_factory=list)  # weak references to callables(Path)
 
+    REMEMBERED = ("last_adapter", "last_run_dir", "last_mask_test", "last_data_dir", "last_config")
+
+    def attach(self, path: Path) -> None:
+        """Read the remembered values from ``path`` (once per state object); missing or broken files are ignored
+        (a remembered default is a convenience, never a reason to fail)."""
+        if self.path is not None:
+            return
+        self.path = Path(path)
+        try:
+            values = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        for key in self.REMEMBERED:
+            value = values.get(key) if isinstance(values, dict) else None
+            if isinstance(value, str) and value:
+                setattr(self, key, value if key == "last_config" else Path(value))
+
+    def remember(self, **values: Any) -> None:
+        """Set some of the REMEMBERED values and write the file (a few hundred bytes: fine on the GUI thread)."""
+        for key, value in values.items():
+            if key not in self.REMEMBERED:
+                raise KeyError(f"{key!r} is not remembered; choose one of {self.REMEMBERED}")
+            setattr(self, key, value if value is None or key == "last_config" else Path(value))
+        if self.path is None:
+            return
+        data = {key: (str(getattr(self, key)) if getattr(self, key) is not None else None) for key in self.REMEMBERED}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, self.path)
+        except OSError:  # a read-only home folder: the defaults are just not remembered
+            pass
+
     def set_adapter(self, adapter: Path, run_dir: Path | None = None) -> None:
         """Record a newly trained adapter and tell the widgets that default to it."""
-        self.last_adapter, self.last_run_dir = Path(adapter), run_dir
+        self.remember(last_adapter=adapter, last_run_dir=run_dir)
         alive = []
         for ref in self._adapter_listeners:
             callback = ref()
@@ -70,11 +110,11 @@ class PluginState:
         return self._vae[1]
 
     def default_adapter(self) -> str:
-        return str(self.last_adapter) if self.last_adapter else EMBEDDED
+        adapter = self.last_adapter
+        return str(adapter) if adapter and (Path(adapter).is_dir() or str(adapter) == EMBEDDED) else EMBEDDED
 
 
 STATE = PluginState()
-
 
 def timestamp() -> str:
     return time.strftime("%Y%m%d_%H%M%S")
@@ -87,6 +127,145 @@ def format_eta(seconds: float | None) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h {m:02d}m" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
+
+
+@dataclass
+class ProgressClock:
+    """Counts the items of a job and estimates the time left from the mean time per item so far."""
+
+    total: int
+    done: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def tick(self, n: int = 1) -> None:
+        self.done += n
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def eta_s(self) -> float | None:
+        if not self.done or not self.total:
+            return None
+        return self.elapsed_s / self.done * max(0, self.total - self.done)
+
+    def text(self, unit: str) -> str:
+        """``"3 / 10 cases · ETA 1m 05s"`` (the ETA once one item is done)."""
+        eta = f" · ETA {format_eta(self.eta_s)}" if self.done < self.total and self.done else ""
+        return f"{self.done} / {self.total} {unit}{eta}"
+
+
+class Cancelled(Exception):
+    """Raised inside a backend callback to abandon a job the user cancelled."""
+
+
+# ------------------------------------------------------------------------------------- backend and folders
+@dataclass(frozen=True)
+class Environment:
+    """What the widgets need from the backend before they can offer defaults (found once, in a worker)."""
+
+    devices: tuple[str, ...]  # "auto", each "cuda:N", "cpu"
+    has_cuda: bool
+    lora_configs: tuple[str, ...]  # packaged LoRA configs, the one sized for this machine first
+    phantom_root: str  # the shipped phantom data set ("" when this install has none)
+
+
+_environment: Environment | None = None
+_environment_lock = threading.Lock()
+
+
+def environment() -> Environment:
+    """Import the backend (torch, MONAI: seconds) and look at the machine; cached for the process.
+
+    Widgets call this from a worker thread so that napari stays responsive while the imports run.
+    """
+    global _environment
+    with _environment_lock:
+        if _environment is None:
+            import importlib
+
+            import torch
+
+            from neuromf.config import PACKAGED_CONFIGS
+
+            # every backend module a job needs, imported now rather than inside the job's worker: importing
+            # holds the GIL for long stretches (extension modules, MONAI, peft), which would freeze the GUI then
+            for module in ("neuromf.io.bids", "neuromf.eval.mask_test", "neuromf.pipelines.lora",
+                           "neuromf.pipelines.conditional", "neuromf.generate"):
+                importlib.import_module(module)
+
+            has_cuda = torch.cuda.is_available()
+            names = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml") if "lora" in p.stem)
+            sized = ("lora_fcd", "demo_lora") if has_cuda else ("demo_lora", "lora_fcd")  # 2,500 steps: GPU only
+            preferred = [n for n in sized if n in names]
+            try:
+                from neuromf.weights import sample_data_root
+
+                phantoms = str(sample_data_root() / "fcd_phantoms")
+            except FileNotFoundError:
+                phantoms = ""
+            _environment = Environment(
+                devices=("auto", *(f"cuda:{i}" for i in range(torch.cuda.device_count())), "cpu"),
+                has_cuda=has_cuda, lora_configs=(*preferred, *(n for n in names if n not in preferred)),
+                phantom_root=phantoms)
+        return _environment
+
+
+def environment_ready() -> bool:
+    return _environment is not None
+
+
+def user_folder() -> Path:
+    """The per-user data folder (``$NEUROMF_HOME``, else ``~/.local/share/neuromf``): runs, generated pairs and
+    the remembered widget state live here, never in the working directory."""
+    from neuromf.utils import default_output_root
+
+    return default_output_root()
+
+
+def attach_state() -> PluginState:
+    """The shared state, read from the user data folder on first use."""
+    STATE.attach(user_folder() / "napari_state.json")
+    return STATE
+
+
+# ------------------------------------------------------------------------------------------ run folders
+NEW_RUN, RESUME, OVERWRITE = "New run", "Resume", "Overwrite"
+RUN_MODES = (NEW_RUN, RESUME, OVERWRITE)
+
+
+def fresh_run_folder(parent: Path, prefix: str = "lora") -> Path:
+    """``<parent>/<prefix>_<timestamp>``, with a counter when that name is taken (two starts in one second)."""
+    folder = Path(parent) / f"{prefix}_{timestamp()}"
+    n = 1
+    while folder.exists():
+        folder = Path(parent) / f"{prefix}_{timestamp()}_{n}"
+        n += 1
+    return folder
+
+
+def holds_run(folder: Path) -> bool:
+    return Path(folder).is_dir() and any(Path(folder).iterdir())
+
+
+def plan_run_folder(folder: str | Path, mode: str) -> tuple[Path, bool, bool, str]:
+    """(folder to train in, resume, overwrite, note for the user) for a run mode of the LoRA widget.
+
+    "New run" never touches an existing run: a folder that already holds one is replaced by a fresh timestamped
+    sibling. "Resume" and "Overwrite" work in the folder as given (the backend checks that it holds a run).
+    """
+    if mode not in RUN_MODES:
+        raise ValueError(f"run mode must be one of {RUN_MODES}, got {mode!r}")
+    folder = Path(folder)
+    if mode == RESUME:
+        return folder, True, False, f"Resuming the run in {folder}"
+    if mode == OVERWRITE:
+        return folder, False, True, f"Replacing the run in {folder}"
+    if holds_run(folder):
+        fresh = fresh_run_folder(folder.parent, folder.name.split("_")[0] or "lora")
+        return fresh, False, False, f"{folder} already holds a run: starting a new run in {fresh}"
+    return folder, False, False, f"Starting a new run in {folder}"
 
 
 def is_oom(err: BaseException) -> bool:
@@ -109,8 +288,13 @@ def describe_error(err: BaseException, what: str, device: str | None = None, bat
         resume = f"; then press Resume to continue from the last checkpoint in {out_dir}" if out_dir else ""
         return (f"{what}: CUDA out of memory on {device or 'the GPU'}. Remedy: {', '.join(hints)}{resume}. "
                 f"({str(err).splitlines()[0] if str(err) else type(err).__name__})")
-    if isinstance(err, FileExistsError):
-        return f"{what}: {err}. Press Resume to continue that run, or choose another output folder."
+    if isinstance(err, FileExistsError):  # the backend's text names CLI flags: say it in the widget's terms
+        where = out_dir or str(err).split(":")[0]
+        return (f"{what}: {where} already holds a run or other files. Under Run choose 'New run' (a fresh folder), "
+                "'Resume' (continue that run) or 'Overwrite' (replace it).")
+    if isinstance(err, FileNotFoundError) and "nothing to resume" in str(err):
+        where = out_dir or str(err).split(":")[0]
+        return f"{what}: there is no run to resume in {where}. Under Run choose 'New run', or pick the run's folder."
     if isinstance(err, FileNotFoundError) and EMBEDDED in str(err):
         return (f"{what}: {err}. The embedded default is not shipped in this install: choose a local file "
                 "or folder instead.")
@@ -133,8 +317,8 @@ def model_preset_of(base_checkpoint: str) -> str | None:
 def build_lora_config(config: str, settings: dict[str, Any]) -> Any:
     """``load_config(config, overrides)`` from the widget's settings (dotted keys), with GUI-friendly defaults:
 
-    the UNet preset follows the base checkpoint, and ``mask_strategy: auto`` uses the last mask test run in
-    this session when the config's own result file is not there.
+    the UNet preset follows the base checkpoint, and ``mask_strategy: auto`` uses the last mask test (remembered
+    across sessions) when the config's own result file is not there.
     """
     from neuromf.config import load_config
 
@@ -146,13 +330,34 @@ def build_lora_config(config: str, settings: dict[str, Any]) -> Any:
     cfg = load_config(config, overrides)
     if cfg.data.mask_strategy == "auto":
         configured = Path(cfg.data.mask_test) if cfg.data.mask_test else None
-        if (configured is None or not configured.is_file()) and STATE.last_mask_test is not None:
-            cfg.data.mask_test = str(STATE.last_mask_test)
+        remembered = STATE.last_mask_test
+        if (configured is None or not configured.is_file()) and remembered is not None and remembered.is_file():
+            cfg.data.mask_test = str(remembered)
         elif configured is None or not configured.is_file():
             raise FileNotFoundError(
                 f"strategy 'auto' needs a mask-VAE test result ({configured} not found): run the Mask-VAE test "
                 "widget first, or choose strategy 'vae' or 'downsample'")
     return cfg
+
+
+@dataclass
+class Phase:
+    """A stretch of a job before its first counted item, e.g. encoding the training cases into latents."""
+
+    message: str
+
+
+def loss_history(out_dir: Path) -> list[tuple[int, float]]:
+    """The per-epoch losses a run folder logged (``losses.csv``): the earlier history of a resumed run."""
+    import csv
+
+    path = Path(out_dir) / "losses.csv"
+    try:
+        with open(path, newline="") as fh:
+            return [(int(float(row["step"])), float(row["loss"])) for row in csv.DictReader(fh)
+                    if row.get("step") and row.get("loss")]
+    except (OSError, KeyError, ValueError):
+        return []
 
 
 @dataclass
@@ -162,6 +367,8 @@ class TrainingRun:
     cfg: Any  # neuromf.config.RunConfig
     base_checkpoint: str = EMBEDDED
     resume: bool = False
+    overwrite: bool = False
+    history: list[tuple[int, float]] = field(default_factory=list)  # losses logged before this run (resume)
     stop: threading.Event = field(default_factory=threading.Event)
     losses: list[tuple[int, float]] = field(default_factory=list)
     last_event: Any = None
@@ -173,19 +380,33 @@ class TrainingRun:
     def out_dir(self) -> Path:
         return Path(self.cfg.training.output_dir)
 
+    @property
+    def plotted(self) -> list[tuple[int, float]]:
+        """Every loss point to plot: the history of a resumed run up to where it resumed, then this run's."""
+        first = self.losses[0][0] if self.losses else None
+        earlier = [(s, v) for s, v in self.history if first is None or s < first]
+        return earlier + self.losses
+
     def record(self, event: Any) -> None:
         """Called from the GUI thread for every yielded event: one loss point per step event."""
         self.last_event = event
-        if event.kind == "step" and event.loss is not None:
+        if getattr(event, "kind", None) == "step" and event.loss is not None:
             self.losses.append((int(event.step), float(event.loss)))
 
     def drive(self) -> Generator[Any, None, Any]:
-        """Worker body: the backend's training generator, errors turned into a Failure, memory released."""
+        """Worker body: the backend's training generator, errors turned into a Failure, memory released.
+
+        Before the first step the backend encodes every training case into latents (minutes for a real data set
+        on the first run; cached after) without reporting progress: a Phase says so.
+        """
         events = None
         try:
+            yield Phase(f"Preparing: loading the models and encoding the training cases of {self.cfg.data.data_dir}"
+                        " into latents (each scan once; later runs reuse the cache) ...")
             from neuromf.pipelines.lora import train_lora
 
-            events = train_lora(self.cfg, self.base_checkpoint, resume=self.resume, stop=self.stop, progress=False)
+            events = train_lora(self.cfg, self.base_checkpoint, resume=self.resume, overwrite=self.overwrite,
+                                stop=self.stop, progress=False)
             while True:
                 try:
                     event = next(events)
@@ -193,7 +414,7 @@ class TrainingRun:
                     self.result = done.value
                     break
                 yield event
-        except Exception as err:  # reported as a notification by the widget, never raised into Qt
+        except Exception as err:  # reported in the widget and as a notification, never raised into Qt
             self.failure = Failure(describe_error(err, "LoRA fine-tuning", self.cfg.training.device,
                                                   self.cfg.training.batch_size, self.out_dir), err)
             yield self.failure
@@ -206,13 +427,16 @@ class TrainingRun:
 
 
 def release_memory() -> None:
-    try:
-        from neuromf.pipelines.lora import release_memory as backend_release
-    except ImportError:
-        import gc
+    """Give GPU memory back after a run. On a CPU there is nothing to give back early: the backend's full
+    ``gc.collect()`` walks every object of the napari process while holding the GIL (0.4 s measured), which
+    freezes the GUI; the run's objects are freed by reference counting and Python's own collections."""
+    import sys
 
-        gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
         return
+    from neuromf.pipelines.lora import release_memory as backend_release
+
     backend_release()
 
 
@@ -227,34 +451,63 @@ def preprocessing_for(vae: Any) -> Any:
     return Preprocessing()
 
 
+def fcd_cases(folder: Path, limit: int = 0) -> list:
+    """The FCD cases with a lesion mask in ``folder`` (the first ``limit``; 0 = all). Raises DataError."""
+    from neuromf.io.bids import discover_cases
+
+    cases = [c for c in discover_cases(Path(folder), group="fcd") if c.mask is not None]
+    return cases[:limit] if limit else cases
+
+
 @dataclass
 class MaskTestRun:
-    """The mask-VAE Dice test (strategy A vs B) on some FCD cases; rows arrive one case at a time."""
+    """The mask-VAE Dice test (strategy A vs B) on some FCD cases; rows arrive one case at a time.
+
+    ``drive`` yields the list of cases first (so the widget can show the total), then one row per case.
+    """
 
     data_dir: Path
-    cases: list  # neuromf.io.bids.Case with masks
+    max_cases: int = 0
     vae_spec: str = EMBEDDED
     vae_preset: str = "maisi"
     threshold: float = 0.5
     output: Path | None = None
+    cases: list = field(default_factory=list)  # neuromf.io.bids.Case with masks
     rows: list[dict] = field(default_factory=list)
     result: dict | None = None
     failure: Failure | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.is_set()
 
     def drive(self) -> Generator[Any, None, dict | None]:
-        """Worker body: yields each case's row as soon as it is computed, returns the full result."""
+        """Worker body: yields the case list, then each case's row as soon as it is computed; returns the result
+        (None when cancelled or failed)."""
+        try:
+            self.cases = fcd_cases(self.data_dir, self.max_cases)
+        except Exception as err:
+            self.failure = Failure(describe_error(err, "Mask-VAE test"), err)
+            yield self.failure
+            return None
+        yield list(self.cases)
         from neuromf.eval.mask_test import mask_vae_test, save_mask_test
 
         rows: queue.Queue = queue.Queue()
         done = object()
         outcome: dict[str, Any] = {}
 
+        def on_case(row: dict) -> None:
+            rows.put(row)
+            if self.cancel.is_set():  # the only way into mask_vae_test's loop: stop it after this case
+                raise Cancelled
+
         def work() -> None:
             try:
                 vae = STATE.vae(self.vae_spec, self.vae_preset)
-                prep = preprocessing_for(vae)
-                result = mask_vae_test(self.data_dir, vae, prep, threshold=self.threshold, on_case=rows.put,
-                                       cases=self.cases)
+                result = mask_vae_test(self.data_dir, vae, preprocessing_for(vae), threshold=self.threshold,
+                                       on_case=on_case, cases=self.cases)
                 if self.output is not None:
                     save_mask_test(result, self.output)
                 outcome["result"] = result
@@ -268,13 +521,14 @@ class MaskTestRun:
         while (row := rows.get()) is not done:
             yield row
         thread.join()
-        if "error" in outcome:
-            self.failure = Failure(describe_error(outcome["error"], "Mask-VAE test"), outcome["error"])
+        error = outcome.get("error")
+        if isinstance(error, Cancelled):
+            return None
+        if error is not None:
+            self.failure = Failure(describe_error(error, "Mask-VAE test"), error)
             yield self.failure
             return None
         self.result = outcome["result"]
-        if self.output is not None:
-            STATE.last_mask_test = Path(self.output)
         return self.result
 
 
@@ -307,6 +561,38 @@ def lesion_on_model_grid(data: Any, layer_meta: dict, adapter: str) -> tuple[Any
 
 
 @dataclass
+class Caution:
+    """Something the user should know before trusting a result (a lesion unlike the training lesions)."""
+
+    message: str
+
+
+def lesion_cautions(mask: Any, adapter: str) -> list[str]:
+    """Why a lesion on a conditional adapter's model grid looks implausible next to the lesions it was trained
+    on: a volume far outside theirs, or a lesion mostly outside the brain of the training scans."""
+    import numpy as np
+
+    from neuromf.data.mask_prior import MaskPrior
+    from neuromf.models.adapter_meta import resolve_adapter_dir
+    from neuromf.pipelines.conditional import PRIOR
+
+    prior = MaskPrior.load(resolve_adapter_dir(adapter, "conditional") / PRIOR)
+    lesion = np.asarray(mask) > 0
+    voxel_cm3 = float(np.prod(prior.spacing)) / 1000.0
+    volume = float(lesion.sum()) * voxel_cm3
+    trained = [float(np.count_nonzero(known)) * voxel_cm3 for known in prior.lesions]
+    cautions = []
+    if trained and not min(trained) / 2 <= volume <= max(trained) * 2:
+        cautions.append(f"the lesion is {volume:.1f} cm³ on the model grid, far from the training lesions "
+                        f"({min(trained):.1f}-{max(trained):.1f} cm³): the FLAIR may not look like an FCD")
+    if prior.brain.shape == lesion.shape and lesion.any():
+        outside = 1.0 - float((lesion & prior.brain).sum()) / float(lesion.sum())
+        if outside > 0.5:
+            cautions.append(f"{outside:.0%} of the lesion lies outside the brain of the training scans")
+    return cautions
+
+
+@dataclass
 class GenerateRun:
     adapter: str = EMBEDDED
     n: int = 4
@@ -316,10 +602,18 @@ class GenerateRun:
     mode: str = "joint"  # "joint" (image + mask from noise) | "conditional" (a FLAIR for a lesion)
     lesion: tuple[Any, dict] | None = None  # conditional: (Labels data, layer state); None = the mask prior
     pairs: int = 0
+    cautions: list[str] = field(default_factory=list)  # why the given lesion looks implausible
     failure: Failure | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.is_set()
 
     def drive(self) -> Generator[Any, None, int]:
-        """Worker body: one generated pair per yield (then a Failure if anything went wrong)."""
+        """Worker body: one generated pair per yield (then a Failure if anything went wrong); a cancel takes
+        effect between pairs."""
+        pairs = None
         try:
             if self.mode == "conditional":
                 from neuromf.pipelines.conditional import generate_conditional_pairs
@@ -328,6 +622,9 @@ class GenerateRun:
                 if self.lesion is not None:
                     mask, affine = lesion_on_model_grid(*self.lesion, self.adapter)
                     masks, affines = [mask] * self.n, [affine] * self.n
+                    for message in lesion_cautions(mask, self.adapter):
+                        self.cautions.append(f"Generation: {message}")
+                        yield Caution(self.cautions[-1])
                 pairs = generate_conditional_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed,
                                                    device=self.device, masks=masks, affines=affines)
             else:
@@ -335,6 +632,8 @@ class GenerateRun:
 
                 pairs = generate_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed, device=self.device)
             for pair in pairs:
+                if self.cancel.is_set():
+                    break
                 self.pairs += 1
                 yield pair
         except Exception as err:
@@ -347,6 +646,8 @@ class GenerateRun:
                 self.failure = Failure(describe_error(err, what, self.device), err)
             yield self.failure
         finally:
+            if pairs is not None and hasattr(pairs, "close"):
+                pairs.close()
             release_memory()
         return self.pairs
 
@@ -359,3 +660,41 @@ def generated_prefixes(layers: Iterable[Any]) -> list[str]:
         if info.get("generated") and info.get("pair") not in seen:
             seen.append(info["pair"])
     return seen
+
+
+# ------------------------------------------------------------------------------------------------ saving
+@dataclass
+class SaveRun:
+    """Write generated pairs as ``<prefix>_FLAIR.nii.gz`` + ``<prefix>_FLAIR_roi.nii.gz`` + ``<prefix>.json``.
+
+    ``pairs`` holds (prefix, image (data, state), lesion (data, state)) snapshots taken on the GUI thread.
+    """
+
+    folder: Path
+    pairs: list[tuple[str, tuple[Any, dict], tuple[Any, dict]]]
+    written: list[Path] = field(default_factory=list)
+    failure: Failure | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def drive(self) -> Generator[Any, None, list[Path]]:
+        """Worker body: yields each saved prefix; a cancel takes effect between pairs."""
+        from napari_neuromf._layers import write_layer
+
+        for prefix, (image, image_state), (lesion, lesion_state) in self.pairs:
+            if self.cancel.is_set():
+                break
+            try:
+                paths = [write_layer(self.folder / f"{prefix}_FLAIR.nii.gz", image, image_state),
+                         write_layer(self.folder / f"{prefix}_FLAIR_roi.nii.gz", lesion, lesion_state)]
+                info = (image_state.get("metadata") or {}).get("neuromf", {})
+                provenance = self.folder / f"{prefix}.json"
+                tmp = provenance.with_name(f".{provenance.name}.tmp")
+                tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+                os.replace(tmp, provenance)
+            except (OSError, ValueError) as err:
+                self.failure = Failure(f"Save pairs: cannot write {prefix} into {self.folder}: {err}", err)
+                yield self.failure
+                break
+            self.written += paths
+            yield prefix
+        return self.written

@@ -11,6 +11,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from gui_helpers import notes
+from napari.layers import Image, Labels
 
 from napari_neuromf._layers import is_mask_name, layer_tuple, read_layer
 from napari_neuromf._reader import napari_get_reader
@@ -31,13 +33,6 @@ def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
 
 def _volume(dtype=np.int16, shape=(6, 7, 8), seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 900, shape).astype(dtype)
-
-
-def _notes():
-    from napari.utils.notifications import notification_manager
-
-    start = len(notification_manager.records)
-    return lambda: [str(n.message) for n in notification_manager.records[start:]]
 
 
 @pytest.mark.parametrize("orientation", sorted(AFFINES))
@@ -103,9 +98,9 @@ def test_bad_files_give_notifications_not_exceptions(make_napari_viewer, tmp_pat
 
     for path, expected in ((corrupt, "not a readable NIfTI"), (four_d, "expected a 3D volume"),
                            (truncated, "not a readable NIfTI")):
-        notes = _notes()
+        seen = notes()
         viewer.open(str(path), plugin="napari-neuromf")  # must not raise
-        messages = notes()
+        messages = seen()
         assert any(path.name in m and expected in m for m in messages), messages
     assert len(viewer.layers) == 0
 
@@ -113,35 +108,37 @@ def test_bad_files_give_notifications_not_exceptions(make_napari_viewer, tmp_pat
     image = _save(tmp_path / "ok_FLAIR.nii.gz", _volume(), AFFINES["lps"])
     _save(tmp_path / "ok_FLAIR_roi.nii.gz", (_volume(seed=2) > 800).astype(np.uint8), AFFINES["lps"])
     viewer.open([str(image), str(tmp_path / "ok_FLAIR_roi.nii.gz")], plugin="napari-neuromf")
-    assert [layer._type_string for layer in viewer.layers] == ["image", "labels"]
+    assert [type(layer) for layer in viewer.layers] == [Image, Labels]
 
 
 @pytest.mark.gui
-def test_mismatched_pair_gives_notification(make_napari_viewer, tmp_path):
-    from napari_neuromf._widgets import FCDDataWidget
+def test_mismatched_pair_gives_notification(make_napari_viewer, qtbot, tmp_path):
+    from napari_neuromf._data_widget import FCDDataWidget
     from neuromf.io.bids import Case
 
     viewer = make_napari_viewer()
     widget = FCDDataWidget(viewer)
     image = _save(tmp_path / "a_FLAIR.nii.gz", _volume(), np.eye(4))
     wrong_shape = _save(tmp_path / "a_FLAIR_roi.nii.gz", np.zeros((5, 5, 5), np.uint8), np.eye(4))
-    notes = _notes()
-    layers = widget.load_case(Case("a", image, wrong_shape, "fcd", "train"))
-    assert [layer.name for layer in layers] == ["a FLAIR"]  # the image loads, the bad mask does not
-    assert any("a_FLAIR_roi.nii.gz" in m and "shape" in m for m in notes())
+    seen = notes()
+    widget.load_case(Case("a", image, wrong_shape, "fcd", "train"))
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    assert [layer.name for layer in viewer.layers] == ["a FLAIR"]  # the image loads, the bad mask does not
+    assert any("a_FLAIR_roi.nii.gz" in m and "shape" in m for m in seen())
 
     shifted = _save(tmp_path / "b_FLAIR_roi.nii.gz", np.zeros((6, 7, 8), np.uint8), np.diag([2.0, 1, 1, 1]))
-    notes = _notes()
+    seen = notes()
     widget.load_case(Case("b", image, shifted, "fcd", "train"))
-    assert any("b_FLAIR_roi.nii.gz" in m and "affine" in m for m in notes())
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    assert any("b_FLAIR_roi.nii.gz" in m and "affine" in m for m in seen())
 
     # registering open layers whose grids differ is refused with a notification
-    viewer.add_labels(np.zeros((6, 7, 8), np.uint8), name="drawn", scale=(2, 2, 2))
-    widget.image_layer.setCurrentText("a FLAIR")
-    widget.labels_layer.setCurrentText("drawn")
-    notes = _notes()
-    assert widget.register_open_layers() == []
-    assert any("grids differ" in m for m in notes())
+    drawn = viewer.add_labels(np.zeros((6, 7, 8), np.uint8), name="drawn", scale=(2, 2, 2))
+    widget.image_layer.value = viewer.layers["a FLAIR"]
+    widget.labels_layer.value = drawn
+    seen = notes()
+    assert widget.register_open_layers() is None
+    assert any("grids differ" in m for m in seen())
 
 
 @pytest.mark.gui
@@ -161,7 +158,7 @@ def test_sample_data_and_widgets_from_manifest(make_napari_viewer):
 
     viewer.open_sample("napari-neuromf", "fcd_phantom_case")
     image, lesion = viewer.layers
-    assert image._type_string == "image" and lesion._type_string == "labels"
+    assert isinstance(image, Image) and isinstance(lesion, Labels)
     assert image.data.shape == lesion.data.shape
     assert tuple(image.scale) == tuple(lesion.scale) and tuple(image.translate) == tuple(lesion.translate)
     assert lesion.data.max() == 1 and lesion.opacity == pytest.approx(0.5)

@@ -5,67 +5,17 @@ Everything is tiny: three phantom cases, a random `tiny` VAE, a random `tiny` ba
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from gui_helpers import assert_overlay, notes, ready, wait_idle
 
 pytestmark = pytest.mark.gui
 
 SUBJECTS = ("sub-00001", "sub-00002", "sub-00003")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    """Default output folders under tmp, and a fresh shared plugin state for every test."""
-    from napari_neuromf import _session
-
-    monkeypatch.setenv("NEUROMF_HOME", str(tmp_path / "neuromf_home"))
-    monkeypatch.setattr(_session, "STATE", _session.PluginState())
-    import napari_neuromf._widgets as widgets
-
-    monkeypatch.setattr(widgets, "STATE", _session.STATE)
-
-
-@pytest.fixture(scope="module")
-def phantom_subset(tmp_path_factory) -> Path:
-    """Three FCD phantom patients from sample_data (train split), as a small BIDS tree."""
-    from neuromf.weights import sample_data_root
-
-    src = sample_data_root() / "fcd_phantoms"
-    dst = tmp_path_factory.mktemp("phantoms") / "bids"
-    dst.mkdir()
-    for subject in SUBJECTS:
-        shutil.copytree(src / subject, dst / subject)
-    rows = [line for line in (src / "participants.tsv").read_text().splitlines()
-            if line.startswith("participant_id") or line.split("\t")[0] in SUBJECTS]
-    (dst / "participants.tsv").write_text("\n".join(rows) + "\n")
-    return dst
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    """A random `tiny` MeanFlow UNet saved like a stage-1 model, with a random `tiny` VAE on a 32^3 grid."""
-    import torch
-
-    from neuromf.io.nifti import Preprocessing
-    from neuromf.models.flow_model import save_flow_model
-    from neuromf.models.unet import MeanFlowUNet
-    from neuromf.vae import MAISIVAEWrapper
-
-    root = tmp_path_factory.mktemp("tiny_models")
-    torch.manual_seed(0)
-    prep = Preprocessing(shape=(32, 32, 32), spacing=(6.0, 6.0, 6.0))
-    vae = MAISIVAEWrapper("tiny", scale_factor=1.0)
-    vae_dir = vae.save(root / "vae_tiny", extra={"preprocessing": prep.key()})
-    meta = {"vae": str(vae_dir), "vae_preset": "tiny", "vae_identity": vae.identity, "scale_factor": 1.0,
-            "preprocessing": prep.key(), "latent_shape": [4, 8, 8, 8], "channels": {"image": 4, "mask": 0},
-            "stage": 1}
-    save_flow_model(MeanFlowUNet(4, preset="tiny"), root / "base_tiny", meta)
-    return root / "base_tiny"
 
 
 @pytest.fixture(scope="module")
@@ -84,75 +34,69 @@ def tiny_adapter(tiny_base, phantom_subset, tmp_path_factory) -> Path:
     return Path(result.export)
 
 
-def _notes():
-    from napari.utils.notifications import notification_manager
+def _session_state():
+    from napari_neuromf import _session
 
-    start = len(notification_manager.records)
-    return lambda: [str(n.message) for n in notification_manager.records[start:]]
-
-
-def _wait(qtbot, widget, timeout_s: float = 60) -> None:
-    """Until the widget's worker has finished and its handlers ran (``busy`` is cleared by the last one)."""
-    qtbot.waitUntil(lambda: not widget.busy, timeout=int(timeout_s * 1000))
-
-
-def _assert_overlay(image, labels) -> None:
-    assert image._type_string == "image" and labels._type_string == "labels"
-    assert image.data.shape == labels.data.shape
-    assert np.allclose(image.scale, labels.scale) and np.allclose(image.translate, labels.translate)
-    assert np.issubdtype(labels.data.dtype, np.integer)
+    return _session.STATE
 
 
 def test_data_widget_scans_loads_and_registers(make_napari_viewer, qtbot, phantom_subset, tmp_path):
-    from napari_neuromf._widgets import FCDDataWidget
+    from napari_neuromf._data_widget import FCDDataWidget
 
     viewer = make_napari_viewer()
-    widget = FCDDataWidget(viewer)
+    widget = ready(qtbot, FCDDataWidget(viewer))
     widget.folder.setText(str(phantom_subset))
     widget.scan()
-    _wait(qtbot, widget)
+    wait_idle(qtbot, widget)
     assert widget.table.rowCount() == 3
     assert [widget.table.item(r, 0).text() for r in range(3)] == list(SUBJECTS)
-    assert widget.table.item(0, 3).text() == "64x64x64" and float(widget.table.item(0, 5).text()) > 0
+    assert widget.table.item(0, 3).text() == "64³" and float(widget.table.item(0, 5).text()) > 0
+    assert widget.job.bar.value() == 3 and "3 / 3" in widget.job.bar.format()
 
     widget.table.selectRow(1)
-    image, lesion = widget.load_selected()
-    assert image.name == "sub-00002 FLAIR" and lesion.name == "sub-00002 lesion"
-    _assert_overlay(image, lesion)
+    widget.load_selected()
+    wait_idle(qtbot, widget)
+    image, lesion = viewer.layers["sub-00002 FLAIR"], viewer.layers["sub-00002 lesion"]
+    assert_overlay(image, lesion)
     assert lesion.opacity == pytest.approx(0.5) and lesion.data.max() == 1
     widget.contour.setChecked(True)
     assert lesion.contour == 1
 
     # the open pair goes back to disk as a flat-folder case and shows up in the table
-    widget.image_layer.setCurrentText(image.name)
-    widget.labels_layer.setCurrentText(lesion.name)
+    widget.image_layer.value = image
+    widget.labels_layer.value = lesion
     widget.case_id.setText("reg_001")
     widget.register_folder.setText(str(tmp_path / "mine"))
-    paths = widget.register_open_layers()
-    _wait(qtbot, widget)
+    widget.register_open_layers()
+    wait_idle(qtbot, widget)
+    paths = sorted((tmp_path / "mine").glob("*.nii.gz"))
     assert [p.name for p in paths] == ["reg_001_FLAIR.nii.gz", "reg_001_FLAIR_roi.nii.gz"]
     original = nib.load(str(phantom_subset / "sub-00002" / "anat" / "sub-00002_acq-phantom_FLAIR_roi.nii.gz"))
     assert np.array_equal(nib.load(str(paths[1])).affine, original.affine)
     assert widget.table.rowCount() == 1 and widget.table.item(0, 0).text() == "reg_001"
+    assert _session_state().last_data_dir == tmp_path / "mine"  # remembered for the next session
 
 
-def test_data_widget_bad_folder_notifies(make_napari_viewer, tmp_path):
-    from napari_neuromf._widgets import FCDDataWidget
+def test_data_widget_bad_folder_notifies(make_napari_viewer, qtbot, tmp_path):
+    from napari_neuromf._data_widget import FCDDataWidget
 
     widget = FCDDataWidget(make_napari_viewer())
     widget.folder.setText(str(tmp_path / "missing"))
-    notes = _notes()
+    seen = notes()
     widget.scan()
-    assert any("missing" in m and "does not exist" in m for m in notes())
+    wait_idle(qtbot, widget)
+    assert any("missing" in m and "does not exist" in m for m in seen())
+    assert "missing" in widget.job.status.text() and "does not exist" in widget.job.status.text()
 
 
 def test_mask_test_widget_fills_table_and_shows_reconstruction(make_napari_viewer, qtbot, phantom_subset,
                                                                 tiny_base, tmp_path):
-    from napari_neuromf import _session
-    from napari_neuromf._widgets import MaskTestWidget
+    from napari.layers import Labels
+
+    from napari_neuromf._mask_test_widget import MaskTestWidget
 
     viewer = make_napari_viewer()
-    widget = MaskTestWidget(viewer)
+    widget = ready(qtbot, MaskTestWidget(viewer))
     widget.vae_source.setCurrentIndex(1)
     widget.vae_file.setText(str(tiny_base.parent / "vae_tiny"))
     widget.vae_preset.setCurrentText("tiny")
@@ -160,32 +104,61 @@ def test_mask_test_widget_fills_table_and_shows_reconstruction(make_napari_viewe
     widget.max_cases.setValue(2)
     widget.output.setText(str(tmp_path / "mask_test.json"))
     widget.start()
-    _wait(qtbot, widget, 120)
+    wait_idle(qtbot, widget, 120)
     assert widget.table.rowCount() == 2
     assert [widget.table.item(r, 0).text() for r in range(2)] == list(SUBJECTS[:2])
     assert 0.0 <= float(widget.table.item(0, 3).text()) <= 1.0
-    assert "Recommendation: strategy" in widget.recommendation.text()
+    assert "Recommendation:" in widget.recommendation.text()
+    assert widget.job.bar.value() == 2 and "2 / 2 cases" in widget.job.bar.format()
     assert (tmp_path / "mask_test.json").is_file()
-    assert _session.STATE.last_mask_test == tmp_path / "mask_test.json"
+    assert _session_state().last_mask_test == tmp_path / "mask_test.json"
 
     widget.table.selectRow(0)
     widget.show_reconstruction()
-    _wait(qtbot, widget, 60)
+    wait_idle(qtbot, widget, 60)
     recon = viewer.layers["sub-00001 lesion (VAE)"]
-    assert recon._type_string == "labels" and recon.data.shape == (32, 32, 32)
+    assert isinstance(recon, Labels) and recon.data.shape == (32, 32, 32)
     assert np.allclose(recon.scale, (6.0, 6.0, 6.0))
-    _assert_overlay(viewer.layers["sub-00001 FLAIR"], viewer.layers["sub-00001 lesion"])
+    assert_overlay(viewer.layers["sub-00001 FLAIR"], viewer.layers["sub-00001 lesion"])
+
+
+def test_mask_test_cancel_keeps_done_rows_and_saves_nothing(make_napari_viewer, qtbot, phantom_subset, tiny_base,
+                                                            tmp_path):
+    """Cancel inside the widget: the test stops after the current case; no result file, no recommendation."""
+    from napari_neuromf._mask_test_widget import MaskTestWidget
+
+    widget = ready(qtbot, MaskTestWidget(make_napari_viewer()))
+    widget.vae_source.setCurrentIndex(1)
+    widget.vae_file.setText(str(tiny_base.parent / "vae_tiny"))
+    widget.vae_preset.setCurrentText("tiny")
+    widget.folder.setText(str(phantom_subset))
+    widget.output.setText(str(tmp_path / "cancelled.json"))
+    widget.start()
+    qtbot.waitUntil(lambda: widget.table.rowCount() >= 1 or not widget.busy, timeout=120_000)
+    widget.job.cancel_button.click()
+    wait_idle(qtbot, widget, 120)
+    assert widget.run.cancelled and widget.run.result is None
+    assert 1 <= widget.table.rowCount() < 3
+    assert "Cancelled after" in widget.job.status.text()
+    assert not (tmp_path / "cancelled.json").exists() and _session_state().last_mask_test is None
 
 
 def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_base, phantom_subset, tmp_path):
     from napari_neuromf import _session
-    from napari_neuromf._widgets import GenerateWidget, LoRAWidget
+    from napari_neuromf._generate_widget import GenerateWidget
+    from napari_neuromf._lora_widget import LoRAWidget
     from neuromf.train.checkpoint import checkpoint_paths
 
     viewer = make_napari_viewer()
-    widget = LoRAWidget(viewer)
+    widget = ready(qtbot, LoRAWidget(viewer))
     assert widget.base.text() == "embedded" and widget.device.itemText(0) == "auto"
-    assert str(tmp_path / "neuromf_home") in widget.output.text()  # default output under the user data dir
+    import torch
+
+    if not torch.cuda.is_available():  # a CPU machine gets the CPU-sized config first
+        assert widget.config.currentText() == "demo_lora"
+    # the default output is a fresh timestamped run folder under the user data dir
+    assert str(tmp_path / "neuromf_home" / "runs" / "lora_") in widget.output.text()
+    assert widget.run_mode.currentText() == _session.NEW_RUN
     widget.config.setCurrentText("demo_lora")
     widget.base.setText(str(tiny_base))
     widget.data.setText(str(phantom_subset))
@@ -203,16 +176,17 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
     qtbot.waitUntil(lambda: len(widget.run.losses) >= 3 or not widget.busy, timeout=120_000)
     assert widget.run.failure is None, widget.run.failure
     # the dock redraws at most every REFRESH_S seconds, each time with every step recorded so far
-    qtbot.waitUntil(lambda: len(widget.loss_line.get_xdata()) >= 3 or not widget.busy, timeout=60_000)
-    assert len(widget.loss_line.get_xdata()) >= 3  # one plot point per step event
-    assert list(widget.loss_line.get_xdata()) == [s for s, _ in widget.run.losses][:len(widget.loss_line.get_xdata())]
+    plotted = lambda: [s for s, _ in widget.loss_plot.points]  # noqa: E731
+    qtbot.waitUntil(lambda: len(plotted()) >= 3 or not widget.busy, timeout=60_000)
+    assert len(plotted()) >= 3  # one plot point per step event
+    assert plotted() == [s for s, _ in widget.run.losses][:len(plotted())]
     assert widget.progress_bar.maximum() == 500 and widget.progress_bar.value() >= 3
     assert "ETA" in widget.progress_bar.format()
-    _assert_overlay(viewer.layers["preview 0 FLAIR"], viewer.layers["preview 0 lesion"])
+    assert_overlay(viewer.layers["preview 0 FLAIR"], viewer.layers["preview 0 lesion"])
 
     clicked = time.perf_counter()
     widget.stop_button.click()
-    _wait(qtbot, widget, 60)
+    wait_idle(qtbot, widget, 60)
     assert time.perf_counter() - clicked < 30
     result = widget.run.result
     assert result.stopped and 3 <= result.step < 500
@@ -220,40 +194,80 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
     assert _session.STATE.last_adapter == out / "adapter"
     assert follower.adapter.text() == str(out / "adapter")
     assert widget.start_button.isEnabled() and not widget.stop_button.isEnabled()
+    assert widget.run_mode.currentText() == _session.RESUME  # the next Start continues the stopped run
+    assert "Stopped at step" in widget.job.status.text() and str(out / "adapter") in widget.job.status.text()
 
-    stopped_at = result.step
+    stopped_at, before = result.step, list(widget.run.losses)
     widget.max_steps.setValue(stopped_at + 2)
-    widget.resume_button.click()
-    _wait(qtbot, widget, 90)
+    widget.start_button.click()
+    wait_idle(qtbot, widget, 90)
     assert widget.run.failure is None, widget.run.failure
     assert widget.run.result.step == stopped_at + 2 and not widget.run.result.stopped
     assert [s for s, _ in widget.run.losses] == [stopped_at + 1, stopped_at + 2]
+    # the plot keeps the history from before Stop
+    assert plotted() == [s for s, _ in before] + [stopped_at + 1, stopped_at + 2]
+    assert widget.run_mode.currentText() == _session.NEW_RUN
 
-    # starting again into the same folder is refused with the remedy, not an exception
-    notes = _notes()
+    # a new run never mixes into the finished one: it gets a fresh timestamped folder next to it
+    widget.max_steps.setValue(1)
     widget.start_button.click()
-    _wait(qtbot, widget, 60)
-    assert any("Resume" in m and str(out) in m for m in notes())
+    wait_idle(qtbot, widget, 90)
+    assert widget.run.failure is None, widget.run.failure
+    fresh = Path(widget.output.text())
+    assert fresh != out and fresh.parent == out.parent and fresh.name.startswith("run_")
+    assert (fresh / "adapter" / "adapter_config.json").is_file()
 
 
-def test_lora_widget_bad_settings_notify(make_napari_viewer, tmp_path):
-    from napari_neuromf._widgets import LoRAWidget
+def test_lora_widget_run_modes_explain_themselves(make_napari_viewer, qtbot, tmp_path):
+    """Resume with nothing to resume, and a folder of other files: the widget says so in full, in its own words,
+    and a failed start leaves nothing behind."""
+    from napari_neuromf import _session
+    from napari_neuromf._lora_widget import LoRAWidget
 
-    widget = LoRAWidget(make_napari_viewer())
+    widget = ready(qtbot, LoRAWidget(make_napari_viewer()))
+    widget.strategy.setCurrentText("downsample")
+    widget.device.setCurrentText("cpu")
+    empty = tmp_path / "never_trained"
+    widget.output.setText(str(empty))
+    widget.run_mode.setCurrentText(_session.RESUME)
+    widget.start()
+    wait_idle(qtbot, widget, 120)
+    status = widget.job.status.text()
+    assert "no run to resume" in status and str(empty) in status and "New run" in status
+    assert "--" not in status  # no CLI flags in the widget
+    assert not empty.exists()
+
+    plain = tmp_path / "holiday_photos"
+    plain.mkdir()
+    (plain / "beach.jpg").write_bytes(b"jpg")
+    widget.output.setText(str(plain))
+    widget.run_mode.setCurrentText(_session.OVERWRITE)
+    widget.start()
+    wait_idle(qtbot, widget, 120)
+    status = widget.job.status.text()
+    assert str(plain) in status and "'New run'" in status and "--" not in status
+    assert (plain / "beach.jpg").is_file()
+
+
+def test_lora_widget_bad_settings_notify(make_napari_viewer, qtbot, tmp_path):
+    from napari_neuromf._lora_widget import LoRAWidget
+
+    widget = ready(qtbot, LoRAWidget(make_napari_viewer()))
     widget.targets.setText("")
-    notes = _notes()
+    seen = notes()
     assert widget.start() is None
-    assert any("target module" in m for m in notes())
+    assert any("adapted layer" in m for m in seen())
     widget.targets.setText("to_q")
-    widget.strategy.setCurrentText("auto")  # no mask test result: neither the config's file nor this session's
-    notes = _notes()
+    widget.strategy.setCurrentText("auto")  # no mask test result: neither the config's file nor a remembered one
+    seen = notes()
     assert widget.start(overrides={"data.mask_test": str(tmp_path / "missing.json")}) is None
-    assert any("Mask-VAE test" in m and "missing.json" in m for m in notes())
+    assert any("Mask-VAE test" in m and "missing.json" in m for m in seen())
+    assert "missing.json" in widget.job.status.text()  # the full message, in the widget too
     widget.strategy.setCurrentText("vae")
     widget.rank.setValue(4)
-    notes = _notes()
+    seen = notes()
     assert widget.start(overrides={"lora.dropout": "lots"}) is None  # config validation names the key
-    assert any("lora.dropout" in m for m in notes())
+    assert any("lora.dropout" in m for m in seen())
     assert not widget.busy
 
 
@@ -271,73 +285,93 @@ def test_lora_widget_out_of_memory_gives_remedy(make_napari_viewer, qtbot, monke
     released = []
     monkeypatch.setattr(pipeline, "train_lora", train_lora)
     monkeypatch.setattr(pipeline, "release_memory", lambda: released.append(True))
-    from napari_neuromf._widgets import LoRAWidget
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # out of memory happens on a GPU: give it back
+    from napari_neuromf._lora_widget import LoRAWidget
 
-    widget = LoRAWidget(make_napari_viewer())
+    widget = ready(qtbot, LoRAWidget(make_napari_viewer()))
     widget.strategy.setCurrentText("downsample")
     widget.batch_size.setValue(6)
     widget.output.setText(str(tmp_path / "oom"))
-    notes = _notes()
+    seen = notes()
     widget.start()
-    _wait(qtbot, widget, 30)
-    message = next(m for m in notes() if "out of memory" in m)
+    wait_idle(qtbot, widget, 30)
+    message = next(m for m in seen() if "out of memory" in m)
     assert "batch size (now 6)" in message and "Resume" in message
-    assert released and widget.start_button.isEnabled() and len(widget.loss_line.get_xdata()) == 1
+    assert message in widget.job.status.text()
+    assert released and widget.start_button.isEnabled() and len(widget.loss_plot.points) == 1
 
 
-def test_generate_widget_adds_pairs_and_saves(make_napari_viewer, qtbot, tiny_adapter, tmp_path):
-    from napari_neuromf import _session
-    from napari_neuromf._widgets import GenerateWidget
+def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, qtbot, tiny_adapter, tmp_path):
+    from napari_neuromf._generate_widget import GenerateWidget
 
-    _session.STATE.last_adapter = tiny_adapter
+    _session_state().last_adapter = tiny_adapter
     viewer = make_napari_viewer()
-    widget = GenerateWidget(viewer)
+    widget = ready(qtbot, GenerateWidget(viewer))
     assert widget.adapter.text() == str(tiny_adapter)  # defaults to the last trained adapter
-    widget.n.setValue(2)
+    widget.n.setValue(3)
     widget.seed.setValue(7)
     widget.device.setCurrentText("cpu")
-    notes = _notes()
+    seen = notes()
     widget.start()
-    _wait(qtbot, widget, 60)
-    assert not [m for m in notes() if "Generation" in m]
-    assert [layer.name for layer in viewer.layers] == ["gen_000 FLAIR", "gen_000 lesion", "gen_001 FLAIR",
-                                                       "gen_001 lesion"]
-    for i in range(2):
+    wait_idle(qtbot, widget, 60)
+    assert not [m for m in seen() if "Generation" in m]
+    assert [layer.name for layer in viewer.layers] == [f"gen_00{i} {kind}" for i in range(3)
+                                                       for kind in ("FLAIR", "lesion")]
+    assert widget.job.bar.value() == 3 and "Generated 3 of 3 pairs" in widget.job.status.text()
+    for i in range(3):
         image, lesion = viewer.layers[f"gen_{i:03d} FLAIR"], viewer.layers[f"gen_{i:03d} lesion"]
-        _assert_overlay(image, lesion)
+        assert_overlay(image, lesion)
         info = image.metadata["neuromf"]
         assert info["seed"] == 7 and info["sample_index"] == i and str(tiny_adapter) in str(info["checkpoint"])
 
+    # only the selected pairs are written
+    assert [widget.pairs.item(i).text() for i in range(widget.pairs.count())] == ["gen_000", "gen_001", "gen_002"]
     widget.out_dir.setText(str(tmp_path / "pairs"))
-    written = widget.save_pairs()
-    assert sorted(p.name for p in written) == ["gen_000_FLAIR.nii.gz", "gen_000_FLAIR_roi.nii.gz",
-                                               "gen_001_FLAIR.nii.gz", "gen_001_FLAIR_roi.nii.gz"]
-    a, b = nib.load(str(written[0])), nib.load(str(written[1]))
+    seen = notes()
+    assert widget.save_pairs() is None and any("select" in m for m in seen())
+    widget.pairs.item(0).setSelected(True)
+    widget.pairs.item(2).setSelected(True)
+    widget.save_pairs()
+    wait_idle(qtbot, widget, 60)
+    written = sorted(p.name for p in (tmp_path / "pairs").glob("*.nii.gz"))
+    assert written == ["gen_000_FLAIR.nii.gz", "gen_000_FLAIR_roi.nii.gz", "gen_002_FLAIR.nii.gz",
+                       "gen_002_FLAIR_roi.nii.gz"]
+    assert "Saved 2 pairs" in widget.job.status.text() and (tmp_path / "pairs" / "gen_002.json").is_file()
+    a, b = nib.load(str(tmp_path / "pairs" / written[0])), nib.load(str(tmp_path / "pairs" / written[1]))
     assert np.array_equal(a.affine, b.affine) and a.shape == b.shape == (32, 32, 32)
     assert np.allclose(np.abs(np.diag(a.affine)[:3]), 6.0)
+    widget.save_all.setChecked(True)
+    widget.out_dir.setText(str(tmp_path / "all"))
+    widget.save_pairs()
+    wait_idle(qtbot, widget, 60)
+    assert len(list((tmp_path / "all").glob("*.nii.gz"))) == 6
 
-    # a second click numbers the new pairs after the existing ones
+    # a second click numbers the new pairs after the existing ones; Cancel stops between pairs
+    widget.n.setValue(50)
     widget.start()
-    _wait(qtbot, widget, 60)
-    assert "gen_003 lesion" in viewer.layers
+    qtbot.waitUntil(lambda: "gen_003 lesion" in viewer.layers, timeout=60_000)
+    widget.job.cancel_button.click()
+    wait_idle(qtbot, widget, 60)
+    assert widget.run.cancelled and 1 <= widget.run.pairs < 50
+    assert "cancelled" in widget.job.status.text()
 
 
 def test_generate_widget_missing_adapter_notifies(make_napari_viewer, qtbot, tmp_path):
-    from napari_neuromf._widgets import GenerateWidget
+    from napari_neuromf._generate_widget import GenerateWidget
 
-    widget = GenerateWidget(make_napari_viewer())
+    widget = ready(qtbot, GenerateWidget(make_napari_viewer()))
     widget.adapter.setText(str(tmp_path / "nope"))
-    notes = _notes()
+    seen = notes()
     assert widget.start() is None
-    assert any("nope" in m and "does not exist" in m for m in notes())
+    assert any("nope" in m and "does not exist" in m for m in seen())
     widget.adapter.setText("embedded")
-    notes = _notes()
+    seen = notes()
     widget.start()
-    _wait(qtbot, widget, 60)
+    wait_idle(qtbot, widget, 60)
     from neuromf.weights import sample_data_root
 
     if not (sample_data_root() / "models" / "lora_demo").is_dir():
-        assert any("embedded" in m for m in notes())
+        assert any("embedded" in m for m in seen())
 
 
 @pytest.fixture(scope="module")
@@ -359,8 +393,8 @@ def test_generate_widget_paints_a_lesion_and_generates_a_flair_for_it(make_napar
                                                                       tiny_conditional_adapter):
     """The paint-a-lesion workflow: a Labels layer drawn over an opened FLAIR becomes the lesion of a generated
     FLAIR, which comes back on the model grid, overlaid in the same world coordinates as the painted layer."""
+    from napari_neuromf._generate_widget import PRIOR_LESION, GenerateWidget
     from napari_neuromf._layers import read_layer
-    from napari_neuromf._widgets import PRIOR_LESION, GenerateWidget
 
     viewer = make_napari_viewer()
     flair_path = next((phantom_subset / SUBJECTS[0] / "anat").glob("*_FLAIR.nii.gz"))
@@ -369,14 +403,14 @@ def test_generate_widget_paints_a_lesion_and_generates_a_flair_for_it(make_napar
                                                                                "metadata")})
     painted = viewer.add_labels(np.zeros(flair.data.shape, dtype=np.uint8), name="painted lesion",
                                 scale=flair.scale, translate=flair.translate)
-    widget = GenerateWidget(viewer)
+    widget = ready(qtbot, GenerateWidget(viewer))
     widget.adapter.setText(str(tiny_conditional_adapter))
     widget.mode.setCurrentText("conditional")
-    assert widget.lesion.isEnabled() and widget.lesion.findText("painted lesion") >= 0
-    widget.lesion.setCurrentText("painted lesion")
-    notes = _notes()
+    assert widget.lesion.enabled and painted in widget.lesion.choices
+    widget.lesion.value = painted
+    seen = notes()
     assert widget.start() is None  # nothing painted yet
-    assert any("painted lesion" in m and "empty" in m for m in notes())
+    assert any("painted lesion" in m and "empty" in m for m in seen())
 
     # paint a ball of about 2 cm in the middle of the brain with the layer's own brush API
     centre = np.array(flair.data.shape) // 2
@@ -386,12 +420,12 @@ def test_generate_widget_paints_a_lesion_and_generates_a_flair_for_it(make_napar
     assert painted.data.any()
     widget.n.setValue(1)
     widget.device.setCurrentText("cpu")
-    notes = _notes()
+    seen = notes()
     widget.start()
-    _wait(qtbot, widget, 120)
-    assert not [m for m in notes() if "Generation" in m], notes()
+    wait_idle(qtbot, widget, 120)
+    assert not [m for m in seen() if "Generation" in m], seen()
     image, lesion = viewer.layers["gen_000 FLAIR"], viewer.layers["gen_000 lesion"]
-    _assert_overlay(image, lesion)
+    assert_overlay(image, lesion)
     assert image.data.shape == (32, 32, 32) and lesion.data.any()
     # the generated lesion sits where it was painted (world coordinates, mm)
     painted_mm = np.argwhere(painted.data).mean(0) * painted.scale + painted.translate
@@ -399,7 +433,33 @@ def test_generate_widget_paints_a_lesion_and_generates_a_flair_for_it(make_napar
     assert np.linalg.norm(painted_mm - generated_mm) < 2 * float(np.max(lesion.scale))
     assert image.metadata["neuromf"]["mode"] == "conditional"
 
-    widget.lesion.setCurrentText(PRIOR_LESION)  # no layer: a lesion drawn from the training lesions
+    widget.lesion.value = PRIOR_LESION  # no layer: a lesion drawn from the training lesions
     widget.start()
-    _wait(qtbot, widget, 120)
+    wait_idle(qtbot, widget, 120)
     assert viewer.layers["gen_001 lesion"].data.any()
+
+
+def test_generate_widget_cautions_about_an_implausible_painted_lesion(make_napari_viewer, qtbot, phantom_subset,
+                                                                     tiny_conditional_adapter):
+    """A lesion painted outside the brain still gets its FLAIR, with a caution in the widget and a warning."""
+    from napari_neuromf._generate_widget import GenerateWidget
+    from napari_neuromf._layers import read_layer
+
+    viewer = make_napari_viewer()
+    data, state, _ = read_layer(next((phantom_subset / SUBJECTS[0] / "anat").glob("*_FLAIR.nii.gz")))
+    flair = viewer.add_image(data, **{k: state[k] for k in ("name", "scale", "translate", "metadata")})
+    corner = np.zeros(flair.data.shape, dtype=np.uint8)
+    corner[:8, :8, :8] = 1  # a 2.4 cm cube in the corner of the field of view: air, not brain
+    painted = viewer.add_labels(corner, name="in the air", scale=flair.scale, translate=flair.translate)
+    widget = ready(qtbot, GenerateWidget(viewer))
+    widget.adapter.setText(str(tiny_conditional_adapter))
+    widget.mode.setCurrentText("conditional")
+    widget.lesion.value = painted
+    widget.n.setValue(1)
+    widget.device.setCurrentText("cpu")
+    seen = notes()
+    widget.start()
+    wait_idle(qtbot, widget, 120)
+    assert "gen_000 FLAIR" in viewer.layers and widget.run.failure is None
+    assert any("outside the brain" in c for c in widget.run.cautions), widget.run.cautions
+    assert "outside the brain" in widget.job.status.text() and any("outside the brain" in m for m in seen())

@@ -1,0 +1,283 @@
+"""Generate dock widget: sample (FLAIR, lesion) pairs, or a FLAIR for a painted lesion; save the chosen pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Labels
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QListWidget,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_neuromf import _session
+from napari_neuromf._helpers import (
+    JobPanel,
+    PathField,
+    add_layer,
+    launch,
+    layer_choice,
+    tip,
+    when_backend_ready,
+)
+from napari_neuromf._layers import pair_layers
+from napari_neuromf._session import Caution, Failure
+from napari_neuromf._viewing import RADIOLOGICAL, current_convention, show_axial
+
+if TYPE_CHECKING:
+    import napari
+
+GENERATION_MODES = ("joint", "conditional")
+PRIOR_LESION = "drawn from the training lesions"
+MODE_TIPS = ("joint: FLAIR and lesion mask both generated from noise (a LoRA adapter).\n"
+             "conditional: a FLAIR that carries a lesion you give (a ControlNet adapter): paint one in a Labels layer, "
+             "pick a case's mask, or let one be drawn from the training lesions")
+
+
+class GenerateWidget(QWidget):
+    """Sample (FLAIR, lesion) pairs from an adapter and overlay them; save the chosen ones as NIfTI."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.busy = False  # a worker of this widget is running
+        self.run: _session.GenerateRun | _session.SaveRun | None = None
+        self.worker = None
+
+        self.adapter = PathField(_session.EMBEDDED, "dir", "Adapter folder",
+                                 tooltip="The trained adapter to sample from: 'embedded' = the demo shipped with "
+                                         "NeuroMF; by default the last one trained")
+        self.follow_training = True  # until the user edits the adapter, follow the latest trained one
+        self.adapter.edit.textEdited.connect(self._adapter_edited)
+        _session.STATE.on_adapter(self._new_adapter)
+        latest = tip(QPushButton("last trained"), "Use the adapter of the last LoRA run (remembered across sessions)")
+        latest.clicked.connect(self._use_latest)
+        self.n = tip(QSpinBox(), "How many pairs to generate")
+        self.n.setRange(1, 256)
+        self.n.setValue(4)
+        self.steps = tip(QSpinBox(), "Sampling steps: 1 = one-step MeanFlow (fastest); more steps can refine")
+        self.steps.setRange(1, 100)
+        self.steps.setValue(1)
+        self.seed = tip(QSpinBox(), "Random seed: the same seed and settings give the same pairs")
+        self.seed.setRange(0, 2**31 - 1)
+        self.device = tip(QComboBox(), "auto: the first GPU when there is one, else the CPU")
+        self.device.addItems(["auto", "cpu"])
+        self.mode = tip(QComboBox(), MODE_TIPS)
+        self.mode.addItems(list(GENERATION_MODES))
+        self.lesion = layer_choice(napari_viewer, Labels, "Conditional mode: the Labels layer whose lesion the "
+                                                          "FLAIR should carry", first=PRIOR_LESION)
+        self.mode.currentTextChanged.connect(self._toggle_lesion)
+        self._toggle_lesion()
+        self.generate_button = tip(QPushButton("Generate"), "Generate the pairs; each appears as 'gen_NNN FLAIR' + "
+                                                            "'gen_NNN lesion' layers")
+        self.generate_button.clicked.connect(self.start)
+        self.job = JobPanel("Stop after the current pair (generating) or file (saving)")
+        self.job.cancel_button.clicked.connect(self.cancel)
+
+        self.pairs = tip(QListWidget(), "Generated pairs open in the viewer: select the ones to save")
+        self.pairs.setSelectionMode(QAbstractItemView.ExtendedSelection)
+        self.save_all = tip(QCheckBox("all pairs"), "Save every generated pair, not only the selected ones")
+        self.out_dir = PathField("", "dir", "Folder for generated pairs",
+                                 tooltip="gen_NNN_FLAIR.nii.gz + gen_NNN_FLAIR_roi.nii.gz + gen_NNN.json go here: a "
+                                         "folder the FCD data widget and training read directly")
+        self.save_button = tip(QPushButton("Save pairs"), "Write the selected pairs (or all) as NIfTI")
+        self.save_button.clicked.connect(self.save_pairs)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_pairs)
+        self.destroyed.connect(self._disconnect)
+
+        adapter_row = QHBoxLayout()
+        adapter_row.addWidget(self.adapter)
+        adapter_row.addWidget(latest)
+        form = QFormLayout()
+        form.addRow("Adapter", adapter_row)
+        form.addRow("Mode", self.mode)
+        form.addRow("Lesion", self.lesion.native)
+        form.addRow("Pairs", self.n)
+        form.addRow("Steps", self.steps)
+        form.addRow("Seed", self.seed)
+        form.addRow("Device", self.device)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.generate_button)
+        layout.addWidget(self.job)
+        box = QGroupBox("Save")
+        box_layout = QVBoxLayout(box)
+        box_layout.addWidget(self.pairs, 1)
+        save_form = QFormLayout()
+        save_form.addRow("Which", self.save_all)
+        save_form.addRow("Save into", self.out_dir)
+        box_layout.addLayout(save_form)
+        box_layout.addWidget(self.save_button)
+        layout.addWidget(box, 1)
+        self._refresh_pairs()
+        when_backend_ready(self, self._fill_defaults)
+
+    def _fill_defaults(self, env: _session.Environment) -> None:
+        current = self.device.currentText()
+        self.device.clear()
+        self.device.addItems(list(env.devices))
+        self.device.setCurrentText(current)
+        if self.follow_training and self.adapter.text() == _session.EMBEDDED:
+            self.adapter.setText(_session.STATE.default_adapter())
+        self.out_dir.fill(str(_session.user_folder() / "generated"))
+
+    def _disconnect(self, *_: Any) -> None:
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.disconnect(self._refresh_pairs)
+
+    def _toggle_lesion(self, *_: Any) -> None:
+        self.lesion.enabled = self.mode.currentText() == "conditional"
+
+    def _refresh_pairs(self, *_: Any) -> None:
+        selected = {item.text() for item in self.pairs.selectedItems()}
+        self.pairs.clear()
+        for prefix in _session.generated_prefixes(self.viewer.layers):
+            self.pairs.addItem(prefix)
+            if prefix in selected:
+                self.pairs.item(self.pairs.count() - 1).setSelected(True)
+
+    def _adapter_edited(self, *_: Any) -> None:
+        self.follow_training = False
+
+    def _new_adapter(self, adapter: Path) -> None:
+        if self.follow_training:
+            self.adapter.setText(str(adapter))
+
+    def _use_latest(self) -> None:
+        if _session.STATE.last_adapter is None:
+            show_info("Generate: no LoRA run has finished yet")
+            return
+        self.follow_training = True
+        self.adapter.setText(str(_session.STATE.last_adapter))
+
+    # -- generating ---------------------------------------------------------------------------------------
+    def start(self) -> Any:
+        if self.busy:
+            show_warning("Generate: a job is already running")
+            return None
+        adapter = self.adapter.text() or _session.EMBEDDED
+        if adapter != _session.EMBEDDED and not Path(adapter).is_dir():
+            show_error(f"Generate: adapter folder {adapter} does not exist")
+            return None
+        mode, lesion = self.mode.currentText(), None
+        chosen = self.lesion.value
+        if mode == "conditional" and chosen != PRIOR_LESION:
+            if chosen is None or chosen not in self.viewer.layers:
+                show_error("Generate: the chosen Labels layer is no longer open")
+                return None
+            data, state, _ = chosen.as_layer_data_tuple()
+            if not np.asarray(data).any():
+                show_error(f"Generate: Labels layer {chosen.name!r} is empty: paint a lesion first")
+                return None
+            lesion = (np.asarray(data).copy(), state)  # a copy: the user may keep painting while we generate
+        self.run = _session.GenerateRun(adapter, self.n.value(), self.steps.value(), self.seed.value(),
+                                        self.device.currentText(), mode=mode, lesion=lesion)
+        self.generate_button.setEnabled(False)
+        self.job.begin("Loading the adapter ...")
+        self.job.count(0, self.run.n, "pairs")
+        worker = create_worker(self.run.drive)
+        worker.yielded.connect(self._on_pair)
+        worker.finished.connect(self._generation_finished)
+        return launch(self, worker)
+
+    def cancel(self) -> None:
+        if self.run is not None and self.busy:
+            self.run.cancel.set()
+            self.job.status.setText("Cancelling after the current one ...")
+
+    def _next_number(self) -> int:
+        numbers = [int(p.split("_")[1]) for p in _session.generated_prefixes(self.viewer.layers)
+                   if p.split("_")[-1].isdigit()]
+        return max(numbers, default=-1) + 1
+
+    def _on_pair(self, pair: Any) -> None:
+        if isinstance(pair, Failure):
+            show_error(pair.message)
+            self.job.fail(pair.message)
+            return
+        if isinstance(pair, Caution):  # generation goes on; the caution stays in view in the status
+            show_warning(pair.message)
+            return
+        run = self.run
+        meta = {**(pair.meta or {}), "generated": True, "seed": run.seed, "sample_index": int(pair.index),
+                "steps": run.steps, "checkpoint": (pair.meta or {}).get("adapter", run.adapter)}
+        prefix = f"gen_{self._next_number():03d}"
+        for t in pair_layers(prefix, pair.image, pair.mask, pair.affine, meta):
+            add_layer(self.viewer, t)
+        if current_convention(self.viewer) is None:
+            show_axial(self.viewer, RADIOLOGICAL)
+        self.job.count(run.pairs, run.n, "pairs")
+        self.job.status.setText("\n".join([f"{prefix}: generated", *run.cautions]))
+
+    def _generation_finished(self) -> None:
+        self.generate_button.setEnabled(True)
+        run = self.run
+        if run.failure is None:
+            cancelled = " (cancelled)" if run.cancelled else ""
+            self.job.finish("\n".join([f"Generated {run.pairs} of {run.n} pairs{cancelled}", *run.cautions]))
+
+    # -- saving -------------------------------------------------------------------------------------------
+    def chosen_prefixes(self) -> list[str]:
+        everything = _session.generated_prefixes(self.viewer.layers)
+        if self.save_all.isChecked():
+            return everything
+        selected = {item.text() for item in self.pairs.selectedItems()}
+        return [p for p in everything if p in selected]
+
+    def save_pairs(self) -> Any:
+        """The chosen pairs as ``gen_XXX_FLAIR.nii.gz`` + ``gen_XXX_FLAIR_roi.nii.gz`` (+ JSON), in a worker."""
+        if self.busy:
+            show_warning("Generate: a job is already running")
+            return None
+        prefixes = self.chosen_prefixes()
+        if not prefixes:
+            show_warning("Generate: select the pairs to save in the list (or tick 'all pairs')")
+            return None
+        snapshots = []
+        for prefix in prefixes:
+            image, lesion = f"{prefix} FLAIR", f"{prefix} lesion"
+            if image not in self.viewer.layers or lesion not in self.viewer.layers:
+                show_warning(f"Generate: {prefix} is missing its FLAIR or lesion layer; skipped")
+                continue
+            # copies taken now: saving runs in the background while the user may keep editing
+            snapshots.append((prefix, *((np.array(layer.data), layer.as_layer_data_tuple()[1])
+                                        for layer in (self.viewer.layers[image], self.viewer.layers[lesion]))))
+        folder = Path(self.out_dir.text() or _session.user_folder() / "generated")
+        self.run = _session.SaveRun(folder, snapshots)
+        self.job.begin(f"Saving {len(snapshots)} pairs into {folder} ...", total=len(snapshots))
+        self.save_button.setEnabled(False)
+        worker = create_worker(self.run.drive)
+        worker.yielded.connect(self._on_saved)
+        worker.finished.connect(self._saving_finished)
+        return launch(self, worker)
+
+    def _on_saved(self, item: Any) -> None:
+        if isinstance(item, Failure):
+            show_error(item.message)
+            self.job.fail(item.message)
+            return
+        self.job.count(len(self.run.written) // 2, len(self.run.pairs), "pairs saved")
+
+    def _saving_finished(self) -> None:
+        self.save_button.setEnabled(True)
+        run = self.run
+        if run.failure is None:
+            message = f"Saved {len(run.written) // 2} pairs in {run.folder}"
+            self.job.finish(message + (" (cancelled)" if run.cancel.is_set() else ""))
+
+
+__all__ = ["GENERATION_MODES", "PRIOR_LESION", "GenerateWidget"]

@@ -1,0 +1,294 @@
+"""Pieces the four dock widgets share: path fields, tables, layer choices, the job panel, workers, layers.
+
+Everything here runs on the GUI thread and stays cheap: no backend import (torch, MONAI) happens at module or
+widget construction; ``when_backend_ready`` imports the backend once, in a worker, and then fills defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import ComboBox
+from napari.layers import Image, Labels, Layer
+from napari.qt.threading import create_worker
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QDoubleSpinBox,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_neuromf import _session
+
+if TYPE_CHECKING:
+    import napari
+
+LAYER_TYPES: dict[str, type[Layer]] = {"image": Image, "labels": Labels}
+
+
+def tip(widget: Any, text: str) -> Any:
+    """Set a tooltip (Qt or magicgui widget) and return the widget, so forms read as one expression per row."""
+    (widget.native if hasattr(widget, "native") else widget).setToolTip(text)
+    return widget
+
+
+class PathField(QWidget):
+    """A line edit with a browse button (``mode``: "dir", "file" or "save")."""
+
+    def __init__(self, text: str = "", mode: str = "dir", caption: str = "Choose", filter: str = "",
+                 tooltip: str = "") -> None:
+        super().__init__()
+        self.mode, self.caption, self.filter = mode, caption, filter
+        self.edit = QLineEdit(text)
+        self.edit.setToolTip(tooltip or caption)
+        button = QPushButton("...")
+        button.setFixedWidth(30)
+        button.setToolTip(f"Browse: {caption}")
+        button.clicked.connect(self._browse)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.edit)
+        layout.addWidget(button)
+
+    def text(self) -> str:
+        return self.edit.text().strip()
+
+    def setText(self, text: str) -> None:  # noqa: N802 (Qt naming)
+        self.edit.setText(text)
+
+    def fill(self, text: str) -> None:
+        """A default: only when the field is still empty (never overwrite what the user typed)."""
+        if not self.text() and text:
+            self.setText(text)
+
+    def _browse(self) -> None:
+        start = self.text()
+        if self.mode == "dir":
+            chosen = QFileDialog.getExistingDirectory(self, self.caption, start)
+        elif self.mode == "save":
+            chosen, _ = QFileDialog.getSaveFileName(self, self.caption, start, self.filter)
+        else:
+            chosen, _ = QFileDialog.getOpenFileName(self, self.caption, start, self.filter)
+        if chosen:
+            self.setText(chosen)
+            self.edit.textEdited.emit(chosen)  # a choice in the dialog counts as a user edit
+
+
+def float_box(lo: float, hi: float, step: float, decimals: int) -> QDoubleSpinBox:
+    box = QDoubleSpinBox()
+    box.setDecimals(decimals)
+    box.setRange(lo, hi)
+    box.setSingleStep(step)
+    return box
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def make_table(headers: list[str], tooltips: list[str], multi: bool = False) -> QTableWidget:
+    """A read-only table that grows with the dock: columns share the width, rows take the free height."""
+    table = QTableWidget(0, len(headers))
+    table.setHorizontalHeaderLabels(headers)
+    for col, text in enumerate(tooltips):
+        table.horizontalHeaderItem(col).setToolTip(text)
+    table.setSelectionBehavior(QAbstractItemView.SelectRows)
+    table.setSelectionMode(QAbstractItemView.ExtendedSelection if multi else QAbstractItemView.SingleSelection)
+    table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+    header = table.horizontalHeader()
+    header.setSectionResizeMode(QHeaderView.ResizeToContents)  # short columns as narrow as their contents
+    header.setStretchLastSection(True)  # the last (longest) column takes the rest and shows the rest on hover
+    table.setWordWrap(False)
+    table.verticalHeader().setVisible(False)
+    table.setMinimumHeight(160)
+    table.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Expanding)
+    return table
+
+
+def set_row(table: QTableWidget, row: int, cells: list[str]) -> None:
+    if row >= table.rowCount():
+        table.setRowCount(row + 1)
+    for col, text in enumerate(cells):
+        item = QTableWidgetItem(text)
+        item.setToolTip(text)  # a long problem text stays readable
+        table.setItem(row, col, item)
+
+
+def selected_rows(table: QTableWidget) -> list[int]:
+    return sorted({index.row() for index in table.selectionModel().selectedRows()})
+
+
+def selected_row(table: QTableWidget) -> int | None:
+    rows = selected_rows(table)
+    return rows[0] if rows else None
+
+
+# ------------------------------------------------------------------------------------------ layer choices
+def layer_choice(viewer: napari.Viewer, layer_type: type[Layer], tooltip: str, first: str | None = None) -> ComboBox:
+    """A magicgui ComboBox of the open layers of ``layer_type`` (``first``: an extra leading choice whose value
+    is that string), kept up to date as layers are added, removed or reordered."""
+
+    def choices(_: Any) -> list[tuple[str, Any]]:
+        found = [(layer.name, layer) for layer in viewer.layers if isinstance(layer, layer_type)]
+        return [(first, first), *found] if first else found
+
+    combo = ComboBox(choices=choices, tooltip=tooltip)
+    events = (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered)
+
+    def refresh(*_: Any) -> None:
+        try:
+            combo.reset_choices()
+        except RuntimeError:  # the dock was closed (Qt object deleted) while the viewer lives on
+            disconnect()
+
+    def disconnect(*_: Any) -> None:
+        for event in events:
+            event.disconnect(refresh)
+
+    for event in events:
+        event.connect(refresh)
+    combo.native.destroyed.connect(disconnect)
+    combo.reset_choices()
+    return combo
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def launch(widget: QWidget, worker: Any) -> Any:
+    """Start ``worker`` as ``widget.worker``, with ``widget.busy`` True until its ``finished`` handler ran on the
+    GUI thread (a handler may already have started the widget's next worker: that one keeps it busy)."""
+    widget.busy = True
+    widget.worker = worker
+
+    def finished() -> None:
+        if widget.worker is worker:
+            widget.busy = False
+
+    worker.finished.connect(finished)
+    worker.start()
+    return worker
+
+
+_backend_worker: Any = None
+_backend_waiting: list[Callable[[_session.Environment], None]] = []
+
+
+def when_backend_ready(widget: QWidget, apply: Callable[[_session.Environment], None]) -> None:
+    """Call ``apply(environment)`` on the GUI thread once the backend is imported; sets ``widget.ready``.
+
+    The first widget of a session starts one worker that imports torch and MONAI (seconds); every widget
+    created meanwhile waits for that same worker. Later widgets get their defaults at once.
+    """
+    global _backend_worker
+    widget.ready = False
+
+    def done(env: _session.Environment) -> None:
+        try:
+            _session.attach_state()
+            apply(env)
+            widget.ready = True
+        except RuntimeError:  # the widget was closed before the backend was ready
+            pass
+
+    if _session.environment_ready():
+        done(_session.environment())
+        return
+    _backend_waiting.append(done)
+    if _backend_worker is None:
+        def deliver(env: _session.Environment) -> None:
+            global _backend_worker
+            waiting = list(_backend_waiting)
+            _backend_waiting.clear()
+            _backend_worker = None
+            for callback in waiting:
+                callback(env)
+
+        _backend_worker = create_worker(_session.environment)
+        _backend_worker.returned.connect(deliver)
+        _backend_worker.start()
+
+
+# ------------------------------------------------------------------------------------------- job panel
+class JobPanel(QWidget):
+    """Progress of one job inside a widget: a bar with counts and ETA, a Cancel button, and a status line that
+    shows every message in full (wrapped, selectable), so nothing is cut off in a toast."""
+
+    def __init__(self, cancel_tip: str) -> None:
+        super().__init__()
+        self.bar = QProgressBar()
+        self.bar.setRange(0, 1)
+        self.bar.setValue(0)
+        self.bar.setFormat("idle")
+        self.bar.setToolTip("Progress of the running job: items done, total, and the estimated time left")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip(cancel_tip)
+        self.cancel_button.setEnabled(False)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.status.setToolTip("What the job is doing, and the full text of any problem")
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.bar, 1)
+        row.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(row)
+        layout.addWidget(self.status)
+        self.clock: _session.ProgressClock | None = None
+
+    def begin(self, message: str, total: int | None = None) -> None:
+        """A job starts: an indeterminate bar until ``total`` is known."""
+        self.cancel_button.setEnabled(True)
+        self.status.setText(message)
+        if total:
+            self.count(0, total)
+        else:
+            self.waiting(message)
+
+    def waiting(self, message: str) -> None:
+        self.bar.setRange(0, 0)  # busy indicator: the count is not known yet
+        self.status.setText(message)
+
+    def count(self, done: int, total: int, unit: str = "items") -> None:
+        if self.clock is None or self.clock.total != total or done < self.clock.done:
+            self.clock = _session.ProgressClock(total)
+        self.clock.done = done
+        self.bar.setRange(0, max(1, total))
+        self.bar.setValue(min(done, total))
+        self.bar.setFormat(self.clock.text(unit))
+
+    def finish(self, message: str) -> None:
+        self.cancel_button.setEnabled(False)
+        if self.bar.maximum() == 0:  # a job without counts: a full bar says it is over
+            self.bar.setRange(0, 1)
+            self.bar.setValue(1)
+            self.bar.setFormat("done")
+        self.status.setText(message)
+
+    def fail(self, message: str) -> None:
+        self.finish(message)
+        self.bar.setFormat("failed")
+
+
+def add_layer(viewer: napari.Viewer, data_tuple: tuple) -> Layer:
+    """Add a LayerDataTuple, or update the layer of the same name and type in place (previews, reloads)."""
+    data, kwargs, kind = data_tuple
+    name = kwargs.get("name")
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        if isinstance(layer, LAYER_TYPES[kind]) and layer.data.shape == np.shape(data):
+            layer.data = data
+            layer.metadata = kwargs.get("metadata", {})
+            layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
+            return layer
+    return getattr(viewer, f"add_{kind}")(data, **kwargs)

@@ -1,0 +1,385 @@
+"""LoRA fine-tuning dock widget: the form, explicit run folders (new / resume / overwrite), progress, loss plot."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_warning
+from qtpy.QtCore import QPointF, QRectF, Qt, QTimer
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_neuromf import _session
+from napari_neuromf._helpers import JobPanel, PathField, add_layer, float_box, launch, tip, when_backend_ready
+from napari_neuromf._layers import pair_layers
+from napari_neuromf._session import NEW_RUN, RESUME, RUN_MODES, Failure, Phase, format_eta
+
+if TYPE_CHECKING:
+    import napari
+
+REFRESH_S = 0.5  # GUI refresh interval during training
+STRATEGY_TIPS = ("auto: use the recommendation of the last Mask-VAE test\n"
+                 "vae: encode the mask with the image VAE (8 latent channels)\n"
+                 "downsample: shrink the mask to the latent grid (5 latent channels)\n"
+                 "sdf: shrink the mask as a signed distance map (keeps small lesions)")
+RUN_MODE_TIPS = {NEW_RUN: "Train from scratch in a fresh folder (a new timestamped folder when this one is used)",
+                 RESUME: "Continue the run saved in the output folder from its last checkpoint",
+                 _session.OVERWRITE: "Delete the run in the output folder and train from scratch there"}
+
+
+class LoRAWidget(QWidget):
+    """LoRA fine-tuning of the base MeanFlow model on FCD image + mask latents, in a background thread."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.busy = False  # a worker of this widget is running
+        self.run: _session.TrainingRun | None = None
+        self.worker = None
+
+        self.config = tip(QComboBox(), "Starting values for the form: demo_lora is sized for a CPU (minutes), "
+                                       "lora_fcd for a GPU (hours)")
+        self.base = PathField("embedded", "dir", "Base checkpoint folder (model.safetensors + model.json)",
+                              tooltip="The healthy-brain model to adapt: 'embedded' = the one shipped with "
+                                      "NeuroMF, or a folder with model.safetensors + model.json")
+        self.data = PathField("embedded", "dir", "FCD dataset folder",
+                              tooltip="Training cases (FLAIR + lesion mask): 'embedded' = the shipped phantoms")
+        self.rank = tip(QSpinBox(), "Size of the LoRA update matrices: higher learns more, trains slower")
+        self.rank.setRange(1, 256)
+        self.alpha = tip(float_box(0.1, 1024, 1.0, 1), "Scale of the LoRA update (often equal to the rank)")
+        self.targets = tip(QLineEdit(), "Network layers that get a LoRA update, comma separated (e.g. to_q, to_k, "
+                                        "to_v: the attention projections)")
+        self.strategy = tip(QComboBox(), STRATEGY_TIPS)
+        self.strategy.addItems(["auto", "vae", "downsample", "sdf"])
+        self.p_img = tip(float_box(0.5, 4.0, 0.1, 2), "Exponent of the image part of the loss (2 = squared error; "
+                                                      "lower is more robust to outliers)")
+        self.p_mask = tip(float_box(0.5, 4.0, 0.1, 2), "Exponent of the mask part of the loss")
+        self.lr = tip(float_box(1e-7, 1.0, 1e-5, 7), "Learning rate of the optimizer")
+        self.epochs = tip(QSpinBox(), "Passes over the training cases (used when Max steps is 'by epochs')")
+        self.epochs.setRange(1, 1_000_000)
+        self.max_steps = tip(QSpinBox(), "Stop after this many training steps ('by epochs': use Epochs)")
+        self.max_steps.setRange(0, 100_000_000)
+        self.max_steps.setSpecialValueText("by epochs")
+        self.batch_size = tip(QSpinBox(), "Cases per training step: lower it when memory runs out")
+        self.batch_size.setRange(1, 1024)
+        self.preview_every = tip(QSpinBox(), "Every N steps, generate one sample and show it as 'preview 0' layers")
+        self.preview_every.setRange(0, 1_000_000)
+        self.preview_every.setSpecialValueText("off")
+        self.device = tip(QComboBox(), "auto: the first GPU when there is one, else the CPU")
+        self.device.addItems(["auto", "cpu"])
+        self.output = PathField("", "dir", "Output folder",
+                                tooltip="The run's folder: checkpoints, the adapter, losses.csv")
+        self.run_mode = tip(QComboBox(), "\n".join(f"{m}: {t}" for m, t in RUN_MODE_TIPS.items()))
+        self.run_mode.addItems(list(RUN_MODES))
+        self.start_button = tip(QPushButton("Start"), "Start training as chosen under Run")
+        self.stop_button = tip(QPushButton("Stop"), "Stop after the current step: a checkpoint and the adapter are "
+                                                    "saved, and Run switches to Resume")
+        self.start_button.clicked.connect(lambda: self.start())
+        self.stop_button.clicked.connect(self.stop)
+        self.stop_button.setEnabled(False)
+        self.job = JobPanel("Stop after the current step (same as Stop)")
+        self.job.cancel_button.clicked.connect(self.stop)
+        self.progress_bar, self.status = self.job.bar, self.job.status
+        self._preparing = QTimer(self)  # counts the seconds of the silent latent-encoding phase
+        self._preparing.setInterval(1000)
+        self._preparing.timeout.connect(self._show_preparing)
+        self._phase = ("", 0.0)
+
+        self.loss_plot = LossPlot(getattr(napari_viewer, "theme", "dark"))
+        self.loss_plot.setToolTip("Training loss per step (after Resume: the earlier steps too)")
+
+        form = QFormLayout()
+        form.addRow("Starting values", self.config)
+        form.addRow("Base model", self.base)
+        form.addRow("Training data", self.data)
+        form.addRow("LoRA rank", self.rank)
+        form.addRow("LoRA scale (alpha)", self.alpha)
+        form.addRow("Adapted layers", self.targets)
+        form.addRow("Mask encoding", self.strategy)
+        form.addRow("Image loss exponent", self.p_img)
+        form.addRow("Mask loss exponent", self.p_mask)
+        form.addRow("Learning rate", self.lr)
+        form.addRow("Epochs", self.epochs)
+        form.addRow("Max steps", self.max_steps)
+        form.addRow("Batch size", self.batch_size)
+        form.addRow("Preview every (steps)", self.preview_every)
+        form.addRow("Device", self.device)
+        form.addRow("Output folder", self.output)
+        form.addRow("Run", self.run_mode)
+        buttons = QHBoxLayout()
+        for b in (self.start_button, self.stop_button):
+            buttons.addWidget(b)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.job)
+        layout.addWidget(self.loss_plot, 1)
+
+        self.config.currentTextChanged.connect(self.fill_from_config)
+        when_backend_ready(self, self._fill_defaults)
+
+    def _fill_defaults(self, env: _session.Environment) -> None:
+        """Configs sized for this machine first (the remembered one if any), devices, the next run folder."""
+        self.device.clear()
+        self.device.addItems(list(env.devices))
+        self.config.blockSignals(True)
+        self.config.clear()
+        self.config.addItems(list(env.lora_configs))
+        remembered = _session.STATE.last_config
+        if remembered in env.lora_configs:
+            self.config.setCurrentText(remembered)
+        self.config.blockSignals(False)
+        if self.config.count():
+            self.fill_from_config(self.config.currentText())
+        runs = Path(_session.STATE.last_run_dir).parent if _session.STATE.last_run_dir else \
+            _session.user_folder() / "runs"
+        self.output.fill(str(_session.fresh_run_folder(runs)))
+
+    def fill_from_config(self, name: str) -> None:
+        """Show a packaged config's values in the form (the defaults the user then edits)."""
+        from neuromf.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(name)
+        except (ConfigError, OSError) as err:
+            show_error(f"LoRA fine-tuning: {err}")
+            return
+        self.rank.setValue(cfg.lora.rank)
+        self.alpha.setValue(cfg.lora.alpha)
+        self.targets.setText(", ".join(cfg.lora.target_modules))
+        self.strategy.setCurrentText(cfg.data.mask_strategy)
+        self.p_img.setValue(cfg.loss.p_img)
+        self.p_mask.setValue(cfg.loss.p_mask)
+        self.lr.setValue(cfg.training.lr)
+        self.epochs.setValue(cfg.training.max_epochs)
+        self.max_steps.setValue(cfg.training.max_steps or 0)
+        self.batch_size.setValue(cfg.training.batch_size)
+        self.preview_every.setValue(cfg.training.preview_every or 50)
+        self.data.setText(cfg.data.data_dir)
+        if cfg.training.device in [self.device.itemText(i) for i in range(self.device.count())]:
+            self.device.setCurrentText(cfg.training.device)
+
+    def settings(self) -> dict[str, Any]:
+        """The form as dotted config overrides (plus ``base_checkpoint``)."""
+        targets = [t.strip() for t in self.targets.text().replace(";", ",").split(",") if t.strip()]
+        return {
+            "base_checkpoint": self.base.text() or "embedded",
+            "data.data_dir": self.data.text() or "embedded",
+            "lora.rank": self.rank.value(),
+            "lora.alpha": float(self.alpha.value()),
+            "lora.target_modules": targets,
+            "data.mask_strategy": self.strategy.currentText(),
+            "loss.p_img": float(self.p_img.value()),
+            "loss.p_mask": float(self.p_mask.value()),
+            "training.lr": float(self.lr.value()),
+            "training.max_epochs": self.epochs.value(),
+            "training.max_steps": self.max_steps.value() or None,
+            "training.batch_size": self.batch_size.value(),
+            "training.preview_every": self.preview_every.value(),
+            "training.device": self.device.currentText(),
+            "training.output_dir": self.output.text(),
+        }
+
+    def _refuse(self, message: str) -> None:
+        show_error(message)
+        self.job.fail(message)
+
+    def start(self, overrides: dict[str, Any] | None = None) -> Any:
+        """Start, resume or overwrite (as chosen under Run) in a thread worker; ``overrides`` adds config keys.
+
+        The config is read and checked here (a small YAML file and the base checkpoint's JSON sidecar), so a bad
+        setting is reported before anything starts; everything heavy runs in the worker.
+        """
+        if self.busy:
+            show_warning("LoRA fine-tuning: a run is already in progress; press Stop first")
+            return None
+        if not self.ready:
+            show_warning("LoRA fine-tuning: still loading the backend; try again in a moment")
+            return None
+        if not self.output.text():
+            self._refuse("LoRA fine-tuning: choose an output folder")
+            return None
+        settings = {**self.settings(), **(overrides or {})}
+        if not settings["lora.target_modules"]:
+            self._refuse("LoRA fine-tuning: list at least one adapted layer (e.g. to_q, to_k, to_v)")
+            return None
+        mode = self.run_mode.currentText()
+        folder, resume, overwrite, note = _session.plan_run_folder(settings["training.output_dir"], mode)
+        settings["training.output_dir"] = str(folder)
+        config = self.config.currentText() or "demo_lora"
+        try:
+            cfg = _session.build_lora_config(config, settings)
+        except Exception as err:  # config errors name the key; missing mask test names the remedy
+            self._refuse(_session.describe_error(err, "LoRA fine-tuning"))
+            return None
+        self.output.setText(str(folder))
+        history = self.run.plotted if self.run is not None and self.run.out_dir == folder else \
+            _session.loss_history(folder)
+        self.run = _session.TrainingRun(cfg, settings["base_checkpoint"], resume=resume, overwrite=overwrite,
+                                        history=history if resume else [])
+        _session.STATE.remember(last_config=config)
+        self.destroyed.connect(self.run.stop.set)  # closing the dock stops the run (checkpoint + adapter saved)
+        self._plot()
+        self._set_running(True)
+        self.job.begin(note)
+        worker = create_worker(self.run.drive)
+        worker.yielded.connect(self._on_event)
+        worker.returned.connect(self._on_done)
+        worker.finished.connect(self._on_finished)
+        return launch(self, worker)
+
+    def stop(self) -> None:
+        """Ask the loop to stop: it saves a resumable checkpoint and the adapter, then returns."""
+        if self.run is not None and self.busy:
+            self.run.stop.set()
+            self.job.waiting("Stopping after the current step ...")
+        self.stop_button.setEnabled(False)
+
+    def _set_running(self, running: bool) -> None:
+        self.start_button.setEnabled(not running)
+        self.run_mode.setEnabled(not running)
+        self.stop_button.setEnabled(running)
+
+    def _show_preparing(self) -> None:
+        message, since = self._phase
+        self.job.status.setText(f"{message} {format_eta(time.monotonic() - since)} so far")
+
+    _last_refresh = 0.0
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, Failure):
+            show_error(event.message)
+            self.job.fail(event.message)
+            return
+        if isinstance(event, Phase):
+            self._phase = (event.message, time.monotonic())
+            self.job.waiting(event.message)
+            self._preparing.start()
+            return
+        self._preparing.stop()
+        self.run.record(event)
+        # every GUI-thread millisecond competes with the training thread for the GIL: refresh the bar, the text
+        # and the plot at most a few times per second (every point is recorded)
+        if event.kind == "step":  # only step events are throttled; previews, epochs and the end always show
+            now = time.monotonic()
+            if event.step < event.total_steps and now - self._last_refresh < REFRESH_S:
+                return
+            self._last_refresh = now
+        if event.total_steps:
+            self.job.count(min(event.step, event.total_steps), event.total_steps, "steps")
+        if event.kind == "step":
+            self.progress_bar.setFormat(f"%v / %m steps  ·  ETA {format_eta(event.eta_s)}")
+            self.job.status.setText(f"step {event.step}/{event.total_steps}  loss {event.loss:.4f}  "
+                                    f"learning rate {event.lr:.2e}")
+            self._plot()
+        elif event.kind == "skipped":
+            show_warning(f"LoRA fine-tuning: {event.message}")
+            self.job.status.setText(f"LoRA fine-tuning: {event.message}")
+        elif event.kind == "checkpoint":
+            self.job.status.setText(f"checkpoint saved at step {event.step}: {event.path}")
+        elif event.kind == "preview" and event.preview:
+            self._show_previews(event)
+        elif event.kind in ("done", "stopped"):
+            self._plot()  # the throttled redraw may have skipped the last steps
+
+    def _plot(self) -> None:
+        self.loss_plot.set_points(self.run.plotted if self.run is not None else [])
+
+    def _show_previews(self, event: Any) -> None:
+        from neuromf.generate import model_grid_affine
+
+        data = self.run.cfg.data
+        for i, (image, mask) in enumerate(event.preview):
+            affine = model_grid_affine(np.shape(image), data.spacing)
+            meta = {"step": event.step, "run": str(self.run.out_dir), "preview": True}
+            for t in pair_layers(f"preview {i}", image, mask, affine, meta):
+                add_layer(self.viewer, t)
+
+    def _on_done(self, result: Any) -> None:
+        self._preparing.stop()
+        if result is None:
+            return
+        if result.export:
+            _session.STATE.set_adapter(Path(result.export), Path(result.out_dir))
+        verb = "Stopped" if result.stopped else "Finished"
+        message = (f"{verb} at step {result.step}. Adapter: {result.export}. Checkpoint: {result.checkpoint}"
+                   + (f". {result.skipped_steps} steps skipped" if result.skipped_steps else "")
+                   + (". Press Start to resume it." if result.stopped else "."))
+        # said in the widget only: a napari toast costs tens of ms of GUI thread while the training thread ends
+        self.job.finish(message)
+        self.progress_bar.setFormat("stopped at %v / %m" if result.stopped else "done: %v / %m")
+        # the next Start continues a stopped run; after a finished one it starts afresh
+        self.run_mode.setCurrentText(RESUME if result.stopped else NEW_RUN)
+
+    def _on_finished(self) -> None:
+        self._preparing.stop()
+        self._set_running(False)
+        if self.run is not None and self.run.failure is not None:
+            self.progress_bar.setFormat("failed")
+        elif self.run is not None and self.run.result is None:
+            self.job.finish("Stopped before the first step")
+
+
+class LossPlot(QWidget):
+    """Loss per step as a line, painted with QPainter: a redraw costs well under a millisecond of GUI thread,
+    where a matplotlib canvas took tens to hundreds (a stall, and time taken from the training thread)."""
+
+    MARGINS = (56, 8, 10, 34)  # left (loss labels), top, right, bottom (step labels)
+
+    def __init__(self, theme_name: str = "dark") -> None:
+        super().__init__()
+        self.points: list[tuple[int, float]] = []
+        self.setMinimumHeight(160)
+        self.background, self.text, self.line = QColor("#262930"), QColor("#f0f1f2"), QColor("#3d9be9")
+        try:
+            from napari.utils.theme import get_theme
+
+            theme = get_theme(theme_name)
+            self.background, self.text = QColor(theme.background.as_hex()), QColor(theme.text.as_hex())
+        except Exception:  # an unknown or custom theme: keep the dark defaults
+            pass
+
+    def set_points(self, points: list[tuple[int, float]]) -> None:
+        self.points = list(points)
+        self.update()  # painted with the next repaint, once however many updates came in between
+
+    def paintEvent(self, event: Any) -> None:  # noqa: N802 (Qt naming)
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.Antialiasing)
+        painter.fillRect(self.rect(), self.background)
+        left, top, right, bottom = self.MARGINS
+        area = QRectF(left, top, max(1, self.width() - left - right), max(1, self.height() - top - bottom))
+        painter.setPen(QPen(self.text, 1))
+        painter.drawRect(area)
+        painter.drawText(QRectF(0, area.bottom() + 16, self.width(), 16), Qt.AlignHCenter, "step")
+        if not self.points:
+            painter.drawText(area, Qt.AlignCenter, "the loss of each step appears here")
+            return
+        steps, losses = zip(*self.points)
+        x0, x1 = min(steps), max(steps)
+        y0, y1 = min(losses), max(losses)
+        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 1e-3 + 1e-9)
+        painter.drawText(QRectF(0, area.top() - 2, left - 4, 16), Qt.AlignRight, f"{y1:.4g}")
+        painter.drawText(QRectF(0, area.bottom() - 14, left - 4, 16), Qt.AlignRight, f"{y0:.4g}")
+        painter.drawText(QRectF(area.left(), area.bottom() + 2, 80, 16), Qt.AlignLeft, str(x0))
+        painter.drawText(QRectF(area.right() - 80, area.bottom() + 2, 80, 16), Qt.AlignRight, str(x1))
+        line = QPolygonF([QPointF(area.left() + (s - x0) / (x1 - x0) * area.width(),
+                                  area.bottom() - (v - y0) / (y1 - y0) * area.height()) for s, v in self.points])
+        painter.setPen(QPen(self.line, 1.5))
+        painter.drawPolyline(line)
+
+
+__all__ = ["REFRESH_S", "LoRAWidget", "LossPlot"]

@@ -1,0 +1,34 @@
+"""Small helpers of the widget tests (imported by the test modules of this folder)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def wait_idle(qtbot, widget, timeout_s: float = 120) -> None:
+    """Until the widget's worker has finished and its handlers ran (``busy`` is cleared by the last one)."""
+    qtbot.waitUntil(lambda: not widget.busy, timeout=int(timeout_s * 1000))
+
+
+def ready(qtbot, widget):
+    """The widget, once it has its defaults (the backend is imported in a worker the first time)."""
+    qtbot.waitUntil(lambda: widget.ready, timeout=180_000)
+    return widget
+
+
+def notes():
+    """A callable returning the notification messages shown since this call."""
+    from napari.utils.notifications import notification_manager
+
+    start = len(notification_manager.records)
+    return lambda: [str(n.message) for n in notification_manager.records[start:]]
+
+
+def assert_overlay(image, labels) -> None:
+    """An Image and an integer Labels layer on the same grid, in the same world coordinates."""
+    from napari.layers import Image, Labels
+
+    assert isinstance(image, Image) and isinstance(labels, Labels)
+    assert image.data.shape == labels.data.shape
+    assert np.allclose(image.scale, labels.scale) and np.allclose(image.translate, labels.translate)
+    assert np.issubdtype(labels.data.dtype, np.integer)
