@@ -42,6 +42,8 @@ STRATEGY_NAMES = {"vae": "encode the mask with the image VAE (mask encoding 'vae
                   "downsample": "shrink the mask to the latent grid (mask encoding 'downsample')",
                   "sdf": "shrink the mask as a signed distance map (mask encoding 'sdf')"}
 
+FROM_SIDECAR = "from its sidecar"  # the preset its model.json names (maisi for a bare MAISI file)
+
 
 class MaskTestWidget(QWidget):
     """Can the image VAE carry the lesion mask? Dice per case for strategy A (VAE) vs B (downsampled)."""
@@ -67,9 +69,9 @@ class MaskTestWidget(QWidget):
         self.vae_file = PathField("", "file", "MAISI VAE weights", "Weights (*.pt *.pth *.safetensors);;All (*)",
                                   tooltip="autoencoder_v1.pt / autoencoder_v2.pt (NV-Generate-CT/-MR) or a NeuroMF "
                                           "VAE folder")
-        self.vae_preset = tip(QComboBox(), "Size of that network: maisi = the released MAISI model; small/tiny = "
-                                           "NeuroMF's reduced versions")
-        self.vae_preset.addItems(["maisi", "small", "tiny"])
+        self.vae_preset = tip(QComboBox(), "Size of that network: as its sidecar (model.json) says, else maisi = the "
+                                           "released MAISI model; small/tiny = NeuroMF's reduced versions")
+        self.vae_preset.addItems([FROM_SIDECAR, "maisi", "small", "tiny"])
         self.vae_source.currentIndexChanged.connect(self._toggle_vae)
         self.folder = PathField("", "dir", "Dataset folder", tooltip="Data set with FCD cases and their lesion masks")
         self.max_cases = tip(QSpinBox(), "Test only the first N cases (all: every case with a mask)")
@@ -123,14 +125,15 @@ class MaskTestWidget(QWidget):
         self.vae_file.setEnabled(local)
         self.vae_preset.setEnabled(local)
 
-    def vae_spec(self) -> tuple[str, str] | None:
+    def vae_spec(self) -> tuple[str, str | None] | None:
         if self.vae_source.currentIndex() == 0:
             return _session.EMBEDDED, "small"
         path = self.vae_file.text()
         if not path or not Path(path).exists():
             show_error(f"Mask-VAE test: VAE file {path!r} does not exist; choose a local MAISI weight file")
             return None
-        return path, self.vae_preset.currentText()
+        preset = self.vae_preset.currentText()
+        return path, None if preset == FROM_SIDECAR else preset
 
     def start(self) -> Any:
         if self.busy:
@@ -232,7 +235,7 @@ class MaskTestWidget(QWidget):
         self.job.finish(f"Cyan: the mask of {case_id} after the VAE round trip")
 
 
-def reconstruct_with_case(case: Any, vae_spec: str, vae_preset: str, open_case: bool) -> tuple[list, Any]:
+def reconstruct_with_case(case: Any, vae_spec: str, vae_preset: str | None, open_case: bool) -> tuple[list, Any]:
     """Worker body: (the case's own layers when ``open_case``, the reconstruction or a Failure)."""
     tuples: list = []
     if open_case:

@@ -98,7 +98,7 @@ class PluginState:
         self._adapter_listeners.append(weakref.WeakMethod(callback) if hasattr(callback, "__self__")
                                        else weakref.ref(callback))
 
-    def vae(self, spec: str, preset: str = "maisi") -> Any:
+    def vae(self, spec: str, preset: str | None = None) -> Any:
         """The VAE for ``spec`` ("embedded" or a local MAISI file), loaded once and kept for the next call."""
         from neuromf.vae import MAISIVAEWrapper
 
@@ -469,7 +469,7 @@ class MaskTestRun:
     data_dir: Path
     max_cases: int = 0
     vae_spec: str = EMBEDDED
-    vae_preset: str = "maisi"
+    vae_preset: str | None = None  # None: the VAE file's sidecar says
     threshold: float = 0.5
     output: Path | None = None
     cases: list = field(default_factory=list)  # neuromf.io.bids.Case with masks
@@ -532,7 +532,7 @@ class MaskTestRun:
         return self.result
 
 
-def reconstruct(case: Any, vae_spec: str, vae_preset: str) -> Any:
+def reconstruct(case: Any, vae_spec: str, vae_preset: str | None) -> Any:
     """Worker body for one case's strategy-A mask reconstruction: (mask, affine) or a Failure."""
     try:
         from neuromf.eval.mask_test import reconstruct_mask

@@ -99,7 +99,8 @@ def test_mask_test_widget_fills_table_and_shows_reconstruction(make_napari_viewe
     widget = ready(qtbot, MaskTestWidget(viewer))
     widget.vae_source.setCurrentIndex(1)
     widget.vae_file.setText(str(tiny_base.parent / "vae_tiny"))
-    widget.vae_preset.setCurrentText("tiny")
+    # the default size is the one the VAE folder's sidecar names (tiny here), not a guess that would be refused
+    assert widget.vae_spec() == (str(tiny_base.parent / "vae_tiny"), None)
     widget.folder.setText(str(phantom_subset))
     widget.max_cases.setValue(2)
     widget.output.setText(str(tmp_path / "mask_test.json"))
