@@ -48,10 +48,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
+    """Write `text` to `path` atomically (see `atomic_write`)."""
     return atomic_write(path, lambda p: p.write_text(text))
 
 
 def atomic_write_json(path: Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON atomically; Paths, numpy scalars and arrays are converted."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
@@ -66,6 +68,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's content, read in `chunk`-byte blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -85,6 +88,7 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 def library_versions() -> dict[str, str]:
+    """Versions of torch, MONAI and peft, recorded with runs for reproducibility."""
     import monai
     import peft
 

@@ -19,6 +19,7 @@ DOWNSAMPLE = 4  # the MAISI encoder halves each axis twice
 
 @dataclass(frozen=True)
 class VAEPreset:
+    """Architecture of a MAISI autoencoder: channels and res blocks per level, latent channels, conv splitting."""
     num_channels: tuple[int, ...]
     num_res_blocks: tuple[int, ...]
     norm_num_groups: int
@@ -38,6 +39,7 @@ VAE_PRESETS: dict[str, VAEPreset] = {
 
 
 def build_maisi_autoencoder(preset: str, norm_float16: bool = False) -> AutoencoderKlMaisi:
+    """MONAI's `AutoencoderKlMaisi` (1 channel in/out, 4x downsampling per axis) with a preset's architecture."""
     if preset not in VAE_PRESETS:
         raise ValueError(f"unknown VAE preset {preset!r}; choose one of {sorted(VAE_PRESETS)}")
     p = VAE_PRESETS[preset]
@@ -106,6 +108,7 @@ class MAISIVAEWrapper(nn.Module):
 
     @property
     def latent_channels(self) -> int:
+        """Channels C of the latents (4 for every preset)."""
         return VAE_PRESETS[self.preset].latent_channels
 
     @property
@@ -118,6 +121,7 @@ class MAISIVAEWrapper(nn.Module):
 
     # ---- loading / saving -------------------------------------------------------------------------------
     def load_weights(self, path: Path | str) -> MAISIVAEWrapper:
+        """Load a weight file into the autoencoder (keys checked, errors name the file); returns self."""
         state = load_state_dict(path)
         check_keys(path, self.autoencoder, state)
         self.autoencoder.load_state_dict(state)
@@ -167,6 +171,7 @@ class MAISIVAEWrapper(nn.Module):
         return cls.from_file(spec, preset=preset, device=device)
 
     def save(self, directory: Path, extra: dict | None = None) -> Path:
+        """`model.safetensors` + `model.json` (preset, scale factor, architecture, `extra`) in `directory`."""
         directory = Path(directory)
         state = {k: v.detach().cpu().contiguous() for k, v in self.autoencoder.state_dict().items()}
         atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p)))
@@ -212,6 +217,10 @@ class MAISIVAEWrapper(nn.Module):
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Volumes from scaled latents: (B, C, h, w, d) -> (B, 1, 4h, 4w, 4d) float32 on the VAE's device.
+
+        Latents are divided by `scale_factor` first, undoing `encode`'s scaling.
+        """
         self._check_volume(z, self.latent_channels, "VAE latent")
         self.set_num_splits_for(z.shape[2 + VAE_PRESETS[self.preset].dim_split] * DOWNSAMPLE)
         with self._autocast():
@@ -219,6 +228,7 @@ class MAISIVAEWrapper(nn.Module):
         return x.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Round trip `decode(encode(x))`: (B, 1, H, W, D) -> (B, 1, H, W, D)."""
         return self.decode(self.encode(x))
 
     @torch.no_grad()

@@ -24,6 +24,7 @@ def sample_data_root() -> Path:
 
 
 def embedded_model_dir(name: str) -> Path:
+    """The folder of a shipped model (`sample_data/models/<name>`); FileNotFoundError when absent."""
     path = sample_data_root() / "models" / name
     if not path.is_dir():
         raise FileNotFoundError(f"embedded model {name!r} not found at {path}")

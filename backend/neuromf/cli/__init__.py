@@ -10,6 +10,7 @@ from neuromf.cli import data, demo, evaluate, generate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `neuromf` argument parser: one subcommand per `cmd_*` handler the command-group modules register."""
     parser = argparse.ArgumentParser(prog="neuromf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 
@@ -25,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run one subcommand and return its exit code.
+
+    Expected errors (config, volume, value, OS) print one line naming the subcommand and return 2; Ctrl-C prints
+    "interrupted" instead of a traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     from neuromf.config import ConfigError

@@ -17,6 +17,7 @@ AddCommand = Callable[[str, Callable, str], argparse.ArgumentParser]
 
 
 def parse_overrides(pairs: list[str]) -> dict:
+    """`--set KEY=VALUE` pairs -> {dotted key: YAML-parsed value} for `load_config`."""
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
@@ -70,6 +71,10 @@ def stop_on_sigint() -> Event:
 
 
 def load_cfg(args):
+    """The RunConfig of a training subcommand: `--config`, then `--set`, `--output-dir` and `--device` overrides.
+
+    Also applies `training.num_threads` to torch before any work starts.
+    """
     from neuromf.config import load_config
 
     overrides = parse_overrides(args.set)
@@ -86,6 +91,7 @@ def load_cfg(args):
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every `train-*` subcommand shares (config, resume/overwrite, output folder, device, --set)."""
     p.add_argument("--config", required=True, help="YAML config file, or a packaged config name")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
@@ -95,5 +101,6 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_base_checkpoint_flag(p: argparse.ArgumentParser) -> None:
+    """`--base-checkpoint`: the frozen stage-1 model stage 2 starts from (default: the embedded one)."""
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded",
                    help="stage-1 model folder / model.safetensors, or 'embedded'")

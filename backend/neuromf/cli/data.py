@@ -10,6 +10,7 @@ from neuromf.cli._common import STAGE_DIR, AddCommand
 
 
 def cmd_make_phantoms(args) -> int:
+    """`neuromf make-phantoms`: write a synthetic BIDS data set of healthy and FCD phantom subjects."""
     from neuromf.data.phantom import PhantomConfig, make_phantom_dataset
 
     cfg = PhantomConfig(shape=tuple(args.shape), spacing=tuple(args.spacing))
@@ -19,6 +20,7 @@ def cmd_make_phantoms(args) -> int:
 
 
 def cmd_check_data(args) -> int:
+    """`neuromf check-data`: table of the cases found in a data folder; exit code 1 when one is unusable."""
     from neuromf.data.latents import resolve_data_dir
     from neuromf.io.bids import case_report, discover_cases, format_case_table
 
@@ -40,6 +42,7 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_mask_test(args) -> int:
+    """`neuromf mask-test`: P7-T1, round-trip Dice of FCD masks through the VAE vs downsampling."""
     from tqdm.auto import tqdm
 
     from neuromf.data.latents import resolve_data_dir
@@ -74,6 +77,7 @@ def cmd_mask_test(args) -> int:
 
 
 def register(add: AddCommand) -> None:
+    """Add the data subcommands (make-phantoms, check-data, mask-test) through `add`."""
     p = add("make-phantoms", cmd_make_phantoms, "write a synthetic FCD phantom data set (BIDS, like ds004199)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n-healthy", type=int, default=40)

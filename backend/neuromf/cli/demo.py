@@ -58,6 +58,7 @@ def cmd_demo(args) -> int:
 
 
 def register(add: AddCommand) -> None:
+    """Add the `demo` subcommand through `add`."""
     p = add("demo", cmd_demo, "the main job: the whole phase-7 pipeline on the embedded data and weights")
     p.add_argument("--out", default="experiments")
     p.add_argument("--runs", default="runs")

@@ -9,6 +9,7 @@ from neuromf.cli._common import REPORT, STAGE_DIR, AddCommand, drive, parse_over
 
 
 def cmd_evaluate(args) -> int:
+    """`neuromf evaluate`: lesion-likeness and Dice of generated pairs against real FCD masks (P7-T6)."""
     from neuromf.eval.metrics import evaluate_generated
     from neuromf.models.adapter_meta import adapter_meta
 
@@ -23,6 +24,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_consistency(args) -> int:
+    """`neuromf consistency`: image-mask consistency and downstream use of generated pairs, judged by a segmenter."""
     from neuromf.eval.segmenter import evaluate_consistency
     from neuromf.models.adapter_meta import adapter_meta
     from neuromf.utils import ensure_writable
@@ -45,6 +47,7 @@ def cmd_consistency(args) -> int:
 
 
 def cmd_ablate_lp(args) -> int:
+    """`neuromf ablate-lp`: P7-T7, per-channel Lp vs uniform L2 over several seeds (`run_ablation`)."""
     from neuromf.pipelines.ablation import run_ablation
 
     report = run_ablation(args.config, args.base_checkpoint, Path(args.out), args.n, args.seeds, args.data,
@@ -54,6 +57,7 @@ def cmd_ablate_lp(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    """`neuromf verify`: check a run's adapter (P7-T2/T3) and write the P7 verification report."""
     from neuromf.eval.report import write_verification_report
     from neuromf.models.joint import check_adapter
 
@@ -65,6 +69,7 @@ def cmd_verify(args) -> int:
 
 
 def register(add: AddCommand) -> None:
+    """Add the evaluation subcommands (evaluate, consistency, ablate-lp, verify) through `add`."""
     p = add("evaluate", cmd_evaluate, "metrics of generated pairs against real FCD masks (P7-T6)")
     p.add_argument("--adapter", default="embedded", help="the adapter that generated the pairs (its grid)")
     p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],

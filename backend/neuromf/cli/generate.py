@@ -8,6 +8,11 @@ from neuromf.cli._common import AddCommand
 
 
 def cmd_generate(args) -> int:
+    """`neuromf generate`: volumes from a base model (--checkpoint), or image + mask pairs from an adapter.
+
+    A joint adapter generates both from noise; a conditional one generates a FLAIR for each --mask file (mapped onto
+    the model grid) or for masks drawn from its prior.
+    """
     from neuromf.generate import write_generated_images
 
     if bool(args.checkpoint) == bool(args.adapter):
@@ -48,6 +53,7 @@ def _generate_conditional(args) -> list[Path]:
 
 
 def register(add: AddCommand) -> None:
+    """Add the `generate` subcommand through `add`."""
     p = add("generate", cmd_generate, "sample volumes (base model) or image+mask pairs (LoRA adapter)")
     p.add_argument("--checkpoint", help="base model folder, model.safetensors, or 'embedded'")
     p.add_argument("--adapter", help="adapter folder: LoRA (joint image + mask) or ControlNet (conditional); "

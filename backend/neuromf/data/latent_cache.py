@@ -18,6 +18,10 @@ from neuromf.utils import atomic_write, atomic_write_json, file_sha256
 
 
 class LatentCache:
+    """Encoded tensors on disk under `root`, keyed by source-file content, VAE identity, preprocessing and variant.
+
+    `hits`, `misses` and `rebuilt` count what `get` did (see `stats`).
+    """
     def __init__(self, root: Path | str, vae_identity: str, preprocessing: dict) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -44,6 +48,7 @@ class LatentCache:
         return self._hash_memo[memo_key]
 
     def key(self, sources: list[Path], variant: str) -> str:
+        """sha256 of the sources' contents, the VAE, the preprocessing and `variant`: changes when any of them does."""
         payload = json.dumps({"sources": [self._source_hash(Path(s)) for s in sources], "vae": self.vae_identity,
                               "preprocessing": self.preprocessing, "variant": variant}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
@@ -83,4 +88,5 @@ class LatentCache:
         return tensors
 
     def stats(self) -> dict[str, int]:
+        """{'hits', 'misses', 'rebuilt'} counts since this cache object was made."""
         return {"hits": self.hits, "misses": self.misses, "rebuilt": self.rebuilt}

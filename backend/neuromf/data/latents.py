@@ -27,6 +27,7 @@ def resolve_data_dir(data_dir: str | Path) -> Path:
 
 
 def make_cache(cache_dir: Path | str, vae: MAISIVAEWrapper, prep: Preprocessing) -> LatentCache:
+    """The latent cache under `cache_dir` keyed by this VAE's identity and this preprocessing."""
     return LatentCache(cache_dir, vae.identity, prep.key())
 
 

@@ -98,6 +98,7 @@ def derive_tissue_maps() -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Derive the tissue probability maps and write them as a compressed .npz (default: the packaged template)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out", type=Path, default=TEMPLATE_PATH, help="output .npz (default: packaged copy)"

@@ -54,6 +54,7 @@ def encode_mask_channel(low: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def decode_mask_channel(channel: torch.Tensor, scale: float) -> torch.Tensor:
+    """Strategy B's inverse of `encode_mask_channel`: [-scale, scale] -> [0, 1], clamped."""
     return ((channel / scale + 1.0) / 2.0).clamp(0, 1)
 
 

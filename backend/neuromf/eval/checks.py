@@ -51,6 +51,7 @@ class Row:
 
     @property
     def passed(self) -> bool:
+        """True for PASS rows (including PASS with a remark)."""
         return self.status.startswith("PASS")
 
 
@@ -72,10 +73,12 @@ class ReportContext:
 
     @property
     def metrics_json(self) -> Path:
+        """`neuromf evaluate`'s output for the joint pairs."""
         return self.stage_dir / "metrics" / "metrics.json"
 
     @property
     def sidecar(self) -> Path:
+        """The adapter sidecar of the checked training run."""
         return self.run_dir / ADAPTER_DIR / SIDECAR
 
 
@@ -91,10 +94,12 @@ class Check:
     build: Callable[[Check, ReportContext], Row]
 
     def row(self, source: Path | str, status: str | None = None, figure: str = "") -> Row:
+        """A row of this check reading `source`; the status defaults to FAIL (critical) or NOT RUN."""
         default = "FAIL" if self.critical else "NOT RUN"
         return Row(self.test, self.description, self.critical, status or default, figure, str(source))
 
     def run(self, ctx: ReportContext) -> Row:
+        """This check's row for `ctx`; any error reading its input becomes a FAIL / NOT RUN row naming it."""
         try:
             return self.build(self, ctx)
         except Exception as err:  # any malformed input must still yield a report row
@@ -114,6 +119,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def cell(text: str) -> str:
+    """`text` made safe for one Markdown table cell (escaped pipes, no newlines)."""
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -130,6 +136,7 @@ def _missing(path: Path) -> str:
 
 
 def mask_strategy_row(check: Check, ctx: ReportContext) -> Row:
+    """P7-T1: the mask test's Dice figures and the strategy decision (`mask_vae_test.json`)."""
     path = ctx.stage_dir / "mask_vae_test.json"
     row = check.row(path)
     if not path.is_file():
@@ -165,6 +172,7 @@ def _sidecar(run_dir: Path) -> tuple[Path, AdapterMeta | None]:
 
 
 def lora_forward_row(check: Check, ctx: ReportContext) -> Row:
+    """P7-T2: a forward pass through the LoRA-injected joint model works (in process, or from the saved adapter)."""
     if ctx.t2_t3 is not None:
         ok = bool(ctx.t2_t3.get("forward_ok"))
         return check.row("in-process check (inject LoRA + forward on random input)", "PASS" if ok else "FAIL",
@@ -185,6 +193,7 @@ def lora_forward_row(check: Check, ctx: ReportContext) -> Row:
 
 
 def trainable_share_row(check: Check, ctx: ReportContext) -> Row:
+    """P7-T3: the trainable share of parameters stays under `LORA_FRACTION_LIMIT`."""
     if ctx.t2_t3 is not None:
         row = check.row("in-process check (count requires_grad parameters)")
         trainable, total = ctx.t2_t3.get("trainable"), ctx.t2_t3.get("total")
@@ -226,6 +235,7 @@ def _read_losses(path: Path) -> tuple[list[dict[str, float]], list[str]]:
 
 
 def loss_decrease_row(check: Check, ctx: ReportContext) -> Row:
+    """P7-T4: the training loss decreased, on the fixed evaluation draw when `losses.csv` logged one."""
     path = ctx.run_dir / "losses.csv"
     row = check.row(path)
     if not path.is_file():
@@ -274,11 +284,13 @@ def _fixed_draw_loss_row(row: Row, rows: list[dict[str, float]]) -> Row:
 
 
 def joint_lesion_like_row(check: Check, ctx: ReportContext) -> Row:
+    """P7-T5: the share of lesion-like joint pairs, from `neuromf evaluate`'s figures."""
     return _lesion_like_row(check, ctx, ctx.stage_dir / "generated", ctx.metrics_json, LESION_LIKE_RATE_TARGET,
                             ctx.montages, ctx.lesion_lines)
 
 
 def conditional_lesion_like_row(check: Check, ctx: ReportContext) -> Row:
+    """The share of lesion-like conditional pairs (FLAIRs generated for prior-drawn masks)."""
     folder = ctx.stage_dir / "conditional"
     return _lesion_like_row(check, ctx, folder / "generated", folder / "metrics.json", CONDITIONAL_RATE_TARGET,
                             ctx.conditional_montages, ctx.conditional_lines, subfolder="conditional")
@@ -398,6 +410,7 @@ def _lesion_tables(section: dict, samples: list[dict], rates: dict[str, float]) 
 
 
 def best_match_dice_row(check: Check, ctx: ReportContext) -> Row:
+    """P7-T6: best-match Dice of generated masks against real train / test masks, beside reference points."""
     path = ctx.metrics_json
     row = check.row(path)
     if not path.is_file():
@@ -469,6 +482,7 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def lp_ablation_row(check: Check, ctx: ReportContext) -> Row:
+    """P7-T7: the per-channel Lp ablation, as mean +- sd over seeds per arm."""
     path = ctx.stage_dir / "ablation_lp.json"
     row = check.row(path)
     if not path.is_file():

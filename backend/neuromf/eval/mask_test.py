@@ -40,6 +40,7 @@ SIZE_BINS = ((0.0, 2.0, "<2 cm3"), (2.0, 5.0, "2-5 cm3"), (5.0, 10.0, "5-10 cm3"
 
 
 def size_bin(volume_cm3: float) -> str:
+    """The `SIZE_BINS` label of a lesion volume in cm3."""
     return next(label for lo, hi, label in SIZE_BINS if lo <= volume_cm3 < hi)
 
 
@@ -108,6 +109,7 @@ def ceilings(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean / median Dice per representation over all cases, and per lesion-size bin."""
     by_bin = {}
     for _, _, label in SIZE_BINS:
         members = [r for r in rows if r["size_bin"] == label]
@@ -175,6 +177,7 @@ def mask_vae_test(data_dir: Path | str, vae: MAISIVAEWrapper, prep: Preprocessin
 
 
 def save_mask_test(result: dict[str, Any], path: Path | str) -> Path:
+    """Write the mask test's result JSON atomically (`read_decision` reads it back)."""
     return atomic_write_json(Path(path), result)
 
 

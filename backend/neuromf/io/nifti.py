@@ -29,6 +29,11 @@ class VolumeError(ValueError):
 
 @dataclass(frozen=True)
 class Preprocessing:
+    """The model grid and intensity scaling every volume goes through before the VAE.
+
+    Volumes are resampled to `shape` voxels of `spacing` mm, scaled so the percentiles map to [0, 1], and clipped at
+    `clip_max`. Stored in sidecars as a dict (`key`, `from_dict`): a model only works on the grid it was trained on.
+    """
     shape: tuple[int, int, int] = (64, 64, 64)
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
     lower_percentile: float = 0.0
@@ -47,6 +52,7 @@ class Preprocessing:
             raise ValueError(f"clip_max must be >= 1 (the upper percentile maps to 1), got {self.clip_max}")
 
     def key(self) -> dict:
+        """The settings as a plain dict: part of latent-cache keys and of model / adapter sidecars."""
         return asdict(self)
 
     @classmethod
@@ -151,6 +157,7 @@ def preprocess_pair(image_path: Path | str, mask_path: Path | str | None,
 
 
 def preprocess_image(path: Path | str, prep: Preprocessing) -> Volume:
+    """A FLAIR alone (no mask) on the model grid: `preprocess_pair` without a mask."""
     return preprocess_pair(path, None, prep)[0]
 
 

@@ -13,7 +13,15 @@ def _full(batch: int, value: float, like: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_meanflow(model: VelocityFn, noise: torch.Tensor, steps: int = 1) -> torch.Tensor:
-    """k-step MeanFlow: z_{t'} = z_t - (t - t') u(z_t, r=t', t); with steps=1, x = eps - u(eps, 0, 1)."""
+    """k-step MeanFlow: z_{t'} = z_t - (t - t') u(z_t, r=t', t); with steps=1, x = eps - u(eps, 0, 1).
+
+    Args:
+        model: u(z, r, t) with z (B, C, h, w, d) and r, t (B,) -> (B, C, h, w, d).
+        noise: (B, C, h, w, d) Gaussian noise, the state at t = 1.
+        steps: number of equal steps from t = 1 to t = 0.
+    Returns:
+        (B, C, h, w, d) latents at t = 0, on noise's device.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     times = torch.linspace(1.0, 0.0, steps + 1).tolist()
@@ -26,7 +34,15 @@ def sample_meanflow(model: VelocityFn, noise: torch.Tensor, steps: int = 1) -> t
 
 @torch.no_grad()
 def sample_euler(model: VelocityFn, noise: torch.Tensor, steps: int = 50) -> torch.Tensor:
-    """Flow-matching baseline: Euler steps with the instantaneous velocity u(z, t, t)."""
+    """Flow-matching baseline: Euler steps with the instantaneous velocity u(z, t, t).
+
+    Args:
+        model: u(z, r, t) with z (B, C, h, w, d) and r, t (B,) -> (B, C, h, w, d); called with r = t.
+        noise: (B, C, h, w, d) Gaussian noise, the state at t = 1.
+        steps: number of equal Euler steps from t = 1 to t = 0.
+    Returns:
+        (B, C, h, w, d) latents at t = 0.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     times = torch.linspace(1.0, 0.0, steps + 1).tolist()
@@ -38,6 +54,16 @@ def sample_euler(model: VelocityFn, noise: torch.Tensor, steps: int = 50) -> tor
 
 
 def sample(model: VelocityFn, noise: torch.Tensor, steps: int = 1, method: str = "meanflow") -> torch.Tensor:
+    """Latents from noise with the named sampler.
+
+    Args:
+        model: u(z, r, t) with z (B, C, h, w, d) and r, t (B,) -> (B, C, h, w, d).
+        noise: (B, C, h, w, d) Gaussian noise at t = 1.
+        steps: sampling steps.
+        method: "meanflow" (`sample_meanflow`) or "euler" (`sample_euler`).
+    Returns:
+        (B, C, h, w, d) latents at t = 0.
+    """
     if method == "meanflow":
         return sample_meanflow(model, noise, steps)
     if method == "euler":

@@ -21,6 +21,15 @@ class TimeSampler:
 
     def __call__(self, batch_size: int, device: torch.device | str = "cpu",
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one (r, t) pair per sample.
+
+        Args:
+            batch_size: B.
+            device: where the returned times go.
+            generator: seeds the draws (on its own device); None uses the global RNG.
+        Returns:
+            (r, t): (B,) times in (0, 1) with r <= t, r = t for about 1 - `ratio_r_neq_t` of the batch.
+        """
         draws = torch.randn(2, batch_size, generator=generator, device=generator.device if generator else "cpu")
         draws = torch.sigmoid(draws * self.std + self.mean)
         t = draws.max(dim=0).values

@@ -65,18 +65,22 @@ class AdapterMeta:
 
     @property
     def kind(self) -> str:
+        """The sidecar's `kind` entry for this mode (`KINDS`)."""
         return KINDS[self.mode]
 
     @property
     def prep(self) -> Preprocessing:
+        """The model grid and intensity scaling the adapter was trained on."""
         return Preprocessing.from_dict(self.preprocessing)
 
     @property
     def n_image(self) -> int:
+        """Image latent channels (4)."""
         return int(self.channels["image"])
 
     @property
     def n_mask(self) -> int:
+        """Mask latent channels added by the joint strategy (0 in the conditional mode)."""
         return int(self.channels["mask"])
 
     def vae_reference(self) -> dict[str, Any]:
@@ -85,6 +89,7 @@ class AdapterMeta:
                 "scale_factor": self.scale_factor}
 
     def to_dict(self) -> dict[str, Any]:
+        """The sidecar's JSON content: `kind` plus every field."""
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
     def save(self, directory: Path) -> Path:
@@ -142,6 +147,7 @@ def data_reference(data_dir: str, root: Path) -> str:
 
 
 def is_conditional_adapter(directory: Path | str) -> bool:
+    """True when `directory` holds ControlNet weights, i.e. is a conditional adapter."""
     return (Path(directory) / CONTROLNET_WEIGHTS).is_file()
 
 

@@ -23,7 +23,15 @@ from neuromf.vae import DOWNSAMPLE
 
 
 class MeanFlowControlNet(ControlNet):
-    """ControlNet whose time conditioning is MeanFlow's (r, t) pair, like `MeanFlowUNet`."""
+    """ControlNet whose time conditioning is MeanFlow's (r, t) pair, like `MeanFlowUNet`.
+
+    Args:
+        in_channels: latent channels C of the UNet it conditions.
+        preset: the UNet's preset (same encoder architecture).
+        cond_channels: channels of the full-resolution conditioning (1: the lesion mask).
+        embedding_channels: widths of the mask embedding; each entry after the first halves the grid with a strided
+            convolution, the rest of the 4x is pixel-unshuffled first.
+    """
 
     def __init__(self, in_channels: int, preset: str = "small", cond_channels: int = 1,
                  embedding_channels: Sequence[int] = (32,)) -> None:
@@ -50,6 +58,7 @@ class MeanFlowControlNet(ControlNet):
 
     @property
     def arch(self) -> dict:
+        """Constructor arguments: stored in the conditional adapter's sidecar to rebuild the ControlNet."""
         return {"preset": self.preset, "in_channels": self.conv_in.conv.in_channels,
                 "cond_channels": self.cond_channels, "embedding_channels": list(self.embedding_channels)}
 
@@ -58,10 +67,12 @@ class MeanFlowControlNet(ControlNet):
         """Residuals for the UNet.
 
         Args:
-            x: (B, C, h, w, d) latents at time t; r, t: (B,).
+            x: (B, C, h, w, d) latents at time t.
+            r, t: (B,) times in [0, 1] with r <= t.
             cond: (B, cond_channels, 4h, 4w, 4d) conditioning on the image grid (the lesion mask in {0, 1}).
         Returns:
-            (down residuals, one per UNet skip connection; middle-block residual).
+            (down residuals, one per UNet skip connection, each shaped as that skip; middle-block residual), the
+            arguments `down_residuals` and `mid_residual` of `MeanFlowUNet.forward`.
         """
         emb = meanflow_embedding(self, x, r, t)
         if self.unshuffle > 1:
@@ -77,7 +88,14 @@ class MeanFlowControlNet(ControlNet):
 
 
 def controlnet_from_unet(unet: MeanFlowUNet, embedding_channels: Sequence[int] = (32,)) -> MeanFlowControlNet:
-    """A ControlNet initialised from the UNet's encoder (conv_in, time embeddings, down and middle blocks)."""
+    """A ControlNet initialised from the UNet's encoder (conv_in, time embeddings, down and middle blocks).
+
+    Args:
+        unet: the frozen stage-1 UNet (image-only, C = 4).
+        embedding_channels: widths of the mask embedding (see `MeanFlowControlNet`).
+    Returns:
+        The ControlNet on the UNet's device; its zero-initialised output convolutions leave the UNet unchanged.
+    """
     net = MeanFlowControlNet(unet.in_channels, unet.preset, embedding_channels=embedding_channels)
     target = net.state_dict()
     shared = {k: v for k, v in unet.state_dict().items() if k in target and target[k].shape == v.shape}
@@ -97,6 +115,14 @@ class ConditionedFlowModel(nn.Module):
             p.requires_grad_(False)
 
     def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """z: (B, 4, h, w, d), r/t: (B,), cond: (B, 1, 4h, 4w, 4d) -> velocity (B, 4, h, w, d)."""
+        """Average velocity u(z, r, t | cond).
+
+        Args:
+            z: (B, 4, h, w, d) image latents at time t.
+            r, t: (B,) times in [0, 1] with r <= t.
+            cond: (B, 1, 4h, 4w, 4d) lesion mask in {0, 1} on the image grid.
+        Returns:
+            (B, 4, h, w, d) velocity.
+        """
         down, mid = self.controlnet(z, r, t, cond)
         return self.unet(z, r, t, down_residuals=down, mid_residual=mid)

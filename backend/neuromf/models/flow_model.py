@@ -15,7 +15,16 @@ from neuromf.weights import WeightFileError, check_keys, embedded_model_dir, loa
 
 
 def save_flow_model(model: MeanFlowUNet, directory: Path, meta: dict[str, Any]) -> Path:
-    """`model.safetensors` + `model.json` (architecture + whatever generation needs: VAE, grid, channels)."""
+    """Save a stage-1 model: `model.safetensors` + `model.json` (architecture + whatever generation needs).
+
+    Args:
+        model: the trained UNet.
+        directory: output folder (created).
+        meta: sidecar entries beside `kind` and `arch`: VAE reference, `scale_factor`, `preprocessing`,
+            `latent_shape` (C, h, w, d), ...
+    Returns:
+        Path of the weights file.
+    """
     directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p)))
@@ -24,7 +33,15 @@ def save_flow_model(model: MeanFlowUNet, directory: Path, meta: dict[str, Any]) 
 
 
 def resolve_model_path(spec: str | Path) -> tuple[Path, Path]:
-    """(weights, sidecar) for `embedded`, a model folder, or a `.safetensors` file next to its `.json`."""
+    """The weights and sidecar of a saved model.
+
+    Args:
+        spec: "embedded", a model folder, or a `.safetensors` file next to its `.json`.
+    Returns:
+        (weights path, sidecar path).
+    Raises:
+        FileNotFoundError: either file is missing.
+    """
     if str(spec) == "embedded":
         spec = embedded_model_dir("base_small")
     path = Path(spec)
@@ -57,7 +74,17 @@ def read_model_meta(spec: str | Path) -> dict[str, Any]:
 
 
 def load_flow_model(spec: str | Path, preset: str | None = None) -> tuple[MeanFlowUNet, dict[str, Any]]:
-    """Rebuild the UNet from its sidecar and load the weights; `preset` guards against the wrong checkpoint."""
+    """Rebuild the UNet from its sidecar and load the weights; `preset` guards against the wrong checkpoint.
+
+    Args:
+        spec: "embedded", a model folder or a `.safetensors` file (see `resolve_model_path`).
+        preset: the preset the caller expects; None accepts any.
+    Returns:
+        (model on CPU, sidecar dict with `weights_path` and `weights_sha256` added).
+    Raises:
+        ValueError: not a MeanFlow sidecar, or a different preset than `preset`.
+        WeightFileError: unreadable sidecar or weights, or weights that do not fit the architecture.
+    """
     weights, sidecar = resolve_model_path(spec)
     meta = _read_sidecar(sidecar)
     if meta.get("kind") != "meanflow_unet":
@@ -82,6 +109,7 @@ def load_flow_model(spec: str | Path, preset: str | None = None) -> tuple[MeanFl
 
 
 def freeze(model: nn.Module) -> nn.Module:
+    """Turn off requires_grad on every parameter of `model`; returns it."""
     for p in model.parameters():
         p.requires_grad_(False)
     return model

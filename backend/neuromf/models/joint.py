@@ -41,10 +41,18 @@ class JointModel:
 
     @property
     def strategy(self) -> str:
+        """How the mask channels are encoded: "vae", "downsample" or "sdf"."""
         return self.meta.strategy
 
     def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode joint latents (B, C, h, w, d) -> image (B, 1, H, W, D) in [0, clip_max], binary mask."""
+        """Decode joint latents into image and mask.
+
+        Args:
+            z: (B, n_image + n_mask, h, w, d) joint latents (sampled at t = 0).
+        Returns:
+            (image, mask) on the CPU: image (B, 1, H, W, D) in [0, clip_max], mask (B, 1, H, W, D) float in {0, 1},
+            with (H, W, D) = 4 (h, w, d), the model grid.
+        """
         meta, n_img = self.meta, self.meta.n_image
         image = self.vae.decode(z[:, :n_img]).clamp(0, meta.prep.clip_max)
         if self.strategy == "vae":
@@ -58,6 +66,17 @@ class JointModel:
 
 
 def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int) -> tuple[torch.nn.Module, dict]:
+    """The model stage 2's joint mode trains: the base UNet widened by `n_mask` channels, with LoRA injected.
+
+    Args:
+        cfg: run config (`model.preset` must match the base model; `lora.*` sets the injection).
+        base_checkpoint: the image-only (4-channel) stage-1 model ("embedded", a folder or a weights file).
+        n_mask: mask channels the strategy adds (`mask_channels`).
+    Returns:
+        (peft model over (B, 4 + n_mask, h, w, d) latents, the base model's sidecar dict).
+    Raises:
+        ValueError: the base model is not image-only.
+    """
     base, base_meta = load_flow_model(base_checkpoint, preset=cfg.model.preset)
     if base.in_channels != 4:
         raise ValueError(f"{base_checkpoint}: base model has {base.in_channels} input channels; stage 2 starts from "
@@ -71,7 +90,17 @@ def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int) 
 
 
 def load_joint_model(adapter: str | Path, device: str | torch.device = "cpu", merge: bool = True) -> JointModel:
-    """Base model named in the adapter sidecar + the adapter (merged for inference by default)."""
+    """Base model named in the adapter sidecar + the adapter (merged for inference by default).
+
+    Args:
+        adapter: an adapter folder or "embedded" (the shipped joint demo).
+        device: where the model and its VAE run.
+        merge: merge LoRA into the weights (faster sampling).
+    Returns:
+        The `JointModel`, in eval mode.
+    Raises:
+        ValueError: the base model's weights are not the ones the adapter was trained on.
+    """
     directory = resolve_adapter_dir(adapter, "joint")
     meta = read_adapter_meta(directory)
     base_spec = meta.base_checkpoint
@@ -85,7 +114,14 @@ def load_joint_model(adapter: str | Path, device: str | torch.device = "cpu", me
 
 @torch.no_grad()
 def check_adapter(adapter: str | Path) -> dict[str, Any]:
-    """P7-T2/T3 on a saved adapter: a forward pass with LoRA succeeds, and the trainable share of parameters."""
+    """P7-T2/T3 on a saved adapter: a forward pass with LoRA succeeds, and the trainable share of parameters.
+
+    Args:
+        adapter: an adapter folder or "embedded".
+    Returns:
+        {"forward_ok", "output_shape", "trainable", "total", "fraction", "lora_params"}; the forward pass runs one
+        random (1, C, h, w, d) latent of the sidecar's `latent_shape`.
+    """
     directory = resolve_adapter_dir(adapter, "joint")
     meta = read_adapter_meta(directory)
     base, _ = load_flow_model(meta.base_checkpoint)

@@ -42,6 +42,12 @@ def widen_io_channels(model: MeanFlowUNet, in_channels: int, out_channels: int) 
 
     Base weights go into the first channels and the new ones start at zero, so at step 0 the image-channel
     velocity equals the base model's whatever the mask channels hold, and the mask velocity is zero.
+
+    Args:
+        model: the UNet, modified in place.
+        in_channels, out_channels: the new channel counts (image + mask channels), not smaller than the current ones.
+    Returns:
+        `model`, now taking (B, in_channels, h, w, d) and returning (B, out_channels, h, w, d).
     """
     if in_channels < model.in_channels or out_channels < model.out_channels:
         raise ValueError(f"cannot narrow the model ({model.in_channels}->{in_channels}, "
@@ -58,6 +64,15 @@ def inject_lora(model: nn.Module, rank: int = 16, alpha: float = 16.0, target_mo
     """Wrap `model` with peft LoRA on `target_modules` (default: attention q, k, v projections).
 
     The base weights are frozen; LoRA matrices and `modules_to_save` (the widened convs) train.
+
+    Args:
+        model: the (widened) UNet.
+        rank, alpha: LoRA rank r and scale alpha (update alpha/r * B A).
+        target_modules: module-name suffixes to adapt; each must match a module.
+        modules_to_save: modules trained in full and saved with the adapter (`WIDENED_MODULES`).
+        dropout: LoRA dropout.
+    Returns:
+        The peft model; its forward is the UNet's, (B, C, h, w, d), (B,), (B,) -> (B, C, h, w, d).
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -81,13 +96,26 @@ def freeze_base_unfreeze_lora(model: nn.Module) -> None:
 
 
 def count_trainable_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """Parameter counts of a model.
+
+    Args:
+        model: any module (a peft model counts its frozen base too).
+    Returns:
+        (trainable, total) numbers of scalar parameters.
+    """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
 
 
 def count_lora_params(model: nn.Module) -> int:
+    """Number of scalar parameters in LoRA matrices (names containing `lora_`).
+
+    Args:
+        model: a peft-injected model.
+    Returns:
+        The count; compare with `expected_lora_params`.
+    """
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
@@ -111,7 +139,15 @@ def attention_layers(model: nn.Module) -> list[tuple[str, int]]:
 
 
 def save_adapter(model: PeftModel, directory: Path, meta: AdapterMeta) -> Path:
-    """peft's own format (adapter_config.json + adapter_model.safetensors) plus our sidecar, swapped in atomically."""
+    """peft's own format (adapter_config.json + adapter_model.safetensors) plus our sidecar, swapped in atomically.
+
+    Args:
+        model: the peft-wrapped joint model.
+        directory: the adapter folder; an existing one is replaced only once the new one is complete.
+        meta: the sidecar to write beside peft's files.
+    Returns:
+        `directory`.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -141,7 +177,18 @@ def read_adapter_meta(directory: Path) -> AdapterMeta:
 
 
 def load_adapter(base: MeanFlowUNet, directory: Path, merge: bool = False) -> nn.Module:
-    """Widen `base` as the sidecar says, load the adapter with peft, optionally merge it for inference."""
+    """Widen `base` as the sidecar says, load the adapter with peft, optionally merge it for inference.
+
+    Args:
+        base: the stage-1 UNet named in the sidecar (modified in place).
+        directory: the adapter folder.
+        merge: fold the LoRA update into the weights and return a plain UNet.
+    Returns:
+        The joint model: (B, n_image + n_mask, h, w, d), (B,), (B,) -> (B, n_image + n_mask, h, w, d).
+    Raises:
+        ValueError: the base model has the wrong number of input channels.
+        WeightFileError: the adapter does not load onto the base model.
+    """
     meta = read_adapter_meta(directory)
     if base.in_channels != meta.n_image:
         raise ValueError(f"{directory}: adapter expects a base model with {meta.n_image} input channels, "

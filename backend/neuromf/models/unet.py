@@ -15,6 +15,7 @@ TIME_SCALE = 1000.0
 
 @dataclass(frozen=True)
 class UNetPreset:
+    """Architecture of a MeanFlow UNet (and its ControlNet): widths, attention and res blocks per level, norm groups."""
     channels: tuple[int, ...]
     attention_levels: tuple[bool, ...]
     num_res_blocks: tuple[int, ...]
@@ -36,6 +37,15 @@ def meanflow_embedding(net: nn.Module, x: torch.Tensor, r: torch.Tensor, t: torc
     """The (r, t) conditioning shared by the UNet and its ControlNet: embed(t) + interval_embed(t - r).
 
     t - r is computed here, inside the function a JVP differentiates, so a tangent on t moves it.
+
+    Args:
+        net: a `MeanFlowUNet` or `MeanFlowControlNet` (its `time_embed`, `interval_embed`, `block_out_channels`).
+        x: (B, C, h, w, d) latents; only its batch size and dtype are used.
+        r, t: (B,) times in [0, 1] with r <= t.
+    Returns:
+        (B, 4 * channels[0]) time embedding, in x's dtype.
+    Raises:
+        ValueError: r or t is not of shape (B,).
     """
     if r.ndim != 1 or t.ndim != 1 or r.shape[0] != x.shape[0] or t.shape[0] != x.shape[0]:
         raise ValueError(f"r and t must have shape ({x.shape[0]},), got {tuple(r.shape)} and {tuple(t.shape)}")
@@ -48,7 +58,13 @@ def meanflow_embedding(net: nn.Module, x: torch.Tensor, r: torch.Tensor, t: torc
 
 
 def interval_embedding(width: int) -> nn.Sequential:
-    """Embedding of t - r whose last layer starts at zero: a flow-matching network is unchanged by adding it."""
+    """Embedding of t - r whose last layer starts at zero: a flow-matching network is unchanged by adding it.
+
+    Args:
+        width: channels[0] of the UNet preset (the sinusoidal embedding's size).
+    Returns:
+        Linear(width, 4 width) -> SiLU -> Linear(4 width, 4 width): (B, width) -> (B, 4 * width), zero at init.
+    """
     embed = nn.Sequential(nn.Linear(width, width * 4), nn.SiLU(), nn.Linear(width * 4, width * 4))
     nn.init.zeros_(embed[2].weight)
     nn.init.zeros_(embed[2].bias)
@@ -61,6 +77,12 @@ class MeanFlowUNet(DiffusionModelUNet):
     The UNet's own timestep embedding sees t; a second embedding of (t - r), zero-initialised in its last layer,
     is added to it. A plain flow-matching UNet's weights therefore load unchanged and give identical outputs.
     The interval t - r is computed inside forward so a JVP with tangent (v, 0, 1) over (z, r, t) sees it move.
+
+    Args:
+        in_channels: latent channels C of the input (B, C, h, w, d); 4 for image latents.
+        out_channels: channels of the output velocity; default in_channels.
+        preset: architecture from `UNET_PRESETS` ("tiny", "small", "base").
+        use_flash_attention: fused attention kernels; they have no forward-mode AD, so off wherever a JVP runs.
     """
 
     def __init__(self, in_channels: int = 4, out_channels: int | None = None, preset: str = "small",
@@ -88,6 +110,7 @@ class MeanFlowUNet(DiffusionModelUNet):
 
     @property
     def arch(self) -> dict:
+        """Constructor arguments + preset architecture: written to `model.json` to rebuild the UNet."""
         return {"preset": self.preset, "in_channels": self.in_channels, "out_channels": self.out_channels,
                 **asdict(UNET_PRESETS[self.preset])}
 
@@ -129,4 +152,13 @@ class MeanFlowUNet(DiffusionModelUNet):
 
 
 def build_unet(preset: str, in_channels: int = 4, out_channels: int | None = None) -> MeanFlowUNet:
+    """A fresh MeanFlow UNet of a preset (`UNET_PRESETS`).
+
+    Args:
+        preset: "tiny", "small" or "base".
+        in_channels: latent channels C of its input (B, C, h, w, d).
+        out_channels: channels of its output velocity; default in_channels.
+    Returns:
+        The untrained `MeanFlowUNet`.
+    """
     return MeanFlowUNet(in_channels=in_channels, out_channels=out_channels, preset=preset)
