@@ -44,6 +44,7 @@ from neuromf.data.fcd_dataset import FCDDataset, downsample_mask, encode_mask_ch
 from neuromf.data.phantom import PhantomConfig, make_phantom_dataset  # noqa: E402
 from neuromf.io.bids import discover_cases  # noqa: E402
 from neuromf.io.nifti import Preprocessing, preprocess_pair  # noqa: E402
+from neuromf.meanflow.loss import MeanFlowLoss  # noqa: E402
 from neuromf.models.flow_model import save_flow_model  # noqa: E402
 from neuromf.models.lora import (  # noqa: E402
     WIDENED_MODULES,
@@ -54,7 +55,6 @@ from neuromf.models.lora import (  # noqa: E402
     widen_io_channels,
 )
 from neuromf.models.unet import MeanFlowUNet  # noqa: E402
-from neuromf.pipelines.stage1 import build_loss  # noqa: E402
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper  # noqa: E402
 
 TARGET_ADAPTER_FRACTION = 0.05
@@ -87,7 +87,7 @@ def make_step(model: torch.nn.Module, n_mask: int, device: torch.device, seed: i
     model = model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    loss_fn = build_loss(load_config(CONFIG), 4, n_mask)
+    loss_fn = MeanFlowLoss.from_config(load_config(CONFIG).loss, 4, n_mask)
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def step(batch: torch.Tensor) -> float:

@@ -69,6 +69,7 @@ class _Section:
 
 @dataclass
 class DataConfig(_Section):
+    """`data:` where the scans are, the model grid they are resampled to, and how masks become latent channels."""
     section = "data"
     data_dir: str = "embedded"  # "embedded" = sample_data/fcd_phantoms, else a BIDS tree or flat folder
     shape: list[int] = bounded([64, 64, 64], 8)
@@ -88,6 +89,7 @@ class DataConfig(_Section):
 
 @dataclass
 class ModelConfig(_Section):
+    """`model:` the MeanFlow UNet preset and the VAE whose latents it models."""
     section = "model"
     preset: Literal["tiny", "small", "base"] = "small"  # MeanFlowUNet preset: tiny | small | base
     vae: str = "embedded"  # "embedded" or a local MAISI weight file
@@ -96,6 +98,7 @@ class ModelConfig(_Section):
 
 @dataclass
 class LossConfig(_Section):
+    """`loss:` the MeanFlow loss: per-channel Lp exponents and weights, adaptive weighting, (r, t) sampling."""
     section = "loss"
     kind: Literal["meanflow", "flow_matching"] = "meanflow"
     p_img: float = bounded(2.0, 0, low_open=True)
@@ -114,6 +117,7 @@ class LossConfig(_Section):
 
 @dataclass
 class LoraConfigSection(_Section):
+    """`lora:` stage 2's joint mode: LoRA rank, alpha, targeted modules and dropout (peft)."""
     section = "lora"
     rank: int = bounded(16, 1)
     alpha: float = bounded(16.0, 0, low_open=True)
@@ -126,6 +130,7 @@ class LoraConfigSection(_Section):
 
 @dataclass
 class ConditionalConfig(_Section):
+    """`conditional:` stage 2's conditional mode: the ControlNet's mask embedding and the healthy cases."""
     section = "conditional"
     # ControlNet mask embedding: [32] = 4^3 pixel-unshuffle + convs on the latent grid; [16, 32, 64] = MAISI-style
     # strided convs from the full-resolution mask (10x the CPU cost)
@@ -135,6 +140,7 @@ class ConditionalConfig(_Section):
 
 @dataclass
 class VAETrainingConfig(_Section):
+    """`vae_training:` training a small VAE from scratch (`neuromf train-vae`)."""
     section = "vae_training"
     patch_size: int = bounded(32, 8)
     kl_weight: float = bounded(1.0e-6, 0)
@@ -143,6 +149,7 @@ class VAETrainingConfig(_Section):
 
 @dataclass
 class TrainingConfig(_Section):
+    """`training:` the optimisation schedule, checkpoints, device and output folder of a run."""
     section = "training"
     max_epochs: int = bounded(500, 1)
     max_steps: int | None = bounded(None, 1)  # overrides max_epochs when set
@@ -156,7 +163,11 @@ class TrainingConfig(_Section):
     ema_decay: float = bounded(0.999, 0, 1, high_open=True)
     seed: int = bounded(0, 0)
     device: str = "auto"
-    bf16: bool = False  # autocast on CUDA outside the JVP
+    bf16: bool = False  # old spelling of precision: bf16 (kept so saved run configs still load)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for the UNet forward; the JVP stays fp32
+    tf32: bool = True  # TF32 matmuls/convolutions on CUDA (fp32 runs)
+    compile: bool = False  # torch.compile the training forward (CUDA; the JVP runs uncompiled)
+    dist_timeout_s: int = bounded(1800, 10)  # multi-process runs: a rank waiting longer than this fails the job
     checkpoint_every: int = bounded(200, 0)  # 0: only at the end and on stop
     preview_every: int = bounded(0, 0)
     max_bad_steps: int = bounded(20, 1)
@@ -166,6 +177,11 @@ class TrainingConfig(_Section):
 
 @dataclass
 class RunConfig:
+    """A whole run's configuration, one dataclass per YAML section.
+
+    Built by `load_config` / `config_from_dict`, which name the key of a wrong type, an unknown key or a value out of
+    range; saved beside each run as `config.yaml`.
+    """
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -175,6 +191,7 @@ class RunConfig:
     vae_training: VAETrainingConfig = field(default_factory=VAETrainingConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of every section (what `save_config` writes and adapter sidecars store)."""
         return dataclasses.asdict(self)
 
 
@@ -253,6 +270,7 @@ def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
 
 
 def config_from_dict(values: dict, source: str = "<config>") -> RunConfig:
+    """A RunConfig from nested dicts (a parsed YAML, a sidecar's `config`); errors name `source` and the key."""
     return _build(RunConfig, values or {}, "", source)
 
 
@@ -285,6 +303,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
 
 
 def save_config(config: RunConfig, path: Path) -> None:
+    """Write `config` as YAML to `path`, atomically; `load_config` reads it back."""
     from neuromf.utils import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

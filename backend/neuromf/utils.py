@@ -54,10 +54,11 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 def atomic_write_json(path: Path, obj: Any) -> Path:
     """Write `obj` as indented JSON atomically; Paths, numpy scalars and arrays are converted."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """`json.dumps(default=...)` for what results hold: Paths as strings, tuples and numpy values as lists."""
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, tuple):

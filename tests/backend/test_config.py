@@ -56,6 +56,7 @@ RANGE_RULES = [  # (section, key, a value outside the range, the message's range
     ("training", "max_bad_steps", 0, ">= 1", 1),
     ("training", "num_threads", 0, ">= 1", 2),
     ("training", "seed", -1, ">= 0", 0),
+    ("training", "dist_timeout_s", 5, ">= 10", 10),
     ("lora", "rank", 0, ">= 1", 1),
     ("lora", "alpha", 0.0, "> 0", 1.0),
     ("lora", "dropout", 1.0, ">= 0 and < 1", 0.5),

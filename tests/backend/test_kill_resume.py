@@ -306,10 +306,10 @@ def test_a_run_that_aborts_on_non_finite_losses_leaves_no_trap(tmp_path, phantom
 
     # the loss turns NaN after the step-2 checkpoint: the folder is kept, the same command is refused with a
     # pointer to --resume, and --resume continues from step 2 once the cause is gone
-    real_build_loss, calls = stage1.build_loss, {"n": 0, "fail": True}
+    real_from_config, calls = stage1.MeanFlowLoss.from_config, {"n": 0, "fail": True}
 
     def failing_after_two_steps(*args, **kwargs):
-        loss_fn = real_build_loss(*args, **kwargs)
+        loss_fn = real_from_config(*args, **kwargs)
 
         def loss(model, batch, generator):
             value, parts = loss_fn(model, batch, generator)
@@ -318,7 +318,7 @@ def test_a_run_that_aborts_on_non_finite_losses_leaves_no_trap(tmp_path, phantom
 
         return loss
 
-    monkeypatch.setattr(stage1, "build_loss", failing_after_two_steps)
+    monkeypatch.setattr(stage1.MeanFlowLoss, "from_config", failing_after_two_steps)
     out = tmp_path / "b"
     with pytest.raises(NonFiniteLossError):
         run_to_end(train_base(cfg(out, checkpoint_every=2), progress=False))

@@ -140,3 +140,23 @@ def test_flow_matching_loss_needs_no_jvp_and_meanflow_loss_is_finite():
         loss, parts = MeanFlowLoss(flow_matching=fm)(model, x, torch.Generator().manual_seed(0))
         assert torch.isfinite(loss) and loss.requires_grad
         assert parts["raw"] > 0
+
+
+def test_every_loss_setting_of_the_config_reaches_the_loss():
+    """`loss.lesion_weight` was once configured, recorded in sidecars and never passed to the loss: every field of
+    the config section (but `lesion_dilate`, which shapes the lesion region outside the loss) must change it."""
+    import dataclasses
+
+    from neuromf.config import LossConfig, load_config
+
+    base = MeanFlowLoss.from_config(LossConfig(), 4, 1)
+    assert MeanFlowLoss.from_config(LossConfig(), 4, 1) == base  # compared by value, not identity
+    changed = {"kind": "flow_matching", "p_img": 1.5, "p_mask": 1.0, "lambda_img": 0.5, "lambda_mask": 0.25,
+               "adaptive_power": 0.5, "adaptive_c": 0.01, "time_mean": 0.3, "time_std": 0.7, "ratio_r_neq_t": 0.5,
+               "cheap_jvp": False, "lesion_weight": 7.0}
+    names = {f.name for f in dataclasses.fields(LossConfig)} - {"lesion_dilate"}
+    assert set(changed) == names
+    for key, value in changed.items():
+        assert MeanFlowLoss.from_config(dataclasses.replace(LossConfig(), **{key: value}), 4, 1) != base, key
+    assert MeanFlowLoss.from_config(load_config("demo_cond").loss).lesion_weight == 100.0
+    assert MeanFlowLoss.from_config(LossConfig(), 4, 8).distance.channels == 12

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -68,24 +69,24 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def _add_generated_flags(p: argparse.ArgumentParser, out: Path) -> None:
+    """The flags of commands that judge a folder of generated pairs against real cases on the adapter's grid."""
+    p.add_argument("--adapter", default="embedded", help="the adapter that generated the pairs (its grid)")
+    p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
+                   help="with --adapter embedded: which demo adapter")
+    p.add_argument("--generated", default=str(STAGE_DIR / "generated"))
+    p.add_argument("--data", default="embedded")
+    p.add_argument("--out", default=str(out))
+
+
 def register(add: AddCommand) -> None:
     """Add the evaluation subcommands (evaluate, consistency, ablate-lp, verify) through `add`."""
     p = add("evaluate", cmd_evaluate, "metrics of generated pairs against real FCD masks (P7-T6)")
-    p.add_argument("--adapter", default="embedded", help="the adapter that generated the pairs (its grid)")
-    p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
-                   help="with --adapter embedded: which demo adapter")
-    p.add_argument("--generated", default=str(STAGE_DIR / "generated"))
-    p.add_argument("--data", default="embedded")
-    p.add_argument("--out", default=str(STAGE_DIR / "metrics" / "metrics.json"))
+    _add_generated_flags(p, STAGE_DIR / "metrics" / "metrics.json")
 
     p = add("consistency", cmd_consistency,
             "image-mask consistency and downstream use of generated pairs, judged by a small MONAI segmenter")
-    p.add_argument("--adapter", default="embedded", help="the adapter that generated the pairs (its grid)")
-    p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
-                   help="with --adapter embedded: which demo adapter")
-    p.add_argument("--generated", default=str(STAGE_DIR / "generated"))
-    p.add_argument("--data", default="embedded")
-    p.add_argument("--out", default=str(STAGE_DIR / "metrics" / "consistency.json"))
+    _add_generated_flags(p, STAGE_DIR / "metrics" / "consistency.json")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one segmenter pair per seed")
     p.add_argument("--steps", type=int, default=300, help="training steps of each segmenter")
     p.add_argument("--device", default="cpu")

@@ -1,71 +1,163 @@
-"""Training subcommands: train-vae, train-base (stage 1), train-lora (stage 2 joint), train-conditional."""
+"""Training subcommands: train-vae, train-base (stage 1), train-lora (stage 2 joint), train-conditional.
+
+Each runs in one process, or in several under `torchrun --nproc_per_node N -m neuromf train-...` (multi-node:
+torchrun's rendezvous flags); `--nproc N` launches torchrun for one machine. Rank 0 prepares the output folder,
+shows progress and writes every file; the other ranks only compute (see `neuromf.train.distributed`).
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
+from threading import Event
 from typing import Any
 
 from neuromf.cli._common import AddCommand, add_base_checkpoint_flag, add_train_flags, drive, load_cfg, stop_on_sigint
 
 
-def cmd_train_vae(args) -> int:
-    from neuromf.pipelines.vae import train_vae
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """The torchrun command line that reruns `neuromf <argv>` (without --nproc) in `nproc` local processes."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "neuromf", *rest]
+
+
+def _relaunch(args) -> int | None:
+    """With --nproc N > 1 outside torchrun: run the same command under torchrun and return its exit status."""
+    if not args.nproc or args.nproc <= 1 or "LOCAL_RANK" in os.environ:
+        return None
+    argv = sys.argv[1:]
+    if args.command not in argv:
+        raise ValueError("--nproc works from the command line only; call torchrun --nproc_per_node N -m neuromf ...")
+    command = torchrun_command(args.nproc, argv)
+    print("launching: " + " ".join(command[2:]), file=sys.stderr)
+    return subprocess.call(command)
+
+
+def _run(args, train_fn: Callable, name: str, *positional: Any, **keywords: Any) -> Any:
+    """Drive a training generator: progress bar and Ctrl-C (stop and save) on rank 0, plain iteration elsewhere."""
+    from neuromf.train import distributed as dist
+    from neuromf.train import run_to_end
 
     cfg = load_cfg(args)
-    result = drive(train_vae(cfg, preset=args.preset, resume=args.resume, overwrite=args.overwrite,
-                                     stop=stop_on_sigint()), "train-vae")
-    print(f"VAE saved to {result.export or result.checkpoint}")
+    try:
+        dist.init(cfg.training.device, cfg.training.dist_timeout_s)
+        main = dist.is_main()
+        stop = stop_on_sigint() if dist.env_world_size() <= 1 else _stop_on_signals()
+        events = train_fn(cfg, *positional, resume=args.resume, overwrite=args.overwrite, stop=stop,
+                          progress=main, **keywords)
+        return drive(events, name) if main else run_to_end(events)
+    except Exception as err:
+        dist.report_failure(err)
+        raise
+    finally:
+        dist.cleanup()
+
+
+def _stop_on_signals() -> Event:
+    """Under torchrun a Ctrl-C reaches each worker twice (from the terminal, then forwarded by torchrun, which
+    also sends SIGTERM): every SIGINT/SIGTERM only asks for a stop, which the ranks agree on at the next step;
+    rank 0 then saves (torchrun kills workers that take longer than 30 s)."""
+    stop = Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    return stop
+
+
+def cmd_train_vae(args) -> int:
+    """`neuromf train-vae`: a MAISI-class VAE on patches of a data set's scans."""
+    from neuromf.pipelines.vae import train_vae
+
+    if (code := _relaunch(args)) is not None:
+        return code
+    result = _run(args, train_vae, "train-vae", preset=args.preset)
+    if _is_main():
+        print(f"VAE saved to {result.export or result.checkpoint}")
     return 0
 
 
 def cmd_train_base(args) -> int:
+    """`neuromf train-base`: stage 1, the MeanFlow UNet on latents of healthy scans."""
     from neuromf.pipelines.stage1 import train_base
 
-    cfg = load_cfg(args)
-    result = drive(train_base(cfg, resume=args.resume, overwrite=args.overwrite, stop=stop_on_sigint()), "train-base")
-    print(f"{'stopped' if result.stopped else 'finished'} at step {result.step}; model: {result.export}; "
-          f"checkpoint: {result.checkpoint}; loss curve: {result.out_dir / 'loss_curve.png'}")
+    if (code := _relaunch(args)) is not None:
+        return code
+    result = _run(args, train_base, "train-base")
+    if _is_main():
+        print(f"{'stopped' if result.stopped else 'finished'} at step {result.step}; model: {result.export}; "
+              f"checkpoint: {result.checkpoint}; loss curve: {result.out_dir / 'loss_curve.png'}")
     return 0
 
 
 def _train_stage2(args, train_fn: Callable, name: str) -> Any:
     """Drive a stage-2 training generator from the command line (progress bar, Ctrl-C stops and saves)."""
-    cfg = load_cfg(args)
-    result = drive(train_fn(cfg, args.base_checkpoint, resume=args.resume, overwrite=args.overwrite,
-                             stop=stop_on_sigint()), name)
-    print(f"{'stopped' if result.stopped else 'finished'} at step {result.step}; adapter: {result.export}; "
-          f"resume with --resume; loss curve: {result.out_dir / 'loss_curve.png'}")
+    result = _run(args, train_fn, name, args.base_checkpoint)
+    if _is_main():
+        print(f"{'stopped' if result.stopped else 'finished'} at step {result.step}; adapter: {result.export}; "
+              f"resume with --resume; loss curve: {result.out_dir / 'loss_curve.png'}")
     return result
 
 
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_train_lora(args) -> int:
+    """`neuromf train-lora`: stage 2, joint mode (LoRA + widened convs on image + mask latents)."""
     from neuromf.pipelines.lora import train_lora
 
+    if (code := _relaunch(args)) is not None:
+        return code
     _train_stage2(args, train_lora, "train-lora")
     return 0
 
 
 def cmd_train_conditional(args) -> int:
+    """`neuromf train-conditional`: stage 2, conditional mode (a ControlNet: mask -> FLAIR)."""
     from neuromf.pipelines.conditional import train_conditional
 
+    if (code := _relaunch(args)) is not None:
+        return code
     result = _train_stage2(args, train_conditional, "train-conditional")
-    print(f"generate with: neuromf generate --adapter {result.export} --mode conditional [--mask FILE]")
+    if _is_main():
+        print(f"generate with: neuromf generate --adapter {result.export} --mode conditional [--mask FILE]")
     return 0
 
 
+def _add_nproc_flag(p) -> None:
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train in N processes on this machine (one per GPU; gloo on CPU) by relaunching under "
+                        "torchrun; for several machines call torchrun yourself (see README)")
+
+
 def register(add: AddCommand) -> None:
+    """Add the training subcommands to the parser."""
     p = add("train-vae", cmd_train_vae, "train a MAISI-class VAE on patches of the scans of a data set")
     add_train_flags(p)
+    _add_nproc_flag(p)
     p.add_argument("--preset", default="small", choices=["tiny", "small", "maisi"])
 
     p = add("train-base", cmd_train_base, "stage 1: train the MeanFlow UNet on latents of healthy scans")
     add_train_flags(p)
+    _add_nproc_flag(p)
 
     p = add("train-lora", cmd_train_lora, "stage 2: LoRA fine-tuning on FCD image + mask latents")
     add_train_flags(p)
+    _add_nproc_flag(p)
     add_base_checkpoint_flag(p)
 
     p = add("train-conditional", cmd_train_conditional,
             "conditional mode: a ControlNet that turns a lesion mask into a FLAIR carrying it")
     add_train_flags(p)
+    _add_nproc_flag(p)
     add_base_checkpoint_flag(p)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
+from neuromf.config import LossConfig
 from neuromf.meanflow.time_sampler import TimeSampler
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -16,10 +18,32 @@ def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.ndim - 1)))
 
 
-def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """z_t = (1 - t) x + t eps and its velocity v = eps - x (t = 0 data, t = 1 noise)."""
+class PathSample(NamedTuple):
+    """A point of the straight path from data to noise, and the path's velocity there."""
+
+    z: torch.Tensor  # (B, C, h, w, d) noisy latents z_t
+    v: torch.Tensor  # (B, C, h, w, d) velocity dz/dt = eps - x
+
+
+class MeanFlowPrediction(NamedTuple):
+    """The network's average velocity and the (stop-gradient) MeanFlow target it is regressed on."""
+
+    u: torch.Tensor  # (B, C, h, w, d) u(z_t, r, t), with grad
+    target: torch.Tensor  # (B, C, h, w, d) v - (t - r) du/dt, detached
+
+
+def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> PathSample:
+    """z_t = (1 - t) x + t eps and its velocity v = eps - x (t = 0 data, t = 1 noise).
+
+    Args:
+        x: (B, C, h, w, d) clean latents.
+        noise: (B, C, h, w, d) Gaussian noise eps.
+        t: (B,) times in [0, 1].
+    Returns:
+        PathSample(z, v), both (B, C, h, w, d).
+    """
     tt = _expand(t, x)
-    return (1 - tt) * x + tt * noise, noise - x
+    return PathSample((1 - tt) * x + tt * noise, noise - x)
 
 
 def _bind(model: VelocityFn, cond: torch.Tensor | None) -> VelocityFn:
@@ -29,32 +53,70 @@ def _bind(model: VelocityFn, cond: torch.Tensor | None) -> VelocityFn:
     return lambda z, r, t: model(z, r, t, cond=cond)
 
 
+def plain_module(model: VelocityFn) -> VelocityFn:
+    """`model` without its DistributedDataParallel / torch.compile wrappers: the module the JVP differentiates.
+
+    Under DDP the JVP must not go through the wrapper: its forward would count as a second forward with grad
+    state for the reducer, and ranks differentiate different numbers of samples (only those with r != t).
+    """
+    while isinstance(model, torch.nn.Module):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
+def _jvp_fp32(fn: VelocityFn, primals: tuple[torch.Tensor, ...],
+              tangents: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """du/dt by forward-mode AD in fp32 whatever autocast is active (forward-mode AD under bf16 autocast fails,
+    and the target must not carry bf16 rounding), without grad: the target is stop-gradient."""
+    device_type = primals[0].device.type
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        primals = tuple(p.float() for p in primals)
+        tangents = tuple(t.float() for t in tangents)
+        return torch.func.jvp(fn, primals, tangents)[1]
+
+
 def meanflow_target(model: VelocityFn, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
-                    cheap: bool = True, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (u, u_tgt) with u_tgt = v - (t - r) du/dt, du/dt = JVP of u over (z, r, t) along (v, 0, 1).
+                    cheap: bool = True, cond: torch.Tensor | None = None) -> MeanFlowPrediction:
+    """u and its target u_tgt = v - (t - r) du/dt, du/dt = JVP of u over (z, r, t) along (v, 0, 1).
 
     `cheap=True`: a normal forward with grad for u plus a JVP under no_grad for du/dt (no forward-mode
     graph kept for the backward pass), only over the samples with r != t. `cheap=False`: one `torch.func.jvp`
     whose primal output carries the gradient. Both give the same parameter gradients because the target is
-    stop-gradient. `cond` (B, ...): a conditioning passed to the model as `cond=`, subset with the samples.
+    stop-gradient.
+
+    Args:
+        model: u(z, r, t) -> (B, C, h, w, d).
+        z, v: (B, C, h, w, d) path point and velocity (`interpolate`).
+        r, t: (B,) interval ends, r <= t.
+        cond: optional (B, ...) conditioning passed to the model as `cond=`, subset with the samples.
+    Returns:
+        MeanFlowPrediction(u, target), both (B, C, h, w, d); the target is detached.
     """
+    plain = plain_module(model)
     if cheap:
-        u = _bind(model, cond)(z, r, t)
+        u = _bind(model, cond)(z, r, t)  # the one forward with grad (through DDP / autocast when active)
         u_tgt = v.clone()
         # (t - r) du/dt vanishes where r = t (most samples): differentiate only the others; every layer acts
         # per sample (group norm, attention within a sample), so the subset's JVP equals the full batch's
         moving = (t - r) != 0
         if moving.any():
             sub = (z[moving], r[moving], t[moving])
-            fn = _bind(model, None if cond is None else cond[moving])
-            with torch.no_grad():
-                _, dudt = torch.func.jvp(fn, sub, (v[moving], torch.zeros_like(sub[1]), torch.ones_like(sub[2])))
+            fn = _bind(plain, None if cond is None else cond[moving])
+            dudt = _jvp_fp32(fn, sub, (v[moving], torch.zeros_like(sub[1]), torch.ones_like(sub[2])))
             u_tgt[moving] = v[moving] - _expand(sub[2] - sub[1], dudt) * dudt
-        return u, u_tgt.detach()
+        return MeanFlowPrediction(u, u_tgt.detach())
+    if plain is not model:
+        raise ValueError("loss.cheap_jvp: false differentiates through the model's forward with grad, which DDP and "
+                         "torch.compile do not support: set loss.cheap_jvp: true for multi-GPU or compiled runs")
     tangents = (v, torch.zeros_like(r), torch.ones_like(t))
     u, dudt = torch.func.jvp(_bind(model, cond), (z, r, t), tangents)
     u_tgt = v - _expand(t - r, v) * dudt
-    return u, u_tgt.detach()
+    return MeanFlowPrediction(u, u_tgt.detach())
 
 
 @dataclass(frozen=True)
@@ -69,6 +131,7 @@ class ChannelLp:
     @classmethod
     def for_channels(cls, n_image: int, n_mask: int = 0, p_img: float = 2.0, p_mask: float = 2.0,
                      lambda_img: float = 1.0, lambda_mask: float = 1.0) -> ChannelLp:
+        """Groups for `n_image` image channels, then `n_mask` mask channels (none when 0)."""
         groups = [(n_image, p_img, lambda_img)]
         if n_mask:
             groups.append((n_mask, p_mask, lambda_mask))
@@ -76,6 +139,7 @@ class ChannelLp:
 
     @property
     def channels(self) -> int:
+        """Total channel count over the groups."""
         return sum(g[0] for g in self.groups)
 
     def per_group(self, delta: torch.Tensor, voxel_weight: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -127,6 +191,24 @@ class MeanFlowLoss:
     group_names: Sequence[str] = ("img", "mask")
 
     lesion_weight: float = 0.0
+
+    @classmethod
+    def from_config(cls, loss: LossConfig, n_image: int = 4, n_mask: int = 0) -> MeanFlowLoss:
+        """The loss a run's `loss:` config section describes, for `n_image` image and `n_mask` mask channels.
+
+        Args:
+            loss: the config section (p, lambda per channel group, time sampler, adaptive weight, lesion weight).
+            n_image, n_mask: channel counts of the model's latents (image first).
+        Returns:
+            The configured MeanFlowLoss (flow matching when `loss.kind` is "flow_matching").
+        """
+        return cls(
+            distance=ChannelLp.for_channels(n_image, n_mask, loss.p_img, loss.p_mask, loss.lambda_img,
+                                            loss.lambda_mask),
+            time_sampler=TimeSampler(loss.time_mean, loss.time_std, loss.ratio_r_neq_t),
+            adaptive_power=loss.adaptive_power, adaptive_c=loss.adaptive_c,
+            flow_matching=loss.kind == "flow_matching", cheap_jvp=loss.cheap_jvp, lesion_weight=loss.lesion_weight,
+        )
 
     def __call__(self, model: VelocityFn, x: torch.Tensor, generator: torch.Generator | None = None,
                  lesion: torch.Tensor | None = None,

@@ -42,7 +42,7 @@ from neuromf.models.adapter_meta import (
 )
 from neuromf.models.controlnet import ConditionedFlowModel, MeanFlowControlNet, controlnet_from_unet
 from neuromf.models.flow_model import load_flow_model
-from neuromf.pipelines.stage1 import build_loss
+from neuromf.train.distributed import main_first
 from neuromf.train.loop import LossFn, TrainEvent, TrainResult, TrainTask, fixed_draw_evaluator, train
 from neuromf.train.run_dir import in_run_dir
 from neuromf.utils import atomic_write, default_cache_dir, resolve_device
@@ -91,7 +91,8 @@ def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", 
     model = ConditionedFlowModel(base, controlnet)
     vae = vae_for(base_meta)
     prep = stage2_preprocessing(base_meta, cfg)
-    dataset = conditional_dataset(cfg, vae, prep, progress)
+    with main_first():  # several processes: rank 0 fills the latent cache, then the others read it
+        dataset = conditional_dataset(cfg, vae, prep, progress)
     images = dataset.image_latents()
     data = dataset.packed(images)
     prior = build_mask_prior(dataset)
@@ -102,7 +103,8 @@ def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", 
         lesion_weight=cfg.loss.lesion_weight, trainable_params=sum(p.numel() for p in controlnet.parameters()),
         total_params=sum(p.numel() for p in model.parameters()), controlnet=controlnet.arch,
         n_healthy=dataset.n_healthy)
-    loss_fn = packed_lesion_loss(build_loss(cfg, 4, 0), 4, conditional=True, dilate=cfg.loss.lesion_dilate)
+    loss_fn = packed_lesion_loss(MeanFlowLoss.from_config(cfg.loss, 4, 0), 4, conditional=True,
+                                 dilate=cfg.loss.lesion_dilate)
     preview_mask = torch.from_numpy(prior.sample(np.random.default_rng(cfg.training.seed))).float()[None, None]
     preview_noise = torch.randn((1, *images.shape[1:]), generator=torch.Generator().manual_seed(cfg.training.seed))
 

@@ -15,6 +15,7 @@ from neuromf.data.fcd_dataset import FCDDataset
 from neuromf.data.mask_codec import mask_channels
 from neuromf.eval.mask_test import read_decision
 from neuromf.generate import GeneratedPair, model_grid_affine, sample_latents, vae_for, write_pairs
+from neuromf.meanflow.loss import MeanFlowLoss
 from neuromf.models.adapter_meta import ADAPTER_DIR, AdapterMeta, base_reference, data_reference, resolve_adapter_dir
 from neuromf.models.joint import JointModel, build_joint_model, load_joint_model
 from neuromf.models.lora import (
@@ -23,7 +24,7 @@ from neuromf.models.lora import (
     save_adapter,
 )
 from neuromf.pipelines.conditional import packed_lesion_loss, stage2_preprocessing
-from neuromf.pipelines.stage1 import build_loss
+from neuromf.train.distributed import main_first
 from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, fixed_draw_evaluator, train
 from neuromf.train.run_dir import in_run_dir
 from neuromf.utils import default_cache_dir, resolve_device
@@ -54,9 +55,10 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
     vae = vae_for(base_meta)
     prep = stage2_preprocessing(base_meta, cfg)
     cache_dir = cfg.data.cache_dir or default_cache_dir()
-    dataset = FCDDataset(cfg.data.data_dir, strategy, vae=vae, prep=prep, cache_dir=cache_dir,
-                         downsample_mode=cfg.data.downsample_mode, flip=cfg.data.flip, split=cfg.data.split,
-                         progress=progress, sdf_scale_mm=cfg.data.sdf_scale_mm, sdf_subgrid=cfg.data.sdf_subgrid)
+    with main_first():  # several processes: rank 0 fills the latent cache, then the others read it
+        dataset = FCDDataset(cfg.data.data_dir, strategy, vae=vae, prep=prep, cache_dir=cache_dir,
+                             downsample_mode=cfg.data.downsample_mode, flip=cfg.data.flip, split=cfg.data.split,
+                             progress=progress, sdf_scale_mm=cfg.data.sdf_scale_mm, sdf_subgrid=cfg.data.sdf_subgrid)
     latents = dataset.latents()
     trainable, total = count_trainable_params(model)
     sidecar = AdapterMeta(
@@ -81,7 +83,7 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
         image, mask = joint.split(sample_meanflow(m, preview_noise.to(device), steps=1))
         return [(image[0, 0].numpy(), mask[0, 0].numpy().astype(np.uint8))]
 
-    loss_fn = packed_lesion_loss(build_loss(cfg, 4, n_mask), 4 + n_mask, conditional=False,
+    loss_fn = packed_lesion_loss(MeanFlowLoss.from_config(cfg.loss, 4, n_mask), 4 + n_mask, conditional=False,
                                  dilate=cfg.loss.lesion_dilate)
     data = dataset.packed(latents)
     task = TrainTask(model=model, loss_fn=loss_fn, export=export, preview=preview,
@@ -92,7 +94,19 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
 
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
                    device: str = "auto") -> Iterator[GeneratedPair]:
-    """Joint FLAIR + lesion mask samples, decoded by the adapter's strategy; sample i depends only on (seed, i)."""
+    """Joint FLAIR + lesion mask samples, decoded by the adapter's strategy; sample i depends only on (seed, i).
+
+    Args:
+        adapter: a joint adapter folder or "embedded" (the shipped demo).
+        n: number of pairs.
+        steps: sampler steps (1 = one-step MeanFlow).
+        seed: noise seed.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+    Yields:
+        `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, the model grid's
+        (4, 4) affine, and meta (seed, steps, adapter, strategy, `mask_noise_correlation`: about 0 when the mask
+        latent left its noise behind).
+    """
     dev = resolve_device(device)
     joint = load_joint_model(adapter, dev)
     prep = joint.meta.prep
@@ -114,7 +128,14 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
 
 def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                           device: str = "auto") -> list[Path]:
-    """Joint pairs written by `neuromf.generate.write_pairs`."""
+    """Joint pairs written by `neuromf.generate.write_pairs`.
+
+    Args:
+        adapter, n, steps, seed, device: as for `generate_pairs`.
+        out_dir: output folder.
+    Returns:
+        The written paths: FLAIR, mask and JSON per pair.
+    """
     return write_pairs(generate_pairs(adapter, n, steps, seed, device), out_dir)
 
 

@@ -12,34 +12,28 @@ from neuromf.config import RunConfig
 from neuromf.data.latents import encode_images, make_cache, resolve_data_dir
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import Preprocessing
-from neuromf.meanflow import ChannelLp, MeanFlowLoss, TimeSampler
+from neuromf.meanflow import MeanFlowLoss
 from neuromf.models.flow_model import save_flow_model
 from neuromf.models.unet import MeanFlowUNet
+from neuromf.train.distributed import main_first
 from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, train
 from neuromf.train.run_dir import in_run_dir
 from neuromf.utils import default_cache_dir
 from neuromf.vae import MAISIVAEWrapper
 
 
-def build_loss(cfg: RunConfig, n_image: int = 4, n_mask: int = 0) -> MeanFlowLoss:
-    lc = cfg.loss
-    return MeanFlowLoss(
-        distance=ChannelLp.for_channels(n_image, n_mask, lc.p_img, lc.p_mask, lc.lambda_img, lc.lambda_mask),
-        time_sampler=TimeSampler(lc.time_mean, lc.time_std, lc.ratio_r_neq_t),
-        adaptive_power=lc.adaptive_power, adaptive_c=lc.adaptive_c,
-        flow_matching=lc.kind == "flow_matching", cheap_jvp=lc.cheap_jvp,
-    )
-
-
 def preprocessing_of(cfg: RunConfig) -> Preprocessing:
+    """The model grid and intensity bound a run's `data:` section describes."""
     return Preprocessing(shape=tuple(cfg.data.shape), spacing=tuple(cfg.data.spacing), clip_max=cfg.data.clip_max)
 
 
 def load_vae(cfg: RunConfig, device: str | torch.device = "cpu") -> MAISIVAEWrapper:
+    """The run's VAE (`model.vae`: "embedded" or a local file; its sidecar names the preset)."""
     return MAISIVAEWrapper.resolve(cfg.model.vae, preset=cfg.model.vae_preset, device=device)
 
 
 def vae_meta(cfg: RunConfig, vae: MAISIVAEWrapper, prep: Preprocessing) -> dict:
+    """The entries a saved model needs to find and check its VAE again (identity, scale, grid)."""
     return {"vae": cfg.model.vae, "vae_preset": vae.preset, "vae_identity": vae.identity,
             "scale_factor": vae.scale_factor, "preprocessing": prep.key()}
 
@@ -55,9 +49,10 @@ def train_base(cfg: RunConfig, resume: bool = False, overwrite: bool = False, st
     root = resolve_data_dir(cfg.data.data_dir)
     cases = discover_cases(root, group=cfg.data.group, split=cfg.data.split)
     cache = make_cache(Path(cfg.data.cache_dir or default_cache_dir()), vae, prep)
-    latents = encode_images([c.image for c in cases], vae, prep, cache, flip=cfg.data.flip, progress=progress)
+    with main_first():  # several processes: rank 0 fills the latent cache, then the others read it
+        latents = encode_images([c.image for c in cases], vae, prep, cache, flip=cfg.data.flip, progress=progress)
     model = MeanFlowUNet(in_channels=latents.shape[1], preset=cfg.model.preset)
-    loss = build_loss(cfg)
+    loss = MeanFlowLoss.from_config(cfg.loss)
     meta = {**vae_meta(cfg, vae, prep), "latent_shape": list(latents.shape[1:]),
             "channels": {"image": latents.shape[1], "mask": 0}, "stage": 1,
             "train_cases": [c.case_id for c in cases]}

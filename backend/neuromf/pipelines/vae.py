@@ -55,6 +55,7 @@ class VAELoss:
 
 
 def load_volumes(cfg: RunConfig, split: str | None, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """The preprocessed scans of a split (N, 1, H, W, D) and their case ids (VAE training data)."""
     prep = preprocessing_of(cfg)
     cases = discover_cases(resolve_data_dir(cfg.data.data_dir), group=cfg.data.group, split=split)
     vols = [preprocess_image(c.image, prep).data for c in tqdm(cases, desc="loading", disable=not progress)]

@@ -26,13 +26,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from neuromf.train.ema import EMA, trainable_parameters
-from neuromf.utils import library_versions
+from neuromf.utils import json_default, library_versions
 
 CHECKPOINT_NAME = "checkpoint"
 
 
 @dataclass
 class TrainState:
+    """Where a run stands: steps and epochs done, skipped steps, and task extras (wall time, world size)."""
+
     step: int = 0
     epoch: int = 0
     skipped_steps: int = 0
@@ -40,6 +42,7 @@ class TrainState:
 
 
 def checkpoint_paths(out_dir: Path) -> tuple[Path, Path]:
+    """The checkpoint's weights file and its readable JSON copy in a run folder."""
     return out_dir / f"{CHECKPOINT_NAME}.safetensors", out_dir / f"{CHECKPOINT_NAME}.json"
 
 
@@ -52,16 +55,6 @@ def _fault(point: str, step: int) -> None:
     spec = os.environ.get(FAULT_ENV)
     if spec and spec == f"{point}@{step}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, tuple):
-        return list(obj)
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], None], point: str, step: int) -> None:
@@ -105,7 +98,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, ema: EMA, optimizer: torch.
         "step": state.step, "epoch": state.epoch, "skipped_steps": state.skipped_steps, "extra": state.extra,
         "optimizer_param_groups": opt_state["param_groups"], "optimizer_scalar_state": scalar_state,
         "generator_device": str(generator.device), "versions": library_versions(), **meta,
-    }, indent=2, default=_json_default) + "\n"
+    }, indent=2, default=json_default) + "\n"
     weights, sidecar = checkpoint_paths(Path(out_dir))
     weights.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"step": str(state.step), META_KEY: sidecar_text}

@@ -9,11 +9,14 @@ from neuromf.utils import atomic_write
 
 
 class EpochLog:
-    def __init__(self, out_dir: Path, tensorboard: bool = True) -> None:
+    """`enabled=False` (ranks other than 0 in a multi-process run) writes nothing."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True, enabled: bool = True) -> None:
         self.path = out_dir / "losses.csv"
         self.png = out_dir / "loss_curve.png"
+        self.enabled = enabled
         self.writer = None
-        if tensorboard:
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -22,12 +25,16 @@ class EpochLog:
                 self.writer = None
 
     def rows(self) -> list[dict[str, float]]:
+        """The logged epochs (losses.csv) as dicts of floats."""
         if not self.path.is_file():
             return []
         with open(self.path, newline="") as fh:
             return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
 
     def append(self, row: dict[str, float], keep_until_step: int | None = None) -> None:
+        """Log one epoch's row (rank 0 only); after a resume, rows past `keep_until_step` are dropped."""
+        if not self.enabled:
+            return
         rows = self.rows()
         if keep_until_step is not None:  # after a resume, drop epochs logged past the checkpoint
             rows = [r for r in rows if r["step"] <= keep_until_step]
@@ -48,17 +55,20 @@ class EpochLog:
             self.writer.flush()
 
     def plot(self) -> Path | None:
-        rows = self.rows()
+        """Redraw loss_curve.png from the log; None when nothing is logged."""
+        rows = self.rows() if self.enabled else []
         if not rows:
             return None
         return plot_loss_curve(rows, self.png)
 
     def close(self) -> None:
+        """Close the TensorBoard writer, if any."""
         if self.writer is not None:
             self.writer.close()
 
 
 def plot_loss_curve(rows: list[dict[str, float]], png: Path) -> Path:
+    """Loss curve PNG (log scale, one line per logged loss part), written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")

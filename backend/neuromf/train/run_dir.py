@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import yaml
 
 from neuromf.config import RunConfig, save_config
+from neuromf.train import distributed
 from neuromf.train.checkpoint import checkpoint_paths, read_checkpoint_meta
 from neuromf.utils import atomic_write, ensure_writable
 
@@ -56,9 +57,11 @@ class RunLock:
 
     @property
     def held(self) -> bool:
+        """Whether this process holds the lock."""
         return self.fd is not None
 
     def acquire(self) -> RunLock:
+        """Take the lock or raise naming the process that holds it (pid, host)."""
         if self.fd is not None or fcntl is None:
             return self
         while True:
@@ -87,6 +90,7 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Release the lock and remove its file."""
         if self.fd is None:
             return
         try:
@@ -250,6 +254,10 @@ def in_run_dir(train_fn: Callable[..., Generator[Any, None, Result]]) -> Callabl
         cfg: RunConfig = bound.arguments["cfg"]
         resume, overwrite = bool(bound.arguments.get("resume")), bool(bound.arguments.get("overwrite"))
         out_dir = Path(cfg.training.output_dir)
+        if not distributed.is_main():  # several processes: rank 0 alone locks, prepares and cleans the folder
+            if "resume" in bound.arguments:  # as rank 0 decides: a run without a checkpoint starts at step 0
+                bound.arguments["resume"] = resume and checkpoint_paths(out_dir)[0].is_file()
+            return (yield from train_fn(*bound.args, **bound.kwargs))
         created = _first_missing(out_dir)
         lock = RunLock(out_dir)
         try:
