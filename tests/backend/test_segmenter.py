@@ -190,10 +190,14 @@ def test_downstream_report_keys_and_arithmetic(monkeypatch, tmp_path, phantom_di
 
 
 def _adapter(tmp_path):
+    """The sidecar of an adapter on the test grid (its weights are not needed: the pairs are already generated)."""
+    from neuromf.models.adapter_meta import AdapterMeta
+
     folder = tmp_path / "adapter"
-    folder.mkdir()
-    (folder / "neuromf_adapter.json").write_text(json.dumps(
-        {"preprocessing": {"shape": [N, N, N], "spacing": [6.0, 6.0, 6.0], "clip_max": 2.0}}))
+    AdapterMeta(mode="joint", base_checkpoint="-", base_sha256="-", base_preset="tiny", vae="-", vae_preset="tiny",
+                vae_identity="-", scale_factor=1.0,
+                preprocessing={"shape": [N, N, N], "spacing": [6.0, 6.0, 6.0], "clip_max": 2.0},
+                latent_shape=[4, N // 4, N // 4, N // 4], channels={"image": 4, "mask": 0}, config={}).save(folder)
     return folder
 
 
