@@ -8,13 +8,16 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads on first use: path helpers stay cheap in the napari plugin
+    import torch
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Turn "auto" into CUDA when present, else CPU; validate explicit names early."""
+    import torch
+
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -79,6 +82,8 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     """Content hash of a state_dict (names, shapes and values), independent of file format."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().to("cpu").contiguous()
@@ -92,6 +97,7 @@ def library_versions() -> dict[str, str]:
     """Versions of torch, MONAI and peft, recorded with runs for reproducibility."""
     import monai
     import peft
+    import torch
 
     return {"torch": torch.__version__, "monai": monai.__version__, "peft": peft.__version__}
 
