@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from neuromf.utils import atomic_write, atomic_write_json, resolve_device, state_dict_sha256
-from neuromf.weights import WeightFileError, check_keys, embedded_model_dir, load_state_dict
+from neuromf.weights import WeightFileError, check_keys, embedded_model_dir, load_state_dict, read_json_sidecar
 
 DOWNSAMPLE = 4  # the MAISI encoder halves each axis twice
 
@@ -76,16 +75,6 @@ def choose_num_splits(spatial_len: int, requested: int, kernel_size: int = 3) ->
     return 1
 
 
-def _read_sidecar(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WeightFileError(f"{path}: VAE sidecar is not readable JSON ({err})") from err
-    if not isinstance(meta, dict):
-        raise WeightFileError(f"{path}: VAE sidecar must be a JSON object, got {type(meta).__name__}")
-    return meta
-
-
 class MAISIVAEWrapper(nn.Module):
     """Encode (B,1,H,W,D) volumes in [0,1] to scaled latents (B,4,H/4,W/4,D/4) and decode them back.
 
@@ -141,7 +130,7 @@ class MAISIVAEWrapper(nn.Module):
         path = Path(path)
         weight_file = path / "model.safetensors" if path.is_dir() else path
         sidecar = weight_file.with_suffix(".json")
-        meta = _read_sidecar(sidecar) if sidecar.is_file() else {}
+        meta = read_json_sidecar(sidecar, "VAE sidecar") if sidecar.is_file() else {}
         saved = meta.get("preset")
         if saved is not None and saved not in VAE_PRESETS:
             raise WeightFileError(f"{sidecar}: unknown VAE preset {saved!r} in the sidecar; expected one of "

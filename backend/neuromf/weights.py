@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -33,6 +35,17 @@ def embedded_model_dir(name: str) -> Path:
 
 class WeightFileError(ValueError):
     """A weight file that cannot be used (corrupt, truncated, pickled, not a state_dict); names the file."""
+
+
+def read_json_sidecar(path: Path, what: str) -> dict[str, Any]:
+    """A JSON sidecar as a dict; WeightFileError naming the file (and `what` it is) when it is not a JSON object."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightFileError(f"{path}: {what} is not readable JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise WeightFileError(f"{path}: {what} must be a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def _safetensors_problem(path: Path, err: Exception) -> str:

@@ -298,7 +298,8 @@ def test_case_table(bids_tree: Path) -> None:
 # --------------------------------------------------------------------------------------------- the field's tools
 def _pybids_flairs(root: Path) -> dict[str, set[str]]:
     """FLAIR image names per subject as pybids' BIDSLayout indexes them (validating names, like a BIDS app)."""
-    bids = pytest.importorskip("bids")
+    import bids  # test extra (pybids)
+
     layout = bids.BIDSLayout(str(root), validate=True)
     found: dict[str, set[str]] = {}
     for f in layout.get(suffix="FLAIR", extension=[".nii", ".nii.gz"]):
@@ -324,7 +325,6 @@ def test_discovery_agrees_with_pybids(bids_tree: Path, phantom_dir: Path) -> Non
     generated phantoms, and the shipped sample data."""
     from neuromf.weights import sample_data_root
 
-    pytest.importorskip("bids")
     quirky = bids_tree.parent / "quirky"
     shutil.copytree(bids_tree, quirky)
     _image(quirky / "sub-00003" / "anat" / "sub-00003_acq-3D_FLAIR.nii.gz")
@@ -345,8 +345,7 @@ def _validator() -> str:
     """The official schema-based BIDS validator (pip package bids-validator-deno), next to this Python or on PATH."""
     beside = Path(sys.executable).parent / "bids-validator-deno"
     found = str(beside) if beside.is_file() else shutil.which("bids-validator-deno")
-    if found is None:
-        pytest.skip("bids-validator-deno is not installed (pip install bids-validator-deno)")
+    assert found, "bids-validator-deno is missing: install the test extras (pip install -e '.[test]')"
     return found
 
 

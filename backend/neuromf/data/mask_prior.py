@@ -69,10 +69,8 @@ class MaskPrior:
         """The model grid (H, W, D) of the reference brain, and so of the drawn masks."""
         return tuple(self.brain.shape)
 
-    def candidate_centres(self, brain: np.ndarray | None = None) -> np.ndarray:
-        """(K, 3) voxel indices where a lesion centre may go in `brain` (default: the reference brain)."""
-        brain = self.brain if brain is None else np.asarray(brain, dtype=bool)
-        depth = depth_map(brain, self.spacing)
+    def candidate_centres(self, brain: np.ndarray, depth: np.ndarray) -> np.ndarray:
+        """(K, 3) voxel indices where a lesion centre may go in `brain`, given its `depth_map` (mm)."""
         lo, hi = self.depth_range
         margin = DEPTH_MARGIN * (hi - lo)
         allowed = brain & (depth >= lo + margin) & (depth <= hi - margin)
@@ -87,10 +85,10 @@ class MaskPrior:
         if brain is not None and tuple(np.shape(brain)) != self.shape:
             raise ValueError(f"brain shape {tuple(np.shape(brain))} is not the prior's grid {self.shape}")
         brain = self.brain if brain is None else np.asarray(brain, dtype=bool)
-        centres = self.candidate_centres(brain)
+        depth = depth_map(brain, self.spacing)
+        centres = self.candidate_centres(brain, depth)
         if not len(centres):
             raise ValueError("the brain has no voxel at the real lesions' depth to place a lesion in")
-        depth = depth_map(brain, self.spacing)
         # the lesion's own median depth, kept half a margin inside the real range: the FLAIR generated around it
         # has a slightly different brain, and its depth must still lie in the real range there
         lo, hi = self.depth_range

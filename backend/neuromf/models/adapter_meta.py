@@ -8,14 +8,13 @@ names the file, and old sidecars (no `mode`, no sdf entries) load with the value
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from neuromf.io.nifti import Preprocessing
 from neuromf.utils import atomic_write_json
-from neuromf.weights import WeightFileError, embedded_model_dir
+from neuromf.weights import WeightFileError, embedded_model_dir, read_json_sidecar
 
 SIDECAR = "neuromf_adapter.json"
 ADAPTER_DIR = "adapter"  # a training run's adapter folder: <output_dir>/adapter
@@ -127,11 +126,7 @@ class AdapterMeta:
         path = Path(directory) / SIDECAR
         if not path.is_file():
             raise FileNotFoundError(f"{directory}: not a NeuroMF adapter (missing {SIDECAR})")
-        try:
-            values = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise WeightFileError(f"{path}: adapter sidecar is not readable JSON ({err})") from err
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(read_json_sidecar(path, "adapter sidecar"), source=str(path))
 
 
 def base_reference(base_checkpoint: str | Path, base_meta: dict[str, Any]) -> dict[str, Any]:

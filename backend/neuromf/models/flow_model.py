@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ from torch import nn
 
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.utils import atomic_write, atomic_write_json, file_sha256
-from neuromf.weights import WeightFileError, check_keys, embedded_model_dir, load_state_dict
+from neuromf.weights import WeightFileError, check_keys, embedded_model_dir, load_state_dict, read_json_sidecar
 
 
 def save_flow_model(model: MeanFlowUNet, directory: Path, meta: dict[str, Any]) -> Path:
@@ -56,21 +55,10 @@ def resolve_model_path(spec: str | Path) -> tuple[Path, Path]:
     return path, sidecar
 
 
-def _read_sidecar(sidecar: Path) -> dict[str, Any]:
-    """A model sidecar as a dict; WeightFileError naming the file when it is not readable JSON of a model."""
-    try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WeightFileError(f"{sidecar}: model sidecar is not readable JSON ({err})") from err
-    if not isinstance(meta, dict):
-        raise WeightFileError(f"{sidecar}: model sidecar must be a JSON object, got {type(meta).__name__}")
-    return meta
-
-
 def read_model_meta(spec: str | Path) -> dict[str, Any]:
     """The sidecar of a saved model (architecture, VAE, grid) without loading its weights."""
     _, sidecar = resolve_model_path(spec)
-    return _read_sidecar(sidecar)
+    return read_json_sidecar(sidecar, "model sidecar")
 
 
 def load_flow_model(spec: str | Path, preset: str | None = None) -> tuple[MeanFlowUNet, dict[str, Any]]:
@@ -86,7 +74,7 @@ def load_flow_model(spec: str | Path, preset: str | None = None) -> tuple[MeanFl
         WeightFileError: unreadable sidecar or weights, or weights that do not fit the architecture.
     """
     weights, sidecar = resolve_model_path(spec)
-    meta = _read_sidecar(sidecar)
+    meta = read_json_sidecar(sidecar, "model sidecar")
     if meta.get("kind") != "meanflow_unet":
         raise ValueError(f"{sidecar}: not a MeanFlow model sidecar (kind={meta.get('kind')!r})")
     arch = meta.get("arch")
