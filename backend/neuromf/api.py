@@ -34,7 +34,7 @@ def mask_test(data: str | Path = "embedded", vae: str | Path = "embedded", vae_p
     Returns:
         The result dict: per-case Dice rows, `summary`, `decision` ("vae" | "downsample" | "sdf") and `reason`.
     """
-    from neuromf.data.latents import resolve_data_dir
+    from neuromf.data.embedded import resolve_data_dir
     from neuromf.eval.mask_test import mask_vae_test, save_mask_test
     from neuromf.vae import MAISIVAEWrapper
 

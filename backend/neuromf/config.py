@@ -94,6 +94,10 @@ class ModelConfig(_Section):
     preset: Literal["tiny", "small", "base"] = "small"  # MeanFlowUNet preset: tiny | small | base
     vae: str = "embedded"  # "embedded" or a local MAISI weight file
     vae_preset: Literal["maisi", "small", "tiny"] | None = None  # a local VAE file's architecture; None: its sidecar
+    # warm start of `train-base` / `train-vae`: a saved UNet / VAE ("embedded", folder or file) of the same
+    # architecture whose weights initialise the run's; both are convolutional, so a model trained on a coarser grid
+    # is a good start on a finer one (how the `fine` default was made)
+    init_from: str | None = None
 
 
 @dataclass
@@ -136,6 +140,8 @@ class ConditionalConfig(_Section):
     # strided convs from the full-resolution mask (10x the CPU cost)
     embedding_channels: list[int] = bounded([32], 1)
     include_healthy: bool = True  # healthy cases with empty masks: no lesion in, no hyperintensity out
+    # warm start: a conditional adapter ("embedded" or folder) whose ControlNet weights initialise this one
+    init_from: str | None = None
 
 
 @dataclass

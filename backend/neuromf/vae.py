@@ -11,7 +11,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from neuromf.utils import atomic_write, atomic_write_json, resolve_device, state_dict_sha256
-from neuromf.weights import WeightFileError, check_keys, embedded_model_dir, load_state_dict, read_json_sidecar
+from neuromf.weights import (
+    WeightFileError,
+    check_keys,
+    embedded_model,
+    embedded_model_dir,
+    load_state_dict,
+    read_json_sidecar,
+)
 
 DOWNSAMPLE = 4  # the MAISI encoder halves each axis twice
 
@@ -154,9 +161,10 @@ class MAISIVAEWrapper(nn.Module):
     @classmethod
     def resolve(cls, spec: str | Path, preset: str | None = None,
                 device: str | torch.device = "cpu") -> MAISIVAEWrapper:
-        """`embedded` or a local path (see `from_file` for `preset`)."""
-        if str(spec) == "embedded":
-            return cls.embedded(device=device)
+        """`embedded` / `embedded-fine` (the shipped 3 mm / 2 mm VAE) or a local path (see `from_file` for `preset`)."""
+        shipped = embedded_model(spec, "vae")
+        if shipped is not None:
+            return cls.from_file(shipped, preset="small", device=device)
         return cls.from_file(spec, preset=preset, device=device)
 
     def save(self, directory: Path, extra: dict | None = None) -> Path:

@@ -33,6 +33,25 @@ def embedded_model_dir(name: str) -> Path:
     return path
 
 
+# the shipped models by name: "embedded" is the 3 mm default (64^3), "embedded-fine" the 2 mm one (96^3)
+EMBEDDED_MODELS: dict[str, dict[str, str]] = {
+    "vae": {"embedded": "vae_small", "embedded-fine": "vae_fine"},
+    "base": {"embedded": "base_small", "embedded-fine": "base_fine"},
+    "joint": {"embedded": "lora_demo"},
+    "conditional": {"embedded": "cond_demo", "embedded-fine": "cond_fine"},
+}
+
+
+def embedded_model(spec: str | Path, kind: str) -> Path | None:
+    """The folder a shipped model's name ("embedded", "embedded-fine") stands for; None for any other spec."""
+    names = EMBEDDED_MODELS[kind]
+    if str(spec) not in {"embedded", "embedded-fine"}:
+        return None
+    if str(spec) not in names:
+        raise FileNotFoundError(f"no shipped {kind} model is called {str(spec)!r} (shipped: {', '.join(names)})")
+    return embedded_model_dir(names[str(spec)])
+
+
 class WeightFileError(ValueError):
     """A weight file that cannot be used (corrupt, truncated, pickled, not a state_dict); names the file."""
 

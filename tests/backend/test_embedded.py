@@ -11,7 +11,7 @@ import torch
 from monai.metrics import SSIMMetric
 
 from neuromf.cli import main as cli
-from neuromf.data.latents import resolve_data_dir
+from neuromf.data.embedded import resolve_data_dir
 from neuromf.generate import generate_images
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import Preprocessing, preprocess_image

@@ -27,6 +27,13 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def unweighted(event) -> dict[str, str]:
+    """The unweighted Lp for the bar, where the loss has one: MeanFlow's adaptive-weighted loss is ~1 by
+    construction, the Lp is the figure that falls (a VAE's loss has no such part, so nothing is shown)."""
+    raw = event.parts.get("raw")
+    return {} if raw is None else {"lp": f"{raw:.4g}"}
+
+
 def drive(events: Generator, desc: str):
     """Run a training generator with a tqdm bar; returns its TrainResult."""
     from tqdm.auto import tqdm
@@ -40,14 +47,11 @@ def drive(events: Generator, desc: str):
             bar.total = event.total_steps
         bar.n = event.step
         if event.kind == "step":
-            # the adaptive-weighted loss is ~1 by construction; the unweighted Lp is the one that falls
-            bar.set_postfix(lp=f"{event.parts.get('raw', float('nan')):.4g}", loss=f"{event.loss:.4g}",
-                            lr=f"{event.lr:.2g}", refresh=False)
+            bar.set_postfix(**unweighted(event), loss=f"{event.loss:.4g}", lr=f"{event.lr:.2g}", refresh=False)
         elif event.kind in ("skipped", "stopped"):
             tqdm.write(event.message)
         elif event.kind == "epoch":
-            bar.set_postfix(epoch=event.epoch, lp=f"{event.parts.get('raw', float('nan')):.4g}",
-                            loss=f"{event.loss:.4g}", refresh=False)
+            bar.set_postfix(epoch=event.epoch, **unweighted(event), loss=f"{event.loss:.4g}", refresh=False)
         bar.refresh()
 
     try:

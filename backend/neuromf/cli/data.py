@@ -21,7 +21,7 @@ def cmd_make_phantoms(args) -> int:
 
 def cmd_check_data(args) -> int:
     """`neuromf check-data`: table of the cases found in a data folder; exit code 1 when one is unusable."""
-    from neuromf.data.latents import resolve_data_dir
+    from neuromf.data.embedded import resolve_data_dir
     from neuromf.io.bids import case_report, discover_cases, format_case_table
 
     skipped: list[dict] = []  # broken subjects (ROI without FLAIR, 2D image): problem rows, not an abort
@@ -45,7 +45,7 @@ def cmd_mask_test(args) -> int:
     """`neuromf mask-test`: P7-T1, round-trip Dice of FCD masks through the VAE vs downsampling."""
     from tqdm.auto import tqdm
 
-    from neuromf.data.latents import resolve_data_dir
+    from neuromf.data.embedded import resolve_data_dir
     from neuromf.eval.mask_test import mask_vae_test, save_mask_test
     from neuromf.io.bids import discover_cases
     from neuromf.io.nifti import Preprocessing

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from neuromf.data.latents import encode_case, make_cache, resolve_data_dir
+from neuromf.data.embedded import resolve_data_dir
+from neuromf.data.latents import encode_case, make_cache
 from neuromf.data.mask_codec import (  # noqa: F401  (re-exported: the strategies' public home used to be here)
     DOWNSAMPLE_MODES,
     STRATEGIES,

@@ -11,19 +11,8 @@ from tqdm.auto import tqdm
 from neuromf.data.latent_cache import LatentCache
 from neuromf.io.nifti import Preprocessing, preprocess_pair
 from neuromf.vae import MAISIVAEWrapper
-from neuromf.weights import sample_data_root
 
 LR_AXIS = 1  # (C, H, W, D) on the RAS grid: H runs left -> right
-
-
-def resolve_data_dir(data_dir: str | Path) -> Path:
-    """`embedded` -> the committed phantom data set; anything else must exist."""
-    if str(data_dir) == "embedded":
-        return sample_data_root() / "fcd_phantoms"
-    path = Path(data_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: data folder does not exist")
-    return path
 
 
 def make_cache(cache_dir: Path | str, vae: MAISIVAEWrapper, prep: Preprocessing) -> LatentCache:

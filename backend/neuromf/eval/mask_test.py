@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuromf.data.latents import resolve_data_dir
+from neuromf.data.embedded import resolve_data_dir
 from neuromf.data.mask_codec import (
     DOWNSAMPLE_MODES,
     decode_sdf,

@@ -396,7 +396,7 @@ def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing,
     per generated pair) and ``real_cases``. ValueError naming the folder when no pairs or an incomplete pair is
     found, or when the generated grid differs from `prep.shape`.
     """
-    from neuromf.data.latents import resolve_data_dir
+    from neuromf.data.embedded import resolve_data_dir
 
     generated_dir, data_dir = Path(generated_dir), resolve_data_dir(data_dir)
     generated = load_generated(generated_dir, prep)

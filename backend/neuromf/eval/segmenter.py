@@ -198,7 +198,7 @@ def evaluate_consistency(generated_dir: Path, data_dir: Path | str, prep: Prepro
     (and writes atomically to `out_json`) the per-seed rows and mean +- sd over seeds. ValueError naming the folder
     when it holds no pairs, the generated grid differs from `prep.shape`, or a split has no usable cases.
     """
-    from neuromf.data.latents import resolve_data_dir
+    from neuromf.data.embedded import resolve_data_dir
     from neuromf.utils import atomic_write_json
 
     generated_dir, data_dir = Path(generated_dir), resolve_data_dir(data_dir)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from neuromf.io.nifti import Preprocessing
 from neuromf.utils import atomic_write_json
-from neuromf.weights import WeightFileError, embedded_model_dir, read_json_sidecar
+from neuromf.weights import WeightFileError, embedded_model, read_json_sidecar
 
 SIDECAR = "neuromf_adapter.json"
 ADAPTER_DIR = "adapter"  # a training run's adapter folder: <output_dir>/adapter
@@ -138,7 +138,7 @@ def base_reference(base_checkpoint: str | Path, base_meta: dict[str, Any]) -> di
 
 def data_reference(data_dir: str, root: Path) -> str:
     """"embedded" stays a name, so a shipped adapter does not carry the training machine's path."""
-    return "embedded" if data_dir == "embedded" else str(root)
+    return data_dir if data_dir in ("embedded", "embedded-fine") else str(root)
 
 
 def is_conditional_adapter(directory: Path | str) -> bool:
@@ -147,10 +147,8 @@ def is_conditional_adapter(directory: Path | str) -> bool:
 
 
 def resolve_adapter_dir(spec: str | Path, mode: Mode = "joint") -> Path:
-    """An adapter folder; "embedded" is the shipped demo adapter of `mode`."""
-    if str(spec) == "embedded":
-        return embedded_model_dir("cond_demo" if mode == "conditional" else "lora_demo")
-    return Path(spec)
+    """An adapter folder; "embedded" is the shipped demo adapter of `mode`, "embedded-fine" the 2 mm one."""
+    return embedded_model(spec, mode) or Path(spec)
 
 
 def generation_mode(adapter: str | Path, mode: str = "auto") -> Mode:
@@ -159,6 +157,8 @@ def generation_mode(adapter: str | Path, mode: str = "auto") -> Mode:
         raise ValueError(f"mode must be auto, joint or conditional, got {mode!r}")
     if str(adapter) == "embedded":
         return "joint" if mode == "auto" else mode
+    if str(adapter) == "embedded-fine":  # only a conditional adapter is shipped at 2 mm
+        return "conditional" if mode == "auto" else mode
     found = "conditional" if is_conditional_adapter(adapter) else "joint"
     if mode != "auto" and mode != found:
         remedy = "train one with train-conditional" if mode == "conditional" else "use --mode conditional"

@@ -10,7 +10,7 @@ from torch import nn
 
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.utils import atomic_write, atomic_write_json, file_sha256
-from neuromf.weights import WeightFileError, check_keys, embedded_model_dir, load_state_dict, read_json_sidecar
+from neuromf.weights import WeightFileError, check_keys, embedded_model, load_state_dict, read_json_sidecar
 
 
 def save_flow_model(model: MeanFlowUNet, directory: Path, meta: dict[str, Any]) -> Path:
@@ -35,14 +35,14 @@ def resolve_model_path(spec: str | Path) -> tuple[Path, Path]:
     """The weights and sidecar of a saved model.
 
     Args:
-        spec: "embedded", a model folder, or a `.safetensors` file next to its `.json`.
+        spec: "embedded" / "embedded-fine" (the shipped 3 mm / 2 mm base), a model folder, or a `.safetensors`
+            file next to its `.json`.
     Returns:
         (weights path, sidecar path).
     Raises:
         FileNotFoundError: either file is missing.
     """
-    if str(spec) == "embedded":
-        spec = embedded_model_dir("base_small")
+    spec = embedded_model(spec, "base") or spec
     path = Path(spec)
     if path.is_dir():
         path = path / "model.safetensors"

@@ -88,6 +88,8 @@ def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", 
         raise ValueError(f"{base_checkpoint}: the conditional mode starts from an image-only (4-channel) model, "
                          f"got {base.in_channels} channels")
     controlnet = controlnet_from_unet(base, cfg.conditional.embedding_channels)
+    if cfg.conditional.init_from:
+        load_controlnet_weights(controlnet, resolve_adapter_dir(cfg.conditional.init_from, "conditional"))
     model = ConditionedFlowModel(base, controlnet)
     vae = vae_for(base_meta)
     prep = stage2_preprocessing(base_meta, cfg)
@@ -222,17 +224,23 @@ def load_conditional_model(adapter: str | Path, device: str | torch.device = "cp
     arch = meta.controlnet
     controlnet = MeanFlowControlNet(arch["in_channels"], arch["preset"], arch["cond_channels"],
                                     arch["embedding_channels"])
+    load_controlnet_weights(controlnet, directory)
+    dev = resolve_device(device)
+    model = ConditionedFlowModel(base, controlnet).to(dev).eval()
+    return ConditionalModel(model, vae_for(meta.vae_reference(), device=dev), MaskPrior.load(directory / PRIOR), meta)
+
+
+def load_controlnet_weights(controlnet: MeanFlowControlNet, directory: Path) -> MeanFlowControlNet:
+    """Load an adapter folder's ControlNet weights into `controlnet` (same architecture); returns it."""
     try:
         state = load_file(str(directory / CONTROLNET_WEIGHTS))
     except Exception as err:
         raise ValueError(f"{directory / CONTROLNET_WEIGHTS}: not a readable safetensors file ({err})") from err
-    missing, unexpected = controlnet.load_state_dict(state, strict=False)
+    missing, unexpected = controlnet.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{directory / CONTROLNET_WEIGHTS}: weights do not fit the ControlNet in the sidecar "
+        raise ValueError(f"{directory / CONTROLNET_WEIGHTS}: weights do not fit the ControlNet "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    dev = resolve_device(device)
-    model = ConditionedFlowModel(base, controlnet).to(dev).eval()
-    return ConditionalModel(model, vae_for(meta.vae_reference(), device=dev), MaskPrior.load(directory / PRIOR), meta)
+    return controlnet
 
 
 PLACEMENT_ROUNDS = 3

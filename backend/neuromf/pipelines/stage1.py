@@ -9,11 +9,12 @@ from threading import Event
 import torch
 
 from neuromf.config import RunConfig
-from neuromf.data.latents import encode_images, make_cache, resolve_data_dir
+from neuromf.data.embedded import resolve_data_dir
+from neuromf.data.latents import encode_images, make_cache
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import Preprocessing
 from neuromf.meanflow import MeanFlowLoss
-from neuromf.models.flow_model import save_flow_model
+from neuromf.models.flow_model import load_flow_model, save_flow_model
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.train.distributed import main_first
 from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, train
@@ -52,10 +53,21 @@ def train_base(cfg: RunConfig, resume: bool = False, overwrite: bool = False, st
     with main_first():  # several processes: rank 0 fills the latent cache, then the others read it
         latents = encode_images([c.image for c in cases], vae, prep, cache, flip=cfg.data.flip, progress=progress)
     model = MeanFlowUNet(in_channels=latents.shape[1], preset=cfg.model.preset)
+    if cfg.model.init_from:
+        model.load_state_dict(warm_start(cfg.model.init_from, model).state_dict())
     loss = MeanFlowLoss.from_config(cfg.loss)
-    meta = {**vae_meta(cfg, vae, prep), "latent_shape": list(latents.shape[1:]),
+    meta = {**vae_meta(cfg, vae, prep), "latent_shape": list(latents.shape[1:]), "init_from": cfg.model.init_from,
             "channels": {"image": latents.shape[1], "mask": 0}, "stage": 1,
             "train_cases": [c.case_id for c in cases]}
     task = TrainTask(model=model, loss_fn=loss, meta=meta,
                      export=lambda m, d: save_flow_model(m, d, meta))
     return (yield from train(task, latents, cfg.training, out_dir, stop=stop, resume=resume))
+
+
+def warm_start(spec: str | Path, model: MeanFlowUNet) -> MeanFlowUNet:
+    """The saved flow model `spec`, checked to have `model`'s architecture (so its weights can initialise it)."""
+    source, _ = load_flow_model(spec)
+    if source.arch != model.arch:
+        raise ValueError(f"{spec}: model.init_from has a different architecture than the run's UNet "
+                         f"({source.arch} vs {model.arch})")
+    return source

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neuromf.config import RunConfig
-from neuromf.data.latents import resolve_data_dir
+from neuromf.data.embedded import resolve_data_dir
 from neuromf.eval.image_metrics import reconstruction_metrics, ssim_3d
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import preprocess_image
@@ -70,7 +70,9 @@ def train_vae(cfg: RunConfig, preset: str = "small", resume: bool = False, overw
     torch.manual_seed(cfg.training.seed)
     volumes, train_ids = load_volumes(cfg, cfg.data.split, progress)
     held_out, test_ids = load_volumes(cfg, "test", progress) if cfg.data.split == "train" else (volumes[:0], [])
-    wrapper = MAISIVAEWrapper(preset=preset)
+    # warm start (model.init_from): a VAE trained on another grid is a good start on this one (the `fine` default)
+    wrapper = (MAISIVAEWrapper.resolve(cfg.model.init_from, preset=preset) if cfg.model.init_from
+               else MAISIVAEWrapper(preset=preset))
     train_len = cfg.vae_training.patch_size or cfg.data.shape[0]
     # splitting convolutions only saves memory; on small patches it costs ~20% of the step time
     wrapper.set_num_splits_for(train_len, requested=1)
@@ -84,7 +86,8 @@ def train_vae(cfg: RunConfig, preset: str = "small", resume: bool = False, overw
         autoencoder.train()
         wrapper.set_num_splits_for(train_len, requested=1)
         wrapper.save(directory, extra={"preprocessing": prep.key(), "train_cases": train_ids,
-                                       "test_cases": test_ids, "held_out_quality": quality})
+                                       "test_cases": test_ids, "held_out_quality": quality,
+                                       "init_from": cfg.model.init_from})
         return directory / "model.safetensors"
 
     task = TrainTask(model=wrapper.autoencoder, loss_fn=VAELoss(vt.patch_size, vt.kl_weight, vt.ssim_weight),
