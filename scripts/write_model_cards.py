@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from neuromf.config import load_config
-from neuromf.data.latents import resolve_data_dir
+from neuromf.data.embedded import resolve_data_dir
 from neuromf.eval.figures import sample_montage
 from neuromf.generate import generate_images
 from neuromf.io.bids import discover_cases
