@@ -15,6 +15,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
+    QLabel,
     QLineEdit,
     QPushButton,
     QVBoxLayout,
@@ -26,9 +27,11 @@ from napari_neuromf._helpers import (
     JobPanel,
     PathField,
     add_layer,
+    dock_title,
     launch,
     layer_choice,
     make_table,
+    pair_mismatch,
     selected_row,
     set_row,
     tip,
@@ -43,6 +46,8 @@ if TYPE_CHECKING:
 
 class FCDDataWidget(QWidget):
     """Browse a dataset (BIDS or flat), check its cases, load one as FLAIR + lesion overlay, register new ones."""
+
+    TITLE = "FCD data"  # as in napari.yaml: the dock tab's text
 
     HEADERS = ["case", "group", "split", "voxels", "mm", "lesion cm³", "problems"]
     HEADER_TIPS = ["Subject or case name", "fcd = patient with a lesion, hc = healthy control",
@@ -76,6 +81,11 @@ class FCDDataWidget(QWidget):
                                            "in radiology). Neurological: the patient's right on the right")
         self.convention.addItems([c.capitalize() for c in CONVENTIONS])
         self.convention.currentTextChanged.connect(self.apply_view)
+        self.three_views = tip(QCheckBox("three views"), "Also show coronal and sagittal views (in a dock below the "
+                                                         "canvas), linked to the axial view: they cross at the same "
+                                                         "point, and a slider in any view moves it in all three")
+        self.three_views.toggled.connect(self.show_three_views)
+        self.ortho: Any = None  # the OrthoViews dock while three views are shown
         self.job = JobPanel("Stop scanning, opening or writing after the current case")
         self.job.cancel_button.clicked.connect(self.cancel)
 
@@ -101,8 +111,10 @@ class FCDDataWidget(QWidget):
         row.addWidget(self.load_button)
         row.addWidget(self.contour)
         layout.addLayout(row)
-        view = QFormLayout()
-        view.addRow("View", self.convention)
+        view = QHBoxLayout()
+        view.addWidget(QLabel("View"))
+        view.addWidget(self.convention, 1)
+        view.addWidget(self.three_views)
         layout.addLayout(view)
         layout.addWidget(self.job)
         box = QGroupBox("Save open layers as a new case")
@@ -113,6 +125,7 @@ class FCDDataWidget(QWidget):
         box_form.addRow("Save into", self.register_folder)
         box_form.addRow(self.register_button)
         layout.addWidget(box)
+        dock_title(self, self.TITLE)
         when_backend_ready(self, self._fill_defaults)
 
     def _fill_defaults(self, env: _session.Environment) -> None:
@@ -123,7 +136,37 @@ class FCDDataWidget(QWidget):
     # -- view ---------------------------------------------------------------------------------------------
     def apply_view(self, *_: Any) -> None:
         """Axial view in the chosen convention (radiological unless the user picked neurological)."""
-        show_axial(self.viewer, self.convention.currentText().lower())
+        convention = self.convention.currentText().lower()
+        show_axial(self.viewer, convention)
+        if self.ortho is not None:
+            self.ortho.set_convention(convention)
+
+    def show_three_views(self, on: bool) -> None:
+        """Axial in the main canvas plus linked coronal and sagittal views in a dock (``on``), or the main view
+        alone again."""
+        from napari_neuromf._ortho_views import OrthoViews
+
+        if on and self.ortho is None:
+            self.apply_view()  # the main canvas is the axial one of the three
+            try:
+                self.ortho = OrthoViews(self.viewer, self.convention.currentText().lower())
+                self.ortho.closed.connect(self._three_views_closed)
+                self.ortho.show_in("bottom")
+            except Exception as err:  # a canvas that cannot be created (no OpenGL): say so, keep one view
+                message = f"FCD data: cannot show three views: {err}"
+                show_error(message)
+                self.job.fail(message)
+                if self.ortho is not None:
+                    self.ortho.close_views()
+                self._three_views_closed()
+        elif not on and self.ortho is not None:
+            self.ortho.close_views()
+
+    def _three_views_closed(self) -> None:
+        self.ortho = None
+        self.three_views.blockSignals(True)
+        self.three_views.setChecked(False)
+        self.three_views.blockSignals(False)
 
     def _view_after_adding(self, lesion: Any = None) -> None:
         if current_convention(self.viewer) is None or len(self.viewer.layers) <= 2:
@@ -307,21 +350,6 @@ def compact(values: Any, fmt: str, same: str = "") -> str:
         return "-"
     texts = [fmt.format(v) for v in values]
     return texts[0] + same if len(set(texts)) == 1 else "x".join(texts)
-
-
-def pair_mismatch(image: Any, labels: Any, atol: float = 1e-3) -> str | None:
-    """Why an Image and a Labels layer are not one case (shape, scale/translate or stored affine), else None."""
-    if image.data.shape != labels.data.shape:
-        return f"shapes differ ({image.data.shape} vs {labels.data.shape})"
-    if not (np.allclose(image.scale, labels.scale, atol=atol) and
-            np.allclose(image.translate, labels.translate, atol=atol)):
-        return (f"grids differ (scale {tuple(image.scale)} vs {tuple(labels.scale)}, translate "
-                f"{tuple(image.translate)} vs {tuple(labels.translate)})")
-    a = (image.metadata.get("nifti") or {}).get("canonical_affine")
-    b = (labels.metadata.get("nifti") or {}).get("canonical_affine")
-    if a is not None and b is not None and not np.allclose(a, b, atol=atol):
-        return f"affines differ by up to {float(np.max(np.abs(np.asarray(a) - np.asarray(b)))):.3g} mm"
-    return None
 
 
 __all__ = ["RADIOLOGICAL", "FCDDataWidget", "pair_mismatch"]

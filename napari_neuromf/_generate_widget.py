@@ -28,6 +28,7 @@ from napari_neuromf._helpers import (
     JobPanel,
     PathField,
     add_layer,
+    dock_title,
     launch,
     layer_choice,
     tip,
@@ -49,6 +50,8 @@ MODE_TIPS = ("joint: FLAIR and lesion mask both generated from noise (a LoRA ada
 
 class GenerateWidget(QWidget):
     """Sample (FLAIR, lesion) pairs from an adapter and overlay them; save the chosen ones as NIfTI."""
+
+    TITLE = "Generate"  # as in napari.yaml: the dock tab's text
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
@@ -124,6 +127,7 @@ class GenerateWidget(QWidget):
         box_layout.addWidget(self.save_button)
         layout.addWidget(box, 1)
         self._refresh_pairs()
+        dock_title(self, self.TITLE)
         when_backend_ready(self, self._fill_defaults)
 
     def _fill_defaults(self, env: _session.Environment) -> None:

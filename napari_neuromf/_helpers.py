@@ -13,18 +13,21 @@ import numpy as np
 from magicgui.widgets import ComboBox
 from napari.layers import Image, Labels, Layer
 from napari.qt.threading import create_worker
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
+    QDockWidget,
     QDoubleSpinBox,
     QFileDialog,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QLineEdit,
+    QMainWindow,
     QProgressBar,
     QPushButton,
     QSizePolicy,
+    QTabBar,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -162,6 +165,21 @@ def layer_choice(viewer: napari.Viewer, layer_type: type[Layer], tooltip: str, f
     return combo
 
 
+def pair_mismatch(image: Any, labels: Any, atol: float = 1e-3) -> str | None:
+    """Why an Image and a Labels layer are not one case (shape, scale/translate or stored affine), else None."""
+    if image.data.shape != labels.data.shape:
+        return f"shapes differ ({image.data.shape} vs {labels.data.shape})"
+    if not (np.allclose(image.scale, labels.scale, atol=atol) and
+            np.allclose(image.translate, labels.translate, atol=atol)):
+        return (f"grids differ (scale {tuple(image.scale)} vs {tuple(labels.scale)}, translate "
+                f"{tuple(image.translate)} vs {tuple(labels.translate)})")
+    a = (image.metadata.get("nifti") or {}).get("canonical_affine")
+    b = (labels.metadata.get("nifti") or {}).get("canonical_affine")
+    if a is not None and b is not None and not np.allclose(a, b, atol=atol):
+        return f"affines differ by up to {float(np.max(np.abs(np.asarray(a) - np.asarray(b)))):.3g} mm"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- workers
 def launch(widget: QWidget, worker: Any) -> Any:
     """Start ``worker`` as ``widget.worker``, with ``widget.busy`` True until its ``finished`` handler ran on the
@@ -215,6 +233,73 @@ def when_backend_ready(widget: QWidget, apply: Callable[[_session.Environment], 
         _backend_worker = create_worker(_session.environment)
         _backend_worker.returned.connect(deliver)
         _backend_worker.start()
+
+
+# ------------------------------------------------------------------------------------------- dock tabs
+FULL_TITLES = "neuromf_full_tab_titles"  # object name of the event filter on napari's main window
+
+
+def show_full_titles(bar: QTabBar) -> None:
+    """Tabs as wide as their whole title (no "Gener..."), with scroll arrows when they do not all fit."""
+    bar.setElideMode(Qt.ElideNone)
+    bar.setUsesScrollButtons(True)
+
+
+class _FullTabTitles(QObject):
+    """Event filter on the main window: each tab bar Qt creates for tabified docks gets whole titles."""
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt naming)
+        if event.type() == QEvent.ChildPolished and isinstance(event.child(), QTabBar):
+            show_full_titles(event.child())
+        return False
+
+
+class _DockTitle(QObject):
+    """Once its widget is docked (reparented into a QDockWidget), names the dock and sets up its window's tabs."""
+
+    def __init__(self, widget: QWidget, title: str) -> None:
+        super().__init__(widget)
+        self.widget, self.title = widget, title
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt naming)
+        if obj is self.widget and event.type() == QEvent.ParentChange:
+            QTimer.singleShot(0, self.apply)  # napari docks, then tabifies, in the same call: look after both
+        return False
+
+    def apply(self) -> None:
+        try:
+            dock = self.widget.parentWidget()
+            while dock is not None and not isinstance(dock, QDockWidget):
+                dock = dock.parentWidget()
+            if dock is None:
+                return
+            dock.setWindowTitle(self.title)
+            window = dock.parentWidget()
+            if isinstance(window, QMainWindow):
+                full_tab_titles(window)
+        except RuntimeError:  # the widget or its dock was deleted meanwhile
+            pass
+
+
+def full_tab_titles(window: QMainWindow) -> None:
+    """Every tab bar of tabified docks in ``window`` shows whole titles, now and whenever Qt makes a new one."""
+    if window.findChild(QObject, FULL_TITLES) is None:
+        watcher = _FullTabTitles(window)
+        watcher.setObjectName(FULL_TITLES)
+        window.installEventFilter(watcher)
+    for bar in window.findChildren(QTabBar, options=Qt.FindDirectChildrenOnly):
+        show_full_titles(bar)
+
+
+def dock_title(widget: QWidget, title: str) -> None:
+    """Once ``widget`` is docked in napari's window, its tab reads ``title`` in full.
+
+    napari titles a plugin dock "<widget> (<plugin>)"; four of those tabbed side by side were cut to "FCD ...",
+    "Gener...". The dock gets the widget's own name (as in napari.yaml), and the window's dock tab bars stop
+    eliding (scroll arrows appear when the tabs are wider than the dock area).
+    """
+    _DockTitle(widget, title)
 
 
 # ------------------------------------------------------------------------------------------- job panel

@@ -23,7 +23,16 @@ from qtpy.QtWidgets import (
 )
 
 from napari_neuromf import _session
-from napari_neuromf._helpers import JobPanel, PathField, add_layer, float_box, launch, tip, when_backend_ready
+from napari_neuromf._helpers import (
+    JobPanel,
+    PathField,
+    add_layer,
+    dock_title,
+    float_box,
+    launch,
+    tip,
+    when_backend_ready,
+)
 from napari_neuromf._layers import pair_layers
 from napari_neuromf._session import NEW_RUN, RESUME, RUN_MODES, Failure, Phase, format_eta
 
@@ -42,6 +51,8 @@ RUN_MODE_TIPS = {NEW_RUN: "Train from scratch in a fresh folder (a new timestamp
 
 class LoRAWidget(QWidget):
     """LoRA fine-tuning of the base MeanFlow model on FCD image + mask latents, in a background thread."""
+
+    TITLE = "LoRA fine-tuning"  # as in napari.yaml: the dock tab's text
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
@@ -93,7 +104,7 @@ class LoRAWidget(QWidget):
         self.job = JobPanel("Stop after the current step (same as Stop)")
         self.job.cancel_button.clicked.connect(self.stop)
         self.progress_bar, self.status = self.job.bar, self.job.status
-        self._preparing = QTimer(self)  # counts the seconds of the silent latent-encoding phase
+        self._preparing = QTimer(self)  # counts the seconds of loading the models, before the encoding counts
         self._preparing.setInterval(1000)
         self._preparing.timeout.connect(self._show_preparing)
         self._phase = ("", 0.0)
@@ -129,6 +140,7 @@ class LoRAWidget(QWidget):
         layout.addWidget(self.loss_plot, 1)
 
         self.config.currentTextChanged.connect(self.fill_from_config)
+        dock_title(self, self.TITLE)
         when_backend_ready(self, self._fill_defaults)
 
     def _fill_defaults(self, env: _session.Environment) -> None:
@@ -271,6 +283,9 @@ class LoRAWidget(QWidget):
             return
         self._preparing.stop()
         self.run.record(event)
+        if event.kind == "encoding":
+            self._show_encoding(event)
+            return
         # every GUI-thread millisecond competes with the training thread for the GIL: refresh the bar, the text
         # and the plot at most a few times per second (every point is recorded)
         if event.kind == "step":  # only step events are throttled; previews, epochs and the end always show
@@ -294,6 +309,19 @@ class LoRAWidget(QWidget):
             self._show_previews(event)
         elif event.kind in ("done", "stopped"):
             self._plot()  # the throttled redraw may have skipped the last steps
+
+    def _show_encoding(self, event: Any) -> None:
+        """Before the first step: cases encoded into latents so far, of how many, and the time left."""
+        self.job.count(event.step, event.total_steps, "cases")
+        self.progress_bar.setFormat(f"Encoding latents: %v / %m cases  ·  ETA {format_eta(event.eta_s)}")
+        if self.run.stop.is_set():
+            self.job.status.setText("Stopping: the run stops (and saves) at its first step, once the training cases "
+                                    f"are encoded ({event.step} of {event.total_steps} done)")
+        elif event.step < event.total_steps:
+            self.job.status.setText(f"{event.message[:1].upper()}{event.message[1:]}; each scan is encoded once, "
+                                    "later runs read it from the cache")
+        else:
+            self.job.status.setText(f"All {event.total_steps} training cases encoded; starting the first step ...")
 
     def _plot(self) -> None:
         self.loss_plot.set_points(self.run.plotted if self.run is not None else [])

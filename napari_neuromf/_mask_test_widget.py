@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import Qt
@@ -25,8 +26,11 @@ from napari_neuromf._helpers import (
     JobPanel,
     PathField,
     add_layer,
+    dock_title,
     launch,
+    layer_choice,
     make_table,
+    pair_mismatch,
     selected_row,
     set_row,
     tip,
@@ -43,10 +47,13 @@ STRATEGY_NAMES = {"vae": "encode the mask with the image VAE (mask encoding 'vae
                   "sdf": "shrink the mask as a signed distance map (mask encoding 'sdf')"}
 
 FROM_SIDECAR = "from its sidecar"  # the preset its model.json names (maisi for a bare MAISI file)
+FOLDER, LAYERS = "Data folder", "Open layers"  # what the test runs on
 
 
 class MaskTestWidget(QWidget):
     """Can the image VAE carry the lesion mask? Dice per case for strategy A (VAE) vs B (downsampled)."""
+
+    TITLE = "Mask-VAE test"  # as in napari.yaml: the dock tab's text
 
     HEADERS = ["case", "cm³", "VAE", "distance", "nearest", "area", "max"]
     HEADER_TIPS = ["Case name", "Lesion volume in cubic centimetres",
@@ -73,7 +80,15 @@ class MaskTestWidget(QWidget):
                                            "released MAISI model; small/tiny = NeuroMF's reduced versions")
         self.vae_preset.addItems([FROM_SIDECAR, "maisi", "small", "tiny"])
         self.vae_source.currentIndexChanged.connect(self._toggle_vae)
+        self.source = tip(QComboBox(), f"{FOLDER}: every FCD case of a data set (the result is saved and used by "
+                                       f"strategy 'auto'). {LAYERS}: one FLAIR image layer and its lesion labels "
+                                       "layer open in napari, e.g. a lesion you painted (nothing is saved)")
+        self.source.addItems([FOLDER, LAYERS])
+        self.source.currentIndexChanged.connect(self._toggle_source)
         self.folder = PathField("", "dir", "Dataset folder", tooltip="Data set with FCD cases and their lesion masks")
+        self.image_layer = layer_choice(napari_viewer, Image, "The open FLAIR image layer to test with its lesion")
+        self.labels_layer = layer_choice(napari_viewer, Labels, "The open lesion labels layer on that FLAIR's grid "
+                                                                "(every nonzero label counts as lesion)")
         self.max_cases = tip(QSpinBox(), "Test only the first N cases (all: every case with a mask)")
         self.max_cases.setRange(0, 100000)
         self.max_cases.setSpecialValueText("all")
@@ -101,8 +116,11 @@ class MaskTestWidget(QWidget):
         form.addRow("Image VAE", self.vae_source)
         form.addRow("VAE file", self.vae_file)
         form.addRow("VAE size", self.vae_preset)
+        form.addRow("Test on", self.source)
         form.addRow("Data folder", self.folder)
         form.addRow("Cases", self.max_cases)
+        form.addRow("FLAIR layer", self.image_layer.native)
+        form.addRow("Lesion layer", self.labels_layer.native)
         form.addRow("Mask threshold", self.threshold)
         form.addRow("Save result to", self.output)
         layout = QVBoxLayout(self)
@@ -113,6 +131,8 @@ class MaskTestWidget(QWidget):
         layout.addWidget(self.recommendation)
         layout.addWidget(self.reconstruct_button)
         self._toggle_vae()
+        self._toggle_source()
+        dock_title(self, self.TITLE)
         when_backend_ready(self, self._fill_defaults)
 
     def _fill_defaults(self, env: _session.Environment) -> None:
@@ -124,6 +144,31 @@ class MaskTestWidget(QWidget):
         local = self.vae_source.currentIndex() == 1
         self.vae_file.setEnabled(local)
         self.vae_preset.setEnabled(local)
+
+    def _toggle_source(self, *_: Any) -> None:
+        layers = self.source.currentText() == LAYERS
+        for control in (self.folder, self.max_cases, self.output):
+            control.setEnabled(not layers)
+        for choice in (self.image_layer, self.labels_layer):
+            choice.native.setEnabled(layers)
+
+    def _layer_pair(self) -> _session.LayerPair | None:
+        """Snapshots of the chosen open layers (the user may keep painting while the test runs), or None with
+        the reason shown."""
+        image, labels = self.image_layer.value, self.labels_layer.value
+        if image is None or labels is None:
+            self._refuse("Mask-VAE test: open a FLAIR image layer and a lesion labels layer first")
+            return None
+        problem = pair_mismatch(image, labels)
+        if problem:
+            self._refuse(f"Mask-VAE test: {image.name!r} and {labels.name!r} are not one case: {problem}")
+            return None
+        return _session.LayerPair((np.array(image.data), image.as_layer_data_tuple()[1]),
+                                  (np.array(labels.data), labels.as_layer_data_tuple()[1]))
+
+    def _refuse(self, message: str) -> None:
+        show_error(message)
+        self.job.fail(message)
 
     def vae_spec(self) -> tuple[str, str | None] | None:
         if self.vae_source.currentIndex() == 0:
@@ -142,16 +187,24 @@ class MaskTestWidget(QWidget):
         spec = self.vae_spec()
         if spec is None:
             return None
-        if not self.folder.text():
-            show_error("Mask-VAE test: choose a data folder first")
-            return None
-        output = Path(self.output.text()) if self.output.text() else None
-        self.run = _session.MaskTestRun(Path(self.folder.text()), self.max_cases.value(), spec[0], spec[1],
-                                        self.threshold.value(), output)
+        if self.source.currentText() == LAYERS:
+            pair = self._layer_pair()
+            if pair is None:
+                return None
+            self.run = _session.MaskTestRun(None, 0, spec[0], spec[1], self.threshold.value(), layers=pair)
+            message = f"Loading the VAE and preparing the {pair.description} ..."
+        else:
+            if not self.folder.text():
+                self._refuse("Mask-VAE test: choose a data folder first")
+                return None
+            output = Path(self.output.text()) if self.output.text() else None
+            self.run = _session.MaskTestRun(Path(self.folder.text()), self.max_cases.value(), spec[0], spec[1],
+                                            self.threshold.value(), output)
+            message = "Loading the VAE and finding the cases ..."
         self.table.setRowCount(0)
         self.recommendation.setText("Recommendation: the test is running")
         self.run_button.setEnabled(False)
-        self.job.begin("Loading the VAE and finding the cases ...")
+        self.job.begin(message)
         worker = create_worker(self.run.drive)
         worker.yielded.connect(self._on_item)
         worker.returned.connect(self._on_done)
@@ -191,6 +244,13 @@ class MaskTestWidget(QWidget):
             return
         summary = result["summary"]
         best_b = max(summary["mean_dice_downsample"].items(), key=lambda kv: kv[1])
+        if self.run.layers is not None:  # one lesion: a measurement, not a decision for training
+            self.job.finish(f"Tested the {self.run.layers.description} (not saved: strategy 'auto' uses the test "
+                            "of a data folder).")
+            self.recommendation.setText(
+                f"This lesion: Dice with the VAE {summary['mean_dice_vae']:.3f}, best shrunk mask ({best_b[0]}) "
+                f"{best_b[1]:.3f}. For the training recommendation, test the training data folder.")
+            return
         saved = f" Saved to {self.run.output}." if self.run.output else ""
         if self.run.output is not None:
             _session.STATE.remember(last_mask_test=self.run.output)
@@ -215,8 +275,8 @@ class MaskTestWidget(QWidget):
             show_error(f"Mask-VAE test: case {case_id} is no longer in {self.run.data_dir}")
             return None
         self.job.begin(f"Reconstructing the mask of {case_id} ...")
-        worker = create_worker(reconstruct_with_case, case, self.run.vae_spec, self.run.vae_preset,
-                               f"{case_id} FLAIR" not in self.viewer.layers)
+        open_case = self.run.layers is None and f"{case_id} FLAIR" not in self.viewer.layers
+        worker = create_worker(reconstruct_with_case, case, self.run.vae_spec, self.run.vae_preset, open_case)
         worker.returned.connect(lambda out: self._add_reconstruction(case_id, *out))
         return launch(self, worker)
 

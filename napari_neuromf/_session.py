@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
+import tempfile
 import threading
 import time
 import weakref
@@ -396,13 +398,13 @@ class TrainingRun:
     def drive(self) -> Generator[Any, None, Any]:
         """Worker body: the backend's training generator, errors turned into a Failure, memory released.
 
-        Before the first step the backend encodes every training case into latents (minutes for a real data set
-        on the first run; cached after) without reporting progress: a Phase says so.
+        A Phase covers the loading of the models; then the backend encodes every training case into latents
+        (minutes for a real data set on the first run; cached after), one "encoding" event per case.
         """
         events = None
         try:
-            yield Phase(f"Preparing: loading the models and encoding the training cases of {self.cfg.data.data_dir}"
-                        " into latents (each scan once; later runs reuse the cache) ...")
+            yield Phase(f"Preparing: loading the base model and the VAE, finding the training cases in "
+                        f"{self.cfg.data.data_dir} ...")
             from neuromf.pipelines.lora import train_lora
 
             events = train_lora(self.cfg, self.base_checkpoint, resume=self.resume, overwrite=self.overwrite,
@@ -460,36 +462,83 @@ def fcd_cases(folder: Path, limit: int = 0) -> list:
 
 
 @dataclass
+class LayerPair:
+    """An open FLAIR Image + lesion Labels layer, snapshotted on the GUI thread as (data, layer state) each."""
+
+    image: tuple[Any, dict]
+    labels: tuple[Any, dict]
+
+    @property
+    def name(self) -> str:
+        """The image layer's name, usable as a case and file name."""
+        return re.sub(r"[^A-Za-z0-9_-]+", "_", str(self.image[1].get("name") or "layer")).strip("_") or "layer"
+
+    @property
+    def description(self) -> str:
+        return f"open layers {self.image[1].get('name')!r} + {self.labels[1].get('name')!r}"
+
+    def write_case(self, folder: Path) -> Any:
+        """The pair as a flat-folder case (FLAIR + binary mask NIfTI) in ``folder``, a scratch folder of this
+        run: the layers' own files are never touched. Returns the ``neuromf.io.bids.Case``."""
+        import numpy as np
+
+        from napari_neuromf._layers import write_layer
+        from neuromf.io.bids import Case
+
+        image = write_layer(folder / f"{self.name}_FLAIR.nii.gz", *self.image)
+        mask = write_layer(folder / f"{self.name}_FLAIR_roi.nii.gz",
+                           (np.asarray(self.labels[0]) > 0).astype(np.uint8), self.labels[1])
+        return Case(self.name, image, mask, "fcd", "unknown")
+
+
+@dataclass
 class MaskTestRun:
     """The mask-VAE Dice test (strategy A vs B) on some FCD cases; rows arrive one case at a time.
 
-    ``drive`` yields the list of cases first (so the widget can show the total), then one row per case.
+    ``drive`` yields the list of cases first (so the widget can show the total), then one row per case. With
+    ``layers`` it tests that open layer pair instead of ``data_dir``: written into a scratch folder of its own
+    (kept while the run object lives, for the reconstruction overlay), and the result is not saved.
     """
 
-    data_dir: Path
+    data_dir: Path | None
     max_cases: int = 0
     vae_spec: str = EMBEDDED
     vae_preset: str | None = None  # None: the VAE file's sidecar says
     threshold: float = 0.5
     output: Path | None = None
+    layers: LayerPair | None = None
     cases: list = field(default_factory=list)  # neuromf.io.bids.Case with masks
     rows: list[dict] = field(default_factory=list)
     result: dict | None = None
     failure: Failure | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    _scratch: Any = field(default=None, repr=False)  # TemporaryDirectory of the layer pair: removed with the run
 
     @property
     def cancelled(self) -> bool:
         return self.cancel.is_set()
 
+    def _fail(self, err: BaseException) -> Failure:
+        message = describe_error(err, "Mask-VAE test")
+        if self._scratch is not None:  # say which layers, not which scratch folder
+            message = message.replace(str(self.data_dir), f"the {self.layers.description}")
+        self.failure = Failure(message, err)
+        return self.failure
+
+    def _find_cases(self) -> list:
+        if self.layers is None:
+            return fcd_cases(self.data_dir, self.max_cases)
+        self._scratch = tempfile.TemporaryDirectory(prefix="neuromf_mask_test_")
+        self.data_dir = Path(self._scratch.name)
+        return [self.layers.write_case(self.data_dir)]
+
     def drive(self) -> Generator[Any, None, dict | None]:
         """Worker body: yields the case list, then each case's row as soon as it is computed; returns the result
         (None when cancelled or failed)."""
         try:
-            self.cases = fcd_cases(self.data_dir, self.max_cases)
+            self.cases = self._find_cases()
         except Exception as err:
-            self.failure = Failure(describe_error(err, "Mask-VAE test"), err)
-            yield self.failure
+            yield self._fail(err)
             return None
         yield list(self.cases)
         from neuromf.eval.mask_test import mask_vae_test, save_mask_test
@@ -508,7 +557,9 @@ class MaskTestRun:
                 vae = STATE.vae(self.vae_spec, self.vae_preset)
                 result = mask_vae_test(self.data_dir, vae, preprocessing_for(vae), threshold=self.threshold,
                                        on_case=on_case, cases=self.cases)
-                if self.output is not None:
+                if self.layers is not None:
+                    result["data_dir"] = self.layers.description
+                elif self.output is not None:
                     save_mask_test(result, self.output)
                 outcome["result"] = result
             except Exception as err:  # handed to the GUI thread as a Failure
@@ -525,8 +576,7 @@ class MaskTestRun:
         if isinstance(error, Cancelled):
             return None
         if error is not None:
-            self.failure = Failure(describe_error(error, "Mask-VAE test"), error)
-            yield self.failure
+            yield self._fail(error)
             return None
         self.result = outcome["result"]
         return self.result

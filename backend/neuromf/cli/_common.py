@@ -35,14 +35,23 @@ def unweighted(event) -> dict[str, str]:
 
 
 def drive(events: Generator, desc: str):
-    """Run a training generator with a tqdm bar; returns its TrainResult."""
+    """Run a training generator with a tqdm bar; returns its TrainResult.
+
+    The bar starts with the first training event: the "encoding" events before it are already shown by the
+    pipeline's own encoding bar (`progress=True`), so the terminal never shows two bars at once.
+    """
     from tqdm.auto import tqdm
 
     from neuromf.train import run_to_end
 
-    bar = tqdm(desc=desc, unit="step", dynamic_ncols=True)
+    bar = None
 
     def on_event(event) -> None:
+        nonlocal bar
+        if event.kind == "encoding":
+            return
+        if bar is None:
+            bar = tqdm(desc=desc, unit="step", dynamic_ncols=True)
         if bar.total != event.total_steps:
             bar.total = event.total_steps
         bar.n = event.step
@@ -57,7 +66,8 @@ def drive(events: Generator, desc: str):
     try:
         return run_to_end(events, on_event)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 def stop_on_sigint() -> Event:
@@ -107,4 +117,4 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 def add_base_checkpoint_flag(p: argparse.ArgumentParser) -> None:
     """`--base-checkpoint`: the frozen stage-1 model stage 2 starts from (default: the embedded one)."""
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded",
-                   help="stage-1 model folder / model.safetensors, or 'embedded'")
+                   help="stage-1 model folder / model.safetensors, 'embedded' (3 mm) or 'embedded-fine' (2 mm)")

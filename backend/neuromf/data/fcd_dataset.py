@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Generator
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from neuromf.data.embedded import resolve_data_dir
-from neuromf.data.latents import encode_case, make_cache
+from neuromf.data.latents import EncodingClock, EncodingProgress, encode_case, make_cache, run_encoding
 from neuromf.data.mask_codec import (  # noqa: F401  (re-exported: the strategies' public home used to be here)
     DOWNSAMPLE_MODES,
     STRATEGIES,
@@ -43,13 +44,17 @@ class FCDDataset(Dataset):
     `flip=True` every case also appears mirrored left-right (image and mask together). Cases with an empty
     mask are skipped with a warning, unless `include_healthy` (the conditional mode), which also adds the
     healthy cases of the split with empty masks so the model learns that no lesion means no hyperintensity.
+
+    With `encode=False` the constructor only finds the cases; `encode_cases()` then encodes them one at a time,
+    yielding progress (the training pipelines report it as events before their first step).
     """
 
     def __init__(self, data_dir: Path | str, mask_strategy: str = "vae", vae: MAISIVAEWrapper | None = None,
                  prep: Preprocessing | None = None, cache_dir: Path | str | None = None,
                  downsample_mode: str = "nearest", flip: bool = False, split: str | None = "train",
                  return_volumes: bool = False, mask_scale: float | None = None, progress: bool = False,
-                 sdf_scale_mm: float = 6.0, sdf_subgrid: int = 2, include_healthy: bool = False) -> None:
+                 sdf_scale_mm: float = 6.0, sdf_subgrid: int = 2, include_healthy: bool = False,
+                 encode: bool = True) -> None:
         if mask_strategy not in STRATEGIES:
             raise ValueError(f"mask_strategy must be one of {STRATEGIES} (or auto in a config), got {mask_strategy!r}")
         if downsample_mode not in DOWNSAMPLE_MODES:
@@ -74,23 +79,37 @@ class FCDDataset(Dataset):
             with contextlib.suppress(DataError):  # no healthy cases: train on the FCD cases alone
                 healthy = [c for c in discover_cases(self.root, group="hc", split=split) if c.mask is None]
         self.items: list[tuple[str, dict[str, torch.Tensor]]] = []
+        self.n_healthy = len(healthy) * (2 if flip else 1)
+        self.mask_scale: float = 0.0  # set by encode_cases: as given, else about the image latents' spread
+        self._to_encode, self._flip, self._progress, self._mask_scale = self.cases + healthy, flip, progress, mask_scale
+        if encode:
+            run_encoding(self.encode_cases())
+
+    def encode_cases(self) -> Generator[EncodingProgress, None, FCDDataset]:
+        """Encode the cases through the latent cache, yielding progress after each; returns the dataset.
+
+        Raises DataError when every FCD case has an empty mask.
+        """
         from tqdm.auto import tqdm
 
-        for case in tqdm(self.cases + healthy, desc="encoding cases", disable=not progress, unit="case"):
-            for mirrored in ((False, True) if flip else (False,)):
+        cases, self._to_encode = self._to_encode, []
+        clock = EncodingClock(len(cases))
+        for case in tqdm(cases, desc="encoding cases", disable=not self._progress, unit="case"):
+            for mirrored in ((False, True) if self._flip else (False,)):
                 tensors = encode_case(case.image, case.mask, self.vae, self.prep, self.cache, flip=mirrored,
-                                      encode_mask=mask_strategy == "vae")
+                                      encode_mask=self.mask_strategy == "vae")
                 if case.mask is None:
                     tensors = {**tensors, "mask": torch.zeros((1, *self.prep.shape), dtype=torch.uint8)}
                 elif not tensors["mask"].any():
                     warnings.warn(f"{case.mask}: empty lesion mask, case {case.case_id} skipped", stacklevel=2)
                     break
                 self.items.append((case.case_id + ("_flip" if mirrored else ""), tensors))
-        self.n_healthy = len(healthy) * (2 if flip else 1)
+            yield clock.tick(case.case_id)
         if not self.items:
             raise DataError(f"{self.root}: every FCD case has an empty mask")
         image_std = float(torch.stack([t["z_img"] for _, t in self.items]).std())
-        self.mask_scale = float(mask_scale) if mask_scale is not None else image_std
+        self.mask_scale = float(self._mask_scale) if self._mask_scale is not None else image_std
+        return self
 
     @property
     def channels(self) -> tuple[int, int]:

@@ -1,18 +1,74 @@
-"""Turning discovered cases into cached latents on the model grid (shared by stage 1 and the FCD dataset)."""
+"""Turning discovered cases into cached latents on the model grid (shared by stage 1 and the FCD dataset).
+
+Encoding a data set takes minutes on a CPU the first time, so it is a generator: it yields an `EncodingProgress`
+after each case (a cached case is done in milliseconds) and returns the latents. `run_encoding` drives one to its
+end; `encoding_events` hands the progress on as the training generators' `TrainEvent("encoding", ...)`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from neuromf.data.latent_cache import LatentCache
 from neuromf.io.nifti import Preprocessing, preprocess_pair
+from neuromf.train.loop import TrainEvent
 from neuromf.vae import MAISIVAEWrapper
 
 LR_AXIS = 1  # (C, H, W, D) on the RAS grid: H runs left -> right
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class EncodingProgress:
+    """`done` of `total` cases encoded (or read from the latent cache), the last one's name, the time left."""
+
+    done: int
+    total: int
+    case_id: str
+    eta_s: float | None = None
+
+
+class EncodingClock:
+    """Counts the encoded cases and estimates the time left from the mean time per case so far."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+
+    def tick(self, case_id: str) -> EncodingProgress:
+        """One more case done: its progress record."""
+        self.done += 1
+        eta = (time.perf_counter() - self.started) / self.done * (self.total - self.done)
+        return EncodingProgress(self.done, self.total, case_id, eta)
+
+
+def run_encoding(steps: Generator[EncodingProgress, None, Result]) -> Result:
+    """Drive an encoding generator to its end and return its value (the latents, the dataset)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value
+
+
+def encoding_events(steps: Generator[EncodingProgress, None, Result],
+                    what: str = "training cases") -> Generator[TrainEvent, None, Result]:
+    """An encoding generator as the training generators report it: one `TrainEvent("encoding")` per case (step =
+    cases done, total_steps = cases, eta_s), before their first training step; returns the encoding's value."""
+    while True:
+        try:
+            progress = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        yield TrainEvent("encoding", progress.done, 0, progress.total, eta_s=progress.eta_s,
+                         message=f"encoding the {what} into latents: {progress.done}/{progress.total} "
+                                 f"({progress.case_id})")
 
 
 def make_cache(cache_dir: Path | str, vae: MAISIVAEWrapper, prep: Preprocessing) -> LatentCache:
@@ -42,12 +98,21 @@ def encode_case(image: Path, mask: Path | None, vae: MAISIVAEWrapper, prep: Prep
     return cache.get(sources, variant, compute)
 
 
+def encode_images_stepwise(images: Iterable[Path], vae: MAISIVAEWrapper, prep: Preprocessing, cache: LatentCache,
+                           flip: bool = False,
+                           progress: bool = False) -> Generator[EncodingProgress, None, torch.Tensor]:
+    """`encode_images` one scan at a time: yields an EncodingProgress per scan, returns the stacked latents."""
+    latents = []
+    images = [Path(p) for p in images]
+    clock = EncodingClock(len(images))
+    for path in tqdm(images, desc="encoding", disable=not progress, unit="vol"):
+        for mirrored in ((False, True) if flip else (False,)):
+            latents.append(encode_case(path, None, vae, prep, cache, flip=mirrored)["z_img"])
+        yield clock.tick(path.name)
+    return torch.stack(latents)
+
+
 def encode_images(images: Iterable[Path], vae: MAISIVAEWrapper, prep: Preprocessing, cache: LatentCache,
                   flip: bool = False, progress: bool = True) -> torch.Tensor:
     """Stacked image latents (N, 4, h, w, d), with left-right mirrored copies appended when `flip`."""
-    latents = []
-    images = list(images)
-    for path in tqdm(images, desc="encoding", disable=not progress, unit="vol"):
-        for mirrored in ((False, True) if flip else (False,)):
-            latents.append(encode_case(Path(path), None, vae, prep, cache, flip=mirrored)["z_img"])
-    return torch.stack(latents)
+    return run_encoding(encode_images_stepwise(images, vae, prep, cache, flip, progress))

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from neuromf.config import RunConfig
 from neuromf.data.brain import brain_mask
 from neuromf.data.fcd_dataset import FCDDataset
+from neuromf.data.latents import encoding_events
 from neuromf.data.mask_codec import lesion_region, pixel_shuffle_3d
 from neuromf.data.mask_prior import MaskPrior
 from neuromf.generate import GeneratedPair, model_grid_affine, vae_for, write_pairs
@@ -94,7 +95,8 @@ def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", 
     vae = vae_for(base_meta)
     prep = stage2_preprocessing(base_meta, cfg)
     with main_first():  # several processes: rank 0 fills the latent cache, then the others read it
-        dataset = conditional_dataset(cfg, vae, prep, progress)
+        dataset = conditional_dataset(cfg, vae, prep, progress, encode=False)
+        yield from encoding_events(dataset.encode_cases())  # an "encoding" event per case
     images = dataset.image_latents()
     data = dataset.packed(images)
     prior = build_mask_prior(dataset)
@@ -126,11 +128,12 @@ def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", 
 
 
 def conditional_dataset(cfg: RunConfig, vae: MAISIVAEWrapper, prep: Preprocessing,
-                        progress: bool = False) -> FCDDataset:
-    """The conditional mode's training set: FCD cases with their masks (+ healthy cases with empty masks)."""
+                        progress: bool = False, encode: bool = True) -> FCDDataset:
+    """The conditional mode's training set: FCD cases with their masks (+ healthy cases with empty masks);
+    `encode=False` leaves the encoding to `FCDDataset.encode_cases`."""
     return FCDDataset(cfg.data.data_dir, "downsample", vae=vae, prep=prep,
                       cache_dir=cfg.data.cache_dir or default_cache_dir(), flip=cfg.data.flip, split=cfg.data.split,
-                      progress=progress, include_healthy=cfg.conditional.include_healthy)
+                      progress=progress, include_healthy=cfg.conditional.include_healthy, encode=encode)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import torch
 
 from neuromf.config import RunConfig
 from neuromf.data.fcd_dataset import FCDDataset
+from neuromf.data.latents import encoding_events
 from neuromf.data.mask_codec import mask_channels
 from neuromf.eval.mask_test import read_decision
 from neuromf.generate import GeneratedPair, model_grid_affine, sample_latents, vae_for, write_pairs
@@ -58,7 +59,9 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
     with main_first():  # several processes: rank 0 fills the latent cache, then the others read it
         dataset = FCDDataset(cfg.data.data_dir, strategy, vae=vae, prep=prep, cache_dir=cache_dir,
                              downsample_mode=cfg.data.downsample_mode, flip=cfg.data.flip, split=cfg.data.split,
-                             progress=progress, sdf_scale_mm=cfg.data.sdf_scale_mm, sdf_subgrid=cfg.data.sdf_subgrid)
+                             progress=progress, sdf_scale_mm=cfg.data.sdf_scale_mm, sdf_subgrid=cfg.data.sdf_subgrid,
+                             encode=False)
+        yield from encoding_events(dataset.encode_cases())  # an "encoding" event per case
     latents = dataset.latents()
     trainable, total = count_trainable_params(model)
     sidecar = AdapterMeta(

@@ -10,7 +10,7 @@ import torch
 
 from neuromf.config import RunConfig
 from neuromf.data.embedded import resolve_data_dir
-from neuromf.data.latents import encode_images, make_cache
+from neuromf.data.latents import encode_images_stepwise, encoding_events, make_cache
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import Preprocessing
 from neuromf.meanflow import MeanFlowLoss
@@ -42,7 +42,7 @@ def vae_meta(cfg: RunConfig, vae: MAISIVAEWrapper, prep: Preprocessing) -> dict:
 @in_run_dir
 def train_base(cfg: RunConfig, resume: bool = False, overwrite: bool = False, stop: Event | None = None,
                progress: bool = True) -> Generator[TrainEvent, None, TrainResult]:
-    """Encode the healthy scans once (latent cache), then run the training loop on their latents."""
+    """Encode the healthy scans once (latent cache; an "encoding" event per scan), then run the training loop."""
     out_dir = Path(cfg.training.output_dir)  # prepared with config.yaml by @in_run_dir, removed on a failed start
     torch.manual_seed(cfg.training.seed)
     prep = preprocessing_of(cfg)
@@ -51,7 +51,8 @@ def train_base(cfg: RunConfig, resume: bool = False, overwrite: bool = False, st
     cases = discover_cases(root, group=cfg.data.group, split=cfg.data.split)
     cache = make_cache(Path(cfg.data.cache_dir or default_cache_dir()), vae, prep)
     with main_first():  # several processes: rank 0 fills the latent cache, then the others read it
-        latents = encode_images([c.image for c in cases], vae, prep, cache, flip=cfg.data.flip, progress=progress)
+        latents = yield from encoding_events(encode_images_stepwise([c.image for c in cases], vae, prep, cache,
+                                                                    flip=cfg.data.flip, progress=progress))
     model = MeanFlowUNet(in_channels=latents.shape[1], preset=cfg.model.preset)
     if cfg.model.init_from:
         model.load_state_dict(warm_start(cfg.model.init_from, model).state_dict())

@@ -46,7 +46,9 @@ class TrainEvent:
     """One progress event of the training generator: what happened (`kind`), where (step, epoch), the
     loss and its parts, the learning rate, the ETA, a written file or a preview sample."""
 
-    kind: str  # "step" | "skipped" | "epoch" | "checkpoint" | "preview" | "done" | "stopped"
+    # "encoding" (a pipeline's cases before training: step = cases done of total_steps) | "step" | "skipped" |
+    # "epoch" | "checkpoint" | "preview" | "done" | "stopped"
+    kind: str
     step: int
     epoch: int
     total_steps: int
