@@ -87,11 +87,13 @@ def register(add: AddCommand) -> None:
     p.add_argument("--spacing", type=float, nargs=3, default=[3.0, 3.0, 3.0])
 
     p = add("check-data", cmd_check_data, "list the cases of a BIDS tree or flat folder and their problems")
-    p.add_argument("data", help="data folder, or 'embedded'")
+    p.add_argument("data", help="data folder, 'embedded' (3 mm phantoms) or 'embedded-fine' (2 mm)")
 
     p = add("mask-test", cmd_mask_test, "P7-T1: round-trip Dice of lesion masks through the VAE vs downsampling")
-    p.add_argument("--data", default="embedded", help="BIDS tree / flat folder with FCD cases, or 'embedded'")
-    p.add_argument("--vae", default="embedded", help="'embedded' or a local MAISI weight file")
+    p.add_argument("--data", default="embedded",
+                   help="BIDS tree / flat folder with FCD cases, 'embedded' or 'embedded-fine'")
+    p.add_argument("--vae", default="embedded",
+                   help="'embedded' / 'embedded-fine' (the shipped 3 mm / 2 mm VAE) or a local MAISI weight file")
     p.add_argument("--vae-preset", default=None, choices=["maisi", "small", "tiny"],
                    help="architecture of a local VAE file (default: the preset in its model.json sidecar, else "
                         "maisi); refused when it disagrees with the sidecar")

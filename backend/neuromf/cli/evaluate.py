@@ -75,7 +75,7 @@ def _add_generated_flags(p: argparse.ArgumentParser, out: Path) -> None:
     p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
                    help="with --adapter embedded: which demo adapter")
     p.add_argument("--generated", default=str(STAGE_DIR / "generated"))
-    p.add_argument("--data", default="embedded")
+    p.add_argument("--data", default="embedded", help="the real cases: a data folder, 'embedded' or 'embedded-fine'")
     p.add_argument("--out", default=str(out))
 
 
@@ -96,7 +96,7 @@ def register(add: AddCommand) -> None:
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded")
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per arm and seed")
-    p.add_argument("--data", default="embedded")
+    p.add_argument("--data", default="embedded", help="the real cases: a data folder, 'embedded' or 'embedded-fine'")
     p.add_argument("--out", default=str(STAGE_DIR))
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
 

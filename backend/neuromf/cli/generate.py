@@ -55,9 +55,11 @@ def _generate_conditional(args) -> list[Path]:
 def register(add: AddCommand) -> None:
     """Add the `generate` subcommand through `add`."""
     p = add("generate", cmd_generate, "sample volumes (base model) or image+mask pairs (LoRA adapter)")
-    p.add_argument("--checkpoint", help="base model folder, model.safetensors, or 'embedded'")
+    p.add_argument("--checkpoint",
+                   help="base model folder, model.safetensors, 'embedded' (3 mm) or 'embedded-fine' (2 mm)")
     p.add_argument("--adapter", help="adapter folder: LoRA (joint image + mask) or ControlNet (conditional); "
-                                     "'embedded' for the shipped demo of the chosen mode")
+                                     "'embedded' for the shipped 3 mm demo of the chosen mode, 'embedded-fine' for "
+                                     "the 2 mm conditional one")
     p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
                    help="joint: image + mask from noise; conditional: a FLAIR for each given or prior-drawn mask")
     p.add_argument("--mask", nargs="+", metavar="FILE", help="conditional mode: lesion mask NIfTI file(s)")

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Rebuild the finer (2 mm) embedded default (sample_data/models/{vae_fine,base_fine,cond_fine}) from the generated
+# 2 mm phantoms (`embedded-fine`: 85 FCD + 85 healthy, made on first use from seed 0). Each step warm-starts from
+# the 3 mm model of the same kind. Wall time on 2 CPU cores is recorded in each card. Run from the repository root
+# with the venv active:
+#   scripts/pretrain_fine.sh              vae_fine, then base_fine on its latents, then cond_fine on base_fine
+#   scripts/pretrain_fine.sh base|cond    start from that step (the earlier models already shipped)
+set -euo pipefail
+runs=${RUNS:-runs/fine}
+stage=${1:-vae}
+models=sample_data/models
+half() {  # float16 storage keeps each embedded file under 15 MB; loaded back into float32 parameters
+  python -c "import sys; from neuromf.weights import save_half_precision as h; h(sys.argv[1], sys.argv[2])" "$1" "$2"
+}
+
+case $stage in vae|base|cond) ;; *) echo "usage: $0 [vae|base|cond]" >&2; exit 2 ;; esac
+if [[ $stage == vae ]]; then
+  neuromf train-vae --config vae_fine --output-dir "$runs/vae_fine" --overwrite
+  mkdir -p $models/vae_fine
+  cp "$runs/vae_fine/model.safetensors" "$runs/vae_fine/model.json" "$runs/vae_fine/loss_curve.png" $models/vae_fine/
+fi
+if [[ $stage == vae || $stage == base ]]; then
+  neuromf train-base --config base_fine --output-dir "$runs/base_fine" --overwrite
+  # the shipped base_fine had a second cosine leg: at 400 steps its 1-step samples were still one blob per brain
+  neuromf train-base --config base_fine --output-dir "$runs/base_fine" --resume --set training.max_steps=650
+  mkdir -p $models/base_fine
+  half "$runs/base_fine/model.safetensors" $models/base_fine/model.safetensors
+  cp "$runs/base_fine/model.json" "$runs/base_fine/loss_curve.png" $models/base_fine/
+fi
+neuromf train-conditional --config cond_fine --base_checkpoint embedded-fine --output-dir "$runs/cond_fine" --overwrite
+mkdir -p $models/cond_fine
+half "$runs/cond_fine/adapter/controlnet.safetensors" $models/cond_fine/controlnet.safetensors
+cp "$runs/cond_fine/adapter/mask_prior.safetensors" "$runs/cond_fine/adapter/neuromf_adapter.json" \
+  "$runs/cond_fine/loss_curve.png" $models/cond_fine/
