@@ -16,6 +16,19 @@ def ready(qtbot, widget):
     return widget
 
 
+def tiny_lora_run(widget, base, data, out, max_steps: int, preview_every: int = 0) -> None:
+    """Fill the LoRA dock for a tiny CPU run: the tiny base model, a phantom folder, rank 2, batch 2."""
+    widget.base.setText(str(base))
+    widget.data.setText(str(data))
+    widget.strategy.setCurrentText("downsample")
+    widget.rank.setValue(2)
+    widget.batch_size.setValue(2)
+    widget.max_steps.setValue(max_steps)
+    widget.preview_every.setValue(preview_every)
+    widget.device.setCurrentText("cpu")
+    widget.output.setText(str(out))
+
+
 def notes():
     """A callable returning the notification messages shown since this call."""
     from napari.utils.notifications import notification_manager

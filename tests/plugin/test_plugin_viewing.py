@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gui_helpers import ready, wait_idle
+from gui_helpers import ready, tiny_lora_run, wait_idle
 
 pytestmark = pytest.mark.gui
 
@@ -132,15 +132,7 @@ def test_no_gui_stall_while_scanning_testing_training_and_saving(make_napari_vie
     mask_test.vae_preset.setCurrentText("tiny")
     mask_test.folder.setText(str(phantom_subset))
     mask_test.output.setText(str(tmp_path / "mask_test.json"))
-    lora.base.setText(str(tiny_base))
-    lora.data.setText(str(phantom_subset))
-    lora.strategy.setCurrentText("downsample")
-    lora.rank.setValue(2)
-    lora.batch_size.setValue(2)
-    lora.max_steps.setValue(12)
-    lora.preview_every.setValue(0)
-    lora.device.setCurrentText("cpu")
-    lora.output.setText(str(tmp_path / "run"))
+    tiny_lora_run(lora, tiny_base, phantom_subset, tmp_path / "run", max_steps=12)
     generate.out_dir.setText(str(tmp_path / "pairs"))
     generate.save_all.setChecked(True)
     jobs = {"scan": (data.scan, data), "mask test": (mask_test.start, mask_test), "LoRA training": (lora.start, lora),

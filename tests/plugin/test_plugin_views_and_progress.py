@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gui_helpers import ready, wait_idle
+from gui_helpers import ready, tiny_lora_run, wait_idle
 
 pytestmark = pytest.mark.gui
 
@@ -107,15 +107,7 @@ def test_lora_dock_counts_the_cases_encoded_before_training(make_napari_viewer, 
 
     widget = ready(qtbot, LoRAWidget(make_napari_viewer()))
     widget.config.setCurrentText("demo_lora")
-    widget.base.setText(str(tiny_base))
-    widget.data.setText(str(phantom_subset))
-    widget.strategy.setCurrentText("downsample")
-    widget.rank.setValue(2)
-    widget.batch_size.setValue(2)
-    widget.max_steps.setValue(2)
-    widget.preview_every.setValue(0)
-    widget.device.setCurrentText("cpu")
-    widget.output.setText(str(tmp_path / "run"))
+    tiny_lora_run(widget, tiny_base, phantom_subset, tmp_path / "run", max_steps=2)
     widget.start_button.click()
     shown: list[tuple[str | None, str, str]] = []  # what the dock shows after each event
     widget.worker.yielded.connect(lambda event: shown.append((getattr(event, "kind", None),

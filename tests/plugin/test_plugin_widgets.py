@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from gui_helpers import assert_overlay, notes, ready, wait_idle
+from gui_helpers import assert_overlay, notes, ready, tiny_lora_run, wait_idle
 
 pytestmark = pytest.mark.gui
 
@@ -161,16 +161,8 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
     assert str(tmp_path / "neuromf_home" / "runs" / "lora_") in widget.output.text()
     assert widget.run_mode.currentText() == _session.NEW_RUN
     widget.config.setCurrentText("demo_lora")
-    widget.base.setText(str(tiny_base))
-    widget.data.setText(str(phantom_subset))
-    widget.strategy.setCurrentText("downsample")
-    widget.rank.setValue(2)
-    widget.batch_size.setValue(2)
-    widget.max_steps.setValue(500)
-    widget.preview_every.setValue(2)
-    widget.device.setCurrentText("cpu")
     out = tmp_path / "run"
-    widget.output.setText(str(out))
+    tiny_lora_run(widget, tiny_base, phantom_subset, out, max_steps=500, preview_every=2)
 
     follower = GenerateWidget(viewer)  # open before training: its adapter follows the newest trained one
     widget.start_button.click()
