@@ -90,3 +90,24 @@ def test_save_nifti_is_atomic_and_round_trips(tmp_path):
     np.testing.assert_array_equal(back.get_fdata(dtype=np.float32), data)
     np.testing.assert_allclose(back.affine, affine)
     assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]
+
+
+def test_atomic_outputs_get_the_umask_permissions_even_when_the_writer_recreates_the_file(tmp_path):
+    """mkstemp makes 0600 files and safetensors' save_file recreates its file 0600: outputs (adapters, shipped
+    weights, NIfTI pairs) must still be readable as any file the user writes (umask)."""
+    import os
+    import stat
+
+    from safetensors.torch import save_file
+
+    from neuromf.utils import atomic_write, atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        weights = atomic_write(tmp_path / "w.safetensors", lambda p: save_file({"x": torch.zeros(2)}, str(p)))
+        text = atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(umask)
+    for path in (weights, text):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "w.safetensors"]  # no temporaries left
