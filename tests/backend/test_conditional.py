@@ -150,3 +150,38 @@ def test_joint_sdf_mode_trains_generates_and_records_noise_correlation(tmp_path,
     assert -1.0 <= meta["mask_noise_correlation"] <= 1.0 and meta["strategy"] == "sdf"
     header = (result.out_dir / "losses.csv").read_text().splitlines()[0].split(",")
     assert {"raw_mask", "raw_lesion", "eval_raw_mask", "eval_raw_lesion"} <= set(header)
+
+
+def test_empty_mask_control_measures_what_the_mask_adds(conditional_run, phantom_dir, tmp_path):
+    """The control regenerates each pair's FLAIR from its noise with an empty mask: its contrast in the mask region
+    is what the placement alone gives. A FLAIR that ignores the mask (here: the control itself written as the
+    pair's FLAIR) must show a gain of exactly 0."""
+    from neuromf.eval.lesion_metrics import lesion_stats
+    from neuromf.pipelines.conditional import empty_mask_control, load_conditional_model, pair_noise
+
+    out = tmp_path / "pairs"
+    assert cli(["generate", "--adapter", str(conditional_run.export), "--n", "2", "--out", str(out),
+                "--device", "cpu"]) == 0
+    control = empty_mask_control(conditional_run.export, out, device="cpu")
+    assert control["n"] == 2
+    cond = load_conditional_model(conditional_run.export)
+    for i, row in enumerate(control["samples"]):
+        flair = np.asarray(nib.load(out / f"sample_00{i}_flair.nii.gz").dataobj, dtype=np.float32)
+        mask = np.asarray(nib.load(out / f"sample_00{i}_mask.nii.gz").dataobj) > 0
+        empty = cond.generate(np.zeros(mask.shape, np.uint8), pair_noise(cond.meta.latent_shape, 0, i), 1)
+        spacing = cond.prep.spacing
+        assert row["contrast"] == pytest.approx(lesion_stats(flair, mask, spacing).contrast, rel=1e-4)
+        assert row["contrast_empty_mask"] == pytest.approx(lesion_stats(empty, mask, spacing).contrast, rel=1e-4)
+        assert row["gain"] == pytest.approx(row["contrast"] - row["contrast_empty_mask"])
+        # a FLAIR that does not depend on the mask: the control finds no gain
+        img = nib.load(out / f"sample_00{i}_flair.nii.gz")
+        nib.save(nib.Nifti1Image(empty, img.affine), str(out / f"sample_00{i}_flair.nii.gz"))
+    again = empty_mask_control(conditional_run.export, out, device="cpu")
+    assert all(abs(r["gain"]) < 1e-4 for r in again["samples"])
+
+    (out / "sample_001.json").write_text(json.dumps({"mode": "joint"}))  # not a conditional pair: skipped
+    report = tmp_path / "metrics.json"
+    assert cli(["evaluate", "--adapter", str(conditional_run.export), "--generated", str(out), "--data",
+                str(phantom_dir), "--out", str(report), "--empty-mask-control", "--device", "cpu"]) == 0
+    written = json.loads(report.read_text())
+    assert written["empty_mask_control"]["n"] == 1 and "lesion_like" in written

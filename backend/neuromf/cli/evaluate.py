@@ -20,6 +20,15 @@ def cmd_evaluate(args) -> int:
     print(f"lesion-like: {like['summary']['n_lesion_like']}/{like['summary']['n']} ({like['rate']:.0%}); per "
           "criterion: " + ", ".join(f"{k} {v:.0%}" for k, v in like["summary"]["rates"].items() if k != "all")
           + f"; median contrast {like['summary']['medians'].get('contrast')}")
+    if args.empty_mask_control:
+        from neuromf.pipelines.conditional import empty_mask_control
+        from neuromf.utils import atomic_write_json
+
+        control = empty_mask_control(args.adapter, Path(args.generated), device=args.device)
+        atomic_write_json(Path(args.out), {**result, "empty_mask_control": control})
+        print(f"empty-mask control ({control['n']} pairs): median contrast {control['median_contrast_empty_mask']} "
+              f"with an empty mask vs {control['median_contrast']} as generated; median gain "
+              f"{control['median_gain']}, smallest {control['min_gain']}")
     print(f"wrote {args.out}")
     return 0
 
@@ -83,6 +92,10 @@ def register(add: AddCommand) -> None:
     """Add the evaluation subcommands (evaluate, consistency, ablate-lp, verify) through `add`."""
     p = add("evaluate", cmd_evaluate, "metrics of generated pairs against real FCD masks (P7-T6)")
     _add_generated_flags(p, STAGE_DIR / "metrics" / "metrics.json")
+    p.add_argument("--empty-mask-control", action="store_true",
+                   help="conditional pairs: generate each FLAIR again from the same noise with an empty mask and "
+                        "report the contrast the mask adds (needs the adapter; one more pass per pair)")
+    p.add_argument("--device", default="auto", help="for --empty-mask-control: auto | cpu | cuda | cuda:N")
 
     p = add("consistency", cmd_consistency,
             "image-mask consistency and downstream use of generated pairs, judged by a small MONAI segmenter")
