@@ -33,7 +33,8 @@ def embedded_model_dir(name: str) -> Path:
     return path
 
 
-# the shipped models by name: "embedded" is the 3 mm default (64^3), "embedded-fine" the 2 mm one (96^3)
+# the shipped defaults by name: "embedded" is the 3 mm one (64^3), "embedded-fine" the 2 mm one (96^3)
+EMBEDDED_NAMES = ("embedded", "embedded-fine")
 EMBEDDED_MODELS: dict[str, dict[str, str]] = {
     "vae": {"embedded": "vae_small", "embedded-fine": "vae_fine"},
     "base": {"embedded": "base_small", "embedded-fine": "base_fine"},
@@ -45,7 +46,7 @@ EMBEDDED_MODELS: dict[str, dict[str, str]] = {
 def embedded_model(spec: str | Path, kind: str) -> Path | None:
     """The folder a shipped model's name ("embedded", "embedded-fine") stands for; None for any other spec."""
     names = EMBEDDED_MODELS[kind]
-    if str(spec) not in {"embedded", "embedded-fine"}:
+    if str(spec) not in EMBEDDED_NAMES:
         return None
     if str(spec) not in names:
         raise FileNotFoundError(f"no shipped {kind} model is called {str(spec)!r} (shipped: {', '.join(names)})")

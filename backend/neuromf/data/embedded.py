@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from neuromf.weights import sample_data_root
@@ -23,7 +23,6 @@ class GeneratedPhantoms:
     seed: int = 0
     shape: tuple[int, int, int] = (96, 96, 96)
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
-    extra: dict = field(default_factory=dict)
 
     def key(self) -> str:
         """A short hash of the settings: a changed generator setting gets its own folder, never a stale one."""
@@ -33,7 +32,6 @@ class GeneratedPhantoms:
 
 # as many cases as OpenNeuro ds004199 (85 FCD + 85 healthy), at the <= 2 mm grid the lesion-synthesis work needs
 FINE_PHANTOMS = GeneratedPhantoms(n_healthy=85, n_fcd=85)
-EMBEDDED_NAMES = ("embedded", "embedded-fine")
 
 
 def data_home() -> Path:
@@ -54,7 +52,7 @@ def generated_phantoms(spec: GeneratedPhantoms, root: Path | None = None, progre
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".generating-", dir=root))
     try:
-        cfg = PhantomConfig(shape=spec.shape, spacing=spec.spacing, **spec.extra)
+        cfg = PhantomConfig(shape=spec.shape, spacing=spec.spacing)
         make_phantom_dataset(scratch, spec.n_healthy, spec.n_fcd, spec.seed, cfg, progress=progress)
         try:
             scratch.rename(target)

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from neuromf.data.embedded import resolve_data_dir
-from neuromf.data.latents import EncodingClock, EncodingProgress, encode_case, make_cache, run_encoding
+from neuromf.data.latents import EncodingClock, EncodingProgress, encode_case, make_cache
 from neuromf.data.mask_codec import (  # noqa: F401  (re-exported: the strategies' public home used to be here)
     DOWNSAMPLE_MODES,
     STRATEGIES,
@@ -33,6 +33,7 @@ from neuromf.data.mask_codec import (  # noqa: F401  (re-exported: the strategie
 )
 from neuromf.io.bids import DataError, discover_cases
 from neuromf.io.nifti import Preprocessing, preprocess_image
+from neuromf.train.loop import run_to_end
 from neuromf.utils import default_cache_dir
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper
 
@@ -83,7 +84,7 @@ class FCDDataset(Dataset):
         self.mask_scale: float = 0.0  # set by encode_cases: as given, else about the image latents' spread
         self._to_encode, self._flip, self._progress, self._mask_scale = self.cases + healthy, flip, progress, mask_scale
         if encode:
-            run_encoding(self.encode_cases())
+            run_to_end(self.encode_cases())
 
     def encode_cases(self) -> Generator[EncodingProgress, None, FCDDataset]:
         """Encode the cases through the latent cache, yielding progress after each; returns the dataset.

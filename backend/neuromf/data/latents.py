@@ -1,7 +1,7 @@
 """Turning discovered cases into cached latents on the model grid (shared by stage 1 and the FCD dataset).
 
 Encoding a data set takes minutes on a CPU the first time, so it is a generator: it yields an `EncodingProgress`
-after each case (a cached case is done in milliseconds) and returns the latents. `run_encoding` drives one to its
+after each case (a cached case is done in milliseconds) and returns the latents. `run_to_end` drives one to its
 end; `encoding_events` hands the progress on as the training generators' `TrainEvent("encoding", ...)`.
 """
 
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from neuromf.data.latent_cache import LatentCache
 from neuromf.io.nifti import Preprocessing, preprocess_pair
-from neuromf.train.loop import TrainEvent
+from neuromf.train.loop import TrainEvent, run_to_end
 from neuromf.vae import MAISIVAEWrapper
 
 LR_AXIS = 1  # (C, H, W, D) on the RAS grid: H runs left -> right
@@ -46,15 +46,6 @@ class EncodingClock:
         self.done += 1
         eta = (time.perf_counter() - self.started) / self.done * (self.total - self.done)
         return EncodingProgress(self.done, self.total, case_id, eta)
-
-
-def run_encoding(steps: Generator[EncodingProgress, None, Result]) -> Result:
-    """Drive an encoding generator to its end and return its value (the latents, the dataset)."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as finished:
-            return finished.value
 
 
 def encoding_events(steps: Generator[EncodingProgress, None, Result],
@@ -115,4 +106,4 @@ def encode_images_stepwise(images: Iterable[Path], vae: MAISIVAEWrapper, prep: P
 def encode_images(images: Iterable[Path], vae: MAISIVAEWrapper, prep: Preprocessing, cache: LatentCache,
                   flip: bool = False, progress: bool = True) -> torch.Tensor:
     """Stacked image latents (N, 4, h, w, d), with left-right mirrored copies appended when `flip`."""
-    return run_encoding(encode_images_stepwise(images, vae, prep, cache, flip, progress))
+    return run_to_end(encode_images_stepwise(images, vae, prep, cache, flip, progress))

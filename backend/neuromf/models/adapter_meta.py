@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from neuromf.io.nifti import Preprocessing
 from neuromf.utils import atomic_write_json
-from neuromf.weights import WeightFileError, embedded_model, read_json_sidecar
+from neuromf.weights import EMBEDDED_NAMES, WeightFileError, embedded_model, read_json_sidecar
 
 SIDECAR = "neuromf_adapter.json"
 ADAPTER_DIR = "adapter"  # a training run's adapter folder: <output_dir>/adapter
@@ -138,7 +138,7 @@ def base_reference(base_checkpoint: str | Path, base_meta: dict[str, Any]) -> di
 
 def data_reference(data_dir: str, root: Path) -> str:
     """"embedded" stays a name, so a shipped adapter does not carry the training machine's path."""
-    return data_dir if data_dir in ("embedded", "embedded-fine") else str(root)
+    return data_dir if data_dir in EMBEDDED_NAMES else str(root)
 
 
 def is_conditional_adapter(directory: Path | str) -> bool:

@@ -315,10 +315,11 @@ def _train(task: TrainTask, data: torch.Tensor, cfg: TrainingConfig, out_dir: Pa
 
 def run_to_end(events: Generator[TrainEvent, None, TrainResult],
                on_event: Callable[[TrainEvent], None] | None = None) -> TrainResult:
-    """Drive a training generator to completion (the CLI, scripts and tests).
+    """Drive a training generator to completion (the CLI, scripts and tests); also any generator of progress
+    records with a return value, e.g. the latent encoders of `neuromf.data.latents`.
 
     Args:
-        events: a training generator (`train`, or a pipeline's `train_*`).
+        events: a training generator (`train`, or a pipeline's `train_*`), or another progress generator.
         on_event: called with every TrainEvent (progress bars, logs).
     Returns:
         The generator's TrainResult.
