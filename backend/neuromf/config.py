@@ -130,6 +130,9 @@ class LoraConfigSection(_Section):
     # joint mode: mask outputs get their input added (u = z + g), so one-step sampling needs no learned noise
     # pass-through for the new channels (zero-initialised, they kept ~70% of their noise)
     mask_passthrough: bool = True
+    # joint mode: "x" makes the mask outputs a clean-latent estimate (u = (z - x^) / t, see MeanFlowUNet.x_channels;
+    # overrides mask_passthrough), for k-step / Euler sampling; "velocity" predicts u directly
+    mask_prediction: Literal["velocity", "x"] = "velocity"
 
 
 @dataclass

@@ -118,3 +118,29 @@ def test_bad_target_and_channel_mismatch(tmp_path):
     other = widen_io_channels(jittered(), 5, 5)
     with pytest.raises(ValueError, match="input channels"):
         load_adapter(other, directory)
+
+
+def test_x_prediction_mask_outputs_are_exact_velocities_and_one_step_returns_the_estimate():
+    """With `mask_prediction: x` the mask outputs are clean-latent estimates g: u = (z - g) / t, so one step from
+    t = 1 lands on g, and a k-step move z_r = z - (t - r) u = (r / t) z + (1 - r / t) g (DDIM on the straight path)."""
+    from neuromf.meanflow import sample_meanflow
+    from neuromf.models.lora import set_mask_outputs
+
+    raw = widen_io_channels(jittered(), 6, 6)
+    with torch.no_grad():
+        raw.out[2].conv.weight[4:].normal_(0, 0.05)  # the new mask rows start at zero: give them a value
+    x_pred = set_mask_outputs(copy.deepcopy(raw), 2, "x", passthrough=True)
+    assert x_pred.x_channels == 2 and x_pred.skip_channels == 0
+    z = torch.randn(2, 6, 8, 8, 8)
+    r, t = torch.tensor([0.25, 0.0]), torch.tensor([0.5, 1.0])
+    with torch.no_grad():
+        g, u = raw(z, r, t), x_pred(z, r, t)
+        torch.testing.assert_close(u[:, :4], g[:, :4])  # image channels unchanged
+        torch.testing.assert_close(u[:, 4:], (z[:, 4:] - g[:, 4:]) / t.view(-1, 1, 1, 1, 1))
+        z_r = z - (t - r).view(-1, 1, 1, 1, 1) * u
+        ratio = (r / t).view(-1, 1, 1, 1, 1)
+        torch.testing.assert_close(z_r[:, 4:], ratio * z[:, 4:] + (1 - ratio) * g[:, 4:])
+        one_step = sample_meanflow(x_pred, z[:1], steps=1)
+        torch.testing.assert_close(one_step[:, 4:], raw(z[:1], torch.zeros(1), torch.ones(1))[:, 4:])
+    with pytest.raises(ValueError, match="mask_prediction"):
+        set_mask_outputs(raw, 2, "epsilon", passthrough=False)

@@ -57,6 +57,7 @@ class AdapterMeta:
     sdf_subgrid: int = 2
     sdf_threshold_mm: float = -1.0
     mask_passthrough: bool = False
+    mask_prediction: str = "velocity"  # "x": the mask outputs are clean-latent estimates (MeanFlowUNet.x_channels)
     lora_params: int | None = None
     # conditional mode
     controlnet: dict[str, Any] | None = None  # MeanFlowControlNet constructor arguments

@@ -25,6 +25,7 @@ from neuromf.models.lora import (
     inject_lora,
     load_adapter,
     read_adapter_meta,
+    set_mask_outputs,
     widen_io_channels,
 )
 from neuromf.utils import resolve_device
@@ -83,7 +84,7 @@ def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int) 
                          "an image-only (4-channel) stage-1 model")
     channels = base.in_channels + n_mask
     widen_io_channels(base, channels, channels)
-    base.skip_channels = n_mask if cfg.lora.mask_passthrough else 0
+    set_mask_outputs(base, n_mask, cfg.lora.mask_prediction, cfg.lora.mask_passthrough)
     model = inject_lora(base, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                         modules_to_save=WIDENED_MODULES, dropout=cfg.lora.dropout)
     return model, base_meta

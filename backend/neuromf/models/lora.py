@@ -59,6 +59,25 @@ def widen_io_channels(model: MeanFlowUNet, in_channels: int, out_channels: int) 
     return model
 
 
+def set_mask_outputs(model: MeanFlowUNet, n_mask: int, prediction: str, passthrough: bool) -> MeanFlowUNet:
+    """How the widened model's last `n_mask` outputs become velocities: x-prediction (u = (z - x^) / t), the
+    input added (u = z + g) or the velocity itself.
+
+    Args:
+        model: the widened UNet, modified in place.
+        n_mask: mask channels.
+        prediction: "x" or "velocity".
+        passthrough: with "velocity", add the input to the mask outputs.
+    Returns:
+        `model`.
+    """
+    if prediction not in ("x", "velocity"):
+        raise ValueError(f"mask_prediction must be 'x' or 'velocity', got {prediction!r}")
+    model.x_channels = n_mask if prediction == "x" else 0
+    model.skip_channels = n_mask if prediction == "velocity" and passthrough else 0
+    return model
+
+
 def inject_lora(model: nn.Module, rank: int = 16, alpha: float = 16.0, target_modules: list[str] | None = None,
                 modules_to_save: list[str] | None = None, dropout: float = 0.0) -> PeftModel:
     """Wrap `model` with peft LoRA on `target_modules` (default: attention q, k, v projections).
@@ -195,7 +214,7 @@ def load_adapter(base: MeanFlowUNet, directory: Path, merge: bool = False) -> nn
                          f"got {base.in_channels}")
     channels = meta.n_image + meta.n_mask
     widen_io_channels(base, channels, channels)
-    base.skip_channels = meta.n_mask if meta.mask_passthrough else 0
+    set_mask_outputs(base, meta.n_mask, meta.mask_prediction, meta.mask_passthrough)
     load_state_dict(directory / "adapter_model.safetensors", nested_key=None)  # corrupt file: error naming it
     try:
         model = PeftModel.from_pretrained(base, str(directory), is_trainable=False)

@@ -23,6 +23,8 @@ class UNetPreset:
     num_head_channels: int
 
 
+X_PREDICTION_MIN_T = 0.05  # x-prediction outputs: u = (x - x^) / t would blow up as t -> 0
+
 UNET_PRESETS: dict[str, UNetPreset] = {
     # unit tests: seconds on CPU
     "tiny": UNetPreset((16, 32), (False, True), (1, 1), 8, 16),
@@ -107,6 +109,10 @@ class MeanFlowUNet(DiffusionModelUNet):
         # joint mode: the last `skip_channels` outputs get their input added (u = z + g), so at t = 1 the
         # network need not carry the noise through itself: one-step x = eps - u = -g (see widen_io_channels)
         self.skip_channels = 0
+        # joint mode, x-prediction: the last `x_channels` outputs are a clean-latent estimate x^ and the velocity is
+        # u = (x - x^) / t, exact on the straight path for every t; k-step and Euler sampling then move like DDIM,
+        # which commits to a lesion step by step instead of averaging over where it could be
+        self.x_channels = 0
 
     @property
     def arch(self) -> dict:
@@ -148,6 +154,10 @@ class MeanFlowUNet(DiffusionModelUNet):
         if self.skip_channels:
             k = self.skip_channels
             out = torch.cat([out[:, :-k], out[:, -k:] + x[:, -k:]], dim=1)
+        if self.x_channels:
+            k = self.x_channels
+            t_safe = t.clamp(min=X_PREDICTION_MIN_T).view(-1, *([1] * (x.dim() - 1)))
+            out = torch.cat([out[:, :-k], (x[:, -k:] - out[:, -k:]) / t_safe], dim=1)
         return out
 
 

@@ -72,6 +72,7 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
         strategy=strategy, downsample_mode=cfg.data.downsample_mode, mask_scale=dataset.mask_scale,
         sdf_scale_mm=cfg.data.sdf_scale_mm, sdf_subgrid=cfg.data.sdf_subgrid,
         sdf_threshold_mm=cfg.data.sdf_threshold_mm, mask_passthrough=cfg.lora.mask_passthrough,
+        mask_prediction=cfg.lora.mask_prediction,
         lora_params=count_lora_params(model))
     joint = JointModel(model, vae, sidecar)
     preview_noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(cfg.training.seed))
