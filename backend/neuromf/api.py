@@ -84,7 +84,8 @@ def fine_tune(config: str | Path | RunConfig = "demo_lora", base_checkpoint: str
 
 
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path | None = None, mode: str = "auto",
-             steps: int = 1, seed: int = 0, device: str = "auto", masks: list | None = None) -> list:
+             steps: int = 1, seed: int = 0, device: str = "auto", masks: list | None = None,
+             method: str = "meanflow") -> list:
     """Generated FLAIR + lesion mask pairs (`neuromf.generate.GeneratedPair`: image, mask, affine, meta).
 
     Args:
@@ -93,6 +94,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
         masks: conditional mode only: lesion masks (H, W, D) on the model grid to generate FLAIRs for; without
             them, `n` masks are drawn from the adapter's prior of real lesions.
         out: also write them as `sample_XXX_{flair,mask}.nii.gz` + `sample_XXX.json`.
+        method: sampler, "meanflow" (k-step MeanFlow, 1 step by default) or "euler" (`steps` Euler steps).
 
     Returns:
         The list of pairs (sample i depends only on (seed, i)).
@@ -103,13 +105,13 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
     if generation_mode(adapter, mode) == "conditional":
         from neuromf.pipelines.conditional import generate_conditional_pairs
 
-        pairs = list(generate_conditional_pairs(adapter, n, steps, seed, device, masks))
+        pairs = list(generate_conditional_pairs(adapter, n, steps, seed, device, masks, method=method))
     else:
         if masks is not None:
             raise ValueError("masks need a conditional adapter (mode='conditional')")
         from neuromf.pipelines.lora import generate_pairs as joint_pairs
 
-        pairs = list(joint_pairs(adapter, n, steps, seed, device))
+        pairs = list(joint_pairs(adapter, n, steps, seed, device, method))
     if out is not None:
         write_pairs(pairs, Path(out))
     return pairs

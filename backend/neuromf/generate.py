@@ -133,20 +133,20 @@ def generate_images(model_spec: str | Path, n: int, steps: int = 1, seed: int = 
 
 
 def write_generated_images(model_spec: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
-                           device: str = "auto") -> list[Path]:
+                           device: str = "auto", method: str = "meanflow") -> list[Path]:
     """Generate `n` volumes from a base model and write them as `sample_XXX_flair.nii.gz`.
 
     Args:
         model_spec: "embedded", a model folder or its `.safetensors` file.
         out_dir: output folder.
-        n, steps, seed, device: as for `generate_images` (one-step MeanFlow by default).
+        n, steps, seed, device, method: as for `generate_images` (one-step MeanFlow by default).
     Returns:
         The written NIfTI paths, on the model grid's affine (`model_grid_affine`).
     """
     prep = read_model_meta(model_spec)["preprocessing"]
     affine = model_grid_affine(prep["shape"], prep["spacing"])
     paths = []
-    for volume in generate_images(model_spec, n, steps, seed, device):
+    for volume in generate_images(model_spec, n, steps, seed, device, method):
         paths.append(save_nifti(volume.image.astype(np.float32), affine,
                                 Path(out_dir) / f"sample_{volume.index:03d}_flair.nii.gz"))
     return paths

@@ -30,9 +30,11 @@ def cmd_generate(args) -> int:
     elif mode == "joint":
         from neuromf.pipelines.lora import write_generated_pairs
 
-        paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device)
+        paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
+                                      args.sampler)
     else:
-        paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.device)
+        paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.device,
+                                       args.sampler)
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
 
@@ -49,7 +51,7 @@ def _generate_conditional(args) -> list[Path]:
         volumes = [preprocess_mask(path, prep, args.image) for path in args.mask]
         masks, affines = [v.data[0].numpy() for v in volumes], [v.affine for v in volumes]
     return write_conditional_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                   masks, affines)
+                                   masks, affines, args.sampler)
 
 
 def register(add: AddCommand) -> None:
@@ -66,7 +68,10 @@ def register(add: AddCommand) -> None:
     p.add_argument("--image", metavar="FILE",
                    help="conditional mode: the FLAIR the masks belong to (centres the model grid on its brain)")
     p.add_argument("--n", type=int, default=4)
-    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one-step MeanFlow)")
+    p.add_argument("--sampler", default="meanflow", choices=["meanflow", "euler"],
+                   help="meanflow: k-step MeanFlow with the average velocity; euler: --steps Euler steps with the "
+                        "instantaneous velocity (flow-matching baseline; for joint x-prediction adapters)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="experiments/stage2_fcd/generated")

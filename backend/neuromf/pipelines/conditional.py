@@ -191,13 +191,14 @@ class ConditionalModel:
         return self.meta.prep
 
     @torch.no_grad()
-    def generate(self, mask: np.ndarray, noise: torch.Tensor, steps: int = 1) -> np.ndarray:
+    def generate(self, mask: np.ndarray, noise: torch.Tensor, steps: int = 1, method: str = "meanflow") -> np.ndarray:
         """The FLAIR the conditioned model generates from `noise` for `mask`.
 
         Args:
             mask: (H, W, D) lesion mask on the model grid (nonzero = lesion).
             noise: (4, h, w, d) Gaussian noise, h = H / 4 (one sample, no batch axis).
             steps: sampler steps (1 = one-step MeanFlow).
+            method: "meanflow" or "euler" (`neuromf.meanflow.sample`).
         Returns:
             (H, W, D) float32 FLAIR in [0, clip_max].
         Raises:
@@ -209,7 +210,7 @@ class ConditionalModel:
                              "grid first (neuromf.io.nifti.preprocess_mask)")
         device = next(self.model.parameters()).device
         cond = torch.as_tensor(np.asarray(mask) > 0, dtype=torch.float32, device=device)[None, None]
-        z = sample(functools.partial(self.model, cond=cond), noise[None].to(device), steps=steps)
+        z = sample(functools.partial(self.model, cond=cond), noise[None].to(device), steps=steps, method=method)
         return self.vae.decode(z)[0, 0].clamp(0, prep.clip_max).cpu().numpy().astype(np.float32)
 
 
@@ -249,10 +250,10 @@ def load_controlnet_weights(controlnet: MeanFlowControlNet, directory: Path) -> 
 PLACEMENT_ROUNDS = 3
 
 
-def _place_and_generate(cond: ConditionalModel, noise: torch.Tensor, steps: int,
-                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _place_and_generate(cond: ConditionalModel, noise: torch.Tensor, steps: int, rng: np.random.Generator,
+                        method: str = "meanflow") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """A prior lesion placed in the brain generated from `noise`, and the FLAIR generated for it."""
-    brain = brain_mask(cond.generate(np.zeros(cond.prep.shape, dtype=np.uint8), noise, steps))
+    brain = brain_mask(cond.generate(np.zeros(cond.prep.shape, dtype=np.uint8), noise, steps, method))
     rounds = 0
     while True:
         rounds += 1
@@ -260,7 +261,7 @@ def _place_and_generate(cond: ConditionalModel, noise: torch.Tensor, steps: int,
             mask, placed_in = cond.prior.sample(rng, brain=brain), "generated brain"
         except ValueError:  # no voxel of that brain at a real lesion's depth (an untrained model's blur)
             mask, placed_in = cond.prior.sample(rng), "reference brain"
-        image = cond.generate(mask, noise, steps)
+        image = cond.generate(mask, noise, steps, method)
         brain = brain_mask(image)
         if placed_in == "reference brain" or rounds == PLACEMENT_ROUNDS or cond.prior.fits(mask, brain):
             break
@@ -294,7 +295,8 @@ def empty_mask_control(adapter: str | Path, generated_dir: Path, device: str = "
             continue
         image, mask, affine = load_generated_pair(flair, mask_path)
         noise = pair_noise(cond.meta.latent_shape, int(meta["seed"]), int(meta["index"]))
-        control = cond.generate(np.zeros(mask.shape, dtype=np.uint8), noise, int(meta.get("steps", 1)))
+        control = cond.generate(np.zeros(mask.shape, dtype=np.uint8), noise, int(meta.get("steps", 1)),
+                                meta.get("sampler", "meanflow"))
         spacing = voxel_spacing(affine)
         with_mask = lesion_stats(image, mask, spacing).contrast
         empty = lesion_stats(control, mask, spacing).contrast
@@ -316,7 +318,8 @@ def _median(values: list[float | None]) -> float | None:
 def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
                                device: str = "auto", masks: list[np.ndarray] | None = None,
                                affines: list[np.ndarray] | None = None,
-                               on_pair: Callable[[int], None] | None = None) -> Iterator[GeneratedPair]:
+                               on_pair: Callable[[int], None] | None = None,
+                               method: str = "meanflow") -> Iterator[GeneratedPair]:
     """FLAIRs for given masks on the model grid (each with its grid affine), or for `n` masks drawn from the
     adapter's prior (model-grid affine centred on the origin).
 
@@ -336,6 +339,7 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
         masks: (H, W, D) masks already on the model grid (`neuromf.io.nifti.preprocess_mask`), nonzero = lesion.
         affines: (4, 4) voxel -> world affine per given mask (as `preprocess_mask` gives it); default: model grid's.
         on_pair: called with i once pair i is generated, before it is yielded (progress).
+        method: sampler, "meanflow" or "euler" (`neuromf.meanflow.sample`).
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, (4, 4) affine, and
         meta (seed, steps, adapter, `mask_source` "given" or "prior", placement for prior masks).
@@ -350,30 +354,33 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
         placement = {}
         if masks is not None:
             mask, origin = (np.asarray(masks[i]) > 0).astype(np.uint8), "given"
-            image = cond.generate(mask, noise, steps)
+            image = cond.generate(mask, noise, steps, method)
         else:
             origin = "prior"
-            mask, image, placement = _place_and_generate(cond, noise, steps, np.random.default_rng([seed, i]))
+            mask, image, placement = _place_and_generate(cond, noise, steps, np.random.default_rng([seed, i]),
+                                                          method)
         if on_pair is not None:
             on_pair(i)
         affine = affines[i] if affines is not None else default_affine
         yield GeneratedPair(i, image, mask, affine,
-                              {"index": i, "seed": seed, "steps": steps, "adapter": source, "mode": "conditional",
+                              {"index": i, "seed": seed, "steps": steps, "sampler": method, "adapter": source,
+                               "mode": "conditional",
                                "mask_source": origin, **placement})
 
 
 def write_conditional_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                             device: str = "auto", masks: list[np.ndarray] | None = None,
-                            affines: list[np.ndarray] | None = None) -> list[Path]:
+                            affines: list[np.ndarray] | None = None, method: str = "meanflow") -> list[Path]:
     """Conditional pairs written by `neuromf.generate.write_pairs`, as joint generation writes them.
 
     Args:
-        adapter, n, steps, seed, device, masks, affines: as for `generate_conditional_pairs`.
+        adapter, n, steps, seed, device, masks, affines, method: as for `generate_conditional_pairs`.
         out_dir: output folder.
     Returns:
         The written paths: FLAIR, mask and JSON per pair.
     """
-    return write_pairs(generate_conditional_pairs(adapter, n, steps, seed, device, masks, affines), out_dir)
+    return write_pairs(generate_conditional_pairs(adapter, n, steps, seed, device, masks, affines,
+                                                  method=method), out_dir)
 
 
 __all__ = ["ConditionalModel", "generate_conditional_pairs", "is_conditional_adapter",

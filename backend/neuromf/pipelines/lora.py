@@ -97,7 +97,7 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
 
 
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
-                   device: str = "auto") -> Iterator[GeneratedPair]:
+                   device: str = "auto", method: str = "meanflow") -> Iterator[GeneratedPair]:
     """Joint FLAIR + lesion mask samples, decoded by the adapter's strategy; sample i depends only on (seed, i).
 
     Args:
@@ -106,6 +106,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
         steps: sampler steps (1 = one-step MeanFlow).
         seed: noise seed.
         device: "auto", "cpu", "cuda" or "cuda:N".
+        method: sampler, "meanflow" or "euler" (k-step or Euler sampling for an x-prediction adapter).
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, the model grid's
         (4, 4) affine, and meta (seed, steps, adapter, strategy, `mask_noise_correlation`: about 0 when the mask
@@ -118,29 +119,30 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
     source = str(resolve_adapter_dir(adapter, "joint"))
     index = 0
     n_img = joint.meta.n_image
-    for noise, z in sample_latents(joint.model, joint.meta.latent_shape, n, steps, seed, dev):
+    for noise, z in sample_latents(joint.model, joint.meta.latent_shape, n, steps, seed, dev, method):
         images, masks = joint.split(z.to(dev))
         for i in range(z.shape[0]):
             # how much of its starting noise the mask latent kept (a working generator: about 0)
             corr = float(np.corrcoef(z[i, n_img:].flatten().numpy(), noise[i, n_img:].flatten().numpy())[0, 1])
             yield GeneratedPair(index, images[i, 0].numpy().astype(np.float32), masks[i, 0].numpy().astype(np.uint8),
                                 affine,
-                                {"index": index, "seed": seed, "steps": steps, "adapter": source, "mode": "joint",
+                                {"index": index, "seed": seed, "steps": steps, "sampler": method, "adapter": source,
+                                 "mode": "joint",
                                  "strategy": joint.strategy, "mask_noise_correlation": round(corr, 4)})
             index += 1
 
 
 def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
-                          device: str = "auto") -> list[Path]:
+                          device: str = "auto", method: str = "meanflow") -> list[Path]:
     """Joint pairs written by `neuromf.generate.write_pairs`.
 
     Args:
-        adapter, n, steps, seed, device: as for `generate_pairs`.
+        adapter, n, steps, seed, device, method: as for `generate_pairs`.
         out_dir: output folder.
     Returns:
         The written paths: FLAIR, mask and JSON per pair.
     """
-    return write_pairs(generate_pairs(adapter, n, steps, seed, device), out_dir)
+    return write_pairs(generate_pairs(adapter, n, steps, seed, device, method), out_dir)
 
 
 def release_memory() -> None:
