@@ -4,6 +4,7 @@ mode with the signed-distance mask channels and the noise pass-through; CLI gene
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -185,3 +186,14 @@ def test_empty_mask_control_measures_what_the_mask_adds(conditional_run, phantom
                 str(phantom_dir), "--out", str(report), "--empty-mask-control", "--device", "cpu"]) == 0
     written = json.loads(report.read_text())
     assert written["empty_mask_control"]["n"] == 1 and "lesion_like" in written
+    # the verification report's conditional row carries the control beside the lesion-like rate
+    from neuromf.eval.report import write_verification_report
+
+    stage = tmp_path / "stage"
+    (stage / "conditional").mkdir(parents=True)
+    shutil.copytree(out, stage / "conditional" / "generated")
+    shutil.copy(report, stage / "conditional" / "metrics.json")
+    text = write_verification_report(stage, conditional_run.out_dir, tmp_path / "phase_7" / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| C-1 |"))
+    gain = written["empty_mask_control"]["median_gain"]
+    assert "empty-mask control (1 pairs, same noise, no lesion)" in row and f"median {gain:.3f}" in row

@@ -38,7 +38,7 @@ def cmd_demo(args) -> int:
             ["generate", "--adapter", str(cond_run / "adapter"), "--mode", "conditional", "--n", str(args.n),
              "--steps", "1", "--seed", "0", "--out", str(cond_stage / "generated")],
             ["evaluate", "--adapter", str(cond_run / "adapter"), "--generated", str(cond_stage / "generated"),
-             "--data", "embedded", "--out", str(cond_stage / "metrics.json")],
+             "--data", "embedded", "--out", str(cond_stage / "metrics.json"), "--empty-mask-control"],
             ["consistency", "--adapter", str(cond_run / "adapter"), "--generated", str(cond_stage / "generated"),
              "--data", "embedded", "--out", str(cond_stage / "consistency.json"), "--seeds",
              *map(str, args.ablation_seeds)],

@@ -352,6 +352,12 @@ def _lesion_like_row(check: Check, ctx: ReportContext, generated_dir: Path, metr
             failed.append(f"noise correlation max abs(r) {worst:.3f} >= {NOISE_CORRELATION_MAX}")
     elif not subfolder:
         figure += "; noise correlation not recorded by the generator"
+    control = _read_json(metrics_json).get("empty_mask_control")
+    if isinstance(control, dict) and control.get("n"):
+        figure += (f"; empty-mask control ({control['n']} pairs, same noise, no lesion): contrast "
+                   f"{_fmt(control.get('median_contrast_empty_mask'), 3)} vs {_fmt(control.get('median_contrast'), 3)} "
+                   f"as generated, the mask adds median {_fmt(control.get('median_gain'), 3)} "
+                   f"(smallest {_fmt(control.get('min_gain'), 3)})")
     row.figure = (f"FAILED: {'; '.join(failed)}. " if failed else "") + f"{figure}; {montages}"
     row.status = "FAIL" if failed else "PASS"
     lines_out.extend(_lesion_tables(section, samples, rates))
