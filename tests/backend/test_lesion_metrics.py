@@ -255,3 +255,33 @@ def test_non_lesions_fail(real):
     s = lesion_stats(image, blobs, spacing)
     assert s.n_components == 2 and s.largest_share == pytest.approx(0.5)
     assert not lesion_like(s, ref)["largest_share"]
+
+
+def test_location_criterion_uses_brain_normalised_centroids_and_the_real_spread():
+    """Real lesions at three sites of a box brain spread 0.3 apart (normalised); a lesion at one of the sites in a
+    brain of another size and place on the grid passes, one far from every site (the 'cerebellum') fails, and
+    each real lesion passes against a reference that holds it."""
+    spacing = (1.0, 1.0, 1.0)
+
+    def pair(lo: int, hi: int, centre_fraction: tuple[float, float, float]):
+        image = _box_brain((48, 48, 48), lo, hi, 0.5)
+        centre = [int(round(lo + f * (hi - 1 - lo))) for f in centre_fraction]
+        mask = np.zeros(image.shape, bool)
+        mask[tuple(slice(c - 1, c + 2) for c in centre)] = True
+        image[mask] = 0.8
+        return image, mask
+
+    sites = [(0.35, 0.5, 0.6), (0.65, 0.5, 0.6), (0.5, 0.8, 0.6)]
+    real = [lesion_stats(*pair(5, 35, site), spacing) for site in sites]
+    ref = reference_from_real(real)
+    assert ref.max_position_distance == pytest.approx(0.3, abs=0.04)
+    assert all(lesion_like(s, ref)["location"] for s in real)
+    moved = lesion_stats(*pair(10, 46, sites[1]), spacing)  # a bigger brain elsewhere on the grid: same site
+    assert moved.position == pytest.approx(list(sites[1]), abs=0.04)
+    assert lesion_like(moved, ref)["location"] and ref.position_distance(moved) < 0.05
+    far = lesion_stats(*pair(5, 35, (0.5, 0.1, 0.1)), spacing)  # posterior-inferior, no real lesion near
+    verdict = lesion_like(far, ref)
+    assert not verdict["location"] and not verdict["all"] and verdict["depth"] is not None
+    assert ref.position_distance(far) > ref.max_position_distance
+    single = reference_from_real(real[:1])  # no spread to judge by: the criterion cannot fail
+    assert single.max_position_distance is None and lesion_like(far, single)["location"]

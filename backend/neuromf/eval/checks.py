@@ -35,7 +35,7 @@ EVAL_LOSS_PARTS = (("eval_raw", "total"), ("eval_raw_img", "image"), ("eval_raw_
                    ("eval_raw_lesion", "lesion voxels"))
 CRITERION_NAMES = {"nonempty": "non-empty", "largest_share": "largest component >= 80%",
                    "volume": "volume in real range", "inside_brain": ">= 90% inside brain",
-                   "depth": "depth in real range", "contrast": "FLAIR contrast"}
+                   "depth": "depth in real range", "location": "near real lesion sites", "contrast": "FLAIR contrast"}
 
 
 @dataclass
@@ -395,8 +395,9 @@ def _lesion_tables(section: dict, samples: list[dict], rates: dict[str, float]) 
     lines = [
         f"Judged against {ref.get('n')} real lesions on the same grid: volume {_fmt(low, 2)}-{_fmt(high, 2)} cm³, "
         f"median depth {_fmt(ref.get('min_depth_mm'), 1)}-{_fmt(ref.get('max_depth_mm'), 1)} mm, contrast >= "
-        f"{_fmt(ref.get('accepted_min_contrast'), 3)} (real median {_fmt(ref.get('median_contrast'), 3)}). The "
-        "real lesions define the volume and depth ranges, so they pass those two by construction.",
+        f"{_fmt(ref.get('accepted_min_contrast'), 3)} (real median {_fmt(ref.get('median_contrast'), 3)}), "
+        f"centroid within {_fmt(ref.get('max_position_distance'), 3)} (brain-box-normalised) of a real lesion's. The "
+        "real lesions define the volume, depth and location ranges, so they pass those three by construction.",
         "",
         "| Criterion | Generated pass rate | Real lesions pass rate |",
         "|---|---|---|",
@@ -404,13 +405,14 @@ def _lesion_tables(section: dict, samples: list[dict], rates: dict[str, float]) 
     for c in CRITERIA:
         lines.append(f"| {CRITERION_NAMES[c]} | {100 * rates[c]:.0f}% | "
                      f"{'n/a' if real.get(c) is None else f'{100 * real[c]:.0f}%'} |")
-    lines += ["", "| Sample | Volume cm³ | Components | Largest share | Inside brain | Median depth mm | Contrast | "
-              "Noise r | Lesion-like |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| Sample | Volume cm³ | Components | Largest share | Inside brain | Median depth mm | "
+              "Distance to real sites | Contrast | Noise r | Lesion-like |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in samples:
         verdict = "yes" if s.get("lesion_like") else "no" + _verdict_text(s)
         lines.append(f"| {s.get('id')} | {_fmt(s.get('volume_cm3'), 2)} | {_fmt(s.get('n_components'))} | "
                      f"{_fmt(s.get('largest_share'), 2)} | {_fmt(s.get('inside_brain_share'), 2)} | "
-                     f"{_fmt(s.get('median_depth_mm'), 1)} | {_fmt(s.get('contrast'), 3)} | "
+                     f"{_fmt(s.get('median_depth_mm'), 1)} | {_fmt(s.get('location_distance'), 3)} | "
+                     f"{_fmt(s.get('contrast'), 3)} | "
                      f"{_fmt(s.get('noise_correlation'), 3)} | {cell(verdict)} |")
     return lines
 

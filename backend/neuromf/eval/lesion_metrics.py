@@ -11,6 +11,10 @@ vs a 2-voxel ring of brain around it). `reference_from_real` turns the real lesi
 - volume within [0.5 x smallest, 2 x largest] real lesion;
 - >= 90% of the mask inside the brain;
 - median depth within the real lesions' range (min..max of their median depths);
+- location: the lesion's centroid, in coordinates normalised to its brain's bounding box (0..1 per axis, so head
+  size and position on the grid drop out), lies no farther from the nearest real lesion's than the real lesions
+  lie from each other (the largest leave-one-out nearest-neighbour distance among them): a lesion in the
+  cerebellum, brainstem or any other place no real lesion comes near fails, though its depth may be right;
 - contrast >= 1 + 0.5 x (median real contrast - 1), i.e. at least half of the real lesions' median excess.
 
 numpy / scipy only: tensors are accepted (anything with ``.detach()``), torch is never imported.
@@ -37,7 +41,7 @@ CONTRAST_EXCESS_FRACTION = 0.5
 # correlation of a generated mask latent with the noise it started from
 LESION_LIKE_RATE_TARGET = 0.7
 NOISE_CORRELATION_MAX = 0.1
-CRITERIA = ("nonempty", "largest_share", "volume", "inside_brain", "depth", "contrast")
+CRITERIA = ("nonempty", "largest_share", "volume", "inside_brain", "depth", "location", "contrast")
 
 
 def _binary(x: Any) -> np.ndarray:
@@ -81,6 +85,7 @@ class LesionStats:
     median_depth_mm: float | None
     contrast: float | None
     empty: bool
+    position: list[float] | None = None  # centroid in brain-box-normalised coordinates (0..1 per axis)
 
     def to_dict(self) -> dict[str, Any]:
         """The figures as a JSON-ready dict."""
@@ -99,6 +104,7 @@ def lesion_stats(image: Any, mask: Any, spacing: tuple[float, float, float],
     volume = n_voxels * float(np.prod(spacing)) / 1000.0
     if n_voxels == 0:
         return LesionStats(0.0, 0, 0, None, None, None, None, True)
+    brain_voxels = np.argwhere(brain)
     labels, n_components = ndimage.label(mask, structure=STRUCTURE_26)
     largest = int(np.bincount(labels.ravel())[1:].max())
     depth = depth_map(brain, spacing)
@@ -111,7 +117,19 @@ def lesion_stats(image: Any, mask: Any, spacing: tuple[float, float, float],
         median_depth_mm=float(np.median(depth[mask])),
         contrast=lesion_contrast(image, mask, brain=brain),
         empty=False,
+        position=normalised_position(mask, brain_voxels) if len(brain_voxels) else None,
     )
+
+
+def normalised_position(mask: np.ndarray, brain_voxels: np.ndarray) -> list[float]:
+    """Centroid of `mask` in the bounding box of the brain voxels `brain_voxels` (N, 3), 0..1 per axis."""
+    low, high = brain_voxels.min(axis=0), brain_voxels.max(axis=0)
+    centre = np.array(ndimage.center_of_mass(mask))
+    return [float(v) for v in (centre - low) / np.maximum(high - low, 1)]
+
+
+def _nearest_distance(position: list[float], positions: list[list[float]]) -> float:
+    return float(np.linalg.norm(np.asarray(positions) - np.asarray(position), axis=1).min())
 
 
 @dataclass
@@ -125,6 +143,14 @@ class LesionReference:
     median_contrast: float
     volumes_cm3: list[float] = field(default_factory=list)
     n: int = 0
+    positions: list[list[float]] = field(default_factory=list)  # real lesion centroids, brain-box-normalised
+    max_position_distance: float | None = None  # largest leave-one-out nearest-neighbour distance among them
+
+    def position_distance(self, stats: LesionStats) -> float | None:
+        """Distance of a lesion's normalised centroid to the nearest real lesion's; None if undefined."""
+        if stats.position is None or not self.positions:
+            return None
+        return _nearest_distance(stats.position, self.positions)
 
     @property
     def volume_range(self) -> tuple[float, float]:
@@ -154,7 +180,11 @@ def reference_from_real(real: list[LesionStats]) -> LesionReference:
     contrasts = [s.contrast for s in kept if s.contrast is not None]
     if not contrasts:
         raise ValueError("reference_from_real: no real lesion has a defined contrast (empty rings)")
-    return LesionReference(min_volume_cm3=min(volumes), max_volume_cm3=max(volumes), min_depth_mm=min(depths),
+    positions = [s.position for s in kept if s.position is not None]
+    leave_one_out = [_nearest_distance(p, positions[:i] + positions[i + 1:]) for i, p in enumerate(positions)
+                     ] if len(positions) > 1 else []
+    return LesionReference(positions=positions, max_position_distance=max(leave_one_out, default=None),
+                           min_volume_cm3=min(volumes), max_volume_cm3=max(volumes), min_depth_mm=min(depths),
                            max_depth_mm=max(depths), median_contrast=float(np.median(contrasts)),
                            volumes_cm3=[float(v) for v in volumes], n=len(kept))
 
@@ -170,10 +200,19 @@ def lesion_like(stats: LesionStats, ref: LesionReference) -> dict[str, bool]:
         "volume": low <= stats.volume_cm3 <= high,
         "inside_brain": stats.inside_brain_share is not None and stats.inside_brain_share >= INSIDE_BRAIN_MIN,
         "depth": stats.median_depth_mm is not None and ref.min_depth_mm <= stats.median_depth_mm <= ref.max_depth_mm,
+        "location": _near_real_sites(stats, ref),
         "contrast": stats.contrast is not None and stats.contrast >= ref.min_contrast,
     }
     result["all"] = all(result.values())
     return result
+
+
+def _near_real_sites(stats: LesionStats, ref: LesionReference) -> bool:
+    """The location criterion; with fewer than two real lesions there is no spread to judge by, so it passes."""
+    if ref.max_position_distance is None:
+        return True
+    distance = ref.position_distance(stats)
+    return distance is not None and distance <= ref.max_position_distance
 
 
 def _median(values: list[float | None]) -> float | None:

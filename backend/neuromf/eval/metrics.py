@@ -214,6 +214,7 @@ def _lesion_like_section(generated: list[dict], real: list[dict], spacing: tuple
         for item, st in zip(items, all_stats):
             crit = lesion_like(st, ref) if ref is not None else None
             out.append({"id": item["id"], **({"split": item["split"]} if "split" in item else {}), **st.to_dict(),
+                        "location_distance": None if ref is None else ref.position_distance(st),
                         "criteria": crit, "lesion_like": None if crit is None else crit["all"],
                         "failed": None if crit is None else [c for c in CRITERIA if not crit[c]]})
         return out
@@ -242,6 +243,8 @@ def _lesion_like_section(generated: list[dict], real: list[dict], spacing: tuple
             "volume": "volume within [0.5 x smallest, 2 x largest] real lesion",
             "inside_brain": ">= 90% of the mask inside the brain (FLAIR > 0.05, largest component, holes filled)",
             "depth": "median depth below the brain surface within the real lesions' range",
+            "location": "centroid (normalised to the brain's bounding box) no farther from the nearest real "
+                        "lesion's than the largest leave-one-out nearest-neighbour distance among the real lesions",
             "contrast": f"mean FLAIR in mask / in a {SHELL_VOXELS}-voxel ring of brain >= 1 + 0.5 x (median real "
                         "contrast - 1)",
         },
