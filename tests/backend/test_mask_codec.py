@@ -146,6 +146,7 @@ def test_mask_prior_places_real_lesions_inside_the_brain(tmp_path):
     assert all(low - 0.5 <= np.argwhere(m).mean(0)[2] <= high + 0.5 for m in drawn)
     loaded = MaskPrior.load(prior.save(tmp_path / "prior.safetensors"))
     assert loaded.depth_range == pytest.approx(prior.depth_range)
+    assert loaded.site_radius == pytest.approx(prior.site_radius) and np.allclose(loaded.sites, prior.sites)
     assert np.array_equal(loaded.sample(np.random.default_rng(3)), prior.sample(np.random.default_rng(3)))
     with pytest.raises(ValueError, match="not a readable"):
         MaskPrior.load(tmp_path / "prior.safetensors.missing")
@@ -170,3 +171,25 @@ def test_mask_prior_places_lesions_in_the_brain_it_is_given():
         assert not prior.fits(mask, np.zeros(shape, bool)) and not prior.fits(np.zeros(shape, bool), shifted)
     with pytest.raises(ValueError, match="not the prior's grid"):
         prior.sample(rng, brain=np.ones((8, 8, 8), bool))
+
+
+def test_mask_prior_keeps_lesions_near_real_lesion_sites():
+    """Real lesions only on the left side of the brain: every drawn lesion lands near one of their sites (the
+    location criterion of the lesion-likeness check), none on the right, although depth alone would allow it."""
+    from neuromf.data.brain import lesion_position, nearest_site_distances
+
+    shape = (40, 40, 40)
+    image = ball(shape, (20, 20, 20), 16) * 0.6
+    lesions = [ball(shape, (8, 20, 20), 2.0), ball(shape, (12, 16, 22), 2.0), ball(shape, (10, 26, 18), 2.0)]
+    prior = MaskPrior.from_cases(lesions, [image] * 3, (3.0, 3.0, 3.0))
+    assert prior.sites.shape == (3, 3) and 0 < prior.site_radius < 0.3
+    rng = np.random.default_rng(0)
+    brain = brain_mask(image)
+    for _ in range(15):
+        mask = prior.sample(rng) > 0
+        position = np.asarray([lesion_position(mask, brain)])
+        assert nearest_site_distances(position, prior.sites)[0] <= prior.site_radius
+        assert np.argwhere(mask).mean(0)[0] < 20  # left half
+        assert prior.fits(mask, brain)
+    mirrored = np.flip(lesions[0], axis=0).copy()  # the same lesion at the right-hand site: depth fine, site not
+    assert not prior.fits(mirrored, brain)

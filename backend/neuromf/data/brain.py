@@ -1,5 +1,5 @@
-"""The brain on the model grid and depth below its surface, measured one way for every user: the mask prior
-(where a generated lesion may go) and the lesion-likeness check (where a lesion is) must agree on both."""
+"""The brain on the model grid, depth below its surface and positions within it, measured one way for every user:
+the mask prior (where a generated lesion may go) and the lesion-likeness check (where a lesion is) must agree."""
 
 from __future__ import annotations
 
@@ -46,3 +46,34 @@ def depth_map(brain: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
     padded = np.pad(np.asarray(brain, dtype=bool), 1)
     depth = ndimage.distance_transform_edt(padded, sampling=tuple(float(s) for s in spacing))
     return depth[1:-1, 1:-1, 1:-1]
+
+
+def normalised_positions(points: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """(N, 3) voxel coordinates as positions in the brain's bounding box, 0..1 per axis: head size and the brain's
+    place on the grid drop out, so lesion sites of different scans compare."""
+    voxels = np.argwhere(np.asarray(brain, dtype=bool))
+    low, high = voxels.min(axis=0), voxels.max(axis=0)
+    return (np.asarray(points, dtype=np.float64) - low) / np.maximum(high - low, 1)
+
+
+def lesion_position(mask: np.ndarray, brain: np.ndarray) -> list[float]:
+    """The centroid of a lesion mask as a `normalised_positions` entry of its brain."""
+    centre = np.array(ndimage.center_of_mass(np.asarray(mask, dtype=bool)))
+    return [float(v) for v in normalised_positions(centre[None], brain)[0]]
+
+
+def nearest_site_distances(positions: np.ndarray, sites: np.ndarray) -> np.ndarray:
+    """(N,) distance of each normalised position to the nearest of the (K, 3) `sites`."""
+    diff = np.asarray(positions, dtype=np.float64)[:, None, :] - np.asarray(sites, dtype=np.float64)[None]
+    return np.linalg.norm(diff, axis=-1).min(axis=1)
+
+
+def site_spread(sites: np.ndarray) -> float | None:
+    """The largest leave-one-out nearest-neighbour distance among (K, 3) sites: how far from every other site a
+    real lesion can lie; None for fewer than two sites."""
+    sites = np.asarray(sites, dtype=np.float64)
+    if len(sites) < 2:
+        return None
+    distances = np.linalg.norm(sites[:, None] - sites[None], axis=-1)
+    np.fill_diagonal(distances, np.inf)
+    return float(distances.min(axis=1).max())

@@ -4,8 +4,11 @@ A drawn mask is one of the training lesions (cropped to its bounding box), mirro
 moved to a new centre chosen among brain voxels whose depth below the brain surface lies within the range of
 the real lesions' depths (FCD lesions sit at the grey/white junction, a few mm to ~2 cm deep) and whose height
 (inferior-superior) lies within the real lesions' range (FCD is a cortical malformation of the cerebrum: no
-lesion in the cerebellum or brainstem unless the training lesions go there). A placement is kept when >= 95% of
-the lesion lies inside the brain and its median depth is in the real range; volumes follow the training
+lesion in the cerebellum or brainstem unless the training lesions go there), and whose position in the brain
+(normalised to its bounding box) lies near a real lesion's site, no farther than the real sites lie from each
+other (`neuromf.data.brain.site_spread`; the lesion-likeness check's location criterion). A placement is kept when
+>= 95% of the lesion lies inside the brain, its median depth is in the real range and its centroid is near a real
+site; volumes follow the training
 distribution. Depth is measured as the lesion-likeness check measures it (`neuromf.data.brain`): each real
 lesion in its own scan's brain, and a new lesion in the brain it is placed in, which is the generated brain when
 the caller passes one (`sample(rng, brain=...)`), else the mean of the training FLAIRs.
@@ -21,13 +24,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
-from neuromf.data.brain import brain_mask, depth_map
+from neuromf.data.brain import (
+    brain_mask,
+    depth_map,
+    lesion_position,
+    nearest_site_distances,
+    normalised_positions,
+    site_spread,
+)
 from neuromf.utils import atomic_write
 
 MIN_INSIDE = 0.95
 # centres are drawn this share of the depth range away from its ends: the lesion's own median depth then
 # lands inside the range, not on its edge
 DEPTH_MARGIN = 0.15
+# centres are drawn within this share of the site radius: the lesion's own centroid, a little off its centre, and
+# the brain generated around it then still lie within the radius
+SITE_MARGIN = 0.8
 
 
 def _crop(mask: np.ndarray) -> np.ndarray:
@@ -46,6 +59,10 @@ class MaskPrior:
     depth_range: tuple[float, float]
     # inferior-superior voxel range (axis 2 of the RAS grid) of the real lesion centroids; None = anywhere
     height_range: tuple[float, float] | None = None
+    # (K, 3) real lesion centroids normalised to their brains' bounding boxes, and how far from one a lesion may
+    # lie (`site_spread`); None = anywhere (priors saved before sites existed)
+    sites: np.ndarray | None = None
+    site_radius: float | None = None
 
     @classmethod
     def from_cases(cls, masks: list[np.ndarray], images: list[np.ndarray],
@@ -61,8 +78,9 @@ class MaskPrior:
         depths = [float(np.median(depth_map(brain_mask(image), spacing)[m])) for m, image in pairs]
         heights = [float(np.round(ndimage.center_of_mass(m))[2]) for m in lesions]
         brain = brain_mask(np.mean(np.stack([image for _, image in pairs]), axis=0))
+        sites = np.array([lesion_position(m, brain_mask(image)) for m, image in pairs])
         return cls([_crop(m) for m in lesions], brain, tuple(float(s) for s in spacing),
-                   (min(depths), max(depths)), (min(heights), max(heights)))
+                   (min(depths), max(depths)), (min(heights), max(heights)), sites, site_spread(sites))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -77,7 +95,11 @@ class MaskPrior:
         if self.height_range is not None:
             height = np.arange(self.shape[2])[None, None, :]
             allowed &= (height >= self.height_range[0]) & (height <= self.height_range[1])
-        return np.argwhere(allowed)
+        centres = np.argwhere(allowed)
+        if self.site_radius is not None and len(centres):
+            near = nearest_site_distances(normalised_positions(centres, brain), self.sites)
+            centres = centres[near <= SITE_MARGIN * self.site_radius]
+        return centres
 
     def sample(self, rng: np.random.Generator, brain: np.ndarray | None = None, max_tries: int = 200) -> np.ndarray:
         """One (H, W, D) uint8 lesion mask on the model grid, placed in `brain` (H, W, D) bool when given (e.g.
@@ -88,7 +110,7 @@ class MaskPrior:
         depth = depth_map(brain, self.spacing)
         centres = self.candidate_centres(brain, depth)
         if not len(centres):
-            raise ValueError("the brain has no voxel at the real lesions' depth to place a lesion in")
+            raise ValueError("the brain has no voxel at the real lesions' depth and sites to place a lesion in")
         # the lesion's own median depth, kept half a margin inside the real range: the FLAIR generated around it
         # has a slightly different brain, and its depth must still lie in the real range there
         lo, hi = self.depth_range
@@ -103,7 +125,7 @@ class MaskPrior:
             if not placed.any():
                 continue
             inside = float((placed & brain).sum()) / float(placed.sum())
-            if inside >= MIN_INSIDE and lo <= float(np.median(depth[placed])) <= hi:
+            if inside >= MIN_INSIDE and lo <= float(np.median(depth[placed])) <= hi and self._near_site(placed, brain):
                 return placed.astype(np.uint8)
             if inside > best_inside:
                 best, best_inside = placed, inside
@@ -113,12 +135,18 @@ class MaskPrior:
 
     def fits(self, mask: np.ndarray, brain: np.ndarray) -> bool:
         """Whether a placed lesion (H, W, D) lies where real ones do in `brain`: >= 95% inside it, median depth
-        within the real lesions' range."""
+        within the real lesions' range, centroid near a real lesion's site."""
         mask, brain = np.asarray(mask) > 0, np.asarray(brain, dtype=bool)
         if not mask.any() or float((mask & brain).sum()) < MIN_INSIDE * float(mask.sum()):
             return False
         lo, hi = self.depth_range
-        return lo <= float(np.median(depth_map(brain, self.spacing)[mask])) <= hi
+        return lo <= float(np.median(depth_map(brain, self.spacing)[mask])) <= hi and self._near_site(mask, brain)
+
+    def _near_site(self, mask: np.ndarray, brain: np.ndarray) -> bool:
+        if self.site_radius is None or not brain.any():
+            return True
+        position = np.asarray([lesion_position(mask, brain)])
+        return bool(nearest_site_distances(position, self.sites)[0] <= self.site_radius)
 
     def _place(self, lesion: np.ndarray, centre: np.ndarray) -> np.ndarray:
         out = np.zeros(self.shape, dtype=bool)
@@ -140,6 +168,9 @@ class MaskPrior:
                    "depth_range": torch.tensor(self.depth_range, dtype=torch.float64)}
         if self.height_range is not None:
             tensors["height_range"] = torch.tensor(self.height_range, dtype=torch.float64)
+        if self.site_radius is not None:
+            tensors["sites"] = torch.from_numpy(np.asarray(self.sites, dtype=np.float64))
+            tensors["site_radius"] = torch.tensor([self.site_radius], dtype=torch.float64)
         for i, lesion in enumerate(self.lesions):
             tensors[f"lesion_{i:04d}"] = torch.from_numpy(lesion.astype(np.uint8))
         return atomic_write(Path(path), lambda p: save_file(tensors, str(p)))
@@ -151,7 +182,9 @@ class MaskPrior:
             tensors = load_file(str(path))
             lesions = [tensors[k].numpy() > 0 for k in sorted(tensors) if k.startswith("lesion_")]
             height = tuple(tensors["height_range"].tolist()) if "height_range" in tensors else None
+            sites = tensors["sites"].numpy() if "sites" in tensors else None
+            radius = float(tensors["site_radius"][0]) if "site_radius" in tensors else None
             return cls(lesions, tensors["brain"].numpy() > 0, tuple(tensors["spacing"].tolist()),
-                       tuple(tensors["depth_range"].tolist()), height)
+                       tuple(tensors["depth_range"].tolist()), height, sites, radius)
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"{path}: not a readable NeuroMF mask prior ({err})") from err

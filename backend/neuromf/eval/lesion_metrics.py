@@ -29,7 +29,16 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import ks_2samp
 
-from neuromf.data.brain import BRAIN_THRESHOLD, STRUCTURE_26, as_volume, brain_mask, depth_map
+from neuromf.data.brain import (
+    BRAIN_THRESHOLD,
+    STRUCTURE_26,
+    as_volume,
+    brain_mask,
+    depth_map,
+    lesion_position,
+    nearest_site_distances,
+    site_spread,
+)
 
 SHELL_VOXELS = 2
 LARGEST_SHARE_MIN = 0.8
@@ -104,7 +113,6 @@ def lesion_stats(image: Any, mask: Any, spacing: tuple[float, float, float],
     volume = n_voxels * float(np.prod(spacing)) / 1000.0
     if n_voxels == 0:
         return LesionStats(0.0, 0, 0, None, None, None, None, True)
-    brain_voxels = np.argwhere(brain)
     labels, n_components = ndimage.label(mask, structure=STRUCTURE_26)
     largest = int(np.bincount(labels.ravel())[1:].max())
     depth = depth_map(brain, spacing)
@@ -117,19 +125,8 @@ def lesion_stats(image: Any, mask: Any, spacing: tuple[float, float, float],
         median_depth_mm=float(np.median(depth[mask])),
         contrast=lesion_contrast(image, mask, brain=brain),
         empty=False,
-        position=normalised_position(mask, brain_voxels) if len(brain_voxels) else None,
+        position=lesion_position(mask, brain) if brain.any() else None,
     )
-
-
-def normalised_position(mask: np.ndarray, brain_voxels: np.ndarray) -> list[float]:
-    """Centroid of `mask` in the bounding box of the brain voxels `brain_voxels` (N, 3), 0..1 per axis."""
-    low, high = brain_voxels.min(axis=0), brain_voxels.max(axis=0)
-    centre = np.array(ndimage.center_of_mass(mask))
-    return [float(v) for v in (centre - low) / np.maximum(high - low, 1)]
-
-
-def _nearest_distance(position: list[float], positions: list[list[float]]) -> float:
-    return float(np.linalg.norm(np.asarray(positions) - np.asarray(position), axis=1).min())
 
 
 @dataclass
@@ -150,7 +147,7 @@ class LesionReference:
         """Distance of a lesion's normalised centroid to the nearest real lesion's; None if undefined."""
         if stats.position is None or not self.positions:
             return None
-        return _nearest_distance(stats.position, self.positions)
+        return float(nearest_site_distances(np.asarray([stats.position]), np.asarray(self.positions))[0])
 
     @property
     def volume_range(self) -> tuple[float, float]:
@@ -181,9 +178,7 @@ def reference_from_real(real: list[LesionStats]) -> LesionReference:
     if not contrasts:
         raise ValueError("reference_from_real: no real lesion has a defined contrast (empty rings)")
     positions = [s.position for s in kept if s.position is not None]
-    leave_one_out = [_nearest_distance(p, positions[:i] + positions[i + 1:]) for i, p in enumerate(positions)
-                     ] if len(positions) > 1 else []
-    return LesionReference(positions=positions, max_position_distance=max(leave_one_out, default=None),
+    return LesionReference(positions=positions, max_position_distance=site_spread(np.asarray(positions)),
                            min_volume_cm3=min(volumes), max_volume_cm3=max(volumes), min_depth_mm=min(depths),
                            max_depth_mm=max(depths), median_contrast=float(np.median(contrasts)),
                            volumes_cm3=[float(v) for v in volumes], n=len(kept))
