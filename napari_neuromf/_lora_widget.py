@@ -39,11 +39,16 @@ from napari_neuromf._session import NEW_RUN, RESUME, RUN_MODES, Failure, Phase, 
 if TYPE_CHECKING:
     import napari
 
-REFRESH_S = 0.5  # GUI refresh interval during training
+REFRESH_S = 1.0  # the bar, status line and loss plot refresh at most once per second during training
 STRATEGY_TIPS = ("auto: use the recommendation of the last Mask-VAE test\n"
                  "vae: encode the mask with the image VAE (8 latent channels)\n"
                  "downsample: shrink the mask to the latent grid (5 latent channels)\n"
                  "sdf: shrink the mask as a signed distance map (keeps small lesions)")
+DEVICE_TIP = ("auto: the first GPU when there is one, else the CPU\n"
+              "cpu: the CPU (slow: use the demo_lora starting values)\n"
+              "cuda:N: that GPU\n"
+              "all GPUs (N): one process per GPU, started by PyTorch's torchrun, each training on its share of "
+              "every batch (the batch size is the total over all GPUs)")
 RUN_MODE_TIPS = {NEW_RUN: "Train from scratch in a fresh folder (a new timestamped folder when this one is used)",
                  RESUME: "Continue the run saved in the output folder from its last checkpoint",
                  _session.OVERWRITE: "Delete the run in the output folder and train from scratch there"}
@@ -89,8 +94,9 @@ class LoRAWidget(QWidget):
         self.preview_every = tip(QSpinBox(), "Every N steps, generate one sample and show it as 'preview 0' layers")
         self.preview_every.setRange(0, 1_000_000)
         self.preview_every.setSpecialValueText("off")
-        self.device = tip(QComboBox(), "auto: the first GPU when there is one, else the CPU")
-        self.device.addItems(["auto", "cpu"])
+        self.device = tip(QComboBox(), DEVICE_TIP)
+        self.device_plans: dict[str, _session.DevicePlan] = {}
+        self.set_device_plans(_session.device_plans(0))
         self.output = PathField("", "dir", "Output folder",
                                 tooltip="The run's folder: checkpoints, the adapter, losses.csv")
         self.run_mode = tip(QComboBox(), "\n".join(f"{m}: {t}" for m, t in RUN_MODE_TIPS.items()))
@@ -108,6 +114,11 @@ class LoRAWidget(QWidget):
         self._preparing.setInterval(1000)
         self._preparing.timeout.connect(self._show_preparing)
         self._phase = ("", 0.0)
+        self._pending: Any = None  # the newest step event not shown yet
+        self._last_refresh = 0.0  # time.monotonic() of the last refresh of the bar, status line and plot
+        self._refresh_timer = QTimer(self)
+        self._refresh_timer.setSingleShot(True)
+        self._refresh_timer.timeout.connect(self._refresh)
 
         self.loss_plot = LossPlot(getattr(napari_viewer, "theme", "dark"))
         self.loss_plot.setToolTip("Training loss per step (after Resume: the earlier steps too)")
@@ -145,8 +156,7 @@ class LoRAWidget(QWidget):
 
     def _fill_defaults(self, env: _session.Environment) -> None:
         """Configs sized for this machine first (the remembered one if any), devices, the next run folder."""
-        self.device.clear()
-        self.device.addItems(list(env.devices))
+        self.set_device_plans(env.device_plans)
         self.config.blockSignals(True)
         self.config.clear()
         self.config.addItems(list(env.lora_configs))
@@ -159,6 +169,20 @@ class LoRAWidget(QWidget):
         runs = Path(_session.STATE.last_run_dir).parent if _session.STATE.last_run_dir else \
             _session.user_folder() / "runs"
         self.output.fill(str(_session.fresh_run_folder(runs)))
+
+    def set_device_plans(self, plans: dict[str, _session.DevicePlan]) -> None:
+        """The Device choices, each a label and what it runs (processes, training.device)."""
+        current = self.device.currentText()
+        self.device_plans = dict(plans)
+        self.device.clear()
+        self.device.addItems(list(plans))
+        if current in plans:
+            self.device.setCurrentText(current)
+
+    @property
+    def device_plan(self) -> _session.DevicePlan:
+        label = self.device.currentText()
+        return self.device_plans.get(label) or _session.DevicePlan(1, label or "auto")
 
     def fill_from_config(self, name: str) -> None:
         """Show a packaged config's values in the form (the defaults the user then edits)."""
@@ -201,7 +225,7 @@ class LoRAWidget(QWidget):
             "training.max_steps": self.max_steps.value() or None,
             "training.batch_size": self.batch_size.value(),
             "training.preview_every": self.preview_every.value(),
-            "training.device": self.device.currentText(),
+            "training.device": self.device_plan.device,
             "training.output_dir": self.output.text(),
         }
 
@@ -240,8 +264,13 @@ class LoRAWidget(QWidget):
         self.output.setText(str(folder))
         history = self.run.plotted if self.run is not None and self.run.out_dir == folder else \
             _session.loss_history(folder)
-        self.run = _session.TrainingRun(cfg, settings["base_checkpoint"], resume=resume, overwrite=overwrite,
-                                        history=history if resume else [])
+        plan = self.device_plan
+        common = {"resume": resume, "overwrite": overwrite, "history": history if resume else []}
+        if plan.nproc > 1:  # local processes under torchrun; their events arrive as from the thread
+            self.run = _session.ProcessTrainingRun(cfg, settings["base_checkpoint"], nproc=plan.nproc,
+                                                   device=plan.device, **common)
+        else:
+            self.run = _session.TrainingRun(cfg, settings["base_checkpoint"], **common)
         _session.STATE.remember(last_config=config)
         self.destroyed.connect(self.run.stop.set)  # closing the dock stops the run (checkpoint + adapter saved)
         self._plot()
@@ -254,10 +283,15 @@ class LoRAWidget(QWidget):
         return launch(self, worker)
 
     def stop(self) -> None:
-        """Ask the loop to stop: it saves a resumable checkpoint and the adapter, then returns."""
+        """Ask the loop to stop: it saves a resumable checkpoint and the adapter, then returns. Before the first
+        step (models loading, cases being encoded) the start ends after the current case, as a failed start."""
         if self.run is not None and self.busy:
             self.run.stop.set()
-            self.job.waiting("Stopping after the current step ...")
+            if self.run.training_started:
+                self.job.waiting("Stopping after the current step ...")
+            else:
+                self.job.waiting("Stopping: the start ends once the case being encoded is done (encoded cases stay "
+                                 "cached) ...")
         self.stop_button.setEnabled(False)
 
     def _set_running(self, running: bool) -> None:
@@ -269,8 +303,6 @@ class LoRAWidget(QWidget):
         message, since = self._phase
         self.job.status.setText(f"{message} {format_eta(time.monotonic() - since)} so far")
 
-    _last_refresh = 0.0
-
     def _on_event(self, event: Any) -> None:
         if isinstance(event, Failure):
             show_error(event.message)
@@ -281,42 +313,64 @@ class LoRAWidget(QWidget):
             self.job.waiting(event.message)
             self._preparing.start()
             return
-        self._preparing.stop()
+        if self._preparing.isActive():
+            self._preparing.stop()
         self.run.record(event)
-        if event.kind == "encoding":
+        kind = event.kind
+        if kind == "step":
+            self._throttled_refresh(event)
+        elif kind == "encoding":
             self._show_encoding(event)
-            return
-        # every GUI-thread millisecond competes with the training thread for the GIL: refresh the bar, the text
-        # and the plot at most a few times per second (every point is recorded)
-        if event.kind == "step":  # only step events are throttled; previews, epochs and the end always show
-            now = time.monotonic()
-            if event.step < event.total_steps and now - self._last_refresh < REFRESH_S:
-                return
-            self._last_refresh = now
-        if event.total_steps:
-            self.job.count(min(event.step, event.total_steps), event.total_steps, "steps")
-        if event.kind == "step":
-            self.progress_bar.setFormat(f"%v / %m steps  ·  ETA {format_eta(event.eta_s)}")
-            self.job.status.setText(f"step {event.step}/{event.total_steps}  loss {event.loss:.4f}  "
-                                    f"learning rate {event.lr:.2e}")
-            self._plot()
-        elif event.kind == "skipped":
+        elif kind == "skipped":
             show_warning(f"LoRA fine-tuning: {event.message}")
             self.job.status.setText(f"LoRA fine-tuning: {event.message}")
-        elif event.kind == "checkpoint":
+        elif kind == "checkpoint":
+            self._refresh()
             self.job.status.setText(f"checkpoint saved at step {event.step}: {event.path}")
-        elif event.kind == "preview" and event.preview:
+        elif kind == "preview" and event.preview:
             self._show_previews(event)
-        elif event.kind in ("done", "stopped"):
-            self._plot()  # the throttled redraw may have skipped the last steps
+        elif kind in ("done", "stopped"):
+            self._refresh()  # the last steps, which the throttle may have held back
+        # "epoch" events (every few steps) change nothing on screen: their steps were already counted
+
+    def _throttled_refresh(self, event: Any) -> None:
+        """Show a step at once when the last refresh is REFRESH_S old, else remember it for a timer that shows
+        the newest one when the interval is over (so the last step of a burst is never left unshown).
+
+        Every repaint of napari's window costs the GUI thread a composition of the whole window (about 9 ms on
+        a software renderer), taken from the training thread: the bar, the status line and the plot are
+        refreshed together, at most once per REFRESH_S, however many steps arrive in between.
+        """
+        self._pending = event
+        wait_s = REFRESH_S - (time.monotonic() - self._last_refresh)
+        if wait_s <= 0:
+            self._refresh()
+        elif not self._refresh_timer.isActive():
+            self._refresh_timer.start(max(1, int(wait_s * 1000)))
+
+    def _refresh(self) -> None:
+        """Show the newest step not yet shown: count, ETA, loss and learning rate, and the loss plot."""
+        self._refresh_timer.stop()
+        event, self._pending = self._pending, None
+        if event is None or self.run is None:
+            return
+        self._last_refresh = time.monotonic()
+        total = event.total_steps or 0
+        if total:
+            self.job.count(min(event.step, total), total, "steps")
+            self.progress_bar.setFormat(f"%v / %m steps  ·  ETA {format_eta(event.eta_s)}")
+        if not self.run.stop.is_set():  # keep "Stopping ..." in view until the run has stopped
+            lr = f"  learning rate {event.lr:.2e}" if event.lr else ""
+            loss = f"  loss {event.loss:.4f}" if event.loss is not None else ""
+            self.job.status.setText(f"step {event.step}/{total}{loss}{lr}")
+        self._plot()
 
     def _show_encoding(self, event: Any) -> None:
         """Before the first step: cases encoded into latents so far, of how many, and the time left."""
         self.job.count(event.step, event.total_steps, "cases")
         self.progress_bar.setFormat(f"Encoding latents: %v / %m cases  ·  ETA {format_eta(event.eta_s)}")
         if self.run.stop.is_set():
-            self.job.status.setText("Stopping: the run stops (and saves) at its first step, once the training cases "
-                                    f"are encoded ({event.step} of {event.total_steps} done)")
+            self.job.status.setText(f"Stopping after this case ({event.step} of {event.total_steps} encoded) ...")
         elif event.step < event.total_steps:
             self.job.status.setText(f"{event.message[:1].upper()}{event.message[1:]}; each scan is encoded once, "
                                     "later runs read it from the cache")
@@ -338,12 +392,15 @@ class LoRAWidget(QWidget):
 
     def _on_done(self, result: Any) -> None:
         self._preparing.stop()
+        self._refresh()  # a step still held back by the throttle
         if result is None:
             return
         if result.export:
             _session.STATE.set_adapter(Path(result.export), Path(result.out_dir))
         verb = "Stopped" if result.stopped else "Finished"
-        message = (f"{verb} at step {result.step}. Adapter: {result.export}. Checkpoint: {result.checkpoint}"
+        last = self.run.losses[-1] if self.run is not None and self.run.losses else None
+        loss = f" (loss {last[1]:.4f} at step {last[0]})" if last else ""
+        message = (f"{verb} at step {result.step}{loss}. Adapter: {result.export}. Checkpoint: {result.checkpoint}"
                    + (f". {result.skipped_steps} steps skipped" if result.skipped_steps else "")
                    + (". Press Start to resume it." if result.stopped else "."))
         # said in the widget only: a napari toast costs tens of ms of GUI thread while the training thread ends
@@ -354,11 +411,29 @@ class LoRAWidget(QWidget):
 
     def _on_finished(self) -> None:
         self._preparing.stop()
+        self._refresh_timer.stop()
         self._set_running(False)
         if self.run is not None and self.run.failure is not None:
             self.progress_bar.setFormat("failed")
+        elif self.run is not None and self.run.stopped_encoding is not None:
+            self.job.finish(self._stopped_encoding_message())
+            self.progress_bar.setFormat("stopped while encoding: %v / %m cases")
         elif self.run is not None and self.run.result is None:
             self.job.finish("Stopped before the first step")
+
+    def _stopped_encoding_message(self) -> str:
+        from neuromf.train.checkpoint import checkpoint_paths
+
+        done, total = self.run.stopped_encoding
+        folder = self.run.out_dir
+        if checkpoint_paths(folder)[0].is_file():
+            where = f"the run in {folder} is as it was: press Start to resume it"
+        elif _session.holds_run(folder):
+            where = f"{folder} holds no checkpoint: under Run choose 'Resume' to start it from step 0"
+        else:
+            where = f"nothing was left in {folder}, as after a failed start"
+        return (f"Stopped before training, while encoding the training cases ({done} of {total} encoded; they stay "
+                f"cached, so the next start skips them). Nothing was trained; {where}.")
 
 
 class LossPlot(QWidget):
@@ -371,6 +446,7 @@ class LossPlot(QWidget):
         super().__init__()
         self.points: list[tuple[int, float]] = []
         self.setMinimumHeight(160)
+        self.setAttribute(Qt.WA_OpaquePaintEvent)  # paints its whole rectangle: the dock below is not repainted
         self.background, self.text, self.line = QColor("#262930"), QColor("#f0f1f2"), QColor("#3d9be9")
         try:
             from napari.utils.theme import get_theme
@@ -405,9 +481,27 @@ class LossPlot(QWidget):
         painter.drawText(QRectF(area.left(), area.bottom() + 2, 80, 16), Qt.AlignLeft, str(x0))
         painter.drawText(QRectF(area.right() - 80, area.bottom() + 2, 80, 16), Qt.AlignRight, str(x1))
         line = QPolygonF([QPointF(area.left() + (s - x0) / (x1 - x0) * area.width(),
-                                  area.bottom() - (v - y0) / (y1 - y0) * area.height()) for s, v in self.points])
+                                  area.bottom() - (v - y0) / (y1 - y0) * area.height())
+                          for s, v in decimate(self.points, int(area.width()))])
         painter.setPen(QPen(self.line, 1.5))
         painter.drawPolyline(line)
 
 
-__all__ = ["REFRESH_S", "LoRAWidget", "LossPlot"]
+def decimate(points: list[tuple[int, float]], columns: int) -> list[tuple[int, float]]:
+    """At most about four points per pixel column (first, lowest, highest, last of the steps falling in it), so a
+    long run draws as fast as a short one and keeps its spikes."""
+    if len(points) <= 4 * max(1, columns):
+        return points
+    steps = np.fromiter((s for s, _ in points), float, len(points))
+    values = np.fromiter((v for _, v in points), float, len(points))
+    column = ((steps - steps[0]) / max(steps[-1] - steps[0], 1) * (columns - 1)).astype(int)
+    starts = np.flatnonzero(np.r_[True, column[1:] != column[:-1]])
+    ends = np.r_[starts[1:], len(points)]
+    keep = set()
+    for a, b in zip(starts, ends):
+        chunk = values[a:b]
+        keep.update((a, b - 1, a + int(np.argmin(chunk)), a + int(np.argmax(chunk))))
+    return [points[i] for i in sorted(keep)]
+
+
+__all__ = ["REFRESH_S", "LoRAWidget", "LossPlot", "decimate"]

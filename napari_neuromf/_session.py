@@ -164,6 +164,25 @@ class Cancelled(Exception):
 
 # ------------------------------------------------------------------------------------- backend and folders
 @dataclass(frozen=True)
+class DevicePlan:
+    """What a Device choice of the LoRA widget runs: ``nproc`` processes (1: in napari's process, in a thread;
+    more: local processes under torchrun, data-parallel) on ``device`` (the config's ``training.device``)."""
+
+    nproc: int
+    device: str
+
+
+def device_plans(gpus: int) -> dict[str, DevicePlan]:
+    """The LoRA widget's Device choices for a machine with ``gpus`` GPUs: ``auto``, ``cpu``, each ``cuda:N``, and
+    ``all GPUs (N)`` (one torchrun process per GPU) when there are several."""
+    plans = {"auto": DevicePlan(1, "auto"), "cpu": DevicePlan(1, "cpu")}
+    plans.update({f"cuda:{i}": DevicePlan(1, f"cuda:{i}") for i in range(gpus)})
+    if gpus > 1:
+        plans[f"all GPUs ({gpus})"] = DevicePlan(gpus, "auto")  # under torchrun "auto" = cuda:LOCAL_RANK
+    return plans
+
+
+@dataclass(frozen=True)
 class Environment:
     """What the widgets need from the backend before they can offer defaults (found once, in a worker)."""
 
@@ -171,6 +190,11 @@ class Environment:
     has_cuda: bool
     lora_configs: tuple[str, ...]  # packaged LoRA configs, the one sized for this machine first
     phantom_root: str  # the shipped phantom data set ("" when this install has none)
+    gpus: int = 0
+
+    @property
+    def device_plans(self) -> dict[str, DevicePlan]:
+        return device_plans(self.gpus)
 
 
 _environment: Environment | None = None
@@ -210,7 +234,7 @@ def environment() -> Environment:
             _environment = Environment(
                 devices=("auto", *(f"cuda:{i}" for i in range(torch.cuda.device_count())), "cpu"),
                 has_cuda=has_cuda, lora_configs=(*preferred, *(n for n in names if n not in preferred)),
-                phantom_root=phantoms)
+                phantom_root=phantoms, gpus=torch.cuda.device_count() if has_cuda else 0)
         return _environment
 
 
@@ -362,6 +386,25 @@ def loss_history(out_dir: Path) -> list[tuple[int, float]]:
         return []
 
 
+class StopFlag(threading.Event):
+    """A stop request that also calls hooks when it is set (e.g. tells training processes at once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks: list[Any] = []
+
+    def set(self) -> None:
+        super().set()
+        for hook in list(self._hooks):
+            hook()
+
+    def when_set(self, hook: Any) -> None:
+        """Call ``hook()`` when the flag is set (now, if it already is); a hook may be called twice."""
+        self._hooks.append(hook)
+        if self.is_set():
+            hook()
+
+
 @dataclass
 class TrainingRun:
     """One LoRA fine-tuning run started from the GUI: config, stop flag, loss history, result."""
@@ -371,16 +414,22 @@ class TrainingRun:
     resume: bool = False
     overwrite: bool = False
     history: list[tuple[int, float]] = field(default_factory=list)  # losses logged before this run (resume)
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: StopFlag = field(default_factory=StopFlag)
     losses: list[tuple[int, float]] = field(default_factory=list)
     last_event: Any = None
     result: Any = None  # neuromf.train.TrainResult
     failure: Failure | None = None
+    stopped_encoding: tuple[int, int] | None = None  # (cases encoded, cases) when stopped before training
     started: float = field(default_factory=time.perf_counter)
 
     @property
     def out_dir(self) -> Path:
         return Path(self.cfg.training.output_dir)
+
+    @property
+    def training_started(self) -> bool:
+        """Whether a training step (or a stop at step 0) was reported: before, a stop ends the start itself."""
+        return self.last_event is not None and getattr(self.last_event, "kind", "encoding") != "encoding"
 
     @property
     def plotted(self) -> list[tuple[int, float]]:
@@ -395,12 +444,21 @@ class TrainingRun:
         if getattr(event, "kind", None) == "step" and event.loss is not None:
             self.losses.append((int(event.step), float(event.loss)))
 
+    def _fail(self, err: BaseException) -> Failure:
+        self.failure = Failure(describe_error(err, "LoRA fine-tuning", self.cfg.training.device,
+                                              self.cfg.training.batch_size, self.out_dir), err)
+        return self.failure
+
     def drive(self) -> Generator[Any, None, Any]:
         """Worker body: the backend's training generator, errors turned into a Failure, memory released.
 
         A Phase covers the loading of the models; then the backend encodes every training case into latents
-        (minutes for a real data set on the first run; cached after), one "encoding" event per case.
+        (minutes for a real data set on the first run; cached after), one "encoding" event per case. A stop
+        during the encoding takes effect after the current case: the start ends as a failed one (the backend
+        removes a fresh run's folder and leaves a resumed run as it was; encoded cases stay cached).
         """
+        from neuromf.train.launch import StopBeforeTraining
+
         events = None
         try:
             yield Phase(f"Preparing: loading the base model and the VAE, finding the training cases in "
@@ -416,16 +474,88 @@ class TrainingRun:
                     self.result = done.value
                     break
                 yield event
+                if event.kind == "encoding" and self.stop.is_set():
+                    self.stopped_encoding = (int(event.step), int(event.total_steps))
+                    try:
+                        events.throw(StopBeforeTraining())
+                    except StopBeforeTraining:
+                        pass
+                    break
         except Exception as err:  # reported in the widget and as a notification, never raised into Qt
-            self.failure = Failure(describe_error(err, "LoRA fine-tuning", self.cfg.training.device,
-                                                  self.cfg.training.batch_size, self.out_dir), err)
-            yield self.failure
+            yield self._fail(err)
         finally:
             if events is not None:
                 events.close()
             del events
             release_memory()
         return self.result
+
+
+@dataclass
+class ProcessTrainingRun(TrainingRun):
+    """A TrainingRun in ``nproc`` local processes under torchrun (the "all GPUs" device): the same events, result
+    and stop, from ``neuromf.train.launch``; previews arrive as files, errors with the tail of the output."""
+
+    nproc: int = 2
+    device: str = "auto"
+    process: Any = None  # neuromf.train.launch.TrainingProcess while it runs
+
+    def drive(self) -> Generator[Any, None, Any]:
+        """Worker body: start torchrun, hand on rank 0's events, forward a stop; a Failure on a failed exit."""
+        from neuromf.train.launch import launch_lora
+
+        process = events = None
+        try:
+            yield Phase(f"Starting {self.nproc} training processes (torchrun, device {self.device}): each loads "
+                        f"the base model and the VAE, then the training cases in {self.cfg.data.data_dir} are "
+                        "encoded ...")
+            process = self.process = launch_lora(self.cfg, self.nproc, self.device, self.base_checkpoint,
+                                                 resume=self.resume, overwrite=self.overwrite)
+            self.stop.when_set(process.stop)  # Stop (the button, or the dock closing) reaches the ranks at once
+            events = process.events()
+            while True:
+                try:
+                    event = next(events)
+                except StopIteration as done:
+                    self.result = done.value
+                    break
+                yield event
+            self.stopped_encoding = process.cancelled
+        except Exception as err:
+            yield self._fail(err)
+        finally:
+            if events is not None:
+                events.close()
+            if process is not None:
+                process.close()  # kills what still runs (a failed start), removes the scratch folder
+        return self.result
+
+    def _fail(self, err: BaseException) -> Failure:
+        from neuromf.train.launch import TrainingProcessError
+
+        if not isinstance(err, TrainingProcessError):
+            return super()._fail(err)
+        cause = _builtin_error(err.error_type, err.error_message)
+        what = describe_error(cause, "LoRA fine-tuning", self.device, self.cfg.training.batch_size,
+                              self.out_dir) if cause is not None else f"LoRA fine-tuning: {err}"
+        if cause is not None:
+            what += f" (in the {self.nproc} training processes)"
+        ranks = "".join(f"\n{line}" for line in err.rank_lines)
+        tail = "\n".join(err.tail[-12:])
+        message = what + ranks + (f"\nLast lines of the training processes' output:\n{tail}" if tail else "")
+        self.failure = Failure(message, err)
+        return self.failure
+
+
+def _builtin_error(name: str, message: str) -> BaseException | None:
+    """The error rank 0 reported, rebuilt as the built-in type it had, so it is described in the widget's words
+    (an occupied folder, nothing to resume, out of memory ...); None for other types."""
+    kinds = {"FileExistsError": FileExistsError, "FileNotFoundError": FileNotFoundError, "ValueError": ValueError,
+             "KeyError": KeyError, "OSError": OSError, "ConfigError": ValueError}
+    if "out of memory" in message.lower():
+        return RuntimeError(message)
+    kind = kinds.get(name)
+    return kind(message) if kind is not None else None
 
 
 def release_memory() -> None:
