@@ -513,13 +513,7 @@ class ProcessTrainingRun(TrainingRun):
                                                  resume=self.resume, overwrite=self.overwrite)
             self.stop.when_set(process.stop)  # Stop (the button, or the dock closing) reaches the ranks at once
             events = process.events()
-            while True:
-                try:
-                    event = next(events)
-                except StopIteration as done:
-                    self.result = done.value
-                    break
-                yield event
+            self.result = yield from events
             self.stopped_encoding = process.cancelled
         except Exception as err:
             yield self._fail(err)

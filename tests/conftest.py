@@ -48,3 +48,26 @@ def tiny_base_dir(tmp_path_factory, phantom_dir, tiny_vae_dir) -> Path:
     cfg = tiny_config(tmp, phantom_dir, tiny_vae_dir, **{"data.group": "hc"})
     result = run_to_end(train_base(cfg, progress=False))
     return result.out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A random `tiny` MeanFlow UNet saved like a stage-1 model, with a random `tiny` VAE on a 32^3 grid
+    (``tiny_base.parent / "vae_tiny"``)."""
+    import torch
+
+    from neuromf.io.nifti import Preprocessing
+    from neuromf.models.flow_model import save_flow_model
+    from neuromf.models.unet import MeanFlowUNet
+    from neuromf.vae import MAISIVAEWrapper
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    torch.manual_seed(0)
+    prep = Preprocessing(shape=(32, 32, 32), spacing=(6.0, 6.0, 6.0))
+    vae = MAISIVAEWrapper("tiny", scale_factor=1.0)
+    vae_dir = vae.save(root / "vae_tiny", extra={"preprocessing": prep.key()})
+    meta = {"vae": str(vae_dir), "vae_preset": "tiny", "vae_identity": vae.identity, "scale_factor": 1.0,
+            "preprocessing": prep.key(), "latent_shape": [4, 8, 8, 8], "channels": {"image": 4, "mask": 0},
+            "stage": 1}
+    save_flow_model(MeanFlowUNet(4, preset="tiny"), root / "base_tiny", meta)
+    return root / "base_tiny"

@@ -14,28 +14,6 @@ import pytest
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    """A random `tiny` MeanFlow UNet saved like a stage-1 model, with a random `tiny` VAE on a 32^3 grid."""
-    import torch
-
-    from neuromf.io.nifti import Preprocessing
-    from neuromf.models.flow_model import save_flow_model
-    from neuromf.models.unet import MeanFlowUNet
-    from neuromf.vae import MAISIVAEWrapper
-
-    root = tmp_path_factory.mktemp("tiny_models")
-    torch.manual_seed(0)
-    prep = Preprocessing(shape=(32, 32, 32), spacing=(6.0, 6.0, 6.0))
-    vae = MAISIVAEWrapper("tiny", scale_factor=1.0)
-    vae_dir = vae.save(root / "vae_tiny", extra={"preprocessing": prep.key()})
-    meta = {"vae": str(vae_dir), "vae_preset": "tiny", "vae_identity": vae.identity, "scale_factor": 1.0,
-            "preprocessing": prep.key(), "latent_shape": [4, 8, 8, 8], "channels": {"image": 4, "mask": 0},
-            "stage": 1}
-    save_flow_model(MeanFlowUNet(4, preset="tiny"), root / "base_tiny", meta)
-    return root / "base_tiny"
-
-
 def _config(tmp_path: Path, **overrides):
     from neuromf.config import load_config
     from neuromf.weights import sample_data_root
