@@ -258,9 +258,10 @@ def test_non_lesions_fail(real):
 
 
 def test_location_criterion_uses_brain_normalised_centroids_and_the_real_spread():
-    """Real lesions at three sites of a box brain spread 0.3 apart (normalised); a lesion at one of the sites in a
-    brain of another size and place on the grid passes, one far from every site (the 'cerebellum') fails, and
-    each real lesion passes against a reference that holds it."""
+    """Real lesions at three sites in the left half of a box brain, 0.18 apart (normalised); a lesion at one of the
+    sites in a brain of another size and place on the grid passes, and so does its mirror image in the right half;
+    one far from every site (the 'cerebellum') fails, and each real lesion passes against a reference that holds
+    it."""
     spacing = (1.0, 1.0, 1.0)
 
     def pair(lo: int, hi: int, centre_fraction: tuple[float, float, float]):
@@ -271,10 +272,10 @@ def test_location_criterion_uses_brain_normalised_centroids_and_the_real_spread(
         image[mask] = 0.8
         return image, mask
 
-    sites = [(0.35, 0.5, 0.6), (0.65, 0.5, 0.6), (0.5, 0.8, 0.6)]
+    sites = [(0.3, 0.5, 0.6), (0.3, 0.8, 0.6), (0.4, 0.65, 0.6)]
     real = [lesion_stats(*pair(5, 35, site), spacing) for site in sites]
     ref = reference_from_real(real)
-    assert ref.max_position_distance == pytest.approx(0.3, abs=0.04)
+    assert ref.max_position_distance == pytest.approx(0.18, abs=0.04)
     assert all(lesion_like(s, ref)["location"] for s in real)
     moved = lesion_stats(*pair(10, 46, sites[1]), spacing)  # a bigger brain elsewhere on the grid: same site
     assert moved.position == pytest.approx(list(sites[1]), abs=0.04)
@@ -283,5 +284,7 @@ def test_location_criterion_uses_brain_normalised_centroids_and_the_real_spread(
     verdict = lesion_like(far, ref)
     assert not verdict["location"] and not verdict["all"] and verdict["depth"] is not None
     assert ref.position_distance(far) > ref.max_position_distance
+    mirrored = lesion_stats(*pair(5, 35, (0.7, 0.5, 0.6)), spacing)  # site 1 in the other hemisphere
+    assert ref.position_distance(mirrored) == pytest.approx(0.0, abs=0.04) and lesion_like(mirrored, ref)["location"]
     single = reference_from_real(real[:1])  # no spread to judge by: the criterion cannot fail
     assert single.max_position_distance is None and lesion_like(far, single)["location"]

@@ -13,8 +13,9 @@ vs a 2-voxel ring of brain around it). `reference_from_real` turns the real lesi
 - median depth within the real lesions' range (min..max of their median depths);
 - location: the lesion's centroid, in coordinates normalised to its brain's bounding box (0..1 per axis, so head
   size and position on the grid drop out), lies no farther from the nearest real lesion's than the real lesions
-  lie from each other (the largest leave-one-out nearest-neighbour distance among them): a lesion in the
-  cerebellum, brainstem or any other place no real lesion comes near fails, though its depth may be right;
+  lie from each other (the largest leave-one-out nearest-neighbour distance among them); the real sites count in
+  both hemispheres (mirrored left-right, as training mirrors the cases): a lesion in the cerebellum, brainstem or
+  any other place no real lesion comes near fails, though its depth may be right;
 - contrast >= 1 + 0.5 x (median real contrast - 1), i.e. at least half of the real lesions' median excess.
 
 numpy / scipy only: tensors are accepted (anything with ``.detach()``), torch is never imported.
@@ -144,10 +145,13 @@ class LesionReference:
     max_position_distance: float | None = None  # largest leave-one-out nearest-neighbour distance among them
 
     def position_distance(self, stats: LesionStats) -> float | None:
-        """Distance of a lesion's normalised centroid to the nearest real lesion's; None if undefined."""
+        """Distance of a lesion's normalised centroid to the nearest real lesion's, in either hemisphere (axis 0
+        of the RAS model grid runs left -> right); None if undefined."""
         if stats.position is None or not self.positions:
             return None
-        return float(nearest_site_distances(np.asarray([stats.position]), np.asarray(self.positions))[0])
+        sites = np.asarray(self.positions, dtype=np.float64)
+        mirrored = sites * [-1.0, 1.0, 1.0] + [1.0, 0.0, 0.0]
+        return float(nearest_site_distances(np.asarray([stats.position]), np.concatenate([sites, mirrored]))[0])
 
     @property
     def volume_range(self) -> tuple[float, float]:
