@@ -406,7 +406,7 @@ def _lesion_tables(section: dict, samples: list[dict], rates: dict[str, float]) 
         lines.append(f"| {CRITERION_NAMES[c]} | {100 * rates[c]:.0f}% | "
                      f"{'n/a' if real.get(c) is None else f'{100 * real[c]:.0f}%'} |")
     lines += ["", "| Sample | Volume cm³ | Components | Largest share | Inside brain | Median depth mm | "
-              "Distance to real sites | Contrast | Noise r | Lesion-like |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "Distance to real sites | Contrast | Noise r | Lesion-like |", "|---" * 10 + "|"]
     for s in samples:
         verdict = "yes" if s.get("lesion_like") else "no" + _verdict_text(s)
         lines.append(f"| {s.get('id')} | {_fmt(s.get('volume_cm3'), 2)} | {_fmt(s.get('n_components'))} | "
