@@ -165,10 +165,10 @@ def worker(scenario: str, out: Path) -> None:
     elif scenario == "stop":  # as the CLI runs under torchrun: SIGINT/SIGTERM only ask for a stop
         import json
 
-        from neuromf.cli.train import _stop_on_signals
         from neuromf.train import TrainTask, train
+        from neuromf.train.distributed import stop_on_signals
 
-        stop = _stop_on_signals()
+        stop = stop_on_signals()
         task = TrainTask(stage1_model(), fixed_draw_loss(4))
         events = train(task, fixed_draw_data(4), training_cfg(out, max_steps=100_000), out, stop=stop)
         for event in events:

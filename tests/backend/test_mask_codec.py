@@ -176,7 +176,7 @@ def test_mask_prior_places_lesions_in_the_brain_it_is_given():
 def test_mask_prior_keeps_lesions_near_real_lesion_sites():
     """Real lesions only on the left side of the brain: every drawn lesion lands near one of their sites (the
     location criterion of the lesion-likeness check), none on the right, although depth alone would allow it."""
-    from neuromf.data.brain import lesion_position, nearest_site_distances
+    from neuromf.data.brain import brain_box, lesion_position, nearest_site_distances
 
     shape = (40, 40, 40)
     image = ball(shape, (20, 20, 20), 16) * 0.6
@@ -187,7 +187,7 @@ def test_mask_prior_keeps_lesions_near_real_lesion_sites():
     brain = brain_mask(image)
     for _ in range(15):
         mask = prior.sample(rng) > 0
-        position = np.asarray([lesion_position(mask, brain)])
+        position = np.asarray([lesion_position(mask, brain_box(brain))])
         assert nearest_site_distances(position, prior.sites)[0] <= prior.site_radius
         assert np.argwhere(mask).mean(0)[0] < 20  # left half
         assert prior.fits(mask, brain)

@@ -8,11 +8,9 @@ shows progress and writes every file; the other ranks only compute (see `neuromf
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from threading import Event
 from typing import Any
 
 from neuromf.cli._common import AddCommand, add_base_checkpoint_flag, add_train_flags, drive, load_cfg, stop_on_sigint
@@ -20,6 +18,8 @@ from neuromf.cli._common import AddCommand, add_base_checkpoint_flag, add_train_
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     """The torchrun command line that reruns `neuromf <argv>` (without --nproc) in `nproc` local processes."""
+    from neuromf.train.distributed import torchrun_prefix
+
     rest, skip = [], False
     for arg in argv:
         if skip:
@@ -28,8 +28,7 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
             skip = True
         elif not arg.startswith("--nproc="):
             rest.append(arg)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "neuromf", *rest]
+    return [*torchrun_prefix(nproc), "-m", "neuromf", *rest]
 
 
 def _relaunch(args) -> int | None:
@@ -53,7 +52,7 @@ def _run(args, train_fn: Callable, name: str, *positional: Any, **keywords: Any)
     try:
         dist.init(cfg.training.device, cfg.training.dist_timeout_s)
         main = dist.is_main()
-        stop = stop_on_sigint() if dist.env_world_size() <= 1 else _stop_on_signals()
+        stop = stop_on_sigint() if dist.env_world_size() <= 1 else dist.stop_on_signals()
         events = train_fn(cfg, *positional, resume=args.resume, overwrite=args.overwrite, stop=stop,
                           progress=main, **keywords)
         return drive(events, name) if main else run_to_end(events)
@@ -62,16 +61,6 @@ def _run(args, train_fn: Callable, name: str, *positional: Any, **keywords: Any)
         raise
     finally:
         dist.cleanup()
-
-
-def _stop_on_signals() -> Event:
-    """Under torchrun a Ctrl-C reaches each worker twice (from the terminal, then forwarded by torchrun, which
-    also sends SIGTERM): every SIGINT/SIGTERM only asks for a stop, which the ranks agree on at the next step;
-    rank 0 then saves (torchrun kills workers that take longer than 30 s)."""
-    stop = Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    return stop
 
 
 def cmd_train_vae(args) -> int:

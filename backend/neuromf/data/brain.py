@@ -48,18 +48,23 @@ def depth_map(brain: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
     return depth[1:-1, 1:-1, 1:-1]
 
 
-def normalised_positions(points: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """(N, 3) voxel coordinates as positions in the brain's bounding box, 0..1 per axis: head size and the brain's
-    place on the grid drop out, so lesion sites of different scans compare."""
+def brain_box(brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lowest, highest) voxel index of a non-empty brain mask per axis: its bounding box."""
     voxels = np.argwhere(np.asarray(brain, dtype=bool))
-    low, high = voxels.min(axis=0), voxels.max(axis=0)
+    return voxels.min(axis=0), voxels.max(axis=0)
+
+
+def normalised_positions(points: np.ndarray, box: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(N, 3) voxel coordinates as positions in a brain's bounding box (`brain_box`), 0..1 per axis: head size and
+    the brain's place on the grid drop out, so lesion sites of different scans compare."""
+    low, high = box
     return (np.asarray(points, dtype=np.float64) - low) / np.maximum(high - low, 1)
 
 
-def lesion_position(mask: np.ndarray, brain: np.ndarray) -> list[float]:
-    """The centroid of a lesion mask as a `normalised_positions` entry of its brain."""
+def lesion_position(mask: np.ndarray, box: tuple[np.ndarray, np.ndarray]) -> list[float]:
+    """The centroid of a lesion mask as a `normalised_positions` entry of its brain's `brain_box`."""
     centre = np.array(ndimage.center_of_mass(np.asarray(mask, dtype=bool)))
-    return [float(v) for v in normalised_positions(centre[None], brain)[0]]
+    return [float(v) for v in normalised_positions(centre[None], box)[0]]
 
 
 def nearest_site_distances(positions: np.ndarray, sites: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
 from neuromf.data.brain import (
+    brain_box,
     brain_mask,
     depth_map,
     lesion_position,
@@ -78,7 +79,7 @@ class MaskPrior:
         depths = [float(np.median(depth_map(brain_mask(image), spacing)[m])) for m, image in pairs]
         heights = [float(np.round(ndimage.center_of_mass(m))[2]) for m in lesions]
         brain = brain_mask(np.mean(np.stack([image for _, image in pairs]), axis=0))
-        sites = np.array([lesion_position(m, brain_mask(image)) for m, image in pairs])
+        sites = np.array([lesion_position(m, brain_box(brain_mask(image))) for m, image in pairs])
         return cls([_crop(m) for m in lesions], brain, tuple(float(s) for s in spacing),
                    (min(depths), max(depths)), (min(heights), max(heights)), sites, site_spread(sites))
 
@@ -97,7 +98,7 @@ class MaskPrior:
             allowed &= (height >= self.height_range[0]) & (height <= self.height_range[1])
         centres = np.argwhere(allowed)
         if self.site_radius is not None and len(centres):
-            near = nearest_site_distances(normalised_positions(centres, brain), self.sites)
+            near = nearest_site_distances(normalised_positions(centres, brain_box(brain)), self.sites)
             centres = centres[near <= SITE_MARGIN * self.site_radius]
         return centres
 
@@ -115,6 +116,7 @@ class MaskPrior:
         # has a slightly different brain, and its depth must still lie in the real range there
         lo, hi = self.depth_range
         lo, hi = lo + DEPTH_MARGIN / 2 * (hi - lo), hi - DEPTH_MARGIN / 2 * (hi - lo)
+        box = brain_box(brain)  # candidate_centres found voxels, so the brain is not empty
         best, best_inside = None, -1.0
         for _ in range(max_tries):
             lesion = self.lesions[rng.integers(len(self.lesions))]
@@ -125,7 +127,7 @@ class MaskPrior:
             if not placed.any():
                 continue
             inside = float((placed & brain).sum()) / float(placed.sum())
-            if inside >= MIN_INSIDE and lo <= float(np.median(depth[placed])) <= hi and self._near_site(placed, brain):
+            if inside >= MIN_INSIDE and lo <= float(np.median(depth[placed])) <= hi and self._near_site(placed, box):
                 return placed.astype(np.uint8)
             if inside > best_inside:
                 best, best_inside = placed, inside
@@ -140,12 +142,13 @@ class MaskPrior:
         if not mask.any() or float((mask & brain).sum()) < MIN_INSIDE * float(mask.sum()):
             return False
         lo, hi = self.depth_range
-        return lo <= float(np.median(depth_map(brain, self.spacing)[mask])) <= hi and self._near_site(mask, brain)
+        depth_ok = lo <= float(np.median(depth_map(brain, self.spacing)[mask])) <= hi
+        return depth_ok and self._near_site(mask, brain_box(brain))  # the brain holds the mask: not empty
 
-    def _near_site(self, mask: np.ndarray, brain: np.ndarray) -> bool:
-        if self.site_radius is None or not brain.any():
+    def _near_site(self, mask: np.ndarray, box: tuple[np.ndarray, np.ndarray]) -> bool:
+        if self.site_radius is None:
             return True
-        position = np.asarray([lesion_position(mask, brain)])
+        position = np.asarray([lesion_position(mask, box)])
         return bool(nearest_site_distances(position, self.sites)[0] <= self.site_radius)
 
     def _place(self, lesion: np.ndarray, centre: np.ndarray) -> np.ndarray:

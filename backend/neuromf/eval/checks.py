@@ -308,7 +308,7 @@ def _lesion_like_row(check: Check, ctx: ReportContext, generated_dir: Path, metr
     except ValueError as err:
         row.figure = str(err)
         return row
-    section, problem = _lesion_like_section(metrics_json, [sid for sid, _, _ in pairs])
+    data, section, problem = _lesion_like_section(metrics_json, [sid for sid, _, _ in pairs])
     per_sample = {s["id"]: s for s in (section or {}).get("samples", [])}
     loaded = []
     for sid, flair, mask in pairs:
@@ -352,7 +352,7 @@ def _lesion_like_row(check: Check, ctx: ReportContext, generated_dir: Path, metr
             failed.append(f"noise correlation max abs(r) {worst:.3f} >= {NOISE_CORRELATION_MAX}")
     elif not subfolder:
         figure += "; noise correlation not recorded by the generator"
-    control = _read_json(metrics_json).get("empty_mask_control")
+    control = data.get("empty_mask_control")
     if isinstance(control, dict) and control.get("n"):
         figure += (f"; empty-mask control ({control['n']} pairs, same noise, no lesion): contrast "
                    f"{_fmt(control.get('median_contrast_empty_mask'), 3)} vs {_fmt(control.get('median_contrast'), 3)} "
@@ -364,20 +364,22 @@ def _lesion_like_row(check: Check, ctx: ReportContext, generated_dir: Path, metr
     return row
 
 
-def _lesion_like_section(path: Path, sample_ids: list[str]) -> tuple[dict | None, str | None]:
-    """metrics.json's ``lesion_like`` section, or a reason why P7-T5 has no automatic figures to judge."""
+def _lesion_like_section(path: Path, sample_ids: list[str]) -> tuple[dict, dict | None, str | None]:
+    """metrics.json (empty when missing), its ``lesion_like`` section, or a reason why P7-T5 has no automatic
+    figures to judge."""
     if not path.is_file():
-        return None, f"no automatic figures: {_missing(path)} (run `neuromf evaluate`)"
-    section = _read_json(path).get("lesion_like")
+        return {}, None, f"no automatic figures: {_missing(path)} (run `neuromf evaluate`)"
+    data = _read_json(path)
+    section = data.get("lesion_like")
     if not isinstance(section, dict) or not isinstance(section.get("samples"), list):
-        return None, f"no automatic figures: {path} has no lesion_like section (re-run `neuromf evaluate`)"
+        return data, None, f"no automatic figures: {path} has no lesion_like section (re-run `neuromf evaluate`)"
     if section.get("reference") is None:
-        return None, f"no automatic figures: {path} has no real-lesion reference ({section.get('error', '')})"
+        return data, None, f"no automatic figures: {path} has no real-lesion reference ({section.get('error', '')})"
     scored = sorted(s.get("id") for s in section["samples"])
     if scored != sorted(sample_ids):
-        return None, (f"stale figures: {path} scores {len(scored)} sample(s), the generated folder holds "
+        return data, None, (f"stale figures: {path} scores {len(scored)} sample(s), the generated folder holds "
                       f"{len(sample_ids)} different or more (re-run `neuromf evaluate`)")
-    return section, None
+    return data, section, None
 
 
 def _verdict_text(sample: dict) -> str:

@@ -34,6 +34,7 @@ from neuromf.data.brain import (
     BRAIN_THRESHOLD,
     STRUCTURE_26,
     as_volume,
+    brain_box,
     brain_mask,
     depth_map,
     lesion_position,
@@ -126,7 +127,7 @@ def lesion_stats(image: Any, mask: Any, spacing: tuple[float, float, float],
         median_depth_mm=float(np.median(depth[mask])),
         contrast=lesion_contrast(image, mask, brain=brain),
         empty=False,
-        position=lesion_position(mask, brain) if brain.any() else None,
+        position=lesion_position(mask, brain_box(brain)) if brain.any() else None,
     )
 
 
@@ -214,7 +215,8 @@ def _near_real_sites(stats: LesionStats, ref: LesionReference) -> bool:
     return distance is not None and distance <= ref.max_position_distance
 
 
-def _median(values: list[float | None]) -> float | None:
+def median_or_none(values: list[float | None]) -> float | None:
+    """Median of the values that are not None; None when none is left."""
     kept = [v for v in values if v is not None]
     return float(np.median(kept)) if kept else None
 
@@ -230,7 +232,7 @@ def summarise_lesion_like(stats_list: list[LesionStats], ref: LesionReference) -
     if nonempty and ref.volumes_cm3:
         ks = ks_2samp([s.volume_cm3 for s in nonempty], ref.volumes_cm3)
         ks_stat, ks_p = float(ks.statistic), float(ks.pvalue)
-    medians = {key: _median([getattr(s, key) for s in nonempty])
+    medians = {key: median_or_none([getattr(s, key) for s in nonempty])
                for key in ("volume_cm3", "n_components", "largest_share", "inside_brain_share", "median_depth_mm",
                            "contrast")}
     return {"n": n, "n_lesion_like": sum(v["all"] for v in verdicts), "rate": rates["all"], "rates": rates,

@@ -39,6 +39,7 @@ from neuromf.eval.lesion_metrics import (
     lesion_contrast,
     lesion_like,
     lesion_stats,
+    median_or_none,
     reference_from_real,
     summarise_lesion_like,
 )
@@ -330,11 +331,6 @@ def _mean_or_none(values: list[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def _median_or_none(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return float(np.median(kept)) if kept else None
-
-
 def load_generated(generated_dir: Path, prep: Preprocessing) -> list[dict]:
     """Every generated pair of a folder (`id`, `flair`, `mask_path`, `image`, `mask`, `affine`, `voxel_cm3`),
     checked to lie on the model grid of `prep`."""
@@ -456,9 +452,9 @@ def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing,
         "fraction_nonempty": float(np.mean([r["nonempty"] for r in rows])),
         "dice": {
             "mean_best_train": mean_train,
-            "median_best_train": _median_or_none(train_scores),
+            "median_best_train": median_or_none(train_scores),
             "mean_best_test": mean_test,
-            "median_best_test": _median_or_none(test_scores),
+            "median_best_test": median_or_none(test_scores),
             "target": DICE_TARGET,
             "meets_target_train": None if mean_train is None else mean_train > DICE_TARGET,
             "meets_target_test": None if mean_test is None else mean_test > DICE_TARGET,

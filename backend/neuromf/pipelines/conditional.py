@@ -283,7 +283,7 @@ def empty_mask_control(adapter: str | Path, generated_dir: Path, device: str = "
     """
     import json
 
-    from neuromf.eval.lesion_metrics import lesion_stats
+    from neuromf.eval.lesion_metrics import lesion_stats, median_or_none
     from neuromf.eval.metrics import find_generated_pairs, load_generated_pair, voxel_spacing
 
     cond = load_conditional_model(adapter, device)
@@ -303,16 +303,11 @@ def empty_mask_control(adapter: str | Path, generated_dir: Path, device: str = "
         rows.append({"id": sample_id, "contrast": with_mask, "contrast_empty_mask": empty,
                      "gain": None if with_mask is None or empty is None else with_mask - empty})
     gains = [r["gain"] for r in rows if r["gain"] is not None]
-    return {"n": len(rows), "median_contrast": _median([r["contrast"] for r in rows]),
-            "median_contrast_empty_mask": _median([r["contrast_empty_mask"] for r in rows]),
-            "median_gain": _median(gains), "min_gain": min(gains) if gains else None, "samples": rows,
+    return {"n": len(rows), "median_contrast": median_or_none([r["contrast"] for r in rows]),
+            "median_contrast_empty_mask": median_or_none([r["contrast_empty_mask"] for r in rows]),
+            "median_gain": median_or_none(gains), "min_gain": min(gains) if gains else None, "samples": rows,
             "definition": "FLAIR contrast in each pair's mask region, as generated and from the same noise with "
                           "an empty mask; gain = the difference"}
-
-
-def _median(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return float(np.median(kept)) if kept else None
 
 
 def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -213,6 +215,22 @@ def describe_failure(err: BaseException) -> str:
     return f"{where} failed: {text}"
 
 
+def torchrun_prefix(nproc: int) -> list[str]:
+    """The start of a torchrun command line for `nproc` processes on this machine (standalone rendezvous); the
+    module or script to run follows."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc)}"]
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGINT and SIGTERM set. Under torchrun a Ctrl-C reaches each worker twice (from the terminal,
+    then forwarded by torchrun, which also sends SIGTERM): every signal only asks for a stop, which the ranks agree
+    on at the next step; rank 0 then saves (torchrun kills workers that take longer than 30 s)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    return stop
+
+
 def report_failure(err: BaseException) -> None:
     """Name the rank and cause on stderr and in the exception's notes (so torchrun's summary shows it too)."""
     if env_world_size() <= 1:
@@ -225,4 +243,4 @@ def report_failure(err: BaseException) -> None:
 
 __all__ = ["DistributedError", "all_mean", "any_rank", "barrier", "cleanup", "describe_failure", "device_for",
            "env_world_size", "init", "is_distributed", "is_main", "local_batch", "local_rank", "main_first",
-           "rank", "rank_seed", "report_failure", "world_size", "wrap_ddp"]
+           "rank", "rank_seed", "report_failure", "stop_on_signals", "torchrun_prefix", "world_size", "wrap_ddp"]

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neuromf.train.distributed import torchrun_prefix
+
 EVENT_PREFIX = "@neuromf "  # rank 0's machine-readable lines on stdout start with this
 TAIL_LINES = 40  # lines of other output kept for an error message
 CANCEL_GRACE_S = 10.0  # after a stop during encoding, the other ranks get this long to notice before a kill
@@ -69,8 +71,7 @@ class Spec:
 
 def torchrun_command(nproc: int, spec: Path) -> list[str]:
     """The command that runs `spec` in `nproc` local processes (torchrun's standalone rendezvous)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc)}",
-            "-m", "neuromf.train.launch", str(spec)]
+    return [*torchrun_prefix(nproc), "-m", "neuromf.train.launch", str(spec)]
 
 
 # ------------------------------------------------------------------------------------------ parent side
@@ -238,15 +239,6 @@ def _event_fields(event: Any, preview_dir: Path) -> dict[str, Any]:
     return fields
 
 
-def stop_on_signals() -> threading.Event:
-    """An event that SIGINT and SIGTERM set (as `neuromf train-* ` does under torchrun): a signal asks for a stop,
-    which the ranks agree on at the next step."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    return stop
-
-
 def rank_main(spec_path: str | Path) -> int:
     """One rank of a launched run (see the module docstring); returns the exit status."""
     from neuromf.config import load_config
@@ -259,7 +251,7 @@ def rank_main(spec_path: str | Path) -> int:
         cfg = load_config(spec.config)
         dist.init(cfg.training.device, cfg.training.dist_timeout_s)
         main = dist.is_main()
-        stop = stop_on_signals()
+        stop = dist.stop_on_signals()
         events = train_lora(cfg, spec.base_checkpoint, resume=spec.resume, overwrite=spec.overwrite, stop=stop,
                             progress=False)
         while True:
@@ -300,4 +292,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["EVENT_PREFIX", "Spec", "StopBeforeTraining", "TrainingProcess", "TrainingProcessError", "launch_lora",
-           "rank_main", "stop_on_signals", "torchrun_command"]
+           "rank_main", "torchrun_command"]
