@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from napari_neuromf._layers import LayerDataError, case_layers, load_nifti, pair_layers
+from neuromf.weights import sample_data_root  # no torch import: the module reads tensors lazily
 
 PHANTOM_CASE = "sub-00001"
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"  # the pre-made pairs (see _make_samples)
@@ -23,19 +24,6 @@ LAYER_PREFIX = "gen_000"  # the layers' names: "gen_000 FLAIR", "gen_000 lesion"
 
 class SampleDataError(RuntimeError):
     """A sample that cannot be produced here; the message says why and what to do."""
-
-
-def sample_data_root() -> Path:
-    """``sample_data/`` of a source checkout, or the copy packaged into the wheel: the places
-    ``neuromf.weights.sample_data_root`` looks, found without importing that module (it imports torch)."""
-    import neuromf  # the package itself is cheap: its API loads on first use
-
-    package_dir = Path(neuromf.__file__).resolve().parent
-    for candidate in (package_dir.parents[1] / "sample_data", package_dir / "_sample_data"):
-        if (candidate / "models").is_dir() or (candidate / "fcd_phantoms").is_dir():
-            return candidate
-    raise FileNotFoundError(f"embedded sample data not found next to {package_dir} (looked for ../../sample_data "
-                            "and _sample_data)")
 
 
 def phantom_case_paths(case_id: str = PHANTOM_CASE) -> tuple[Path, Path | None]:

@@ -1,17 +1,20 @@
-"""Loading tensors from local weight files safely, and locating the embedded sample data and models."""
+"""Loading tensors from local weight files safely, and locating the embedded sample data and models.
+
+torch and safetensors are imported where tensors are read, so locating the sample data stays cheap (napari's
+File > Open Sample runs on its GUI thread).
+"""
 
 from __future__ import annotations
 
 import json
 import pickle
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING, Any
 
 import neuromf
+
+if TYPE_CHECKING:
+    import torch
 
 
 def sample_data_root() -> Path:
@@ -90,6 +93,10 @@ def load_state_dict(path: Path | str, nested_key: str | None = "unet_state_dict"
     Released MAISI files are either a plain state_dict or nest it under `unet_state_dict`. A corrupt,
     truncated, empty or pickled file raises WeightFileError (a ValueError) naming the file and the problem.
     """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weight file does not exist")
