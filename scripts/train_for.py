@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         timer.cancel()
     record = {"pipeline": args.pipeline, "config": args.config, "overrides": overrides, "base": args.base,
-              "steps_per_s": rate, "seconds_left": left, "safety": args.safety, "planned_steps": max_steps, "reached_step": result.step,
-              "stopped_at_deadline": result.stopped, "wall_s": time.time() - started,
+              "steps_per_s": rate, "seconds_left": left, "safety": args.safety, "planned_steps": max_steps,
+              "reached_step": result.step, "stopped_at_deadline": result.stopped, "wall_s": time.time() - started,
               "export": str(result.export) if result.export else None}
     atomic_write_json(Path(cfg.training.output_dir) / "train_for.json", record)
     print(f"[train_for] {json.dumps(record)}", flush=True)
