@@ -46,6 +46,10 @@ PRIOR_LESION = "drawn from the training lesions"
 MODE_TIPS = ("joint: FLAIR and lesion mask both generated from noise (a LoRA adapter).\n"
              "conditional: a FLAIR that carries a lesion you give (a ControlNet adapter): paint one in a Labels layer, "
              "pick a case's mask, or let one be drawn from the training lesions")
+SAMPLERS = ("meanflow", "euler")  # as `neuromf generate --sampler`
+SAMPLER_TIPS = ("meanflow: the average velocity, Steps jumps from noise to data (1 = one step, the fastest).\n"
+                "euler: Steps Euler steps with the instantaneous velocity (the flow-matching baseline); what a joint "
+                "adapter trained with x-prediction needs (e.g. 32 steps)")
 
 
 class GenerateWidget(QWidget):
@@ -75,6 +79,8 @@ class GenerateWidget(QWidget):
         self.steps = tip(QSpinBox(), "Sampling steps: 1 = one-step MeanFlow (fastest); more steps can refine")
         self.steps.setRange(1, 100)
         self.steps.setValue(1)
+        self.sampler = tip(QComboBox(), SAMPLER_TIPS)
+        self.sampler.addItems(list(SAMPLERS))
         self.seed = tip(QSpinBox(), "Random seed: the same seed and settings give the same pairs")
         self.seed.setRange(0, 2**31 - 1)
         self.device = tip(QComboBox(), "auto: the first GPU when there is one, else the CPU")
@@ -112,6 +118,7 @@ class GenerateWidget(QWidget):
         form.addRow("Lesion", self.lesion.native)
         form.addRow("Pairs", self.n)
         form.addRow("Steps", self.steps)
+        form.addRow("Sampler", self.sampler)
         form.addRow("Seed", self.seed)
         form.addRow("Device", self.device)
         layout = QVBoxLayout(self)
@@ -190,7 +197,8 @@ class GenerateWidget(QWidget):
                 return None
             lesion = (np.asarray(data).copy(), state)  # a copy: the user may keep painting while we generate
         self.run = _session.GenerateRun(adapter, self.n.value(), self.steps.value(), self.seed.value(),
-                                        self.device.currentText(), mode=mode, lesion=lesion)
+                                        self.device.currentText(), mode=mode, lesion=lesion,
+                                        method=self.sampler.currentText())
         self.generate_button.setEnabled(False)
         self.job.begin("Loading the adapter ...")
         self.job.count(0, self.run.n, "pairs")

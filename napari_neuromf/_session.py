@@ -775,6 +775,7 @@ class GenerateRun:
     device: str = "auto"
     mode: str = "joint"  # "joint" (image + mask from noise) | "conditional" (a FLAIR for a lesion)
     lesion: tuple[Any, dict] | None = None  # conditional: (Labels data, layer state); None = the mask prior
+    method: str = "meanflow"  # the sampler: "meanflow" or "euler" (`neuromf.meanflow.sample`)
     pairs: int = 0
     cautions: list[str] = field(default_factory=list)  # why the given lesion looks implausible
     failure: Failure | None = None
@@ -800,11 +801,13 @@ class GenerateRun:
                         self.cautions.append(f"Generation: {message}")
                         yield Caution(self.cautions[-1])
                 pairs = generate_conditional_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed,
-                                                   device=self.device, masks=masks, affines=affines)
+                                                   device=self.device, masks=masks, affines=affines,
+                                                   method=self.method)
             else:
                 from neuromf.pipelines.lora import generate_pairs
 
-                pairs = generate_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed, device=self.device)
+                pairs = generate_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed, device=self.device,
+                                       method=self.method)
             for pair in pairs:
                 if self.cancel.is_set():
                     break

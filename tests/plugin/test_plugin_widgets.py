@@ -316,6 +316,7 @@ def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, q
         assert_overlay(image, lesion)
         info = image.metadata["neuromf"]
         assert info["seed"] == 7 and info["sample_index"] == i and str(tiny_adapter) in str(info["checkpoint"])
+        assert info["sampler"] == "meanflow" and info["steps"] == 1
 
     # only the selected pairs are written
     assert [widget.pairs.item(i).text() for i in range(widget.pairs.count())] == ["gen_000", "gen_001", "gen_002"]
@@ -347,6 +348,18 @@ def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, q
     wait_idle(qtbot, widget, 60)
     assert widget.run.cancelled and 1 <= widget.run.pairs < 50
     assert "cancelled" in widget.job.status.text()
+
+    # the Euler sampler reaches the generator, which records it on the pair (the layers' provenance)
+    widget.n.setValue(1)
+    widget.steps.setValue(2)
+    widget.sampler.setCurrentText("euler")
+    before = set(viewer.layers)
+    widget.start()
+    wait_idle(qtbot, widget, 60)
+    euler = [layer for layer in viewer.layers if layer not in before and layer.name.endswith("FLAIR")]
+    assert len(euler) == 1
+    info = euler[0].metadata["neuromf"]
+    assert info["sampler"] == "euler" and info["steps"] == 2 and info["seed"] == 7 and info["sample_index"] == 0
 
 
 def test_generate_widget_missing_adapter_notifies(make_napari_viewer, qtbot, tmp_path):
