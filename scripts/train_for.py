@@ -16,6 +16,7 @@ import argparse
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from neuromf.cli._common import parse_overrides
@@ -26,7 +27,8 @@ from neuromf.utils import atomic_write_json
 PIPELINES = ("lora", "conditional")
 
 
-def trainer(pipeline: str):
+def trainer(pipeline: str) -> Callable:
+    """The stage-2 training generator of `pipeline` (imported on use: only the chosen pipeline loads)."""
     if pipeline == "lora":
         from neuromf.pipelines.lora import train_lora
 
@@ -36,10 +38,11 @@ def trainer(pipeline: str):
     return train_conditional
 
 
-def measure_step_rate(train_fn, cfg_overrides: dict, config: str, base: str, steps: int) -> float:
-    """Steps per second of `config` on this machine, timed over the calibration run's second half."""
-    scratch = Path(cfg_overrides["training.output_dir"]).with_name(
-        Path(cfg_overrides["training.output_dir"]).name + "_calibration")
+def measure_step_rate(train_fn: Callable, cfg_overrides: dict, config: str, base: str, steps: int) -> float:
+    """Steps per second of `config` on this machine, timed over the second half of a `steps`-step run in a
+    `<output_dir>_calibration` folder (the first half takes the warm-up: allocator, cuDNN autotuning)."""
+    out_dir = Path(cfg_overrides["training.output_dir"])
+    scratch = out_dir.with_name(out_dir.name + "_calibration")
     cfg = load_config(config, {**cfg_overrides, "training.output_dir": str(scratch), "training.max_steps": steps,
                                "training.checkpoint_every": 0, "training.preview_every": 0})
     times: dict[int, float] = {}
