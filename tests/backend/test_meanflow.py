@@ -110,6 +110,24 @@ def test_adaptive_weight_is_stop_gradient_and_per_sample():
     torch.testing.assert_close(per_sample.grad, w)
 
 
+def test_adaptive_weight_pulls_a_regression_toward_the_frequent_outcome():
+    """Why joint masks came out empty: one input, two outcomes (background 0 in 90% of the samples, a lesion 1 in
+    10%). Trained to its fixed point, the plain L2 regression predicts their mean, 0.1; with the adaptive weight
+    the rare outcome, always the one with the larger error, loses its say and the prediction collapses to 0."""
+    targets = torch.tensor([0.0] * 9 + [1.0])
+
+    def fitted(power: float) -> float:
+        """The stationary point of the stop-gradient weighted L2 (each step solves it for the current weights)."""
+        x = targets.mean()
+        for _ in range(50):
+            weight = adaptive_weight((x - targets) ** 2, power=power, c=1e-3)
+            x = (weight * targets).sum() / weight.sum()
+        return float(x)
+
+    assert abs(fitted(0.0) - 0.1) < 1e-3  # adaptive_power 0: the conditional mean
+    assert fitted(1.0) < 0.01  # adaptive_power 1 (MeanFlow's default): the frequent outcome
+
+
 def test_time_sampler_orders_and_fraction():
     r, t = TimeSampler(ratio_r_neq_t=0.25)(20000, generator=torch.Generator().manual_seed(0))
     assert torch.all(r <= t) and torch.all((t > 0) & (t < 1))
