@@ -8,8 +8,8 @@
 #   SMOKE=1 OUT=/tmp/gpu_out BUDGET_S=240 bash scripts/gpu_session.sh   # CPU check of the script itself
 #   bash scripts/gpu_session.sh --pack                 # here, first: .site/*.tar.gz from the venv
 #
-# The GPU image has PyTorch but not MONAI or nibabel: pure-Python copies travel as .site/*.tar.gz (ignored by git,
-# carried to the device), peft too so that adapters are written by the same peft version as here.
+# The GPU image has PyTorch but not MONAI or nibabel: pure-Python copies travel as .site/*.tar.gz (in .gitignore,
+# named in the device call's carry), peft too so that adapters are written by the same peft version as here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--pack" ]; then
@@ -17,7 +17,6 @@ if [ "${1:-}" = "--pack" ]; then
   mkdir -p .site
   tar -czf .site/site.tar.gz -C "$site" --exclude=__pycache__ --exclude=tests monai nibabel
   tar -czf .site/peft.tar.gz -C "$site" --exclude=__pycache__ peft
-  grep -qx '/.site/' .git/info/exclude 2>/dev/null || echo '/.site/' >>.git/info/exclude
   exit 0
 fi
 OUT="${OUT:?set OUT to the results folder}"
