@@ -37,6 +37,7 @@ from napari_neuromf._helpers import (
 from napari_neuromf._layers import pair_layers
 from napari_neuromf._session import Caution, Failure
 from napari_neuromf._viewing import RADIOLOGICAL, current_convention, show_axial
+from neuromf.config import SAMPLERS
 
 if TYPE_CHECKING:
     import napari
@@ -46,7 +47,6 @@ PRIOR_LESION = "drawn from the training lesions"
 MODE_TIPS = ("joint: FLAIR and lesion mask both generated from noise (a LoRA adapter).\n"
              "conditional: a FLAIR that carries a lesion you give (a ControlNet adapter): paint one in a Labels layer, "
              "pick a case's mask, or let one be drawn from the training lesions")
-SAMPLERS = ("meanflow", "euler")  # as `neuromf generate --sampler`
 SAMPLER_TIPS = ("meanflow: the average velocity, Steps jumps from noise to data (1 = one step, the fastest).\n"
                 "euler: Steps Euler steps with the instantaneous velocity (the flow-matching baseline); what a joint "
                 "adapter trained with x-prediction needs (e.g. 32 steps)")

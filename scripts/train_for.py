@@ -38,10 +38,10 @@ def trainer(pipeline: str) -> Callable:
     return train_conditional
 
 
-def measure_step_rate(train_fn: Callable, cfg_overrides: dict, config: str, base: str, steps: int) -> float:
-    """Steps per second of `config` on this machine, timed over the second half of a `steps`-step run in a
-    `<output_dir>_calibration` folder (the first half takes the warm-up: allocator, cuDNN autotuning)."""
-    out_dir = Path(cfg_overrides["training.output_dir"])
+def measure_step_rate(train_fn: Callable, cfg_overrides: dict, config: str, base: str, steps: int,
+                      out_dir: Path) -> float:
+    """Steps per second of `config` on this machine, timed over the second half of a `steps`-step run in an
+    `<out_dir>_calibration` folder (the first half takes the warm-up: allocator, cuDNN autotuning)."""
     scratch = out_dir.with_name(out_dir.name + "_calibration")
     cfg = load_config(config, {**cfg_overrides, "training.output_dir": str(scratch), "training.max_steps": steps,
                                "training.checkpoint_every": 0, "training.preview_every": 0})
@@ -69,17 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     overrides = parse_overrides(args.set)
-    overrides.setdefault("training.output_dir", load_config(args.config).training.output_dir)
+    out_dir = Path(load_config(args.config, overrides).training.output_dir)
+    overrides.setdefault("training.output_dir", str(out_dir))
+    stop_at = args.deadline - args.save_margin_s  # the run stops here, leaving the margin for its save
     train_fn = trainer(args.pipeline)
     started = time.time()
-    rate = measure_step_rate(train_fn, overrides, args.config, args.base, args.calibrate_steps)
-    left = args.deadline - args.save_margin_s - time.time()
+    rate = measure_step_rate(train_fn, overrides, args.config, args.base, args.calibrate_steps, out_dir)
+    left = stop_at - time.time()
     max_steps = max(args.calibrate_steps, int(rate * left * args.safety))
     cfg = load_config(args.config, {**overrides, "training.max_steps": max_steps})
     print(f"[train_for] {rate:.2f} steps/s measured; {left:.0f} s left: max_steps = {max_steps}", flush=True)
 
     stop = threading.Event()
-    timer = threading.Timer(max(0.0, args.deadline - args.save_margin_s - time.time()), stop.set)
+    timer = threading.Timer(max(0.0, stop_at - time.time()), stop.set)
     timer.start()
     try:
         result = run_to_end(train_fn(cfg, args.base, overwrite=True, stop=stop, progress=False))
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
               "steps_per_s": rate, "seconds_left": left, "safety": args.safety, "planned_steps": max_steps,
               "reached_step": result.step, "stopped_at_deadline": result.stopped, "wall_s": time.time() - started,
               "export": str(result.export) if result.export else None}
-    atomic_write_json(Path(cfg.training.output_dir) / "train_for.json", record)
+    atomic_write_json(out_dir / "train_for.json", record)
     print(f"[train_for] {json.dumps(record)}", flush=True)
     return 0
 

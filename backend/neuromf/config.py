@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+SAMPLERS = ("meanflow", "euler")  # `neuromf.meanflow.sample` methods: CLI, API and napari offer these (torch-free)
 
 
 class ConfigError(ValueError):

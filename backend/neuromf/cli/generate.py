@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from neuromf.cli._common import AddCommand
+from neuromf.config import SAMPLERS
 
 
 def cmd_generate(args) -> int:
@@ -69,7 +70,7 @@ def register(add: AddCommand) -> None:
                    help="conditional mode: the FLAIR the masks belong to (centres the model grid on its brain)")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one-step MeanFlow)")
-    p.add_argument("--sampler", default="meanflow", choices=["meanflow", "euler"],
+    p.add_argument("--sampler", default="meanflow", choices=SAMPLERS,
                    help="meanflow: k-step MeanFlow with the average velocity; euler: --steps Euler steps with the "
                         "instantaneous velocity (flow-matching baseline; for joint x-prediction adapters)")
     p.add_argument("--seed", type=int, default=0)
