@@ -43,8 +43,8 @@ def _run(train_for, config: Path, base: Path, out: Path, deadline: float, *extra
 def test_plans_steps_from_the_measured_rate_and_finishes(train_for, tmp_path, phantom_dir, tiny_vae_dir,
                                                         tiny_base_dir):
     config = _config_file(tmp_path, phantom_dir, tiny_vae_dir)
-    record = _run(train_for, config, tiny_base_dir, tmp_path / "run", time.time() + 120, "--safety", "0.002")
-    assert record["steps_per_s"] > 0 and 0 < record["seconds_left"] < 120
+    record = _run(train_for, config, tiny_base_dir, tmp_path / "run", time.time() + 600, "--safety", "0.002")
+    assert record["steps_per_s"] > 0 and 0 < record["seconds_left"] < 600
     assert record["planned_steps"] == max(4, int(record["steps_per_s"] * record["seconds_left"] * 0.002))
     assert record["reached_step"] == record["planned_steps"] and not record["stopped_at_deadline"]
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
