@@ -135,22 +135,62 @@ def test_generate_refuses_a_mode_the_adapter_cannot_do(conditional_run, tmp_path
     assert code != 0 and "empty_roi.nii.gz" in err and "empty" in err and "Traceback" not in err
 
 
-def test_joint_sdf_mode_trains_generates_and_records_noise_correlation(tmp_path, phantom_dir, tiny_vae_dir,
-                                                                          tiny_base_dir):
-    from neuromf.models.joint import load_joint_model
-    from neuromf.pipelines.lora import train_lora, write_generated_pairs
+@pytest.fixture(scope="module")
+def joint_sdf_run(tmp_path_factory, phantom_dir, tiny_vae_dir, tiny_base_dir):
+    """A joint sdf adapter on the same tiny base as `conditional_run`."""
+    from neuromf.pipelines.lora import train_lora
 
-    cfg = tiny_config(tmp_path, phantom_dir, tiny_vae_dir, **{"data.mask_strategy": "sdf",
-                                                              "loss.lesion_weight": 20.0})
-    result = run_to_end(train_lora(cfg, tiny_base_dir, progress=False))
+    cfg = tiny_config(tmp_path_factory.mktemp("joint_sdf"), phantom_dir, tiny_vae_dir,
+                      **{"data.mask_strategy": "sdf", "loss.lesion_weight": 20.0})
+    return run_to_end(train_lora(cfg, tiny_base_dir, progress=False))
+
+
+def test_joint_sdf_mode_trains_generates_and_records_noise_correlation(joint_sdf_run, tmp_path):
+    from neuromf.models.joint import load_joint_model
+    from neuromf.pipelines.lora import write_generated_pairs
+
+    result = joint_sdf_run
     joint = load_joint_model(result.export)
     assert joint.strategy == "sdf" and joint.meta.n_mask == 8
     assert joint.model.skip_channels == 8  # the pass-through survives saving and loading
     write_generated_pairs(result.export, tmp_path / "gen", n=2)
     meta = json.loads((tmp_path / "gen" / "sample_001.json").read_text())
     assert -1.0 <= meta["mask_noise_correlation"] <= 1.0 and meta["strategy"] == "sdf"
+    assert "rendered_by" not in meta
     header = (result.out_dir / "losses.csv").read_text().splitlines()[0].split(",")
     assert {"raw_mask", "raw_lesion", "eval_raw_mask", "eval_raw_lesion"} <= set(header)
+
+
+def test_joint_masks_rendered_by_a_conditional_adapter(joint_sdf_run, conditional_run, tmp_path):
+    """Two-stage synthesis: the masks are the joint model's own (same seed, same masks), the FLAIR is the
+    ControlNet's rendering of that mask from the pair's image noise."""
+    from neuromf.models.adapter_meta import adapter_meta
+    from neuromf.pipelines.conditional import load_conditional_model
+    from neuromf.pipelines.lora import generate_pairs
+
+    joint_sdf_adapter = joint_sdf_run.export
+    plain = list(generate_pairs(joint_sdf_adapter, n=2, steps=2, seed=3, device="cpu", method="euler"))
+    out = tmp_path / "rendered"
+    assert cli(["generate", "--adapter", str(joint_sdf_adapter), "--render", str(conditional_run.export),
+                "--n", "2", "--steps", "2", "--sampler", "euler", "--seed", "3", "--out", str(out),
+                "--device", "cpu"]) == 0
+    cond = load_conditional_model(conditional_run.export)
+    joint_shape = adapter_meta(joint_sdf_run.export, "joint").latent_shape
+    noise = torch.randn((2, *joint_shape), generator=torch.Generator().manual_seed(3))  # as sample_latents draws it
+    for i, pair in enumerate(plain):
+        mask = np.asarray(nib.load(out / f"sample_00{i}_mask.nii.gz").dataobj)
+        flair = np.asarray(nib.load(out / f"sample_00{i}_flair.nii.gz").dataobj, dtype=np.float32)
+        meta = json.loads((out / f"sample_00{i}.json").read_text())
+        assert np.array_equal(mask, pair.mask) and meta["mode"] == "joint"
+        assert meta["rendered_by"] == str(conditional_run.export.resolve())
+        expected = cond.generate(pair.mask, noise[i, :4], steps=2, method="euler")
+        np.testing.assert_allclose(flair, expected, atol=1e-4)
+        assert not np.allclose(flair, pair.image, atol=1e-3)  # the joint image was replaced
+    with pytest.raises(SystemExit, match="--render renders the masks of a joint adapter"):
+        cli(["generate", "--adapter", str(conditional_run.export), "--render", str(conditional_run.export),
+             "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="not a NeuroMF conditional adapter"):
+        next(generate_pairs(joint_sdf_adapter, n=1, device="cpu", render=joint_sdf_adapter))
 
 
 def test_empty_mask_control_measures_what_the_mask_adds(conditional_run, phantom_dir, tmp_path):

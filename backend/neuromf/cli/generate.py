@@ -26,13 +26,15 @@ def cmd_generate(args) -> int:
     mode = generation_mode(args.adapter, args.mode) if args.adapter else "base"
     if (args.mask or args.image) and mode != "conditional":
         raise SystemExit("generate: --mask/--image need a conditional adapter (--mode conditional)")
+    if args.render and mode != "joint":
+        raise SystemExit("generate: --render renders the masks of a joint adapter (--mode joint)")
     if mode == "conditional":
         paths = _generate_conditional(args)
     elif mode == "joint":
         from neuromf.pipelines.lora import write_generated_pairs
 
         paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                      args.sampler)
+                                      args.sampler, args.render)
     else:
         paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.device,
                                        args.sampler)
@@ -68,6 +70,10 @@ def register(add: AddCommand) -> None:
     p.add_argument("--mask", nargs="+", metavar="FILE", help="conditional mode: lesion mask NIfTI file(s)")
     p.add_argument("--image", metavar="FILE",
                    help="conditional mode: the FLAIR the masks belong to (centres the model grid on its brain)")
+    p.add_argument("--render", metavar="ADAPTER",
+                   help="joint mode: a conditional adapter (same base model) that renders the FLAIR for each joint "
+                        "mask, from the same image noise (two-stage: mask from the joint model, FLAIR from the "
+                        "ControlNet)")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one-step MeanFlow)")
     p.add_argument("--sampler", default="meanflow", choices=SAMPLERS,

@@ -24,7 +24,12 @@ from neuromf.models.lora import (
     count_trainable_params,
     save_adapter,
 )
-from neuromf.pipelines.conditional import packed_lesion_loss, stage2_preprocessing
+from neuromf.pipelines.conditional import (
+    ConditionalModel,
+    load_conditional_model,
+    packed_lesion_loss,
+    stage2_preprocessing,
+)
 from neuromf.train.distributed import main_first
 from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, fixed_draw_evaluator, train
 from neuromf.train.run_dir import in_run_dir
@@ -97,23 +102,32 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
 
 
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
-                   device: str = "auto", method: str = "meanflow") -> Iterator[GeneratedPair]:
+                   device: str = "auto", method: str = "meanflow",
+                   render: str | Path | None = None) -> Iterator[GeneratedPair]:
     """Joint FLAIR + lesion mask samples, decoded by the adapter's strategy; sample i depends only on (seed, i).
+
+    With `render`, the pair's FLAIR is generated again for its mask by a conditional adapter (same base model and
+    grid), from the same image noise: two-stage synthesis, the mask from the joint model and the FLAIR from the
+    ControlNet, which learned to show a lesion under its mask (the joint image channels barely do).
 
     Args:
         adapter: a joint adapter folder or "embedded" (the shipped demo).
         n: number of pairs.
-        steps: sampler steps (1 = one-step MeanFlow).
+        steps: sampler steps (1 = one-step MeanFlow), for the joint model and the renderer.
         seed: noise seed.
         device: "auto", "cpu", "cuda" or "cuda:N".
         method: sampler, "meanflow" or "euler" (k-step or Euler sampling for an x-prediction adapter).
+        render: optional conditional adapter folder (or "embedded" / "embedded-fine") that renders the FLAIRs.
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, the model grid's
         (4, 4) affine, and meta (seed, steps, adapter, strategy, `mask_noise_correlation`: about 0 when the mask
-        latent left its noise behind).
+        latent left its noise behind; `rendered_by` with `render`).
+    Raises:
+        ValueError: `render` is not a conditional adapter on the joint adapter's base model and grid.
     """
     dev = resolve_device(device)
     joint = load_joint_model(adapter, dev)
+    renderer = load_renderer(render, joint.meta, dev) if render is not None else None
     prep = joint.meta.prep
     affine = model_grid_affine(prep.shape, prep.spacing)
     source = str(resolve_adapter_dir(adapter, "joint"))
@@ -124,25 +138,44 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
         for i in range(z.shape[0]):
             # how much of its starting noise the mask latent kept (a working generator: about 0)
             corr = float(np.corrcoef(z[i, n_img:].flatten().numpy(), noise[i, n_img:].flatten().numpy())[0, 1])
-            yield GeneratedPair(index, images[i, 0].numpy().astype(np.float32), masks[i, 0].numpy().astype(np.uint8),
-                                affine,
-                                {"index": index, "seed": seed, "steps": steps, "sampler": method, "adapter": source,
-                                 "mode": "joint",
-                                 "strategy": joint.strategy, "mask_noise_correlation": round(corr, 4)})
+            mask = masks[i, 0].numpy().astype(np.uint8)
+            meta = {"index": index, "seed": seed, "steps": steps, "sampler": method, "adapter": source,
+                    "mode": "joint", "strategy": joint.strategy, "mask_noise_correlation": round(corr, 4)}
+            if renderer is None:
+                image = images[i, 0].numpy().astype(np.float32)
+            else:
+                image = renderer.generate(mask, noise[i, :n_img], steps, method)
+                meta["rendered_by"] = str(resolve_adapter_dir(render, "conditional"))
+            yield GeneratedPair(index, image, mask, affine, meta)
             index += 1
 
 
+def load_renderer(render: str | Path, joint_meta: AdapterMeta, device: torch.device) -> ConditionalModel:
+    """The conditional adapter that renders joint masks, checked to share the joint adapter's base model and grid
+    (a FLAIR rendered on another grid or from another base would not belong to the mask)."""
+    renderer = load_conditional_model(render, device)
+    if renderer.meta.base_sha256 != joint_meta.base_sha256:
+        raise ValueError(f"{render}: the conditional adapter was trained on another base model "
+                         f"({renderer.meta.base_checkpoint}) than the joint adapter ({joint_meta.base_checkpoint})")
+    if (renderer.prep.shape, renderer.prep.spacing) != (joint_meta.prep.shape, joint_meta.prep.spacing):
+        raise ValueError(f"{render}: the conditional adapter's grid {renderer.prep.shape} at "
+                         f"{renderer.prep.spacing} mm is not the joint adapter's {joint_meta.prep.shape} at "
+                         f"{joint_meta.prep.spacing} mm")
+    return renderer
+
+
 def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
-                          device: str = "auto", method: str = "meanflow") -> list[Path]:
+                          device: str = "auto", method: str = "meanflow",
+                          render: str | Path | None = None) -> list[Path]:
     """Joint pairs written by `neuromf.generate.write_pairs`.
 
     Args:
-        adapter, n, steps, seed, device, method: as for `generate_pairs`.
+        adapter, n, steps, seed, device, method, render: as for `generate_pairs`.
         out_dir: output folder.
     Returns:
         The written paths: FLAIR, mask and JSON per pair.
     """
-    return write_pairs(generate_pairs(adapter, n, steps, seed, device, method), out_dir)
+    return write_pairs(generate_pairs(adapter, n, steps, seed, device, method, render), out_dir)
 
 
 def release_memory() -> None:
