@@ -112,6 +112,9 @@ class LossConfig(_Section):
     lambda_mask: float = bounded(1.0, 0)
     adaptive_power: float = bounded(1.0, 0)
     adaptive_c: float = bounded(1.0e-3, 0, low_open=True)
+    # joint mode: false leaves the mask channels' loss out of the adaptive weight (it still weighs the image
+    # channels): the weight pulls a rare outcome, a lesion, toward the frequent one, "no lesion"
+    adaptive_mask: bool = True
     time_mean: float = -0.4
     time_std: float = bounded(1.0, 0, low_open=True)
     ratio_r_neq_t: float = bounded(0.25, 0, 1)

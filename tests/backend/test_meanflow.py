@@ -128,6 +128,39 @@ def test_adaptive_weight_pulls_a_regression_toward_the_frequent_outcome():
     assert fitted(1.0) < 0.01  # adaptive_power 1 (MeanFlow's default): the frequent outcome
 
 
+def test_adaptive_mask_false_weighs_only_the_image_channels():
+    """With `adaptive_mask: False` the loss is w(L_img) L_img + L_mask, w = 1 / (L_img + c) stop-gradient: the
+    image part keeps MeanFlow's adaptive weight and the mask part enters as the plain (lesion-weighted) Lp."""
+    model = _perturbed_tiny(torch.float32)
+    x = torch.randn(3, 4, 8, 8, 8)
+    lesion = (torch.rand(3, 1, 8, 8, 8) < 0.1).float()
+    lp = ChannelLp.for_channels(2, 2, p_img=1.5, p_mask=2.0, lambda_mask=0.3)
+
+    def run(adaptive_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        loss_fn = MeanFlowLoss(distance=lp, adaptive_mask=adaptive_mask, lesion_weight=5.0, flow_matching=True)
+        loss, _ = loss_fn(model, x, torch.Generator().manual_seed(1), lesion=lesion)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))  # the loss's own draws, replayed
+        t = loss_fn.time_sampler(3, generator=_after_noise(x.shape))[1]
+        z = (1 - t.view(-1, 1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1, 1) * noise
+        img, mask = lp.per_group(model(z, t, t) - (noise - x), 1.0 + 5.0 * lesion)
+        return loss, (img, mask)
+
+    for adaptive_mask in (True, False):
+        loss, (img, mask) = run(adaptive_mask)
+        if adaptive_mask:
+            expected = ((img + mask) / (img + mask + 1e-3).detach()).mean()
+        else:
+            expected = (img / (img + 1e-3).detach() + mask).mean()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def _after_noise(shape: tuple[int, ...]) -> torch.Generator:
+    """A generator in the state the loss's generator is in after drawing its noise (its times come next)."""
+    generator = torch.Generator().manual_seed(1)
+    torch.randn(shape, generator=generator)
+    return generator
+
+
 def test_time_sampler_orders_and_fraction():
     r, t = TimeSampler(ratio_r_neq_t=0.25)(20000, generator=torch.Generator().manual_seed(0))
     assert torch.all(r <= t) and torch.all((t > 0) & (t < 1))
@@ -171,7 +204,7 @@ def test_every_loss_setting_of_the_config_reaches_the_loss():
     assert MeanFlowLoss.from_config(LossConfig(), 4, 1) == base  # compared by value, not identity
     changed = {"kind": "flow_matching", "p_img": 1.5, "p_mask": 1.0, "lambda_img": 0.5, "lambda_mask": 0.25,
                "adaptive_power": 0.5, "adaptive_c": 0.01, "time_mean": 0.3, "time_std": 0.7, "ratio_r_neq_t": 0.5,
-               "cheap_jvp": False, "lesion_weight": 7.0}
+               "cheap_jvp": False, "lesion_weight": 7.0, "adaptive_mask": False}
     names = {f.name for f in dataclasses.fields(LossConfig)} - {"lesion_dilate"}
     assert set(changed) == names
     for key, value in changed.items():

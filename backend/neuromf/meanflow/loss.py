@@ -186,6 +186,7 @@ class MeanFlowLoss:
     time_sampler: TimeSampler = field(default_factory=TimeSampler)
     adaptive_power: float = 1.0
     adaptive_c: float = 1e-3
+    adaptive_mask: bool = True  # False: the groups after the first (mask channels) enter without the adaptive weight
     flow_matching: bool = False
     cheap_jvp: bool = True
     group_names: Sequence[str] = ("img", "mask")
@@ -206,7 +207,7 @@ class MeanFlowLoss:
             distance=ChannelLp.for_channels(n_image, n_mask, loss.p_img, loss.p_mask, loss.lambda_img,
                                             loss.lambda_mask),
             time_sampler=TimeSampler(loss.time_mean, loss.time_std, loss.ratio_r_neq_t),
-            adaptive_power=loss.adaptive_power, adaptive_c=loss.adaptive_c,
+            adaptive_power=loss.adaptive_power, adaptive_c=loss.adaptive_c, adaptive_mask=loss.adaptive_mask,
             flow_matching=loss.kind == "flow_matching", cheap_jvp=loss.cheap_jvp, lesion_weight=loss.lesion_weight,
         )
 
@@ -243,7 +244,9 @@ class MeanFlowLoss:
         if lesion is not None:
             parts["raw_lesion"] = float(self.distance.region_mean(delta.detach(), lesion).mean())
             if self.lesion_weight:
-                per_sample = self.distance(delta, 1.0 + self.lesion_weight * lesion)
+                groups = self.distance.per_group(delta, 1.0 + self.lesion_weight * lesion)
+        weighted, plain = (groups, groups[:0]) if self.adaptive_mask else (groups[:1], groups[1:])
+        per_sample = torch.stack(weighted).sum(dim=0)
         weight = adaptive_weight(per_sample, self.adaptive_power, self.adaptive_c) if self.adaptive_power else 1.0
-        loss = (weight * per_sample).mean()
+        loss = (weight * per_sample + sum(plain, torch.zeros_like(per_sample))).mean()
         return loss, parts
