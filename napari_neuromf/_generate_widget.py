@@ -38,6 +38,7 @@ from napari_neuromf._layers import pair_layers
 from napari_neuromf._session import Caution, Failure
 from napari_neuromf._viewing import RADIOLOGICAL, current_convention, show_axial
 from neuromf.config import SAMPLERS
+from neuromf.weights import EMBEDDED_NAMES
 
 if TYPE_CHECKING:
     import napari
@@ -89,6 +90,10 @@ class GenerateWidget(QWidget):
         self.mode.addItems(list(GENERATION_MODES))
         self.lesion = layer_choice(napari_viewer, Labels, "Conditional mode: the Labels layer whose lesion the "
                                                           "FLAIR should carry", first=PRIOR_LESION)
+        self.render = PathField("", "dir", "Conditional adapter that renders the FLAIRs",
+                                tooltip="Joint mode, optional: a conditional adapter on the same base model (e.g. "
+                                        "'embedded-fine' for a 2 mm joint adapter) that renders the FLAIR for each "
+                                        "joint mask from the same noise; empty = the joint model's own FLAIR")
         self.mode.currentTextChanged.connect(self._toggle_lesion)
         self._toggle_lesion()
         self.generate_button = tip(QPushButton("Generate"), "Generate the pairs; each appears as 'gen_NNN FLAIR' + "
@@ -116,6 +121,7 @@ class GenerateWidget(QWidget):
         form.addRow("Adapter", adapter_row)
         form.addRow("Mode", self.mode)
         form.addRow("Lesion", self.lesion.native)
+        form.addRow("Render with", self.render)
         form.addRow("Pairs", self.n)
         form.addRow("Steps", self.steps)
         form.addRow("Sampler", self.sampler)
@@ -153,6 +159,7 @@ class GenerateWidget(QWidget):
 
     def _toggle_lesion(self, *_: Any) -> None:
         self.lesion.enabled = self.mode.currentText() == "conditional"
+        self.render.setEnabled(self.mode.currentText() == "joint")
 
     def _refresh_pairs(self, *_: Any) -> None:
         selected = {item.text() for item in self.pairs.selectedItems()}
@@ -182,7 +189,7 @@ class GenerateWidget(QWidget):
             show_warning("Generate: a job is already running")
             return None
         adapter = self.adapter.text() or _session.EMBEDDED
-        if adapter != _session.EMBEDDED and not Path(adapter).is_dir():
+        if adapter not in EMBEDDED_NAMES and not Path(adapter).is_dir():
             show_error(f"Generate: adapter folder {adapter} does not exist")
             return None
         mode, lesion = self.mode.currentText(), None
@@ -196,9 +203,13 @@ class GenerateWidget(QWidget):
                 show_error(f"Generate: Labels layer {chosen.name!r} is empty: paint a lesion first")
                 return None
             lesion = (np.asarray(data).copy(), state)  # a copy: the user may keep painting while we generate
+        render = self.render.text() if mode == "joint" else ""
+        if render and render not in EMBEDDED_NAMES and not Path(render).is_dir():
+            show_error(f"Generate: conditional adapter folder {render} (Render with) does not exist")
+            return None
         self.run = _session.GenerateRun(adapter, self.n.value(), self.steps.value(), self.seed.value(),
                                         self.device.currentText(), mode=mode, lesion=lesion,
-                                        method=self.sampler.currentText())
+                                        method=self.sampler.currentText(), render=render or None)
         self.generate_button.setEnabled(False)
         self.job.begin("Loading the adapter ...")
         self.job.count(0, self.run.n, "pairs")

@@ -776,6 +776,7 @@ class GenerateRun:
     mode: str = "joint"  # "joint" (image + mask from noise) | "conditional" (a FLAIR for a lesion)
     lesion: tuple[Any, dict] | None = None  # conditional: (Labels data, layer state); None = the mask prior
     method: str = "meanflow"  # the sampler: "meanflow" or "euler" (`neuromf.meanflow.sample`)
+    render: str | None = None  # joint: a conditional adapter that renders the FLAIR for each joint mask
     pairs: int = 0
     cautions: list[str] = field(default_factory=list)  # why the given lesion looks implausible
     failure: Failure | None = None
@@ -807,7 +808,7 @@ class GenerateRun:
                 from neuromf.pipelines.lora import generate_pairs
 
                 pairs = generate_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed, device=self.device,
-                                       method=self.method)
+                                       method=self.method, render=self.render)
             for pair in pairs:
                 if self.cancel.is_set():
                     break

@@ -445,6 +445,36 @@ def test_generate_widget_paints_a_lesion_and_generates_a_flair_for_it(make_napar
     assert viewer.layers["gen_001 lesion"].data.any()
 
 
+def test_generate_widget_renders_joint_masks_with_a_conditional_adapter(make_napari_viewer, qtbot, tiny_adapter,
+                                                                         tiny_conditional_adapter, tmp_path):
+    """Joint mode's "Render with": the joint adapter draws the mask, the conditional adapter renders its FLAIR
+    (recorded on the layers); a folder that does not exist is refused with a notification, before any work."""
+    from napari_neuromf._generate_widget import GenerateWidget
+
+    viewer = make_napari_viewer()
+    widget = ready(qtbot, GenerateWidget(viewer))
+    widget.adapter.setText(str(tiny_adapter))
+    assert widget.render.isEnabled()
+    widget.mode.setCurrentText("conditional")
+    assert not widget.render.isEnabled()  # only joint masks are rendered
+    widget.mode.setCurrentText("joint")
+    widget.render.setText(str(tmp_path / "nowhere"))
+    seen = notes()
+    assert widget.start() is None and widget.run is None
+    assert any("nowhere" in m and "does not exist" in m for m in seen())
+    widget.render.setText(str(tiny_conditional_adapter))
+    widget.n.setValue(1)
+    widget.device.setCurrentText("cpu")
+    seen = notes()
+    widget.start()
+    wait_idle(qtbot, widget, 120)
+    assert not [m for m in seen() if "Generation" in m], seen()
+    image, lesion = viewer.layers["gen_000 FLAIR"], viewer.layers["gen_000 lesion"]
+    assert_overlay(image, lesion)
+    info = image.metadata["neuromf"]
+    assert info["mode"] == "joint" and Path(info["rendered_by"]) == tiny_conditional_adapter.resolve()
+
+
 def test_generate_widget_cautions_about_an_implausible_painted_lesion(make_napari_viewer, qtbot, phantom_subset,
                                                                      tiny_conditional_adapter):
     """A lesion painted outside the brain still gets its FLAIR, with a caution in the widget and a warning."""
