@@ -395,6 +395,19 @@ def tiny_conditional_adapter(tiny_base, phantom_subset, tmp_path_factory) -> Pat
     return Path(run_to_end(train_conditional(cfg, tiny_base, progress=False)).export)
 
 
+def generate_one_pair(qtbot, widget, viewer) -> tuple:
+    """One pair on the CPU with the widget's settings: no error notification, FLAIR and lesion overlaid."""
+    widget.n.setValue(1)
+    widget.device.setCurrentText("cpu")
+    seen = notes()
+    widget.start()
+    wait_idle(qtbot, widget, 120)
+    assert not [m for m in seen() if "Generation" in m], seen()
+    image, lesion = viewer.layers["gen_000 FLAIR"], viewer.layers["gen_000 lesion"]
+    assert_overlay(image, lesion)
+    return image, lesion
+
+
 def test_generate_widget_paints_a_lesion_and_generates_a_flair_for_it(make_napari_viewer, qtbot, phantom_subset,
                                                                       tiny_conditional_adapter):
     """The paint-a-lesion workflow: a Labels layer drawn over an opened FLAIR becomes the lesion of a generated
@@ -424,14 +437,7 @@ def test_generate_widget_paints_a_lesion_and_generates_a_flair_for_it(make_napar
     painted.brush_size = 8
     painted.paint(tuple(centre), new_label=1)
     assert painted.data.any()
-    widget.n.setValue(1)
-    widget.device.setCurrentText("cpu")
-    seen = notes()
-    widget.start()
-    wait_idle(qtbot, widget, 120)
-    assert not [m for m in seen() if "Generation" in m], seen()
-    image, lesion = viewer.layers["gen_000 FLAIR"], viewer.layers["gen_000 lesion"]
-    assert_overlay(image, lesion)
+    image, lesion = generate_one_pair(qtbot, widget, viewer)
     assert image.data.shape == (32, 32, 32) and lesion.data.any()
     # the generated lesion sits where it was painted (world coordinates, mm)
     painted_mm = np.argwhere(painted.data).mean(0) * painted.scale + painted.translate
@@ -463,14 +469,7 @@ def test_generate_widget_renders_joint_masks_with_a_conditional_adapter(make_nap
     assert widget.start() is None and widget.run is None
     assert any("nowhere" in m and "does not exist" in m for m in seen())
     widget.render.setText(str(tiny_conditional_adapter))
-    widget.n.setValue(1)
-    widget.device.setCurrentText("cpu")
-    seen = notes()
-    widget.start()
-    wait_idle(qtbot, widget, 120)
-    assert not [m for m in seen() if "Generation" in m], seen()
-    image, lesion = viewer.layers["gen_000 FLAIR"], viewer.layers["gen_000 lesion"]
-    assert_overlay(image, lesion)
+    image, lesion = generate_one_pair(qtbot, widget, viewer)
     info = image.metadata["neuromf"]
     assert info["mode"] == "joint" and Path(info["rendered_by"]) == tiny_conditional_adapter.resolve()
 
