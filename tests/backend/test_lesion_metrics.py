@@ -39,7 +39,7 @@ def _stats(volume: float = 5.0, share: float = 1.0, inside: float = 1.0, depth: 
 
 
 REF = LesionReference(min_volume_cm3=2.0, max_volume_cm3=10.0, min_depth_mm=5.0, max_depth_mm=15.0,
-                      median_contrast=1.4, volumes_cm3=[2.0, 5.0, 10.0], n=3)
+                      median_contrast=1.4, volumes_cm3=[2.0, 5.0, 10.0], contrasts=[1.3, 1.4, 1.5], n=3)
 
 
 # ---------------------------------------------------------------- hand computations on small arrays
@@ -156,7 +156,18 @@ def test_summarise_rates_ks_and_medians():
     far = summarise_lesion_like([_stats(volume=100.0)], REF)
     assert far["volume_ks_statistic"] == pytest.approx(1.0) and far["rate"] == 0.0
     none = summarise_lesion_like([], REF)
-    assert none["rate"] is None and none["volume_ks_statistic"] is None
+    assert none["rate"] is None and none["volume_ks_statistic"] is None and none["contrast_ks_statistic"] is None
+
+
+def test_summary_flags_lesions_brighter_than_any_real_one():
+    """The criteria bound the contrast from below only; the contrast KS statistic and the share above the brightest
+    real lesion (1.5 here) show an over-bright generator."""
+    like_real = summarise_lesion_like([_stats(contrast=c) for c in (1.3, 1.4, 1.5)], REF)
+    assert like_real["contrast_ks_statistic"] == pytest.approx(0.0) and like_real["share_brighter_than_real"] == 0.0
+    bright = summarise_lesion_like([_stats(contrast=c) for c in (1.45, 1.6, 1.7, 1.8)], REF)
+    assert bright["rate"] == 1.0  # every one passes the criteria ...
+    assert bright["share_brighter_than_real"] == 0.75  # ... but three of four are brighter than any real lesion
+    assert bright["contrast_ks_statistic"] == pytest.approx(0.75)
 
 
 def test_noise_correlation():

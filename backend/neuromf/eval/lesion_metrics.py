@@ -141,6 +141,7 @@ class LesionReference:
     max_depth_mm: float
     median_contrast: float
     volumes_cm3: list[float] = field(default_factory=list)
+    contrasts: list[float] = field(default_factory=list)  # each real lesion's FLAIR contrast (mask / ring)
     n: int = 0
     positions: list[list[float]] = field(default_factory=list)  # real lesion centroids, brain-box-normalised
     max_position_distance: float | None = None  # largest leave-one-out nearest-neighbour distance among them
@@ -186,7 +187,8 @@ def reference_from_real(real: list[LesionStats]) -> LesionReference:
     return LesionReference(positions=positions, max_position_distance=site_spread(np.asarray(positions)),
                            min_volume_cm3=min(volumes), max_volume_cm3=max(volumes), min_depth_mm=min(depths),
                            max_depth_mm=max(depths), median_contrast=float(np.median(contrasts)),
-                           volumes_cm3=[float(v) for v in volumes], n=len(kept))
+                           volumes_cm3=[float(v) for v in volumes], contrasts=[float(c) for c in contrasts],
+                           n=len(kept))
 
 
 def lesion_like(stats: LesionStats, ref: LesionReference) -> dict[str, bool]:
@@ -222,21 +224,32 @@ def median_or_none(values: list[float | None]) -> float | None:
 
 
 def summarise_lesion_like(stats_list: list[LesionStats], ref: LesionReference) -> dict[str, Any]:
-    """Pass rate of each criterion and of all together, KS statistic of the non-empty volumes vs the real ones,
-    and medians of each figure over non-empty masks. Rates are None for an empty list."""
+    """Pass rate of each criterion and of all together, KS statistics of the non-empty masks' volumes and FLAIR
+    contrasts vs the real ones (the criteria bound the contrast from below only: the contrast KS and the share above
+    the brightest real lesion show a FLAIR that is brighter than any real one), and medians of each figure over
+    non-empty masks. Rates are None for an empty list."""
     verdicts = [lesion_like(s, ref) for s in stats_list]
     n = len(verdicts)
     rates = {name: (sum(v[name] for v in verdicts) / n if n else None) for name in (*CRITERIA, "all")}
     nonempty = [s for s in stats_list if not s.empty]
-    ks_stat = ks_p = None
-    if nonempty and ref.volumes_cm3:
-        ks = ks_2samp([s.volume_cm3 for s in nonempty], ref.volumes_cm3)
-        ks_stat, ks_p = float(ks.statistic), float(ks.pvalue)
+    ks_stat, ks_p = _ks([s.volume_cm3 for s in nonempty], ref.volumes_cm3)
+    contrasts = [s.contrast for s in nonempty if s.contrast is not None]
+    contrast_ks, contrast_p = _ks(contrasts, ref.contrasts)
+    above = (sum(c > max(ref.contrasts) for c in contrasts) / len(contrasts)) if contrasts and ref.contrasts else None
     medians = {key: median_or_none([getattr(s, key) for s in nonempty])
                for key in ("volume_cm3", "n_components", "largest_share", "inside_brain_share", "median_depth_mm",
                            "contrast")}
     return {"n": n, "n_lesion_like": sum(v["all"] for v in verdicts), "rate": rates["all"], "rates": rates,
-            "volume_ks_statistic": ks_stat, "volume_ks_pvalue": ks_p, "medians": medians}
+            "volume_ks_statistic": ks_stat, "volume_ks_pvalue": ks_p, "contrast_ks_statistic": contrast_ks,
+            "contrast_ks_pvalue": contrast_p, "share_brighter_than_real": above, "medians": medians}
+
+
+def _ks(generated: list[float], real: list[float]) -> tuple[float | None, float | None]:
+    """Two-sample KS statistic and p-value, (None, None) when either side is empty."""
+    if not generated or not real:
+        return None, None
+    ks = ks_2samp(generated, real)
+    return float(ks.statistic), float(ks.pvalue)
 
 
 def noise_correlation(latent: Any, noise: Any) -> float:
