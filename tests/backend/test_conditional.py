@@ -28,6 +28,17 @@ def _conditioned(seed: int = 0) -> tuple[MeanFlowUNet, ConditionedFlowModel]:
     return unet, ConditionedFlowModel(unet, controlnet_from_unet(unet, (4, 8, 8))).eval()
 
 
+def _mask_sensitive() -> ConditionedFlowModel:
+    """A conditioned model whose output depends on the mask: its zero convolutions opened."""
+    _, model = _conditioned()
+    with torch.no_grad():
+        for block in [*model.controlnet.controlnet_down_blocks, model.controlnet.controlnet_mid_block,
+                      model.controlnet.controlnet_cond_embedding.conv_out]:
+            for p in block.parameters():
+                p.normal_(0, 1.0)
+    return model
+
+
 def test_controlnet_starts_as_the_base_model_and_trains_alone():
     unet, model = _conditioned()
     z, r, t = torch.randn(2, 4, 4, 4, 4), torch.tensor([0.1, 0.0]), torch.tensor([0.6, 1.0])
@@ -42,12 +53,7 @@ def test_controlnet_starts_as_the_base_model_and_trains_alone():
 
 
 def test_conditioned_model_depends_on_the_mask_and_its_jvp_matches_finite_differences():
-    _, model = _conditioned()
-    with torch.no_grad():  # open the zero convolutions so the mask has an effect
-        for block in [*model.controlnet.controlnet_down_blocks, model.controlnet.controlnet_mid_block,
-                      model.controlnet.controlnet_cond_embedding.conv_out]:
-            for p in block.parameters():
-                p.normal_(0, 1.0)
+    model = _mask_sensitive()
     z, r, t = torch.randn(1, 4, 4, 4, 4), torch.tensor([0.2]), torch.tensor([0.7])
     empty, lesion = torch.zeros(1, 1, 16, 16, 16), torch.zeros(1, 1, 16, 16, 16)
     lesion[..., 5:10, 5:10, 5:10] = 1
@@ -63,6 +69,27 @@ def test_conditioned_model_depends_on_the_mask_and_its_jvp_matches_finite_differ
     with torch.no_grad():
         fd = (f(z + eps * v, r, t + eps) - f(z - eps * v, r, t - eps)) / (2 * eps)
     assert torch.allclose(dudt, fd, atol=2e-3, rtol=1e-2)
+
+
+def test_mask_guidance_extrapolates_from_the_empty_mask():
+    """u_empty + s (u_mask - u_empty): s = 1 is the model itself, s = 0 the empty-mask model, s = 2 doubles what the
+    mask changes; an empty mask is not changed by any s."""
+    from neuromf.pipelines.conditional import guided_velocity
+
+    model = _mask_sensitive()
+    z, r, t = torch.randn(1, 4, 4, 4, 4), torch.tensor([0.2]), torch.tensor([0.9])
+    cond = torch.zeros(1, 1, 16, 16, 16)
+    cond[:, :, 4:9, 4:9, 4:9] = 1
+    empty = torch.zeros_like(cond)
+    with torch.no_grad():
+        u_mask, u_empty = model(z, r, t, cond=cond), model(z, r, t, cond=empty)
+        assert (u_mask - u_empty).abs().max() > 1e-3
+        torch.testing.assert_close(guided_velocity(model, cond, 1.0)(z, r, t), u_mask)
+        torch.testing.assert_close(guided_velocity(model, cond, 0.0)(z, r, t), u_empty)
+        torch.testing.assert_close(guided_velocity(model, cond, 2.0)(z, r, t), 2 * u_mask - u_empty)
+        torch.testing.assert_close(guided_velocity(model, empty, 3.0)(z, r, t), u_empty)
+    with pytest.raises(ValueError, match="guidance"):
+        guided_velocity(model, cond, -1.0)
 
 
 def test_mask_passthrough_adds_the_input_to_the_mask_outputs():
@@ -189,6 +216,8 @@ def test_joint_masks_rendered_by_a_conditional_adapter(joint_sdf_run, conditiona
     with pytest.raises(SystemExit, match="--render renders the masks of a joint adapter"):
         cli(["generate", "--adapter", str(conditional_run.export), "--render", str(conditional_run.export),
              "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--guidance scales a conditional adapter"):
+        cli(["generate", "--adapter", str(joint_sdf_adapter), "--guidance", "2", "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="not a NeuroMF conditional adapter"):
         next(generate_pairs(joint_sdf_adapter, n=1, device="cpu", render=joint_sdf_adapter))
 

@@ -28,13 +28,15 @@ def cmd_generate(args) -> int:
         raise SystemExit("generate: --mask/--image need a conditional adapter (--mode conditional)")
     if args.render and mode != "joint":
         raise SystemExit("generate: --render renders the masks of a joint adapter (--mode joint)")
+    if args.guidance != 1.0 and not (mode == "conditional" or args.render):
+        raise SystemExit("generate: --guidance scales a conditional adapter's mask (--mode conditional, or --render)")
     if mode == "conditional":
         paths = _generate_conditional(args)
     elif mode == "joint":
         from neuromf.pipelines.lora import write_generated_pairs
 
         paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                      args.sampler, args.render)
+                                      args.sampler, args.render, args.guidance)
     else:
         paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.device,
                                        args.sampler)
@@ -54,7 +56,7 @@ def _generate_conditional(args) -> list[Path]:
         volumes = [preprocess_mask(path, prep, args.image) for path in args.mask]
         masks, affines = [v.data[0].numpy() for v in volumes], [v.affine for v in volumes]
     return write_conditional_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                   masks, affines, args.sampler)
+                                   masks, affines, args.sampler, args.guidance)
 
 
 def register(add: AddCommand) -> None:
@@ -74,6 +76,10 @@ def register(add: AddCommand) -> None:
                    help="joint mode: a conditional adapter (same base model) that renders the FLAIR for each joint "
                         "mask, from the same image noise (two-stage: mask from the joint model, FLAIR from the "
                         "ControlNet)")
+    p.add_argument("--guidance", type=float, default=1.0, metavar="S",
+                   help="conditional mode and --render: mask guidance u_empty + S (u_mask - u_empty), the empty mask "
+                        "as the unconditional branch (1 = none; > 1 renders the lesion more strongly, two model "
+                        "calls per step)")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one-step MeanFlow)")
     p.add_argument("--sampler", default="meanflow", choices=SAMPLERS,

@@ -29,7 +29,7 @@ from neuromf.data.mask_prior import MaskPrior
 from neuromf.generate import GeneratedPair, model_grid_affine, vae_for, write_pairs
 from neuromf.io.nifti import Preprocessing
 from neuromf.meanflow import sample
-from neuromf.meanflow.loss import MeanFlowLoss
+from neuromf.meanflow.loss import MeanFlowLoss, VelocityFn
 from neuromf.models.adapter_meta import (
     ADAPTER_DIR,
     CONTROLNET_WEIGHTS,
@@ -191,7 +191,8 @@ class ConditionalModel:
         return self.meta.prep
 
     @torch.no_grad()
-    def generate(self, mask: np.ndarray, noise: torch.Tensor, steps: int = 1, method: str = "meanflow") -> np.ndarray:
+    def generate(self, mask: np.ndarray, noise: torch.Tensor, steps: int = 1, method: str = "meanflow",
+                 guidance: float = 1.0) -> np.ndarray:
         """The FLAIR the conditioned model generates from `noise` for `mask`.
 
         Args:
@@ -199,6 +200,7 @@ class ConditionalModel:
             noise: (4, h, w, d) Gaussian noise, h = H / 4 (one sample, no batch axis).
             steps: sampler steps (1 = one-step MeanFlow).
             method: "meanflow" or "euler" (`neuromf.meanflow.sample`).
+            guidance: mask guidance scale s (`guided_velocity`); 1 = the conditioned model as trained.
         Returns:
             (H, W, D) float32 FLAIR in [0, clip_max].
         Raises:
@@ -210,8 +212,29 @@ class ConditionalModel:
                              "grid first (neuromf.io.nifti.preprocess_mask)")
         device = next(self.model.parameters()).device
         cond = torch.as_tensor(np.asarray(mask) > 0, dtype=torch.float32, device=device)[None, None]
-        z = sample(functools.partial(self.model, cond=cond), noise[None].to(device), steps=steps, method=method)
+        z = sample(guided_velocity(self.model, cond, guidance), noise[None].to(device), steps=steps, method=method)
         return self.vae.decode(z)[0, 0].clamp(0, prep.clip_max).cpu().numpy().astype(np.float32)
+
+
+def guided_velocity(model: ConditionedFlowModel, cond: torch.Tensor, guidance: float = 1.0) -> VelocityFn:
+    """u(z, r, t | mask) with mask guidance: u_empty + s (u_mask - u_empty), u_empty = the same model given an empty
+    mask (what it learned from the healthy cases), s = `guidance`.
+
+    Classifier-free guidance with the empty mask as the unconditional branch: s > 1 extrapolates along what the mask
+    changes, so a lesion the trained model renders too faintly (a small one on a coarse grid) comes out brighter,
+    at the price of a second model call per step. s = 1 is the conditioned model itself (one call).
+    """
+    if guidance < 0:
+        raise ValueError(f"guidance must be >= 0, got {guidance}")
+    if guidance == 1.0:
+        return functools.partial(model, cond=cond)
+    empty = torch.zeros_like(cond)
+
+    def velocity(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        u_empty = model(z, r, t, cond=empty)
+        return u_empty + guidance * (model(z, r, t, cond=cond) - u_empty)
+
+    return velocity
 
 
 def load_conditional_model(adapter: str | Path, device: str | torch.device = "cpu") -> ConditionalModel:
@@ -251,7 +274,8 @@ PLACEMENT_ROUNDS = 3
 
 
 def _place_and_generate(cond: ConditionalModel, noise: torch.Tensor, steps: int, rng: np.random.Generator,
-                        method: str = "meanflow") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                        method: str = "meanflow",
+                        guidance: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """A prior lesion placed in the brain generated from `noise`, and the FLAIR generated for it."""
     brain = brain_mask(cond.generate(np.zeros(cond.prep.shape, dtype=np.uint8), noise, steps, method))
     rounds = 0
@@ -261,7 +285,7 @@ def _place_and_generate(cond: ConditionalModel, noise: torch.Tensor, steps: int,
             mask, placed_in = cond.prior.sample(rng, brain=brain), "generated brain"
         except ValueError:  # no voxel of that brain at a real lesion's depth (an untrained model's blur)
             mask, placed_in = cond.prior.sample(rng), "reference brain"
-        image = cond.generate(mask, noise, steps, method)
+        image = cond.generate(mask, noise, steps, method, guidance)
         brain = brain_mask(image)
         if placed_in == "reference brain" or rounds == PLACEMENT_ROUNDS or cond.prior.fits(mask, brain):
             break
@@ -296,7 +320,7 @@ def empty_mask_control(adapter: str | Path, generated_dir: Path, device: str = "
         image, mask, affine = load_generated_pair(flair, mask_path)
         noise = pair_noise(cond.meta.latent_shape, int(meta["seed"]), int(meta["index"]))
         control = cond.generate(np.zeros(mask.shape, dtype=np.uint8), noise, int(meta.get("steps", 1)),
-                                meta.get("sampler", "meanflow"))
+                                meta.get("sampler", "meanflow"))  # an empty mask: guidance changes nothing
         spacing = voxel_spacing(affine)
         with_mask = lesion_stats(image, mask, spacing).contrast
         empty = lesion_stats(control, mask, spacing).contrast
@@ -314,7 +338,7 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
                                device: str = "auto", masks: list[np.ndarray] | None = None,
                                affines: list[np.ndarray] | None = None,
                                on_pair: Callable[[int], None] | None = None,
-                               method: str = "meanflow") -> Iterator[GeneratedPair]:
+                               method: str = "meanflow", guidance: float = 1.0) -> Iterator[GeneratedPair]:
     """FLAIRs for given masks on the model grid (each with its grid affine), or for `n` masks drawn from the
     adapter's prior (model-grid affine centred on the origin).
 
@@ -335,9 +359,11 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
         affines: (4, 4) voxel -> world affine per given mask (as `preprocess_mask` gives it); default: model grid's.
         on_pair: called with i once pair i is generated, before it is yielded (progress).
         method: sampler, "meanflow" or "euler" (`neuromf.meanflow.sample`).
+        guidance: mask guidance scale (`guided_velocity`; 1 = none).
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, (4, 4) affine, and
-        meta (seed, steps, adapter, `mask_source` "given" or "prior", placement for prior masks).
+        meta (seed, steps, sampler, guidance, adapter, `mask_source` "given" or "prior", placement for prior
+        masks).
     """
     cond = load_conditional_model(adapter, device)
     prep = cond.prep
@@ -349,33 +375,34 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
         placement = {}
         if masks is not None:
             mask, origin = (np.asarray(masks[i]) > 0).astype(np.uint8), "given"
-            image = cond.generate(mask, noise, steps, method)
+            image = cond.generate(mask, noise, steps, method, guidance)
         else:
             origin = "prior"
             mask, image, placement = _place_and_generate(cond, noise, steps, np.random.default_rng([seed, i]),
-                                                          method)
+                                                          method, guidance)
         if on_pair is not None:
             on_pair(i)
         affine = affines[i] if affines is not None else default_affine
         yield GeneratedPair(i, image, mask, affine,
-                              {"index": i, "seed": seed, "steps": steps, "sampler": method, "adapter": source,
-                               "mode": "conditional",
+                              {"index": i, "seed": seed, "steps": steps, "sampler": method, "guidance": guidance,
+                               "adapter": source, "mode": "conditional",
                                "mask_source": origin, **placement})
 
 
 def write_conditional_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                             device: str = "auto", masks: list[np.ndarray] | None = None,
-                            affines: list[np.ndarray] | None = None, method: str = "meanflow") -> list[Path]:
+                            affines: list[np.ndarray] | None = None, method: str = "meanflow",
+                            guidance: float = 1.0) -> list[Path]:
     """Conditional pairs written by `neuromf.generate.write_pairs`, as joint generation writes them.
 
     Args:
-        adapter, n, steps, seed, device, masks, affines, method: as for `generate_conditional_pairs`.
+        adapter, n, steps, seed, device, masks, affines, method, guidance: as for `generate_conditional_pairs`.
         out_dir: output folder.
     Returns:
         The written paths: FLAIR, mask and JSON per pair.
     """
     return write_pairs(generate_conditional_pairs(adapter, n, steps, seed, device, masks, affines,
-                                                  method=method), out_dir)
+                                                  method=method, guidance=guidance), out_dir)
 
 
 __all__ = ["ConditionalModel", "generate_conditional_pairs", "is_conditional_adapter",

@@ -103,7 +103,7 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
 
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
                    device: str = "auto", method: str = "meanflow",
-                   render: str | Path | None = None) -> Iterator[GeneratedPair]:
+                   render: str | Path | None = None, guidance: float = 1.0) -> Iterator[GeneratedPair]:
     """Joint FLAIR + lesion mask samples, decoded by the adapter's strategy; sample i depends only on (seed, i).
 
     With `render`, the pair's FLAIR is generated again for its mask by a conditional adapter (same base model and
@@ -118,6 +118,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
         device: "auto", "cpu", "cuda" or "cuda:N".
         method: sampler, "meanflow" or "euler" (k-step or Euler sampling for an x-prediction adapter).
         render: optional conditional adapter folder (or "embedded" / "embedded-fine") that renders the FLAIRs.
+        guidance: the renderer's mask guidance scale (`neuromf.pipelines.conditional.guided_velocity`).
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, the model grid's
         (4, 4) affine, and meta (seed, steps, adapter, strategy, `mask_noise_correlation`: about 0 when the mask
@@ -144,8 +145,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
             if renderer is None:
                 image = images[i, 0].numpy().astype(np.float32)
             else:
-                image = renderer.generate(mask, noise[i, :n_img], steps, method)
-                meta["rendered_by"] = str(resolve_adapter_dir(render, "conditional"))
+                image = renderer.generate(mask, noise[i, :n_img], steps, method, guidance)
+                meta.update(rendered_by=str(resolve_adapter_dir(render, "conditional")), guidance=guidance)
             yield GeneratedPair(index, image, mask, affine, meta)
             index += 1
 
@@ -166,16 +167,16 @@ def load_renderer(render: str | Path, joint_meta: AdapterMeta, device: torch.dev
 
 def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                           device: str = "auto", method: str = "meanflow",
-                          render: str | Path | None = None) -> list[Path]:
+                          render: str | Path | None = None, guidance: float = 1.0) -> list[Path]:
     """Joint pairs written by `neuromf.generate.write_pairs`.
 
     Args:
-        adapter, n, steps, seed, device, method, render: as for `generate_pairs`.
+        adapter, n, steps, seed, device, method, render, guidance: as for `generate_pairs`.
         out_dir: output folder.
     Returns:
         The written paths: FLAIR, mask and JSON per pair.
     """
-    return write_pairs(generate_pairs(adapter, n, steps, seed, device, method, render), out_dir)
+    return write_pairs(generate_pairs(adapter, n, steps, seed, device, method, render, guidance), out_dir)
 
 
 def release_memory() -> None:
