@@ -13,6 +13,7 @@ from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -48,6 +49,9 @@ PRIOR_LESION = "drawn from the training lesions"
 MODE_TIPS = ("joint: FLAIR and lesion mask both generated from noise (a LoRA adapter).\n"
              "conditional: a FLAIR that carries a lesion you give (a ControlNet adapter): paint one in a Labels layer, "
              "pick a case's mask, or let one be drawn from the training lesions")
+GUIDANCE_TIP = ("Mask guidance of a conditional adapter (conditional mode, or Render with): 1 = as trained; "
+                "above 1 the lesion is rendered more strongly (u_empty + s (u_mask - u_empty)), at twice the time "
+                "per step; too high makes lesions brighter than real ones")
 SAMPLER_TIPS = ("meanflow: the average velocity, Steps jumps from noise to data (1 = one step, the fastest).\n"
                 "euler: Steps Euler steps with the instantaneous velocity (the flow-matching baseline); what a joint "
                 "adapter trained with x-prediction needs (e.g. 32 steps)")
@@ -94,8 +98,13 @@ class GenerateWidget(QWidget):
                                 tooltip="Joint mode, optional: a conditional adapter on the same base model (e.g. "
                                         "'embedded-fine' for a 2 mm joint adapter) that renders the FLAIR for each "
                                         "joint mask from the same noise; empty = the joint model's own FLAIR")
-        self.mode.currentTextChanged.connect(self._toggle_lesion)
-        self._toggle_lesion()
+        self.guidance = tip(QDoubleSpinBox(), GUIDANCE_TIP)
+        self.guidance.setRange(0.0, 5.0)
+        self.guidance.setSingleStep(0.25)
+        self.guidance.setValue(1.0)
+        self.mode.currentTextChanged.connect(self._toggle_mode_fields)
+        self.render.edit.textChanged.connect(self._toggle_mode_fields)
+        self._toggle_mode_fields()
         self.generate_button = tip(QPushButton("Generate"), "Generate the pairs; each appears as 'gen_NNN FLAIR' + "
                                                             "'gen_NNN lesion' layers")
         self.generate_button.clicked.connect(self.start)
@@ -122,6 +131,7 @@ class GenerateWidget(QWidget):
         form.addRow("Mode", self.mode)
         form.addRow("Lesion", self.lesion.native)
         form.addRow("Render with", self.render)
+        form.addRow("Guidance", self.guidance)
         form.addRow("Pairs", self.n)
         form.addRow("Steps", self.steps)
         form.addRow("Sampler", self.sampler)
@@ -157,9 +167,10 @@ class GenerateWidget(QWidget):
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.disconnect(self._refresh_pairs)
 
-    def _toggle_lesion(self, *_: Any) -> None:
+    def _toggle_mode_fields(self, *_: Any) -> None:
         self.lesion.enabled = self.mode.currentText() == "conditional"
         self.render.setEnabled(self.mode.currentText() == "joint")
+        self.guidance.setEnabled(self.mode.currentText() == "conditional" or bool(self.render.text()))
 
     def _refresh_pairs(self, *_: Any) -> None:
         selected = {item.text() for item in self.pairs.selectedItems()}
@@ -209,7 +220,8 @@ class GenerateWidget(QWidget):
             return None
         self.run = _session.GenerateRun(adapter, self.n.value(), self.steps.value(), self.seed.value(),
                                         self.device.currentText(), mode=mode, lesion=lesion,
-                                        method=self.sampler.currentText(), render=render or None)
+                                        method=self.sampler.currentText(), render=render or None,
+                                        guidance=self.guidance.value())
         self.generate_button.setEnabled(False)
         self.job.begin("Loading the adapter ...")
         self.job.count(0, self.run.n, "pairs")

@@ -777,6 +777,7 @@ class GenerateRun:
     lesion: tuple[Any, dict] | None = None  # conditional: (Labels data, layer state); None = the mask prior
     method: str = "meanflow"  # the sampler: "meanflow" or "euler" (`neuromf.meanflow.sample`)
     render: str | None = None  # joint: a conditional adapter that renders the FLAIR for each joint mask
+    guidance: float = 1.0  # conditional adapter (conditional mode or render): mask guidance scale
     pairs: int = 0
     cautions: list[str] = field(default_factory=list)  # why the given lesion looks implausible
     failure: Failure | None = None
@@ -803,12 +804,12 @@ class GenerateRun:
                         yield Caution(self.cautions[-1])
                 pairs = generate_conditional_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed,
                                                    device=self.device, masks=masks, affines=affines,
-                                                   method=self.method)
+                                                   method=self.method, guidance=self.guidance)
             else:
                 from neuromf.pipelines.lora import generate_pairs
 
                 pairs = generate_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed, device=self.device,
-                                       method=self.method, render=self.render)
+                                       method=self.method, render=self.render, guidance=self.guidance)
             for pair in pairs:
                 if self.cancel.is_set():
                     break

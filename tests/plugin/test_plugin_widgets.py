@@ -460,18 +460,21 @@ def test_generate_widget_renders_joint_masks_with_a_conditional_adapter(make_nap
     viewer = make_napari_viewer()
     widget = ready(qtbot, GenerateWidget(viewer))
     widget.adapter.setText(str(tiny_adapter))
-    assert widget.render.isEnabled()
+    assert widget.render.isEnabled() and not widget.guidance.isEnabled()  # guidance needs a conditional adapter
     widget.mode.setCurrentText("conditional")
-    assert not widget.render.isEnabled()  # only joint masks are rendered
+    assert not widget.render.isEnabled() and widget.guidance.isEnabled()  # only joint masks are rendered
     widget.mode.setCurrentText("joint")
     widget.render.setText(str(tmp_path / "nowhere"))
     seen = notes()
     assert widget.start() is None and widget.run is None
     assert any("nowhere" in m and "does not exist" in m for m in seen())
     widget.render.setText(str(tiny_conditional_adapter))
+    assert widget.guidance.isEnabled()
+    widget.guidance.setValue(1.5)
     image, lesion = generate_one_pair(qtbot, widget, viewer)
     info = image.metadata["neuromf"]
     assert info["mode"] == "joint" and Path(info["rendered_by"]) == tiny_conditional_adapter.resolve()
+    assert info["guidance"] == 1.5
 
 
 def test_generate_widget_cautions_about_an_implausible_painted_lesion(make_napari_viewer, qtbot, phantom_subset,
