@@ -49,9 +49,11 @@ PRIOR_LESION = "drawn from the training lesions"
 MODE_TIPS = ("joint: FLAIR and lesion mask both generated from noise (a LoRA adapter).\n"
              "conditional: a FLAIR that carries a lesion you give (a ControlNet adapter): paint one in a Labels layer, "
              "pick a case's mask, or let one be drawn from the training lesions")
-GUIDANCE_TIP = ("Mask guidance of a conditional adapter (conditional mode, or Render with): 1 = as trained; "
-                "above 1 the lesion is rendered more strongly (u_empty + s (u_mask - u_empty)), at twice the time "
-                "per step; too high makes lesions brighter than real ones")
+ADAPTER_GUIDANCE = "adapter's"
+GUIDANCE_TIP = ("Mask guidance of a conditional adapter (conditional mode, or Render with): 'adapter's' = the value "
+                "its card measured (1 unless set); 1 = as trained; above 1 the lesion is rendered more strongly "
+                "(u_empty + s (u_mask - u_empty)), at twice the time per step; too high makes lesions brighter than "
+                "real ones")
 SAMPLER_TIPS = ("meanflow: the average velocity, Steps jumps from noise to data (1 = one step, the fastest).\n"
                 "euler: Steps Euler steps with the instantaneous velocity (the flow-matching baseline); what a joint "
                 "adapter trained with x-prediction needs (e.g. 32 steps)")
@@ -99,9 +101,10 @@ class GenerateWidget(QWidget):
                                         "'embedded-fine' for a 2 mm joint adapter) that renders the FLAIR for each "
                                         "joint mask from the same noise; empty = the joint model's own FLAIR")
         self.guidance = tip(QDoubleSpinBox(), GUIDANCE_TIP)
-        self.guidance.setRange(0.0, 5.0)
+        self.guidance.setRange(-0.25, 5.0)  # the minimum shows as "adapter's": the adapter's own guidance
+        self.guidance.setSpecialValueText(ADAPTER_GUIDANCE)
         self.guidance.setSingleStep(0.25)
-        self.guidance.setValue(1.0)
+        self.guidance.setValue(self.guidance.minimum())
         self.mode.currentTextChanged.connect(self._toggle_mode_fields)
         self.render.edit.textChanged.connect(self._toggle_mode_fields)
         self._toggle_mode_fields()
@@ -221,7 +224,7 @@ class GenerateWidget(QWidget):
         self.run = _session.GenerateRun(adapter, self.n.value(), self.steps.value(), self.seed.value(),
                                         self.device.currentText(), mode=mode, lesion=lesion,
                                         method=self.sampler.currentText(), render=render or None,
-                                        guidance=self.guidance.value())
+                                        guidance=self.chosen_guidance())
         self.generate_button.setEnabled(False)
         self.job.begin("Loading the adapter ...")
         self.job.count(0, self.run.n, "pairs")
@@ -229,6 +232,11 @@ class GenerateWidget(QWidget):
         worker.yielded.connect(self._on_pair)
         worker.finished.connect(self._generation_finished)
         return launch(self, worker)
+
+    def chosen_guidance(self) -> float | None:
+        """The Guidance field's scale, None for "adapter's" (the adapter's own)."""
+        value = self.guidance.value()
+        return None if value == self.guidance.minimum() else value
 
     def cancel(self) -> None:
         if self.run is not None and self.busy:

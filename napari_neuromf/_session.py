@@ -777,7 +777,7 @@ class GenerateRun:
     lesion: tuple[Any, dict] | None = None  # conditional: (Labels data, layer state); None = the mask prior
     method: str = "meanflow"  # the sampler: "meanflow" or "euler" (`neuromf.meanflow.sample`)
     render: str | None = None  # joint: a conditional adapter that renders the FLAIR for each joint mask
-    guidance: float = 1.0  # conditional adapter (conditional mode or render): mask guidance scale
+    guidance: float | None = None  # conditional adapter (conditional mode or render): mask guidance; None = its own
     pairs: int = 0
     cautions: list[str] = field(default_factory=list)  # why the given lesion looks implausible
     failure: Failure | None = None

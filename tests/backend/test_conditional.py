@@ -152,6 +152,40 @@ def test_generate_conditional_from_a_mask_file_and_from_the_prior(conditional_ru
     assert set(placed) <= {"generated brain", "reference brain"}
 
 
+def test_an_adapter_sidecar_sets_its_default_guidance(conditional_run, tmp_path):
+    """`guidance` in the sidecar (set from an adapter's measurements) is what generation uses unless told
+    otherwise, and what each pair records; a negative or non-numeric value is refused when the adapter loads."""
+    from safetensors.torch import load_file, save_file
+
+    from neuromf.models.adapter_meta import CONTROLNET_WEIGHTS, SIDECAR
+    from neuromf.pipelines.conditional import generate_conditional_pairs, load_conditional_model, pair_noise
+    from neuromf.weights import WeightFileError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(conditional_run.export, adapter)
+    weights = load_file(str(adapter / CONTROLNET_WEIGHTS))  # 2 training steps: open its zero convs
+    zero_convs = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+    generator = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(v.shape, generator=generator).to(v.dtype)
+               if k.startswith(zero_convs) else v for k, v in weights.items()}, str(adapter / CONTROLNET_WEIGHTS))
+    sidecar = json.loads((adapter / SIDECAR).read_text())
+    assert sidecar["guidance"] == 1.0  # what training writes
+    (adapter / SIDECAR).write_text(json.dumps({**sidecar, "guidance": 2.0}))
+    cond = load_conditional_model(adapter)
+    mask = np.zeros(cond.prep.shape, np.uint8)
+    mask[10:16, 10:16, 10:16] = 1
+    pair = next(generate_conditional_pairs(adapter, masks=[mask], device="cpu"))
+    noise = pair_noise(cond.meta.latent_shape, 0, 0)
+    assert pair.meta["guidance"] == 2.0
+    np.testing.assert_allclose(pair.image, cond.generate(mask, noise, guidance=2.0), atol=1e-5)
+    told = next(generate_conditional_pairs(adapter, masks=[mask], device="cpu", guidance=1.0))
+    assert told.meta["guidance"] == 1.0 and not np.allclose(told.image, pair.image, atol=1e-4)
+    for bad in (-1.0, "strong", True):
+        (adapter / SIDECAR).write_text(json.dumps({**sidecar, "guidance": bad}))
+        with pytest.raises(WeightFileError, match="guidance"):
+            load_conditional_model(adapter)
+
+
 def test_generate_refuses_a_mode_the_adapter_cannot_do(conditional_run, tmp_path, capsys):
     code = cli(["generate", "--adapter", str(conditional_run.export), "--mode", "joint", "--out", str(tmp_path)])
     assert code != 0 and "conditional adapter cannot generate in joint mode" in capsys.readouterr().err

@@ -444,6 +444,7 @@ def test_generate_widget_paints_a_lesion_and_generates_a_flair_for_it(make_napar
     generated_mm = np.argwhere(lesion.data).mean(0) * lesion.scale + lesion.translate
     assert np.linalg.norm(painted_mm - generated_mm) < 2 * float(np.max(lesion.scale))
     assert image.metadata["neuromf"]["mode"] == "conditional"
+    assert widget.chosen_guidance() is None and image.metadata["neuromf"]["guidance"] == 1.0  # the adapter's own
 
     widget.lesion.value = PRIOR_LESION  # no layer: a lesion drawn from the training lesions
     widget.start()

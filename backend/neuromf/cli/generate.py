@@ -28,7 +28,7 @@ def cmd_generate(args) -> int:
         raise SystemExit("generate: --mask/--image need a conditional adapter (--mode conditional)")
     if args.render and mode != "joint":
         raise SystemExit("generate: --render renders the masks of a joint adapter (--mode joint)")
-    if args.guidance != 1.0 and not (mode == "conditional" or args.render):
+    if args.guidance is not None and not (mode == "conditional" or args.render):
         raise SystemExit("generate: --guidance scales a conditional adapter's mask (--mode conditional, or --render)")
     if mode == "conditional":
         paths = _generate_conditional(args)
@@ -76,10 +76,10 @@ def register(add: AddCommand) -> None:
                    help="joint mode: a conditional adapter (same base model) that renders the FLAIR for each joint "
                         "mask, from the same image noise (two-stage: mask from the joint model, FLAIR from the "
                         "ControlNet)")
-    p.add_argument("--guidance", type=float, default=1.0, metavar="S",
+    p.add_argument("--guidance", type=float, default=None, metavar="S",
                    help="conditional mode and --render: mask guidance u_empty + S (u_mask - u_empty), the empty mask "
                         "as the unconditional branch (1 = none; > 1 renders the lesion more strongly, two model "
-                        "calls per step)")
+                        "calls per step); default: the adapter's own (its sidecar's 'guidance', 1 unless set)")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one-step MeanFlow)")
     p.add_argument("--sampler", default="meanflow", choices=SAMPLERS,

@@ -62,6 +62,7 @@ class AdapterMeta:
     # conditional mode
     controlnet: dict[str, Any] | None = None  # MeanFlowControlNet constructor arguments
     n_healthy: int | None = None
+    guidance: float = 1.0  # the mask guidance generation uses unless told otherwise (set from measurements)
 
     @property
     def kind(self) -> str:
@@ -117,6 +118,9 @@ class AdapterMeta:
         meta = cls(**{k: v for k, v in values.items() if k in names})
         if not isinstance(meta.channels, dict) or {"image", "mask"} - set(meta.channels):
             raise WeightFileError(f"{source}: adapter sidecar's 'channels' must hold 'image' and 'mask' counts")
+        if isinstance(meta.guidance, bool) or not isinstance(meta.guidance, (int, float)) or meta.guidance < 0:
+            raise WeightFileError(f"{source}: adapter sidecar's 'guidance' must be a number >= 0, got "
+                                  f"{meta.guidance!r}")
         if meta.mode == "conditional" and not isinstance(meta.controlnet, dict):
             raise WeightFileError(f"{source}: conditional adapter sidecar lacks its 'controlnet' architecture")
         return meta

@@ -192,7 +192,7 @@ class ConditionalModel:
 
     @torch.no_grad()
     def generate(self, mask: np.ndarray, noise: torch.Tensor, steps: int = 1, method: str = "meanflow",
-                 guidance: float = 1.0) -> np.ndarray:
+                 guidance: float | None = None) -> np.ndarray:
         """The FLAIR the conditioned model generates from `noise` for `mask`.
 
         Args:
@@ -200,7 +200,8 @@ class ConditionalModel:
             noise: (4, h, w, d) Gaussian noise, h = H / 4 (one sample, no batch axis).
             steps: sampler steps (1 = one-step MeanFlow).
             method: "meanflow" or "euler" (`neuromf.meanflow.sample`).
-            guidance: mask guidance scale s (`guided_velocity`); 1 = the conditioned model as trained.
+            guidance: mask guidance scale s (`guided_velocity`); 1 = the conditioned model as trained; None = the
+                adapter's own (`AdapterMeta.guidance`, 1 unless its measurements set another).
         Returns:
             (H, W, D) float32 FLAIR in [0, clip_max].
         Raises:
@@ -212,7 +213,8 @@ class ConditionalModel:
                              "grid first (neuromf.io.nifti.preprocess_mask)")
         device = next(self.model.parameters()).device
         cond = torch.as_tensor(np.asarray(mask) > 0, dtype=torch.float32, device=device)[None, None]
-        z = sample(guided_velocity(self.model, cond, guidance), noise[None].to(device), steps=steps, method=method)
+        scale = self.meta.guidance if guidance is None else guidance
+        z = sample(guided_velocity(self.model, cond, scale), noise[None].to(device), steps=steps, method=method)
         return self.vae.decode(z)[0, 0].clamp(0, prep.clip_max).cpu().numpy().astype(np.float32)
 
 
@@ -275,7 +277,7 @@ PLACEMENT_ROUNDS = 3
 
 def _place_and_generate(cond: ConditionalModel, noise: torch.Tensor, steps: int, rng: np.random.Generator,
                         method: str = "meanflow",
-                        guidance: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                        guidance: float | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """A prior lesion placed in the brain generated from `noise`, and the FLAIR generated for it."""
     brain = brain_mask(cond.generate(np.zeros(cond.prep.shape, dtype=np.uint8), noise, steps, method))
     rounds = 0
@@ -338,7 +340,7 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
                                device: str = "auto", masks: list[np.ndarray] | None = None,
                                affines: list[np.ndarray] | None = None,
                                on_pair: Callable[[int], None] | None = None,
-                               method: str = "meanflow", guidance: float = 1.0) -> Iterator[GeneratedPair]:
+                               method: str = "meanflow", guidance: float | None = None) -> Iterator[GeneratedPair]:
     """FLAIRs for given masks on the model grid (each with its grid affine), or for `n` masks drawn from the
     adapter's prior (model-grid affine centred on the origin).
 
@@ -359,13 +361,14 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
         affines: (4, 4) voxel -> world affine per given mask (as `preprocess_mask` gives it); default: model grid's.
         on_pair: called with i once pair i is generated, before it is yielded (progress).
         method: sampler, "meanflow" or "euler" (`neuromf.meanflow.sample`).
-        guidance: mask guidance scale (`guided_velocity`; 1 = none).
+        guidance: mask guidance scale (`guided_velocity`; 1 = none; None = the adapter's `AdapterMeta.guidance`).
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, (4, 4) affine, and
         meta (seed, steps, sampler, guidance, adapter, `mask_source` "given" or "prior", placement for prior
         masks).
     """
     cond = load_conditional_model(adapter, device)
+    guidance = cond.meta.guidance if guidance is None else guidance
     prep = cond.prep
     default_affine = model_grid_affine(prep.shape, prep.spacing)
     source = str(resolve_adapter_dir(adapter, "conditional"))
@@ -392,7 +395,7 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
 def write_conditional_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                             device: str = "auto", masks: list[np.ndarray] | None = None,
                             affines: list[np.ndarray] | None = None, method: str = "meanflow",
-                            guidance: float = 1.0) -> list[Path]:
+                            guidance: float | None = None) -> list[Path]:
     """Conditional pairs written by `neuromf.generate.write_pairs`, as joint generation writes them.
 
     Args:

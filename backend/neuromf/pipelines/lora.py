@@ -103,7 +103,7 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
 
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
                    device: str = "auto", method: str = "meanflow",
-                   render: str | Path | None = None, guidance: float = 1.0) -> Iterator[GeneratedPair]:
+                   render: str | Path | None = None, guidance: float | None = None) -> Iterator[GeneratedPair]:
     """Joint FLAIR + lesion mask samples, decoded by the adapter's strategy; sample i depends only on (seed, i).
 
     With `render`, the pair's FLAIR is generated again for its mask by a conditional adapter (same base model and
@@ -118,7 +118,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
         device: "auto", "cpu", "cuda" or "cuda:N".
         method: sampler, "meanflow" or "euler" (k-step or Euler sampling for an x-prediction adapter).
         render: optional conditional adapter folder (or "embedded" / "embedded-fine") that renders the FLAIRs.
-        guidance: the renderer's mask guidance scale (`neuromf.pipelines.conditional.guided_velocity`).
+        guidance: the renderer's mask guidance scale (`neuromf.pipelines.conditional.guided_velocity`); None = the
+            renderer's own (`AdapterMeta.guidance`).
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, the model grid's
         (4, 4) affine, and meta (seed, steps, adapter, strategy, `mask_noise_correlation`: about 0 when the mask
@@ -129,6 +130,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
     dev = resolve_device(device)
     joint = load_joint_model(adapter, dev)
     renderer = load_renderer(render, joint.meta, dev) if render is not None else None
+    if renderer is not None and guidance is None:
+        guidance = renderer.meta.guidance
     prep = joint.meta.prep
     affine = model_grid_affine(prep.shape, prep.spacing)
     source = str(resolve_adapter_dir(adapter, "joint"))
@@ -167,7 +170,7 @@ def load_renderer(render: str | Path, joint_meta: AdapterMeta, device: torch.dev
 
 def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                           device: str = "auto", method: str = "meanflow",
-                          render: str | Path | None = None, guidance: float = 1.0) -> list[Path]:
+                          render: str | Path | None = None, guidance: float | None = None) -> list[Path]:
     """Joint pairs written by `neuromf.generate.write_pairs`.
 
     Args:
