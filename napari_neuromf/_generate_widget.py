@@ -73,8 +73,9 @@ class GenerateWidget(QWidget):
 
         self.adapter = PathField(_session.EMBEDDED, "dir", "Adapter folder",
                                  tooltip="The trained adapter to sample from: 'embedded' = the demo shipped with "
-                                         "NeuroMF (3 mm), 'embedded-fine' = the shipped 2 mm conditional "
-                                         "adapter (finer lesions, slower); by default the last one trained")
+                                         "NeuroMF (3 mm), 'embedded-fine' = the shipped 2 mm adapter of the "
+                                         "chosen mode (finer lesions, slower; joint: set Sampler euler, 32 steps "
+                                         "and Render with 'embedded-fine'); by default the last one trained")
         self.follow_training = True  # until the user edits the adapter, follow the latest trained one
         self.adapter.edit.textEdited.connect(self._adapter_edited)
         _session.STATE.on_adapter(self._new_adapter)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Rebuild the finer (2 mm) embedded default (sample_data/models/{vae_fine,base_fine,cond_fine}) from the generated
+# Rebuild the finer (2 mm) embedded default (sample_data/models/{vae_fine,base_fine,cond_fine,joint_fine}) from the generated
 # 2 mm phantoms (`embedded-fine`: 85 FCD + 85 healthy, made on first use from seed 0). Each step warm-starts from
 # the 3 mm model of the same kind. Wall time on 2 CPU cores is recorded in each card. Run from the repository root
 # with the venv active:
-#   scripts/pretrain_fine.sh              vae_fine, then base_fine on its latents, then cond_fine on base_fine
-#   scripts/pretrain_fine.sh base|cond    start from that step (the earlier models already shipped)
+#   scripts/pretrain_fine.sh                    vae_fine, then base_fine on its latents, then cond_fine and
+#                                               joint_fine on base_fine
+#   scripts/pretrain_fine.sh base|cond|joint    start from that step (the earlier models already shipped)
 set -euo pipefail
 runs=${RUNS:-runs/fine}
 stage=${1:-vae}
@@ -13,7 +14,7 @@ half() {  # float16 storage keeps each embedded file under 15 MB; loaded back in
   python -c "import sys; from neuromf.weights import save_half_precision as h; h(sys.argv[1], sys.argv[2])" "$1" "$2"
 }
 
-case $stage in vae|base|cond) ;; *) echo "usage: $0 [vae|base|cond]" >&2; exit 2 ;; esac
+case $stage in vae|base|cond|joint) ;; *) echo "usage: $0 [vae|base|cond|joint]" >&2; exit 2 ;; esac
 if [[ $stage == vae ]]; then
   neuromf train-vae --config vae_fine --output-dir "$runs/vae_fine" --overwrite
   mkdir -p $models/vae_fine
@@ -27,8 +28,15 @@ if [[ $stage == vae || $stage == base ]]; then
   half "$runs/base_fine/model.safetensors" $models/base_fine/model.safetensors
   cp "$runs/base_fine/model.json" "$runs/base_fine/loss_curve.png" $models/base_fine/
 fi
-neuromf train-conditional --config cond_fine --base_checkpoint embedded-fine --output-dir "$runs/cond_fine" --overwrite
-mkdir -p $models/cond_fine
-half "$runs/cond_fine/adapter/controlnet.safetensors" $models/cond_fine/controlnet.safetensors
-cp "$runs/cond_fine/adapter/mask_prior.safetensors" "$runs/cond_fine/adapter/neuromf_adapter.json" \
-  "$runs/cond_fine/loss_curve.png" $models/cond_fine/
+if [[ $stage != joint ]]; then
+  neuromf train-conditional --config cond_fine --base_checkpoint embedded-fine --output-dir "$runs/cond_fine" --overwrite
+  mkdir -p $models/cond_fine
+  half "$runs/cond_fine/adapter/controlnet.safetensors" $models/cond_fine/controlnet.safetensors
+  cp "$runs/cond_fine/adapter/mask_prior.safetensors" "$runs/cond_fine/adapter/neuromf_adapter.json" \
+    "$runs/cond_fine/loss_curve.png" $models/cond_fine/
+fi
+# joint mode (LoRA, x-prediction mask channels); its FLAIRs are best rendered by cond_fine (`generate --render`)
+neuromf train-lora --config joint_fine --base_checkpoint embedded-fine --output-dir "$runs/joint_fine" --overwrite
+mkdir -p $models/joint_fine
+cp "$runs/joint_fine/adapter/"{adapter_config.json,adapter_model.safetensors,neuromf_adapter.json} \
+  "$runs/joint_fine/loss_curve.png" $models/joint_fine/

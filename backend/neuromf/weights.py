@@ -41,7 +41,7 @@ EMBEDDED_NAMES = ("embedded", "embedded-fine")
 EMBEDDED_MODELS: dict[str, dict[str, str]] = {
     "vae": {"embedded": "vae_small", "embedded-fine": "vae_fine"},
     "base": {"embedded": "base_small", "embedded-fine": "base_fine"},
-    "joint": {"embedded": "lora_demo"},
+    "joint": {"embedded": "lora_demo", "embedded-fine": "joint_fine"},
     "conditional": {"embedded": "cond_demo", "embedded-fine": "cond_fine"},
 }
 

@@ -50,10 +50,14 @@ def test_embedded_fine_data_resolves_to_the_generated_set(tmp_path, monkeypatch)
     assert root.parent == tmp_path and len(discover_cases(root)) == 3
 
 
-def test_shipped_model_names():
+def test_shipped_model_names(monkeypatch):
+    from neuromf.weights import EMBEDDED_MODELS
+
     assert embedded_model("embedded", "vae").name == "vae_small"
     assert embedded_model("embedded", "conditional").name == "cond_demo"
+    assert embedded_model("embedded-fine", "joint").name == "joint_fine"
     assert embedded_model("some/folder", "vae") is None
+    monkeypatch.delitem(EMBEDDED_MODELS["joint"], "embedded-fine")
     with pytest.raises(FileNotFoundError, match="no shipped joint model is called 'embedded-fine'"):
         embedded_model("embedded-fine", "joint")
 
@@ -109,7 +113,7 @@ def test_fine_models_name_each_other_and_their_cards_quote_their_sidecars():
     assert q["ssim"] >= 0.90 and q["psnr_db"] >= 28.0  # the issue's transfer target at the new grid
     card = (embedded_model("embedded-fine", "vae") / "README.md").read_text()
     assert f"{q['ssim']:.3f}" in card and f"{q['psnr_db']:.1f}" in card
-    for kind in ("vae", "base", "conditional"):
+    for kind in ("vae", "base", "conditional", "joint"):
         directory = embedded_model("embedded-fine", kind)
         assert (directory / "README.md").is_file()
         assert all(f.stat().st_size <= 15 * 2**20 for f in directory.glob("*.safetensors"))
@@ -146,3 +150,26 @@ def test_fine_conditional_adapter_generates_a_lesion_on_the_2mm_grid():
     assert pair.image.shape == pair.mask.shape == (96, 96, 96)
     stats = lesion_stats(pair.image, pair.mask, (2.0, 2.0, 2.0))
     assert stats.inside_brain_share >= 0.9 and stats.contrast > 1.05
+
+
+def test_fine_joint_adapter_draws_masks_that_the_conditional_adapter_renders():
+    """The shipped 2 mm joint adapter on its own grid, and two-stage: the same masks, FLAIRs from `cond_fine`.
+    (Two Euler steps to keep the test short; the card's figures use 32.)"""
+    import json
+
+    import numpy as np
+
+    from neuromf.models.adapter_meta import SIDECAR, adapter_meta
+    from neuromf.pipelines.lora import generate_pairs
+
+    meta = adapter_meta("embedded-fine", "joint")
+    assert meta.mode == "joint" and meta.base_checkpoint == meta.data_dir == "embedded-fine"
+    assert meta.strategy == "sdf" and meta.mask_prediction == "x"
+    sidecar = (embedded_model("embedded-fine", "joint") / SIDECAR).read_text()
+    assert "/tmp" not in sidecar and json.loads(sidecar)["config"]["loss"]["adaptive_power"] == 0.0
+    plain = next(generate_pairs("embedded-fine", n=1, steps=2, seed=0, device="cpu", method="euler"))
+    rendered = next(generate_pairs("embedded-fine", n=1, steps=2, seed=0, device="cpu", method="euler",
+                                   render="embedded-fine"))
+    assert plain.image.shape == plain.mask.shape == rendered.image.shape == (96, 96, 96)
+    assert np.array_equal(plain.mask, rendered.mask) and not np.allclose(plain.image, rendered.image, atol=1e-3)
+    assert rendered.meta["rendered_by"].endswith("cond_fine") and rendered.meta["guidance"] == 1.0

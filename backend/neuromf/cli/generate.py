@@ -66,7 +66,7 @@ def register(add: AddCommand) -> None:
                    help="base model folder, model.safetensors, 'embedded' (3 mm) or 'embedded-fine' (2 mm)")
     p.add_argument("--adapter", help="adapter folder: LoRA (joint image + mask) or ControlNet (conditional); "
                                      "'embedded' for the shipped 3 mm demo of the chosen mode, 'embedded-fine' for "
-                                     "the 2 mm conditional one")
+                                     "the shipped 2 mm one (conditional unless --mode joint)")
     p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
                    help="joint: image + mask from noise; conditional: a FLAIR for each given or prior-drawn mask")
     p.add_argument("--mask", nargs="+", metavar="FILE", help="conditional mode: lesion mask NIfTI file(s)")

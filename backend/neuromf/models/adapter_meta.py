@@ -152,7 +152,7 @@ def is_conditional_adapter(directory: Path | str) -> bool:
 
 
 def resolve_adapter_dir(spec: str | Path, mode: Mode = "joint") -> Path:
-    """An adapter folder; "embedded" is the shipped demo adapter of `mode`, "embedded-fine" the 2 mm one."""
+    """An adapter folder; "embedded" is the shipped 3 mm adapter of `mode`, "embedded-fine" the 2 mm one."""
     return embedded_model(spec, mode) or Path(spec)
 
 
@@ -162,7 +162,7 @@ def generation_mode(adapter: str | Path, mode: str = "auto") -> Mode:
         raise ValueError(f"mode must be auto, joint or conditional, got {mode!r}")
     if str(adapter) == "embedded":
         return "joint" if mode == "auto" else mode
-    if str(adapter) == "embedded-fine":  # only a conditional adapter is shipped at 2 mm
+    if str(adapter) == "embedded-fine":  # the 2 mm conditional adapter unless the joint one is asked for
         return "conditional" if mode == "auto" else mode
     found = "conditional" if is_conditional_adapter(adapter) else "joint"
     if mode != "auto" and mode != found:
