@@ -11,7 +11,7 @@ from neuromf.cli._common import REPORT, STAGE_DIR, AddCommand, drive, parse_over
 
 def cmd_evaluate(args) -> int:
     """`neuromf evaluate`: lesion-likeness and Dice of generated pairs against real FCD masks (P7-T6)."""
-    from neuromf.eval.checks import fmt_figure
+    from neuromf.eval.checks import fmt
     from neuromf.eval.metrics import evaluate_generated
     from neuromf.models.adapter_meta import adapter_meta
 
@@ -21,9 +21,9 @@ def cmd_evaluate(args) -> int:
     summary = like["summary"]
     print(f"lesion-like: {like['summary']['n_lesion_like']}/{like['summary']['n']} ({like['rate']:.0%}); per "
           "criterion: " + ", ".join(f"{k} {v:.0%}" for k, v in like["summary"]["rates"].items() if k != "all")
-          + f"; median contrast {fmt_figure(summary['medians'].get('contrast'))} (real "
-            f"{fmt_figure(like['reference']['median_contrast'])}, contrast KS {fmt_figure(summary['contrast_ks_statistic'])}, "
-            f"brighter than any real lesion: {fmt_figure(summary['share_brighter_than_real'])})")
+          + f"; median contrast {fmt(summary['medians'].get('contrast'))} (real "
+            f"{fmt(like['reference']['median_contrast'])}, contrast KS {fmt(summary['contrast_ks_statistic'])}, "
+            f"brighter than any real lesion: {fmt(summary['share_brighter_than_real'])})")
     if args.empty_mask_control:
         from neuromf.pipelines.conditional import empty_mask_control
         from neuromf.utils import atomic_write_json

@@ -106,7 +106,7 @@ class Check:
             return self.row(self.source(ctx), figure=f"cannot read input: {type(err).__name__}: {err}")
 
 
-def fmt_figure(value: Any, digits: int = 3) -> str:
+def fmt(value: Any, digits: int = 3) -> str:
     """A figure for a report line: "n/a" for None, thousands separators for ints, `digits` decimals for floats."""
     if value is None:
         return "n/a"
@@ -147,15 +147,15 @@ def mask_strategy_row(check: Check, ctx: ReportContext) -> Row:
     decision = data.get("decision")
     summary = data.get("summary") or {}
     threshold = data.get("threshold", DICE_THRESHOLD)
-    row.figure = (f"mean Dice A = {fmt_figure(summary.get('mean_dice_vae'))} (threshold {fmt_figure(threshold, 2)}) -> "
+    row.figure = (f"mean Dice A = {fmt(summary.get('mean_dice_vae'))} (threshold {fmt(threshold, 2)}) -> "
                   f"decision: {decision}")
     if summary.get("mean_dice_sdf") is not None:
         best_b = max((summary.get("mean_dice_downsample") or {}).values(), default=None)
-        row.figure += (f"; strategy B round trips: binary best {fmt_figure(best_b)}, signed distance (sdf) "
-                       f"{fmt_figure(summary['mean_dice_sdf'])}")
+        row.figure += (f"; strategy B round trips: binary best {fmt(best_b)}, signed distance (sdf) "
+                       f"{fmt(summary['mean_dice_sdf'])}")
     ceilings = summary.get("ceilings") or {}
     if ceilings:
-        row.figure += (f"; ceilings: lesion contrast {fmt_figure(ceilings.get('median_contrast_vae_round_trip'))} after "
+        row.figure += (f"; ceilings: lesion contrast {fmt(ceilings.get('median_contrast_vae_round_trip'))} after "
                        f"the VAE round trip ({100 * ceilings.get('share_hyperintense_vae_round_trip', 0):.0f}% "
                        f"hyperintense), sdf round trips lesion-like "
                        f"{100 * ceilings.get('sdf_round_trip_lesion_like', 0):.0f}%")
@@ -212,7 +212,7 @@ def trainable_share_row(check: Check, ctx: ReportContext) -> Row:
     if fraction is None:
         row.figure = "trainable/total parameter counts not available"
         return row
-    row.figure = f"trainable {fmt_figure(trainable)} / total {fmt_figure(total)} = {100 * fraction:.3f}% (limit < 1%)"
+    row.figure = f"trainable {fmt(trainable)} / total {fmt(total)} = {100 * fraction:.3f}% (limit < 1%)"
     row.status = "PASS" if fraction < LORA_FRACTION_LIMIT else "FAIL"
     return row
 
@@ -340,8 +340,8 @@ def _lesion_like_row(check: Check, ctx: ReportContext, generated_dir: Path, metr
     figure = (f"{n_like}/{n} generated pairs lesion-like ({100 * rate:.0f}%, target >= "
               f"{100 * target:.0f}%); per criterion: "
               + ", ".join(f"{CRITERION_NAMES[c]} {100 * rates[c]:.0f}%" for c in CRITERIA)
-              + f"; volume KS vs real {fmt_figure(summary.get('volume_ks_statistic'), 2)}"
-              + f"; contrast KS vs real {fmt_figure(summary.get('contrast_ks_statistic'), 2)}")
+              + f"; volume KS vs real {fmt(summary.get('volume_ks_statistic'), 2)}"
+              + f"; contrast KS vs real {fmt(summary.get('contrast_ks_statistic'), 2)}")
     failed = []
     if rate < target:
         weakest = sorted(CRITERIA, key=lambda c: rates[c])[:2]
@@ -357,9 +357,9 @@ def _lesion_like_row(check: Check, ctx: ReportContext, generated_dir: Path, metr
     control = data.get("empty_mask_control")
     if isinstance(control, dict) and control.get("n"):
         figure += (f"; empty-mask control ({control['n']} pairs, same noise, no lesion): contrast "
-                   f"{fmt_figure(control.get('median_contrast_empty_mask'), 3)} vs {fmt_figure(control.get('median_contrast'), 3)} "
-                   f"as generated, the mask adds median {fmt_figure(control.get('median_gain'), 3)} "
-                   f"(smallest {fmt_figure(control.get('min_gain'), 3)})")
+                   f"{fmt(control.get('median_contrast_empty_mask'), 3)} vs {fmt(control.get('median_contrast'), 3)} "
+                   f"as generated, the mask adds median {fmt(control.get('median_gain'), 3)} "
+                   f"(smallest {fmt(control.get('min_gain'), 3)})")
     row.figure = (f"FAILED: {'; '.join(failed)}. " if failed else "") + f"{figure}; {montages}"
     row.status = "FAIL" if failed else "PASS"
     lines_out.extend(_lesion_tables(section, samples, rates))
@@ -397,10 +397,10 @@ def _lesion_tables(section: dict, samples: list[dict], rates: dict[str, float]) 
     real = (section.get("real_summary") or {}).get("rates") or {}
     low, high = ref.get("accepted_volume_cm3") or [None, None]
     lines = [
-        f"Judged against {ref.get('n')} real lesions on the same grid: volume {fmt_figure(low, 2)}-{fmt_figure(high, 2)} cm³, "
-        f"median depth {fmt_figure(ref.get('min_depth_mm'), 1)}-{fmt_figure(ref.get('max_depth_mm'), 1)} mm, contrast >= "
-        f"{fmt_figure(ref.get('accepted_min_contrast'), 3)} (real median {fmt_figure(ref.get('median_contrast'), 3)}), "
-        f"centroid within {fmt_figure(ref.get('max_position_distance'), 3)} (brain-box-normalised) of a real lesion's. The "
+        f"Judged against {ref.get('n')} real lesions on the same grid: volume {fmt(low, 2)}-{fmt(high, 2)} cm³, "
+        f"median depth {fmt(ref.get('min_depth_mm'), 1)}-{fmt(ref.get('max_depth_mm'), 1)} mm, contrast >= "
+        f"{fmt(ref.get('accepted_min_contrast'), 3)} (real median {fmt(ref.get('median_contrast'), 3)}), "
+        f"centroid within {fmt(ref.get('max_position_distance'), 3)} (brain-box-normalised) of a real lesion's. The "
         "real lesions define the volume, depth and location ranges, so they pass those three by construction.",
         "",
         "| Criterion | Generated pass rate | Real lesions pass rate |",
@@ -413,11 +413,11 @@ def _lesion_tables(section: dict, samples: list[dict], rates: dict[str, float]) 
               "Distance to real sites | Contrast | Noise r | Lesion-like |", "|---" * 10 + "|"]
     for s in samples:
         verdict = "yes" if s.get("lesion_like") else "no" + _verdict_text(s)
-        lines.append(f"| {s.get('id')} | {fmt_figure(s.get('volume_cm3'), 2)} | {fmt_figure(s.get('n_components'))} | "
-                     f"{fmt_figure(s.get('largest_share'), 2)} | {fmt_figure(s.get('inside_brain_share'), 2)} | "
-                     f"{fmt_figure(s.get('median_depth_mm'), 1)} | {fmt_figure(s.get('location_distance'), 3)} | "
-                     f"{fmt_figure(s.get('contrast'), 3)} | "
-                     f"{fmt_figure(s.get('noise_correlation'), 3)} | {cell(verdict)} |")
+        lines.append(f"| {s.get('id')} | {fmt(s.get('volume_cm3'), 2)} | {fmt(s.get('n_components'))} | "
+                     f"{fmt(s.get('largest_share'), 2)} | {fmt(s.get('inside_brain_share'), 2)} | "
+                     f"{fmt(s.get('median_depth_mm'), 1)} | {fmt(s.get('location_distance'), 3)} | "
+                     f"{fmt(s.get('contrast'), 3)} | "
+                     f"{fmt(s.get('noise_correlation'), 3)} | {cell(verdict)} |")
     return lines
 
 
@@ -432,14 +432,14 @@ def best_match_dice_row(check: Check, ctx: ReportContext) -> Row:
     scores = data.get("dice") or {}
     target = scores.get("target", DICE_TARGET)
     row.status = "INFO"
-    row.figure = (f"mean best Dice train {fmt_figure(scores.get('mean_best_train'))} / test "
-                  f"{fmt_figure(scores.get('mean_best_test'))} (spec target > {fmt_figure(target, 1)})")
+    row.figure = (f"mean best Dice train {fmt(scores.get('mean_best_train'))} / test "
+                  f"{fmt(scores.get('mean_best_test'))} (spec target > {fmt(target, 1)})")
     ref = scores.get("reference")
     if isinstance(ref, dict):
         row.figure += (f"; reference points from real masks on this grid: held-out vs train "
-                       f"{fmt_figure(ref.get('real_test_vs_train'))}, leave-one-out within train "
-                       f"{fmt_figure(ref.get('train_leave_one_out'))}, perfect memoriser vs test "
-                       f"{fmt_figure(ref.get('memoriser_best_test'))} (vs train {fmt_figure(ref.get('memoriser_best_train'))})")
+                       f"{fmt(ref.get('real_test_vs_train'))}, leave-one-out within train "
+                       f"{fmt(ref.get('train_leave_one_out'))}, perfect memoriser vs test "
+                       f"{fmt(ref.get('memoriser_best_test'))} (vs train {fmt(ref.get('memoriser_best_train'))})")
         ctx.dice_lines.extend(_dice_table(scores, ref))
     else:
         row.figure += "; no reference points in the file (re-run `neuromf evaluate`)"
@@ -447,8 +447,8 @@ def best_match_dice_row(check: Check, ctx: ReportContext) -> Row:
         row.figure += f"; {100 * data['fraction_nonempty']:.0f}% masks non-empty"
     contrast = data.get("lesion_contrast") or {}
     if contrast.get("generated_mean") is not None:
-        row.figure += (f"; lesion contrast generated {fmt_figure(contrast.get('generated_mean'), 2)} vs real "
-                       f"{fmt_figure(contrast.get('real_mean'), 2)}")
+        row.figure += (f"; lesion contrast generated {fmt(contrast.get('generated_mean'), 2)} vs real "
+                       f"{fmt(contrast.get('real_mean'), 2)}")
     return row
 
 
@@ -457,13 +457,13 @@ def _dice_table(scores: dict, ref: dict) -> list[str]:
     return [
         "| Masks scored | Mean best Dice vs train | Mean best Dice vs test | Definition |",
         "|---|---|---|---|",
-        f"| generated | {fmt_figure(scores.get('mean_best_train'))} | {fmt_figure(scores.get('mean_best_test'))} | best Dice of "
+        f"| generated | {fmt(scores.get('mean_best_train'))} | {fmt(scores.get('mean_best_test'))} | best Dice of "
         "each generated mask over the real masks of the split |",
-        f"| real held-out | {fmt_figure(ref.get('real_test_vs_train'))} | - | "
+        f"| real held-out | {fmt(ref.get('real_test_vs_train'))} | - | "
         f"{cell(definitions.get('real_test_vs_train', ''))} |",
-        f"| real training, leave-one-out | {fmt_figure(ref.get('train_leave_one_out'))} | - | "
+        f"| real training, leave-one-out | {fmt(ref.get('train_leave_one_out'))} | - | "
         f"{cell(definitions.get('train_leave_one_out', ''))} |",
-        f"| perfect memoriser | {fmt_figure(ref.get('memoriser_best_train'))} | {fmt_figure(ref.get('memoriser_best_test'))} "
+        f"| perfect memoriser | {fmt(ref.get('memoriser_best_train'))} | {fmt(ref.get('memoriser_best_test'))} "
         f"| {cell(definitions.get('memoriser', ''))} |",
     ]
 
@@ -522,7 +522,7 @@ def lp_ablation_row(check: Check, ctx: ReportContext) -> Row:
             row.figure += " (null result for per-channel Lp)"
         return row
     key = "mean_dice_test" if lp.get("mean_dice_test") is not None else "mean_dice_train"
-    row.figure = (f"{key.split('_')[-1]} Dice: {arms} {fmt_figure(lp.get(key))} vs uniform L2 {fmt_figure(l2.get(key))} -> "
+    row.figure = (f"{key.split('_')[-1]} Dice: {arms} {fmt(lp.get(key))} vs uniform L2 {fmt(l2.get(key))} -> "
                   f"better: {better} (one seed)")
     if better in ("uniform_l2", "tie"):
         row.figure += " (null result for per-channel Lp)"
