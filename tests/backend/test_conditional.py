@@ -222,7 +222,7 @@ def test_joint_sdf_mode_trains_generates_and_records_noise_correlation(joint_sdf
     assert {"raw_mask", "raw_lesion", "eval_raw_mask", "eval_raw_lesion"} <= set(header)
 
 
-def test_joint_masks_rendered_by_a_conditional_adapter(joint_sdf_run, conditional_run, tmp_path):
+def test_joint_masks_rendered_by_a_conditional_adapter(joint_sdf_run, conditional_run, tmp_path, capsys):
     """Two-stage synthesis: the masks are the joint model's own (same seed, same masks), the FLAIR is the
     ControlNet's rendering of that mask from the pair's image noise."""
     from neuromf.models.adapter_meta import adapter_meta
@@ -248,8 +248,12 @@ def test_joint_masks_rendered_by_a_conditional_adapter(joint_sdf_run, conditiona
         np.testing.assert_allclose(flair, expected, atol=1e-4)
         assert not np.allclose(flair, pair.image, atol=1e-3)  # the joint image was replaced
     with pytest.raises(SystemExit, match="--render renders the masks of a joint adapter"):
-        cli(["generate", "--adapter", str(conditional_run.export), "--render", str(conditional_run.export),
-             "--out", str(tmp_path / "o")])
+        cli(["generate", "--adapter", str(conditional_run.export), "--mode", "conditional",
+             "--render", str(conditional_run.export), "--out", str(tmp_path / "o")])
+    # --render means joint mode: a conditional adapter given as the joint one is refused by name
+    assert cli(["generate", "--adapter", str(conditional_run.export), "--render", str(conditional_run.export),
+                "--out", str(tmp_path / "o")]) != 0
+    assert "cannot generate in joint mode" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--guidance scales a conditional adapter"):
         cli(["generate", "--adapter", str(joint_sdf_adapter), "--guidance", "2", "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="not a NeuroMF conditional adapter"):

@@ -23,7 +23,8 @@ def cmd_generate(args) -> int:
     ensure_writable(Path(args.out))  # before loading and sampling, not at the first write
     from neuromf.models.adapter_meta import generation_mode
 
-    mode = generation_mode(args.adapter, args.mode) if args.adapter else "base"
+    requested = "joint" if args.render and args.mode == "auto" else args.mode  # --render renders joint masks
+    mode = generation_mode(args.adapter, requested) if args.adapter else "base"
     if (args.mask or args.image) and mode != "conditional":
         raise SystemExit("generate: --mask/--image need a conditional adapter (--mode conditional)")
     if args.render and mode != "joint":
