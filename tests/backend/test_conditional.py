@@ -260,6 +260,23 @@ def test_joint_masks_rendered_by_a_conditional_adapter(joint_sdf_run, conditiona
         next(generate_pairs(joint_sdf_adapter, n=1, device="cpu", render=joint_sdf_adapter))
 
 
+def test_a_renderer_on_another_base_or_grid_is_refused(joint_sdf_run, conditional_run):
+    """A FLAIR rendered from another base model or on another grid would not belong to the joint mask."""
+    import dataclasses
+
+    from neuromf.models.adapter_meta import adapter_meta
+    from neuromf.pipelines.lora import load_renderer
+
+    joint = adapter_meta(joint_sdf_run.export, "joint")
+    assert load_renderer(conditional_run.export, joint, torch.device("cpu")).meta.mode == "conditional"
+    other_base = dataclasses.replace(joint, base_sha256="0" * 64)
+    with pytest.raises(ValueError, match="trained on another base model"):
+        load_renderer(conditional_run.export, other_base, torch.device("cpu"))
+    other_grid = dataclasses.replace(joint, preprocessing={**joint.preprocessing, "shape": [48, 48, 48]})
+    with pytest.raises(ValueError, match="grid"):
+        load_renderer(conditional_run.export, other_grid, torch.device("cpu"))
+
+
 def test_empty_mask_control_measures_what_the_mask_adds(conditional_run, phantom_dir, tmp_path):
     """The control regenerates each pair's FLAIR from its noise with an empty mask: its contrast in the mask region
     is what the placement alone gives. A FLAIR that ignores the mask (here: the control itself written as the
