@@ -54,8 +54,13 @@ class JointModel:
             (image, mask) on the CPU: image (B, 1, H, W, D) in [0, clip_max], mask (B, 1, H, W, D) float in {0, 1},
             with (H, W, D) = 4 (h, w, d), the model grid.
         """
+        image = self.vae.decode(z[:, :self.meta.n_image]).clamp(0, self.meta.prep.clip_max)
+        return image.cpu(), self.mask(z)
+
+    def mask(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode only the mask of joint latents (B, n_image + n_mask, h, w, d): (B, 1, H, W, D) float in {0, 1}
+        on the CPU (what `split` returns as its mask)."""
         meta, n_img = self.meta, self.meta.n_image
-        image = self.vae.decode(z[:, :n_img]).clamp(0, meta.prep.clip_max)
         if self.strategy == "vae":
             mask = (self.vae.decode(z[:, n_img:]) > 0.5).float()
         elif self.strategy == "sdf":
@@ -63,7 +68,7 @@ class JointModel:
                               tanh_threshold(meta.sdf_threshold_mm, meta.sdf_scale_mm))
         else:
             mask = upsample_mask(decode_mask_channel(z[:, n_img:], meta.mask_scale))
-        return image.cpu(), mask.cpu()
+        return mask.cpu()
 
 
 def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int) -> tuple[torch.nn.Module, dict]:

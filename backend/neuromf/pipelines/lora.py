@@ -130,26 +130,29 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
     dev = resolve_device(device)
     joint = load_joint_model(adapter, dev)
     renderer = load_renderer(render, joint.meta, dev) if render is not None else None
-    if renderer is not None and guidance is None:
-        guidance = renderer.meta.guidance
+    rendering = {}  # what each rendered pair records
+    if renderer is not None:
+        guidance = renderer.guidance_scale(guidance)
+        rendering = {"rendered_by": str(resolve_adapter_dir(render, "conditional")), "guidance": guidance}
     prep = joint.meta.prep
     affine = model_grid_affine(prep.shape, prep.spacing)
     source = str(resolve_adapter_dir(adapter, "joint"))
     index = 0
     n_img = joint.meta.n_image
     for noise, z in sample_latents(joint.model, joint.meta.latent_shape, n, steps, seed, dev, method):
-        images, masks = joint.split(z.to(dev))
+        # a rendered pair's FLAIR replaces the joint one: decode only the masks then
+        images, masks = joint.split(z.to(dev)) if renderer is None else (None, joint.mask(z.to(dev)))
         for i in range(z.shape[0]):
             # how much of its starting noise the mask latent kept (a working generator: about 0)
             corr = float(np.corrcoef(z[i, n_img:].flatten().numpy(), noise[i, n_img:].flatten().numpy())[0, 1])
             mask = masks[i, 0].numpy().astype(np.uint8)
             meta = {"index": index, "seed": seed, "steps": steps, "sampler": method, "adapter": source,
-                    "mode": "joint", "strategy": joint.strategy, "mask_noise_correlation": round(corr, 4)}
+                    "mode": "joint", "strategy": joint.strategy, "mask_noise_correlation": round(corr, 4),
+                    **rendering}
             if renderer is None:
                 image = images[i, 0].numpy().astype(np.float32)
             else:
                 image = renderer.generate(mask, noise[i, :n_img], steps, method, guidance)
-                meta.update(rendered_by=str(resolve_adapter_dir(render, "conditional")), guidance=guidance)
             yield GeneratedPair(index, image, mask, affine, meta)
             index += 1
 
