@@ -137,6 +137,10 @@ class LoraConfigSection(_Section):
     # joint mode: "x" makes the mask outputs a clean-latent estimate (u = (z - x^) / t, see MeanFlowUNet.x_channels;
     # overrides mask_passthrough), for k-step / Euler sampling; "velocity" predicts u directly
     mask_prediction: Literal["velocity", "x"] = "velocity"
+    # with "x": x^ = mean + c_skip (z - (1 - t) mean) + c_out F (EDM preconditioning with this data spread), so the
+    # estimate at small t is the input itself; None: x^ = F, which the LoRA'd UNet must learn to copy (it shrank
+    # lesions it was shown almost noise-free)
+    mask_sigma_data: float | None = bounded(None, 0, low_open=True)
 
 
 @dataclass

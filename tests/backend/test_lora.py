@@ -144,3 +144,47 @@ def test_x_prediction_mask_outputs_are_exact_velocities_and_one_step_returns_the
         torch.testing.assert_close(one_step[:, 4:], raw(z[:1], torch.zeros(1), torch.ones(1))[:, 4:])
     with pytest.raises(ValueError, match="mask_prediction"):
         set_mask_outputs(raw, 2, "epsilon", passthrough=False)
+
+
+def test_x_preconditioning_gives_the_network_a_unit_variance_target_and_the_input_at_t0():
+    """EDM's scales on the straight path: for data of spread sigma_data and z = (1 - t) x + t eps, the network's
+    target (x - c_skip z) / c_out has unit variance at every t (checked by sampling); c_skip = 1, c_out = 0 at t = 0
+    and c_skip = 0, c_out = sigma_data at t = 1."""
+    from neuromf.models.unet import x_preconditioning
+
+    sigma = 0.5
+    ends = x_preconditioning(torch.tensor([0.0, 1.0]), sigma)
+    torch.testing.assert_close(ends[0], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(ends[1], torch.tensor([0.0, sigma]))
+    generator = torch.Generator().manual_seed(0)
+    x = sigma * torch.randn(200_000, generator=generator)
+    eps = torch.randn(200_000, generator=generator)
+    for t in (0.05, 0.3, 0.6, 0.95):
+        c_skip, c_out = x_preconditioning(torch.tensor(t), sigma)
+        target = (x - c_skip * ((1 - t) * x + t * eps)) / c_out
+        assert abs(float(target.var()) - 1.0) < 0.02, t
+
+
+def test_x_prediction_with_skip_keeps_the_input_at_t0_and_centres_the_estimate_at_t1():
+    """`mask_sigma_data`: x^ = mean + c_skip (z - (1 - t) mean) + c_out F. At t = 0 the mask velocity is 0 whatever
+    the network says (the estimate is the input); at t = 1 the estimate is mean + sigma_data F, F being what the
+    plain x-prediction model returns as its estimate; the image channels are untouched."""
+    from neuromf.models.lora import set_mask_outputs
+
+    raw = widen_io_channels(jittered(), 6, 6)
+    with torch.no_grad():
+        raw.out[2].conv.weight[4:].normal_(0, 0.05)
+    plain = set_mask_outputs(copy.deepcopy(raw), 2, "x", passthrough=False)
+    skip = set_mask_outputs(copy.deepcopy(raw), 2, "x", passthrough=False, sigma_data=0.5, mean=-1.0)
+    assert (skip.x_sigma_data, skip.x_mean) == (0.5, -1.0)
+    z = torch.randn(2, 6, 8, 8, 8)
+    zeros, ones = torch.zeros(2), torch.ones(2)
+    with torch.no_grad():
+        at_zero = skip(z, zeros, zeros)
+        torch.testing.assert_close(at_zero[:, 4:], torch.zeros_like(at_zero[:, 4:]))
+        network = z[:, 4:] - plain(z, ones, ones)[:, 4:]  # F: the plain model's estimate at t = 1
+        torch.testing.assert_close(skip(z, ones, ones)[:, 4:], z[:, 4:] - (-1.0 + 0.5 * network))
+        torch.testing.assert_close(skip(z, zeros, ones)[:, :4], raw(z, zeros, ones)[:, :4])
+    with pytest.raises(ValueError, match="mask_sigma_data"):
+        set_mask_outputs(raw, 2, "x", passthrough=False, sigma_data=0.0)
+    assert set_mask_outputs(copy.deepcopy(raw), 2, "velocity", True, sigma_data=0.5).x_sigma_data == 0.0

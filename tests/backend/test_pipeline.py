@@ -204,10 +204,12 @@ def test_generate_pairs_and_evaluate_and_verify(lora_run, phantom_dir, tmp_path)
 
 def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path, phantom_dir, tiny_vae_dir,
                                                                        tiny_base_dir, shared_cache):
-    """An sdf joint run with `lora.mask_prediction: x` (LoRA on ResBlock convs too) records it in its sidecar; the
-    loaded adapter reproduces the trained model, and `generate --sampler euler` samples a different, recorded path."""
+    """An sdf joint run with `lora.mask_prediction: x` and its skip (LoRA on ResBlock convs too) records both in its
+    sidecar, the skip's centre being the training masks' mean; the loaded adapter reproduces the trained model, and
+    `generate --sampler euler` samples a different, recorded path."""
     cfg = lora_cfg(tmp_path, phantom_dir, tiny_vae_dir, tmp_path / "unused.json", **{
-        "data.mask_strategy": "sdf", "lora.mask_prediction": "x", "data.cache_dir": str(shared_cache),
+        "data.mask_strategy": "sdf", "lora.mask_prediction": "x", "lora.mask_sigma_data": 0.5,
+        "data.cache_dir": str(shared_cache),
         "lora.target_modules": ["to_q", "to_k", "to_v", "conv1.conv"], "training.max_steps": 3})
     result = run_to_end(train_lora(cfg, tiny_base_dir, progress=False))
     meta = json.loads((result.export / "neuromf_adapter.json").read_text())
@@ -216,6 +218,9 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
 
     model = load_joint_model(result.export, "cpu").model
     assert model.x_channels == meta["channels"]["mask"] and model.skip_channels == 0
+    # sdf channels are tanh of the signed distance: almost everywhere the empty mask's -mask_scale
+    assert meta["mask_sigma_data"] == 0.5 and -meta["mask_scale"] < meta["mask_mean"] < -0.8 * meta["mask_scale"]
+    assert (model.x_sigma_data, model.x_mean) == (0.5, meta["mask_mean"])
     outputs = {}
     for sampler, steps in (("meanflow", "1"), ("euler", "4")):
         out = tmp_path / sampler

@@ -58,6 +58,8 @@ class AdapterMeta:
     sdf_threshold_mm: float = -1.0
     mask_passthrough: bool = False
     mask_prediction: str = "velocity"  # "x": the mask outputs are clean-latent estimates (MeanFlowUNet.x_channels)
+    mask_sigma_data: float | None = None  # x-prediction's skip (MeanFlowUNet.x_sigma_data); None: no skip
+    mask_mean: float = 0.0  # the skip's centre: the training mask channels' mean
     lora_params: int | None = None
     # conditional mode
     controlnet: dict[str, Any] | None = None  # MeanFlowControlNet constructor arguments

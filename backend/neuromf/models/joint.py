@@ -71,13 +71,15 @@ class JointModel:
         return mask.cpu()
 
 
-def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int) -> tuple[torch.nn.Module, dict]:
+def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int,
+                      mask_mean: float = 0.0) -> tuple[torch.nn.Module, dict]:
     """The model stage 2's joint mode trains: the base UNet widened by `n_mask` channels, with LoRA injected.
 
     Args:
         cfg: run config (`model.preset` must match the base model; `lora.*` sets the injection).
         base_checkpoint: the image-only (4-channel) stage-1 model ("embedded", a folder or a weights file).
         n_mask: mask channels the strategy adds (`mask_channels`).
+        mask_mean: the training mask channels' mean, the centre of the x-prediction skip (`lora.mask_sigma_data`).
     Returns:
         (peft model over (B, 4 + n_mask, h, w, d) latents, the base model's sidecar dict).
     Raises:
@@ -89,7 +91,8 @@ def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int) 
                          "an image-only (4-channel) stage-1 model")
     channels = base.in_channels + n_mask
     widen_io_channels(base, channels, channels)
-    set_mask_outputs(base, n_mask, cfg.lora.mask_prediction, cfg.lora.mask_passthrough)
+    set_mask_outputs(base, n_mask, cfg.lora.mask_prediction, cfg.lora.mask_passthrough, cfg.lora.mask_sigma_data,
+                     mask_mean)
     model = inject_lora(base, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                         modules_to_save=WIDENED_MODULES, dropout=cfg.lora.dropout)
     return model, base_meta

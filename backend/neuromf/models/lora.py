@@ -59,22 +59,29 @@ def widen_io_channels(model: MeanFlowUNet, in_channels: int, out_channels: int) 
     return model
 
 
-def set_mask_outputs(model: MeanFlowUNet, n_mask: int, prediction: str, passthrough: bool) -> MeanFlowUNet:
-    """How the widened model's last `n_mask` outputs become velocities: x-prediction (u = (z - x^) / t), the
-    input added (u = z + g) or the velocity itself.
+def set_mask_outputs(model: MeanFlowUNet, n_mask: int, prediction: str, passthrough: bool,
+                     sigma_data: float | None = None, mean: float = 0.0) -> MeanFlowUNet:
+    """How the widened model's last `n_mask` outputs become velocities: x-prediction (u = (z - x^) / t, with the
+    EDM skip when `sigma_data` is set), the input added (u = z + g) or the velocity itself.
 
     Args:
         model: the widened UNet, modified in place.
         n_mask: mask channels.
         prediction: "x" or "velocity".
         passthrough: with "velocity", add the input to the mask outputs.
+        sigma_data, mean: with "x", the skip's data spread and centre (`neuromf.models.unet.x_preconditioning`);
+            None: x^ is the network output itself.
     Returns:
         `model`.
     """
     if prediction not in ("x", "velocity"):
         raise ValueError(f"mask_prediction must be 'x' or 'velocity', got {prediction!r}")
+    if sigma_data is not None and not sigma_data > 0:
+        raise ValueError(f"mask_sigma_data must be > 0 (or None), got {sigma_data!r}")
     model.x_channels = n_mask if prediction == "x" else 0
     model.skip_channels = n_mask if prediction == "velocity" and passthrough else 0
+    model.x_sigma_data = float(sigma_data) if prediction == "x" and sigma_data else 0.0
+    model.x_mean = float(mean) if model.x_sigma_data else 0.0
     return model
 
 
@@ -214,7 +221,8 @@ def load_adapter(base: MeanFlowUNet, directory: Path, merge: bool = False) -> nn
                          f"got {base.in_channels}")
     channels = meta.n_image + meta.n_mask
     widen_io_channels(base, channels, channels)
-    set_mask_outputs(base, meta.n_mask, meta.mask_prediction, meta.mask_passthrough)
+    set_mask_outputs(base, meta.n_mask, meta.mask_prediction, meta.mask_passthrough, meta.mask_sigma_data,
+                     meta.mask_mean)
     load_state_dict(directory / "adapter_model.safetensors", nested_key=None)  # corrupt file: error naming it
     try:
         model = PeftModel.from_pretrained(base, str(directory), is_trainable=False)

@@ -25,6 +25,22 @@ class UNetPreset:
 
 X_PREDICTION_MIN_T = 0.05  # x-prediction outputs: u = (x - x^) / t would blow up as t -> 0
 
+
+def x_preconditioning(t: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """EDM's skip and output scales (Karras et al. 2022) on the straight path z = (1 - t) x + t eps.
+
+    x^ = mean + c_skip (z - (1 - t) mean) + c_out F: at t = 0 the estimate is the input itself (c_skip = 1,
+    c_out = 0), at t = 1 it is mean + sigma_data F. Written in t so that neither end divides by zero.
+
+    Args:
+        t: times in [0, 1], any shape.
+        sigma_data: the data's spread around `mean` that the skip trusts the input for.
+    Returns:
+        (c_skip, c_out), shaped like t.
+    """
+    denominator = t ** 2 + sigma_data ** 2 * (1 - t) ** 2
+    return sigma_data ** 2 * (1 - t) / denominator, t * sigma_data / denominator.sqrt()
+
 UNET_PRESETS: dict[str, UNetPreset] = {
     # unit tests: seconds on CPU
     "tiny": UNetPreset((16, 32), (False, True), (1, 1), 8, 16),
@@ -113,6 +129,10 @@ class MeanFlowUNet(DiffusionModelUNet):
         # u = (x - x^) / t, exact on the straight path for every t; k-step and Euler sampling then move like DDIM,
         # which commits to a lesion step by step instead of averaging over where it could be
         self.x_channels = 0
+        # ... with a skip (`x_preconditioning`) when x_sigma_data > 0: at small t the estimate is the input, so a
+        # lesion the sampler has drawn is kept, not shrunk by a network that must learn the identity through LoRA
+        self.x_sigma_data = 0.0
+        self.x_mean = 0.0  # the mask channels' mean (about the empty mask's value), what F = 0 estimates at t = 1
 
     @property
     def arch(self) -> dict:
@@ -156,8 +176,12 @@ class MeanFlowUNet(DiffusionModelUNet):
             out = torch.cat([out[:, :-k], out[:, -k:] + x[:, -k:]], dim=1)
         if self.x_channels:
             k = self.x_channels
-            t_safe = t.clamp(min=X_PREDICTION_MIN_T).view(-1, *([1] * (x.dim() - 1)))
-            out = torch.cat([out[:, :-k], (x[:, -k:] - out[:, -k:]) / t_safe], dim=1)
+            t_col = t.view(-1, *([1] * (x.dim() - 1)))
+            estimate = out[:, -k:]
+            if self.x_sigma_data > 0:
+                c_skip, c_out = x_preconditioning(t_col, self.x_sigma_data)
+                estimate = self.x_mean + c_skip * (x[:, -k:] - (1 - t_col) * self.x_mean) + c_out * estimate
+            out = torch.cat([out[:, :-k], (x[:, -k:] - estimate) / t_col.clamp(min=X_PREDICTION_MIN_T)], dim=1)
         return out
 
 

@@ -18,6 +18,7 @@ from neuromf.eval.mask_test import read_decision
 from neuromf.generate import GeneratedPair, model_grid_affine, sample_latents, vae_for, write_pairs
 from neuromf.meanflow.loss import MeanFlowLoss
 from neuromf.models.adapter_meta import ADAPTER_DIR, AdapterMeta, base_reference, data_reference, resolve_adapter_dir
+from neuromf.models.flow_model import read_model_meta
 from neuromf.models.joint import JointModel, build_joint_model, load_joint_model
 from neuromf.models.lora import (
     count_lora_params,
@@ -57,7 +58,7 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
     torch.manual_seed(cfg.training.seed)
     strategy = resolve_strategy(cfg)
     n_mask = mask_channels(strategy, subgrid=cfg.data.sdf_subgrid)
-    model, base_meta = build_joint_model(cfg, base_checkpoint, n_mask)
+    base_meta = read_model_meta(base_checkpoint)
     vae = vae_for(base_meta)
     prep = stage2_preprocessing(base_meta, cfg)
     cache_dir = cfg.data.cache_dir or default_cache_dir()
@@ -68,6 +69,8 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
                              encode=False)
         yield from encoding_events(dataset.encode_cases())  # an "encoding" event per case
     latents = dataset.latents()
+    mask_mean = float(latents[:, -n_mask:].mean())  # the x-prediction skip's centre (about the empty mask)
+    model, base_meta = build_joint_model(cfg, base_checkpoint, n_mask, mask_mean)
     trainable, total = count_trainable_params(model)
     sidecar = AdapterMeta(
         mode="joint", **base_reference(base_checkpoint, base_meta), preprocessing=prep.key(),
@@ -77,7 +80,7 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
         strategy=strategy, downsample_mode=cfg.data.downsample_mode, mask_scale=dataset.mask_scale,
         sdf_scale_mm=cfg.data.sdf_scale_mm, sdf_subgrid=cfg.data.sdf_subgrid,
         sdf_threshold_mm=cfg.data.sdf_threshold_mm, mask_passthrough=cfg.lora.mask_passthrough,
-        mask_prediction=cfg.lora.mask_prediction,
+        mask_prediction=cfg.lora.mask_prediction, mask_sigma_data=cfg.lora.mask_sigma_data, mask_mean=mask_mean,
         lora_params=count_lora_params(model))
     joint = JointModel(model, vae, sidecar)
     preview_noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(cfg.training.seed))
