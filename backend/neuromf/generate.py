@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ import torch
 
 from neuromf.io.nifti import Preprocessing, save_nifti
 from neuromf.meanflow import sample
+from neuromf.meanflow.loss import VelocityFn
 from neuromf.models.flow_model import load_flow_model, read_model_meta
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.utils import atomic_write_json, resolve_device
@@ -82,8 +83,9 @@ def write_pairs(pairs: Iterable[GeneratedPair], out_dir: Path) -> list[Path]:
 
 @torch.no_grad()
 def sample_latents(model: MeanFlowUNet, latent_shape: list[int], n: int, steps: int, seed: int,
-                   device: torch.device, method: str = "meanflow",
-                   batch_size: int = 4) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                   device: torch.device, method: str = "meanflow", batch_size: int = 4,
+                   velocity: Callable[[torch.Tensor], VelocityFn] | None = None
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Latent batches from fixed-seed noise: sample i always gets the same noise, whatever the batch size.
 
     Args:
@@ -95,6 +97,8 @@ def sample_latents(model: MeanFlowUNet, latent_shape: list[int], n: int, steps: 
         device: where the model runs.
         method: "meanflow" or "euler" (`neuromf.meanflow.sample`).
         batch_size: samples per model call; the last batch may be smaller.
+        velocity: builds the velocity a batch is sampled with from its noise (on `device`), e.g. guidance that
+            follows each sample's own noise; None: `model` itself.
     Yields:
         (noise, latents): both (B, C, h, w, d) on the CPU, noise at t = 1 and the sampled latents at t = 0.
     """
@@ -103,7 +107,9 @@ def sample_latents(model: MeanFlowUNet, latent_shape: list[int], n: int, steps: 
     noise = torch.randn((n, *latent_shape), generator=generator)
     for start in range(0, n, batch_size):
         batch = noise[start:start + batch_size]
-        yield batch, sample(model, batch.to(device), steps=steps, method=method).cpu()
+        on_device = batch.to(device)
+        fn = model if velocity is None else velocity(on_device)
+        yield batch, sample(fn, on_device, steps=steps, method=method).cpu()
 
 
 def generate_images(model_spec: str | Path, n: int, steps: int = 1, seed: int = 0, device: str = "auto",

@@ -146,6 +146,44 @@ def test_x_prediction_mask_outputs_are_exact_velocities_and_one_step_returns_the
         set_mask_outputs(raw, 2, "epsilon", passthrough=False)
 
 
+def test_empty_path_guidance_extrapolates_the_mask_estimate_away_from_the_empty_masks():
+    """Joint guidance: x^_g = x^_empty + s (x^ - x^_empty), x^_empty the estimate with the mask channels on the empty
+    mask's path (1 - t) e + t eps from the same noise. Checked against two direct model calls; at t = 1 both branches
+    see the same input (guidance changes nothing); s = 0 gives the empty branch; image channels keep u; s = 1 is the
+    model itself; an adapter without x-prediction is refused."""
+    from neuromf.models.joint import JointModel, empty_path_guidance
+    from neuromf.models.lora import set_mask_outputs
+
+    model = widen_io_channels(jittered(), 6, 6)
+    with torch.no_grad():
+        model.out[2].conv.weight[4:].normal_(0, 0.05)
+    set_mask_outputs(model, 2, "x", passthrough=False)
+    noise, z = torch.randn(2, 6, 8, 8, 8), torch.randn(2, 6, 8, 8, 8)
+    t = torch.tensor([0.3, 0.6])
+    t_col = t.view(-1, 1, 1, 1, 1)
+    empty_z = torch.cat([z[:, :4], (1 - t_col) * -1.0 + t_col * noise[:, 4:]], dim=1)
+    with torch.no_grad():
+        u, u_empty = model(z, t, t), model(empty_z, t, t)
+        estimate, empty_estimate = z[:, 4:] - t_col * u[:, 4:], empty_z[:, 4:] - t_col * u_empty[:, 4:]
+        for s in (0.0, 1.5):
+            guided = empty_path_guidance(model, 4, -1.0, noise, s)(z, t, t)
+            torch.testing.assert_close(guided[:, :4], u[:, :4])
+            torch.testing.assert_close(z[:, 4:] - t_col * guided[:, 4:],
+                                       empty_estimate + s * (estimate - empty_estimate))
+        ones = torch.ones(2)
+        torch.testing.assert_close(empty_path_guidance(model, 4, -1.0, noise, 3.0)(noise, ones, ones),
+                                   model(noise, ones, ones))
+    with pytest.raises(ValueError, match="guidance"):
+        empty_path_guidance(model, 4, -1.0, noise, -0.5)
+    meta = sidecar(2)
+    joint = JointModel(model, vae=None, meta=meta)
+    assert joint.velocity(noise, 1.0) is model and joint.guidance_scale(None) == meta.guidance == 1.0
+    with pytest.raises(ValueError, match="x-prediction"):
+        joint.velocity(noise, 1.5)  # the sidecar says velocity prediction
+    meta.mask_prediction, meta.mask_scale = "x", 2.0
+    assert joint.empty_mask_value == -2.0 and joint.velocity(noise, 1.5) is not model
+
+
 def test_x_preconditioning_gives_the_network_a_unit_variance_target_and_the_input_at_t0():
     """EDM's scales on the straight path: for data of spread sigma_data and z = (1 - t) x + t eps, the network's
     target (x - c_skip z) / c_out has unit variance at every t (checked by sampling); c_skip = 1, c_out = 0 at t = 0

@@ -230,6 +230,18 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
         assert provenance["sampler"] == sampler and provenance["steps"] == int(steps)
         outputs[sampler] = nib.load(str(out / "sample_000_flair.nii.gz")).get_fdata()
     assert np.abs(outputs["meanflow"] - outputs["euler"]).max() > 1e-4
+    # joint guidance: recorded, 1 = the model itself (the adapter's default), refused outside the joint mode
+    masks = {}
+    for scale in ("1", "3"):
+        out = tmp_path / f"guided{scale}"
+        assert cli(["generate", "--adapter", str(result.export), "--n", "1", "--steps", "4", "--sampler", "euler",
+                    "--joint-guidance", scale, "--device", "cpu", "--out", str(out)]) == 0
+        assert json.loads((out / "sample_000.json").read_text())["joint_guidance"] == float(scale)
+        masks[scale] = nib.load(str(out / "sample_000_flair.nii.gz")).get_fdata()
+    np.testing.assert_array_equal(masks["1"], outputs["euler"])
+    assert provenance["joint_guidance"] == 1.0
+    with pytest.raises(SystemExit, match="joint-guidance"):
+        cli(["generate", "--checkpoint", str(tiny_base_dir), "--joint-guidance", "2", "--out", str(tmp_path / "b")])
 
 
 def test_stop_leaves_adapter_and_resume_continues(tmp_path, phantom_dir, tiny_vae_dir, tiny_base_dir, shared_cache):

@@ -31,13 +31,15 @@ def cmd_generate(args) -> int:
         raise SystemExit("generate: --render renders the masks of a joint adapter (--mode joint)")
     if args.guidance is not None and not (mode == "conditional" or args.render):
         raise SystemExit("generate: --guidance scales a conditional adapter's mask (--mode conditional, or --render)")
+    if args.joint_guidance is not None and mode != "joint":
+        raise SystemExit("generate: --joint-guidance guides a joint adapter's masks (--mode joint)")
     if mode == "conditional":
         paths = _generate_conditional(args)
     elif mode == "joint":
         from neuromf.pipelines.lora import write_generated_pairs
 
         paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                      args.sampler, args.render, args.guidance)
+                                      args.sampler, args.render, args.guidance, args.joint_guidance)
     else:
         paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.device,
                                        args.sampler)
@@ -81,6 +83,11 @@ def register(add: AddCommand) -> None:
                    help="conditional mode and --render: mask guidance u_empty + S (u_mask - u_empty), the empty mask "
                         "as the unconditional branch (1 = none; > 1 renders the lesion more strongly, two model "
                         "calls per step); default: the adapter's own (its sidecar's 'guidance', 1 unless set)")
+    p.add_argument("--joint-guidance", type=float, default=None, metavar="S",
+                   help="joint mode (x-prediction adapters): the mask estimate guided against the empty mask's path "
+                        "from the same noise, x_empty + S (x - x_empty) (1 = none; > 1 commits more strongly to a "
+                        "lesion: for a training whose masks come out empty or as specks); default: the adapter's "
+                        "own (its sidecar's 'guidance', 1 unless set)")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one-step MeanFlow)")
     p.add_argument("--sampler", default="meanflow", choices=SAMPLERS,

@@ -64,7 +64,9 @@ class AdapterMeta:
     # conditional mode
     controlnet: dict[str, Any] | None = None  # MeanFlowControlNet constructor arguments
     n_healthy: int | None = None
-    guidance: float = 1.0  # the mask guidance generation uses unless told otherwise (set from measurements)
+    # the guidance generation uses unless told otherwise (set from measurements): a conditional adapter's mask
+    # guidance, a joint adapter's guidance against the empty mask's path
+    guidance: float = 1.0
 
     @property
     def kind(self) -> str:

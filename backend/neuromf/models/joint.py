@@ -16,6 +16,7 @@ import torch
 from neuromf.config import RunConfig
 from neuromf.data.mask_codec import decode_mask_channel, decode_sdf, tanh_threshold, upsample_mask
 from neuromf.generate import vae_for
+from neuromf.meanflow.loss import VelocityFn
 from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
 from neuromf.models.flow_model import load_flow_model
 from neuromf.models.lora import (
@@ -28,6 +29,7 @@ from neuromf.models.lora import (
     set_mask_outputs,
     widen_io_channels,
 )
+from neuromf.models.unet import X_PREDICTION_MIN_T
 from neuromf.utils import resolve_device
 from neuromf.vae import MAISIVAEWrapper
 
@@ -57,6 +59,28 @@ class JointModel:
         image = self.vae.decode(z[:, :self.meta.n_image]).clamp(0, self.meta.prep.clip_max)
         return image.cpu(), self.mask(z)
 
+    @property
+    def empty_mask_value(self) -> float:
+        """The mask channels' latent value for an empty mask (tanh of a far signed distance, or 2 * 0 - 1, times
+        `mask_scale`): where the empty mask's straight path starts (`empty_path_guidance`)."""
+        if self.strategy == "vae":
+            raise ValueError("a vae-encoded mask has no constant empty value: joint guidance needs the sdf or "
+                             "downsample strategy")
+        return -self.meta.mask_scale
+
+    def guidance_scale(self, guidance: float | None = None) -> float:
+        """The joint guidance to use: `guidance`, or the adapter's own (`AdapterMeta.guidance`) when None."""
+        return self.meta.guidance if guidance is None else guidance
+
+    def velocity(self, noise: torch.Tensor, guidance: float = 1.0) -> VelocityFn:
+        """u(z, r, t) for a batch started from `noise`, with the mask channels guided by `guidance`
+        (`empty_path_guidance`; 1 = the model itself)."""
+        if guidance == 1.0:
+            return self.model
+        if self.meta.mask_prediction != "x":
+            raise ValueError("joint guidance needs an x-prediction adapter (lora.mask_prediction: x)")
+        return empty_path_guidance(self.model, self.meta.n_image, self.empty_mask_value, noise, guidance)
+
     def mask(self, z: torch.Tensor) -> torch.Tensor:
         """Decode only the mask of joint latents (B, n_image + n_mask, h, w, d): (B, 1, H, W, D) float in {0, 1}
         on the CPU (what `split` returns as its mask)."""
@@ -69,6 +93,42 @@ class JointModel:
         else:
             mask = upsample_mask(decode_mask_channel(z[:, n_img:], meta.mask_scale))
         return mask.cpu()
+
+
+def empty_path_guidance(model: VelocityFn, n_image: int, empty_value: float, noise: torch.Tensor,
+                        guidance: float) -> VelocityFn:
+    """A joint x-prediction model whose mask estimate is guided against the empty mask's path.
+
+    x^_g = x^_empty + s (x^ - x^_empty), where x^_empty is the model's mask estimate when the mask channels of z are
+    replaced by (1 - t) e + t eps, the straight path an empty mask (value e) takes from the same starting noise eps:
+    classifier-free guidance with "no lesion drawn so far" as the unconditional branch. s > 1 extrapolates along
+    what the lesion drawn so far changes, so a model that commits too weakly (its lesions fade into empty masks and
+    specks) commits more; the image channels keep the model's own velocity. Two model calls per step.
+
+    Args:
+        model: the joint model, u(z, r, t) over (B, n_image + n_mask, h, w, d), mask channels x-predicted.
+        n_image: image channels (the mask channels follow them).
+        empty_value: the mask channels' latent value for an empty mask (`JointModel.empty_mask_value`).
+        noise: (B, C, h, w, d) the batch's starting noise, at t = 1.
+        guidance: s >= 0.
+    Returns:
+        u(z, r, t) with guided mask channels.
+    """
+    if guidance < 0:
+        raise ValueError(f"guidance must be >= 0, got {guidance}")
+    mask_noise = noise[:, n_image:]
+
+    def velocity(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t_col = t.view(-1, *([1] * (z.dim() - 1)))
+        empty_z = torch.cat([z[:, :n_image], (1 - t_col) * empty_value + t_col * mask_noise], dim=1)
+        u, u_empty = model(z, r, t), model(empty_z, r, t)
+        t_safe = t_col.clamp(min=X_PREDICTION_MIN_T)  # the clamp the model's u = (z - x^) / t uses
+        estimate = z[:, n_image:] - t_safe * u[:, n_image:]
+        empty_estimate = empty_z[:, n_image:] - t_safe * u_empty[:, n_image:]
+        guided = empty_estimate + guidance * (estimate - empty_estimate)
+        return torch.cat([u[:, :n_image], (z[:, n_image:] - guided) / t_safe], dim=1)
+
+    return velocity
 
 
 def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -106,7 +107,8 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
 
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
                    device: str = "auto", method: str = "meanflow",
-                   render: str | Path | None = None, guidance: float | None = None) -> Iterator[GeneratedPair]:
+                   render: str | Path | None = None, guidance: float | None = None,
+                   joint_guidance: float | None = None) -> Iterator[GeneratedPair]:
     """Joint FLAIR + lesion mask samples, decoded by the adapter's strategy; sample i depends only on (seed, i).
 
     With `render`, the pair's FLAIR is generated again for its mask by a conditional adapter (same base model and
@@ -123,15 +125,20 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
         render: optional conditional adapter folder (or "embedded" / "embedded-fine") that renders the FLAIRs.
         guidance: the renderer's mask guidance scale (`neuromf.pipelines.conditional.guided_velocity`); None = the
             renderer's own (`AdapterMeta.guidance`).
+        joint_guidance: the joint model's guidance against the empty mask's path
+            (`neuromf.models.joint.empty_path_guidance`; 1 = none, > 1 commits more strongly to a lesion); None =
+            the joint adapter's own (`AdapterMeta.guidance`).
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, the model grid's
-        (4, 4) affine, and meta (seed, steps, adapter, strategy, `mask_noise_correlation`: about 0 when the mask
-        latent left its noise behind; `rendered_by` with `render`).
+        (4, 4) affine, and meta (seed, steps, adapter, strategy, `joint_guidance`, `mask_noise_correlation`: about 0
+        when the mask latent left its noise behind; `rendered_by` with `render`).
     Raises:
-        ValueError: `render` is not a conditional adapter on the joint adapter's base model and grid.
+        ValueError: `render` is not a conditional adapter on the joint adapter's base model and grid; joint guidance
+            other than 1 for an adapter without x-prediction.
     """
     dev = resolve_device(device)
     joint = load_joint_model(adapter, dev)
+    joint_guidance = joint.guidance_scale(joint_guidance)
     renderer = load_renderer(render, joint.meta, dev) if render is not None else None
     rendering = {}  # what each rendered pair records
     if renderer is not None:
@@ -142,7 +149,9 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
     source = str(resolve_adapter_dir(adapter, "joint"))
     index = 0
     n_img = joint.meta.n_image
-    for noise, z in sample_latents(joint.model, joint.meta.latent_shape, n, steps, seed, dev, method):
+    velocity = functools.partial(joint.velocity, guidance=joint_guidance)
+    for noise, z in sample_latents(joint.model, joint.meta.latent_shape, n, steps, seed, dev, method,
+                                   velocity=velocity):
         # a rendered pair's FLAIR replaces the joint one: decode only the masks then
         images, masks = joint.split(z.to(dev)) if renderer is None else (None, joint.mask(z.to(dev)))
         for i in range(z.shape[0]):
@@ -150,7 +159,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
             corr = float(np.corrcoef(z[i, n_img:].flatten().numpy(), noise[i, n_img:].flatten().numpy())[0, 1])
             mask = masks[i, 0].numpy().astype(np.uint8)
             meta = {"index": index, "seed": seed, "steps": steps, "sampler": method, "adapter": source,
-                    "mode": "joint", "strategy": joint.strategy, "mask_noise_correlation": round(corr, 4),
+                    "mode": "joint", "strategy": joint.strategy, "joint_guidance": joint_guidance,
+                    "mask_noise_correlation": round(corr, 4),
                     **rendering}
             if renderer is None:
                 image = images[i, 0].numpy().astype(np.float32)
@@ -176,16 +186,18 @@ def load_renderer(render: str | Path, joint_meta: AdapterMeta, device: torch.dev
 
 def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                           device: str = "auto", method: str = "meanflow",
-                          render: str | Path | None = None, guidance: float | None = None) -> list[Path]:
+                          render: str | Path | None = None, guidance: float | None = None,
+                          joint_guidance: float | None = None) -> list[Path]:
     """Joint pairs written by `neuromf.generate.write_pairs`.
 
     Args:
-        adapter, n, steps, seed, device, method, render, guidance: as for `generate_pairs`.
+        adapter, n, steps, seed, device, method, render, guidance, joint_guidance: as for `generate_pairs`.
         out_dir: output folder.
     Returns:
         The written paths: FLAIR, mask and JSON per pair.
     """
-    return write_pairs(generate_pairs(adapter, n, steps, seed, device, method, render, guidance), out_dir)
+    return write_pairs(generate_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance),
+                       out_dir)
 
 
 def release_memory() -> None:
