@@ -54,10 +54,29 @@ GUIDANCE_TIP = ("Mask guidance of a conditional adapter (conditional mode, or Re
                 "its card measured (1 unless set); 1 = as trained; above 1 the lesion is rendered more strongly "
                 "(u_empty + s (u_mask - u_empty)), at twice the time per step; too high makes lesions brighter than "
                 "real ones")
+JOINT_GUIDANCE_TIP = ("Joint mode, x-prediction adapters: the mask guided against the empty mask's path from the "
+                      "same noise (x_empty + s (x - x_empty)). 'adapter's' = the value its card measured (1 unless "
+                      "set); 1 = none; slightly above 1 (e.g. 1.1) for a training whose masks come out empty or as "
+                      "specks; too high grows lesions beyond the real sizes. Twice the time per step")
 SAMPLER_TIPS = ("meanflow: the average velocity, Steps jumps from noise to data (1 = one step, the fastest).\n"
                 "euler: Steps Euler steps with the instantaneous velocity (the flow-matching baseline); what a joint "
                 "adapter trained with x-prediction needs (e.g. 32 steps)")
 
+
+def guidance_box(tooltip: str, step: float) -> QDoubleSpinBox:
+    """A guidance scale field whose lowest value reads "adapter's": the adapter's own (sidecar) guidance."""
+    box = tip(QDoubleSpinBox(), tooltip)
+    box.setRange(-0.25, 5.0)
+    box.setSpecialValueText(ADAPTER_GUIDANCE)
+    box.setSingleStep(step)
+    box.setValue(box.minimum())
+    return box
+
+
+def chosen_guidance(box: QDoubleSpinBox) -> float | None:
+    """A guidance field's scale, None for "adapter's" (the adapter's own)."""
+    value = box.value()
+    return None if value == box.minimum() else value
 
 class GenerateWidget(QWidget):
     """Sample (FLAIR, lesion) pairs from an adapter and overlay them; save the chosen ones as NIfTI."""
@@ -101,11 +120,8 @@ class GenerateWidget(QWidget):
                                 tooltip="Joint mode, optional: a conditional adapter on the same base model (e.g. "
                                         "'embedded-fine' for a 2 mm joint adapter) that renders the FLAIR for each "
                                         "joint mask from the same noise; empty = the joint model's own FLAIR")
-        self.guidance = tip(QDoubleSpinBox(), GUIDANCE_TIP)
-        self.guidance.setRange(-0.25, 5.0)  # the minimum shows as "adapter's": the adapter's own guidance
-        self.guidance.setSpecialValueText(ADAPTER_GUIDANCE)
-        self.guidance.setSingleStep(0.25)
-        self.guidance.setValue(self.guidance.minimum())
+        self.guidance = guidance_box(GUIDANCE_TIP, step=0.25)
+        self.joint_guidance = guidance_box(JOINT_GUIDANCE_TIP, step=0.05)
         self.mode.currentTextChanged.connect(self._toggle_mode_fields)
         self.render.edit.textChanged.connect(self._toggle_mode_fields)
         self._toggle_mode_fields()
@@ -136,6 +152,7 @@ class GenerateWidget(QWidget):
         form.addRow("Lesion", self.lesion.native)
         form.addRow("Render with", self.render)
         form.addRow("Guidance", self.guidance)
+        form.addRow("Joint guidance", self.joint_guidance)
         form.addRow("Pairs", self.n)
         form.addRow("Steps", self.steps)
         form.addRow("Sampler", self.sampler)
@@ -175,6 +192,7 @@ class GenerateWidget(QWidget):
         self.lesion.enabled = self.mode.currentText() == "conditional"
         self.render.setEnabled(self.mode.currentText() == "joint")
         self.guidance.setEnabled(self.mode.currentText() == "conditional" or bool(self.render.text()))
+        self.joint_guidance.setEnabled(self.mode.currentText() == "joint")
 
     def _refresh_pairs(self, *_: Any) -> None:
         selected = {item.text() for item in self.pairs.selectedItems()}
@@ -225,7 +243,8 @@ class GenerateWidget(QWidget):
         self.run = _session.GenerateRun(adapter, self.n.value(), self.steps.value(), self.seed.value(),
                                         self.device.currentText(), mode=mode, lesion=lesion,
                                         method=self.sampler.currentText(), render=render or None,
-                                        guidance=self.chosen_guidance())
+                                        guidance=chosen_guidance(self.guidance),
+                                        joint_guidance=chosen_guidance(self.joint_guidance))
         self.generate_button.setEnabled(False)
         self.job.begin("Loading the adapter ...")
         self.job.count(0, self.run.n, "pairs")
@@ -233,11 +252,6 @@ class GenerateWidget(QWidget):
         worker.yielded.connect(self._on_pair)
         worker.finished.connect(self._generation_finished)
         return launch(self, worker)
-
-    def chosen_guidance(self) -> float | None:
-        """The Guidance field's scale, None for "adapter's" (the adapter's own)."""
-        value = self.guidance.value()
-        return None if value == self.guidance.minimum() else value
 
     def cancel(self) -> None:
         if self.run is not None and self.busy:

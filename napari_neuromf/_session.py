@@ -778,6 +778,7 @@ class GenerateRun:
     method: str = "meanflow"  # the sampler: "meanflow" or "euler" (`neuromf.meanflow.sample`)
     render: str | None = None  # joint: a conditional adapter that renders the FLAIR for each joint mask
     guidance: float | None = None  # conditional adapter (conditional mode or render): mask guidance; None = its own
+    joint_guidance: float | None = None  # joint adapter: guidance against the empty mask's path; None = its own
     pairs: int = 0
     cautions: list[str] = field(default_factory=list)  # why the given lesion looks implausible
     failure: Failure | None = None
@@ -809,7 +810,8 @@ class GenerateRun:
                 from neuromf.pipelines.lora import generate_pairs
 
                 pairs = generate_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed, device=self.device,
-                                       method=self.method, render=self.render, guidance=self.guidance)
+                                       method=self.method, render=self.render, guidance=self.guidance,
+                                       joint_guidance=self.joint_guidance)
             for pair in pairs:
                 if self.cancel.is_set():
                     break

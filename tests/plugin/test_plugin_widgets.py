@@ -412,7 +412,7 @@ def test_generate_widget_paints_a_lesion_and_generates_a_flair_for_it(make_napar
                                                                       tiny_conditional_adapter):
     """The paint-a-lesion workflow: a Labels layer drawn over an opened FLAIR becomes the lesion of a generated
     FLAIR, which comes back on the model grid, overlaid in the same world coordinates as the painted layer."""
-    from napari_neuromf._generate_widget import PRIOR_LESION, GenerateWidget
+    from napari_neuromf._generate_widget import PRIOR_LESION, GenerateWidget, chosen_guidance
     from napari_neuromf._layers import read_layer
 
     viewer = make_napari_viewer()
@@ -444,7 +444,7 @@ def test_generate_widget_paints_a_lesion_and_generates_a_flair_for_it(make_napar
     generated_mm = np.argwhere(lesion.data).mean(0) * lesion.scale + lesion.translate
     assert np.linalg.norm(painted_mm - generated_mm) < 2 * float(np.max(lesion.scale))
     assert image.metadata["neuromf"]["mode"] == "conditional"
-    assert widget.chosen_guidance() is None and image.metadata["neuromf"]["guidance"] == 1.0  # the adapter's own
+    assert chosen_guidance(widget.guidance) is None and image.metadata["neuromf"]["guidance"] == 1.0  # its own
 
     widget.lesion.value = PRIOR_LESION  # no layer: a lesion drawn from the training lesions
     widget.start()
@@ -455,15 +455,18 @@ def test_generate_widget_paints_a_lesion_and_generates_a_flair_for_it(make_napar
 def test_generate_widget_renders_joint_masks_with_a_conditional_adapter(make_napari_viewer, qtbot, tiny_adapter,
                                                                          tiny_conditional_adapter, tmp_path):
     """Joint mode's "Render with": the joint adapter draws the mask, the conditional adapter renders its FLAIR
-    (recorded on the layers); a folder that does not exist is refused with a notification, before any work."""
+    (recorded on the layers); a folder that does not exist is refused with a notification, before any work. Joint
+    guidance applies to joint adapters only, and one without x-prediction refuses it with a notification."""
     from napari_neuromf._generate_widget import GenerateWidget
 
     viewer = make_napari_viewer()
     widget = ready(qtbot, GenerateWidget(viewer))
     widget.adapter.setText(str(tiny_adapter))
     assert widget.render.isEnabled() and not widget.guidance.isEnabled()  # guidance needs a conditional adapter
+    assert widget.joint_guidance.isEnabled()
     widget.mode.setCurrentText("conditional")
     assert not widget.render.isEnabled() and widget.guidance.isEnabled()  # only joint masks are rendered
+    assert not widget.joint_guidance.isEnabled()
     widget.mode.setCurrentText("joint")
     widget.render.setText(str(tmp_path / "nowhere"))
     seen = notes()
@@ -475,7 +478,12 @@ def test_generate_widget_renders_joint_masks_with_a_conditional_adapter(make_nap
     image, lesion = generate_one_pair(qtbot, widget, viewer)
     info = image.metadata["neuromf"]
     assert info["mode"] == "joint" and Path(info["rendered_by"]) == tiny_conditional_adapter.resolve()
-    assert info["guidance"] == 1.5
+    assert info["guidance"] == 1.5 and info["joint_guidance"] == 1.0  # the joint adapter's own
+    widget.joint_guidance.setValue(1.5)  # this tiny adapter predicts velocities: nothing to guide
+    seen = notes()
+    widget.start()
+    wait_idle(qtbot, widget, 120)
+    assert any("x-prediction" in m for m in seen()) and "gen_001 lesion" not in viewer.layers
 
 
 def test_generate_widget_cautions_about_an_implausible_painted_lesion(make_napari_viewer, qtbot, phantom_subset,
