@@ -243,6 +243,26 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
     with pytest.raises(SystemExit, match="joint-guidance"):
         cli(["generate", "--checkpoint", str(tiny_base_dir), "--joint-guidance", "2", "--out", str(tmp_path / "b")])
 
+    # calibration: per scale the median volume of the drawn masks (empty = 0) vs the training lesions' median
+    from neuromf.eval.metrics import load_real_cases
+    from neuromf.models.adapter_meta import AdapterMeta
+    from neuromf.pipelines.lora import calibrate_joint_guidance
+
+    table = tmp_path / "calibration.json"
+    assert cli(["calibrate-guidance", "--adapter", str(result.export), "--scales", "1", "4", "--n", "2", "--steps",
+                "2", "--device", "cpu", "--data", str(phantom_dir), "--out", str(table)]) == 0
+    calibration = json.loads(table.read_text())
+    sidecar = AdapterMeta.load(result.export)
+    real, _ = load_real_cases(phantom_dir, sidecar.prep)
+    trained = [float(r["mask"].sum()) * r["voxel_cm3"] for r in real if r["id"] in sidecar.train_cases]
+    assert len(trained) == len(sidecar.train_cases) and calibration["target_cm3"] == pytest.approx(np.median(trained))
+    rows = calibration["rows"]
+    assert [row["guidance"] for row in rows] == [1.0, 4.0] and all(0 <= row["empty"] <= 2 for row in rows)
+    gaps = [abs(row["median_cm3"] - calibration["target_cm3"]) for row in rows]
+    assert calibration["chosen"] == rows[int(np.argmin(gaps))]["guidance"]
+    with pytest.raises(ValueError, match="scale"):
+        calibrate_joint_guidance(result.export, scales=(), device="cpu")
+
 
 def test_stop_leaves_adapter_and_resume_continues(tmp_path, phantom_dir, tiny_vae_dir, tiny_base_dir, shared_cache):
     from threading import Event

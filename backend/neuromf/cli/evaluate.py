@@ -1,4 +1,5 @@
-"""Evaluation subcommands: evaluate (P7-T5/T6), consistency, ablate-lp (P7-T7) and verify (the report)."""
+"""Evaluation subcommands: evaluate (P7-T5/T6), consistency, ablate-lp (P7-T7), calibrate-guidance and verify (the
+report)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 
 from neuromf.cli._common import REPORT, STAGE_DIR, AddCommand, drive, parse_overrides
+from neuromf.config import SAMPLERS
 
 
 def cmd_evaluate(args) -> int:
@@ -92,8 +94,25 @@ def _add_generated_flags(p: argparse.ArgumentParser, out: Path) -> None:
     p.add_argument("--out", default=str(out))
 
 
+def cmd_calibrate_guidance(args) -> int:
+    """`neuromf calibrate-guidance`: the joint guidance whose masks match the training lesions' median volume."""
+    from neuromf.pipelines.lora import calibrate_joint_guidance
+    from neuromf.utils import atomic_write_json
+
+    result = calibrate_joint_guidance(args.adapter, tuple(args.scales), args.n, args.steps, args.seed, args.device,
+                                      args.sampler, args.data)
+    print(f"training lesions: median {result['target_cm3']:.2f} cm^3")
+    for row in result["rows"]:
+        print(f"  guidance {row['guidance']:g}: median {row['median_cm3']:.2f} cm^3, {row['empty']}/{args.n} empty")
+    print(f"chosen: {result['chosen']:g} (generate --joint-guidance {result['chosen']:g})")
+    if args.out:
+        atomic_write_json(Path(args.out), result)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def register(add: AddCommand) -> None:
-    """Add the evaluation subcommands (evaluate, consistency, ablate-lp, verify) through `add`."""
+    """Add the evaluation subcommands (evaluate, consistency, ablate-lp, calibrate-guidance, verify) through `add`."""
     p = add("evaluate", cmd_evaluate, "metrics of generated pairs against real FCD masks (P7-T6)")
     _add_generated_flags(p, STAGE_DIR / "metrics" / "metrics.json")
     p.add_argument("--empty-mask-control", action="store_true",
@@ -116,6 +135,18 @@ def register(add: AddCommand) -> None:
     p.add_argument("--data", default="embedded", help="the real cases: a data folder, 'embedded' or 'embedded-fine'")
     p.add_argument("--out", default=str(STAGE_DIR))
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+
+    p = add("calibrate-guidance", cmd_calibrate_guidance,
+            "joint x-prediction adapters: the joint guidance whose masks match the training lesions in median volume")
+    p.add_argument("--adapter", default="embedded", help="a joint adapter folder, 'embedded' or 'embedded-fine'")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.1, 1.2], help="guidance scales to try")
+    p.add_argument("--n", type=int, default=8, help="masks drawn per scale")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--sampler", default="euler", choices=SAMPLERS)
+    p.add_argument("--seed", type=int, default=1000, help="apart from the usual evaluation seeds")
+    p.add_argument("--data", default=None, help="the FCD data the adapter was trained on (default: its sidecar's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="also write the table as JSON here")
 
     p = add("verify", cmd_verify, "write the phase-7 verification report (P7-T1..T7)")
     p.add_argument("--run", default="runs/lora_demo", help="train-lora output folder")

@@ -7,6 +7,7 @@ import gc
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from threading import Event
+from typing import Any
 
 import numpy as np
 import torch
@@ -168,6 +169,57 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
                 image = renderer.generate(mask, noise[i, :n_img], steps, method, guidance)
             yield GeneratedPair(index, image, mask, affine, meta)
             index += 1
+
+
+def calibrate_joint_guidance(adapter: str | Path = "embedded", scales: tuple[float, ...] = (1.0, 1.1, 1.2),
+                             n: int = 8, steps: int = 32, seed: int = 1000, device: str = "auto",
+                             method: str = "euler", data: str | Path | None = None) -> dict[str, Any]:
+    """The joint guidance whose masks match the training lesions in size.
+
+    Two trainings of one recipe can commit to a lesion with different strength (one drew lesions of real size, the
+    other mostly empty masks and specks), and joint guidance (`neuromf.models.joint.empty_path_guidance`) sets that
+    strength. For each scale, `n` masks are sampled (masks only, no FLAIR) and their median volume, empty masks
+    counting 0 cm^3, is compared with the median volume of the adapter's training lesions; the scale with the
+    nearest median is chosen. The default seed keeps these draws apart from the usual evaluation seeds.
+
+    Args:
+        adapter: a joint x-prediction adapter folder or "embedded" / "embedded-fine".
+        scales: the guidance scales tried.
+        n, steps, seed, device, method: as for `generate_pairs`.
+        data: the FCD data the adapter was trained on; None = its sidecar's `data_dir`.
+    Returns:
+        {"adapter", "target_cm3": median training lesion volume, "rows": [{"guidance", "median_cm3", "empty"}],
+        "chosen": the scale to pass as `--joint-guidance` (or store as the sidecar's `guidance`)}.
+    Raises:
+        ValueError: no scales, or guidance other than 1 for an adapter without x-prediction.
+    """
+    from neuromf.data.embedded import resolve_data_dir
+    from neuromf.eval.metrics import load_real_cases
+
+    if not scales:
+        raise ValueError("calibrate_joint_guidance: give at least one guidance scale")
+    dev = resolve_device(device)
+    joint = load_joint_model(adapter, dev)
+    prep = joint.meta.prep
+    real, _ = load_real_cases(resolve_data_dir(data or joint.meta.data_dir), prep)
+    trained = set(joint.meta.train_cases)
+    volumes = [float(r["mask"].sum()) * r["voxel_cm3"] for r in real if r["id"] in trained or not trained]
+    if not volumes:
+        raise ValueError(f"{adapter}: none of the adapter's training cases were found in {data or joint.meta.data_dir}")
+    target = float(np.median(volumes))
+    voxel_cm3 = float(np.prod(prep.spacing)) / 1000.0
+    rows = []
+    for scale in scales:
+        drawn = []
+        velocity = functools.partial(joint.velocity, guidance=scale)
+        for _, z in sample_latents(joint.model, joint.meta.latent_shape, n, steps, seed, dev, method,
+                                   velocity=velocity):
+            drawn += [float(m.sum()) * voxel_cm3 for m in joint.mask(z.to(dev))]
+        rows.append({"guidance": float(scale), "median_cm3": float(np.median(drawn)),
+                     "empty": sum(v == 0 for v in drawn)})
+    chosen = min(rows, key=lambda row: abs(row["median_cm3"] - target))["guidance"]
+    return {"adapter": str(resolve_adapter_dir(adapter, "joint")), "n": n, "steps": steps, "seed": seed,
+            "sampler": method, "target_cm3": target, "rows": rows, "chosen": chosen}
 
 
 def load_renderer(render: str | Path, joint_meta: AdapterMeta, device: torch.device) -> ConditionalModel:
