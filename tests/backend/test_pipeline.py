@@ -246,7 +246,7 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
     # calibration: per scale the median volume of the drawn masks (empty = 0) vs the training lesions' median
     from neuromf.eval.metrics import load_real_cases
     from neuromf.models.adapter_meta import AdapterMeta
-    from neuromf.pipelines.lora import calibrate_joint_guidance
+    from neuromf.pipelines.lora import calibrate_joint_guidance, log_ratio_gap
 
     table = tmp_path / "calibration.json"
     assert cli(["calibrate-guidance", "--adapter", str(result.export), "--scales", "1", "4", "--n", "2", "--steps",
@@ -258,10 +258,14 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
     assert len(trained) == len(sidecar.train_cases) and calibration["target_cm3"] == pytest.approx(np.median(trained))
     rows = calibration["rows"]
     assert [row["guidance"] for row in rows] == [1.0, 4.0] and all(0 <= row["empty"] <= 2 for row in rows)
-    gaps = [abs(row["median_cm3"] - calibration["target_cm3"]) for row in rows]
+    gaps = [abs(np.log(row["median_cm3"] / calibration["target_cm3"])) if row["median_cm3"] else np.inf
+            for row in rows]
     assert calibration["chosen"] == rows[int(np.argmin(gaps))]["guidance"]
     with pytest.raises(ValueError, match="scale"):
         calibrate_joint_guidance(result.export, scales=(), device="cpu")
+    # judged by ratio: twice and half the target are equally far, all-empty (median 0) never wins
+    assert log_ratio_gap(8.1, 4.05) == pytest.approx(log_ratio_gap(2.025, 4.05)) == pytest.approx(np.log(2))
+    assert log_ratio_gap(0.0, 4.05) == np.inf
 
 
 def test_stop_leaves_adapter_and_resume_continues(tmp_path, phantom_dir, tiny_vae_dir, tiny_base_dir, shared_cache):

@@ -139,7 +139,8 @@ def register(add: AddCommand) -> None:
     p = add("calibrate-guidance", cmd_calibrate_guidance,
             "joint x-prediction adapters: the joint guidance whose masks match the training lesions in median volume")
     p.add_argument("--adapter", default="embedded", help="a joint adapter folder, 'embedded' or 'embedded-fine'")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.1, 1.2], help="guidance scales to try")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.05, 1.1, 1.2],
+                   help="guidance scales to try (the volume rises steeply with the scale: keep them close)")
     p.add_argument("--n", type=int, default=8, help="masks drawn per scale")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--sampler", default="euler", choices=SAMPLERS)
