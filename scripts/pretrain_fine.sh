@@ -37,6 +37,9 @@ if [[ $stage != joint ]]; then
 fi
 # joint mode (LoRA, x-prediction mask channels); its FLAIRs are best rendered by cond_fine (`generate --render`)
 neuromf train-lora --config joint_fine --base_checkpoint embedded-fine --output-dir "$runs/joint_fine" --overwrite
+# how strongly a training commits to a lesion differs between trainings of this recipe: store the joint guidance
+# whose masks match the training lesions' median volume as the adapter's default (about 15 min on 2 CPU cores)
+neuromf calibrate-guidance --adapter "$runs/joint_fine/adapter" --store --out "$runs/joint_fine/calibration.json"
 mkdir -p $models/joint_fine
 cp "$runs/joint_fine/adapter/"{adapter_config.json,adapter_model.safetensors,neuromf_adapter.json} \
   "$runs/joint_fine/loss_curve.png" $models/joint_fine/

@@ -250,9 +250,10 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
 
     table = tmp_path / "calibration.json"
     assert cli(["calibrate-guidance", "--adapter", str(result.export), "--scales", "1", "4", "--n", "2", "--steps",
-                "2", "--device", "cpu", "--data", str(phantom_dir), "--out", str(table)]) == 0
+                "2", "--device", "cpu", "--data", str(phantom_dir), "--out", str(table), "--store"]) == 0
     calibration = json.loads(table.read_text())
     sidecar = AdapterMeta.load(result.export)
+    assert sidecar.guidance == calibration["chosen"]  # --store: the adapter's default from now on
     real, _ = load_real_cases(phantom_dir, sidecar.prep)
     trained = [float(r["mask"].sum()) * r["voxel_cm3"] for r in real if r["id"] in sidecar.train_cases]
     assert len(trained) == len(sidecar.train_cases) and calibration["target_cm3"] == pytest.approx(np.median(trained))
@@ -263,6 +264,8 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
     assert calibration["chosen"] == rows[int(np.argmin(gaps))]["guidance"]
     with pytest.raises(ValueError, match="scale"):
         calibrate_joint_guidance(result.export, scales=(), device="cpu")
+    with pytest.raises(SystemExit, match="shipped adapter"):
+        cli(["calibrate-guidance", "--adapter", "embedded-fine", "--store"])
     # judged by ratio: twice and half the target are equally far, all-empty (median 0) never wins
     assert log_ratio_gap(8.1, 4.05) == pytest.approx(log_ratio_gap(2.025, 4.05)) == pytest.approx(np.log(2))
     assert log_ratio_gap(0.0, 4.05) == np.inf

@@ -96,15 +96,27 @@ def _add_generated_flags(p: argparse.ArgumentParser, out: Path) -> None:
 
 def cmd_calibrate_guidance(args) -> int:
     """`neuromf calibrate-guidance`: the joint guidance whose masks match the training lesions' median volume."""
+    from neuromf.models.adapter_meta import EMBEDDED_NAMES
     from neuromf.pipelines.lora import calibrate_joint_guidance
     from neuromf.utils import atomic_write_json
 
+    if args.store and args.adapter in EMBEDDED_NAMES:
+        raise SystemExit("calibrate-guidance: --store writes into the adapter's folder; a shipped adapter is left as "
+                         "it is (copy its folder and calibrate the copy)")
     result = calibrate_joint_guidance(args.adapter, tuple(args.scales), args.n, args.steps, args.seed, args.device,
                                       args.sampler, args.data)
     print(f"training lesions: median {result['target_cm3']:.2f} cm^3")
     for row in result["rows"]:
         print(f"  guidance {row['guidance']:g}: median {row['median_cm3']:.2f} cm^3, {row['empty']}/{args.n} empty")
     print(f"chosen: {result['chosen']:g} (generate --joint-guidance {result['chosen']:g})")
+    if args.store:
+        from neuromf.models.adapter_meta import AdapterMeta
+
+        directory = Path(result["adapter"])
+        meta = AdapterMeta.load(directory)
+        meta.guidance = result["chosen"]
+        meta.save(directory)
+        print(f"stored as the default guidance of {directory}")
     if args.out:
         atomic_write_json(Path(args.out), result)
         print(f"wrote {args.out}")
@@ -148,6 +160,9 @@ def register(add: AddCommand) -> None:
     p.add_argument("--data", default=None, help="the FCD data the adapter was trained on (default: its sidecar's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="also write the table as JSON here")
+    p.add_argument("--store", action="store_true",
+                   help="write the chosen scale into the adapter's sidecar as its default guidance (what "
+                        "'adapter's' means in generate and the Generate widget)")
 
     p = add("verify", cmd_verify, "write the phase-7 verification report (P7-T1..T7)")
     p.add_argument("--run", default="runs/lora_demo", help="train-lora output folder")
