@@ -60,6 +60,7 @@ RANGE_RULES = [  # (section, key, a value outside the range, the message's range
     ("lora", "rank", 0, ">= 1", 1),
     ("lora", "alpha", 0.0, "> 0", 1.0),
     ("lora", "dropout", 1.0, ">= 0 and < 1", 0.5),
+    ("lora", "mask_sigma_data", 0.0, "> 0", 0.5),
     ("loss", "p_img", 0.0, "> 0", 0.5),
     ("loss", "p_mask", -2.0, "> 0", 2.0),
     ("loss", "lambda_img", -1.0, ">= 0", 0.0),
