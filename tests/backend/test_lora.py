@@ -177,7 +177,7 @@ def test_empty_path_guidance_extrapolates_the_mask_estimate_away_from_the_empty_
         empty_path_guidance(model, 4, -1.0, noise, -0.5)
     meta = sidecar(2)
     joint = JointModel(model, vae=None, meta=meta)
-    assert joint.velocity(noise, 1.0) is model and joint.guidance_scale(None) == meta.guidance == 1.0
+    assert joint.velocity(noise, 1.0) is model and joint.meta.guidance_scale(None) == meta.guidance == 1.0
     with pytest.raises(ValueError, match="x-prediction"):
         joint.velocity(noise, 1.5)  # the sidecar says velocity prediction
     meta.mask_prediction, meta.mask_scale = "x", 2.0

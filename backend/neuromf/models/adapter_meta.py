@@ -73,6 +73,10 @@ class AdapterMeta:
         """The sidecar's `kind` entry for this mode (`KINDS`)."""
         return KINDS[self.mode]
 
+    def guidance_scale(self, guidance: float | None = None) -> float:
+        """The guidance to generate with: `guidance`, or this adapter's own (`guidance`) when None."""
+        return self.guidance if guidance is None else guidance
+
     @property
     def prep(self) -> Preprocessing:
         """The model grid and intensity scaling the adapter was trained on."""

@@ -68,10 +68,6 @@ class JointModel:
                              "downsample strategy")
         return -self.meta.mask_scale
 
-    def guidance_scale(self, guidance: float | None = None) -> float:
-        """The joint guidance to use: `guidance`, or the adapter's own (`AdapterMeta.guidance`) when None."""
-        return self.meta.guidance if guidance is None else guidance
-
     def velocity(self, noise: torch.Tensor, guidance: float = 1.0) -> VelocityFn:
         """u(z, r, t) for a batch started from `noise`, with the mask channels guided by `guidance`
         (`empty_path_guidance`; 1 = the model itself)."""

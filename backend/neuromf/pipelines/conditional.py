@@ -190,10 +190,6 @@ class ConditionalModel:
         """The model grid and intensity scaling of the adapter (from its sidecar)."""
         return self.meta.prep
 
-    def guidance_scale(self, guidance: float | None = None) -> float:
-        """The mask guidance to use: `guidance`, or the adapter's own (`AdapterMeta.guidance`) when None."""
-        return self.meta.guidance if guidance is None else guidance
-
     @torch.no_grad()
     def generate(self, mask: np.ndarray, noise: torch.Tensor, steps: int = 1, method: str = "meanflow",
                  guidance: float | None = None) -> np.ndarray:
@@ -217,7 +213,7 @@ class ConditionalModel:
                              "grid first (neuromf.io.nifti.preprocess_mask)")
         device = next(self.model.parameters()).device
         cond = torch.as_tensor(np.asarray(mask) > 0, dtype=torch.float32, device=device)[None, None]
-        velocity = guided_velocity(self.model, cond, self.guidance_scale(guidance))
+        velocity = guided_velocity(self.model, cond, self.meta.guidance_scale(guidance))
         z = sample(velocity, noise[None].to(device), steps=steps, method=method)
         return self.vae.decode(z)[0, 0].clamp(0, prep.clip_max).cpu().numpy().astype(np.float32)
 
@@ -372,7 +368,7 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
         masks).
     """
     cond = load_conditional_model(adapter, device)
-    guidance = cond.guidance_scale(guidance)
+    guidance = cond.meta.guidance_scale(guidance)
     prep = cond.prep
     default_affine = model_grid_affine(prep.shape, prep.spacing)
     source = str(resolve_adapter_dir(adapter, "conditional"))

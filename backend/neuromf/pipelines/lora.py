@@ -140,11 +140,11 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
     """
     dev = resolve_device(device)
     joint = load_joint_model(adapter, dev)
-    joint_guidance = joint.guidance_scale(joint_guidance)
+    joint_guidance = joint.meta.guidance_scale(joint_guidance)
     renderer = load_renderer(render, joint.meta, dev) if render is not None else None
     rendering = {}  # what each rendered pair records
     if renderer is not None:
-        guidance = renderer.guidance_scale(guidance)
+        guidance = renderer.meta.guidance_scale(guidance)
         rendering = {"rendered_by": str(resolve_adapter_dir(render, "conditional")), "guidance": guidance}
     prep = joint.meta.prep
     affine = model_grid_affine(prep.shape, prep.spacing)
@@ -198,7 +198,7 @@ def calibrate_joint_guidance(adapter: str | Path = "embedded", scales: tuple[flo
         ValueError: no scales, or guidance other than 1 for an adapter without x-prediction.
     """
     from neuromf.data.embedded import resolve_data_dir
-    from neuromf.eval.metrics import load_real_cases
+    from neuromf.eval.metrics import load_real_cases, voxel_volume_cm3
 
     if not scales:
         raise ValueError("calibrate_joint_guidance: give at least one guidance scale")
@@ -211,7 +211,7 @@ def calibrate_joint_guidance(adapter: str | Path = "embedded", scales: tuple[flo
     if not volumes:
         raise ValueError(f"{adapter}: none of the adapter's training cases were found in {data or joint.meta.data_dir}")
     target = float(np.median(volumes))
-    voxel_cm3 = float(np.prod(prep.spacing)) / 1000.0
+    voxel_cm3 = voxel_volume_cm3(model_grid_affine(prep.shape, prep.spacing))
     rows = []
     for scale in scales:
         drawn = []
