@@ -17,6 +17,9 @@ import yaml
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 SAMPLERS = ("meanflow", "euler")  # `neuromf.meanflow.sample` methods: CLI, API and napari offer these (torch-free)
+# `calibrate-guidance`: joint guidance scales tried (below 1 for a training that over-commits, above for one
+# that under-commits; the masks' volume rises steeply with the scale)
+CALIBRATION_SCALES = (0.8, 0.9, 1.0, 1.05, 1.1, 1.2)
 
 
 class ConfigError(ValueError):
@@ -86,6 +89,12 @@ class DataConfig(_Section):
     sdf_threshold_mm: float = -1.0  # "sdf" decoding boundary (measured best round trip: Dice 0.92 at 3 mm)
     mask_test: str | None = None  # mask_vae_test.json for mask_strategy "auto"
     flip: bool = True  # add left-right flipped copies (image and mask together)
+    # stage 2: this many copies of each (mirrored) case moved by a small random affine before encoding (0: none);
+    # each copy is encoded once and cached. Ranges: rotation per axis, isotropic scale 1 +- augment_scale, shift
+    augment_copies: int = bounded(0, 0, 64)
+    augment_rotate_deg: float = bounded(6.0, 0, 45)
+    augment_scale: float = bounded(0.06, 0, 0.5, high_open=True)
+    augment_shift_mm: float = bounded(6.0, 0)
 
 
 @dataclass

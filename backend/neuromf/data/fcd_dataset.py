@@ -11,6 +11,7 @@ The representations live in `neuromf.data.mask_codec`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Generator
 from pathlib import Path
@@ -18,8 +19,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from neuromf.data.augment import AffineAugment, apply_moves
 from neuromf.data.embedded import resolve_data_dir
-from neuromf.data.latents import EncodingClock, EncodingProgress, encode_case, make_cache
+from neuromf.data.latents import LR_AXIS, EncodingClock, EncodingProgress, encode_case, make_cache
 from neuromf.data.mask_codec import (  # noqa: F401  (re-exported: the strategies' public home used to be here)
     DOWNSAMPLE_MODES,
     STRATEGIES,
@@ -32,7 +34,7 @@ from neuromf.data.mask_codec import (  # noqa: F401  (re-exported: the strategie
     upsample_mask,
 )
 from neuromf.io.bids import DataError, discover_cases
-from neuromf.io.nifti import Preprocessing, preprocess_image
+from neuromf.io.nifti import Preprocessing, preprocess_image, preprocess_pair
 from neuromf.train.loop import run_to_end
 from neuromf.utils import default_cache_dir
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper
@@ -42,7 +44,9 @@ class FCDDataset(Dataset):
     """Joint latents `z` (C, h, w, d), C = 8 ("vae"), 5 ("downsample") or 12 ("sdf"), of the FCD cases of a data set.
 
     Encoding goes through the latent cache, so each scan is encoded once per VAE and preprocessing. With
-    `flip=True` every case also appears mirrored left-right (image and mask together). Cases with an empty
+    `flip=True` every case also appears mirrored left-right (image and mask together), and with `augment` each
+    (mirrored) case also appears `augment.copies` times moved by a small random affine (item ids end in
+    `_flip` and `_aff<k>`; see `item_parts`); a moved copy whose lesion vanished is left out. Cases with an empty
     mask are skipped with a warning, unless `include_healthy` (the conditional mode), which also adds the
     healthy cases of the split with empty masks so the model learns that no lesion means no hyperintensity.
 
@@ -55,7 +59,7 @@ class FCDDataset(Dataset):
                  downsample_mode: str = "nearest", flip: bool = False, split: str | None = "train",
                  return_volumes: bool = False, mask_scale: float | None = None, progress: bool = False,
                  sdf_scale_mm: float = 6.0, sdf_subgrid: int = 2, include_healthy: bool = False,
-                 encode: bool = True) -> None:
+                 encode: bool = True, augment: AffineAugment | None = None) -> None:
         if mask_strategy not in STRATEGIES:
             raise ValueError(f"mask_strategy must be one of {STRATEGIES} (or auto in a config), got {mask_strategy!r}")
         if downsample_mode not in DOWNSAMPLE_MODES:
@@ -66,6 +70,7 @@ class FCDDataset(Dataset):
         self.vae = vae if vae is not None else MAISIVAEWrapper.embedded()
         self.prep = prep or Preprocessing()
         self.return_volumes = return_volumes
+        self.augment = augment or AffineAugment()
         cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.cache = make_cache(cache_root, self.vae, self.prep)
         try:
@@ -80,7 +85,7 @@ class FCDDataset(Dataset):
             with contextlib.suppress(DataError):  # no healthy cases: train on the FCD cases alone
                 healthy = [c for c in discover_cases(self.root, group="hc", split=split) if c.mask is None]
         self.items: list[tuple[str, dict[str, torch.Tensor]]] = []
-        self.n_healthy = len(healthy) * (2 if flip else 1)
+        self.n_healthy = len(healthy) * (2 if flip else 1) * (1 + self.augment.copies)
         self.mask_scale: float = 0.0  # set by encode_cases: as given, else about the image latents' spread
         self._to_encode, self._flip, self._progress, self._mask_scale = self.cases + healthy, flip, progress, mask_scale
         if encode:
@@ -96,21 +101,31 @@ class FCDDataset(Dataset):
         cases, self._to_encode = self._to_encode, []
         clock = EncodingClock(len(cases))
         for case in tqdm(cases, desc="encoding cases", disable=not self._progress, unit="case"):
-            for mirrored in ((False, True) if self._flip else (False,)):
+            preprocessed = functools.cache(functools.partial(preprocess_pair, case.image, case.mask, self.prep))
+            for item_id, mirrored, copy in self._variants(case.case_id):
+                moves = self.augment.moves(case.case_id + ("_flip" if mirrored else ""), copy) if copy else None
                 tensors = encode_case(case.image, case.mask, self.vae, self.prep, self.cache, flip=mirrored,
-                                      encode_mask=self.mask_strategy == "vae")
+                                      encode_mask=self.mask_strategy == "vae", moves=moves, preprocessed=preprocessed)
                 if case.mask is None:
                     tensors = {**tensors, "mask": torch.zeros((1, *self.prep.shape), dtype=torch.uint8)}
                 elif not tensors["mask"].any():
+                    if copy:  # a small lesion moved off the grid's voxel centres: this copy only
+                        continue
                     warnings.warn(f"{case.mask}: empty lesion mask, case {case.case_id} skipped", stacklevel=2)
                     break
-                self.items.append((case.case_id + ("_flip" if mirrored else ""), tensors))
+                self.items.append((item_id, tensors))
             yield clock.tick(case.case_id)
         if not self.items:
             raise DataError(f"{self.root}: every FCD case has an empty mask")
         image_std = float(torch.stack([t["z_img"] for _, t in self.items]).std())
         self.mask_scale = float(self._mask_scale) if self._mask_scale is not None else image_std
         return self
+
+    def _variants(self, case_id: str) -> list[tuple[str, bool, int]]:
+        """(item id, mirrored, copy) of every item a case gives: original first, copy 0 = unmoved."""
+        return [(case_id + ("_flip" if mirrored else "") + (f"_aff{copy}" if copy else ""), mirrored, copy)
+                for mirrored in ((False, True) if self._flip else (False,))
+                for copy in range(self.augment.copies + 1)]
 
     @property
     def channels(self) -> tuple[int, int]:
@@ -141,13 +156,15 @@ class FCDDataset(Dataset):
             item["mask"] = tensors["mask"].float()
         return item
 
-    def image_volume(self, case_id: str) -> torch.Tensor:
-        """(1, H, W, D) preprocessed FLAIR of an item on the model grid, mirrored like the item."""
-        image = preprocess_image(self._case(case_id).image, self.prep).data
-        return image.flip(1) if case_id.endswith("_flip") else image
-
-    def _case(self, case_id: str):
-        return next(c for c in self.cases if c.case_id == case_id.removesuffix("_flip"))
+    def image_volume(self, item_id: str) -> torch.Tensor:
+        """(1, H, W, D) preprocessed FLAIR of an item on the model grid, mirrored and moved like the item."""
+        case_id, mirrored, copy = item_parts(item_id)
+        image = preprocess_image(next(c for c in self.cases if c.case_id == case_id).image, self.prep).data
+        image = image.flip(LR_AXIS) if mirrored else image
+        if copy:
+            moves = self.augment.moves(case_id + ("_flip" if mirrored else ""), copy)
+            image, _ = apply_moves(image, None, moves, self.prep.spacing)
+        return image
 
     def latents(self) -> torch.Tensor:
         """All joint latents stacked (N, C, h, w, d)."""
@@ -166,3 +183,11 @@ class FCDDataset(Dataset):
         (N, C + 64, h, w, d). One tensor is what the training loop batches; the loss unpacks the mask for the
         lesion weighting and the conditional mode's ControlNet."""
         return torch.cat([latents, pixel_unshuffle_3d(self.masks(), DOWNSAMPLE)], dim=1)
+
+
+def item_parts(item_id: str) -> tuple[str, bool, int]:
+    """(case id, mirrored, augmented copy; 0 = unmoved) of an `FCDDataset` item id."""
+    base, marker, copy = item_id.rpartition("_aff")
+    if not (marker and copy.isdigit()):
+        base, copy = item_id, "0"
+    return base.removesuffix("_flip"), base.endswith("_flip"), int(copy)

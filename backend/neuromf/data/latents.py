@@ -8,7 +8,7 @@ end; `encoding_events` hands the progress on as the training generators' `TrainE
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -16,8 +16,9 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from neuromf.data.augment import AffineAugment, apply_moves
 from neuromf.data.latent_cache import LatentCache
-from neuromf.io.nifti import Preprocessing, preprocess_pair
+from neuromf.io.nifti import Preprocessing, Volume, preprocess_pair
 from neuromf.train.loop import TrainEvent, run_to_end
 from neuromf.vae import MAISIVAEWrapper
 
@@ -69,18 +70,24 @@ def make_cache(cache_dir: Path | str, vae: MAISIVAEWrapper, prep: Preprocessing)
 
 @torch.no_grad()
 def encode_case(image: Path, mask: Path | None, vae: MAISIVAEWrapper, prep: Preprocessing, cache: LatentCache,
-                flip: bool = False, encode_mask: bool = False) -> dict[str, torch.Tensor]:
+                flip: bool = False, encode_mask: bool = False, moves: dict[str, list[float]] | None = None,
+                preprocessed: Callable[[], tuple[Volume, Volume | None]] | None = None) -> dict[str, torch.Tensor]:
     """Cached tensors of one case: `z_img` (4,h,w,d), the model-grid `affine`, and with a mask `mask`
-    (1,H,W,D) plus `z_mask` (4,h,w,d) when `encode_mask` (strategy A). `flip` mirrors left-right first."""
+    (1,H,W,D) plus `z_mask` (4,h,w,d) when `encode_mask` (strategy A). `flip` mirrors left-right first, then
+    `moves` (an `AffineAugment` move) moves image and mask together. `preprocessed` returns the case on the model
+    grid (a memo shared by a case's variants, so the NIfTI work is done once per case, not per variant)."""
     sources = [image] + ([mask] if mask is not None else [])
     variant = ("flip" if flip else "orig") + ("+zmask" if encode_mask else "")
+    variant += f"+{AffineAugment.variant(moves)}" if moves else ""
 
     def compute() -> dict[str, torch.Tensor]:
-        img, msk = preprocess_pair(image, mask, prep)
+        img, msk = preprocessed() if preprocessed is not None else preprocess_pair(image, mask, prep)
         x = img.data.flip(LR_AXIS) if flip else img.data
+        m = None if msk is None else (msk.data.flip(LR_AXIS) if flip else msk.data)
+        if moves:  # on the VAE's device: on a GPU the move costs nothing beside the encoding
+            x, m = apply_moves(x.to(vae.device_), None if m is None else m.to(vae.device_), moves, prep.spacing)
         out = {"z_img": vae.encode(x[None])[0], "affine": torch.as_tensor(img.affine)}
-        if msk is not None:
-            m = msk.data.flip(LR_AXIS) if flip else msk.data
+        if m is not None:
             out["mask"] = m.to(torch.uint8)
             if encode_mask:
                 out["z_mask"] = vae.encode(m[None])[0]

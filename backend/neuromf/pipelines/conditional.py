@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neuromf.config import RunConfig
+from neuromf.data.augment import AffineAugment
 from neuromf.data.brain import brain_mask
-from neuromf.data.fcd_dataset import FCDDataset
+from neuromf.data.fcd_dataset import FCDDataset, item_parts
 from neuromf.data.latents import encoding_events
 from neuromf.data.mask_codec import lesion_region, pixel_shuffle_3d
 from neuromf.data.mask_prior import MaskPrior
@@ -43,7 +44,7 @@ from neuromf.models.adapter_meta import (
 )
 from neuromf.models.controlnet import ConditionedFlowModel, MeanFlowControlNet, controlnet_from_unet
 from neuromf.models.flow_model import load_flow_model
-from neuromf.train.distributed import main_first
+from neuromf.train.distributed import device_for, main_first
 from neuromf.train.loop import LossFn, TrainEvent, TrainResult, TrainTask, fixed_draw_evaluator, train
 from neuromf.train.run_dir import in_run_dir
 from neuromf.utils import atomic_write, default_cache_dir, resolve_device
@@ -92,7 +93,7 @@ def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", 
     if cfg.conditional.init_from:
         load_controlnet_weights(controlnet, resolve_adapter_dir(cfg.conditional.init_from, "conditional"))
     model = ConditionedFlowModel(base, controlnet)
-    vae = vae_for(base_meta)
+    vae = vae_for(base_meta, device=device_for(cfg.training.device))  # encode (and preview) where it trains
     prep = stage2_preprocessing(base_meta, cfg)
     with main_first():  # several processes: rank 0 fills the latent cache, then the others read it
         dataset = conditional_dataset(cfg, vae, prep, progress, encode=False)
@@ -133,16 +134,18 @@ def conditional_dataset(cfg: RunConfig, vae: MAISIVAEWrapper, prep: Preprocessin
     `encode=False` leaves the encoding to `FCDDataset.encode_cases`."""
     return FCDDataset(cfg.data.data_dir, "downsample", vae=vae, prep=prep,
                       cache_dir=cfg.data.cache_dir or default_cache_dir(), flip=cfg.data.flip, split=cfg.data.split,
-                      progress=progress, include_healthy=cfg.conditional.include_healthy, encode=encode)
+                      progress=progress, include_healthy=cfg.conditional.include_healthy, encode=encode,
+                      augment=AffineAugment.from_config(cfg.data))
 
 
 @torch.no_grad()
 def build_mask_prior(dataset: FCDDataset) -> MaskPrior:
     """The prior of a training set: its lesions, each with the depth range measured in its own preprocessed FLAIR
     (as the lesion-likeness check measures real lesions), and the mean of those FLAIRs as reference brain."""
-    with_lesion = [(case_id, t) for case_id, t in dataset.items if t["mask"].any()]
+    # the cases as scanned: moved copies would only repeat each lesion (and cost a preprocessing each)
+    with_lesion = [(item_id, t) for item_id, t in dataset.items if t["mask"].any() and not item_parts(item_id)[2]]
     masks = [t["mask"][0].numpy() for _, t in with_lesion]
-    images = [dataset.image_volume(case_id)[0].numpy() for case_id, _ in with_lesion]
+    images = [dataset.image_volume(item_id)[0].numpy() for item_id, _ in with_lesion]
     return MaskPrior.from_cases(masks, images, dataset.prep.spacing)
 
 
