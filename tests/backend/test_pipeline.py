@@ -269,6 +269,13 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
     # judged by ratio: twice and half the target are equally far, all-empty (median 0) never wins
     assert log_ratio_gap(8.1, 4.05) == pytest.approx(log_ratio_gap(2.025, 4.05)) == pytest.approx(np.log(2))
     assert log_ratio_gap(0.0, 4.05) == np.inf
+    # a grid that misses the target on either side is flagged (the volume grows with the scale)
+    from neuromf.pipelines.lora import target_outside_scales
+
+    assert calibration["outside_range"] == target_outside_scales(rows, calibration["target_cm3"])
+    grid = [{"guidance": g, "median_cm3": v} for g, v in ((1.1, 99.0), (1.0, 48.0), (1.2, 188.0))]
+    assert target_outside_scales(grid, 4.05) and not target_outside_scales(grid, 60.0)
+    assert target_outside_scales(grid, 200.0)
 
 
 def test_stop_leaves_adapter_and_resume_continues(tmp_path, phantom_dir, tiny_vae_dir, tiny_base_dir, shared_cache):

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from neuromf.cli._common import REPORT, STAGE_DIR, AddCommand, drive, parse_overrides
-from neuromf.config import SAMPLERS
+from neuromf.config import CALIBRATION_SCALES, SAMPLERS
 
 
 def cmd_evaluate(args) -> int:
@@ -25,7 +25,8 @@ def cmd_evaluate(args) -> int:
           "criterion: " + ", ".join(f"{k} {v:.0%}" for k, v in like["summary"]["rates"].items() if k != "all")
           + f"; median contrast {fmt(summary['medians'].get('contrast'))} (real "
             f"{fmt(like['reference']['median_contrast'])}, contrast KS {fmt(summary['contrast_ks_statistic'])}, "
-            f"brighter than any real lesion: {fmt(summary['share_brighter_than_real'])})")
+            f"brighter than any real lesion: {fmt(summary['share_brighter_than_real'])}); lesion sites' spread "
+            f"{fmt(summary['position_spread'])} (real {fmt(summary['real_position_spread'])})")
     if args.empty_mask_control:
         from neuromf.pipelines.conditional import empty_mask_control
         from neuromf.utils import atomic_write_json
@@ -109,6 +110,10 @@ def cmd_calibrate_guidance(args) -> int:
     for row in result["rows"]:
         print(f"  guidance {row['guidance']:g}: median {row['median_cm3']:.2f} cm^3, {row['empty']}/{args.n} empty")
     print(f"chosen: {result['chosen']:g} (generate --joint-guidance {result['chosen']:g})")
+    if result["outside_range"]:
+        print(f"warning: the training lesions' median lies beyond the scales tried ({min(args.scales):g}-"
+              f"{max(args.scales):g}): the chosen one is only the nearest end; try scales further "
+              f"{'down' if result['chosen'] == min(args.scales) else 'up'}")
     if args.store:
         from neuromf.models.adapter_meta import AdapterMeta
 
@@ -151,8 +156,9 @@ def register(add: AddCommand) -> None:
     p = add("calibrate-guidance", cmd_calibrate_guidance,
             "joint x-prediction adapters: the joint guidance whose masks match the training lesions in median volume")
     p.add_argument("--adapter", default="embedded", help="a joint adapter folder, 'embedded' or 'embedded-fine'")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.05, 1.1, 1.2],
-                   help="guidance scales to try (the volume rises steeply with the scale: keep them close)")
+    p.add_argument("--scales", type=float, nargs="+", default=list(CALIBRATION_SCALES),
+                   help="guidance scales to try (the volume rises steeply with the scale: keep them close; below 1 "
+                        "for a training whose masks come out too large)")
     p.add_argument("--n", type=int, default=8, help="masks drawn per scale")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--sampler", default="euler", choices=SAMPLERS)

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuromf.config import RunConfig
+from neuromf.config import CALIBRATION_SCALES, RunConfig
+from neuromf.data.augment import AffineAugment
 from neuromf.data.fcd_dataset import FCDDataset
 from neuromf.data.latents import encoding_events
 from neuromf.data.mask_codec import mask_channels
@@ -34,7 +35,7 @@ from neuromf.pipelines.conditional import (
     packed_lesion_loss,
     stage2_preprocessing,
 )
-from neuromf.train.distributed import main_first
+from neuromf.train.distributed import device_for, main_first
 from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, fixed_draw_evaluator, train
 from neuromf.train.run_dir import in_run_dir
 from neuromf.utils import default_cache_dir, resolve_device
@@ -62,14 +63,14 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
     strategy = resolve_strategy(cfg)
     n_mask = mask_channels(strategy, subgrid=cfg.data.sdf_subgrid)
     base_meta = read_model_meta(base_checkpoint)
-    vae = vae_for(base_meta)
+    vae = vae_for(base_meta, device=device_for(cfg.training.device))  # encode (and preview) where it trains
     prep = stage2_preprocessing(base_meta, cfg)
     cache_dir = cfg.data.cache_dir or default_cache_dir()
     with main_first():  # several processes: rank 0 fills the latent cache, then the others read it
         dataset = FCDDataset(cfg.data.data_dir, strategy, vae=vae, prep=prep, cache_dir=cache_dir,
                              downsample_mode=cfg.data.downsample_mode, flip=cfg.data.flip, split=cfg.data.split,
                              progress=progress, sdf_scale_mm=cfg.data.sdf_scale_mm, sdf_subgrid=cfg.data.sdf_subgrid,
-                             encode=False)
+                             encode=False, augment=AffineAugment.from_config(cfg.data))
         yield from encoding_events(dataset.encode_cases())  # an "encoding" event per case
     latents = dataset.latents()
     mask_mean = float(latents[:, -n_mask:].mean())  # the x-prediction skip's centre (about the empty mask)
@@ -172,7 +173,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
             index += 1
 
 
-def calibrate_joint_guidance(adapter: str | Path = "embedded", scales: tuple[float, ...] = (1.0, 1.05, 1.1, 1.2),
+def calibrate_joint_guidance(adapter: str | Path = "embedded", scales: tuple[float, ...] = CALIBRATION_SCALES,
                              n: int = 8, steps: int = 32, seed: int = 1000, device: str = "auto",
                              method: str = "euler", data: str | Path | None = None) -> dict[str, Any]:
     """The joint guidance whose masks match the training lesions in size.
@@ -184,7 +185,9 @@ def calibrate_joint_guidance(adapter: str | Path = "embedded", scales: tuple[flo
     nearest median on a log scale is chosen (volumes are judged by ratios: the criteria allow 0.5x the smallest to
     2x the largest real lesion; a median of 0, mostly empty masks, is never chosen while another is not). The
     volume rises steeply with the scale (0.8 -> 8.6 cm^3 from 1.0 to 1.1 for one training): keep the grid fine.
-    The default seed keeps these draws apart from the usual evaluation seeds.
+    A training can also over-commit (48 cm^3 at 1 for one trained on a GPU): the default grid goes below 1, and
+    `outside_range` says when the target lies beyond the scales tried (extend them). The default seed keeps these
+    draws apart from the usual evaluation seeds.
 
     Args:
         adapter: a joint x-prediction adapter folder or "embedded" / "embedded-fine".
@@ -193,7 +196,8 @@ def calibrate_joint_guidance(adapter: str | Path = "embedded", scales: tuple[flo
         data: the FCD data the adapter was trained on; None = its sidecar's `data_dir`.
     Returns:
         {"adapter", "target_cm3": median training lesion volume, "rows": [{"guidance", "median_cm3", "empty"}],
-        "chosen": the scale to pass as `--joint-guidance` (or store as the sidecar's `guidance`)}.
+        "chosen": the scale to pass as `--joint-guidance` (or store as the sidecar's `guidance`), "outside_range":
+        whether even the end of the grid nearest the target stays on the far side of it}.
     Raises:
         ValueError: no scales, or guidance other than 1 for an adapter without x-prediction.
     """
@@ -223,7 +227,15 @@ def calibrate_joint_guidance(adapter: str | Path = "embedded", scales: tuple[flo
                      "empty": sum(v == 0 for v in drawn)})
     chosen = min(rows, key=lambda row: log_ratio_gap(row["median_cm3"], target))["guidance"]
     return {"adapter": str(resolve_adapter_dir(adapter, "joint")), "n": n, "steps": steps, "seed": seed,
-            "sampler": method, "target_cm3": target, "rows": rows, "chosen": chosen}
+            "sampler": method, "target_cm3": target, "rows": rows, "chosen": chosen,
+            "outside_range": target_outside_scales(rows, target)}
+
+
+def target_outside_scales(rows: list[dict[str, Any]], target: float) -> bool:
+    """Whether the calibration's grid misses the target: the smallest scale's masks are already larger than the
+    target, or the largest scale's still smaller (the volume grows with the scale)."""
+    ordered = sorted(rows, key=lambda row: row["guidance"])
+    return ordered[0]["median_cm3"] > target or ordered[-1]["median_cm3"] < target
 
 
 def log_ratio_gap(value: float, target: float) -> float:
