@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from neuromf.data.brain import position_spread
 from neuromf.eval.lesion_metrics import (
     CRITERIA,
     LesionReference,
@@ -299,3 +300,44 @@ def test_location_criterion_uses_brain_normalised_centroids_and_the_real_spread(
     assert ref.position_distance(mirrored) == pytest.approx(0.0, abs=0.04) and lesion_like(mirrored, ref)["location"]
     single = reference_from_real(real[:1])  # no spread to judge by: the criterion cannot fail
     assert single.max_position_distance is None and lesion_like(far, single)["location"]
+
+
+def test_position_spread_shows_sites_collapsed_onto_one_place():
+    """Varied real sites vs generated lesions all at (nearly) one site: every lesion passes the location criterion,
+    but the summary's spread is a fraction of the real one; a site and its mirror image count as one place."""
+    spacing = (1.0, 1.0, 1.0)
+
+    def at(site: tuple[float, float, float]) -> LesionStats:
+        image = _box_brain((40, 40, 40), 4, 36, 0.5)
+        centre = [int(round(4 + f * 31)) for f in site]
+        mask = np.zeros(image.shape, bool)
+        mask[tuple(slice(c - 1, c + 2) for c in centre)] = True
+        image[mask] = 0.8
+        return lesion_stats(image, mask, spacing)
+
+    real_sites = [(0.2, 0.2, 0.5), (0.3, 0.8, 0.6), (0.25, 0.5, 0.8), (0.3, 0.3, 0.3), (0.2, 0.7, 0.4)]
+    ref = reference_from_real([at(s) for s in real_sites])
+    collapsed = [at((0.3, 0.8, 0.6)), at((0.7, 0.8, 0.6)), at((0.32, 0.78, 0.6)), at((0.68, 0.8, 0.62))]
+    summary = summarise_lesion_like(collapsed, ref)
+    assert summary["rates"]["location"] == 1.0
+    assert summary["real_position_spread"] > 0.3 and summary["position_spread"] < 0.1
+    assert summary["position_spread_lesion_like"] == pytest.approx(summary["position_spread"])  # all pass here
+    assert position_spread(np.array([[0.3, 0.5, 0.5], [0.7, 0.5, 0.5]])) == pytest.approx(0.0)  # mirror images
+    assert position_spread(np.zeros((1, 3))) is None
+    assert summarise_lesion_like(collapsed[:1], ref)["position_spread"] is None
+
+
+def test_site_spread_in_both_hemispheres_leaves_a_lesions_own_mirror_out():
+    """Two lesions at mirror-image sites are one place when the sites count in both hemispheres; a lesion's own
+    mirror image never counts as its neighbour; the result is the brute-force leave-one-out maximum."""
+    from neuromf.data.brain import mirrored_sites, site_spread
+
+    sites = np.array([[0.2, 0.5, 0.5], [0.8, 0.5, 0.5], [0.3, 0.9, 0.5]])
+    assert site_spread(sites) == pytest.approx(0.6)  # one hemisphere: the second site is 0.6 from the first
+    both = site_spread(sites, mirrored=True)
+    expected = max(min(np.linalg.norm(sites[i] - other) for j, other in enumerate(mirrored_sites(sites))
+                       if j % len(sites) != i) for i in range(len(sites)))
+    assert both == pytest.approx(expected) and both == pytest.approx(np.hypot(0.1, 0.4))
+    lone = np.array([[0.1, 0.5, 0.5], [0.4, 0.5, 0.5]])
+    assert site_spread(lone, mirrored=True) == pytest.approx(0.3)  # not 0.0 / 0.2 to its own mirror at 0.9 / 0.6
+    assert site_spread(sites[:1], mirrored=True) is None

@@ -73,12 +73,35 @@ def nearest_site_distances(positions: np.ndarray, sites: np.ndarray) -> np.ndarr
     return np.linalg.norm(diff, axis=-1).min(axis=1)
 
 
-def site_spread(sites: np.ndarray) -> float | None:
-    """The largest leave-one-out nearest-neighbour distance among (K, 3) sites: how far from every other site a
-    real lesion can lie; None for fewer than two sites."""
-    sites = np.asarray(sites, dtype=np.float64)
-    if len(sites) < 2:
+def position_spread(positions: np.ndarray) -> float | None:
+    """Median distance between two of (K, 3) normalised positions, hemispheres folded together (axis 0 runs
+    left -> right; a site and its mirror image count as one place, as training mirrors the cases): how varied the
+    lesion sites of a set are. None for fewer than two positions."""
+    points = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    if len(points) < 2:
         return None
-    distances = np.linalg.norm(sites[:, None] - sites[None], axis=-1)
-    np.fill_diagonal(distances, np.inf)
+    folded = np.concatenate([np.abs(points[:, :1] - 0.5), points[:, 1:]], axis=1)
+    distances = np.linalg.norm(folded[:, None] - folded[None], axis=-1)
+    return float(np.median(distances[np.triu_indices(len(points), k=1)]))
+
+
+def mirrored_sites(sites: np.ndarray) -> np.ndarray:
+    """(K, 3) normalised sites followed by their left-right mirror images (axis 0 runs left -> right): (2K, 3)."""
+    sites = np.asarray(sites, dtype=np.float64).reshape(-1, 3)
+    return np.concatenate([sites, sites * [-1.0, 1.0, 1.0] + [1.0, 0.0, 0.0]])
+
+
+def site_spread(sites: np.ndarray, mirrored: bool = False) -> float | None:
+    """The largest leave-one-out nearest-neighbour distance among (K, 3) sites: how far from every other site a
+    real lesion can lie; None for fewer than two sites. With `mirrored`, the other sites count in both hemispheres
+    (a lesion's own mirror image is left out with it), as distances to the sites are then measured."""
+    sites = np.asarray(sites, dtype=np.float64).reshape(-1, 3)
+    k = len(sites)
+    if k < 2:
+        return None
+    others = mirrored_sites(sites) if mirrored else sites
+    distances = np.linalg.norm(sites[:, None] - others[None], axis=-1)
+    distances[np.arange(k), np.arange(k)] = np.inf
+    if mirrored:
+        distances[np.arange(k), k + np.arange(k)] = np.inf
     return float(distances.min(axis=1).max())

@@ -341,7 +341,10 @@ def _lesion_like_row(check: Check, ctx: ReportContext, generated_dir: Path, metr
               f"{100 * target:.0f}%); per criterion: "
               + ", ".join(f"{CRITERION_NAMES[c]} {100 * rates[c]:.0f}%" for c in CRITERIA)
               + f"; volume KS vs real {fmt(summary.get('volume_ks_statistic'), 2)}"
-              + f"; contrast KS vs real {fmt(summary.get('contrast_ks_statistic'), 2)}")
+              + f"; contrast KS vs real {fmt(summary.get('contrast_ks_statistic'), 2)}"
+              + f"; lesion sites' spread {fmt(summary.get('position_spread'), 2)} (lesion-like "
+                f"{fmt(summary.get('position_spread_lesion_like'), 2)}; real "
+                f"{fmt(summary.get('real_position_spread'), 2)})")
     failed = []
     if rate < target:
         weakest = sorted(CRITERIA, key=lambda c: rates[c])[:2]
