@@ -85,7 +85,8 @@ def fine_tune(config: str | Path | RunConfig = "demo_lora", base_checkpoint: str
 
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path | None = None, mode: str = "auto",
              steps: int = 1, seed: int = 0, device: str = "auto", masks: list | None = None,
-             method: str = "meanflow") -> list:
+             method: str = "meanflow", render: str | Path | None = None, guidance: float | None = None,
+             joint_guidance: float | None = None) -> list:
     """Generated FLAIR + lesion mask pairs (`neuromf.generate.GeneratedPair`: image, mask, affine, meta).
 
     Args:
@@ -95,6 +96,10 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
             them, `n` masks are drawn from the adapter's prior of real lesions.
         out: also write them as `sample_XXX_{flair,mask}.nii.gz` + `sample_XXX.json`.
         method: sampler, "meanflow" (k-step MeanFlow, 1 step by default) or "euler" (`steps` Euler steps).
+        render: joint mode only: a conditional adapter that renders each pair's FLAIR again for its mask
+            (two-stage synthesis, `generate --render`).
+        guidance: the conditional adapter's (or the renderer's) mask guidance scale; None = the adapter's own.
+        joint_guidance: joint mode only: guidance against the empty mask's path (1 = none); None = the adapter's.
 
     Returns:
         The list of pairs (sample i depends only on (seed, i)).
@@ -105,13 +110,16 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
     if generation_mode(adapter, mode) == "conditional":
         from neuromf.pipelines.conditional import generate_conditional_pairs
 
-        pairs = list(generate_conditional_pairs(adapter, n, steps, seed, device, masks, method=method))
+        if render is not None or joint_guidance is not None:
+            raise ValueError("render and joint_guidance are for a joint adapter (mode='joint')")
+        pairs = list(generate_conditional_pairs(adapter, n, steps, seed, device, masks, method=method,
+                                                guidance=guidance))
     else:
         if masks is not None:
             raise ValueError("masks need a conditional adapter (mode='conditional')")
         from neuromf.pipelines.lora import generate_pairs as joint_pairs
 
-        pairs = list(joint_pairs(adapter, n, steps, seed, device, method))
+        pairs = list(joint_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance))
     if out is not None:
         write_pairs(pairs, Path(out))
     return pairs

@@ -247,6 +247,17 @@ def test_joint_masks_rendered_by_a_conditional_adapter(joint_sdf_run, conditiona
         expected = cond.generate(pair.mask, noise[i, :4], steps=2, method="euler")
         np.testing.assert_allclose(flair, expected, atol=1e-4)
         assert not np.allclose(flair, pair.image, atol=1e-3)  # the joint image was replaced
+    import neuromf
+
+    scripted = neuromf.generate_pairs(joint_sdf_adapter, n=2, steps=2, seed=3, device="cpu", method="euler",
+                                      render=conditional_run.export)  # the Python API renders as the CLI does
+    for i, pair in enumerate(scripted):
+        assert np.array_equal(pair.mask, np.asarray(nib.load(out / f"sample_00{i}_mask.nii.gz").dataobj))
+        np.testing.assert_allclose(pair.image, np.asarray(nib.load(out / f"sample_00{i}_flair.nii.gz").dataobj),
+                                   atol=1e-4)
+        assert pair.meta["rendered_by"] == str(conditional_run.export.resolve())
+    with pytest.raises(ValueError, match="render and joint_guidance are for a joint adapter"):
+        neuromf.generate_pairs(conditional_run.export, mode="conditional", render=conditional_run.export)
     with pytest.raises(SystemExit, match="--render renders the masks of a joint adapter"):
         cli(["generate", "--adapter", str(conditional_run.export), "--mode", "conditional",
              "--render", str(conditional_run.export), "--out", str(tmp_path / "o")])
