@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate-steps", type=int, default=30)
     parser.add_argument("--safety", type=float, default=0.85, help="share of the measured rate planned for")
     parser.add_argument("--save-margin-s", type=float, default=20.0, help="time kept for the final save")
+    parser.add_argument("--max-steps", type=int, help="at most this many steps (the schedule's length when they fit)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = measure_step_rate(train_fn, overrides, args.config, args.base, args.calibrate_steps, out_dir)
     left = stop_at - time.time()
     max_steps = max(args.calibrate_steps, int(rate * left * args.safety))
+    max_steps = min(max_steps, args.max_steps) if args.max_steps else max_steps
     cfg = load_config(args.config, {**overrides, "training.max_steps": max_steps})
     print(f"[train_for] {rate:.2f} steps/s measured; {left:.0f} s left: max_steps = {max_steps}", flush=True)
 

@@ -60,3 +60,10 @@ def test_a_deadline_already_passed_stops_at_once_and_saves_the_adapter(train_for
     assert record["stopped_at_deadline"] and record["reached_step"] < 4
     assert (tmp_path / "run" / "adapter" / "neuromf_adapter.json").is_file()
     assert (tmp_path / "run" / "checkpoint.safetensors").is_file()  # resumable like any stopped run
+
+
+def test_max_steps_caps_a_plan_that_would_run_longer(train_for, tmp_path, phantom_dir, tiny_vae_dir, tiny_base_dir):
+    config = _config_file(tmp_path, phantom_dir, tiny_vae_dir)
+    record = _run(train_for, config, tiny_base_dir, tmp_path / "run", time.time() + 600, "--max-steps", "5")
+    assert record["planned_steps"] == 5 and record["reached_step"] == 5 and not record["stopped_at_deadline"]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]["max_steps"] == 5

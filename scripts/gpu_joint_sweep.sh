@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# One lent-GPU command (BUDGET_S seconds, default 540) that trains several variants of the 2 mm joint recipe side by
+# side and judges each as the CPU rounds did: calibrate-guidance (--store), then per seed 16 pairs drawn with Euler
+# 32 steps, FLAIR rendered by cond_fine, `neuromf evaluate`, and a pairs grid (scripts/pairs_grid.py). What the
+# 2 CPU cores do in a day (about 35 min per training, 12 min per 16 rendered pairs) fits in one command.
+# Results in $OUT: sweep.tar.gz.part-* (per run: adapter, losses.csv, loss curve, calibration.json, per seed
+# metrics.json + pairs_grid.png; no checkpoint, no NIfTI), a log per run, setup.log:
+# `cat sweep.tar.gz.part-* | tar -xz`.
+#
+#   OUT=/tmp/sweep_out bash scripts/gpu_joint_sweep.sh            # on the GPU machine, from the repository root
+#   SMOKE=1 OUT=/tmp/sweep_out bash scripts/gpu_joint_sweep.sh    # CPU check of the script itself (tiny budgets)
+#   VARIANTS="joint_b8 joint_long" ...                            # only these variants
+#
+# Needs .site/*.tar.gz (`bash scripts/gpu_session.sh --pack`) named in the device call's carry.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:?set OUT to the results folder}"
+mkdir -p "$OUT"
+T0=$(date +%s)
+END=$((T0 + ${BUDGET_S:-540}))
+PY="$(command -v python3)"
+RUNS=/tmp/neuromf_sweep
+mkdir -p /tmp/neuromf_site "$RUNS"
+for archive in .site/*.tar.gz; do [ -f "$archive" ] && tar -xzf "$archive" -C /tmp/neuromf_site; done
+export PYTHONPATH="$PWD/backend:$PWD:/tmp/neuromf_site" PYTHONUNBUFFERED=1
+if [ -n "${SMOKE:-}" ]; then  # this machine's latent cache already holds the unaugmented 2 mm latents
+  PY="$PWD/.venv/bin/python"
+  DEVICE=cpu STEPS_SHORT=2 STEPS_LONG=3 AUG=1 N=2 SEEDS="0" EULER=2 SCALES="1 1.1" CAL_N=2 THREADS=1 CACHE=""
+  EVAL_S=60 VARIANTS=${VARIANTS:-"joint_b8 joint_aug8_long"}  # 2 cores: two of them, one per path
+else
+  DEVICE=cuda STEPS_SHORT=350 STEPS_LONG=${STEPS_LONG:-800} AUG=8 N=16 SEEDS="0 1 2" EULER=32
+  SCALES="1 1.05 1.1 1.2" CAL_N=8 THREADS=3 CACHE=/tmp/neuromf_cache_ EVAL_S=${EVAL_S:-170}  # a cache per run
+fi
+"$PY" -c "import monai, nibabel, peft, neuromf; print('monai', monai.__version__, 'peft', peft.__version__)" \
+  >"$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
+(nvidia-smi || true) >>"$OUT/setup.log" 2>&1
+# the 2 mm phantoms (85 FCD + 85 healthy, seed 0) are made on first use; once, before the runs read them
+"$PY" -c "from neuromf.data.embedded import FINE_PHANTOMS, generated_phantoms; generated_phantoms(FINE_PHANTOMS, progress=False)" \
+  >>"$OUT/setup.log" 2>&1
+echo "phantoms done at +$(( $(date +%s) - T0 )) s" >>"$OUT/setup.log"
+
+left() { echo $(( END - $(date +%s) )); }
+budget() { local s=$(( $(left) - $1 )); echo $(( s > 5 ? s : 5 )); }  # seconds to the end, less a share kept
+variant() {  # name, steps (0: as many as fit before the evaluation's share of the budget, at most STEPS_LONG),
+  local name=$1 steps=$2 dir="$RUNS/$1"  # then --set overrides: train, calibrate, draw and judge, within the budget
+  shift 2
+  [ -z "${VARIANTS:-}" ] || [[ " $VARIANTS " == *" $name "* ]] || return 0
+  local sets=(--set training.checkpoint_every=0 --set training.device="$DEVICE")
+  [ -n "$CACHE" ] && sets+=(--set data.cache_dir="$CACHE$name")
+  for kv in "$@"; do sets+=(--set "$kv"); done
+  export OMP_NUM_THREADS=$THREADS
+  {
+    if [ "$steps" = 0 ]; then
+      "$PY" scripts/train_for.py --pipeline lora --config joint_fine --base embedded-fine --max-steps "$STEPS_LONG" \
+        --deadline $(( END - EVAL_S )) --calibrate-steps $(( STEPS_SHORT < 30 ? 2 : 30 )) \
+        --set training.output_dir="$dir" "${sets[@]}" || return
+    else
+      timeout $(budget $EVAL_S) "$PY" -m neuromf train-lora --config joint_fine --base_checkpoint embedded-fine \
+        --output-dir "$dir" --overwrite --set training.max_steps="$steps" "${sets[@]}" || return
+    fi
+    timeout $(budget 60) "$PY" -m neuromf calibrate-guidance --adapter "$dir/adapter" --store --n "$CAL_N" \
+      --steps "$EULER" --scales $SCALES --device "$DEVICE" --out "$dir/calibration.json"
+    for seed in $SEEDS; do
+      [ "$(left)" -gt 40 ] || break
+      timeout $(budget 20) "$PY" -m neuromf generate --adapter "$dir/adapter" --mode joint \
+        --render embedded-fine --sampler euler --steps "$EULER" --n "$N" --seed "$seed" --device "$DEVICE" \
+        --out "$dir/gen_s$seed" || break
+      "$PY" -m neuromf evaluate --adapter "$dir/adapter" --mode joint --generated "$dir/gen_s$seed" \
+        --data embedded-fine --out "$dir/gen_s$seed/metrics.json"
+      "$PY" scripts/pairs_grid.py "$dir/gen_s$seed"
+    done
+  } >"$OUT/$name.log" 2>&1
+}
+variant joint_b8 "$STEPS_SHORT" &
+variant joint_aug8 "$STEPS_SHORT" data.augment_copies=$AUG &
+variant joint_aug8_long 0 data.augment_copies=$AUG &
+variant joint_aug8_long_s1 0 data.augment_copies=$AUG training.seed=1 &
+variant joint_long 0 &
+wait
+echo "runs done at +$(( $(date +%s) - T0 )) s" >>"$OUT/setup.log"
+# the device returns at most 8 files of <= 16 MiB: everything but checkpoints and volumes, as one archive in parts
+(cd "$RUNS" && tar -czf - --exclude='checkpoint*' --exclude='*.nii.gz' --exclude='previews' --exclude='*_calibration' .) \
+  | split -b 15M - "$OUT/sweep.tar.gz.part-"
+echo "done at +$(( $(date +%s) - T0 )) s" >>"$OUT/setup.log"
