@@ -341,3 +341,19 @@ def test_site_spread_in_both_hemispheres_leaves_a_lesions_own_mirror_out():
     lone = np.array([[0.1, 0.5, 0.5], [0.4, 0.5, 0.5]])
     assert site_spread(lone, mirrored=True) == pytest.approx(0.3)  # not 0.0 / 0.2 to its own mirror at 0.9 / 0.6
     assert site_spread(sites[:1], mirrored=True) is None
+
+
+def test_site_map_draws_real_and_generated_sites(tmp_path):
+    from PIL import Image
+
+    from neuromf.eval.figures import site_map
+
+    real = [[0.2, 0.8, 0.6], [0.7, 0.3, 0.5], [0.4, 0.5, 0.7]]
+    png = site_map(real, [([0.25, 0.8, 0.6], True), ([0.5, 0.1, 0.2], False)], tmp_path / "sites.png", title="t")
+    with Image.open(png) as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    green = (pixels[..., 1] > 120) & (pixels[..., 0] < 100) & (pixels[..., 2] < 100)
+    red = (pixels[..., 0] > 180) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+    assert green.sum() > 20 and red.sum() > 20  # both kinds of generated site are drawn, in both views
+    empty = site_map(real, [], tmp_path / "none.png")
+    assert empty.is_file()

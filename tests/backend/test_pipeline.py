@@ -191,6 +191,7 @@ def test_generate_pairs_and_evaluate_and_verify(lora_run, phantom_dir, tmp_path)
                 "--out", str(stage / "metrics" / "metrics.json")]) == 0
     metrics = json.loads((stage / "metrics" / "metrics.json").read_text())
     assert metrics["n_generated"] == 3
+    assert (stage / "metrics" / "metrics_sites.png").stat().st_size > 0  # where the lesions lie, beside the real
     (stage / "generated").mkdir()
     for p in out.iterdir():
         (stage / "generated" / p.name).write_bytes(p.read_bytes())

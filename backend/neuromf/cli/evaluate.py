@@ -27,6 +27,16 @@ def cmd_evaluate(args) -> int:
             f"{fmt(like['reference']['median_contrast'])}, contrast KS {fmt(summary['contrast_ks_statistic'])}, "
             f"brighter than any real lesion: {fmt(summary['share_brighter_than_real'])}); lesion sites' spread "
             f"{fmt(summary['position_spread'])} (real {fmt(summary['real_position_spread'])})")
+    if like["reference"] is not None:
+        from neuromf.eval.figures import site_map
+
+        sites = site_map(like["reference"]["positions"],
+                         [(row["position"], bool(row["lesion_like"])) for row in like["samples"] if row["position"]],
+                         Path(args.out).with_name(Path(args.out).stem + "_sites.png"),
+                         title=f"lesion sites: spread {fmt(summary['position_spread'])} (lesion-like "
+                               f"{fmt(summary['position_spread_lesion_like'])}), real "
+                               f"{fmt(summary['real_position_spread'])}")
+        print(f"wrote {sites}")
     if args.empty_mask_control:
         from neuromf.pipelines.conditional import empty_mask_control
         from neuromf.utils import atomic_write_json

@@ -77,3 +77,42 @@ def sample_montage(images: list[np.ndarray], out_png: Path, title: str = "") -> 
     finally:
         plt.close(fig)
     return Path(out_png)
+
+
+def site_map(real_positions: list[list[float]], generated: list[tuple[list[float], bool]], out_png: Path,
+             title: str = "") -> Path:
+    """Where the lesions lie: real and generated lesion centroids in brain-box coordinates (0..1 per axis),
+    hemispheres folded (distance from the midline), seen from above (left-right vs posterior-anterior) and from
+    the side (posterior-anterior vs inferior-superior). Real sites grey, lesion-like generated ones green, the
+    rest red crosses: a generator whose lesions all sit in one place shows one cluster."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def folded(points: list[list[float]]) -> np.ndarray:
+        array = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        return np.column_stack([np.abs(array[:, 0] - 0.5), array[:, 1], array[:, 2]])
+
+    real = folded(real_positions)
+    like = folded([p for p, ok in generated if ok])
+    other = folded([p for p, ok in generated if not ok])
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4), dpi=100)
+    for ax, (i, j, xlabel, ylabel) in zip(axes, ((0, 1, "distance from midline", "posterior -> anterior"),
+                                                  (1, 2, "posterior -> anterior", "inferior -> superior"))):
+        ax.scatter(real[:, i], real[:, j], s=14, c="0.6", label=f"real ({len(real)})")
+        ax.scatter(like[:, i], like[:, j], s=22, c="tab:green", label=f"generated, lesion-like ({len(like)})")
+        ax.scatter(other[:, i], other[:, j], s=22, c="tab:red", marker="x", label=f"generated, other ({len(other)})")
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_xlim(0, 0.5 if i == 0 else 1)
+        ax.set_ylim(0, 1)
+    axes[0].legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    try:
+        atomic_write(Path(out_png), lambda p: fig.savefig(p, format="png"))
+    finally:
+        plt.close(fig)
+    return Path(out_png)
