@@ -3,20 +3,12 @@ the mask prior (where a generated lesion may go) and the lesion-likeness check (
 
 from __future__ import annotations
 
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 BRAIN_THRESHOLD = 0.05  # FLAIR intensities on the model grid are ~[0, 1.5]; background is ~0
-# the packaged MNI152 tissue template (grey/white/CSF fractions, 2 mm; `neuromf.data.make_tissue_template`)
-TEMPLATE_PATH = Path(__file__).parent / "tissue_template.npz"
-# the posterior fossa (cerebellum, brainstem) in MNI millimetres: FCD is a malformation of the cerebral cortex, and
-# the phantom generator places no lesion there (`neuromf.data.phantom` uses the same bounds)
-POSTERIOR_FOSSA_BELOW_Y_MM = -30.0
-POSTERIOR_FOSSA_BELOW_Z_MM = -8.0
 # 26-connectivity: voxels touching at an edge or corner belong to the same component
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -113,27 +105,3 @@ def site_spread(sites: np.ndarray, mirrored: bool = False) -> float | None:
     if mirrored:
         distances[np.arange(k), k + np.arange(k)] = np.inf
     return float(distances.min(axis=1).max())
-
-
-@cache
-def template_brain_box_mm() -> tuple[np.ndarray, np.ndarray]:
-    """(lowest, highest) MNI millimetres of the packaged template's brain (tissue fractions summing > 0.5)."""
-    with np.load(TEMPLATE_PATH) as data:
-        affine = np.asarray(data["affine"], dtype=np.float64)
-        brain = (data["gm"].astype(np.float32) + data["wm"] + data["csf"]) / 255.0 > 0.5
-    low, high = brain_box(brain)
-    return affine[:3, :3] @ low + affine[:3, 3], affine[:3, :3] @ high + affine[:3, 3]
-
-
-def mni_position(position: list[float] | np.ndarray) -> np.ndarray:
-    """A brain-box-normalised position (`lesion_position`) in approximate MNI millimetres: the brain's bounding box
-    mapped onto the template brain's (an affine registration by bounding boxes; RAS axes on both sides)."""
-    low, high = template_brain_box_mm()
-    return low + np.asarray(position, dtype=np.float64) * (high - low)
-
-
-def in_posterior_fossa(position: list[float] | np.ndarray) -> bool:
-    """Whether a brain-box-normalised lesion centroid lies in the posterior fossa (cerebellum, brainstem), judged
-    in MNI millimetres through `mni_position`."""
-    _, y, z = mni_position(position)
-    return bool(y < POSTERIOR_FOSSA_BELOW_Y_MM and z < POSTERIOR_FOSSA_BELOW_Z_MM)

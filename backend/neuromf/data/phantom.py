@@ -34,8 +34,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from neuromf.data.brain import POSTERIOR_FOSSA_BELOW_Y_MM, POSTERIOR_FOSSA_BELOW_Z_MM, TEMPLATE_PATH
-
+TEMPLATE_PATH = Path(__file__).parent / "tissue_template.npz"
 FLAIR_SCALE = 1000.0  # float FLAIR (WM ~0.5) -> int16 stored in the NIfTI files
 GENERATOR_NAME = "neuromf phantom generator"
 
@@ -170,7 +169,7 @@ def _lesion_centre_candidates(
     x, y, z = template_mm
     junction = (gm > 0.3) & (wm > 0.3) & (depth_mm >= _MIN_DEPTH_MM) & (depth_mm <= _MAX_DEPTH_MM)
     junction &= np.abs(x) >= _MIN_ABS_X_MM
-    cerebellum = (y < POSTERIOR_FOSSA_BELOW_Y_MM) & (z < POSTERIOR_FOSSA_BELOW_Z_MM)
+    cerebellum = (y < -30) & (z < -8)
     deep_grey = (np.abs(x) < 33) & (y > -40) & (y < 25) & (z > -15) & (z < 22)  # basal ganglia, thalamus
     cortical = junction & ~cerebellum & ~deep_grey
     frontal = (y > 25) | ((y > -15) & (z > 5))

@@ -16,11 +16,7 @@ vs a 2-voxel ring of brain around it). `reference_from_real` turns the real lesi
   lie from each other (the largest leave-one-out nearest-neighbour distance among them); the real sites count in
   both hemispheres (mirrored left-right, as training mirrors the cases), for the lesion and for that spread alike
   (until round 10 the spread was taken in one hemisphere: 0.219 instead of 0.186 of the brain box for the 85
-  lesions at 2 mm, which let a cerebellar joint lesion pass); and it does not lie in the posterior fossa
-  (cerebellum, brainstem: the centroid mapped through the brain box into the MNI template, y < -30 mm and
-  z < -8 mm; `neuromf.data.brain.in_posterior_fossa`; FCD is a malformation of the cerebral cortex, and the
-  brain-box distance alone passed cerebellar joint lesions near inferior occipital sites): a lesion in the
-  cerebellum, brainstem or
+  lesions at 2 mm, which let a cerebellar joint lesion pass): a lesion in the cerebellum, brainstem or
   any other place no real lesion comes near fails, though its depth may be right;
 - contrast >= 1 + 0.5 x (median real contrast - 1), i.e. at least half of the real lesions' median excess.
 
@@ -43,7 +39,6 @@ from neuromf.data.brain import (
     brain_box,
     brain_mask,
     depth_map,
-    in_posterior_fossa,
     lesion_position,
     mirrored_sites,
     nearest_site_distances,
@@ -218,10 +213,7 @@ def lesion_like(stats: LesionStats, ref: LesionReference) -> dict[str, bool]:
 
 
 def _near_real_sites(stats: LesionStats, ref: LesionReference) -> bool:
-    """The location criterion: not in the posterior fossa, and near a real site (with fewer than two real lesions
-    there is no spread to judge by, so that part passes)."""
-    if stats.position is not None and in_posterior_fossa(stats.position):
-        return False
+    """The location criterion; with fewer than two real lesions there is no spread to judge by, so it passes."""
     if ref.max_position_distance is None:
         return True
     distance = ref.position_distance(stats)

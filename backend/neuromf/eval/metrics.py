@@ -245,9 +245,7 @@ def _lesion_like_section(generated: list[dict], real: list[dict], spacing: tuple
             "inside_brain": ">= 90% of the mask inside the brain (FLAIR > 0.05, largest component, holes filled)",
             "depth": "median depth below the brain surface within the real lesions' range",
             "location": "centroid (normalised to the brain's bounding box) no farther from the nearest real "
-                        "lesion's, either hemisphere, than the largest leave-one-out nearest-neighbour distance among "
-                        "the real lesions (both hemispheres), and not in the posterior fossa (MNI y < -30 and "
-                        "z < -8 mm through the brain box)",
+                        "lesion's than the largest leave-one-out nearest-neighbour distance among the real lesions",
             "contrast": f"mean FLAIR in mask / in a {SHELL_VOXELS}-voxel ring of brain >= 1 + 0.5 x (median real "
                         "contrast - 1)",
         },
