@@ -192,6 +192,14 @@ def test_generate_pairs_and_evaluate_and_verify(lora_run, phantom_dir, tmp_path)
     metrics = json.loads((stage / "metrics" / "metrics.json").read_text())
     assert metrics["n_generated"] == 3
     assert (stage / "metrics" / "metrics_sites.png").stat().st_size > 0  # where the lesions lie, beside the real
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pairs_grid", Path(__file__).parents[2] / "scripts" / "pairs_grid.py")
+    pairs_grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pairs_grid)
+    grid = tmp_path / "grid.png"
+    assert pairs_grid.main([str(out), "--metrics", str(stage / "metrics" / "metrics.json"), "--out", str(grid)]) == 0
+    assert grid.stat().st_size > 0
     (stage / "generated").mkdir()
     for p in out.iterdir():
         (stage / "generated" / p.name).write_bytes(p.read_bytes())
