@@ -4,6 +4,7 @@ atomically with matplotlib's Agg backend (no display needed)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,15 +43,7 @@ def lesion_montage(image: np.ndarray, mask: np.ndarray, out_png: Path, title: st
             ax.contour(mask_slice.T.astype(np.float32), levels=[0.5], colors="red", linewidths=1.0)
         ax.set_title(f"{name} ({where})", fontsize=9)
         ax.set_axis_off()
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    try:
-        atomic_write(out_png, lambda p: fig.savefig(p, format="png"))
-    finally:
-        plt.close(fig)
-    return out_png
+    return _save(fig, out_png, title)
 
 
 def sample_montage(images: list[np.ndarray], out_png: Path, title: str = "") -> Path:
@@ -69,14 +62,7 @@ def sample_montage(images: list[np.ndarray], out_png: Path, title: str = "") -> 
             ax.imshow(cut.T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0)
             ax.set_title(name, fontsize=8)
             ax.set_axis_off()
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    try:
-        atomic_write(Path(out_png), lambda p: fig.savefig(p, format="png"))
-    finally:
-        plt.close(fig)
-    return Path(out_png)
+    return _save(fig, out_png, title)
 
 
 def site_map(real_positions: list[list[float]], generated: list[tuple[list[float], bool]], out_png: Path,
@@ -108,8 +94,15 @@ def site_map(real_positions: list[list[float]], generated: list[tuple[list[float
         ax.set_xlim(0, 0.5 if i == 0 else 1)
         ax.set_ylim(0, 1)
     axes[0].legend(fontsize=7, loc="lower right")
+    return _save(fig, out_png, title, fontsize=9)
+
+
+def _save(fig: Any, out_png: Path, title: str = "", fontsize: int = 10) -> Path:
+    """Title, tight layout, PNG written atomically, figure closed (also when the write fails)."""
+    import matplotlib.pyplot as plt
+
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     try:
         atomic_write(Path(out_png), lambda p: fig.savefig(p, format="png"))
