@@ -102,8 +102,8 @@ class FCDDataset(Dataset):
         clock = EncodingClock(len(cases))
         for case in tqdm(cases, desc="encoding cases", disable=not self._progress, unit="case"):
             preprocessed = functools.cache(functools.partial(preprocess_pair, case.image, case.mask, self.prep))
-            for item_id, mirrored, copy in self._variants(case.case_id):
-                moves = self.augment.moves(case.case_id + ("_flip" if mirrored else ""), copy) if copy else None
+            for name, mirrored, copy in self._variants(case.case_id):
+                moves = self._moves(case.case_id, mirrored, copy)
                 tensors = encode_case(case.image, case.mask, self.vae, self.prep, self.cache, flip=mirrored,
                                       encode_mask=self.mask_strategy == "vae", moves=moves, preprocessed=preprocessed)
                 if case.mask is None:
@@ -113,7 +113,7 @@ class FCDDataset(Dataset):
                         continue
                     warnings.warn(f"{case.mask}: empty lesion mask, case {case.case_id} skipped", stacklevel=2)
                     break
-                self.items.append((item_id, tensors))
+                self.items.append((name, tensors))
             yield clock.tick(case.case_id)
         if not self.items:
             raise DataError(f"{self.root}: every FCD case has an empty mask")
@@ -123,9 +123,14 @@ class FCDDataset(Dataset):
 
     def _variants(self, case_id: str) -> list[tuple[str, bool, int]]:
         """(item id, mirrored, copy) of every item a case gives: original first, copy 0 = unmoved."""
-        return [(case_id + ("_flip" if mirrored else "") + (f"_aff{copy}" if copy else ""), mirrored, copy)
+        return [(item_id(case_id, mirrored, copy), mirrored, copy)
                 for mirrored in ((False, True) if self._flip else (False,))
                 for copy in range(self.augment.copies + 1)]
+
+    def _moves(self, case_id: str, mirrored: bool, copy: int) -> dict[str, list[float]] | None:
+        """The affine move of an item (None for copy 0), drawn for the case as mirrored: encoding and
+        `image_volume` must move an item alike."""
+        return self.augment.moves(item_id(case_id, mirrored), copy) if copy else None
 
     @property
     def channels(self) -> tuple[int, int]:
@@ -161,10 +166,8 @@ class FCDDataset(Dataset):
         case_id, mirrored, copy = item_parts(item_id)
         image = preprocess_image(next(c for c in self.cases if c.case_id == case_id).image, self.prep).data
         image = image.flip(LR_AXIS) if mirrored else image
-        if copy:
-            moves = self.augment.moves(case_id + ("_flip" if mirrored else ""), copy)
-            image, _ = apply_moves(image, None, moves, self.prep.spacing)
-        return image
+        moves = self._moves(case_id, mirrored, copy)
+        return image if moves is None else apply_moves(image, None, moves, self.prep.spacing)[0]
 
     def latents(self) -> torch.Tensor:
         """All joint latents stacked (N, C, h, w, d)."""
@@ -185,8 +188,13 @@ class FCDDataset(Dataset):
         return torch.cat([latents, pixel_unshuffle_3d(self.masks(), DOWNSAMPLE)], dim=1)
 
 
+def item_id(case_id: str, mirrored: bool = False, copy: int = 0) -> str:
+    """An `FCDDataset` item's id: the case id, `_flip` when mirrored, `_aff<copy>` for a moved copy."""
+    return case_id + ("_flip" if mirrored else "") + (f"_aff{copy}" if copy else "")
+
+
 def item_parts(item_id: str) -> tuple[str, bool, int]:
-    """(case id, mirrored, augmented copy; 0 = unmoved) of an `FCDDataset` item id."""
+    """(case id, mirrored, augmented copy; 0 = unmoved) of an `FCDDataset` item id: `item_id` read back."""
     base, marker, copy = item_id.rpartition("_aff")
     if not (marker and copy.isdigit()):
         base, copy = item_id, "0"
