@@ -746,9 +746,8 @@ def lesion_cautions(mask: Any, adapter: str) -> list[str]:
     on: a volume far outside theirs, or a lesion mostly outside the brain of the training scans."""
     import numpy as np
 
-    from neuromf.data.mask_prior import MaskPrior
+    from neuromf.data.mask_prior import PRIOR, MaskPrior
     from neuromf.models.adapter_meta import resolve_adapter_dir
-    from neuromf.pipelines.conditional import PRIOR
 
     prior = MaskPrior.load(resolve_adapter_dir(adapter, "conditional") / PRIOR)
     lesion = np.asarray(mask) > 0

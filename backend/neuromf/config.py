@@ -150,6 +150,9 @@ class LoraConfigSection(_Section):
     # estimate at small t is the input itself; None: x^ = F, which the LoRA'd UNet must learn to copy (it shrank
     # lesions it was shown almost noise-free)
     mask_sigma_data: float | None = bounded(None, 0, low_open=True)
+    # joint mode: one more clean input channel tells the model where the lesion goes (`neuromf.models.site`); the
+    # sites generation draws come from the training lesions' (the adapter's mask prior)
+    site_condition: bool = False
 
 
 @dataclass

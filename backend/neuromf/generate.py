@@ -84,7 +84,7 @@ def write_pairs(pairs: Iterable[GeneratedPair], out_dir: Path) -> list[Path]:
 @torch.no_grad()
 def sample_latents(model: MeanFlowUNet, latent_shape: list[int], n: int, steps: int, seed: int,
                    device: torch.device, method: str = "meanflow", batch_size: int = 4,
-                   velocity: Callable[[torch.Tensor], VelocityFn] | None = None
+                   velocity: Callable[[torch.Tensor, int], VelocityFn] | None = None
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Latent batches from fixed-seed noise: sample i always gets the same noise, whatever the batch size.
 
@@ -97,8 +97,8 @@ def sample_latents(model: MeanFlowUNet, latent_shape: list[int], n: int, steps: 
         device: where the model runs.
         method: "meanflow" or "euler" (`neuromf.meanflow.sample`).
         batch_size: samples per model call; the last batch may be smaller.
-        velocity: builds the velocity a batch is sampled with from its noise (on `device`), e.g. guidance that
-            follows each sample's own noise; None: `model` itself.
+        velocity: builds the velocity a batch is sampled with from its noise (on `device`) and the index of its
+            first sample, e.g. guidance that follows each sample's own noise; None: `model` itself.
     Yields:
         (noise, latents): both (B, C, h, w, d) on the CPU, noise at t = 1 and the sampled latents at t = 0.
     """
@@ -108,7 +108,7 @@ def sample_latents(model: MeanFlowUNet, latent_shape: list[int], n: int, steps: 
     for start in range(0, n, batch_size):
         batch = noise[start:start + batch_size]
         on_device = batch.to(device)
-        fn = model if velocity is None else velocity(on_device)
+        fn = model if velocity is None else velocity(on_device, start)
         yield batch, sample(fn, on_device, steps=steps, method=method).cpu()
 
 

@@ -287,6 +287,40 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
     assert target_outside_scales(grid, 200.0)
 
 
+def test_site_conditioned_joint_adapter_trains_saves_its_sites_and_generates_at_them(tmp_path, phantom_dir,
+                                                                                    tiny_vae_dir, tiny_base_dir,
+                                                                                    shared_cache):
+    """`lora.site_condition`: the model takes one more input channel (the site blob), the adapter carries the
+    training lesions' mask prior, and generation draws a site per pair from it, records it and conditions on it."""
+    from neuromf.data.mask_prior import PRIOR, MaskPrior
+    from neuromf.models.joint import load_joint_model
+    from neuromf.models.site import draw_sites
+
+    cfg = lora_cfg(tmp_path, phantom_dir, tiny_vae_dir, tmp_path / "unused.json", **{
+        "data.mask_strategy": "sdf", "lora.mask_prediction": "x", "lora.site_condition": True,
+        "data.cache_dir": str(shared_cache), "training.max_steps": 3})
+    result = run_to_end(train_lora(cfg, tiny_base_dir, progress=False))
+    meta = json.loads((result.export / "neuromf_adapter.json").read_text())
+    assert meta["site_condition"] is True
+    prior = MaskPrior.load(result.export / PRIOR)
+    assert len(prior.lesions) == len([c for c in meta["train_cases"]])  # every phantom FCD case has a lesion
+    joint = load_joint_model(result.export, "cpu")
+    assert joint.model.model.conv_in.conv.in_channels == 4 + meta["channels"]["mask"] + 1
+    assert check_adapter(result.export)["forward_ok"]
+    out = tmp_path / "gen"
+    assert cli(["generate", "--adapter", str(result.export), "--n", "2", "--steps", "2", "--sampler", "euler",
+                "--seed", "5", "--device", "cpu", "--out", str(out)]) == 0
+    sites = [json.loads((out / f"sample_{i:03d}.json").read_text())["site_voxel"] for i in range(2)]
+    np.testing.assert_allclose(sites, draw_sites(prior, 2, seed=5).numpy(), atol=0.05)
+    noise = torch.randn(1, *meta["latent_shape"])
+    with pytest.raises(ValueError, match="sites"):
+        joint.velocity(noise)
+    with torch.no_grad():  # the trained site column makes the place matter
+        at = [joint.velocity(noise, sites=torch.tensor([site]))(noise, torch.zeros(1), torch.ones(1))
+              for site in ([8.0, 10.0, 12.0], [20.0, 14.0, 10.0])]
+    assert not torch.allclose(at[0], at[1])
+
+
 def test_stop_leaves_adapter_and_resume_continues(tmp_path, phantom_dir, tiny_vae_dir, tiny_base_dir, shared_cache):
     from threading import Event
 

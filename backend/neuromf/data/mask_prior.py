@@ -35,6 +35,8 @@ from neuromf.data.brain import (
 )
 from neuromf.utils import atomic_write
 
+# the prior's file in an adapter folder (a conditional adapter's lesions, a site-conditioned joint adapter's sites)
+PRIOR = "mask_prior.safetensors"
 MIN_INSIDE = 0.95
 # centres are drawn this share of the depth range away from its ends: the lesion's own median depth then
 # lands inside the range, not on its edge

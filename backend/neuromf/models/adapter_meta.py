@@ -60,6 +60,7 @@ class AdapterMeta:
     mask_prediction: str = "velocity"  # "x": the mask outputs are clean-latent estimates (MeanFlowUNet.x_channels)
     mask_sigma_data: float | None = None  # x-prediction's skip (MeanFlowUNet.x_sigma_data); None: no skip
     mask_mean: float = 0.0  # the skip's centre: the training mask channels' mean
+    site_condition: bool = False  # joint mode: the model takes a site channel (`neuromf.models.site`)
     lora_params: int | None = None
     # conditional mode
     controlnet: dict[str, Any] | None = None  # MeanFlowControlNet constructor arguments

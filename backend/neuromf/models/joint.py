@@ -7,6 +7,9 @@ checked (`check_adapter`: a forward pass works and the trainable share of parame
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,8 @@ import torch
 
 from neuromf.config import RunConfig
 from neuromf.data.mask_codec import decode_mask_channel, decode_sdf, tanh_threshold, upsample_mask
-from neuromf.generate import vae_for
+from neuromf.data.mask_prior import PRIOR, MaskPrior
+from neuromf.generate import sample_latents, vae_for
 from neuromf.meanflow.loss import VelocityFn
 from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
 from neuromf.models.flow_model import load_flow_model
@@ -29,9 +33,12 @@ from neuromf.models.lora import (
     set_mask_outputs,
     widen_io_channels,
 )
+from neuromf.models.site import SiteConditionedJoint, draw_sites
 from neuromf.models.unet import X_PREDICTION_MIN_T
 from neuromf.utils import resolve_device
 from neuromf.vae import MAISIVAEWrapper
+
+SAMPLE_BATCH = 4  # samples per model call when generating
 
 
 @dataclass
@@ -41,6 +48,8 @@ class JointModel:
     model: torch.nn.Module
     vae: MAISIVAEWrapper
     meta: AdapterMeta
+    # a site-conditioned adapter's sites (`neuromf.models.site`): the training lesions' mask prior
+    prior: MaskPrior | None = None
 
     @property
     def strategy(self) -> str:
@@ -68,14 +77,39 @@ class JointModel:
                              "downsample strategy")
         return -self.meta.mask_scale
 
-    def velocity(self, noise: torch.Tensor, guidance: float = 1.0) -> VelocityFn:
+    def velocity(self, noise: torch.Tensor, guidance: float = 1.0, sites: torch.Tensor | None = None) -> VelocityFn:
         """u(z, r, t) for a batch started from `noise`, with the mask channels guided by `guidance`
-        (`empty_path_guidance`; 1 = the model itself)."""
+        (`empty_path_guidance`; 1 = the model itself); a site-conditioned adapter needs the batch's `sites`
+        ((B, 3) image-grid voxel coordinates, `draw_sites`)."""
+        model = self.model
+        if self.meta.site_condition:
+            if sites is None:
+                raise ValueError("a site-conditioned joint adapter needs lesion sites (draw_sites)")
+            model = functools.partial(self.model, cond=sites.to(noise.device))
         if guidance == 1.0:
-            return self.model
+            return model
         if self.meta.mask_prediction != "x":
             raise ValueError("joint guidance needs an x-prediction adapter (lora.mask_prediction: x)")
-        return empty_path_guidance(self.model, self.meta.n_image, self.empty_mask_value, noise, guidance)
+        return empty_path_guidance(model, self.meta.n_image, self.empty_mask_value, noise, guidance)
+
+    def sample(self, n: int, steps: int, seed: int, device: torch.device, method: str = "euler",
+               guidance: float = 1.0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Joint latents from fixed-seed noise (`neuromf.generate.sample_latents`), guided by `guidance`: batches
+        of (noise, latents at t = 0, the batch's sites or None), on the CPU."""
+        sites = self.draw_sites(n, seed)
+
+        def velocity(noise: torch.Tensor, start: int) -> VelocityFn:
+            batch_sites = None if sites is None else sites[start:start + len(noise)]
+            return self.velocity(noise, guidance, batch_sites)
+
+        for start, (noise, z) in zip(itertools.count(0, SAMPLE_BATCH),
+                                     sample_latents(self.model, self.meta.latent_shape, n, steps, seed, device, method,
+                                                    batch_size=SAMPLE_BATCH, velocity=velocity)):
+            yield noise, z, None if sites is None else sites[start:start + len(noise)]
+
+    def draw_sites(self, n: int, seed: int) -> torch.Tensor | None:
+        """(n, 3) lesion sites for a site-conditioned adapter (site i depends only on (seed, i)); None otherwise."""
+        return draw_sites(self.prior, n, seed) if self.prior is not None else None
 
     def mask(self, z: torch.Tensor) -> torch.Tensor:
         """Decode only the mask of joint latents (B, n_image + n_mask, h, w, d): (B, 1, H, W, D) float in {0, 1}
@@ -146,7 +180,7 @@ def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int,
         raise ValueError(f"{base_checkpoint}: base model has {base.in_channels} input channels; stage 2 starts from "
                          "an image-only (4-channel) stage-1 model")
     channels = base.in_channels + n_mask
-    widen_io_channels(base, channels, channels)
+    widen_io_channels(base, channels + int(cfg.lora.site_condition), channels)
     set_mask_outputs(base, n_mask, cfg.lora.mask_prediction, cfg.lora.mask_passthrough, cfg.lora.mask_sigma_data,
                      mask_mean)
     model = inject_lora(base, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
@@ -174,7 +208,10 @@ def load_joint_model(adapter: str | Path, device: str | torch.device = "cpu", me
         raise ValueError(f"{directory}: adapter was trained on a different base model than {base_spec} "
                          "(weights hash differs)")
     model = load_adapter(base, directory, merge=merge).to(resolve_device(device)).eval()
-    return JointModel(model, vae_for(meta.vae_reference(), device=resolve_device(device)), meta)
+    prior = None
+    if meta.site_condition:
+        model, prior = SiteConditionedJoint(model, meta.n_image), MaskPrior.load(directory / PRIOR)
+    return JointModel(model, vae_for(meta.vae_reference(), device=resolve_device(device)), meta, prior)
 
 
 @torch.no_grad()
@@ -194,9 +231,13 @@ def check_adapter(adapter: str | Path) -> dict[str, Any]:
     fresh = copy.deepcopy(base)
     model = load_adapter(base, directory, merge=False)
     z = torch.randn((1, *meta.latent_shape))
-    out = model(z, torch.zeros(1), torch.ones(1))
+    if meta.site_condition:
+        out = SiteConditionedJoint(model, meta.n_image)(z, torch.zeros(1), torch.ones(1), cond=draw_sites(
+            MaskPrior.load(directory / PRIOR), 1, 0))
+    else:
+        out = model(z, torch.zeros(1), torch.ones(1))
     # trainable share as in training: rebuild the same injection on a fresh copy
-    widen_io_channels(fresh, channels, channels)
+    widen_io_channels(fresh, channels + int(meta.site_condition), channels)
     cfg = meta.config["lora"]
     trainable_model = inject_lora(fresh, cfg["rank"], cfg["alpha"], cfg["target_modules"], WIDENED_MODULES)
     trainable, total = count_trainable_params(trainable_model)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -164,13 +166,15 @@ def attention_layers(model: nn.Module) -> list[tuple[str, int]]:
     return [(name[: -len(".to_q")], m.in_features) for name, m in _projections(model) if name.endswith("to_q")]
 
 
-def save_adapter(model: PeftModel, directory: Path, meta: AdapterMeta) -> Path:
+def save_adapter(model: PeftModel, directory: Path, meta: AdapterMeta,
+                 extra: Callable[[Path], Any] | None = None) -> Path:
     """peft's own format (adapter_config.json + adapter_model.safetensors) plus our sidecar, swapped in atomically.
 
     Args:
         model: the peft-wrapped joint model.
         directory: the adapter folder; an existing one is replaced only once the new one is complete.
         meta: the sidecar to write beside peft's files.
+        extra: writes further files into the folder being built (e.g. a site-conditioned adapter's mask prior).
     Returns:
         `directory`.
     """
@@ -180,6 +184,8 @@ def save_adapter(model: PeftModel, directory: Path, meta: AdapterMeta) -> Path:
     try:
         model.save_pretrained(str(staging), safe_serialization=True)
         meta.save(staging)
+        if extra is not None:
+            extra(staging)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -220,7 +226,7 @@ def load_adapter(base: MeanFlowUNet, directory: Path, merge: bool = False) -> nn
         raise ValueError(f"{directory}: adapter expects a base model with {meta.n_image} input channels, "
                          f"got {base.in_channels}")
     channels = meta.n_image + meta.n_mask
-    widen_io_channels(base, channels, channels)
+    widen_io_channels(base, channels + int(meta.site_condition), channels)
     set_mask_outputs(base, meta.n_mask, meta.mask_prediction, meta.mask_passthrough, meta.mask_sigma_data,
                      meta.mask_mean)
     load_state_dict(directory / "adapter_model.safetensors", nested_key=None)  # corrupt file: error naming it

@@ -26,7 +26,7 @@ from neuromf.data.brain import brain_mask
 from neuromf.data.fcd_dataset import FCDDataset, item_parts
 from neuromf.data.latents import encoding_events
 from neuromf.data.mask_codec import lesion_region, pixel_shuffle_3d
-from neuromf.data.mask_prior import MaskPrior
+from neuromf.data.mask_prior import PRIOR, MaskPrior
 from neuromf.generate import GeneratedPair, model_grid_affine, vae_for, write_pairs
 from neuromf.io.nifti import Preprocessing
 from neuromf.meanflow import sample
@@ -49,8 +49,6 @@ from neuromf.train.loop import LossFn, TrainEvent, TrainResult, TrainTask, fixed
 from neuromf.train.run_dir import in_run_dir
 from neuromf.utils import atomic_write, default_cache_dir, resolve_device
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper
-
-PRIOR = "mask_prior.safetensors"
 
 
 def stage2_preprocessing(base_meta: dict[str, Any], cfg: RunConfig) -> Preprocessing:

@@ -18,8 +18,9 @@ from neuromf.data.augment import AffineAugment
 from neuromf.data.fcd_dataset import FCDDataset
 from neuromf.data.latents import encoding_events
 from neuromf.data.mask_codec import mask_channels
+from neuromf.data.mask_prior import PRIOR
 from neuromf.eval.mask_test import read_decision
-from neuromf.generate import GeneratedPair, model_grid_affine, sample_latents, vae_for, write_pairs
+from neuromf.generate import GeneratedPair, model_grid_affine, vae_for, write_pairs
 from neuromf.meanflow.loss import MeanFlowLoss
 from neuromf.models.adapter_meta import ADAPTER_DIR, AdapterMeta, base_reference, data_reference, resolve_adapter_dir
 from neuromf.models.flow_model import read_model_meta
@@ -29,8 +30,10 @@ from neuromf.models.lora import (
     count_trainable_params,
     save_adapter,
 )
+from neuromf.models.site import SiteConditionedJoint
 from neuromf.pipelines.conditional import (
     ConditionalModel,
+    build_mask_prior,
     load_conditional_model,
     packed_lesion_loss,
     stage2_preprocessing,
@@ -76,6 +79,8 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
     mask_mean = float(latents[:, -n_mask:].mean())  # the x-prediction skip's centre (about the empty mask)
     model, base_meta = build_joint_model(cfg, base_checkpoint, n_mask, mask_mean)
     trainable, total = count_trainable_params(model)
+    site = cfg.lora.site_condition
+    prior = build_mask_prior(dataset) if site else None  # the sites generation draws from
     sidecar = AdapterMeta(
         mode="joint", **base_reference(base_checkpoint, base_meta), preprocessing=prep.key(),
         latent_shape=list(latents.shape[1:]), channels={"image": 4, "mask": n_mask}, config=cfg.to_dict(),
@@ -85,23 +90,29 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
         sdf_scale_mm=cfg.data.sdf_scale_mm, sdf_subgrid=cfg.data.sdf_subgrid,
         sdf_threshold_mm=cfg.data.sdf_threshold_mm, mask_passthrough=cfg.lora.mask_passthrough,
         mask_prediction=cfg.lora.mask_prediction, mask_sigma_data=cfg.lora.mask_sigma_data, mask_mean=mask_mean,
-        lora_params=count_lora_params(model))
+        lora_params=count_lora_params(model), site_condition=site)
     joint = JointModel(model, vae, sidecar)
     preview_noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(cfg.training.seed))
+    preview_site = dataset.items[0][1]["mask"].float()[None]  # the first training lesion's place
 
     def export(m: torch.nn.Module, directory: Path) -> Path:
-        return save_adapter(m, directory / ADAPTER_DIR, sidecar)
+        if not site:
+            return save_adapter(m, directory / ADAPTER_DIR, sidecar)
+        return save_adapter(m.model, directory / ADAPTER_DIR, sidecar, extra=lambda d: prior.save(d / PRIOR))
 
     def preview(m: torch.nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
         from neuromf.meanflow import sample_meanflow
 
         device = next(m.parameters()).device
-        image, mask = joint.split(sample_meanflow(m, preview_noise.to(device), steps=1))
+        velocity = functools.partial(m, cond=preview_site.to(device)) if site else m
+        image, mask = joint.split(sample_meanflow(velocity, preview_noise.to(device), steps=1))
         return [(image[0, 0].numpy(), mask[0, 0].numpy().astype(np.uint8))]
 
-    loss_fn = packed_lesion_loss(MeanFlowLoss.from_config(cfg.loss, 4, n_mask), 4 + n_mask, conditional=False,
+    loss_fn = packed_lesion_loss(MeanFlowLoss.from_config(cfg.loss, 4, n_mask), 4 + n_mask, conditional=site,
                                  dilate=cfg.loss.lesion_dilate)
     data = dataset.packed(latents)
+    if site:
+        model = SiteConditionedJoint(model)
     task = TrainTask(model=model, loss_fn=loss_fn, export=export, preview=preview,
                      evaluate=fixed_draw_evaluator(loss_fn, data),
                      meta={"kind": "lora", "strategy": strategy, "base_checkpoint": str(base_checkpoint)})
@@ -152,9 +163,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
     source = str(resolve_adapter_dir(adapter, "joint"))
     index = 0
     n_img = joint.meta.n_image
-    velocity = functools.partial(joint.velocity, guidance=joint_guidance)
-    for noise, z in sample_latents(joint.model, joint.meta.latent_shape, n, steps, seed, dev, method,
-                                   velocity=velocity):
+    for noise, z, sites in joint.sample(n, steps, seed, dev, method, joint_guidance):
         # a rendered pair's FLAIR replaces the joint one: decode only the masks then
         images, masks = joint.split(z.to(dev)) if renderer is None else (None, joint.mask(z.to(dev)))
         for i in range(z.shape[0]):
@@ -164,6 +173,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
             meta = {"index": index, "seed": seed, "steps": steps, "sampler": method, "adapter": source,
                     "mode": "joint", "strategy": joint.strategy, "joint_guidance": joint_guidance,
                     "mask_noise_correlation": round(corr, 4),
+                    **({} if sites is None else {"site_voxel": [round(float(v), 1) for v in sites[i]]}),
                     **rendering}
             if renderer is None:
                 image = images[i, 0].numpy().astype(np.float32)
@@ -219,9 +229,7 @@ def calibrate_joint_guidance(adapter: str | Path = "embedded", scales: tuple[flo
     rows = []
     for scale in scales:
         drawn = []
-        velocity = functools.partial(joint.velocity, guidance=scale)
-        for _, z in sample_latents(joint.model, joint.meta.latent_shape, n, steps, seed, dev, method,
-                                   velocity=velocity):
+        for _, z, _ in joint.sample(n, steps, seed, dev, method, scale):
             drawn += [float(m.sum()) * voxel_cm3 for m in joint.mask(z.to(dev))]
         rows.append({"guidance": float(scale), "median_cm3": float(np.median(drawn)),
                      "empty": sum(v == 0 for v in drawn)})
