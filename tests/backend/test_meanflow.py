@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
@@ -182,6 +183,32 @@ def test_samplers_shapes_and_one_step_equivalence():
     assert not torch.allclose(one, two)
     euler = sample_euler(model, noise, steps=4)
     assert euler.shape == noise.shape and torch.isfinite(euler).all()
+
+
+def test_euler_last_step_from_the_x_prediction_clamp_lands_on_the_estimate():
+    """An x-prediction velocity u = (z - x^) / max(t, t_min) whose estimate is a fixed x^: equal Euler steps
+    below t_min keep part of the starting noise; with `last_t = t_min` the result is x^ itself."""
+    from neuromf.models.unet import X_PREDICTION_MIN_T
+
+    torch.manual_seed(0)
+    target, noise = torch.full((2, 3, 4, 4, 4), -1.0), torch.randn(2, 3, 4, 4, 4)
+
+    def x_prediction(z, r, t):
+        return (z - target) / t.view(-1, 1, 1, 1, 1).clamp(min=X_PREDICTION_MIN_T)
+
+    equal = sample_euler(x_prediction, noise, steps=32)
+    last = sample_euler(x_prediction, noise, steps=32, last_t=X_PREDICTION_MIN_T)
+    torch.testing.assert_close(last, target)
+    leftover = equal - target
+    # the last equal step starts at t = 1/32 < t_min and moves only (1/32) / t_min of the way
+    ratio = (1 - (1 / 32) / X_PREDICTION_MIN_T) * (1 / 32)
+    torch.testing.assert_close(leftover, ratio * (noise - target), rtol=1e-4, atol=1e-5)
+    assert abs(float(torch.corrcoef(torch.stack([equal.flatten(), noise.flatten()]))[0, 1])) > 0.9
+    # steps whose equal grid already ends at t_min: the same path either way
+    torch.testing.assert_close(sample_euler(x_prediction, noise, steps=20),
+                               sample_euler(x_prediction, noise, steps=20, last_t=X_PREDICTION_MIN_T))
+    with pytest.raises(ValueError, match="last_t"):
+        sample_euler(x_prediction, noise, steps=4, last_t=1.0)
 
 
 def test_flow_matching_loss_needs_no_jvp_and_meanflow_loss_is_finite():

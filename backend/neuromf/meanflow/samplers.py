@@ -33,19 +33,27 @@ def sample_meanflow(model: VelocityFn, noise: torch.Tensor, steps: int = 1) -> t
 
 
 @torch.no_grad()
-def sample_euler(model: VelocityFn, noise: torch.Tensor, steps: int = 50) -> torch.Tensor:
+def sample_euler(model: VelocityFn, noise: torch.Tensor, steps: int = 50, last_t: float = 0.0) -> torch.Tensor:
     """Flow-matching baseline: Euler steps with the instantaneous velocity u(z, t, t).
 
     Args:
         model: u(z, r, t) with z (B, C, h, w, d) and r, t (B,) -> (B, C, h, w, d); called with r = t.
         noise: (B, C, h, w, d) Gaussian noise, the state at t = 1.
-        steps: number of equal Euler steps from t = 1 to t = 0.
+        steps: number of Euler steps from t = 1 to t = 0.
+        last_t: 0 for equal steps; else the last step starts here (steps - 1 equal steps from 1 to `last_t`, then
+            one to 0). An x-prediction model's u = (z - x^) / max(t, t_min) lands exactly on its estimate x^ only
+            from t >= t_min: below it, equal steps leave part of the noise in the result.
     Returns:
         (B, C, h, w, d) latents at t = 0.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    times = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    if not 0.0 <= last_t < 1.0:
+        raise ValueError(f"last_t must lie in [0, 1), got {last_t}")
+    if last_t > 0 and steps > 1:
+        times = torch.linspace(1.0, last_t, steps).tolist() + [0.0]
+    else:
+        times = torch.linspace(1.0, 0.0, steps + 1).tolist()
     z = noise
     for t, t_next in zip(times[:-1], times[1:]):
         tt = _full(z.shape[0], t, z)
@@ -53,7 +61,8 @@ def sample_euler(model: VelocityFn, noise: torch.Tensor, steps: int = 50) -> tor
     return z
 
 
-def sample(model: VelocityFn, noise: torch.Tensor, steps: int = 1, method: str = "meanflow") -> torch.Tensor:
+def sample(model: VelocityFn, noise: torch.Tensor, steps: int = 1, method: str = "meanflow",
+           last_t: float = 0.0) -> torch.Tensor:
     """Latents from noise with the named sampler.
 
     Args:
@@ -61,11 +70,12 @@ def sample(model: VelocityFn, noise: torch.Tensor, steps: int = 1, method: str =
         noise: (B, C, h, w, d) Gaussian noise at t = 1.
         steps: sampling steps.
         method: "meanflow" (`sample_meanflow`) or "euler" (`sample_euler`).
+        last_t: Euler only: where the last step starts (`sample_euler`).
     Returns:
         (B, C, h, w, d) latents at t = 0.
     """
     if method == "meanflow":
         return sample_meanflow(model, noise, steps)
     if method == "euler":
-        return sample_euler(model, noise, steps)
+        return sample_euler(model, noise, steps, last_t)
     raise ValueError(f"unknown sampler {method!r}; choose 'meanflow' or 'euler'")

@@ -102,9 +102,12 @@ class JointModel:
             batch_sites = None if sites is None else sites[start:start + len(noise)]
             return self.velocity(noise, guidance, batch_sites)
 
-        for start, (noise, z) in zip(itertools.count(0, SAMPLE_BATCH),
-                                     sample_latents(self.model, self.meta.latent_shape, n, steps, seed, device, method,
-                                                    batch_size=SAMPLE_BATCH, velocity=velocity)):
+        # x-predicted mask channels: the last Euler step from where u = (z - x^) / t holds exactly, so the mask
+        # latent is the model's estimate (equal steps below X_PREDICTION_MIN_T kept ~1% of the starting noise)
+        last_t = X_PREDICTION_MIN_T if self.meta.mask_prediction == "x" else 0.0
+        batches = sample_latents(self.model, self.meta.latent_shape, n, steps, seed, device, method,
+                                 batch_size=SAMPLE_BATCH, velocity=velocity, last_t=last_t)
+        for start, (noise, z) in zip(itertools.count(0, SAMPLE_BATCH), batches):
             yield noise, z, None if sites is None else sites[start:start + len(noise)]
 
     def draw_sites(self, n: int, seed: int) -> torch.Tensor | None:
