@@ -86,7 +86,7 @@ def fine_tune(config: str | Path | RunConfig = "demo_lora", base_checkpoint: str
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path | None = None, mode: str = "auto",
              steps: int = 1, seed: int = 0, device: str = "auto", masks: list | None = None,
              method: str = "meanflow", render: str | Path | None = None, guidance: float | None = None,
-             joint_guidance: float | None = None) -> list:
+             joint_guidance: float | None = None, sites: Any = None) -> list:
     """Generated FLAIR + lesion mask pairs (`neuromf.generate.GeneratedPair`: image, mask, affine, meta).
 
     Args:
@@ -100,6 +100,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
             (two-stage synthesis, `generate --render`).
         guidance: the conditional adapter's (or the renderer's) mask guidance scale; None = the adapter's own.
         joint_guidance: joint mode only: guidance against the empty mask's path (1 = none); None = the adapter's.
+        sites: joint mode, site-conditioned adapters: lesion sites, (k, 3) voxel coordinates on the model grid,
+            used in turn; None = drawn from the adapter's prior.
 
     Returns:
         The list of pairs (sample i depends only on (seed, i)).
@@ -110,8 +112,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
     if generation_mode(adapter, mode) == "conditional":
         from neuromf.pipelines.conditional import generate_conditional_pairs
 
-        if render is not None or joint_guidance is not None:
-            raise ValueError("render and joint_guidance are for a joint adapter (mode='joint')")
+        if render is not None or joint_guidance is not None or sites is not None:
+            raise ValueError("render, joint_guidance and sites are for a joint adapter (mode='joint')")
         pairs = list(generate_conditional_pairs(adapter, n, steps, seed, device, masks, method=method,
                                                 guidance=guidance))
     else:
@@ -119,7 +121,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
             raise ValueError("masks need a conditional adapter (mode='conditional')")
         from neuromf.pipelines.lora import generate_pairs as joint_pairs
 
-        pairs = list(joint_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance))
+        pairs = list(joint_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites))
     if out is not None:
         write_pairs(pairs, Path(out))
     return pairs

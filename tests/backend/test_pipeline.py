@@ -287,7 +287,7 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
     assert target_outside_scales(grid, 200.0)
 
 
-def test_site_conditioned_joint_adapter_trains_saves_its_sites_and_generates_at_them(tmp_path, phantom_dir,
+def test_site_conditioned_joint_adapter_trains_saves_its_sites_and_generates_at_them(tmp_path, capsys, phantom_dir,
                                                                                     tiny_vae_dir, tiny_base_dir,
                                                                                     shared_cache):
     """`lora.site_condition`: the model takes one more input channel (the site blob), the adapter carries the
@@ -312,6 +312,19 @@ def test_site_conditioned_joint_adapter_trains_saves_its_sites_and_generates_at_
                 "--seed", "5", "--device", "cpu", "--out", str(out)]) == 0
     sites = [json.loads((out / f"sample_{i:03d}.json").read_text())["site_voxel"] for i in range(2)]
     np.testing.assert_allclose(sites, draw_sites(prior, 2, seed=5).numpy(), atol=0.05)
+    # a given site (--site, used in turn) instead of a drawn one; off the grid or without site conditioning: refused
+    given = tmp_path / "given"
+    assert cli(["generate", "--adapter", str(result.export), "--n", "3", "--steps", "2", "--sampler", "euler",
+                "--site", "10", "12", "14", "--site", "20", "8.5", "9", "--device", "cpu", "--out", str(given)]) == 0
+    records = [json.loads((given / f"sample_{i:03d}.json").read_text()) for i in range(3)]
+    assert [r["site_voxel"] for r in records] == [[10.0, 12.0, 14.0], [20.0, 8.5, 9.0], [10.0, 12.0, 14.0]]
+    assert all(r["site_given"] for r in records) and not json.loads((out / "sample_000.json").read_text())["site_given"]
+    grid = meta["preprocessing"]["shape"]
+    assert cli(["generate", "--adapter", str(result.export), "--site", str(grid[0]), "1", "1", "--sampler", "euler",
+                "--device", "cpu", "--out", str(tmp_path / "off")]) == 2
+    assert "model grid" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--mode joint"):
+        cli(["generate", "--checkpoint", str(tiny_base_dir), "--site", "1", "1", "1", "--out", str(tmp_path / "b")])
     noise = torch.randn(1, *meta["latent_shape"])
     with pytest.raises(ValueError, match="sites"):
         joint.velocity(noise)

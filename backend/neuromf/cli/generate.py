@@ -31,6 +31,8 @@ def cmd_generate(args) -> int:
         raise SystemExit("generate: --render renders the masks of a joint adapter (--mode joint)")
     if args.guidance is not None and not (mode == "conditional" or args.render):
         raise SystemExit("generate: --guidance scales a conditional adapter's mask (--mode conditional, or --render)")
+    if args.site and mode != "joint":
+        raise SystemExit("generate: --site places a site-conditioned joint adapter's lesions (--mode joint)")
     if args.joint_guidance is not None and mode != "joint":
         raise SystemExit("generate: --joint-guidance guides a joint adapter's masks (--mode joint)")
     if mode == "conditional":
@@ -39,7 +41,7 @@ def cmd_generate(args) -> int:
         from neuromf.pipelines.lora import write_generated_pairs
 
         paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                      args.sampler, args.render, args.guidance, args.joint_guidance)
+                                      args.sampler, args.render, args.guidance, args.joint_guidance, args.site)
     else:
         paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.device,
                                        args.sampler)
@@ -88,6 +90,10 @@ def register(add: AddCommand) -> None:
                         "from the same noise, x_empty + S (x - x_empty) (1 = none; > 1 commits more strongly to a "
                         "lesion: for a training whose masks come out empty or as specks); default: the adapter's "
                         "own (its sidecar's 'guidance', 1 unless set)")
+    p.add_argument("--site", type=float, nargs=3, action="append", metavar=("X", "Y", "Z"),
+                   help="joint mode, site-conditioned adapters: put the lesion at this voxel of the model grid (the "
+                        "written pairs' grid; repeat for several, used in turn); default: sites drawn from the "
+                        "training lesions' sites")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one-step MeanFlow)")
     p.add_argument("--sampler", default="meanflow", choices=SAMPLERS,

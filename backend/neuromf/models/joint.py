@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from neuromf.config import RunConfig
@@ -93,10 +94,13 @@ class JointModel:
         return empty_path_guidance(model, self.meta.n_image, self.empty_mask_value, noise, guidance)
 
     def sample(self, n: int, steps: int, seed: int, device: torch.device, method: str = "euler",
-               guidance: float = 1.0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+               guidance: float = 1.0, sites: Any = None
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Joint latents from fixed-seed noise (`neuromf.generate.sample_latents`), guided by `guidance`: batches
-        of (noise, latents at t = 0, the batch's sites or None), on the CPU."""
-        sites = self.draw_sites(n, seed)
+        of (noise, latents at t = 0, the batch's sites or None), on the CPU. A site-conditioned adapter puts
+        sample i's lesion at `sites[i % len(sites)]` ((k, 3) model-grid voxel coordinates) when given, else at a
+        site drawn from its prior (`draw_sites`)."""
+        sites = self.draw_sites(n, seed) if sites is None else self.given_sites(sites, n)
 
         def velocity(noise: torch.Tensor, start: int) -> VelocityFn:
             batch_sites = None if sites is None else sites[start:start + len(noise)]
@@ -109,6 +113,18 @@ class JointModel:
                                  batch_size=SAMPLE_BATCH, velocity=velocity, last_t=last_t)
         for start, (noise, z) in zip(itertools.count(0, SAMPLE_BATCH), batches):
             yield noise, z, None if sites is None else sites[start:start + len(noise)]
+
+    def given_sites(self, sites: Any, n: int) -> torch.Tensor:
+        """(n, 3) float sites from user coordinates (k, 3) on the model grid, repeated in turn; ValueError unless the
+        adapter is site-conditioned and every site lies on the grid."""
+        if not self.meta.site_condition:
+            raise ValueError("lesion sites need a site-conditioned joint adapter (lora.site_condition)")
+        array = np.asarray(sites, dtype=np.float32).reshape(-1, 3) if np.size(sites) else np.zeros((0, 3))
+        shape = np.asarray(self.meta.prep.shape)
+        if not len(array) or not np.isfinite(array).all() or (array < 0).any() or (array > shape - 1).any():
+            raise ValueError(f"lesion sites must be voxel coordinates on the model grid {tuple(shape)} "
+                             f"(0..{shape[0] - 1}), got {array.tolist()}")
+        return torch.from_numpy(array[np.arange(n) % len(array)])
 
     def draw_sites(self, n: int, seed: int) -> torch.Tensor | None:
         """(n, 3) lesion sites for a site-conditioned adapter (site i depends only on (seed, i)); None otherwise."""

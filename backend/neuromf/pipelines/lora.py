@@ -122,7 +122,7 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
                    device: str = "auto", method: str = "meanflow",
                    render: str | Path | None = None, guidance: float | None = None,
-                   joint_guidance: float | None = None) -> Iterator[GeneratedPair]:
+                   joint_guidance: float | None = None, sites: Any = None) -> Iterator[GeneratedPair]:
     """Joint FLAIR + lesion mask samples, decoded by the adapter's strategy; sample i depends only on (seed, i).
 
     With `render`, the pair's FLAIR is generated again for its mask by a conditional adapter (same base model and
@@ -142,6 +142,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
         joint_guidance: the joint model's guidance against the empty mask's path
             (`neuromf.models.joint.empty_path_guidance`; 1 = none, > 1 commits more strongly to a lesion); None =
             the joint adapter's own (`AdapterMeta.guidance`).
+        sites: a site-conditioned adapter's lesion sites, (k, 3) voxel coordinates on the model grid (the written
+            pairs' grid), used in turn; None = drawn from the adapter's prior (`neuromf.models.site.draw_sites`).
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, the model grid's
         (4, 4) affine, and meta (seed, steps, adapter, strategy, `joint_guidance`, `mask_noise_correlation`: about 0
@@ -163,7 +165,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
     source = str(resolve_adapter_dir(adapter, "joint"))
     index = 0
     n_img = joint.meta.n_image
-    for noise, z, sites in joint.sample(n, steps, seed, dev, method, joint_guidance):
+    for noise, z, batch_sites in joint.sample(n, steps, seed, dev, method, joint_guidance, sites):
         # a rendered pair's FLAIR replaces the joint one: decode only the masks then
         images, masks = joint.split(z.to(dev)) if renderer is None else (None, joint.mask(z.to(dev)))
         for i in range(z.shape[0]):
@@ -173,7 +175,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
             meta = {"index": index, "seed": seed, "steps": steps, "sampler": method, "adapter": source,
                     "mode": "joint", "strategy": joint.strategy, "joint_guidance": joint_guidance,
                     "mask_noise_correlation": round(corr, 4),
-                    **({} if sites is None else {"site_voxel": [round(float(v), 1) for v in sites[i]]}),
+                    **({} if batch_sites is None else {"site_voxel": [round(float(v), 1) for v in batch_sites[i]],
+                                                       "site_given": sites is not None}),
                     **rendering}
             if renderer is None:
                 image = images[i, 0].numpy().astype(np.float32)
@@ -268,17 +271,17 @@ def load_renderer(render: str | Path, joint_meta: AdapterMeta, device: torch.dev
 def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                           device: str = "auto", method: str = "meanflow",
                           render: str | Path | None = None, guidance: float | None = None,
-                          joint_guidance: float | None = None) -> list[Path]:
+                          joint_guidance: float | None = None, sites: Any = None) -> list[Path]:
     """Joint pairs written by `neuromf.generate.write_pairs`.
 
     Args:
-        adapter, n, steps, seed, device, method, render, guidance, joint_guidance: as for `generate_pairs`.
+        adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites: as for `generate_pairs`.
         out_dir: output folder.
     Returns:
         The written paths: FLAIR, mask and JSON per pair.
     """
-    return write_pairs(generate_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance),
-                       out_dir)
+    return write_pairs(generate_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance,
+                                      sites), out_dir)
 
 
 def release_memory() -> None:
