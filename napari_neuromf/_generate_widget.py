@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.layers import Labels
+from napari.layers import Labels, Points
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 GENERATION_MODES = ("joint", "conditional")
 PRIOR_LESION = "drawn from the training lesions"
+DRAWN_SITES = "drawn from the training lesions' sites"
 MODE_TIPS = ("joint: FLAIR and lesion mask both generated from noise (a LoRA adapter).\n"
              "conditional: a FLAIR that carries a lesion you give (a ControlNet adapter): paint one in a Labels layer, "
              "pick a case's mask, or let one be drawn from the training lesions")
@@ -116,6 +117,11 @@ class GenerateWidget(QWidget):
         self.mode.addItems(list(GENERATION_MODES))
         self.lesion = layer_choice(napari_viewer, Labels, "Conditional mode: the Labels layer whose lesion the "
                                                           "FLAIR should carry", first=PRIOR_LESION)
+        self.site = layer_choice(napari_viewer, Points, "Joint mode, site-conditioned adapters (the 2 mm "
+                                                        "'embedded-fine'): the Points layer whose points are where "
+                                                        "the lesions go, one per pair in turn, placed on a generated "
+                                                        "pair (the model grid); by default sites are drawn from the "
+                                                        "training lesions' sites", first=DRAWN_SITES)
         self.render = PathField("", "dir", "Conditional adapter that renders the FLAIRs",
                                 tooltip="Joint mode, optional: a conditional adapter on the same base model (e.g. "
                                         "'embedded-fine' for a 2 mm joint adapter) that renders the FLAIR for each "
@@ -150,6 +156,7 @@ class GenerateWidget(QWidget):
         form.addRow("Adapter", adapter_row)
         form.addRow("Mode", self.mode)
         form.addRow("Lesion", self.lesion.native)
+        form.addRow("Lesion sites", self.site.native)
         form.addRow("Render with", self.render)
         form.addRow("Guidance", self.guidance)
         form.addRow("Joint guidance", self.joint_guidance)
@@ -190,6 +197,7 @@ class GenerateWidget(QWidget):
 
     def _toggle_mode_fields(self, *_: Any) -> None:
         self.lesion.enabled = self.mode.currentText() == "conditional"
+        self.site.enabled = self.mode.currentText() == "joint"
         self.render.setEnabled(self.mode.currentText() == "joint")
         self.guidance.setEnabled(self.mode.currentText() == "conditional" or bool(self.render.text()))
         self.joint_guidance.setEnabled(self.mode.currentText() == "joint")
@@ -236,6 +244,17 @@ class GenerateWidget(QWidget):
                 show_error(f"Generate: Labels layer {chosen.name!r} is empty: paint a lesion first")
                 return None
             lesion = (np.asarray(data).copy(), state)  # a copy: the user may keep painting while we generate
+        sites = None
+        chosen_sites = self.site.value
+        if mode == "joint" and chosen_sites != DRAWN_SITES:
+            if chosen_sites is None or chosen_sites not in self.viewer.layers:
+                show_error("Generate: the chosen Points layer is no longer open")
+                return None
+            if not len(chosen_sites.data):
+                show_error(f"Generate: Points layer {chosen_sites.name!r} has no points: add a point where the "
+                           "lesion should go")
+                return None
+            sites = np.array([chosen_sites.data_to_world(point) for point in chosen_sites.data])
         render = self.render.text() if mode == "joint" else ""
         if render and render not in EMBEDDED_NAMES and not Path(render).is_dir():
             show_error(f"Generate: conditional adapter folder {render} (Render with) does not exist")
@@ -244,7 +263,7 @@ class GenerateWidget(QWidget):
                                         self.device.currentText(), mode=mode, lesion=lesion,
                                         method=self.sampler.currentText(), render=render or None,
                                         guidance=chosen_guidance(self.guidance),
-                                        joint_guidance=chosen_guidance(self.joint_guidance))
+                                        joint_guidance=chosen_guidance(self.joint_guidance), sites_world=sites)
         self.generate_button.setEnabled(False)
         self.job.begin("Loading the adapter ...")
         self.job.count(0, self.run.n, "pairs")
@@ -339,4 +358,4 @@ class GenerateWidget(QWidget):
             self.job.finish(message + (" (cancelled)" if run.cancel.is_set() else ""))
 
 
-__all__ = ["GENERATION_MODES", "PRIOR_LESION", "GenerateWidget"]
+__all__ = ["DRAWN_SITES", "GENERATION_MODES", "PRIOR_LESION", "GenerateWidget"]

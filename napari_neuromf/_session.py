@@ -734,6 +734,21 @@ def lesion_on_model_grid(data: Any, layer_meta: dict, adapter: str) -> tuple[Any
     return volume.data[0].numpy().astype(np.uint8), volume.affine
 
 
+def sites_on_model_grid(points_world: Any, adapter: str) -> Any:
+    """Points in world mm (napari's world, where generated pairs lie on the joint adapter's model grid) as voxel
+    coordinates of that grid, the lesion sites `generate_pairs(sites=)` takes."""
+    import numpy as np
+
+    from napari_neuromf._layers import world_placement
+    from neuromf.generate import model_grid_affine
+    from neuromf.models.adapter_meta import adapter_meta
+
+    prep = adapter_meta(adapter, "joint").prep
+    scale, translate = world_placement(model_grid_affine(prep.shape, prep.spacing))
+    points = np.asarray(points_world, dtype=np.float64).reshape(-1, 3)
+    return (points - np.asarray(translate)) / np.asarray(scale)
+
+
 @dataclass
 class Caution:
     """Something the user should know before trusting a result (a lesion unlike the training lesions)."""
@@ -778,6 +793,8 @@ class GenerateRun:
     render: str | None = None  # joint: a conditional adapter that renders the FLAIR for each joint mask
     guidance: float | None = None  # conditional adapter (conditional mode or render): mask guidance; None = its own
     joint_guidance: float | None = None  # joint adapter: guidance against the empty mask's path; None = its own
+    # joint, site-conditioned adapter: lesion sites as (k, 3) world mm points on the model grid; None = drawn
+    sites_world: Any = None
     pairs: int = 0
     cautions: list[str] = field(default_factory=list)  # why the given lesion looks implausible
     failure: Failure | None = None
@@ -808,9 +825,10 @@ class GenerateRun:
             else:
                 from neuromf.pipelines.lora import generate_pairs
 
+                sites = None if self.sites_world is None else sites_on_model_grid(self.sites_world, self.adapter)
                 pairs = generate_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed, device=self.device,
                                        method=self.method, render=self.render, guidance=self.guidance,
-                                       joint_guidance=self.joint_guidance)
+                                       joint_guidance=self.joint_guidance, sites=sites)
             for pair in pairs:
                 if self.cancel.is_set():
                     break

@@ -34,6 +34,22 @@ def tiny_adapter(tiny_base, phantom_subset, tmp_path_factory) -> Path:
     return Path(result.export)
 
 
+@pytest.fixture(scope="module")
+def tiny_site_adapter(tiny_base, phantom_subset, tmp_path_factory) -> Path:
+    """A 2-step site-conditioned joint adapter (sdf masks, x-prediction), trained headless."""
+    from neuromf.config import load_config
+    from neuromf.pipelines.lora import train_lora
+    from neuromf.train import run_to_end
+
+    out = tmp_path_factory.mktemp("lora_site") / "run"
+    cfg = load_config("demo_lora", {"model.preset": "tiny", "data.data_dir": str(phantom_subset),
+                                     "data.mask_strategy": "sdf", "data.flip": False, "lora.rank": 2,
+                                     "lora.mask_prediction": "x", "lora.site_condition": True,
+                                     "training.max_steps": 2, "training.batch_size": 2, "training.device": "cpu",
+                                     "training.checkpoint_every": 0, "training.output_dir": str(out)})
+    return Path(run_to_end(train_lora(cfg, tiny_base, progress=False)).export)
+
+
 def _session_state():
     from napari_neuromf import _session
 
@@ -484,6 +500,37 @@ def test_generate_widget_renders_joint_masks_with_a_conditional_adapter(make_nap
     widget.start()
     wait_idle(qtbot, widget, 120)
     assert any("x-prediction" in m for m in seen()) and "gen_001 lesion" not in viewer.layers
+
+
+def test_generate_widget_puts_joint_lesions_at_the_points_of_a_points_layer(make_napari_viewer, qtbot,
+                                                                              tiny_site_adapter):
+    """Lesion sites for a site-conditioned joint adapter: drawn from its prior by default; a Points layer placed on
+    a generated pair gives them instead (its world mm mapped to the model grid); an empty one is refused."""
+    from napari_neuromf._generate_widget import DRAWN_SITES, GenerateWidget
+
+    viewer = make_napari_viewer()
+    widget = ready(qtbot, GenerateWidget(viewer))
+    widget.adapter.setText(str(tiny_site_adapter))
+    widget.sampler.setCurrentText("euler")
+    widget.steps.setValue(2)
+    assert widget.site.enabled and widget.site.value == DRAWN_SITES
+    image, _ = generate_one_pair(qtbot, widget, viewer)
+    drawn = image.metadata["neuromf"]
+    assert not drawn["site_given"] and len(drawn["site_voxel"]) == 3
+    voxel = np.array([5.0, 7.0, 9.0])
+    points = viewer.add_points(voxel * np.asarray(image.scale) + np.asarray(image.translate), name="sites")
+    widget.site.value = points
+    for name in ("gen_000 FLAIR", "gen_000 lesion"):
+        viewer.layers.remove(name)
+    image, _ = generate_one_pair(qtbot, widget, viewer)
+    assert image.metadata["neuromf"]["site_given"]
+    np.testing.assert_allclose(image.metadata["neuromf"]["site_voxel"], voxel, atol=0.05)
+    points.data = np.zeros((0, 3))
+    seen = notes()
+    assert widget.start() is None
+    assert any("no points" in m for m in seen())
+    widget.mode.setCurrentText("conditional")
+    assert not widget.site.enabled
 
 
 def test_generate_widget_cautions_about_an_implausible_painted_lesion(make_napari_viewer, qtbot, phantom_subset,
