@@ -256,7 +256,7 @@ def test_joint_masks_rendered_by_a_conditional_adapter(joint_sdf_run, conditiona
         np.testing.assert_allclose(pair.image, np.asarray(nib.load(out / f"sample_00{i}_flair.nii.gz").dataobj),
                                    atol=1e-4)
         assert pair.meta["rendered_by"] == str(conditional_run.export.resolve())
-    with pytest.raises(ValueError, match="render and joint_guidance are for a joint adapter"):
+    with pytest.raises(ValueError, match="render, joint_guidance and sites are for a joint adapter"):
         neuromf.generate_pairs(conditional_run.export, mode="conditional", render=conditional_run.export)
     with pytest.raises(SystemExit, match="--render renders the masks of a joint adapter"):
         cli(["generate", "--adapter", str(conditional_run.export), "--mode", "conditional",
