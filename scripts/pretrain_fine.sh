@@ -41,5 +41,5 @@ neuromf train-lora --config joint_fine --base_checkpoint embedded-fine --output-
 # whose masks match the training lesions' median volume as the adapter's default (about 15 min on 2 CPU cores)
 neuromf calibrate-guidance --adapter "$runs/joint_fine/adapter" --store --out "$runs/joint_fine/calibration.json"
 mkdir -p $models/joint_fine
-cp "$runs/joint_fine/adapter/"{adapter_config.json,adapter_model.safetensors,neuromf_adapter.json} \
+cp "$runs/joint_fine/adapter/"{adapter_config.json,adapter_model.safetensors,neuromf_adapter.json,mask_prior.safetensors} \
   "$runs/joint_fine/loss_curve.png" $models/joint_fine/
