@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +37,6 @@ from neuromf.models.site import SiteConditionedJoint, draw_sites
 from neuromf.models.unet import X_PREDICTION_MIN_T
 from neuromf.utils import resolve_device
 from neuromf.vae import MAISIVAEWrapper
-
-SAMPLE_BATCH = 4  # samples per model call when generating
 
 
 @dataclass
@@ -109,10 +106,11 @@ class JointModel:
         # x-predicted mask channels: the last Euler step from where u = (z - x^) / t holds exactly, so the mask
         # latent is the model's estimate (equal steps below X_PREDICTION_MIN_T kept ~1% of the starting noise)
         last_t = X_PREDICTION_MIN_T if self.meta.mask_prediction == "x" else 0.0
-        batches = sample_latents(self.model, self.meta.latent_shape, n, steps, seed, device, method,
-                                 batch_size=SAMPLE_BATCH, velocity=velocity, last_t=last_t)
-        for start, (noise, z) in zip(itertools.count(0, SAMPLE_BATCH), batches):
+        start = 0
+        for noise, z in sample_latents(self.model, self.meta.latent_shape, n, steps, seed, device, method,
+                                       velocity=velocity, last_t=last_t):
             yield noise, z, None if sites is None else sites[start:start + len(noise)]
+            start += len(noise)
 
     def given_sites(self, sites: Any, n: int) -> torch.Tensor:
         """(n, 3) float sites from user coordinates (k, 3) on the model grid, repeated in turn; ValueError unless the
@@ -122,8 +120,8 @@ class JointModel:
         array = np.asarray(sites, dtype=np.float32).reshape(-1, 3) if np.size(sites) else np.zeros((0, 3))
         shape = np.asarray(self.meta.prep.shape)
         if not len(array) or not np.isfinite(array).all() or (array < 0).any() or (array > shape - 1).any():
-            raise ValueError(f"lesion sites must be voxel coordinates on the model grid {tuple(shape)} "
-                             f"(0..{shape[0] - 1}), got {array.tolist()}")
+            raise ValueError(f"lesion sites must be voxel coordinates (x, y, z) on the model grid of shape "
+                             f"{tuple(int(v) for v in shape)}, each within 0..size - 1; got {array.tolist()}")
         return torch.from_numpy(array[np.arange(n) % len(array)])
 
     def draw_sites(self, n: int, seed: int) -> torch.Tensor | None:
