@@ -39,7 +39,9 @@ fi
 neuromf train-lora --config joint_fine --base_checkpoint embedded-fine --output-dir "$runs/joint_fine" --overwrite
 # how strongly a training commits to a lesion differs between trainings of this recipe: store the joint guidance
 # whose masks match the training lesions' median volume as the adapter's default (about 15 min on 2 CPU cores)
-neuromf calibrate-guidance --adapter "$runs/joint_fine/adapter" --store --out "$runs/joint_fine/calibration.json"
+# (site-conditioned trainings chose 1.2 and 1.3: the grid reaches beyond the default 0.8-1.2)
+neuromf calibrate-guidance --adapter "$runs/joint_fine/adapter" --scales 0.9 1 1.1 1.2 1.3 1.4 --store \
+  --out "$runs/joint_fine/calibration.json"
 mkdir -p $models/joint_fine
 cp "$runs/joint_fine/adapter/"{adapter_config.json,adapter_model.safetensors,neuromf_adapter.json,mask_prior.safetensors} \
   "$runs/joint_fine/loss_curve.png" $models/joint_fine/
