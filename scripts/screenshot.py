@@ -78,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise TimeoutError(f"screenshot: {what} did not finish in {args.timeout} s")
             pump(0.1)
 
-    def shoot(name: str, title: str) -> None:
+    def shoot(name: str, title: str, filename: str | None = None) -> None:
+        """Screenshot with dock `name` in front, into `filename` (default: the dock's own, `SHOTS`)."""
         dock = docks[name][0]
         dock.show()
         dock.raise_()
         viewer.title = f"NeuroMF: {title}"
         pump(1.0)
-        out = args.out_dir / SHOTS[name]
+        out = args.out_dir / (filename or SHOTS[name])
         out.parent.mkdir(parents=True, exist_ok=True)
         viewer.screenshot(str(out), canvas_only=False, flash=False)
         print(f"screenshot: {name} -> {out}")
@@ -162,9 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         layer.visible = layer.name.startswith("gen_001") or layer is points
     viewer.layers.move(viewer.layers.index(points), len(viewer.layers))  # the point above the new pair
     points.face_color, points.border_color = "cyan", "black"
-    SHOTS["Generate (joint)"] = "widget_generate_joint.png"
-    docks["Generate (joint)"] = docks["Generate"]
-    shoot("Generate (joint)", "a joint pair (2 mm, site-conditioned) with its lesion at the point of a Points layer")
+    shoot("Generate", "a joint pair (2 mm, site-conditioned) with its lesion at the point of a Points layer",
+          "widget_generate_joint.png")
     viewer.close()
     return 0
 

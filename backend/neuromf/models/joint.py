@@ -117,7 +117,7 @@ class JointModel:
         adapter is site-conditioned and every site lies on the grid."""
         if not self.meta.site_condition:
             raise ValueError("lesion sites need a site-conditioned joint adapter (lora.site_condition)")
-        array = np.asarray(sites, dtype=np.float32).reshape(-1, 3) if np.size(sites) else np.zeros((0, 3))
+        array = np.asarray(sites, dtype=np.float32).reshape(-1, 3)
         shape = np.asarray(self.meta.prep.shape)
         if not len(array) or not np.isfinite(array).all() or (array < 0).any() or (array > shape - 1).any():
             raise ValueError(f"lesion sites must be voxel coordinates (x, y, z) on the model grid of shape "
