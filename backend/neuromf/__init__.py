@@ -1,6 +1,6 @@
 """NeuroMF: MeanFlow latent synthesis of 3D FLAIR MRI with FCD lesion masks (headless backend, no Qt).
 
-The names below are the public API for scripts and notebooks (README, "Python API"); they load on first use,
+The names below are the public API for scripts and notebooks (docs/python_api.md); they load on first use,
 so `import neuromf` does not import torch or MONAI.
 """
 

@@ -1,4 +1,4 @@
-"""The public API: `import neuromf` stays light, its names resolve, and the example script (the one README
+"""The public API: `import neuromf` stays light, its names resolve, and the example script (the one docs/python_api.md
 shows) runs end to end on the tiny preset."""
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def test_import_is_light_and_every_export_resolves():
         assert (getattr(neuromf, name).__doc__ or "").strip(), f"neuromf.{name} has no docstring"
 
 
-def test_readme_shows_the_example_script_as_it_is():
-    readme = (ROOT / "README.md").read_text()
+def test_python_api_page_shows_the_example_script_as_it_is():
+    readme = (ROOT / "docs" / "python_api.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     assert EXAMPLE.read_text() in blocks
 

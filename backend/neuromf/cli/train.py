@@ -126,7 +126,7 @@ def cmd_train_conditional(args) -> int:
 def _add_nproc_flag(p) -> None:
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train in N processes on this machine (one per GPU; gloo on CPU) by relaunching under "
-                        "torchrun; for several machines call torchrun yourself (see README)")
+                        "torchrun; for several machines call torchrun yourself (see docs/cli.md)")
 
 
 def register(add: AddCommand) -> None:
