@@ -40,7 +40,7 @@ sysdeps:
 	fi
 
 validate: venv
-	$(BIN)/npe2 validate napari-neuromf --imports
+	$(BIN)/npe2 validate napari_neuromf/napari.yaml --imports   # the one manifest (the wheel ships it as is)
 
 lint: venv
 	$(BIN)/ruff check .
