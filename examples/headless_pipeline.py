@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = neuromf.discover_cases(cfg.data.data_dir)
     print(f"{len(cases)} cases, {sum(c.mask is not None for c in cases)} with a lesion mask")
 
-    # P7-T1: which mask representation round-trips best through this VAE on this grid
+    # the mask test: which mask representation round-trips best through this VAE on this grid
     result = neuromf.mask_test(cfg.data.data_dir, vae=cfg.model.vae, vae_preset=cfg.model.vae_preset,
                                shape=tuple(cfg.data.shape), spacing=tuple(cfg.data.spacing),
                                out=out / "mask_vae_test.json")

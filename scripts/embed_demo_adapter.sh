@@ -6,23 +6,23 @@
 set -euo pipefail
 run=${RUN:-runs/lora_demo}
 cond_run=${COND_RUN:-runs/cond_demo}
-exp=${EXPERIMENTS:-experiments}
+exp=${OUT:-runs}
 dest=sample_data/models/lora_demo
 cond_dest=sample_data/models/cond_demo
 report=$dest/demo_report
 rm -rf "$report"
 mkdir -p "$report/montages"
 cp "$run"/adapter/{adapter_config.json,adapter_model.safetensors,neuromf_adapter.json} "$run/loss_curve.png" "$dest/"
-cp "$exp"/phase_7/{verification_report.md,loss_curve.png} "$report/"
-cp -r "$exp"/phase_7/montages/. "$report/montages/"
-cp "$exp"/stage2_fcd/{mask_vae_test.json,ablation_lp.json} "$exp/stage2_fcd/metrics/metrics.json" "$report/"
+cp "$exp"/report/{verification_report.md,loss_curve.png} "$report/"
+cp -r "$exp"/report/montages/. "$report/montages/"
+cp "$exp"/stage2/{mask_vae_test.json,ablation_lp.json} "$exp/stage2/metrics/metrics.json" "$report/"
 if [[ -d $cond_run/adapter ]]; then
   mkdir -p "$cond_dest"
   # float16 storage keeps the ControlNet small; it is loaded back into float32 parameters
   python -c "import sys; from neuromf.weights import save_half_precision as h; h(sys.argv[1], sys.argv[2])" \
     "$cond_run/adapter/controlnet.safetensors" "$cond_dest/controlnet.safetensors"
   cp "$cond_run"/adapter/{mask_prior.safetensors,neuromf_adapter.json} "$cond_run/loss_curve.png" "$cond_dest/"
-  cp "$exp/stage2_fcd/conditional/metrics.json" "$report/conditional_metrics.json"
+  cp "$exp/stage2/conditional/metrics.json" "$report/conditional_metrics.json"
 fi
 # the sidecars name the base and data as "embedded", so the shipped adapters resolve on any machine
 python - "$dest/neuromf_adapter.json" "$cond_dest/neuromf_adapter.json" <<'PY'

@@ -21,7 +21,7 @@ def mask_test(data: str | Path = "embedded", vae: str | Path = "embedded", vae_p
               shape: tuple[int, int, int] = (64, 64, 64), spacing: tuple[float, float, float] = (3.0, 3.0, 3.0),
               out: str | Path | None = None, device: str = "cpu",
               on_case: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """P7-T1 on the FCD cases of `data`: mask round trips through the VAE and the downsampled representations.
+    """The mask-VAE test on the FCD cases of `data`: mask round trips through the VAE and the downsampled ones.
 
     Args:
         data: BIDS tree, flat folder or "embedded".

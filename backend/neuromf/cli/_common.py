@@ -11,8 +11,8 @@ from threading import Event
 
 import yaml
 
-STAGE_DIR = Path("experiments/stage2_fcd")
-REPORT = Path("experiments/phase_7/verification_report.md")
+STAGE_DIR = Path("runs/stage2")
+REPORT = Path("runs/report/verification_report.md")
 AddCommand = Callable[[str, Callable, str], argparse.ArgumentParser]
 
 

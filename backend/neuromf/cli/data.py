@@ -1,4 +1,4 @@
-"""Data subcommands: make-phantoms, check-data and mask-test (P7-T1)."""
+"""Data subcommands: make-phantoms, check-data and mask-test."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_mask_test(args) -> int:
-    """`neuromf mask-test`: P7-T1, round-trip Dice of FCD masks through the VAE vs downsampling."""
+    """`neuromf mask-test`: round-trip Dice of FCD masks through the VAE vs downsampling."""
     from tqdm.auto import tqdm
 
     from neuromf.data.embedded import resolve_data_dir
@@ -89,7 +89,7 @@ def register(add: AddCommand) -> None:
     p = add("check-data", cmd_check_data, "list the cases of a BIDS tree or flat folder and their problems")
     p.add_argument("data", help="data folder, 'embedded' (3 mm phantoms) or 'embedded-fine' (2 mm)")
 
-    p = add("mask-test", cmd_mask_test, "P7-T1: round-trip Dice of lesion masks through the VAE vs downsampling")
+    p = add("mask-test", cmd_mask_test, "round-trip Dice of lesion masks through the VAE vs downsampling")
     p.add_argument("--data", default="embedded",
                    help="BIDS tree / flat folder with FCD cases, 'embedded' or 'embedded-fine'")
     p.add_argument("--vae", default="embedded",

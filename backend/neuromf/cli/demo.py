@@ -1,4 +1,4 @@
-"""`neuromf demo`: the whole phase-7 pipeline on the embedded data and weights, one subcommand after another."""
+"""`neuromf demo`: the whole pipeline on the embedded data and weights, one subcommand after another."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ def cmd_demo(args) -> int:
     """mask-test -> train-lora (demo schedule) -> generate -> evaluate -> ablate-lp -> train-conditional ->
     generate --mode conditional -> evaluate -> verify, on the embedded data and weights."""
     cli = args.run_subcommand
-    stage = Path(args.out) / "stage2_fcd"
-    report = Path(args.out) / "phase_7" / "verification_report.md"
+    stage = Path(args.out) / "stage2"
+    report = Path(args.out) / "report" / "verification_report.md"
     run = Path(args.runs) / "lora_demo"
     cond_run, cond_stage = Path(args.runs) / "cond_demo", stage / "conditional"
     started = time.perf_counter()
@@ -59,8 +59,8 @@ def cmd_demo(args) -> int:
 
 def register(add: AddCommand) -> None:
     """Add the `demo` subcommand through `add`."""
-    p = add("demo", cmd_demo, "the main job: the whole phase-7 pipeline on the embedded data and weights")
-    p.add_argument("--out", default="experiments")
+    p = add("demo", cmd_demo, "the main job: the whole pipeline on the embedded data and weights")
+    p.add_argument("--out", default="runs")
     p.add_argument("--runs", default="runs")
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--ablation-steps", type=int, default=40)

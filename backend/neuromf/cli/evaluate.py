@@ -1,4 +1,4 @@
-"""Evaluation subcommands: evaluate (P7-T5/T6), consistency, ablate-lp (P7-T7), calibrate-guidance and verify (the
+"""Evaluation subcommands: evaluate, consistency, ablate-lp, calibrate-guidance and verify (the
 report)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from neuromf.config import CALIBRATION_SCALES, SAMPLERS
 
 
 def cmd_evaluate(args) -> int:
-    """`neuromf evaluate`: lesion-likeness and Dice of generated pairs against real FCD masks (P7-T6)."""
+    """`neuromf evaluate`: lesion-likeness and Dice of generated pairs against real FCD masks."""
     from neuromf.eval.checks import fmt
     from neuromf.eval.metrics import evaluate_generated
     from neuromf.models.adapter_meta import adapter_meta
@@ -74,7 +74,7 @@ def cmd_consistency(args) -> int:
 
 
 def cmd_ablate_lp(args) -> int:
-    """`neuromf ablate-lp`: P7-T7, per-channel Lp vs uniform L2 over several seeds (`run_ablation`)."""
+    """`neuromf ablate-lp`: per-channel Lp vs uniform L2 over several seeds (`run_ablation`)."""
     from neuromf.pipelines.ablation import run_ablation
 
     report = run_ablation(args.config, args.base_checkpoint, Path(args.out), args.n, args.seeds, args.data,
@@ -84,7 +84,7 @@ def cmd_ablate_lp(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    """`neuromf verify`: check a run's adapter (P7-T2/T3) and write the P7 verification report."""
+    """`neuromf verify`: check a run's adapter and write the verification report."""
     from neuromf.eval.report import write_verification_report
     from neuromf.models.joint import check_adapter
 
@@ -140,7 +140,7 @@ def cmd_calibrate_guidance(args) -> int:
 
 def register(add: AddCommand) -> None:
     """Add the evaluation subcommands (evaluate, consistency, ablate-lp, calibrate-guidance, verify) through `add`."""
-    p = add("evaluate", cmd_evaluate, "metrics of generated pairs against real FCD masks (P7-T6)")
+    p = add("evaluate", cmd_evaluate, "metrics of generated pairs against real FCD masks")
     _add_generated_flags(p, STAGE_DIR / "metrics" / "metrics.json")
     p.add_argument("--empty-mask-control", action="store_true",
                    help="conditional pairs: generate each FLAIR again from the same noise with an empty mask and "
@@ -154,7 +154,7 @@ def register(add: AddCommand) -> None:
     p.add_argument("--steps", type=int, default=300, help="training steps of each segmenter")
     p.add_argument("--device", default="cpu")
 
-    p = add("ablate-lp", cmd_ablate_lp, "P7-T7: per-channel Lp (1.5/2.0) vs uniform L2, same seed/data/budget")
+    p = add("ablate-lp", cmd_ablate_lp, "per-channel Lp (1.5/2.0) vs uniform L2, same seed/data/budget")
     p.add_argument("--config", default="demo_lora")
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded")
     p.add_argument("--n", type=int, default=8)
@@ -180,7 +180,7 @@ def register(add: AddCommand) -> None:
                    help="write the chosen scale into the adapter's sidecar as its default guidance (what "
                         "'adapter's' means in generate and the Generate widget)")
 
-    p = add("verify", cmd_verify, "write the phase-7 verification report (P7-T1..T7)")
+    p = add("verify", cmd_verify, "write the verification report (mask test, adapter, loss, lesions, Dice, ablation)")
     p.add_argument("--run", default="runs/lora_demo", help="train-lora output folder")
     p.add_argument("--stage-dir", default=str(STAGE_DIR))
     p.add_argument("--report", default=str(REPORT))

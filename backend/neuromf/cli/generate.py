@@ -101,4 +101,4 @@ def register(add: AddCommand) -> None:
                         "instantaneous velocity (flow-matching baseline; for joint x-prediction adapters)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="experiments/stage2_fcd/generated")
+    p.add_argument("--out", default="runs/stage2/generated")

@@ -166,7 +166,7 @@ class ChannelLp:
 
     def region_mean(self, delta: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         """(B,) unweighted Lp of the first group (the image latents) averaged over `region` (B, 1, h, w, d) only:
-        the lesion-voxel part that P7-T4 reports separately."""
+        the lesion-voxel part the training log reports separately."""
         n, p, lam = self.groups[0]
         part = delta[:, :n].abs().pow(p).sum(dim=1, keepdim=True)
         weight = region.expand_as(part)

@@ -1,7 +1,7 @@
 """The joint model: the frozen stage-1 UNet widened to image + mask channels with a LoRA adapter (peft).
 
 Built for training (`build_joint_model`), loaded from a saved adapter for generation (`load_joint_model`), and
-checked (`check_adapter`: a forward pass works and the trainable share of parameters, P7-T2/T3).
+checked (`check_adapter`: a forward pass works and the trainable share of parameters).
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def load_joint_model(adapter: str | Path, device: str | torch.device = "cpu", me
 
 @torch.no_grad()
 def check_adapter(adapter: str | Path) -> dict[str, Any]:
-    """P7-T2/T3 on a saved adapter: a forward pass with LoRA succeeds, and the trainable share of parameters.
+    """The adapter check on a saved adapter: a forward pass with LoRA succeeds, and the trainable share of parameters.
 
     Args:
         adapter: an adapter folder or "embedded".

@@ -1,8 +1,8 @@
 """Site conditioning for the joint mode: the model is told where the lesion goes, and draws it and the FLAIR.
 
-Unconditioned joint trainings put their lesions in one region each (the frontal pole, the cerebellum: README,
-round 10), and a lesion seeded in the mask channels alone is erased by the model unless its image channels carry
-it too (round 11). Here the site enters as one clean input channel from the first step: a Gaussian blob on the
+Unconditioned joint trainings put their lesions in one region each (the frontal pole, the cerebellum: see
+docs/research_log.md), and a lesion seeded in the mask channels alone is erased by the model unless its image
+channels carry it too. Here the site enters as one clean input channel from the first step: a Gaussian blob on the
 latent grid at the lesion's centroid (training) or at a site drawn from the real lesions' sites (generation). The
 lesion's shape, size and the FLAIR around it stay the model's; only its place is given.
 """

@@ -1,4 +1,4 @@
-"""P7-T7: the per-channel Lp ablation (Lp 1.5 / 2.0 vs uniform L2), one stage-2 run per arm and seed."""
+"""The per-channel Lp ablation (Lp 1.5 / 2.0 vs uniform L2), one stage-2 run per arm and seed."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _quiet(events: Generator, desc: str) -> TrainResult:
 def run_ablation(config: str, base_checkpoint: str, out_dir: Path, n: int, seeds: list[int], data: str,
                  overrides: dict | None = None,
                  drive: Callable[[Generator, str], TrainResult] = _quiet) -> dict:
-    """P7-T7: per-channel Lp (1.5 / 2.0) vs uniform L2, same data and budget, one run per arm and seed.
+    """Per-channel Lp (1.5 / 2.0) vs uniform L2, same data and budget, one run per arm and seed.
 
     Per arm, lists over seeds (training seed = generation seed) of the mask figures: best-match Dice against the
     held-out and training masks, the lesion-like rate and the non-empty fraction. "better" compares the mean

@@ -43,11 +43,11 @@ from neuromf.train.loop import TrainEvent, TrainResult, TrainTask, fixed_draw_ev
 from neuromf.train.run_dir import in_run_dir
 from neuromf.utils import default_cache_dir, resolve_device
 
-DEFAULT_MASK_TEST = Path("experiments/stage2_fcd/mask_vae_test.json")
+DEFAULT_MASK_TEST = Path("runs/stage2/mask_vae_test.json")
 
 
 def resolve_strategy(cfg: RunConfig) -> str:
-    """`auto` reads the mask test's decision (P7-T1); otherwise the configured strategy."""
+    """`auto` reads the mask test's decision (`neuromf mask-test`); otherwise the configured strategy."""
     if cfg.data.mask_strategy != "auto":
         return cfg.data.mask_strategy
     return read_decision(cfg.data.mask_test or DEFAULT_MASK_TEST)

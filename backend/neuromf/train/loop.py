@@ -36,8 +36,8 @@ class TrainTask:
     meta: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint sidecar
     export: Callable[[nn.Module, Path], Path] | None = None  # called with EMA weights applied
     preview: Callable[[nn.Module], Any] | None = None  # called with EMA weights applied
-    # loss parts on a FIXED draw (cases, noise, times), logged each epoch as eval_*: the curve that P7-T4
-    # compares, since per-batch losses of random draws swing more than training moves them
+    # loss parts on a FIXED draw (cases, noise, times), logged each epoch as eval_*: the curve the report's
+    # loss check compares, since per-batch losses of random draws swing more than training moves them
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
 
 
