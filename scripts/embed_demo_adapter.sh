@@ -1,28 +1,20 @@
 #!/usr/bin/env bash
-# Ship the adapters and report of a finished `neuromf demo` run as sample_data/models/lora_demo (joint mode) and
+# Ship the adapters of a finished `neuromf demo` run as sample_data/models/lora_demo (joint mode) and
 # sample_data/models/cond_demo (conditional mode): the embedded demo adapters that the napari Generate widget and
 # the sample data use. Run from the repository root after `make demo`; then update the figures in the two cards
-# (README.md of each) from demo_report/.
+# (README.md of each) from the run's report (runs/report/verification_report.md; outputs are not shipped).
 set -euo pipefail
 run=${RUN:-runs/lora_demo}
 cond_run=${COND_RUN:-runs/cond_demo}
-exp=${OUT:-runs}
 dest=sample_data/models/lora_demo
 cond_dest=sample_data/models/cond_demo
-report=$dest/demo_report
-rm -rf "$report"
-mkdir -p "$report/montages"
 cp "$run"/adapter/{adapter_config.json,adapter_model.safetensors,neuromf_adapter.json} "$run/loss_curve.png" "$dest/"
-cp "$exp"/report/{verification_report.md,loss_curve.png} "$report/"
-cp -r "$exp"/report/montages/. "$report/montages/"
-cp "$exp"/stage2/{mask_vae_test.json,ablation_lp.json} "$exp/stage2/metrics/metrics.json" "$report/"
 if [[ -d $cond_run/adapter ]]; then
   mkdir -p "$cond_dest"
   # float16 storage keeps the ControlNet small; it is loaded back into float32 parameters
   python -c "import sys; from neuromf.weights import save_half_precision as h; h(sys.argv[1], sys.argv[2])" \
     "$cond_run/adapter/controlnet.safetensors" "$cond_dest/controlnet.safetensors"
   cp "$cond_run"/adapter/{mask_prior.safetensors,neuromf_adapter.json} "$cond_run/loss_curve.png" "$cond_dest/"
-  cp "$exp/stage2/conditional/metrics.json" "$report/conditional_metrics.json"
 fi
 # the sidecars name the base and data as "embedded", so the shipped adapters resolve on any machine
 python - "$dest/neuromf_adapter.json" "$cond_dest/neuromf_adapter.json" <<'PY'
@@ -36,14 +28,6 @@ for path in sys.argv[1:]:
     if bad:
         sys.exit(f"{path}: demo adapter must reference embedded models and data, got {bad}")
 PY
-# shipped JSON results name files relative to the repository, not this machine's checkout
-python - "$PWD/" "$report"/*.json <<'PY'
-import sys
-from pathlib import Path
-root = sys.argv[1]
-for name in sys.argv[2:]:
-    path = Path(name)
-    path.write_text(path.read_text().replace(root, ""))
-PY
+python scripts/update_weights_registry.py  # the new sha256s in sample_data/models/registry.json
 chmod -R u+rwX,go+rX "$dest" "$cond_dest" 2>/dev/null || true
 echo "shipped $run as $dest and $cond_run as $cond_dest"

@@ -26,3 +26,4 @@ python -c "import sys; from neuromf.weights import save_half_precision as h; h(s
 cp "$runs/base_small/model.json" sample_data/models/base_small/
 cp "$runs/base_small/loss_curve.png" sample_data/models/base_small/loss_curve.png
 python scripts/write_model_cards.py --runs "$runs"
+python scripts/update_weights_registry.py  # the new sha256s in sample_data/models/registry.json

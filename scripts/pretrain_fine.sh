@@ -43,5 +43,8 @@ neuromf train-lora --config joint_fine --base_checkpoint embedded-fine --output-
 neuromf calibrate-guidance --adapter "$runs/joint_fine/adapter" --scales 0.9 1 1.1 1.2 1.3 1.4 --store \
   --out "$runs/joint_fine/calibration.json"
 mkdir -p $models/joint_fine
-cp "$runs/joint_fine/adapter/"{adapter_config.json,adapter_model.safetensors,neuromf_adapter.json,mask_prior.safetensors} \
+half "$runs/joint_fine/adapter/adapter_model.safetensors" $models/joint_fine/adapter_model.safetensors
+cp "$runs/joint_fine/adapter/"{adapter_config.json,neuromf_adapter.json,mask_prior.safetensors} \
   "$runs/joint_fine/loss_curve.png" $models/joint_fine/
+# new sha256s in sample_data/models/registry.json; a prior identical to cond_fine's is stored once
+python scripts/update_weights_registry.py

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import pickle
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import neuromf
+from neuromf.utils import file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -29,8 +31,9 @@ def sample_data_root() -> Path:
 
 
 def embedded_model_dir(name: str) -> Path:
-    """The folder of a shipped model (`sample_data/models/<name>`); FileNotFoundError when absent."""
-    path = sample_data_root() / "models" / name
+    """The folder of a shipped model (`sample_data/models/<name>`, or its name by kind and grid, e.g.
+    `joint_2mm` for `joint_fine`: see `SHIPPED_NAMES`); FileNotFoundError when absent."""
+    path = sample_data_root() / "models" / SHIPPED_NAMES.get(name, name)
     if not path.is_dir():
         raise FileNotFoundError(f"embedded model {name!r} not found at {path}")
     return path
@@ -46,6 +49,11 @@ EMBEDDED_MODELS: dict[str, dict[str, str]] = {
 }
 
 
+# the shipped folders by what they are (kind + grid); the folder names stay as shipped to keep git history small
+SHIPPED_NAMES = {f"{kind}_{grid}": folder for kind, by_grid in EMBEDDED_MODELS.items()
+                 for grid, folder in zip(("3mm", "2mm"), (by_grid["embedded"], by_grid["embedded-fine"]), strict=True)}
+
+
 def embedded_model(spec: str | Path, kind: str) -> Path | None:
     """The folder a shipped model's name ("embedded", "embedded-fine") stands for; None for any other spec."""
     names = EMBEDDED_MODELS[kind]
@@ -58,6 +66,85 @@ def embedded_model(spec: str | Path, kind: str) -> Path | None:
 
 class WeightFileError(ValueError):
     """A weight file that cannot be used (corrupt, truncated, pickled, not a state_dict); names the file."""
+
+
+# One registry of the shipped weight files (pooch-style): the sha256 and size of each, checked when one is loaded,
+# and the files two models share (stored once: "same_as"). `scripts/update_weights_registry.py` rewrites it.
+REGISTRY = "registry.json"
+
+
+def _models_root() -> Path | None:
+    try:
+        return (sample_data_root() / "models").resolve()
+    except FileNotFoundError:
+        return None
+
+
+def weights_registry() -> dict[str, dict[str, Any]]:
+    """`sample_data/models/registry.json`'s files: {relative path: {"sha256", "bytes"} or {"same_as": path}}."""
+    root = _models_root()
+    if root is None or not (root / REGISTRY).is_file():
+        return {}
+    return read_json_sidecar(root / REGISTRY, "the shipped weights registry")["files"]
+
+
+@lru_cache(maxsize=64)
+def _verified(path: Path, size: int, mtime_ns: int, sha256: str) -> bool:
+    return file_sha256(path) == sha256  # cached per (size, mtime): a file is hashed once per process
+
+
+def shipped_file(path: Path | str) -> Path:
+    """The file to read for `path`: for a shipped weight file, the one stored copy it resolves to, after checking
+    its sha256 against the registry (WeightFileError naming the file on a mismatch); any other path unchanged."""
+    path = Path(path)
+    root = _models_root()
+    try:
+        relative = path.resolve().relative_to(root).as_posix() if root else None
+    except ValueError:
+        relative = None
+    entry = weights_registry().get(relative) if relative else None
+    if entry is None:
+        return path
+    if "same_as" in entry:
+        relative, path = entry["same_as"], root / entry["same_as"]
+        entry = weights_registry()[relative]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: shipped weight file is missing (listed in {root / REGISTRY})")
+    stat = path.stat()
+    if stat.st_size != entry["bytes"] or not _verified(path, stat.st_size, stat.st_mtime_ns, entry["sha256"]):
+        raise WeightFileError(
+            f"{path}: shipped weight file does not match {root / REGISTRY} (expected sha256 {entry['sha256'][:16]}..., "
+            f"{entry['bytes']} bytes; got {file_sha256(path)[:16]}..., {stat.st_size} bytes): restore it "
+            "(git checkout / reinstall), or after retraining it on purpose run scripts/update_weights_registry.py")
+    return path
+
+
+def update_registry(models_root: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Rewrite the registry from the weight files on disk (after a retrain); a file byte-identical to one already
+    listed is deleted and recorded as "same_as" that one. Returns the new registry's files."""
+    from neuromf.utils import atomic_write_text
+
+    root = Path(models_root or _models_root() or "sample_data/models")
+    old = read_json_sidecar(root / REGISTRY, "the shipped weights registry")["files"] if (
+        root / REGISTRY).is_file() else {}
+    files: dict[str, dict[str, Any]] = {}
+    by_hash: dict[str, str] = {}
+    for path in sorted(root.glob("*/*.safetensors")):
+        relative, sha = path.relative_to(root).as_posix(), file_sha256(path)
+        if sha in by_hash:
+            path.unlink()
+            files[relative] = {"same_as": by_hash[sha]}
+            continue
+        by_hash[sha] = relative
+        files[relative] = {"sha256": sha, "bytes": path.stat().st_size}
+    for relative, entry in old.items():  # shared files stay shared while their one copy exists
+        if "same_as" in entry and relative not in files and entry["same_as"] in files:
+            files[relative] = entry
+    registry = {"about": "sha256 of every shipped weight file, checked at load (neuromf.weights.shipped_file); "
+                         "rewrite with scripts/update_weights_registry.py after a retrain",
+                "files": dict(sorted(files.items()))}
+    atomic_write_text(root / REGISTRY, json.dumps(registry, indent=1) + "\n")
+    return registry["files"]
 
 
 def read_json_sidecar(path: Path, what: str) -> dict[str, Any]:
@@ -97,7 +184,7 @@ def load_state_dict(path: Path | str, nested_key: str | None = "unet_state_dict"
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = shipped_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weight file does not exist")
     if path.suffix == ".safetensors":

@@ -34,6 +34,7 @@ from neuromf.data.brain import (
     site_spread,
 )
 from neuromf.utils import atomic_write
+from neuromf.weights import shipped_file
 
 # the prior's file in an adapter folder (a conditional adapter's lesions, a site-conditioned joint adapter's sites)
 PRIOR = "mask_prior.safetensors"
@@ -168,7 +169,7 @@ class MaskPrior:
 
     def save(self, path: Path | str) -> Path:
         """safetensors (no pickle): the brain, each lesion, the spacing and depth range."""
-        tensors = {"brain": torch.from_numpy(self.brain.astype(np.uint8)),
+        tensors = {**_packed("brain", self.brain),
                    "spacing": torch.tensor(self.spacing, dtype=torch.float64),
                    "depth_range": torch.tensor(self.depth_range, dtype=torch.float64)}
         if self.height_range is not None:
@@ -177,19 +178,36 @@ class MaskPrior:
             tensors["sites"] = torch.from_numpy(np.asarray(self.sites, dtype=np.float64))
             tensors["site_radius"] = torch.tensor([self.site_radius], dtype=torch.float64)
         for i, lesion in enumerate(self.lesions):
-            tensors[f"lesion_{i:04d}"] = torch.from_numpy(lesion.astype(np.uint8))
+            tensors.update(_packed(f"lesion_{i:04d}", lesion))
         return atomic_write(Path(path), lambda p: save_file(tensors, str(p)))
 
     @classmethod
     def load(cls, path: Path | str) -> MaskPrior:
         """Read a prior written by `save`; ValueError naming `path` when it is missing or corrupt."""
+        path = shipped_file(path)  # a shipped prior: its sha256 checked, shared copies resolved
         try:
             tensors = load_file(str(path))
-            lesions = [tensors[k].numpy() > 0 for k in sorted(tensors) if k.startswith("lesion_")]
+            names = sorted({k.split(".")[0] for k in tensors if k.startswith("lesion_")})
+            lesions = [_unpacked(tensors, k) for k in names]
             height = tuple(tensors["height_range"].tolist()) if "height_range" in tensors else None
             sites = tensors["sites"].numpy() if "sites" in tensors else None
             radius = float(tensors["site_radius"][0]) if "site_radius" in tensors else None
-            return cls(lesions, tensors["brain"].numpy() > 0, tuple(tensors["spacing"].tolist()),
+            return cls(lesions, _unpacked(tensors, "brain"), tuple(tensors["spacing"].tolist()),
                        tuple(tensors["depth_range"].tolist()), height, sites, radius)
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"{path}: not a readable NeuroMF mask prior ({err})") from err
+
+
+def _packed(name: str, mask: np.ndarray) -> dict[str, torch.Tensor]:
+    """A binary volume as 1 bit per voxel (`name.bits`) plus its shape (`name.shape`): 8x smaller than uint8."""
+    mask = np.asarray(mask, dtype=bool)
+    return {f"{name}.bits": torch.from_numpy(np.packbits(mask.ravel())),
+            f"{name}.shape": torch.tensor(mask.shape, dtype=torch.int64)}
+
+
+def _unpacked(tensors: dict[str, torch.Tensor], name: str) -> np.ndarray:
+    """The boolean volume `_packed` stored under `name` (or the uint8 volume older priors stored as `name`)."""
+    if name in tensors:
+        return tensors[name].numpy() > 0
+    shape = tuple(tensors[f"{name}.shape"].tolist())
+    return np.unpackbits(tensors[f"{name}.bits"].numpy(), count=int(np.prod(shape))).reshape(shape).astype(bool)

@@ -49,6 +49,7 @@ from neuromf.train.loop import LossFn, TrainEvent, TrainResult, TrainTask, fixed
 from neuromf.train.run_dir import in_run_dir
 from neuromf.utils import atomic_write, default_cache_dir, resolve_device
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper
+from neuromf.weights import shipped_file
 
 
 def stage2_preprocessing(base_meta: dict[str, Any], cfg: RunConfig) -> Preprocessing:
@@ -262,8 +263,9 @@ def load_conditional_model(adapter: str | Path, device: str | torch.device = "cp
 
 def load_controlnet_weights(controlnet: MeanFlowControlNet, directory: Path) -> MeanFlowControlNet:
     """Load an adapter folder's ControlNet weights into `controlnet` (same architecture); returns it."""
+    weights = shipped_file(directory / CONTROLNET_WEIGHTS)  # a shipped ControlNet: its sha256 checked
     try:
-        state = load_file(str(directory / CONTROLNET_WEIGHTS))
+        state = load_file(str(weights))
     except Exception as err:
         raise ValueError(f"{directory / CONTROLNET_WEIGHTS}: not a readable safetensors file ({err})") from err
     missing, unexpected = controlnet.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
