@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,12 +11,10 @@ import numpy as np
 import torch
 
 from neuromf.io.nifti import Preprocessing, save_nifti
-from neuromf.meanflow import sample
-from neuromf.meanflow.loss import VelocityFn
+from neuromf.meanflow.samplers import sample_latents
 from neuromf.models.flow_model import load_flow_model, read_model_meta
-from neuromf.models.unet import MeanFlowUNet
 from neuromf.utils import atomic_write_json, resolve_device
-from neuromf.vae import MAISIVAEWrapper
+from neuromf.vae import vae_for
 
 
 def model_grid_affine(shape: tuple[int, ...], spacing: tuple[float, ...]) -> np.ndarray:
@@ -31,17 +29,6 @@ def model_grid_affine(shape: tuple[int, ...], spacing: tuple[float, ...]) -> np.
     affine = np.diag([*map(float, spacing), 1.0])
     affine[:3, 3] = -np.asarray(spacing, dtype=float) * (np.asarray(shape[:3], dtype=float) - 1) / 2
     return affine
-
-
-def vae_for(meta: dict, device: str | torch.device = "cpu") -> MAISIVAEWrapper:
-    """The VAE a model was trained with, with the scale factor stored in the model's sidecar."""
-    vae = MAISIVAEWrapper.resolve(meta["vae"], preset=meta.get("vae_preset", "maisi"), device=device)
-    vae.scale_factor = float(meta["scale_factor"])
-    vae._identity = None
-    if vae.identity.split(":")[-1] != str(meta.get("vae_identity", "")).split(":")[-1]:
-        raise ValueError(f"the VAE {meta['vae']!r} is not the one the model was trained with "
-                         f"(identity {vae.identity} vs {meta.get('vae_identity')})")
-    return vae
 
 
 @dataclass
@@ -82,37 +69,6 @@ def write_pairs(pairs: Iterable[GeneratedPair], out_dir: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def sample_latents(model: MeanFlowUNet, latent_shape: list[int], n: int, steps: int, seed: int,
-                   device: torch.device, method: str = "meanflow", batch_size: int = 4,
-                   velocity: Callable[[torch.Tensor, int], VelocityFn] | None = None, last_t: float = 0.0
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Latent batches from fixed-seed noise: sample i always gets the same noise, whatever the batch size.
-
-    Args:
-        model: u(z, r, t) over (B, C, h, w, d) latents (a base UNet, or a joint model with mask channels).
-        latent_shape: (C, h, w, d) of one sample.
-        n: number of samples.
-        steps: sampler steps (1 = one-step MeanFlow).
-        seed: seeds the noise of all n samples, drawn at once on the CPU.
-        device: where the model runs.
-        method: "meanflow" or "euler" (`neuromf.meanflow.sample`).
-        batch_size: samples per model call; the last batch may be smaller.
-        velocity: builds the velocity a batch is sampled with from its noise (on `device`) and the index of its
-            first sample, e.g. guidance that follows each sample's own noise; None: `model` itself.
-        last_t: Euler only: where the last step starts (`neuromf.meanflow.samplers.sample_euler`).
-    Yields:
-        (noise, latents): both (B, C, h, w, d) on the CPU, noise at t = 1 and the sampled latents at t = 0.
-    """
-    model = model.to(device).eval()
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, *latent_shape), generator=generator)
-    for start in range(0, n, batch_size):
-        batch = noise[start:start + batch_size]
-        on_device = batch.to(device)
-        fn = model if velocity is None else velocity(on_device, start)
-        yield batch, sample(fn, on_device, steps=steps, method=method, last_t=last_t).cpu()
-
-
 def generate_images(model_spec: str | Path, n: int, steps: int = 1, seed: int = 0, device: str = "auto",
                     method: str = "meanflow") -> Iterator[GeneratedVolume]:
     """Volumes from a base (stage-1) model: noise -> latents -> VAE decode on the model grid.

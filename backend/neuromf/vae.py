@@ -236,3 +236,14 @@ class MAISIVAEWrapper(nn.Module):
         self.scale_factor = float(1.0 / latents.std().clamp_min(1e-8))
         self._identity = None
         return self.scale_factor
+
+
+def vae_for(meta: dict, device: str | torch.device = "cpu") -> MAISIVAEWrapper:
+    """The VAE a model was trained with, with the scale factor stored in the model's sidecar."""
+    vae = MAISIVAEWrapper.resolve(meta["vae"], preset=meta.get("vae_preset", "maisi"), device=device)
+    vae.scale_factor = float(meta["scale_factor"])
+    vae._identity = None
+    if vae.identity.split(":")[-1] != str(meta.get("vae_identity", "")).split(":")[-1]:
+        raise ValueError(f"the VAE {meta['vae']!r} is not the one the model was trained with "
+                         f"(identity {vae.identity} vs {meta.get('vae_identity')})")
+    return vae

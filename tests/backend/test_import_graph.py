@@ -1,5 +1,6 @@
 """The backend's layout: every module imports on its own, the import graph has no cycle (counting imports inside
-functions too), no module is named after a plan phase, and the backend never imports Qt or napari."""
+functions too), packages import only packages below them (docs/architecture.md), no module is named after a plan
+phase, and the backend never imports Qt or napari."""
 
 from __future__ import annotations
 
@@ -74,6 +75,54 @@ def test_the_import_graph_has_no_cycle():
     graph = import_graph()  # a package's __init__ counts as a module: a submodule importing it back is a cycle
     assert len(graph) > 40 and sum(map(len, graph.values())) > 150
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+# The package layers, lowest first (docs/architecture.md, "Which package may import which"): a package imports only
+# packages of LOWER layers (and its own modules). Top-level modules count as packages of their own. The root
+# `neuromf` (a lazy facade that imports nothing when imported) is left out.
+LAYERS = [
+    {"utils"},
+    {"config", "events", "weights"},
+    {"io", "vae"},
+    {"meanflow", "data", "train"},
+    {"models"},
+    {"generate", "eval"},
+    {"pipelines"},
+    {"api", "cli"},
+]
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[set[str]]) -> list[str]:
+    """Every import of a package from the same or a higher layer, as "a -> b (layer i -> j)"."""
+    layer = {name: i for i, names in enumerate(layers) for name in names}
+    bad = []
+    for module, imported in sorted(graph.items()):
+        for other in sorted(imported):
+            src, dst = package_of(module), package_of(other)
+            if src == dst or "neuromf" in (src, dst):
+                continue
+            if layer[dst] >= layer[src]:
+                bad.append(f"{module} -> {other} (layer {layer[src]} -> {layer[dst]})")
+    return bad
+
+
+def test_packages_import_only_lower_layers():
+    graph = import_graph()
+    packages = {package_of(m) for m in graph} - {"neuromf"}
+    assert packages == set().union(*LAYERS), "a new package: give it a layer here and in docs/architecture.md"
+    assert upward_imports(graph, LAYERS) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {"neuromf.train.launch": {"neuromf.pipelines.joint"}, "neuromf.pipelines.joint": {"neuromf.train.loop"}}
+    assert upward_imports(graph, LAYERS) == ["neuromf.train.launch -> neuromf.pipelines.joint (layer 3 -> 6)"]
+    assert upward_imports({"neuromf.data.a": {"neuromf.train.loop"}}, LAYERS) == [
+        "neuromf.data.a -> neuromf.train.loop (layer 3 -> 3)"]
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -33,9 +33,9 @@ from neuromf.data.mask_codec import (  # noqa: F401  (re-exported: the strategie
     pixel_unshuffle_3d,
     upsample_mask,
 )
+from neuromf.events import run_to_end
 from neuromf.io.bids import DataError, discover_cases
 from neuromf.io.nifti import Preprocessing, preprocess_image, preprocess_pair
-from neuromf.train.loop import run_to_end
 from neuromf.utils import default_cache_dir
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper
 

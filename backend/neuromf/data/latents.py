@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from neuromf.data.augment import AffineAugment, apply_moves
 from neuromf.data.latent_cache import LatentCache
+from neuromf.events import TrainEvent, run_to_end
 from neuromf.io.nifti import Preprocessing, Volume, preprocess_pair
-from neuromf.train.loop import TrainEvent, run_to_end
 from neuromf.vae import MAISIVAEWrapper
 
 LR_AXIS = 1  # (C, H, W, D) on the RAS grid: H runs left -> right

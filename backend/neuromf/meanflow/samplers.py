@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 
 from neuromf.meanflow.loss import VelocityFn
@@ -79,3 +81,34 @@ def sample(model: VelocityFn, noise: torch.Tensor, steps: int = 1, method: str =
     if method == "euler":
         return sample_euler(model, noise, steps, last_t)
     raise ValueError(f"unknown sampler {method!r}; choose 'meanflow' or 'euler'")
+
+
+def sample_latents(model: torch.nn.Module, latent_shape: list[int], n: int, steps: int, seed: int,
+                   device: torch.device, method: str = "meanflow", batch_size: int = 4,
+                   velocity: Callable[[torch.Tensor, int], VelocityFn] | None = None, last_t: float = 0.0
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Latent batches from fixed-seed noise: sample i always gets the same noise, whatever the batch size.
+
+    Args:
+        model: u(z, r, t) over (B, C, h, w, d) latents (a base UNet, or a joint model with mask channels).
+        latent_shape: (C, h, w, d) of one sample.
+        n: number of samples.
+        steps: sampler steps (1 = one-step MeanFlow).
+        seed: seeds the noise of all n samples, drawn at once on the CPU.
+        device: where the model runs.
+        method: "meanflow" or "euler" (`neuromf.meanflow.sample`).
+        batch_size: samples per model call; the last batch may be smaller.
+        velocity: builds the velocity a batch is sampled with from its noise (on `device`) and the index of its
+            first sample, e.g. guidance that follows each sample's own noise; None: `model` itself.
+        last_t: Euler only: where the last step starts (`neuromf.meanflow.samplers.sample_euler`).
+    Yields:
+        (noise, latents): both (B, C, h, w, d) on the CPU, noise at t = 1 and the sampled latents at t = 0.
+    """
+    model = model.to(device).eval()
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *latent_shape), generator=generator)
+    for start in range(0, n, batch_size):
+        batch = noise[start:start + batch_size]
+        on_device = batch.to(device)
+        fn = model if velocity is None else velocity(on_device, start)
+        yield batch, sample(fn, on_device, steps=steps, method=method, last_t=last_t).cpu()

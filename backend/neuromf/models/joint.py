@@ -19,8 +19,8 @@ import torch
 from neuromf.config import RunConfig
 from neuromf.data.mask_codec import decode_mask_channel, decode_sdf, tanh_threshold, upsample_mask
 from neuromf.data.mask_prior import PRIOR, MaskPrior
-from neuromf.generate import sample_latents, vae_for
 from neuromf.meanflow.loss import VelocityFn
+from neuromf.meanflow.samplers import sample_latents
 from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
 from neuromf.models.flow_model import load_flow_model
 from neuromf.models.lora import (
@@ -36,7 +36,7 @@ from neuromf.models.lora import (
 from neuromf.models.site import SiteConditionedJoint, draw_sites
 from neuromf.models.unet import X_PREDICTION_MIN_T
 from neuromf.utils import resolve_device
-from neuromf.vae import MAISIVAEWrapper
+from neuromf.vae import MAISIVAEWrapper, vae_for
 
 
 @dataclass
@@ -93,7 +93,7 @@ class JointModel:
     def sample(self, n: int, steps: int, seed: int, device: torch.device, method: str = "euler",
                guidance: float = 1.0, sites: Any = None
                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Joint latents from fixed-seed noise (`neuromf.generate.sample_latents`), guided by `guidance`: batches
+        """Joint latents from fixed-seed noise (`meanflow.samplers.sample_latents`), guided by `guidance`: batches
         of (noise, latents at t = 0, the batch's sites or None), on the CPU. A site-conditioned adapter puts
         sample i's lesion at `sites[i % len(sites)]` ((k, 3) model-grid voxel coordinates) when given, else at a
         site drawn from its prior (`draw_sites`)."""

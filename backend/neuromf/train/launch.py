@@ -12,7 +12,9 @@ as it was). A non-zero exit raises `TrainingProcessError` with the last lines of
 rank 0 reported it, the type and text of the error.
 
 Rank side (`python -m neuromf.train.launch SPEC`, one process per rank): the CLI's training path (process
-group, signals, `train_lora`, failure naming the rank); rank 0 also prints each event as one JSON line.
+group, signals, the spec's training pipeline, failure naming the rank); rank 0 also prints each event as one JSON
+line. The pipeline is named in the spec ("module:function", a `neuromf.pipelines` generator such as
+`train_joint`), so this generic launcher imports no pipeline: `train` stays below `pipelines`.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Spec:
     overwrite: bool
     stop_file: str
     preview_dir: str
+    pipeline: str = "neuromf.pipelines.lora:train_lora"  # the training generator each rank runs
 
 
 def torchrun_command(nproc: int, spec: Path) -> list[str]:
@@ -76,10 +79,10 @@ def torchrun_command(nproc: int, spec: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ parent side
 class TrainingProcess:
-    """A running torchrun job of `train_lora`; see the module docstring."""
+    """A running torchrun job of a training pipeline (the joint one by default); see the module docstring."""
 
     def __init__(self, cfg: Any, nproc: int, base_checkpoint: str | Path = "embedded", resume: bool = False,
-                 overwrite: bool = False, env: dict[str, str] | None = None) -> None:
+                 overwrite: bool = False, env: dict[str, str] | None = None, pipeline: str | None = None) -> None:
         from neuromf.config import save_config
 
         if nproc < 1:
@@ -89,7 +92,7 @@ class TrainingProcess:
         save_config(cfg, self.scratch / "config.yaml")
         self.spec = Spec(config=str(self.scratch / "config.yaml"), base_checkpoint=str(base_checkpoint),
                          resume=bool(resume), overwrite=bool(overwrite), stop_file=str(self.scratch / "stop"),
-                         preview_dir=str(self.scratch / "previews"))
+                         preview_dir=str(self.scratch / "previews"), **({"pipeline": pipeline} if pipeline else {}))
         spec_path = self.scratch / "spec.json"
         spec_path.write_text(json.dumps(self.spec.__dict__, indent=2))
         self.command = torchrun_command(self.nproc, spec_path)
@@ -239,20 +242,31 @@ def _event_fields(event: Any, preview_dir: Path) -> dict[str, Any]:
     return fields
 
 
+def pipeline_function(name: str) -> Any:
+    """The training generator a spec names ("neuromf.pipelines.<module>:<function>"); ValueError for anything
+    outside `neuromf.pipelines` (a spec never makes a rank import arbitrary code)."""
+    import importlib
+
+    module, _, function = name.partition(":")
+    if not module.startswith("neuromf.pipelines.") or not function.isidentifier():
+        raise ValueError(f"not a training pipeline of neuromf.pipelines: {name!r}")
+    return getattr(importlib.import_module(module), function)
+
+
 def rank_main(spec_path: str | Path) -> int:
     """One rank of a launched run (see the module docstring); returns the exit status."""
     from neuromf.config import load_config
-    from neuromf.pipelines.lora import train_lora
     from neuromf.train import distributed as dist
 
     spec = Spec(**json.loads(Path(spec_path).read_text()))
+    train_fn = pipeline_function(spec.pipeline)
     stop_file, preview_dir = Path(spec.stop_file), Path(spec.preview_dir)
     try:
         cfg = load_config(spec.config)
         dist.init(cfg.training.device, cfg.training.dist_timeout_s)
         main = dist.is_main()
         stop = dist.stop_on_signals()
-        events = train_lora(cfg, spec.base_checkpoint, resume=spec.resume, overwrite=spec.overwrite, stop=stop,
+        events = train_fn(cfg, spec.base_checkpoint, resume=spec.resume, overwrite=spec.overwrite, stop=stop,
                             progress=False)
         while True:
             try:

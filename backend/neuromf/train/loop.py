@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from neuromf.config import TrainingConfig
+from neuromf.events import TrainEvent, TrainResult, run_to_end  # re-exported: their home before
 from neuromf.train import distributed as dist
 from neuromf.train.checkpoint import TrainState, checkpoint_paths, load_checkpoint, save_checkpoint
 from neuromf.train.ema import EMA, trainable_parameters
@@ -39,38 +40,6 @@ class TrainTask:
     # loss parts on a FIXED draw (cases, noise, times), logged each epoch as eval_*: the curve the report's
     # loss check compares, since per-batch losses of random draws swing more than training moves them
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
-
-
-@dataclass
-class TrainEvent:
-    """One progress event of the training generator: what happened (`kind`), where (step, epoch), the
-    loss and its parts, the learning rate, the ETA, a written file or a preview sample."""
-
-    # "encoding" (a pipeline's cases before training: step = cases done of total_steps) | "step" | "skipped" |
-    # "epoch" | "checkpoint" | "preview" | "done" | "stopped"
-    kind: str
-    step: int
-    epoch: int
-    total_steps: int
-    loss: float | None = None
-    parts: dict[str, float] = field(default_factory=dict)
-    lr: float = 0.0
-    eta_s: float | None = None
-    path: Path | None = None
-    message: str = ""
-    preview: Any = None
-
-
-@dataclass
-class TrainResult:
-    """What a finished or stopped run leaves: its folder, last step, checkpoint and exported model."""
-
-    out_dir: Path
-    step: int
-    stopped: bool
-    checkpoint: Path
-    export: Path | None
-    skipped_steps: int
 
 
 class NonFiniteLossError(ValueError):
@@ -311,26 +280,6 @@ def _train(task: TrainTask, data: torch.Tensor, cfg: TrainingConfig, out_dir: Pa
     yield TrainEvent("done", state.step, state.step // steps_per_epoch, total, path=exported or path,
                      message=f"finished {state.step} steps")
     return TrainResult(out_dir, state.step, False, path, exported, state.skipped_steps)
-
-
-def run_to_end(events: Generator[TrainEvent, None, TrainResult],
-               on_event: Callable[[TrainEvent], None] | None = None) -> TrainResult:
-    """Drive a training generator to completion (the CLI, scripts and tests); also any generator of progress
-    records with a return value, e.g. the latent encoders of `neuromf.data.latents`.
-
-    Args:
-        events: a training generator (`train`, or a pipeline's `train_*`), or another progress generator.
-        on_event: called with every TrainEvent (progress bars, logs).
-    Returns:
-        The generator's TrainResult.
-    """
-    while True:
-        try:
-            event = next(events)
-        except StopIteration as finished:
-            return finished.value
-        if on_event is not None:
-            on_event(event)
 
 
 __all__ = ["BatchFetcher", "TrainEvent", "TrainResult", "TrainTask", "autocast_for", "checkpoint_paths",
