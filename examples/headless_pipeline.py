@@ -15,7 +15,7 @@ import neuromf
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="demo_lora", help="YAML file or packaged config name")
+    parser.add_argument("--config", default="joint_3mm", help="YAML file or packaged config name")
     parser.add_argument("--base", default="embedded", help="stage-1 model folder or 'embedded'")
     parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps")
     parser.add_argument("--n", type=int, default=4, help="pairs to generate")

@@ -44,7 +44,7 @@ from neuromf.data.fcd_dataset import FCDDataset
 from neuromf.generate import vae_for
 from neuromf.models.flow_model import read_model_meta
 from neuromf.pipelines.conditional import stage2_preprocessing
-cfg = load_config("joint_fine", {"data.augment_copies": $AUG})
+cfg = load_config("joint_2mm", {"data.augment_copies": $AUG})
 meta = read_model_meta("embedded-fine")
 FCDDataset(cfg.data.data_dir, "sdf", vae=vae_for(meta, "$DEVICE"), prep=stage2_preprocessing(meta, cfg),
            cache_dir="$CACHE", flip=True, split=cfg.data.split, augment=AffineAugment.from_config(cfg.data))
@@ -61,7 +61,7 @@ variant() {  # name, at most this many steps (the cosine schedule's length when 
   for kv in "$@"; do sets+=(--set "$kv"); done
   export OMP_NUM_THREADS=$THREADS
   {
-    "$PY" scripts/train_for.py --pipeline lora --config joint_fine --base embedded-fine --max-steps "$steps" \
+    "$PY" scripts/train_for.py --pipeline lora --config joint_2mm --base embedded-fine --max-steps "$steps" \
       --deadline $(( END - EVAL_S )) --calibrate-steps $(( steps < 30 ? 2 : 30 )) \
       --set training.output_dir="$dir" "${sets[@]}" || return
     timeout $(budget 60) "$PY" -m neuromf calibrate-guidance --adapter "$dir/adapter" --store --n "$CAL_N" \

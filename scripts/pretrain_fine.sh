@@ -29,14 +29,14 @@ if [[ $stage == vae || $stage == base ]]; then
   cp "$runs/base_fine/model.json" "$runs/base_fine/loss_curve.png" $models/base_fine/
 fi
 if [[ $stage != joint ]]; then
-  neuromf train-conditional --config cond_fine --base_checkpoint embedded-fine --output-dir "$runs/cond_fine" --overwrite
+  neuromf train-conditional --config conditional_2mm --base_checkpoint embedded-fine --output-dir "$runs/cond_fine" --overwrite
   mkdir -p $models/cond_fine
   half "$runs/cond_fine/adapter/controlnet.safetensors" $models/cond_fine/controlnet.safetensors
   cp "$runs/cond_fine/adapter/mask_prior.safetensors" "$runs/cond_fine/adapter/neuromf_adapter.json" \
     "$runs/cond_fine/loss_curve.png" $models/cond_fine/
 fi
 # joint mode (LoRA, x-prediction mask channels); its FLAIRs are best rendered by cond_fine (`generate --render`)
-neuromf train-lora --config joint_fine --base_checkpoint embedded-fine --output-dir "$runs/joint_fine" --overwrite
+neuromf train-joint --config joint_2mm --base_checkpoint embedded-fine --output-dir "$runs/joint_fine" --overwrite
 # how strongly a training commits to a lesion differs between trainings of this recipe: store the joint guidance
 # whose masks match the training lesions' median volume as the adapter's default (about 15 min on 2 CPU cores)
 # (site-conditioned trainings chose 1.2 and 1.3: the grid reaches beyond the default 0.8-1.2)

@@ -6,7 +6,7 @@ under whatever else runs beside it, then the real run gets `max_steps = rate x t
 the run is stopped and saves its checkpoint and adapter as after Ctrl-C, so a slower-than-measured run still leaves
 a usable adapter. Writes `<output_dir>/train_for.json` (rate, steps, wall times).
 
-    python scripts/train_for.py --pipeline lora --config joint_fine --base embedded-fine \
+    python scripts/train_for.py --pipeline lora --config joint_2mm --base embedded-fine \
         --deadline "$(( $(date +%s) + 420 ))" --set training.output_dir=runs/joint_gpu
 """
 
@@ -30,9 +30,9 @@ PIPELINES = ("lora", "conditional")
 def trainer(pipeline: str) -> Callable:
     """The stage-2 training generator of `pipeline` (imported on use: only the chosen pipeline loads)."""
     if pipeline == "lora":
-        from neuromf.pipelines.lora import train_lora
+        from neuromf.pipelines.joint import train_joint
 
-        return train_lora
+        return train_joint
     from neuromf.pipelines.conditional import train_conditional
 
     return train_conditional

@@ -2,7 +2,7 @@
 
 `import neuromf` re-exports these names (loaded on first use, so importing the package stays cheap). Training
 entry points here run to the end and report through a callback; the generators they wrap
-(`neuromf.pipelines.lora.train_lora`, ...) are what the CLI and the napari plugin drive step by step.
+(`neuromf.pipelines.joint.train_joint`, ...) are what the CLI and the napari plugin drive step by step.
 """
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ def _config(config: str | Path | RunConfig, overrides: dict[str, Any] | None) ->
     return load_config(config, overrides)
 
 
-def fine_tune(config: str | Path | RunConfig = "demo_lora", base_checkpoint: str | Path = "embedded",
+def fine_tune(config: str | Path | RunConfig = "joint_3mm", base_checkpoint: str | Path = "embedded",
               mode: str = "joint", overrides: dict[str, Any] | None = None,
               on_event: Callable[[TrainEvent], None] | None = None, stop: Event | None = None,
               resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Stage 2 on FCD cases, run to the end: LoRA (`mode="joint"`) or the ControlNet (`mode="conditional"`).
 
     Args:
-        config: a YAML file, a packaged config name ("demo_lora", "lora_fcd", "demo_cond") or a RunConfig.
+        config: a YAML file, a packaged config name ("joint_3mm", "joint_gpu", "conditional_3mm") or a RunConfig.
         base_checkpoint: the frozen stage-1 model: folder, model.safetensors or "embedded".
         overrides: dotted keys, e.g. {"training.max_steps": 50, "training.output_dir": "runs/x"}.
         on_event: called with every TrainEvent (kind "step" | "epoch" | "checkpoint" | "preview" | "stopped" ...;
@@ -74,7 +74,7 @@ def fine_tune(config: str | Path | RunConfig = "demo_lora", base_checkpoint: str
     """
     cfg = _config(config, overrides)
     if mode == "joint":
-        from neuromf.pipelines.lora import train_lora as trainer
+        from neuromf.pipelines.joint import train_joint as trainer
     elif mode == "conditional":
         from neuromf.pipelines.conditional import train_conditional as trainer
     else:
@@ -119,7 +119,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
     else:
         if masks is not None:
             raise ValueError("masks need a conditional adapter (mode='conditional')")
-        from neuromf.pipelines.lora import generate_pairs as joint_pairs
+        from neuromf.pipelines.joint import generate_pairs as joint_pairs
 
         pairs = list(joint_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites))
     if out is not None:

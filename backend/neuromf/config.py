@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -303,11 +304,29 @@ def config_from_dict(values: dict, source: str = "<config>") -> RunConfig:
     return _build(RunConfig, values or {}, "", source)
 
 
+# the packaged configs' deprecated names (kept for one release) -> their names by mode and grid
+CONFIG_ALIASES = {"demo_lora": "joint_3mm", "joint_fine": "joint_2mm", "lora_fcd": "joint_gpu",
+                  "demo_cond": "conditional_3mm", "cond_fine": "conditional_2mm"}
+
+
+def packaged_configs(mode: str | None = None) -> list[str]:
+    """Names of the packaged configs, sorted; with `mode` ("joint", "conditional", "base", "vae") only that
+    mode's (named `<mode>_<grid>`, e.g. `joint_3mm`)."""
+    names = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+    return [n for n in names if mode is None or n.startswith(f"{mode}_")]
+
+
 def resolve_config_path(path: str | Path) -> Path:
-    """A file on disk, else a packaged config by name (`lora_fcd`, `configs/lora_fcd.yaml`)."""
+    """A file on disk, else a packaged config by name (`joint_gpu`, `configs/joint_gpu.yaml`); a deprecated name
+    (`CONFIG_ALIASES`) resolves to its new one with a FutureWarning."""
     path = Path(path)
     if path.is_file():
         return path
+    name = path.stem if path.suffix == ".yaml" else path.name
+    if name in CONFIG_ALIASES:
+        warnings.warn(f"config name {name!r} is deprecated, use {CONFIG_ALIASES[name]!r}", FutureWarning,
+                      stacklevel=2)
+        path = Path(CONFIG_ALIASES[name])
     packaged = PACKAGED_CONFIGS / (path.name if path.suffix else f"{path.name}.yaml")
     if packaged.is_file():
         return packaged

@@ -9,7 +9,7 @@ from neuromf.cli._common import AddCommand
 
 
 def cmd_demo(args) -> int:
-    """mask-test -> train-lora (demo schedule) -> generate -> evaluate -> ablate-lp -> train-conditional ->
+    """mask-test -> train-joint (demo schedule) -> generate -> evaluate -> ablate-lp -> train-conditional ->
     generate --mode conditional -> evaluate -> verify, on the embedded data and weights."""
     cli = args.run_subcommand
     stage = Path(args.out) / "stage2"
@@ -19,7 +19,7 @@ def cmd_demo(args) -> int:
     started = time.perf_counter()
     steps = [
         ["mask-test", "--data", "embedded", "--vae", "embedded", "--out", str(stage / "mask_vae_test.json")],
-        ["train-lora", "--config", "demo_lora", "--base_checkpoint", "embedded", "--output-dir", str(run),
+        ["train-joint", "--config", "joint_3mm", "--base_checkpoint", "embedded", "--output-dir", str(run),
          "--overwrite", "--set", f"data.mask_test={stage / 'mask_vae_test.json'}"],
         ["generate", "--adapter", str(run / "adapter"), "--n", str(args.n), "--steps", "1", "--seed", "0",
          "--out", str(stage / "generated")],
@@ -27,13 +27,13 @@ def cmd_demo(args) -> int:
          "--out", str(stage / "metrics" / "metrics.json")],
     ]
     if not args.skip_ablation:
-        steps.append(["ablate-lp", "--config", "demo_lora", "--base_checkpoint", "embedded", "--n", str(args.n),
+        steps.append(["ablate-lp", "--config", "joint_3mm", "--base_checkpoint", "embedded", "--n", str(args.n),
                       "--out", str(stage), "--set", f"data.mask_test={stage / 'mask_vae_test.json'}",
                       "--set", f"training.max_steps={args.ablation_steps}",
                       "--seeds", *map(str, args.ablation_seeds)])
     if not args.skip_conditional:
         steps += [
-            ["train-conditional", "--config", "demo_cond", "--base_checkpoint", "embedded", "--output-dir",
+            ["train-conditional", "--config", "conditional_3mm", "--base_checkpoint", "embedded", "--output-dir",
              str(cond_run), "--overwrite"],
             ["generate", "--adapter", str(cond_run / "adapter"), "--mode", "conditional", "--n", str(args.n),
              "--steps", "1", "--seed", "0", "--out", str(cond_stage / "generated")],

@@ -108,7 +108,7 @@ def _add_generated_flags(p: argparse.ArgumentParser, out: Path) -> None:
 def cmd_calibrate_guidance(args) -> int:
     """`neuromf calibrate-guidance`: the joint guidance whose masks match the training lesions' median volume."""
     from neuromf.models.adapter_meta import EMBEDDED_NAMES
-    from neuromf.pipelines.lora import calibrate_joint_guidance
+    from neuromf.pipelines.joint import calibrate_joint_guidance
     from neuromf.utils import atomic_write_json
 
     if args.store and args.adapter in EMBEDDED_NAMES:
@@ -155,7 +155,7 @@ def register(add: AddCommand) -> None:
     p.add_argument("--device", default="cpu")
 
     p = add("ablate-lp", cmd_ablate_lp, "per-channel Lp (1.5/2.0) vs uniform L2, same seed/data/budget")
-    p.add_argument("--config", default="demo_lora")
+    p.add_argument("--config", default="joint_3mm")
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded")
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per arm and seed")

@@ -38,7 +38,7 @@ def cmd_generate(args) -> int:
     if mode == "conditional":
         paths = _generate_conditional(args)
     elif mode == "joint":
-        from neuromf.pipelines.lora import write_generated_pairs
+        from neuromf.pipelines.joint import write_generated_pairs
 
         paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
                                       args.sampler, args.render, args.guidance, args.joint_guidance, args.site)

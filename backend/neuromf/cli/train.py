@@ -101,13 +101,16 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def cmd_train_lora(args) -> int:
-    """`neuromf train-lora`: stage 2, joint mode (LoRA + widened convs on image + mask latents)."""
-    from neuromf.pipelines.lora import train_lora
+def cmd_train_joint(args) -> int:
+    """`neuromf train-joint` (deprecated alias `train-lora`): stage 2, joint mode (LoRA + widened convs on image +
+    mask latents)."""
+    from neuromf.pipelines.joint import train_joint
 
+    if args.command == "train-lora" and _is_main():
+        print("neuromf: `train-lora` is deprecated, use `train-joint`", file=sys.stderr)
     if (code := _relaunch(args)) is not None:
         return code
-    _train_stage2(args, train_lora, "train-lora")
+    _train_stage2(args, train_joint, args.command)
     return 0
 
 
@@ -140,10 +143,12 @@ def register(add: AddCommand) -> None:
     add_train_flags(p)
     _add_nproc_flag(p)
 
-    p = add("train-lora", cmd_train_lora, "stage 2: LoRA fine-tuning on FCD image + mask latents")
-    add_train_flags(p)
-    _add_nproc_flag(p)
-    add_base_checkpoint_flag(p)
+    for name, what in (("train-joint", "stage 2, joint mode: LoRA fine-tuning on FCD image + mask latents"),
+                       ("train-lora", "deprecated name of train-joint")):
+        p = add(name, cmd_train_joint, what)
+        add_train_flags(p)
+        _add_nproc_flag(p)
+        add_base_checkpoint_flag(p)
 
     p = add("train-conditional", cmd_train_conditional,
             "conditional mode: a ControlNet that turns a lesion mask into a FLAIR carrying it")

@@ -28,7 +28,7 @@ def run_ablation(config: str, base_checkpoint: str, out_dir: Path, n: int, seeds
     from neuromf.config import load_config
     from neuromf.eval.metrics import evaluate_generated
     from neuromf.models.adapter_meta import adapter_meta
-    from neuromf.pipelines.lora import train_lora, write_generated_pairs
+    from neuromf.pipelines.joint import train_joint, write_generated_pairs
     from neuromf.utils import atomic_write_json
 
     arms = {"per_channel_lp": {"loss.p_img": 1.5, "loss.p_mask": 2.0},
@@ -43,7 +43,7 @@ def run_ablation(config: str, base_checkpoint: str, out_dir: Path, n: int, seeds
             cfg = load_config(config, {**(overrides or {}), **loss_keys, "training.output_dir": str(run),
                                        "training.seed": seed})
             started = time.perf_counter()
-            result = drive(train_lora(cfg, base_checkpoint, overwrite=True), f"ablate {name} seed {seed}")
+            result = drive(train_joint(cfg, base_checkpoint, overwrite=True), f"ablate {name} seed {seed}")
             arm["steps"] = result.step
             write_generated_pairs(result.export, run / "generated", n=n, seed=seed)
             prep = adapter_meta(result.export).prep

@@ -54,9 +54,9 @@ def resolve_strategy(cfg: RunConfig) -> str:
 
 
 @in_run_dir
-def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume: bool = False,
-               overwrite: bool = False, stop: Event | None = None,
-               progress: bool = True) -> Generator[TrainEvent, None, TrainResult]:
+def train_joint(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume: bool = False,
+                overwrite: bool = False, stop: Event | None = None,
+                progress: bool = True) -> Generator[TrainEvent, None, TrainResult]:
     """Fine-tune LoRA + widened convs on the FCD latents with the per-channel Lp MeanFlow loss.
 
     The adapter (peft format + sidecar) is exported to `<output_dir>/adapter` at the end and on stop.
@@ -118,6 +118,9 @@ def train_lora(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume:
                      meta={"kind": "lora", "strategy": strategy, "base_checkpoint": str(base_checkpoint)})
     return (yield from train(task, data, cfg.training, out_dir, stop=stop, resume=resume))
 
+
+
+train_lora = train_joint  # the deprecated name (one release): the plugin and scripts still call it
 
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
                    device: str = "auto", method: str = "meanflow",

@@ -1,7 +1,7 @@
 """LoRA fine-tuning in N local processes under torchrun, as a background job that another program drives (the
 napari plugin's "all GPUs" device): progress as events, a stop that saves, errors with the output's tail.
 
-Parent side: `launch_lora(cfg, nproc, device)` writes the config and a small JSON spec into a scratch folder and
+Parent side: `launch_joint(cfg, nproc, device)` writes the config and a small JSON spec into a scratch folder and
 starts `python -m torch.distributed.run --standalone --nproc_per_node N -m neuromf.train.launch SPEC`, the same
 torchrun launch as `neuromf train-lora --nproc N`. `TrainingProcess.events()` yields the run's `TrainEvent`s
 (encoding, step, epoch, checkpoint, preview, done/stopped) and returns its `TrainResult`; `stop()` asks the ranks
@@ -69,7 +69,7 @@ class Spec:
     overwrite: bool
     stop_file: str
     preview_dir: str
-    pipeline: str = "neuromf.pipelines.lora:train_lora"  # the training generator each rank runs
+    pipeline: str = "neuromf.pipelines.joint:train_joint"  # the training generator each rank runs
 
 
 def torchrun_command(nproc: int, spec: Path) -> list[str]:
@@ -189,9 +189,9 @@ class TrainingProcess:
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def launch_lora(cfg: Any, nproc: int, device: str | None = None, base_checkpoint: str | Path = "embedded",
-                resume: bool = False, overwrite: bool = False) -> TrainingProcess:
-    """Start `train_lora(cfg, ...)` in `nproc` local processes (torchrun); `device` overrides
+def launch_joint(cfg: Any, nproc: int, device: str | None = None, base_checkpoint: str | Path = "embedded",
+                 resume: bool = False, overwrite: bool = False) -> TrainingProcess:
+    """Start `train_joint(cfg, ...)` in `nproc` local processes (torchrun); `device` overrides
     `cfg.training.device` ("auto"/"cuda": each rank takes cuda:LOCAL_RANK; "cpu": gloo on the CPU)."""
     if device is not None:
         import copy
@@ -200,6 +200,9 @@ def launch_lora(cfg: Any, nproc: int, device: str | None = None, base_checkpoint
         cfg.training.device = device
     return TrainingProcess(cfg, nproc, base_checkpoint, resume=resume, overwrite=overwrite)
 
+
+
+launch_lora = launch_joint  # the deprecated name (one release): the napari plugin still calls it
 
 def _read_previews(paths: list[str]) -> list[tuple[Any, Any]]:
     import numpy as np
@@ -305,5 +308,6 @@ if __name__ == "__main__":
     raise SystemExit(rank_main(sys.argv[1]))
 
 
-__all__ = ["EVENT_PREFIX", "Spec", "StopBeforeTraining", "TrainingProcess", "TrainingProcessError", "launch_lora",
+__all__ = ["EVENT_PREFIX", "Spec", "StopBeforeTraining", "TrainingProcess", "TrainingProcessError", "launch_joint",
+           "launch_lora",
            "rank_main", "torchrun_command"]
