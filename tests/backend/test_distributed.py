@@ -423,18 +423,20 @@ if __name__ == "__main__":
     worker(sys.argv[1], Path(sys.argv[2]))
 
 
-def test_train_lora_on_two_processes_on_the_embedded_data_and_models(tmp_path):
-    """The issue's end-to-end case as a user runs it: `train-lora --nproc 2` on the embedded 3 mm phantoms with the
-    shipped VAE and base model (demo_lora, 2 steps), an adapter that loads and generates a pair on the model grid."""
-    from neuromf.pipelines.lora import generate_pairs
+def test_train_joint_on_two_processes_on_the_embedded_data_and_models(tmp_path):
+    """The end-to-end case as a user runs it: `train-joint --nproc 2` on the embedded 3 mm phantoms with the
+    shipped VAE and base model (joint_3mm, 2 steps), an adapter that loads and generates a pair on the model grid.
+    Without the mirrored copies (`data.flip=false`): rank 0 encodes half as many cases, the path is the same."""
+    from neuromf.pipelines.joint import generate_pairs
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parents[2] / "backend"),
                NEUROMF_CACHE=str(tmp_path / "cache"))
     env.pop("RANK", None), env.pop("LOCAL_RANK", None), env.pop("WORLD_SIZE", None)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "neuromf", "train-lora", "--config", "demo_lora",
+    proc = subprocess.run([sys.executable, "-m", "neuromf", "train-joint", "--config", "joint_3mm",
                            "--base_checkpoint", "embedded", "--output-dir", str(out), "--nproc", "2",
-                           "--set", "data.mask_strategy=sdf", "--set", "training.max_steps=2",
+                           "--set", "data.mask_strategy=sdf", "--set", "data.flip=false",
+                           "--set", "training.max_steps=2",
                            "--set", "training.batch_size=4", "--set", "training.warmup_steps=0",
                            "--set", "training.num_threads=1", "--set", "training.dist_timeout_s=120"],
                           env=env, capture_output=True, text=True, timeout=3 * TIMEOUT_S)  # ~1 min here

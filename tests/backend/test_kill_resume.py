@@ -135,17 +135,19 @@ def cache(tmp_path_factory) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- kill + resume
-def test_train_lora_killed_at_random_points_resumes_to_the_uninterrupted_result(
+def test_train_joint_killed_at_random_points_resumes_to_the_uninterrupted_result(
         tmp_path, phantom_dir, tiny_vae_dir, tiny_base_dir, cache):
-    from neuromf.pipelines.lora import train_lora
+    from neuromf.pipelines.joint import train_joint
 
-    seed = int(os.environ.get("NEUROMF_KILL_SEED", time.time_ns() % 100_000))
+    # a fixed seed picks the checkpoint and the delay before the kill, so a failure can be rerun; set
+    # NEUROMF_KILL_SEED to try other points (where the kill lands still varies with the machine's speed)
+    seed = int(os.environ.get("NEUROMF_KILL_SEED", "0"))
     rng = random.Random(seed)
     note = f"(NEUROMF_KILL_SEED={seed})"
     out = tmp_path / "run"
     config = write_config(tmp_path / "lora.yaml", phantom_dir, tiny_vae_dir, cache, out)
-    reference = reference_run(train_lora, config, tmp_path / "reference", str(tiny_base_dir))
-    argv = ["train-lora", "--config", str(config), "--base_checkpoint", str(tiny_base_dir)]
+    reference = reference_run(train_joint, config, tmp_path / "reference", str(tiny_base_dir))
+    argv = ["train-joint", "--config", str(config), "--base_checkpoint", str(tiny_base_dir)]
 
     # 1. SIGKILL from outside, at a random point after a random checkpoint
     proc = launch(argv, tmp_path)
