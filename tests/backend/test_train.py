@@ -57,6 +57,9 @@ def mode_distance(v: torch.Tensor) -> torch.Tensor:
     return torch.minimum((v - 1).pow(2).mean(dim=(1, 2, 3, 4)), (v + 1).pow(2).mean(dim=(1, 2, 3, 4)))
 
 
+# 200 training steps: ~40 s alone on an idle 2-core machine, 82 s in a suite on a loaded one, and over 300 s run
+# alone with 2 threads beside seven other jobs (load 25): the hang guard is raised, nothing here is timed
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize(("init_seed", "train_seed"), [(0, 1), (1, 2)])
 def test_toy_distribution_is_learned(tmp_path, init_seed, train_seed):
     """What training must achieve, on two seeds: not one trajectory's raw loss.
@@ -66,7 +69,8 @@ def test_toy_distribution_is_learned(tmp_path, init_seed, train_seed):
     of ~2). The adaptive weight 1/(L + c) keeps those steps' gradients bounded, so training does not diverge,
     but whether a spike falls into a given 20-step window depends on the exact float trajectory (thread count,
     CPU): the former "mean of the last 20 < half the first 20" failed on about half of all seeds. Checked here
-    instead: a deterministic held-out velocity error, medians over loss windows, and 1-step sample quality.
+    instead: a deterministic held-out velocity error and 1-step sample quality (both functions of the final
+    weights only), and that the typical loss falls at all (medians; the ratio seen was 0.32-0.65).
     """
     data = two_blobs(64)
     torch.manual_seed(init_seed)
@@ -79,8 +83,9 @@ def test_toy_distribution_is_learned(tmp_path, init_seed, train_seed):
     assert result.step == 200 and not result.stopped and len(losses) == 200
     # the velocity field is learned: 0.23-0.31 of the untrained error over 17 seeds (1 and 2 threads)
     assert flow_matching_error(t.model, data) < 0.45 * before
-    # the typical training loss falls (medians ignore the rare JVP spikes): seen 0.32-0.65
-    assert statistics.median(losses[-50:]) < 0.8 * statistics.median(losses[:20])
+    # the typical training loss falls (medians ignore the rare JVP spikes): seen 0.32-0.65 of the first steps'; the
+    # window medians still follow one trajectory, so only the direction is asserted, with that much margin
+    assert statistics.median(losses[-50:]) < statistics.median(losses[:20])
     # 1-step samples land near one of the two modes: much closer than the noise they started from (seen <= 0.30)
     noise = torch.randn(32, 4, 4, 4, 4, generator=torch.Generator().manual_seed(5))
     t.model.eval()
