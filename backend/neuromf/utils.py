@@ -14,17 +14,26 @@ if TYPE_CHECKING:  # torch loads on first use: path helpers stay cheap in the na
     import torch
 
 
+class DeviceError(ValueError):
+    """A device that does not exist here (no CUDA, a GPU index beyond the count, an unknown name)."""
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """Turn "auto" into CUDA when present, else CPU; validate explicit names early."""
+    """Turn "auto" into CUDA when present, else CPU; validate explicit names early (`DeviceError`)."""
     import torch
 
     if isinstance(device, torch.device):
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceError(f"device {device!r} is not a device name (auto, cpu, cuda, cuda:N)") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+        raise DeviceError(f"device {device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
     return dev
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neuromf.cli._common import AddCommand
+from neuromf.cli._common import COUNT, SCALE, SEED, STEPS, AddCommand, number
 from neuromf.config import SAMPLERS
 
 
@@ -81,24 +81,24 @@ def register(add: AddCommand) -> None:
                    help="joint mode: a conditional adapter (same base model) that renders the FLAIR for each joint "
                         "mask, from the same image noise (two-stage: mask from the joint model, FLAIR from the "
                         "ControlNet)")
-    p.add_argument("--guidance", type=float, default=None, metavar="S",
+    p.add_argument("--guidance", type=SCALE, default=None, metavar="S",
                    help="conditional mode and --render: mask guidance u_empty + S (u_mask - u_empty), the empty mask "
                         "as the unconditional branch (1 = none; > 1 renders the lesion more strongly, two model "
                         "calls per step); default: the adapter's own (its sidecar's 'guidance', 1 unless set)")
-    p.add_argument("--joint-guidance", type=float, default=None, metavar="S",
+    p.add_argument("--joint-guidance", type=SCALE, default=None, metavar="S",
                    help="joint mode (x-prediction adapters): the mask estimate guided against the empty mask's path "
                         "from the same noise, x_empty + S (x - x_empty) (1 = none; > 1 commits more strongly to a "
                         "lesion: for a training whose masks come out empty or as specks); default: the adapter's "
                         "own (its sidecar's 'guidance', 1 unless set)")
-    p.add_argument("--site", type=float, nargs=3, action="append", metavar=("X", "Y", "Z"),
+    p.add_argument("--site", type=number(), nargs=3, action="append", metavar=("X", "Y", "Z"),
                    help="joint mode, site-conditioned adapters: put the lesion at this voxel of the model grid (the "
                         "written pairs' grid; repeat for several, used in turn); default: sites drawn from the "
                         "training lesions' sites")
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one-step MeanFlow)")
+    p.add_argument("--n", type=COUNT, default=4)
+    p.add_argument("--steps", type=STEPS, default=1, help="sampling steps (1 = one-step MeanFlow)")
     p.add_argument("--sampler", default="meanflow", choices=SAMPLERS,
                    help="meanflow: k-step MeanFlow with the average velocity; euler: --steps Euler steps with the "
                         "instantaneous velocity (flow-matching baseline; for joint x-prediction adapters)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="experiments/stage2_fcd/generated")
