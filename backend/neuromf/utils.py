@@ -135,11 +135,15 @@ class OutputNotWritableError(PermissionError):
 def ensure_writable(path: Path | str, file: bool = False) -> Path:
     """Check that outputs can be written at `path` (a folder, or with `file=True` a file) before work starts.
 
-    Creates nothing: the nearest existing folder is probed with a temporary file that is removed at once, so a
+    Refuses a location inside the shipped files (`neuromf.weights.refuse_shipped`). Creates nothing: the nearest
+    existing folder is probed with a temporary file that is removed at once, so a
     read-only mount, a missing permission or a path through a regular file fails here with a message naming
     the location instead of as an OSError after minutes of computing. Returns `path`.
     """
+    from neuromf.weights import refuse_shipped
+
     path = Path(path)
+    refuse_shipped(path)
     target = path
     if file:
         if path.is_dir():

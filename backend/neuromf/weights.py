@@ -6,6 +6,7 @@ File > Open Sample runs on its GUI thread).
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 from pathlib import Path
@@ -34,6 +35,40 @@ def embedded_model_dir(name: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"embedded model {name!r} not found at {path}")
     return path
+
+
+class ShippedFileError(PermissionError):
+    """A command would write into the installation's shipped files (sample data, models, the package itself)."""
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_roots() -> tuple[Path, ...]:
+    """Folders whose files ship with NeuroMF: the sample data and models, and the installed packages."""
+    import importlib.util
+
+    roots = [Path(neuromf.__file__).resolve().parent]
+    try:
+        roots.append(sample_data_root().resolve())
+    except FileNotFoundError:
+        pass
+    spec = importlib.util.find_spec("napari_neuromf")  # located, not imported (it may import napari)
+    if spec is not None and spec.origin:
+        roots.append(Path(spec.origin).resolve().parent)
+    return tuple(roots)
+
+
+def refuse_shipped(path: Path | str, action: str = "write") -> None:
+    """ShippedFileError when `path` (resolved: links, `..`) lies inside a shipped folder: shipped files are
+    read-only to every command, whatever name or path they are reached by."""
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):  # a link loop: nothing can be written there anyway
+        return
+    for root in shipped_roots():
+        if resolved == root or root in resolved.parents:
+            raise ShippedFileError(f"{path}: inside the shipped files of NeuroMF ({root}); they are read-only to "
+                                   f"every command, so this command will not {action} there (copy what you need "
+                                   "and work on the copy)")
 
 
 # the shipped defaults by name: "embedded" is the 3 mm one (64^3), "embedded-fine" the 2 mm one (96^3)

@@ -28,7 +28,8 @@ def number(low: float | None = None, high: float | None = None, *, integer: bool
         try:
             value: float | int = int(text) if integer else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if integer else 'a number'}, got {text!r}")
+            kind = "an integer" if integer else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if low is not None and (value < low or (low_open and value == low)):

@@ -114,6 +114,15 @@ def cmd_calibrate_guidance(args) -> int:
     if args.store and args.adapter in EMBEDDED_NAMES:
         raise SystemExit("calibrate-guidance: --store writes into the adapter's folder; a shipped adapter is left as "
                          "it is (copy its folder and calibrate the copy)")
+    if args.store:  # by path as well as by name: checked before the calibration's minutes of sampling
+        from neuromf.models.adapter_meta import SIDECAR, resolve_adapter_dir
+        from neuromf.utils import ensure_writable
+
+        ensure_writable(resolve_adapter_dir(args.adapter) / SIDECAR, file=True)
+    if args.out:
+        from neuromf.utils import ensure_writable
+
+        ensure_writable(Path(args.out), file=True)
     result = calibrate_joint_guidance(args.adapter, tuple(args.scales), args.n, args.steps, args.seed, args.device,
                                       args.sampler, args.data)
     print(f"training lesions: median {result['target_cm3']:.2f} cm^3")

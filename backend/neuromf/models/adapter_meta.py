@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from neuromf.io.nifti import Preprocessing
 from neuromf.utils import atomic_write_json
-from neuromf.weights import EMBEDDED_NAMES, WeightFileError, embedded_model, read_json_sidecar
+from neuromf.weights import EMBEDDED_NAMES, WeightFileError, embedded_model, read_json_sidecar, refuse_shipped
 
 SIDECAR = "neuromf_adapter.json"
 ADAPTER_DIR = "adapter"  # a training run's adapter folder: <output_dir>/adapter
@@ -103,7 +103,8 @@ class AdapterMeta:
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
     def save(self, directory: Path) -> Path:
-        """Write `directory/neuromf_adapter.json` atomically; returns its path."""
+        """Write `directory/neuromf_adapter.json` atomically (never into the shipped files); returns its path."""
+        refuse_shipped(Path(directory) / SIDECAR)
         return atomic_write_json(Path(directory) / SIDECAR, self.to_dict())
 
     @classmethod

@@ -8,6 +8,10 @@ unless asked to resume or overwrite, and leave no trap behind when a run fails o
   command can simply be run again; one that fails later keeps its folder for ``--resume``.
 - **Kill.** ``--resume`` clears the temp files a killed writer left; a run killed before its first checkpoint
   is started again from step 0 by ``--resume`` (there is nothing to lose).
+- **Ownership.** A fresh run claims its folder (``neuromf.io.owned``: a manifest of the files the run writes,
+  updated with its config, at each checkpoint and when it ends). ``--overwrite`` and the undo of a failed start
+  remove only those files. A folder without a manifest (written before manifests existed) is replaced only when
+  every entry in it is a name a run writes (`RUN_OUTPUT_NAMES`); any other folder is refused, naming what it holds.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any, TypeVar
 import yaml
 
 from neuromf.config import RunConfig, save_config
+from neuromf.io import owned
 from neuromf.train import distributed
 from neuromf.train.checkpoint import checkpoint_paths, read_checkpoint_meta
 from neuromf.utils import atomic_write, ensure_writable
@@ -38,6 +43,11 @@ except ImportError:  # Windows: no advisory locks; one training per folder is th
 
 Result = TypeVar("Result")
 LOCK_NAME = ".neuromf.lock"
+# what a training run writes at the top of its folder (the exports of every stage): a folder without an ownership
+# manifest is replaced by --overwrite only when it holds nothing else
+RUN_OUTPUT_NAMES = frozenset({"config.yaml", "checkpoint.safetensors", "checkpoint.json", "losses.csv",
+                              "loss_curve.png", "model.safetensors", "model.json", "adapter", "tensorboard",
+                              owned.MANIFEST})
 
 
 class RunInUseError(FileExistsError):
@@ -108,12 +118,40 @@ def _entries(out_dir: Path) -> list[Path]:
     return [p for p in out_dir.iterdir() if p.name != LOCK_NAME] if out_dir.is_dir() else []
 
 
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 def _clear(out_dir: Path) -> None:
+    """Remove what this project wrote in a run folder: the files its manifest lists, or, for a folder written
+    before manifests, the run's own top-level names (`RUN_OUTPUT_NAMES`); anything else stays, with a warning."""
+    if owned.read_manifest(out_dir) is not None:
+        kept = [p for p in owned.remove_owned(out_dir) if p.name != LOCK_NAME and not _is_temporary(p.name)]
+    else:
+        kept = []
+        for child in _entries(out_dir):
+            if child.name not in RUN_OUTPUT_NAMES and not _is_temporary(child.name):
+                kept.append(child)
+            elif child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
     for child in _entries(out_dir):
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
+        if _is_temporary(child.name):
             child.unlink(missing_ok=True)
+    if kept:
+        warnings.warn(f"{out_dir}: kept {len(kept)} entries NeuroMF did not write: "
+                      + ", ".join(p.name for p in kept[:5]) + (", ..." if len(kept) > 5 else ""), stacklevel=3)
+
+
+def _foreign_entries(out_dir: Path) -> list[str]:
+    """Top-level entries of a folder without a manifest that no run writes (a user's files)."""
+    return sorted(p.name for p in _entries(out_dir) if p.name not in RUN_OUTPUT_NAMES and not _is_temporary(p.name))
+
+
+def _claim(out_dir: Path, cfg: RunConfig) -> None:
+    owned.claim(out_dir, {"command": "train", "output_dir": str(out_dir), "pid": os.getpid(),
+                          "host": socket.gethostname()})
 
 
 def remove_stale_temporaries(out_dir: Path) -> list[Path]:
@@ -187,7 +225,9 @@ def prepare_run_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool
             if saved.is_file():
                 warnings.warn(f"{out_dir}: the run saved no checkpoint before it stopped; starting it again from "
                               "step 0", stacklevel=3)
+                _refuse_foreign(out_dir, "start it again")
                 _clear(out_dir)
+                _claim(out_dir, cfg)
                 return out_dir
             raise FileNotFoundError(f"{out_dir}: nothing to resume (no {weights.name})")
         if saved.is_file():
@@ -213,9 +253,23 @@ def prepare_run_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool
         if not (weights.is_file() or saved.is_file()):
             raise FileExistsError(f"{out_dir}: not a NeuroMF run folder (no config.yaml or checkpoint); refusing to "
                                   "delete it with --overwrite: choose an empty or new folder")
+        _refuse_foreign(out_dir, "delete it with --overwrite")
         _clear(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _claim(out_dir, cfg)
     return out_dir
+
+
+def _refuse_foreign(out_dir: Path, action: str) -> None:
+    """A folder without an ownership manifest that holds files no run writes is not a run: refuse `action`."""
+    if owned.read_manifest(out_dir) is not None:
+        return
+    foreign = _foreign_entries(out_dir)
+    if foreign:
+        raise owned.FolderNotOwnedError(
+            f"{out_dir}: not a NeuroMF run folder (no {owned.MANIFEST}; it holds "
+            + ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            + f", which no run writes); refusing to {action}: choose an empty or new folder")
 
 
 def _first_missing(path: Path) -> Path | None:
@@ -229,11 +283,13 @@ def _first_missing(path: Path) -> Path | None:
 
 
 def _remove_created(out_dir: Path, created: Path | None) -> None:
-    """Undo a fresh start: the folders this start created, else what was put into the existing folder."""
+    """Undo a fresh start: the folders this start created, else what it wrote into the existing folder."""
     if created is not None:
         shutil.rmtree(created, ignore_errors=True)
         return
-    _clear(out_dir)
+    owned.record_written_since_claim(out_dir)
+    if owned.read_manifest(out_dir) is not None:
+        owned.remove_owned(out_dir)
 
 
 def in_run_dir(train_fn: Callable[..., Generator[Any, None, Result]]) -> Callable[..., Generator[Any, None, Result]]:
@@ -275,6 +331,7 @@ def in_run_dir(train_fn: Callable[..., Generator[Any, None, Result]]) -> Callabl
             events = train_fn(*bound.args, **bound.kwargs)
             try:
                 save_config(cfg, out_dir / "config.yaml")
+                owned.record(out_dir, [out_dir / "config.yaml"])
                 return (yield from events)
             except GeneratorExit:  # closed by the caller: like a kill, the folder stays for --resume
                 events.close()
@@ -285,6 +342,8 @@ def in_run_dir(train_fn: Callable[..., Generator[Any, None, Result]]) -> Callabl
                     _remove_created(out_dir, created)
                 raise
         finally:
+            if out_dir.is_dir():
+                owned.record_written_since_claim(out_dir)
             lock.release()
 
     return wrapper
