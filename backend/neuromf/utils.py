@@ -128,6 +128,17 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "neuromf" / "latents"
 
 
+def first_missing(path: Path | str) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what creating `path` would create), or None: what a
+    failed command removes again, so it leaves no empty folders behind."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 class OutputNotWritableError(PermissionError):
     """An output location that cannot be written; raised before any work starts, naming the location."""
 

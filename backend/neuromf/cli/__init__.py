@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             resolve_device(args.device)
         return int(args.func(args) or 0)
     except (ConfigError, VolumeError, ValueError, OSError) as err:  # OSError: unreadable input, full disk, ...
+        if args.debug:
+            traceback.print_exc()
         print(f"neuromf {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

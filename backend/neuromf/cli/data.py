@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -12,9 +13,17 @@ from neuromf.cli._common import GRID_SHAPE, SEED, STAGE_DIR, VOXEL_MM, AddComman
 def cmd_make_phantoms(args) -> int:
     """`neuromf make-phantoms`: write a synthetic BIDS data set of healthy and FCD phantom subjects."""
     from neuromf.data.phantom import PhantomConfig, make_phantom_dataset
+    from neuromf.utils import ensure_writable, first_missing
 
+    ensure_writable(args.out)
     cfg = PhantomConfig(shape=tuple(args.shape), spacing=tuple(args.spacing))
-    out = make_phantom_dataset(args.out, args.n_healthy, args.n_fcd, seed=args.seed, cfg=cfg, progress=True)
+    created = first_missing(args.out)
+    try:
+        out = make_phantom_dataset(args.out, args.n_healthy, args.n_fcd, seed=args.seed, cfg=cfg, progress=True)
+    except BaseException:
+        if created is not None:  # a failed or interrupted run leaves no folder it made
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     print(f"wrote {args.n_healthy} healthy + {args.n_fcd} FCD phantom subjects to {out}")
     return 0
 

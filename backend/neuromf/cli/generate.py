@@ -35,18 +35,34 @@ def cmd_generate(args) -> int:
         raise SystemExit("generate: --site places a site-conditioned joint adapter's lesions (--mode joint)")
     if args.joint_guidance is not None and mode != "joint":
         raise SystemExit("generate: --joint-guidance guides a joint adapter's masks (--mode joint)")
-    if mode == "conditional":
-        paths = _generate_conditional(args)
-    elif mode == "joint":
-        from neuromf.pipelines.lora import write_generated_pairs
+    from neuromf.io.owned import output_folder
 
-        paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                      args.sampler, args.render, args.guidance, args.joint_guidance, args.site)
-    else:
-        paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                       args.sampler)
+    with output_folder(Path(args.out), _run_identity(args, mode), overwrite=args.overwrite) as record:
+        if mode == "conditional":
+            paths = _generate_conditional(args)
+        elif mode == "joint":
+            from neuromf.pipelines.lora import write_generated_pairs
+
+            paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
+                                          args.sampler, args.render, args.guidance, args.joint_guidance, args.site)
+        else:
+            paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed,
+                                           args.device, args.sampler)
+        record(paths)
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
+
+
+def _run_identity(args, mode: str) -> dict:
+    """What makes two `generate` calls the same run (the same files, re-written): model, mode and sampling settings;
+    another seed, model or setting is another run, whose files must not mix with these in one folder."""
+    def where(spec: str | None) -> str | None:
+        return spec if spec is None or spec in ("embedded", "embedded-fine") else str(Path(spec).resolve())
+
+    return {"command": "generate", "mode": mode, "checkpoint": where(args.checkpoint), "adapter": where(args.adapter),
+            "render": where(args.render), "seed": args.seed, "steps": args.steps, "sampler": args.sampler,
+            "guidance": args.guidance, "joint_guidance": args.joint_guidance, "site": args.site,
+            "mask": [where(m) for m in args.mask or []], "image": where(args.image)}
 
 
 def _generate_conditional(args) -> list[Path]:
@@ -102,3 +118,5 @@ def register(add: AddCommand) -> None:
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="experiments/stage2_fcd/generated")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of another run in --out (only files NeuroMF wrote there are removed)")

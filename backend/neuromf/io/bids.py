@@ -150,13 +150,20 @@ def _read_participants(root: Path) -> dict[str, dict[str, str]]:
             rows = list(csv.DictReader(fh, delimiter="\t"))
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read participants table ({exc})") from exc
-    table = {}
-    for row in rows:
+    table: dict[str, dict[str, str]] = {}
+    line_of: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
         pid = (row.get("participant_id") or "").strip()
-        if pid:
-            table[pid if pid.startswith("sub-") else f"sub-{pid}"] = {
-                (k or "").strip().lower(): (v or "").strip() for k, v in row.items()
-            }
+        if not pid:
+            continue
+        pid = pid if pid.startswith("sub-") else f"sub-{pid}"
+        values = {(k or "").strip().lower(): (v if isinstance(v, str) else "").strip() for k, v in row.items()}
+        if pid in table and table[pid] != values:  # which one holds? neither is silently picked
+            differ = sorted(k for k in set(values) | set(table[pid]) if values.get(k) != table[pid].get(k))
+            raise DataError(f"{path}: {pid} has conflicting rows (lines {line_of[pid]} and {line}: "
+                            f"{', '.join(differ)} differ); keep one row per participant")
+        table[pid] = values
+        line_of.setdefault(pid, line)
     return table
 
 
@@ -179,13 +186,29 @@ def _group_and_split(info: dict[str, str], has_mask: bool, problems: list[str]) 
     return group, split
 
 
+def _is_link_loop(path: Path) -> bool:
+    """A symbolic link that leads nowhere (a loop, or a missing target)."""
+    if not path.is_symlink():
+        return False
+    try:
+        path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return True
+    return False
+
+
 def _discover_bids(root: Path, rows: list[dict]) -> list[Case]:
     """Cases from a BIDS tree; broken subjects (an ROI without a FLAIR, only 2D or thick-slice 2D images) go to
     ``rows`` as problem rows."""
     participants = _read_participants(root)
     cases = []
-    for subject in sorted(p for p in root.glob("sub-*") if p.is_dir()):
+    for subject in sorted(p for p in root.glob("sub-*") if p.is_dir() or _is_link_loop(p)):
         anat_dirs = [subject / "anat", *sorted(subject.glob("ses-*/anat"))]
+        looping = [d for d in [subject, *anat_dirs] if _is_link_loop(d)]
+        if looping:  # reported, never silently dropped
+            _skip(rows, subject.name, looping[0], f"{looping[0].name} is a looping or broken symbolic link; "
+                  f"{subject.name} cannot be read")
+            continue
         images = sorted(p for d in anat_dirs for p in d.glob("*_FLAIR.nii*") if "_roi" not in p.name.lower())
         rois = sorted(p for d in anat_dirs for p in d.glob("*FLAIR_roi.nii*"))
         info = participants.get(subject.name, {})

@@ -8,6 +8,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from neuromf.io.validate import sidecar_grid_problem
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.utils import atomic_write, atomic_write_json, file_sha256
 from neuromf.weights import WeightFileError, check_keys, embedded_model, load_state_dict, read_json_sidecar
@@ -58,7 +59,10 @@ def resolve_model_path(spec: str | Path) -> tuple[Path, Path]:
 def read_model_meta(spec: str | Path) -> dict[str, Any]:
     """The sidecar of a saved model (architecture, VAE, grid) without loading its weights."""
     _, sidecar = resolve_model_path(spec)
-    return read_json_sidecar(sidecar, "model sidecar")
+    meta = read_json_sidecar(sidecar, "model sidecar")
+    if (problem := sidecar_grid_problem(meta)) is not None:
+        raise WeightFileError(f"{sidecar}: {problem}")
+    return meta
 
 
 def load_flow_model(spec: str | Path, preset: str | None = None) -> tuple[MeanFlowUNet, dict[str, Any]]:
@@ -77,6 +81,8 @@ def load_flow_model(spec: str | Path, preset: str | None = None) -> tuple[MeanFl
     meta = read_json_sidecar(sidecar, "model sidecar")
     if meta.get("kind") != "meanflow_unet":
         raise ValueError(f"{sidecar}: not a MeanFlow model sidecar (kind={meta.get('kind')!r})")
+    if (problem := sidecar_grid_problem(meta)) is not None:
+        raise WeightFileError(f"{sidecar}: {problem}")
     arch = meta.get("arch")
     if not isinstance(arch, dict) or not {"preset", "in_channels", "out_channels"} <= set(arch):
         raise WeightFileError(f"{sidecar}: model sidecar lacks the architecture ('arch' with preset, in_channels, "

@@ -34,7 +34,7 @@ from neuromf.config import RunConfig, save_config
 from neuromf.io import owned
 from neuromf.train import distributed
 from neuromf.train.checkpoint import checkpoint_paths, read_checkpoint_meta
-from neuromf.utils import atomic_write, ensure_writable
+from neuromf.utils import atomic_write, ensure_writable, first_missing
 
 try:
     import fcntl
@@ -272,16 +272,6 @@ def _refuse_foreign(out_dir: Path, action: str) -> None:
             + f", which no run writes); refusing to {action}: choose an empty or new folder")
 
 
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder of `path` that does not exist yet (what creating `path` would create), or None."""
-    path = path.absolute()
-    if path.exists():
-        return None
-    while not path.parent.exists() and path.parent != path:
-        path = path.parent
-    return path
-
-
 def _remove_created(out_dir: Path, created: Path | None) -> None:
     """Undo a fresh start: the folders this start created, else what it wrote into the existing folder."""
     if created is not None:
@@ -314,7 +304,7 @@ def in_run_dir(train_fn: Callable[..., Generator[Any, None, Result]]) -> Callabl
             if "resume" in bound.arguments:  # as rank 0 decides: a run without a checkpoint starts at step 0
                 bound.arguments["resume"] = resume and checkpoint_paths(out_dir)[0].is_file()
             return (yield from train_fn(*bound.args, **bound.kwargs))
-        created = _first_missing(out_dir)
+        created = first_missing(out_dir)
         lock = RunLock(out_dir)
         try:
             prepare_run_dir(out_dir, cfg, resume=resume, overwrite=overwrite, lock=lock)
