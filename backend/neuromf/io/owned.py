@@ -163,7 +163,7 @@ def output_folder(folder: Path, owner: dict[str, Any], overwrite: bool = False) 
     folder = Path(folder)
     created = first_missing(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(folder)
+    lock = RunLock(folder, "generate")
     try:
         lock.acquire()
         manifest = read_manifest(folder)

@@ -61,8 +61,9 @@ class RunLock:
     (a holder may have removed it in between), so removing it never lets two processes in.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, activity: str = "training") -> None:
         self.path = Path(folder) / LOCK_NAME
+        self.activity = activity  # what the refusal says is running there
         self.fd: int | None = None
 
     @property
@@ -83,8 +84,8 @@ class RunLock:
                 os.close(fd)
                 who = f" ({holder})" if holder else ""
                 raise RunInUseError(
-                    f"{self.path.parent}: another training is running in this output folder{who}; wait for it to "
-                    "finish (or stop it), or choose another output folder") from None
+                    f"{self.path.parent}: another {self.activity} is running in this output folder{who}; wait for "
+                    "it to finish (or stop it), or choose another output folder") from None
             try:
                 mine = os.fstat(fd)
                 there = os.stat(self.path)
