@@ -778,7 +778,7 @@ def _sidecar_entry(**entries) -> Callable[[Env], list[str]]:
 
 
 def _generate_flags(*flags: str) -> Callable[[Env], list[str]]:
-    return lambda env: ["generate", "--adapter", str(env.models["adapter"]), *flags, "--device", "cpu", "--out",
+    return lambda env: ["generate", "--adapter", str(env.models["adapter"]), "--device", "cpu", *flags, "--out",
                         str(env.out / "g")]
 
 
@@ -882,6 +882,10 @@ ROUND2 = [
         [r"config\.yaml", r"training\.max_steps"], rc=2),
     Bad("train-lora: empty lora.target_modules", _train_lora(extra=["--set", "lora.target_modules=[]"]),
         [r"config\.yaml", r"'lora\.target_modules' must name at least one module"], rc=2),
+    Bad("generate: --device cuda:99 (no such GPU here)", _generate_flags("--device", "cuda:99"),
+        [r"'cuda:99' requested but (CUDA is not available|only \d+ GPU)"], rc=2),
+    Bad("train-lora: --device cuda:99 (checked before any work)", _train_lora(extra=["--device", "cuda:99"]),
+        [r"'cuda:99' requested but"], rc=2),
     Bad("generate: --n -3", _generate_flags("--n", "-3"), [r"--n", r"must be >= 1"], rc=2),
     Bad("generate: --n 0", _generate_flags("--n", "0"), [r"--n", r"must be >= 1"], rc=2),
     Bad("generate: --joint-guidance nan", _generate_flags("--joint-guidance", "nan"),

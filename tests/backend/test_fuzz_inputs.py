@@ -132,7 +132,7 @@ def mutate_yaml(text: str, rng: np.random.Generator) -> str:
 # --------------------------------------------------------------------------------------------- the fuzz
 def test_fuzz_nifti(tmp_path: Path, models: dict[str, Path], capfd) -> None:
     rng = np.random.default_rng(SEED)
-    for i in range(14):
+    for i in range(12):
         env = Env(tmp_path / f"case{i}", models)
         root = good_fcd(env.inp / "data")
         target = nii(root / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz", brain())
@@ -149,7 +149,7 @@ def test_fuzz_nifti(tmp_path: Path, models: dict[str, Path], capfd) -> None:
 @pytest.mark.parametrize("which", ["adapter", "base"])
 def test_fuzz_sidecars(which: str, tmp_path: Path, models: dict[str, Path], capfd) -> None:
     rng = np.random.default_rng(SEED + (which == "base"))
-    for i in range(6):
+    for i in range(5):
         env = Env(tmp_path / f"case{i}", models)
         folder = env.copy(which)
         sidecar = folder / ("neuromf_adapter.json" if which == "adapter" else "model.json")
@@ -182,7 +182,7 @@ def test_fuzz_yaml(tmp_path: Path, models: dict[str, Path], capfd) -> None:
 def test_fuzz_generated_folder_manifest(tmp_path: Path, models: dict[str, Path], capfd) -> None:
     """A damaged or hostile ownership manifest never makes --overwrite delete anything outside the folder."""
     rng = np.random.default_rng(SEED + 3)
-    for i in range(5):
+    for i in range(4):
         env = Env(tmp_path / f"case{i}", models)
         env.inp.mkdir(parents=True)
         victim = env.inp / "victim.txt"
@@ -193,7 +193,7 @@ def test_fuzz_generated_folder_manifest(tmp_path: Path, models: dict[str, Path],
         manifest = out / ".neuromf-owned.json"
         data = json.loads(manifest.read_text())
         data["files"] = data["files"] + ["../../in/victim.txt", str(victim), "../g/../../in/victim.txt"][: i % 3 + 1]
-        manifest.write_text(mutate_json(json.dumps(data), rng) if i >= 3 else json.dumps(data))
+        manifest.write_text(mutate_json(json.dumps(data), rng) if i >= 2 else json.dumps(data))
         rc, output = run_outside_unchanged(env.tmp, out, env.cache,
                                            [*argv[:-2], "--seed", "3", "--out", str(out), "--overwrite"], capfd)
         check_outcome(rc, output, "generate")

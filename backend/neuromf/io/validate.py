@@ -9,7 +9,10 @@ caller adds the file name and raises its own error type.
 from __future__ import annotations
 
 import os
+import types
+import typing
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -150,3 +153,52 @@ def sidecar_grid_problem(values: dict) -> str | None:
         return (f"'latent_shape' {latent} does not match the grid {list(prep.shape)} in 'preprocessing' (expected "
                 f"[C, {', '.join(map(str, expected))}])")
     return None
+
+
+def entry_type_problem(values: dict, hints: dict[str, Any]) -> str | None:
+    """Why an entry of a JSON sidecar has the wrong type for its field (`hints`: name -> type annotation), or None.
+
+    A sidecar is data from disk: a dict where a path should be, or a string where a count should be, would
+    otherwise surface as a TypeError deep inside a model constructor.
+    """
+    for name, annotation in hints.items():
+        if name in values and not _matches(values[name], annotation):
+            return f"entry '{name}' must be {_describe(annotation)}, got {type(values[name]).__name__} " \
+                   f"({values[name]!r:.40})"
+    return None
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (list, dict):
+        return isinstance(value, origin)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(annotation)))
+    if annotation is type(None):
+        return "null"
+    if annotation is float:
+        return "a finite number"
+    name = getattr(origin or annotation, "__name__", str(annotation))
+    return {"str": "a string", "int": "an integer", "bool": "true or false", "list": "a list",
+            "dict": "an object"}.get(name, name)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from neuromf.io.nifti import Preprocessing
-from neuromf.io.validate import sidecar_grid_problem
+from neuromf.io.validate import entry_type_problem, sidecar_grid_problem
 from neuromf.utils import atomic_write_json
 from neuromf.weights import EMBEDDED_NAMES, WeightFileError, embedded_model, read_json_sidecar, refuse_shipped
 
@@ -127,7 +128,8 @@ class AdapterMeta:
         missing = sorted(required - set(values))
         if missing:
             raise WeightFileError(f"{source}: adapter sidecar lacks {', '.join(repr(m) for m in missing)}")
-        if (problem := sidecar_grid_problem(values)) is not None:
+        problem = entry_type_problem(values, typing.get_type_hints(cls)) or sidecar_grid_problem(values)
+        if problem is not None:
             raise WeightFileError(f"{source}: {problem}")
         meta = cls(**{k: v for k, v in values.items() if k in names})
         if not isinstance(meta.channels, dict) or {"image", "mask"} - set(meta.channels):

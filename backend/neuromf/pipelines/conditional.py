@@ -51,6 +51,7 @@ from neuromf.train.loop import LossFn, TrainEvent, TrainResult, TrainTask, fixed
 from neuromf.train.run_dir import in_run_dir
 from neuromf.utils import atomic_write, default_cache_dir, resolve_device
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper
+from neuromf.weights import WeightFileError
 
 
 def stage2_preprocessing(base_meta: dict[str, Any], cfg: RunConfig) -> Preprocessing:
@@ -278,8 +279,11 @@ def load_conditional_model(adapter: str | Path, device: str | torch.device = "cp
                          f"{meta.base_checkpoint} (weights hash differs)")
     check_base_agrees(meta, base_meta, directory)
     arch = meta.controlnet
-    controlnet = MeanFlowControlNet(arch["in_channels"], arch["preset"], arch["cond_channels"],
-                                    arch["embedding_channels"])
+    try:
+        controlnet = MeanFlowControlNet(arch["in_channels"], arch["preset"], arch["cond_channels"],
+                                        arch["embedding_channels"])
+    except (KeyError, TypeError, ValueError) as err:  # a damaged sidecar's 'controlnet' entry
+        raise WeightFileError(f"{directory / SIDECAR}: invalid 'controlnet' architecture ({err!r})") from err
     load_controlnet_weights(controlnet, directory)
     dev = resolve_device(device)
     model = ConditionedFlowModel(base, controlnet).to(dev).eval()
