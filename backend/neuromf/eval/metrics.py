@@ -362,8 +362,8 @@ def check_one_run(generated_dir: Path, files: list[Path]) -> None:
             meta = json.loads(record.read_text())
         except (OSError, ValueError):
             continue  # a damaged record: read_noise_correlation reports it
-        if not isinstance(meta, dict):
-            continue
+        if not isinstance(meta, dict) or "seed" not in meta or "adapter" not in meta:
+            continue  # no provenance to compare (an incomplete record)
         runs.setdefault(tuple(str(meta.get(k)) for k in PROVENANCE_KEYS), record.name)
     if len(runs) > 1:
         (first, a), (second, b) = list(runs.items())[:2]
