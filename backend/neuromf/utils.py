@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -139,6 +140,51 @@ def first_missing(path: Path | str) -> Path | None:
     return path
 
 
+def sample_data_root() -> Path:
+    """`sample_data/` of a source checkout, or the copy packaged into the wheel."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir.parents[1] / "sample_data", package_dir / "_sample_data"):
+        if (candidate / "models").is_dir() or (candidate / "fcd_phantoms").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"embedded sample data not found next to {package_dir} (looked for ../../sample_data and _sample_data)"
+    )
+
+
+class ShippedFileError(PermissionError):
+    """A command would write into the installation's shipped files (sample data, models, the package itself)."""
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_roots() -> tuple[Path, ...]:
+    """Folders whose files ship with NeuroMF: the sample data and models, and the installed packages."""
+    import importlib.util
+
+    roots = [Path(__file__).resolve().parent]
+    try:
+        roots.append(sample_data_root().resolve())
+    except FileNotFoundError:
+        pass
+    spec = importlib.util.find_spec("napari_neuromf")  # located, not imported (it may import napari)
+    if spec is not None and spec.origin:
+        roots.append(Path(spec.origin).resolve().parent)
+    return tuple(roots)
+
+
+def refuse_shipped(path: Path | str, action: str = "write") -> None:
+    """ShippedFileError when `path` (resolved: links, `..`) lies inside a shipped folder: shipped files are
+    read-only to every command, whatever name or path they are reached by."""
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):  # a link loop: nothing can be written there anyway
+        return
+    for root in shipped_roots():
+        if resolved == root or root in resolved.parents:
+            raise ShippedFileError(f"{path}: inside the shipped files of NeuroMF ({root}); they are read-only to "
+                                   f"every command, so this command will not {action} there (copy what you need "
+                                   "and work on the copy)")
+
+
 class OutputNotWritableError(PermissionError):
     """An output location that cannot be written; raised before any work starts, naming the location."""
 
@@ -151,8 +197,6 @@ def ensure_writable(path: Path | str, file: bool = False) -> Path:
     read-only mount, a missing permission or a path through a regular file fails here with a message naming
     the location instead of as an OSError after minutes of computing. Returns `path`.
     """
-    from neuromf.weights import refuse_shipped
-
     path = Path(path)
     refuse_shipped(path)
     target = path

@@ -6,27 +6,15 @@ File > Open Sample runs on its GUI thread).
 
 from __future__ import annotations
 
-import functools
 import json
 import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import neuromf
+from neuromf.utils import sample_data_root
 
 if TYPE_CHECKING:
     import torch
-
-
-def sample_data_root() -> Path:
-    """`sample_data/` of a source checkout, or the copy packaged into the wheel."""
-    package_dir = Path(neuromf.__file__).resolve().parent
-    for candidate in (package_dir.parents[1] / "sample_data", package_dir / "_sample_data"):
-        if (candidate / "models").is_dir() or (candidate / "fcd_phantoms").is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"embedded sample data not found next to {package_dir} (looked for ../../sample_data and _sample_data)"
-    )
 
 
 def embedded_model_dir(name: str) -> Path:
@@ -35,40 +23,6 @@ def embedded_model_dir(name: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"embedded model {name!r} not found at {path}")
     return path
-
-
-class ShippedFileError(PermissionError):
-    """A command would write into the installation's shipped files (sample data, models, the package itself)."""
-
-
-@functools.lru_cache(maxsize=1)
-def shipped_roots() -> tuple[Path, ...]:
-    """Folders whose files ship with NeuroMF: the sample data and models, and the installed packages."""
-    import importlib.util
-
-    roots = [Path(neuromf.__file__).resolve().parent]
-    try:
-        roots.append(sample_data_root().resolve())
-    except FileNotFoundError:
-        pass
-    spec = importlib.util.find_spec("napari_neuromf")  # located, not imported (it may import napari)
-    if spec is not None and spec.origin:
-        roots.append(Path(spec.origin).resolve().parent)
-    return tuple(roots)
-
-
-def refuse_shipped(path: Path | str, action: str = "write") -> None:
-    """ShippedFileError when `path` (resolved: links, `..`) lies inside a shipped folder: shipped files are
-    read-only to every command, whatever name or path they are reached by."""
-    try:
-        resolved = Path(path).resolve()
-    except (OSError, RuntimeError):  # a link loop: nothing can be written there anyway
-        return
-    for root in shipped_roots():
-        if resolved == root or root in resolved.parents:
-            raise ShippedFileError(f"{path}: inside the shipped files of NeuroMF ({root}); they are read-only to "
-                                   f"every command, so this command will not {action} there (copy what you need "
-                                   "and work on the copy)")
 
 
 # the shipped defaults by name: "embedded" is the 3 mm one (64^3), "embedded-fine" the 2 mm one (96^3)

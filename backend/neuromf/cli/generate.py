@@ -35,7 +35,7 @@ def cmd_generate(args) -> int:
         raise SystemExit("generate: --site places a site-conditioned joint adapter's lesions (--mode joint)")
     if args.joint_guidance is not None and mode != "joint":
         raise SystemExit("generate: --joint-guidance guides a joint adapter's masks (--mode joint)")
-    from neuromf.io.owned import output_folder
+    from neuromf.train.run_dir import output_folder
 
     with output_folder(Path(args.out), _run_identity(args, mode), overwrite=args.overwrite) as record:
         if mode == "conditional":

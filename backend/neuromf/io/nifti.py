@@ -77,6 +77,39 @@ class Preprocessing:
         return scaled.clamp(0.0, self.clip_max)
 
 
+def sidecar_grid_problem(values: dict) -> str | None:
+    """Why a model or adapter sidecar's grid entries cannot be trusted, or None.
+
+    `scale_factor` must be a finite number > 0 (0 or NaN decodes every latent to NaN), `preprocessing` a valid
+    model grid, and `latent_shape` (C, h, w, d) the VAE's 4x-downsampled view of that grid (a 96^3 grid entry in
+    a 64^3 model would write data of one grid under the affine of another).
+    """
+    if "scale_factor" in values:
+        scale = values["scale_factor"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale) or scale <= 0:
+            return f"'scale_factor' must be a finite number > 0, got {scale!r}"
+    if "preprocessing" not in values:
+        return None
+    raw = values["preprocessing"]
+    if not isinstance(raw, dict):
+        return f"'preprocessing' must be an object, got {raw!r:.60}"
+    try:
+        prep = Preprocessing.from_dict(raw)
+    except (TypeError, ValueError) as err:
+        return f"'preprocessing' is not a valid model grid ({err})"
+    latent = values.get("latent_shape")
+    if latent is None:
+        return None
+    if not isinstance(latent, list) or len(latent) != 4 or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in latent):
+        return f"'latent_shape' must be 4 positive integers (C, h, w, d), got {latent!r:.60}"
+    expected = [s // 4 for s in prep.shape]
+    if latent[1:] != expected:
+        return (f"'latent_shape' {latent} does not match the grid {list(prep.shape)} in 'preprocessing' (expected "
+                f"[C, {', '.join(map(str, expected))}])")
+    return None
+
+
 @dataclass
 class Volume:
     """One volume on the model grid: data (1, H, W, D) and its RAS affine."""

@@ -9,13 +9,10 @@ and only inside the folder) and never a folder without a manifest: a user's fold
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -144,53 +141,3 @@ def remove_owned(folder: Path) -> list[Path]:
     (folder / MANIFEST).unlink(missing_ok=True)
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".neuromf"))
 
-
-GENERATED_NAME = re.compile(r"^sample_\d+(_flair|_mask)?\.(nii\.gz|nii|json)$")  # what generate writes
-
-
-@contextlib.contextmanager
-def output_folder(folder: Path, owner: dict[str, Any], overwrite: bool = False) -> Iterator[Callable]:
-    """Own `folder` for one run of a writer (e.g. `generate`) while the block runs; yields `record(paths)`.
-
-    The folder is locked against a second writer. A folder holding files of another run (another owner, or files
-    NeuroMF did not write) is refused, unless `overwrite`: then only NeuroMF's own files are removed (the
-    manifest's, or for a folder written before manifests, `sample_*` files) and anything else still refuses.
-    The same run may write into its own folder again. If the block fails, a folder it created is removed.
-    """
-    from neuromf.train.run_dir import RunLock
-    from neuromf.utils import first_missing
-
-    folder = Path(folder)
-    created = first_missing(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(folder, "generate")
-    try:
-        lock.acquire()
-        manifest = read_manifest(folder)
-        mine = manifest is not None and manifest.get("owner") == owner
-        entries = [p for p in folder.iterdir() if not p.name.startswith(".neuromf")]
-        if entries and not mine:
-            if not overwrite:
-                whose = "another run's files" if manifest is not None else "files NeuroMF did not write here"
-                raise FolderNotOwnedError(f"{folder}: output folder holds {whose} ({entries[0].name}, ...); pass "
-                                          "--overwrite to replace NeuroMF's files there, or choose another folder")
-            if manifest is not None:
-                remove_owned(folder)
-            else:
-                for path in entries:
-                    if path.is_file() and GENERATED_NAME.match(path.name):
-                        path.unlink()
-            left = [p.name for p in folder.iterdir() if not p.name.startswith(".neuromf")]
-            if left:
-                raise FolderNotOwnedError(f"{folder}: output folder also holds files NeuroMF did not write ("
-                                          + ", ".join(left[:3]) + "); refusing to mix them with generated ones: "
-                                          "choose another folder")
-        if not mine:
-            claim(folder, owner)
-        yield lambda paths: record(folder, paths)
-    except BaseException:
-        lock.release()
-        if created is not None:  # nothing of a failed run stays behind in a folder it made
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    lock.release()

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from neuromf.io.nifti import Preprocessing
-from neuromf.io.validate import entry_type_problem, sidecar_grid_problem
-from neuromf.utils import atomic_write_json
-from neuromf.weights import EMBEDDED_NAMES, WeightFileError, embedded_model, read_json_sidecar, refuse_shipped
+from neuromf.io.nifti import Preprocessing, sidecar_grid_problem
+from neuromf.io.validate import entry_type_problem
+from neuromf.utils import atomic_write_json, refuse_shipped
+from neuromf.weights import EMBEDDED_NAMES, WeightFileError, embedded_model, read_json_sidecar
 
 SIDECAR = "neuromf_adapter.json"
 ADAPTER_DIR = "adapter"  # a training run's adapter folder: <output_dir>/adapter

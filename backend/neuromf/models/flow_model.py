@@ -8,7 +8,8 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from neuromf.io.validate import entry_type_problem, sidecar_grid_problem
+from neuromf.io.nifti import sidecar_grid_problem
+from neuromf.io.validate import entry_type_problem
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.utils import atomic_write, atomic_write_json, file_sha256
 from neuromf.weights import WeightFileError, check_keys, embedded_model, load_state_dict, read_json_sidecar

@@ -16,15 +16,17 @@ unless asked to resume or overwrite, and leave no trap behind when a run fails o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import inspect
 import os
+import re
 import shutil
 import socket
 import time
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -338,3 +340,51 @@ def in_run_dir(train_fn: Callable[..., Generator[Any, None, Result]]) -> Callabl
             lock.release()
 
     return wrapper
+
+
+GENERATED_NAME = re.compile(r"^sample_\d+(_flair|_mask)?\.(nii\.gz|nii|json)$")  # what generate writes
+
+
+@contextlib.contextmanager
+def output_folder(folder: Path, owner: dict[str, Any], overwrite: bool = False) -> Iterator[Callable]:
+    """Own `folder` for one run of a writer (e.g. `generate`) while the block runs; yields `record(paths)`.
+
+    The folder is locked against a second writer. A folder holding files of another run (another owner, or files
+    NeuroMF did not write) is refused, unless `overwrite`: then only NeuroMF's own files are removed (the
+    manifest's, or for a folder written before manifests, `sample_*` files) and anything else still refuses.
+    The same run may write into its own folder again. If the block fails, a folder it created is removed.
+    """
+    folder = Path(folder)
+    created = first_missing(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder, "generate")
+    try:
+        lock.acquire()
+        manifest = owned.read_manifest(folder)
+        mine = manifest is not None and manifest.get("owner") == owner
+        entries = [p for p in folder.iterdir() if not p.name.startswith(".neuromf")]
+        if entries and not mine:
+            if not overwrite:
+                whose = "another run's files" if manifest is not None else "files NeuroMF did not write here"
+                raise owned.FolderNotOwnedError(f"{folder}: output folder holds {whose} ({entries[0].name}, ...); pass "
+                                          "--overwrite to replace NeuroMF's files there, or choose another folder")
+            if manifest is not None:
+                owned.remove_owned(folder)
+            else:
+                for path in entries:
+                    if path.is_file() and GENERATED_NAME.match(path.name):
+                        path.unlink()
+            left = [p.name for p in folder.iterdir() if not p.name.startswith(".neuromf")]
+            if left:
+                raise owned.FolderNotOwnedError(f"{folder}: output folder also holds files NeuroMF did not write ("
+                                          + ", ".join(left[:3]) + "); refusing to mix them with generated ones: "
+                                          "choose another folder")
+        if not mine:
+            owned.claim(folder, owner)
+        yield lambda paths: owned.record(folder, paths)
+    except BaseException:
+        lock.release()
+        if created is not None:  # nothing of a failed run stays behind in a folder it made
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    lock.release()
