@@ -34,6 +34,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line (`neuromf <cmd>: error: ...`, exit 2), like the rest."""
 
     def error(self, message: str):  # type: ignore[override]
+        """Print the usage error as one line and exit 2 (argparse prints the whole usage first)."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
