@@ -126,19 +126,20 @@ def _is_temporary(name: str) -> bool:
 
 
 def _clear(out_dir: Path) -> None:
-    """Remove what this project wrote in a run folder: the files its manifest lists, or, for a folder written
-    before manifests, the run's own top-level names (`RUN_OUTPUT_NAMES`); anything else stays, with a warning."""
+    """Remove what this project wrote in a run folder: the files its manifest lists and the run's own top-level
+    names (`RUN_OUTPUT_NAMES`, all a folder written before manifests is judged by); anything else stays, with a
+    warning."""
     if owned.read_manifest(out_dir) is not None:
-        kept = [p for p in owned.remove_owned(out_dir) if p.name != LOCK_NAME and not _is_temporary(p.name)]
-    else:
-        kept = []
-        for child in _entries(out_dir):
-            if child.name not in RUN_OUTPUT_NAMES and not _is_temporary(child.name):
-                kept.append(child)
-            elif child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
+        owned.remove_owned(out_dir)
+    # a run's own names go too: a run killed before its first checkpoint has recorded only its config
+    kept = []
+    for child in _entries(out_dir):
+        if child.name not in RUN_OUTPUT_NAMES and not _is_temporary(child.name):
+            kept.append(child)
+        elif child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
     for child in _entries(out_dir):
         if _is_temporary(child.name):
             child.unlink(missing_ok=True)
