@@ -7,6 +7,7 @@ checked in each section's `__post_init__`) is a `ConfigError` naming the key and
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 import warnings
@@ -77,8 +78,8 @@ class DataConfig(_Section):
     """`data:` where the scans are, the model grid they are resampled to, and how masks become latent channels."""
     section = "data"
     data_dir: str = "embedded"  # "embedded" = sample_data/fcd_phantoms, else a BIDS tree or flat folder
-    shape: list[int] = bounded([64, 64, 64], 8)
-    spacing: list[float] = bounded([3.0, 3.0, 3.0], 0, low_open=True)
+    shape: list[int] = bounded([64, 64, 64], 8, 1024)
+    spacing: list[float] = bounded([3.0, 3.0, 3.0], 0.1, 20.0)  # mm: MRI voxels (and the tests' coarse grids)
     clip_max: float = bounded(2.0, 1)  # bound after percentile scaling (99.5th -> 1): lesions are brighter
     cache_dir: str | None = None  # default: $NEUROMF_CACHE or ~/.cache/neuromf/latents
     group: Literal["hc", "fcd"] | None = None  # participants.tsv group filter: "hc" for stage 1, "fcd" for stage 2
@@ -137,7 +138,7 @@ class LossConfig(_Section):
 class LoraConfigSection(_Section):
     """`lora:` stage 2's joint mode: LoRA rank, alpha, targeted modules and dropout (peft)."""
     section = "lora"
-    rank: int = bounded(16, 1)
+    rank: int = bounded(16, 1, 4096)
     alpha: float = bounded(16.0, 0, low_open=True)
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v"])
     dropout: float = bounded(0.0, 0, 1, high_open=True)
@@ -155,6 +156,12 @@ class LoraConfigSection(_Section):
     # sites generation draws come from the training lesions' (the adapter's mask prior)
     site_condition: bool = False
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.target_modules or not all(name.strip() for name in self.target_modules):
+            raise ConfigError(f"'lora.target_modules' must name at least one module (e.g. [to_q, to_k, to_v]), got "
+                              f"{self.target_modules!r}")
+
 
 @dataclass
 class ConditionalConfig(_Section):
@@ -162,7 +169,7 @@ class ConditionalConfig(_Section):
     section = "conditional"
     # ControlNet mask embedding: [32] = 4^3 pixel-unshuffle + convs on the latent grid; [16, 32, 64] = MAISI-style
     # strided convs from the full-resolution mask (10x the CPU cost)
-    embedding_channels: list[int] = bounded([32], 1)
+    embedding_channels: list[int] = bounded([32], 1, 4096)
     include_healthy: bool = True  # healthy cases with empty masks: no lesion in, no hyperintensity out
     # warm start: a conditional adapter ("embedded" or folder) whose ControlNet weights initialise this one
     init_from: str | None = None
@@ -172,7 +179,7 @@ class ConditionalConfig(_Section):
 class VAETrainingConfig(_Section):
     """`vae_training:` training a small VAE from scratch (`neuromf train-vae`)."""
     section = "vae_training"
-    patch_size: int = bounded(32, 8)
+    patch_size: int = bounded(32, 8, 1024)
     kl_weight: float = bounded(1.0e-6, 0)
     ssim_weight: float = bounded(0.0, 0)
 
@@ -181,28 +188,28 @@ class VAETrainingConfig(_Section):
 class TrainingConfig(_Section):
     """`training:` the optimisation schedule, checkpoints, device and output folder of a run."""
     section = "training"
-    max_epochs: int = bounded(500, 1)
-    max_steps: int | None = bounded(None, 1)  # overrides max_epochs when set
-    batch_size: int = bounded(8, 1)
-    lr: float = bounded(1.0e-4, 0, low_open=True)
+    max_epochs: int = bounded(500, 1, 1_000_000)
+    max_steps: int | None = bounded(None, 1, 1_000_000_000)  # overrides max_epochs when set
+    batch_size: int = bounded(8, 1, 65_536)
+    lr: float = bounded(1.0e-4, 0, 10.0, low_open=True)
     weight_decay: float = bounded(0.0, 0)
-    warmup_steps: int = bounded(100, 0)
+    warmup_steps: int = bounded(100, 0, 1_000_000_000)
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = bounded(0.1, 0, 1)
     grad_clip: float = bounded(1.0, 0, low_open=True)
     ema_decay: float = bounded(0.999, 0, 1, high_open=True)
-    seed: int = bounded(0, 0)
+    seed: int = bounded(0, 0, 2**63 - 1)
     device: str = "auto"
     bf16: bool = False  # old spelling of precision: bf16 (kept so saved run configs still load)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for the UNet forward; the JVP stays fp32
     tf32: bool = True  # TF32 matmuls/convolutions on CUDA (fp32 runs)
     compile: bool = False  # torch.compile the training forward (CUDA; the JVP runs uncompiled)
     dist_timeout_s: int = bounded(1800, 10)  # multi-process runs: a rank waiting longer than this fails the job
-    checkpoint_every: int = bounded(200, 0)  # 0: only at the end and on stop
-    preview_every: int = bounded(0, 0)
-    max_bad_steps: int = bounded(20, 1)
+    checkpoint_every: int = bounded(200, 0, 1_000_000_000)  # 0: only at the end and on stop
+    preview_every: int = bounded(0, 0, 1_000_000_000)
+    max_bad_steps: int = bounded(20, 1, 1_000_000)
     output_dir: str = "runs/run"
-    num_threads: int | None = bounded(None, 1)
+    num_threads: int | None = bounded(None, 1, 4096)
 
 
 @dataclass
@@ -264,12 +271,16 @@ def _check_value(key: str, value: Any, annotation: Any, source: str) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{source}: '{key}' must be an integer, got {type(value).__name__} ({value!r})")
+        if abs(value) > 2**63 - 1:  # beyond any count or seed torch can hold
+            raise ConfigError(f"{source}: '{key}' is out of range, got {value!r}")
         return value
     if annotation is float:
         if isinstance(value, str):
             value = _float_or_same(value)  # YAML 1.1 reads "3e-4" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {type(value).__name__} ({value!r})")
+        if not math.isfinite(value):  # .inf / .nan in YAML, or a huge integer
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -334,19 +345,70 @@ def resolve_config_path(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: config file not found (packaged configs: {available})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first}, again on line "
+                                f"{key_node.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content, duplicate keys refused; errors are ConfigErrors naming the file (and line)."""
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file ({err.reason})") from err
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        detail = f"{problem}{where}" if problem else " ".join(str(err).split())
+        raise ConfigError(f"{path}: not valid YAML ({detail})") from err
+    except RecursionError as err:  # deeply nested flow collections
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from err
+
+
+def apply_overrides(values: dict, overrides: dict, source: str) -> dict:
+    """Set dotted keys ({"training.lr": 1e-4}) in a parsed config; an empty section (`training:`) becomes {}."""
+    for dotted, value in overrides.items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        if not leaf or not all(parents):
+            raise ConfigError(f"--set {dotted}: not a dotted config key (e.g. training.lr)")
+        for depth, part in enumerate(parents):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"{source}: cannot set '{dotted}': '{'.'.join(parents[:depth + 1])}' is "
+                                  f"{node[part]!r}, not a section")
+            node = node[part]
+        node[leaf] = value
+    return values
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     """Read a YAML config (or a packaged one by name) and apply dotted overrides like {"training.lr": 1e-4}."""
     resolved = resolve_config_path(path)
-    try:
-        values = yaml.safe_load(resolved.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{resolved}: not valid YAML ({err})") from err
-    for dotted, value in (overrides or {}).items():
-        node = values
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    values = read_yaml(resolved)
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{resolved}: 'top level' must be a mapping of sections, got {type(values).__name__} "
+                          f"({values!r:.60})")
+    apply_overrides(values, overrides or {}, str(resolved))
     return config_from_dict(values, source=str(resolved))
 
 

@@ -6,6 +6,7 @@ data module never imports the training loop. `neuromf.train` re-exports them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,8 @@ def run_to_end(events: Generator[TrainEvent, None, TrainResult],
 
     Args:
         events: a training generator (`train`, or a pipeline's `train_*`), or another progress generator.
-        on_event: called with every TrainEvent (progress bars, logs).
+        on_event: called with every TrainEvent (progress bars, logs); an exception it raises is thrown into the
+            training generator (so a fresh run that saved no checkpoint removes its folder) and then re-raised.
     Returns:
         The generator's TrainResult.
     """
@@ -61,7 +63,12 @@ def run_to_end(events: Generator[TrainEvent, None, TrainResult],
         except StopIteration as finished:
             return finished.value
         if on_event is not None:
-            on_event(event)
+            try:
+                on_event(event)
+            except Exception as err:  # the callback's failure is the run's: a fresh run undoes its start
+                with contextlib.suppress(Exception):  # the generator re-raises it (or fails on its own)
+                    events.throw(err)
+                raise
 
 
 __all__ = ["TrainEvent", "TrainResult", "run_to_end"]

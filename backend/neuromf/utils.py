@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -14,17 +15,26 @@ if TYPE_CHECKING:  # torch loads on first use: path helpers stay cheap in the na
     import torch
 
 
+class DeviceError(ValueError):
+    """A device that does not exist here (no CUDA, a GPU index beyond the count, an unknown name)."""
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """Turn "auto" into CUDA when present, else CPU; validate explicit names early."""
+    """Turn "auto" into CUDA when present, else CPU; validate explicit names early (`DeviceError`)."""
     import torch
 
     if isinstance(device, torch.device):
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceError(f"device {device!r} is not a device name (auto, cpu, cuda, cuda:N)") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+        raise DeviceError(f"device {device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
     return dev
 
 
@@ -119,6 +129,62 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "neuromf" / "latents"
 
 
+def first_missing(path: Path | str) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what creating `path` would create), or None: what a
+    failed command removes again, so it leaves no empty folders behind."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def sample_data_root() -> Path:
+    """`sample_data/` of a source checkout, or the copy packaged into the wheel."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir.parents[1] / "sample_data", package_dir / "_sample_data"):
+        if (candidate / "models").is_dir() or (candidate / "fcd_phantoms").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"embedded sample data not found next to {package_dir} (looked for ../../sample_data and _sample_data)"
+    )
+
+
+class ShippedFileError(PermissionError):
+    """A command would write into the installation's shipped files (sample data, models, the package itself)."""
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_roots() -> tuple[Path, ...]:
+    """Folders whose files ship with NeuroMF: the sample data and models, and the installed packages."""
+    import importlib.util
+
+    roots = [Path(__file__).resolve().parent]
+    try:
+        roots.append(sample_data_root().resolve())
+    except FileNotFoundError:
+        pass
+    spec = importlib.util.find_spec("napari_neuromf")  # located, not imported (it may import napari)
+    if spec is not None and spec.origin:
+        roots.append(Path(spec.origin).resolve().parent)
+    return tuple(roots)
+
+
+def refuse_shipped(path: Path | str, action: str = "write") -> None:
+    """ShippedFileError when `path` (resolved: links, `..`) lies inside a shipped folder: shipped files are
+    read-only to every command, whatever name or path they are reached by."""
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):  # a link loop: nothing can be written there anyway
+        return
+    for root in shipped_roots():
+        if resolved == root or root in resolved.parents:
+            raise ShippedFileError(f"{path}: inside the shipped files of NeuroMF ({root}); they are read-only to "
+                                   f"every command, so this command will not {action} there (copy what you need "
+                                   "and work on the copy)")
+
+
 class OutputNotWritableError(PermissionError):
     """An output location that cannot be written; raised before any work starts, naming the location."""
 
@@ -126,11 +192,13 @@ class OutputNotWritableError(PermissionError):
 def ensure_writable(path: Path | str, file: bool = False) -> Path:
     """Check that outputs can be written at `path` (a folder, or with `file=True` a file) before work starts.
 
-    Creates nothing: the nearest existing folder is probed with a temporary file that is removed at once, so a
+    Refuses a location inside the shipped files (`neuromf.weights.refuse_shipped`). Creates nothing: the nearest
+    existing folder is probed with a temporary file that is removed at once, so a
     read-only mount, a missing permission or a path through a regular file fails here with a message naming
     the location instead of as an OSError after minutes of computing. Returns `path`.
     """
     path = Path(path)
+    refuse_shipped(path)
     target = path
     if file:
         if path.is_dir():

@@ -12,22 +12,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import neuromf
-from neuromf.utils import file_sha256
+from neuromf.utils import file_sha256, sample_data_root
 
 if TYPE_CHECKING:
     import torch
-
-
-def sample_data_root() -> Path:
-    """`sample_data/` of a source checkout, or the copy packaged into the wheel."""
-    package_dir = Path(neuromf.__file__).resolve().parent
-    for candidate in (package_dir.parents[1] / "sample_data", package_dir / "_sample_data"):
-        if (candidate / "models").is_dir() or (candidate / "fcd_phantoms").is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"embedded sample data not found next to {package_dir} (looked for ../../sample_data and _sample_data)"
-    )
 
 
 def embedded_model_dir(name: str) -> Path:

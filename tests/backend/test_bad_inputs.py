@@ -96,6 +96,11 @@ def good_fcd(root: Path, sub: str = "01") -> Path:
 def models(tmp_path_factory, tiny_vae_dir) -> dict[str, Path]:
     """An untrained tiny base model and a LoRA adapter on it, saved in the real formats (no training needed:
     every case fails while loading, before a model would be used)."""
+    return build_models(tmp_path_factory.mktemp("models"), Path(tiny_vae_dir))
+
+
+def build_models(root: Path, tiny_vae_dir: Path) -> dict[str, Path]:
+    """The `models` fixture's files under `root` (also used by the fuzz tests' own fixture)."""
     from neuromf.io.nifti import Preprocessing
     from neuromf.models.adapter_meta import AdapterMeta
     from neuromf.models.flow_model import load_flow_model, save_flow_model
@@ -103,7 +108,6 @@ def models(tmp_path_factory, tiny_vae_dir) -> dict[str, Path]:
     from neuromf.models.unet import MeanFlowUNet
     from neuromf.vae import MAISIVAEWrapper
 
-    root = tmp_path_factory.mktemp("models")
     vae = MAISIVAEWrapper.from_file(tiny_vae_dir, preset="tiny")
     prep = Preprocessing(shape=SHAPE, spacing=(SPACING,) * 3)
     latent = [4, *(s // 4 for s in SHAPE)]
@@ -695,7 +699,255 @@ def _corrupt_sidecar(env: Env) -> Path:
     return adapter
 
 
-CASES = CHECK_DATA + MASK_TEST + GENERATE + TRAIN_LORA + TRAIN_BASE
+# --------------------------------------------------------------------------------------------- round 2 (issue 28)
+# One row per CLASS of failure a hostile tester found: data loss, path escape, invalid masks and scans, non-finite
+# or out-of-range numbers (config, flags, sidecars), malformed YAML, stale output mixes, shipped files, unreadable
+# generated files, BIDS ambiguities, implausible grids. New inputs of a class must fail the same way.
+def _zero_affine_nii(path: Path, data: np.ndarray) -> Path:
+    """A NIfTI whose sform is all zeros (nibabel cannot write one through an affine)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(data.dtype)
+    zero = np.zeros((4, 4))
+    zero[3, 3] = 1
+    header.set_sform(zero, code=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, None, header=header), str(path))
+    return path
+
+
+def _subject(image: np.ndarray, mask: np.ndarray | None, affine: np.ndarray = AFFINE,
+             keep_good: bool = True) -> Callable[[Env], Path]:
+    """sub-02 with this image (and mask) on this affine, beside the good sub-01 (unless `keep_good` is False)."""
+    def build(env: Env) -> Path:
+        root = env.inp / "data"
+        if keep_good:
+            good_fcd(root)
+        nii(root / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz", image, affine)
+        if mask is not None:
+            nii(root / "sub-02" / "anat" / "sub-02_FLAIR_roi.nii.gz", mask, affine)
+        return root
+    return build
+
+
+def _zero_affine(env: Env) -> Path:
+    root = good_fcd(env.inp / "data")
+    _zero_affine_nii(root / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz", brain())
+    _zero_affine_nii(root / "sub-02" / "anat" / "sub-02_FLAIR_roi.nii.gz", lesion())
+    return root
+
+
+def _inverted() -> np.ndarray:
+    return -lesion().astype(np.int16)  # {-1, 0}: binarising by the larger value made the background the lesion
+
+
+def _participants(text: str) -> Callable[[Env], Path]:
+    def build(env: Env) -> Path:
+        root = bids(env.inp / "data", {"01": (brain(), lesion()), "02": (brain(), lesion())})
+        (root / "participants.tsv").write_text(text)
+        return root
+    return build
+
+
+def _anat_loop(env: Env) -> Path:
+    root = good_fcd(env.inp / "data")
+    (root / "sub-02").mkdir()
+    (root / "sub-02" / "anat").symlink_to(root / "sub-02" / "anat")
+    return root
+
+
+def _user_project(env: Env) -> Path:
+    """A user's project folder: their own config.yaml, notes and a results sub-folder (no NeuroMF manifest)."""
+    mine = env.inp / "project"
+    (mine / "results").mkdir(parents=True)
+    (mine / "config.yaml").write_text("experiment: mine\n")
+    (mine / "results" / "table.csv").write_text("a,b\n1,2\n")
+    return env.config(**{"training.output_dir": str(mine)})
+
+
+def _sidecar_entry(**entries) -> Callable[[Env], list[str]]:
+    """generate with a copy of the joint adapter whose sidecar entries are replaced (a tampered sidecar)."""
+    def build(env: Env) -> list[str]:
+        import json
+
+        adapter = env.copy("adapter")
+        path = adapter / "neuromf_adapter.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **entries}).replace("Infinity", "1e999"))
+        return ["generate", "--adapter", str(adapter), "--n", "1", "--device", "cpu", "--out", str(env.out / "g")]
+    return build
+
+
+def _generate_flags(*flags: str) -> Callable[[Env], list[str]]:
+    return lambda env: ["generate", "--adapter", str(env.models["adapter"]), "--device", "cpu", *flags, "--out",
+                        str(env.out / "g")]
+
+
+def _foreign_output(env: Env) -> list[str]:
+    """generate into a folder that holds another run's pairs (seed 7), without --overwrite."""
+    folder = env.inp / "generated"
+    assert main(["generate", "--checkpoint", str(env.models["base"]), "--n", "1", "--seed", "7", "--device", "cpu",
+                 "--out", str(folder)]) == 0
+    return ["generate", "--checkpoint", str(env.models["base"]), "--n", "1", "--seed", "8", "--device", "cpu",
+            "--out", str(folder)]
+
+
+def _user_files_output(env: Env) -> list[str]:
+    folder = env.inp / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine\n")
+    return ["generate", "--checkpoint", str(env.models["base"]), "--n", "1", "--device", "cpu", "--out", str(folder),
+            "--overwrite"]
+
+
+def _pairs(env: Env, name: str = "g", seed: int = 0) -> Path:
+    folder = env.inp / name
+    assert main(["generate", "--adapter", str(env.models["adapter"]), "--n", "1", "--seed", str(seed), "--device",
+                 "cpu", "--out", str(folder)]) == 0
+    return folder
+
+
+def _evaluate(generated: Callable[[Env], Path], command: str = "evaluate") -> Callable[[Env], list[str]]:
+    def build(env: Env) -> list[str]:
+        extra = ["--seeds", "0", "--steps", "1"] if command == "consistency" else []
+        return [command, "--adapter", str(env.models["adapter"]), "--generated", str(generated(env)), "--data",
+                str(good_fcd(env.inp / "data")), *extra, "--out", str(env.out / "m.json")]
+    return build
+
+
+def _damaged_pair(make: Callable[[Path], None]) -> Callable[[Env], Path]:
+    def build(env: Env) -> Path:
+        folder = _pairs(env)
+        make(folder / "sample_000_flair.nii.gz")
+        return folder
+    return build
+
+
+def _mixed(env: Env) -> Path:
+    """Two runs' pairs in one folder (a legacy folder without a manifest: the per-sample records disagree)."""
+    folder = _pairs(env, "g", seed=0)
+    other = _pairs(env, "h", seed=5)
+    for path in other.glob("sample_000*"):
+        shutil.copy(path, folder / path.name.replace("000", "001"))
+    (folder / ".neuromf-owned.json").unlink()
+    return folder
+
+
+def _empty_section_with_set(env: Env) -> list[str]:
+    """`training:` left empty in the file, then filled by --set (an empty section used to be None: a traceback)."""
+    path = env.inp / "config.yaml"
+    path.write_text(yaml.safe_dump({"data": {"data_dir": str(env.inp / "nope"), "mask_strategy": "downsample"},
+                                    "model": {"preset": "tiny"}})
+                    + "training:\n")
+    return ["train-lora", "--config", str(path), "--base_checkpoint", str(env.models["base"]), "--set",
+            "training.lr=1e-3", "--set", "training.device=cpu", "--output-dir", str(env.out / "run")]
+
+
+def _shipped_adapter_path(env: Env) -> list[str]:
+    from neuromf.weights import embedded_model_dir
+
+    return ["calibrate-guidance", "--adapter", str(embedded_model_dir("lora_demo")), "--store", "--n", "1",
+            "--steps", "1", "--scales", "1", "--device", "cpu"]
+
+
+ROUND2 = [
+    # masks and scans: one shared validator, the same refusal in every command
+    Bad("check-data: inverted {-1,0} mask", _check_data(_two_subjects(bad_mask=_inverted())),
+        [r"sub-02_FLAIR_roi\.nii\.gz", r"negative labels", r"inverted"], rc=1),
+    Bad("check-data: all-ones mask", _check_data(_two_subjects(bad_mask=np.ones(SHAPE, np.uint8))),
+        [r"sub-02_FLAIR_roi\.nii\.gz", r"covers 100% of the scan"], rc=1),
+    Bad("check-data: all-zero FLAIR", _check_data(_two_subjects(np.zeros(SHAPE, np.float32))),
+        [r"sub-02_FLAIR\.nii\.gz", r"constant"], rc=1),
+    Bad("check-data: complex-valued FLAIR", _check_data(_two_subjects(brain().astype(np.complex64))),
+        [r"sub-02_FLAIR\.nii\.gz", r"complex-valued"], rc=1),
+    Bad("check-data: zero affine", _check_data(_zero_affine), [r"sub-02_FLAIR\.nii\.gz", r"singular"], rc=1),
+    Bad("check-data: 40 mm voxels", _check_data(_subject(brain(), lesion(), np.diag([40.0, 40, 40, 1]))),
+        [r"sub-02_FLAIR\.nii\.gz", r"voxel size 40x40x40 mm is outside"], rc=1),
+    Bad("check-data: 0.01 mm voxels", _check_data(_subject(brain(), lesion(), np.diag([0.01, 0.01, 0.01, 1]))),
+        [r"sub-02_FLAIR\.nii\.gz", r"voxel size 0\.01x0\.01x0\.01 mm is outside"], rc=1),
+    Bad("mask-test: only case's mask is inverted", _mask_test(_only(mask=_inverted())),
+        [r"sub-02_FLAIR_roi\.nii\.gz", r"negative labels"], rc=2),
+    Bad("train-lora: the only FCD case has an all-ones mask",
+        _train_lora(data=_subject(brain(), np.ones(SHAPE, np.uint8), keep_good=False)),
+        [r"sub-02_FLAIR_roi\.nii\.gz", r"covers 100%"], rc=2),
+    # BIDS ambiguities
+    Bad("check-data: conflicting participants.tsv rows",
+        _check_data(_participants("participant_id\tgroup\nsub-01\tfcd\nsub-02\tfcd\nsub-01\thc\n")),
+        [r"participants\.tsv", r"sub-01 has conflicting rows \(lines 2 and 4: group differ\)"], rc=2),
+    Bad("check-data: a subject's anat folder is a symlink loop", _check_data(_anat_loop),
+        [r"anat", r"looping or broken symbolic link", r"sub-02"], rc=1),
+    # numbers at the boundary: config, flags, sidecars
+    Bad("train-lora: --set training.lr=.inf", _train_lora(extra=["--set", "training.lr=.inf"]),
+        [r"config\.yaml", r"'training\.lr' must be a finite number"], rc=2),
+    Bad("train-lora: max_steps beyond any run", _train_lora(extra=["--set", "training.max_steps=" + "9" * 30]),
+        [r"config\.yaml", r"training\.max_steps"], rc=2),
+    Bad("train-lora: empty lora.target_modules", _train_lora(extra=["--set", "lora.target_modules=[]"]),
+        [r"config\.yaml", r"'lora\.target_modules' must name at least one module"], rc=2),
+    Bad("generate: --device cuda:99 (no such GPU here)", _generate_flags("--device", "cuda:99"),
+        [r"'cuda:99' requested but (CUDA is not available|only \d+ GPU)"], rc=2),
+    Bad("train-lora: --device cuda:99 (checked before any work)", _train_lora(extra=["--device", "cuda:99"]),
+        [r"'cuda:99' requested but"], rc=2),
+    Bad("generate: --n -3", _generate_flags("--n", "-3"), [r"--n", r"must be >= 1"], rc=2),
+    Bad("generate: --n 0", _generate_flags("--n", "0"), [r"--n", r"must be >= 1"], rc=2),
+    Bad("generate: --joint-guidance nan", _generate_flags("--joint-guidance", "nan"),
+        [r"--joint-guidance", r"finite"], rc=2),
+    Bad("calibrate-guidance: --scales nan", lambda env: ["calibrate-guidance", "--adapter", str(env.models["adapter"]),
+                                                        "--scales", "1", "nan", "--store"],
+        [r"--scales", r"finite"], rc=2),
+    Bad("mask-test: --spacing -3", _mask_test(lambda env: good_fcd(env.inp / "data"),
+                                              lambda env: ["--vae", str(env.models["vae"]), "--spacing", "-3", "3",
+                                                           "3"]),
+        [r"--spacing", r"must be >= 0\.1"], rc=2),
+    Bad("mask-test: --spacing nan", _mask_test(lambda env: good_fcd(env.inp / "data"),
+                                               lambda env: ["--vae", str(env.models["vae"]), "--spacing", "nan", "3",
+                                                            "3"]),
+        [r"--spacing", r"finite"], rc=2),
+    Bad("mask-test: a grid that cannot fit in memory (refused before allocating)",
+        lambda env: [*_mask_test(lambda e: good_fcd(e.inp / "data"))(env), "--shape", "1024", "1024", "1024"],
+        [r"model grid \(1024, 1024, 1024\)", r"GB of memory"], rc=2),
+    Bad("make-phantoms: --spacing 0 (and no folder left)", lambda env: ["make-phantoms", "--out", str(env.out / "p"),
+                                                                        "--spacing", "0", "3", "3"],
+        [r"--spacing", r"must be >= 0\.1"], rc=2),
+    Bad("generate: sidecar scale_factor 0", _sidecar_entry(scale_factor=0),
+        [r"neuromf_adapter\.json", r"'scale_factor' must be a finite number"], rc=2),
+    Bad("generate: sidecar scale_factor NaN", _sidecar_entry(scale_factor=float("nan")),
+        [r"neuromf_adapter\.json", r"'scale_factor' must be a finite number"], rc=2),
+    Bad("generate: sidecar grid disagrees with its latent shape",
+        _sidecar_entry(preprocessing={"shape": [96, 96, 96], "spacing": [2.0, 2.0, 2.0], "clip_max": 2.0}),
+        [r"neuromf_adapter\.json", r"'latent_shape' .* does not match the grid \[96, 96, 96\]"], rc=2),
+    Bad("generate: sidecar grid disagrees with the base model",
+        _sidecar_entry(preprocessing={"shape": [16, 16, 16], "spacing": [6.0, 6.0, 6.0], "clip_max": 2.0}),
+        [r"neuromf_adapter\.json", r"disagrees with its base model's"], rc=2),
+    # YAML
+    Bad("train-lora: duplicate YAML key", _train_lora(config=_yaml("training:\n  lr: 0.1\n  lr: 0.2\n")),
+        [r"config\.yaml", r"duplicate key 'lr' \(first on line 2, again on line 3\)"], rc=2),
+    Bad("train-lora: empty section with --set", _empty_section_with_set, [r"in/nope", r"does not exist"], rc=2),
+    Bad("train-lora: scalar YAML file with --set", _train_lora(config=_yaml("5\n"), extra=["--set", "training.lr=1"]),
+        [r"config\.yaml", r"'top level' must be a mapping"], rc=2),
+    Bad("train-lora: --set training=5", _train_lora(extra=["--set", "training=5"]),
+        [r"config\.yaml", r"'training' must be a mapping"], rc=2),
+    Bad("train-lora: --set into a scalar section",
+        _train_lora(extra=["--set", "training=5", "--set", "training.lr=1"]),
+        [r"config\.yaml", r"cannot set 'training\.lr'"], rc=2),
+    # data loss, shipped files, stale mixes
+    Bad("train-lora: --overwrite on a user's project with its own config.yaml",
+        _train_lora(config=_user_project, extra=["--overwrite"]),
+        [r"in/project", r"not a NeuroMF run folder", r"results"], rc=2),
+    Bad("calibrate-guidance: --store on the shipped adapter's path", _shipped_adapter_path,
+        [r"lora_demo", r"shipped files of NeuroMF"], rc=2),
+    Bad("generate: output folder holds another run's pairs", _foreign_output,
+        [r"in/generated", r"another run's files", r"--overwrite"], rc=2),
+    Bad("generate: --overwrite into a folder of user files", _user_files_output,
+        [r"in/mine", r"NeuroMF did not write", r"notes\.txt"], rc=2),
+    Bad("evaluate: zero-byte generated FLAIR", _evaluate(_damaged_pair(_zero_byte)),
+        [r"sample_000_flair\.nii\.gz", r"not a readable NIfTI"], rc=2),
+    Bad("consistency: truncated generated FLAIR", _evaluate(_damaged_pair(lambda p: truncate(p, 0.5)), "consistency"),
+        [r"sample_000_flair\.nii\.gz", r"not a readable NIfTI"], rc=2),
+    Bad("evaluate: two runs' pairs in one folder", _evaluate(_mixed),
+        [r"in/g", r"two runs", r"seed"], rc=2),
+]
+
+
+CASES = CHECK_DATA + MASK_TEST + GENERATE + TRAIN_LORA + TRAIN_BASE + ROUND2
 
 
 def test_the_table_is_large_enough() -> None:
@@ -703,7 +955,8 @@ def test_the_table_is_large_enough() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input(case: Bad, tmp_path: Path, models: dict[str, Path], capfd) -> None:
+def test_bad_input(case: Bad, tmp_path: Path, models: dict[str, Path], capfd, monkeypatch) -> None:
+    monkeypatch.setenv("NEUROMF_MAX_MEMORY_GB", "16")  # the memory estimate's limit, the same on every machine
     env = Env(tmp_path, models)
     env.inp.mkdir()
     argv = case.build(env)
@@ -873,3 +1126,158 @@ def test_data_widget_scan_shows_broken_subjects_as_rows(make_napari_viewer, qtbo
     assert sorted(rows) == ["sub-01", "sub-02", "sub-03"] and len(widget.cases) == 1
     assert "UNUSABLE" in rows["sub-02"] and "2D image" in rows["sub-02"]
     assert "lesion ROI without a FLAIR image" in rows["sub-03"] and not rows["sub-01"].startswith("UNUSABLE")
+
+
+# --------------------------------------------------------------------------------------------- round 2: one per fix
+def _job():
+    """A stand-in training body for `in_run_dir`: writes a partial file, then a checkpoint per step."""
+    from neuromf.train.run_dir import in_run_dir
+
+    @in_run_dir
+    def job(cfg, resume: bool = False, overwrite: bool = False):
+        out = Path(cfg.training.output_dir)
+        (out / "losses.csv").write_text("step\n")
+        yield 1
+        (out / "checkpoint.safetensors").write_bytes(b"w")
+        return "done"
+
+    return job
+
+
+def _cfg(out: Path):
+    from neuromf.config import load_config
+
+    return load_config("base_tiny", {"training.output_dir": str(out)})
+
+
+def test_overwrite_removes_only_what_the_run_wrote(tmp_path: Path) -> None:
+    """Issue 28: --overwrite wiped any folder holding a config.yaml. Now it removes the files the run's manifest
+    lists; a folder without one is replaced only when it holds nothing but a run's own names."""
+    from neuromf.io.owned import FolderNotOwnedError, read_manifest
+
+    job, run = _job(), tmp_path / "run"
+    assert list(job(_cfg(run))) == [1]
+    assert sorted(read_manifest(run)["files"]) == ["checkpoint.safetensors", "config.yaml", "losses.csv"]
+    (run / "my_notes.txt").write_text("mine\n")  # a user's file dropped into the run folder later
+    with pytest.warns(UserWarning, match=r"kept 1 entries NeuroMF did not write: my_notes\.txt"):
+        assert list(job(_cfg(run), overwrite=True)) == [1]
+    assert (run / "my_notes.txt").read_text() == "mine\n" and (run / "checkpoint.safetensors").is_file()
+
+    legacy = tmp_path / "legacy"  # a run written before manifests: only a run's own names
+    legacy.mkdir()
+    (legacy / "config.yaml").write_text("x: 1\n")
+    (legacy / "checkpoint.safetensors").write_bytes(b"old")
+    assert list(job(_cfg(legacy), overwrite=True)) == [1] and read_manifest(legacy) is not None
+
+    project = tmp_path / "project"  # a user's folder: their config.yaml and results
+    (project / "results").mkdir(parents=True)
+    (project / "config.yaml").write_text("mine: true\n")
+    (project / "results" / "r.csv").write_text("1\n")
+    before = snapshot(project, tmp_path / "none")
+    with pytest.raises(FolderNotOwnedError, match=r"not a NeuroMF run folder .*results"):
+        list(job(_cfg(project), overwrite=True))
+    assert snapshot(project, tmp_path / "none") == before
+
+
+def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """Issue 28: a full disk or file-size limit during a checkpoint write was a SafetensorError traceback. Now it
+    is an OSError naming the file, the previous checkpoint stays valid, and non-finite weights are never saved."""
+    from safetensors import SafetensorError
+
+    from neuromf.train import checkpoint as ckpt
+    from neuromf.train.ema import EMA
+
+    model = torch.nn.Linear(3, 2)
+    ema, optimizer = EMA(model, 0.9), torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    weights = ckpt.save_checkpoint(tmp_path, model, ema, optimizer, generator, ckpt.TrainState(step=1), {})
+    good = weights.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, message: No space left on device })")
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"checkpoint\.safetensors: cannot write the checkpoint at step 2 .*previous "
+                                      r"checkpoint is kept"):
+        ckpt.save_checkpoint(tmp_path, model, ema, optimizer, generator, ckpt.TrainState(step=2), {})
+    monkeypatch.undo()
+    assert weights.read_bytes() == good and int(ckpt.read_checkpoint_meta(tmp_path)["step"]) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(ckpt.NonFiniteWeightsError, match=r"1 weight tensors became NaN or infinite by step 3"):
+        ckpt.save_checkpoint(tmp_path, model, ema, optimizer, generator, ckpt.TrainState(step=3), {})
+    assert weights.read_bytes() == good
+
+
+def test_fine_tune_callback_failure_leaves_no_half_made_run(tmp_path: Path, models: dict[str, Path]) -> None:
+    """Issue 28: an exception in fine_tune's on_event left config.yaml behind, and the same call was then refused."""
+    from neuromf.api import fine_tune
+
+    env = Env(tmp_path, models)
+    good_fcd(env.inp / "data")
+    config = str(env.config())
+
+    def boom(event) -> None:
+        if event.kind == "step":
+            raise RuntimeError("the caller's plot failed")
+
+    with pytest.raises(RuntimeError, match="plot failed"):
+        fine_tune(config, models["base"], on_event=boom)
+    assert not (env.out / "run").exists()
+    result = fine_tune(config, models["base"])  # the same call now simply works
+    assert result.step == 2 and (result.out_dir / "adapter").is_dir()
+
+
+def test_train_conditional_accepts_lesions_at_one_site(tmp_path: Path, models: dict[str, Path], capfd) -> None:
+    """Issue 28: two training lesions at the same site gave an empty site/depth range ("no voxel ... to place a
+    lesion") and train-conditional refused valid data."""
+    env = Env(tmp_path, models)
+    bids(env.inp / "data", {"01": (brain(), lesion()), "02": (brain(120.0), lesion()), "03": (brain(), None)})
+    rc, output = run_cli(["train-conditional", "--config", str(env.config()), "--base_checkpoint",
+                          str(models["base"])], capfd)
+    assert rc == 0 and (env.out / "run" / "adapter" / "mask_prior.safetensors").is_file(), output
+
+
+def test_generate_owns_its_output_folder(tmp_path: Path, models: dict[str, Path], capfd) -> None:
+    """The same run may write its folder again; another run needs --overwrite, which removes only NeuroMF's files;
+    a second writer is locked out."""
+    from neuromf.io.owned import owner_of
+    from neuromf.train.run_dir import RunLock
+
+    out = tmp_path / "g"
+    argv = ["generate", "--checkpoint", str(models["base"]), "--n", "2", "--device", "cpu", "--out", str(out)]
+    for _ in range(2):
+        rc, output = run_cli(argv, capfd)
+        assert rc == 0, output
+    rc, output = run_cli([*argv, "--seed", "4", "--n", "1", "--overwrite"], capfd)
+    assert rc == 0 and owner_of(out)["seed"] == 4, output
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["sample_000_flair.nii.gz"]
+    lock = RunLock(out, "generate").acquire()
+    try:
+        rc, output = run_cli([*argv, "--seed", "4"], capfd)
+    finally:
+        lock.release()
+    assert rc == 2 and "another generate is running in this output folder" in output, output
+
+
+def test_stage2_warns_about_settings_it_ignores() -> None:
+    """Issue 28: stage 2 silently ignored data.shape / data.spacing / model.vae that disagree with the base model."""
+    from neuromf.config import load_config
+    from neuromf.pipelines.conditional import stage2_preprocessing
+
+    base_meta = {"preprocessing": {"shape": [16, 16, 16], "spacing": [12.0, 12.0, 12.0]}, "vae": "/models/vae"}
+    cfg = load_config("demo_lora", {"data.shape": [32, 32, 32], "model.vae": "/elsewhere/vae"})
+    with pytest.warns(UserWarning, match=r"ignored: data\.shape=\[32, 32, 32\] .*model\.vae=/elsewhere/vae"):
+        prep = stage2_preprocessing(base_meta, cfg)
+    assert prep.shape == (16, 16, 16)
+
+
+def test_preprocess_mask_refuses_an_inverted_mask(tmp_path: Path) -> None:
+    """generate --mask reads masks through the same validator as check-data: an inverted mask is refused."""
+    from neuromf.io.bids import DataError
+    from neuromf.io.nifti import Preprocessing, preprocess_mask
+
+    path = nii(tmp_path / "roi.nii.gz", -lesion().astype(np.int16))
+    with pytest.raises(DataError, match=r"roi\.nii\.gz: mask values \{-1, 0\} include negative labels"):
+        preprocess_mask(path, Preprocessing(shape=SHAPE, spacing=(SPACING,) * 3))

@@ -37,7 +37,9 @@ def _write(path: Path, data: np.ndarray, zooms: tuple[float, float, float] = (1.
 
 
 def _image(path: Path, zooms: tuple[float, float, float] = (1.0, 1.0, 1.0), shape=SHAPE) -> Path:
-    return _write(path, np.full(shape, 100, dtype=np.int16), zooms)
+    data = np.full(shape, 100, dtype=np.int16)
+    data.flat[0] = 20  # not constant: a constant image has no brain and is refused
+    return _write(path, data, zooms)
 
 
 def _mask(path: Path, values: tuple[int, ...] = (0, 1), zooms=(1.0, 1.0, 1.0), shape=SHAPE) -> Path:

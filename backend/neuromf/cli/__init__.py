@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Callable
 
 from neuromf.cli import data, demo, evaluate, generate, train
@@ -11,8 +13,11 @@ from neuromf.cli import data, demo, evaluate, generate, train
 
 def build_parser() -> argparse.ArgumentParser:
     """The `neuromf` argument parser: one subcommand per `cmd_*` handler the command-group modules register."""
-    parser = argparse.ArgumentParser(prog="neuromf", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    parser = OneLineErrorParser(prog="neuromf", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", default=bool(os.environ.get("NEUROMF_DEBUG")),
+                        help="print the full traceback of an unexpected error (also NEUROMF_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND",
+                                parser_class=OneLineErrorParser)
 
     def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -25,11 +30,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (`neuromf <cmd>: error: ...`, exit 2), like the rest."""
+
+    def error(self, message: str):  # type: ignore[override]
+        """Print the usage error as one line and exit 2 (argparse prints the whole usage first)."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (multi-line messages of libraries joined with '; ')."""
+    text = str(err).strip() or type(err).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run one subcommand and return its exit code.
 
-    Expected errors (config, volume, value, OS) print one line naming the subcommand and return 2; Ctrl-C prints
-    "interrupted" instead of a traceback.
+    Expected errors (config, volume, value, OS, a missing device) print one line naming the subcommand and return 2;
+    Ctrl-C prints "interrupted" instead of a traceback. Anything else is a bug: one "internal error" line (exit 3)
+    that says how to see the traceback (`--debug`), which `--debug` then prints.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -37,13 +57,27 @@ def main(argv: list[str] | None = None) -> int:
     from neuromf.io.nifti import VolumeError
 
     try:
+        if getattr(args, "device", None):  # a device that is not there: refused before any work
+            from neuromf.utils import resolve_device
+
+            resolve_device(args.device)
         return int(args.func(args) or 0)
     except (ConfigError, VolumeError, ValueError, OSError) as err:  # OSError: unreadable input, full disk, ...
-        print(f"neuromf {args.command}: error: {err}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        print(f"neuromf {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"neuromf {args.command}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit:
+        raise
+    except Exception as err:  # a bug, not bad input: keep it visible, but as one line unless asked for more
+        if args.debug:
+            traceback.print_exc()
+        print(f"neuromf {args.command}: internal error: {type(err).__name__}: {one_line(err)} (re-run with "
+              "--debug for the traceback and report it)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from collections.abc import Callable, Generator
@@ -14,6 +15,39 @@ import yaml
 STAGE_DIR = Path("runs/stage2")
 REPORT = Path("runs/report/verification_report.md")
 AddCommand = Callable[[str, Callable, str], argparse.ArgumentParser]
+
+
+def number(low: float | None = None, high: float | None = None, *, integer: bool = False,
+           low_open: bool = False) -> Callable[[str], float | int]:
+    """An argparse `type` for a finite number within [low, high] (`low_open`: low itself excluded).
+
+    Refuses NaN, infinities and values out of range at the command line, before anything is loaded, so a
+    `--scales nan` or `--n -3` is a usage error naming the flag instead of a traceback or a silent NaN result.
+    """
+    def parse(text: str) -> float | int:
+        try:
+            value: float | int = int(text) if integer else float(text)
+        except ValueError:
+            kind = "an integer" if integer else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g}, got {text!r}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text!r}")
+        return value
+
+    parse.__name__ = "integer" if integer else "number"  # argparse names the type in its message
+    return parse
+
+
+COUNT = number(1, 100_000, integer=True)  # --n: samples, cases, seeds (0 or negative: nothing to do)
+STEPS = number(1, 10_000, integer=True)  # sampler / segmenter steps
+SEED = number(0, 2**63 - 1, integer=True)
+GRID_SHAPE = number(8, 1024, integer=True)  # voxels per axis of a model grid
+VOXEL_MM = number(0.1, 20.0)  # mm per voxel of a model grid: MRI voxels, with room for the tests' coarse grids
+SCALE = number(0.0, 100.0)  # guidance scales (1 = none)
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import warnings
 from pathlib import Path
 
-from neuromf.cli._common import STAGE_DIR, AddCommand
+from neuromf.cli._common import GRID_SHAPE, SEED, STAGE_DIR, VOXEL_MM, AddCommand, number
 
 
 def cmd_make_phantoms(args) -> int:
     """`neuromf make-phantoms`: write a synthetic BIDS data set of healthy and FCD phantom subjects."""
     from neuromf.data.phantom import PhantomConfig, make_phantom_dataset
+    from neuromf.utils import ensure_writable, first_missing
 
+    ensure_writable(args.out)
     cfg = PhantomConfig(shape=tuple(args.shape), spacing=tuple(args.spacing))
-    out = make_phantom_dataset(args.out, args.n_healthy, args.n_fcd, seed=args.seed, cfg=cfg, progress=True)
+    created = first_missing(args.out)
+    try:
+        out = make_phantom_dataset(args.out, args.n_healthy, args.n_fcd, seed=args.seed, cfg=cfg, progress=True)
+    except BaseException:
+        if created is not None:  # a failed or interrupted run leaves no folder it made
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     print(f"wrote {args.n_healthy} healthy + {args.n_fcd} FCD phantom subjects to {out}")
     return 0
 
@@ -80,11 +89,11 @@ def register(add: AddCommand) -> None:
     """Add the data subcommands (make-phantoms, check-data, mask-test) through `add`."""
     p = add("make-phantoms", cmd_make_phantoms, "write a synthetic FCD phantom data set (BIDS, like ds004199)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--n-healthy", type=int, default=40)
-    p.add_argument("--n-fcd", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64])
-    p.add_argument("--spacing", type=float, nargs=3, default=[3.0, 3.0, 3.0])
+    p.add_argument("--n-healthy", type=number(0, 10_000, integer=True), default=40)
+    p.add_argument("--n-fcd", type=number(0, 10_000, integer=True), default=24)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--shape", type=GRID_SHAPE, nargs=3, default=[64, 64, 64])
+    p.add_argument("--spacing", type=VOXEL_MM, nargs=3, default=[3.0, 3.0, 3.0])
 
     p = add("check-data", cmd_check_data, "list the cases of a BIDS tree or flat folder and their problems")
     p.add_argument("data", help="data folder, 'embedded' (3 mm phantoms) or 'embedded-fine' (2 mm)")
@@ -97,7 +106,7 @@ def register(add: AddCommand) -> None:
     p.add_argument("--vae-preset", default=None, choices=["maisi", "small", "tiny"],
                    help="architecture of a local VAE file (default: the preset in its model.json sidecar, else "
                         "maisi); refused when it disagrees with the sidecar")
-    p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64])
-    p.add_argument("--spacing", type=float, nargs=3, default=[3.0, 3.0, 3.0])
+    p.add_argument("--shape", type=GRID_SHAPE, nargs=3, default=[64, 64, 64])
+    p.add_argument("--spacing", type=VOXEL_MM, nargs=3, default=[3.0, 3.0, 3.0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(STAGE_DIR / "mask_vae_test.json"))

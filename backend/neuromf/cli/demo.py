@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from neuromf.cli._common import AddCommand
+from neuromf.cli._common import COUNT, SEED, STEPS, AddCommand
 
 
 def cmd_demo(args) -> int:
@@ -62,8 +62,8 @@ def register(add: AddCommand) -> None:
     p = add("demo", cmd_demo, "the main job: the whole pipeline on the embedded data and weights")
     p.add_argument("--out", default="runs")
     p.add_argument("--runs", default="runs")
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--ablation-steps", type=int, default=40)
-    p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--n", type=COUNT, default=8)
+    p.add_argument("--ablation-steps", type=STEPS, default=40)
+    p.add_argument("--ablation-seeds", type=SEED, nargs="+", default=[0, 1, 2])
     p.add_argument("--skip-ablation", action="store_true")
     p.add_argument("--skip-conditional", action="store_true", help="leave out the conditional mode (mask -> FLAIR)")

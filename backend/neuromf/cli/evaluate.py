@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from neuromf.cli._common import REPORT, STAGE_DIR, AddCommand, drive, parse_overrides
+from neuromf.cli._common import COUNT, REPORT, SCALE, SEED, STAGE_DIR, STEPS, AddCommand, drive, parse_overrides
 from neuromf.config import CALIBRATION_SCALES, SAMPLERS
 
 
@@ -114,6 +114,15 @@ def cmd_calibrate_guidance(args) -> int:
     if args.store and args.adapter in EMBEDDED_NAMES:
         raise SystemExit("calibrate-guidance: --store writes into the adapter's folder; a shipped adapter is left as "
                          "it is (copy its folder and calibrate the copy)")
+    if args.store:  # by path as well as by name: checked before the calibration's minutes of sampling
+        from neuromf.models.adapter_meta import SIDECAR, resolve_adapter_dir
+        from neuromf.utils import ensure_writable
+
+        ensure_writable(resolve_adapter_dir(args.adapter) / SIDECAR, file=True)
+    if args.out:
+        from neuromf.utils import ensure_writable
+
+        ensure_writable(Path(args.out), file=True)
     result = calibrate_joint_guidance(args.adapter, tuple(args.scales), args.n, args.steps, args.seed, args.device,
                                       args.sampler, args.data)
     print(f"training lesions: median {result['target_cm3']:.2f} cm^3")
@@ -150,15 +159,15 @@ def register(add: AddCommand) -> None:
     p = add("consistency", cmd_consistency,
             "image-mask consistency and downstream use of generated pairs, judged by a small MONAI segmenter")
     _add_generated_flags(p, STAGE_DIR / "metrics" / "consistency.json")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one segmenter pair per seed")
-    p.add_argument("--steps", type=int, default=300, help="training steps of each segmenter")
+    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2], help="one segmenter pair per seed")
+    p.add_argument("--steps", type=STEPS, default=300, help="training steps of each segmenter")
     p.add_argument("--device", default="cpu")
 
     p = add("ablate-lp", cmd_ablate_lp, "per-channel Lp (1.5/2.0) vs uniform L2, same seed/data/budget")
     p.add_argument("--config", default="joint_3mm")
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded")
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per arm and seed")
+    p.add_argument("--n", type=COUNT, default=8)
+    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2], help="one run per arm and seed")
     p.add_argument("--data", default="embedded", help="the real cases: a data folder, 'embedded' or 'embedded-fine'")
     p.add_argument("--out", default=str(STAGE_DIR))
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -166,13 +175,13 @@ def register(add: AddCommand) -> None:
     p = add("calibrate-guidance", cmd_calibrate_guidance,
             "joint x-prediction adapters: the joint guidance whose masks match the training lesions in median volume")
     p.add_argument("--adapter", default="embedded", help="a joint adapter folder, 'embedded' or 'embedded-fine'")
-    p.add_argument("--scales", type=float, nargs="+", default=list(CALIBRATION_SCALES),
+    p.add_argument("--scales", type=SCALE, nargs="+", default=list(CALIBRATION_SCALES),
                    help="guidance scales to try (the volume rises steeply with the scale: keep them close; below 1 "
                         "for a training whose masks come out too large)")
-    p.add_argument("--n", type=int, default=8, help="masks drawn per scale")
-    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--n", type=COUNT, default=8, help="masks drawn per scale")
+    p.add_argument("--steps", type=STEPS, default=32)
     p.add_argument("--sampler", default="euler", choices=SAMPLERS)
-    p.add_argument("--seed", type=int, default=1000, help="apart from the usual evaluation seeds")
+    p.add_argument("--seed", type=SEED, default=1000, help="apart from the usual evaluation seeds")
     p.add_argument("--data", default=None, help="the FCD data the adapter was trained on (default: its sidecar's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="also write the table as JSON here")

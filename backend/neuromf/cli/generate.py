@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neuromf.cli._common import AddCommand
+from neuromf.cli._common import COUNT, SCALE, SEED, STEPS, AddCommand, number
 from neuromf.config import SAMPLERS
 
 
@@ -35,18 +35,34 @@ def cmd_generate(args) -> int:
         raise SystemExit("generate: --site places a site-conditioned joint adapter's lesions (--mode joint)")
     if args.joint_guidance is not None and mode != "joint":
         raise SystemExit("generate: --joint-guidance guides a joint adapter's masks (--mode joint)")
-    if mode == "conditional":
-        paths = _generate_conditional(args)
-    elif mode == "joint":
-        from neuromf.pipelines.joint import write_generated_pairs
+    from neuromf.train.run_dir import output_folder
 
-        paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                      args.sampler, args.render, args.guidance, args.joint_guidance, args.site)
-    else:
-        paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                       args.sampler)
+    with output_folder(Path(args.out), _run_identity(args, mode), overwrite=args.overwrite) as record:
+        if mode == "conditional":
+            paths = _generate_conditional(args)
+        elif mode == "joint":
+            from neuromf.pipelines.joint import write_generated_pairs
+
+            paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
+                                          args.sampler, args.render, args.guidance, args.joint_guidance, args.site)
+        else:
+            paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed,
+                                           args.device, args.sampler)
+        record(paths)
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
+
+
+def _run_identity(args, mode: str) -> dict:
+    """What makes two `generate` calls the same run (the same files, re-written): model, mode and sampling settings;
+    another seed, model or setting is another run, whose files must not mix with these in one folder."""
+    def where(spec: str | None) -> str | None:
+        return spec if spec is None or spec in ("embedded", "embedded-fine") else str(Path(spec).resolve())
+
+    return {"command": "generate", "mode": mode, "checkpoint": where(args.checkpoint), "adapter": where(args.adapter),
+            "render": where(args.render), "seed": args.seed, "steps": args.steps, "sampler": args.sampler,
+            "guidance": args.guidance, "joint_guidance": args.joint_guidance, "site": args.site,
+            "mask": [where(m) for m in args.mask or []], "image": where(args.image)}
 
 
 def _generate_conditional(args) -> list[Path]:
@@ -81,24 +97,26 @@ def register(add: AddCommand) -> None:
                    help="joint mode: a conditional adapter (same base model) that renders the FLAIR for each joint "
                         "mask, from the same image noise (two-stage: mask from the joint model, FLAIR from the "
                         "ControlNet)")
-    p.add_argument("--guidance", type=float, default=None, metavar="S",
+    p.add_argument("--guidance", type=SCALE, default=None, metavar="S",
                    help="conditional mode and --render: mask guidance u_empty + S (u_mask - u_empty), the empty mask "
                         "as the unconditional branch (1 = none; > 1 renders the lesion more strongly, two model "
                         "calls per step); default: the adapter's own (its sidecar's 'guidance', 1 unless set)")
-    p.add_argument("--joint-guidance", type=float, default=None, metavar="S",
+    p.add_argument("--joint-guidance", type=SCALE, default=None, metavar="S",
                    help="joint mode (x-prediction adapters): the mask estimate guided against the empty mask's path "
                         "from the same noise, x_empty + S (x - x_empty) (1 = none; > 1 commits more strongly to a "
                         "lesion: for a training whose masks come out empty or as specks); default: the adapter's "
                         "own (its sidecar's 'guidance', 1 unless set)")
-    p.add_argument("--site", type=float, nargs=3, action="append", metavar=("X", "Y", "Z"),
+    p.add_argument("--site", type=number(), nargs=3, action="append", metavar=("X", "Y", "Z"),
                    help="joint mode, site-conditioned adapters: put the lesion at this voxel of the model grid (the "
                         "written pairs' grid; repeat for several, used in turn); default: sites drawn from the "
                         "training lesions' sites")
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one-step MeanFlow)")
+    p.add_argument("--n", type=COUNT, default=4)
+    p.add_argument("--steps", type=STEPS, default=1, help="sampling steps (1 = one-step MeanFlow)")
     p.add_argument("--sampler", default="meanflow", choices=SAMPLERS,
                    help="meanflow: k-step MeanFlow with the average velocity; euler: --steps Euler steps with the "
                         "instantaneous velocity (flow-matching baseline; for joint x-prediction adapters)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/stage2/generated")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of another run in --out (only files NeuroMF wrote there are removed)")

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from neuromf.io.owned import ManifestError, inside
 from neuromf.utils import atomic_write, atomic_write_json, file_sha256
 
 
@@ -36,9 +38,21 @@ class LatentCache:
         if not self.manifest_path.is_file():
             return {}
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError:  # a torn manifest only costs re-encoding
+            manifest = json.loads(self.manifest_path.read_text())
+        except (ValueError, OSError):  # a torn manifest only costs re-encoding
             return {}
+        return manifest if isinstance(manifest, dict) else {}
+
+    def _entry_file(self, record: object) -> Path | None:
+        """The cached file a manifest record names, resolved inside the cache; None (with a warning) for a record
+        that is malformed or whose `file` leads outside the cache: such an entry is rebuilt, never read or removed."""
+        if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+            return None
+        try:
+            return inside(self.root, record["file"], "latent-cache entry")
+        except ManifestError as err:
+            warnings.warn(f"{self.manifest_path}: {err}", stacklevel=3)
+            return None
 
     def _source_hash(self, path: Path) -> str:
         stat = path.stat()
@@ -59,16 +73,17 @@ class LatentCache:
         entry_id = "|".join(str(Path(s).resolve()) for s in sources) + f"|{variant}"
         key = self.key(sources, variant)
         record = self.manifest.get(entry_id)
-        if record and record["key"] == key:
-            tensors = self._load(self.root / record["file"])
+        cached = self._entry_file(record)
+        if cached is not None and record.get("key") == key:
+            tensors = self._load(cached)
             if tensors is not None:
                 self.hits += 1
                 return tensors
             self.rebuilt += 1
         else:
             self.misses += 1
-            if record:  # stale entry for the same source: remove it
-                (self.root / record["file"]).unlink(missing_ok=True)
+            if cached is not None and cached.is_file():  # stale entry for the same source: remove it
+                cached.unlink(missing_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
         filename = f"{key[:32]}.safetensors"
         atomic_write(self.root / filename, lambda p: save_file(tensors, str(p)))

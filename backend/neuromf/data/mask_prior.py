@@ -47,6 +47,21 @@ DEPTH_MARGIN = 0.15
 SITE_MARGIN = 0.8
 
 
+MIN_SITE_RADIUS = 0.05  # share of the brain's bounding box: the site radius of lesions that share one site
+
+
+def _min_site_radius(brain: np.ndarray) -> float:
+    """The smallest site radius: `MIN_SITE_RADIUS`, and at least three voxels of the brain's box on a coarse grid."""
+    low, high = brain_box(brain)
+    return max(MIN_SITE_RADIUS, 3.0 / float(max(np.min(high - low), 1)))
+
+
+def _at_least(lo: float, hi: float, width: float) -> tuple[float, float]:
+    """(lo, hi) widened symmetrically to at least `width`."""
+    missing = max(0.0, width - (hi - lo))
+    return lo - missing / 2, hi + missing / 2
+
+
 def _crop(mask: np.ndarray) -> np.ndarray:
     coords = np.argwhere(mask)
     lo, hi = coords.min(0), coords.max(0) + 1
@@ -83,8 +98,13 @@ class MaskPrior:
         heights = [float(np.round(ndimage.center_of_mass(m))[2]) for m in lesions]
         brain = brain_mask(np.mean(np.stack([image for _, image in pairs]), axis=0))
         sites = np.array([lesion_position(m, brain_box(brain_mask(image))) for m, image in pairs])
+        spread = site_spread(sites)
+        # lesions at one site (or depth, or height) give an empty range: widen it to a few voxels,
+        # so that the prior can still place a lesion there (two lesions at the same site are valid data)
+        voxel_mm = float(max(spacing))
         return cls([_crop(m) for m in lesions], brain, tuple(float(s) for s in spacing),
-                   (min(depths), max(depths)), (min(heights), max(heights)), sites, site_spread(sites))
+                   _at_least(min(depths), max(depths), 4 * voxel_mm), _at_least(min(heights), max(heights), 2.0),
+                   sites, None if spread is None else max(spread, _min_site_radius(brain)))
 
     @property
     def shape(self) -> tuple[int, int, int]:

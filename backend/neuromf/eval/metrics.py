@@ -102,10 +102,19 @@ def find_generated_pairs(generated_dir: Path) -> list[tuple[str, Path, Path]]:
 
 def load_generated_pair(flair: Path, mask: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image float32, mask bool, affine) of one generated pair; ValueError when shapes or affines differ."""
-    img = nib.load(str(flair))
-    msk = nib.load(str(mask))
-    image = as_volume(np.asarray(img.dataobj, dtype=np.float32))
-    binary = as_volume(np.asarray(msk.dataobj)) > 0.5
+    arrays = []
+    for path in (flair, mask):
+        try:
+            img = nib.load(str(path))
+            arrays.append((img, np.asarray(img.dataobj)))
+        except Exception as err:  # zero-byte, truncated, not NIfTI: nibabel raises many types
+            raise ValueError(f"{path}: generated file is not a readable NIfTI (empty, truncated or corrupt: "
+                             f"{type(err).__name__}); generate it again") from err
+    (img, image_data), (msk, mask_data) = arrays
+    if np.iscomplexobj(image_data) or not np.all(np.isfinite(image_data)):
+        raise ValueError(f"{flair}: generated image holds NaN, infinite or complex values")
+    image = as_volume(np.asarray(image_data, dtype=np.float32))
+    binary = as_volume(np.asarray(mask_data)) > 0.5
     if image.shape != binary.shape:
         raise ValueError(f"{mask}: mask shape {binary.shape} differs from {flair.name} shape {image.shape}")
     if not np.allclose(img.affine, msk.affine, atol=1e-3):
@@ -331,11 +340,45 @@ def _mean_or_none(values: list[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
+PROVENANCE_KEYS = ("adapter", "checkpoint", "mode", "seed", "steps", "sampler", "guidance", "joint_guidance",
+                   "strategy")
+
+
+def check_one_run(generated_dir: Path, files: list[Path]) -> None:
+    """ValueError when a folder of generated pairs mixes runs: files its ownership manifest does not list (a
+    folder written by `generate`), or `sample_XXX.json` records of different models or sampling settings."""
+    from neuromf.io.owned import read_manifest
+
+    manifest = read_manifest(generated_dir)
+    if manifest is not None:
+        listed = set(manifest["files"])
+        strangers = [p.name for p in files if p.name not in listed]
+        if strangers:
+            raise ValueError(f"{generated_dir}: {strangers[0]} (and {len(strangers) - 1} more) were not written by the "
+                             "run that owns this folder: a mixed folder; generate again into an empty folder")
+    runs: dict[tuple, str] = {}
+    for record in sorted(Path(generated_dir).glob("sample_*.json")):
+        try:
+            meta = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged record: read_noise_correlation reports it
+        if not isinstance(meta, dict) or "seed" not in meta or "adapter" not in meta:
+            continue  # no provenance to compare (an incomplete record)
+        runs.setdefault(tuple(str(meta.get(k)) for k in PROVENANCE_KEYS), record.name)
+    if len(runs) > 1:
+        (first, a), (second, b) = list(runs.items())[:2]
+        differ = [k for k, x, y in zip(PROVENANCE_KEYS, first, second) if x != y]
+        raise ValueError(f"{generated_dir}: pairs of two runs in one folder ({a} and {b} differ in "
+                         f"{', '.join(differ)}); evaluate one run's folder")
+
+
 def load_generated(generated_dir: Path, prep: Preprocessing) -> list[dict]:
     """Every generated pair of a folder (`id`, `flair`, `mask_path`, `image`, `mask`, `affine`, `voxel_cm3`),
     checked to lie on the model grid of `prep`."""
     generated = []
-    for sid, flair, mask_path in find_generated_pairs(generated_dir):
+    pairs = find_generated_pairs(generated_dir)
+    check_one_run(generated_dir, [p for _, flair, mask in pairs for p in (flair, mask)])
+    for sid, flair, mask_path in pairs:
         image, mask, affine = load_generated_pair(flair, mask_path)
         if image.shape != tuple(prep.shape):
             raise ValueError(f"{generated_dir}: {flair.name} has shape {image.shape}, but the model grid is "

@@ -26,6 +26,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from neuromf.io.validate import affine_problem, binary_mask, image_problem, lesion_share_problem
+
 GROUPS = ("fcd", "hc", "unknown")
 SPLITS = ("train", "test", "unknown")
 _GROUP_ALIASES = {
@@ -148,13 +150,20 @@ def _read_participants(root: Path) -> dict[str, dict[str, str]]:
             rows = list(csv.DictReader(fh, delimiter="\t"))
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read participants table ({exc})") from exc
-    table = {}
-    for row in rows:
+    table: dict[str, dict[str, str]] = {}
+    line_of: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
         pid = (row.get("participant_id") or "").strip()
-        if pid:
-            table[pid if pid.startswith("sub-") else f"sub-{pid}"] = {
-                (k or "").strip().lower(): (v or "").strip() for k, v in row.items()
-            }
+        if not pid:
+            continue
+        pid = pid if pid.startswith("sub-") else f"sub-{pid}"
+        values = {(k or "").strip().lower(): (v if isinstance(v, str) else "").strip() for k, v in row.items()}
+        if pid in table and table[pid] != values:  # which one holds? neither is silently picked
+            differ = sorted(k for k in set(values) | set(table[pid]) if values.get(k) != table[pid].get(k))
+            raise DataError(f"{path}: {pid} has conflicting rows (lines {line_of[pid]} and {line}: "
+                            f"{', '.join(differ)} differ); keep one row per participant")
+        table[pid] = values
+        line_of.setdefault(pid, line)
     return table
 
 
@@ -177,13 +186,29 @@ def _group_and_split(info: dict[str, str], has_mask: bool, problems: list[str]) 
     return group, split
 
 
+def _is_link_loop(path: Path) -> bool:
+    """A symbolic link that leads nowhere (a loop, or a missing target)."""
+    if not path.is_symlink():
+        return False
+    try:
+        path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return True
+    return False
+
+
 def _discover_bids(root: Path, rows: list[dict]) -> list[Case]:
     """Cases from a BIDS tree; broken subjects (an ROI without a FLAIR, only 2D or thick-slice 2D images) go to
     ``rows`` as problem rows."""
     participants = _read_participants(root)
     cases = []
-    for subject in sorted(p for p in root.glob("sub-*") if p.is_dir()):
+    for subject in sorted(p for p in root.glob("sub-*") if p.is_dir() or _is_link_loop(p)):
         anat_dirs = [subject / "anat", *sorted(subject.glob("ses-*/anat"))]
+        looping = [d for d in [subject, *anat_dirs] if _is_link_loop(d)]
+        if looping:  # reported, never silently dropped
+            _skip(rows, subject.name, looping[0], f"{looping[0].name} is a looping or broken symbolic link; "
+                  f"{subject.name} cannot be read")
+            continue
         images = sorted(p for d in anat_dirs for p in d.glob("*_FLAIR.nii*") if "_roi" not in p.name.lower())
         rois = sorted(p for d in anat_dirs for p in d.glob("*FLAIR_roi.nii*"))
         info = participants.get(subject.name, {})
@@ -355,27 +380,20 @@ def _read_mask(path: Path) -> tuple[np.ndarray, str | None]:
         data = data[..., 0]
     if data.ndim != 3:
         raise DataError(f"{path}: mask must be 3D, got shape {data.shape}")
-    if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
-        raise DataError(f"{path}: mask contains NaN or infinite values")
-    if np.all((data == 0) | (data == 1)):
-        return data.astype(np.uint8), None
-    values = np.unique(data)
-    if len(values) > 2:
-        shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
-        raise DataError(f"{path}: mask has {len(values)} distinct values ({shown}); expected two (0 and 1)")
-    lesion_value = values[-1]
-    binary = (data == lesion_value) if len(values) == 2 else (data != 0)
-    kept = ", ".join(f"{v:g}" for v in values)
-    return binary.astype(
-        np.uint8
-    ), f"{path.name}: two-valued mask {{{kept}}} binarised ({lesion_value:g} -> 1)"
+    mask, note, problem = binary_mask(data)
+    if problem is None:
+        problem = lesion_share_problem(mask)
+    if problem is not None:
+        raise DataError(f"{path}: {problem}")
+    return mask, None if note is None else f"{path.name}: {note}"
 
 
 def load_mask_array(path: Path) -> np.ndarray:
-    """Lesion mask as uint8 {0,1}.
+    """Lesion mask as uint8 {0,1} (`neuromf.io.validate.binary_mask`).
 
-    A two-valued mask that is not {0,1} (e.g. {0,255}) is binarised (larger value -> 1) with a warning
-    naming the file; a mask with more than two values raises DataError naming the file.
+    A two-valued mask {0, label > 0} (e.g. {0,255}) is binarised with a warning naming the file; negative labels
+    (an inverted mask), more than two values, no background or a mask covering more than a quarter of the scan
+    raise DataError naming the file.
     """
     mask, note = _read_mask(Path(path))
     if note:
@@ -396,10 +414,13 @@ def _image_data_problem(image: nib.spatialimages.SpatialImage, name: str) -> str
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             return f"{name}: image contains {bad} NaN or infinite values"
+    if np.issubdtype(data.dtype, np.floating):
         # e.g. an int16 image with a huge scl_slope: finite here, infinite once preprocessing casts to float32
         if data.size and float(np.max(np.abs(data))) > float(np.finfo(np.float32).max):
             return f"{name}: image values overflow float32 (max |value| {float(np.max(np.abs(data))):.3g}; " \
                    "check the header's scl_slope)"
+    if (problem := image_problem(data)) is not None:
+        return f"{name}: {problem}"
     return None
 
 
@@ -423,6 +444,9 @@ def validate_case(case: Case, atol: float = 1e-3) -> dict:
     report["shape"], report["spacing"] = shape[:3], spacing
     if len(shape) < 3 or any(s != 1 for s in shape[3:]):
         problems.append(f"{case.image.name}: image must be 3D, got shape {shape}")
+        report["usable"] = False
+    elif (geometry := affine_problem(image.affine)) is not None:
+        problems.append(f"{case.image.name}: {geometry}")
         report["usable"] = False
     elif (data_problem := _image_data_problem(image, case.image.name)) is not None:
         problems.append(data_problem)

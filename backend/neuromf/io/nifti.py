@@ -20,6 +20,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing
 
+from neuromf.io.validate import affine_problem, grid_memory_problem, image_problem, resampled_voxels, voxel_size_problem
 from neuromf.utils import atomic_write
 
 
@@ -48,8 +49,15 @@ class Preprocessing:
             raise ValueError(f"shape and spacing need 3 values, got {self.shape} and {self.spacing}")
         if any(s % 4 for s in self.shape):
             raise ValueError(f"model grid shape {self.shape} must be divisible by 4 (the VAE downsamples 4x)")
-        if not self.clip_max >= 1.0:
-            raise ValueError(f"clip_max must be >= 1 (the upper percentile maps to 1), got {self.clip_max}")
+        if not self.clip_max >= 1.0 or not np.isfinite(self.clip_max):
+            raise ValueError(f"clip_max must be a finite number >= 1 (the upper percentile maps to 1), got "
+                             f"{self.clip_max}")
+        if any(s < 4 for s in self.shape):
+            raise ValueError(f"model grid shape {self.shape} must have at least 4 voxels per axis")
+        if (problem := voxel_size_problem(self.spacing)) is not None:
+            raise ValueError(f"model grid spacing: {problem}")
+        if (problem := grid_memory_problem(float(np.prod(self.shape)), f"the model grid {self.shape}")) is not None:
+            raise ValueError(problem)
 
     def key(self) -> dict:
         """The settings as a plain dict: part of latent-cache keys and of model / adapter sidecars."""
@@ -69,6 +77,39 @@ class Preprocessing:
         return scaled.clamp(0.0, self.clip_max)
 
 
+def sidecar_grid_problem(values: dict) -> str | None:
+    """Why a model or adapter sidecar's grid entries cannot be trusted, or None.
+
+    `scale_factor` must be a finite number > 0 (0 or NaN decodes every latent to NaN), `preprocessing` a valid
+    model grid, and `latent_shape` (C, h, w, d) the VAE's 4x-downsampled view of that grid (a 96^3 grid entry in
+    a 64^3 model would write data of one grid under the affine of another).
+    """
+    if "scale_factor" in values:
+        scale = values["scale_factor"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale) or scale <= 0:
+            return f"'scale_factor' must be a finite number > 0, got {scale!r}"
+    if "preprocessing" not in values:
+        return None
+    raw = values["preprocessing"]
+    if not isinstance(raw, dict):
+        return f"'preprocessing' must be an object, got {raw!r:.60}"
+    try:
+        prep = Preprocessing.from_dict(raw)
+    except (TypeError, ValueError) as err:
+        return f"'preprocessing' is not a valid model grid ({err})"
+    latent = values.get("latent_shape")
+    if latent is None:
+        return None
+    if not isinstance(latent, list) or len(latent) != 4 or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in latent):
+        return f"'latent_shape' must be 4 positive integers (C, h, w, d), got {latent!r:.60}"
+    expected = [s // 4 for s in prep.shape]
+    if latent[1:] != expected:
+        return (f"'latent_shape' {latent} does not match the grid {list(prep.shape)} in 'preprocessing' (expected "
+                f"[C, {', '.join(map(str, expected))}])")
+    return None
+
+
 @dataclass
 class Volume:
     """One volume on the model grid: data (1, H, W, D) and its RAS affine."""
@@ -78,27 +119,44 @@ class Volume:
     source: Path | None = None
 
 
-def read_nifti(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
-    """Load a 3D NIfTI as float32 + affine, with errors that name the file and what is wrong with it."""
+def read_nifti(path: Path | str, role: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3D NIfTI as float32 + affine, with errors that name the file and what is wrong with it.
+
+    Every file is checked by `neuromf.io.validate`: a usable affine (finite, not singular, MRI voxel sizes), and
+    for `role="image"` usable data (real, finite, not constant); a mask's values are checked by its own reader.
+    """
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"{path}: file does not exist")
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as err:  # nibabel raises many types for corrupt/truncated files
         raise VolumeError(f"{path}: not a readable NIfTI file ({err})") from err
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise VolumeError(f"{path}: expected a 3D volume, got {data.ndim}D with shape {data.shape}")
-    data = data.astype(np.float32)
+    if (problem := affine_problem(affine)) is not None:
+        raise VolumeError(f"{path}: {problem}")
+    if role == "image" and (problem := image_problem(data)) is not None:
+        raise VolumeError(f"{path}: {problem}")
+    if np.iscomplexobj(data):
+        raise VolumeError(f"{path}: complex-valued data")
+    with np.errstate(over="ignore", invalid="ignore"):
+        data = data.astype(np.float32)
     if not np.isfinite(data).all():
-        raise VolumeError(f"{path}: contains NaN or infinite values")
-    return data, img.affine.astype(np.float64)
+        raise VolumeError(f"{path}: contains NaN or infinite values (or values beyond float32)")
+    return data, affine
 
 
-def _to_ras_grid(data: np.ndarray, affine: np.ndarray, prep: Preprocessing, mode: str) -> MetaTensor:
+def _to_ras_grid(data: np.ndarray, affine: np.ndarray, prep: Preprocessing, mode: str,
+                 source: Path | str = "volume") -> MetaTensor:
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    voxels = resampled_voxels(data.shape, zooms, prep.spacing)
+    if (problem := grid_memory_problem(voxels, f"resampled to {prep.spacing} mm, the scan")) is not None:
+        raise VolumeError(f"{source}: {problem}")  # refused before MONAI allocates it
     volume = MetaTensor(torch.from_numpy(np.ascontiguousarray(data))[None], affine=torch.from_numpy(affine))
     volume = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(volume)
     return Spacing(pixdim=prep.spacing, mode=mode, padding_mode="zeros")(volume)
@@ -134,7 +192,7 @@ def preprocess_pair(image_path: Path | str, mask_path: Path | str | None,
                     prep: Preprocessing) -> tuple[Volume, Volume | None]:
     """Image (and optional mask) on the model grid; the mask shares the image's window and affine."""
     image, affine = read_nifti(image_path)
-    grid = _to_ras_grid(image, affine, prep, mode="bilinear")
+    grid = _to_ras_grid(image, affine, prep, mode="bilinear", source=image_path)
     start = brain_window_start(grid, prep.shape)
     data, grid_affine = _window(grid, start, prep.shape)
     image_volume = Volume(prep.scale(torch.as_tensor(data, dtype=torch.float32)), grid_affine, Path(image_path))
@@ -143,7 +201,7 @@ def preprocess_pair(image_path: Path | str, mask_path: Path | str | None,
     from neuromf.io.bids import load_mask_array
 
     mask = load_mask_array(Path(mask_path)).astype(np.float32)
-    _, mask_affine = read_nifti(mask_path)
+    _, mask_affine = read_nifti(mask_path, role="mask")
     if mask.shape != image.shape:
         raise VolumeError(f"{mask_path}: mask shape {mask.shape} differs from image shape {image.shape}")
     # same tolerance as check-data (validate_case): a shifted or rotated mask would be resampled off the lesion
@@ -151,7 +209,7 @@ def preprocess_pair(image_path: Path | str, mask_path: Path | str | None,
     if affine_gap > 1e-3:
         raise VolumeError(f"{mask_path}: mask affine differs from the image's ({Path(image_path).name}) by up to "
                           f"{affine_gap:.4g} mm (tolerance 0.001): the mask is not on the image's voxel grid")
-    mask_grid = _to_ras_grid(mask, mask_affine, prep, mode="nearest")
+    mask_grid = _to_ras_grid(mask, mask_affine, prep, mode="nearest", source=mask_path)
     mask_data, _ = _window(mask_grid, start, prep.shape)
     return image_volume, Volume((mask_data > 0.5).to(torch.float32), grid_affine, Path(mask_path))
 
@@ -186,7 +244,8 @@ def mask_to_model_grid(mask: np.ndarray, affine: np.ndarray, prep: Preprocessing
     Without its FLAIR there is no brain to centre on, so the window is centred on the mask's field of view (a
     whole-head scan's grid is centred on the head). With the FLAIR, use `preprocess_pair` instead.
     """
-    grid = _to_ras_grid(np.asarray(mask, dtype=np.float32), np.asarray(affine, dtype=np.float64), prep, "nearest")
+    grid = _to_ras_grid(np.asarray(mask, dtype=np.float32), np.asarray(affine, dtype=np.float64), prep, "nearest",
+                        source)
     start = np.round((np.array(grid.shape[1:]) - np.array(prep.shape)) / 2).astype(int)
     data, grid_affine = _window(grid, start, prep.shape)
     out = (data > 0.5).to(torch.float32)
@@ -205,7 +264,7 @@ def preprocess_mask(mask_path: Path | str, prep: Preprocessing, image_path: Path
         return mask
     from neuromf.io.bids import load_mask_array
 
-    _, affine = read_nifti(mask_path)
+    _, affine = read_nifti(mask_path, role="mask")
     volume = mask_to_model_grid(load_mask_array(Path(mask_path)), affine, prep, source=str(mask_path))
     volume.source = Path(mask_path)
     return volume

@@ -8,12 +8,15 @@ names the file, and old sidecars (no `mode`, no sdf entries) load with the value
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from neuromf.io.nifti import Preprocessing
-from neuromf.utils import atomic_write_json
+from neuromf.io.nifti import Preprocessing, sidecar_grid_problem
+from neuromf.io.validate import entry_type_problem
+from neuromf.utils import atomic_write_json, refuse_shipped
 from neuromf.weights import EMBEDDED_NAMES, WeightFileError, embedded_model, read_json_sidecar
 
 SIDECAR = "neuromf_adapter.json"
@@ -103,7 +106,8 @@ class AdapterMeta:
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
     def save(self, directory: Path) -> Path:
-        """Write `directory/neuromf_adapter.json` atomically; returns its path."""
+        """Write `directory/neuromf_adapter.json` atomically (never into the shipped files); returns its path."""
+        refuse_shipped(Path(directory) / SIDECAR)
         return atomic_write_json(Path(directory) / SIDECAR, self.to_dict())
 
     @classmethod
@@ -124,10 +128,14 @@ class AdapterMeta:
         missing = sorted(required - set(values))
         if missing:
             raise WeightFileError(f"{source}: adapter sidecar lacks {', '.join(repr(m) for m in missing)}")
+        problem = entry_type_problem(values, typing.get_type_hints(cls)) or sidecar_grid_problem(values)
+        if problem is not None:
+            raise WeightFileError(f"{source}: {problem}")
         meta = cls(**{k: v for k, v in values.items() if k in names})
         if not isinstance(meta.channels, dict) or {"image", "mask"} - set(meta.channels):
             raise WeightFileError(f"{source}: adapter sidecar's 'channels' must hold 'image' and 'mask' counts")
-        if isinstance(meta.guidance, bool) or not isinstance(meta.guidance, (int, float)) or meta.guidance < 0:
+        if isinstance(meta.guidance, bool) or not isinstance(meta.guidance, (int, float)) or \
+                not math.isfinite(meta.guidance) or meta.guidance < 0:
             raise WeightFileError(f"{source}: adapter sidecar's 'guidance' must be a number >= 0, got "
                                   f"{meta.guidance!r}")
         if meta.mode == "conditional" and not isinstance(meta.controlnet, dict):
@@ -148,6 +156,19 @@ def base_reference(base_checkpoint: str | Path, base_meta: dict[str, Any]) -> di
     return {"base_checkpoint": str(base_checkpoint), "base_sha256": base_meta["weights_sha256"],
             "base_preset": base_meta["arch"]["preset"], "vae": base_meta["vae"], "vae_preset": base_meta["vae_preset"],
             "vae_identity": base_meta["vae_identity"], "scale_factor": base_meta["scale_factor"]}
+
+
+def check_base_agrees(meta: AdapterMeta, base_meta: dict[str, Any], directory: Path | str) -> None:
+    """ValueError when the adapter's grid or VAE entries disagree with its base model's sidecar: a tampered or
+    mixed-up sidecar would otherwise decode latents of one grid under another's affine or scale."""
+    mine, theirs = meta.prep, Preprocessing.from_dict(base_meta.get("preprocessing", {}))
+    if (mine.shape, mine.spacing) != (theirs.shape, theirs.spacing):  # intensity settings may legitimately differ
+        raise ValueError(f"{Path(directory) / SIDECAR}: the adapter's grid ({mine.shape} voxels of {mine.spacing} mm) "
+                         f"disagrees with its base model's ({theirs.shape} of {theirs.spacing} mm, "
+                         f"{meta.base_checkpoint})")
+    if float(meta.scale_factor) != float(base_meta.get("scale_factor", meta.scale_factor)):
+        raise ValueError(f"{Path(directory) / SIDECAR}: the adapter's VAE scale_factor {meta.scale_factor} disagrees "
+                         f"with its base model's {base_meta.get('scale_factor')} ({meta.base_checkpoint})")
 
 
 def data_reference(data_dir: str, root: Path) -> str:

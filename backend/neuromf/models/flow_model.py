@@ -8,6 +8,8 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from neuromf.io.nifti import sidecar_grid_problem
+from neuromf.io.validate import entry_type_problem
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.utils import atomic_write, atomic_write_json, file_sha256
 from neuromf.weights import WeightFileError, check_keys, embedded_model, load_state_dict, read_json_sidecar
@@ -55,10 +57,25 @@ def resolve_model_path(spec: str | Path) -> tuple[Path, Path]:
     return path, sidecar
 
 
+# the types of a model sidecar's entries that code reads (`neuromf.generate.vae_for`, `load_flow_model`)
+MODEL_SIDECAR_TYPES: dict[str, Any] = {"kind": str, "arch": dict, "vae": str, "vae_preset": str, "vae_identity": str,
+                                       "scale_factor": float, "preprocessing": dict, "latent_shape": list,
+                                       "channels": dict}
+
+
+def _sidecar_problem(meta: Any) -> str | None:
+    if not isinstance(meta, dict):
+        return "model sidecar is not a JSON object"
+    return entry_type_problem(meta, MODEL_SIDECAR_TYPES) or sidecar_grid_problem(meta)
+
+
 def read_model_meta(spec: str | Path) -> dict[str, Any]:
     """The sidecar of a saved model (architecture, VAE, grid) without loading its weights."""
     _, sidecar = resolve_model_path(spec)
-    return read_json_sidecar(sidecar, "model sidecar")
+    meta = read_json_sidecar(sidecar, "model sidecar")
+    if (problem := _sidecar_problem(meta)) is not None:
+        raise WeightFileError(f"{sidecar}: {problem}")
+    return meta
 
 
 def load_flow_model(spec: str | Path, preset: str | None = None) -> tuple[MeanFlowUNet, dict[str, Any]]:
@@ -77,6 +94,8 @@ def load_flow_model(spec: str | Path, preset: str | None = None) -> tuple[MeanFl
     meta = read_json_sidecar(sidecar, "model sidecar")
     if meta.get("kind") != "meanflow_unet":
         raise ValueError(f"{sidecar}: not a MeanFlow model sidecar (kind={meta.get('kind')!r})")
+    if (problem := _sidecar_problem(meta)) is not None:
+        raise WeightFileError(f"{sidecar}: {problem}")
     arch = meta.get("arch")
     if not isinstance(arch, dict) or not {"preset", "in_channels", "out_channels"} <= set(arch):
         raise WeightFileError(f"{sidecar}: model sidecar lacks the architecture ('arch' with preset, in_channels, "

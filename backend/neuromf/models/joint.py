@@ -21,7 +21,7 @@ from neuromf.data.mask_codec import decode_mask_channel, decode_sdf, tanh_thresh
 from neuromf.data.mask_prior import PRIOR, MaskPrior
 from neuromf.meanflow.loss import VelocityFn
 from neuromf.meanflow.samplers import sample_latents
-from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
+from neuromf.models.adapter_meta import AdapterMeta, check_base_agrees, resolve_adapter_dir
 from neuromf.models.flow_model import load_flow_model
 from neuromf.models.lora import (
     WIDENED_MODULES,
@@ -224,6 +224,7 @@ def load_joint_model(adapter: str | Path, device: str | torch.device = "cpu", me
     if base_meta["weights_sha256"] != meta.base_sha256:
         raise ValueError(f"{directory}: adapter was trained on a different base model than {base_spec} "
                          "(weights hash differs)")
+    check_base_agrees(meta, base_meta, directory)
     model = load_adapter(base, directory, merge=merge).to(resolve_device(device)).eval()
     prior = None
     if meta.site_condition:

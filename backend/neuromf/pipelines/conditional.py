@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from neuromf.models.adapter_meta import (
     AdapterMeta,
     adapter_meta,
     base_reference,
+    check_base_agrees,
     data_reference,
     is_conditional_adapter,
     resolve_adapter_dir,
@@ -49,14 +51,37 @@ from neuromf.train.loop import LossFn, TrainEvent, TrainResult, TrainTask, fixed
 from neuromf.train.run_dir import in_run_dir
 from neuromf.utils import atomic_write, default_cache_dir, resolve_device
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper
-from neuromf.weights import shipped_file
+from neuromf.weights import WeightFileError, shipped_file
 
 
 def stage2_preprocessing(base_meta: dict[str, Any], cfg: RunConfig) -> Preprocessing:
     """The base model's grid (shape, spacing, percentiles: its latents' layout) with stage 2's own intensity bound
     `data.clip_max`: FCD lesions are brighter than the 99.5th percentile, and a base model trained on clipped
-    healthy scans would otherwise clip every lesion it is fine-tuned on."""
-    return dataclasses.replace(Preprocessing.from_dict(base_meta["preprocessing"]), clip_max=cfg.data.clip_max)
+    healthy scans would otherwise clip every lesion it is fine-tuned on.
+
+    Stage 2 always works on the base model's grid and VAE: `data.shape`, `data.spacing` or `model.vae` set to
+    something else (not left at their defaults) are ignored with a warning that names them.
+    """
+    prep = dataclasses.replace(Preprocessing.from_dict(base_meta["preprocessing"]), clip_max=cfg.data.clip_max)
+    defaults = RunConfig()
+    ignored = []
+    for key, asked, default, used in (
+            ("data.shape", tuple(cfg.data.shape), tuple(defaults.data.shape), prep.shape),
+            ("data.spacing", tuple(map(float, cfg.data.spacing)), tuple(defaults.data.spacing), prep.spacing),
+            ("model.vae", cfg.model.vae, defaults.model.vae, base_meta.get("vae"))):
+        if asked != default and asked != used and not (key == "model.vae" and _same_path(asked, used)):
+            ignored.append(f"{key}={list(asked) if isinstance(asked, tuple) else asked} (the base model's: "
+                           f"{list(used) if isinstance(used, tuple) else used})")
+    if ignored:
+        warnings.warn("stage 2 uses the base model's grid and VAE; ignored: " + "; ".join(ignored), stacklevel=2)
+    return prep
+
+
+def _same_path(a: str, b: Any) -> bool:
+    try:
+        return Path(a).resolve() == Path(str(b)).resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def packed_lesion_loss(loss: MeanFlowLoss, n_model_channels: int, conditional: bool,
@@ -252,9 +277,13 @@ def load_conditional_model(adapter: str | Path, device: str | torch.device = "cp
     if base_meta["weights_sha256"] != meta.base_sha256:
         raise ValueError(f"{directory}: adapter was trained on a different base model than "
                          f"{meta.base_checkpoint} (weights hash differs)")
+    check_base_agrees(meta, base_meta, directory)
     arch = meta.controlnet
-    controlnet = MeanFlowControlNet(arch["in_channels"], arch["preset"], arch["cond_channels"],
-                                    arch["embedding_channels"])
+    try:
+        controlnet = MeanFlowControlNet(arch["in_channels"], arch["preset"], arch["cond_channels"],
+                                        arch["embedding_channels"])
+    except (KeyError, TypeError, ValueError) as err:  # a damaged sidecar's 'controlnet' entry
+        raise WeightFileError(f"{directory / SIDECAR}: invalid 'controlnet' architecture ({err!r})") from err
     load_controlnet_weights(controlnet, directory)
     dev = resolve_device(device)
     model = ConditionedFlowModel(base, controlnet).to(dev).eval()

@@ -76,8 +76,19 @@ def _replace_atomically(path: Path, write: Callable[[Path], None], point: str, s
 
 def save_checkpoint(out_dir: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator, state: TrainState, meta: dict[str, Any]) -> Path:
-    """Write the weights (sidecar embedded) then the sidecar copy, each through a temp file + rename."""
+    """Write the weights (sidecar embedded) then the sidecar copy, each through a temp file + rename.
+
+    Non-finite weights are never saved (NonFiniteWeightsError: the previous checkpoint stays the last good one);
+    a failed write (disk full, file-size limit) is an OSError naming the file, and the previous checkpoint stays
+    in place, so the run can be resumed from it.
+    """
     tensors: dict[str, torch.Tensor] = {}
+    bad = [name for name, p in trainable_parameters(model).items() if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"{out_dir}: {len(bad)} weight tensors became NaN or infinite by step {state.step} (e.g. {bad[0]}); "
+            "not saved: the last good checkpoint in the folder is kept (lower training.lr, then --resume or "
+            "--overwrite)")
     for name, p in trainable_parameters(model).items():
         tensors[f"model/{name}"] = p.detach().cpu().contiguous()
     for name, t in ema.state_dict().items():
@@ -102,11 +113,24 @@ def save_checkpoint(out_dir: Path, model: nn.Module, ema: EMA, optimizer: torch.
     weights, sidecar = checkpoint_paths(Path(out_dir))
     weights.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"step": str(state.step), META_KEY: sidecar_text}
-    _replace_atomically(weights, lambda p: save_file(tensors, str(p), metadata=metadata), "weights-written",
-                        state.step)
-    _fault("weights-renamed", state.step)
-    _replace_atomically(sidecar, lambda p: p.write_text(sidecar_text), "sidecar-written", state.step)
+    try:
+        _replace_atomically(weights, lambda p: save_file(tensors, str(p), metadata=metadata), "weights-written",
+                            state.step)
+        _fault("weights-renamed", state.step)
+        _replace_atomically(sidecar, lambda p: p.write_text(sidecar_text), "sidecar-written", state.step)
+    except (SafetensorError, OSError) as err:  # disk full, file-size limit, quota: safetensors' own error type
+        kept = "the previous checkpoint is kept; free space and --resume" if weights.is_file() else \
+            "no checkpoint was saved"
+        raise OSError(f"{weights}: cannot write the checkpoint at step {state.step} "
+                      f"({getattr(err, 'strerror', None) or err}); {kept}") from err
+    from neuromf.io.owned import record_written_since_claim
+
+    record_written_since_claim(Path(out_dir))
     return weights
+
+
+class NonFiniteWeightsError(ValueError):
+    """The model's weights became NaN or infinite (a ValueError: bad settings such as a huge learning rate)."""
 
 
 def _weights_metadata(weights: Path) -> dict[str, str]:

@@ -8,28 +8,35 @@ unless asked to resume or overwrite, and leave no trap behind when a run fails o
   command can simply be run again; one that fails later keeps its folder for ``--resume``.
 - **Kill.** ``--resume`` clears the temp files a killed writer left; a run killed before its first checkpoint
   is started again from step 0 by ``--resume`` (there is nothing to lose).
+- **Ownership.** A fresh run claims its folder (``neuromf.io.owned``: a manifest of the files the run writes,
+  updated with its config, at each checkpoint and when it ends). ``--overwrite`` and the undo of a failed start
+  remove only those files. A folder without a manifest (written before manifests existed) is replaced only when
+  every entry in it is a name a run writes (`RUN_OUTPUT_NAMES`); any other folder is refused, naming what it holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import inspect
 import os
+import re
 import shutil
 import socket
 import time
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 from neuromf.config import RunConfig, save_config
+from neuromf.io import owned
 from neuromf.train import distributed
 from neuromf.train.checkpoint import checkpoint_paths, read_checkpoint_meta
-from neuromf.utils import atomic_write, ensure_writable
+from neuromf.utils import atomic_write, ensure_writable, first_missing
 
 try:
     import fcntl
@@ -38,6 +45,11 @@ except ImportError:  # Windows: no advisory locks; one training per folder is th
 
 Result = TypeVar("Result")
 LOCK_NAME = ".neuromf.lock"
+# what a training run writes at the top of its folder (the exports of every stage): a folder without an ownership
+# manifest is replaced by --overwrite only when it holds nothing else
+RUN_OUTPUT_NAMES = frozenset({"config.yaml", "checkpoint.safetensors", "checkpoint.json", "losses.csv",
+                              "loss_curve.png", "model.safetensors", "model.json", "adapter", "tensorboard",
+                              owned.MANIFEST})
 
 
 class RunInUseError(FileExistsError):
@@ -51,8 +63,9 @@ class RunLock:
     (a holder may have removed it in between), so removing it never lets two processes in.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, activity: str = "training") -> None:
         self.path = Path(folder) / LOCK_NAME
+        self.activity = activity  # what the refusal says is running there
         self.fd: int | None = None
 
     @property
@@ -73,8 +86,8 @@ class RunLock:
                 os.close(fd)
                 who = f" ({holder})" if holder else ""
                 raise RunInUseError(
-                    f"{self.path.parent}: another training is running in this output folder{who}; wait for it to "
-                    "finish (or stop it), or choose another output folder") from None
+                    f"{self.path.parent}: another {self.activity} is running in this output folder{who}; wait for "
+                    "it to finish (or stop it), or choose another output folder") from None
             try:
                 mine = os.fstat(fd)
                 there = os.stat(self.path)
@@ -108,12 +121,41 @@ def _entries(out_dir: Path) -> list[Path]:
     return [p for p in out_dir.iterdir() if p.name != LOCK_NAME] if out_dir.is_dir() else []
 
 
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 def _clear(out_dir: Path) -> None:
+    """Remove what this project wrote in a run folder: the files its manifest lists and the run's own top-level
+    names (`RUN_OUTPUT_NAMES`, all a folder written before manifests is judged by); anything else stays, with a
+    warning."""
+    if owned.read_manifest(out_dir) is not None:
+        owned.remove_owned(out_dir)
+    # a run's own names go too: a run killed before its first checkpoint has recorded only its config
+    kept = []
     for child in _entries(out_dir):
-        if child.is_dir() and not child.is_symlink():
+        if child.name not in RUN_OUTPUT_NAMES and not _is_temporary(child.name):
+            kept.append(child)
+        elif child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
+    for child in _entries(out_dir):
+        if _is_temporary(child.name):
+            child.unlink(missing_ok=True)
+    if kept:
+        warnings.warn(f"{out_dir}: kept {len(kept)} entries NeuroMF did not write: "
+                      + ", ".join(p.name for p in kept[:5]) + (", ..." if len(kept) > 5 else ""), stacklevel=3)
+
+
+def _foreign_entries(out_dir: Path) -> list[str]:
+    """Top-level entries of a folder without a manifest that no run writes (a user's files)."""
+    return sorted(p.name for p in _entries(out_dir) if p.name not in RUN_OUTPUT_NAMES and not _is_temporary(p.name))
+
+
+def _claim(out_dir: Path, cfg: RunConfig) -> None:
+    owned.claim(out_dir, {"command": "train", "output_dir": str(out_dir), "pid": os.getpid(),
+                          "host": socket.gethostname()})
 
 
 def remove_stale_temporaries(out_dir: Path) -> list[Path]:
@@ -187,7 +229,9 @@ def prepare_run_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool
             if saved.is_file():
                 warnings.warn(f"{out_dir}: the run saved no checkpoint before it stopped; starting it again from "
                               "step 0", stacklevel=3)
+                _refuse_foreign(out_dir, "start it again")
                 _clear(out_dir)
+                _claim(out_dir, cfg)
                 return out_dir
             raise FileNotFoundError(f"{out_dir}: nothing to resume (no {weights.name})")
         if saved.is_file():
@@ -213,27 +257,33 @@ def prepare_run_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool
         if not (weights.is_file() or saved.is_file()):
             raise FileExistsError(f"{out_dir}: not a NeuroMF run folder (no config.yaml or checkpoint); refusing to "
                                   "delete it with --overwrite: choose an empty or new folder")
+        _refuse_foreign(out_dir, "delete it with --overwrite")
         _clear(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _claim(out_dir, cfg)
     return out_dir
 
 
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder of `path` that does not exist yet (what creating `path` would create), or None."""
-    path = path.absolute()
-    if path.exists():
-        return None
-    while not path.parent.exists() and path.parent != path:
-        path = path.parent
-    return path
+def _refuse_foreign(out_dir: Path, action: str) -> None:
+    """A folder without an ownership manifest that holds files no run writes is not a run: refuse `action`."""
+    if owned.read_manifest(out_dir) is not None:
+        return
+    foreign = _foreign_entries(out_dir)
+    if foreign:
+        raise owned.FolderNotOwnedError(
+            f"{out_dir}: not a NeuroMF run folder (no {owned.MANIFEST}; it holds "
+            + ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            + f", which no run writes); refusing to {action}: choose an empty or new folder")
 
 
 def _remove_created(out_dir: Path, created: Path | None) -> None:
-    """Undo a fresh start: the folders this start created, else what was put into the existing folder."""
+    """Undo a fresh start: the folders this start created, else what it wrote into the existing folder."""
     if created is not None:
         shutil.rmtree(created, ignore_errors=True)
         return
-    _clear(out_dir)
+    owned.record_written_since_claim(out_dir)
+    if owned.read_manifest(out_dir) is not None:
+        owned.remove_owned(out_dir)
 
 
 def in_run_dir(train_fn: Callable[..., Generator[Any, None, Result]]) -> Callable[..., Generator[Any, None, Result]]:
@@ -258,7 +308,7 @@ def in_run_dir(train_fn: Callable[..., Generator[Any, None, Result]]) -> Callabl
             if "resume" in bound.arguments:  # as rank 0 decides: a run without a checkpoint starts at step 0
                 bound.arguments["resume"] = resume and checkpoint_paths(out_dir)[0].is_file()
             return (yield from train_fn(*bound.args, **bound.kwargs))
-        created = _first_missing(out_dir)
+        created = first_missing(out_dir)
         lock = RunLock(out_dir)
         try:
             prepare_run_dir(out_dir, cfg, resume=resume, overwrite=overwrite, lock=lock)
@@ -275,6 +325,7 @@ def in_run_dir(train_fn: Callable[..., Generator[Any, None, Result]]) -> Callabl
             events = train_fn(*bound.args, **bound.kwargs)
             try:
                 save_config(cfg, out_dir / "config.yaml")
+                owned.record(out_dir, [out_dir / "config.yaml"])
                 return (yield from events)
             except GeneratorExit:  # closed by the caller: like a kill, the folder stays for --resume
                 events.close()
@@ -285,6 +336,56 @@ def in_run_dir(train_fn: Callable[..., Generator[Any, None, Result]]) -> Callabl
                     _remove_created(out_dir, created)
                 raise
         finally:
+            if out_dir.is_dir():
+                owned.record_written_since_claim(out_dir)
             lock.release()
 
     return wrapper
+
+
+GENERATED_NAME = re.compile(r"^sample_\d+(_flair|_mask)?\.(nii\.gz|nii|json)$")  # what generate writes
+
+
+@contextlib.contextmanager
+def output_folder(folder: Path, owner: dict[str, Any], overwrite: bool = False) -> Iterator[Callable]:
+    """Own `folder` for one run of a writer (e.g. `generate`) while the block runs; yields `record(paths)`.
+
+    The folder is locked against a second writer. A folder holding files of another run (another owner, or files
+    NeuroMF did not write) is refused, unless `overwrite`: then only NeuroMF's own files are removed (the
+    manifest's, or for a folder written before manifests, `sample_*` files) and anything else still refuses.
+    The same run may write into its own folder again. If the block fails, a folder it created is removed.
+    """
+    folder = Path(folder)
+    created = first_missing(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder, "generate")
+    try:
+        lock.acquire()
+        manifest = owned.read_manifest(folder)
+        mine = manifest is not None and manifest.get("owner") == owner
+        entries = [p for p in folder.iterdir() if not p.name.startswith(".neuromf")]
+        if entries and not mine:
+            if not overwrite:
+                whose = "another run's files" if manifest is not None else "files NeuroMF did not write here"
+                raise owned.FolderNotOwnedError(f"{folder}: output folder holds {whose} ({entries[0].name}, ...); pass "
+                                          "--overwrite to replace NeuroMF's files there, or choose another folder")
+            if manifest is not None:
+                owned.remove_owned(folder)
+            else:
+                for path in entries:
+                    if path.is_file() and GENERATED_NAME.match(path.name):
+                        path.unlink()
+            left = [p.name for p in folder.iterdir() if not p.name.startswith(".neuromf")]
+            if left:
+                raise owned.FolderNotOwnedError(f"{folder}: output folder also holds files NeuroMF did not write ("
+                                          + ", ".join(left[:3]) + "); refusing to mix them with generated ones: "
+                                          "choose another folder")
+        if not mine:
+            owned.claim(folder, owner)
+        yield lambda paths: owned.record(folder, paths)
+    except BaseException:
+        lock.release()
+        if created is not None:  # nothing of a failed run stays behind in a folder it made
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    lock.release()
