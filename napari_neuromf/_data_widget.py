@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_neuromf import _session
+from napari_neuromf import _environment, _state
 from napari_neuromf._helpers import (
     JobPanel,
     PathField,
@@ -128,10 +128,10 @@ class FCDDataWidget(QWidget):
         dock_title(self, self.TITLE)
         when_backend_ready(self, self._fill_defaults)
 
-    def _fill_defaults(self, env: _session.Environment) -> None:
-        state = _session.STATE
+    def _fill_defaults(self, env: _environment.Environment) -> None:
+        state = _state.STATE
         self.folder.fill(str(state.last_data_dir) if state.last_data_dir else env.phantom_root)
-        self.register_folder.fill(str(_session.user_folder() / "my_cases"))
+        self.register_folder.fill(str(_state.user_folder() / "my_cases"))
 
     # -- view ---------------------------------------------------------------------------------------------
     def apply_view(self, *_: Any) -> None:
@@ -224,7 +224,7 @@ class FCDDataWidget(QWidget):
         if self.job.bar.format() != "failed" and not self.worker.abort_requested:
             self.job.finish(f"{len(self.cases)} cases in {folder}")
             if self.cases:
-                _session.STATE.remember(last_data_dir=folder)
+                _state.STATE.remember(last_data_dir=folder)
 
     def _show_row(self, i: int, row: dict) -> None:
         shape, spacing, lesion = row.get("shape"), row.get("spacing"), row.get("lesion_cm3")
@@ -289,7 +289,7 @@ class FCDDataWidget(QWidget):
         if self.busy:
             show_warning("FCD data: wait for the current job or press Cancel")
             return None
-        folder = Path(self.register_folder.text() or _session.user_folder() / "my_cases")
+        folder = Path(self.register_folder.text() or _state.user_folder() / "my_cases")
         # snapshots: the user may keep painting while the files are written
         layers = [(np.array(layer.data), layer.as_layer_data_tuple()[1]) for layer in (image, labels)]
         worker = self._start(write_case, folder, case_id, layers, message=f"Writing {case_id} into {folder} ...")

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_neuromf import _session
+from napari_neuromf import _environment, _generate_run, _state
 from napari_neuromf._helpers import (
     JobPanel,
     PathField,
@@ -35,8 +35,8 @@ from napari_neuromf._helpers import (
     tip,
     when_backend_ready,
 )
+from napari_neuromf._jobs import Caution, Failure
 from napari_neuromf._layers import pair_layers
-from napari_neuromf._session import Caution, Failure
 from napari_neuromf._viewing import RADIOLOGICAL, current_convention, show_axial
 from neuromf.config import SAMPLERS
 from neuromf.weights import EMBEDDED_NAMES
@@ -88,17 +88,17 @@ class GenerateWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.busy = False  # a worker of this widget is running
-        self.run: _session.GenerateRun | _session.SaveRun | None = None
+        self.run: _generate_run.GenerateRun | _generate_run.SaveRun | None = None
         self.worker = None
 
-        self.adapter = PathField(_session.EMBEDDED, "dir", "Adapter folder",
+        self.adapter = PathField(_state.EMBEDDED, "dir", "Adapter folder",
                                  tooltip="The trained adapter to sample from: 'embedded' = the demo shipped with "
                                          "NeuroMF (3 mm), 'embedded-fine' = the shipped 2 mm adapter of the "
                                          "chosen mode (finer lesions, slower; joint: set Sampler euler, 32 steps "
                                          "and Render with 'embedded-fine'); by default the last one trained")
         self.follow_training = True  # until the user edits the adapter, follow the latest trained one
         self.adapter.edit.textEdited.connect(self._adapter_edited)
-        _session.STATE.on_adapter(self._new_adapter)
+        _state.STATE.on_adapter(self._new_adapter)
         latest = tip(QPushButton("last trained"), "Use the adapter of the last LoRA run (remembered across sessions)")
         latest.clicked.connect(self._use_latest)
         self.n = tip(QSpinBox(), "How many pairs to generate")
@@ -182,14 +182,14 @@ class GenerateWidget(QWidget):
         dock_title(self, self.TITLE)
         when_backend_ready(self, self._fill_defaults)
 
-    def _fill_defaults(self, env: _session.Environment) -> None:
+    def _fill_defaults(self, env: _environment.Environment) -> None:
         current = self.device.currentText()
         self.device.clear()
         self.device.addItems(list(env.devices))
         self.device.setCurrentText(current)
-        if self.follow_training and self.adapter.text() == _session.EMBEDDED:
-            self.adapter.setText(_session.STATE.default_adapter())
-        self.out_dir.fill(str(_session.user_folder() / "generated"))
+        if self.follow_training and self.adapter.text() == _state.EMBEDDED:
+            self.adapter.setText(_state.STATE.default_adapter())
+        self.out_dir.fill(str(_state.user_folder() / "generated"))
 
     def _disconnect(self, *_: Any) -> None:
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
@@ -205,7 +205,7 @@ class GenerateWidget(QWidget):
     def _refresh_pairs(self, *_: Any) -> None:
         selected = {item.text() for item in self.pairs.selectedItems()}
         self.pairs.clear()
-        for prefix in _session.generated_prefixes(self.viewer.layers):
+        for prefix in _generate_run.generated_prefixes(self.viewer.layers):
             self.pairs.addItem(prefix)
             if prefix in selected:
                 self.pairs.item(self.pairs.count() - 1).setSelected(True)
@@ -218,18 +218,18 @@ class GenerateWidget(QWidget):
             self.adapter.setText(str(adapter))
 
     def _use_latest(self) -> None:
-        if _session.STATE.last_adapter is None:
+        if _state.STATE.last_adapter is None:
             show_info("Generate: no LoRA run has finished yet")
             return
         self.follow_training = True
-        self.adapter.setText(str(_session.STATE.last_adapter))
+        self.adapter.setText(str(_state.STATE.last_adapter))
 
     # -- generating ---------------------------------------------------------------------------------------
     def start(self) -> Any:
         if self.busy:
             show_warning("Generate: a job is already running")
             return None
-        adapter = self.adapter.text() or _session.EMBEDDED
+        adapter = self.adapter.text() or _state.EMBEDDED
         if adapter not in EMBEDDED_NAMES and not Path(adapter).is_dir():
             show_error(f"Generate: adapter folder {adapter} does not exist")
             return None
@@ -259,7 +259,7 @@ class GenerateWidget(QWidget):
         if render and render not in EMBEDDED_NAMES and not Path(render).is_dir():
             show_error(f"Generate: conditional adapter folder {render} (Render with) does not exist")
             return None
-        self.run = _session.GenerateRun(adapter, self.n.value(), self.steps.value(), self.seed.value(),
+        self.run = _generate_run.GenerateRun(adapter, self.n.value(), self.steps.value(), self.seed.value(),
                                         self.device.currentText(), mode=mode, lesion=lesion,
                                         method=self.sampler.currentText(), render=render or None,
                                         guidance=chosen_guidance(self.guidance),
@@ -278,7 +278,7 @@ class GenerateWidget(QWidget):
             self.job.status.setText("Cancelling after the current one ...")
 
     def _next_number(self) -> int:
-        numbers = [int(p.split("_")[1]) for p in _session.generated_prefixes(self.viewer.layers)
+        numbers = [int(p.split("_")[1]) for p in _generate_run.generated_prefixes(self.viewer.layers)
                    if p.split("_")[-1].isdigit()]
         return max(numbers, default=-1) + 1
 
@@ -310,7 +310,7 @@ class GenerateWidget(QWidget):
 
     # -- saving -------------------------------------------------------------------------------------------
     def chosen_prefixes(self) -> list[str]:
-        everything = _session.generated_prefixes(self.viewer.layers)
+        everything = _generate_run.generated_prefixes(self.viewer.layers)
         if self.save_all.isChecked():
             return everything
         selected = {item.text() for item in self.pairs.selectedItems()}
@@ -334,8 +334,8 @@ class GenerateWidget(QWidget):
             # copies taken now: saving runs in the background while the user may keep editing
             snapshots.append((prefix, *((np.array(layer.data), layer.as_layer_data_tuple()[1])
                                         for layer in (self.viewer.layers[image], self.viewer.layers[lesion]))))
-        folder = Path(self.out_dir.text() or _session.user_folder() / "generated")
-        self.run = _session.SaveRun(folder, snapshots)
+        folder = Path(self.out_dir.text() or _state.user_folder() / "generated")
+        self.run = _generate_run.SaveRun(folder, snapshots)
         self.job.begin(f"Saving {len(snapshots)} pairs into {folder} ...", total=len(snapshots))
         self.save_button.setEnabled(False)
         worker = create_worker(self.run.drive)

@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_neuromf import _session
+from napari_neuromf import _environment, _jobs, _state
 
 if TYPE_CHECKING:
     import napari
@@ -197,10 +197,10 @@ def launch(widget: QWidget, worker: Any) -> Any:
 
 
 _backend_worker: Any = None
-_backend_waiting: list[Callable[[_session.Environment], None]] = []
+_backend_waiting: list[Callable[[_environment.Environment], None]] = []
 
 
-def when_backend_ready(widget: QWidget, apply: Callable[[_session.Environment], None]) -> None:
+def when_backend_ready(widget: QWidget, apply: Callable[[_environment.Environment], None]) -> None:
     """Call ``apply(environment)`` on the GUI thread once the backend is imported; sets ``widget.ready``.
 
     The first widget of a session starts one worker that imports torch and MONAI (seconds); every widget
@@ -209,20 +209,20 @@ def when_backend_ready(widget: QWidget, apply: Callable[[_session.Environment], 
     global _backend_worker
     widget.ready = False
 
-    def done(env: _session.Environment) -> None:
+    def done(env: _environment.Environment) -> None:
         try:
-            _session.attach_state()
+            _state.attach_state()
             apply(env)
             widget.ready = True
         except RuntimeError:  # the widget was closed before the backend was ready
             pass
 
-    if _session.environment_ready():
-        done(_session.environment())
+    if _environment.environment_ready():
+        done(_environment.environment())
         return
     _backend_waiting.append(done)
     if _backend_worker is None:
-        def deliver(env: _session.Environment) -> None:
+        def deliver(env: _environment.Environment) -> None:
             global _backend_worker
             waiting = list(_backend_waiting)
             _backend_waiting.clear()
@@ -230,7 +230,7 @@ def when_backend_ready(widget: QWidget, apply: Callable[[_session.Environment], 
             for callback in waiting:
                 callback(env)
 
-        _backend_worker = create_worker(_session.environment)
+        _backend_worker = create_worker(_environment.environment)
         _backend_worker.returned.connect(deliver)
         _backend_worker.start()
 
@@ -329,7 +329,7 @@ class JobPanel(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(row)
         layout.addWidget(self.status)
-        self.clock: _session.ProgressClock | None = None
+        self.clock: _jobs.ProgressClock | None = None
 
     def begin(self, message: str, total: int | None = None) -> None:
         """A job starts: an indeterminate bar until ``total`` is known."""
@@ -346,7 +346,7 @@ class JobPanel(QWidget):
 
     def count(self, done: int, total: int, unit: str = "items") -> None:
         if self.clock is None or self.clock.total != total or done < self.clock.done:
-            self.clock = _session.ProgressClock(total)
+            self.clock = _jobs.ProgressClock(total)
         self.clock.done = done
         self.bar.setRange(0, max(1, total))
         self.bar.setValue(min(done, total))

@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_neuromf import _session
+from napari_neuromf import _environment, _jobs, _state, _training_run
 from napari_neuromf._helpers import (
     JobPanel,
     PathField,
@@ -33,8 +33,9 @@ from napari_neuromf._helpers import (
     tip,
     when_backend_ready,
 )
+from napari_neuromf._jobs import Failure, Phase, format_eta
 from napari_neuromf._layers import pair_layers
-from napari_neuromf._session import NEW_RUN, RESUME, RUN_MODES, Failure, Phase, format_eta
+from napari_neuromf._training_run import NEW_RUN, RESUME, RUN_MODES
 
 if TYPE_CHECKING:
     import napari
@@ -51,7 +52,7 @@ DEVICE_TIP = ("auto: the first GPU when there is one, else the CPU\n"
               "every batch (the batch size is the total over all GPUs)")
 RUN_MODE_TIPS = {NEW_RUN: "Train from scratch in a fresh folder (a new timestamped folder when this one is used)",
                  RESUME: "Continue the run saved in the output folder from its last checkpoint",
-                 _session.OVERWRITE: "Delete the run in the output folder and train from scratch there"}
+                 _training_run.OVERWRITE: "Delete the run in the output folder and train from scratch there"}
 
 
 class LoRAWidget(QWidget):
@@ -63,7 +64,7 @@ class LoRAWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.busy = False  # a worker of this widget is running
-        self.run: _session.TrainingRun | None = None
+        self.run: _training_run.TrainingRun | None = None
         self.worker = None
 
         self.config = tip(QComboBox(), "Starting values for the form: demo_lora is sized for a CPU (minutes), "
@@ -95,8 +96,8 @@ class LoRAWidget(QWidget):
         self.preview_every.setRange(0, 1_000_000)
         self.preview_every.setSpecialValueText("off")
         self.device = tip(QComboBox(), DEVICE_TIP)
-        self.device_plans: dict[str, _session.DevicePlan] = {}
-        self.set_device_plans(_session.device_plans(0))
+        self.device_plans: dict[str, _environment.DevicePlan] = {}
+        self.set_device_plans(_environment.device_plans(0))
         self.output = PathField("", "dir", "Output folder",
                                 tooltip="The run's folder: checkpoints, the adapter, losses.csv")
         self.run_mode = tip(QComboBox(), "\n".join(f"{m}: {t}" for m, t in RUN_MODE_TIPS.items()))
@@ -154,23 +155,23 @@ class LoRAWidget(QWidget):
         dock_title(self, self.TITLE)
         when_backend_ready(self, self._fill_defaults)
 
-    def _fill_defaults(self, env: _session.Environment) -> None:
+    def _fill_defaults(self, env: _environment.Environment) -> None:
         """Configs sized for this machine first (the remembered one if any), devices, the next run folder."""
         self.set_device_plans(env.device_plans)
         self.config.blockSignals(True)
         self.config.clear()
         self.config.addItems(list(env.lora_configs))
-        remembered = _session.STATE.last_config
+        remembered = _state.STATE.last_config
         if remembered in env.lora_configs:
             self.config.setCurrentText(remembered)
         self.config.blockSignals(False)
         if self.config.count():
             self.fill_from_config(self.config.currentText())
-        runs = Path(_session.STATE.last_run_dir).parent if _session.STATE.last_run_dir else \
-            _session.user_folder() / "runs"
-        self.output.fill(str(_session.fresh_run_folder(runs)))
+        runs = Path(_state.STATE.last_run_dir).parent if _state.STATE.last_run_dir else \
+            _state.user_folder() / "runs"
+        self.output.fill(str(_training_run.fresh_run_folder(runs)))
 
-    def set_device_plans(self, plans: dict[str, _session.DevicePlan]) -> None:
+    def set_device_plans(self, plans: dict[str, _environment.DevicePlan]) -> None:
         """The Device choices, each a label and what it runs (processes, training.device)."""
         current = self.device.currentText()
         self.device_plans = dict(plans)
@@ -180,9 +181,9 @@ class LoRAWidget(QWidget):
             self.device.setCurrentText(current)
 
     @property
-    def device_plan(self) -> _session.DevicePlan:
+    def device_plan(self) -> _environment.DevicePlan:
         label = self.device.currentText()
-        return self.device_plans.get(label) or _session.DevicePlan(1, label or "auto")
+        return self.device_plans.get(label) or _environment.DevicePlan(1, label or "auto")
 
     def fill_from_config(self, name: str) -> None:
         """Show a packaged config's values in the form (the defaults the user then edits)."""
@@ -253,25 +254,25 @@ class LoRAWidget(QWidget):
             self._refuse("LoRA fine-tuning: list at least one adapted layer (e.g. to_q, to_k, to_v)")
             return None
         mode = self.run_mode.currentText()
-        folder, resume, overwrite, note = _session.plan_run_folder(settings["training.output_dir"], mode)
+        folder, resume, overwrite, note = _training_run.plan_run_folder(settings["training.output_dir"], mode)
         settings["training.output_dir"] = str(folder)
         config = self.config.currentText() or "demo_lora"
         try:
-            cfg = _session.build_lora_config(config, settings)
+            cfg = _training_run.build_lora_config(config, settings)
         except Exception as err:  # config errors name the key; missing mask test names the remedy
-            self._refuse(_session.describe_error(err, "LoRA fine-tuning"))
+            self._refuse(_jobs.describe_error(err, "LoRA fine-tuning"))
             return None
         self.output.setText(str(folder))
         history = self.run.plotted if self.run is not None and self.run.out_dir == folder else \
-            _session.loss_history(folder)
+            _training_run.loss_history(folder)
         plan = self.device_plan
         common = {"resume": resume, "overwrite": overwrite, "history": history if resume else []}
         if plan.nproc > 1:  # local processes under torchrun; their events arrive as from the thread
-            self.run = _session.ProcessTrainingRun(cfg, settings["base_checkpoint"], nproc=plan.nproc,
+            self.run = _training_run.ProcessTrainingRun(cfg, settings["base_checkpoint"], nproc=plan.nproc,
                                                    device=plan.device, **common)
         else:
-            self.run = _session.TrainingRun(cfg, settings["base_checkpoint"], **common)
-        _session.STATE.remember(last_config=config)
+            self.run = _training_run.TrainingRun(cfg, settings["base_checkpoint"], **common)
+        _state.STATE.remember(last_config=config)
         self.destroyed.connect(self.run.stop.set)  # closing the dock stops the run (checkpoint + adapter saved)
         self._plot()
         self._set_running(True)
@@ -396,7 +397,7 @@ class LoRAWidget(QWidget):
         if result is None:
             return
         if result.export:
-            _session.STATE.set_adapter(Path(result.export), Path(result.out_dir))
+            _state.STATE.set_adapter(Path(result.export), Path(result.out_dir))
         verb = "Stopped" if result.stopped else "Finished"
         last = self.run.losses[-1] if self.run is not None and self.run.losses else None
         loss = f" (loss {last[1]:.4f} at step {last[0]})" if last else ""
@@ -428,7 +429,7 @@ class LoRAWidget(QWidget):
         folder = self.run.out_dir
         if checkpoint_paths(folder)[0].is_file():
             where = f"the run in {folder} is as it was: press Start to resume it"
-        elif _session.holds_run(folder):
+        elif _training_run.holds_run(folder):
             where = f"{folder} holds no checkpoint: under Run choose 'Resume' to start it from step 0"
         else:
             where = f"nothing was left in {folder}, as after a failed start"

@@ -51,9 +51,9 @@ def tiny_site_adapter(tiny_base, phantom_subset, tmp_path_factory) -> Path:
 
 
 def _session_state():
-    from napari_neuromf import _session
+    from napari_neuromf import _state
 
-    return _session.STATE
+    return _state.STATE
 
 
 def test_data_widget_scans_loads_and_registers(make_napari_viewer, qtbot, phantom_subset, tmp_path):
@@ -161,7 +161,7 @@ def test_mask_test_cancel_keeps_done_rows_and_saves_nothing(make_napari_viewer, 
 
 
 def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_base, phantom_subset, tmp_path):
-    from napari_neuromf import _session
+    from napari_neuromf import _state, _training_run
     from napari_neuromf._generate_widget import GenerateWidget
     from napari_neuromf._lora_widget import LoRAWidget
     from neuromf.train.checkpoint import checkpoint_paths
@@ -175,7 +175,7 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
         assert widget.config.currentText() == "demo_lora"
     # the default output is a fresh timestamped run folder under the user data dir
     assert str(tmp_path / "neuromf_home" / "runs" / "lora_") in widget.output.text()
-    assert widget.run_mode.currentText() == _session.NEW_RUN
+    assert widget.run_mode.currentText() == _training_run.NEW_RUN
     widget.config.setCurrentText("demo_lora")
     out = tmp_path / "run"
     tiny_lora_run(widget, tiny_base, phantom_subset, out, max_steps=500, preview_every=2)
@@ -200,10 +200,10 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
     result = widget.run.result
     assert result.stopped and 3 <= result.step < 500
     assert checkpoint_paths(out)[0].is_file() and (out / "adapter" / "adapter_config.json").is_file()
-    assert _session.STATE.last_adapter == out / "adapter"
+    assert _state.STATE.last_adapter == out / "adapter"
     assert follower.adapter.text() == str(out / "adapter")
     assert widget.start_button.isEnabled() and not widget.stop_button.isEnabled()
-    assert widget.run_mode.currentText() == _session.RESUME  # the next Start continues the stopped run
+    assert widget.run_mode.currentText() == _training_run.RESUME  # the next Start continues the stopped run
     assert "Stopped at step" in widget.job.status.text() and str(out / "adapter") in widget.job.status.text()
 
     stopped_at, before = result.step, list(widget.run.losses)
@@ -215,7 +215,7 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
     assert [s for s, _ in widget.run.losses] == [stopped_at + 1, stopped_at + 2]
     # the plot keeps the history from before Stop
     assert plotted() == [s for s, _ in before] + [stopped_at + 1, stopped_at + 2]
-    assert widget.run_mode.currentText() == _session.NEW_RUN
+    assert widget.run_mode.currentText() == _training_run.NEW_RUN
 
     # a new run never mixes into the finished one: it gets a fresh timestamped folder next to it
     widget.max_steps.setValue(1)
@@ -230,7 +230,7 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
 def test_lora_widget_run_modes_explain_themselves(make_napari_viewer, qtbot, tmp_path):
     """Resume with nothing to resume, and a folder of other files: the widget says so in full, in its own words,
     and a failed start leaves nothing behind."""
-    from napari_neuromf import _session
+    from napari_neuromf import _training_run
     from napari_neuromf._lora_widget import LoRAWidget
 
     widget = ready(qtbot, LoRAWidget(make_napari_viewer()))
@@ -238,7 +238,7 @@ def test_lora_widget_run_modes_explain_themselves(make_napari_viewer, qtbot, tmp
     widget.device.setCurrentText("cpu")
     empty = tmp_path / "never_trained"
     widget.output.setText(str(empty))
-    widget.run_mode.setCurrentText(_session.RESUME)
+    widget.run_mode.setCurrentText(_training_run.RESUME)
     widget.start()
     wait_idle(qtbot, widget, 120)
     status = widget.job.status.text()
@@ -250,7 +250,7 @@ def test_lora_widget_run_modes_explain_themselves(make_napari_viewer, qtbot, tmp
     plain.mkdir()
     (plain / "beach.jpg").write_bytes(b"jpg")
     widget.output.setText(str(plain))
-    widget.run_mode.setCurrentText(_session.OVERWRITE)
+    widget.run_mode.setCurrentText(_training_run.OVERWRITE)
     widget.start()
     wait_idle(qtbot, widget, 120)
     status = widget.job.status.text()
