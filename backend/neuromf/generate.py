@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,8 @@ def write_pairs(pairs: Iterable[GeneratedPair], out_dir: Path) -> list[Path]:
 @torch.no_grad()
 def sample_latents(model: MeanFlowUNet, latent_shape: list[int], n: int, steps: int, seed: int,
                    device: torch.device, method: str = "meanflow", batch_size: int = 4,
-                   velocity: Callable[[torch.Tensor, int], VelocityFn] | None = None, last_t: float = 0.0
+                   velocity: Callable[[torch.Tensor, int], VelocityFn] | None = None, last_t: float = 0.0,
+                   on_step: Callable[[int, int], None] | None = None, stop: threading.Event | None = None
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Latent batches from fixed-seed noise: sample i always gets the same noise, whatever the batch size.
 
@@ -100,6 +102,7 @@ def sample_latents(model: MeanFlowUNet, latent_shape: list[int], n: int, steps: 
         velocity: builds the velocity a batch is sampled with from its noise (on `device`) and the index of its
             first sample, e.g. guidance that follows each sample's own noise; None: `model` itself.
         last_t: Euler only: where the last step starts (`neuromf.meanflow.samplers.sample_euler`).
+        on_step, stop: per network step progress and cancel (`neuromf.meanflow.sample`), for each batch.
     Yields:
         (noise, latents): both (B, C, h, w, d) on the CPU, noise at t = 1 and the sampled latents at t = 0.
     """
@@ -110,7 +113,7 @@ def sample_latents(model: MeanFlowUNet, latent_shape: list[int], n: int, steps: 
         batch = noise[start:start + batch_size]
         on_device = batch.to(device)
         fn = model if velocity is None else velocity(on_device, start)
-        yield batch, sample(fn, on_device, steps=steps, method=method, last_t=last_t).cpu()
+        yield batch, sample(fn, on_device, steps=steps, method=method, last_t=last_t, on_step=on_step, stop=stop).cpu()
 
 
 def generate_images(model_spec: str | Path, n: int, steps: int = 1, seed: int = 0, device: str = "auto",

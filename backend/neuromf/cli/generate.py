@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from neuromf.cli._common import AddCommand
@@ -40,8 +42,10 @@ def cmd_generate(args) -> int:
     elif mode == "joint":
         from neuromf.pipelines.lora import write_generated_pairs
 
-        paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                      args.sampler, args.render, args.guidance, args.joint_guidance, args.site)
+        with step_bar("joint pairs") as on_step:
+            paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
+                                          args.sampler, args.render, args.guidance, args.joint_guidance, args.site,
+                                          on_step)
     else:
         paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.device,
                                        args.sampler)
@@ -60,8 +64,31 @@ def _generate_conditional(args) -> list[Path]:
         prep = adapter_meta(args.adapter, "conditional").prep
         volumes = [preprocess_mask(path, prep, args.image) for path in args.mask]
         masks, affines = [v.data[0].numpy() for v in volumes], [v.affine for v in volumes]
-    return write_conditional_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                   masks, affines, args.sampler, args.guidance)
+    with step_bar("conditional pairs") as on_step:
+        return write_conditional_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
+                                       masks, affines, args.sampler, args.guidance, on_step)
+
+
+@contextlib.contextmanager
+def step_bar(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar of network steps for `on_step(i, n)`: it restarts at each sampling pass (a joint batch, a
+    rendered FLAIR, a conditional placement pass), so a long 2 mm pass shows progress step by step."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"{what}: network steps", unit="step", dynamic_ncols=True)
+    passes = [0]
+
+    def on_step(i: int, n: int) -> None:
+        if i == 1:
+            passes[0] += 1
+            bar.reset(total=n)
+            bar.set_postfix_str(f"pass {passes[0]}")
+        bar.update(i - bar.n)
+
+    try:
+        yield on_step
+    finally:
+        bar.close()
 
 
 def register(add: AddCommand) -> None:
