@@ -28,6 +28,7 @@ from napari_neuromf._helpers import (
     PathField,
     add_layer,
     dock_title,
+    help_link,
     launch,
     layer_choice,
     make_table,
@@ -38,7 +39,7 @@ from napari_neuromf._helpers import (
     when_backend_ready,
 )
 from napari_neuromf._layers import LayerDataError, case_layers, write_layer
-from napari_neuromf._viewing import CONVENTIONS, RADIOLOGICAL, current_convention, show_axial
+from napari_neuromf._viewing import CONVENTIONS, RADIOLOGICAL, current_convention, show_axial, view_guard
 
 if TYPE_CHECKING:
     import napari
@@ -58,6 +59,7 @@ class FCDDataWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        view_guard(napari_viewer)  # axial view, caption and orientation letters for every volume added
         self.busy = False  # a worker of this widget is running
         self.cases: list = []  # neuromf.io.bids.Case, in table order
         self.worker = None
@@ -81,6 +83,7 @@ class FCDDataWidget(QWidget):
                                            "in radiology). Neurological: the patient's right on the right")
         self.convention.addItems([c.capitalize() for c in CONVENTIONS])
         self.convention.currentTextChanged.connect(self.apply_view)
+        self.convention.activated.connect(self.apply_view)  # re-choosing the shown convention restores it
         self.three_views = tip(QCheckBox("three views"), "Also show coronal and sagittal views (in a dock below the "
                                                          "canvas), linked to the axial view: they cross at the same "
                                                          "point, and a slider in any view moves it in all three")
@@ -104,6 +107,7 @@ class FCDDataWidget(QWidget):
         form = QFormLayout()
         form.addRow("Data folder", self.folder)
         layout = QVBoxLayout(self)
+        layout.addWidget(help_link("napari_user_guide.md", "Help: opening and viewing cases"))
         layout.addLayout(form)
         layout.addWidget(self.scan_button)
         layout.addWidget(self.table, 1)  # the table takes the dock's free height
@@ -169,7 +173,7 @@ class FCDDataWidget(QWidget):
         self.three_views.blockSignals(False)
 
     def _view_after_adding(self, lesion: Any = None) -> None:
-        if current_convention(self.viewer) is None or len(self.viewer.layers) <= 2:
+        if current_convention(self.viewer) is None or len(view_guard(self.viewer).volumes()) <= 2:
             self.apply_view()  # a first case, or the user moved away from axial: back to the chosen axial view
             self.viewer.reset_view()
         if lesion is not None and lesion.data.any():  # the axial slice through the lesion's centre

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napari_neuromf._jobs import Caution, Failure, describe_error, release_memory
+from napari_neuromf._jobs import Caution, Failure, describe_error, format_eta, release_memory
 from napari_neuromf._state import EMBEDDED
 
 
@@ -90,14 +91,38 @@ class GenerateRun:
     cautions: list[str] = field(default_factory=list)  # why the given lesion looks implausible
     failure: Failure | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    # progress inside a pair, written by the worker and read by the widget's timer: (step, steps) of the current
+    # sampling pass and how many passes this pair took so far; None while the models load
+    step: tuple[int, int] | None = None
+    passes: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    loaded_s: float | None = None  # seconds the models took to load (until the first network step)
 
     @property
     def cancelled(self) -> bool:
         return self.cancel.is_set()
 
+    def on_step(self, i: int, n: int) -> None:
+        """The backend's per network step hook (worker thread): plain attribute writes, read by the GUI timer."""
+        if self.loaded_s is None:
+            self.loaded_s = time.perf_counter() - self.started
+        if i == 1:
+            self.passes += 1
+        self.step = (i, n)
+
+    def progress_text(self) -> str:
+        """What the widget shows while a pair is being made: the loading phase, then the network steps."""
+        if self.step is None:
+            return f"Loading the models ({format_eta(time.perf_counter() - self.started)} so far) ..."
+        i, n = self.step
+        return (f"Pair {self.pairs + 1} of {self.n}: network step {i} / {n} (pass {self.passes}) · models loaded in "
+                f"{format_eta(self.loaded_s)}")
+
     def drive(self) -> Generator[Any, None, int]:
-        """Worker body: one generated pair per yield (then a Failure if anything went wrong); a cancel takes
-        effect between pairs."""
+        """Worker body: one generated pair per yield (then a Failure if anything went wrong). A cancel stops the
+        sampler before its next network step; the pairs yielded so far stay."""
+        from neuromf.meanflow.samplers import SamplingStopped  # in the worker: torch is imported there
+
         pairs = None
         try:
             if self.mode == "conditional":
@@ -112,19 +137,25 @@ class GenerateRun:
                         yield Caution(self.cautions[-1])
                 pairs = generate_conditional_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed,
                                                    device=self.device, masks=masks, affines=affines,
-                                                   method=self.method, guidance=self.guidance)
+                                                   method=self.method, guidance=self.guidance,
+                                                   on_step=self.on_step, stop=self.cancel)
             else:
                 from neuromf.pipelines.lora import generate_pairs
 
                 sites = None if self.sites_world is None else sites_on_model_grid(self.sites_world, self.adapter)
                 pairs = generate_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed, device=self.device,
                                        method=self.method, render=self.render, guidance=self.guidance,
-                                       joint_guidance=self.joint_guidance, sites=sites)
+                                       joint_guidance=self.joint_guidance, sites=sites, on_step=self.on_step,
+                                       stop=self.cancel)
             for pair in pairs:
                 if self.cancel.is_set():
                     break
+                pair.meta = {**(pair.meta or {}), "lesion": lesion_figures(pair.image, pair.mask, pair.affine)}
                 self.pairs += 1
+                self.passes, self.step = 0, None if self.loaded_s is None else (0, 1)
                 yield pair
+        except SamplingStopped:  # the user cancelled inside a pair: the pairs so far stay
+            pass
         except Exception as err:
             what = "Generation"
             if isinstance(err, FileNotFoundError) and self.adapter == EMBEDDED:
@@ -139,6 +170,32 @@ class GenerateRun:
                 pairs.close()
             release_memory()
         return self.pairs
+
+
+def lesion_figures(image: Any, mask: Any, affine: Any) -> dict[str, Any]:
+    """The generated lesion in plain figures: volume (cm³), FLAIR contrast (mean under the mask / mean in a ring
+    around it) and the share inside the brain (``neuromf.eval.lesion_metrics.lesion_stats``)."""
+    import numpy as np
+
+    from neuromf.eval.lesion_metrics import lesion_stats
+
+    spacing = tuple(float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+    stats = lesion_stats(image, mask, spacing)
+    return {"volume_cm3": round(stats.volume_cm3, 2), "contrast": None if stats.contrast is None
+            else round(stats.contrast, 3), "inside_brain": None if stats.inside_brain_share is None
+            else round(stats.inside_brain_share, 3), "components": stats.n_components}
+
+
+def describe_lesion(figures: dict[str, Any]) -> str:
+    """``"lesion 1.8 cm³, contrast 1.24, 97% inside the brain"`` (or that the mask is empty)."""
+    if not figures or not figures.get("volume_cm3"):
+        return "no lesion (empty mask)"
+    text = f"lesion {figures['volume_cm3']:.2f} cm³"
+    if figures.get("contrast") is not None:
+        text += f", contrast {figures['contrast']:.2f}"
+    if figures.get("inside_brain") is not None:
+        text += f", {figures['inside_brain']:.0%} inside the brain"
+    return text
 
 
 def generated_prefixes(layers: Iterable[Any]) -> list[str]:

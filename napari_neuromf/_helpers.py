@@ -7,6 +7,7 @@ widget construction; ``when_backend_ready`` imports the backend once, in a worke
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_neuromf import _environment, _jobs, _state
+from napari_neuromf._viewing import is_view_aid
 
 if TYPE_CHECKING:
     import napari
@@ -90,6 +92,20 @@ class PathField(QWidget):
             self.edit.textEdited.emit(chosen)  # a choice in the dialog counts as a user edit
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs"  # in a source checkout; a wheel ships no docs
+
+
+def help_link(page: str, text: str) -> QLabel:
+    """A link to ``docs/<page>`` (opens in the system's viewer), or where to find it when this install has no
+    docs folder: each widget starts with one."""
+    path = DOCS / page
+    label = QLabel(f'<a href="{path.as_uri()}">{text}</a>' if path.is_file()
+                   else f"{text}: docs/{page} in the NeuroMF repository")
+    label.setOpenExternalLinks(True)
+    label.setToolTip(str(path))
+    return label
+
+
 def float_box(lo: float, hi: float, step: float, decimals: int) -> QDoubleSpinBox:
     box = QDoubleSpinBox()
     box.setDecimals(decimals)
@@ -142,7 +158,8 @@ def layer_choice(viewer: napari.Viewer, layer_type: type[Layer], tooltip: str, f
     is that string), kept up to date as layers are added, removed or reordered."""
 
     def choices(_: Any) -> list[tuple[str, Any]]:
-        found = [(layer.name, layer) for layer in viewer.layers if isinstance(layer, layer_type)]
+        found = [(layer.name, layer) for layer in viewer.layers
+                 if isinstance(layer, layer_type) and not is_view_aid(layer)]
         return [(first, first), *found] if first else found
 
     combo = ComboBox(choices=choices, tooltip=tooltip)

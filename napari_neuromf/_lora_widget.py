@@ -29,6 +29,7 @@ from napari_neuromf._helpers import (
     add_layer,
     dock_title,
     float_box,
+    help_link,
     launch,
     tip,
     when_backend_ready,
@@ -36,6 +37,7 @@ from napari_neuromf._helpers import (
 from napari_neuromf._jobs import Failure, Phase, format_eta
 from napari_neuromf._layers import pair_layers
 from napari_neuromf._training_run import NEW_RUN, RESUME, RUN_MODES
+from napari_neuromf._viewing import view_guard
 
 if TYPE_CHECKING:
     import napari
@@ -63,6 +65,7 @@ class LoRAWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        view_guard(napari_viewer)  # axial view, caption and orientation letters for every volume added
         self.busy = False  # a worker of this widget is running
         self.run: _training_run.TrainingRun | None = None
         self.worker = None
@@ -146,6 +149,7 @@ class LoRAWidget(QWidget):
         for b in (self.start_button, self.stop_button):
             buttons.addWidget(b)
         layout = QVBoxLayout(self)
+        layout.addWidget(help_link("napari_user_guide.md", "Help: fine-tuning an adapter"))
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.job)

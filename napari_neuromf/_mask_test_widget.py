@@ -27,6 +27,7 @@ from napari_neuromf._helpers import (
     PathField,
     add_layer,
     dock_title,
+    help_link,
     launch,
     layer_choice,
     make_table,
@@ -38,6 +39,7 @@ from napari_neuromf._helpers import (
 )
 from napari_neuromf._jobs import Failure
 from napari_neuromf._layers import LayerDataError, case_layers, layer_tuple
+from napari_neuromf._viewing import view_guard
 
 if TYPE_CHECKING:
     import napari
@@ -66,6 +68,7 @@ class MaskTestWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        view_guard(napari_viewer)  # axial view, caption and orientation letters for every volume added
         self.busy = False  # a worker of this widget is running
         self.run: _mask_test_run.MaskTestRun | None = None
         self.worker = None
@@ -124,6 +127,7 @@ class MaskTestWidget(QWidget):
         form.addRow("Mask threshold", self.threshold)
         form.addRow("Save result to", self.output)
         layout = QVBoxLayout(self)
+        layout.addWidget(help_link("napari_user_guide.md", "Help: the mask-VAE test"))
         layout.addLayout(form)
         layout.addWidget(self.run_button)
         layout.addWidget(self.job)

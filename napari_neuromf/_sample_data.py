@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from napari_neuromf._layers import LayerDataError, case_layers, load_nifti, pair_layers
+from napari_neuromf._viewing import guard_current_viewer
 from neuromf.weights import sample_data_root  # no torch import: the module reads tensors lazily
 
 PHANTOM_CASE = "sub-00001"
@@ -41,6 +42,7 @@ def fcd_phantom_case() -> list:
     """FLAIR (Image) + lesion (Labels) of phantom patient sub-00001, overlaid in world millimetres."""
     from napari.utils.notifications import show_warning
 
+    guard_current_viewer()
     try:
         image, mask = phantom_case_paths()
         layers, problems = case_layers(image, mask, PHANTOM_CASE)
@@ -53,6 +55,7 @@ def fcd_phantom_case() -> list:
 
 def _sample_pair(mode: str) -> list:
     """The pre-made pair of `mode` (sampled in one step, seed 0, from the embedded demo adapter) as layers."""
+    guard_current_viewer()
     prefix = PAIRS[mode]
     files = [SAMPLES_DIR / f"{prefix}_FLAIR.nii.gz", SAMPLES_DIR / f"{prefix}_FLAIR_roi.nii.gz",
              SAMPLES_DIR / f"{prefix}.json"]
