@@ -12,7 +12,7 @@ In 3D the depth axis (S) is set so that the view is a rotation, not a mirror ima
 Every way a volume reaches the viewer (File > Open and drag and drop through the reader, File > Open Sample, the
 widgets) installs one ``ViewGuard`` per viewer. It turns the first volume axial in the chosen convention, keeps
 the caption true to what is displayed (hidden as soon as the view is not one of ours, or no volume is open) and
-keeps R/L and A/P letters just outside the volume's edges. The letters are a small Points layer with text, not a
+keeps R/L and A/P letters just inside the volume's edges. The letters are a small Points layer with text, not a
 canvas overlay: napari has one text overlay (the caption) and it sits at canvas corners; points placed at the
 patient's right/left/anterior/posterior side of the volume stay at the image edges under zoom, pan and flips,
 and they are right by construction whatever the camera does, since they mark anatomy, not the screen.
@@ -65,7 +65,9 @@ def current_convention(viewer: napari.Viewer) -> str | None:
 
 MARKERS_NAME = "orientation letters"
 MARKER_LETTERS = ("R", "L", "A", "P")
-MARKER_MARGIN = 0.06  # beyond the volume's edge, as a fraction of its extent: next to the image, not on the brain
+# inside the volume's edge, as a fraction of its extent: on the field of view's margin (air in a head scan), so the
+# letters are on screen whenever the image is (a zoom that fits the image can cut off anything beyond it)
+MARKER_MARGIN = 0.06
 
 
 def is_view_aid(layer: Any) -> bool:
@@ -81,12 +83,12 @@ def is_ras_volume(layer: Any) -> bool:
 
 
 def marker_positions(lo: np.ndarray, hi: np.ndarray, superior: float) -> np.ndarray:
-    """World positions (R, A, S axes) of the letters R, L, A, P just outside the box ``lo``..``hi``, on the
-    axial plane at ``superior``: R/L at the middle of the A range, A/P at the middle of the R range."""
+    """World positions (R, A, S axes) of the letters R, L, A, P just inside the edges of the box ``lo``..``hi``,
+    on the axial plane at ``superior``: R/L at the middle of the A range, A/P at the middle of the R range."""
     lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
     pad, mid = (hi - lo) * MARKER_MARGIN, (lo + hi) / 2
-    return np.array([[hi[0] + pad[0], mid[1], superior], [lo[0] - pad[0], mid[1], superior],
-                     [mid[0], hi[1] + pad[1], superior], [mid[0], lo[1] - pad[1], superior]])
+    return np.array([[hi[0] - pad[0], mid[1], superior], [lo[0] + pad[0], mid[1], superior],
+                     [mid[0], hi[1] - pad[1], superior], [mid[0], lo[1] + pad[1], superior]])
 
 
 class ViewGuard:
@@ -119,15 +121,20 @@ class ViewGuard:
         if viewer is None or not is_ras_volume(layer):
             return
         volumes = self.volumes()
-        if len(volumes) == 1 or current_convention(viewer) is None:  # a first volume, or the user turned away
+        fresh = len(volumes) == 1 or current_convention(viewer) is None  # a first volume, or the user turned away
+        if fresh:
             show_axial(viewer, self.convention)
-            viewer.reset_view()
         from napari.layers import Labels
 
         if isinstance(layer, Labels) and sum(isinstance(v, Labels) for v in volumes) == 1 and np.any(layer.data):
             centre = np.argwhere(np.asarray(layer.data) > 0).mean(axis=0)  # the axial slice through the lesion
             viewer.dims.set_point(2, float(layer.data_to_world(centre)[2]))
         self.refresh(add_letters=True)
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(0, self._raise_markers)  # above the new volume, once napari has finished adding it
+        if fresh:
+            viewer.reset_view()  # after the letters exist: the view fits them too, at the volume's edges
 
     def caption_text(self) -> str | None:
         """The caption the view needs now: None when no volume is open or the view is not one of ours."""
@@ -147,7 +154,7 @@ class ViewGuard:
         try:
             caption, text = viewer.canvas.overlays.text, self.caption_text()
             caption.text = text or ""
-            caption.position = "top_left"
+            caption.position = "bottom_left"  # the top centre holds the A letter
             caption.visible = text is not None
             self._place_markers(show=text is not None, add=add_letters)
         finally:
@@ -181,7 +188,12 @@ class ViewGuard:
             markers.editable = False
         else:
             markers.data = positions
-        markers.visible = show  # the letters lie outside every volume: no layer order can hide them
+        markers.visible = show
+
+    def _raise_markers(self) -> None:
+        viewer, markers = self.viewer, None if self.viewer is None else self._markers()
+        if markers is not None and viewer.layers.index(markers) != len(viewer.layers) - 1:
+            viewer.layers.move(viewer.layers.index(markers), len(viewer.layers))
 
     def _drop_markers(self) -> None:
         viewer, markers = self.viewer, None if self.viewer is None else self._markers()

@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     generate = widgets["Generate"]
     for layer in list(viewer.layers):
         viewer.layers.remove(layer)
-    generate.adapter.setText("embedded")
+    generate.adapter.setText("embedded-3mm")  # the 3 mm conditional demo, one MeanFlow step
     generate.mode.setCurrentText("conditional")
+    generate.sampler.setCurrentText("meanflow")
+    generate.steps.setValue(1)
     generate.n.setValue(2)
     generate.seed.setValue(args.seed)
     generate.start()
