@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,7 +126,9 @@ class LoRAWidget(QWidget):
         self._refresh_timer.timeout.connect(self._refresh)
 
         self.loss_plot = LossPlot(getattr(napari_viewer, "theme", "dark"))
-        self.loss_plot.setToolTip("Training loss per step (after Resume: the earlier steps too)")
+        self.loss_plot.setToolTip("Raw training loss per step, log scale: the unweighted distance between the "
+                                  "model's velocity and the target (after Resume: the earlier steps too). The "
+                                  "objective the optimiser minimises is adaptive-weighted and stays about 1")
 
         form = QFormLayout()
         form.addRow("Starting values", self.config)
@@ -366,7 +369,9 @@ class LoRAWidget(QWidget):
             self.progress_bar.setFormat(f"%v / %m steps  ·  ETA {format_eta(event.eta_s)}")
         if not self.run.stop.is_set():  # keep "Stopping ..." in view until the run has stopped
             lr = f"  learning rate {event.lr:.2e}" if event.lr else ""
-            loss = f"  loss {event.loss:.4f}" if event.loss is not None else ""
+            raw = (event.parts or {}).get("raw")
+            loss = (f"  raw loss {raw:.4g}" if raw is not None else
+                    f"  loss {event.loss:.4f}" if event.loss is not None else "")
             self.job.status.setText(f"step {event.step}/{total}{loss}{lr}")
         self._plot()
 
@@ -445,7 +450,7 @@ class LossPlot(QWidget):
     """Loss per step as a line, painted with QPainter: a redraw costs well under a millisecond of GUI thread,
     where a matplotlib canvas took tens to hundreds (a stall, and time taken from the training thread)."""
 
-    MARGINS = (56, 8, 10, 34)  # left (loss labels), top, right, bottom (step labels)
+    MARGINS = (72, 8, 10, 34)  # left (axis title and loss labels), top, right, bottom (step labels)
 
     def __init__(self, theme_name: str = "dark") -> None:
         super().__init__()
@@ -473,21 +478,30 @@ class LossPlot(QWidget):
         area = QRectF(left, top, max(1, self.width() - left - right), max(1, self.height() - top - bottom))
         painter.setPen(QPen(self.text, 1))
         painter.drawRect(area)
-        painter.drawText(QRectF(0, area.bottom() + 16, self.width(), 16), Qt.AlignHCenter, "step")
+        painter.drawText(QRectF(0, area.bottom() + 16, self.width(), 16), Qt.AlignHCenter, "training step")
+        log = bool(self.points) and min(v for _, v in self.points) > 0
+        painter.save()  # the vertical axis title, turned a quarter
+        painter.translate(12, area.center().y())
+        painter.rotate(-90)
+        painter.drawText(QRectF(-area.height() / 2, -8, area.height(), 16), Qt.AlignCenter,
+                         "raw loss (log scale)" if log or not self.points else "raw loss")
+        painter.restore()
         if not self.points:
-            painter.drawText(area, Qt.AlignCenter, "the loss of each step appears here")
+            painter.drawText(area, Qt.AlignCenter, "the raw loss of each step appears here")
             return
-        steps, losses = zip(*self.points)
+        points = [(s, math.log10(v) if log else v) for s, v in self.points]
+        steps, losses = zip(*points)
         x0, x1 = min(steps), max(steps)
         y0, y1 = min(losses), max(losses)
         x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 1e-3 + 1e-9)
-        painter.drawText(QRectF(0, area.top() - 2, left - 4, 16), Qt.AlignRight, f"{y1:.4g}")
-        painter.drawText(QRectF(0, area.bottom() - 14, left - 4, 16), Qt.AlignRight, f"{y0:.4g}")
+        shown = (lambda v: 10 ** v) if log else (lambda v: v)  # noqa: E731
+        painter.drawText(QRectF(16, area.top() - 2, left - 20, 16), Qt.AlignRight, f"{shown(y1):.3g}")
+        painter.drawText(QRectF(16, area.bottom() - 14, left - 20, 16), Qt.AlignRight, f"{shown(y0):.3g}")
         painter.drawText(QRectF(area.left(), area.bottom() + 2, 80, 16), Qt.AlignLeft, str(x0))
         painter.drawText(QRectF(area.right() - 80, area.bottom() + 2, 80, 16), Qt.AlignRight, str(x1))
         line = QPolygonF([QPointF(area.left() + (s - x0) / (x1 - x0) * area.width(),
                                   area.bottom() - (v - y0) / (y1 - y0) * area.height())
-                          for s, v in decimate(self.points, int(area.width()))])
+                          for s, v in decimate(points, int(area.width()))])
         painter.setPen(QPen(self.line, 1.5))
         painter.drawPolyline(line)
 

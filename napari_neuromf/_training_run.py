@@ -88,14 +88,15 @@ def build_lora_config(config: str, settings: dict[str, Any]) -> Any:
 
 
 def loss_history(out_dir: Path) -> list[tuple[int, float]]:
-    """The per-epoch losses a run folder logged (``losses.csv``): the earlier history of a resumed run."""
+    """The per-epoch raw losses a run folder logged (``losses.csv``, column ``raw``; ``loss`` in runs that did not
+    log it): the earlier history of a resumed run."""
     import csv
 
     path = Path(out_dir) / "losses.csv"
     try:
         with open(path, newline="") as fh:
-            return [(int(float(row["step"])), float(row["loss"])) for row in csv.DictReader(fh)
-                    if row.get("step") and row.get("loss")]
+            return [(int(float(row["step"])), float(row.get("raw") or row["loss"])) for row in csv.DictReader(fh)
+                    if row.get("step") and (row.get("raw") or row.get("loss"))]
     except (OSError, KeyError, ValueError):
         return []
 
@@ -134,10 +135,14 @@ class TrainingRun:
         return earlier + self.losses
 
     def record(self, event: Any) -> None:
-        """Called from the GUI thread for every yielded event: one loss point per step event."""
+        """Called from the GUI thread for every yielded event: one raw-loss point per step event.
+
+        The raw loss (``parts["raw"]``, the unweighted Lp distance) is what shows learning; the objective the
+        optimiser minimises is adaptive-weighted and stays about 1 by construction."""
         self.last_event = event
         if getattr(event, "kind", None) == "step" and event.loss is not None:
-            self.losses.append((int(event.step), float(event.loss)))
+            raw = (getattr(event, "parts", None) or {}).get("raw")
+            self.losses.append((int(event.step), float(event.loss if raw is None else raw)))
 
     def _fail(self, err: BaseException) -> Failure:
         self.failure = Failure(describe_error(err, "LoRA fine-tuning", self.cfg.training.device,

@@ -108,6 +108,8 @@ def test_device_plans_offer_all_gpus_only_with_several():
 def test_loss_history_reads_a_run_folder_and_tolerates_a_broken_one(tmp_path):
     (tmp_path / "losses.csv").write_text("step,loss\n1,2.5\n2,\n3,1.25\n")
     assert _training_run.loss_history(tmp_path) == [(1, 2.5), (3, 1.25)]
+    (tmp_path / "losses.csv").write_text("step,loss,raw\n1,1.0,21.0\n2,0.9998,8.9\n")  # the raw loss is plotted
+    assert _training_run.loss_history(tmp_path) == [(1, 21.0), (2, 8.9)]
     (tmp_path / "losses.csv").write_text("when,value\n1,2\n")
     assert _training_run.loss_history(tmp_path) == [] and _training_run.loss_history(tmp_path / "none") == []
 
@@ -136,3 +138,13 @@ def test_generated_prefixes_follow_the_layer_order():
 
     layers = [Layer("gen_002"), Layer("gen_002"), Layer("gen_000"), Layer("case", generated=False)]
     assert _generate_run.generated_prefixes(layers) == ["gen_002", "gen_000"]
+
+
+def test_training_run_plots_the_raw_loss_not_the_adaptive_objective():
+    from neuromf.train.loop import TrainEvent
+
+    run = _training_run.TrainingRun(cfg=None)
+    run.record(TrainEvent("step", 1, 0, 10, loss=1.0, parts={"raw": 21.0, "raw_img": 20.0}))
+    run.record(TrainEvent("step", 2, 0, 10, loss=0.9998, parts={"raw": 8.9}))
+    run.record(TrainEvent("epoch", 2, 1, 10, loss=0.9999, parts={"raw": 15.0}))  # epochs are not step points
+    assert run.losses == [(1, 21.0), (2, 8.9)]
