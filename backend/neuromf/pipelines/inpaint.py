@@ -348,6 +348,8 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
     latent_mm = DOWNSAMPLE * min(prep.spacing)
     z = inpaint_latent(cond, x, cond_mask, noise, steps, method, guidance, dilate=math.ceil(margin_mm / latent_mm),
                        velocity_model=_network_calls(cond, on_step, stop, total))
+    # whole-latent decodes: the decoder's GroupNorm takes its statistics from the whole volume, and a decode of
+    # the lesion's box alone changed the generated lesion by ~30% of its contrast (measured)
     generated = cond.vae.decode(z)[0, 0].clamp(0, prep.clip_max).cpu().numpy().astype(np.float64)
     if composite == "residual":
         generated -= cond.vae.decode(x)[0, 0].clamp(0, prep.clip_max).cpu().numpy()
