@@ -90,20 +90,26 @@ def _generate_inpainted(args) -> int:
     masks = args.mask or [None] * args.n
     margin = 6.0 if args.margin_mm is None else args.margin_mm
     results = []
-    with tqdm(total=len(masks), desc="inpainting", unit="lesion", dynamic_ncols=True) as lesions, \
-            tqdm(desc="network calls", unit="call", dynamic_ncols=True, leave=False) as calls:
-        def on_step(i: int, n: int) -> None:
-            calls.total = n
-            calls.n = i
-            calls.refresh()
+    bars: dict[str, tqdm] = {}  # opened at the first network call: a refused input prints its error alone
 
+    def on_step(i: int, n: int) -> None:
+        if not bars:
+            bars["lesions"] = tqdm(total=len(masks), desc="inpainting", unit="lesion", dynamic_ncols=True)
+            bars["calls"] = tqdm(desc="network calls", unit="call", dynamic_ncols=True, leave=False)
+        bars["calls"].total, bars["calls"].n = n, i
+        bars["calls"].refresh()
+
+    try:
         for i, mask in enumerate(masks):
             result = inpaint_lesion(args.image, mask, cond, seed=args.seed + i if mask is None else args.seed,
                                     steps=args.steps, guidance=args.guidance, margin_mm=margin, on_step=on_step,
                                     method=args.sampler)
             result.info.update(adapter=str(adapter), index=i, mask_file=None if mask is None else str(mask))
             results.append(result)
-            lesions.update()
+            bars["lesions"].update()
+    finally:
+        for bar in bars.values():
+            bar.close()
     paths = [p for i, r in enumerate(results) for p in write_inpainted(r, Path(args.out), f"sample_{i:03d}")]
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
