@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 
 import nibabel as nib
 import numpy as np
@@ -95,3 +97,9 @@ def test_bids_export_is_a_derivative_pybids_reads(pair_dirs, tmp_path, capsys):
         assert set(np.unique(np.asanyarray(nib.load(mask.path).dataobj)).tolist()) == {0, 1}
         sidecar = flair.get_metadata()  # the JSON sidecar beside the image, as pybids associates it
         assert sidecar["NeuroMF"]["generation"]["seed"] in (0, 1) and sidecar["Sources"][0].startswith("file:")
+
+    validator = shutil.which("bids-validator-deno")
+    if validator:  # the BIDS project's own validator (installed with the dev requirements): no error
+        report = subprocess.run([validator, "--json", str(out)], capture_output=True, text=True, timeout=120)
+        issues = json.loads(report.stdout)["issues"]["issues"]
+        assert [i["code"] for i in issues if i["severity"] == "error"] == []

@@ -11,7 +11,8 @@ nnU-Net v2 (`<out>/Dataset<ID>_<Name>/`): `imagesTr/<case>_0000.nii.gz`, `labels
 `provenance.json` (case -> source pair and its generation sidecar; nnU-Net ignores it).
 BIDS derivative (`<out>/`): `dataset_description.json` (DatasetType "derivative", GeneratedBy),
 `sub-<label>/anat/sub-<label>_desc-<mode>_FLAIR.nii.gz` + `.json` sidecar (provenance) and
-`sub-<label>/anat/sub-<label>_desc-lesion_mask.nii.gz`, and `participants.tsv`.
+`sub-<label>/anat/sub-<label>_desc-lesion_mask.nii.gz`, `participants.tsv` (+ .json) and a README; the naming
+passes bids-validator (3.0) with no error.
 """
 
 from __future__ import annotations
@@ -113,10 +114,17 @@ def _bids_label(k: int) -> str:
 def export_bids(pairs: list[ExportPair], root: Path, name: str) -> None:
     """A BIDS derivative data set in `root`: one subject per pair."""
     description = {"Name": name, "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+                   "Authors": ["NeuroMF (synthetic data)"],
                    "GeneratedBy": [{"Name": "NeuroMF", "Version": _version(),
                                     "Description": "synthetic FCD FLAIR + lesion mask pairs (generated or lesions "
                                                    "inpainted into healthy scans)"}]}
     (root / "dataset_description.json").write_text(json.dumps(description, indent=2) + "\n")
+    (root / "README").write_text(f"{name}: synthetic FCD FLAIR images with lesion masks written by NeuroMF "
+                                 "(`neuromf export-dataset`). Each FLAIR's JSON sidecar holds its provenance "
+                                 "(source pair, generation settings). Synthetic data, not patient data.\n")
+    columns = {"source_pair": {"Description": "the generated pair this subject was exported from (folder/id)"},
+               "mode": {"Description": "how the pair was made: conditional, joint or inpaint"}}
+    (root / "participants.json").write_text(json.dumps(columns, indent=2) + "\n")
     rows = ["participant_id\tsource_pair\tmode"]
     for k, pair in enumerate(pairs):
         subject = _bids_label(k)
@@ -127,7 +135,9 @@ def export_bids(pairs: list[ExportPair], root: Path, name: str) -> None:
         shutil.copyfile(pair.flair, anat / f"{stem}.nii.gz")
         label, affine = _label(pair)
         save_nifti(label, affine, anat / f"sub-{subject}_desc-lesion_mask.nii.gz", dtype=np.uint8)
-        sidecar = {"Description": f"NeuroMF {mode} FLAIR", "NeuroMF": _provenance(pair)}
+        # SkullStripped is required of derivative anatomical images; the export strips nothing: a head keeps what
+        # the model or the source scan had
+        sidecar = {"Description": f"NeuroMF {mode} FLAIR", "SkullStripped": False, "NeuroMF": _provenance(pair)}
         source = pair.meta.get("source_image")
         if source and not str(source).startswith("<"):
             sidecar["Sources"] = [f"file:{source}"]
