@@ -65,7 +65,8 @@ def montage(rows: list[tuple[Path, Path, Path]], out_png: Path, title: str) -> P
         b = np.asanyarray(nib.load(str(flair)).dataobj).astype(np.float32)
         m = np.asanyarray(nib.load(str(mask)).dataobj) > 0
         c = np.round(ndimage.center_of_mass(m)).astype(int)
-        vmax = float(np.percentile(a, 99.5))
+        brain = a > 0.1 * np.percentile(a, 99)
+        vmax = 1.05 * float(max(b[m].max(), np.percentile(a[brain], 99.5)))  # the lesion unsaturated
         whole = slice(None)
         for j, (name, index) in enumerate((("axial", (whole, whole, c[2])), ("coronal", (whole, c[1], whole)))):
             def cut(v: np.ndarray, index: tuple = index) -> np.ndarray:
@@ -75,7 +76,7 @@ def montage(rows: list[tuple[Path, Path, Path]], out_png: Path, title: str) -> P
             ax[0].imshow(cut(a), cmap="gray", origin="lower", vmin=0, vmax=vmax)
             ax[1].imshow(cut(b), cmap="gray", origin="lower", vmin=0, vmax=vmax)
             ax[1].contour(cut(m).astype(np.float32), levels=[0.5], colors="red", linewidths=0.6)
-            ax[2].imshow(cut(b - a), cmap="RdBu_r", origin="lower", vmin=-0.5 * vmax, vmax=0.5 * vmax)
+            ax[2].imshow(cut(b - a), cmap="RdBu_r", origin="lower", vmin=-0.4 * vmax, vmax=0.4 * vmax)
             ax[0].set_ylabel(f"{source.name.split('_')[0]} {name}", fontsize=7)
             for col, label in enumerate(("healthy", "inpainted (mask outlined)", "difference")):
                 ax[col].set_xticks([])
