@@ -104,16 +104,6 @@ def test_mask_passthrough_adds_the_input_to_the_mask_outputs():
     assert torch.allclose(skipped[:, 4:], plain[:, 4:] + z[:, 4:])
 
 
-@pytest.fixture(scope="module")
-def conditional_run(tmp_path_factory, phantom_dir, tiny_vae_dir, tiny_base_dir):
-    from neuromf.pipelines.conditional import train_conditional
-
-    tmp = tmp_path_factory.mktemp("cond")
-    cfg = tiny_config(tmp, phantom_dir, tiny_vae_dir, **{"loss.lesion_weight": 50.0, "training.max_steps": 2,
-                                                         "conditional.embedding_channels": [8]})
-    return run_to_end(train_conditional(cfg, tiny_base_dir, progress=False))
-
-
 def test_conditional_training_exports_an_adapter_and_logs_a_fixed_draw(conditional_run):
     from neuromf.models.adapter_meta import SIDECAR
     from neuromf.pipelines.conditional import load_conditional_model
