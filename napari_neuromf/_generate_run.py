@@ -79,8 +79,12 @@ class GenerateRun:
     steps: int = 1
     seed: int = 0
     device: str = "auto"
-    mode: str = "joint"  # "joint" (image + mask from noise) | "conditional" (a FLAIR for a lesion)
-    lesion: tuple[Any, dict] | None = None  # conditional: (Labels data, layer state); None = the mask prior
+    # "joint" (image + mask from noise) | "conditional" (a new FLAIR for a lesion) | "inpaint" (the lesion put
+    # into the open scan `scan`, which keeps its own voxels beyond `margin_mm`)
+    mode: str = "joint"
+    lesion: tuple[Any, dict] | None = None  # conditional / inpaint: (Labels data, layer state); None = the prior
+    scan: tuple[Any, dict] | None = None  # inpaint: (Image data, layer state) of the scan painted on
+    margin_mm: float = 6.0
     method: str = "meanflow"  # the sampler: "meanflow" or "euler" (`neuromf.meanflow.sample`)
     render: str | None = None  # joint: a conditional adapter that renders the FLAIR for each joint mask
     guidance: float | None = None  # conditional adapter (conditional mode or render): mask guidance; None = its own
@@ -118,14 +122,40 @@ class GenerateRun:
         return (f"Pair {self.pairs + 1} of {self.n}: network step {i} / {n} (pass {self.passes}) · models loaded in "
                 f"{format_eta(self.loaded_s)}")
 
+    def _inpaint(self) -> Any:
+        """The lesion painted in `lesion` (or drawn from the adapter's prior) put into the scan `scan`, on the
+        scan's own grid (`neuromf.api.inpaint_lesion`): a GeneratedPair-like result for the layers."""
+        import numpy as np
+
+        from neuromf.api import inpaint_lesion
+        from neuromf.generate import GeneratedPair
+
+        data, state = self.scan
+        options: dict[str, Any] = {}
+        mask = None
+        if self.lesion is not None:
+            mask = (np.asarray(self.lesion[0]) > 0).astype(np.uint8)
+            if mask.shape != np.shape(data):  # painted on another grid: the pipeline maps it by its affine
+                options["mask_affine"] = layer_affine(self.lesion[1])
+        result = inpaint_lesion(np.asarray(data), mask, self.adapter, layer_affine(state), seed=self.seed,
+                                steps=self.steps, guidance=self.guidance, margin_mm=self.margin_mm,
+                                on_step=self.on_step, stop=self.cancel, method=self.method, device=self.device,
+                                **options)
+        info = {**result.info, "mode": "inpaint", "scan": state.get("name"), "seed": self.seed,
+                "steps": self.steps, "sampler": self.method}
+        return GeneratedPair(0, result.image, result.mask, result.affine, info)
+
     def drive(self) -> Generator[Any, None, int]:
         """Worker body: one generated pair per yield (then a Failure if anything went wrong). A cancel stops the
         sampler before its next network step; the pairs yielded so far stay."""
         from neuromf.meanflow.samplers import SamplingStopped  # in the worker: torch is imported there
+        from neuromf.pipelines.inpaint import InpaintCancelled
 
         pairs = None
         try:
-            if self.mode == "conditional":
+            if self.mode == "inpaint":
+                pairs = [self._inpaint()]
+            elif self.mode == "conditional":
                 from neuromf.pipelines.conditional import generate_conditional_pairs
 
                 masks = affines = None
@@ -154,7 +184,7 @@ class GenerateRun:
                 self.pairs += 1
                 self.passes, self.step = 0, None if self.loaded_s is None else (0, 1)
                 yield pair
-        except SamplingStopped:  # the user cancelled inside a pair: the pairs so far stay
+        except (SamplingStopped, InpaintCancelled):  # the user cancelled inside a pair: the pairs so far stay
             pass
         except Exception as err:
             what = "Generation"
@@ -170,6 +200,19 @@ class GenerateRun:
                 pairs.close()
             release_memory()
         return self.pairs
+
+
+def layer_affine(state: dict) -> Any:
+    """The (4, 4) RAS affine of a layer this plugin made (its canonical NIfTI affine), else from its scale and
+    translate (an axis-aligned grid in world mm)."""
+    import numpy as np
+
+    record = (state.get("metadata") or {}).get("nifti") or {}
+    if record.get("canonical_affine") is not None:
+        return np.asarray(record["canonical_affine"], dtype=np.float64)
+    affine = np.diag([*map(float, state.get("scale") or (1.0, 1.0, 1.0)), 1.0])
+    affine[:3, 3] = [float(v) for v in (state.get("translate") or (0.0, 0.0, 0.0))]
+    return affine
 
 
 def lesion_figures(image: Any, mask: Any, affine: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.layers import Labels, Points
+from napari.layers import Image, Labels, Points
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
@@ -48,12 +48,16 @@ from neuromf.weights import EMBEDDED_NAMES
 if TYPE_CHECKING:
     import napari
 
-GENERATION_MODES = ("joint", "conditional")
+GENERATION_MODES = ("joint", "conditional", "inpaint")
+# the sampler and steps each mode needs with the shipped 2 mm models (set when the mode is chosen)
+MODE_SAMPLING = {"joint": ("euler", 32), "conditional": ("meanflow", 1), "inpaint": ("meanflow", 8)}
 PRIOR_LESION = "drawn from the training lesions"
 DRAWN_SITES = "drawn from the training lesions' sites"
 MODE_TIPS = ("joint: FLAIR and lesion mask both generated from noise (a LoRA adapter).\n"
              "conditional: a FLAIR that carries a lesion you give (a ControlNet adapter): paint one in a Labels layer, "
-             "pick a case's mask, or let one be drawn from the training lesions")
+             "pick a case's mask, or let one be drawn from the training lesions.\n"
+             "inpaint: the lesion put into the scan you painted on (Scan): a new FLAIR of that scan that keeps its "
+             "own voxels beyond a few millimetres of the lesion")
 ADAPTER_GUIDANCE = "adapter's"
 GUIDANCE_TIP = ("How bright the lesion is drawn in the FLAIR. 'adapter's' = the value measured for the adapter (1 "
                 "unless set); 1 = as trained; higher = a brighter lesion than the training showed (each step then "
@@ -128,8 +132,10 @@ class GenerateWidget(QWidget):
         self.device.addItems(["auto", "cpu"])
         self.mode = tip(QComboBox(), MODE_TIPS)
         self.mode.addItems(list(GENERATION_MODES))
-        self.lesion = layer_choice(napari_viewer, Labels, "Conditional mode: the Labels layer whose lesion the "
-                                                          "FLAIR should carry", first=PRIOR_LESION)
+        self.scan = layer_choice(napari_viewer, Image, "Inpaint mode: the scan (Image layer) the lesion goes into; "
+                                                       "paint the lesion in a Labels layer over it")
+        self.lesion = layer_choice(napari_viewer, Labels, "Conditional / inpaint mode: the Labels layer whose "
+                                                          "lesion the FLAIR should carry", first=PRIOR_LESION)
         self.site = layer_choice(napari_viewer, Points, "Joint mode, site-conditioned adapters (the 2 mm "
                                                         "'embedded-fine'): the Points layer whose points are where "
                                                         "the lesions go, one per pair in turn, placed on a generated "
@@ -143,6 +149,7 @@ class GenerateWidget(QWidget):
         self.guidance = guidance_box(GUIDANCE_TIP, step=0.25)
         self.joint_guidance = guidance_box(JOINT_GUIDANCE_TIP, step=0.05)
         self.mode.currentTextChanged.connect(self._toggle_mode_fields)
+        self.mode.currentTextChanged.connect(self._mode_chosen)
         self.render.edit.textChanged.connect(self._toggle_mode_fields)
         self._toggle_mode_fields()
         self.generate_button = tip(QPushButton("Generate"), "Generate the pairs; each appears as 'gen_NNN FLAIR' + "
@@ -174,6 +181,7 @@ class GenerateWidget(QWidget):
         form.addRow("Model", adapter_row)
         form.addRow("", self.offer)
         form.addRow("Mode", self.mode)
+        form.addRow("Scan", self.scan.native)
         form.addRow("Lesion", self.lesion.native)
         form.addRow("Lesion sites", self.site.native)
         form.addRow("Pairs", self.n)
@@ -227,11 +235,17 @@ class GenerateWidget(QWidget):
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.disconnect(self._refresh_pairs)
 
+    def _mode_chosen(self, mode: str) -> None:
+        sampler, steps = MODE_SAMPLING[mode]
+        self.sampler.setCurrentText(sampler)
+        self.steps.setValue(steps)
+
     def _toggle_mode_fields(self, *_: Any) -> None:
-        self.lesion.enabled = self.mode.currentText() == "conditional"
+        self.scan.enabled = self.mode.currentText() == "inpaint"
+        self.lesion.enabled = self.mode.currentText() in ("conditional", "inpaint")
         self.site.enabled = self.mode.currentText() == "joint"
         self.render.setEnabled(self.mode.currentText() == "joint")
-        self.guidance.setEnabled(self.mode.currentText() == "conditional" or bool(self.render.text()))
+        self.guidance.setEnabled(self.mode.currentText() in ("conditional", "inpaint") or bool(self.render.text()))
         self.joint_guidance.setEnabled(self.mode.currentText() == "joint")
 
     def _refresh_pairs(self, *_: Any) -> None:
@@ -270,7 +284,7 @@ class GenerateWidget(QWidget):
             return None
         mode, lesion = self.mode.currentText(), None
         chosen = self.lesion.value
-        if mode == "conditional" and chosen != PRIOR_LESION:
+        if mode in ("conditional", "inpaint") and chosen != PRIOR_LESION:
             if chosen is None or chosen not in self.viewer.layers:
                 show_error("Generate: the chosen Labels layer is no longer open")
                 return None
@@ -290,6 +304,14 @@ class GenerateWidget(QWidget):
                            "lesion should go")
                 return None
             sites = np.array([chosen_sites.data_to_world(point) for point in chosen_sites.data])
+        scan = None
+        if mode == "inpaint":
+            chosen_scan = self.scan.value
+            if chosen_scan is None or chosen_scan not in self.viewer.layers:
+                show_error("Generate: inpaint needs a scan: open a FLAIR (Image layer) and choose it under Scan")
+                return None
+            scan_data, scan_state, _ = chosen_scan.as_layer_data_tuple()
+            scan = (np.asarray(scan_data).copy(), scan_state)
         render = self.render.text() if mode == "joint" else ""
         if render and render not in EMBEDDED_NAMES and not Path(render).is_dir():
             show_error(f"Generate: conditional adapter folder {render} (Render with) does not exist")
@@ -298,7 +320,8 @@ class GenerateWidget(QWidget):
                                         self.device.currentText(), mode=mode, lesion=lesion,
                                         method=self.sampler.currentText(), render=render or None,
                                         guidance=chosen_guidance(self.guidance),
-                                        joint_guidance=chosen_guidance(self.joint_guidance), sites_world=sites)
+                                        joint_guidance=chosen_guidance(self.joint_guidance), sites_world=sites,
+                                        scan=scan)
         self.generate_button.setEnabled(False)
         self.job.begin(self.run.progress_text())
         self.progress_timer.start()

@@ -19,8 +19,8 @@ from neuromf.weights import sample_data_root  # no torch import: the module read
 
 PHANTOM_CASE = "sub-00001"
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"  # the pre-made pairs (see _make_samples)
-PAIRS = {"joint": "gen_000", "conditional": "cond_000"}  # as in _make_samples, which imports torch
-LAYER_PREFIX = "gen_000"  # the layers' names: "gen_000 FLAIR", "gen_000 lesion"
+# file prefixes, as in _make_samples (which imports torch), and the layers' names: "gen_000 FLAIR", "cond_000 lesion"
+PAIRS = {"joint": "gen_000", "conditional": "cond_000"}
 
 
 class SampleDataError(RuntimeError):
@@ -70,7 +70,7 @@ def _sample_pair(mode: str) -> list:
     if image.shape != mask.shape or abs(affine - mask_affine).max() > 1e-3:
         raise SampleDataError(f"NeuroMF sample data: {files[1].name} is not on the grid of {files[0].name}; "
                               "remake both with 'python -m napari_neuromf._make_samples'")
-    return pair_layers(LAYER_PREFIX, image, mask, affine, meta)
+    return pair_layers(prefix, image, mask, affine, meta)  # distinct names: both samples can be open
 
 
 def generated_pair() -> list:

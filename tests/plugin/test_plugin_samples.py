@@ -121,9 +121,8 @@ def test_generated_samples_carry_their_provenance(make_napari_viewer):
     assert info["adapter"] == "embedded (lora_demo)"
     assert dict(zip(lesion.features["index"], lesion.features["name"], strict=True))[1] == LESION_NAME
 
-    viewer.layers.clear()
     viewer.open_sample("napari-neuromf", "conditional_pair")  # a FLAIR for a lesion drawn by the prior
-    image, lesion = viewer.layers["gen_000 FLAIR"], viewer.layers["gen_000 lesion"]
+    image, lesion = viewer.layers["cond_000 FLAIR"], viewer.layers["cond_000 lesion"]  # named apart from gen_000
     assert image.data.shape == lesion.data.shape == (64, 64, 64)
     assert lesion.data.any() and lesion.metadata["neuromf"]["mode"] == "conditional"
     assert lesion.metadata["neuromf"]["mask_source"] == "prior"

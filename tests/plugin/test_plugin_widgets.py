@@ -597,3 +597,38 @@ def test_generation_cancel_stops_within_one_network_step_and_keeps_the_pairs_don
     assert len(pairs) == 1 and run.pairs == 1 and run.failure is None and run.cancelled
     assert seen[:6] == [(0, i, 6) for i in range(1, 7)] and seen[-1] == (1, 2, 6)  # no step after the cancel
     assert run.loaded_s is not None and "network step 2 / 6" in run.progress_text()
+
+
+def test_generate_widget_inpaints_the_painted_lesion_into_the_scan_painted_on(make_napari_viewer, qtbot,
+                                                                              phantom_subset, tiny_conditional_adapter):
+    """Paint a lesion on an open FLAIR, choose inpaint: the new FLAIR is THAT scan (its grid, its voxels beyond the
+    margin) with the lesion put in, and the lesion layer lies where it was painted."""
+    from napari_neuromf._generate_widget import GenerateWidget
+    from napari_neuromf._layers import read_layer
+
+    viewer = make_napari_viewer()
+    data, state, _ = read_layer(next((phantom_subset / SUBJECTS[1] / "anat").glob("*_FLAIR.nii.gz")))
+    flair = viewer.add_image(data, **{k: state[k] for k in ("name", "scale", "translate", "metadata")})
+    painted = viewer.add_labels(np.zeros(flair.data.shape, dtype=np.uint8), name="painted lesion",
+                                scale=flair.scale, translate=flair.translate)
+    centre = np.array(flair.data.shape) // 2
+    painted.brush_size = 6
+    painted.paint(tuple(centre), new_label=1)
+    widget = ready(qtbot, GenerateWidget(viewer))
+    use_tiny(widget, tiny_conditional_adapter)
+    widget.mode.setCurrentText("inpaint")
+    assert (widget.sampler.currentText(), widget.steps.value()) == ("meanflow", 8)  # the inpaint defaults
+    widget.steps.setValue(2)
+    assert widget.scan.enabled and widget.lesion.enabled and not widget.site.enabled
+    widget.scan.value, widget.lesion.value = flair, painted
+    image, lesion = generate_one_pair(qtbot, widget, viewer)
+    assert image.data.shape == flair.data.shape  # the scan's own grid, not the model grid
+    assert np.allclose(image.scale, flair.scale) and np.allclose(image.translate, flair.translate)
+    info = image.metadata["neuromf"]
+    assert info["mode"] == "inpaint" and info["scan"] == flair.name
+    assert np.array_equal(lesion.data > 0, painted.data > 0)
+    far = np.ones(flair.data.shape, dtype=bool)  # farther than the margin (6 mm) from the painted lesion
+    lo, hi = np.maximum(centre - 12, 0), centre + 12
+    far[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = False
+    np.testing.assert_allclose(np.asarray(image.data)[far], np.asarray(flair.data, dtype=np.float32)[far])
+    assert not np.allclose(np.asarray(image.data)[~far], np.asarray(flair.data, dtype=np.float32)[~far])
