@@ -242,9 +242,11 @@ def prefer_this_reader() -> None:
 
 def guard_current_viewer() -> None:
     """Install the ViewGuard on the viewer napari is opening into (the reader and the samples call this before
-    napari adds their layers); nothing when there is no viewer (a script calling the reader)."""
-    from napari import current_viewer
+    napari adds their layers); nothing when there is no viewer (a script calling the reader). napari's viewer
+    module is only looked up, never imported: importing it loads Qt (seconds) in a process without a viewer."""
+    import sys
 
-    viewer = current_viewer()
+    viewer_module = sys.modules.get("napari.viewer")
+    viewer = None if viewer_module is None else viewer_module.current_viewer()
     if viewer is not None:
         view_guard(viewer)

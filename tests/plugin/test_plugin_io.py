@@ -157,7 +157,7 @@ def test_sample_data_and_widgets_from_manifest(make_napari_viewer):
         assert widget is not None
 
     viewer.open_sample("napari-neuromf", "fcd_phantom_case")
-    image, lesion = viewer.layers
+    image, lesion = data_layers(viewer)
     assert isinstance(image, Image) and isinstance(lesion, Labels)
     assert image.data.shape == lesion.data.shape
     assert tuple(image.scale) == tuple(lesion.scale) and tuple(image.translate) == tuple(lesion.translate)
