@@ -153,9 +153,10 @@ class ViewGuard:
         self._refreshing = True
         try:
             caption, text = viewer.canvas.overlays.text, self.caption_text()
-            caption.text = text or ""
-            caption.position = "bottom_left"  # the top centre holds the A letter
-            caption.visible = text is not None
+            if caption.text != (text or "") or caption.visible != (text is not None):  # each set redraws: only changes
+                caption.text = text or ""
+                caption.position = "bottom_left"  # the top centre holds the A letter
+                caption.visible = text is not None
             self._place_markers(show=text is not None, add=add_letters)
         finally:
             self._refreshing = False
@@ -186,9 +187,10 @@ class ViewGuard:
                 features={"letter": list(MARKER_LETTERS)}, metadata={"neuromf_view_aid": True},
                 text={"string": "{letter}", "size": 16, "color": "yellow", "anchor": "center"})
             markers.editable = False
-        else:
+        elif markers.data.shape != positions.shape or not np.allclose(markers.data, positions):
             markers.data = positions
-        markers.visible = show
+        if markers.visible != show:
+            markers.visible = show
 
     def _raise_markers(self) -> None:
         viewer, markers = self.viewer, None if self.viewer is None else self._markers()
