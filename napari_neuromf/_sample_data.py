@@ -3,9 +3,9 @@
 napari opens a sample on its GUI thread, so every sample here only reads small NIfTI files with nibabel: no
 torch, MONAI or model run (those froze napari for 6-15 s). The generated pairs are pre-made by
 ``python -m napari_neuromf._make_samples`` (seed 0, the Generate dock's 2 mm defaults: ``joint_fine`` masks with
-FLAIRs drawn by ``cond_fine``, and ``cond_fine`` alone) into ``napari_neuromf/samples/``. Both work from an installed wheel. napari turns an empty sample into
-a generic error, so a sample that cannot be produced raises SampleDataError with the reason and the remedy
-instead: File > Open Sample shows it as one error notification.
+FLAIRs drawn by ``cond_fine``, and ``cond_fine`` alone) into ``napari_neuromf/samples/``. Both work from an
+installed wheel. napari turns an empty sample into a generic error, so a sample that cannot be produced raises
+SampleDataError with the reason and the remedy instead: File > Open Sample shows it as one error notification.
 """
 
 from __future__ import annotations
