@@ -40,9 +40,10 @@ CAPTIONS = {RADIOLOGICAL: "Axial · radiological\nscreen left = patient Right (R
                           "top = Anterior (A), bottom = Posterior (P)"}
 
 
-def show_axial(viewer: napari.Viewer, convention: str = RADIOLOGICAL) -> None:
+def show_axial(viewer: napari.Viewer, convention: str = RADIOLOGICAL, letters: bool = True) -> None:
     """Axial view of 3D layers in ``convention``, with R/A/S labels on the dims and the orientation written in a
-    corner of the canvas (napari's axes arrows would sit at the world origin, i.e. in the middle of the brain)."""
+    corner of the canvas (napari's axes arrows would sit at the world origin, i.e. in the middle of the brain);
+    ``letters``: place the orientation letters now (the ViewGuard places them after an insertion itself)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if viewer.dims.ndim != 3:  # only volumes have an anatomical orientation to show
@@ -52,7 +53,7 @@ def show_axial(viewer: napari.Viewer, convention: str = RADIOLOGICAL) -> None:
     viewer.dims.axis_labels = AXIS_LABELS
     viewer.dims.order = AXIAL_ORDER
     viewer.scene.camera.orientation = ORIENTATIONS[convention]
-    guard.refresh(add_letters=True)
+    guard.refresh(add_letters=letters)
 
 
 def current_convention(viewer: napari.Viewer) -> str | None:
@@ -101,6 +102,7 @@ class ViewGuard:
         self._viewer = weakref.ref(viewer)
         self.convention = RADIOLOGICAL
         self._refreshing = False
+        self._fit_pending = False  # a first volume arrived: reset the view once its letters are placed
         viewer.layers.events.inserted.connect(self._inserted)
         viewer.layers.events.removed.connect(self.refresh)
         viewer.dims.events.order.connect(self.refresh)
@@ -123,18 +125,29 @@ class ViewGuard:
         volumes = self.volumes()
         fresh = len(volumes) == 1 or current_convention(viewer) is None  # a first volume, or the user turned away
         if fresh:
-            show_axial(viewer, self.convention)
+            show_axial(viewer, self.convention, letters=False)
         from napari.layers import Labels
 
         if isinstance(layer, Labels) and sum(isinstance(v, Labels) for v in volumes) == 1 and np.any(layer.data):
             centre = np.argwhere(np.asarray(layer.data) > 0).mean(axis=0)  # the axial slice through the lesion
             viewer.dims.set_point(2, float(layer.data_to_world(centre)[2]))
-        self.refresh(add_letters=True)
+        self.refresh()
         from qtpy.QtCore import QTimer
 
-        QTimer.singleShot(0, self._raise_markers)  # above the new volume, once napari has finished adding it
-        if fresh:
-            viewer.reset_view()  # after the letters exist: the view fits them too, at the volume's edges
+        # the letters in the next turn of the event loop: after napari has added every layer of this opening (so
+        # they go on top without a reorder) and not in the same stretch of GUI-thread work
+        self._fit_pending = self._fit_pending or fresh
+        QTimer.singleShot(0, self._letters_after_insert)
+
+    def _letters_after_insert(self) -> None:
+        viewer = self.viewer
+        if viewer is None or not self.volumes():
+            return
+        self.refresh(add_letters=True)
+        self._raise_markers()
+        if self._fit_pending:
+            self._fit_pending = False
+            viewer.reset_view()
 
     def caption_text(self) -> str | None:
         """The caption the view needs now: None when no volume is open or the view is not one of ours."""

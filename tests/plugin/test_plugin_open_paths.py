@@ -40,10 +40,12 @@ def _letters(viewer):
     return dict(zip(found[0].features["letter"], np.asarray(found[0].data), strict=True))
 
 
-def _assert_axial_radiological(viewer, letters_visible=True):
-    """Axial, A up, patient R on screen left, caption saying so, letters on the right sides of the volume."""
+def _assert_axial_radiological(viewer, qtbot):
+    """Axial, A up, patient R on screen left, caption saying so, letters on the right sides of the volume (placed
+    in the next turn of the event loop after an opening)."""
     from napari_neuromf._viewing import AXIAL_ORDER, RADIOLOGICAL, current_convention
 
+    qtbot.waitUntil(lambda: set(_letters(viewer)) == {"R", "L", "A", "P"}, timeout=10_000)
     assert tuple(viewer.dims.order) == AXIAL_ORDER and tuple(viewer.dims.displayed) == (1, 0)
     assert tuple(map(str, viewer.scene.camera.orientation2d)) == ("up", "left")  # A up; larger R toward screen left
     assert current_convention(viewer) == RADIOLOGICAL
@@ -94,7 +96,7 @@ def test_file_open_and_drop_show_an_lps_file_axial_radiological(viewer, qtbot, t
     prefer_this_reader()  # as after any use of the plugin; a fresh napari asks once which reader to use
     viewer.window._qt_viewer._qt_open([str(image_path)], stack=False)  # what File > Open calls
     image = viewer.layers["lps_FLAIR"]
-    _assert_axial_radiological(viewer)
+    _assert_axial_radiological(viewer, qtbot)
     # the displayed world axes against the file's affine: the blob's world position is its RAS position, and it
     # lies on the side of the R letter, i.e. on the screen's left in radiological convention
     found = image.data_to_world(np.argwhere(np.asarray(image.data) > 300).mean(axis=0))
@@ -108,7 +110,7 @@ def test_file_open_and_drop_show_an_lps_file_axial_radiological(viewer, qtbot, t
     viewer.window._qt_viewer.dropEvent(drop)
     lesion = viewer.layers["lps_FLAIR_roi"]
     assert lesion.data[tuple(np.round(lesion.world_to_data(blob)).astype(int))] == 1
-    _assert_axial_radiological(viewer)
+    _assert_axial_radiological(viewer, qtbot)
     viewer.dims.set_point(2, 40.0)
     assert _letters(viewer)["R"][2] == viewer.dims.point[2]  # the letters follow the slider
 
@@ -122,7 +124,7 @@ def test_file_open_and_drop_show_an_lps_file_axial_radiological(viewer, qtbot, t
     _assert_caption_gone(viewer)
     nib.save(nib.Nifti1Image(np.ones((10, 12, 14), np.float32), np.eye(4)), tmp_path / "ras.nii.gz")
     viewer.window._qt_viewer._qt_open([str(tmp_path / "ras.nii.gz")], stack=False)
-    _assert_axial_radiological(viewer)
+    _assert_axial_radiological(viewer, qtbot)
 
     viewer.layers.remove("ras")  # only the volume removed: the letters and the caption go with it
     _assert_caption_gone(viewer)
@@ -132,7 +134,7 @@ def test_file_open_and_drop_show_an_lps_file_axial_radiological(viewer, qtbot, t
 def test_open_sample_shows_the_lesion_axial_radiological(viewer, qtbot):
     viewer.dims.order = (0, 1, 2)  # a viewer left sagittal before
     viewer.open_sample("napari-neuromf", "fcd_phantom_case")
-    _assert_axial_radiological(viewer)
+    _assert_axial_radiological(viewer, qtbot)
     lesion = next(layer for layer in viewer.layers if layer.name.endswith("lesion"))
     slice_index = int(round(lesion.world_to_data(viewer.dims.point)[2]))
     assert np.asarray(lesion.data)[:, :, slice_index].any()  # the slice shown crosses the lesion
@@ -148,4 +150,4 @@ def test_rechoosing_radiological_restores_it(viewer, qtbot, phantom_subset):
     assert "neurological" in viewer.canvas.overlays.text.text  # the caption follows what is displayed
     assert widget.convention.currentText() == "Radiological"
     widget.convention.activated.emit(widget.convention.currentIndex())  # the user picks Radiological again
-    _assert_axial_radiological(viewer)
+    _assert_axial_radiological(viewer, qtbot)
