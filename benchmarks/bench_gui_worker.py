@@ -4,7 +4,7 @@ Three ways to drive the same `neuromf.pipelines.lora.train_lora` generator with 
 repeat by repeat:
 
 - headless: `neuromf.train.run_to_end` on the main thread (what the CLI does), no Qt event loop running;
-- worker: the plugin's worker body (`napari_neuromf._session.TrainingRun.drive`) in
+- worker: the plugin's worker body (`napari_neuromf._training_run.TrainingRun.drive`) in
   `napari.qt.threading.create_worker`, while the main thread runs a Qt event loop with a shown napari viewer
   holding a FLAIR image and its lesion labels;
 - widget: the LoRA dock widget itself (`LoRAWidget.start`), docked in that viewer, so its per-step handlers
@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from benchlib import base_parser, environment, finish, pick, ratio, setup_torch, target  # noqa: E402
 
-from napari_neuromf import _session  # noqa: E402
+from napari_neuromf import _training_run  # noqa: E402
 from neuromf.data.phantom import PhantomConfig, make_phantom_dataset  # noqa: E402
 from neuromf.io.bids import discover_cases  # noqa: E402
 from neuromf.io.nifti import Preprocessing, preprocess_pair  # noqa: E402
@@ -49,7 +49,7 @@ VARIANTS = ("headless", "worker", "widget")
 
 
 @dataclass
-class TimedRun(_session.TrainingRun):
+class TimedRun(_training_run.TrainingRun):
     """The plugin's TrainingRun, timestamping step events where the generator yields them and where the GUI
     thread receives them."""
 
@@ -170,7 +170,7 @@ def main() -> dict:
             time.sleep(0.01)
 
         def config(out_dir: Path):
-            return _session.build_lora_config(CONFIG, {**settings, "training.output_dir": str(out_dir)})
+            return _training_run.build_lora_config(CONFIG, {**settings, "training.output_dir": str(out_dir)})
 
         def wait(done, finished_signal) -> None:
             """Run a Qt event loop (as napari.run would) until `done()`; a slow poll guards the race."""
@@ -248,8 +248,8 @@ def main() -> dict:
 
         def run_widget(out: Path) -> dict:
             widget.output.setText(str(out))
-            original = _session.TrainingRun
-            _session.TrainingRun = TimedRun  # the widget builds its run through _session.TrainingRun
+            original = _training_run.TrainingRun
+            _training_run.TrainingRun = TimedRun  # the widget builds its run through _training_run.TrainingRun
             before = dict(gui_time)
             try:
                 t0 = time.perf_counter()
@@ -258,7 +258,7 @@ def main() -> dict:
                     raise RuntimeError("LoRAWidget.start refused to start (see the notifications above)")
                 wait(lambda: not widget.busy, worker.finished)
             finally:
-                _session.TrainingRun = original
+                _training_run.TrainingRun = original
             run = widget.run
             if run.failure is not None:
                 raise RuntimeError(run.failure.message) from run.failure.error
@@ -271,8 +271,8 @@ def main() -> dict:
                                         "window_repaints_per_step": gui["window_repaints"] / run.result.step}}
 
         runners = {"headless": run_headless, "worker": run_worker, "widget": run_widget}
-        if widgets_module._session is not _session:
-            raise RuntimeError("napari_neuromf._lora_widget does not use napari_neuromf._session: cannot time its "
+        if widgets_module._training_run is not _training_run:
+            raise RuntimeError("napari_neuromf._lora_widget does not use napari_neuromf._training_run: cannot time its "
                                "runs")
         run_headless(tmp / "runs" / "warmup_headless")  # fills the latent cache, warms up the step
         run_worker(tmp / "runs" / "warmup_worker")

@@ -22,12 +22,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_neuromf import _session
+from napari_neuromf import _environment, _state
 from napari_neuromf._helpers import (
     JobPanel,
     PathField,
     add_layer,
     dock_title,
+    help_link,
     launch,
     layer_choice,
     make_table,
@@ -38,7 +39,7 @@ from napari_neuromf._helpers import (
     when_backend_ready,
 )
 from napari_neuromf._layers import LayerDataError, case_layers, write_layer
-from napari_neuromf._viewing import CONVENTIONS, RADIOLOGICAL, current_convention, show_axial
+from napari_neuromf._viewing import CONVENTIONS, RADIOLOGICAL, current_convention, show_axial, view_guard
 
 if TYPE_CHECKING:
     import napari
@@ -58,6 +59,7 @@ class FCDDataWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        view_guard(napari_viewer)  # axial view, caption and orientation letters for every volume added
         self.busy = False  # a worker of this widget is running
         self.cases: list = []  # neuromf.io.bids.Case, in table order
         self.worker = None
@@ -81,6 +83,7 @@ class FCDDataWidget(QWidget):
                                            "in radiology). Neurological: the patient's right on the right")
         self.convention.addItems([c.capitalize() for c in CONVENTIONS])
         self.convention.currentTextChanged.connect(self.apply_view)
+        self.convention.activated.connect(self.apply_view)  # re-choosing the shown convention restores it
         self.three_views = tip(QCheckBox("three views"), "Also show coronal and sagittal views (in a dock below the "
                                                          "canvas), linked to the axial view: they cross at the same "
                                                          "point, and a slider in any view moves it in all three")
@@ -104,6 +107,7 @@ class FCDDataWidget(QWidget):
         form = QFormLayout()
         form.addRow("Data folder", self.folder)
         layout = QVBoxLayout(self)
+        layout.addWidget(help_link("napari_user_guide.md", "Help: opening and viewing cases"))
         layout.addLayout(form)
         layout.addWidget(self.scan_button)
         layout.addWidget(self.table, 1)  # the table takes the dock's free height
@@ -128,10 +132,10 @@ class FCDDataWidget(QWidget):
         dock_title(self, self.TITLE)
         when_backend_ready(self, self._fill_defaults)
 
-    def _fill_defaults(self, env: _session.Environment) -> None:
-        state = _session.STATE
+    def _fill_defaults(self, env: _environment.Environment) -> None:
+        state = _state.STATE
         self.folder.fill(str(state.last_data_dir) if state.last_data_dir else env.phantom_root)
-        self.register_folder.fill(str(_session.user_folder() / "my_cases"))
+        self.register_folder.fill(str(_state.user_folder() / "my_cases"))
 
     # -- view ---------------------------------------------------------------------------------------------
     def apply_view(self, *_: Any) -> None:
@@ -169,7 +173,7 @@ class FCDDataWidget(QWidget):
         self.three_views.blockSignals(False)
 
     def _view_after_adding(self, lesion: Any = None) -> None:
-        if current_convention(self.viewer) is None or len(self.viewer.layers) <= 2:
+        if current_convention(self.viewer) is None or len(view_guard(self.viewer).volumes()) <= 2:
             self.apply_view()  # a first case, or the user moved away from axial: back to the chosen axial view
             self.viewer.reset_view()
         if lesion is not None and lesion.data.any():  # the axial slice through the lesion's centre
@@ -224,7 +228,7 @@ class FCDDataWidget(QWidget):
         if self.job.bar.format() != "failed" and not self.worker.abort_requested:
             self.job.finish(f"{len(self.cases)} cases in {folder}")
             if self.cases:
-                _session.STATE.remember(last_data_dir=folder)
+                _state.STATE.remember(last_data_dir=folder)
 
     def _show_row(self, i: int, row: dict) -> None:
         shape, spacing, lesion = row.get("shape"), row.get("spacing"), row.get("lesion_cm3")
@@ -289,7 +293,7 @@ class FCDDataWidget(QWidget):
         if self.busy:
             show_warning("FCD data: wait for the current job or press Cancel")
             return None
-        folder = Path(self.register_folder.text() or _session.user_folder() / "my_cases")
+        folder = Path(self.register_folder.text() or _state.user_folder() / "my_cases")
         # snapshots: the user may keep painting while the files are written
         layers = [(np.array(layer.data), layer.as_layer_data_tuple()[1]) for layer in (image, labels)]
         worker = self._start(write_case, folder, case_id, layers, message=f"Writing {case_id} into {folder} ...")

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.layers import Labels, Points
+from napari.layers import Image, Labels, Points
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -17,51 +18,62 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
+    QLabel,
     QListWidget,
     QPushButton,
     QSpinBox,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_neuromf import _session
+from napari_neuromf import _environment, _generate_run, _state
 from napari_neuromf._helpers import (
     JobPanel,
     PathField,
     add_layer,
     dock_title,
+    help_link,
     launch,
     layer_choice,
     tip,
     when_backend_ready,
 )
+from napari_neuromf._jobs import Caution, Failure
 from napari_neuromf._layers import pair_layers
-from napari_neuromf._session import Caution, Failure
-from napari_neuromf._viewing import RADIOLOGICAL, current_convention, show_axial
+from napari_neuromf._viewing import view_guard
 from neuromf.config import SAMPLERS
 from neuromf.weights import EMBEDDED_NAMES
 
 if TYPE_CHECKING:
     import napari
 
-GENERATION_MODES = ("joint", "conditional")
+GENERATION_MODES = ("joint", "conditional", "inpaint")
+# the sampler and steps each mode needs with the shipped 2 mm models (set when the mode is chosen)
+MODE_SAMPLING = {"joint": ("euler", 32), "conditional": ("meanflow", 1), "inpaint": ("meanflow", 8)}
 PRIOR_LESION = "drawn from the training lesions"
 DRAWN_SITES = "drawn from the training lesions' sites"
 MODE_TIPS = ("joint: FLAIR and lesion mask both generated from noise (a LoRA adapter).\n"
              "conditional: a FLAIR that carries a lesion you give (a ControlNet adapter): paint one in a Labels layer, "
-             "pick a case's mask, or let one be drawn from the training lesions")
+             "pick a case's mask, or let one be drawn from the training lesions.\n"
+             "inpaint: the lesion put into the scan you painted on (Scan): a new FLAIR of that scan that keeps its "
+             "own voxels beyond a few millimetres of the lesion")
 ADAPTER_GUIDANCE = "adapter's"
-GUIDANCE_TIP = ("Mask guidance of a conditional adapter (conditional mode, or Render with): 'adapter's' = the value "
-                "its card measured (1 unless set); 1 = as trained; above 1 the lesion is rendered more strongly "
-                "(u_empty + s (u_mask - u_empty)), at twice the time per step; too high makes lesions brighter than "
-                "real ones")
-JOINT_GUIDANCE_TIP = ("Joint mode, x-prediction adapters: the mask guided against the empty mask's path from the "
-                      "same noise (x_empty + s (x - x_empty)). 'adapter's' = the value its card measured (1 unless "
-                      "set); 1 = none; slightly above 1 (e.g. 1.1) for a training whose masks come out empty or as "
-                      "specks; too high grows lesions beyond the real sizes. Twice the time per step")
-SAMPLER_TIPS = ("meanflow: the average velocity, Steps jumps from noise to data (1 = one step, the fastest).\n"
-                "euler: Steps Euler steps with the instantaneous velocity (the flow-matching baseline); what a joint "
-                "adapter trained with x-prediction needs (e.g. 32 steps)")
+GUIDANCE_TIP = ("How bright the lesion is drawn in the FLAIR. 'adapter's' = the value measured for the adapter (1 "
+                "unless set); 1 = as trained; higher = a brighter lesion than the training showed (each step then "
+                "takes twice as long); too high makes lesions brighter than real ones")
+JOINT_GUIDANCE_TIP = ("How strongly the mask commits to a lesion. 'adapter's' = the value measured for the adapter; "
+                      "1 = no push; slightly above 1 (e.g. 1.1) when the masks come out empty or as specks; too high "
+                      "makes lesions larger than real ones. Each step then takes twice as long")
+SAMPLER_TIPS = ("How the image is computed from noise.\n"
+                "euler (default): many small steps (32); what the shipped 2 mm joint adapter needs for a lesion.\n"
+                "meanflow: big jumps; 1 step is the fastest but the 2 mm joint masks then come out empty")
+# the configuration that makes lesion pairs with the shipped models: the 2 mm joint adapter draws the lesion mask,
+# the 2 mm conditional adapter draws the FLAIR for it, 32 Euler steps (see docs/napari_user_guide.md)
+DEFAULT_ADAPTER = "embedded-fine"
+DEFAULT_RENDER = "embedded-fine"
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_PAIRS = "euler", 32, 1
+PROGRESS_MS = 250  # how often the bar reads the run's network step
 
 
 def guidance_box(tooltip: str, step: float) -> QDoubleSpinBox:
@@ -87,55 +99,68 @@ class GenerateWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        view_guard(napari_viewer)  # axial view, caption and orientation letters for every volume added
         self.busy = False  # a worker of this widget is running
-        self.run: _session.GenerateRun | _session.SaveRun | None = None
+        self.run: _generate_run.GenerateRun | _generate_run.SaveRun | None = None
         self.worker = None
 
-        self.adapter = PathField(_session.EMBEDDED, "dir", "Adapter folder",
-                                 tooltip="The trained adapter to sample from: 'embedded' = the demo shipped with "
-                                         "NeuroMF (3 mm), 'embedded-fine' = the shipped 2 mm adapter of the "
-                                         "chosen mode (finer lesions, slower; joint: set Sampler euler, 32 steps "
-                                         "and Render with 'embedded-fine'); by default the last one trained")
-        self.follow_training = True  # until the user edits the adapter, follow the latest trained one
-        self.adapter.edit.textEdited.connect(self._adapter_edited)
-        _session.STATE.on_adapter(self._new_adapter)
-        latest = tip(QPushButton("last trained"), "Use the adapter of the last LoRA run (remembered across sessions)")
+        self.adapter = PathField(DEFAULT_ADAPTER, "dir", "Adapter folder",
+                                 tooltip="The trained model to draw pairs from: 'embedded-fine' (default) = the 2 mm "
+                                         "models shipped with NeuroMF, which make lesion pairs; 'embedded-3mm' = the "
+                                         "older 3 mm demo (its joint masks come out empty); or a trained adapter "
+                                         "folder")
+        _state.STATE.on_adapter(self._new_adapter)
+        latest = tip(QPushButton("last trained"), "Use the adapter of the last LoRA run (remembered across sessions). "
+                                                  "It is offered, never chosen for you: a short training often "
+                                                  "makes empty masks or lesions outside the brain")
         latest.clicked.connect(self._use_latest)
-        self.n = tip(QSpinBox(), "How many pairs to generate")
+        self.offer = QLabel("")
+        self.offer.setWordWrap(True)
+        self.n = tip(QSpinBox(), "How many pairs to generate (on a CPU one 2 mm pair takes minutes)")
         self.n.setRange(1, 256)
-        self.n.setValue(4)
-        self.steps = tip(QSpinBox(), "Sampling steps: 1 = one-step MeanFlow (fastest); more steps can refine")
+        self.n.setValue(DEFAULT_PAIRS)
+        self.steps = tip(QSpinBox(), "Network steps per image: more steps take proportionally longer; the 2 mm joint "
+                                     "adapter needs about 32 for a lesion to appear")
         self.steps.setRange(1, 100)
-        self.steps.setValue(1)
+        self.steps.setValue(DEFAULT_STEPS)
         self.sampler = tip(QComboBox(), SAMPLER_TIPS)
         self.sampler.addItems(list(SAMPLERS))
+        self.sampler.setCurrentText(DEFAULT_SAMPLER)
         self.seed = tip(QSpinBox(), "Random seed: the same seed and settings give the same pairs")
         self.seed.setRange(0, 2**31 - 1)
         self.device = tip(QComboBox(), "auto: the first GPU when there is one, else the CPU")
         self.device.addItems(["auto", "cpu"])
         self.mode = tip(QComboBox(), MODE_TIPS)
         self.mode.addItems(list(GENERATION_MODES))
-        self.lesion = layer_choice(napari_viewer, Labels, "Conditional mode: the Labels layer whose lesion the "
-                                                          "FLAIR should carry", first=PRIOR_LESION)
+        self.scan = layer_choice(napari_viewer, Image, "Inpaint mode: the scan (Image layer) the lesion goes into; "
+                                                       "paint the lesion in a Labels layer over it")
+        self.lesion = layer_choice(napari_viewer, Labels, "Conditional / inpaint mode: the Labels layer whose "
+                                                          "lesion the FLAIR should carry", first=PRIOR_LESION)
         self.site = layer_choice(napari_viewer, Points, "Joint mode, site-conditioned adapters (the 2 mm "
                                                         "'embedded-fine'): the Points layer whose points are where "
                                                         "the lesions go, one per pair in turn, placed on a generated "
                                                         "pair (the model grid); by default sites are drawn from the "
                                                         "training lesions' sites", first=DRAWN_SITES)
-        self.render = PathField("", "dir", "Conditional adapter that renders the FLAIRs",
-                                tooltip="Joint mode, optional: a conditional adapter on the same base model (e.g. "
-                                        "'embedded-fine' for a 2 mm joint adapter) that renders the FLAIR for each "
-                                        "joint mask from the same noise; empty = the joint model's own FLAIR")
+        self.render = PathField(DEFAULT_RENDER, "dir", "Conditional adapter that draws the FLAIRs",
+                                tooltip="Joint mode: which model draws the FLAIR for each generated mask. "
+                                        "'embedded-fine' (default) = the 2 mm conditional model, which shows the "
+                                        "lesion as a bright region under the mask; empty = the joint model's own "
+                                        "FLAIR (the lesion barely shows in it)")
         self.guidance = guidance_box(GUIDANCE_TIP, step=0.25)
         self.joint_guidance = guidance_box(JOINT_GUIDANCE_TIP, step=0.05)
         self.mode.currentTextChanged.connect(self._toggle_mode_fields)
+        self.mode.currentTextChanged.connect(self._mode_chosen)
         self.render.edit.textChanged.connect(self._toggle_mode_fields)
         self._toggle_mode_fields()
         self.generate_button = tip(QPushButton("Generate"), "Generate the pairs; each appears as 'gen_NNN FLAIR' + "
                                                             "'gen_NNN lesion' layers")
         self.generate_button.clicked.connect(self.start)
-        self.job = JobPanel("Stop after the current pair (generating) or file (saving)")
+        self.job = JobPanel("Stop within one network step (generating; the pairs done so far stay) or after the "
+                            "current file (saving)")
         self.job.cancel_button.clicked.connect(self.cancel)
+        self.progress_timer = QTimer(self)
+        self.progress_timer.setInterval(PROGRESS_MS)
+        self.progress_timer.timeout.connect(self._show_step)
 
         self.pairs = tip(QListWidget(), "Generated pairs open in the viewer: select the ones to save")
         self.pairs.setSelectionMode(QAbstractItemView.ExtendedSelection)
@@ -153,20 +178,35 @@ class GenerateWidget(QWidget):
         adapter_row.addWidget(self.adapter)
         adapter_row.addWidget(latest)
         form = QFormLayout()
-        form.addRow("Adapter", adapter_row)
+        form.addRow("Model", adapter_row)
+        form.addRow("", self.offer)
         form.addRow("Mode", self.mode)
+        form.addRow("Scan", self.scan.native)
         form.addRow("Lesion", self.lesion.native)
         form.addRow("Lesion sites", self.site.native)
-        form.addRow("Render with", self.render)
-        form.addRow("Guidance", self.guidance)
-        form.addRow("Joint guidance", self.joint_guidance)
         form.addRow("Pairs", self.n)
-        form.addRow("Steps", self.steps)
-        form.addRow("Sampler", self.sampler)
         form.addRow("Seed", self.seed)
-        form.addRow("Device", self.device)
+        self.advanced = QWidget()  # collapsed: the defaults make lesion pairs; these change how
+        advanced_form = QFormLayout(self.advanced)
+        advanced_form.setContentsMargins(0, 0, 0, 0)
+        advanced_form.addRow("FLAIR drawn by", self.render)
+        advanced_form.addRow("Lesion brightness", self.guidance)
+        advanced_form.addRow("Mask commitment", self.joint_guidance)
+        advanced_form.addRow("Sampler", self.sampler)
+        advanced_form.addRow("Network steps", self.steps)
+        advanced_form.addRow("Device", self.device)
+        self.advanced.setVisible(False)
+        self.advanced_toggle = tip(QToolButton(), "Show the settings that change how pairs are drawn")
+        self.advanced_toggle.setText("Advanced")
+        self.advanced_toggle.setCheckable(True)
+        self.advanced_toggle.setToolButtonStyle(Qt.ToolButtonTextBesideIcon)
+        self.advanced_toggle.setArrowType(Qt.RightArrow)
+        self.advanced_toggle.toggled.connect(self._toggle_advanced)
         layout = QVBoxLayout(self)
+        layout.addWidget(help_link("napari_user_guide.md", "Help: generating pairs"))
         layout.addLayout(form)
+        layout.addWidget(self.advanced_toggle)
+        layout.addWidget(self.advanced)
         layout.addWidget(self.generate_button)
         layout.addWidget(self.job)
         box = QGroupBox("Save")
@@ -182,60 +222,69 @@ class GenerateWidget(QWidget):
         dock_title(self, self.TITLE)
         when_backend_ready(self, self._fill_defaults)
 
-    def _fill_defaults(self, env: _session.Environment) -> None:
+    def _fill_defaults(self, env: _environment.Environment) -> None:
         current = self.device.currentText()
         self.device.clear()
         self.device.addItems(list(env.devices))
         self.device.setCurrentText(current)
-        if self.follow_training and self.adapter.text() == _session.EMBEDDED:
-            self.adapter.setText(_session.STATE.default_adapter())
-        self.out_dir.fill(str(_session.user_folder() / "generated"))
+        if _state.STATE.last_adapter is not None and Path(_state.STATE.last_adapter).is_dir():
+            self._new_adapter(_state.STATE.last_adapter)
+        self.out_dir.fill(str(_state.user_folder() / "generated"))
 
     def _disconnect(self, *_: Any) -> None:
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.disconnect(self._refresh_pairs)
 
+    def _mode_chosen(self, mode: str) -> None:
+        sampler, steps = MODE_SAMPLING[mode]
+        self.sampler.setCurrentText(sampler)
+        self.steps.setValue(steps)
+
     def _toggle_mode_fields(self, *_: Any) -> None:
-        self.lesion.enabled = self.mode.currentText() == "conditional"
+        self.scan.enabled = self.mode.currentText() == "inpaint"
+        self.lesion.enabled = self.mode.currentText() in ("conditional", "inpaint")
         self.site.enabled = self.mode.currentText() == "joint"
         self.render.setEnabled(self.mode.currentText() == "joint")
-        self.guidance.setEnabled(self.mode.currentText() == "conditional" or bool(self.render.text()))
+        self.guidance.setEnabled(self.mode.currentText() in ("conditional", "inpaint") or bool(self.render.text()))
         self.joint_guidance.setEnabled(self.mode.currentText() == "joint")
 
     def _refresh_pairs(self, *_: Any) -> None:
         selected = {item.text() for item in self.pairs.selectedItems()}
         self.pairs.clear()
-        for prefix in _session.generated_prefixes(self.viewer.layers):
+        for prefix in _generate_run.generated_prefixes(self.viewer.layers):
             self.pairs.addItem(prefix)
             if prefix in selected:
                 self.pairs.item(self.pairs.count() - 1).setSelected(True)
 
-    def _adapter_edited(self, *_: Any) -> None:
-        self.follow_training = False
+    def _toggle_advanced(self, shown: bool) -> None:
+        self.advanced.setVisible(shown)
+        self.advanced_toggle.setArrowType(Qt.DownArrow if shown else Qt.RightArrow)
 
     def _new_adapter(self, adapter: Path) -> None:
-        if self.follow_training:
-            self.adapter.setText(str(adapter))
+        """A trained adapter is offered, never switched to: a short training often draws empty masks or lesions
+        outside the brain, and nothing has checked this one yet."""
+        self.offer.setText(f"Your last trained adapter ({Path(adapter).name}) is not selected: it has not been "
+                           "checked for lesions; press 'last trained' to try it.")
 
     def _use_latest(self) -> None:
-        if _session.STATE.last_adapter is None:
+        if _state.STATE.last_adapter is None:
             show_info("Generate: no LoRA run has finished yet")
             return
-        self.follow_training = True
-        self.adapter.setText(str(_session.STATE.last_adapter))
+        self.adapter.setText(str(_state.STATE.last_adapter))
+        self.offer.setText("Last trained adapter selected: look at each pair's lesion figures before trusting it.")
 
     # -- generating ---------------------------------------------------------------------------------------
     def start(self) -> Any:
         if self.busy:
             show_warning("Generate: a job is already running")
             return None
-        adapter = self.adapter.text() or _session.EMBEDDED
+        adapter = self.adapter.text() or DEFAULT_ADAPTER
         if adapter not in EMBEDDED_NAMES and not Path(adapter).is_dir():
             show_error(f"Generate: adapter folder {adapter} does not exist")
             return None
         mode, lesion = self.mode.currentText(), None
         chosen = self.lesion.value
-        if mode == "conditional" and chosen != PRIOR_LESION:
+        if mode in ("conditional", "inpaint") and chosen != PRIOR_LESION:
             if chosen is None or chosen not in self.viewer.layers:
                 show_error("Generate: the chosen Labels layer is no longer open")
                 return None
@@ -255,18 +304,27 @@ class GenerateWidget(QWidget):
                            "lesion should go")
                 return None
             sites = np.array([chosen_sites.data_to_world(point) for point in chosen_sites.data])
+        scan = None
+        if mode == "inpaint":
+            chosen_scan = self.scan.value
+            if chosen_scan is None or chosen_scan not in self.viewer.layers:
+                show_error("Generate: inpaint needs a scan: open a FLAIR (Image layer) and choose it under Scan")
+                return None
+            scan_data, scan_state, _ = chosen_scan.as_layer_data_tuple()
+            scan = (np.asarray(scan_data).copy(), scan_state)
         render = self.render.text() if mode == "joint" else ""
         if render and render not in EMBEDDED_NAMES and not Path(render).is_dir():
             show_error(f"Generate: conditional adapter folder {render} (Render with) does not exist")
             return None
-        self.run = _session.GenerateRun(adapter, self.n.value(), self.steps.value(), self.seed.value(),
+        self.run = _generate_run.GenerateRun(adapter, self.n.value(), self.steps.value(), self.seed.value(),
                                         self.device.currentText(), mode=mode, lesion=lesion,
                                         method=self.sampler.currentText(), render=render or None,
                                         guidance=chosen_guidance(self.guidance),
-                                        joint_guidance=chosen_guidance(self.joint_guidance), sites_world=sites)
+                                        joint_guidance=chosen_guidance(self.joint_guidance), sites_world=sites,
+                                        scan=scan)
         self.generate_button.setEnabled(False)
-        self.job.begin("Loading the adapter ...")
-        self.job.count(0, self.run.n, "pairs")
+        self.job.begin(self.run.progress_text())
+        self.progress_timer.start()
         worker = create_worker(self.run.drive)
         worker.yielded.connect(self._on_pair)
         worker.finished.connect(self._generation_finished)
@@ -275,10 +333,24 @@ class GenerateWidget(QWidget):
     def cancel(self) -> None:
         if self.run is not None and self.busy:
             self.run.cancel.set()
-            self.job.status.setText("Cancelling after the current one ...")
+            self.job.status.setText("Cancelling within one network step; the pairs done so far stay ...")
+
+    def _show_step(self) -> None:
+        """Timer: the run's network step on the bar (the worker only writes attributes; no signal per step)."""
+        run = self.run
+        if not isinstance(run, _generate_run.GenerateRun) or run.cancelled:
+            return
+        if run.step is None:
+            self.job.waiting(run.progress_text())
+            return
+        i, n = run.step
+        self.job.bar.setRange(0, max(1, n))
+        self.job.bar.setValue(i)
+        self.job.bar.setFormat(f"pair {min(run.pairs + 1, run.n)} / {run.n} · step %v / %m")
+        self.job.status.setText(run.progress_text())
 
     def _next_number(self) -> int:
-        numbers = [int(p.split("_")[1]) for p in _session.generated_prefixes(self.viewer.layers)
+        numbers = [int(p.split("_")[1]) for p in _generate_run.generated_prefixes(self.viewer.layers)
                    if p.split("_")[-1].isdigit()]
         return max(numbers, default=-1) + 1
 
@@ -296,21 +368,21 @@ class GenerateWidget(QWidget):
         prefix = f"gen_{self._next_number():03d}"
         for t in pair_layers(prefix, pair.image, pair.mask, pair.affine, meta):
             add_layer(self.viewer, t)
-        if current_convention(self.viewer) is None:
-            show_axial(self.viewer, RADIOLOGICAL)
-        self.job.count(run.pairs, run.n, "pairs")
-        self.job.status.setText("\n".join([f"{prefix}: generated", *run.cautions]))
+        self.job.status.setText("\n".join([f"{prefix}: {_generate_run.describe_lesion(meta.get('lesion'))}",
+                                           *run.cautions]))
 
     def _generation_finished(self) -> None:
+        self.progress_timer.stop()
         self.generate_button.setEnabled(True)
         run = self.run
         if run.failure is None:
             cancelled = " (cancelled)" if run.cancelled else ""
+            self.job.count(run.pairs, run.n, "pairs")
             self.job.finish("\n".join([f"Generated {run.pairs} of {run.n} pairs{cancelled}", *run.cautions]))
 
     # -- saving -------------------------------------------------------------------------------------------
     def chosen_prefixes(self) -> list[str]:
-        everything = _session.generated_prefixes(self.viewer.layers)
+        everything = _generate_run.generated_prefixes(self.viewer.layers)
         if self.save_all.isChecked():
             return everything
         selected = {item.text() for item in self.pairs.selectedItems()}
@@ -334,8 +406,8 @@ class GenerateWidget(QWidget):
             # copies taken now: saving runs in the background while the user may keep editing
             snapshots.append((prefix, *((np.array(layer.data), layer.as_layer_data_tuple()[1])
                                         for layer in (self.viewer.layers[image], self.viewer.layers[lesion]))))
-        folder = Path(self.out_dir.text() or _session.user_folder() / "generated")
-        self.run = _session.SaveRun(folder, snapshots)
+        folder = Path(self.out_dir.text() or _state.user_folder() / "generated")
+        self.run = _generate_run.SaveRun(folder, snapshots)
         self.job.begin(f"Saving {len(snapshots)} pairs into {folder} ...", total=len(snapshots))
         self.save_button.setEnabled(False)
         worker = create_worker(self.run.drive)

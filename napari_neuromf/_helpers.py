@@ -7,6 +7,7 @@ widget construction; ``when_backend_ready`` imports the backend once, in a worke
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,7 +35,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_neuromf import _session
+from napari_neuromf import _environment, _jobs, _state
+from napari_neuromf._viewing import is_view_aid
 
 if TYPE_CHECKING:
     import napari
@@ -90,6 +92,20 @@ class PathField(QWidget):
             self.edit.textEdited.emit(chosen)  # a choice in the dialog counts as a user edit
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs"  # in a source checkout; a wheel ships no docs
+
+
+def help_link(page: str, text: str) -> QLabel:
+    """A link to ``docs/<page>`` (opens in the system's viewer), or where to find it when this install has no
+    docs folder: each widget starts with one."""
+    path = DOCS / page
+    label = QLabel(f'<a href="{path.as_uri()}">{text}</a>' if path.is_file()
+                   else f"{text}: docs/{page} in the NeuroMF repository")
+    label.setOpenExternalLinks(True)
+    label.setToolTip(str(path))
+    return label
+
+
 def float_box(lo: float, hi: float, step: float, decimals: int) -> QDoubleSpinBox:
     box = QDoubleSpinBox()
     box.setDecimals(decimals)
@@ -142,7 +158,8 @@ def layer_choice(viewer: napari.Viewer, layer_type: type[Layer], tooltip: str, f
     is that string), kept up to date as layers are added, removed or reordered."""
 
     def choices(_: Any) -> list[tuple[str, Any]]:
-        found = [(layer.name, layer) for layer in viewer.layers if isinstance(layer, layer_type)]
+        found = [(layer.name, layer) for layer in viewer.layers
+                 if isinstance(layer, layer_type) and not is_view_aid(layer)]
         return [(first, first), *found] if first else found
 
     combo = ComboBox(choices=choices, tooltip=tooltip)
@@ -197,10 +214,10 @@ def launch(widget: QWidget, worker: Any) -> Any:
 
 
 _backend_worker: Any = None
-_backend_waiting: list[Callable[[_session.Environment], None]] = []
+_backend_waiting: list[Callable[[_environment.Environment], None]] = []
 
 
-def when_backend_ready(widget: QWidget, apply: Callable[[_session.Environment], None]) -> None:
+def when_backend_ready(widget: QWidget, apply: Callable[[_environment.Environment], None]) -> None:
     """Call ``apply(environment)`` on the GUI thread once the backend is imported; sets ``widget.ready``.
 
     The first widget of a session starts one worker that imports torch and MONAI (seconds); every widget
@@ -209,20 +226,20 @@ def when_backend_ready(widget: QWidget, apply: Callable[[_session.Environment], 
     global _backend_worker
     widget.ready = False
 
-    def done(env: _session.Environment) -> None:
+    def done(env: _environment.Environment) -> None:
         try:
-            _session.attach_state()
+            _state.attach_state()
             apply(env)
             widget.ready = True
         except RuntimeError:  # the widget was closed before the backend was ready
             pass
 
-    if _session.environment_ready():
-        done(_session.environment())
+    if _environment.environment_ready():
+        done(_environment.environment())
         return
     _backend_waiting.append(done)
     if _backend_worker is None:
-        def deliver(env: _session.Environment) -> None:
+        def deliver(env: _environment.Environment) -> None:
             global _backend_worker
             waiting = list(_backend_waiting)
             _backend_waiting.clear()
@@ -230,7 +247,7 @@ def when_backend_ready(widget: QWidget, apply: Callable[[_session.Environment], 
             for callback in waiting:
                 callback(env)
 
-        _backend_worker = create_worker(_session.environment)
+        _backend_worker = create_worker(_environment.environment)
         _backend_worker.returned.connect(deliver)
         _backend_worker.start()
 
@@ -329,7 +346,7 @@ class JobPanel(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(row)
         layout.addWidget(self.status)
-        self.clock: _session.ProgressClock | None = None
+        self.clock: _jobs.ProgressClock | None = None
 
     def begin(self, message: str, total: int | None = None) -> None:
         """A job starts: an indeterminate bar until ``total`` is known."""
@@ -346,7 +363,7 @@ class JobPanel(QWidget):
 
     def count(self, done: int, total: int, unit: str = "items") -> None:
         if self.clock is None or self.clock.total != total or done < self.clock.done:
-            self.clock = _session.ProgressClock(total)
+            self.clock = _jobs.ProgressClock(total)
         self.clock.done = done
         self.bar.setRange(0, max(1, total))
         self.bar.setValue(min(done, total))

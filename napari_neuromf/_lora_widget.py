@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,19 +23,22 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_neuromf import _session
+from napari_neuromf import _environment, _jobs, _state, _training_run
 from napari_neuromf._helpers import (
     JobPanel,
     PathField,
     add_layer,
     dock_title,
     float_box,
+    help_link,
     launch,
     tip,
     when_backend_ready,
 )
+from napari_neuromf._jobs import Failure, Phase, format_eta
 from napari_neuromf._layers import pair_layers
-from napari_neuromf._session import NEW_RUN, RESUME, RUN_MODES, Failure, Phase, format_eta
+from napari_neuromf._training_run import NEW_RUN, RESUME, RUN_MODES
+from napari_neuromf._viewing import view_guard
 
 if TYPE_CHECKING:
     import napari
@@ -45,13 +49,13 @@ STRATEGY_TIPS = ("auto: use the recommendation of the last Mask-VAE test\n"
                  "downsample: shrink the mask to the latent grid (5 latent channels)\n"
                  "sdf: shrink the mask as a signed distance map (keeps small lesions)")
 DEVICE_TIP = ("auto: the first GPU when there is one, else the CPU\n"
-              "cpu: the CPU (slow: use the demo_lora starting values)\n"
+              "cpu: the CPU (slow: use the joint_3mm starting values)\n"
               "cuda:N: that GPU\n"
               "all GPUs (N): one process per GPU, started by PyTorch's torchrun, each training on its share of "
               "every batch (the batch size is the total over all GPUs)")
 RUN_MODE_TIPS = {NEW_RUN: "Train from scratch in a fresh folder (a new timestamped folder when this one is used)",
                  RESUME: "Continue the run saved in the output folder from its last checkpoint",
-                 _session.OVERWRITE: "Delete the run in the output folder and train from scratch there"}
+                 _training_run.OVERWRITE: "Delete the run in the output folder and train from scratch there"}
 
 
 class LoRAWidget(QWidget):
@@ -62,12 +66,13 @@ class LoRAWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        view_guard(napari_viewer)  # axial view, caption and orientation letters for every volume added
         self.busy = False  # a worker of this widget is running
-        self.run: _session.TrainingRun | None = None
+        self.run: _training_run.TrainingRun | None = None
         self.worker = None
 
-        self.config = tip(QComboBox(), "Starting values for the form: demo_lora is sized for a CPU (minutes), "
-                                       "lora_fcd for a GPU (hours)")
+        self.config = tip(QComboBox(), "Starting values for the form: joint_3mm is sized for a CPU (minutes), "
+                                       "joint_2mm for a CPU in ~20 min, joint_gpu for a GPU (hours)")
         self.base = PathField("embedded", "dir", "Base checkpoint folder (model.safetensors + model.json)",
                               tooltip="The healthy-brain model to adapt: 'embedded' = the one shipped with "
                                       "NeuroMF, or a folder with model.safetensors + model.json")
@@ -95,8 +100,8 @@ class LoRAWidget(QWidget):
         self.preview_every.setRange(0, 1_000_000)
         self.preview_every.setSpecialValueText("off")
         self.device = tip(QComboBox(), DEVICE_TIP)
-        self.device_plans: dict[str, _session.DevicePlan] = {}
-        self.set_device_plans(_session.device_plans(0))
+        self.device_plans: dict[str, _environment.DevicePlan] = {}
+        self.set_device_plans(_environment.device_plans(0))
         self.output = PathField("", "dir", "Output folder",
                                 tooltip="The run's folder: checkpoints, the adapter, losses.csv")
         self.run_mode = tip(QComboBox(), "\n".join(f"{m}: {t}" for m, t in RUN_MODE_TIPS.items()))
@@ -121,7 +126,9 @@ class LoRAWidget(QWidget):
         self._refresh_timer.timeout.connect(self._refresh)
 
         self.loss_plot = LossPlot(getattr(napari_viewer, "theme", "dark"))
-        self.loss_plot.setToolTip("Training loss per step (after Resume: the earlier steps too)")
+        self.loss_plot.setToolTip("Raw training loss per step, log scale: the unweighted distance between the "
+                                  "model's velocity and the target (after Resume: the earlier steps too). The "
+                                  "objective the optimiser minimises is adaptive-weighted and stays about 1")
 
         form = QFormLayout()
         form.addRow("Starting values", self.config)
@@ -145,6 +152,7 @@ class LoRAWidget(QWidget):
         for b in (self.start_button, self.stop_button):
             buttons.addWidget(b)
         layout = QVBoxLayout(self)
+        layout.addWidget(help_link("napari_user_guide.md", "Help: fine-tuning an adapter"))
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.job)
@@ -154,23 +162,23 @@ class LoRAWidget(QWidget):
         dock_title(self, self.TITLE)
         when_backend_ready(self, self._fill_defaults)
 
-    def _fill_defaults(self, env: _session.Environment) -> None:
+    def _fill_defaults(self, env: _environment.Environment) -> None:
         """Configs sized for this machine first (the remembered one if any), devices, the next run folder."""
         self.set_device_plans(env.device_plans)
         self.config.blockSignals(True)
         self.config.clear()
         self.config.addItems(list(env.lora_configs))
-        remembered = _session.STATE.last_config
+        remembered = _state.STATE.last_config
         if remembered in env.lora_configs:
             self.config.setCurrentText(remembered)
         self.config.blockSignals(False)
         if self.config.count():
             self.fill_from_config(self.config.currentText())
-        runs = Path(_session.STATE.last_run_dir).parent if _session.STATE.last_run_dir else \
-            _session.user_folder() / "runs"
-        self.output.fill(str(_session.fresh_run_folder(runs)))
+        runs = Path(_state.STATE.last_run_dir).parent if _state.STATE.last_run_dir else \
+            _state.user_folder() / "runs"
+        self.output.fill(str(_training_run.fresh_run_folder(runs)))
 
-    def set_device_plans(self, plans: dict[str, _session.DevicePlan]) -> None:
+    def set_device_plans(self, plans: dict[str, _environment.DevicePlan]) -> None:
         """The Device choices, each a label and what it runs (processes, training.device)."""
         current = self.device.currentText()
         self.device_plans = dict(plans)
@@ -180,9 +188,9 @@ class LoRAWidget(QWidget):
             self.device.setCurrentText(current)
 
     @property
-    def device_plan(self) -> _session.DevicePlan:
+    def device_plan(self) -> _environment.DevicePlan:
         label = self.device.currentText()
-        return self.device_plans.get(label) or _session.DevicePlan(1, label or "auto")
+        return self.device_plans.get(label) or _environment.DevicePlan(1, label or "auto")
 
     def fill_from_config(self, name: str) -> None:
         """Show a packaged config's values in the form (the defaults the user then edits)."""
@@ -253,25 +261,25 @@ class LoRAWidget(QWidget):
             self._refuse("LoRA fine-tuning: list at least one adapted layer (e.g. to_q, to_k, to_v)")
             return None
         mode = self.run_mode.currentText()
-        folder, resume, overwrite, note = _session.plan_run_folder(settings["training.output_dir"], mode)
+        folder, resume, overwrite, note = _training_run.plan_run_folder(settings["training.output_dir"], mode)
         settings["training.output_dir"] = str(folder)
-        config = self.config.currentText() or "demo_lora"
+        config = self.config.currentText() or "joint_3mm"
         try:
-            cfg = _session.build_lora_config(config, settings)
+            cfg = _training_run.build_lora_config(config, settings)
         except Exception as err:  # config errors name the key; missing mask test names the remedy
-            self._refuse(_session.describe_error(err, "LoRA fine-tuning"))
+            self._refuse(_jobs.describe_error(err, "LoRA fine-tuning"))
             return None
         self.output.setText(str(folder))
         history = self.run.plotted if self.run is not None and self.run.out_dir == folder else \
-            _session.loss_history(folder)
+            _training_run.loss_history(folder)
         plan = self.device_plan
         common = {"resume": resume, "overwrite": overwrite, "history": history if resume else []}
         if plan.nproc > 1:  # local processes under torchrun; their events arrive as from the thread
-            self.run = _session.ProcessTrainingRun(cfg, settings["base_checkpoint"], nproc=plan.nproc,
+            self.run = _training_run.ProcessTrainingRun(cfg, settings["base_checkpoint"], nproc=plan.nproc,
                                                    device=plan.device, **common)
         else:
-            self.run = _session.TrainingRun(cfg, settings["base_checkpoint"], **common)
-        _session.STATE.remember(last_config=config)
+            self.run = _training_run.TrainingRun(cfg, settings["base_checkpoint"], **common)
+        _state.STATE.remember(last_config=config)
         self.destroyed.connect(self.run.stop.set)  # closing the dock stops the run (checkpoint + adapter saved)
         self._plot()
         self._set_running(True)
@@ -361,7 +369,9 @@ class LoRAWidget(QWidget):
             self.progress_bar.setFormat(f"%v / %m steps  ·  ETA {format_eta(event.eta_s)}")
         if not self.run.stop.is_set():  # keep "Stopping ..." in view until the run has stopped
             lr = f"  learning rate {event.lr:.2e}" if event.lr else ""
-            loss = f"  loss {event.loss:.4f}" if event.loss is not None else ""
+            raw = (event.parts or {}).get("raw")
+            loss = (f"  raw loss {raw:.4g}" if raw is not None else
+                    f"  loss {event.loss:.4f}" if event.loss is not None else "")
             self.job.status.setText(f"step {event.step}/{total}{loss}{lr}")
         self._plot()
 
@@ -396,7 +406,7 @@ class LoRAWidget(QWidget):
         if result is None:
             return
         if result.export:
-            _session.STATE.set_adapter(Path(result.export), Path(result.out_dir))
+            _state.STATE.set_adapter(Path(result.export), Path(result.out_dir))
         verb = "Stopped" if result.stopped else "Finished"
         last = self.run.losses[-1] if self.run is not None and self.run.losses else None
         loss = f" (loss {last[1]:.4f} at step {last[0]})" if last else ""
@@ -428,7 +438,7 @@ class LoRAWidget(QWidget):
         folder = self.run.out_dir
         if checkpoint_paths(folder)[0].is_file():
             where = f"the run in {folder} is as it was: press Start to resume it"
-        elif _session.holds_run(folder):
+        elif _training_run.holds_run(folder):
             where = f"{folder} holds no checkpoint: under Run choose 'Resume' to start it from step 0"
         else:
             where = f"nothing was left in {folder}, as after a failed start"
@@ -440,7 +450,7 @@ class LossPlot(QWidget):
     """Loss per step as a line, painted with QPainter: a redraw costs well under a millisecond of GUI thread,
     where a matplotlib canvas took tens to hundreds (a stall, and time taken from the training thread)."""
 
-    MARGINS = (56, 8, 10, 34)  # left (loss labels), top, right, bottom (step labels)
+    MARGINS = (72, 8, 10, 34)  # left (axis title and loss labels), top, right, bottom (step labels)
 
     def __init__(self, theme_name: str = "dark") -> None:
         super().__init__()
@@ -468,21 +478,30 @@ class LossPlot(QWidget):
         area = QRectF(left, top, max(1, self.width() - left - right), max(1, self.height() - top - bottom))
         painter.setPen(QPen(self.text, 1))
         painter.drawRect(area)
-        painter.drawText(QRectF(0, area.bottom() + 16, self.width(), 16), Qt.AlignHCenter, "step")
+        painter.drawText(QRectF(0, area.bottom() + 16, self.width(), 16), Qt.AlignHCenter, "training step")
+        log = bool(self.points) and min(v for _, v in self.points) > 0
+        painter.save()  # the vertical axis title, turned a quarter
+        painter.translate(12, area.center().y())
+        painter.rotate(-90)
+        painter.drawText(QRectF(-area.height() / 2, -8, area.height(), 16), Qt.AlignCenter,
+                         "raw loss (log scale)" if log or not self.points else "raw loss")
+        painter.restore()
         if not self.points:
-            painter.drawText(area, Qt.AlignCenter, "the loss of each step appears here")
+            painter.drawText(area, Qt.AlignCenter, "the raw loss of each step appears here")
             return
-        steps, losses = zip(*self.points)
+        points = [(s, math.log10(v) if log else v) for s, v in self.points]
+        steps, losses = zip(*points)
         x0, x1 = min(steps), max(steps)
         y0, y1 = min(losses), max(losses)
         x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 1e-3 + 1e-9)
-        painter.drawText(QRectF(0, area.top() - 2, left - 4, 16), Qt.AlignRight, f"{y1:.4g}")
-        painter.drawText(QRectF(0, area.bottom() - 14, left - 4, 16), Qt.AlignRight, f"{y0:.4g}")
+        shown = (lambda v: 10 ** v) if log else (lambda v: v)  # noqa: E731
+        painter.drawText(QRectF(16, area.top() - 2, left - 20, 16), Qt.AlignRight, f"{shown(y1):.3g}")
+        painter.drawText(QRectF(16, area.bottom() - 14, left - 20, 16), Qt.AlignRight, f"{shown(y0):.3g}")
         painter.drawText(QRectF(area.left(), area.bottom() + 2, 80, 16), Qt.AlignLeft, str(x0))
         painter.drawText(QRectF(area.right() - 80, area.bottom() + 2, 80, 16), Qt.AlignRight, str(x1))
         line = QPolygonF([QPointF(area.left() + (s - x0) / (x1 - x0) * area.width(),
                                   area.bottom() - (v - y0) / (y1 - y0) * area.height())
-                          for s, v in decimate(self.points, int(area.width()))])
+                          for s, v in decimate(points, int(area.width()))])
         painter.setPen(QPen(self.line, 1.5))
         painter.drawPolyline(line)
 

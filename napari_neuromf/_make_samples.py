@@ -1,19 +1,21 @@
 """Make the pre-made sample pairs of File > Open Sample > NeuroMF (``napari_neuromf/samples/``).
 
 Opening a sample runs on napari's GUI thread, so the generated samples are not generated there (a model run and
-the torch import froze napari for 6-15 s): this script samples them once with the embedded demo adapters, exactly
-as the samples used to (one step, seed 0, on the CPU), and writes each pair as
+the torch import froze napari for 6-15 s): this script samples them once, seed 0 on the CPU, with the shipped 2 mm
+adapters in the settings that make lesion pairs (``SETTINGS``: the Generate widget's defaults), and writes each
+pair as
 
     samples/<prefix>_FLAIR.nii.gz      the FLAIR on the model grid, int16 with a scale factor (steps of 1e-3)
     samples/<prefix>_FLAIR_roi.nii.gz  its lesion mask, uint8
     samples/<prefix>.json              the provenance the layers carry (seed, steps, adapter, mode, ...)
 
-for ``gen_000`` (joint: FLAIR + mask from the ``lora_demo`` adapter) and ``cond_000`` (conditional: a FLAIR from
-``cond_demo`` for a lesion drawn from the training lesions). Rerun it after retraining an embedded adapter:
+for ``gen_000`` (joint: the mask from the ``joint_fine`` adapter, 32 Euler steps, the FLAIR rendered for it by
+``cond_fine``) and ``cond_000`` (conditional: a FLAIR from ``cond_fine`` for a lesion drawn from the training
+lesions). Rerun it after retraining an embedded adapter:
 
     python -m napari_neuromf._make_samples [--out napari_neuromf/samples]
 
-(about 10 s on a CPU; ``tests/plugin/test_plugin_samples.py`` checks that the files match what it generates).
+(minutes on a CPU: the joint pair takes 64 network calls on the 2 mm grid).
 """
 
 from __future__ import annotations
@@ -29,24 +31,29 @@ import numpy as np
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 PAIRS = {"joint": "gen_000", "conditional": "cond_000"}  # mode -> file prefix
-ADAPTERS = {"joint": "lora_demo", "conditional": "cond_demo"}  # the embedded adapter each mode samples
+ADAPTERS = {"joint": "joint_fine + cond_fine", "conditional": "cond_fine"}  # the shipped models each mode uses
+EMBEDDED = "embedded-fine"  # the shipped 2 mm set: the one whose pairs carry lesions
+SETTINGS = {"joint": {"steps": 32, "method": "euler", "render": EMBEDDED},  # the Generate widget's defaults
+            "conditional": {"steps": 1, "method": "meanflow"}}
 QUANTUM = 1e-3  # FLAIR intensity step of the stored int16 values (intensities lie in [0, 2]; a display shows 256)
 
 
 def generate(mode: str) -> Any:
-    """The sample's pair, as File > Open Sample generated it before: seed 0, one step, on the CPU."""
+    """The sample's pair: seed 0, on the CPU, in the mode's ``SETTINGS``."""
     if mode == "conditional":
         from neuromf.pipelines.conditional import generate_conditional_pairs as sample
     else:
-        from neuromf.pipelines.lora import generate_pairs as sample
-    return next(iter(sample("embedded", n=1, steps=1, seed=0, device="cpu")))
+        from neuromf.pipelines.joint import generate_pairs as sample
+    return next(iter(sample(EMBEDDED, n=1, seed=0, device="cpu", **SETTINGS[mode])))
 
 
 def provenance(pair: Any, mode: str) -> dict[str, Any]:
     """The metadata the sample's layers carry (no path of the machine that made it)."""
-    meta = {"seed": 0, "steps": 1, "checkpoint": "embedded", "index": int(pair.index), **(pair.meta or {}),
-            "generated": True}
-    meta["adapter"] = f"embedded ({ADAPTERS[mode]})"
+    meta = {"seed": 0, "steps": SETTINGS[mode]["steps"], "checkpoint": EMBEDDED, "index": int(pair.index),
+            **(pair.meta or {}), "generated": True}
+    meta["adapter"] = f"{EMBEDDED} ({ADAPTERS[mode]})"
+    if "rendered_by" in meta:  # the renderer's folder on the machine that made it: named instead
+        meta["rendered_by"] = f"{EMBEDDED} (cond_fine)"
     meta["made_by"] = "python -m napari_neuromf._make_samples"
     return json.loads(json.dumps(meta, default=str))
 

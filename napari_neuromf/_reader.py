@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from napari_neuromf._layers import LayerDataError, is_nifti_path, read_layer
+from napari_neuromf._viewing import guard_current_viewer
 
 PathOrPaths = str | Sequence[str]
 
@@ -22,10 +23,12 @@ def read_nifti_files(path: PathOrPaths, **_: object) -> list:
     """Layer data tuples for the readable files; a notification names each file that is not readable.
 
     Returns napari's null-layer sentinel ``[(None,)]`` when nothing could be read, so a bad file gives one
-    clear notification instead of an exception dialog.
+    clear notification instead of an exception dialog. The viewer opened into shows the volumes axial, with
+    orientation letters and a caption that stays true (``_viewing.ViewGuard``).
     """
     from napari.utils.notifications import show_error
 
+    guard_current_viewer()
     paths = [path] if isinstance(path, str | Path) else list(path)
     layers = []
     for p in paths:

@@ -8,11 +8,22 @@ horizontally. napari's camera orientation says which way each displayed axis inc
 - neurological: anterior up, patient right on screen RIGHT (looking down from above the head).
 
 In 3D the depth axis (S) is set so that the view is a rotation, not a mirror image, of the patient.
+
+Every way a volume reaches the viewer (File > Open and drag and drop through the reader, File > Open Sample, the
+widgets) installs one ``ViewGuard`` per viewer. It turns the first volume axial in the chosen convention, keeps
+the caption true to what is displayed (hidden as soon as the view is not one of ours, or no volume is open) and
+keeps R/L and A/P letters just inside the volume's edges. The letters are a small Points layer with text, not a
+canvas overlay: napari has one text overlay (the caption) and it sits at canvas corners; points placed at the
+patient's right/left/anterior/posterior side of the volume stay at the image edges under zoom, pan and flips,
+and they are right by construction whatever the camera does, since they mark anatomy, not the screen.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     import napari
@@ -29,20 +40,20 @@ CAPTIONS = {RADIOLOGICAL: "Axial · radiological\nscreen left = patient Right (R
                           "top = Anterior (A), bottom = Posterior (P)"}
 
 
-def show_axial(viewer: napari.Viewer, convention: str = RADIOLOGICAL) -> None:
+def show_axial(viewer: napari.Viewer, convention: str = RADIOLOGICAL, letters: bool = True) -> None:
     """Axial view of 3D layers in ``convention``, with R/A/S labels on the dims and the orientation written in a
-    corner of the canvas (napari's axes arrows would sit at the world origin, i.e. in the middle of the brain)."""
+    corner of the canvas (napari's axes arrows would sit at the world origin, i.e. in the middle of the brain);
+    ``letters``: place the orientation letters now (the ViewGuard places them after an insertion itself)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if viewer.dims.ndim != 3:  # only volumes have an anatomical orientation to show
         return
+    guard = view_guard(viewer)
+    guard.convention = convention
     viewer.dims.axis_labels = AXIS_LABELS
     viewer.dims.order = AXIAL_ORDER
     viewer.scene.camera.orientation = ORIENTATIONS[convention]
-    caption = viewer.canvas.overlays.text
-    caption.text = CAPTIONS[convention]
-    caption.position = "top_left"
-    caption.visible = True
+    guard.refresh(add_letters=letters)
 
 
 def current_convention(viewer: napari.Viewer) -> str | None:
@@ -51,3 +62,206 @@ def current_convention(viewer: napari.Viewer) -> str | None:
     if tuple(viewer.dims.order) != AXIAL_ORDER:
         return None
     return next((name for name, value in ORIENTATIONS.items() if value[1:] == orientation[1:]), None)
+
+
+MARKERS_NAME = "orientation letters"
+MARKER_LETTERS = ("R", "L", "A", "P")
+# inside the volume's edge, as a fraction of its extent: on the field of view's margin (air in a head scan), so the
+# letters are on screen whenever the image is (a zoom that fits the image can cut off anything beyond it)
+MARKER_MARGIN = 0.06
+
+
+def is_view_aid(layer: Any) -> bool:
+    """The orientation letters layer: not data, so never offered as lesion sites, saved or counted as a volume."""
+    return bool((getattr(layer, "metadata", None) or {}).get("neuromf_view_aid"))
+
+
+def is_ras_volume(layer: Any) -> bool:
+    """A 3D layer this plugin made from a NIfTI file or a generated pair: canonical RAS order (``_layers``)."""
+    metadata = getattr(layer, "metadata", None) or {}
+    return getattr(layer, "ndim", 0) == 3 and ("nifti" in metadata or "neuromf" in metadata) \
+        and not is_view_aid(layer)
+
+
+def marker_positions(lo: np.ndarray, hi: np.ndarray, superior: float) -> np.ndarray:
+    """World positions (R, A, S axes) of the letters R, L, A, P just inside the edges of the box ``lo``..``hi``,
+    on the axial plane at ``superior``: R/L at the middle of the A range, A/P at the middle of the R range."""
+    lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+    pad, mid = (hi - lo) * MARKER_MARGIN, (lo + hi) / 2
+    return np.array([[hi[0] - pad[0], mid[1], superior], [lo[0] + pad[0], mid[1], superior],
+                     [mid[0], hi[1] - pad[1], superior], [mid[0], lo[1] + pad[1], superior]])
+
+
+class ViewGuard:
+    """Keeps one viewer's axial view, caption and orientation letters consistent with what it displays.
+
+    ``convention`` is the one a new volume is shown in (the FCD data widget's View choice sets it).
+    """
+
+    def __init__(self, viewer: napari.Viewer) -> None:
+        self._viewer = weakref.ref(viewer)
+        self.convention = RADIOLOGICAL
+        self._refreshing = False
+        self._fit_pending = False  # a first volume arrived: reset the view once its letters are placed
+        viewer.layers.events.inserted.connect(self._inserted)
+        viewer.layers.events.removed.connect(self.refresh)
+        viewer.dims.events.order.connect(self.refresh)
+        viewer.dims.events.ndisplay.connect(self.refresh)
+        viewer.dims.events.point.connect(self._follow_slice)
+        viewer.scene.camera.events.orientation.connect(self.refresh)
+
+    @property
+    def viewer(self) -> napari.Viewer | None:
+        return self._viewer()
+
+    def volumes(self) -> list:
+        viewer = self.viewer
+        return [] if viewer is None else [layer for layer in viewer.layers if is_ras_volume(layer)]
+
+    def _inserted(self, event: Any) -> None:
+        layer, viewer = event.value, self.viewer
+        if viewer is None or not is_ras_volume(layer):
+            return
+        volumes = self.volumes()
+        fresh = len(volumes) == 1 or current_convention(viewer) is None  # a first volume, or the user turned away
+        if fresh:
+            show_axial(viewer, self.convention, letters=False)
+        from napari.layers import Labels
+
+        if isinstance(layer, Labels) and sum(isinstance(v, Labels) for v in volumes) == 1 and np.any(layer.data):
+            centre = np.argwhere(np.asarray(layer.data) > 0).mean(axis=0)  # the axial slice through the lesion
+            viewer.dims.set_point(2, float(layer.data_to_world(centre)[2]))
+        self.refresh()
+        from qtpy.QtCore import QTimer
+
+        # the letters in the next turn of the event loop: after napari has added every layer of this opening (so
+        # they go on top without a reorder) and not in the same stretch of GUI-thread work
+        self._fit_pending = self._fit_pending or fresh
+        QTimer.singleShot(0, self._letters_after_insert)
+
+    def _letters_after_insert(self) -> None:
+        viewer = self.viewer
+        if viewer is None or not self.volumes():
+            return
+        self.refresh(add_letters=True)
+        self._raise_markers()
+        if self._fit_pending:
+            self._fit_pending = False
+            viewer.reset_view()
+
+    def caption_text(self) -> str | None:
+        """The caption the view needs now: None when no volume is open or the view is not one of ours."""
+        viewer = self.viewer
+        if viewer is None or not self.volumes() or viewer.dims.ndisplay != 2:
+            return None
+        convention = current_convention(viewer)
+        return None if convention is None else CAPTIONS[convention]
+
+    def refresh(self, *_: Any, add_letters: bool = False) -> None:
+        """Caption and letters after any change of layers, axes order, display or camera orientation; the letters
+        layer is made only when a volume arrives (never while layers are being removed, e.g. a viewer closing)."""
+        viewer = self.viewer
+        if viewer is None or self._refreshing:
+            return
+        self._refreshing = True
+        try:
+            caption, text = viewer.canvas.overlays.text, self.caption_text()
+            if caption.text != (text or "") or caption.visible != (text is not None):  # each set redraws: only changes
+                caption.text = text or ""
+                caption.position = "bottom_left"  # the top centre holds the A letter
+                caption.visible = text is not None
+            self._place_markers(show=text is not None, add=add_letters)
+        finally:
+            self._refreshing = False
+
+    def _markers(self) -> Any:
+        viewer = self.viewer
+        found = [layer for layer in viewer.layers if is_view_aid(layer)]
+        return found[0] if found else None
+
+    def _place_markers(self, show: bool, add: bool) -> None:
+        viewer, markers = self.viewer, self._markers()
+        volumes = self.volumes()
+        if not volumes:
+            if markers is not None:  # after the removal under way: it may be removing the letters too
+                markers.visible = False
+                from qtpy.QtCore import QTimer
+
+                QTimer.singleShot(0, self._drop_markers)
+            return
+        extents = np.array([layer.extent.world for layer in volumes])  # (layers, 2, 3)
+        lo, hi = extents[:, 0].min(axis=0), extents[:, 1].max(axis=0)
+        positions = marker_positions(lo, hi, float(viewer.dims.point[2]))
+        if markers is None and not add:
+            return
+        if markers is None:
+            markers = viewer.add_points(
+                positions, name=MARKERS_NAME, size=0.1, face_color="transparent", border_width=0,
+                features={"letter": list(MARKER_LETTERS)}, metadata={"neuromf_view_aid": True},
+                text={"string": "{letter}", "size": 16, "color": "yellow", "anchor": "center"})
+            markers.editable = False
+        elif markers.data.shape != positions.shape or not np.allclose(markers.data, positions):
+            markers.data = positions
+        if markers.visible != show:
+            markers.visible = show
+
+    def _raise_markers(self) -> None:
+        viewer, markers = self.viewer, None if self.viewer is None else self._markers()
+        if markers is not None and viewer.layers.index(markers) != len(viewer.layers) - 1:
+            viewer.layers.move(viewer.layers.index(markers), len(viewer.layers))
+
+    def _drop_markers(self) -> None:
+        viewer, markers = self.viewer, None if self.viewer is None else self._markers()
+        if markers is not None and not self.volumes():
+            viewer.layers.remove(markers)
+
+    def _follow_slice(self, *_: Any) -> None:
+        viewer, markers = self.viewer, None if self.viewer is None else self._markers()
+        if markers is not None and len(markers.data) and markers.data[0, 2] != viewer.dims.point[2]:
+            data = np.array(markers.data)
+            data[:, 2] = viewer.dims.point[2]
+            markers.data = data
+
+
+_guards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def view_guard(viewer: napari.Viewer) -> ViewGuard:
+    """The viewer's ViewGuard, installed on first use."""
+    guard = _guards.get(viewer)
+    if guard is None:
+        guard = _guards[viewer] = ViewGuard(viewer)
+        prefer_this_reader()
+    return guard
+
+
+NIFTI_PATTERNS = ("*.nii", "*.nii.gz")
+PLUGIN_NAME = "napari-neuromf"
+
+
+def prefer_this_reader() -> None:
+    """Make this plugin napari's reader for NIfTI files, unless the user already chose one.
+
+    napari's built-in reader also claims ``*.nii.gz``: without a preference File > Open and drag and drop ask
+    which reader to use, and the built-in one shows the raw array (no affine: a sagittal slice on its side). A
+    preference the user set is never replaced.
+    """
+    from napari.settings import get_settings
+
+    plugins = get_settings().plugins
+    chosen = dict(plugins.extension2reader)
+    missing = [pattern for pattern in NIFTI_PATTERNS if pattern not in chosen]
+    if missing:
+        plugins.extension2reader = {**chosen, **dict.fromkeys(missing, PLUGIN_NAME)}
+
+
+def guard_current_viewer() -> None:
+    """Install the ViewGuard on the viewer napari is opening into (the reader and the samples call this before
+    napari adds their layers); nothing when there is no viewer (a script calling the reader). napari's viewer
+    module is only looked up, never imported: importing it loads Qt (seconds) in a process without a viewer."""
+    import sys
+
+    viewer_module = sys.modules.get("napari.viewer")
+    viewer = None if viewer_module is None else viewer_module.current_viewer()
+    if viewer is not None:
+        view_guard(viewer)

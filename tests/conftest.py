@@ -51,6 +51,19 @@ def tiny_base_dir(tmp_path_factory, phantom_dir, tiny_vae_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def conditional_run(tmp_path_factory, phantom_dir, tiny_vae_dir, tiny_base_dir):
+    """A tiny conditional (ControlNet) adapter trained for two steps on the phantoms (its `.export` folder), shared
+    by the conditional-mode and inpainting tests."""
+    from neuromf.pipelines.conditional import train_conditional
+    from neuromf.train import run_to_end
+
+    tmp = tmp_path_factory.mktemp("cond")
+    cfg = tiny_config(tmp, phantom_dir, tiny_vae_dir, **{"loss.lesion_weight": 50.0, "training.max_steps": 2,
+                                                         "conditional.embedding_channels": [8]})
+    return run_to_end(train_conditional(cfg, tiny_base_dir, progress=False))
+
+
+@pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A random `tiny` MeanFlow UNet saved like a stage-1 model, with a random `tiny` VAE on a 32^3 grid
     (``tiny_base.parent / "vae_tiny"``)."""

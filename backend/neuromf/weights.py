@@ -27,13 +27,14 @@ def embedded_model_dir(name: str) -> Path:
     return path
 
 
-# the shipped defaults by name: "embedded" is the 3 mm one (64^3), "embedded-fine" the 2 mm one (96^3)
-EMBEDDED_NAMES = ("embedded", "embedded-fine")
+# the shipped defaults by name: "embedded" is the 3 mm one (64^3), "embedded-fine" the 2 mm one (96^3);
+# "embedded-3mm" names the 3 mm set explicitly (for when "embedded" moves to the 2 mm set)
+EMBEDDED_NAMES = ("embedded", "embedded-fine", "embedded-3mm")
 EMBEDDED_MODELS: dict[str, dict[str, str]] = {
-    "vae": {"embedded": "vae_small", "embedded-fine": "vae_fine"},
-    "base": {"embedded": "base_small", "embedded-fine": "base_fine"},
-    "joint": {"embedded": "lora_demo", "embedded-fine": "joint_fine"},
-    "conditional": {"embedded": "cond_demo", "embedded-fine": "cond_fine"},
+    "vae": {"embedded": "vae_small", "embedded-fine": "vae_fine", "embedded-3mm": "vae_small"},
+    "base": {"embedded": "base_small", "embedded-fine": "base_fine", "embedded-3mm": "base_small"},
+    "joint": {"embedded": "lora_demo", "embedded-fine": "joint_fine", "embedded-3mm": "lora_demo"},
+    "conditional": {"embedded": "cond_demo", "embedded-fine": "cond_fine", "embedded-3mm": "cond_demo"},
 }
 
 

@@ -104,16 +104,6 @@ def test_mask_passthrough_adds_the_input_to_the_mask_outputs():
     assert torch.allclose(skipped[:, 4:], plain[:, 4:] + z[:, 4:])
 
 
-@pytest.fixture(scope="module")
-def conditional_run(tmp_path_factory, phantom_dir, tiny_vae_dir, tiny_base_dir):
-    from neuromf.pipelines.conditional import train_conditional
-
-    tmp = tmp_path_factory.mktemp("cond")
-    cfg = tiny_config(tmp, phantom_dir, tiny_vae_dir, **{"loss.lesion_weight": 50.0, "training.max_steps": 2,
-                                                         "conditional.embedding_channels": [8]})
-    return run_to_end(train_conditional(cfg, tiny_base_dir, progress=False))
-
-
 def test_conditional_training_exports_an_adapter_and_logs_a_fixed_draw(conditional_run):
     from neuromf.models.adapter_meta import SIDECAR
     from neuromf.pipelines.conditional import load_conditional_model
@@ -199,7 +189,7 @@ def test_generate_refuses_a_mode_the_adapter_cannot_do(conditional_run, tmp_path
 @pytest.fixture(scope="module")
 def joint_sdf_run(tmp_path_factory, phantom_dir, tiny_vae_dir, tiny_base_dir):
     """A joint sdf adapter on the same tiny base as `conditional_run`."""
-    from neuromf.pipelines.lora import train_lora
+    from neuromf.pipelines.joint import train_lora
 
     cfg = tiny_config(tmp_path_factory.mktemp("joint_sdf"), phantom_dir, tiny_vae_dir,
                       **{"data.mask_strategy": "sdf", "loss.lesion_weight": 20.0})
@@ -208,7 +198,7 @@ def joint_sdf_run(tmp_path_factory, phantom_dir, tiny_vae_dir, tiny_base_dir):
 
 def test_joint_sdf_mode_trains_generates_and_records_noise_correlation(joint_sdf_run, tmp_path):
     from neuromf.models.joint import load_joint_model
-    from neuromf.pipelines.lora import write_generated_pairs
+    from neuromf.pipelines.joint import write_generated_pairs
 
     result = joint_sdf_run
     joint = load_joint_model(result.export)
@@ -227,7 +217,7 @@ def test_joint_masks_rendered_by_a_conditional_adapter(joint_sdf_run, conditiona
     ControlNet's rendering of that mask from the pair's image noise."""
     from neuromf.models.adapter_meta import adapter_meta
     from neuromf.pipelines.conditional import load_conditional_model
-    from neuromf.pipelines.lora import generate_pairs
+    from neuromf.pipelines.joint import generate_pairs
 
     joint_sdf_adapter = joint_sdf_run.export
     plain = list(generate_pairs(joint_sdf_adapter, n=2, steps=2, seed=3, device="cpu", method="euler"))
@@ -276,7 +266,7 @@ def test_a_renderer_on_another_base_or_grid_is_refused(joint_sdf_run, conditiona
     import dataclasses
 
     from neuromf.models.adapter_meta import adapter_meta
-    from neuromf.pipelines.lora import load_renderer
+    from neuromf.pipelines.joint import load_renderer
 
     joint = adapter_meta(joint_sdf_run.export, "joint")
     assert load_renderer(conditional_run.export, joint, torch.device("cpu")).meta.mode == "conditional"

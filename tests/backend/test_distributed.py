@@ -336,7 +336,7 @@ def test_cli_train_lora_on_two_processes_writes_a_working_adapter(tmp_path, phan
 
     from neuromf.config import save_config
     from neuromf.eval.mask_test import save_mask_test
-    from neuromf.pipelines.lora import generate_pairs
+    from neuromf.pipelines.joint import generate_pairs
 
     mask_test = save_mask_test({"decision": "downsample"}, tmp_path / "mask_vae_test.json")
     cfg = tiny_config(tmp_path, phantom_dir, tiny_vae_dir, **{

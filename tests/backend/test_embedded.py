@@ -72,7 +72,7 @@ def test_embedded_files_have_cards_and_sizes():
 
 def test_embedded_demo_adapter_generates_a_pair():
     from neuromf.models.joint import check_adapter
-    from neuromf.pipelines.lora import generate_pairs
+    from neuromf.pipelines.joint import generate_pairs
 
     pair = next(generate_pairs("embedded", n=1, steps=1, seed=0, device="cpu"))
     assert pair.image.shape == pair.mask.shape == (64, 64, 64)

@@ -41,7 +41,7 @@ def test_stage2_reports_each_case_encoded(tmp_path, phantom_dir, tiny_vae_dir, t
                                                                "downsample", "lora.rank": 2,
                                                                "conditional.embedding_channels": [8]})
     if mode == "lora":
-        from neuromf.pipelines.lora import train_lora as train_fn
+        from neuromf.pipelines.joint import train_lora as train_fn
     else:
         from neuromf.pipelines.conditional import train_conditional as train_fn
     events: list[TrainEvent] = []

@@ -160,7 +160,7 @@ def test_fine_joint_adapter_draws_masks_that_the_conditional_adapter_renders():
     import numpy as np
 
     from neuromf.models.adapter_meta import SIDECAR, adapter_meta
-    from neuromf.pipelines.lora import generate_pairs
+    from neuromf.pipelines.joint import generate_pairs
 
     meta = adapter_meta("embedded-fine", "joint")
     assert meta.mode == "joint" and meta.base_checkpoint == meta.data_dir == "embedded-fine"

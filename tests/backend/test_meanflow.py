@@ -238,3 +238,31 @@ def test_every_loss_setting_of_the_config_reaches_the_loss():
         assert MeanFlowLoss.from_config(dataclasses.replace(LossConfig(), **{key: value}), 4, 1) != base, key
     assert MeanFlowLoss.from_config(load_config("demo_cond").loss).lesion_weight == 100.0
     assert MeanFlowLoss.from_config(LossConfig(), 4, 8).distance.channels == 12
+
+
+@pytest.mark.parametrize("method", ["meanflow", "euler"])
+def test_samplers_report_each_network_step_and_stop_within_one(method):
+    import threading
+
+    from neuromf.meanflow import SamplingStopped, sample
+
+    calls, reported, stop = [], [], threading.Event()
+
+    def velocity(z, r, t):
+        calls.append(float(t[0]))
+        return z  # u = z: a velocity whose steps are easy to count
+
+    noise = torch.ones(1, 2, 3, 3, 3)
+    out = sample(velocity, noise, steps=4, method=method, on_step=lambda i, n: reported.append((i, n)))
+    assert reported == [(1, 4), (2, 4), (3, 4), (4, 4)] and len(calls) == 4
+    torch.testing.assert_close(out, sample(velocity, noise, steps=4, method=method))  # the hook changes nothing
+
+    calls.clear()
+
+    def stop_after_two(i, n):
+        if i == 2:
+            stop.set()  # a cancel arriving during the second network call
+
+    with pytest.raises(SamplingStopped, match="step 3 of 4"):
+        sample(velocity, noise, steps=4, method=method, on_step=stop_after_two, stop=stop)
+    assert len(calls) == 2  # no network call after the cancel

@@ -18,7 +18,7 @@ from neuromf.data.fcd_dataset import FCDDataset, downsample_mask, upsample_mask
 from neuromf.eval.mask_test import mask_vae_test, read_decision, save_mask_test
 from neuromf.models.flow_model import load_flow_model
 from neuromf.models.joint import check_adapter
-from neuromf.pipelines.lora import generate_pairs, train_lora, write_generated_pairs
+from neuromf.pipelines.joint import generate_pairs, train_lora, write_generated_pairs
 from neuromf.train import run_to_end
 from neuromf.vae import MAISIVAEWrapper
 
@@ -255,7 +255,7 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
     # calibration: per scale the median volume of the drawn masks (empty = 0) vs the training lesions' median
     from neuromf.eval.metrics import load_real_cases
     from neuromf.models.adapter_meta import AdapterMeta
-    from neuromf.pipelines.lora import calibrate_joint_guidance, log_ratio_gap
+    from neuromf.pipelines.joint import calibrate_joint_guidance, log_ratio_gap
 
     table = tmp_path / "calibration.json"
     assert cli(["calibrate-guidance", "--adapter", str(result.export), "--scales", "1", "4", "--n", "2", "--steps",
@@ -279,7 +279,7 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
     assert log_ratio_gap(8.1, 4.05) == pytest.approx(log_ratio_gap(2.025, 4.05)) == pytest.approx(np.log(2))
     assert log_ratio_gap(0.0, 4.05) == np.inf
     # a grid that misses the target on either side is flagged (the volume grows with the scale)
-    from neuromf.pipelines.lora import target_outside_scales
+    from neuromf.pipelines.joint import target_outside_scales
 
     assert calibration["outside_range"] == target_outside_scales(rows, calibration["target_cm3"])
     grid = [{"guidance": g, "median_cm3": v} for g, v in ((1.1, 99.0), (1.0, 48.0), (1.2, 188.0))]

@@ -13,10 +13,10 @@ SUBJECTS = ("sub-00001", "sub-00002", "sub-00003")
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path):
     """Runs, generated pairs and the remembered widget state under tmp, and a fresh shared plugin state."""
-    from napari_neuromf import _session
+    from napari_neuromf import _state
 
     monkeypatch.setenv("NEUROMF_HOME", str(tmp_path / "neuromf_home"))
-    monkeypatch.setattr(_session, "STATE", _session.PluginState())
+    monkeypatch.setattr(_state, "STATE", _state.PluginState())
 
 
 @pytest.fixture(scope="session")

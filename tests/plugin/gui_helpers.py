@@ -45,3 +45,10 @@ def assert_overlay(image, labels) -> None:
     assert image.data.shape == labels.data.shape
     assert np.allclose(image.scale, labels.scale) and np.allclose(image.translate, labels.translate)
     assert np.issubdtype(labels.data.dtype, np.integer)
+
+
+def data_layers(viewer) -> list:
+    """The viewer's layers without the orientation letters (a view aid, not data)."""
+    from napari_neuromf._viewing import is_view_aid
+
+    return [layer for layer in viewer.layers if not is_view_aid(layer)]

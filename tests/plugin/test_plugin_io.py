@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from gui_helpers import notes
+from gui_helpers import data_layers, notes
 from napari.layers import Image, Labels
 
 from napari_neuromf._layers import is_mask_name, layer_tuple, read_layer
@@ -108,7 +108,7 @@ def test_bad_files_give_notifications_not_exceptions(make_napari_viewer, tmp_pat
     image = _save(tmp_path / "ok_FLAIR.nii.gz", _volume(), AFFINES["lps"])
     _save(tmp_path / "ok_FLAIR_roi.nii.gz", (_volume(seed=2) > 800).astype(np.uint8), AFFINES["lps"])
     viewer.open([str(image), str(tmp_path / "ok_FLAIR_roi.nii.gz")], plugin="napari-neuromf")
-    assert [type(layer) for layer in viewer.layers] == [Image, Labels]
+    assert [type(layer) for layer in data_layers(viewer)] == [Image, Labels]
 
 
 @pytest.mark.gui
@@ -123,7 +123,7 @@ def test_mismatched_pair_gives_notification(make_napari_viewer, qtbot, tmp_path)
     seen = notes()
     widget.load_case(Case("a", image, wrong_shape, "fcd", "train"))
     qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
-    assert [layer.name for layer in viewer.layers] == ["a FLAIR"]  # the image loads, the bad mask does not
+    assert [layer.name for layer in data_layers(viewer)] == ["a FLAIR"]  # the image loads, the bad mask does not
     assert any("a_FLAIR_roi.nii.gz" in m and "shape" in m for m in seen())
 
     shifted = _save(tmp_path / "b_FLAIR_roi.nii.gz", np.zeros((6, 7, 8), np.uint8), np.diag([2.0, 1, 1, 1]))
@@ -157,7 +157,7 @@ def test_sample_data_and_widgets_from_manifest(make_napari_viewer):
         assert widget is not None
 
     viewer.open_sample("napari-neuromf", "fcd_phantom_case")
-    image, lesion = viewer.layers
+    image, lesion = data_layers(viewer)
     assert isinstance(image, Image) and isinstance(lesion, Labels)
     assert image.data.shape == lesion.data.shape
     assert tuple(image.scale) == tuple(lesion.scale) and tuple(image.translate) == tuple(lesion.translate)

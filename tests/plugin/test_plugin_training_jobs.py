@@ -41,7 +41,7 @@ def _stop_at_first_encoded_case(widget) -> dict:
 def test_stop_while_encoding_ends_the_start_after_the_current_case(make_napari_viewer, qtbot, tiny_base, tmp_path):
     """Stop during the encoding takes effect after the case being encoded, not after all of them: a new run's
     folder is removed (as after a failed start), a resumed run's checkpoint is left as it was and resumes."""
-    from napari_neuromf import _session
+    from napari_neuromf import _training_run
     from napari_neuromf._lora_widget import LoRAWidget
     from neuromf.train.checkpoint import checkpoint_paths, read_checkpoint_meta
 
@@ -64,7 +64,7 @@ def test_stop_while_encoding_ends_the_start_after_the_current_case(make_napari_v
     assert not out.exists()  # a failed start leaves nothing behind
     status = widget.job.status.text()
     assert "Stopped before training" in status and f"{done} of {total} encoded" in status and "Nothing" in status
-    assert widget.start_button.isEnabled() and widget.run_mode.currentText() == _session.NEW_RUN
+    assert widget.start_button.isEnabled() and widget.run_mode.currentText() == _training_run.NEW_RUN
     print(f"stopped {ended_s:.1f} s after the click, {done - seen['clicked_at']} more case(s) encoded")
 
     # train two steps, then Resume with an emptied cache and Stop again at the first case
@@ -75,7 +75,7 @@ def test_stop_while_encoding_ends_the_start_after_the_current_case(make_napari_v
     before = sorted(p.name for p in out.iterdir())
     shutil.rmtree(cache)
     widget.max_steps.setValue(4)
-    widget.run_mode.setCurrentText(_session.RESUME)
+    widget.run_mode.setCurrentText(_training_run.RESUME)
     widget.start(overrides=overrides)
     seen = _stop_at_first_encoded_case(widget)
     wait_idle(qtbot, widget, 180)
@@ -83,7 +83,7 @@ def test_stop_while_encoding_ends_the_start_after_the_current_case(make_napari_v
     assert "trained" not in seen and widget.run.stopped_encoding[0] < widget.run.stopped_encoding[1]
     assert int(read_checkpoint_meta(out)["step"]) == 2 and sorted(p.name for p in out.iterdir()) == before
     assert "is as it was" in widget.job.status.text()
-    assert widget.run_mode.currentText() == _session.RESUME
+    assert widget.run_mode.currentText() == _training_run.RESUME
 
     widget.start(overrides=overrides)  # the run resumes where it was
     wait_idle(qtbot, widget, 300)
@@ -92,13 +92,13 @@ def test_stop_while_encoding_ends_the_start_after_the_current_case(make_napari_v
 
 
 def _two_process_widget(qtbot, viewer):
-    from napari_neuromf import _session
+    from napari_neuromf import _environment
     from napari_neuromf._lora_widget import LoRAWidget
 
     widget = ready(qtbot, LoRAWidget(viewer))
     assert set(widget.device_plans) >= {"auto", "cpu"}  # this machine's list; "all GPUs (N)" needs 2+ GPUs
     # what "all GPUs (2)" runs on a machine with 2 GPUs, here as 2 CPU processes (gloo)
-    widget.set_device_plans({**widget.device_plans, TWO_PROCESSES: _session.DevicePlan(2, "cpu")})
+    widget.set_device_plans({**widget.device_plans, TWO_PROCESSES: _environment.DevicePlan(2, "cpu")})
     widget.config.setCurrentText("demo_lora")
     return widget
 
@@ -107,7 +107,7 @@ def test_several_processes_train_show_progress_stop_and_resume(make_napari_viewe
                                                                phantom_subset, tmp_path):
     """Device "N processes": torchrun starts 2 real ranks; the dock counts their steps with loss and ETA, Stop
     makes them save a checkpoint and the adapter at the same step, and Resume (here in one process) continues."""
-    from napari_neuromf import _session
+    from napari_neuromf import _state, _training_run
     from napari_neuromf._lora_widget import DEVICE_TIP
     from neuromf.train.checkpoint import checkpoint_paths, read_checkpoint_meta
 
@@ -119,7 +119,7 @@ def test_several_processes_train_show_progress_stop_and_resume(make_napari_viewe
     widget.device.setCurrentText(TWO_PROCESSES)
     assert widget.settings()["training.device"] == "cpu"
     widget.start(overrides={"data.cache_dir": str(tmp_path / "cache")})
-    assert isinstance(widget.run, _session.ProcessTrainingRun) and widget.run.nproc == 2
+    assert isinstance(widget.run, _training_run.ProcessTrainingRun) and widget.run.nproc == 2
     qtbot.waitUntil(lambda: len(widget.loss_plot.points) >= 3 or not widget.busy, timeout=240_000)
     assert widget.run.failure is None, widget.run.failure
     process = widget.run.process
@@ -138,9 +138,9 @@ def test_several_processes_train_show_progress_stop_and_resume(make_napari_viewe
     assert not process.running and not process.scratch.exists()
     assert checkpoint_paths(out)[0].is_file() and int(read_checkpoint_meta(out)["step"]) == result.step
     assert (out / "adapter" / "adapter_config.json").is_file()
-    assert widget.run_mode.currentText() == _session.RESUME
+    assert widget.run_mode.currentText() == _training_run.RESUME
     assert f"Stopped at step {result.step}" in widget.job.status.text()
-    assert _session.STATE.last_adapter == out / "adapter"
+    assert _state.STATE.last_adapter == out / "adapter"
 
     stopped_at, before = result.step, list(widget.run.losses)
     widget.device.setCurrentText("cpu")  # a 2-process checkpoint resumes in one process

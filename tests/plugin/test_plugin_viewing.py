@@ -16,7 +16,7 @@ from gui_helpers import ready, tiny_lora_run, wait_idle
 
 pytestmark = pytest.mark.gui
 
-STALL_MS = 100  # issue 12: no GUI-thread stall above 100 ms during a job
+STALL_MS = 100  # no GUI-thread stall above 100 ms during a job
 
 
 def _open_case(qtbot, widget, folder: Path, row: int = 0):
@@ -163,25 +163,26 @@ def test_every_control_has_a_tooltip(make_napari_viewer, qtbot):
 
 def test_defaults_are_remembered_across_sessions(make_napari_viewer, qtbot, phantom_subset, tmp_path, monkeypatch):
     """Data folder, mask-test result (used by strategy auto), adapter and run folder come back in a new session."""
-    from napari_neuromf import _session
+    from napari_neuromf import _state, _training_run
     from napari_neuromf._widgets import FCDDataWidget, GenerateWidget, LoRAWidget, MaskTestWidget
 
     adapter = tmp_path / "runs" / "lora_1" / "adapter"
     adapter.mkdir(parents=True)
     mask_test = tmp_path / "mask_test.json"
     mask_test.write_text('{"decision": "downsample"}\n')
-    first = _session.attach_state()
+    first = _state.attach_state()
     first.remember(last_data_dir=phantom_subset, last_mask_test=mask_test)
     first.set_adapter(adapter, adapter.parent)
     assert (tmp_path / "neuromf_home" / "napari_state.json").is_file()
 
-    monkeypatch.setattr(_session, "STATE", _session.PluginState())  # a new session: nothing in memory
+    monkeypatch.setattr(_state, "STATE", _state.PluginState())  # a new session: nothing in memory
     viewer = make_napari_viewer()
     assert ready(qtbot, FCDDataWidget(viewer)).folder.text() == str(phantom_subset)
     assert ready(qtbot, MaskTestWidget(viewer)).output.text() == str(mask_test)
-    assert ready(qtbot, GenerateWidget(viewer)).adapter.text() == str(adapter)
+    generate = ready(qtbot, GenerateWidget(viewer))  # the trained adapter is offered, not chosen
+    assert generate.adapter.text() == "embedded-fine" and "not been checked" in generate.offer.text()
     lora = ready(qtbot, LoRAWidget(viewer))
     assert Path(lora.output.text()).parent == tmp_path / "runs"
     lora.strategy.setCurrentText("auto")
-    cfg = _session.build_lora_config("demo_lora", {**lora.settings(), "data.mask_test": None})
+    cfg = _training_run.build_lora_config("joint_3mm", {**lora.settings(), "data.mask_test": None})
     assert cfg.data.mask_test == str(mask_test)

@@ -106,7 +106,7 @@ def test_lora_dock_counts_the_cases_encoded_before_training(make_napari_viewer, 
     from napari_neuromf._lora_widget import LoRAWidget
 
     widget = ready(qtbot, LoRAWidget(make_napari_viewer()))
-    widget.config.setCurrentText("demo_lora")
+    widget.config.setCurrentText("joint_3mm")
     tiny_lora_run(widget, tiny_base, phantom_subset, tmp_path / "run", max_steps=2)
     widget.start_button.click()
     shown: list[tuple[str | None, str, str]] = []  # what the dock shows after each event
@@ -129,7 +129,7 @@ def test_lora_dock_counts_the_cases_encoded_before_training(make_napari_viewer, 
 def test_mask_test_on_open_layers_matches_the_backend(make_napari_viewer, qtbot, phantom_subset, tiny_base, tmp_path):
     """The layer mode writes nothing into the data folder or the result file, and its Dice values are the ones the
     backend computes for the same scan and mask."""
-    from napari_neuromf import _session
+    from napari_neuromf import _mask_test_run, _state
     from napari_neuromf._helpers import add_layer
     from napari_neuromf._layers import case_layers
     from napari_neuromf._mask_test_widget import LAYERS, MaskTestWidget
@@ -162,7 +162,7 @@ def test_mask_test_on_open_layers_matches_the_backend(make_napari_viewer, qtbot,
     assert widget.job.bar.text().startswith("1 / 1 cases")
 
     vae = MAISIVAEWrapper.resolve(str(vae_dir))
-    _, mask = preprocess_pair(image_path, mask_path, _session.preprocessing_for(vae))
+    _, mask = preprocess_pair(image_path, mask_path, _mask_test_run.preprocessing_for(vae))
     m = mask.data
     expected_vae = dice(vae_round_trip(m, vae, 0.5).numpy(), m.numpy())
     expected_max = dice(upsample_mask(downsample_mask(m[None], "max"), 0.5)[0].numpy(), m.numpy())
@@ -174,7 +174,7 @@ def test_mask_test_on_open_layers_matches_the_backend(make_napari_viewer, qtbot,
     assert "This lesion" in widget.recommendation.text()
     # nothing written into the user's data or the result file, nothing remembered for strategy 'auto'
     assert {p: p.stat().st_mtime_ns for p in phantom_subset.rglob("*")} == before
-    assert not (tmp_path / "not_written.json").exists() and _session.STATE.last_mask_test is None
+    assert not (tmp_path / "not_written.json").exists() and _state.STATE.last_mask_test is None
 
     # the round-tripped mask overlays the open layers
     widget.table.selectRow(0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from gui_helpers import assert_overlay, notes, ready, tiny_lora_run, wait_idle
+from gui_helpers import assert_overlay, data_layers, notes, ready, tiny_lora_run, wait_idle
 
 pytestmark = pytest.mark.gui
 
@@ -26,7 +26,7 @@ def tiny_adapter(tiny_base, phantom_subset, tmp_path_factory) -> Path:
     from neuromf.train import run_to_end
 
     out = tmp_path_factory.mktemp("lora") / "run"
-    cfg = load_config("demo_lora", {"model.preset": "tiny", "data.data_dir": str(phantom_subset),
+    cfg = load_config("joint_3mm", {"model.preset": "tiny", "data.data_dir": str(phantom_subset),
                                      "data.mask_strategy": "downsample", "data.flip": False, "lora.rank": 2,
                                      "training.max_steps": 3, "training.batch_size": 2, "training.device": "cpu",
                                      "training.checkpoint_every": 0, "training.output_dir": str(out)})
@@ -42,7 +42,7 @@ def tiny_site_adapter(tiny_base, phantom_subset, tmp_path_factory) -> Path:
     from neuromf.train import run_to_end
 
     out = tmp_path_factory.mktemp("lora_site") / "run"
-    cfg = load_config("demo_lora", {"model.preset": "tiny", "data.data_dir": str(phantom_subset),
+    cfg = load_config("joint_3mm", {"model.preset": "tiny", "data.data_dir": str(phantom_subset),
                                      "data.mask_strategy": "sdf", "data.flip": False, "lora.rank": 2,
                                      "lora.mask_prediction": "x", "lora.site_condition": True,
                                      "training.max_steps": 2, "training.batch_size": 2, "training.device": "cpu",
@@ -51,9 +51,9 @@ def tiny_site_adapter(tiny_base, phantom_subset, tmp_path_factory) -> Path:
 
 
 def _session_state():
-    from napari_neuromf import _session
+    from napari_neuromf import _state
 
-    return _session.STATE
+    return _state.STATE
 
 
 def test_data_widget_scans_loads_and_registers(make_napari_viewer, qtbot, phantom_subset, tmp_path):
@@ -161,7 +161,7 @@ def test_mask_test_cancel_keeps_done_rows_and_saves_nothing(make_napari_viewer, 
 
 
 def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_base, phantom_subset, tmp_path):
-    from napari_neuromf import _session
+    from napari_neuromf import _state, _training_run
     from napari_neuromf._generate_widget import GenerateWidget
     from napari_neuromf._lora_widget import LoRAWidget
     from neuromf.train.checkpoint import checkpoint_paths
@@ -172,15 +172,15 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
     import torch
 
     if not torch.cuda.is_available():  # a CPU machine gets the CPU-sized config first
-        assert widget.config.currentText() == "demo_lora"
+        assert widget.config.currentText() == "joint_3mm"
     # the default output is a fresh timestamped run folder under the user data dir
     assert str(tmp_path / "neuromf_home" / "runs" / "lora_") in widget.output.text()
-    assert widget.run_mode.currentText() == _session.NEW_RUN
-    widget.config.setCurrentText("demo_lora")
+    assert widget.run_mode.currentText() == _training_run.NEW_RUN
+    widget.config.setCurrentText("joint_3mm")
     out = tmp_path / "run"
     tiny_lora_run(widget, tiny_base, phantom_subset, out, max_steps=500, preview_every=2)
 
-    follower = GenerateWidget(viewer)  # open before training: its adapter follows the newest trained one
+    follower = GenerateWidget(viewer)  # open before training: the trained adapter is offered, never switched to
     widget.start_button.click()
     qtbot.waitUntil(lambda: len(widget.run.losses) >= 3 or not widget.busy, timeout=120_000)
     assert widget.run.failure is None, widget.run.failure
@@ -200,10 +200,11 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
     result = widget.run.result
     assert result.stopped and 3 <= result.step < 500
     assert checkpoint_paths(out)[0].is_file() and (out / "adapter" / "adapter_config.json").is_file()
-    assert _session.STATE.last_adapter == out / "adapter"
-    assert follower.adapter.text() == str(out / "adapter")
+    assert _state.STATE.last_adapter == out / "adapter"
+    assert follower.adapter.text() == "embedded-fine" and "adapter" in follower.offer.text()
+    assert "not been checked" in follower.offer.text()
     assert widget.start_button.isEnabled() and not widget.stop_button.isEnabled()
-    assert widget.run_mode.currentText() == _session.RESUME  # the next Start continues the stopped run
+    assert widget.run_mode.currentText() == _training_run.RESUME  # the next Start continues the stopped run
     assert "Stopped at step" in widget.job.status.text() and str(out / "adapter") in widget.job.status.text()
 
     stopped_at, before = result.step, list(widget.run.losses)
@@ -215,7 +216,7 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
     assert [s for s, _ in widget.run.losses] == [stopped_at + 1, stopped_at + 2]
     # the plot keeps the history from before Stop
     assert plotted() == [s for s, _ in before] + [stopped_at + 1, stopped_at + 2]
-    assert widget.run_mode.currentText() == _session.NEW_RUN
+    assert widget.run_mode.currentText() == _training_run.NEW_RUN
 
     # a new run never mixes into the finished one: it gets a fresh timestamped folder next to it
     widget.max_steps.setValue(1)
@@ -230,7 +231,7 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
 def test_lora_widget_run_modes_explain_themselves(make_napari_viewer, qtbot, tmp_path):
     """Resume with nothing to resume, and a folder of other files: the widget says so in full, in its own words,
     and a failed start leaves nothing behind."""
-    from napari_neuromf import _session
+    from napari_neuromf import _training_run
     from napari_neuromf._lora_widget import LoRAWidget
 
     widget = ready(qtbot, LoRAWidget(make_napari_viewer()))
@@ -238,7 +239,7 @@ def test_lora_widget_run_modes_explain_themselves(make_napari_viewer, qtbot, tmp
     widget.device.setCurrentText("cpu")
     empty = tmp_path / "never_trained"
     widget.output.setText(str(empty))
-    widget.run_mode.setCurrentText(_session.RESUME)
+    widget.run_mode.setCurrentText(_training_run.RESUME)
     widget.start()
     wait_idle(qtbot, widget, 120)
     status = widget.job.status.text()
@@ -250,7 +251,7 @@ def test_lora_widget_run_modes_explain_themselves(make_napari_viewer, qtbot, tmp
     plain.mkdir()
     (plain / "beach.jpg").write_bytes(b"jpg")
     widget.output.setText(str(plain))
-    widget.run_mode.setCurrentText(_session.OVERWRITE)
+    widget.run_mode.setCurrentText(_training_run.OVERWRITE)
     widget.start()
     wait_idle(qtbot, widget, 120)
     status = widget.job.status.text()
@@ -316,7 +317,13 @@ def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, q
     _session_state().last_adapter = tiny_adapter
     viewer = make_napari_viewer()
     widget = ready(qtbot, GenerateWidget(viewer))
-    assert widget.adapter.text() == str(tiny_adapter)  # defaults to the last trained adapter
+    # the defaults are the 2 mm configuration that makes lesion pairs; the last trained adapter is only offered
+    assert (widget.adapter.text(), widget.render.text()) == ("embedded-fine", "embedded-fine")
+    assert (widget.sampler.currentText(), widget.steps.value(), widget.n.value()) == ("euler", 32, 1)
+    assert not widget.advanced.isVisible() and tiny_adapter.name in widget.offer.text()
+    widget._use_latest()
+    assert widget.adapter.text() == str(tiny_adapter)
+    use_tiny(widget, tiny_adapter)
     widget.n.setValue(3)
     widget.seed.setValue(7)
     widget.device.setCurrentText("cpu")
@@ -324,7 +331,7 @@ def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, q
     widget.start()
     wait_idle(qtbot, widget, 60)
     assert not [m for m in seen() if "Generation" in m]
-    assert [layer.name for layer in viewer.layers] == [f"gen_00{i} {kind}" for i in range(3)
+    assert [layer.name for layer in data_layers(viewer)] == [f"gen_00{i} {kind}" for i in range(3)
                                                        for kind in ("FLAIR", "lesion")]
     assert widget.job.bar.value() == 3 and "Generated 3 of 3 pairs" in widget.job.status.text()
     for i in range(3):
@@ -333,6 +340,8 @@ def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, q
         info = image.metadata["neuromf"]
         assert info["seed"] == 7 and info["sample_index"] == i and str(tiny_adapter) in str(info["checkpoint"])
         assert info["sampler"] == "meanflow" and info["steps"] == 1
+        figures = info["lesion"]  # the lesion in figures, for every pair (a tiny model's mask may be empty)
+        assert figures["volume_cm3"] == pytest.approx(float(np.count_nonzero(lesion.data)) * 6.0**3 / 1000, abs=0.01)
 
     # only the selected pairs are written
     assert [widget.pairs.item(i).text() for i in range(widget.pairs.count())] == ["gen_000", "gen_001", "gen_002"]
@@ -356,14 +365,20 @@ def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, q
     wait_idle(qtbot, widget, 60)
     assert len(list((tmp_path / "all").glob("*.nii.gz"))) == 6
 
-    # a second click numbers the new pairs after the existing ones; Cancel stops between pairs
+    # Cancel right after the start stops the run before it has made 50 pairs (what a cancel keeps, within one
+    # network step, is tested headless: test_generation_cancel_stops_within_one_network_step...)
     widget.n.setValue(50)
     widget.start()
-    qtbot.waitUntil(lambda: "gen_003 lesion" in viewer.layers, timeout=60_000)
     widget.job.cancel_button.click()
     wait_idle(qtbot, widget, 60)
-    assert widget.run.cancelled and 1 <= widget.run.pairs < 50
+    assert widget.run.cancelled and widget.run.pairs < 50 and widget.run.failure is None
     assert "cancelled" in widget.job.status.text()
+    widget.n.setValue(1)  # a new click numbers its pairs after the existing ones
+    existing = [widget.pairs.item(i).text() for i in range(widget.pairs.count())]
+    widget.start()
+    wait_idle(qtbot, widget, 60)
+    assert existing == [f"gen_{i:03d}" for i in range(len(existing))]
+    assert f"gen_{len(existing):03d} FLAIR" in viewer.layers
 
     # the Euler sampler reaches the generator, which records it on the pair (the layers' provenance)
     widget.n.setValue(1)
@@ -411,6 +426,15 @@ def tiny_conditional_adapter(tiny_base, phantom_subset, tmp_path_factory) -> Pat
     return Path(run_to_end(train_conditional(cfg, tiny_base, progress=False)).export)
 
 
+def use_tiny(widget, adapter) -> None:
+    """A tiny test adapter with the fast settings (one MeanFlow step, its own FLAIR): the 2 mm defaults would render
+    with the shipped conditional adapter, which sits on another base model."""
+    widget.adapter.setText(str(adapter))
+    widget.render.setText("")
+    widget.sampler.setCurrentText("meanflow")
+    widget.steps.setValue(1)
+
+
 def generate_one_pair(qtbot, widget, viewer) -> tuple:
     """One pair on the CPU with the widget's settings: no error notification, FLAIR and lesion overlaid."""
     widget.n.setValue(1)
@@ -439,7 +463,7 @@ def test_generate_widget_paints_a_lesion_and_generates_a_flair_for_it(make_napar
     painted = viewer.add_labels(np.zeros(flair.data.shape, dtype=np.uint8), name="painted lesion",
                                 scale=flair.scale, translate=flair.translate)
     widget = ready(qtbot, GenerateWidget(viewer))
-    widget.adapter.setText(str(tiny_conditional_adapter))
+    use_tiny(widget, tiny_conditional_adapter)
     widget.mode.setCurrentText("conditional")
     assert widget.lesion.enabled and painted in widget.lesion.choices
     widget.lesion.value = painted
@@ -477,7 +501,7 @@ def test_generate_widget_renders_joint_masks_with_a_conditional_adapter(make_nap
 
     viewer = make_napari_viewer()
     widget = ready(qtbot, GenerateWidget(viewer))
-    widget.adapter.setText(str(tiny_adapter))
+    use_tiny(widget, tiny_adapter)
     assert widget.render.isEnabled() and not widget.guidance.isEnabled()  # guidance needs a conditional adapter
     assert widget.joint_guidance.isEnabled()
     widget.mode.setCurrentText("conditional")
@@ -510,7 +534,7 @@ def test_generate_widget_puts_joint_lesions_at_the_points_of_a_points_layer(make
 
     viewer = make_napari_viewer()
     widget = ready(qtbot, GenerateWidget(viewer))
-    widget.adapter.setText(str(tiny_site_adapter))
+    use_tiny(widget, tiny_site_adapter)
     widget.sampler.setCurrentText("euler")
     widget.steps.setValue(2)
     assert widget.site.enabled and widget.site.value == DRAWN_SITES
@@ -546,7 +570,7 @@ def test_generate_widget_cautions_about_an_implausible_painted_lesion(make_napar
     corner[:8, :8, :8] = 1  # a 2.4 cm cube in the corner of the field of view: air, not brain
     painted = viewer.add_labels(corner, name="in the air", scale=flair.scale, translate=flair.translate)
     widget = ready(qtbot, GenerateWidget(viewer))
-    widget.adapter.setText(str(tiny_conditional_adapter))
+    use_tiny(widget, tiny_conditional_adapter)
     widget.mode.setCurrentText("conditional")
     widget.lesion.value = painted
     widget.n.setValue(1)
@@ -557,3 +581,60 @@ def test_generate_widget_cautions_about_an_implausible_painted_lesion(make_napar
     assert "gen_000 FLAIR" in viewer.layers and widget.run.failure is None
     assert any("outside the brain" in c for c in widget.run.cautions), widget.run.cautions
     assert "outside the brain" in widget.job.status.text() and any("outside the brain" in m for m in seen())
+
+
+def test_generation_cancel_stops_within_one_network_step_and_keeps_the_pairs_done(tiny_conditional_adapter):
+    """Headless GenerateRun: progress per network step (the loading phase first), and a cancel in the middle of
+    the second pair stops before the next step; the first pair stays, and nothing is reported as a failure."""
+    from napari_neuromf._generate_run import GenerateRun
+
+    run = GenerateRun(str(tiny_conditional_adapter), n=3, steps=6, device="cpu", mode="conditional", method="euler")
+    assert run.progress_text().startswith("Loading the models")
+    seen, report = [], run.on_step
+
+    def on_step(i, n):
+        report(i, n)
+        seen.append((run.pairs, i, n))
+        if run.pairs == 1 and i == 2:
+            run.cancel.set()  # Cancel pressed during the second pair's second network step
+
+    run.on_step = on_step
+    pairs = [item for item in run.drive()]
+    assert len(pairs) == 1 and run.pairs == 1 and run.failure is None and run.cancelled
+    assert seen[:6] == [(0, i, 6) for i in range(1, 7)] and seen[-1] == (1, 2, 6)  # no step after the cancel
+    assert run.loaded_s is not None and "network step 2 / 6" in run.progress_text()
+
+
+def test_generate_widget_inpaints_the_painted_lesion_into_the_scan_painted_on(make_napari_viewer, qtbot,
+                                                                              phantom_subset, tiny_conditional_adapter):
+    """Paint a lesion on an open FLAIR, choose inpaint: the new FLAIR is THAT scan (its grid, its voxels beyond the
+    margin) with the lesion put in, and the lesion layer lies where it was painted."""
+    from napari_neuromf._generate_widget import GenerateWidget
+    from napari_neuromf._layers import read_layer
+
+    viewer = make_napari_viewer()
+    data, state, _ = read_layer(next((phantom_subset / SUBJECTS[1] / "anat").glob("*_FLAIR.nii.gz")))
+    flair = viewer.add_image(data, **{k: state[k] for k in ("name", "scale", "translate", "metadata")})
+    painted = viewer.add_labels(np.zeros(flair.data.shape, dtype=np.uint8), name="painted lesion",
+                                scale=flair.scale, translate=flair.translate)
+    centre = np.array(flair.data.shape) // 2
+    painted.brush_size = 6
+    painted.paint(tuple(centre), new_label=1)
+    widget = ready(qtbot, GenerateWidget(viewer))
+    use_tiny(widget, tiny_conditional_adapter)
+    widget.mode.setCurrentText("inpaint")
+    assert (widget.sampler.currentText(), widget.steps.value()) == ("meanflow", 8)  # the inpaint defaults
+    widget.steps.setValue(2)
+    assert widget.scan.enabled and widget.lesion.enabled and not widget.site.enabled
+    widget.scan.value, widget.lesion.value = flair, painted
+    image, lesion = generate_one_pair(qtbot, widget, viewer)
+    assert image.data.shape == flair.data.shape  # the scan's own grid, not the model grid
+    assert np.allclose(image.scale, flair.scale) and np.allclose(image.translate, flair.translate)
+    info = image.metadata["neuromf"]
+    assert info["mode"] == "inpaint" and info["scan"] == flair.name
+    assert np.array_equal(lesion.data > 0, painted.data > 0)
+    far = np.ones(flair.data.shape, dtype=bool)  # farther than the margin (6 mm) from the painted lesion
+    lo, hi = np.maximum(centre - 12, 0), centre + 12
+    far[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = False
+    np.testing.assert_allclose(np.asarray(image.data)[far], np.asarray(flair.data, dtype=np.float32)[far])
+    assert not np.allclose(np.asarray(image.data)[~far], np.asarray(flair.data, dtype=np.float32)[~far])

@@ -85,8 +85,17 @@ def cmd_mask_test(args) -> int:
     return 0
 
 
+def cmd_export_dataset(args) -> int:
+    """`neuromf export-dataset`: generated or inpainted pairs as an nnU-Net v2 raw dataset or a BIDS derivative."""
+    from neuromf.io.export import export_dataset
+
+    target = export_dataset(args.pairs, args.format, args.out, args.name, args.dataset_id, args.overwrite)
+    print(f"wrote a {args.format} data set to {target}")
+    return 0
+
+
 def register(add: AddCommand) -> None:
-    """Add the data subcommands (make-phantoms, check-data, mask-test) through `add`."""
+    """Add the data subcommands (make-phantoms, check-data, mask-test, export-dataset) through `add`."""
     p = add("make-phantoms", cmd_make_phantoms, "write a synthetic FCD phantom data set (BIDS, like ds004199)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n-healthy", type=number(0, 10_000, integer=True), default=40)
@@ -110,3 +119,15 @@ def register(add: AddCommand) -> None:
     p.add_argument("--spacing", type=VOXEL_MM, nargs=3, default=[3.0, 3.0, 3.0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(STAGE_DIR / "mask_vae_test.json"))
+
+    p = add("export-dataset", cmd_export_dataset,
+            "write generated or inpainted pairs as an nnU-Net v2 raw dataset or a BIDS derivative")
+    p.add_argument("--pairs", type=Path, action="append", required=True, metavar="DIR",
+                   help="a folder written by `neuromf generate` (repeat for several)")
+    p.add_argument("--format", required=True, choices=["nnunet", "bids"])
+    p.add_argument("--out", type=Path, required=True,
+                   help="nnunet: the nnUNet_raw folder (Dataset<ID>_<NAME> is written in it); bids: the data set's "
+                        "folder")
+    p.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset id (1-999)")
+    p.add_argument("--name", default="FCDSynth", help="data set name (letters and digits)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from neuromf.cli._common import COUNT, SCALE, SEED, STEPS, AddCommand, number
@@ -16,6 +18,12 @@ def cmd_generate(args) -> int:
     """
     from neuromf.generate import write_generated_images
 
+    if args.steps is None:
+        args.steps = 8 if args.mode == "inpaint" else 1
+    if args.mode == "inpaint":
+        return _generate_inpainted(args)
+    if args.margin_mm is not None:
+        raise SystemExit("generate: --margin-mm is for --mode inpaint")
     if bool(args.checkpoint) == bool(args.adapter):
         raise SystemExit("generate: give exactly one of --checkpoint (base model) or --adapter (LoRA joint model)")
     from neuromf.utils import ensure_writable
@@ -43,8 +51,10 @@ def cmd_generate(args) -> int:
         elif mode == "joint":
             from neuromf.pipelines.joint import write_generated_pairs
 
-            paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                          args.sampler, args.render, args.guidance, args.joint_guidance, args.site)
+            with step_bar("joint pairs") as on_step:
+                paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed,
+                                              args.device, args.sampler, args.render, args.guidance,
+                                              args.joint_guidance, args.site, on_step)
         else:
             paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed,
                                            args.device, args.sampler)
@@ -76,8 +86,76 @@ def _generate_conditional(args) -> list[Path]:
         prep = adapter_meta(args.adapter, "conditional").prep
         volumes = [preprocess_mask(path, prep, args.image) for path in args.mask]
         masks, affines = [v.data[0].numpy() for v in volumes], [v.affine for v in volumes]
-    return write_conditional_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                   masks, affines, args.sampler, args.guidance)
+    with step_bar("conditional pairs") as on_step:
+        return write_conditional_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
+                                       masks, affines, args.sampler, args.guidance, on_step)
+
+
+@contextlib.contextmanager
+def step_bar(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar of network steps for `on_step(i, n)`: it restarts at each sampling pass (a joint batch, a
+    rendered FLAIR, a conditional placement pass), so a long 2 mm pass shows progress step by step."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"{what}: network steps", unit="step", dynamic_ncols=True)
+    passes = [0]
+
+    def on_step(i: int, n: int) -> None:
+        if i == 1:
+            passes[0] += 1
+            bar.reset(total=n)
+            bar.set_postfix_str(f"pass {passes[0]}")
+        bar.update(i - bar.n)
+
+    try:
+        yield on_step
+    finally:
+        bar.close()
+
+
+def _generate_inpainted(args) -> int:
+    """`--mode inpaint`: a lesion (each --mask, or --n drawn from the prior) inpainted into the --image scan,
+    written on the scan's own grid; every input is checked before anything is written."""
+    from tqdm.auto import tqdm
+
+    from neuromf.pipelines.conditional import load_conditional_model
+    from neuromf.pipelines.inpaint import inpaint_lesion, write_inpainted
+    from neuromf.utils import ensure_writable
+
+    if not args.image:
+        raise SystemExit("generate: --mode inpaint needs --image (the healthy FLAIR the lesion goes into)")
+    if args.checkpoint or args.render or args.site or args.joint_guidance is not None:
+        raise SystemExit("generate: --mode inpaint takes --image, --mask, --adapter (conditional), --n, --seed, "
+                         "--steps, --sampler, --guidance and --margin-mm")
+    ensure_writable(Path(args.out))
+    adapter = args.adapter or "embedded-fine"
+    cond = load_conditional_model(adapter, args.device)
+    masks = args.mask or [None] * args.n
+    margin = 6.0 if args.margin_mm is None else args.margin_mm
+    results = []
+    bars: dict[str, tqdm] = {}  # opened at the first network call: a refused input prints its error alone
+
+    def on_step(i: int, n: int) -> None:
+        if not bars:
+            bars["lesions"] = tqdm(total=len(masks), desc="inpainting", unit="lesion", dynamic_ncols=True)
+            bars["calls"] = tqdm(desc="network calls", unit="call", dynamic_ncols=True, leave=False)
+        bars["calls"].total, bars["calls"].n = n, i
+        bars["calls"].refresh()
+
+    try:
+        for i, mask in enumerate(masks):
+            result = inpaint_lesion(args.image, mask, cond, seed=args.seed + i if mask is None else args.seed,
+                                    steps=args.steps, guidance=args.guidance, margin_mm=margin, on_step=on_step,
+                                    method=args.sampler)
+            result.info.update(adapter=str(adapter), index=i, mask_file=None if mask is None else str(mask))
+            results.append(result)
+            bars["lesions"].update()
+    finally:
+        for bar in bars.values():
+            bar.close()
+    paths = [p for i, r in enumerate(results) for p in write_inpainted(r, Path(args.out), f"sample_{i:03d}")]
+    print(f"wrote {len(paths)} files to {args.out}")
+    return 0
 
 
 def register(add: AddCommand) -> None:
@@ -88,8 +166,10 @@ def register(add: AddCommand) -> None:
     p.add_argument("--adapter", help="adapter folder: LoRA (joint image + mask) or ControlNet (conditional); "
                                      "'embedded' for the shipped 3 mm demo of the chosen mode, 'embedded-fine' for "
                                      "the shipped 2 mm one (conditional unless --mode joint)")
-    p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
-                   help="joint: image + mask from noise; conditional: a FLAIR for each given or prior-drawn mask")
+    p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional", "inpaint"],
+                   help="joint: image + mask from noise; conditional: a FLAIR for each given or prior-drawn mask; "
+                        "inpaint: a lesion put into the --image scan (each --mask, or --n drawn from the prior), the "
+                        "scan kept exactly beyond --margin-mm (adapter: a conditional one, default embedded-fine)")
     p.add_argument("--mask", nargs="+", metavar="FILE", help="conditional mode: lesion mask NIfTI file(s)")
     p.add_argument("--image", metavar="FILE",
                    help="conditional mode: the FLAIR the masks belong to (centres the model grid on its brain)")
@@ -110,8 +190,12 @@ def register(add: AddCommand) -> None:
                    help="joint mode, site-conditioned adapters: put the lesion at this voxel of the model grid (the "
                         "written pairs' grid; repeat for several, used in turn); default: sites drawn from the "
                         "training lesions' sites")
+    p.add_argument("--margin-mm", type=number(0.0, 100.0), default=None, metavar="MM",
+                   help="inpaint mode: voxels farther than this from the lesion keep the scan's values exactly; "
+                        "within it a feathered blend (default 6)")
     p.add_argument("--n", type=COUNT, default=4)
-    p.add_argument("--steps", type=STEPS, default=1, help="sampling steps (1 = one-step MeanFlow)")
+    p.add_argument("--steps", type=STEPS, default=None,
+                   help="sampling steps (default 1 = one-step MeanFlow; 8 in the inpaint mode)")
     p.add_argument("--sampler", default="meanflow", choices=SAMPLERS,
                    help="meanflow: k-step MeanFlow with the average velocity; euler: --steps Euler steps with the "
                         "instantaneous velocity (flow-matching baseline; for joint x-prediction adapters)")

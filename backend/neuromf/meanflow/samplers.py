@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
 
 from neuromf.meanflow.loss import VelocityFn
+
+StepCallback = Callable[[int, int], None]  # on_step(i, n): network step i of n is done
+
+
+class SamplingStopped(Exception):
+    """Raised before the next network step when the caller's `stop` event is set (a cancel from a GUI)."""
+
+
+def _step(i: int, n: int, on_step: StepCallback | None, stop: threading.Event | None) -> None:
+    """Before step i: raise SamplingStopped when asked to stop; after step i-1: report it."""
+    if i and on_step is not None:
+        on_step(i, n)
+    if i < n and stop is not None and stop.is_set():
+        raise SamplingStopped(f"stopped before sampling step {i + 1} of {n}")
 
 
 def _full(batch: int, value: float, like: torch.Tensor) -> torch.Tensor:
@@ -14,13 +29,16 @@ def _full(batch: int, value: float, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_meanflow(model: VelocityFn, noise: torch.Tensor, steps: int = 1) -> torch.Tensor:
+def sample_meanflow(model: VelocityFn, noise: torch.Tensor, steps: int = 1, on_step: StepCallback | None = None,
+                    stop: threading.Event | None = None) -> torch.Tensor:
     """k-step MeanFlow: z_{t'} = z_t - (t - t') u(z_t, r=t', t); with steps=1, x = eps - u(eps, 0, 1).
 
     Args:
         model: u(z, r, t) with z (B, C, h, w, d) and r, t (B,) -> (B, C, h, w, d).
         noise: (B, C, h, w, d) Gaussian noise, the state at t = 1.
         steps: number of equal steps from t = 1 to t = 0.
+        on_step: called with (i, steps) after each step (progress per network step).
+        stop: when set, SamplingStopped is raised before the next step (a cancel takes one step at most).
     Returns:
         (B, C, h, w, d) latents at t = 0, on noise's device.
     """
@@ -28,14 +46,17 @@ def sample_meanflow(model: VelocityFn, noise: torch.Tensor, steps: int = 1) -> t
         raise ValueError(f"steps must be >= 1, got {steps}")
     times = torch.linspace(1.0, 0.0, steps + 1).tolist()
     z = noise
-    for t, t_next in zip(times[:-1], times[1:]):
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        _step(i, steps, on_step, stop)
         b = z.shape[0]
         z = z - (t - t_next) * model(z, _full(b, t_next, z), _full(b, t, z))
+    _step(steps, steps, on_step, stop)
     return z
 
 
 @torch.no_grad()
-def sample_euler(model: VelocityFn, noise: torch.Tensor, steps: int = 50, last_t: float = 0.0) -> torch.Tensor:
+def sample_euler(model: VelocityFn, noise: torch.Tensor, steps: int = 50, last_t: float = 0.0,
+                 on_step: StepCallback | None = None, stop: threading.Event | None = None) -> torch.Tensor:
     """Flow-matching baseline: Euler steps with the instantaneous velocity u(z, t, t).
 
     Args:
@@ -45,6 +66,8 @@ def sample_euler(model: VelocityFn, noise: torch.Tensor, steps: int = 50, last_t
         last_t: 0 for equal steps; else the last step starts here (steps - 1 equal steps from 1 to `last_t`, then
             one to 0). An x-prediction model's u = (z - x^) / max(t, t_min) lands exactly on its estimate x^ only
             from t >= t_min: below it, equal steps leave part of the noise in the result.
+        on_step: called with (i, steps) after each step.
+        stop: when set, SamplingStopped is raised before the next step.
     Returns:
         (B, C, h, w, d) latents at t = 0.
     """
@@ -57,14 +80,17 @@ def sample_euler(model: VelocityFn, noise: torch.Tensor, steps: int = 50, last_t
     else:
         times = torch.linspace(1.0, 0.0, steps + 1).tolist()
     z = noise
-    for t, t_next in zip(times[:-1], times[1:]):
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        _step(i, steps, on_step, stop)
         tt = _full(z.shape[0], t, z)
         z = z - (t - t_next) * model(z, tt, tt)
+    _step(steps, steps, on_step, stop)
     return z
 
 
 def sample(model: VelocityFn, noise: torch.Tensor, steps: int = 1, method: str = "meanflow",
-           last_t: float = 0.0) -> torch.Tensor:
+           last_t: float = 0.0, on_step: StepCallback | None = None,
+           stop: threading.Event | None = None) -> torch.Tensor:
     """Latents from noise with the named sampler.
 
     Args:
@@ -73,19 +99,22 @@ def sample(model: VelocityFn, noise: torch.Tensor, steps: int = 1, method: str =
         steps: sampling steps.
         method: "meanflow" (`sample_meanflow`) or "euler" (`sample_euler`).
         last_t: Euler only: where the last step starts (`sample_euler`).
+        on_step: called with (i, steps) after each network step.
+        stop: when set, SamplingStopped is raised before the next step.
     Returns:
         (B, C, h, w, d) latents at t = 0.
     """
     if method == "meanflow":
-        return sample_meanflow(model, noise, steps)
+        return sample_meanflow(model, noise, steps, on_step, stop)
     if method == "euler":
-        return sample_euler(model, noise, steps, last_t)
+        return sample_euler(model, noise, steps, last_t, on_step, stop)
     raise ValueError(f"unknown sampler {method!r}; choose 'meanflow' or 'euler'")
 
 
 def sample_latents(model: torch.nn.Module, latent_shape: list[int], n: int, steps: int, seed: int,
                    device: torch.device, method: str = "meanflow", batch_size: int = 4,
-                   velocity: Callable[[torch.Tensor, int], VelocityFn] | None = None, last_t: float = 0.0
+                   velocity: Callable[[torch.Tensor, int], VelocityFn] | None = None, last_t: float = 0.0,
+                   on_step: Callable[[int, int], None] | None = None, stop: threading.Event | None = None
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Latent batches from fixed-seed noise: sample i always gets the same noise, whatever the batch size.
 
@@ -101,6 +130,7 @@ def sample_latents(model: torch.nn.Module, latent_shape: list[int], n: int, step
         velocity: builds the velocity a batch is sampled with from its noise (on `device`) and the index of its
             first sample, e.g. guidance that follows each sample's own noise; None: `model` itself.
         last_t: Euler only: where the last step starts (`neuromf.meanflow.samplers.sample_euler`).
+        on_step, stop: per network step progress and cancel (`sample`), for each batch.
     Yields:
         (noise, latents): both (B, C, h, w, d) on the CPU, noise at t = 1 and the sampled latents at t = 0.
     """
@@ -111,4 +141,4 @@ def sample_latents(model: torch.nn.Module, latent_shape: list[int], n: int, step
         batch = noise[start:start + batch_size]
         on_device = batch.to(device)
         fn = model if velocity is None else velocity(on_device, start)
-        yield batch, sample(fn, on_device, steps=steps, method=method, last_t=last_t).cpu()
+        yield batch, sample(fn, on_device, steps=steps, method=method, last_t=last_t, on_step=on_step, stop=stop).cpu()

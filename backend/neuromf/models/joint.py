@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,12 +92,13 @@ class JointModel:
         return empty_path_guidance(model, self.meta.n_image, self.empty_mask_value, noise, guidance)
 
     def sample(self, n: int, steps: int, seed: int, device: torch.device, method: str = "euler",
-               guidance: float = 1.0, sites: Any = None
+               guidance: float = 1.0, sites: Any = None, on_step: Callable[[int, int], None] | None = None,
+               stop: threading.Event | None = None
                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Joint latents from fixed-seed noise (`meanflow.samplers.sample_latents`), guided by `guidance`: batches
         of (noise, latents at t = 0, the batch's sites or None), on the CPU. A site-conditioned adapter puts
         sample i's lesion at `sites[i % len(sites)]` ((k, 3) model-grid voxel coordinates) when given, else at a
-        site drawn from its prior (`draw_sites`)."""
+        site drawn from its prior (`draw_sites`). `on_step` / `stop`: progress and cancel per network step."""
         sites = self.draw_sites(n, seed) if sites is None else self.given_sites(sites, n)
 
         def velocity(noise: torch.Tensor, start: int) -> VelocityFn:
@@ -108,7 +110,7 @@ class JointModel:
         last_t = X_PREDICTION_MIN_T if self.meta.mask_prediction == "x" else 0.0
         start = 0
         for noise, z in sample_latents(self.model, self.meta.latent_shape, n, steps, seed, device, method,
-                                       velocity=velocity, last_t=last_t):
+                                       velocity=velocity, last_t=last_t, on_step=on_step, stop=stop):
             yield noise, z, None if sites is None else sites[start:start + len(noise)]
             start += len(noise)
 

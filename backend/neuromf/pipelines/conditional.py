@@ -219,7 +219,8 @@ class ConditionalModel:
 
     @torch.no_grad()
     def generate(self, mask: np.ndarray, noise: torch.Tensor, steps: int = 1, method: str = "meanflow",
-                 guidance: float | None = None) -> np.ndarray:
+                 guidance: float | None = None, on_step: Callable[[int, int], None] | None = None,
+                 stop: Event | None = None) -> np.ndarray:
         """The FLAIR the conditioned model generates from `noise` for `mask`.
 
         Args:
@@ -229,6 +230,7 @@ class ConditionalModel:
             method: "meanflow" or "euler" (`neuromf.meanflow.sample`).
             guidance: mask guidance scale s (`guided_velocity`); 1 = the conditioned model as trained; None = the
                 adapter's own (`AdapterMeta.guidance`, 1 unless its measurements set another).
+            on_step, stop: per network step progress and cancel (`neuromf.meanflow.sample`).
         Returns:
             (H, W, D) float32 FLAIR in [0, clip_max].
         Raises:
@@ -241,7 +243,7 @@ class ConditionalModel:
         device = next(self.model.parameters()).device
         cond = torch.as_tensor(np.asarray(mask) > 0, dtype=torch.float32, device=device)[None, None]
         velocity = guided_velocity(self.model, cond, self.meta.guidance_scale(guidance))
-        z = sample(velocity, noise[None].to(device), steps=steps, method=method)
+        z = sample(velocity, noise[None].to(device), steps=steps, method=method, on_step=on_step, stop=stop)
         return self.vae.decode(z)[0, 0].clamp(0, prep.clip_max).cpu().numpy().astype(np.float32)
 
 
@@ -308,10 +310,12 @@ PLACEMENT_ROUNDS = 3
 
 
 def _place_and_generate(cond: ConditionalModel, noise: torch.Tensor, steps: int, rng: np.random.Generator,
-                        method: str = "meanflow",
-                        guidance: float | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                        method: str = "meanflow", guidance: float | None = None,
+                        on_step: Callable[[int, int], None] | None = None,
+                        stop: Event | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """A prior lesion placed in the brain generated from `noise`, and the FLAIR generated for it."""
-    brain = brain_mask(cond.generate(np.zeros(cond.prep.shape, dtype=np.uint8), noise, steps, method))
+    brain = brain_mask(cond.generate(np.zeros(cond.prep.shape, dtype=np.uint8), noise, steps, method,
+                                     on_step=on_step, stop=stop))
     rounds = 0
     while True:
         rounds += 1
@@ -319,7 +323,7 @@ def _place_and_generate(cond: ConditionalModel, noise: torch.Tensor, steps: int,
             mask, placed_in = cond.prior.sample(rng, brain=brain), "generated brain"
         except ValueError:  # no voxel of that brain at a real lesion's depth (an untrained model's blur)
             mask, placed_in = cond.prior.sample(rng), "reference brain"
-        image = cond.generate(mask, noise, steps, method, guidance)
+        image = cond.generate(mask, noise, steps, method, guidance, on_step, stop)
         brain = brain_mask(image)
         if placed_in == "reference brain" or rounds == PLACEMENT_ROUNDS or cond.prior.fits(mask, brain):
             break
@@ -372,7 +376,9 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
                                device: str = "auto", masks: list[np.ndarray] | None = None,
                                affines: list[np.ndarray] | None = None,
                                on_pair: Callable[[int], None] | None = None,
-                               method: str = "meanflow", guidance: float | None = None) -> Iterator[GeneratedPair]:
+                               method: str = "meanflow", guidance: float | None = None,
+                               on_step: Callable[[int, int], None] | None = None,
+                               stop: Event | None = None) -> Iterator[GeneratedPair]:
     """FLAIRs for given masks on the model grid (each with its grid affine), or for `n` masks drawn from the
     adapter's prior (model-grid affine centred on the origin).
 
@@ -394,6 +400,9 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
         on_pair: called with i once pair i is generated, before it is yielded (progress).
         method: sampler, "meanflow" or "euler" (`neuromf.meanflow.sample`).
         guidance: mask guidance scale (`guided_velocity`; 1 = none; None = the adapter's `AdapterMeta.guidance`).
+        on_step: called with (i, steps) after each network step of every sampling pass (a prior-drawn lesion takes
+            two passes or more: the lesion-free brain, then the FLAIR for the placed lesion).
+        stop: when set, `neuromf.meanflow.SamplingStopped` is raised before the next network step.
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, (4, 4) affine, and
         meta (seed, steps, sampler, guidance, adapter, `mask_source` "given" or "prior", placement for prior
@@ -410,11 +419,11 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
         placement = {}
         if masks is not None:
             mask, origin = (np.asarray(masks[i]) > 0).astype(np.uint8), "given"
-            image = cond.generate(mask, noise, steps, method, guidance)
+            image = cond.generate(mask, noise, steps, method, guidance, on_step, stop)
         else:
             origin = "prior"
             mask, image, placement = _place_and_generate(cond, noise, steps, np.random.default_rng([seed, i]),
-                                                          method, guidance)
+                                                          method, guidance, on_step, stop)
         if on_pair is not None:
             on_pair(i)
         affine = affines[i] if affines is not None else default_affine
@@ -427,17 +436,19 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
 def write_conditional_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                             device: str = "auto", masks: list[np.ndarray] | None = None,
                             affines: list[np.ndarray] | None = None, method: str = "meanflow",
-                            guidance: float | None = None) -> list[Path]:
+                            guidance: float | None = None,
+                            on_step: Callable[[int, int], None] | None = None) -> list[Path]:
     """Conditional pairs written by `neuromf.generate.write_pairs`, as joint generation writes them.
 
     Args:
-        adapter, n, steps, seed, device, masks, affines, method, guidance: as for `generate_conditional_pairs`.
+        adapter, n, steps, seed, device, masks, affines, method, guidance, on_step: as for
+            `generate_conditional_pairs`.
         out_dir: output folder.
     Returns:
         The written paths: FLAIR, mask and JSON per pair.
     """
     return write_pairs(generate_conditional_pairs(adapter, n, steps, seed, device, masks, affines,
-                                                  method=method, guidance=guidance), out_dir)
+                                                  method=method, guidance=guidance, on_step=on_step), out_dir)
 
 
 __all__ = ["ConditionalModel", "generate_conditional_pairs", "is_conditional_adapter",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import gc
 import math
-from collections.abc import Generator, Iterator
+import threading
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from threading import Event
 from typing import Any
@@ -125,7 +126,9 @@ train_lora = train_joint  # the deprecated name (one release): the plugin and sc
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1, seed: int = 0,
                    device: str = "auto", method: str = "meanflow",
                    render: str | Path | None = None, guidance: float | None = None,
-                   joint_guidance: float | None = None, sites: Any = None) -> Iterator[GeneratedPair]:
+                   joint_guidance: float | None = None, sites: Any = None,
+                   on_step: Callable[[int, int], None] | None = None,
+                   stop: threading.Event | None = None) -> Iterator[GeneratedPair]:
     """Joint FLAIR + lesion mask samples, decoded by the adapter's strategy; sample i depends only on (seed, i).
 
     With `render`, the pair's FLAIR is generated again for its mask by a conditional adapter (same base model and
@@ -147,6 +150,9 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
             the joint adapter's own (`AdapterMeta.guidance`).
         sites: a site-conditioned adapter's lesion sites, (k, 3) voxel coordinates on the model grid (the written
             pairs' grid), used in turn; None = drawn from the adapter's prior (`neuromf.models.site.draw_sites`).
+        on_step: called with (i, steps) after each network step, of the joint pass (a batch of up to 4 pairs) and of
+            each render pass (`neuromf.meanflow.sample`).
+        stop: when set, `neuromf.meanflow.SamplingStopped` is raised before the next network step.
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, the model grid's
         (4, 4) affine, and meta (seed, steps, adapter, strategy, `joint_guidance`, `mask_noise_correlation`: about 0
@@ -168,7 +174,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
     source = str(resolve_adapter_dir(adapter, "joint"))
     index = 0
     n_img = joint.meta.n_image
-    for noise, z, batch_sites in joint.sample(n, steps, seed, dev, method, joint_guidance, sites):
+    for noise, z, batch_sites in joint.sample(n, steps, seed, dev, method, joint_guidance, sites, on_step, stop):
         # a rendered pair's FLAIR replaces the joint one: decode only the masks then
         images, masks = joint.split(z.to(dev)) if renderer is None else (None, joint.mask(z.to(dev)))
         for i in range(z.shape[0]):
@@ -184,7 +190,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
             if renderer is None:
                 image = images[i, 0].numpy().astype(np.float32)
             else:
-                image = renderer.generate(mask, noise[i, :n_img], steps, method, guidance)
+                image = renderer.generate(mask, noise[i, :n_img], steps, method, guidance, on_step, stop)
             yield GeneratedPair(index, image, mask, affine, meta)
             index += 1
 
@@ -274,17 +280,19 @@ def load_renderer(render: str | Path, joint_meta: AdapterMeta, device: torch.dev
 def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                           device: str = "auto", method: str = "meanflow",
                           render: str | Path | None = None, guidance: float | None = None,
-                          joint_guidance: float | None = None, sites: Any = None) -> list[Path]:
+                          joint_guidance: float | None = None, sites: Any = None,
+                          on_step: Callable[[int, int], None] | None = None) -> list[Path]:
     """Joint pairs written by `neuromf.generate.write_pairs`.
 
     Args:
-        adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites: as for `generate_pairs`.
+        adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites, on_step: as for
+            `generate_pairs`.
         out_dir: output folder.
     Returns:
         The written paths: FLAIR, mask and JSON per pair.
     """
     return write_pairs(generate_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance,
-                                      sites), out_dir)
+                                      sites, on_step), out_dir)
 
 
 def release_memory() -> None:

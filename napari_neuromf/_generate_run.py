@@ -1,0 +1,288 @@
+"""Generation and saving runs of the Generate widget, Qt-free: layers and points brought onto an adapter's
+model grid, cautions about a given lesion, the run that yields one pair at a time, and the run that writes
+the chosen pairs as NIfTI."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from napari_neuromf._jobs import Caution, Failure, describe_error, format_eta, release_memory
+from napari_neuromf._state import EMBEDDED
+
+
+def lesion_on_model_grid(data: Any, layer_meta: dict, adapter: str) -> tuple[Any, Any]:
+    """A Labels layer (painted, or a case's mask) as a binary mask on a conditional adapter's model grid, and
+    that grid's affine in the layer's world (scanner) coordinates, so the generated FLAIR overlays the layer."""
+    import numpy as np
+
+    from napari_neuromf._layers import nifti_from_layer
+    from neuromf.io.nifti import mask_to_model_grid
+    from neuromf.models.adapter_meta import adapter_meta
+
+    prep = adapter_meta(adapter, "conditional").prep
+    image = nifti_from_layer(np.asarray(data) > 0, layer_meta)
+    volume = mask_to_model_grid(np.asarray(image.dataobj), image.affine, prep,
+                                source=f"layer {layer_meta.get('name', 'lesion')!r}")
+    return volume.data[0].numpy().astype(np.uint8), volume.affine
+
+
+def sites_on_model_grid(points_world: Any, adapter: str) -> Any:
+    """Points in world mm (napari's world, where generated pairs lie on the joint adapter's model grid) as voxel
+    coordinates of that grid, the lesion sites `generate_pairs(sites=)` takes."""
+    import numpy as np
+
+    from napari_neuromf._layers import world_placement
+    from neuromf.generate import model_grid_affine
+    from neuromf.models.adapter_meta import adapter_meta
+
+    prep = adapter_meta(adapter, "joint").prep
+    scale, translate = world_placement(model_grid_affine(prep.shape, prep.spacing))
+    points = np.asarray(points_world, dtype=np.float64).reshape(-1, 3)
+    return (points - np.asarray(translate)) / np.asarray(scale)
+
+
+def lesion_cautions(mask: Any, adapter: str) -> list[str]:
+    """Why a lesion on a conditional adapter's model grid looks implausible next to the lesions it was trained
+    on: a volume far outside theirs, or a lesion mostly outside the brain of the training scans."""
+    import numpy as np
+
+    from neuromf.data.mask_prior import PRIOR, MaskPrior
+    from neuromf.models.adapter_meta import resolve_adapter_dir
+
+    prior = MaskPrior.load(resolve_adapter_dir(adapter, "conditional") / PRIOR)
+    lesion = np.asarray(mask) > 0
+    voxel_cm3 = float(np.prod(prior.spacing)) / 1000.0
+    volume = float(lesion.sum()) * voxel_cm3
+    trained = [float(np.count_nonzero(known)) * voxel_cm3 for known in prior.lesions]
+    cautions = []
+    if trained and not min(trained) / 2 <= volume <= max(trained) * 2:
+        cautions.append(f"the lesion is {volume:.1f} cm³ on the model grid, far from the training lesions "
+                        f"({min(trained):.1f}-{max(trained):.1f} cm³): the FLAIR may not look like an FCD")
+    if prior.brain.shape == lesion.shape and lesion.any():
+        outside = 1.0 - float((lesion & prior.brain).sum()) / float(lesion.sum())
+        if outside > 0.5:
+            cautions.append(f"{outside:.0%} of the lesion lies outside the brain of the training scans")
+    return cautions
+
+
+@dataclass
+class GenerateRun:
+    adapter: str = EMBEDDED
+    n: int = 4
+    steps: int = 1
+    seed: int = 0
+    device: str = "auto"
+    # "joint" (image + mask from noise) | "conditional" (a new FLAIR for a lesion) | "inpaint" (the lesion put
+    # into the open scan `scan`, which keeps its own voxels beyond `margin_mm`)
+    mode: str = "joint"
+    lesion: tuple[Any, dict] | None = None  # conditional / inpaint: (Labels data, layer state); None = the prior
+    scan: tuple[Any, dict] | None = None  # inpaint: (Image data, layer state) of the scan painted on
+    margin_mm: float = 6.0
+    method: str = "meanflow"  # the sampler: "meanflow" or "euler" (`neuromf.meanflow.sample`)
+    render: str | None = None  # joint: a conditional adapter that renders the FLAIR for each joint mask
+    guidance: float | None = None  # conditional adapter (conditional mode or render): mask guidance; None = its own
+    joint_guidance: float | None = None  # joint adapter: guidance against the empty mask's path; None = its own
+    # joint, site-conditioned adapter: lesion sites as (k, 3) world mm points on the model grid; None = drawn
+    sites_world: Any = None
+    pairs: int = 0
+    cautions: list[str] = field(default_factory=list)  # why the given lesion looks implausible
+    failure: Failure | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    # progress inside a pair, written by the worker and read by the widget's timer: (step, steps) of the current
+    # sampling pass and how many passes this pair took so far; None while the models load
+    step: tuple[int, int] | None = None
+    passes: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    loaded_s: float | None = None  # seconds the models took to load (until the first network step)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.is_set()
+
+    def on_step(self, i: int, n: int) -> None:
+        """The backend's per network step hook (worker thread): plain attribute writes, read by the GUI timer."""
+        if self.loaded_s is None:
+            self.loaded_s = time.perf_counter() - self.started
+        if i == 1:
+            self.passes += 1
+        self.step = (i, n)
+
+    def progress_text(self) -> str:
+        """What the widget shows while a pair is being made: the loading phase, then the network steps."""
+        if self.step is None:
+            return f"Loading the models ({format_eta(time.perf_counter() - self.started)} so far) ..."
+        i, n = self.step
+        return (f"Pair {self.pairs + 1} of {self.n}: network step {i} / {n} (pass {self.passes}) · models loaded in "
+                f"{format_eta(self.loaded_s)}")
+
+    def _inpaint(self) -> Any:
+        """The lesion painted in `lesion` (or drawn from the adapter's prior) put into the scan `scan`, on the
+        scan's own grid (`neuromf.api.inpaint_lesion`): a GeneratedPair-like result for the layers."""
+        import numpy as np
+
+        from neuromf.api import inpaint_lesion
+        from neuromf.generate import GeneratedPair
+
+        data, state = self.scan
+        options: dict[str, Any] = {}
+        mask = None
+        if self.lesion is not None:
+            mask = (np.asarray(self.lesion[0]) > 0).astype(np.uint8)
+            if mask.shape != np.shape(data):  # painted on another grid: the pipeline maps it by its affine
+                options["mask_affine"] = layer_affine(self.lesion[1])
+        result = inpaint_lesion(np.asarray(data), mask, self.adapter, layer_affine(state), seed=self.seed,
+                                steps=self.steps, guidance=self.guidance, margin_mm=self.margin_mm,
+                                on_step=self.on_step, stop=self.cancel, method=self.method, device=self.device,
+                                **options)
+        info = {**result.info, "mode": "inpaint", "scan": state.get("name"), "seed": self.seed,
+                "steps": self.steps, "sampler": self.method}
+        return GeneratedPair(0, result.image, result.mask, result.affine, info)
+
+    def drive(self) -> Generator[Any, None, int]:
+        """Worker body: one generated pair per yield (then a Failure if anything went wrong). A cancel stops the
+        sampler before its next network step; the pairs yielded so far stay."""
+        from neuromf.meanflow.samplers import SamplingStopped  # in the worker: torch is imported there
+        from neuromf.pipelines.inpaint import InpaintCancelled
+
+        pairs = None
+        try:
+            if self.mode == "inpaint":
+                pairs = [self._inpaint()]
+            elif self.mode == "conditional":
+                from neuromf.pipelines.conditional import generate_conditional_pairs
+
+                masks = affines = None
+                if self.lesion is not None:
+                    mask, affine = lesion_on_model_grid(*self.lesion, self.adapter)
+                    masks, affines = [mask] * self.n, [affine] * self.n
+                    for message in lesion_cautions(mask, self.adapter):
+                        self.cautions.append(f"Generation: {message}")
+                        yield Caution(self.cautions[-1])
+                pairs = generate_conditional_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed,
+                                                   device=self.device, masks=masks, affines=affines,
+                                                   method=self.method, guidance=self.guidance,
+                                                   on_step=self.on_step, stop=self.cancel)
+            else:
+                from neuromf.pipelines.joint import generate_pairs
+
+                sites = None if self.sites_world is None else sites_on_model_grid(self.sites_world, self.adapter)
+                pairs = generate_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed, device=self.device,
+                                       method=self.method, render=self.render, guidance=self.guidance,
+                                       joint_guidance=self.joint_guidance, sites=sites, on_step=self.on_step,
+                                       stop=self.cancel)
+            for pair in pairs:
+                if self.cancel.is_set():
+                    break
+                pair.meta = {**(pair.meta or {}), "lesion": lesion_figures(pair.image, pair.mask, pair.affine)}
+                self.pairs += 1
+                self.passes, self.step = 0, None if self.loaded_s is None else (0, 1)
+                yield pair
+        except (SamplingStopped, InpaintCancelled):  # the user cancelled inside a pair: the pairs so far stay
+            pass
+        except Exception as err:
+            what = "Generation"
+            if isinstance(err, FileNotFoundError) and self.adapter == EMBEDDED:
+                self.failure = Failure(f"{what}: no embedded demo adapter is shipped in this install ({err}). "
+                                       "Train one in the LoRA fine-tuning widget (it becomes the default here) or "
+                                       "choose an adapter folder.", err)
+            else:
+                self.failure = Failure(describe_error(err, what, self.device), err)
+            yield self.failure
+        finally:
+            if pairs is not None and hasattr(pairs, "close"):
+                pairs.close()
+            release_memory()
+        return self.pairs
+
+
+def layer_affine(state: dict) -> Any:
+    """The (4, 4) RAS affine of a layer this plugin made (its canonical NIfTI affine), else from its scale and
+    translate (an axis-aligned grid in world mm)."""
+    import numpy as np
+
+    record = (state.get("metadata") or {}).get("nifti") or {}
+    if record.get("canonical_affine") is not None:
+        return np.asarray(record["canonical_affine"], dtype=np.float64)
+    affine = np.diag([*map(float, state.get("scale") or (1.0, 1.0, 1.0)), 1.0])
+    affine[:3, 3] = [float(v) for v in (state.get("translate") or (0.0, 0.0, 0.0))]
+    return affine
+
+
+def lesion_figures(image: Any, mask: Any, affine: Any) -> dict[str, Any]:
+    """The generated lesion in plain figures: volume (cm³), FLAIR contrast (mean under the mask / mean in a ring
+    around it) and the share inside the brain (``neuromf.eval.lesion_metrics.lesion_stats``)."""
+    import numpy as np
+
+    from neuromf.eval.lesion_metrics import lesion_stats
+
+    spacing = tuple(float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+    stats = lesion_stats(image, mask, spacing)
+    return {"volume_cm3": round(stats.volume_cm3, 2), "contrast": None if stats.contrast is None
+            else round(stats.contrast, 3), "inside_brain": None if stats.inside_brain_share is None
+            else round(stats.inside_brain_share, 3), "components": stats.n_components}
+
+
+def describe_lesion(figures: dict[str, Any]) -> str:
+    """``"lesion 1.8 cm³, contrast 1.24, 97% inside the brain"`` (or that the mask is empty)."""
+    if not figures or not figures.get("volume_cm3"):
+        return "no lesion (empty mask)"
+    text = f"lesion {figures['volume_cm3']:.2f} cm³"
+    if figures.get("contrast") is not None:
+        text += f", contrast {figures['contrast']:.2f}"
+    if figures.get("inside_brain") is not None:
+        text += f", {figures['inside_brain']:.0%} inside the brain"
+    return text
+
+
+def generated_prefixes(layers: Iterable[Any]) -> list[str]:
+    """Names (``gen_003``) of generated pairs present in the viewer, in layer order."""
+    seen: list[str] = []
+    for layer in layers:
+        info = (getattr(layer, "metadata", None) or {}).get("neuromf") or {}
+        if info.get("generated") and info.get("pair") not in seen:
+            seen.append(info["pair"])
+    return seen
+
+
+@dataclass
+class SaveRun:
+    """Write generated pairs as ``<prefix>_FLAIR.nii.gz`` + ``<prefix>_FLAIR_roi.nii.gz`` + ``<prefix>.json``.
+
+    ``pairs`` holds (prefix, image (data, state), lesion (data, state)) snapshots taken on the GUI thread.
+    """
+
+    folder: Path
+    pairs: list[tuple[str, tuple[Any, dict], tuple[Any, dict]]]
+    written: list[Path] = field(default_factory=list)
+    failure: Failure | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def drive(self) -> Generator[Any, None, list[Path]]:
+        """Worker body: yields each saved prefix; a cancel takes effect between pairs."""
+        from napari_neuromf._layers import write_layer
+
+        for prefix, (image, image_state), (lesion, lesion_state) in self.pairs:
+            if self.cancel.is_set():
+                break
+            try:
+                paths = [write_layer(self.folder / f"{prefix}_FLAIR.nii.gz", image, image_state),
+                         write_layer(self.folder / f"{prefix}_FLAIR_roi.nii.gz", lesion, lesion_state)]
+                info = (image_state.get("metadata") or {}).get("neuromf", {})
+                provenance = self.folder / f"{prefix}.json"
+                tmp = provenance.with_name(f".{provenance.name}.tmp")
+                tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+                os.replace(tmp, provenance)
+            except (OSError, ValueError) as err:
+                self.failure = Failure(f"Save pairs: cannot write {prefix} into {self.folder}: {err}", err)
+                yield self.failure
+                break
+            self.written += paths
+            yield prefix
+        return self.written

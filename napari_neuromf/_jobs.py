@@ -1,0 +1,147 @@
+"""What every background job of the widgets shares, Qt-free: the items a worker yields besides results
+(Failure, Caution, Phase), cancelling (Cancelled, StopFlag), progress counting with an ETA, error texts that name
+the problem and the remedy, and giving GPU memory back after a run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from napari_neuromf._state import EMBEDDED
+
+
+@dataclass
+class Failure:
+    """A failed run: ``message`` is ready for a notification."""
+
+    message: str
+    error: BaseException | None = None
+
+
+@dataclass
+class Caution:
+    """Something the user should know before trusting a result (a lesion unlike the training lesions)."""
+
+    message: str
+
+
+@dataclass
+class Phase:
+    """A stretch of a job before its first counted item, e.g. encoding the training cases into latents."""
+
+    message: str
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d_%H%M%S")
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds:
+        return "--"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h {m:02d}m" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
+
+
+@dataclass
+class ProgressClock:
+    """Counts the items of a job and estimates the time left from the mean time per item so far."""
+
+    total: int
+    done: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def tick(self, n: int = 1) -> None:
+        self.done += n
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def eta_s(self) -> float | None:
+        if not self.done or not self.total:
+            return None
+        return self.elapsed_s / self.done * max(0, self.total - self.done)
+
+    def text(self, unit: str) -> str:
+        """``"3 / 10 cases · ETA 1m 05s"`` (the ETA once one item is done)."""
+        eta = f" · ETA {format_eta(self.eta_s)}" if self.done < self.total and self.done else ""
+        return f"{self.done} / {self.total} {unit}{eta}"
+
+
+class Cancelled(Exception):
+    """Raised inside a backend callback to abandon a job the user cancelled."""
+
+
+class StopFlag(threading.Event):
+    """A stop request that also calls hooks when it is set (e.g. tells training processes at once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks: list[Any] = []
+
+    def set(self) -> None:
+        super().set()
+        for hook in list(self._hooks):
+            hook()
+
+    def when_set(self, hook: Any) -> None:
+        """Call ``hook()`` when the flag is set (now, if it already is); a hook may be called twice."""
+        self._hooks.append(hook)
+        if self.is_set():
+            hook()
+
+
+def is_oom(err: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(err, torch.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    return "out of memory" in str(err).lower()
+
+
+def describe_error(err: BaseException, what: str, device: str | None = None, batch_size: int | None = None,
+                   out_dir: Path | str | None = None) -> str:
+    """A notification text for ``err``: what failed, why, and what to do about it."""
+    if is_oom(err):
+        hints = [f"lower the batch size (now {batch_size})" if batch_size else "lower the batch size",
+                 "lower the LoRA rank", "pick another GPU or 'cpu' under Device"]
+        resume = f"; then press Resume to continue from the last checkpoint in {out_dir}" if out_dir else ""
+        return (f"{what}: CUDA out of memory on {device or 'the GPU'}. Remedy: {', '.join(hints)}{resume}. "
+                f"({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+    if isinstance(err, FileExistsError):  # the backend's text names CLI flags: say it in the widget's terms
+        where = out_dir or str(err).split(":")[0]
+        return (f"{what}: {where} already holds a run or other files. Under Run choose 'New run' (a fresh folder), "
+                "'Resume' (continue that run) or 'Overwrite' (replace it).")
+    if isinstance(err, FileNotFoundError) and "nothing to resume" in str(err):
+        where = out_dir or str(err).split(":")[0]
+        return f"{what}: there is no run to resume in {where}. Under Run choose 'New run', or pick the run's folder."
+    if isinstance(err, FileNotFoundError) and EMBEDDED in str(err):
+        return (f"{what}: {err}. The embedded default is not shipped in this install: choose a local file "
+                "or folder instead.")
+    text = str(err) or type(err).__name__
+    return f"{what}: {text}" if isinstance(err, ValueError | FileNotFoundError | OSError | KeyError) else \
+        f"{what}: {type(err).__name__}: {text}"
+
+
+def release_memory() -> None:
+    """Give GPU memory back after a run. On a CPU there is nothing to give back early: the backend's full
+    ``gc.collect()`` walks every object of the napari process while holding the GIL (0.4 s measured), which
+    freezes the GUI; the run's objects are freed by reference counting and Python's own collections."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return
+    from neuromf.pipelines.joint import release_memory as backend_release
+
+    backend_release()

@@ -1,0 +1,153 @@
+"""Every way a volume reaches the viewer shows it axial, radiological, with R/L A/P letters and a caption that
+follows the displayed orientation: File > Open and drag and drop (both through napari's open path and this
+plugin's reader), File > Open Sample, the FCD data widget; a left-posterior-superior (LPS) file, and a fresh open
+after every layer was removed."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from gui_helpers import ready
+
+SHAPE = (24, 28, 12)
+
+
+def _lps_case(folder):
+    """An LPS-stored FLAIR whose bright blob lies in the patient's RIGHT hemisphere, and its lesion mask.
+
+    Stored LPS: array axis 0 runs toward the patient's Left, axis 1 toward Posterior (affine diag(-2, -2, 2)).
+    Returns (image path, mask path, the blob's RAS world position from the file's own affine)."""
+    affine = np.diag([-2.0, -2.0, 2.0, 1.0])
+    affine[:3, 3] = (24.0, 28.0, -12.0)
+    data = np.full(SHAPE, 100.0, dtype=np.float32)
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[3:6, 6:9, 4:7] = 1  # low i = patient right (x decreases with i), low j = anterior
+    data[mask > 0] = 400.0
+    image_path, mask_path = folder / "lps_FLAIR.nii.gz", folder / "lps_FLAIR_roi.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), image_path)
+    nib.save(nib.Nifti1Image(mask, affine), mask_path)
+    blob = nib.affines.apply_affine(affine, np.argwhere(mask > 0).mean(axis=0))
+    return image_path, mask_path, blob
+
+
+def _letters(viewer):
+    from napari_neuromf._viewing import is_view_aid
+
+    found = [layer for layer in viewer.layers if is_view_aid(layer)]
+    if not found:
+        return {}
+    return dict(zip(found[0].features["letter"], np.asarray(found[0].data), strict=True))
+
+
+def _assert_axial_radiological(viewer, qtbot):
+    """Axial, A up, patient R on screen left, caption saying so, letters on the right sides of the volume (placed
+    in the next turn of the event loop after an opening)."""
+    from napari_neuromf._viewing import AXIAL_ORDER, RADIOLOGICAL, current_convention
+
+    qtbot.waitUntil(lambda: set(_letters(viewer)) == {"R", "L", "A", "P"}, timeout=10_000)
+    assert tuple(viewer.dims.order) == AXIAL_ORDER and tuple(viewer.dims.displayed) == (1, 0)
+    assert tuple(map(str, viewer.scene.camera.orientation2d)) == ("up", "left")  # A up; larger R toward screen left
+    assert current_convention(viewer) == RADIOLOGICAL
+    caption = viewer.canvas.overlays.text
+    assert caption.visible and "radiological" in caption.text and "screen left = patient Right (R)" in caption.text
+    letters = _letters(viewer)
+    assert set(letters) == {"R", "L", "A", "P"}
+    assert letters["R"][0] > letters["L"][0] and letters["A"][1] > letters["P"][1]
+    assert all(point[2] == viewer.dims.point[2] for point in letters.values())  # on the slice shown
+
+
+def _assert_caption_gone(viewer):
+    assert not viewer.canvas.overlays.text.visible and viewer.canvas.overlays.text.text == ""
+
+
+@pytest.fixture
+def viewer(make_napari_viewer, monkeypatch):
+    """A viewer, with napari's reader preferences emptied for the test and restored after it."""
+    from napari.settings import get_settings
+
+    monkeypatch.setattr(get_settings().plugins, "extension2reader", {})
+    return make_napari_viewer()
+
+
+def test_any_use_of_the_plugin_makes_it_the_nifti_reader_unless_the_user_chose(viewer, monkeypatch):
+    from napari.settings import get_settings
+
+    from napari_neuromf._viewing import view_guard
+
+    plugins = get_settings().plugins
+    view_guard(viewer)  # what the reader, the samples and every widget do
+    assert plugins.extension2reader == {"*.nii": "napari-neuromf", "*.nii.gz": "napari-neuromf"}
+    monkeypatch.setattr(plugins, "extension2reader", {"*.nii.gz": "someone-else"})
+    from napari_neuromf import _viewing
+
+    monkeypatch.setattr(_viewing, "_guards", type(_viewing._guards)())
+    view_guard(viewer)
+    assert plugins.extension2reader == {"*.nii.gz": "someone-else", "*.nii": "napari-neuromf"}
+
+
+def test_file_open_and_drop_show_an_lps_file_axial_radiological(viewer, qtbot, tmp_path):
+    from qtpy.QtCore import QMimeData, QPointF, Qt, QUrl
+    from qtpy.QtGui import QDropEvent
+
+    from napari_neuromf._viewing import prefer_this_reader
+
+    image_path, mask_path, blob = _lps_case(tmp_path)
+    prefer_this_reader()  # as after any use of the plugin; a fresh napari asks once which reader to use
+    viewer.window._qt_viewer._qt_open([str(image_path)], stack=False)  # what File > Open calls
+    image = viewer.layers["lps_FLAIR"]
+    _assert_axial_radiological(viewer, qtbot)
+    # the displayed world axes against the file's affine: the blob's world position is its RAS position, and it
+    # lies on the side of the R letter, i.e. on the screen's left in radiological convention
+    found = image.data_to_world(np.argwhere(np.asarray(image.data) > 300).mean(axis=0))
+    assert np.allclose(found, blob, atol=1e-3)
+    centre = (np.asarray(image.extent.world[0]) + np.asarray(image.extent.world[1])) / 2
+    assert (blob[0] - centre[0]) > 0 and (_letters(viewer)["R"][0] - centre[0]) > 0
+
+    mime = QMimeData()  # drag and drop of the mask onto the canvas: the same reader
+    mime.setUrls([QUrl.fromLocalFile(str(mask_path))])
+    drop = QDropEvent(QPointF(10, 10), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
+    viewer.window._qt_viewer.dropEvent(drop)
+    lesion = viewer.layers["lps_FLAIR_roi"]
+    assert lesion.data[tuple(np.round(lesion.world_to_data(blob)).astype(int))] == 1
+    _assert_axial_radiological(viewer, qtbot)
+    viewer.dims.set_point(2, 40.0)
+    assert _letters(viewer)["R"][2] == viewer.dims.point[2]  # the letters follow the slider
+
+    viewer.dims.order = (0, 1, 2)  # the user turns to a sagittal slice: no caption, no letters claim otherwise
+    _assert_caption_gone(viewer)
+    assert not [layer for layer in viewer.layers if layer.name == "orientation letters"][0].visible
+
+    viewer.layers.select_all()
+    viewer.layers.remove_selected()  # everything removed, still sagittal: then another file is opened
+    qtbot.waitUntil(lambda: len(viewer.layers) == 0, timeout=5000)
+    _assert_caption_gone(viewer)
+    nib.save(nib.Nifti1Image(np.ones((10, 12, 14), np.float32), np.eye(4)), tmp_path / "ras.nii.gz")
+    viewer.window._qt_viewer._qt_open([str(tmp_path / "ras.nii.gz")], stack=False)
+    _assert_axial_radiological(viewer, qtbot)
+
+    viewer.layers.remove("ras")  # only the volume removed: the letters and the caption go with it
+    _assert_caption_gone(viewer)
+    qtbot.waitUntil(lambda: len(viewer.layers) == 0, timeout=5000)
+
+
+def test_open_sample_shows_the_lesion_axial_radiological(viewer, qtbot):
+    viewer.dims.order = (0, 1, 2)  # a viewer left sagittal before
+    viewer.open_sample("napari-neuromf", "fcd_phantom_case")
+    _assert_axial_radiological(viewer, qtbot)
+    lesion = next(layer for layer in viewer.layers if layer.name.endswith("lesion"))
+    slice_index = int(round(lesion.world_to_data(viewer.dims.point)[2]))
+    assert np.asarray(lesion.data)[:, :, slice_index].any()  # the slice shown crosses the lesion
+
+
+def test_rechoosing_radiological_restores_it(viewer, qtbot, phantom_subset):
+    from napari_neuromf._data_widget import FCDDataWidget
+    from napari_neuromf._viewing import NEUROLOGICAL, ORIENTATIONS
+
+    widget = ready(qtbot, FCDDataWidget(viewer))
+    viewer.open_sample("napari-neuromf", "fcd_phantom_case")
+    viewer.scene.camera.orientation = ORIENTATIONS[NEUROLOGICAL]  # flipped by hand (napari's own buttons)
+    assert "neurological" in viewer.canvas.overlays.text.text  # the caption follows what is displayed
+    assert widget.convention.currentText() == "Radiological"
+    widget.convention.activated.emit(widget.convention.currentIndex())  # the user picks Radiological again
+    _assert_axial_radiological(viewer, qtbot)
