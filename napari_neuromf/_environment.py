@@ -67,7 +67,8 @@ def environment() -> Environment:
 
             has_cuda = torch.cuda.is_available()
             names = packaged_configs("joint")
-            sized = ("joint_gpu", "joint_3mm", "joint_2mm") if has_cuda else ("joint_3mm", "joint_2mm", "joint_gpu")  # gpu: 2,500 steps
+            # joint_gpu's 2,500 steps are for a GPU; joint_3mm is sized for a CPU
+            sized = ("joint_gpu", "joint_3mm", "joint_2mm") if has_cuda else ("joint_3mm", "joint_2mm", "joint_gpu")
             preferred = [n for n in sized if n in names]
             try:
                 from neuromf.weights import sample_data_root
