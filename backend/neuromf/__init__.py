@@ -25,6 +25,7 @@ _EXPORTS = {
     "fine_tune": "neuromf.api",
     "generate_pairs": "neuromf.api",  # not "generate": that is the submodule neuromf.generate
     "evaluate": "neuromf.api",
+    "benchmark_downstream": "neuromf.api",
     "write_pairs": "neuromf.generate",
     "GeneratedPair": "neuromf.generate",
     "AdapterMeta": "neuromf.models.adapter_meta",

@@ -1,5 +1,5 @@
-"""Evaluation subcommands: evaluate (P7-T5/T6), consistency, ablate-lp (P7-T7), calibrate-guidance and verify (the
-report)."""
+"""Evaluation subcommands: evaluate (P7-T5/T6), consistency, benchmark-downstream, ablate-lp (P7-T7),
+calibrate-guidance and verify (the report)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,41 @@ def cmd_consistency(args) -> int:
     print(f"downstream: real only {pm(down['real_only'])}, real + generated {pm(down['real_plus_generated'])}; "
           f"{down['verdict']}")
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_benchmark_downstream(args) -> int:
+    """`neuromf benchmark-downstream`: segmenters trained on real, real + synthetic, synthetic-only and 50% real +
+    synthetic, scored on the same held-out real cases (`neuromf.api.benchmark_downstream`)."""
+    from neuromf.api import benchmark_downstream
+    from neuromf.io.nifti import Preprocessing
+    from neuromf.utils import ensure_writable
+
+    ensure_writable(Path(args.out))
+    grid = None
+    if args.shape or args.spacing:
+        if not (args.shape and args.spacing):
+            raise ValueError("--shape and --spacing go together (the model grid)")
+        grid = Preprocessing(shape=tuple(args.shape), spacing=tuple(args.spacing))
+    result = benchmark_downstream(args.out, args.inpainted, args.joint, args.conditional, args.adapter, args.data,
+                                  tuple(args.seeds), args.budget_steps, args.quick, args.arms, args.synthetic_share,
+                                  grid, args.device, progress=True)
+    for note in result["notes"]:
+        print(f"note: {note}")
+
+    def ci(d: dict) -> str:
+        if d["mean"] is None:
+            return "-"
+        return f"{d['mean']:.3f}" + ("" if d["ci_low"] is None else f" [{d['ci_low']:.3f}, {d['ci_high']:.3f}]")
+
+    print(f"{'arm':<22} {'Dice [95% CI]':<24} {'sensitivity':<24} {'FP/scan':<24} Dice - R [95% CI]")
+    for name, arm in result["arms"].items():
+        gain = ci(arm["dice_minus_R"]) if "dice_minus_R" in arm else ""
+        print(f"{name:<22} {ci(arm['dice']):<24} {ci(arm['sensitivity']):<24} {ci(arm['fp_per_scan']):<24} {gain}")
+    for goal in result["goals"]:
+        verdict = {True: "met", False: "MISSED", None: "not determined"}[goal["met"]]
+        print(f"goal: {goal['goal']}: {verdict}")
+    print(f"wrote {Path(args.out) / 'downstream.json'} and {Path(args.out) / 'downstream.png'}")
     return 0
 
 
@@ -153,6 +188,25 @@ def register(add: AddCommand) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one segmenter pair per seed")
     p.add_argument("--steps", type=int, default=300, help="training steps of each segmenter")
     p.add_argument("--device", default="cpu")
+
+    p = add("benchmark-downstream", cmd_benchmark_downstream,
+            "downstream benchmark: a segmenter trained on real, real + synthetic, synthetic-only and 50% real + "
+            "synthetic pairs, scored on the same held-out real cases (resumable)")
+    p.add_argument("--inpainted", default=None, metavar="DIR", help="pairs inpainted into real healthy scans")
+    p.add_argument("--joint", default=None, metavar="DIR", help="joint-generated pairs (new mask shapes)")
+    p.add_argument("--conditional", default=None, metavar="DIR", help="conditional pairs (prior masks)")
+    p.add_argument("--adapter", default="embedded-fine", help="the adapter the pairs were generated with (its grid)")
+    p.add_argument("--shape", type=int, nargs=3, default=None, help="the model grid instead of the adapter's")
+    p.add_argument("--spacing", type=float, nargs=3, default=None, help="with --shape: voxel size (mm)")
+    p.add_argument("--data", default="embedded-fine", help="the real FCD cases (train/test split)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one segmenter per arm and seed")
+    p.add_argument("--budget-steps", type=int, default=None, help="training steps per segmenter (default 300)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: small patches and 30 steps")
+    p.add_argument("--arms", nargs="+", default=None, help="only these arms (R always runs)")
+    p.add_argument("--synthetic-share", type=float, default=None,
+                   help="share of training patches drawn from synthetic pairs (default: uniform over cases)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(STAGE_DIR / "downstream"), help="results folder (re-run to resume)")
 
     p = add("ablate-lp", cmd_ablate_lp, "P7-T7: per-channel Lp (1.5/2.0) vs uniform L2, same seed/data/budget")
     p.add_argument("--config", default="demo_lora")
