@@ -267,11 +267,11 @@ def run_arm_seed(arm: Arm, seed: int, real_train: list[dict], test: list[dict], 
     if settings.synthetic_share is not None and chosen and arm.synthetic:
         share = settings.synthetic_share
         weights = [(1 - share) / len(chosen)] * len(chosen) + [share / len(arm.synthetic)] * len(arm.synthetic)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     model = train_segmenter(images, masks, seed=seed, steps=settings.steps, patch=settings.patch,
                             batch=settings.batch, lr=settings.lr, device=device, progress=step_progress or False,
                             draw=nnunet_draw(settings), case_weights=weights)
-    trained = time.perf_counter()
+    trained, trained_cpu = time.perf_counter(), time.process_time()
     cases = []
     for case in test:
         predicted = segment_sliding(model, case["image"], settings)
@@ -286,6 +286,7 @@ def run_arm_seed(arm: Arm, seed: int, real_train: list[dict], test: list[dict], 
         "n_real": len(chosen), "n_synthetic": len(arm.synthetic),
         "real_ids": [real_train[i]["id"] for i in chosen],
         "train_seconds": trained - started, "test_seconds": time.perf_counter() - trained,
+        "train_cpu_seconds": trained_cpu - started_cpu, "test_cpu_seconds": time.process_time() - trained_cpu,
         "per_case": cases,
     }
 
@@ -434,7 +435,8 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
 
     grid = {"shape": list(prep.shape), "spacing": list(prep.spacing)}
     train_ids, test_ids = [c["id"] for c in real_train], [c["id"] for c in test]
-    jobs = [(arm, int(seed)) for arm in planned for seed in seeds]
+    # seed-major: an interrupted run has every arm on its first seeds, so paired differences exist early
+    jobs = [(arm, int(seed)) for seed in seeds for arm in planned]
     rows: list[dict[str, Any]] = []
     bar = None
     if progress:
@@ -469,6 +471,7 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
 
     summary = summarise(rows, planned)
     seconds = [r["train_seconds"] + r["test_seconds"] for r in rows]
+    cpu = [r["train_cpu_seconds"] + r["test_cpu_seconds"] for r in rows if "train_cpu_seconds" in r]
     result = {
         "data_dir": str(data_dir), "grid": grid,
         "sources": {s: None if sources.get(s) is None else str(sources[s]) for s in SOURCES},
@@ -488,7 +491,11 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
         },
         "arms": summary, "goals": judge_goals(summary),
         "seconds": {"total_of_runs": float(np.sum(seconds)) if seconds else 0.0,
-                    "per_run": t_interval(seconds) if seconds else None},
+                    "per_run": t_interval(seconds) if seconds else None,
+                    "cpu_total_of_runs": float(np.sum(cpu)) if cpu else None,
+                    "cpu_per_run": t_interval(cpu) if cpu else None,
+                    "note": "wall and process CPU seconds of training + test inference per (arm, seed), this "
+                            "process's threads (torch threads as set); loading the cases is not included"},
         "notes": notes,
     }
     atomic_write_json(out_dir / "downstream.json", result)
