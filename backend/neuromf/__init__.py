@@ -26,6 +26,9 @@ _EXPORTS = {
     "generate_pairs": "neuromf.api",  # not "generate": that is the submodule neuromf.generate
     "evaluate": "neuromf.api",
     "benchmark_downstream": "neuromf.api",
+    "inpaint_lesion": "neuromf.api",
+    "InpaintResult": "neuromf.pipelines.inpaint",
+    "InpaintCancelled": "neuromf.pipelines.inpaint",
     "write_pairs": "neuromf.generate",
     "GeneratedPair": "neuromf.generate",
     "AdapterMeta": "neuromf.models.adapter_meta",

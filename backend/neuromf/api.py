@@ -127,6 +127,35 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
     return pairs
 
 
+def inpaint_lesion(image: str | Path | Any, mask: str | Path | Any = None, adapter: str | Path = "embedded-fine",
+                   affine: Any = None, seed: int = 0, steps: int = 8, guidance: float | None = None,
+                   margin_mm: float = 6.0, on_step: Callable[[int, int], None] | None = None,
+                   stop: Event | None = None, **options: Any) -> Any:
+    """A lesion inpainted into a healthy FLAIR (`neuromf.pipelines.inpaint.inpaint_lesion`): the conditional model
+    generates the lesion's neighbourhood in the context of the scan's own latent; voxels farther than `margin_mm`
+    from the lesion keep the input's values exactly.
+
+    Args:
+        image: the healthy FLAIR: a NIfTI path or a 3D numpy array (then `affine` is needed).
+        mask: the lesion: a NIfTI path (any grid with a valid affine), an array on the scan's grid, or None to draw
+            one from the adapter's prior of real lesions in this scan's brain.
+        adapter: a conditional adapter folder, "embedded-fine" (2 mm, default) or "embedded" (3 mm).
+        affine: (4, 4) voxel -> world affine of an image array.
+        seed, steps, guidance: noise / prior seed, sampler steps, mask guidance (None = the adapter's own).
+        margin_mm: the blend margin around the lesion; beyond it the input is kept exactly.
+        on_step: on_step(i, n) after each of the n network calls (progress).
+        stop: a threading.Event checked before each network call; when set, `InpaintCancelled` is raised.
+        options: `method`, `composite`, `device`, `allow_existing_lesion`, `mask_affine` (see the pipeline).
+
+    Returns:
+        `InpaintResult`: `.image` (input grid and dtype), `.mask` (uint8), `.affine`, `.info` (seed, steps,
+        margin_mm, lesion_cm3, contrast, adapter, seconds, ...).
+    """
+    from neuromf.pipelines.inpaint import inpaint_lesion as run
+
+    return run(image, mask, adapter, affine, seed, steps, guidance, margin_mm, on_step, stop, **options)
+
+
 def evaluate(generated: str | Path, adapter: str | Path = "embedded", data: str | Path = "embedded",
              mode: str = "auto", out: str | Path | None = None) -> dict[str, Any]:
     """Lesion-likeness, best-match Dice with reference points and image metrics of a folder of generated pairs,
@@ -172,4 +201,4 @@ def benchmark_downstream(out: str | Path, inpainted: str | Path | None = None, j
     return run_downstream_benchmark(Path(out), data, prep, sources, seeds, settings, arms, device, progress)
 
 
-__all__ = ["benchmark_downstream", "evaluate", "fine_tune", "generate_pairs", "mask_test"]
+__all__ = ["benchmark_downstream", "evaluate", "fine_tune", "generate_pairs", "inpaint_lesion", "mask_test"]

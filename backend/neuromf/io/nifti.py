@@ -62,10 +62,16 @@ class Preprocessing:
         known.setdefault("clip_max", 1.0)
         return cls(**known)
 
+    def bounds(self, data: torch.Tensor) -> tuple[float, float]:
+        """The intensities `scale` maps to 0 and 1 (the percentiles of `data`): a scan's own normalisation, which
+        maps model-grid values back to its scanner units (value * (hi - lo) + lo)."""
+        lo, hi = np.percentile(data.numpy(), [self.lower_percentile, self.upper_percentile])
+        return float(lo), float(lo) + max(float(hi - lo), 1e-8)
+
     def scale(self, data: torch.Tensor) -> torch.Tensor:
         """Percentile scaling: lower -> 0, upper -> 1, brighter values kept up to `clip_max`."""
-        lo, hi = np.percentile(data.numpy(), [self.lower_percentile, self.upper_percentile])
-        scaled = (data - float(lo)) / max(float(hi - lo), 1e-8)
+        lo, hi = self.bounds(data)
+        scaled = (data - lo) / (hi - lo)
         return scaled.clamp(0.0, self.clip_max)
 
 
@@ -130,14 +136,23 @@ def brain_window_start(volume: MetaTensor, shape: tuple[int, int, int]) -> np.nd
     return np.round(centre - np.array(shape) / 2).astype(int)
 
 
+def image_window(image: np.ndarray, affine: np.ndarray,
+                 prep: Preprocessing) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """A scan resampled onto the model grid (RAS, `prep.spacing`, `prep.shape` voxels centred on its brain), in its
+    own intensities (not yet scaled): (1, H, W, D) float32, the grid's (4, 4) affine and the window's start voxel."""
+    grid = _to_ras_grid(np.asarray(image, dtype=np.float32), np.asarray(affine, dtype=np.float64), prep,
+                        mode="bilinear")
+    start = brain_window_start(grid, prep.shape)
+    data, grid_affine = _window(grid, start, prep.shape)
+    return torch.as_tensor(data, dtype=torch.float32), grid_affine, start
+
+
 def preprocess_pair(image_path: Path | str, mask_path: Path | str | None,
                     prep: Preprocessing) -> tuple[Volume, Volume | None]:
     """Image (and optional mask) on the model grid; the mask shares the image's window and affine."""
     image, affine = read_nifti(image_path)
-    grid = _to_ras_grid(image, affine, prep, mode="bilinear")
-    start = brain_window_start(grid, prep.shape)
-    data, grid_affine = _window(grid, start, prep.shape)
-    image_volume = Volume(prep.scale(torch.as_tensor(data, dtype=torch.float32)), grid_affine, Path(image_path))
+    data, grid_affine, start = image_window(image, affine, prep)
+    image_volume = Volume(prep.scale(data), grid_affine, Path(image_path))
     if mask_path is None:
         return image_volume, None
     from neuromf.io.bids import load_mask_array
