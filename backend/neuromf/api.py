@@ -172,7 +172,8 @@ def benchmark_downstream(out: str | Path, inpainted: str | Path | None = None, j
                          data: str | Path = "embedded-fine", seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
                          steps: int | None = None, quick: bool = False, arms: list[str] | None = None,
                          synthetic_share: float | None = None, grid: Preprocessing | None = None,
-                         device: str = "cpu", progress: bool = False) -> dict[str, Any]:
+                         lesion_like_only: bool = False, device: str = "cpu",
+                         progress: bool = False) -> dict[str, Any]:
     """Downstream benchmark of synthetic pairs: a MONAI segmenter trained nnU-Net-style on real FCD cases (R),
     R + each folder of pairs, synthetic only and 50% of R + synthetic, scored on the same held-out real cases
     (`neuromf.eval.downstream`). Resumable in `out`; writes `downstream.json` and `downstream.png` there.
@@ -182,7 +183,8 @@ def benchmark_downstream(out: str | Path, inpainted: str | Path | None = None, j
             arms (noted in the result's `notes`).
         adapter: the adapter the pairs were generated with (its grid); `grid` overrides it. data: the real cases.
         steps: training steps per segmenter (default: the full-run budget; `quick`: a few-minute smoke preset).
-        arms: only these arms (R always runs); synthetic_share: share of patches drawn from synthetic pairs.
+        arms: only these arms, in this order (R always runs first); synthetic_share: share of patches drawn from
+            synthetic pairs; lesion_like_only: keep only the pairs that pass the lesion-likeness check.
 
     Returns:
         The summary: per arm Dice, sensitivity and FP/scan over seeds with 95% CIs, paired differences with R,
@@ -198,7 +200,8 @@ def benchmark_downstream(out: str | Path, inpainted: str | Path | None = None, j
                                    synthetic_share=synthetic_share)
     sources = {"inpainted": inpainted, "joint": joint, "conditional": conditional}
     prep = grid if grid is not None else adapter_meta(adapter, "auto").prep
-    return run_downstream_benchmark(Path(out), data, prep, sources, seeds, settings, arms, device, progress)
+    return run_downstream_benchmark(Path(out), data, prep, sources, seeds, settings, arms, device, progress,
+                                    lesion_like_only)
 
 
 __all__ = ["benchmark_downstream", "evaluate", "fine_tune", "generate_pairs", "inpaint_lesion", "mask_test"]

@@ -153,3 +153,16 @@ def test_cli_end_to_end_on_the_tiny_grid(phantom_dir, pair_folders, tmp_path, ca
     assert main(["benchmark-downstream", "--data", str(phantom_dir), *grid, "--quick", "--seeds", "0",
                  "--joint", str(bad), "--out", str(tmp_path / "out2")]) == 2
     assert "shape" in capsys.readouterr().err
+
+
+def test_lesion_like_filter_drops_pairs_that_fail_the_check(phantom_dir):
+    from neuromf.eval.metrics import load_real_cases
+
+    real, _ = load_real_cases(phantom_dir, coarse_prep())
+    train = [c for c in real if c["split"] == "train"]
+    pool = {"joint/real": {"image": train[0]["image"], "mask": train[0]["mask"].astype(np.uint8), "source": "joint"},
+            "joint/empty": {"image": train[0]["image"], "mask": np.zeros_like(train[0]["mask"], np.uint8),
+                            "source": "joint"}}
+    notes = []
+    kept = ds.keep_lesion_like(pool, train, coarse_prep(), notes)
+    assert list(kept) == ["joint/real"] and notes == ["lesion-like filter: 1 of 2 synthetic pairs kept"]

@@ -88,7 +88,7 @@ def cmd_benchmark_downstream(args) -> int:
         grid = Preprocessing(shape=tuple(args.shape), spacing=tuple(args.spacing))
     result = benchmark_downstream(args.out, args.inpainted, args.joint, args.conditional, args.adapter, args.data,
                                   tuple(args.seeds), args.budget_steps, args.quick, args.arms, args.synthetic_share,
-                                  grid, args.device, progress=True)
+                                  grid, args.lesion_like_only, args.device, progress=True)
     for note in result["notes"]:
         print(f"note: {note}")
 
@@ -202,9 +202,11 @@ def register(add: AddCommand) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one segmenter per arm and seed")
     p.add_argument("--budget-steps", type=int, default=None, help="training steps per segmenter (default 300)")
     p.add_argument("--quick", action="store_true", help="a smoke run: small patches and 30 steps")
-    p.add_argument("--arms", nargs="+", default=None, help="only these arms (R always runs)")
+    p.add_argument("--arms", nargs="+", default=None, help="only these arms, in this order (R always runs first)")
     p.add_argument("--synthetic-share", type=float, default=None,
                    help="share of training patches drawn from synthetic pairs (default: uniform over cases)")
+    p.add_argument("--lesion-like-only", action="store_true",
+                   help="keep only the synthetic pairs that pass the lesion-likeness check (quality filter)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(STAGE_DIR / "downstream"), help="results folder (re-run to resume)")
 

@@ -124,6 +124,17 @@ def load_sources(folders: dict[str, Path | str | None], prep: Preprocessing,
     return pool
 
 
+def keep_lesion_like(pool: dict[str, dict[str, Any]], real_train: list[dict], prep: Preprocessing,
+                     notes: list[str]) -> dict[str, dict[str, Any]]:
+    """The pairs of `pool` that pass every lesion-likeness criterion against the real training lesions."""
+    from neuromf.eval.lesion_metrics import lesion_like, lesion_stats, reference_from_real
+
+    ref = reference_from_real([lesion_stats(c["image"], c["mask"], prep.spacing) for c in real_train])
+    kept = {k: p for k, p in pool.items() if lesion_like(lesion_stats(p["image"], p["mask"], prep.spacing), ref)["all"]}
+    notes.append(f"lesion-like filter: {len(kept)} of {len(pool)} synthetic pairs kept")
+    return kept
+
+
 def plan_arms(pool: dict[str, dict[str, Any]]) -> list[Arm]:
     """The arms (see the module doc) for a synthetic pool; an arm whose pair set equals an earlier arm's is left
     out (one pool source: ``R+synthetic`` is ``R+<source>``)."""
@@ -382,7 +393,7 @@ def _result_path(out_dir: Path, arm: Arm, seed: int) -> Path:
 def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Preprocessing,
                              sources: dict[str, Path | str | None], seeds: Sequence[int] = (0, 1, 2, 3, 4),
                              settings: BenchmarkSettings = BenchmarkSettings(), arms: Sequence[str] | None = None,
-                             device: str = "cpu", progress: bool = False,
+                             device: str = "cpu", progress: bool = False, lesion_like_only: bool = False,
                              on_note: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every (arm, seed) not yet finished in `out_dir`, then write `downstream.json` and `downstream.png`.
 
@@ -392,7 +403,9 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
         data_dir: real FCD cases with a train/test split ("embedded-fine", "embedded" or a BIDS folder).
         prep: the model grid the pairs were generated on.
         sources: {"inpainted" | "joint" | "conditional": folder or None}; a missing one skips its arms.
-        arms: only these arm names (R is always run: the reference).
+        arms: only these arm names, run in this order after R (R is always run: the reference).
+        lesion_like_only: keep only the synthetic pairs that pass the project's lesion-likeness check against the
+            real training lesions (`neuromf.eval.lesion_metrics.lesion_like`): the quality-filter lever.
         on_note: called with each note (skipped arms, ...) as it is found.
     Returns:
         The summary dict written to `downstream.json`.
@@ -420,13 +433,16 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
     if not real_train or not test:
         raise ValueError(f"{data_dir}: the benchmark needs real FCD train and held-out test cases "
                          "(participants.tsv column 'split')")
+    if lesion_like_only and pool:
+        pool = keep_lesion_like(pool, real_train, prep, notes)
     planned = plan_arms(pool)
     if arms is not None:
         wanted = set(arms) | {REAL}
         missing = wanted - {a.name for a in planned}
         for name in sorted(missing):
             notes.append(f"arm {name!r} is not available with the given sources; skipped")
-        planned = [a for a in planned if a.name in wanted]
+        order = {name: i for i, name in enumerate([REAL, *arms])}
+        planned = sorted((a for a in planned if a.name in wanted), key=lambda a: order[a.name])
     if not pool:
         notes.append("no synthetic pairs: only R is run")
     for note in notes:
@@ -489,6 +505,7 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
             "ci": "95% t-interval of the mean over seeds; *_minus_R: paired by seed (arm - R)",
             "seed": "the segmenter's initialisation and patch sampling, and the real half of 50%R+synthetic",
         },
+        "lesion_like_only": lesion_like_only,
         "arms": summary, "goals": judge_goals(summary),
         "seconds": {"total_of_runs": float(np.sum(seconds)) if seconds else 0.0,
                     "per_run": t_interval(seconds) if seconds else None,
