@@ -400,6 +400,34 @@ def _result_path(out_dir: Path, arm: Arm, seed: int) -> Path:
     return out_dir / "runs" / f"{safe}__seed{seed}.json"
 
 
+def _real_cases_cached(data_dir: Path, prep: Preprocessing, out_dir: Path) -> tuple[list[dict], list[str]]:
+    """`load_real_cases`, kept in `out_dir` as an .npz keyed by the data folder, its participants.tsv and the grid:
+    parallel or resumed runs then skip the preprocessing (minutes on a busy CPU)."""
+    from neuromf.utils import atomic_write
+
+    table = data_dir / "participants.tsv"
+    stamp = table.stat().st_mtime_ns if table.is_file() else 0
+    text = json.dumps({"data": str(data_dir.resolve()), "stamp": stamp, "grid": prep.key()}, sort_keys=True,
+                      default=str)
+    path = out_dir / f"real_cases_{hashlib.sha256(text.encode()).hexdigest()[:12]}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as stored:
+            notes = [str(n) for n in stored["notes"]]
+            return [{"id": str(i), "split": str(sp), "image": im, "mask": m.astype(bool)} for i, sp, im, m in
+                    zip(stored["ids"], stored["splits"], stored["images"], stored["masks"])], notes
+    real, notes = load_real_cases(data_dir, prep)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, ids=np.array([c["id"] for c in real]), splits=np.array([c["split"] for c in real]),
+                     images=np.stack([c["image"] for c in real]).astype(np.float32),
+                     masks=np.stack([c["mask"] for c in real]).astype(np.uint8), notes=np.array(notes, dtype=str))
+
+    if real:
+        atomic_write(path, write)
+    return real, notes
+
+
 def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Preprocessing,
                              sources: dict[str, Path | str | None], seeds: Sequence[int] = (0, 1, 2, 3, 4),
                              settings: BenchmarkSettings = BenchmarkSettings(), arms: Sequence[str] | None = None,
@@ -436,7 +464,7 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
     out_dir, data_dir = Path(out_dir), resolve_data_dir(data_dir)
     notes: list[str] = []
     pool = load_sources({s: sources.get(s) for s in SOURCES}, prep, notes)
-    real, found = load_real_cases(data_dir, prep)
+    real, found = _real_cases_cached(data_dir, prep, out_dir)
     notes.extend(found)
     real_train = [c for c in real if c["split"] == "train"]
     test = [c for c in real if c["split"] == "test"]
