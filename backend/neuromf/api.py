@@ -172,7 +172,7 @@ def benchmark_downstream(out: str | Path, inpainted: str | Path | None = None, j
                          data: str | Path = "embedded-fine", seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
                          steps: int | None = None, quick: bool = False, arms: list[str] | None = None,
                          synthetic_share: float | None = None, grid: Preprocessing | None = None,
-                         lesion_like_only: bool = False, device: str = "cpu",
+                         lesion_like_only: bool = False, workers: int = 1, device: str = "cpu",
                          progress: bool = False) -> dict[str, Any]:
     """Downstream benchmark of synthetic pairs: a MONAI segmenter trained nnU-Net-style on real FCD cases (R),
     R + each folder of pairs, synthetic only and 50% of R + synthetic, scored on the same held-out real cases
@@ -185,6 +185,7 @@ def benchmark_downstream(out: str | Path, inpainted: str | Path | None = None, j
         steps: training steps per segmenter (default: the full-run budget; `quick`: a few-minute smoke preset).
         arms: only these arms, in this order (R always runs first); synthetic_share: share of patches drawn from
             synthetic pairs; lesion_like_only: keep only the pairs that pass the lesion-likeness check.
+        workers: trainings run at once (threads; for machines with spare cores).
 
     Returns:
         The summary: per arm Dice, sensitivity and FP/scan over seeds with 95% CIs, paired differences with R,
@@ -201,7 +202,7 @@ def benchmark_downstream(out: str | Path, inpainted: str | Path | None = None, j
     sources = {"inpainted": inpainted, "joint": joint, "conditional": conditional}
     prep = grid if grid is not None else adapter_meta(adapter, "auto").prep
     return run_downstream_benchmark(Path(out), data, prep, sources, seeds, settings, arms, device, progress,
-                                    lesion_like_only)
+                                    lesion_like_only, workers)
 
 
 __all__ = ["benchmark_downstream", "evaluate", "fine_tune", "generate_pairs", "inpaint_lesion", "mask_test"]

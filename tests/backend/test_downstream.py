@@ -166,3 +166,11 @@ def test_lesion_like_filter_drops_pairs_that_fail_the_check(phantom_dir):
     notes = []
     kept = ds.keep_lesion_like(pool, train, coarse_prep(), notes)
     assert list(kept) == ["joint/real"] and notes == ["lesion-like filter: 1 of 2 synthetic pairs kept"]
+
+
+def test_parallel_workers_give_the_same_results_as_one_by_one(phantom_dir, tmp_path):
+    one = ds.run_downstream_benchmark(tmp_path / "one", phantom_dir, coarse_prep(), {}, seeds=[0, 1], settings=TINY)
+    two = ds.run_downstream_benchmark(tmp_path / "two", phantom_dir, coarse_prep(), {}, seeds=[0, 1], settings=TINY,
+                                      workers=2)
+    assert two["arms"]["R"]["dice"]["values"] == one["arms"]["R"]["dice"]["values"]
+    assert two["arms"]["R"]["fp_per_scan"]["values"] == one["arms"]["R"]["fp_per_scan"]["values"]

@@ -88,7 +88,7 @@ def cmd_benchmark_downstream(args) -> int:
         grid = Preprocessing(shape=tuple(args.shape), spacing=tuple(args.spacing))
     result = benchmark_downstream(args.out, args.inpainted, args.joint, args.conditional, args.adapter, args.data,
                                   tuple(args.seeds), args.budget_steps, args.quick, args.arms, args.synthetic_share,
-                                  grid, args.lesion_like_only, args.device, progress=True)
+                                  grid, args.lesion_like_only, args.workers, args.device, progress=True)
     for note in result["notes"]:
         print(f"note: {note}")
 
@@ -205,6 +205,8 @@ def register(add: AddCommand) -> None:
     p.add_argument("--arms", nargs="+", default=None, help="only these arms, in this order (R always runs first)")
     p.add_argument("--synthetic-share", type=float, default=None,
                    help="share of training patches drawn from synthetic pairs (default: uniform over cases)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="trainings at once (threads sharing the loaded cases; results are the same as one by one)")
     p.add_argument("--lesion-like-only", action="store_true",
                    help="keep only the synthetic pairs that pass the lesion-likeness check (quality filter)")
     p.add_argument("--device", default="cpu")

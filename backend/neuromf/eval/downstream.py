@@ -25,6 +25,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -432,7 +433,7 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
                              sources: dict[str, Path | str | None], seeds: Sequence[int] = (0, 1, 2, 3, 4),
                              settings: BenchmarkSettings = BenchmarkSettings(), arms: Sequence[str] | None = None,
                              device: str = "cpu", progress: bool = False, lesion_like_only: bool = False,
-                             on_note: Callable[[str], None] | None = None) -> dict[str, Any]:
+                             workers: int = 1, on_note: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every (arm, seed) not yet finished in `out_dir`, then write `downstream.json` and `downstream.png`.
 
     Args:
@@ -444,6 +445,8 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
         arms: only these arm names, run in this order after R (R is always run: the reference).
         lesion_like_only: keep only the synthetic pairs that pass the project's lesion-likeness check against the
             real training lesions (`neuromf.eval.lesion_metrics.lesion_like`): the quality-filter lever.
+        workers: trainings run at once (threads sharing the loaded cases; each result stays the one its seed
+            gives alone).
         on_note: called with each note (skipped arms, ...) as it is found.
     Returns:
         The summary dict written to `downstream.json`.
@@ -489,37 +492,42 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
 
     grid = {"shape": list(prep.shape), "spacing": list(prep.spacing)}
     train_ids, test_ids = [c["id"] for c in real_train], [c["id"] for c in test]
-    # seed-major: an interrupted run has every arm on its first seeds, so paired differences exist early
-    jobs = [(arm, int(seed)) for seed in seeds for arm in planned]
+    # arm-major, in the order of `arms`: an interrupted run has its first arms complete over all seeds
+    jobs = [(arm, int(seed)) for arm in planned for seed in seeds]
     rows: list[dict[str, Any]] = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="arms x seeds", unit="run")
-    for arm, seed in jobs:
+    def finish(job: tuple[Arm, int]) -> dict[str, Any]:
+        arm, seed = job
         path = _result_path(out_dir, arm, seed)
         key = _fingerprint(settings, arm, train_ids, test_ids, grid)
-        row = None
         if path.is_file():
             try:
                 stored = json.loads(path.read_text())
-                row = stored if stored.get("fingerprint") == key else None
+                if stored.get("fingerprint") == key:
+                    return stored
             except ValueError:
-                row = None
-        if row is None:
-            step_bar = None
-            if progress:
-                from tqdm.auto import tqdm
+                pass
+        step_bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-                def step_bar(steps: Iterable[int], _name: str = arm.name, _seed: int = seed) -> Iterable[int]:
-                    return tqdm(steps, desc=f"{_name} seed {_seed}", unit="step", leave=False)
-            row = run_arm_seed(arm, seed, real_train, test, pool, settings, device, step_bar)
-            row["fingerprint"] = key
-            atomic_write_json(path, row)
-        rows.append(row)
-        if bar is not None:
-            bar.update(1)
+            def step_bar(steps: Iterable[int]) -> Iterable[int]:
+                return tqdm(steps, desc=f"{arm.name} seed {seed}", unit="step", leave=False)
+        row = run_arm_seed(arm, seed, real_train, test, pool, settings, device, step_bar)
+        row["fingerprint"] = key
+        atomic_write_json(path, row)
+        return row
+
+    # threads, not processes: the cases are shared, and torch releases the GIL in its kernels
+    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as executor:
+        for row in executor.map(finish, jobs):
+            rows.append(row)
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
 

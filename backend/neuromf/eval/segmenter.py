@@ -13,6 +13,7 @@ Both are reported per seed and as mean +- sd over seeds; a difference within one
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ DIVISOR = int(np.prod(STRIDES))  # input sizes must be multiples of this
 LR = 1e-2  # Adam, cosine-decayed to 0 over the steps
 LESION_FRACTION = 0.5  # share of training patches centred on a lesion voxel
 LR_AXIS = 0  # (H, W, D) on the RAS grid: H runs left -> right (neuromf.data.latents.LR_AXIS on (C, H, W, D))
+
+_INIT_LOCK = threading.Lock()  # the weights come from torch's global RNG: one seeded initialisation at a time
 
 # (rng, image, mask, lesion voxel coordinates, patch side) -> one (image, mask) training patch of patch^3 voxels
 PatchDraw = Callable[[np.random.Generator, np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -113,7 +116,7 @@ def train_segmenter(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], s
             raise ValueError(f"train_segmenter: case_weights must be {len(vols)} non-negative numbers, not all 0")
         p = np.asarray(case_weights, dtype=np.float64) / float(np.sum(case_weights))
     rng = np.random.default_rng(seed)
-    with torch.random.fork_rng(devices=[]):
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_segmenter().to(device)
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
