@@ -147,7 +147,7 @@ def test_cli_end_to_end_on_the_tiny_grid(phantom_dir, pair_folders, tmp_path, ca
     assert any("'R+prior masks' is not available" in n for n in result["notes"]), result["notes"]
     assert result["mask_sources"] == {"joint": 2, "prior": 2}
     assert result["arms"]["R"]["dice"]["n"] == 2
-    assert "goal:" in printed and "R+" in printed
+    assert "| R+conditional |" in printed and "R+conditional beats R by >= 0.05 Dice" in printed
     bad = tmp_path / "bad"
     _write_pairs(bad, [{"image": np.zeros((8, 8, 8)), "mask": np.zeros((8, 8, 8))}], {})
     assert main(["benchmark-downstream", "--data", str(phantom_dir), *grid, "--quick", "--seeds", "0",

@@ -77,6 +77,7 @@ def cmd_benchmark_downstream(args) -> int:
     """`neuromf benchmark-downstream`: segmenters trained on real, real + synthetic, synthetic-only and 50% real +
     synthetic, scored on the same held-out real cases (`neuromf.api.benchmark_downstream`)."""
     from neuromf.api import benchmark_downstream
+    from neuromf.eval.downstream import format_table
     from neuromf.io.nifti import Preprocessing
     from neuromf.utils import ensure_writable
 
@@ -92,18 +93,7 @@ def cmd_benchmark_downstream(args) -> int:
     for note in result["notes"]:
         print(f"note: {note}")
 
-    def ci(d: dict) -> str:
-        if d["mean"] is None:
-            return "-"
-        return f"{d['mean']:.3f}" + ("" if d["ci_low"] is None else f" [{d['ci_low']:.3f}, {d['ci_high']:.3f}]")
-
-    print(f"{'arm':<22} {'Dice [95% CI]':<24} {'sensitivity':<24} {'FP/scan':<24} Dice - R [95% CI]")
-    for name, arm in result["arms"].items():
-        gain = ci(arm["dice_minus_R"]) if "dice_minus_R" in arm else ""
-        print(f"{name:<22} {ci(arm['dice']):<24} {ci(arm['sensitivity']):<24} {ci(arm['fp_per_scan']):<24} {gain}")
-    for goal in result["goals"]:
-        verdict = {True: "met", False: "MISSED", None: "not determined"}[goal["met"]]
-        print(f"goal: {goal['goal']}: {verdict}")
+    print(format_table(result))
     print(f"wrote {Path(args.out) / 'downstream.json'} and {Path(args.out) / 'downstream.png'}")
     return 0
 

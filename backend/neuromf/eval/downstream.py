@@ -38,8 +38,8 @@ from neuromf.eval.metrics import dice, load_generated, load_real_cases
 from neuromf.eval.segmenter import crop_patch, train_segmenter
 from neuromf.io.nifti import Preprocessing
 
-__all__ = ["Arm", "BenchmarkSettings", "QUICK", "SOURCES", "lesion_detection", "mask_source", "paired_difference",
-           "plan_arms", "run_downstream_benchmark", "segment_sliding", "summarise"]
+__all__ = ["Arm", "BenchmarkSettings", "QUICK", "SOURCES", "format_table", "keep_lesion_like", "lesion_detection",
+           "mask_source", "paired_difference", "plan_arms", "run_downstream_benchmark", "segment_sliding", "summarise"]
 
 SOURCES = ("inpainted", "joint", "conditional")
 REAL = "R"
@@ -357,6 +357,30 @@ def _interval_bar(ax: Any, x: int, entry: dict[str, Any], color: str) -> None:
     high = entry["ci_high"] if entry["ci_high"] is not None else entry["mean"]
     ax.errorbar([x], [entry["mean"]], yerr=[[entry["mean"] - low], [high - entry["mean"]]], fmt="o", color=color,
                 capsize=4, zorder=3)
+
+
+def _ci(entry: dict[str, Any] | None) -> str:
+    if not entry or entry["mean"] is None:
+        return "-"
+    text = f"{entry['mean']:.3f}"
+    return text if entry["ci_low"] is None else f"{text} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The summary as a Markdown table (mean [95% CI] over seeds) followed by the goals, met or missed."""
+    lines = ["| arm | pairs (real + synthetic) | seeds | Dice | sensitivity | FP / scan | Dice - R | sensitivity - R |",
+             "|---|---|---|---|---|---|---|---|"]
+    n_real = result["n_real_train"]
+    for name, arm in result["arms"].items():
+        pairs = f"{round(n_real * arm['real_fraction'])} + {arm['n_synthetic']}"
+        lines.append(f"| {name} | {pairs} | {len(arm['seeds'])} | {_ci(arm['dice'])} | {_ci(arm['sensitivity'])} | "
+                     f"{_ci(arm['fp_per_scan'])} | {_ci(arm.get('dice_minus_R'))} | "
+                     f"{_ci(arm.get('sensitivity_minus_R'))} |")
+    lines.append("")
+    for goal in result["goals"]:
+        verdict = {True: "met", False: "**MISSED**", None: "not determined (arm not run or < 2 seeds)"}[goal["met"]]
+        lines.append(f"- {goal['goal']}: {verdict}")
+    return "\n".join(lines)
 
 
 def plot_benchmark(summary: dict[str, Any], out_png: Path, title: str = "") -> Path:
