@@ -25,6 +25,7 @@ _EXPORTS = {
     "fine_tune": "neuromf.api",
     "generate_pairs": "neuromf.api",  # not "generate": that is the submodule neuromf.generate
     "evaluate": "neuromf.api",
+    "benchmark_downstream": "neuromf.api",
     "inpaint_lesion": "neuromf.api",
     "InpaintResult": "neuromf.pipelines.inpaint",
     "InpaintCancelled": "neuromf.pipelines.inpaint",

@@ -167,4 +167,42 @@ def evaluate(generated: str | Path, adapter: str | Path = "embedded", data: str 
     return evaluate_generated(Path(generated), data, prep, None if out is None else Path(out))
 
 
-__all__ = ["evaluate", "fine_tune", "generate_pairs", "inpaint_lesion", "mask_test"]
+def benchmark_downstream(out: str | Path, inpainted: str | Path | None = None, joint: str | Path | None = None,
+                         conditional: str | Path | None = None, adapter: str | Path = "embedded-fine",
+                         data: str | Path = "embedded-fine", seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
+                         steps: int | None = None, quick: bool = False, arms: list[str] | None = None,
+                         synthetic_share: float | None = None, grid: Preprocessing | None = None,
+                         lesion_like_only: bool = False, workers: int = 1, device: str = "cpu",
+                         progress: bool = False) -> dict[str, Any]:
+    """Downstream benchmark of synthetic pairs: a MONAI segmenter trained nnU-Net-style on real FCD cases (R),
+    R + each folder of pairs, synthetic only and 50% of R + synthetic, scored on the same held-out real cases
+    (`neuromf.eval.downstream`). Resumable in `out`; writes `downstream.json` and `downstream.png` there.
+
+    Args:
+        inpainted, joint, conditional: folders of `sample_XXX_{flair,mask}.nii.gz` pairs; a missing one skips its
+            arms (noted in the result's `notes`).
+        adapter: the adapter the pairs were generated with (its grid); `grid` overrides it. data: the real cases.
+        steps: training steps per segmenter (default: the full-run budget; `quick`: a few-minute smoke preset).
+        arms: only these arms, in this order (R always runs first); synthetic_share: share of patches drawn from
+            synthetic pairs; lesion_like_only: keep only the pairs that pass the lesion-likeness check.
+        workers: trainings run at once (threads; for machines with spare cores).
+
+    Returns:
+        The summary: per arm Dice, sensitivity and FP/scan over seeds with 95% CIs, paired differences with R,
+        and the goals.
+    """
+    import dataclasses
+
+    from neuromf.eval.downstream import QUICK, BenchmarkSettings, run_downstream_benchmark
+    from neuromf.models.adapter_meta import adapter_meta
+
+    settings = QUICK if quick else BenchmarkSettings()
+    settings = dataclasses.replace(settings, steps=settings.steps if steps is None else int(steps),
+                                   synthetic_share=synthetic_share)
+    sources = {"inpainted": inpainted, "joint": joint, "conditional": conditional}
+    prep = grid if grid is not None else adapter_meta(adapter, "auto").prep
+    return run_downstream_benchmark(Path(out), data, prep, sources, seeds, settings, arms, device, progress,
+                                    lesion_like_only, workers)
+
+
+__all__ = ["benchmark_downstream", "evaluate", "fine_tune", "generate_pairs", "inpaint_lesion", "mask_test"]

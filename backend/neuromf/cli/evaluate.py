@@ -1,5 +1,5 @@
-"""Evaluation subcommands: evaluate, consistency, ablate-lp, calibrate-guidance and verify (the
-report)."""
+"""Evaluation subcommands: evaluate, consistency, benchmark-downstream, ablate-lp, calibrate-guidance and
+verify (the report)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,20 @@ import argparse
 import json
 from pathlib import Path
 
-from neuromf.cli._common import COUNT, REPORT, SCALE, SEED, STAGE_DIR, STEPS, AddCommand, drive, parse_overrides
+from neuromf.cli._common import (
+    COUNT,
+    GRID_SHAPE,
+    REPORT,
+    SCALE,
+    SEED,
+    STAGE_DIR,
+    STEPS,
+    VOXEL_MM,
+    AddCommand,
+    drive,
+    number,
+    parse_overrides,
+)
 from neuromf.config import CALIBRATION_SCALES, SAMPLERS
 
 
@@ -70,6 +83,31 @@ def cmd_consistency(args) -> int:
     print(f"downstream: real only {pm(down['real_only'])}, real + generated {pm(down['real_plus_generated'])}; "
           f"{down['verdict']}")
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_benchmark_downstream(args) -> int:
+    """`neuromf benchmark-downstream`: segmenters trained on real, real + synthetic, synthetic-only and 50% real +
+    synthetic, scored on the same held-out real cases (`neuromf.api.benchmark_downstream`)."""
+    from neuromf.api import benchmark_downstream
+    from neuromf.eval.downstream import format_table
+    from neuromf.io.nifti import Preprocessing
+    from neuromf.utils import ensure_writable
+
+    ensure_writable(Path(args.out))
+    grid = None
+    if args.shape or args.spacing:
+        if not (args.shape and args.spacing):
+            raise SystemExit("benchmark-downstream: --shape and --spacing go together (the model grid)")
+        grid = Preprocessing(shape=tuple(args.shape), spacing=tuple(args.spacing))
+    result = benchmark_downstream(args.out, args.inpainted, args.joint, args.conditional, args.adapter, args.data,
+                                  tuple(args.seeds), args.budget_steps, args.quick, args.arms, args.synthetic_share,
+                                  grid, args.lesion_like_only, args.workers, args.device, progress=True)
+    for note in result["notes"]:
+        print(f"note: {note}")
+
+    print(format_table(result))
+    print(f"wrote {Path(args.out) / 'downstream.json'} and {Path(args.out) / 'downstream.png'}")
     return 0
 
 
@@ -163,7 +201,30 @@ def register(add: AddCommand) -> None:
     p.add_argument("--steps", type=STEPS, default=300, help="training steps of each segmenter")
     p.add_argument("--device", default="cpu")
 
-    p = add("ablate-lp", cmd_ablate_lp, "per-channel Lp (1.5/2.0) vs uniform L2, same seed/data/budget")
+    p = add("benchmark-downstream", cmd_benchmark_downstream,
+            "downstream benchmark: a segmenter trained on real, real + synthetic, synthetic-only and 50% real + "
+            "synthetic pairs, scored on the same held-out real cases (resumable)")
+    p.add_argument("--inpainted", default=None, metavar="DIR", help="pairs inpainted into real healthy scans")
+    p.add_argument("--joint", default=None, metavar="DIR", help="joint-generated pairs (new mask shapes)")
+    p.add_argument("--conditional", default=None, metavar="DIR", help="conditional pairs (prior masks)")
+    p.add_argument("--adapter", default="embedded-fine", help="the adapter the pairs were generated with (its grid)")
+    p.add_argument("--shape", type=GRID_SHAPE, nargs=3, default=None, help="the model grid instead of the adapter's")
+    p.add_argument("--spacing", type=VOXEL_MM, nargs=3, default=None, help="with --shape: voxel size (mm)")
+    p.add_argument("--data", default="embedded-fine", help="the real FCD cases (train/test split)")
+    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2, 3, 4], help="one segmenter per arm and seed")
+    p.add_argument("--budget-steps", type=STEPS, default=None, help="training steps per segmenter (default 300)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: small patches and 30 steps")
+    p.add_argument("--arms", nargs="+", default=None, help="only these arms, in this order (R always runs first)")
+    p.add_argument("--synthetic-share", type=number(0.0, 1.0), default=None,
+                   help="share of training patches drawn from synthetic pairs (default: uniform over cases)")
+    p.add_argument("--workers", type=number(1, 64, integer=True), default=1,
+                   help="trainings at once (threads sharing the loaded cases; results are the same as one by one)")
+    p.add_argument("--lesion-like-only", action="store_true",
+                   help="keep only the synthetic pairs that pass the lesion-likeness check (quality filter)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(STAGE_DIR / "downstream"), help="results folder (re-run to resume)")
+
+        p = add("ablate-lp", cmd_ablate_lp, "per-channel Lp (1.5/2.0) vs uniform L2, same seed/data/budget")
     p.add_argument("--config", default="joint_3mm")
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded")
     p.add_argument("--n", type=COUNT, default=8)

@@ -13,8 +13,9 @@ Both are reported per seed and as mean +- sd over seeds; a difference within one
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from neuromf.eval.metrics import dice, load_generated, load_real_cases
 from neuromf.io.nifti import Preprocessing
 
-__all__ = ["consistency", "describe", "evaluate_consistency", "segment", "train_segmenter"]
+__all__ = ["consistency", "crop_patch", "describe", "evaluate_consistency", "segment", "train_segmenter"]
 
 CHANNELS = (8, 16, 32, 64)
 STRIDES = (2, 2, 2)
@@ -32,6 +33,11 @@ DIVISOR = int(np.prod(STRIDES))  # input sizes must be multiples of this
 LR = 1e-2  # Adam, cosine-decayed to 0 over the steps
 LESION_FRACTION = 0.5  # share of training patches centred on a lesion voxel
 LR_AXIS = 0  # (H, W, D) on the RAS grid: H runs left -> right (neuromf.data.latents.LR_AXIS on (C, H, W, D))
+
+_INIT_LOCK = threading.Lock()  # the weights come from torch's global RNG: one seeded initialisation at a time
+
+# (rng, image, mask, lesion voxel coordinates, patch side) -> one (image, mask) training patch of patch^3 voxels
+PatchDraw = Callable[[np.random.Generator, np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 def build_segmenter() -> torch.nn.Module:
@@ -60,17 +66,23 @@ def _check_pairs(images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> N
                              f"{np.shape(mask)}; expected two equal (H, W, D) volumes")
 
 
-def _draw_patch(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, lesion: np.ndarray,
-                patch: int) -> tuple[np.ndarray, np.ndarray]:
-    """One (patch^3) crop: centred on a random lesion voxel with probability LESION_FRACTION, else uniform;
-    mirrored left-right with probability 1/2."""
-    if len(lesion) and rng.random() < LESION_FRACTION:
+def crop_patch(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, lesion: np.ndarray, patch: int,
+               lesion_fraction: float = LESION_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """One (patch^3) crop of image and mask: centred on a random lesion voxel (`lesion`: their coordinates) with
+    probability `lesion_fraction` (clipped to the volume), else placed uniformly."""
+    if len(lesion) and rng.random() < lesion_fraction:
         centre = lesion[rng.integers(len(lesion))]
         start = [int(np.clip(c - patch // 2, 0, s - patch)) for c, s in zip(centre, image.shape)]
     else:
         start = [int(rng.integers(0, s - patch + 1)) for s in image.shape]
     window = tuple(slice(a, a + patch) for a in start)
-    img, msk = image[window], mask[window]
+    return image[window], mask[window]
+
+
+def _draw_patch(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, lesion: np.ndarray,
+                patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """One (patch^3) crop (`crop_patch`), mirrored left-right with probability 1/2."""
+    img, msk = crop_patch(rng, image, mask, lesion, patch)
     if rng.random() < 0.5:
         img, msk = np.flip(img, LR_AXIS), np.flip(msk, LR_AXIS)
     return img, msk
@@ -78,13 +90,17 @@ def _draw_patch(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, l
 
 def train_segmenter(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], seed: int = 0, steps: int = 300,
                     patch: int = 32, batch: int = 4, lr: float = LR, device: str = "cpu",
-                    progress: bool = False) -> torch.nn.Module:
+                    progress: bool | Callable[[Iterable[int]], Iterable[int]] = False,
+                    draw: PatchDraw | None = None,
+                    case_weights: Sequence[float] | None = None) -> torch.nn.Module:
     """Train the segmenter FLAIR -> lesion mask on (H, W, D) volumes of the model grid (FLAIR ~[0, 1.5], masks
     {0, 1}); returns it in eval mode. Lesion-biased random patches, left-right flips, `DiceCELoss(sigmoid=True)`
     (Dice over the whole batch, so patches without lesion do not make it undefined), Adam with a cosine decay to 0
     (on the 64^3 phantoms at 300 steps, lr 1e-3 still segmented nothing and a constant 1e-2 was unstable across
     seeds). Deterministic given `seed` on CPU: weights from a forked torch RNG, patches from
-    `numpy.random.default_rng(seed)`."""
+    `numpy.random.default_rng(seed)`. `draw` replaces the patch sampler (default: `_draw_patch`); `case_weights`
+    (one per volume, normalised here) replaces uniform case sampling; `progress` may be a callable that wraps the
+    step range (a caller's own progress bar)."""
     from monai.losses import DiceCELoss
 
     _check_pairs(images, masks)
@@ -93,8 +109,14 @@ def train_segmenter(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], s
     vols = [_pad_to(np.asarray(im, dtype=np.float32), (patch,) * 3) for im in images]
     labs = [_pad_to((np.asarray(m) > 0.5).astype(np.float32), (patch,) * 3) for m in masks]
     lesions = [np.argwhere(m > 0.5) for m in labs]
+    draw = draw or _draw_patch
+    p = None
+    if case_weights is not None:
+        if len(case_weights) != len(vols) or min(case_weights) < 0 or sum(case_weights) <= 0:
+            raise ValueError(f"train_segmenter: case_weights must be {len(vols)} non-negative numbers, not all 0")
+        p = np.asarray(case_weights, dtype=np.float64) / float(np.sum(case_weights))
     rng = np.random.default_rng(seed)
-    with torch.random.fork_rng(devices=[]):
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_segmenter().to(device)
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
@@ -102,13 +124,15 @@ def train_segmenter(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], s
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, steps))
     model.train()
     iterator: Iterable[int] = range(steps)
-    if progress:
+    if callable(progress):
+        iterator = progress(iterator)
+    elif progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc=f"segmenter (seed {seed})", unit="step", leave=False)
     for _ in iterator:
-        picks = rng.integers(len(vols), size=batch)
-        drawn = [_draw_patch(rng, vols[i], labs[i], lesions[i], patch) for i in picks]
+        picks = rng.integers(len(vols), size=batch) if p is None else rng.choice(len(vols), size=batch, p=p)
+        drawn = [draw(rng, vols[i], labs[i], lesions[i], patch) for i in picks]
         x = torch.from_numpy(np.stack([d[0] for d in drawn])[:, None].copy()).to(device)
         y = torch.from_numpy(np.stack([d[1] for d in drawn])[:, None].copy()).to(device)
         optimiser.zero_grad(set_to_none=True)
@@ -116,7 +140,7 @@ def train_segmenter(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], s
         loss.backward()
         optimiser.step()
         schedule.step()
-        if progress:
+        if hasattr(iterator, "set_postfix"):
             iterator.set_postfix(loss=f"{loss.item():.3f}")  # type: ignore[union-attr]
     return model.eval()
 

@@ -1,0 +1,176 @@
+"""The downstream benchmark (neuromf.eval.downstream, `neuromf benchmark-downstream`).
+
+The statistics are checked against scipy and hand arithmetic on a toy table, lesion-wise detection on constructed
+masks, and the runner end to end on the tiny phantom tree: resume, a missing source, arms by mask source, the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from testkit import TEST_SHAPE, TEST_SPACING, coarse_prep, write_nifti
+
+from neuromf.eval import downstream as ds
+
+TINY = dataclasses.replace(ds.QUICK, steps=2, patch=16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny volumes gain nothing from a second thread (see test_segmenter); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_paired_difference_matches_scipy_and_hand_arithmetic():
+    arm = {0: 0.60, 1: 0.70, 2: 0.50, 3: 0.65, 4: 0.55, 9: 0.99}  # seed 9 has no R partner: left out
+    ref = {0: 0.50, 1: 0.58, 2: 0.47, 3: 0.55, 4: 0.50}
+    out = ds.paired_difference(arm, ref)
+    diffs = np.array([0.10, 0.12, 0.03, 0.10, 0.05])
+    assert out["seeds"] == [0, 1, 2, 3, 4]
+    assert out["mean"] == pytest.approx(0.08)
+    half = stats.t.ppf(0.975, 4) * diffs.std(ddof=1) / math.sqrt(5)
+    assert out["ci_low"] == pytest.approx(0.08 - half) and out["ci_high"] == pytest.approx(0.08 + half)
+    scipy_ci = stats.ttest_rel([arm[s] for s in range(5)], [ref[s] for s in range(5)]).confidence_interval(0.95)
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx((scipy_ci.low, scipy_ci.high))
+    assert out["excludes_zero"] is True
+    straddling = ds.paired_difference({0: 0.5, 1: 0.7}, {0: 0.6, 1: 0.6})
+    assert straddling["mean"] == pytest.approx(0.0, abs=1e-12) and straddling["excludes_zero"] is False
+    assert ds.paired_difference({0: 0.5}, {0: 0.4})["ci_low"] is None  # one seed: no interval
+
+
+def test_lesion_detection_counts_detected_missed_and_false_positive():
+    truth = np.zeros((20, 20, 20), np.uint8)
+    truth[2:5, 2:5, 2:5] = 1  # lesion A: hit by one voxel
+    truth[12:15, 12:15, 12:15] = 1  # lesion B: missed
+    predicted = np.zeros_like(truth)
+    predicted[4:7, 4:7, 4:7] = 1  # overlaps A in a corner
+    predicted[2:4, 15:18, 2:4] = 1  # far from both: a false positive
+    out = ds.lesion_detection(predicted, truth)
+    assert out == {"lesions": 2, "detected": 1, "predicted_components": 2, "false_positives": 1}
+    # diagonal neighbours are one 26-connected component
+    diagonal = np.zeros_like(truth)
+    diagonal[8, 8, 8] = diagonal[9, 9, 9] = 1
+    assert ds.lesion_detection(diagonal, np.zeros_like(truth))["false_positives"] == 1
+
+
+def test_plan_arms_by_source_and_mask_source_without_duplicates():
+    pool = {"conditional/a": {"source": "conditional", "mask_source": "prior"},
+            "joint/b": {"source": "joint", "mask_source": "joint"},
+            "inpainted/c": {"source": "inpainted", "mask_source": "prior"},
+            "inpainted/d": {"source": "inpainted", "mask_source": "joint"}}
+    arms = {a.name: a for a in ds.plan_arms(pool)}
+    assert list(arms) == ["R", "R+inpainted", "R+joint", "R+conditional", "R+synthetic", "R+joint masks",
+                          "R+prior masks", "synthetic-only", "50%R+synthetic"]
+    assert arms["R+prior masks"].synthetic == ["conditional/a", "inpainted/c"]
+    assert arms["50%R+synthetic"].real_fraction == 0.5 and arms["synthetic-only"].real_fraction == 0.0
+    only_joint = [a.name for a in ds.plan_arms({"joint/b": pool["joint/b"]})]
+    assert only_joint == ["R", "R+joint", "synthetic-only", "50%R+synthetic"]  # the duplicates are left out
+
+
+def _write_pairs(folder, cases, meta):
+    affine = np.diag([*TEST_SPACING, 1.0])
+    for i, case in enumerate(cases):
+        write_nifti(folder / f"sample_{i:03d}_flair.nii.gz", case["image"].astype(np.float32), affine)
+        write_nifti(folder / f"sample_{i:03d}_mask.nii.gz", case["mask"].astype(np.uint8), affine)
+        (folder / f"sample_{i:03d}.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pair_folders(phantom_dir, tmp_path_factory):
+    """'Synthetic' pair folders on the coarse grid: the phantom train cases themselves (real files on disk), one
+    folder recorded as conditional prior-mask pairs, one as joint pairs."""
+    from neuromf.eval.metrics import load_real_cases
+
+    real, _ = load_real_cases(phantom_dir, coarse_prep())
+    train = [c for c in real if c["split"] == "train"]
+    root = tmp_path_factory.mktemp("pairs")
+    return {"conditional": _write_pairs(root / "cond", train[:2], {"mode": "conditional", "mask_source": "prior"}),
+            "joint": _write_pairs(root / "joint", train[-2:], {"mode": "joint"})}
+
+
+def test_resume_skips_finished_runs_and_redoes_stale_ones(phantom_dir, pair_folders, tmp_path, monkeypatch):
+    sources = {"conditional": pair_folders["conditional"]}
+    first = ds.run_downstream_benchmark(tmp_path, phantom_dir, coarse_prep(), sources, seeds=[0], settings=TINY,
+                                        arms=["R+conditional"])
+    assert set(first["arms"]) == {"R", "R+conditional"}
+    assert (tmp_path / "downstream.png").stat().st_size > 0
+    calls = []
+    real_run = ds.run_arm_seed
+
+    def counting(arm, seed, *args, **kwargs):
+        calls.append((arm.name, seed))
+        return real_run(arm, seed, *args, **kwargs)
+
+    monkeypatch.setattr(ds, "run_arm_seed", counting)
+    again = ds.run_downstream_benchmark(tmp_path, phantom_dir, coarse_prep(), sources, seeds=[0, 1], settings=TINY,
+                                        arms=["R+conditional"])
+    assert calls == [("R", 1), ("R+conditional", 1)]  # seed 0 was finished
+    assert again["arms"]["R"]["dice"]["values"][0] == first["arms"]["R"]["dice"]["values"][0]
+    calls.clear()
+    ds.run_downstream_benchmark(tmp_path, phantom_dir, coarse_prep(), sources, seeds=[0],
+                                settings=dataclasses.replace(TINY, steps=3), arms=["R"])
+    assert calls == [("R", 0)]  # other settings: the stored result is stale
+
+
+def test_missing_source_is_skipped_with_a_note(phantom_dir, tmp_path):
+    notes = []
+    out = ds.run_downstream_benchmark(tmp_path, phantom_dir, coarse_prep(), {"joint": tmp_path / "nope"}, seeds=[0],
+                                      settings=TINY, on_note=notes.append)
+    assert list(out["arms"]) == ["R"]
+    assert any("joint" in n and "does not exist" in n for n in notes), notes
+    assert any("no folder given" in n for n in out["notes"])
+
+
+def test_cli_end_to_end_on_the_tiny_grid(phantom_dir, pair_folders, tmp_path, capsys):
+    from neuromf.cli import main
+
+    grid = ["--shape", *map(str, TEST_SHAPE), "--spacing", *map(str, TEST_SPACING)]
+    code = main(["benchmark-downstream", "--data", str(phantom_dir), *grid, "--quick", "--budget-steps", "2",
+                 "--seeds", "0", "1", "--conditional", str(pair_folders["conditional"]), "--joint",
+                 str(pair_folders["joint"]), "--arms", "R+conditional", "R+prior masks",
+                 "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    result = json.loads((tmp_path / "out" / "downstream.json").read_text())
+    assert list(result["arms"]) == ["R", "R+conditional"]
+    # the conditional folder holds exactly the prior-mask pairs, so that arm is R+conditional and not run twice
+    assert any("'R+prior masks' is not available" in n for n in result["notes"]), result["notes"]
+    assert result["mask_sources"] == {"joint": 2, "prior": 2}
+    assert result["arms"]["R"]["dice"]["n"] == 2
+    assert "| R+conditional |" in printed and "R+conditional beats R by >= 0.05 Dice" in printed
+    bad = tmp_path / "bad"
+    _write_pairs(bad, [{"image": np.zeros((8, 8, 8)), "mask": np.zeros((8, 8, 8))}], {})
+    assert main(["benchmark-downstream", "--data", str(phantom_dir), *grid, "--quick", "--seeds", "0",
+                 "--joint", str(bad), "--out", str(tmp_path / "out2")]) == 2
+    assert "shape" in capsys.readouterr().err
+
+
+def test_lesion_like_filter_drops_pairs_that_fail_the_check(phantom_dir):
+    from neuromf.eval.metrics import load_real_cases
+
+    real, _ = load_real_cases(phantom_dir, coarse_prep())
+    train = [c for c in real if c["split"] == "train"]
+    pool = {"joint/real": {"image": train[0]["image"], "mask": train[0]["mask"].astype(np.uint8), "source": "joint"},
+            "joint/empty": {"image": train[0]["image"], "mask": np.zeros_like(train[0]["mask"], np.uint8),
+                            "source": "joint"}}
+    notes = []
+    kept = ds.keep_lesion_like(pool, train, coarse_prep(), notes)
+    assert list(kept) == ["joint/real"] and notes == ["lesion-like filter: 1 of 2 synthetic pairs kept"]
+
+
+def test_parallel_workers_give_the_same_results_as_one_by_one(phantom_dir, tmp_path):
+    one = ds.run_downstream_benchmark(tmp_path / "one", phantom_dir, coarse_prep(), {}, seeds=[0, 1], settings=TINY)
+    two = ds.run_downstream_benchmark(tmp_path / "two", phantom_dir, coarse_prep(), {}, seeds=[0, 1], settings=TINY,
+                                      workers=2)
+    assert two["arms"]["R"]["dice"]["values"] == one["arms"]["R"]["dice"]["values"]
+    assert two["arms"]["R"]["fp_per_scan"]["values"] == one["arms"]["R"]["fp_per_scan"]["values"]
