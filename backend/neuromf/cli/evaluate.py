@@ -224,7 +224,7 @@ def register(add: AddCommand) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(STAGE_DIR / "downstream"), help="results folder (re-run to resume)")
 
-        p = add("ablate-lp", cmd_ablate_lp, "per-channel Lp (1.5/2.0) vs uniform L2, same seed/data/budget")
+    p = add("ablate-lp", cmd_ablate_lp, "per-channel Lp (1.5/2.0) vs uniform L2, same seed/data/budget")
     p.add_argument("--config", default="joint_3mm")
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded")
     p.add_argument("--n", type=COUNT, default=8)
