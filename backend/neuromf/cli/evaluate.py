@@ -122,6 +122,8 @@ def cmd_calibrate_guidance(args) -> int:
         ks = "" if row["ks_pvalue"] is None else f", KS p {row['ks_pvalue']:.2f}"
         print(f"  guidance {row['guidance']:g}: median {row['median_cm3']:.2f} cm^3, {row['empty']}/{drawn} empty{ks}")
     print(f"chosen: {result['chosen']:g} (generate --joint-guidance {result['chosen']:g})")
+    if result["interpolated"] is not None:
+        print(f"between the grid's scales (log-linear): {result['interpolated']:g}")
     if result["outside_range"]:
         print(f"warning: the training lesions' median lies beyond the scales tried ({min(args.scales):g}-"
               f"{max(args.scales):g}): the chosen one is only the nearest end; try scales further "

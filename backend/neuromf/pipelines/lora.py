@@ -257,7 +257,20 @@ def calibrate_joint_guidance(adapter: str | Path = "embedded", scales: tuple[flo
     chosen = min(rows, key=lambda row: log_ratio_gap(row["median_cm3"], target))["guidance"]
     return {"adapter": str(resolve_adapter_dir(adapter, "joint")), "n": n, "steps": steps, "seeds": list(seeds),
             "sampler": method, "reference": reference, "target_cm3": target, "rows": rows, "chosen": chosen,
-            "outside_range": target_outside_scales(rows, target)}
+            "interpolated": interpolate_scale(rows, target), "outside_range": target_outside_scales(rows, target)}
+
+
+def interpolate_scale(rows: list[dict[str, Any]], target: float) -> float | None:
+    """The scale between two neighbouring grid scales whose median volumes bracket `target`, interpolated linearly
+    in log volume (the volume grows about exponentially with the scale); None when no neighbours bracket it or a
+    median is 0."""
+    ordered = sorted(rows, key=lambda row: row["guidance"])
+    for low, high in zip(ordered, ordered[1:]):
+        a, b = low["median_cm3"], high["median_cm3"]
+        if a > 0 and b > a and a <= target <= b:
+            share = math.log(target / a) / math.log(b / a)
+            return round(low["guidance"] + share * (high["guidance"] - low["guidance"]), 3)
+    return None
 
 
 def target_outside_scales(rows: list[dict[str, Any]], target: float) -> bool:
