@@ -89,9 +89,6 @@ def test_finite_difference_target_matches_the_exact_jvp_in_fp32():
     assert exact.norm() > 0
     assert _rel(_central_difference_fp32(model, (z, r, t), tangents), exact) < 1e-2
     assert _rel(_central_difference_fp32(model, (z, r, t), tangents, 100 * FD_STEP), exact) > 2e-2
-    _, target_exact = meanflow_target(model, z, r, t, v)
-    _, target_fd = meanflow_target(model, z, r, t, v, jvp="finite_difference")
-    assert _rel(target_fd, target_exact) < 1e-2
 
 
 def test_finite_difference_loss_learns_what_the_exact_jvp_does():
