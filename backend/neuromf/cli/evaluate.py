@@ -125,7 +125,7 @@ def cmd_calibrate_guidance(args) -> int:
     if result["interpolated"] is not None:
         print(f"between the grid's scales (log-linear): {result['interpolated']:g}")
     if result["outside_range"]:
-        print(f"warning: the training lesions' median lies beyond the scales tried ({min(args.scales):g}-"
+        print(f"warning: the reference lesions' median lies beyond the scales tried ({min(args.scales):g}-"
               f"{max(args.scales):g}): the chosen one is only the nearest end; try scales further "
               f"{'down' if result['chosen'] == min(args.scales) else 'up'}")
     if args.store:
