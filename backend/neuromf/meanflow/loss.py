@@ -114,7 +114,7 @@ def meanflow_target(model: VelocityFn, z: torch.Tensor, r: torch.Tensor, t: torc
     graph kept for the backward pass), only over the samples with r != t. `cheap=False`: one `torch.func.jvp`
     whose primal output carries the gradient. Both give the same parameter gradients because the target is
     stop-gradient. `jvp="finite_difference"` (with `cheap=True`) replaces the JVP by a central difference along
-    (v, 0, 1): two no-grad forwards of the moving samples (`FD_STEP`), ~1.2x cheaper per training step on CPU.
+    (v, 0, 1): two no-grad forwards of the moving samples (`FD_STEP`) instead of forward-mode AD (docs/one_step.md).
 
     Args:
         model: u(z, r, t) -> (B, C, h, w, d).
