@@ -97,15 +97,20 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: in
                 fn()
         synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(repeats):
         order = list(fns) if r % 2 == 0 else list(reversed(list(fns)))
         for name in order:
             synchronize(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fns[name]()
             synchronize(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: summarize(values) for name, values in samples.items()}
+            cpu[name].append(time.process_time() - start_cpu)
+    # the process's CPU time too: with --threads 1 on a shared machine it is the work done, where the wall time
+    # mostly measures the other jobs (see README: "Run on a quiet machine")
+    return {name: {**summarize(values), "cpu_median_s": statistics.median(cpu[name]),
+                   "cpu_samples_s": [round(s, 6) for s in cpu[name]]} for name, values in samples.items()}
 
 
 # --------------------------------------------------------------------------------------------------- memory

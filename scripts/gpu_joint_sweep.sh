@@ -10,6 +10,12 @@
 #   OUT=/tmp/sweep_out bash scripts/gpu_joint_sweep.sh            # on the GPU machine, from the repository root
 #   SMOKE=1 OUT=/tmp/sweep_out bash scripts/gpu_joint_sweep.sh    # CPU check of the script itself (tiny budgets)
 #   VARIANTS="joint_b8 joint_long" ...                            # only these variants
+#   JUDGE=few_step OUT=/tmp/one_step bash scripts/gpu_joint_sweep.sh   # one-network few-step variants (below)
+#
+# JUDGE=few_step (docs/one_step.md) trains the mf_* variants instead: the same recipe with more r != t samples
+# (the average velocity that 1-2 step sampling reads) and the finite-difference du/dt (or the exact JVP, as the
+# control of a whole run), and judges each at 1 and 2 MeanFlow steps, joint guidance 1 (1 and 2 network calls),
+# without --render, on seeds 200-202 that no calibration used.
 #
 # Needs .site/*.tar.gz (`bash scripts/gpu_session.sh --pack`) named in the device call's carry.
 set -uo pipefail
@@ -27,10 +33,14 @@ if [ -n "${SMOKE:-}" ]; then  # this machine's latent cache already holds the un
   PY="$PWD/.venv/bin/python"
   DEVICE=cpu STEPS_SHORT=2 STEPS_LONG=3 AUG=1 N=2 SEEDS="0" EULER=2 SCALES="1 1.1" CAL_N=2 THREADS=1
   CACHE="${NEUROMF_CACHE:-$HOME/.cache/neuromf/latents}" EVAL_S=60 VARIANTS=${VARIANTS:-"joint_b8 joint_aug8_long"}
+  [ "${JUDGE:-}" = few_step ] && VARIANTS="mf_fd_r75"
 else
   DEVICE=cuda STEPS_SHORT=350 STEPS_LONG=${STEPS_LONG:-800} AUG=8 N=16 SEEDS="0 1 2" EULER=32
   SCALES="0.8 0.9 1 1.05 1.1 1.2" CAL_N=8 THREADS=3 CACHE=/tmp/neuromf_cache EVAL_S=${EVAL_S:-170}
+  [ "${JUDGE:-}" = few_step ] && SEEDS="200 201 202" STEPS_LONG=${FEW_STEPS:-1500}
 fi
+if [ "${JUDGE:-}" = few_step ]; then VARIANTS=${VARIANTS:-"mf_fd_r75 mf_fd_r50 mf_exact_r75"}
+else VARIANTS=${VARIANTS:-"joint_b8 joint_aug8 joint_aug8_long joint_aug8_long_s1 joint_long"}; fi
 "$PY" -c "import monai, nibabel, peft, neuromf; print('monai', monai.__version__, 'peft', peft.__version__)" \
   >"$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
 (nvidia-smi || true) >>"$OUT/setup.log" 2>&1
@@ -56,7 +66,7 @@ budget() { local s=$(( $(left) - $1 )); echo $(( s > 5 ? s : 5 )); }  # seconds 
 variant() {  # name, at most this many steps (the cosine schedule's length when they fit before the evaluation's
   local name=$1 steps=$2 dir="$RUNS/$1"  # share of the budget), then --set overrides: train (an adapter is saved
   shift 2                                # by the deadline whatever the step rate), calibrate, draw and judge
-  [ -z "${VARIANTS:-}" ] || [[ " $VARIANTS " == *" $name "* ]] || return 0
+  [[ " $VARIANTS " == *" $name "* ]] || return 0
   local sets=(--set training.checkpoint_every=0 --set training.device="$DEVICE" --set data.cache_dir="$CACHE")
   for kv in "$@"; do sets+=(--set "$kv"); done
   export OMP_NUM_THREADS=$THREADS
@@ -64,6 +74,19 @@ variant() {  # name, at most this many steps (the cosine schedule's length when 
     "$PY" scripts/train_for.py --pipeline lora --config joint_2mm --base embedded-fine --max-steps "$steps" \
       --deadline $(( END - EVAL_S )) --calibrate-steps $(( steps < 30 ? 2 : 30 )) \
       --set training.output_dir="$dir" "${sets[@]}" || return
+    if [ "${JUDGE:-}" = few_step ]; then
+      for seed in $SEEDS; do
+        for k in 1 2; do
+          [ "$(left)" -gt 20 ] || break
+          timeout $(budget 10) "$PY" -m neuromf generate --adapter "$dir/adapter" --mode joint --sampler meanflow \
+            --steps $k --joint-guidance 1 --n "$N" --seed "$seed" --device "$DEVICE" --out "$dir/gen_k${k}_s$seed" \
+            || break
+          "$PY" -m neuromf evaluate --adapter "$dir/adapter" --mode joint --generated "$dir/gen_k${k}_s$seed" \
+            --data embedded-fine --out "$dir/gen_k${k}_s$seed/metrics.json"
+        done
+      done
+      return
+    fi
     timeout $(budget 60) "$PY" -m neuromf calibrate-guidance --adapter "$dir/adapter" --store --n "$CAL_N" \
       --steps "$EULER" --scales $SCALES --device "$DEVICE" --out "$dir/calibration.json"
     for seed in $SEEDS; do
@@ -82,6 +105,9 @@ variant joint_aug8 "$STEPS_SHORT" data.augment_copies=$AUG &
 variant joint_aug8_long "$STEPS_LONG" data.augment_copies=$AUG &
 variant joint_aug8_long_s1 "$STEPS_LONG" data.augment_copies=$AUG training.seed=1 &
 variant joint_long "$STEPS_LONG" &
+variant mf_fd_r75 "$STEPS_LONG" loss.jvp=finite_difference loss.ratio_r_neq_t=0.75 data.augment_copies=$AUG &
+variant mf_fd_r50 "$STEPS_LONG" loss.jvp=finite_difference loss.ratio_r_neq_t=0.5 data.augment_copies=$AUG &
+variant mf_exact_r75 "$STEPS_LONG" loss.ratio_r_neq_t=0.75 data.augment_copies=$AUG &
 wait
 echo "runs done at +$(( $(date +%s) - T0 )) s" >>"$OUT/setup.log"
 # the device returns at most 8 files of <= 16 MiB: everything but checkpoints and volumes, as one archive in parts

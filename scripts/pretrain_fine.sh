@@ -38,7 +38,8 @@ fi
 # joint mode (LoRA, x-prediction mask channels); its FLAIRs are best rendered by cond_fine (`generate --render`)
 neuromf train-joint --config joint_2mm --base_checkpoint embedded-fine --output-dir "$runs/joint_fine" --overwrite
 # how strongly a training commits to a lesion differs between trainings of this recipe: store the joint guidance
-# whose masks match the training lesions' median volume as the adapter's default (about 15 min on 2 CPU cores)
+# whose masks match the real lesions' median volume as the adapter's default (2 seeds x 8 masks per scale, pooled:
+# one seed's median was not carried over to fresh seeds; about 30 min on 2 CPU cores)
 # (site-conditioned trainings chose 1.2 and 1.3: the grid reaches beyond the default 0.8-1.2)
 neuromf calibrate-guidance --adapter "$runs/joint_fine/adapter" --scales 0.9 1 1.1 1.2 1.3 1.4 --store \
   --out "$runs/joint_fine/calibration.json"

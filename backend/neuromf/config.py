@@ -130,6 +130,9 @@ class LossConfig(_Section):
     time_std: float = bounded(1.0, 0, low_open=True)
     ratio_r_neq_t: float = bounded(0.25, 0, 1)
     cheap_jvp: bool = True
+    # du/dt of the MeanFlow target: forward-mode AD, or a central difference along (v, 0, 1) by two no-grad forwards
+    # (the same target within ~2e-3; less memory, no forward-mode AD; benchmarks/bench_train_step.py measures the time)
+    jvp: Literal["exact", "finite_difference"] = "exact"
     lesion_weight: float = bounded(0.0, 0)  # stage 2: per-voxel weight 1 + w on latent voxels near the lesion
     lesion_dilate: int = bounded(1, 0)  # latent voxels the lesion region is grown by
 

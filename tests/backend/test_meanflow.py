@@ -69,6 +69,66 @@ def test_cheap_target_differentiates_only_moving_samples_and_matches_the_full_jv
     torch.testing.assert_close(all_still, v)
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_finite_difference_target_matches_the_exact_jvp_in_fp32():
+    """The central difference's error in fp32 is bounded by the time embedding's fastest feature, sin(1000 t):
+    truncation (1000 h)^2 / 6 = 1.7e-3 relative at h = FD_STEP = 1e-4, plus rounding ~1e-7 |u| / 2h = 5e-4
+    (measured on the shipped 2 mm joint model: 2.0e-3); 1e-2 leaves room for the tiny net's other features. A step
+    100x larger must be visibly worse (the bound is not vacuous)."""
+    from neuromf.meanflow.loss import FD_STEP, _central_difference_fp32, _jvp_fp32
+
+    model = _perturbed_tiny(torch.float32)
+    z = torch.randn(3, 4, 4, 4, 4)
+    r, t = torch.tensor([0.1, 0.3, 0.05]), torch.tensor([0.9, 0.6, 0.2])
+    v = torch.randn_like(z)
+    tangents = (v, torch.zeros_like(r), torch.ones_like(t))
+    exact = _jvp_fp32(model, (z, r, t), tangents)
+    assert exact.norm() > 0
+    assert _rel(_central_difference_fp32(model, (z, r, t), tangents), exact) < 1e-2
+    assert _rel(_central_difference_fp32(model, (z, r, t), tangents, 100 * FD_STEP), exact) > 2e-2
+
+
+def test_finite_difference_loss_learns_what_the_exact_jvp_does():
+    """Same batch, same RNG: the loss and the parameter gradients of the two du/dt methods agree within 1e-2
+    (relative), i.e. a training step moves the weights the same way; every sample has r != t here."""
+    model = _perturbed_tiny(torch.float32)
+    x = torch.randn(2, 4, 4, 4, 4)
+    results = []
+    for jvp in ("exact", "finite_difference"):
+        model.zero_grad()
+        loss_fn = MeanFlowLoss(time_sampler=TimeSampler(ratio_r_neq_t=1.0), jvp=jvp)
+        loss, _ = loss_fn(model, x, torch.Generator().manual_seed(3))
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (loss_exact, grad_exact), (loss_fd, grad_fd) = results
+    assert abs(float(loss_fd / loss_exact) - 1) < 1e-2
+    assert _rel(grad_fd, grad_exact) < 1e-2
+    with pytest.raises(ValueError, match="jvp must be one of"):
+        meanflow_target(model, x, torch.zeros(2), torch.ones(2), x, jvp="central")
+    with pytest.raises(ValueError, match="cheap_jvp: true"):
+        meanflow_target(model, x, torch.zeros(2), torch.ones(2), x, cheap=False, jvp="finite_difference")
+
+
+def test_finite_difference_sees_the_same_dropout_draw_at_both_points():
+    """With dropout on (train mode), both ends of the difference draw the same mask, so du/dt stays the derivative
+    of one function (as the exact JVP's) rather than the difference of two random draws."""
+    from neuromf.meanflow.loss import _central_difference_fp32
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 6)).train()
+
+    def fn(z, r, t):
+        return net(z * t[:, None])
+
+    z, v = torch.randn(2, 6), torch.randn(2, 6)
+    r, t = torch.zeros(2), torch.tensor([0.5, 0.8])
+    fd = _central_difference_fp32(fn, (z, r, t), (v, torch.zeros(2), torch.ones(2)))
+    assert float(fd.abs().max()) < 100  # two different masks would give ~|u| / 2h ~ 1e3 and more
+
+
 def test_zero_interval_embedding_reproduces_plain_unet():
     model = MeanFlowUNet(4, preset="tiny")
     p = UNET_PRESETS["tiny"]
@@ -231,7 +291,7 @@ def test_every_loss_setting_of_the_config_reaches_the_loss():
     assert MeanFlowLoss.from_config(LossConfig(), 4, 1) == base  # compared by value, not identity
     changed = {"kind": "flow_matching", "p_img": 1.5, "p_mask": 1.0, "lambda_img": 0.5, "lambda_mask": 0.25,
                "adaptive_power": 0.5, "adaptive_c": 0.01, "time_mean": 0.3, "time_std": 0.7, "ratio_r_neq_t": 0.5,
-               "cheap_jvp": False, "lesion_weight": 7.0, "adaptive_mask": False}
+               "cheap_jvp": False, "jvp": "finite_difference", "lesion_weight": 7.0, "adaptive_mask": False}
     names = {f.name for f in dataclasses.fields(LossConfig)} - {"lesion_dilate"}
     assert set(changed) == names
     for key, value in changed.items():

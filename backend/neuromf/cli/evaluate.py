@@ -144,7 +144,7 @@ def _add_generated_flags(p: argparse.ArgumentParser, out: Path) -> None:
 
 
 def cmd_calibrate_guidance(args) -> int:
-    """`neuromf calibrate-guidance`: the joint guidance whose masks match the training lesions' median volume."""
+    """`neuromf calibrate-guidance`: the joint guidance whose masks match the real lesions' median volume."""
     from neuromf.models.adapter_meta import EMBEDDED_NAMES
     from neuromf.pipelines.joint import calibrate_joint_guidance
     from neuromf.utils import atomic_write_json
@@ -161,14 +161,18 @@ def cmd_calibrate_guidance(args) -> int:
         from neuromf.utils import ensure_writable
 
         ensure_writable(Path(args.out), file=True)
-    result = calibrate_joint_guidance(args.adapter, tuple(args.scales), args.n, args.steps, args.seed, args.device,
-                                      args.sampler, args.data)
-    print(f"training lesions: median {result['target_cm3']:.2f} cm^3")
+    result = calibrate_joint_guidance(args.adapter, tuple(args.scales), args.n, args.steps, tuple(args.seeds),
+                                      args.device, args.sampler, args.data, args.reference)
+    drawn = args.n * len(args.seeds)
+    print(f"{'real' if args.reference == 'real' else 'training'} lesions: median {result['target_cm3']:.2f} cm^3")
     for row in result["rows"]:
-        print(f"  guidance {row['guidance']:g}: median {row['median_cm3']:.2f} cm^3, {row['empty']}/{args.n} empty")
+        ks = "" if row["ks_pvalue"] is None else f", KS p {row['ks_pvalue']:.2f}"
+        print(f"  guidance {row['guidance']:g}: median {row['median_cm3']:.2f} cm^3, {row['empty']}/{drawn} empty{ks}")
     print(f"chosen: {result['chosen']:g} (generate --joint-guidance {result['chosen']:g})")
+    if result["interpolated"] is not None:
+        print(f"between the grid's scales (log-linear): {result['interpolated']:g}")
     if result["outside_range"]:
-        print(f"warning: the training lesions' median lies beyond the scales tried ({min(args.scales):g}-"
+        print(f"warning: the reference lesions' median lies beyond the scales tried ({min(args.scales):g}-"
               f"{max(args.scales):g}): the chosen one is only the nearest end; try scales further "
               f"{'down' if result['chosen'] == min(args.scales) else 'up'}")
     if args.store:
@@ -234,15 +238,19 @@ def register(add: AddCommand) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
 
     p = add("calibrate-guidance", cmd_calibrate_guidance,
-            "joint x-prediction adapters: the joint guidance whose masks match the training lesions in median volume")
+            "joint x-prediction adapters: the joint guidance whose masks match the real lesions in median volume")
     p.add_argument("--adapter", default="embedded", help="a joint adapter folder, 'embedded' or 'embedded-fine'")
     p.add_argument("--scales", type=SCALE, nargs="+", default=list(CALIBRATION_SCALES),
                    help="guidance scales to try (the volume rises steeply with the scale: keep them close; below 1 "
                         "for a training whose masks come out too large)")
-    p.add_argument("--n", type=COUNT, default=8, help="masks drawn per scale")
+    p.add_argument("--n", type=COUNT, default=8, help="masks drawn per scale and seed")
     p.add_argument("--steps", type=STEPS, default=32)
     p.add_argument("--sampler", default="euler", choices=SAMPLERS)
-    p.add_argument("--seed", type=SEED, default=1000, help="apart from the usual evaluation seeds")
+    p.add_argument("--seeds", "--seed", type=SEED, nargs="+", default=[1000, 1001],
+                   help="pooled (one seed's median of 8 masks is noisy); apart from the usual evaluation seeds")
+    p.add_argument("--reference", default="real", choices=["real", "train"],
+                   help="the lesions whose median volume is the target: all real ones (what evaluate compares with) "
+                        "or only the adapter's training lesions")
     p.add_argument("--data", default=None, help="the FCD data the adapter was trained on (default: its sidecar's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="also write the table as JSON here")

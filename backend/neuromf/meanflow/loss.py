@@ -80,23 +80,53 @@ def _jvp_fp32(fn: VelocityFn, primals: tuple[torch.Tensor, ...],
         return torch.func.jvp(fn, primals, tangents)[1]
 
 
+# du/dt by a central difference: the step along (v, 0, 1). The time embedding's fastest feature is sin(1000 t), whose
+# truncation error (1000 h)^2 / 6 is 1.7e-3 relative at 1e-4; a smaller step lets fp32 rounding of the network's
+# output (~1e-7 of |u|, divided by 2 h) take over. tests/backend/test_meanflow.py and docs/one_step.md give the
+# measured error against the exact JVP over the steps tried.
+FD_STEP = 1e-4
+JVP_METHODS = ("exact", "finite_difference")
+
+
+def _central_difference_fp32(fn: VelocityFn, primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...],
+                             step: float = FD_STEP) -> torch.Tensor:
+    """du/dt ~ (u(p + h d) - u(p - h d)) / 2h in fp32 without grad: two plain forwards instead of forward-mode AD
+    (which costs ~3 forwards on CPU). Both forwards start from the same RNG state, so a stochastic layer (dropout)
+    draws the same mask at both points, as the exact JVP differentiates one draw."""
+    device_type = primals[0].device.type
+    devices = [primals[0].device] if device_type == "cuda" else []
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        primals = tuple(p.float() for p in primals)
+        tangents = tuple(t.float() for t in tangents)
+        ends = []
+        for sign in (1.0, -1.0):
+            with torch.random.fork_rng(devices=devices, device_type=device_type):
+                ends.append(fn(*(p + sign * step * d for p, d in zip(primals, tangents))).float())
+        return (ends[0] - ends[1]) / (2 * step)
+
+
 def meanflow_target(model: VelocityFn, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
-                    cheap: bool = True, cond: torch.Tensor | None = None) -> MeanFlowPrediction:
+                    cheap: bool = True, cond: torch.Tensor | None = None,
+                    jvp: str = "exact") -> MeanFlowPrediction:
     """u and its target u_tgt = v - (t - r) du/dt, du/dt = JVP of u over (z, r, t) along (v, 0, 1).
 
     `cheap=True`: a normal forward with grad for u plus a JVP under no_grad for du/dt (no forward-mode
     graph kept for the backward pass), only over the samples with r != t. `cheap=False`: one `torch.func.jvp`
     whose primal output carries the gradient. Both give the same parameter gradients because the target is
-    stop-gradient.
+    stop-gradient. `jvp="finite_difference"` (with `cheap=True`) replaces the JVP by a central difference along
+    (v, 0, 1): two no-grad forwards of the moving samples (`FD_STEP`) instead of forward-mode AD (docs/one_step.md).
 
     Args:
         model: u(z, r, t) -> (B, C, h, w, d).
         z, v: (B, C, h, w, d) path point and velocity (`interpolate`).
         r, t: (B,) interval ends, r <= t.
         cond: optional (B, ...) conditioning passed to the model as `cond=`, subset with the samples.
+        jvp: "exact" (forward-mode AD) or "finite_difference".
     Returns:
         MeanFlowPrediction(u, target), both (B, C, h, w, d); the target is detached.
     """
+    if jvp not in JVP_METHODS:
+        raise ValueError(f"jvp must be one of {JVP_METHODS}, got {jvp!r}")
     plain = plain_module(model)
     if cheap:
         u = _bind(model, cond)(z, r, t)  # the one forward with grad (through DDP / autocast when active)
@@ -107,9 +137,12 @@ def meanflow_target(model: VelocityFn, z: torch.Tensor, r: torch.Tensor, t: torc
         if moving.any():
             sub = (z[moving], r[moving], t[moving])
             fn = _bind(plain, None if cond is None else cond[moving])
-            dudt = _jvp_fp32(fn, sub, (v[moving], torch.zeros_like(sub[1]), torch.ones_like(sub[2])))
+            derivative = _jvp_fp32 if jvp == "exact" else _central_difference_fp32
+            dudt = derivative(fn, sub, (v[moving], torch.zeros_like(sub[1]), torch.ones_like(sub[2])))
             u_tgt[moving] = v[moving] - _expand(sub[2] - sub[1], dudt) * dudt
         return MeanFlowPrediction(u, u_tgt.detach())
+    if jvp != "exact":
+        raise ValueError("loss.jvp: finite_difference needs loss.cheap_jvp: true (the difference runs without grad)")
     if plain is not model:
         raise ValueError("loss.cheap_jvp: false differentiates through the model's forward with grad, which DDP and "
                          "torch.compile do not support: set loss.cheap_jvp: true for multi-GPU or compiled runs")
@@ -189,6 +222,7 @@ class MeanFlowLoss:
     adaptive_mask: bool = True  # False: the groups after the first (mask channels) enter without the adaptive weight
     flow_matching: bool = False
     cheap_jvp: bool = True
+    jvp: str = "exact"  # du/dt: "exact" (forward-mode AD) or "finite_difference" (two no-grad forwards)
     group_names: Sequence[str] = ("img", "mask")
 
     lesion_weight: float = 0.0
@@ -208,7 +242,8 @@ class MeanFlowLoss:
                                             loss.lambda_mask),
             time_sampler=TimeSampler(loss.time_mean, loss.time_std, loss.ratio_r_neq_t),
             adaptive_power=loss.adaptive_power, adaptive_c=loss.adaptive_c, adaptive_mask=loss.adaptive_mask,
-            flow_matching=loss.kind == "flow_matching", cheap_jvp=loss.cheap_jvp, lesion_weight=loss.lesion_weight,
+            flow_matching=loss.kind == "flow_matching", cheap_jvp=loss.cheap_jvp, jvp=loss.jvp,
+            lesion_weight=loss.lesion_weight,
         )
 
     def __call__(self, model: VelocityFn, x: torch.Tensor, generator: torch.Generator | None = None,
@@ -234,7 +269,7 @@ class MeanFlowLoss:
         if self.flow_matching:
             u, target = _bind(model, cond)(z, t, t), v
         else:
-            u, target = meanflow_target(model, z, r, t, v, cheap=self.cheap_jvp, cond=cond)
+            u, target = meanflow_target(model, z, r, t, v, cheap=self.cheap_jvp, cond=cond, jvp=self.jvp)
         delta = u.float() - target.float()
         groups = self.distance.per_group(delta)
         per_sample = torch.stack(groups).sum(dim=0)

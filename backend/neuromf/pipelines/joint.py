@@ -196,43 +196,55 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
 
 
 def calibrate_joint_guidance(adapter: str | Path = "embedded", scales: tuple[float, ...] = CALIBRATION_SCALES,
-                             n: int = 8, steps: int = 32, seed: int = 1000, device: str = "auto",
-                             method: str = "euler", data: str | Path | None = None) -> dict[str, Any]:
-    """The joint guidance whose masks match the training lesions in size.
+                             n: int = 8, steps: int = 32, seeds: int | tuple[int, ...] = (1000, 1001),
+                             device: str = "auto", method: str = "euler", data: str | Path | None = None,
+                             reference: str = "real") -> dict[str, Any]:
+    """The joint guidance whose masks match the real lesions in size.
 
     Two trainings of one recipe can commit to a lesion with different strength (one drew lesions of real size, the
     other mostly empty masks and specks), and joint guidance (`neuromf.models.joint.empty_path_guidance`) sets that
-    strength. For each scale, `n` masks are sampled (masks only, no FLAIR) and their median volume, empty masks
-    counting 0 cm^3, is compared with the median volume of the adapter's training lesions; the scale with the
-    nearest median on a log scale is chosen (volumes are judged by ratios: the criteria allow 0.5x the smallest to
-    2x the largest real lesion; a median of 0, mostly empty masks, is never chosen while another is not). The
+    strength. For each scale, `n` masks per seed are sampled (masks only, no FLAIR) and the median volume of all of
+    them, empty masks counting 0 cm^3, is compared with the median volume of the reference lesions; the scale with
+    the nearest median on a log scale is chosen (volumes are judged by ratios: the criteria allow 0.5x the smallest
+    to 2x the largest real lesion; a median of 0, mostly empty masks, is never chosen while another is not). The
     volume rises steeply with the scale (0.8 -> 8.6 cm^3 from 1.0 to 1.1 for one training): keep the grid fine.
-    A training can also over-commit (48 cm^3 at 1 for one trained on a GPU): the default grid goes below 1, and
-    `outside_range` says when the target lies beyond the scales tried (extend them). The default seed keeps these
-    draws apart from the usual evaluation seeds.
+    The median of 8 masks of one seed is noisy (one training: 4.0 cm^3 on the calibration seed, 4.8 and 7.4 on
+    fresh ones at the same scale): pool seeds. A training can also over-commit (48 cm^3 at 1 for one trained on a
+    GPU): the default grid goes below 1, and `outside_range` says when the target lies beyond the scales tried
+    (extend them). The default seeds keep these draws apart from the usual evaluation seeds.
 
     Args:
         adapter: a joint x-prediction adapter folder or "embedded" / "embedded-fine".
         scales: the guidance scales tried.
-        n, steps, seed, device, method: as for `generate_pairs`.
+        n, steps, device, method: as for `generate_pairs`; `n` masks per seed.
+        seeds: one seed or several, pooled.
         data: the FCD data the adapter was trained on; None = its sidecar's `data_dir`.
+        reference: "real": every real lesion of `data` (what `evaluate` compares with); "train": only the
+            adapter's training lesions.
     Returns:
-        {"adapter", "target_cm3": median training lesion volume, "rows": [{"guidance", "median_cm3", "empty"}],
+        {"adapter", "target_cm3": median reference lesion volume, "rows": [{"guidance", "median_cm3", "empty",
+        "seed_medians_cm3", "ks_statistic", "ks_pvalue" (non-empty masks vs the reference lesions), "volumes_cm3"}],
         "chosen": the scale to pass as `--joint-guidance` (or store as the sidecar's `guidance`), "outside_range":
         whether even the end of the grid nearest the target stays on the far side of it}.
     Raises:
-        ValueError: no scales, or guidance other than 1 for an adapter without x-prediction.
+        ValueError: no scales or seeds, an unknown reference, or guidance other than 1 for an adapter without
+        x-prediction.
     """
+    from scipy.stats import ks_2samp
+
     from neuromf.data.embedded import resolve_data_dir
     from neuromf.eval.metrics import load_real_cases, voxel_volume_cm3
 
-    if not scales:
-        raise ValueError("calibrate_joint_guidance: give at least one guidance scale")
+    seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
+    if not scales or not seeds:
+        raise ValueError("calibrate_joint_guidance: give at least one guidance scale and one seed")
+    if reference not in ("real", "train"):
+        raise ValueError(f"calibrate_joint_guidance: reference must be 'real' or 'train', got {reference!r}")
     dev = resolve_device(device)
     joint = load_joint_model(adapter, dev)
     prep = joint.meta.prep
     real, _ = load_real_cases(resolve_data_dir(data or joint.meta.data_dir), prep)
-    trained = set(joint.meta.train_cases)
+    trained = set(joint.meta.train_cases) if reference == "train" else set()
     volumes = [float(r["mask"].sum()) * r["voxel_cm3"] for r in real if r["id"] in trained or not trained]
     if not volumes:
         raise ValueError(f"{adapter}: none of the adapter's training cases were found in {data or joint.meta.data_dir}")
@@ -240,15 +252,34 @@ def calibrate_joint_guidance(adapter: str | Path = "embedded", scales: tuple[flo
     voxel_cm3 = voxel_volume_cm3(model_grid_affine(prep.shape, prep.spacing))
     rows = []
     for scale in scales:
-        drawn = []
-        for _, z, _ in joint.sample(n, steps, seed, dev, method, scale):
-            drawn += [float(m.sum()) * voxel_cm3 for m in joint.mask(z.to(dev))]
+        per_seed = []
+        for seed in seeds:
+            per_seed.append([float(m.sum()) * voxel_cm3 for _, z, _ in joint.sample(n, steps, seed, dev, method, scale)
+                             for m in joint.mask(z.to(dev))])
+        drawn = [v for vols in per_seed for v in vols]
+        nonempty = [v for v in drawn if v > 0]
+        ks = ks_2samp(nonempty, volumes) if nonempty else None
         rows.append({"guidance": float(scale), "median_cm3": float(np.median(drawn)),
-                     "empty": sum(v == 0 for v in drawn)})
+                     "empty": sum(v == 0 for v in drawn), "seed_medians_cm3": [float(np.median(v)) for v in per_seed],
+                     "ks_statistic": None if ks is None else float(ks.statistic),
+                     "ks_pvalue": None if ks is None else float(ks.pvalue), "volumes_cm3": drawn})
     chosen = min(rows, key=lambda row: log_ratio_gap(row["median_cm3"], target))["guidance"]
-    return {"adapter": str(resolve_adapter_dir(adapter, "joint")), "n": n, "steps": steps, "seed": seed,
-            "sampler": method, "target_cm3": target, "rows": rows, "chosen": chosen,
-            "outside_range": target_outside_scales(rows, target)}
+    return {"adapter": str(resolve_adapter_dir(adapter, "joint")), "n": n, "steps": steps, "seeds": list(seeds),
+            "sampler": method, "reference": reference, "target_cm3": target, "rows": rows, "chosen": chosen,
+            "interpolated": interpolate_scale(rows, target), "outside_range": target_outside_scales(rows, target)}
+
+
+def interpolate_scale(rows: list[dict[str, Any]], target: float) -> float | None:
+    """The scale between two neighbouring grid scales whose median volumes bracket `target`, interpolated linearly
+    in log volume (the volume grows about exponentially with the scale); None when no neighbours bracket it or a
+    median is 0."""
+    ordered = sorted(rows, key=lambda row: row["guidance"])
+    for low, high in zip(ordered, ordered[1:]):
+        a, b = low["median_cm3"], high["median_cm3"]
+        if a > 0 and b > a and a <= target <= b:
+            share = math.log(target / a) / math.log(b / a)
+            return round(low["guidance"] + share * (high["guidance"] - low["guidance"]), 3)
+    return None
 
 
 def target_outside_scales(rows: list[dict[str, Any]], target: float) -> bool:
