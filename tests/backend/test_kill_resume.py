@@ -106,8 +106,11 @@ def sigkill(proc: subprocess.Popen) -> None:
 
 
 def leftovers(out: Path) -> list[str]:
-    """Temp files, staging folders and lock files a run folder must not keep once a run has ended."""
-    return sorted(str(p.relative_to(out)) for p in out.rglob(".*"))
+    """Temp files, staging folders and lock files a run folder must not keep once a run has ended (its ownership
+    manifest, `neuromf.io.owned.MANIFEST`, is meant to stay)."""
+    from neuromf.io.owned import MANIFEST
+
+    return sorted(str(p.relative_to(out)) for p in out.rglob(".*") if p.relative_to(out) != Path(MANIFEST))
 
 
 def assert_same_tensors(a: Path, b: Path, prefix: str = "") -> None:
