@@ -11,6 +11,7 @@ resumable checkpoint are loaded on top of `--old` (to follow a run while it trai
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def verdicts(report: dict) -> dict[str, bool]:
     return {k: (values[k] >= t if op == ">=" else values[k] <= t) for k, (op, t) in TARGETS.items()}
 
 
-def picture(originals: torch.Tensor, decodes: dict[str, torch.Tensor], path: Path, cases: tuple[int, ...]) -> None:
+def picture(originals: torch.Tensor, decodes: dict[str, torch.Tensor], path: Path, case_ids: list[str]) -> None:
     """Axial mid-slices of a few cases (rows): original | each decode, with a 2x zoom of the cortex below each."""
     import matplotlib
 
@@ -64,15 +65,16 @@ def picture(originals: torch.Tensor, decodes: dict[str, torch.Tensor], path: Pat
     import matplotlib.pyplot as plt
 
     columns = {"original": originals, **decodes}
-    fig, axes = plt.subplots(2 * len(cases), len(columns), figsize=(3.2 * len(columns), 6.4 * len(cases)), dpi=110)
-    for row, case in enumerate(cases):
+    fig, axes = plt.subplots(2 * len(case_ids), len(columns), figsize=(3.2 * len(columns), 6.4 * len(case_ids)),
+                             dpi=110)
+    for row, case in enumerate(case_ids):
         z = originals.shape[-1] // 2
         for col, (name, volumes) in enumerate(columns.items()):
-            image = volumes[case, 0, :, :, z].numpy().T
+            image = volumes[row, 0, :, :, z].numpy().T
             full, zoom = axes[2 * row, col], axes[2 * row + 1, col]
             full.imshow(image, cmap="gray", origin="lower", vmin=0, vmax=1)
             full.add_patch(plt.Rectangle((24, 56), 32, 32, fill=False, color="yellow", linewidth=0.8))
-            full.set_title(f"{name} (case {case}, z={z})", fontsize=9)
+            full.set_title(f"{name} ({case}, z={z})", fontsize=9)
             zoom.imshow(image[56:88, 24:56], cmap="gray", origin="lower", vmin=0, vmax=1, interpolation="nearest")
             zoom.set_title(f"{name}: zoom", fontsize=9)
             full.set_axis_off()
@@ -86,7 +88,9 @@ def picture(originals: torch.Tensor, decodes: dict[str, torch.Tensor], path: Pat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", default="embedded-fine", help="the VAE to compare against (default: shipped)")
-    parser.add_argument("--new", required=True, help="a saved VAE folder, or a training run folder (checkpoint EMA)")
+    parser.add_argument("--new", help="a saved VAE folder, or a training run folder (checkpoint EMA)")
+    parser.add_argument("--only", choices=["old", "new"], help="measure one side and merge it into an existing --out "
+                        "(the two sides can then run at different times on a busy machine)")
     parser.add_argument("--config", default="vae_fine_sharp", help="whose data section gives the held-out scans")
     parser.add_argument("--cases", type=int, default=None, help="only the first N held-out cases (quick checks)")
     parser.add_argument("--cnn-steps", type=int, default=300)
@@ -101,8 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     originals, case_ids = originals[:args.cases], case_ids[:args.cases]
     result = {"held_out_cases": case_ids, "grid": {"shape": cfg.data.shape, "spacing": cfg.data.spacing},
               "targets": {k: f"{op} {t}" for k, (op, t) in TARGETS.items()}, "seed": args.seed}
+    if args.only and args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        if previous.get("held_out_cases") != case_ids or previous.get("seed") != args.seed:
+            raise SystemExit(f"{args.out}: measured on other cases or another seed; not merging")
+        result = {**previous, **result}
     decodes = {}
     for label, spec in (("old", args.old), ("new", args.new)):
+        if (args.only and label != args.only) or spec is None:
+            continue
         decodes[label] = round_trip(load_vae(spec, args.old), originals)
         report = realism_report(originals, decodes[label], seed=args.seed, cnn_steps=args.cnn_steps)
         result[label] = {"vae": spec, **report, "meets": verdicts(report)}
@@ -111,16 +122,20 @@ def main(argv: list[str] | None = None) -> int:
               f"features bal. acc. {report['feature_two_sample']['balanced_accuracy']:.3f}", flush=True)
     # what the judges give when both sides are real: two disjoint halves of the originals
     half = len(originals) // 2
-    if half >= 2:
+    if half >= 2 and args.only != "new":
         result["real_vs_real"] = {"cnn_two_sample": cnn_two_sample_test(
             originals[:half], originals[half:2 * half], seed=args.seed, steps=args.cnn_steps)}
-    result["wall_s"] = round(time.perf_counter() - started, 1)
+    result[f"wall_s_{args.only or 'both'}"] = round(time.perf_counter() - started, 1)
     result["versions"] = {"torch": torch.__version__, "numpy": np.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
-    print(f"wrote {args.out} ({result['wall_s']} s)")
-    if args.picture:
-        picture(originals, {f"{k} decode": v for k, v in decodes.items()}, args.picture, cases=(0, len(originals) - 1))
+    print(f"wrote {args.out} ({time.perf_counter() - started:.0f} s)")
+    if args.picture and args.new:
+        shown = (0, len(originals) - 1)
+        columns = {f"{label} decode": (decodes[label][list(shown)] if label in decodes else
+                                       round_trip(load_vae(spec, args.old), originals[list(shown)]))
+                   for label, spec in (("old", args.old), ("new", args.new))}
+        picture(originals[list(shown)], columns, args.picture, case_ids=[case_ids[i] for i in shown])
         print(f"wrote {args.picture}")
     return 0
 
