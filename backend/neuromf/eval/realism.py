@@ -143,6 +143,7 @@ class PatchJudge(nn.Module):
         self.head = nn.Linear(c_in, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) logits of (B, 1, s, s, s) patches: > 0 means `other`, < 0 means real."""
         return self.head(self.features(x).mean(dim=(2, 3, 4)))[:, 0]
 
 

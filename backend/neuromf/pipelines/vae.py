@@ -78,6 +78,8 @@ class AutoencoderWithDiscriminator(nn.Module):
         self.autoencoder, self.discriminator = autoencoder, discriminator
 
     def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        """The reconstruction, the posterior, and the discriminator's outputs (lists of features, logits last) on
+        it for the decoder's loss, on it detached for the discriminator's, and on the real patches."""
         recon, z_mu, z_sigma = self.autoencoder(x)
         frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
         return {"recon": recon, "z_mu": z_mu, "z_sigma": z_sigma,
