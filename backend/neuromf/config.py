@@ -180,11 +180,19 @@ class ConditionalConfig(_Section):
 
 @dataclass
 class VAETrainingConfig(_Section):
-    """`vae_training:` training a small VAE from scratch (`neuromf train-vae`)."""
+    """`vae_training:` training a small VAE (`neuromf train-vae`), from scratch or from `model.init_from`."""
     section = "vae_training"
     patch_size: int = bounded(32, 8, 1024)
     kl_weight: float = bounded(1.0e-6, 0)
     ssim_weight: float = bounded(0.0, 0)
+    # sharpening a trained VAE (`model.init_from`): train the decoder only, so its latent space (and every latent
+    # model trained on it) stays valid, against a patch discriminator as MAISI / latent-diffusion autoencoders do
+    decoder_only: bool = False
+    adversarial_weight: float = bounded(0.0, 0)  # > 0 adds MONAI's PatchDiscriminator + PatchAdversarialLoss
+    adversarial_criterion: Literal["least_squares", "hinge"] = "least_squares"
+    feature_matching_weight: float = bounded(0.0, 0)  # L1 between the discriminator's features of real and decoded
+    discriminator_channels: int = bounded(32, 1)
+    discriminator_layers: int = bounded(3, 1)
 
 
 @dataclass

@@ -84,6 +84,10 @@ RANGE_RULES = [  # (section, key, a value outside the range, the message's range
     ("vae_training", "patch_size", 4, ">= 8 and <= 1024", 8),
     ("vae_training", "kl_weight", -1e-6, ">= 0", 0.0),
     ("vae_training", "ssim_weight", -0.5, ">= 0", 0.0),
+    ("vae_training", "adversarial_weight", -0.1, ">= 0", 0.0),
+    ("vae_training", "feature_matching_weight", -1.0, ">= 0", 0.0),
+    ("vae_training", "discriminator_channels", 0, ">= 1", 1),
+    ("vae_training", "discriminator_layers", 0, ">= 1", 1),
 ]
 
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections.abc import Generator
 from pathlib import Path
 from threading import Event
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss
+from monai.networks.nets import PatchDiscriminator
 from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from neuromf.config import RunConfig
@@ -43,6 +47,11 @@ class VAELoss:
                  generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         x = random_patches(volumes, self.patch_size, generator) if self.patch_size else volumes
         recon, z_mu, z_sigma = autoencoder(x)
+        return self.reconstruction_loss(x, recon, z_mu, z_sigma)
+
+    def reconstruction_loss(self, x: torch.Tensor, recon: torch.Tensor, z_mu: torch.Tensor,
+                            z_sigma: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted L1 + KL (+ SSIM) loss of one reconstruction and its unweighted parts."""
         l1 = F.l1_loss(recon, x)
         kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-8) - 1).flatten(1).sum(1).mean()
         loss = l1 + self.kl_weight * kl
@@ -52,6 +61,74 @@ class VAELoss:
             loss = loss + self.ssim_weight * ssim
             parts["raw_ssim_loss"] = float(ssim.detach())
         return loss, parts
+
+
+class AutoencoderWithDiscriminator(nn.Module):
+    """The autoencoder and a patch discriminator as one module, so the one training loop trains, averages and
+    checkpoints (resumes) both.
+
+    One forward gives what both players' losses need, with the gradients kept apart: the decoder's adversarial
+    term sees the discriminator through detached weights (it cannot move them), the discriminator's term sees
+    detached reconstructions (it cannot move the decoder). One backward of the sum then equals the usual
+    alternating updates of a GAN step computed on the same batch.
+    """
+
+    def __init__(self, autoencoder: nn.Module, discriminator: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder, self.discriminator = autoencoder, discriminator
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        """The reconstruction, the posterior, and the discriminator's outputs (lists of features, logits last) on
+        it for the decoder's loss, on it detached for the discriminator's, and on the real patches."""
+        recon, z_mu, z_sigma = self.autoencoder(x)
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        return {"recon": recon, "z_mu": z_mu, "z_sigma": z_sigma,
+                "fake_for_decoder": functional_call(self.discriminator, frozen, (recon,)),
+                "fake_for_discriminator": self.discriminator(recon.detach()),
+                "real": self.discriminator(x)}
+
+
+def build_discriminator(channels: int, layers: int) -> PatchDiscriminator:
+    """MONAI's PatchDiscriminator (as in MAISI / the MONAI generative tutorials) with instance norm: batches of
+    four patches are too small for batch norm, and instance norm keeps no running statistics outside the weights."""
+    return PatchDiscriminator(spatial_dims=3, channels=channels, in_channels=1, out_channels=1,
+                              num_layers_d=layers, norm="INSTANCE")
+
+
+class AdversarialVAELoss(VAELoss):
+    """`VAELoss` + adversarial_weight * the decoder's patch-adversarial loss (+ feature matching: L1 between the
+    discriminator's inner features of real and decoded patches), plus the discriminator's own loss."""
+
+    def __init__(self, patch_size: int, kl_weight: float, ssim_weight: float, adversarial_weight: float,
+                 criterion: str = "least_squares", feature_matching_weight: float = 0.0) -> None:
+        super().__init__(patch_size, kl_weight, ssim_weight)
+        self.adversarial_weight, self.feature_matching_weight = adversarial_weight, feature_matching_weight
+        # plain least squares: MONAI's default leaky-ReLU output (slope 0.05) let our discriminator sink below 0 for
+        # real and decoded patches alike and stay there (measured: its loss stuck at 0.66, worse than chance's 0.25)
+        self.adversarial = PatchAdversarialLoss(criterion=criterion, no_activation_leastsq=True)
+
+    def __call__(self, model: nn.Module, volumes: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        x = random_patches(volumes, self.patch_size, generator) if self.patch_size else volumes
+        out = model(x)
+        loss, parts = self.reconstruction_loss(x, out["recon"], out["z_mu"], out["z_sigma"])
+        fooling = self.adversarial(out["fake_for_decoder"][-1], target_is_real=True, for_discriminator=False)
+        discriminator = 0.5 * (
+            self.adversarial(out["fake_for_discriminator"][-1], target_is_real=False, for_discriminator=True)
+            + self.adversarial(out["real"][-1], target_is_real=True, for_discriminator=True))
+        matching = torch.stack([F.l1_loss(fake, real.detach()) for fake, real in
+                                zip(out["fake_for_decoder"][:-1], out["real"][:-1])]).mean()
+        loss = loss + self.adversarial_weight * fooling + self.feature_matching_weight * matching + discriminator
+        parts.update({"raw_adversarial": float(fooling.detach()), "raw_feature_matching": float(matching.detach()),
+                      "raw_discriminator": float(discriminator.detach())})
+        return loss, parts
+
+
+def freeze_encoder(autoencoder: nn.Module) -> None:
+    """Only the decoder side (post_quant_conv + decoder) trains: the encoder and its posterior convolutions keep
+    their weights bit for bit, so the latents of every scan, and the models trained on them, stay valid."""
+    for name, p in autoencoder.named_parameters():
+        p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
 
 
 def load_volumes(cfg: RunConfig, split: str | None, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
@@ -78,18 +155,30 @@ def train_vae(cfg: RunConfig, preset: str = "small", resume: bool = False, overw
     wrapper.set_num_splits_for(train_len, requested=1)
     prep = preprocessing_of(cfg)
     vt = cfg.vae_training
+    if vt.decoder_only and not cfg.model.init_from:
+        raise ValueError("vae_training.decoder_only needs a trained VAE to start from: set model.init_from")
+    if vt.decoder_only:
+        freeze_encoder(wrapper.autoencoder)
+    model: nn.Module = wrapper.autoencoder
+    loss_fn: VAELoss = VAELoss(vt.patch_size, vt.kl_weight, vt.ssim_weight)
+    if vt.adversarial_weight or vt.feature_matching_weight:
+        model = AutoencoderWithDiscriminator(wrapper.autoencoder,
+                                             build_discriminator(vt.discriminator_channels, vt.discriminator_layers))
+        loss_fn = AdversarialVAELoss(vt.patch_size, vt.kl_weight, vt.ssim_weight, vt.adversarial_weight,
+                                     vt.adversarial_criterion, vt.feature_matching_weight)
 
-    def export(autoencoder: nn.Module, directory: Path) -> Path:
-        autoencoder.eval()
-        wrapper.fit_scale_factor(list(volumes))
+    def export(trained: nn.Module, directory: Path) -> Path:
+        trained.eval()
+        if not vt.decoder_only:  # a frozen encoder gives the same latents: its scale factor stays as it was
+            wrapper.fit_scale_factor(list(volumes))
         quality = reconstruction_metrics(wrapper, held_out) if len(held_out) else {}
-        autoencoder.train()
+        trained.train()
         wrapper.set_num_splits_for(train_len, requested=1)
         wrapper.save(directory, extra={"preprocessing": prep.key(), "train_cases": train_ids,
                                        "test_cases": test_ids, "held_out_quality": quality,
-                                       "init_from": cfg.model.init_from})
+                                       "init_from": cfg.model.init_from, "decoder_only": vt.decoder_only})
         return directory / "model.safetensors"
 
-    task = TrainTask(model=wrapper.autoencoder, loss_fn=VAELoss(vt.patch_size, vt.kl_weight, vt.ssim_weight),
-                     meta={"preset": preset, "preprocessing": prep.key(), "kind": "vae"}, export=export)
+    task = TrainTask(model=model, loss_fn=loss_fn, export=export,
+                     meta={"preset": preset, "preprocessing": prep.key(), "kind": "vae"})
     return (yield from train(task, volumes, cfg.training, out_dir, stop=stop, resume=resume))
