@@ -292,12 +292,15 @@ def test_a_run_that_aborts_on_non_finite_losses_leaves_no_trap(tmp_path, phantom
     from neuromf.pipelines.stage1 import train_base
     from neuromf.train.loop import NonFiniteLossError
 
-    def cfg(out: Path, **training):
+    def cfg(out: Path, lr: float | None = None, **training):
         values = {"training.warmup_steps": 0, "training.max_bad_steps": 2, "training.max_steps": 4,
                   "training.checkpoint_every": 0, "training.output_dir": str(out),
                   **{f"training.{k}": v for k, v in training.items()}}
         config = write_config(tmp_path / "base.yaml", phantom_dir, tiny_vae_dir, cache, out)
-        return load_config(str(config), {"data.group": "hc", **values})
+        loaded = load_config(str(config), {"data.group": "hc", **values})
+        if lr is not None:  # a learning rate configs refuse (> 10): set past validation to make the loop diverge
+            loaded.training.lr = lr
+        return loaded
 
     # lr 1e30: step 1 is fine, its update blows the weights up, steps 2-3 are non-finite: abort. No checkpoint
     # was saved, so the start is undone and the same command is not refused ("already holds a run")
