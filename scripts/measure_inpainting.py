@@ -3,13 +3,14 @@
     nice -n 10 python scripts/measure_inpainting.py --out runs/inpaint_eval --json docs/inpaint_results.json \
         --montage docs/inpaint_montage.png
 
-For n healthy phantom scans of `--data` (participants.tsv group hc: the held-out test controls first), seeds used in
-turn, a lesion drawn from the adapter's prior is inpainted (`neuromf.pipelines.inpaint.inpaint_lesion`) and written
-on the scan's own grid. Measured: voxels beyond the margin that differ from the input as read back from the written
-files (must be 0); the pairs mapped onto the model grid and judged by `neuromf evaluate`'s lesion-likeness check
-against the real lesions of `--real` (embedded-fine: the 85 real 2 mm phantom lesions); the FLAIR contrast of the
-inpainted lesions vs the real ones (median, two-sample KS test) and of the same regions in the healthy scan before
-inpainting (a control: how much of the contrast the inpainting adds). Resumable: written pairs are kept.
+For n healthy phantom scans of `--data` (participants.tsv group hc: the held-out test controls first), a lesion
+drawn from the adapter's prior is inpainted (`neuromf.pipelines.inpaint.inpaint_lesion`; pair i has seed 1000 s + i,
+s the --seeds in turn, as the prior's lesion draw follows the seed) and written on the scan's own grid. Measured:
+voxels beyond the margin that differ from the input as read back from the written files (must be 0); the pairs
+mapped onto the model grid and judged by `neuromf evaluate`'s lesion-likeness check against the real lesions of
+`--real` (embedded-fine: the 85 real 2 mm phantom lesions); the FLAIR contrast of the inpainted lesions vs the real
+ones (median, two-sample KS test) and of the same regions in the healthy scan before inpainting (a control: how much
+of the contrast the inpainting adds). Resumable: written pairs are kept.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def main() -> None:
     pairs_dir, grid_dir = args.out / "pairs", args.out / "model_grid"
     rows = []
     for i, source in enumerate(healthy_scans(args.data)[:args.n]):
-        stem, seed = f"sample_{i:03d}", args.seeds[i % len(args.seeds)]
+        stem, seed = f"sample_{i:03d}", 1000 * args.seeds[i % len(args.seeds)] + i
         sidecar = pairs_dir / f"{stem}.json"
         if not sidecar.is_file():
             result = inpaint_lesion(source, None, cond, seed=seed, steps=args.steps, margin_mm=args.margin_mm,
