@@ -3,13 +3,14 @@
     nice -n 10 python scripts/measure_inpainting.py --out runs/inpaint_eval --json docs/inpaint_results.json \
         --montage docs/inpaint_montage.png
 
-For n healthy phantom scans of `--data` (participants.tsv group hc: the held-out test controls first), seeds used in
-turn, a lesion drawn from the adapter's prior is inpainted (`neuromf.pipelines.inpaint.inpaint_lesion`) and written
-on the scan's own grid. Measured: voxels beyond the margin that differ from the input as read back from the written
-files (must be 0); the pairs mapped onto the model grid and judged by `neuromf evaluate`'s lesion-likeness check
-against the real lesions of `--real` (embedded-fine: the 85 real 2 mm phantom lesions); the FLAIR contrast of the
-inpainted lesions vs the real ones (median, two-sample KS test) and of the same regions in the healthy scan before
-inpainting (a control: how much of the contrast the inpainting adds). Resumable: written pairs are kept.
+For n healthy phantom scans of `--data` (participants.tsv group hc: the held-out test controls first), a lesion
+drawn from the adapter's prior is inpainted (`neuromf.pipelines.inpaint.inpaint_lesion`; pair i has seed 1000 s + i,
+s the --seeds in turn, as the prior's lesion draw follows the seed) and written on the scan's own grid. Measured:
+voxels beyond the margin that differ from the input as read back from the written files (must be 0); the pairs
+mapped onto the model grid and judged by `neuromf evaluate`'s lesion-likeness check against the real lesions of
+`--real` (embedded-fine: the 85 real 2 mm phantom lesions); the FLAIR contrast of the inpainted lesions vs the real
+ones (median, two-sample KS test) and of the same regions in the healthy scan before inpainting (a control: how much
+of the contrast the inpainting adds). Resumable: written pairs are kept.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--composite", default="residual")
+    parser.add_argument("--guidance", type=float, default=None, help="mask guidance (default: the adapter's own)")
     parser.add_argument("--margin-mm", type=float, default=6.0)
     parser.add_argument("--out", type=Path, default=Path("runs/inpaint_eval"))
     parser.add_argument("--json", type=Path, default=Path("docs/inpaint_results.json"))
@@ -111,11 +113,11 @@ def main() -> None:
     pairs_dir, grid_dir = args.out / "pairs", args.out / "model_grid"
     rows = []
     for i, source in enumerate(healthy_scans(args.data)[:args.n]):
-        stem, seed = f"sample_{i:03d}", args.seeds[i % len(args.seeds)]
+        stem, seed = f"sample_{i:03d}", 1000 * args.seeds[i % len(args.seeds)] + i
         sidecar = pairs_dir / f"{stem}.json"
         if not sidecar.is_file():
             result = inpaint_lesion(source, None, cond, seed=seed, steps=args.steps, margin_mm=args.margin_mm,
-                                    composite=args.composite)
+                                    composite=args.composite, guidance=args.guidance)
             result.info["adapter"] = args.adapter
             write_inpainted(result, pairs_dir, stem)
             print(f"{stem} {source.name} seed {seed}: {result.info['lesion_cm3']:.2f} cm^3, contrast "
@@ -145,6 +147,7 @@ def main() -> None:
     passed = [bool(r["lesion_like"]) for r in rows]
     summary = {
         "n_pairs": len(rows), "seeds": args.seeds, "steps": args.steps, "composite": args.composite,
+        "guidance": cond.meta.guidance_scale(args.guidance),
         "margin_mm": args.margin_mm, "adapter": args.adapter, "scans": str(args.data), "real_lesions": args.real,
         "changed_beyond_margin_total": int(sum(r["changed_beyond_margin"] for r in rows)),
         "largest_change_mm": max(r["largest_change_mm"] for r in rows),
@@ -164,7 +167,7 @@ def main() -> None:
     shown = [(Path(r["source"]), pairs_dir / f"{r['id']}_flair.nii.gz", pairs_dir / f"{r['id']}_mask.nii.gz")
              for r in rows[:4]]
     montage(shown, args.montage, f"lesions inpainted into healthy phantom scans ({args.adapter}, {args.steps} steps, "
-                                 f"margin {args.margin_mm:g} mm)")
+                                 f"guidance {summary['guidance']:g}, margin {args.margin_mm:g} mm)")
     print(json.dumps({k: v for k, v in summary.items() if k != "pairs"}, indent=1))
 
 

@@ -77,6 +77,7 @@ def test_array_input_progress_cancel_and_a_mask_on_another_grid(cond, scans):
     assert calls == [(i, 6) for i in range(1, 7)] and result.info["network_calls"] == 6  # guidance: 2 per step
     assert np.array_equal(result.mask, mask.astype(np.uint8)) and np.array_equal(result.affine, affine)
     assert result.image.shape == image.shape and result.image.dtype == image.dtype
+    assert result.image.min() >= image.min()  # never below the scan's own background
     far = _distance_mm(result.mask, affine) > 12.0
     assert np.array_equal(result.image[far], image[far])
 

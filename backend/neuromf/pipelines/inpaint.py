@@ -354,7 +354,8 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
     if composite == "residual":
         generated -= cond.vae.decode(x)[0, 0].clamp(0, prep.clip_max).cpu().numpy()
 
-    out = _blend(scan, mask_scan, generated, grid_affine, lo, hi, margin_mm, composite)
+    out = _blend(scan, mask_scan, generated, grid_affine, lo, hi, margin_mm, composite,
+                 upper=lo + prep.clip_max * (hi - lo))
     spacing = _spacing(scan.affine)
     normalised = (np.asarray(out, dtype=np.float64) - lo) / (hi - lo)
     contrast = lesion_contrast(normalised, mask_scan)
@@ -371,9 +372,10 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
 
 
 def _blend(scan: Scan, mask_scan: np.ndarray, generated: np.ndarray, grid_affine: np.ndarray, lo: float, hi: float,
-           margin_mm: float, composite: str) -> np.ndarray:
+           margin_mm: float, composite: str, upper: float) -> np.ndarray:
     """The scan with the generated model-grid values (normalised; a change for "residual") blended in within
-    `margin_mm` of the lesion; every other voxel is copied unchanged."""
+    `margin_mm` of the lesion, kept within [the scan's minimum, max(its maximum, `upper`)]; every other voxel is
+    copied unchanged."""
     spacing = _spacing(scan.affine)
     distance = ndimage.distance_transform_edt(mask_scan == 0, sampling=spacing)
     region = np.argwhere(distance <= margin_mm)
@@ -387,6 +389,9 @@ def _blend(scan: Scan, mask_scan: np.ndarray, generated: np.ndarray, grid_affine
         blended = original + weight * values
     else:
         blended = (1 - weight) * original + weight * (values + lo)
+    # within the scan's own range: a negative change on dark tissue went below the background once, which moved
+    # the percentile normalisation of the whole output (its brain mask then covered the whole grid)
+    blended = np.clip(blended, float(scan.data.min()), max(float(scan.data.max()), upper))
     out = scan.data.copy()
     changed = weight > 0
     out[tuple(region[changed].T)] = _cast(blended[changed], scan.data.dtype)
