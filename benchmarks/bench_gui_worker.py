@@ -1,6 +1,6 @@
 """LoRA training steps per second inside the napari worker (viewer open, layers shown) vs headless, same run.
 
-Three ways to drive the same `neuromf.pipelines.lora.train_lora` generator with the same config, interleaved
+Three ways to drive the same `neuromf.pipelines.joint.train_joint` generator with the same config, interleaved
 repeat by repeat:
 
 - headless: `neuromf.train.run_to_end` on the main thread (what the CLI does), no Qt event loop running;
@@ -39,7 +39,7 @@ from neuromf.io.bids import discover_cases  # noqa: E402
 from neuromf.io.nifti import Preprocessing, preprocess_pair  # noqa: E402
 from neuromf.models.flow_model import save_flow_model  # noqa: E402
 from neuromf.models.unet import MeanFlowUNet  # noqa: E402
-from neuromf.pipelines.lora import train_lora  # noqa: E402
+from neuromf.pipelines.joint import train_joint as train_lora  # noqa: E402
 from neuromf.train import run_to_end  # noqa: E402
 from neuromf.vae import DOWNSAMPLE, MAISIVAEWrapper  # noqa: E402
 

@@ -31,7 +31,7 @@ from benchlib import base_parser, environment, finish, pick, ratio, setup_torch,
 
 from neuromf.meanflow import sample  # noqa: E402
 from neuromf.models.joint import load_joint_model  # noqa: E402
-from neuromf.pipelines.lora import load_renderer  # noqa: E402
+from neuromf.pipelines.joint import load_renderer  # noqa: E402
 
 TARGET_SPEEDUP = 30.0
 TARGET_FLOOR = 1.3

@@ -72,7 +72,7 @@ def _run_identity(args, mode: str) -> dict:
     return {"command": "generate", "mode": mode, "checkpoint": where(args.checkpoint), "adapter": where(args.adapter),
             "render": where(args.render), "seed": args.seed, "steps": args.steps, "sampler": args.sampler,
             "guidance": args.guidance, "joint_guidance": args.joint_guidance, "site": args.site,
-            "mask": [where(m) for m in args.mask or []], "image": where(args.image)}
+            "mask": [where(m) for m in args.mask or []], "image": where(args.image), "margin_mm": args.margin_mm}
 
 
 def _generate_conditional(args) -> list[Path]:
@@ -142,18 +142,22 @@ def _generate_inpainted(args) -> int:
         bars["calls"].total, bars["calls"].n = n, i
         bars["calls"].refresh()
 
-    try:
-        for i, mask in enumerate(masks):
-            result = inpaint_lesion(args.image, mask, cond, seed=args.seed + i if mask is None else args.seed,
-                                    steps=args.steps, guidance=args.guidance, margin_mm=margin, on_step=on_step,
-                                    method=args.sampler)
-            result.info.update(adapter=str(adapter), index=i, mask_file=None if mask is None else str(mask))
-            results.append(result)
-            bars["lesions"].update()
-    finally:
-        for bar in bars.values():
-            bar.close()
-    paths = [p for i, r in enumerate(results) for p in write_inpainted(r, Path(args.out), f"sample_{i:03d}")]
+    from neuromf.train.run_dir import output_folder
+
+    with output_folder(Path(args.out), _run_identity(args, "inpaint"), overwrite=args.overwrite) as record:
+        try:
+            for i, mask in enumerate(masks):
+                result = inpaint_lesion(args.image, mask, cond, seed=args.seed + i if mask is None else args.seed,
+                                        steps=args.steps, guidance=args.guidance, margin_mm=margin,
+                                        on_step=on_step, method=args.sampler)
+                result.info.update(adapter=str(adapter), index=i, mask_file=None if mask is None else str(mask))
+                results.append(result)
+                bars["lesions"].update()
+        finally:
+            for bar in bars.values():
+                bar.close()
+        paths = [p for i, r in enumerate(results) for p in write_inpainted(r, Path(args.out), f"sample_{i:03d}")]
+        record(paths)
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
 

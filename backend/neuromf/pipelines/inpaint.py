@@ -155,7 +155,7 @@ def _mask_on_scan(mask: str | Path | np.ndarray, affine: np.ndarray | None, scan
         from neuromf.io.bids import load_mask_array
 
         source = str(mask)
-        _, mask_affine = read_nifti(mask)
+        _, mask_affine = read_nifti(mask, role="mask")
         data = load_mask_array(Path(mask))
     else:
         source = "<mask array>"
