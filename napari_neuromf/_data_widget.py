@@ -107,7 +107,7 @@ class FCDDataWidget(QWidget):
         form = QFormLayout()
         form.addRow("Data folder", self.folder)
         layout = QVBoxLayout(self)
-        layout.addWidget(help_link("napari_user_guide.md", "Help: opening and viewing cases"))
+        layout.addWidget(help_link("user_guide.md", "Help: opening and viewing cases"))
         layout.addLayout(form)
         layout.addWidget(self.scan_button)
         layout.addWidget(self.table, 1)  # the table takes the dock's free height

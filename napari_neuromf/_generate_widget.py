@@ -69,7 +69,7 @@ SAMPLER_TIPS = ("How the image is computed from noise.\n"
                 "euler (default): many small steps (32); what the shipped 2 mm joint adapter needs for a lesion.\n"
                 "meanflow: big jumps; 1 step is the fastest but the 2 mm joint masks then come out empty")
 # the configuration that makes lesion pairs with the shipped models: the 2 mm joint adapter draws the lesion mask,
-# the 2 mm conditional adapter draws the FLAIR for it, 32 Euler steps (see docs/napari_user_guide.md)
+# the 2 mm conditional adapter draws the FLAIR for it, 32 Euler steps (see docs/user_guide.md)
 DEFAULT_ADAPTER = "embedded-fine"
 DEFAULT_RENDER = "embedded-fine"
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_PAIRS = "euler", 32, 1
@@ -203,7 +203,7 @@ class GenerateWidget(QWidget):
         self.advanced_toggle.setArrowType(Qt.RightArrow)
         self.advanced_toggle.toggled.connect(self._toggle_advanced)
         layout = QVBoxLayout(self)
-        layout.addWidget(help_link("napari_user_guide.md", "Help: generating pairs"))
+        layout.addWidget(help_link("user_guide.md", "Help: generating pairs"))
         layout.addLayout(form)
         layout.addWidget(self.advanced_toggle)
         layout.addWidget(self.advanced)

@@ -152,7 +152,7 @@ class LoRAWidget(QWidget):
         for b in (self.start_button, self.stop_button):
             buttons.addWidget(b)
         layout = QVBoxLayout(self)
-        layout.addWidget(help_link("napari_user_guide.md", "Help: fine-tuning an adapter"))
+        layout.addWidget(help_link("user_guide.md", "Help: fine-tuning an adapter"))
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.job)

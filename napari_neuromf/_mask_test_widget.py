@@ -129,7 +129,7 @@ class MaskTestWidget(QWidget):
         form.addRow("Mask threshold", self.threshold)
         form.addRow("Save result to", self.output)
         layout = QVBoxLayout(self)
-        layout.addWidget(help_link("napari_user_guide.md", "Help: the mask-VAE test"))
+        layout.addWidget(help_link("user_guide.md", "Help: the mask-VAE test"))
         layout.addLayout(form)
         layout.addWidget(self.run_button)
         layout.addWidget(self.job)
