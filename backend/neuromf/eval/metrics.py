@@ -17,7 +17,6 @@ a generated mask and a real mask are voxel-aligned arrays of the same shape. Rep
 from __future__ import annotations
 
 import json
-import re
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from neuromf.eval.lesion_metrics import (
     summarise_lesion_like,
 )
 from neuromf.io.nifti import Preprocessing
+from neuromf.io.pairs import find_generated_pairs
 
 __all__ = ["BRAIN_THRESHOLD", "DICE_TARGET", "SHELL_VOXELS", "as_volume", "dice", "dice_reference_points",
            "evaluate_generated", "find_generated_pairs", "lesion_contrast", "load_generated_pair",
@@ -54,7 +54,6 @@ DICE_TARGET = 0.3
 NOISE_KEY = "mask_noise_correlation"
 # Wang et al. (2003) MS-SSIM scale weights; truncated and renormalised when the grid allows fewer scales.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-_PAIR_RE = re.compile(r"^(sample_.+)_(flair|mask)\.nii(\.gz)?$")
 
 
 def dice(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
@@ -74,30 +73,6 @@ def _as_bool(x: np.ndarray | torch.Tensor) -> np.ndarray:
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
     return x.astype(bool) if x.dtype == bool else x > 0.5
-
-
-def find_generated_pairs(generated_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(sample id, flair path, mask path) for every `sample_XXX_flair/mask.nii[.gz]` pair, sorted by id.
-
-    ValueError naming the folder when it is missing, holds no pairs, or a sample lacks one of its two files.
-    """
-    generated_dir = Path(generated_dir)
-    if not generated_dir.is_dir():
-        raise ValueError(f"{generated_dir}: generated-samples folder does not exist")
-    found: dict[str, dict[str, Path]] = {}
-    for path in sorted(generated_dir.iterdir()):
-        match = _PAIR_RE.match(path.name)
-        if match and path.is_file():
-            found.setdefault(match.group(1), {})[match.group(2)] = path
-    if not found:
-        raise ValueError(
-            f"{generated_dir}: no generated pairs found (expected sample_XXX_flair.nii.gz + sample_XXX_mask.nii.gz)"
-        )
-    incomplete = [f"{sid} (missing {'mask' if 'flair' in parts else 'flair'})"
-                  for sid, parts in found.items() if len(parts) != 2]
-    if incomplete:
-        raise ValueError(f"{generated_dir}: incomplete generated pairs: {', '.join(incomplete)}")
-    return [(sid, parts["flair"], parts["mask"]) for sid, parts in sorted(found.items())]
 
 
 def load_generated_pair(flair: Path, mask: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -28,8 +28,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from neuromf.eval.metrics import find_generated_pairs
 from neuromf.io.nifti import save_nifti
+from neuromf.io.pairs import find_generated_pairs
 from neuromf.utils import json_default
 
 FORMATS = ("nnunet", "bids")
