@@ -9,7 +9,8 @@ TORCH_CPU ?= torch==2.13.0
 SYSTEM_PACKAGES := xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1 libxkbcommon-x11-0 libxcb-icccm4 \
 	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0 \
 	libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
-PYTEST_ARGS ?=
+# the suite on two worker processes, each taking whole test files (module fixtures are built once)
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: test demo venv sysdeps lint validate pytest bench pretrain clean
 

@@ -290,7 +290,7 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
 
     assert calibration["outside_range"] == target_outside_scales(rows, calibration["target_cm3"])
     # between two grid scales whose medians bracket the target: log-linear, exact for an exponential growth
-    from neuromf.pipelines.lora import interpolate_scale
+    from neuromf.pipelines.joint import interpolate_scale
 
     grown = [{"guidance": g, "median_cm3": 2.0 * np.exp(5 * (g - 1))} for g in (1.0, 1.1, 1.2)]
     assert interpolate_scale(grown, 2.0 * np.exp(5 * 0.13)) == pytest.approx(1.13, abs=1e-3)

@@ -59,7 +59,7 @@ def test_state_is_remembered_in_the_user_folder(tmp_path):
     broken.attach(path)  # a broken file is ignored: defaults are a convenience, never a reason to fail
     assert broken.last_data_dir is None
     broken.remember(last_config="joint_gpu")
-    assert json.loads(path.read_text())["last_config"] == "lora_fcd"
+    assert json.loads(path.read_text())["last_config"] == "joint_gpu"
 
 
 def test_describe_error_speaks_in_the_widgets_terms(tmp_path):

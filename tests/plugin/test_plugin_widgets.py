@@ -22,7 +22,7 @@ SUBJECTS = ("sub-00001", "sub-00002", "sub-00003")
 def tiny_adapter(tiny_base, phantom_subset, tmp_path_factory) -> Path:
     """A 3-step LoRA adapter trained headless (the Generate widget's input)."""
     from neuromf.config import load_config
-    from neuromf.pipelines.lora import train_lora
+    from neuromf.pipelines.joint import train_joint as train_lora
     from neuromf.train import run_to_end
 
     out = tmp_path_factory.mktemp("lora") / "run"
@@ -38,7 +38,7 @@ def tiny_adapter(tiny_base, phantom_subset, tmp_path_factory) -> Path:
 def tiny_site_adapter(tiny_base, phantom_subset, tmp_path_factory) -> Path:
     """A 2-step site-conditioned joint adapter (sdf masks, x-prediction), trained headless."""
     from neuromf.config import load_config
-    from neuromf.pipelines.lora import train_lora
+    from neuromf.pipelines.joint import train_joint as train_lora
     from neuromf.train import run_to_end
 
     out = tmp_path_factory.mktemp("lora_site") / "run"
@@ -285,15 +285,15 @@ def test_lora_widget_out_of_memory_gives_remedy(make_napari_viewer, qtbot, monke
     """A CUDA OOM inside the training generator becomes a notification with the remedy; buttons come back."""
     import torch
 
-    import neuromf.pipelines.lora as pipeline
+    import neuromf.pipelines.joint as pipeline
     from neuromf.train import TrainEvent
 
-    def train_lora(cfg, base_checkpoint="embedded", resume=False, overwrite=False, stop=None, progress=False):
+    def train_joint(cfg, base_checkpoint="embedded", resume=False, overwrite=False, stop=None, progress=False):
         yield TrainEvent("step", 1, 0, 10, loss=1.0, eta_s=5.0)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     released = []
-    monkeypatch.setattr(pipeline, "train_lora", train_lora)
+    monkeypatch.setattr(pipeline, "train_joint", train_joint)
     monkeypatch.setattr(pipeline, "release_memory", lambda: released.append(True))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # out of memory happens on a GPU: give it back
     from napari_neuromf._lora_widget import LoRAWidget

@@ -109,10 +109,13 @@ def sidecar_grid_problem(values: dict) -> str | None:
     if not isinstance(latent, list) or len(latent) != 4 or \
             not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in latent):
         return f"'latent_shape' must be 4 positive integers (C, h, w, d), got {latent!r:.60}"
-    expected = [s // 4 for s in prep.shape]
-    if latent[1:] != expected:
-        return (f"'latent_shape' {latent} does not match the grid {list(prep.shape)} in 'preprocessing' (expected "
-                f"[C, {', '.join(map(str, expected))}])")
+    # the VAE shrinks every axis by one power of two (4 for MAISI): a grid that is not that multiple of the latent
+    # on every axis (e.g. a 96^3 grid written into a 64^3 adapter's sidecar) cannot be what the model was trained on
+    ratios = {s / v for s, v in zip(prep.shape, latent[1:], strict=True)}
+    ratio = next(iter(ratios))
+    if len(ratios) != 1 or ratio < 1 or not float(ratio).is_integer() or int(ratio) & (int(ratio) - 1):
+        return (f"'latent_shape' {latent} does not match the grid {list(prep.shape)} in 'preprocessing' (the grid "
+                "must be the latent grid times one power of two on every axis, e.g. 4 for the MAISI VAE)")
     return None
 
 
