@@ -7,7 +7,7 @@ its docstring for the copyright notice), so the phantoms have real gyri, sulci a
 
 One subject = template maps resampled onto the output grid through a random affine (global scale,
 small rotation) plus a smooth displacement field, mixed with per-subject tissue intensities
-(FLAIR contrast: CSF dark, grey matter brighter than white matter, background 0), an optional FCD
+(FLAIR contrast: CSF dark, grey matter brighter than white matter, background zero), an optional FCD
 lesion, a smooth multiplicative bias field and Rician noise. Everything is drawn from the
 ``np.random.Generator`` passed in, so a seed fixes the subject exactly.
 
