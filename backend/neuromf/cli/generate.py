@@ -66,8 +66,10 @@ def cmd_generate(args) -> int:
 def _run_identity(args, mode: str) -> dict:
     """What makes two `generate` calls the same run (the same files, re-written): model, mode and sampling settings;
     another seed, model or setting is another run, whose files must not mix with these in one folder."""
+    from neuromf.weights import EMBEDDED_NAMES
+
     def where(spec: str | None) -> str | None:
-        return spec if spec is None or spec in ("embedded", "embedded-fine") else str(Path(spec).resolve())
+        return spec if spec is None or spec in EMBEDDED_NAMES else str(Path(spec).resolve())
 
     return {"command": "generate", "mode": mode, "checkpoint": where(args.checkpoint), "adapter": where(args.adapter),
             "render": where(args.render), "seed": args.seed, "steps": args.steps, "sampler": args.sampler,
