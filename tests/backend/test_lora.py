@@ -184,6 +184,8 @@ def test_empty_path_guidance_extrapolates_the_mask_estimate_away_from_the_empty_
         joint_velocity(joint, noise, 1.5)  # the sidecar says velocity prediction
     meta.mask_prediction, meta.mask_scale = "x", 2.0
     assert joint.empty_mask_value == -2.0 and joint_velocity(joint, noise, 1.5) is not model
+    with pytest.warns(DeprecationWarning, match="JointModel.velocity is deprecated"):  # the old method, one release
+        assert joint.velocity(noise, 1.0, None) is joint_velocity(joint, noise, 1.0)
 
 
 def test_x_preconditioning_gives_the_network_a_unit_variance_target_and_the_input_at_t0():

@@ -307,7 +307,7 @@ def test_site_conditioned_joint_adapter_trains_saves_its_sites_and_generates_at_
     """`lora.site_condition`: the model takes one more input channel (the site blob), the adapter carries the
     training lesions' mask prior, and generation draws a site per pair from it, records it and conditions on it."""
     from neuromf.data.mask_prior import PRIOR, MaskPrior
-    from neuromf.generation.joint import joint_velocity
+    from neuromf.generation.joint import joint_velocity, sample_joint
     from neuromf.models.joint import load_joint_model
     from neuromf.models.site import draw_sites
 
@@ -347,6 +347,9 @@ def test_site_conditioned_joint_adapter_trains_saves_its_sites_and_generates_at_
         at = [joint_velocity(joint, noise, sites=torch.tensor([site]))(noise, torch.zeros(1), torch.ones(1))
               for site in ([8.0, 10.0, 12.0], [20.0, 14.0, 10.0])]
     assert not torch.allclose(at[0], at[1])
+    with pytest.warns(DeprecationWarning, match="JointModel.sample is deprecated"):  # the old method, one release
+        old = [z for _, z, _ in joint.sample(1, 1, 5, torch.device("cpu"), "euler")]
+    torch.testing.assert_close(old, [z for _, z, _ in sample_joint(joint, 1, 1, 5, torch.device("cpu"), "euler")])
 
 
 def test_stop_leaves_adapter_and_resume_continues(tmp_path, phantom_dir, tiny_vae_dir, tiny_base_dir, shared_cache):

@@ -5,12 +5,15 @@ checked (`check_adapter`: a forward pass works and the trainable share of parame
 `neuromf.generation.joint` (`sample_joint`, `joint_velocity`).
 
 Deprecated (kept for one release, with a DeprecationWarning): `empty_path_guidance`, now
-`neuromf.generation.guidance.empty_path_guidance`.
+`neuromf.generation.guidance.empty_path_guidance`; `JointModel.velocity` / `JointModel.sample`, now
+`neuromf.generation.joint.joint_velocity` / `sample_joint`.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,14 @@ class JointModel:
                              "downsample strategy")
         return -self.meta.mask_scale
 
+    def velocity(self, *args: Any, **kwargs: Any) -> Any:
+        """Deprecated (kept for one release): `neuromf.generation.joint.joint_velocity(joint, ...)`."""
+        return _moved_to_generation("velocity", "joint_velocity")(self, *args, **kwargs)
+
+    def sample(self, *args: Any, **kwargs: Any) -> Any:
+        """Deprecated (kept for one release): `neuromf.generation.joint.sample_joint(joint, ...)`."""
+        return _moved_to_generation("sample", "sample_joint")(self, *args, **kwargs)
+
     def given_sites(self, sites: Any, n: int) -> torch.Tensor:
         """(n, 3) float sites from user coordinates (k, 3) on the model grid, repeated in turn; ValueError unless the
         adapter is site-conditioned and every site lies on the grid."""
@@ -103,6 +114,14 @@ class JointModel:
         else:
             mask = upsample_mask(decode_mask_channel(z[:, n_img:], meta.mask_scale))
         return mask.cpu()
+
+
+def _moved_to_generation(method: str, function: str) -> Any:
+    """The generation function a deprecated `JointModel` method became, with a DeprecationWarning (resolved on use:
+    models do not import generation)."""
+    warnings.warn(f"JointModel.{method} is deprecated: use neuromf.generation.joint.{function}(joint, ...)",
+                  DeprecationWarning, stacklevel=3)
+    return getattr(importlib.import_module("neuromf.generation.joint"), function)
 
 
 def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int,
