@@ -113,8 +113,9 @@ class MaskTestWidget(QWidget):
         self.recommendation.setWordWrap(True)
         self.recommendation.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.recommendation.setToolTip("Which way of passing the mask to the generator works better on these cases")
-        self.reconstruct_button = tip(QPushButton("Show the VAE's version of the selected case's mask"),
-                                      "Open the selected case and overlay its mask after the VAE round trip")
+        self.reconstruct_button = tip(QPushButton("Show the selected case's mask as the generator learns it"),
+                                      "Open the selected case and overlay (cyan) its mask after the round trip of "
+                                      "the recommended mask encoding: what a model trained with it can draw")
         self.reconstruct_button.clicked.connect(self.show_reconstruction)
 
         form = QFormLayout()
@@ -267,7 +268,8 @@ class MaskTestWidget(QWidget):
             f"{result.get('reason', '')}.{saved}")
 
     def show_reconstruction(self) -> Any:
-        """The selected case's strategy-A mask reconstruction as a Labels layer, next to the case itself."""
+        """The selected case's mask after the recommended encoding's round trip (the test's decision), as a
+        Labels layer next to the case itself."""
         row = selected_row(self.table)
         if self.run is None or row is None or row >= len(self.run.rows):
             show_warning("Mask-VAE test: run the test and select a case in the table first")
@@ -275,18 +277,27 @@ class MaskTestWidget(QWidget):
         if self.busy:
             show_warning("Mask-VAE test: wait for the running job or press Cancel")
             return None
+        if self.run.result is None:
+            show_warning("Mask-VAE test: the test did not finish, so no encoding is recommended yet: run it to the "
+                         "end first")
+            return None
+        from neuromf.eval.mask_test import recommended_encoding
+
+        strategy, mode = recommended_encoding(self.run.result)
         case_id = self.run.rows[row]["id"]
         case = next((c for c in self.run.cases if c.case_id == case_id), None)
         if case is None:
             show_error(f"Mask-VAE test: case {case_id} is no longer in {self.run.data_dir}")
             return None
-        self.job.begin(f"Reconstructing the mask of {case_id} ...")
+        label = _mask_test_run.encoding_label(strategy, mode)
+        self.job.begin(f"Round trip of the mask of {case_id} ({label}) ...")
         open_case = self.run.layers is None and f"{case_id} FLAIR" not in self.viewer.layers
-        worker = create_worker(reconstruct_with_case, case, self.run.vae_spec, self.run.vae_preset, open_case)
-        worker.returned.connect(lambda out: self._add_reconstruction(case_id, *out))
+        worker = create_worker(reconstruct_with_case, case, self.run.vae_spec, self.run.vae_preset, open_case,
+                               strategy, mode, self.run.threshold)
+        worker.returned.connect(lambda out: self._add_reconstruction(case_id, label, *out))
         return launch(self, worker)
 
-    def _add_reconstruction(self, case_id: str, case_tuples: list, out: Any) -> None:
+    def _add_reconstruction(self, case_id: str, label: str, case_tuples: list, out: Any) -> None:
         for layer_tuple_ in case_tuples:
             add_layer(self.viewer, layer_tuple_)
         if isinstance(out, Failure):
@@ -294,14 +305,16 @@ class MaskTestWidget(QWidget):
             self.job.fail(out.message)
             return
         mask, affine = out
-        data, kwargs, kind = layer_tuple(np.asarray(mask, dtype=np.uint8), affine, f"{case_id} lesion (VAE)",
-                                         "labels", extra={"role": "reconstruction", "case": case_id})
+        data, kwargs, kind = layer_tuple(np.asarray(mask, dtype=np.uint8), affine, f"{case_id} lesion ({label})",
+                                         "labels", extra={"role": "reconstruction", "case": case_id,
+                                                          "encoding": label})
         kwargs["colormap"] = {0: "transparent", 1: "cyan", None: "cyan"}  # not the lesion colour: a comparison
         add_layer(self.viewer, (data, kwargs, kind))
-        self.job.finish(f"Cyan: the mask of {case_id} after the VAE round trip")
+        self.job.finish(f"Cyan: the mask of {case_id} after the round trip of the recommended encoding ({label})")
 
 
-def reconstruct_with_case(case: Any, vae_spec: str, vae_preset: str | None, open_case: bool) -> tuple[list, Any]:
+def reconstruct_with_case(case: Any, vae_spec: str, vae_preset: str | None, open_case: bool, strategy: str,
+                          downsample_mode: str, threshold: float) -> tuple[list, Any]:
     """Worker body: (the case's own layers when ``open_case``, the reconstruction or a Failure)."""
     tuples: list = []
     if open_case:
@@ -309,7 +322,7 @@ def reconstruct_with_case(case: Any, vae_spec: str, vae_preset: str | None, open
             tuples, _ = case_layers(case.image, case.mask, case.case_id)
         except LayerDataError:
             tuples = []  # the reconstruction reports the unreadable case itself
-    return tuples, _mask_test_run.reconstruct(case, vae_spec, vae_preset)
+    return tuples, _mask_test_run.reconstruct(case, vae_spec, vae_preset, strategy, downsample_mode, threshold)
 
 
 __all__ = ["MaskTestWidget"]

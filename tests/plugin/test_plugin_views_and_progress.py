@@ -180,7 +180,11 @@ def test_mask_test_on_open_layers_matches_the_backend(make_napari_viewer, qtbot,
     widget.table.selectRow(0)
     widget.show_reconstruction()
     wait_idle(qtbot, widget, 60)
-    recon = viewer.layers[f"{widget.run.rows[0]['id']} lesion (VAE)"]
+    from napari_neuromf._mask_test_run import encoding_label
+    from neuromf.eval.mask_test import recommended_encoding
+
+    label = encoding_label(*recommended_encoding(widget.run.result))
+    recon = viewer.layers[f"{widget.run.rows[0]['id']} lesion ({label})"]
     assert recon.data.shape == tuple(m.shape[1:])
 
     # an empty lesion is reported in the widget's words, naming the layers (not the scratch folder)

@@ -130,12 +130,25 @@ def test_mask_test_widget_fills_table_and_shows_reconstruction(make_napari_viewe
     assert (tmp_path / "mask_test.json").is_file()
     assert _session_state().last_mask_test == tmp_path / "mask_test.json"
 
+    # the overlay shows the mask as the recommended encoding carries it (not the rejected one's round trip)
+    from napari_neuromf._mask_test_run import encoding_label, preprocessing_for
+    from neuromf.eval.mask_test import recommended_encoding, reconstruct_mask
+    from neuromf.vae import MAISIVAEWrapper
+
+    strategy, mode = recommended_encoding(widget.run.result)
+    assert strategy == widget.run.result["decision"]
     widget.table.selectRow(0)
     widget.show_reconstruction()
     wait_idle(qtbot, widget, 60)
-    recon = viewer.layers["sub-00001 lesion (VAE)"]
+    recon = viewer.layers[f"sub-00001 lesion ({encoding_label(strategy, mode)})"]
     assert isinstance(recon, Labels) and recon.data.shape == (32, 32, 32)
     assert np.allclose(recon.scale, (6.0, 6.0, 6.0))
+    vae = MAISIVAEWrapper.resolve(str(tiny_base.parent / "vae_tiny"))
+    case = next(c for c in widget.run.cases if c.case_id == "sub-00001")
+    expected, _ = reconstruct_mask(case, vae, preprocessing_for(vae), strategy, mode)
+    assert np.array_equal(np.asarray(recon.data), expected) and expected.any()
+    assert recon.metadata["neuromf"]["encoding"] == encoding_label(strategy, mode)
+    assert "recommended encoding" in widget.job.status.text()
     assert_overlay(viewer.layers["sub-00001 FLAIR"], viewer.layers["sub-00001 lesion"])
 
 
