@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_neuromf._jobs import Caution, Failure, describe_error, format_eta, release_memory
-from napari_neuromf._state import EMBEDDED
+from napari_neuromf._state import EMBEDDED, user_folder
 
 
 def lesion_on_model_grid(data: Any, layer_meta: dict, adapter: str) -> tuple[Any, Any]:
@@ -122,6 +122,21 @@ class GenerateRun:
         return (f"Pair {self.pairs + 1} of {self.n}: network step {i} / {n} (pass {self.passes}) · models loaded in "
                 f"{format_eta(self.loaded_s)}")
 
+    def _lesion_judge(self) -> tuple[Any, tuple[str, ...]]:
+        """(reference, criteria) the pairs' lesion check uses: the real lesions the adapter drawing the lesion was
+        trained on; without a renderer the joint model's own FLAIR shows the lesion only faintly, so only the mask
+        is judged. (None, ()) with a caution when the reference cannot be had (e.g. the training data moved)."""
+        from neuromf.eval.lesion_check import MASK_CRITERIA, adapter_reference
+        from neuromf.eval.lesion_metrics import CRITERIA
+
+        mode = "joint" if self.mode == "joint" else "conditional"
+        try:
+            ref = adapter_reference(self.adapter, user_folder() / "lesion_references", mode)
+        except Exception as err:  # no verdict is better than a wrong one; the figures still come
+            self.cautions.append(f"Lesion check: no reference lesions for {self.adapter} ({err})")
+            return None, ()
+        return ref, CRITERIA if (self.mode != "joint" or self.render) else MASK_CRITERIA
+
     def _inpaint(self) -> Any:
         """The lesion painted in `lesion` (or drawn from the adapter's prior) put into the scan `scan`, on the
         scan's own grid (`neuromf.api.inpaint_lesion`): a GeneratedPair-like result for the layers."""
@@ -177,10 +192,12 @@ class GenerateRun:
                                        method=self.method, render=self.render, guidance=self.guidance,
                                        joint_guidance=self.joint_guidance, sites=sites, on_step=self.on_step,
                                        stop=self.cancel)
+            judge = self._lesion_judge()
             for pair in pairs:
                 if self.cancel.is_set():
                     break
-                pair.meta = {**(pair.meta or {}), "lesion": lesion_figures(pair.image, pair.mask, pair.affine)}
+                pair.meta = {**(pair.meta or {}), "lesion": lesion_figures(pair.image, pair.mask, pair.affine,
+                                                                           *judge)}
                 self.pairs += 1
                 self.passes, self.step = 0, None if self.loaded_s is None else (0, 1)
                 yield pair
@@ -215,40 +232,70 @@ def layer_affine(state: dict) -> Any:
     return affine
 
 
-def lesion_figures(image: Any, mask: Any, affine: Any) -> dict[str, Any]:
+def lesion_figures(image: Any, mask: Any, affine: Any, reference: Any = None,
+                   criteria: tuple[str, ...] = ()) -> dict[str, Any]:
     """The generated lesion in plain figures: volume (cm³), FLAIR contrast (mean under the mask / mean in a ring
-    around it) and the share inside the brain (``neuromf.eval.lesion_metrics.lesion_stats``)."""
+    around it), the share inside the brain (``neuromf.eval.lesion_metrics.lesion_stats``) and, with a
+    ``reference``, the lesion check's verdict on ``criteria`` (``neuromf.eval.lesion_check``)."""
     import numpy as np
 
+    from neuromf.eval.lesion_check import pair_verdict
     from neuromf.eval.lesion_metrics import lesion_stats
 
     spacing = tuple(float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
     stats = lesion_stats(image, mask, spacing)
-    return {"volume_cm3": round(stats.volume_cm3, 2), "contrast": None if stats.contrast is None
-            else round(stats.contrast, 3), "inside_brain": None if stats.inside_brain_share is None
-            else round(stats.inside_brain_share, 3), "components": stats.n_components}
+    figures = {"volume_cm3": round(stats.volume_cm3, 2), "contrast": None if stats.contrast is None
+               else round(stats.contrast, 3), "inside_brain": None if stats.inside_brain_share is None
+               else round(stats.inside_brain_share, 3), "components": stats.n_components, "check": None}
+    if reference is not None and criteria:
+        verdict = pair_verdict(stats, reference, criteria)
+        figures["check"] = {"lesion_like": verdict.lesion_like, "failed": verdict.failed,
+                            "criteria": verdict.judged, "verdict": verdict.describe()}
+    return figures
 
 
 def describe_lesion(figures: dict[str, Any]) -> str:
-    """``"lesion 1.8 cm³, contrast 1.24, 97% inside the brain"`` (or that the mask is empty)."""
+    """``"lesion 1.8 cm³, contrast 1.24, 97% inside the brain; passes the lesion check"`` (or that the mask is
+    empty)."""
+    check = (figures or {}).get("check")
+    verdict = f"; {check['verdict']}" if check else ""
     if not figures or not figures.get("volume_cm3"):
-        return "no lesion (empty mask)"
+        return f"no lesion (empty mask){verdict}"
     text = f"lesion {figures['volume_cm3']:.2f} cm³"
     if figures.get("contrast") is not None:
         text += f", contrast {figures['contrast']:.2f}"
     if figures.get("inside_brain") is not None:
         text += f", {figures['inside_brain']:.0%} inside the brain"
-    return text
+    return text + verdict
+
+
+def pair_summary(figures: dict[str, Any] | None) -> str:
+    """One line per pair in the dock's list: ``"1.80 cm³ · contrast 1.24 · lesion-like"`` (or why it is not)."""
+    if not figures:
+        return "no figures"
+    parts = [f"{figures['volume_cm3']:.2f} cm³" if figures.get("volume_cm3") else "empty mask"]
+    if figures.get("contrast") is not None:
+        parts.append(f"contrast {figures['contrast']:.2f}")
+    check = figures.get("check")
+    if check:
+        parts.append("lesion-like" if check["lesion_like"] else "not lesion-like: " + ", ".join(check["failed"]))
+    return " · ".join(parts)
+
+
+def generated_pairs(layers: Iterable[Any]) -> dict[str, dict[str, Any]]:
+    """The generated pairs present in the viewer, in layer order: name (``gen_003``) -> its provenance (the
+    layers' ``metadata["neuromf"]``, with the lesion figures and the check's verdict)."""
+    found: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        info = (getattr(layer, "metadata", None) or {}).get("neuromf") or {}
+        if info.get("generated") and info.get("pair") not in found:
+            found[info["pair"]] = info
+    return found
 
 
 def generated_prefixes(layers: Iterable[Any]) -> list[str]:
     """Names (``gen_003``) of generated pairs present in the viewer, in layer order."""
-    seen: list[str] = []
-    for layer in layers:
-        info = (getattr(layer, "metadata", None) or {}).get("neuromf") or {}
-        if info.get("generated") and info.get("pair") not in seen:
-            seen.append(info["pair"])
-    return seen
+    return list(generated_pairs(layers))
 
 
 @dataclass

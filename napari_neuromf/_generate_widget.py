@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QListWidget,
+    QListWidgetItem,
     QPushButton,
     QSpinBox,
     QToolButton,
@@ -249,12 +250,19 @@ class GenerateWidget(QWidget):
         self.joint_guidance.setEnabled(self.mode.currentText() == "joint")
 
     def _refresh_pairs(self, *_: Any) -> None:
-        selected = {item.text() for item in self.pairs.selectedItems()}
+        """The list of open generated pairs, each with its lesion figures and the lesion check's verdict."""
+        selected = set(self.selected_pairs())
         self.pairs.clear()
-        for prefix in _generate_run.generated_prefixes(self.viewer.layers):
-            self.pairs.addItem(prefix)
-            if prefix in selected:
-                self.pairs.item(self.pairs.count() - 1).setSelected(True)
+        for prefix, info in _generate_run.generated_pairs(self.viewer.layers).items():
+            item = QListWidgetItem(f"{prefix} · {_generate_run.pair_summary(info.get('lesion'))}")
+            item.setData(Qt.UserRole, prefix)
+            item.setToolTip(f"{prefix}: {_generate_run.describe_lesion(info.get('lesion'))}")
+            self.pairs.addItem(item)
+            item.setSelected(prefix in selected)
+
+    def selected_pairs(self) -> list[str]:
+        """Names (``gen_000``) of the pairs selected in the list."""
+        return [item.data(Qt.UserRole) for item in self.pairs.selectedItems()]
 
     def _toggle_advanced(self, shown: bool) -> None:
         self.advanced.setVisible(shown)
@@ -385,7 +393,7 @@ class GenerateWidget(QWidget):
         everything = _generate_run.generated_prefixes(self.viewer.layers)
         if self.save_all.isChecked():
             return everything
-        selected = {item.text() for item in self.pairs.selectedItems()}
+        selected = set(self.selected_pairs())
         return [p for p in everything if p in selected]
 
     def save_pairs(self) -> Any:

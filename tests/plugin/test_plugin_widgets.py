@@ -325,8 +325,13 @@ def test_lora_widget_out_of_memory_gives_remedy(make_napari_viewer, qtbot, monke
 
 
 def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, qtbot, tiny_adapter, tmp_path):
-    from napari_neuromf._generate_widget import GenerateWidget
+    from qtpy.QtCore import Qt
 
+    from napari_neuromf._generate_widget import GenerateWidget
+    from neuromf.eval.lesion_check import MASK_CRITERIA, adapter_reference, pair_verdict
+    from neuromf.eval.lesion_metrics import lesion_stats
+
+    reference = adapter_reference(tiny_adapter)
     _session_state().last_adapter = tiny_adapter
     viewer = make_napari_viewer()
     widget = ready(qtbot, GenerateWidget(viewer))
@@ -355,9 +360,19 @@ def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, q
         assert info["sampler"] == "meanflow" and info["steps"] == 1
         figures = info["lesion"]  # the lesion in figures, for every pair (a tiny model's mask may be empty)
         assert figures["volume_cm3"] == pytest.approx(float(np.count_nonzero(lesion.data)) * 6.0**3 / 1000, abs=0.01)
+        # and the lesion check's verdict against the adapter's training lesions: the mask's criteria (no renderer)
+        stats = lesion_stats(np.asarray(image.data), np.asarray(lesion.data), (6.0, 6.0, 6.0))
+        expected = pair_verdict(stats, reference, MASK_CRITERIA)
+        assert figures["check"] == {"lesion_like": expected.lesion_like, "failed": expected.failed,
+                                    "criteria": list(MASK_CRITERIA), "verdict": expected.describe()}
+        shown = widget.pairs.item(i)
+        assert shown.data(Qt.UserRole) == f"gen_{i:03d}" and expected.describe() in shown.toolTip()
+        assert ("not lesion-like" in shown.text()) == (not expected.lesion_like)
+    assert any((tmp_path / "neuromf_home" / "lesion_references").glob("*.json"))  # built once, then cached
 
     # only the selected pairs are written
-    assert [widget.pairs.item(i).text() for i in range(widget.pairs.count())] == ["gen_000", "gen_001", "gen_002"]
+    assert [widget.pairs.item(i).data(Qt.UserRole) for i in range(widget.pairs.count())] == ["gen_000", "gen_001",
+                                                                                              "gen_002"]
     widget.out_dir.setText(str(tmp_path / "pairs"))
     seen = notes()
     assert widget.save_pairs() is None and any("select" in m for m in seen())
@@ -387,7 +402,7 @@ def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, q
     assert widget.run.cancelled and widget.run.pairs < 50 and widget.run.failure is None
     assert "cancelled" in widget.job.status.text()
     widget.n.setValue(1)  # a new click numbers its pairs after the existing ones
-    existing = [widget.pairs.item(i).text() for i in range(widget.pairs.count())]
+    existing = [widget.pairs.item(i).data(Qt.UserRole) for i in range(widget.pairs.count())]
     widget.start()
     wait_idle(qtbot, widget, 60)
     assert existing == [f"gen_{i:03d}" for i in range(len(existing))]
