@@ -219,6 +219,35 @@ class GenerateRun:
         return self.pairs
 
 
+@dataclass
+class AdapterCheckRun(GenerateRun):
+    """The quick lesion check of a trained joint adapter (`neuromf.eval.lesion_check.quick_adapter_check`): a
+    few pairs drawn with its own sampler settings, each mask through the lesion check. Progress and cancel as
+    for a generation; yields the `AdapterCheck` (or a Failure)."""
+
+    n: int = 2
+    check: Any = None
+
+    def drive(self) -> Generator[Any, None, int]:
+        from neuromf.eval.lesion_check import quick_adapter_check
+        from neuromf.meanflow.samplers import SamplingStopped
+
+        try:
+            self.check = quick_adapter_check(self.adapter, n=self.n, device=self.device,
+                                             cache_dir=user_folder() / "lesion_references", on_step=self.on_step,
+                                             stop=self.cancel)
+            self.pairs = self.n
+            yield self.check
+        except SamplingStopped:
+            pass
+        except Exception as err:
+            self.failure = Failure(describe_error(err, f"Lesion check of {self.adapter}", self.device), err)
+            yield self.failure
+        finally:
+            release_memory()
+        return self.pairs
+
+
 def layer_affine(state: dict) -> Any:
     """The (4, 4) RAS affine of a layer this plugin made (its canonical NIfTI affine), else from its scale and
     translate (an axis-aligned grid in world mm)."""

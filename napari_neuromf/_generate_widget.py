@@ -111,12 +111,23 @@ class GenerateWidget(QWidget):
                                          "older 3 mm demo (its joint masks come out empty); or a trained adapter "
                                          "folder")
         _state.STATE.on_adapter(self._new_adapter)
-        latest = tip(QPushButton("last trained"), "Use the adapter of the last LoRA run (remembered across sessions). "
-                                                  "It is offered, never chosen for you: a short training often "
-                                                  "makes empty masks or lesions outside the brain")
-        latest.clicked.connect(self._use_latest)
+        self.use_latest = tip(QPushButton("Use it"), "Select the adapter of the last LoRA run (remembered across "
+                                                     "sessions); possible only once its quick lesion check passed")
+        self.use_latest.clicked.connect(self._use_latest)
+        self.check_latest = tip(QPushButton("Check it"), "Draw a few pairs from the last trained adapter and put "
+                                                         "their masks through the lesion check (empty masks, lesions "
+                                                         "outside the brain, sizes, depths and sites no real lesion "
+                                                         "has): it is offered only when every pair passes")
+        self.check_latest.clicked.connect(self.start_check)
         self.offer = QLabel("")
         self.offer.setWordWrap(True)
+        self.offer_row = QWidget()
+        offer_layout = QHBoxLayout(self.offer_row)
+        offer_layout.setContentsMargins(0, 0, 0, 0)
+        offer_layout.addWidget(self.offer, 1)
+        offer_layout.addWidget(self.check_latest)
+        offer_layout.addWidget(self.use_latest)
+        self.offer_row.setVisible(False)
         self.n = tip(QSpinBox(), "How many pairs to generate (on a CPU one 2 mm pair takes minutes)")
         self.n.setRange(1, 256)
         self.n.setValue(DEFAULT_PAIRS)
@@ -175,12 +186,9 @@ class GenerateWidget(QWidget):
             event.connect(self._refresh_pairs)
         self.destroyed.connect(self._disconnect)
 
-        adapter_row = QHBoxLayout()
-        adapter_row.addWidget(self.adapter)
-        adapter_row.addWidget(latest)
         form = QFormLayout()
-        form.addRow("Model", adapter_row)
-        form.addRow("", self.offer)
+        form.addRow("Model", self.adapter)
+        form.addRow("Last trained", self.offer_row)
         form.addRow("Mode", self.mode)
         form.addRow("Scan", self.scan.native)
         form.addRow("Lesion", self.lesion.native)
@@ -269,17 +277,71 @@ class GenerateWidget(QWidget):
         self.advanced_toggle.setArrowType(Qt.DownArrow if shown else Qt.RightArrow)
 
     def _new_adapter(self, adapter: Path) -> None:
-        """A trained adapter is offered, never switched to: a short training often draws empty masks or lesions
-        outside the brain, and nothing has checked this one yet."""
-        self.offer.setText(f"Your last trained adapter ({Path(adapter).name}) is not selected: it has not been "
-                           "checked for lesions; press 'last trained' to try it.")
+        """A trained adapter is offered, never switched to, and only once its own quick lesion check passed: a
+        short training often draws empty masks or lesions outside the brain."""
+        self.offer_row.setVisible(True)
+        name = Path(adapter).name if Path(adapter).name != "adapter" else Path(adapter).parent.name
+        check = _state.STATE.adapter_check(adapter)
+        self.check_latest.setEnabled(not self.busy)
+        self.use_latest.setEnabled(bool(check and check.get("recommended")))
+        if check is None:
+            self.offer.setText(f"Your last trained adapter ({name}) is not selected: it has not been checked yet. "
+                               "'Check it' draws a few pairs and puts their masks through the lesion check.")
+        elif check.get("recommended"):
+            self.offer.setText(f"Your last trained adapter ({name}) passed its quick check ({check['reason']}): "
+                               "'Use it' selects it.")
+        else:
+            self.offer.setText(f"Your last trained adapter ({name}) is not recommended: {check['reason']}.")
 
     def _use_latest(self) -> None:
-        if _state.STATE.last_adapter is None:
+        adapter = _state.STATE.last_adapter
+        if adapter is None:
             show_info("Generate: no LoRA run has finished yet")
             return
-        self.adapter.setText(str(_state.STATE.last_adapter))
-        self.offer.setText("Last trained adapter selected: look at each pair's lesion figures before trusting it.")
+        check = _state.STATE.adapter_check(adapter)
+        if not (check and check.get("recommended")):
+            show_warning("Generate: the last trained adapter has not passed its quick lesion check; press 'Check it'")
+            return
+        self.adapter.setText(str(adapter))
+        self.offer.setText("Last trained adapter selected: it passed its quick check; each pair still gets its own "
+                           "lesion check.")
+
+    def start_check(self) -> Any:
+        """The last trained adapter's quick lesion check, in a worker with progress and Cancel."""
+        adapter = _state.STATE.last_adapter
+        if self.busy:
+            show_warning("Generate: a job is already running")
+            return None
+        if adapter is None or not Path(adapter).is_dir():
+            show_info("Generate: no trained adapter to check")
+            return None
+        self.run = _generate_run.AdapterCheckRun(str(adapter), device=self.device.currentText())
+        self.generate_button.setEnabled(False)
+        self.check_latest.setEnabled(False)
+        self.job.begin(self.run.progress_text())
+        self.progress_timer.start()
+        worker = create_worker(self.run.drive)
+        worker.yielded.connect(self._on_checked)
+        worker.finished.connect(self._check_finished)
+        return launch(self, worker)
+
+    def _on_checked(self, item: Any) -> None:
+        if isinstance(item, Failure):
+            show_error(item.message)
+            self.job.fail(item.message)
+            return
+        _state.STATE.remember_check(item.adapter, item.to_dict())
+
+    def _check_finished(self) -> None:
+        self.progress_timer.stop()
+        self.generate_button.setEnabled(True)
+        run = self.run
+        if run.failure is None:
+            self.job.finish("Lesion check cancelled" if run.check is None else
+                            f"Lesion check: {'recommended' if run.check.recommended else 'not recommended'}: "
+                            f"{run.check.reason}")
+        if _state.STATE.last_adapter is not None:
+            self._new_adapter(_state.STATE.last_adapter)
 
     # -- generating ---------------------------------------------------------------------------------------
     def start(self) -> Any:

@@ -338,9 +338,8 @@ def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, q
     # the defaults are the 2 mm configuration that makes lesion pairs; the last trained adapter is only offered
     assert (widget.adapter.text(), widget.render.text()) == ("embedded-fine", "embedded-fine")
     assert (widget.sampler.currentText(), widget.steps.value(), widget.n.value()) == ("euler", 32, 1)
-    assert not widget.advanced.isVisible() and tiny_adapter.name in widget.offer.text()
-    widget._use_latest()
-    assert widget.adapter.text() == str(tiny_adapter)
+    assert not widget.advanced.isVisible() and "not been checked" in widget.offer.text()
+    assert not widget.use_latest.isEnabled()
     use_tiny(widget, tiny_adapter)
     widget.n.setValue(3)
     widget.seed.setValue(7)
@@ -461,6 +460,46 @@ def use_tiny(widget, adapter) -> None:
     widget.render.setText("")
     widget.sampler.setCurrentText("meanflow")
     widget.steps.setValue(1)
+
+
+def test_last_trained_adapter_is_offered_only_after_its_quick_lesion_check(make_napari_viewer, qtbot, tiny_adapter):
+    """A 3-step adapter draws no lesion-like masks: its quick check says why it is not recommended, 'Use it' stays
+    off and the shipped adapter stays the default; a passing check (remembered across sessions) offers it."""
+    from napari_neuromf import _state
+    from napari_neuromf._generate_widget import DEFAULT_ADAPTER, GenerateWidget
+    from neuromf.eval.lesion_check import FAILURE_WORDS, MASK_CRITERIA
+
+    _session_state().attach(_state.user_folder() / "napari_state.json")
+    _session_state().last_adapter = tiny_adapter
+    widget = ready(qtbot, GenerateWidget(make_napari_viewer()))
+    widget.device.setCurrentText("cpu")
+    assert widget.offer_row.isVisibleTo(widget) and "not been checked" in widget.offer.text()
+    seen = notes()
+    widget._use_latest()  # not checked: refused
+    assert widget.adapter.text() == DEFAULT_ADAPTER and any("Check it" in m for m in seen())
+    widget.start_check()
+    assert widget.busy and widget.job.cancel_button.isEnabled()
+    wait_idle(qtbot, widget, 120)
+    check = widget.run.check
+    assert check is not None and widget.run.failure is None
+    assert check.settings["criteria"] == list(MASK_CRITERIA) and len(check.pairs) == 2
+    assert not check.recommended, check.pairs  # a 3-step adapter on random weights makes no lesion-like masks
+    failed = [name for row in check.pairs for name in row["failed"]]
+    assert failed and all(FAILURE_WORDS[name] in check.reason for name in failed)
+    assert "not recommended" in widget.offer.text() and check.reason in widget.offer.text()
+    assert not widget.use_latest.isEnabled() and widget.adapter.text() == DEFAULT_ADAPTER
+    assert "not recommended" in widget.job.status.text()
+
+    # remembered for these weights across sessions
+    again = _state.PluginState()
+    again.attach(_state.user_folder() / "napari_state.json")
+    assert again.adapter_check(tiny_adapter)["reason"] == check.reason
+    # a check that passed (as recorded by a run) enables the offer; 'Use it' then selects the adapter
+    _session_state().remember_check(tiny_adapter, {**check.to_dict(), "recommended": True, "reason": "all pass"})
+    widget._new_adapter(tiny_adapter)
+    assert widget.use_latest.isEnabled() and "passed its quick check" in widget.offer.text()
+    widget.use_latest.click()
+    assert widget.adapter.text() == str(tiny_adapter)
 
 
 def generate_one_pair(qtbot, widget, viewer) -> tuple:
