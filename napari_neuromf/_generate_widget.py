@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_neuromf import _environment, _generate_run, _state
+from napari_neuromf import _compare, _environment, _generate_run, _state
 from napari_neuromf._helpers import (
     JobPanel,
     PathField,
@@ -37,6 +37,7 @@ from napari_neuromf._helpers import (
     help_link,
     launch,
     layer_choice,
+    pair_mismatch,
     tip,
     when_backend_ready,
 )
@@ -180,6 +181,14 @@ class GenerateWidget(QWidget):
         self.out_dir = PathField("", "dir", "Folder for generated pairs",
                                  tooltip="gen_NNN_FLAIR.nii.gz + gen_NNN_FLAIR_roi.nii.gz + gen_NNN.json go here: a "
                                          "folder the FCD data widget and training read directly")
+        self.real_case = layer_choice(napari_viewer, Image, "The real FLAIR to compare with (its lesion Labels layer "
+                                                            "on the same grid comes along when one is open)")
+        self.compare_button = tip(QPushButton("Side by side"),
+                                  "Open a second window: the real case (left) on the generated pair's grid, as "
+                                  "training sees it, and the selected pair (right); one slice position and one "
+                                  "grey window for both")
+        self.compare_button.clicked.connect(self.compare)
+        self.compare_viewer: Any = None
         self.save_button = tip(QPushButton("Save pairs"), "Write the selected pairs (or all) as NIfTI")
         self.save_button.clicked.connect(self.save_pairs)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
@@ -226,6 +235,11 @@ class GenerateWidget(QWidget):
         save_form.addRow("Save into", self.out_dir)
         box_layout.addLayout(save_form)
         box_layout.addWidget(self.save_button)
+        compare_row = QHBoxLayout()
+        compare_row.addWidget(QLabel("Compare with"))
+        compare_row.addWidget(self.real_case.native, 1)
+        compare_row.addWidget(self.compare_button)
+        box_layout.addLayout(compare_row)
         layout.addWidget(box, 1)
         self._refresh_pairs()
         dock_title(self, self.TITLE)
@@ -449,6 +463,50 @@ class GenerateWidget(QWidget):
             cancelled = " (cancelled)" if run.cancelled else ""
             self.job.count(run.pairs, run.n, "pairs")
             self.job.finish("\n".join([f"Generated {run.pairs} of {run.n} pairs{cancelled}", *run.cautions]))
+
+    # -- comparing ----------------------------------------------------------------------------------------
+    def compare(self) -> Any:
+        """The chosen real case | the first selected (else the last) generated pair, side by side in a second
+        viewer; the resampling runs in a worker."""
+        pairs = self.selected_pairs() or _generate_run.generated_prefixes(self.viewer.layers)[-1:]
+        real = self.real_case.value
+        if not pairs:
+            show_warning("Generate: generate a pair first, then compare it with a real case")
+            return None
+        if real is None or real not in self.viewer.layers:
+            show_warning("Generate: open a real FLAIR to compare with (File > Open or the FCD data dock)")
+            return None
+        prefix = pairs[0]
+        image, lesion = self.viewer.layers[f"{prefix} FLAIR"], self.viewer.layers[f"{prefix} lesion"]
+        real_lesion = next((layer for layer in self.viewer.layers if isinstance(layer, Labels)
+                            and not (layer.metadata.get("neuromf") or {}).get("generated")
+                            and pair_mismatch(real, layer) is None), None)
+
+        def snapshot(layer: Any) -> tuple[Any, dict]:
+            data, state, _ = layer.as_layer_data_tuple()
+            return np.asarray(data), state
+
+        worker = create_worker(_compare.build_comparison, snapshot(real),
+                               None if real_lesion is None else snapshot(real_lesion), snapshot(image),
+                               snapshot(lesion))
+        worker.returned.connect(self._show_comparison)
+        worker.errored.connect(lambda err: show_error(f"Generate: cannot compare {real.name} with {prefix}: {err}"))
+        self.compare_button.setEnabled(False)
+        worker.finished.connect(lambda: self.compare_button.setEnabled(True))
+        self.compare_worker = worker
+        worker.start()
+        return worker
+
+    def _show_comparison(self, comparison: _compare.Comparison) -> None:
+        self.compare_viewer = self.new_viewer(title=f"NeuroMF: {comparison.real_name} | {comparison.pair_name}")
+        _compare.show_comparison(self.compare_viewer, comparison)
+
+    @staticmethod
+    def new_viewer(**kwargs: Any) -> Any:
+        """The second window of a comparison (a napari viewer of its own)."""
+        import napari
+
+        return napari.Viewer(**kwargs)
 
     # -- saving -------------------------------------------------------------------------------------------
     def chosen_prefixes(self) -> list[str]:

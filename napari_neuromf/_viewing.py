@@ -192,7 +192,8 @@ class ViewGuard:
         extents = np.array([layer.extent.world for layer in volumes])  # (layers, 2, 3)
         lo, hi = extents[:, 0].min(axis=0), extents[:, 1].max(axis=0)
         positions = marker_positions(lo, hi, float(viewer.dims.point[2]))
-        if markers is None and not add:
+        show = show and not viewer.canvas.grid.enabled  # in grid mode the letters would take a viewbox of their own
+        if markers is None and (not add or not show):
             return
         if markers is None:
             markers = viewer.add_points(

@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from gui_helpers import assert_overlay, data_layers, notes, ready, tiny_lora_run, wait_idle
+from gui_helpers import assert_overlay, case_files, data_layers, notes, ready, tiny_lora_run, wait_idle
 
 pytestmark = pytest.mark.gui
 
@@ -705,3 +705,55 @@ def test_generate_widget_inpaints_the_painted_lesion_into_the_scan_painted_on(ma
     far[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = False
     np.testing.assert_allclose(np.asarray(image.data)[far], np.asarray(flair.data, dtype=np.float32)[far])
     assert not np.allclose(np.asarray(image.data)[~far], np.asarray(flair.data, dtype=np.float32)[~far])
+
+
+def test_generated_pair_side_by_side_with_a_real_case_shares_the_slice(make_napari_viewer, qtbot, phantom_subset,
+                                                                       tiny_adapter):
+    """'Side by side': the real case comes onto the pair's grid as training sees it (left), the pair on the right,
+    in a second viewer's grid mode; one slice position shows the same axial level of both."""
+    from napari_neuromf._compare import model_grid_of
+    from napari_neuromf._generate_widget import GenerateWidget
+    from napari_neuromf._helpers import add_layer
+    from napari_neuromf._layers import case_layers
+    from neuromf.io.nifti import preprocess_pair
+
+    viewer = make_napari_viewer()
+    widget = ready(qtbot, GenerateWidget(viewer))
+    use_tiny(widget, tiny_adapter)
+    image, lesion = generate_one_pair(qtbot, widget, viewer)
+    image_path, mask_path = case_files(phantom_subset)
+    for layer_tuple in case_layers(image_path, mask_path, "sub-00001")[0]:
+        add_layer(viewer, layer_tuple)
+    widget.real_case.value = viewer.layers["sub-00001 FLAIR"]
+    widget.new_viewer = lambda **kwargs: make_napari_viewer(**kwargs)
+    worker = widget.compare()
+    qtbot.waitUntil(lambda: widget.compare_viewer is not None, timeout=60_000)
+    assert worker is not None
+    other = widget.compare_viewer
+    names = [layer.name for layer in other.layers]
+    assert names == ["sub-00001 FLAIR (model grid)", "sub-00001 lesion (model grid)", "gen_000 FLAIR",
+                     "gen_000 lesion"]
+    assert other.canvas.grid.enabled and other.canvas.grid.actual_shape(other.layers) == (1, 2)
+    assert [other.canvas.grid.position(i, other.layers) for i in range(4)] == [(0, 0), (0, 0), (0, 1), (0, 1)]
+    real, real_lesion, gen, gen_lesion = other.layers
+    # the real case exactly as training sees it, on the pair's grid and world placement
+    prep = model_grid_of(image.metadata["neuromf"], {"shape": image.data.shape, "scale": image.scale})
+    expected_image, expected_mask = preprocess_pair(image_path, mask_path, prep)
+    assert np.allclose(real.data, expected_image.data[0].numpy(), atol=1e-5)
+    assert np.array_equal(real_lesion.data, expected_mask.data[0].numpy().astype(np.uint8)) and real_lesion.data.any()
+    for layer in (real, real_lesion, gen_lesion):
+        assert np.allclose(layer.scale, gen.scale) and np.allclose(layer.translate, gen.translate)
+    assert np.array_equal(gen.data, image.data) and tuple(real.contrast_limits) == tuple(gen.contrast_limits)
+    # the view opens on the real lesion's axial slice; any slice position is one level for both volumes
+    lesion_slice = np.argwhere(real_lesion.data).mean(axis=0)[2]
+    assert abs(gen.world_to_data(other.dims.point)[2] - lesion_slice) <= 0.5
+
+    def shown(k: int) -> bool:
+        return all(np.array_equal(np.asarray(layer._slice.image.view), np.asarray(layer.data[:, :, k]).T)
+                   for layer in (real, gen))
+
+    for k in (3, image.data.shape[2] - 4):
+        other.dims.set_point(2, float(gen.data_to_world((0, 0, k))[2]))
+        qtbot.waitUntil(lambda k=k: shown(k), timeout=5000)
+        assert not np.array_equal(real.data[:, :, k], real.data[:, :, int(lesion_slice)])  # a different slice
+    assert "radiological" in other.canvas.overlays.text.text  # one orientation caption, no letters layer
