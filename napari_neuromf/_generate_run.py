@@ -48,6 +48,31 @@ def sites_on_model_grid(points_world: Any, adapter: str) -> Any:
     return (points - np.asarray(translate)) / np.asarray(scale)
 
 
+def adapter_grid(adapter: str, mode: str) -> tuple[int, ...] | None:
+    """The model grid (voxels per axis) an adapter draws on, read from its sidecar; None when it cannot be read
+    (the field is being typed; the start reports a missing adapter)."""
+    from neuromf.models.adapter_meta import adapter_meta
+
+    try:
+        return tuple(adapter_meta(adapter, "conditional" if mode != "joint" else "joint").prep.shape)
+    except Exception:  # any unreadable or half-typed adapter: no grid, no scaling
+        return None
+
+
+def check_estimate_text(adapter: str | Path) -> str:
+    """``" (about 2 min, ...)"``: how long an adapter's quick lesion check should take; "" without a rate."""
+    from neuromf.estimates import generation_estimate
+    from neuromf.eval.lesion_check import QUICK_CHECK_PAIRS, quick_sampling
+
+    try:
+        _, steps = quick_sampling(adapter)
+    except Exception:  # an unreadable adapter: the check itself reports it
+        return ""
+    estimate = generation_estimate(QUICK_CHECK_PAIRS, steps, "joint", render=False,
+                                   grid=adapter_grid(str(adapter), "joint"))
+    return f" ({estimate.describe()})" if estimate is not None else ""
+
+
 def lesion_cautions(mask: Any, adapter: str) -> list[str]:
     """Why a lesion on a conditional adapter's model grid looks implausible next to the lesions it was trained
     on: a volume far outside theirs, or a lesion mostly outside the brain of the training scans."""
@@ -101,6 +126,7 @@ class GenerateRun:
     passes: int = 0
     started: float = field(default_factory=time.perf_counter)
     loaded_s: float | None = None  # seconds the models took to load (until the first network step)
+    estimate: Any = None  # `neuromf.estimates.Estimate` of the whole run, shown while the models load
 
     @property
     def cancelled(self) -> bool:
@@ -117,7 +143,8 @@ class GenerateRun:
     def progress_text(self) -> str:
         """What the widget shows while a pair is being made: the loading phase, then the network steps."""
         if self.step is None:
-            return f"Loading the models ({format_eta(time.perf_counter() - self.started)} so far) ..."
+            expected = f"; the whole run: {self.estimate.describe()}" if self.estimate is not None else ""
+            return f"Loading the models ({format_eta(time.perf_counter() - self.started)} so far){expected} ..."
         i, n = self.step
         return (f"Pair {self.pairs + 1} of {self.n}: network step {i} / {n} (pass {self.passes}) · models loaded in "
                 f"{format_eta(self.loaded_s)}")

@@ -168,6 +168,17 @@ class GenerateWidget(QWidget):
         self.generate_button = tip(QPushButton("Generate"), "Generate the pairs; each appears as 'gen_NNN FLAIR' + "
                                                             "'gen_NNN lesion' layers")
         self.generate_button.clicked.connect(self.start)
+        self._estimate_timer = QTimer(self)  # one estimate after a burst of edits
+        self._estimate_timer.setSingleShot(True)
+        self._estimate_timer.setInterval(200)
+        self._estimate_timer.timeout.connect(self._show_estimate)
+        self.estimate = QLabel("")
+        self.estimate.setWordWrap(True)
+        self.estimate.setToolTip("How long the pairs should take here, from rates measured on the machine named "
+                                 "(seconds per network step of each pass); a busier or slower machine takes longer")
+        for signal in (self.n.valueChanged, self.steps.valueChanged, self.mode.currentTextChanged,
+                       self.render.edit.textChanged, self.adapter.edit.textChanged):
+            signal.connect(self._estimate_timer.start)
         self.job = JobPanel("Stop within one network step (generating; the pairs done so far stay) or after the "
                             "current file (saving)")
         self.job.cancel_button.clicked.connect(self.cancel)
@@ -226,6 +237,7 @@ class GenerateWidget(QWidget):
         layout.addWidget(self.advanced_toggle)
         layout.addWidget(self.advanced)
         layout.addWidget(self.generate_button)
+        layout.addWidget(self.estimate)
         layout.addWidget(self.job)
         box = QGroupBox("Save")
         box_layout = QVBoxLayout(box)
@@ -253,6 +265,21 @@ class GenerateWidget(QWidget):
         if _state.STATE.last_adapter is not None and Path(_state.STATE.last_adapter).is_dir():
             self._new_adapter(_state.STATE.last_adapter)
         self.out_dir.fill(str(_state.user_folder() / "generated"))
+        self._show_estimate()
+
+    def time_estimate(self) -> Any:
+        """The estimate of generating with the form's settings (`neuromf.estimates`), or None (no rate)."""
+        from neuromf.estimates import generation_estimate
+
+        mode = self.mode.currentText()
+        return generation_estimate(self.n.value(), self.steps.value(), mode, render=bool(self.render.text()),
+                                   grid=_generate_run.adapter_grid(self.adapter.text() or DEFAULT_ADAPTER, mode))
+
+    def _show_estimate(self, *_: Any) -> None:
+        if not _environment.environment_ready():  # the backend is imported in a worker first
+            return
+        estimate = self.time_estimate()
+        self.estimate.setText("Expected time: " + (estimate.describe() if estimate else "no measured rate"))
 
     def _disconnect(self, *_: Any) -> None:
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
@@ -300,7 +327,8 @@ class GenerateWidget(QWidget):
         self.use_latest.setEnabled(bool(check and check.get("recommended")))
         if check is None:
             self.offer.setText(f"Your last trained adapter ({name}) is not selected: it has not been checked yet. "
-                               "'Check it' draws a few pairs and puts their masks through the lesion check.")
+                               "'Check it' draws a few pairs and puts their masks through the lesion check"
+                               f"{_generate_run.check_estimate_text(adapter)}.")
         elif check.get("recommended"):
             self.offer.setText(f"Your last trained adapter ({name}) passed its quick check ({check['reason']}): "
                                "'Use it' selects it.")
@@ -408,6 +436,7 @@ class GenerateWidget(QWidget):
                                         scan=scan)
         self.generate_button.setEnabled(False)
         self.job.begin(self.run.progress_text())
+        self.run.estimate = self.time_estimate()
         self.progress_timer.start()
         worker = create_worker(self.run.drive)
         worker.yielded.connect(self._on_pair)

@@ -757,3 +757,39 @@ def test_generated_pair_side_by_side_with_a_real_case_shares_the_slice(make_napa
         qtbot.waitUntil(lambda k=k: shown(k), timeout=5000)
         assert not np.array_equal(real.data[:, :, k], real.data[:, :, int(lesion_slice)])  # a different slice
     assert "radiological" in other.canvas.overlays.text.text  # one orientation caption, no letters layer
+
+
+def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot):
+    """Generate, LoRA and the mask test say how long a job should take before it starts, from the measured rates
+    (neuromf.estimates), and follow the form: twice the pairs, about twice the generation time."""
+    from napari_neuromf._generate_widget import DEFAULT_ADAPTER, GenerateWidget
+    from napari_neuromf._lora_widget import LoRAWidget
+    from napari_neuromf._mask_test_widget import MaskTestWidget
+    from napari_neuromf._training_run import build_lora_config, training_cases
+    from neuromf.estimates import generation_estimate, mask_test_estimate, measured_rates, training_estimate
+    from neuromf.weights import EMBEDDED_MODELS
+
+    assert measured_rates(), "the shipped rates file"
+    viewer = make_napari_viewer()
+    generate = ready(qtbot, GenerateWidget(viewer))
+    one = generation_estimate(1, 32, "joint", render=True, grid=(96, 96, 96))
+    qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {one.describe()}", timeout=5000)
+    assert DEFAULT_ADAPTER == generate.adapter.text() and "joint + FLAIR passes" in one.basis
+    generate.n.setValue(2)
+    two = generation_estimate(2, 32, "joint", render=True, grid=(96, 96, 96))
+    qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {two.describe()}", timeout=5000)
+    load = measured_rates()["generation"]["load_s"]
+    assert two.seconds - load == pytest.approx(2 * (one.seconds - load))
+
+    lora = ready(qtbot, LoRAWidget(viewer))
+    lora.config.setCurrentText("joint_3mm")
+    cfg = build_lora_config("joint_3mm", lora.settings())
+    expected = training_estimate("joint_3mm", training_cases(cfg), cfg.training.max_steps, cfg.training.batch_size,
+                                 grid=cfg.data.shape)
+    qtbot.waitUntil(lambda: lora.estimate.text() == f"Expected time: {expected.describe()}", timeout=5000)
+    assert f"encoding {training_cases(cfg)} cases" in expected.basis
+
+    mask_test = ready(qtbot, MaskTestWidget(viewer))
+    per_case = mask_test_estimate(EMBEDDED_MODELS["vae"]["embedded"], 1)
+    assert per_case.describe() in mask_test.run_button.toolTip() and "a few seconds" not in \
+        mask_test.run_button.toolTip()
