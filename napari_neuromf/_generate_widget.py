@@ -32,7 +32,7 @@ from napari_neuromf import _compare, _environment, _generate_run, _state
 from napari_neuromf._helpers import (
     JobPanel,
     PathField,
-    add_layer,
+    add_layers,
     dock_title,
     help_link,
     launch,
@@ -479,8 +479,7 @@ class GenerateWidget(QWidget):
         meta = {**(pair.meta or {}), "generated": True, "seed": run.seed, "sample_index": int(pair.index),
                 "steps": run.steps, "checkpoint": (pair.meta or {}).get("adapter", run.adapter)}
         prefix = f"gen_{self._next_number():03d}"
-        for t in pair_layers(prefix, pair.image, pair.mask, pair.affine, meta):
-            add_layer(self.viewer, t)
+        add_layers(self, pair_layers(prefix, pair.image, pair.mask, pair.affine, meta))
         self.job.status.setText("\n".join([f"{prefix}: {_generate_run.describe_lesion(meta.get('lesion'))}",
                                            *run.cautions]))
 
