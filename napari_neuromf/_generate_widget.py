@@ -208,7 +208,9 @@ class GenerateWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("Model", self.adapter)
-        form.addRow("Last trained", self.offer_row)
+        self.offer_label = QLabel("Last trained")
+        self.offer_label.setVisible(False)
+        form.addRow(self.offer_label, self.offer_row)
         form.addRow("Mode", self.mode)
         form.addRow("Scan", self.scan.native)
         form.addRow("Lesion", self.lesion.native)
@@ -321,6 +323,7 @@ class GenerateWidget(QWidget):
         """A trained adapter is offered, never switched to, and only once its own quick lesion check passed: a
         short training often draws empty masks or lesions outside the brain."""
         self.offer_row.setVisible(True)
+        self.offer_label.setVisible(True)
         name = Path(adapter).name if Path(adapter).name != "adapter" else Path(adapter).parent.name
         check = _state.STATE.adapter_check(adapter)
         self.check_latest.setEnabled(not self.busy)
@@ -463,8 +466,11 @@ class GenerateWidget(QWidget):
         self.job.status.setText(run.progress_text())
 
     def _next_number(self) -> int:
-        numbers = [int(p.split("_")[1]) for p in _generate_run.generated_prefixes(self.viewer.layers)
-                   if p.split("_")[-1].isdigit()]
+        """After the pairs open in the viewer and those still being added (`add_layers` adds them a turn apart)."""
+        waiting = [kwargs.get("metadata", {}).get("neuromf", {}) for layers, _, _ in self.__dict__.get(
+            "_layer_queue", []) for _, kwargs, _ in layers]
+        prefixes = [*_generate_run.generated_prefixes(self.viewer.layers), *(info.get("pair", "") for info in waiting)]
+        numbers = [int(p.split("_")[1]) for p in prefixes if p.split("_")[-1].isdigit()]
         return max(numbers, default=-1) + 1
 
     def _on_pair(self, pair: Any) -> None:
