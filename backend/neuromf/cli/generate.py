@@ -16,7 +16,7 @@ def cmd_generate(args) -> int:
     A joint adapter generates both from noise; a conditional one generates a FLAIR for each --mask file (mapped onto
     the model grid) or for masks drawn from its prior.
     """
-    from neuromf.generate import write_generated_images
+    from neuromf.generation.images import write_generated_images
 
     if args.steps is None:
         args.steps = 8 if args.mode == "inpaint" else 1
@@ -49,7 +49,7 @@ def cmd_generate(args) -> int:
         if mode == "conditional":
             paths = _generate_conditional(args)
         elif mode == "joint":
-            from neuromf.pipelines.joint import write_generated_pairs
+            from neuromf.generation.joint import write_generated_pairs
 
             with step_bar("joint pairs") as on_step:
                 paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed,
@@ -79,9 +79,9 @@ def _run_identity(args, mode: str) -> dict:
 
 def _generate_conditional(args) -> list[Path]:
     """FLAIRs for `--mask` files (on each mask's own model-grid window) or for masks drawn from the prior."""
+    from neuromf.generation.conditional import write_conditional_pairs
     from neuromf.io.nifti import preprocess_mask
     from neuromf.models.adapter_meta import adapter_meta
-    from neuromf.pipelines.conditional import write_conditional_pairs
 
     masks = affines = None
     if args.mask:
@@ -120,8 +120,8 @@ def _generate_inpainted(args) -> int:
     written on the scan's own grid; every input is checked before anything is written."""
     from tqdm.auto import tqdm
 
-    from neuromf.pipelines.conditional import load_conditional_model
-    from neuromf.pipelines.inpaint import inpaint_lesion, write_inpainted
+    from neuromf.generation.conditional import load_conditional_model
+    from neuromf.generation.inpaint import inpaint_lesion, write_inpainted
     from neuromf.utils import ensure_writable
 
     if not args.image:
