@@ -114,7 +114,7 @@ def measure_training(config: str, base: str, cases: int, steps: int, tmp: Path) 
 
 
 def measure_generation(steps: int) -> dict:
-    from neuromf.pipelines.joint import generate_pairs
+    from neuromf.generation.joint import generate_pairs
 
     stamps: list[tuple[float, int, int]] = []
     start = time.perf_counter()

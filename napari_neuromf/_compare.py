@@ -53,7 +53,7 @@ def build_comparison(real: tuple[Any, dict], real_lesion: tuple[Any, dict] | Non
 
     Raises ValueError for an inpainted pair (it lies on its scan's grid, already beside its real scan)."""
     from napari_neuromf._layers import nifti_from_layer, world_placement
-    from neuromf.generate import model_grid_affine
+    from neuromf.generation.images import model_grid_affine
     from neuromf.io.nifti import arrays_to_model_grid
 
     info = (pair[1].get("metadata") or {}).get("neuromf") or {}

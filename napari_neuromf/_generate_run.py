@@ -62,7 +62,7 @@ def adapter_grid(adapter: str, mode: str) -> tuple[int, ...] | None:
 def check_estimate_text(adapter: str | Path) -> str:
     """``" (about 2 min, ...)"``: how long an adapter's quick lesion check should take; "" without a rate."""
     from neuromf.estimates import generation_estimate
-    from neuromf.eval.lesion_check import QUICK_CHECK_PAIRS, quick_sampling
+    from neuromf.generation.adapter_check import QUICK_CHECK_PAIRS, quick_sampling
 
     try:
         _, steps = quick_sampling(adapter)
@@ -256,7 +256,7 @@ class AdapterCheckRun(GenerateRun):
     check: Any = None
 
     def drive(self) -> Generator[Any, None, int]:
-        from neuromf.eval.lesion_check import quick_adapter_check
+        from neuromf.generation.adapter_check import quick_adapter_check
         from neuromf.meanflow.samplers import SamplingStopped
 
         try:

@@ -23,7 +23,7 @@ class PluginState:
     last_mask_test: Path | None = None
     last_data_dir: Path | None = None
     last_config: str | None = None
-    # quick lesion checks of trained adapters (`neuromf.eval.lesion_check.AdapterCheck.to_dict`), by `check_key`
+    # quick lesion checks of trained adapters (`neuromf.generation.adapter_check.AdapterCheck.to_dict`), by `check_key`
     adapter_checks: dict[str, dict] = field(default_factory=dict)
     path: Path | None = None  # the JSON file in the user data folder; None until attached (nothing persisted)
     _vae: tuple[tuple, Any] | None = None

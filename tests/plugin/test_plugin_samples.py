@@ -78,7 +78,7 @@ def test_generated_pairs_arrive_without_blocking_the_gui(make_napari_viewer, qtb
     from napari_neuromf import _generate_run, _sample_data
     from napari_neuromf._generate_widget import GenerateWidget
     from napari_neuromf._layers import load_nifti
-    from neuromf.generate import GeneratedPair
+    from neuromf.generation.images import GeneratedPair
 
     viewer = make_napari_viewer(show=True)
     viewer.open_sample("napari-neuromf", SAMPLES[1])  # napari's and NeuroMF's first use

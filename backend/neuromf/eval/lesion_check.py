@@ -1,4 +1,5 @@
-"""The lesion check of single generated pairs, and the quick check of a trained adapter before it is offered.
+"""The lesion check of single generated pairs (the quick check of a trained adapter built on it draws its pairs:
+`neuromf.generation.adapter_check`).
 
 `neuromf evaluate` judges a folder of pairs against the real lesions (`neuromf.eval.lesion_metrics`). Here the
 same criteria judge one pair at a time, as it arrives in the napari Generate dock, against the real FCD lesions of
@@ -6,23 +7,17 @@ the data the adapter was trained on (preprocessed onto its model grid). That ref
 folder's `lesion_reference.json` when it ships one (the embedded adapters do: their training phantoms are generated
 on first use, minutes on a CPU), else built from the adapter's training data and cached in `cache_dir`.
 
-`quick_adapter_check` draws a few pairs from a trained joint adapter with its own sampler settings and puts each
-mask through the check. The FLAIR of those pairs is the joint model's own, which shows a lesion only faintly (the
-shipped configuration renders it with a conditional adapter), so the quick check judges the mask: every criterion
-but the FLAIR contrast. An adapter is recommended when every pair drawn passes.
+A FLAIR that is the joint model's own shows a lesion only faintly (the shipped configuration renders it with a
+conditional adapter): such pairs are judged by `MASK_CRITERIA`, every criterion but the FLAIR contrast.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from neuromf.eval.lesion_metrics import (
     CRITERIA,
@@ -34,8 +29,6 @@ from neuromf.eval.lesion_metrics import (
 )
 
 REFERENCE_FILE = "lesion_reference.json"
-QUICK_CHECK_PAIRS = 2
-QUICK_CHECK_SEED = 1234  # not the Generate dock's default seed 0: the check sees pairs the user has not chosen
 MASK_CRITERIA = tuple(c for c in CRITERIA if c != "contrast")
 # what each failed criterion means for the lesion, in words for the dock
 FAILURE_WORDS = {"nonempty": "empty mask", "largest_share": "scattered into pieces",
@@ -117,60 +110,5 @@ def check_pair(image: Any, mask: Any, spacing: tuple[float, float, float], ref: 
     return stats, pair_verdict(stats, ref, criteria)
 
 
-@dataclass
-class AdapterCheck:
-    """The quick check of a trained adapter: recommended or not, why, and each pair's verdict."""
-
-    adapter: str
-    recommended: bool
-    reason: str
-    pairs: list[dict[str, Any]] = field(default_factory=list)  # per pair: volume_cm3, lesion_like, failed
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> AdapterCheck:
-        return cls(**{key: values[key] for key in cls.__dataclass_fields__ if key in values})
-
-
-def quick_sampling(adapter: str | Path) -> tuple[str, int]:
-    """(sampler, steps) a joint adapter needs for a mask: 32 Euler steps for x-prediction, else one MeanFlow step."""
-    from neuromf.models.adapter_meta import adapter_meta
-
-    return ("euler", 32) if adapter_meta(adapter, "joint").mask_prediction == "x" else ("meanflow", 1)
-
-
-def quick_adapter_check(adapter: str | Path, n: int = QUICK_CHECK_PAIRS, seed: int = QUICK_CHECK_SEED,
-                        device: str = "auto", cache_dir: Path | None = None,
-                        on_step: Callable[[int, int], None] | None = None,
-                        stop: threading.Event | None = None) -> AdapterCheck:
-    """Draw `n` pairs from a joint adapter with its own sampling (`quick_sampling`) and put each mask through the
-    lesion check (`MASK_CRITERIA`) against its training lesions. Recommended when every pair passes. `stop` set:
-    `neuromf.meanflow.samplers.SamplingStopped` before the next network step."""
-    from neuromf.pipelines.joint import generate_pairs
-
-    ref = adapter_reference(adapter, cache_dir, "joint")
-    method, steps = quick_sampling(adapter)
-    rows = []
-    for pair in generate_pairs(adapter, n=n, steps=steps, seed=seed, device=device, method=method,
-                               on_step=on_step, stop=stop):
-        spacing = tuple(float(s) for s in np.sqrt((np.asarray(pair.affine)[:3, :3] ** 2).sum(axis=0)))
-        stats, verdict = check_pair(pair.image, pair.mask, spacing, ref, MASK_CRITERIA)
-        rows.append({"volume_cm3": round(stats.volume_cm3, 2), "lesion_like": verdict.lesion_like,
-                     "failed": verdict.failed, "verdict": verdict.describe()})
-    failing = [row for row in rows if not row["lesion_like"]]
-    if not failing:
-        reason = f"all {len(rows)} pairs drawn pass the lesion check of their masks"
-    else:
-        reason = f"{len(failing)} of {len(rows)} pairs drawn fail the lesion check: " + "; ".join(
-            f"pair {rows.index(row) + 1}: {', '.join(FAILURE_WORDS[name] for name in row['failed'])}"
-            for row in failing)
-    return AdapterCheck(str(adapter), not failing, reason, rows,
-                        {"n": n, "seed": seed, "sampler": method, "steps": steps, "criteria": list(MASK_CRITERIA)})
-
-
-__all__ = ["FAILURE_WORDS", "MASK_CRITERIA", "REFERENCE_FILE", "AdapterCheck", "PairVerdict", "adapter_reference",
-           "build_reference", "check_pair", "pair_verdict", "quick_adapter_check", "quick_sampling",
-           "reference_from_dict", "reference_to_dict"]
+__all__ = ["FAILURE_WORDS", "MASK_CRITERIA", "REFERENCE_FILE", "PairVerdict", "adapter_reference", "build_reference",
+           "check_pair", "pair_verdict", "reference_from_dict", "reference_to_dict"]
