@@ -236,8 +236,11 @@ class LoRAWidget(QWidget):
         from neuromf.estimates import training_estimate
 
         config = self.config.currentText()
+        settings = dict(settings or self.settings())
+        if settings.get("data.mask_strategy") == "auto":  # the time does not hang on which test result decides
+            settings["data.mask_strategy"] = "downsample"
         try:
-            cfg = _training_run.build_lora_config(config, settings or self.settings())
+            cfg = _training_run.build_lora_config(config, settings)
             cases = _training_run.training_cases(cfg)
         except Exception:  # a half-typed field or a missing folder: no estimate now, the start says what is wrong
             return None
