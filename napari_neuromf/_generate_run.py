@@ -150,19 +150,12 @@ class GenerateRun:
                 f"{format_eta(self.loaded_s)}")
 
     def _lesion_judge(self) -> tuple[Any, tuple[str, ...]]:
-        """(reference, criteria) the pairs' lesion check uses: the real lesions the adapter drawing the lesion was
-        trained on; without a renderer the joint model's own FLAIR shows the lesion only faintly, so only the mask
-        is judged. (None, ()) with a caution when the reference cannot be had (e.g. the training data moved)."""
-        from neuromf.eval.lesion_check import MASK_CRITERIA, adapter_reference
-        from neuromf.eval.lesion_metrics import CRITERIA
-
-        mode = "joint" if self.mode == "joint" else "conditional"
+        """`lesion_judge` of this run; a caution when there is no reference."""
         try:
-            ref = adapter_reference(self.adapter, user_folder() / "lesion_references", mode)
+            return lesion_judge(self.adapter, self.mode, bool(self.render))
         except Exception as err:  # no verdict is better than a wrong one; the figures still come
             self.cautions.append(f"Lesion check: no reference lesions for {self.adapter} ({err})")
             return None, ()
-        return ref, CRITERIA if (self.mode != "joint" or self.render) else MASK_CRITERIA
 
     def _inpaint(self) -> Any:
         """The lesion painted in `lesion` (or drawn from the adapter's prior) put into the scan `scan`, on the
@@ -286,6 +279,29 @@ def layer_affine(state: dict) -> Any:
     affine = np.diag([*map(float, state.get("scale") or (1.0, 1.0, 1.0)), 1.0])
     affine[:3, 3] = [float(v) for v in (state.get("translate") or (0.0, 0.0, 0.0))]
     return affine
+
+
+def lesion_judge(adapter: str, mode: str, rendered: bool) -> tuple[Any, tuple[str, ...]]:
+    """(reference, criteria) of the lesion check of a pair: the real lesions the adapter that drew the lesion was
+    trained on (`neuromf.eval.lesion_check.adapter_reference`, cached in the user folder); without a renderer the
+    joint model's own FLAIR shows the lesion only faintly, so only the mask is judged."""
+    from neuromf.eval.lesion_check import MASK_CRITERIA, adapter_reference
+    from neuromf.eval.lesion_metrics import CRITERIA
+
+    ref = adapter_reference(adapter, user_folder() / "lesion_references", "joint" if mode == "joint" else
+                            "conditional")
+    return ref, CRITERIA if (mode != "joint" or rendered) else MASK_CRITERIA
+
+
+def figures_of_layers(image: Any, mask: Any, affine: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """Worker body: the lesion figures and verdict of a generated pair opened without them (a pre-made sample,
+    a pair saved by an older version), from its provenance (``checkpoint``, ``mode``, ``rendered_by``)."""
+    try:
+        judge = lesion_judge(str(info.get("checkpoint") or EMBEDDED), str(info.get("mode") or "joint"),
+                             bool(info.get("rendered_by")))
+    except Exception:  # an adapter that is not here: the figures without a verdict
+        judge = (None, ())
+    return lesion_figures(image, mask, affine, *judge)
 
 
 def lesion_figures(image: Any, mask: Any, affine: Any, reference: Any = None,

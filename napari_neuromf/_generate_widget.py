@@ -268,6 +268,7 @@ class GenerateWidget(QWidget):
             self._new_adapter(_state.STATE.last_adapter)
         self.out_dir.fill(str(_state.user_folder() / "generated"))
         self._show_estimate()
+        QTimer.singleShot(0, self._refresh_pairs)  # once ready: the figures of pairs opened before (samples)
 
     def time_estimate(self) -> Any:
         """The estimate of generating with the form's settings (`neuromf.estimates`), or None (no rate)."""
@@ -301,15 +302,42 @@ class GenerateWidget(QWidget):
         self.joint_guidance.setEnabled(self.mode.currentText() == "joint")
 
     def _refresh_pairs(self, *_: Any) -> None:
-        """The list of open generated pairs, each with its lesion figures and the lesion check's verdict."""
+        """The list of open generated pairs, each with its lesion figures and the lesion check's verdict (worked
+        out in a worker for a pair opened without them, e.g. a sample)."""
         selected = set(self.selected_pairs())
         self.pairs.clear()
         for prefix, info in _generate_run.generated_pairs(self.viewer.layers).items():
+            if "lesion" not in info and getattr(self, "ready", False):
+                self._work_out_figures(prefix)
             item = QListWidgetItem(f"{prefix} · {_generate_run.pair_summary(info.get('lesion'))}")
             item.setData(Qt.UserRole, prefix)
             item.setToolTip(f"{prefix}: {_generate_run.describe_lesion(info.get('lesion'))}")
             self.pairs.addItem(item)
             item.setSelected(prefix in selected)
+
+    def _work_out_figures(self, prefix: str) -> None:
+        names = (f"{prefix} FLAIR", f"{prefix} lesion")
+        pending = self.__dict__.setdefault("_figures_pending", set())
+        if prefix in pending or not all(name in self.viewer.layers for name in names):
+            return
+        image, lesion = (self.viewer.layers[name] for name in names)
+        affine = _generate_run.layer_affine(image.as_layer_data_tuple()[1])
+        info = dict(image.metadata.get("neuromf") or {})
+        pending.add(prefix)
+        worker = create_worker(_generate_run.figures_of_layers, np.array(image.data), np.array(lesion.data), affine,
+                               info)
+
+        def done(figures: dict) -> None:
+            pending.discard(prefix)
+            for layer in (image, lesion):  # the layers may have gone meanwhile: then nothing to show
+                if layer in self.viewer.layers:
+                    layer.metadata = {**layer.metadata, "neuromf": {**layer.metadata.get("neuromf", {}),
+                                                                    "lesion": figures}}
+            self._refresh_pairs()
+
+        worker.returned.connect(done)
+        worker.errored.connect(lambda *_: pending.discard(prefix))
+        worker.start()
 
     def selected_pairs(self) -> list[str]:
         """Names (``gen_000``) of the pairs selected in the list."""

@@ -794,3 +794,29 @@ def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot):
     per_case = mask_test_estimate(EMBEDDED_MODELS["vae"]["embedded"], 1)
     assert per_case.describe() in mask_test.run_button.toolTip() and "a few seconds" not in \
         mask_test.run_button.toolTip()
+
+
+def test_a_generated_pair_opened_without_figures_gets_them_and_the_verdict(make_napari_viewer, qtbot):
+    """The pre-made sample pair carries no lesion figures: the Generate dock works them out in a worker, with the
+    lesion check's verdict against the shipped adapter's training lesions, into the layers and its list."""
+    from qtpy.QtCore import Qt
+
+    from napari_neuromf import _sample_data
+    from napari_neuromf._generate_run import lesion_figures, lesion_judge
+    from napari_neuromf._generate_widget import GenerateWidget
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-neuromf", "generated_pair")
+    prefix = _sample_data.PAIRS["joint"]
+    image, lesion = viewer.layers[f"{prefix} FLAIR"], viewer.layers[f"{prefix} lesion"]
+    assert "lesion" not in image.metadata["neuromf"]
+    widget = ready(qtbot, GenerateWidget(viewer))
+    qtbot.waitUntil(lambda: "lesion" in image.metadata["neuromf"], timeout=60_000)
+    figures = image.metadata["neuromf"]["lesion"]
+    judge = lesion_judge("embedded-fine", "joint", True)
+    expected = lesion_figures(np.asarray(image.data), np.asarray(lesion.data),
+                              image.metadata["nifti"]["canonical_affine"], *judge)
+    assert figures == expected and lesion.metadata["neuromf"]["lesion"] == expected
+    assert figures["check"]["criteria"][-1] == "contrast"  # rendered by the conditional model: the FLAIR is judged
+    qtbot.waitUntil(lambda: widget.pairs.count() == 1 and "cm³" in widget.pairs.item(0).text(), timeout=5000)
+    assert widget.pairs.item(0).data(Qt.UserRole) == prefix
