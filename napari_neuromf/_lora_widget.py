@@ -72,8 +72,9 @@ class LoRAWidget(QWidget):
         self.run: _training_run.TrainingRun | None = None
         self.worker = None
 
-        self.config = tip(QComboBox(), "Starting values for the form: joint_3mm is sized for a CPU (minutes), "
-                                       "joint_2mm for a CPU in ~20 min, joint_gpu for a GPU (hours)")
+        self.config = tip(QComboBox(), "Starting values for the form: joint_3mm is sized for a CPU (3 mm grid), "
+                                       "joint_2mm is the shipped 2 mm recipe, joint_gpu is for a GPU; the expected "
+                                       "time of the form's values shows under Start")
         self.base = PathField("embedded", "dir", "Base checkpoint folder (model.safetensors + model.json)",
                               tooltip="The healthy-brain model to adapt: 'embedded' = the one shipped with "
                                       "NeuroMF, or a folder with model.safetensors + model.json")
