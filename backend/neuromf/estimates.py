@@ -1,6 +1,7 @@
 """How long a job will take before it starts, from rates measured on a named machine.
 
-`measured_rates.json` (next to this module, written by `benchmarks/measure_rates.py`) holds seconds per unit of
+`measured_rates.json` (next to this module, written by `benchmarks/measure_rates.py`; `$NEUROMF_RATES` names a
+file measured on your own machine instead) holds seconds per unit of
 work: per mask-test case for each shipped VAE, per encoded training case and per training step for each packaged
 CPU config, per network step of each generation pass with the shipped 2 mm adapters, and the machine they were
 measured on (CPU, torch threads, load average). An estimate multiplies them out and says which machine it comes
@@ -11,6 +12,7 @@ rate at all gets no estimate rather than a guess.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 RATES_FILE = Path(__file__).with_name("measured_rates.json")
+RATES_ENV = "NEUROMF_RATES"  # a rates file of your own machine (`benchmarks/measure_rates.py --out FILE`)
 
 
 @dataclass
@@ -46,10 +49,15 @@ def _read(path: str) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+def rates_file() -> Path:
+    """The rates the estimates use: `$NEUROMF_RATES` when set, else the shipped `measured_rates.json`."""
+    return Path(os.environ.get(RATES_ENV) or RATES_FILE)
+
+
 def measured_rates(path: Path | None = None) -> dict[str, Any]:
     """The measured rates (an empty dict when the file is missing or unreadable: no estimates then)."""
     try:
-        return _read(str(path or RATES_FILE))
+        return _read(str(path or rates_file()))
     except (OSError, ValueError):
         return {}
 
@@ -127,5 +135,5 @@ def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: boo
                     f"{pairs} × {steps} steps, {passes}, {machine(rates, 'generation')}{note}")
 
 
-__all__ = ["RATES_FILE", "Estimate", "format_duration", "generation_estimate", "machine", "mask_test_estimate",
-           "measured_rates", "training_estimate"]
+__all__ = ["RATES_ENV", "RATES_FILE", "Estimate", "format_duration", "generation_estimate", "machine",
+           "mask_test_estimate", "measured_rates", "rates_file", "training_estimate"]

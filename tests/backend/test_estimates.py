@@ -4,22 +4,14 @@ shipped rates file's shape."""
 from __future__ import annotations
 
 import pytest
-
-RATES = {
-    "env": {part: {"cpu_count": 2, "cpu_model": "Test CPU", "torch_threads": 1, "loadavg_start": [3.0, 2.0, 1.0]}
-            for part in ("mask_test", "training", "generation")},
-    "mask_test": {"vae_fine": {"load_s": 2.0, "per_case_s": 20.0, "grid": [96, 96, 96]}},
-    "training": {"joint_2mm": {"load_s": 10.0, "per_case_encoding_s": 6.0, "per_step_s": 8.0, "batch_size": 8,
-                               "grid": [96, 96, 96]}},
-    "generation": {"load_s": 5.0, "joint_per_step_s": 4.0, "render_per_step_s": 2.0, "grid": [96, 96, 96]},
-}
+from testkit import TEST_RATES as RATES
 
 
 def test_estimates_multiply_the_measured_rates_and_name_the_machine():
     from neuromf.estimates import generation_estimate, mask_test_estimate, training_estimate
 
     assert mask_test_estimate("vae_fine", 3, rates=RATES).seconds == pytest.approx(2 + 3 * 20)
-    assert mask_test_estimate("vae_small", 3, rates=RATES) is None  # no rate: no guess
+    assert mask_test_estimate("maisi", 3, rates=RATES) is None  # no rate: no guess
     # encoding once per case, steps at the batch size's share of the measured batch
     assert training_estimate("joint_2mm", 10, 100, 4, rates=RATES).seconds == pytest.approx(10 + 60 + 100 * 4)
     assert training_estimate("joint_2mm", 10, 100, 8, encode=False, rates=RATES).seconds == pytest.approx(810)
@@ -41,6 +33,21 @@ def test_durations_read_as_estimates():
     assert [format_duration(s) for s in (3, 42, 100, 3000, 4900)] == ["3 s", "40 s", "2 min", "50 min", "1 h 22 min"]
 
 
+def test_a_rates_file_of_ones_own_machine_replaces_the_shipped_one(tmp_path, monkeypatch):
+    import json
+
+    from neuromf.estimates import RATES_ENV, RATES_FILE, generation_estimate, rates_file
+
+    assert rates_file() == RATES_FILE
+    mine = tmp_path / "rates.json"
+    mine.write_text(json.dumps(RATES))
+    monkeypatch.setenv(RATES_ENV, str(mine))
+    assert rates_file() == mine
+    assert generation_estimate(1, 32).seconds == pytest.approx(5 + 32 * 6)
+
+
+@pytest.mark.skipif(not __import__("neuromf.estimates").estimates.RATES_FILE.is_file(),
+                    reason="no rates measured for this checkout yet (benchmarks/measure_rates.py writes them)")
 def test_the_shipped_rates_cover_every_shipped_job():
     """The rates file the widgets read: the shipped VAEs, the CPU configs and the default generation, measured on
     a named machine."""

@@ -759,9 +759,18 @@ def test_generated_pair_side_by_side_with_a_real_case_shares_the_slice(make_napa
     assert "radiological" in other.canvas.overlays.text.text  # one orientation caption, no letters layer
 
 
-def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot):
+def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """Generate, LoRA and the mask test say how long a job should take before it starts, from the measured rates
-    (neuromf.estimates), and follow the form: twice the pairs, about twice the generation time."""
+    (neuromf.estimates; here a made-up machine's, `$NEUROMF_RATES`), and follow the form: twice the pairs, about
+    twice the generation time."""
+    import json
+
+    from testkit import TEST_RATES
+
+    from neuromf.estimates import RATES_ENV
+
+    (tmp_path / "rates.json").write_text(json.dumps(TEST_RATES))
+    monkeypatch.setenv(RATES_ENV, str(tmp_path / "rates.json"))
     from napari_neuromf._generate_widget import DEFAULT_ADAPTER, GenerateWidget
     from napari_neuromf._lora_widget import LoRAWidget
     from napari_neuromf._mask_test_widget import MaskTestWidget
@@ -769,7 +778,7 @@ def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot):
     from neuromf.estimates import generation_estimate, mask_test_estimate, measured_rates, training_estimate
     from neuromf.weights import EMBEDDED_MODELS
 
-    assert measured_rates(), "the shipped rates file"
+    assert measured_rates() == TEST_RATES
     viewer = make_napari_viewer()
     generate = ready(qtbot, GenerateWidget(viewer))
     one = generation_estimate(1, 32, "joint", render=True, grid=(96, 96, 96))
