@@ -37,11 +37,11 @@ class Comparison:
 def model_grid_of(pair_info: dict[str, Any], image_state: dict) -> Any:
     """The `Preprocessing` of the adapter that drew a generated pair (intensity scaling), on that pair's grid."""
     from neuromf.io.nifti import Preprocessing
-    from neuromf.models.adapter_meta import adapter_meta
+    from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
 
     adapter = pair_info.get("checkpoint") or pair_info.get("adapter")
     mode = "conditional" if pair_info.get("mode") == "conditional" else "joint"
-    prep = adapter_meta(adapter, mode).prep
+    prep = AdapterMeta.load(resolve_adapter_dir(adapter, mode)).prep
     values = {**prep.key(), "shape": [int(n) for n in image_state["shape"]],
               "spacing": [float(s) for s in image_state["scale"]]}
     return Preprocessing.from_dict(values)

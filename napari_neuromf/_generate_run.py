@@ -51,10 +51,11 @@ def sites_on_model_grid(points_world: Any, adapter: str) -> Any:
 def adapter_grid(adapter: str, mode: str) -> tuple[int, ...] | None:
     """The model grid (voxels per axis) an adapter draws on, read from its sidecar; None when it cannot be read
     (the field is being typed; the start reports a missing adapter)."""
-    from neuromf.models.adapter_meta import adapter_meta
+    from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
 
     try:
-        return tuple(adapter_meta(adapter, "conditional" if mode != "joint" else "joint").prep.shape)
+        return tuple(AdapterMeta.load(resolve_adapter_dir(adapter, "joint" if mode == "joint" else
+                                                          "conditional")).prep.shape)
     except Exception:  # any unreadable or half-typed adapter: no grid, no scaling
         return None
 

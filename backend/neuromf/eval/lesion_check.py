@@ -64,13 +64,14 @@ def build_reference(data_dir: str | Path, prep: Any) -> tuple[LesionReference, s
 def adapter_reference(adapter: str | Path, cache_dir: Path | None = None, mode: str = "auto") -> LesionReference:
     """The reference an adapter's pairs are judged against: its folder's `lesion_reference.json`, else the cached
     or freshly built reference of its training data on its model grid (written into `cache_dir` when given)."""
-    from neuromf.models.adapter_meta import adapter_meta, generation_mode, resolve_adapter_dir
+    from neuromf.models.adapter_meta import AdapterMeta, generation_mode, resolve_adapter_dir
     from neuromf.utils import atomic_write_json
 
-    folder = resolve_adapter_dir(adapter, generation_mode(adapter, mode))
+    # an explicit mode names the shipped folder of every shipped name (embedded-3mm included)
+    folder = resolve_adapter_dir(adapter, mode if mode != "auto" else generation_mode(adapter))
     if (folder / REFERENCE_FILE).is_file():
         return reference_from_dict(json.loads((folder / REFERENCE_FILE).read_text()))
-    meta = adapter_meta(adapter, mode)
+    meta = AdapterMeta.load(folder)
     key = hashlib.sha256(json.dumps([str(meta.data_dir), meta.prep.key()], sort_keys=True).encode()).hexdigest()
     cached = None if cache_dir is None else Path(cache_dir) / f"{key[:16]}.json"
     if cached is not None and cached.is_file():
