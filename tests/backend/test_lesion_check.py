@@ -52,3 +52,16 @@ def test_shipped_adapters_carry_the_reference_of_their_training_lesions(folder):
     assert str(meta.data_dir) in values["source"] and f"on the {meta.prep.shape[0]} voxel grid" in values["source"]
     assert ref.n == len(ref.volumes_cm3) == len(ref.positions) and ref.min_volume_cm3 <= ref.max_volume_cm3
     assert values["accepted_volume_cm3"] == pytest.approx(list(ref.volume_range))
+
+
+@pytest.mark.parametrize("name", ["embedded", "embedded-3mm", "embedded-fine"])
+def test_every_shipped_name_finds_the_reference_of_each_mode(name):
+    """A shipped name with an explicit mode is that mode's shipped folder (embedded-3mm's conditional adapter was
+    refused once: the lesion check of its pairs went missing)."""
+    from neuromf.eval.lesion_check import adapter_reference
+    from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
+
+    for mode in ("joint", "conditional"):
+        folder = resolve_adapter_dir(name, mode)
+        assert AdapterMeta.load(folder).mode == mode
+        assert adapter_reference(name, None, mode).n >= 20
