@@ -193,7 +193,8 @@ class GenerateWidget(QWidget):
                                  tooltip="gen_NNN_FLAIR.nii.gz + gen_NNN_FLAIR_roi.nii.gz + gen_NNN.json go here: a "
                                          "folder the FCD data widget and training read directly")
         self.real_case = layer_choice(napari_viewer, Image, "The real FLAIR to compare with (its lesion Labels layer "
-                                                            "on the same grid comes along when one is open)")
+                                                            "on the same grid comes along when one is open)",
+                                      keep=lambda layer: not (layer.metadata.get("neuromf") or {}).get("generated"))
         self.compare_button = tip(QPushButton("Side by side"),
                                   "Open a second window: the real case (left) on the generated pair's grid, as "
                                   "training sees it, and the selected pair (right); one slice position and one "

@@ -153,13 +153,14 @@ def selected_row(table: QTableWidget) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ layer choices
-def layer_choice(viewer: napari.Viewer, layer_type: type[Layer], tooltip: str, first: str | None = None) -> ComboBox:
+def layer_choice(viewer: napari.Viewer, layer_type: type[Layer], tooltip: str, first: str | None = None,
+                 keep: Callable[[Layer], bool] | None = None) -> ComboBox:
     """A magicgui ComboBox of the open layers of ``layer_type`` (``first``: an extra leading choice whose value
-    is that string), kept up to date as layers are added, removed or reordered."""
+    is that string; ``keep``: which of them to offer), kept up to date as layers are added, removed or reordered."""
 
     def choices(_: Any) -> list[tuple[str, Any]]:
         found = [(layer.name, layer) for layer in viewer.layers
-                 if isinstance(layer, layer_type) and not is_view_aid(layer)]
+                 if isinstance(layer, layer_type) and not is_view_aid(layer) and (keep is None or keep(layer))]
         return [(first, first), *found] if first else found
 
     combo = ComboBox(choices=choices, tooltip=tooltip)

@@ -724,6 +724,7 @@ def test_generated_pair_side_by_side_with_a_real_case_shares_the_slice(make_napa
     image_path, mask_path = case_files(phantom_subset)
     for layer_tuple in case_layers(image_path, mask_path, "sub-00001")[0]:
         add_layer(viewer, layer_tuple)
+    assert list(widget.real_case.choices) == [viewer.layers["sub-00001 FLAIR"]]  # no generated FLAIR offered
     widget.real_case.value = viewer.layers["sub-00001 FLAIR"]
     widget.new_viewer = lambda **kwargs: make_napari_viewer(**kwargs)
     worker = widget.compare()
