@@ -355,7 +355,7 @@ class GenerateWidget(QWidget):
         self.offer_label.setVisible(True)
         name = Path(adapter).name if Path(adapter).name != "adapter" else Path(adapter).parent.name
         check = _state.STATE.adapter_check(adapter)
-        self.check_latest.setEnabled(not self.busy)
+        self.check_latest.setEnabled(True)  # while a job runs, a press says so (start_check)
         self.use_latest.setEnabled(bool(check and check.get("recommended")))
         if check is None:
             self.offer.setText(f"Your last trained adapter ({name}) is not selected: it has not been checked yet. "

@@ -488,7 +488,7 @@ def test_last_trained_adapter_is_offered_only_after_its_quick_lesion_check(make_
     assert failed and all(FAILURE_WORDS[name] in check.reason for name in failed)
     assert "not recommended" in widget.offer.text() and check.reason in widget.offer.text()
     assert not widget.use_latest.isEnabled() and widget.adapter.text() == DEFAULT_ADAPTER
-    assert "not recommended" in widget.job.status.text()
+    assert "not recommended" in widget.job.status.text() and widget.check_latest.isEnabled()  # can check again
 
     # remembered for these weights across sessions
     again = _state.PluginState()
