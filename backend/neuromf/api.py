@@ -86,7 +86,7 @@ def fine_tune(config: str | Path | RunConfig = "joint_3mm", base_checkpoint: str
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path | None = None, mode: str = "auto",
              steps: int = 1, seed: int = 0, device: str = "auto", masks: list | None = None,
              method: str = "meanflow", render: str | Path | None = None, guidance: float | None = None,
-             joint_guidance: float | None = None, sites: Any = None) -> list:
+             joint_guidance: float | None = None, sites: Any = None, texture: bool = True) -> list:
     """Generated FLAIR + lesion mask pairs (`neuromf.generation.images.GeneratedPair`: image, mask, affine, meta).
 
     Args:
@@ -102,6 +102,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
         joint_guidance: joint mode only: guidance against the empty mask's path (1 = none); None = the adapter's.
         sites: joint mode, site-conditioned adapters: lesion sites, (k, 3) voxel coordinates on the model grid,
             used in turn; None = drawn from the adapter's prior.
+        texture: add the VAE's scanner texture (the voxel noise of real scans, fitted on the VAE's training
+            scans; only VAEs with a fitted level, the shipped 2 mm one) to each FLAIR; False = the smooth decode.
 
     Returns:
         The list of pairs (sample i depends only on (seed, i)).
@@ -115,13 +117,14 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
         if render is not None or joint_guidance is not None or sites is not None:
             raise ValueError("render, joint_guidance and sites are for a joint adapter (mode='joint')")
         pairs = list(generate_conditional_pairs(adapter, n, steps, seed, device, masks, method=method,
-                                                guidance=guidance))
+                                                guidance=guidance, texture=texture))
     else:
         if masks is not None:
             raise ValueError("masks need a conditional adapter (mode='conditional')")
         from neuromf.generation.joint import generate_pairs as joint_pairs
 
-        pairs = list(joint_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites))
+        pairs = list(joint_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites,
+                                 texture=texture))
     if out is not None:
         write_pairs(pairs, Path(out))
     return pairs

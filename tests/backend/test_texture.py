@@ -82,3 +82,23 @@ def test_vae_sidecar_refuses_a_bad_texture_sigma(tmp_path, tiny_vae_dir, value):
         MAISIVAEWrapper.from_file(vae_dir, preset="tiny")
     (vae_dir / "model.json").write_text(json.dumps({**meta, "texture_sigma": 0.03}))
     assert MAISIVAEWrapper.from_file(vae_dir, preset="tiny").texture_sigma == 0.03
+
+
+def test_generation_adds_the_vaes_texture_reproducibly():
+    from neuromf.generation.images import with_texture
+    from neuromf.vae import MAISIVAEWrapper
+
+    vae = MAISIVAEWrapper(preset="tiny")
+    image = smooth_brain(4)
+    same, meta = with_texture(image, vae, seed=0, index=0)  # no fitted level: the decode as it is
+    assert same is image and meta == {"texture_sigma": None}
+    vae.texture_sigma = SIGMA
+    first, meta = with_texture(image, vae, seed=0, index=3)
+    assert meta == {"texture_sigma": SIGMA}
+    np.testing.assert_array_equal(first, with_texture(image, vae, seed=0, index=3)[0])  # pair i from (seed, i)
+    assert not np.array_equal(first, with_texture(image, vae, seed=0, index=4)[0])
+    assert not np.array_equal(first, with_texture(image, vae, seed=1, index=3)[0])
+    inside = brain_interior(image)
+    assert noise_level(first, inside) == pytest.approx(SIGMA, rel=0.15)
+    off, meta = with_texture(image, vae, seed=0, index=3, texture=False)
+    assert off is image and meta == {"texture_sigma": None}

@@ -19,7 +19,7 @@ import torch
 from neuromf.data.brain import brain_mask
 from neuromf.data.mask_prior import PRIOR, MaskPrior
 from neuromf.generation.guidance import guided_velocity
-from neuromf.generation.images import GeneratedPair, model_grid_affine, write_pairs
+from neuromf.generation.images import GeneratedPair, model_grid_affine, with_texture, write_pairs
 from neuromf.io.nifti import Preprocessing
 from neuromf.meanflow import sample
 from neuromf.models.adapter_meta import (
@@ -177,7 +177,7 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
                                on_pair: Callable[[int], None] | None = None,
                                method: str = "meanflow", guidance: float | None = None,
                                on_step: Callable[[int, int], None] | None = None,
-                               stop: Event | None = None) -> Iterator[GeneratedPair]:
+                               stop: Event | None = None, texture: bool = True) -> Iterator[GeneratedPair]:
     """FLAIRs for given masks on the model grid (each with its grid affine), or for `n` masks drawn from the
     adapter's prior (model-grid affine centred on the origin).
 
@@ -202,6 +202,8 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
         on_step: called with (i, steps) after each network step of every sampling pass (a prior-drawn lesion takes
             two passes or more: the lesion-free brain, then the FLAIR for the placed lesion).
         stop: when set, `neuromf.meanflow.SamplingStopped` is raised before the next network step.
+        texture: add the VAE's scanner texture to each FLAIR (`neuromf.generation.images.with_texture`); off =
+            the decoder's mean, smoother than any scan.
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, (4, 4) affine, and
         meta (seed, steps, sampler, guidance, adapter, `mask_source` "given" or "prior", placement for prior
@@ -226,25 +228,27 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
         if on_pair is not None:
             on_pair(i)
         affine = affines[i] if affines is not None else default_affine
+        image, texture_meta = with_texture(image, cond.vae, seed, i, texture)
         yield GeneratedPair(i, image, mask, affine,
                               {"index": i, "seed": seed, "steps": steps, "sampler": method, "guidance": guidance,
                                "adapter": source, "mode": "conditional",
-                               "mask_source": origin, **placement})
+                               "mask_source": origin, **placement, **texture_meta})
 
 
 def write_conditional_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int = 1, seed: int = 0,
                             device: str = "auto", masks: list[np.ndarray] | None = None,
                             affines: list[np.ndarray] | None = None, method: str = "meanflow",
                             guidance: float | None = None,
-                            on_step: Callable[[int, int], None] | None = None) -> list[Path]:
+                            on_step: Callable[[int, int], None] | None = None, texture: bool = True) -> list[Path]:
     """Conditional pairs written by `neuromf.generation.images.write_pairs`, as joint generation writes them.
 
     Args:
-        adapter, n, steps, seed, device, masks, affines, method, guidance, on_step: as for
+        adapter, n, steps, seed, device, masks, affines, method, guidance, on_step, texture: as for
             `generate_conditional_pairs`.
         out_dir: output folder.
     Returns:
         The written paths: FLAIR, mask and JSON per pair.
     """
     return write_pairs(generate_conditional_pairs(adapter, n, steps, seed, device, masks, affines,
-                                                  method=method, guidance=guidance, on_step=on_step), out_dir)
+                                                  method=method, guidance=guidance, on_step=on_step,
+                                                  texture=texture), out_dir)

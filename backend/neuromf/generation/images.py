@@ -10,11 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from neuromf.data.texture import add_texture
 from neuromf.io.nifti import Preprocessing, save_nifti
 from neuromf.meanflow.samplers import sample_latents
 from neuromf.models.flow_model import load_flow_model, read_model_meta
 from neuromf.utils import atomic_write_json, resolve_device
-from neuromf.vae import vae_for
+from neuromf.vae import MAISIVAEWrapper, vae_for
+
+TEXTURE_DRAW = 7  # texture draws use (seed, index, 7): apart from the noise and mask draws of (seed, index)
 
 
 def model_grid_affine(shape: tuple[int, ...], spacing: tuple[float, ...]) -> np.ndarray:
@@ -48,6 +51,17 @@ class GeneratedPair:
     mask: np.ndarray  # (H, W, D) uint8 {0, 1}
     affine: np.ndarray  # (4, 4) voxel -> world (RAS, mm)
     meta: dict[str, Any]  # written as sample_XXX.json: seed, steps, adapter, mode, ...
+
+
+def with_texture(image: np.ndarray, vae: MAISIVAEWrapper, seed: int, index: int,
+                 texture: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """A decoded FLAIR with its VAE's scanner texture (`neuromf.data.texture`, level `vae.texture_sigma`) drawn
+    from (seed, index), and the meta entry recording it; the image unchanged when `texture` is off or the VAE has
+    no fitted level (the 3 mm and tiny VAEs)."""
+    sigma = vae.texture_sigma if texture else None
+    if sigma is None:
+        return image, {"texture_sigma": None}
+    return add_texture(image, sigma, np.random.default_rng([seed, index, TEXTURE_DRAW])), {"texture_sigma": sigma}
 
 
 def write_pairs(pairs: Iterable[GeneratedPair], out_dir: Path) -> list[Path]:

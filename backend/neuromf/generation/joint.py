@@ -18,7 +18,7 @@ import torch
 from neuromf.config import CALIBRATION_SCALES
 from neuromf.generation.conditional import ConditionalModel, load_conditional_model
 from neuromf.generation.guidance import empty_path_guidance
-from neuromf.generation.images import GeneratedPair, model_grid_affine, write_pairs
+from neuromf.generation.images import GeneratedPair, model_grid_affine, with_texture, write_pairs
 from neuromf.meanflow.loss import VelocityFn
 from neuromf.meanflow.samplers import sample_latents
 from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
@@ -73,7 +73,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
                    render: str | Path | None = None, guidance: float | None = None,
                    joint_guidance: float | None = None, sites: Any = None,
                    on_step: Callable[[int, int], None] | None = None,
-                   stop: threading.Event | None = None) -> Iterator[GeneratedPair]:
+                   stop: threading.Event | None = None, texture: bool = True) -> Iterator[GeneratedPair]:
     """Joint FLAIR + lesion mask samples, decoded by the adapter's strategy; sample i depends only on (seed, i).
 
     With `render`, the pair's FLAIR is generated again for its mask by a conditional adapter (same base model and
@@ -98,6 +98,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
         on_step: called with (i, steps) after each network step, of the joint pass (a batch of up to 4 pairs) and of
             each render pass (`neuromf.meanflow.sample`).
         stop: when set, `neuromf.meanflow.SamplingStopped` is raised before the next network step.
+        texture: add the VAE's scanner texture to each FLAIR (`neuromf.generation.images.with_texture`); off =
+            the decoder's mean, smoother than any scan.
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, the model grid's
         (4, 4) affine, and meta (seed, steps, adapter, strategy, `joint_guidance`, `mask_noise_correlation`: about 0
@@ -136,7 +138,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
                 image = images[i, 0].numpy().astype(np.float32)
             else:
                 image = renderer.generate(mask, noise[i, :n_img], steps, method, guidance, on_step, stop)
-            yield GeneratedPair(index, image, mask, affine, meta)
+            image, texture_meta = with_texture(image, joint.vae, seed, index, texture)
+            yield GeneratedPair(index, image, mask, affine, {**meta, **texture_meta})
             index += 1
 
 
@@ -258,15 +261,15 @@ def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int
                           device: str = "auto", method: str = "meanflow",
                           render: str | Path | None = None, guidance: float | None = None,
                           joint_guidance: float | None = None, sites: Any = None,
-                          on_step: Callable[[int, int], None] | None = None) -> list[Path]:
+                          on_step: Callable[[int, int], None] | None = None, texture: bool = True) -> list[Path]:
     """Joint pairs written by `neuromf.generation.images.write_pairs`.
 
     Args:
-        adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites, on_step: as for
+        adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites, on_step, texture: as for
             `generate_pairs`.
         out_dir: output folder.
     Returns:
         The written paths: FLAIR, mask and JSON per pair.
     """
     return write_pairs(generate_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance,
-                                      sites, on_step), out_dir)
+                                      sites, on_step, texture=texture), out_dir)
