@@ -131,6 +131,7 @@ def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: boo
     per_pair = steps * ((joint if mode == "joint" else 0.0) + (flair if mode != "joint" or render else 0.0))
     passes = "joint + FLAIR passes" if mode == "joint" and render else "joint pass" if mode == "joint" \
         else "FLAIR pass"
+    passes += " at the adapters' own guidance"
     return Estimate(rate["load_s"] + pairs * per_pair,
                     f"{pairs} × {steps} steps, {passes}, {machine(rates, 'generation')}{note}")
 
