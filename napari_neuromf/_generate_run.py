@@ -242,14 +242,15 @@ class GenerateRun:
 
 @dataclass
 class AdapterCheckRun(GenerateRun):
-    """The quick lesion check of a trained joint adapter (`neuromf.eval.lesion_check.quick_adapter_check`): a
-    few pairs drawn with its own sampler settings, each mask through the lesion check. Progress and cancel as
+    """The quick lesion check of a trained joint adapter (`neuromf.generation.adapter_check.quick_adapter_check`):
+    a few pairs drawn with its own sampler settings, each mask through the lesion check. Progress and cancel as
     for a generation; yields the `AdapterCheck` (or a Failure)."""
 
     n: int = 2
     check: Any = None
 
     def drive(self) -> Generator[Any, None, int]:
+        """Worker body: the check (or a Failure); a cancel stops it before the next network step."""
         from neuromf.generation.adapter_check import quick_adapter_check
         from neuromf.meanflow.samplers import SamplingStopped
 
