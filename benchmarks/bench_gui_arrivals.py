@@ -7,6 +7,7 @@ paid before measuring. Actions, each `--repeats` times into a fresh viewer state
 
 - `first_sample`: the phantom case, the first NeuroMF use of the session (module imports, the reader preference);
 - `sample`: the phantom case again into an empty viewer; `pair_sample`: the pre-made generated pair;
+- `file_open`: File > Open of the phantom case's FLAIR (one file through NeuroMF's reader) into an empty viewer;
 - `dock_first_pair`: a generated pair arriving in the Generate dock into an empty viewer (it turns the view axial);
 - `dock_next_pair`: a further pair arriving beside it.
 
@@ -67,14 +68,17 @@ def main() -> None:
         spin(600)
         return max((b - a) * 1000 for a, b in zip(ticks, ticks[1:], strict=False))
 
-    samples: dict[str, list[float]] = {name: [] for name in ("first_sample", "sample", "pair_sample",
+    samples: dict[str, list[float]] = {name: [] for name in ("first_sample", "sample", "pair_sample", "file_open",
                                                              "dock_first_pair", "dock_next_pair")}
     samples["first_sample"].append(longest_gap_ms(lambda: viewer.open_sample("napari-neuromf", "fcd_phantom_case")))
 
     from napari_neuromf import _generate_run, _sample_data
     from napari_neuromf._generate_widget import GenerateWidget
     from napari_neuromf._layers import load_nifti
+    from napari_neuromf._sample_data import phantom_case_paths
     from neuromf.generation.images import GeneratedPair
+
+    flair, _ = phantom_case_paths()
 
     widget = GenerateWidget(viewer)
     while not getattr(widget, "ready", False):
@@ -89,6 +93,9 @@ def main() -> None:
             viewer.layers.clear()
             spin(200)
             samples[name].append(longest_gap_ms(lambda sample=sample: viewer.open_sample("napari-neuromf", sample)))
+        viewer.layers.clear()
+        spin(200)
+        samples["file_open"].append(longest_gap_ms(lambda: viewer.open(str(flair), plugin="napari-neuromf")))
         viewer.layers.clear()
         spin(200)
         samples["dock_first_pair"].append(longest_gap_ms(lambda: widget._on_pair(pair)))
