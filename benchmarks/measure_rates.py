@@ -107,8 +107,7 @@ def measure_training(config: str, base: str, cases: int, steps: int, tmp: Path) 
     result = {"cases": cases, "batch_size": cfg.training.batch_size,
               "load_s": round(encoded[0] - start, 2) if encoded else None,
               "per_case_encoding_s": round(_median_gap(encoded), 2),
-              "per_step_s": round(_median_gap(stepped), 2), "steps_timed": len(stepped),
-              "grid": list(cfg.data.shape)}
+              "per_step_s": round(_median_gap(stepped), 2), "steps_timed": len(stepped)}
     print(f"training {config}: {result}", flush=True)
     return result
 

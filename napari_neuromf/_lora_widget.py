@@ -246,7 +246,7 @@ class LoRAWidget(QWidget):
         except Exception:  # a half-typed field or a missing folder: no estimate now, the start says what is wrong
             return None
         steps = cfg.training.max_steps or cfg.training.max_epochs * -(-cases // cfg.training.batch_size)
-        return training_estimate(config, cases, steps, cfg.training.batch_size, grid=cfg.data.shape)
+        return training_estimate(config, cases, steps, cfg.training.batch_size)
 
     def _show_estimate(self, *_: Any) -> None:
         if not _environment.environment_ready():  # the backend is imported in a worker first

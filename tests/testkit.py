@@ -44,9 +44,7 @@ TEST_RATES = {
             for part in ("mask_test", "training", "generation")},
     "mask_test": {"vae_fine": {"load_s": 2.0, "per_case_s": 20.0, "grid": [96, 96, 96]},
                   "vae_small": {"load_s": 1.0, "per_case_s": 10.0, "grid": [64, 64, 64]}},
-    "training": {"joint_2mm": {"load_s": 10.0, "per_case_encoding_s": 6.0, "per_step_s": 8.0, "batch_size": 8,
-                               "grid": [96, 96, 96]},
-                 "joint_3mm": {"load_s": 5.0, "per_case_encoding_s": 3.0, "per_step_s": 4.0, "batch_size": 8,
-                               "grid": [64, 64, 64]}},
+    "training": {"joint_2mm": {"load_s": 10.0, "per_case_encoding_s": 6.0, "per_step_s": 8.0, "batch_size": 8},
+                 "joint_3mm": {"load_s": 5.0, "per_case_encoding_s": 3.0, "per_step_s": 4.0, "batch_size": 8}},
     "generation": {"load_s": 5.0, "joint_per_step_s": 4.0, "render_per_step_s": 2.0, "grid": [96, 96, 96]},
 }

@@ -100,7 +100,7 @@ def mask_test_estimate(vae_folder: str, cases: int, grid: Any | None = None,
 
 
 def training_estimate(config: str, cases: int, steps: int, batch_size: int, encode: bool = True,
-                      grid: Any | None = None, rates: dict[str, Any] | None = None) -> Estimate | None:
+                      rates: dict[str, Any] | None = None) -> Estimate | None:
     """Joint (LoRA) training with a packaged config: loading, encoding `cases` training cases (first run only:
     latents are cached after, `encode=False`) and `steps` steps at `batch_size` (the step time scales with the
     batch). None without a rate for `config`."""
@@ -108,8 +108,9 @@ def training_estimate(config: str, cases: int, steps: int, batch_size: int, enco
     rate = (rates.get("training") or {}).get(config)
     if not rate:
         return None
-    per_case, note = _scaled(rate["per_case_encoding_s"], rate["grid"], grid)
-    per_step, _ = _scaled(rate["per_step_s"] * batch_size / rate["batch_size"], rate["grid"], grid)
+    # a config trains on its base model's grid: its rate holds for it, whatever grid is asked
+    per_case, note = rate["per_case_encoding_s"], ""
+    per_step = rate["per_step_s"] * batch_size / rate["batch_size"]
     encoding = cases * per_case if encode else 0.0
     parts = [f"encoding {cases} cases × {per_case:.0f} s" if encode else "cases already encoded",
              f"{steps} steps × {per_step:.1f} s"]

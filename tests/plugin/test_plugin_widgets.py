@@ -795,8 +795,7 @@ def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_pa
     lora.config.setCurrentText("joint_3mm")
     assert lora.strategy.currentText() == "auto"  # no mask test yet: the estimate does not need one
     cfg = build_lora_config("joint_3mm", {**lora.settings(), "data.mask_strategy": "downsample"})
-    expected = training_estimate("joint_3mm", training_cases(cfg), cfg.training.max_steps, cfg.training.batch_size,
-                                 grid=cfg.data.shape)
+    expected = training_estimate("joint_3mm", training_cases(cfg), cfg.training.max_steps, cfg.training.batch_size)
     qtbot.waitUntil(lambda: lora.estimate.text() == f"Expected time: {expected.describe()}", timeout=5000)
     assert f"encoding {training_cases(cfg)} cases" in expected.basis
 
