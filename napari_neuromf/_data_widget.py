@@ -26,7 +26,7 @@ from napari_neuromf import _environment, _state
 from napari_neuromf._helpers import (
     JobPanel,
     PathField,
-    add_layer,
+    add_layers,
     dock_title,
     help_link,
     launch,
@@ -264,10 +264,13 @@ class FCDDataWidget(QWidget):
             return
         for problem in problems:
             show_warning(f"FCD data: {problem}")
-        layers = [add_layer(self.viewer, layer_tuple) for layer_tuple in tuples]
-        self._apply_contour()
-        self._view_after_adding(next((layer for layer in layers if isinstance(layer, Labels)), None))
-        self.job.finish(f"Opened {case_id}" + (f" ({'; '.join(problems)})" if problems else ""))
+
+        def opened(layers: list) -> None:
+            self._apply_contour()
+            self._view_after_adding(next((layer for layer in layers if isinstance(layer, Labels)), None))
+            self.job.finish(f"Opened {case_id}" + (f" ({'; '.join(problems)})" if problems else ""))
+
+        add_layers(self, tuples, opened)
 
     def _apply_contour(self, *_: Any) -> None:
         width = 1 if self.contour.isChecked() else 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_neuromf._jobs import Caution, Failure, describe_error, format_eta, release_memory
-from napari_neuromf._state import EMBEDDED
+from napari_neuromf._state import EMBEDDED, user_folder
 
 
 def lesion_on_model_grid(data: Any, layer_meta: dict, adapter: str) -> tuple[Any, Any]:
@@ -46,6 +46,32 @@ def sites_on_model_grid(points_world: Any, adapter: str) -> Any:
     scale, translate = world_placement(model_grid_affine(prep.shape, prep.spacing))
     points = np.asarray(points_world, dtype=np.float64).reshape(-1, 3)
     return (points - np.asarray(translate)) / np.asarray(scale)
+
+
+def adapter_grid(adapter: str, mode: str) -> tuple[int, ...] | None:
+    """The model grid (voxels per axis) an adapter draws on, read from its sidecar; None when it cannot be read
+    (the field is being typed; the start reports a missing adapter)."""
+    from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
+
+    try:
+        return tuple(AdapterMeta.load(resolve_adapter_dir(adapter, "joint" if mode == "joint" else
+                                                          "conditional")).prep.shape)
+    except Exception:  # any unreadable or half-typed adapter: no grid, no scaling
+        return None
+
+
+def check_estimate_text(adapter: str | Path) -> str:
+    """``" (about 2 min, ...)"``: how long an adapter's quick lesion check should take; "" without a rate."""
+    from neuromf.estimates import generation_estimate
+    from neuromf.generation.adapter_check import QUICK_CHECK_PAIRS, quick_sampling
+
+    try:
+        _, steps = quick_sampling(adapter)
+    except Exception:  # an unreadable adapter: the check itself reports it
+        return ""
+    estimate = generation_estimate(QUICK_CHECK_PAIRS, steps, "joint", render=False,
+                                   grid=adapter_grid(str(adapter), "joint"))
+    return f" ({estimate.describe()})" if estimate is not None else ""
 
 
 def lesion_cautions(mask: Any, adapter: str) -> list[str]:
@@ -101,6 +127,7 @@ class GenerateRun:
     passes: int = 0
     started: float = field(default_factory=time.perf_counter)
     loaded_s: float | None = None  # seconds the models took to load (until the first network step)
+    estimate: Any = None  # `neuromf.estimates.Estimate` of the whole run, shown while the models load
 
     @property
     def cancelled(self) -> bool:
@@ -117,10 +144,19 @@ class GenerateRun:
     def progress_text(self) -> str:
         """What the widget shows while a pair is being made: the loading phase, then the network steps."""
         if self.step is None:
-            return f"Loading the models ({format_eta(time.perf_counter() - self.started)} so far) ..."
+            expected = f"; the whole run: {self.estimate.describe()}" if self.estimate is not None else ""
+            return f"Loading the models ({format_eta(time.perf_counter() - self.started)} so far){expected} ..."
         i, n = self.step
         return (f"Pair {self.pairs + 1} of {self.n}: network step {i} / {n} (pass {self.passes}) · models loaded in "
                 f"{format_eta(self.loaded_s)}")
+
+    def _lesion_judge(self) -> tuple[Any, tuple[str, ...]]:
+        """`lesion_judge` of this run; a caution when there is no reference."""
+        try:
+            return lesion_judge(self.adapter, self.mode, bool(self.render))
+        except Exception as err:  # no verdict is better than a wrong one; the figures still come
+            self.cautions.append(f"Lesion check: no reference lesions for {self.adapter} ({err})")
+            return None, ()
 
     def _inpaint(self) -> Any:
         """The lesion painted in `lesion` (or drawn from the adapter's prior) put into the scan `scan`, on the
@@ -177,10 +213,12 @@ class GenerateRun:
                                        method=self.method, render=self.render, guidance=self.guidance,
                                        joint_guidance=self.joint_guidance, sites=sites, on_step=self.on_step,
                                        stop=self.cancel)
+            judge = self._lesion_judge()
             for pair in pairs:
                 if self.cancel.is_set():
                     break
-                pair.meta = {**(pair.meta or {}), "lesion": lesion_figures(pair.image, pair.mask, pair.affine)}
+                pair.meta = {**(pair.meta or {}), "lesion": lesion_figures(pair.image, pair.mask, pair.affine,
+                                                                           *judge)}
                 self.pairs += 1
                 self.passes, self.step = 0, None if self.loaded_s is None else (0, 1)
                 yield pair
@@ -202,6 +240,36 @@ class GenerateRun:
         return self.pairs
 
 
+@dataclass
+class AdapterCheckRun(GenerateRun):
+    """The quick lesion check of a trained joint adapter (`neuromf.generation.adapter_check.quick_adapter_check`):
+    a few pairs drawn with its own sampler settings, each mask through the lesion check. Progress and cancel as
+    for a generation; yields the `AdapterCheck` (or a Failure)."""
+
+    n: int = 2
+    check: Any = None
+
+    def drive(self) -> Generator[Any, None, int]:
+        """Worker body: the check (or a Failure); a cancel stops it before the next network step."""
+        from neuromf.generation.adapter_check import quick_adapter_check
+        from neuromf.meanflow.samplers import SamplingStopped
+
+        try:
+            self.check = quick_adapter_check(self.adapter, n=self.n, device=self.device,
+                                             cache_dir=user_folder() / "lesion_references", on_step=self.on_step,
+                                             stop=self.cancel)
+            self.pairs = self.n
+            yield self.check
+        except SamplingStopped:
+            pass
+        except Exception as err:
+            self.failure = Failure(describe_error(err, f"Lesion check of {self.adapter}", self.device), err)
+            yield self.failure
+        finally:
+            release_memory()
+        return self.pairs
+
+
 def layer_affine(state: dict) -> Any:
     """The (4, 4) RAS affine of a layer this plugin made (its canonical NIfTI affine), else from its scale and
     translate (an axis-aligned grid in world mm)."""
@@ -215,40 +283,93 @@ def layer_affine(state: dict) -> Any:
     return affine
 
 
-def lesion_figures(image: Any, mask: Any, affine: Any) -> dict[str, Any]:
+def lesion_judge(adapter: str, mode: str, rendered: bool) -> tuple[Any, tuple[str, ...]]:
+    """(reference, criteria) of the lesion check of a pair: the real lesions the adapter that drew the lesion was
+    trained on (`neuromf.eval.lesion_check.adapter_reference`, cached in the user folder); without a renderer the
+    joint model's own FLAIR shows the lesion only faintly, so only the mask is judged."""
+    from neuromf.eval.lesion_check import MASK_CRITERIA, adapter_reference
+    from neuromf.eval.lesion_metrics import CRITERIA
+
+    ref = adapter_reference(adapter, user_folder() / "lesion_references", "joint" if mode == "joint" else
+                            "conditional")
+    return ref, CRITERIA if (mode != "joint" or rendered) else MASK_CRITERIA
+
+
+def figures_of_layers(image: Any, mask: Any, affine: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """Worker body: the lesion figures and verdict of a generated pair opened without them (a pre-made sample,
+    a pair saved by an older version), from its provenance (``checkpoint``, ``mode``, ``rendered_by``)."""
+    try:
+        judge = lesion_judge(str(info.get("checkpoint") or EMBEDDED), str(info.get("mode") or "joint"),
+                             bool(info.get("rendered_by")))
+    except Exception:  # an adapter that is not here: the figures without a verdict
+        judge = (None, ())
+    return lesion_figures(image, mask, affine, *judge)
+
+
+def lesion_figures(image: Any, mask: Any, affine: Any, reference: Any = None,
+                   criteria: tuple[str, ...] = ()) -> dict[str, Any]:
     """The generated lesion in plain figures: volume (cm³), FLAIR contrast (mean under the mask / mean in a ring
-    around it) and the share inside the brain (``neuromf.eval.lesion_metrics.lesion_stats``)."""
+    around it), the share inside the brain (``neuromf.eval.lesion_metrics.lesion_stats``) and, with a
+    ``reference``, the lesion check's verdict on ``criteria`` (``neuromf.eval.lesion_check``)."""
     import numpy as np
 
+    from neuromf.eval.lesion_check import pair_verdict
     from neuromf.eval.lesion_metrics import lesion_stats
 
     spacing = tuple(float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
     stats = lesion_stats(image, mask, spacing)
-    return {"volume_cm3": round(stats.volume_cm3, 2), "contrast": None if stats.contrast is None
-            else round(stats.contrast, 3), "inside_brain": None if stats.inside_brain_share is None
-            else round(stats.inside_brain_share, 3), "components": stats.n_components}
+    figures = {"volume_cm3": round(stats.volume_cm3, 2), "contrast": None if stats.contrast is None
+               else round(stats.contrast, 3), "inside_brain": None if stats.inside_brain_share is None
+               else round(stats.inside_brain_share, 3), "components": stats.n_components, "check": None}
+    if reference is not None and criteria:
+        verdict = pair_verdict(stats, reference, criteria)
+        figures["check"] = {"lesion_like": verdict.lesion_like, "failed": verdict.failed,
+                            "criteria": verdict.judged, "verdict": verdict.describe()}
+    return figures
 
 
 def describe_lesion(figures: dict[str, Any]) -> str:
-    """``"lesion 1.8 cm³, contrast 1.24, 97% inside the brain"`` (or that the mask is empty)."""
+    """``"lesion 1.8 cm³, contrast 1.24, 97% inside the brain; passes the lesion check"`` (or that the mask is
+    empty)."""
+    check = (figures or {}).get("check")
+    verdict = f"; {check['verdict']}" if check else ""
     if not figures or not figures.get("volume_cm3"):
-        return "no lesion (empty mask)"
+        return f"no lesion (empty mask){verdict}"
     text = f"lesion {figures['volume_cm3']:.2f} cm³"
     if figures.get("contrast") is not None:
         text += f", contrast {figures['contrast']:.2f}"
     if figures.get("inside_brain") is not None:
         text += f", {figures['inside_brain']:.0%} inside the brain"
-    return text
+    return text + verdict
+
+
+def pair_summary(figures: dict[str, Any] | None) -> str:
+    """One line per pair in the dock's list: ``"1.80 cm³ · contrast 1.24 · lesion-like"`` (or why it is not)."""
+    if not figures:
+        return "no figures"
+    parts = [f"{figures['volume_cm3']:.2f} cm³" if figures.get("volume_cm3") else "empty mask"]
+    if figures.get("contrast") is not None:
+        parts.append(f"contrast {figures['contrast']:.2f}")
+    check = figures.get("check")
+    if check:
+        parts.append("lesion-like" if check["lesion_like"] else "not lesion-like: " + ", ".join(check["failed"]))
+    return " · ".join(parts)
+
+
+def generated_pairs(layers: Iterable[Any]) -> dict[str, dict[str, Any]]:
+    """The generated pairs present in the viewer, in layer order: name (``gen_003``) -> its provenance (the
+    layers' ``metadata["neuromf"]``, with the lesion figures and the check's verdict)."""
+    found: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        info = (getattr(layer, "metadata", None) or {}).get("neuromf") or {}
+        if info.get("generated") and info.get("pair") not in found:
+            found[info["pair"]] = info
+    return found
 
 
 def generated_prefixes(layers: Iterable[Any]) -> list[str]:
     """Names (``gen_003``) of generated pairs present in the viewer, in layer order."""
-    seen: list[str] = []
-    for layer in layers:
-        info = (getattr(layer, "metadata", None) or {}).get("neuromf") or {}
-        if info.get("generated") and info.get("pair") not in seen:
-            seen.append(info["pair"])
-    return seen
+    return list(generated_pairs(layers))
 
 
 @dataclass

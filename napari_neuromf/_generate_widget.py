@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QListWidget,
+    QListWidgetItem,
     QPushButton,
     QSpinBox,
     QToolButton,
@@ -27,15 +28,16 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_neuromf import _environment, _generate_run, _state
+from napari_neuromf import _compare, _environment, _generate_run, _state
 from napari_neuromf._helpers import (
     JobPanel,
     PathField,
-    add_layer,
+    add_layers,
     dock_title,
     help_link,
     launch,
     layer_choice,
+    pair_mismatch,
     tip,
     when_backend_ready,
 )
@@ -110,12 +112,23 @@ class GenerateWidget(QWidget):
                                          "older 3 mm demo (its joint masks come out empty); or a trained adapter "
                                          "folder")
         _state.STATE.on_adapter(self._new_adapter)
-        latest = tip(QPushButton("last trained"), "Use the adapter of the last LoRA run (remembered across sessions). "
-                                                  "It is offered, never chosen for you: a short training often "
-                                                  "makes empty masks or lesions outside the brain")
-        latest.clicked.connect(self._use_latest)
+        self.use_latest = tip(QPushButton("Use it"), "Select the adapter of the last LoRA run (remembered across "
+                                                     "sessions); possible only once its quick lesion check passed")
+        self.use_latest.clicked.connect(self._use_latest)
+        self.check_latest = tip(QPushButton("Check it"), "Draw a few pairs from the last trained adapter and put "
+                                                         "their masks through the lesion check (empty masks, lesions "
+                                                         "outside the brain, sizes, depths and sites no real lesion "
+                                                         "has): it is offered only when every pair passes")
+        self.check_latest.clicked.connect(self.start_check)
         self.offer = QLabel("")
         self.offer.setWordWrap(True)
+        self.offer_row = QWidget()
+        offer_layout = QHBoxLayout(self.offer_row)
+        offer_layout.setContentsMargins(0, 0, 0, 0)
+        offer_layout.addWidget(self.offer, 1)
+        offer_layout.addWidget(self.check_latest)
+        offer_layout.addWidget(self.use_latest)
+        self.offer_row.setVisible(False)
         self.n = tip(QSpinBox(), "How many pairs to generate (on a CPU one 2 mm pair takes minutes)")
         self.n.setRange(1, 256)
         self.n.setValue(DEFAULT_PAIRS)
@@ -155,6 +168,17 @@ class GenerateWidget(QWidget):
         self.generate_button = tip(QPushButton("Generate"), "Generate the pairs; each appears as 'gen_NNN FLAIR' + "
                                                             "'gen_NNN lesion' layers")
         self.generate_button.clicked.connect(self.start)
+        self._estimate_timer = QTimer(self)  # one estimate after a burst of edits
+        self._estimate_timer.setSingleShot(True)
+        self._estimate_timer.setInterval(200)
+        self._estimate_timer.timeout.connect(self._show_estimate)
+        self.estimate = QLabel("")
+        self.estimate.setWordWrap(True)
+        self.estimate.setToolTip("How long the pairs should take here, from rates measured on the machine named "
+                                 "(seconds per network step of each pass); a busier or slower machine takes longer")
+        for signal in (self.n.valueChanged, self.steps.valueChanged, self.mode.currentTextChanged,
+                       self.render.edit.textChanged, self.adapter.edit.textChanged):
+            signal.connect(self._estimate_timer.start)
         self.job = JobPanel("Stop within one network step (generating; the pairs done so far stay) or after the "
                             "current file (saving)")
         self.job.cancel_button.clicked.connect(self.cancel)
@@ -168,18 +192,26 @@ class GenerateWidget(QWidget):
         self.out_dir = PathField("", "dir", "Folder for generated pairs",
                                  tooltip="gen_NNN_FLAIR.nii.gz + gen_NNN_FLAIR_roi.nii.gz + gen_NNN.json go here: a "
                                          "folder the FCD data widget and training read directly")
+        self.real_case = layer_choice(napari_viewer, Image, "The real FLAIR to compare with (its lesion Labels layer "
+                                                            "on the same grid comes along when one is open)",
+                                      keep=lambda layer: not (layer.metadata.get("neuromf") or {}).get("generated"))
+        self.compare_button = tip(QPushButton("Side by side"),
+                                  "Open a second window: the real case (left) on the generated pair's grid, as "
+                                  "training sees it, and the selected pair (right); one slice position and one "
+                                  "grey window for both")
+        self.compare_button.clicked.connect(self.compare)
+        self.compare_viewer: Any = None
         self.save_button = tip(QPushButton("Save pairs"), "Write the selected pairs (or all) as NIfTI")
         self.save_button.clicked.connect(self.save_pairs)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._refresh_pairs)
         self.destroyed.connect(self._disconnect)
 
-        adapter_row = QHBoxLayout()
-        adapter_row.addWidget(self.adapter)
-        adapter_row.addWidget(latest)
         form = QFormLayout()
-        form.addRow("Model", adapter_row)
-        form.addRow("", self.offer)
+        form.addRow("Model", self.adapter)
+        self.offer_label = QLabel("Last trained")
+        self.offer_label.setVisible(False)
+        form.addRow(self.offer_label, self.offer_row)
         form.addRow("Mode", self.mode)
         form.addRow("Scan", self.scan.native)
         form.addRow("Lesion", self.lesion.native)
@@ -208,6 +240,7 @@ class GenerateWidget(QWidget):
         layout.addWidget(self.advanced_toggle)
         layout.addWidget(self.advanced)
         layout.addWidget(self.generate_button)
+        layout.addWidget(self.estimate)
         layout.addWidget(self.job)
         box = QGroupBox("Save")
         box_layout = QVBoxLayout(box)
@@ -217,6 +250,11 @@ class GenerateWidget(QWidget):
         save_form.addRow("Save into", self.out_dir)
         box_layout.addLayout(save_form)
         box_layout.addWidget(self.save_button)
+        compare_row = QHBoxLayout()
+        compare_row.addWidget(QLabel("Compare with"))
+        compare_row.addWidget(self.real_case.native, 1)
+        compare_row.addWidget(self.compare_button)
+        box_layout.addLayout(compare_row)
         layout.addWidget(box, 1)
         self._refresh_pairs()
         dock_title(self, self.TITLE)
@@ -230,6 +268,22 @@ class GenerateWidget(QWidget):
         if _state.STATE.last_adapter is not None and Path(_state.STATE.last_adapter).is_dir():
             self._new_adapter(_state.STATE.last_adapter)
         self.out_dir.fill(str(_state.user_folder() / "generated"))
+        self._show_estimate()
+        QTimer.singleShot(0, self._refresh_pairs)  # once ready: the figures of pairs opened before (samples)
+
+    def time_estimate(self) -> Any:
+        """The estimate of generating with the form's settings (`neuromf.estimates`), or None (no rate)."""
+        from neuromf.estimates import generation_estimate
+
+        mode = self.mode.currentText()
+        return generation_estimate(self.n.value(), self.steps.value(), mode, render=bool(self.render.text()),
+                                   grid=_generate_run.adapter_grid(self.adapter.text() or DEFAULT_ADAPTER, mode))
+
+    def _show_estimate(self, *_: Any) -> None:
+        if not _environment.environment_ready():  # the backend is imported in a worker first
+            return
+        estimate = self.time_estimate()
+        self.estimate.setText("Expected time: " + (estimate.describe() if estimate else "no measured rate"))
 
     def _disconnect(self, *_: Any) -> None:
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
@@ -249,29 +303,119 @@ class GenerateWidget(QWidget):
         self.joint_guidance.setEnabled(self.mode.currentText() == "joint")
 
     def _refresh_pairs(self, *_: Any) -> None:
-        selected = {item.text() for item in self.pairs.selectedItems()}
+        """The list of open generated pairs, each with its lesion figures and the lesion check's verdict (worked
+        out in a worker for a pair opened without them, e.g. a sample)."""
+        selected = set(self.selected_pairs())
         self.pairs.clear()
-        for prefix in _generate_run.generated_prefixes(self.viewer.layers):
-            self.pairs.addItem(prefix)
-            if prefix in selected:
-                self.pairs.item(self.pairs.count() - 1).setSelected(True)
+        for prefix, info in _generate_run.generated_pairs(self.viewer.layers).items():
+            if "lesion" not in info and getattr(self, "ready", False):
+                self._work_out_figures(prefix)
+            item = QListWidgetItem(f"{prefix} · {_generate_run.pair_summary(info.get('lesion'))}")
+            item.setData(Qt.UserRole, prefix)
+            item.setToolTip(f"{prefix}: {_generate_run.describe_lesion(info.get('lesion'))}")
+            self.pairs.addItem(item)
+            item.setSelected(prefix in selected)
+
+    def _work_out_figures(self, prefix: str) -> None:
+        names = (f"{prefix} FLAIR", f"{prefix} lesion")
+        pending = self.__dict__.setdefault("_figures_pending", set())
+        if prefix in pending or not all(name in self.viewer.layers for name in names):
+            return
+        image, lesion = (self.viewer.layers[name] for name in names)
+        affine = _generate_run.layer_affine(image.as_layer_data_tuple()[1])
+        info = dict(image.metadata.get("neuromf") or {})
+        pending.add(prefix)
+        worker = create_worker(_generate_run.figures_of_layers, np.array(image.data), np.array(lesion.data), affine,
+                               info)
+
+        def done(figures: dict) -> None:
+            pending.discard(prefix)
+            for layer in (image, lesion):  # the layers may have gone meanwhile: then nothing to show
+                if layer in self.viewer.layers:
+                    layer.metadata = {**layer.metadata, "neuromf": {**layer.metadata.get("neuromf", {}),
+                                                                    "lesion": figures}}
+            self._refresh_pairs()
+
+        worker.returned.connect(done)
+        worker.errored.connect(lambda *_: pending.discard(prefix))
+        worker.start()
+
+    def selected_pairs(self) -> list[str]:
+        """Names (``gen_000``) of the pairs selected in the list."""
+        return [item.data(Qt.UserRole) for item in self.pairs.selectedItems()]
 
     def _toggle_advanced(self, shown: bool) -> None:
         self.advanced.setVisible(shown)
         self.advanced_toggle.setArrowType(Qt.DownArrow if shown else Qt.RightArrow)
 
     def _new_adapter(self, adapter: Path) -> None:
-        """A trained adapter is offered, never switched to: a short training often draws empty masks or lesions
-        outside the brain, and nothing has checked this one yet."""
-        self.offer.setText(f"Your last trained adapter ({Path(adapter).name}) is not selected: it has not been "
-                           "checked for lesions; press 'last trained' to try it.")
+        """A trained adapter is offered, never switched to, and only once its own quick lesion check passed: a
+        short training often draws empty masks or lesions outside the brain."""
+        self.offer_row.setVisible(True)
+        self.offer_label.setVisible(True)
+        name = Path(adapter).name if Path(adapter).name != "adapter" else Path(adapter).parent.name
+        check = _state.STATE.adapter_check(adapter)
+        self.check_latest.setEnabled(True)  # while a job runs, a press says so (start_check)
+        self.use_latest.setEnabled(bool(check and check.get("recommended")))
+        if check is None:
+            self.offer.setText(f"Your last trained adapter ({name}) is not selected: it has not been checked yet. "
+                               "'Check it' draws a few pairs and puts their masks through the lesion check"
+                               f"{_generate_run.check_estimate_text(adapter)}.")
+        elif check.get("recommended"):
+            self.offer.setText(f"Your last trained adapter ({name}) passed its quick check ({check['reason']}): "
+                               "'Use it' selects it.")
+        else:
+            self.offer.setText(f"Your last trained adapter ({name}) is not recommended: {check['reason']}.")
 
     def _use_latest(self) -> None:
-        if _state.STATE.last_adapter is None:
+        adapter = _state.STATE.last_adapter
+        if adapter is None:
             show_info("Generate: no LoRA run has finished yet")
             return
-        self.adapter.setText(str(_state.STATE.last_adapter))
-        self.offer.setText("Last trained adapter selected: look at each pair's lesion figures before trusting it.")
+        check = _state.STATE.adapter_check(adapter)
+        if not (check and check.get("recommended")):
+            show_warning("Generate: the last trained adapter has not passed its quick lesion check; press 'Check it'")
+            return
+        self.adapter.setText(str(adapter))
+        self.offer.setText("Last trained adapter selected: it passed its quick check; each pair still gets its own "
+                           "lesion check.")
+
+    def start_check(self) -> Any:
+        """The last trained adapter's quick lesion check, in a worker with progress and Cancel."""
+        adapter = _state.STATE.last_adapter
+        if self.busy:
+            show_warning("Generate: a job is already running")
+            return None
+        if adapter is None or not Path(adapter).is_dir():
+            show_info("Generate: no trained adapter to check")
+            return None
+        self.run = _generate_run.AdapterCheckRun(str(adapter), device=self.device.currentText())
+        self.generate_button.setEnabled(False)
+        self.check_latest.setEnabled(False)
+        self.job.begin(self.run.progress_text())
+        self.progress_timer.start()
+        worker = create_worker(self.run.drive)
+        worker.yielded.connect(self._on_checked)
+        worker.finished.connect(self._check_finished)
+        return launch(self, worker)
+
+    def _on_checked(self, item: Any) -> None:
+        if isinstance(item, Failure):
+            show_error(item.message)
+            self.job.fail(item.message)
+            return
+        _state.STATE.remember_check(item.adapter, item.to_dict())
+
+    def _check_finished(self) -> None:
+        self.progress_timer.stop()
+        self.generate_button.setEnabled(True)
+        run = self.run
+        if run.failure is None:
+            self.job.finish("Lesion check cancelled" if run.check is None else
+                            f"Lesion check: {'recommended' if run.check.recommended else 'not recommended'}: "
+                            f"{run.check.reason}")
+        if _state.STATE.last_adapter is not None:
+            self._new_adapter(_state.STATE.last_adapter)
 
     # -- generating ---------------------------------------------------------------------------------------
     def start(self) -> Any:
@@ -324,6 +468,7 @@ class GenerateWidget(QWidget):
                                         scan=scan)
         self.generate_button.setEnabled(False)
         self.job.begin(self.run.progress_text())
+        self.run.estimate = self.time_estimate()
         self.progress_timer.start()
         worker = create_worker(self.run.drive)
         worker.yielded.connect(self._on_pair)
@@ -350,8 +495,11 @@ class GenerateWidget(QWidget):
         self.job.status.setText(run.progress_text())
 
     def _next_number(self) -> int:
-        numbers = [int(p.split("_")[1]) for p in _generate_run.generated_prefixes(self.viewer.layers)
-                   if p.split("_")[-1].isdigit()]
+        """After the pairs open in the viewer and those still being added (`add_layers` adds them a turn apart)."""
+        waiting = [kwargs.get("metadata", {}).get("neuromf", {}) for layers, _, _ in self.__dict__.get(
+            "_layer_queue", []) for _, kwargs, _ in layers]
+        prefixes = [*_generate_run.generated_prefixes(self.viewer.layers), *(info.get("pair", "") for info in waiting)]
+        numbers = [int(p.split("_")[1]) for p in prefixes if p.split("_")[-1].isdigit()]
         return max(numbers, default=-1) + 1
 
     def _on_pair(self, pair: Any) -> None:
@@ -366,8 +514,7 @@ class GenerateWidget(QWidget):
         meta = {**(pair.meta or {}), "generated": True, "seed": run.seed, "sample_index": int(pair.index),
                 "steps": run.steps, "checkpoint": (pair.meta or {}).get("adapter", run.adapter)}
         prefix = f"gen_{self._next_number():03d}"
-        for t in pair_layers(prefix, pair.image, pair.mask, pair.affine, meta):
-            add_layer(self.viewer, t)
+        add_layers(self, pair_layers(prefix, pair.image, pair.mask, pair.affine, meta))
         self.job.status.setText("\n".join([f"{prefix}: {_generate_run.describe_lesion(meta.get('lesion'))}",
                                            *run.cautions]))
 
@@ -380,12 +527,56 @@ class GenerateWidget(QWidget):
             self.job.count(run.pairs, run.n, "pairs")
             self.job.finish("\n".join([f"Generated {run.pairs} of {run.n} pairs{cancelled}", *run.cautions]))
 
+    # -- comparing ----------------------------------------------------------------------------------------
+    def compare(self) -> Any:
+        """The chosen real case | the first selected (else the last) generated pair, side by side in a second
+        viewer; the resampling runs in a worker."""
+        pairs = self.selected_pairs() or _generate_run.generated_prefixes(self.viewer.layers)[-1:]
+        real = self.real_case.value
+        if not pairs:
+            show_warning("Generate: generate a pair first, then compare it with a real case")
+            return None
+        if real is None or real not in self.viewer.layers:
+            show_warning("Generate: open a real FLAIR to compare with (File > Open or the FCD data dock)")
+            return None
+        prefix = pairs[0]
+        image, lesion = self.viewer.layers[f"{prefix} FLAIR"], self.viewer.layers[f"{prefix} lesion"]
+        real_lesion = next((layer for layer in self.viewer.layers if isinstance(layer, Labels)
+                            and not (layer.metadata.get("neuromf") or {}).get("generated")
+                            and pair_mismatch(real, layer) is None), None)
+
+        def snapshot(layer: Any) -> tuple[Any, dict]:
+            data, state, _ = layer.as_layer_data_tuple()
+            return np.asarray(data), state
+
+        worker = create_worker(_compare.build_comparison, snapshot(real),
+                               None if real_lesion is None else snapshot(real_lesion), snapshot(image),
+                               snapshot(lesion))
+        worker.returned.connect(self._show_comparison)
+        worker.errored.connect(lambda err: show_error(f"Generate: cannot compare {real.name} with {prefix}: {err}"))
+        self.compare_button.setEnabled(False)
+        worker.finished.connect(lambda: self.compare_button.setEnabled(True))
+        self.compare_worker = worker
+        worker.start()
+        return worker
+
+    def _show_comparison(self, comparison: _compare.Comparison) -> None:
+        self.compare_viewer = self.new_viewer(title=f"NeuroMF: {comparison.real_name} | {comparison.pair_name}")
+        _compare.show_comparison(self.compare_viewer, comparison)
+
+    @staticmethod
+    def new_viewer(**kwargs: Any) -> Any:
+        """The second window of a comparison (a napari viewer of its own)."""
+        import napari
+
+        return napari.Viewer(**kwargs)
+
     # -- saving -------------------------------------------------------------------------------------------
     def chosen_prefixes(self) -> list[str]:
         everything = _generate_run.generated_prefixes(self.viewer.layers)
         if self.save_all.isChecked():
             return everything
-        selected = {item.text() for item in self.pairs.selectedItems()}
+        selected = set(self.selected_pairs())
         return [p for p in everything if p in selected]
 
     def save_pairs(self) -> Any:

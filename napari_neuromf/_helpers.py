@@ -153,13 +153,14 @@ def selected_row(table: QTableWidget) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ layer choices
-def layer_choice(viewer: napari.Viewer, layer_type: type[Layer], tooltip: str, first: str | None = None) -> ComboBox:
+def layer_choice(viewer: napari.Viewer, layer_type: type[Layer], tooltip: str, first: str | None = None,
+                 keep: Callable[[Layer], bool] | None = None) -> ComboBox:
     """A magicgui ComboBox of the open layers of ``layer_type`` (``first``: an extra leading choice whose value
-    is that string), kept up to date as layers are added, removed or reordered."""
+    is that string; ``keep``: which of them to offer), kept up to date as layers are added, removed or reordered."""
 
     def choices(_: Any) -> list[tuple[str, Any]]:
         found = [(layer.name, layer) for layer in viewer.layers
-                 if isinstance(layer, layer_type) and not is_view_aid(layer)]
+                 if isinstance(layer, layer_type) and not is_view_aid(layer) and (keep is None or keep(layer))]
         return [(first, first), *found] if first else found
 
     combo = ComboBox(choices=choices, tooltip=tooltip)
@@ -205,8 +206,12 @@ def launch(widget: QWidget, worker: Any) -> Any:
     widget.worker = worker
 
     def finished() -> None:
-        if widget.worker is worker:
-            widget.busy = False
+        if widget.worker is not worker:
+            return
+        if layers_pending(widget):  # the job's last layers are still being added, one per turn
+            QTimer.singleShot(LAYER_TURN_MS, finished)
+            return
+        widget.busy = False
 
     worker.finished.connect(finished)
     worker.start()
@@ -380,6 +385,45 @@ class JobPanel(QWidget):
     def fail(self, message: str) -> None:
         self.finish(message)
         self.bar.setFormat("failed")
+
+
+LAYER_TURN_MS = 30  # between two layers of one result: a turn of the event loop to draw and take input
+
+
+def add_layers(widget: QWidget, tuples: list, then: Callable[[list], None] | None = None) -> None:
+    """Add a result's layers to ``widget.viewer`` one per turn of the event loop, then call ``then(layers)``.
+
+    Each new layer costs napari about 0.2 s of GUI-thread work on a 2-core CPU (its controls, its visual, the first
+    draw); added in one go, a FLAIR and its lesion froze the GUI for their sum. ``launch`` keeps the widget busy
+    until its queue is empty, so a finished job has all its layers.
+    """
+    queue: list = widget.__dict__.setdefault("_layer_queue", [])
+    queue.append((list(tuples), [], then))
+    if len(queue) == 1:
+        _add_next_layer(widget)
+
+
+def _add_next_layer(widget: QWidget) -> None:
+    queue: list = widget.__dict__.get("_layer_queue", [])
+    if not queue:
+        return
+    tuples, added, then = queue[0]
+    try:
+        added.append(add_layer(widget.viewer, tuples.pop(0)))
+        if not tuples:
+            queue.pop(0)
+            if then is not None:
+                then(added)
+    except RuntimeError:  # the widget was deleted by Qt meanwhile
+        queue.clear()
+        return
+    if queue:
+        QTimer.singleShot(LAYER_TURN_MS, lambda: _add_next_layer(widget))
+
+
+def layers_pending(widget: QWidget) -> bool:
+    """True while ``add_layers`` still has layers of this widget to add."""
+    return bool(widget.__dict__.get("_layer_queue"))
 
 
 def add_layer(viewer: napari.Viewer, data_tuple: tuple) -> Layer:

@@ -1,5 +1,5 @@
 """The mask-VAE Dice test run from the GUI, Qt-free: on a data folder or on an open (image, labels) layer
-pair, one row per case, and the strategy-A reconstruction of one case for the overlay."""
+pair, one row per case, and one case's mask after the recommended encoding's round trip for the overlay."""
 
 from __future__ import annotations
 
@@ -156,12 +156,22 @@ class MaskTestRun:
         return self.result
 
 
-def reconstruct(case: Any, vae_spec: str, vae_preset: str | None) -> Any:
-    """Worker body for one case's strategy-A mask reconstruction: (mask, affine) or a Failure."""
+ENCODING_NAMES = {"vae": "VAE", "downsample": "shrunk ({mode})", "sdf": "distance map"}
+
+
+def encoding_label(strategy: str, downsample_mode: str) -> str:
+    """Short name of a mask encoding's round trip for a layer name: "VAE", "shrunk (max)", "distance map"."""
+    return ENCODING_NAMES[strategy].format(mode=downsample_mode)
+
+
+def reconstruct(case: Any, vae_spec: str, vae_preset: str | None, strategy: str = "vae",
+                downsample_mode: str = "nearest", threshold: float = 0.5) -> Any:
+    """Worker body for one case's mask after the round trip of ``strategy`` (the recommended mask encoding):
+    (mask, affine) or a Failure."""
     try:
         from neuromf.eval.mask_test import reconstruct_mask
 
         vae = _state.STATE.vae(vae_spec, vae_preset)
-        return reconstruct_mask(case, vae, preprocessing_for(vae))
+        return reconstruct_mask(case, vae, preprocessing_for(vae), strategy, downsample_mode, threshold)
     except Exception as err:
         return Failure(describe_error(err, f"Mask reconstruction of {case.case_id}"), err)

@@ -101,10 +101,8 @@ class MaskTestWidget(QWidget):
         self.threshold.setValue(0.5)
         self.output = PathField("", "save", "Result JSON", "JSON (*.json)",
                                 tooltip="Where the result is saved; LoRA training with strategy 'auto' reads it")
-        self.run_button = tip(QPushButton("Run test"),
-                              "Encode and decode each case's mask and measure the overlap (22-25 s per case measured "
-                              "on a 2-core CPU with the shipped 3 mm VAE; the bar estimates the rest from the cases "
-                              "done)")
+        self.run_button = tip(QPushButton("Run test"), "Encode and decode each case's mask and measure the overlap "
+                                                       "(the time per case is shown once the backend is loaded)")
         self.run_button.clicked.connect(self.start)
         self.job = JobPanel("Stop the test after the current case (the cases done so far stay in the table)")
         self.job.cancel_button.clicked.connect(self.cancel)
@@ -113,8 +111,9 @@ class MaskTestWidget(QWidget):
         self.recommendation.setWordWrap(True)
         self.recommendation.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.recommendation.setToolTip("Which way of passing the mask to the generator works better on these cases")
-        self.reconstruct_button = tip(QPushButton("Show the VAE's version of the selected case's mask"),
-                                      "Open the selected case and overlay its mask after the VAE round trip")
+        self.reconstruct_button = tip(QPushButton("Show the selected case's mask as the generator learns it"),
+                                      "Open the selected case and overlay (cyan) its mask after the round trip of "
+                                      "the recommended mask encoding: what a model trained with it can draw")
         self.reconstruct_button.clicked.connect(self.show_reconstruction)
 
         form = QFormLayout()
@@ -145,6 +144,7 @@ class MaskTestWidget(QWidget):
         state = _state.STATE
         self.folder.fill(str(state.last_data_dir) if state.last_data_dir else env.phantom_root)
         self.output.fill(str(state.last_mask_test or _state.user_folder() / "mask_test" / "mask_vae_test.json"))
+        self._show_rate()
 
     def _toggle_vae(self, *_: Any) -> None:
         local = self.vae_source.currentIndex() == 1
@@ -222,6 +222,23 @@ class MaskTestWidget(QWidget):
             self.run.cancel.set()
             self.job.waiting("Cancelling after the current case ...")
 
+    def time_estimate(self, cases: int) -> Any:
+        """The estimate of testing ``cases`` cases with the chosen VAE (`neuromf.estimates`); None for a VAE with
+        no measured rate (a MAISI file)."""
+        from neuromf.estimates import mask_test_estimate
+        from neuromf.weights import EMBEDDED_MODELS
+
+        if self.vae_source.currentIndex() != 0:
+            return None
+        return mask_test_estimate(EMBEDDED_MODELS["vae"][_state.EMBEDDED], cases)
+
+    def _show_rate(self) -> None:
+        one = self.time_estimate(1)
+        if one is not None:
+            self.run_button.setToolTip("Encode and decode each case's mask and measure the overlap: "
+                                       f"{one.describe()} for one case with the shipped VAE; the bar estimates "
+                                       "the rest from the cases done")
+
     def _on_item(self, item: Any) -> None:
         if isinstance(item, Failure):
             show_error(item.message)
@@ -230,7 +247,9 @@ class MaskTestWidget(QWidget):
             return
         if isinstance(item, list):  # the cases: now the total is known
             self.job.count(0, len(item), "cases")
-            self.job.status.setText(f"Testing {len(item)} cases ...")
+            estimate = self.time_estimate(len(item))
+            expected = f" (expected: {estimate.describe()})" if estimate is not None else ""
+            self.job.status.setText(f"Testing {len(item)} cases{expected} ...")
             return
         self.run.rows.append(item)
         self.job.count(len(self.run.rows), len(self.run.cases), "cases")
@@ -267,7 +286,8 @@ class MaskTestWidget(QWidget):
             f"{result.get('reason', '')}.{saved}")
 
     def show_reconstruction(self) -> Any:
-        """The selected case's strategy-A mask reconstruction as a Labels layer, next to the case itself."""
+        """The selected case's mask after the recommended encoding's round trip (the test's decision), as a
+        Labels layer next to the case itself."""
         row = selected_row(self.table)
         if self.run is None or row is None or row >= len(self.run.rows):
             show_warning("Mask-VAE test: run the test and select a case in the table first")
@@ -275,18 +295,27 @@ class MaskTestWidget(QWidget):
         if self.busy:
             show_warning("Mask-VAE test: wait for the running job or press Cancel")
             return None
+        if self.run.result is None:
+            show_warning("Mask-VAE test: the test did not finish, so no encoding is recommended yet: run it to the "
+                         "end first")
+            return None
+        from neuromf.eval.mask_test import recommended_encoding
+
+        strategy, mode = recommended_encoding(self.run.result)
         case_id = self.run.rows[row]["id"]
         case = next((c for c in self.run.cases if c.case_id == case_id), None)
         if case is None:
             show_error(f"Mask-VAE test: case {case_id} is no longer in {self.run.data_dir}")
             return None
-        self.job.begin(f"Reconstructing the mask of {case_id} ...")
+        label = _mask_test_run.encoding_label(strategy, mode)
+        self.job.begin(f"Round trip of the mask of {case_id} ({label}) ...")
         open_case = self.run.layers is None and f"{case_id} FLAIR" not in self.viewer.layers
-        worker = create_worker(reconstruct_with_case, case, self.run.vae_spec, self.run.vae_preset, open_case)
-        worker.returned.connect(lambda out: self._add_reconstruction(case_id, *out))
+        worker = create_worker(reconstruct_with_case, case, self.run.vae_spec, self.run.vae_preset, open_case,
+                               strategy, mode, self.run.threshold)
+        worker.returned.connect(lambda out: self._add_reconstruction(case_id, label, *out))
         return launch(self, worker)
 
-    def _add_reconstruction(self, case_id: str, case_tuples: list, out: Any) -> None:
+    def _add_reconstruction(self, case_id: str, label: str, case_tuples: list, out: Any) -> None:
         for layer_tuple_ in case_tuples:
             add_layer(self.viewer, layer_tuple_)
         if isinstance(out, Failure):
@@ -294,14 +323,16 @@ class MaskTestWidget(QWidget):
             self.job.fail(out.message)
             return
         mask, affine = out
-        data, kwargs, kind = layer_tuple(np.asarray(mask, dtype=np.uint8), affine, f"{case_id} lesion (VAE)",
-                                         "labels", extra={"role": "reconstruction", "case": case_id})
+        data, kwargs, kind = layer_tuple(np.asarray(mask, dtype=np.uint8), affine, f"{case_id} lesion ({label})",
+                                         "labels", extra={"role": "reconstruction", "case": case_id,
+                                                          "encoding": label})
         kwargs["colormap"] = {0: "transparent", 1: "cyan", None: "cyan"}  # not the lesion colour: a comparison
         add_layer(self.viewer, (data, kwargs, kind))
-        self.job.finish(f"Cyan: the mask of {case_id} after the VAE round trip")
+        self.job.finish(f"Cyan: the mask of {case_id} after the round trip of the recommended encoding ({label})")
 
 
-def reconstruct_with_case(case: Any, vae_spec: str, vae_preset: str | None, open_case: bool) -> tuple[list, Any]:
+def reconstruct_with_case(case: Any, vae_spec: str, vae_preset: str | None, open_case: bool, strategy: str,
+                          downsample_mode: str, threshold: float) -> tuple[list, Any]:
     """Worker body: (the case's own layers when ``open_case``, the reconstruction or a Failure)."""
     tuples: list = []
     if open_case:
@@ -309,7 +340,7 @@ def reconstruct_with_case(case: Any, vae_spec: str, vae_preset: str | None, open
             tuples, _ = case_layers(case.image, case.mask, case.case_id)
         except LayerDataError:
             tuples = []  # the reconstruction reports the unreadable case itself
-    return tuples, _mask_test_run.reconstruct(case, vae_spec, vae_preset)
+    return tuples, _mask_test_run.reconstruct(case, vae_spec, vae_preset, strategy, downsample_mode, threshold)
 
 
 __all__ = ["MaskTestWidget"]

@@ -23,6 +23,8 @@ class PluginState:
     last_mask_test: Path | None = None
     last_data_dir: Path | None = None
     last_config: str | None = None
+    # quick lesion checks of trained adapters (`neuromf.generation.adapter_check.AdapterCheck.to_dict`), by `check_key`
+    adapter_checks: dict[str, dict] = field(default_factory=dict)
     path: Path | None = None  # the JSON file in the user data folder; None until attached (nothing persisted)
     _vae: tuple[tuple, Any] | None = None
     _adapter_listeners: list = field(default_factory=list)  # weak references to callables(Path)
@@ -43,6 +45,9 @@ class PluginState:
             value = values.get(key) if isinstance(values, dict) else None
             if isinstance(value, str) and value:
                 setattr(self, key, value if key == "last_config" else Path(value))
+        checks = values.get("adapter_checks") if isinstance(values, dict) else None
+        if isinstance(checks, dict):
+            self.adapter_checks = {k: v for k, v in checks.items() if isinstance(v, dict)}
 
     def remember(self, **values: Any) -> None:
         """Set some of the REMEMBERED values and write the file (a few hundred bytes: fine on the GUI thread)."""
@@ -50,9 +55,14 @@ class PluginState:
             if key not in self.REMEMBERED:
                 raise KeyError(f"{key!r} is not remembered; choose one of {self.REMEMBERED}")
             setattr(self, key, value if value is None or key == "last_config" else Path(value))
+        self._write()
+
+    def _write(self) -> None:
         if self.path is None:
             return
-        data = {key: (str(getattr(self, key)) if getattr(self, key) is not None else None) for key in self.REMEMBERED}
+        data: dict[str, Any] = {key: (str(getattr(self, key)) if getattr(self, key) is not None else None)
+                                for key in self.REMEMBERED}
+        data["adapter_checks"] = self.adapter_checks
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -60,6 +70,23 @@ class PluginState:
             os.replace(tmp, self.path)
         except OSError:  # a read-only home folder: the defaults are just not remembered
             pass
+
+    @staticmethod
+    def check_key(adapter: Path | str) -> str:
+        """An adapter folder as of its weights' last change: a check holds for the weights it saw, not a retrain."""
+        folder = Path(adapter)
+        stamps = sorted(f"{p.name}:{p.stat().st_mtime_ns}" for p in folder.glob("*.safetensors")) \
+            if folder.is_dir() else []
+        return f"{folder.resolve() if folder.is_dir() else folder}|{','.join(stamps)}"
+
+    def adapter_check(self, adapter: Path | str) -> dict | None:
+        """The remembered quick lesion check of this adapter's current weights, or None."""
+        return self.adapter_checks.get(self.check_key(adapter))
+
+    def remember_check(self, adapter: Path | str, check: dict) -> None:
+        """Keep an adapter's quick lesion check (`AdapterCheck.to_dict`) across sessions."""
+        self.adapter_checks[self.check_key(adapter)] = dict(check)
+        self._write()
 
     def set_adapter(self, adapter: Path, run_dir: Path | None = None) -> None:
         """Record a newly trained adapter and tell the widgets that default to it."""

@@ -87,6 +87,16 @@ def build_lora_config(config: str, settings: dict[str, Any]) -> Any:
     return cfg
 
 
+def training_cases(cfg: Any) -> int:
+    """How many FCD cases a run trains on (its data folder's split), each encoded into latents before the first
+    step: a file listing, cheap enough for the GUI thread."""
+    from neuromf.data.embedded import resolve_data_dir
+    from neuromf.io.bids import discover_cases
+
+    cases = discover_cases(resolve_data_dir(cfg.data.data_dir), group="fcd", split=cfg.data.split)
+    return len([case for case in cases if case.mask is not None])
+
+
 def loss_history(out_dir: Path) -> list[tuple[int, float]]:
     """The per-epoch raw losses a run folder logged (``losses.csv``, column ``raw``; ``loss`` in runs that did not
     log it): the earlier history of a resumed run."""

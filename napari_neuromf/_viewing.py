@@ -69,6 +69,7 @@ MARKER_LETTERS = ("R", "L", "A", "P")
 # inside the volume's edge, as a fraction of its extent: on the field of view's margin (air in a head scan), so the
 # letters are on screen whenever the image is (a zoom that fits the image can cut off anything beyond it)
 MARKER_MARGIN = 0.06
+LETTERS_DELAY_MS = 50  # the letters wait this long after the last volume of an opening: a turn of the event loop
 
 
 def is_view_aid(layer: Any) -> bool:
@@ -103,6 +104,7 @@ class ViewGuard:
         self.convention = RADIOLOGICAL
         self._refreshing = False
         self._fit_pending = False  # a first volume arrived: reset the view once its letters are placed
+        self._letters_timer: Any = None  # a QTimer, made on the first insertion (the guard is not a QObject)
         viewer.layers.events.inserted.connect(self._inserted)
         viewer.layers.events.removed.connect(self.refresh)
         viewer.dims.events.order.connect(self.refresh)
@@ -134,10 +136,16 @@ class ViewGuard:
         self.refresh()
         from qtpy.QtCore import QTimer
 
-        # the letters in the next turn of the event loop: after napari has added every layer of this opening (so
-        # they go on top without a reorder) and not in the same stretch of GUI-thread work
+        # the letters a little later: after napari has added every layer of this opening (so they go on top without
+        # a reorder), and after the event loop has had a turn to draw and take input (a 0 ms timer would run in the
+        # same stretch of GUI-thread work: making the letters' layer costs ~0.2 s of its own)
         self._fit_pending = self._fit_pending or fresh
-        QTimer.singleShot(0, self._letters_after_insert)
+        if self._letters_timer is None:
+            self._letters_timer = QTimer()
+            self._letters_timer.setSingleShot(True)
+            self._letters_timer.setInterval(LETTERS_DELAY_MS)
+            self._letters_timer.timeout.connect(self._letters_after_insert)
+        self._letters_timer.start()  # restarted by each layer of an opening added a turn apart: after the last
 
     def _letters_after_insert(self) -> None:
         viewer = self.viewer
@@ -192,7 +200,8 @@ class ViewGuard:
         extents = np.array([layer.extent.world for layer in volumes])  # (layers, 2, 3)
         lo, hi = extents[:, 0].min(axis=0), extents[:, 1].max(axis=0)
         positions = marker_positions(lo, hi, float(viewer.dims.point[2]))
-        if markers is None and not add:
+        show = show and not viewer.canvas.grid.enabled  # in grid mode the letters would take a viewbox of their own
+        if markers is None and (not add or not show):
             return
         if markers is None:
             markers = viewer.add_points(

@@ -36,3 +36,15 @@ def tiny_config(tmp: Path, data_dir: Path, vae_dir: Path, **overrides):
               "training.checkpoint_every": 0, "training.output_dir": str(tmp / "run")}
     values.update(overrides)
     return load_config("base_tiny", values)
+
+
+# rates of a made-up machine for the time-estimate tests (neuromf.estimates): the arithmetic, not any machine's speed
+TEST_RATES = {
+    "env": {part: {"cpu_count": 2, "cpu_model": "Test CPU", "torch_threads": 1, "loadavg_start": [3.0, 2.0, 1.0]}
+            for part in ("mask_test", "training", "generation")},
+    "mask_test": {"vae_fine": {"load_s": 2.0, "per_case_s": 20.0, "grid": [96, 96, 96]},
+                  "vae_small": {"load_s": 1.0, "per_case_s": 10.0, "grid": [64, 64, 64]}},
+    "training": {"joint_2mm": {"load_s": 10.0, "per_case_encoding_s": 6.0, "per_step_s": 8.0, "batch_size": 8},
+                 "joint_3mm": {"load_s": 5.0, "per_case_encoding_s": 3.0, "per_step_s": 4.0, "batch_size": 8}},
+    "generation": {"load_s": 5.0, "joint_per_step_s": 4.0, "render_per_step_s": 2.0, "grid": [96, 96, 96]},
+}

@@ -52,3 +52,9 @@ def data_layers(viewer) -> list:
     from napari_neuromf._viewing import is_view_aid
 
     return [layer for layer in viewer.layers if not is_view_aid(layer)]
+
+
+def case_files(root, subject: str = "sub-00001") -> tuple:
+    """(FLAIR, lesion mask) files of one phantom subject."""
+    anat = root / subject / "anat"
+    return next(anat.glob("*_FLAIR.nii.gz")), next(anat.glob("*_FLAIR_roi.nii.gz"))

@@ -8,16 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gui_helpers import ready, tiny_lora_run, wait_idle
+from gui_helpers import case_files, ready, tiny_lora_run, wait_idle
 
 pytestmark = pytest.mark.gui
 
 TITLES = ("FCD data", "Mask-VAE test", "LoRA fine-tuning", "Generate")  # napari.yaml display names
-
-
-def _case_files(root: Path, subject: str = "sub-00001") -> tuple[Path, Path]:
-    anat = root / subject / "anat"
-    return next(anat.glob("*_FLAIR.nii.gz")), next(anat.glob("*_FLAIR_roi.nii.gz"))
 
 
 def _open_case(qtbot, widget, folder: Path):
@@ -140,7 +135,7 @@ def test_mask_test_on_open_layers_matches_the_backend(make_napari_viewer, qtbot,
     from neuromf.vae import MAISIVAEWrapper
 
     viewer = make_napari_viewer()
-    image_path, mask_path = _case_files(phantom_subset)
+    image_path, mask_path = case_files(phantom_subset)
     for layer_tuple in case_layers(image_path, mask_path, "sub-00001")[0]:
         add_layer(viewer, layer_tuple)
     before = {p: p.stat().st_mtime_ns for p in phantom_subset.rglob("*")}
@@ -180,7 +175,11 @@ def test_mask_test_on_open_layers_matches_the_backend(make_napari_viewer, qtbot,
     widget.table.selectRow(0)
     widget.show_reconstruction()
     wait_idle(qtbot, widget, 60)
-    recon = viewer.layers[f"{widget.run.rows[0]['id']} lesion (VAE)"]
+    from napari_neuromf._mask_test_run import encoding_label
+    from neuromf.eval.mask_test import recommended_encoding
+
+    label = encoding_label(*recommended_encoding(widget.run.result))
+    recon = viewer.layers[f"{widget.run.rows[0]['id']} lesion ({label})"]
     assert recon.data.shape == tuple(m.shape[1:])
 
     # an empty lesion is reported in the widget's words, naming the layers (not the scratch folder)

@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from gui_helpers import assert_overlay, data_layers, notes, ready, tiny_lora_run, wait_idle
+from gui_helpers import assert_overlay, case_files, data_layers, notes, ready, tiny_lora_run, wait_idle
 
 pytestmark = pytest.mark.gui
 
@@ -130,12 +130,25 @@ def test_mask_test_widget_fills_table_and_shows_reconstruction(make_napari_viewe
     assert (tmp_path / "mask_test.json").is_file()
     assert _session_state().last_mask_test == tmp_path / "mask_test.json"
 
+    # the overlay shows the mask as the recommended encoding carries it (not the rejected one's round trip)
+    from napari_neuromf._mask_test_run import encoding_label, preprocessing_for
+    from neuromf.eval.mask_test import recommended_encoding, reconstruct_mask
+    from neuromf.vae import MAISIVAEWrapper
+
+    strategy, mode = recommended_encoding(widget.run.result)
+    assert strategy == widget.run.result["decision"]
     widget.table.selectRow(0)
     widget.show_reconstruction()
     wait_idle(qtbot, widget, 60)
-    recon = viewer.layers["sub-00001 lesion (VAE)"]
+    recon = viewer.layers[f"sub-00001 lesion ({encoding_label(strategy, mode)})"]
     assert isinstance(recon, Labels) and recon.data.shape == (32, 32, 32)
     assert np.allclose(recon.scale, (6.0, 6.0, 6.0))
+    vae = MAISIVAEWrapper.resolve(str(tiny_base.parent / "vae_tiny"))
+    case = next(c for c in widget.run.cases if c.case_id == "sub-00001")
+    expected, _ = reconstruct_mask(case, vae, preprocessing_for(vae), strategy, mode)
+    assert np.array_equal(np.asarray(recon.data), expected) and expected.any()
+    assert recon.metadata["neuromf"]["encoding"] == encoding_label(strategy, mode)
+    assert "recommended encoding" in widget.job.status.text()
     assert_overlay(viewer.layers["sub-00001 FLAIR"], viewer.layers["sub-00001 lesion"])
 
 
@@ -312,17 +325,21 @@ def test_lora_widget_out_of_memory_gives_remedy(make_napari_viewer, qtbot, monke
 
 
 def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, qtbot, tiny_adapter, tmp_path):
-    from napari_neuromf._generate_widget import GenerateWidget
+    from qtpy.QtCore import Qt
 
+    from napari_neuromf._generate_widget import GenerateWidget
+    from neuromf.eval.lesion_check import MASK_CRITERIA, adapter_reference, pair_verdict
+    from neuromf.eval.lesion_metrics import lesion_stats
+
+    reference = adapter_reference(tiny_adapter)
     _session_state().last_adapter = tiny_adapter
     viewer = make_napari_viewer()
     widget = ready(qtbot, GenerateWidget(viewer))
     # the defaults are the 2 mm configuration that makes lesion pairs; the last trained adapter is only offered
     assert (widget.adapter.text(), widget.render.text()) == ("embedded-fine", "embedded-fine")
     assert (widget.sampler.currentText(), widget.steps.value(), widget.n.value()) == ("euler", 32, 1)
-    assert not widget.advanced.isVisible() and tiny_adapter.name in widget.offer.text()
-    widget._use_latest()
-    assert widget.adapter.text() == str(tiny_adapter)
+    assert not widget.advanced.isVisible() and "not been checked" in widget.offer.text()
+    assert not widget.use_latest.isEnabled()
     use_tiny(widget, tiny_adapter)
     widget.n.setValue(3)
     widget.seed.setValue(7)
@@ -342,9 +359,19 @@ def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, q
         assert info["sampler"] == "meanflow" and info["steps"] == 1
         figures = info["lesion"]  # the lesion in figures, for every pair (a tiny model's mask may be empty)
         assert figures["volume_cm3"] == pytest.approx(float(np.count_nonzero(lesion.data)) * 6.0**3 / 1000, abs=0.01)
+        # and the lesion check's verdict against the adapter's training lesions: the mask's criteria (no renderer)
+        stats = lesion_stats(np.asarray(image.data), np.asarray(lesion.data), (6.0, 6.0, 6.0))
+        expected = pair_verdict(stats, reference, MASK_CRITERIA)
+        assert figures["check"] == {"lesion_like": expected.lesion_like, "failed": expected.failed,
+                                    "criteria": list(MASK_CRITERIA), "verdict": expected.describe()}
+        shown = widget.pairs.item(i)
+        assert shown.data(Qt.UserRole) == f"gen_{i:03d}" and expected.describe() in shown.toolTip()
+        assert ("not lesion-like" in shown.text()) == (not expected.lesion_like)
+    assert any((tmp_path / "neuromf_home" / "lesion_references").glob("*.json"))  # built once, then cached
 
     # only the selected pairs are written
-    assert [widget.pairs.item(i).text() for i in range(widget.pairs.count())] == ["gen_000", "gen_001", "gen_002"]
+    assert [widget.pairs.item(i).data(Qt.UserRole) for i in range(widget.pairs.count())] == ["gen_000", "gen_001",
+                                                                                              "gen_002"]
     widget.out_dir.setText(str(tmp_path / "pairs"))
     seen = notes()
     assert widget.save_pairs() is None and any("select" in m for m in seen())
@@ -374,7 +401,7 @@ def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, q
     assert widget.run.cancelled and widget.run.pairs < 50 and widget.run.failure is None
     assert "cancelled" in widget.job.status.text()
     widget.n.setValue(1)  # a new click numbers its pairs after the existing ones
-    existing = [widget.pairs.item(i).text() for i in range(widget.pairs.count())]
+    existing = [widget.pairs.item(i).data(Qt.UserRole) for i in range(widget.pairs.count())]
     widget.start()
     wait_idle(qtbot, widget, 60)
     assert existing == [f"gen_{i:03d}" for i in range(len(existing))]
@@ -433,6 +460,46 @@ def use_tiny(widget, adapter) -> None:
     widget.render.setText("")
     widget.sampler.setCurrentText("meanflow")
     widget.steps.setValue(1)
+
+
+def test_last_trained_adapter_is_offered_only_after_its_quick_lesion_check(make_napari_viewer, qtbot, tiny_adapter):
+    """A 3-step adapter draws no lesion-like masks: its quick check says why it is not recommended, 'Use it' stays
+    off and the shipped adapter stays the default; a passing check (remembered across sessions) offers it."""
+    from napari_neuromf import _state
+    from napari_neuromf._generate_widget import DEFAULT_ADAPTER, GenerateWidget
+    from neuromf.eval.lesion_check import FAILURE_WORDS, MASK_CRITERIA
+
+    _session_state().attach(_state.user_folder() / "napari_state.json")
+    _session_state().last_adapter = tiny_adapter
+    widget = ready(qtbot, GenerateWidget(make_napari_viewer()))
+    widget.device.setCurrentText("cpu")
+    assert widget.offer_row.isVisibleTo(widget) and "not been checked" in widget.offer.text()
+    seen = notes()
+    widget._use_latest()  # not checked: refused
+    assert widget.adapter.text() == DEFAULT_ADAPTER and any("Check it" in m for m in seen())
+    widget.start_check()
+    assert widget.busy and widget.job.cancel_button.isEnabled()
+    wait_idle(qtbot, widget, 120)
+    check = widget.run.check
+    assert check is not None and widget.run.failure is None
+    assert check.settings["criteria"] == list(MASK_CRITERIA) and len(check.pairs) == 2
+    assert not check.recommended, check.pairs  # a 3-step adapter on random weights makes no lesion-like masks
+    failed = [name for row in check.pairs for name in row["failed"]]
+    assert failed and all(FAILURE_WORDS[name] in check.reason for name in failed)
+    assert "not recommended" in widget.offer.text() and check.reason in widget.offer.text()
+    assert not widget.use_latest.isEnabled() and widget.adapter.text() == DEFAULT_ADAPTER
+    assert "not recommended" in widget.job.status.text() and widget.check_latest.isEnabled()  # can check again
+
+    # remembered for these weights across sessions
+    again = _state.PluginState()
+    again.attach(_state.user_folder() / "napari_state.json")
+    assert again.adapter_check(tiny_adapter)["reason"] == check.reason
+    # a check that passed (as recorded by a run) enables the offer; 'Use it' then selects the adapter
+    _session_state().remember_check(tiny_adapter, {**check.to_dict(), "recommended": True, "reason": "all pass"})
+    widget._new_adapter(tiny_adapter)
+    assert widget.use_latest.isEnabled() and "passed its quick check" in widget.offer.text()
+    widget.use_latest.click()
+    assert widget.adapter.text() == str(tiny_adapter)
 
 
 def generate_one_pair(qtbot, widget, viewer) -> tuple:
@@ -638,3 +705,127 @@ def test_generate_widget_inpaints_the_painted_lesion_into_the_scan_painted_on(ma
     far[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = False
     np.testing.assert_allclose(np.asarray(image.data)[far], np.asarray(flair.data, dtype=np.float32)[far])
     assert not np.allclose(np.asarray(image.data)[~far], np.asarray(flair.data, dtype=np.float32)[~far])
+
+
+def test_generated_pair_side_by_side_with_a_real_case_shares_the_slice(make_napari_viewer, qtbot, phantom_subset,
+                                                                       tiny_adapter):
+    """'Side by side': the real case comes onto the pair's grid as training sees it (left), the pair on the right,
+    in a second viewer's grid mode; one slice position shows the same axial level of both."""
+    from napari_neuromf._compare import model_grid_of
+    from napari_neuromf._generate_widget import GenerateWidget
+    from napari_neuromf._helpers import add_layer
+    from napari_neuromf._layers import case_layers
+    from neuromf.io.nifti import preprocess_pair
+
+    viewer = make_napari_viewer()
+    widget = ready(qtbot, GenerateWidget(viewer))
+    use_tiny(widget, tiny_adapter)
+    image, lesion = generate_one_pair(qtbot, widget, viewer)
+    image_path, mask_path = case_files(phantom_subset)
+    for layer_tuple in case_layers(image_path, mask_path, "sub-00001")[0]:
+        add_layer(viewer, layer_tuple)
+    assert list(widget.real_case.choices) == [viewer.layers["sub-00001 FLAIR"]]  # no generated FLAIR offered
+    widget.real_case.value = viewer.layers["sub-00001 FLAIR"]
+    widget.new_viewer = lambda **kwargs: make_napari_viewer(**kwargs)
+    worker = widget.compare()
+    qtbot.waitUntil(lambda: widget.compare_viewer is not None, timeout=60_000)
+    assert worker is not None
+    other = widget.compare_viewer
+    names = [layer.name for layer in other.layers]
+    assert names == ["sub-00001 FLAIR (model grid)", "sub-00001 lesion (model grid)", "gen_000 FLAIR",
+                     "gen_000 lesion"]
+    assert other.canvas.grid.enabled and other.canvas.grid.actual_shape(other.layers) == (1, 2)
+    assert [other.canvas.grid.position(i, other.layers) for i in range(4)] == [(0, 0), (0, 0), (0, 1), (0, 1)]
+    real, real_lesion, gen, gen_lesion = other.layers
+    # the real case exactly as training sees it, on the pair's grid and world placement
+    prep = model_grid_of(image.metadata["neuromf"], {"shape": image.data.shape, "scale": image.scale})
+    expected_image, expected_mask = preprocess_pair(image_path, mask_path, prep)
+    assert np.allclose(real.data, expected_image.data[0].numpy(), atol=1e-5)
+    assert np.array_equal(real_lesion.data, expected_mask.data[0].numpy().astype(np.uint8)) and real_lesion.data.any()
+    for layer in (real, real_lesion, gen_lesion):
+        assert np.allclose(layer.scale, gen.scale) and np.allclose(layer.translate, gen.translate)
+    assert np.array_equal(gen.data, image.data) and tuple(real.contrast_limits) == tuple(gen.contrast_limits)
+    # the view opens on the real lesion's axial slice; any slice position is one level for both volumes
+    lesion_slice = np.argwhere(real_lesion.data).mean(axis=0)[2]
+    assert abs(gen.world_to_data(other.dims.point)[2] - lesion_slice) <= 0.5
+
+    def shown(k: int) -> bool:
+        return all(np.array_equal(np.asarray(layer._slice.image.view), np.asarray(layer.data[:, :, k]).T)
+                   for layer in (real, gen))
+
+    for k in (3, image.data.shape[2] - 4):
+        other.dims.set_point(2, float(gen.data_to_world((0, 0, k))[2]))
+        qtbot.waitUntil(lambda k=k: shown(k), timeout=5000)
+        assert not np.array_equal(real.data[:, :, k], real.data[:, :, int(lesion_slice)])  # a different slice
+    assert "radiological" in other.canvas.overlays.text.text  # one orientation caption, no letters layer
+
+
+def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Generate, LoRA and the mask test say how long a job should take before it starts, from the measured rates
+    (neuromf.estimates; here a made-up machine's, `$NEUROMF_RATES`), and follow the form: twice the pairs, about
+    twice the generation time."""
+    import json
+
+    from testkit import TEST_RATES
+
+    from neuromf.estimates import RATES_ENV
+
+    (tmp_path / "rates.json").write_text(json.dumps(TEST_RATES))
+    monkeypatch.setenv(RATES_ENV, str(tmp_path / "rates.json"))
+    from napari_neuromf._generate_widget import DEFAULT_ADAPTER, GenerateWidget
+    from napari_neuromf._lora_widget import LoRAWidget
+    from napari_neuromf._mask_test_widget import MaskTestWidget
+    from napari_neuromf._training_run import build_lora_config, training_cases
+    from neuromf.estimates import generation_estimate, mask_test_estimate, measured_rates, training_estimate
+    from neuromf.weights import EMBEDDED_MODELS
+
+    assert measured_rates() == TEST_RATES
+    viewer = make_napari_viewer()
+    generate = ready(qtbot, GenerateWidget(viewer))
+    one = generation_estimate(1, 32, "joint", render=True, grid=(96, 96, 96))
+    qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {one.describe()}", timeout=5000)
+    assert DEFAULT_ADAPTER == generate.adapter.text() and "joint + FLAIR passes" in one.basis
+    generate.n.setValue(2)
+    two = generation_estimate(2, 32, "joint", render=True, grid=(96, 96, 96))
+    qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {two.describe()}", timeout=5000)
+    load = measured_rates()["generation"]["load_s"]
+    assert two.seconds - load == pytest.approx(2 * (one.seconds - load))
+
+    lora = ready(qtbot, LoRAWidget(viewer))
+    lora.config.setCurrentText("joint_3mm")
+    assert lora.strategy.currentText() == "auto"  # no mask test yet: the estimate does not need one
+    cfg = build_lora_config("joint_3mm", {**lora.settings(), "data.mask_strategy": "downsample"})
+    expected = training_estimate("joint_3mm", training_cases(cfg), cfg.training.max_steps, cfg.training.batch_size)
+    qtbot.waitUntil(lambda: lora.estimate.text() == f"Expected time: {expected.describe()}", timeout=5000)
+    assert f"encoding {training_cases(cfg)} cases" in expected.basis
+
+    mask_test = ready(qtbot, MaskTestWidget(viewer))
+    per_case = mask_test_estimate(EMBEDDED_MODELS["vae"]["embedded"], 1)
+    assert per_case.describe() in mask_test.run_button.toolTip() and "a few seconds" not in \
+        mask_test.run_button.toolTip()
+
+
+def test_a_generated_pair_opened_without_figures_gets_them_and_the_verdict(make_napari_viewer, qtbot):
+    """The pre-made sample pair carries no lesion figures: the Generate dock works them out in a worker, with the
+    lesion check's verdict against the shipped adapter's training lesions, into the layers and its list."""
+    from qtpy.QtCore import Qt
+
+    from napari_neuromf import _sample_data
+    from napari_neuromf._generate_run import lesion_figures, lesion_judge
+    from napari_neuromf._generate_widget import GenerateWidget
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-neuromf", "generated_pair")
+    prefix = _sample_data.PAIRS["joint"]
+    image, lesion = viewer.layers[f"{prefix} FLAIR"], viewer.layers[f"{prefix} lesion"]
+    assert "lesion" not in image.metadata["neuromf"]
+    widget = ready(qtbot, GenerateWidget(viewer))
+    qtbot.waitUntil(lambda: "lesion" in image.metadata["neuromf"], timeout=60_000)
+    figures = image.metadata["neuromf"]["lesion"]
+    judge = lesion_judge("embedded-fine", "joint", True)
+    expected = lesion_figures(np.asarray(image.data), np.asarray(lesion.data),
+                              image.metadata["nifti"]["canonical_affine"], *judge)
+    assert figures == expected and lesion.metadata["neuromf"]["lesion"] == expected
+    assert figures["check"]["criteria"][-1] == "contrast"  # rendered by the conditional model: the FLAIR is judged
+    qtbot.waitUntil(lambda: widget.pairs.count() == 1 and "cm³" in widget.pairs.item(0).text(), timeout=5000)
+    assert widget.pairs.item(0).data(Qt.UserRole) == prefix

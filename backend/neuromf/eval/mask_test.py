@@ -50,10 +50,28 @@ def vae_round_trip(mask: torch.Tensor, vae: MAISIVAEWrapper, threshold: float = 
     return (vae.decode(vae.encode(mask[None].float()))[0].cpu() > threshold).float()
 
 
-def reconstruct_mask(case: Case, vae: MAISIVAEWrapper, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
-    """The strategy-A reconstruction of a case's mask on the model grid, with that grid's affine (for overlays)."""
+def reconstruct_mask(case: Case, vae: MAISIVAEWrapper, prep: Preprocessing, strategy: str = "vae",
+                     downsample_mode: str = "nearest", threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """A case's mask on the model grid after the round trip of one mask encoding (``strategy``: "vae" = through
+    the image VAE, "downsample" = shrunk to the latent grid by ``downsample_mode`` and grown back, "sdf" = as a
+    signed distance map), with that grid's affine (for overlays): the mask as the generator learns it."""
     _, mask = preprocess_pair(case.image, case.mask, prep)
-    return vae_round_trip(mask.data, vae)[0].numpy().astype(np.uint8), mask.affine
+    if strategy == "vae":
+        out = vae_round_trip(mask.data, vae, threshold)[0]
+    elif strategy == "downsample":
+        out = upsample_mask(downsample_mask(mask.data[None], downsample_mode), threshold)[0, 0]
+    elif strategy == "sdf":
+        out = sdf_round_trip(mask.data, prep.spacing)[0]
+    else:
+        raise ValueError(f"reconstruct_mask: strategy must be 'vae', 'downsample' or 'sdf', got {strategy!r}")
+    return out.numpy().astype(np.uint8), mask.affine
+
+
+def recommended_encoding(result: dict[str, Any]) -> tuple[str, str]:
+    """(strategy, downsample mode) a mask test's result recommends: its decision, and for "downsample" the mode
+    that round-trips best (the mode is unused by the other strategies)."""
+    modes = result["summary"]["mean_dice_downsample"]
+    return result["decision"], max(modes, key=modes.get)
 
 
 def sdf_round_trip(mask: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:

@@ -212,10 +212,8 @@ def preprocess_pair(image_path: Path | str, mask_path: Path | str | None,
                     prep: Preprocessing) -> tuple[Volume, Volume | None]:
     """Image (and optional mask) on the model grid; the mask shares the image's window and affine."""
     image, affine = read_nifti(image_path)
-    data, grid_affine, start = image_window(image, affine, prep, source=image_path)
-    image_volume = Volume(prep.scale(data), grid_affine, Path(image_path))
     if mask_path is None:
-        return image_volume, None
+        return arrays_to_model_grid(image, affine, None, prep, source=image_path)[0], None
     from neuromf.io.bids import load_mask_array
 
     mask = load_mask_array(Path(mask_path)).astype(np.float32)
@@ -227,9 +225,23 @@ def preprocess_pair(image_path: Path | str, mask_path: Path | str | None,
     if affine_gap > 1e-3:
         raise VolumeError(f"{mask_path}: mask affine differs from the image's ({Path(image_path).name}) by up to "
                           f"{affine_gap:.4g} mm (tolerance 0.001): the mask is not on the image's voxel grid")
-    mask_grid = _to_ras_grid(mask, mask_affine, prep, mode="nearest", source=mask_path)
+    image_volume, mask_volume = arrays_to_model_grid(image, affine, mask, prep, source=image_path)
+    image_volume.source, mask_volume.source = Path(image_path), Path(mask_path)
+    return image_volume, mask_volume
+
+
+def arrays_to_model_grid(image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None, prep: Preprocessing,
+                         source: Path | str = "volume") -> tuple[Volume, Volume | None]:
+    """An image (and a mask on its voxel grid) in memory, on the model grid as training sees them: the window
+    centred on the brain, the image percentile-scaled, the mask binarised in the same window."""
+    data, grid_affine, start = image_window(image, affine, prep, source=source)
+    image_volume = Volume(prep.scale(data), grid_affine, None)
+    if mask is None:
+        return image_volume, None
+    mask_grid = _to_ras_grid(np.asarray(mask, dtype=np.float32), np.asarray(affine, dtype=np.float64), prep,
+                             mode="nearest", source=source)
     mask_data, _ = _window(mask_grid, start, prep.shape)
-    return image_volume, Volume((mask_data > 0.5).to(torch.float32), grid_affine, Path(mask_path))
+    return image_volume, Volume((mask_data > 0.5).to(torch.float32), grid_affine, None)
 
 
 def preprocess_image(path: Path | str, prep: Preprocessing) -> Volume:

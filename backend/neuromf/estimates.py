@@ -1,0 +1,141 @@
+"""How long a job will take before it starts, from rates measured on a named machine.
+
+`measured_rates.json` (next to this module, written by `benchmarks/measure_rates.py`; `$NEUROMF_RATES` names a
+file measured on your own machine instead) holds seconds per unit of
+work: per mask-test case for each shipped VAE, per encoded training case and per training step for each packaged
+CPU config, per network step of each generation pass with the shipped 2 mm adapters, and the machine they were
+measured on (CPU, torch threads, load average). An estimate multiplies them out and says which machine it comes
+from; a rate measured on another grid is scaled by the number of voxels (said so in the basis), and a job with no
+rate at all gets no estimate rather than a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RATES_FILE = Path(__file__).with_name("measured_rates.json")
+RATES_ENV = "NEUROMF_RATES"  # a rates file of your own machine (`benchmarks/measure_rates.py --out FILE`)
+
+
+@dataclass
+class Estimate:
+    """Seconds a job should take, and where the figure comes from (the rates' machine, any scaling)."""
+
+    seconds: float
+    basis: str
+
+    def describe(self) -> str:
+        """``"about 4 min (measured on ...)"``."""
+        return f"about {format_duration(self.seconds)} ({self.basis})"
+
+
+def format_duration(seconds: float) -> str:
+    """``"40 s"``, ``"4 min"``, ``"1 h 20 min"`` (rounded: an estimate, not a stopwatch)."""
+    if seconds < 90:
+        return f"{max(1, round(seconds / 5) * 5 if seconds > 10 else round(seconds))} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+@lru_cache(maxsize=4)
+def _read(path: str) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def rates_file() -> Path:
+    """The rates the estimates use: `$NEUROMF_RATES` when set, else the shipped `measured_rates.json`."""
+    return Path(os.environ.get(RATES_ENV) or RATES_FILE)
+
+
+def measured_rates(path: Path | None = None) -> dict[str, Any]:
+    """The measured rates (an empty dict when the file is missing or unreadable: no estimates then)."""
+    try:
+        return _read(str(path or rates_file()))
+    except (OSError, ValueError):
+        return {}
+
+
+def machine(rates: dict[str, Any], part: str) -> str:
+    """Where one part's rates were measured: ``"measured on a 2-core AMD EPYC, 1 torch thread, load 7.2"``."""
+    env = (rates.get("env") or {}).get(part) or {}
+    load = env.get("loadavg_start") or [None]
+    threads = env.get("torch_threads")
+    bits = [f"{env.get('cpu_count', '?')}-core {env.get('cpu_model') or 'CPU'}"]
+    if threads:
+        bits.append(f"{threads} torch thread{'s' if threads != 1 else ''}")
+    if load[0] is not None:
+        bits.append(f"load {load[0]:.1f}")
+    return "measured on a " + ", ".join(bits)
+
+
+def _voxels(shape: Any) -> float:
+    return float(np.prod([int(n) for n in shape]))
+
+
+def _scaled(seconds: float, measured_grid: Any, grid: Any | None) -> tuple[float, str]:
+    """A rate moved to another grid by its voxel count, and the words that say so ("" when not scaled)."""
+    if grid is None or _voxels(grid) == _voxels(measured_grid):
+        return seconds, ""
+    return seconds * _voxels(grid) / _voxels(measured_grid), f", scaled from the {int(measured_grid[0])}³ grid"
+
+
+def mask_test_estimate(vae_folder: str, cases: int, grid: Any | None = None,
+                       rates: dict[str, Any] | None = None) -> Estimate | None:
+    """The mask-VAE test of `cases` cases with a shipped VAE (its folder name, e.g. "vae_fine"); None without a
+    rate for that VAE (a MAISI file of another size)."""
+    rates = measured_rates() if rates is None else rates
+    rate = (rates.get("mask_test") or {}).get(vae_folder)
+    if not rate:
+        return None
+    per_case, note = _scaled(rate["per_case_s"], rate["grid"], grid)
+    return Estimate(rate["load_s"] + cases * per_case,
+                    f"{cases} cases × {per_case:.0f} s, {machine(rates, 'mask_test')}{note}")
+
+
+def training_estimate(config: str, cases: int, steps: int, batch_size: int, encode: bool = True,
+                      rates: dict[str, Any] | None = None) -> Estimate | None:
+    """Joint (LoRA) training with a packaged config: loading, encoding `cases` training cases (first run only:
+    latents are cached after, `encode=False`) and `steps` steps at `batch_size` (the step time scales with the
+    batch). None without a rate for `config`."""
+    rates = measured_rates() if rates is None else rates
+    rate = (rates.get("training") or {}).get(config)
+    if not rate:
+        return None
+    # a config trains on its base model's grid: its rate holds for it, whatever grid is asked
+    per_case, note = rate["per_case_encoding_s"], ""
+    per_step = rate["per_step_s"] * batch_size / rate["batch_size"]
+    encoding = cases * per_case if encode else 0.0
+    parts = [f"encoding {cases} cases × {per_case:.0f} s" if encode else "cases already encoded",
+             f"{steps} steps × {per_step:.1f} s"]
+    return Estimate((rate["load_s"] or 0.0) + encoding + steps * per_step,
+                    f"{', '.join(parts)}; {machine(rates, 'training')}{note}")
+
+
+def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: bool = True, grid: Any | None = None,
+                        rates: dict[str, Any] | None = None) -> Estimate | None:
+    """`pairs` pairs of `steps` network steps per pass: the joint pass (joint mode) and the FLAIR pass (rendered
+    joint pairs, conditional and inpaint modes), each at the measured per-step time of the shipped 2 mm adapters
+    at their own guidance, plus loading the models. None without a generation rate."""
+    rates = measured_rates() if rates is None else rates
+    rate = rates.get("generation")
+    if not rate:
+        return None
+    joint, note = _scaled(rate["joint_per_step_s"], rate["grid"], grid)
+    flair, _ = _scaled(rate["render_per_step_s"], rate["grid"], grid)
+    per_pair = steps * ((joint if mode == "joint" else 0.0) + (flair if mode != "joint" or render else 0.0))
+    passes = "joint + FLAIR passes" if mode == "joint" and render else "joint pass" if mode == "joint" \
+        else "FLAIR pass"
+    passes += " at the adapters' own guidance"
+    return Estimate(rate["load_s"] + pairs * per_pair,
+                    f"{pairs} × {steps} steps, {passes}, {machine(rates, 'generation')}{note}")
+
+
+__all__ = ["RATES_ENV", "RATES_FILE", "Estimate", "format_duration", "generation_estimate", "machine",
+           "mask_test_estimate", "measured_rates", "rates_file", "training_estimate"]

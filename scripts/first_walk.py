@@ -1,0 +1,166 @@
+"""A user's first walk, timed: File > Open a FLAIR -> Generate with the defaults -> Side by side -> Save.
+
+Run from a fresh clone under a virtual display (docs/user_guide_walk.md gives the figures of one run):
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/first_walk.py
+
+It drives the real napari window and the Generate dock as a user would (the dock's own buttons' methods), with a
+fresh user folder and data cache, and writes:
+
+- ``docs/first_walk.json``: wall-clock seconds of each step, the machine (CPU, cores, torch threads) and its load
+  average at the start and the end (timings on a busy machine are upper bounds);
+- ``docs/walk_generate.png``: the Generate dock after the pair arrived (its lesion figures and the lesion check's
+  verdict in the pair list, the expected time);
+- ``docs/walk_side_by_side.png``: the side-by-side window, the real case (left) and the generated pair (right).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=REPO / "docs")
+    parser.add_argument("--case", default="sub-00001", help="the phantom case opened with File > Open")
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--steps", type=int, default=None, help="a quick check of the script: fewer network steps "
+                                                                 "than the defaults (not the walk)")
+    parser.add_argument("--pair-from-sample", action="store_true",
+                        help="no generation: open the pre-made 'Generated pair' sample (made with the defaults) "
+                             "instead, for the pictures and the other steps' timings on a machine that cannot spare "
+                             "the minutes of a 2 mm pair")
+    args = parser.parse_args(argv)
+
+    home = Path(tempfile.mkdtemp(prefix="neuromf_walk_"))
+    os.environ["NEUROMF_HOME"] = str(home / "home")  # a user who never ran NeuroMF: nothing remembered
+    os.environ["NEUROMF_DATA"] = str(home / "data")  # and no generated data set in the cache
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    load_start = os.getloadavg()
+
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    try:  # keep napari's one-off Qt-binding toast out of the pictures
+        import napari._qt.qt_main_window as qt_main_window
+
+        qt_main_window.SHOW_QT_WARNING = False
+    except (ImportError, AttributeError):
+        pass
+
+    app = QApplication.instance() or QApplication(sys.argv)
+
+    def pump(seconds: float = 0.2) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            app.processEvents()
+            time.sleep(0.01)
+
+    def until(done, what: str) -> float:
+        begin = time.perf_counter()
+        while not done():
+            if time.perf_counter() - begin > args.timeout:
+                raise TimeoutError(f"first walk: {what} did not finish in {args.timeout} s")
+            pump(0.05)
+        return time.perf_counter() - begin
+
+    t = time.perf_counter()
+    viewer = napari.Viewer(title="NeuroMF", show=True)
+    viewer.window.resize(1600, 1000)
+    pump(0.5)
+    timings["napari_start_s"] = time.perf_counter() - t
+
+    from napari_neuromf._sample_data import phantom_case_paths
+    from napari_neuromf._viewing import MARKERS_NAME, prefer_this_reader
+
+    flair, _ = phantom_case_paths(args.case)
+    t = time.perf_counter()
+    prefer_this_reader()  # what a first use of the plugin sets; a napari that never saw NeuroMF asks once instead
+    viewer.window._qt_viewer._qt_open([str(flair)], stack=False)  # File > Open
+    until(lambda: MARKERS_NAME in viewer.layers, "File > Open")
+    timings["file_open_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    _, generate = viewer.window.add_plugin_dock_widget("napari-neuromf", "Generate")
+    until(lambda: generate.ready, "the Generate dock's defaults (backend import)")
+    timings["generate_dock_ready_s"] = time.perf_counter() - t
+    pump(0.5)
+    expected = generate.estimate.text()
+
+    if args.steps is not None:
+        generate.steps.setValue(args.steps)
+    t = time.perf_counter()
+    if args.pair_from_sample:
+        viewer.open_sample("napari-neuromf", "generated_pair")
+        until(lambda: "lesion" in viewer.layers["gen_000 FLAIR"].metadata["neuromf"], "the sample pair's figures")
+        timings["sample_pair_with_figures_s"] = time.perf_counter() - t
+    else:
+        generate.start()  # the defaults, untouched
+        until(lambda: not generate.busy, "Generate")
+        run = generate.run
+        timings["generate_s"] = time.perf_counter() - t
+        timings["generate_models_loaded_s"] = run.loaded_s
+        if run.failure is not None:
+            raise RuntimeError(run.failure.message)
+    pair = next(layer for layer in viewer.layers if layer.name.endswith("FLAIR") and layer.name.startswith("gen_"))
+    figures = pair.metadata["neuromf"]["lesion"]
+    lesion = viewer.layers[pair.name.replace("FLAIR", "lesion")]
+    lesion.contour = 1
+    if lesion.data.any():
+        import numpy as np
+
+        centre = np.argwhere(lesion.data > 0).mean(axis=0)
+        viewer.dims.set_point(2, float(lesion.data_to_world(centre)[2]))
+    generate.pairs.item(0).setSelected(True)
+    viewer.title = "NeuroMF: File > Open, then Generate with the defaults"
+    pump(1.0)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(args.out_dir / "walk_generate.png"), canvas_only=False, flash=False)
+
+    t = time.perf_counter()
+    generate.real_case.value = viewer.layers[flair.name.replace(".nii.gz", "")]
+    generate.compare()
+    until(lambda: generate.compare_viewer is not None, "Side by side")
+    timings["side_by_side_s"] = time.perf_counter() - t
+    other = generate.compare_viewer
+    other.window.resize(1400, 800)
+    pump(1.0)
+    other.screenshot(str(args.out_dir / "walk_side_by_side.png"), canvas_only=False, flash=False)
+
+    t = time.perf_counter()
+    generate.out_dir.setText(str(home / "pairs"))
+    generate.save_pairs()
+    until(lambda: not generate.busy, "Save pairs")
+    timings["save_s"] = time.perf_counter() - t
+    saved = sorted(p.name for p in (home / "pairs").iterdir())
+    timings["total_s"] = time.perf_counter() - started
+
+    import torch
+
+    report = {"pair_from": "the pre-made Generated pair sample" if args.pair_from_sample else "Generate (defaults)",
+              "timings_s": {key: round(value, 1) for key, value in timings.items()},
+              "expected_before_start": expected, "pair": figures, "saved": saved,
+              "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(),
+                          "loadavg_start": [round(x, 2) for x in load_start],
+                          "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+              "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (args.out_dir / "first_walk.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    other.close()
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
