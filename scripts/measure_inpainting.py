@@ -85,7 +85,7 @@ def montage(rows: list[tuple[Path, Path, Path]], out_png: Path, title: str) -> P
                 if k == 0 and j == 0:
                     ax[col].set_title(label, fontsize=9)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # the title above the column labels
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
     plt.close(fig)
