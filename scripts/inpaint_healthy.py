@@ -39,8 +39,9 @@ def main(out_dir: Path, n: int = 24, first_seed: int = 100, data: str = "embedde
             image, mask = preprocess_pair(Path(tmp) / "pair_flair.nii.gz", Path(tmp) / "pair_mask.nii.gz", prep)
         save_nifti(image.data[0], image.affine, f"{stem}_flair.nii.gz")
         save_nifti(mask.data[0] > 0.5, image.affine, f"{stem}_mask.nii.gz", dtype=np.uint8)
-        atomic_write_json(Path(f"{stem}.json"), {**result.info, "adapter": "embedded-fine",
-                                                 "healthy_case": case.case_id, "index": i})
+        atomic_write_json(Path(f"{stem}.json"), {**result.info, "adapter": "embedded-fine", "seed": first_seed,
+                                                 "lesion_seed": first_seed + i, "healthy_case": case.case_id,
+                                                 "index": i})
 
 
 if __name__ == "__main__":

@@ -165,7 +165,9 @@ def _generate_inpainted(args) -> int:
                 result = inpaint_lesion(args.image, mask, cond, seed=args.seed + i if mask is None else args.seed,
                                         steps=args.steps, guidance=args.guidance, margin_mm=margin,
                                         on_step=on_step, method=args.sampler, **source)
-                result.info.update(adapter=str(adapter), index=i, mask_file=None if mask is None else str(mask))
+                # the run's seed, as every generated folder records it (one run = one seed); the lesion's own
+                result.info.update(adapter=str(adapter), index=i, mask_file=None if mask is None else str(mask),
+                                   seed=args.seed, lesion_seed=result.info["seed"])
                 if joint:
                     result.info["joint_adapter"] = str(args.joint_adapter)
                 results.append(result)
