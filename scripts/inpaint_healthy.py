@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from neuromf import inpaint_lesion
 from neuromf.data.embedded import resolve_data_dir
+from neuromf.generation.conditional import load_conditional_model
+from neuromf.generation.inpaint import write_inpainted
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import preprocess_pair, save_nifti
-from neuromf.pipelines.conditional import load_conditional_model
-from neuromf.pipelines.inpaint import write_inpainted
 from neuromf.utils import atomic_write_json
 
 
