@@ -29,7 +29,7 @@ from neuromf.eval.lesion_metrics import lesion_contrast
 from neuromf.eval.metrics import evaluate_generated
 from neuromf.generation.conditional import load_conditional_model
 from neuromf.generation.inpaint import inpaint_lesion, write_inpainted
-from neuromf.io.nifti import preprocess_pair, save_nifti
+from neuromf.io.nifti import VolumeError, preprocess_pair, save_nifti
 from neuromf.utils import atomic_write_json
 
 
@@ -85,7 +85,7 @@ def montage(rows: list[tuple[Path, Path, Path]], out_png: Path, title: str) -> P
                 if k == 0 and j == 0:
                     ax[col].set_title(label, fontsize=9)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # the title above the column labels
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
     plt.close(fig)
@@ -103,6 +103,11 @@ def main() -> None:
     parser.add_argument("--composite", default="residual")
     parser.add_argument("--guidance", type=float, default=None, help="mask guidance (default: the adapter's own)")
     parser.add_argument("--margin-mm", type=float, default=6.0)
+    parser.add_argument("--mask-source", default="prior", choices=["prior", "joint"],
+                        help="where each lesion comes from: the conditional adapter's prior or the joint model")
+    parser.add_argument("--joint-adapter", default="embedded-fine")
+    parser.add_argument("--joint-steps", type=int, default=32)
+    parser.add_argument("--joint-guidance", type=float, default=None, help="default: the joint adapter's own")
     parser.add_argument("--out", type=Path, default=Path("runs/inpaint_eval"))
     parser.add_argument("--json", type=Path, default=Path("docs/inpaint_results.json"))
     parser.add_argument("--montage", type=Path, default=Path("docs/inpaint_montage.png"))
@@ -110,26 +115,38 @@ def main() -> None:
 
     cond = load_conditional_model(args.adapter, "cpu")
     prep = cond.prep
+    source = {}
+    if args.mask_source == "joint":
+        from neuromf.models.joint import load_joint_model
+
+        source = {"mask_source": "joint", "joint": load_joint_model(args.joint_adapter, "cpu"),
+                  "joint_steps": args.joint_steps, "joint_guidance": args.joint_guidance}
+    refused = []
     pairs_dir, grid_dir = args.out / "pairs", args.out / "model_grid"
     rows = []
-    for i, source in enumerate(healthy_scans(args.data)[:args.n]):
+    for i, scan in enumerate(healthy_scans(args.data)[:args.n]):
         stem, seed = f"sample_{i:03d}", 1000 * args.seeds[i % len(args.seeds)] + i
         sidecar = pairs_dir / f"{stem}.json"
         if not sidecar.is_file():
-            result = inpaint_lesion(source, None, cond, seed=seed, steps=args.steps, margin_mm=args.margin_mm,
-                                    composite=args.composite, guidance=args.guidance)
-            result.info["adapter"] = args.adapter
+            try:
+                result = inpaint_lesion(scan, None, cond, seed=seed, steps=args.steps, margin_mm=args.margin_mm,
+                                        composite=args.composite, guidance=args.guidance, **source)
+            except VolumeError as err:  # a joint draw outside this brain: counted as a failed pair
+                refused.append({"id": stem, "source": str(scan), "seed": seed, "error": str(err)})
+                print(f"{stem}: refused: {err}", flush=True)
+                continue
+            result.info.update(adapter=args.adapter, **({"joint_adapter": args.joint_adapter} if source else {}))
             write_inpainted(result, pairs_dir, stem)
-            print(f"{stem} {source.name} seed {seed}: {result.info['lesion_cm3']:.2f} cm^3, contrast "
+            print(f"{stem} {scan.name} seed {seed}: {result.info['lesion_cm3']:.2f} cm^3, contrast "
                   f"{result.info['contrast']:.3f}, {result.info['seconds']:.0f} s", flush=True)
         info = json.loads(sidecar.read_text())
         flair, mask = pairs_dir / f"{stem}_flair.nii.gz", pairs_dir / f"{stem}_mask.nii.gz"
-        beyond, reach = changed_beyond_margin(source, flair, mask, args.margin_mm)
+        beyond, reach = changed_beyond_margin(scan, flair, mask, args.margin_mm)
         image, lesion = preprocess_pair(flair, mask, prep)
-        healthy, _ = preprocess_pair(source, mask, prep)
+        healthy, _ = preprocess_pair(scan, mask, prep)
         save_nifti(image.data, image.affine, grid_dir / f"{stem}_flair.nii.gz")
         save_nifti(lesion.data, lesion.affine, grid_dir / f"{stem}_mask.nii.gz", dtype=np.uint8)
-        rows.append({"id": stem, "source": str(source), "seed": seed, "lesion_cm3": info["lesion_cm3"],
+        rows.append({"id": stem, "source": str(scan), "seed": seed, "lesion_cm3": info["lesion_cm3"],
                      "seconds": info["seconds"], "changed_beyond_margin": beyond, "largest_change_mm": reach,
                      "contrast_before": lesion_contrast(healthy.data, lesion.data)})
 
@@ -144,11 +161,14 @@ def main() -> None:
     made = [r["contrast"] for r in rows if r["contrast"] is not None]
     before = [r["contrast_before"] for r in rows if r["contrast_before"] is not None]
     ks = stats.ks_2samp(made, real)
-    passed = [bool(r["lesion_like"]) for r in rows]
+    passed = [bool(r["lesion_like"]) for r in rows] + [False] * len(refused)  # a refused draw is a failed pair
     summary = {
         "n_pairs": len(rows), "seeds": args.seeds, "steps": args.steps, "composite": args.composite,
         "guidance": cond.meta.guidance_scale(args.guidance),
         "margin_mm": args.margin_mm, "adapter": args.adapter, "scans": str(args.data), "real_lesions": args.real,
+        "mask_source": args.mask_source, "refused": refused,
+        **({"joint_adapter": args.joint_adapter, "joint_steps": args.joint_steps,
+            "joint_guidance": source["joint"].meta.guidance_scale(args.joint_guidance)} if source else {}),
         "changed_beyond_margin_total": int(sum(r["changed_beyond_margin"] for r in rows)),
         "largest_change_mm": max(r["largest_change_mm"] for r in rows),
         "lesion_like_rate": float(np.mean(passed)), "lesion_like": f"{sum(passed)}/{len(passed)}",
@@ -166,8 +186,8 @@ def main() -> None:
     atomic_write_json(args.json, summary)
     shown = [(Path(r["source"]), pairs_dir / f"{r['id']}_flair.nii.gz", pairs_dir / f"{r['id']}_mask.nii.gz")
              for r in rows[:4]]
-    montage(shown, args.montage, f"lesions inpainted into healthy phantom scans ({args.adapter}, {args.steps} steps, "
-                                 f"guidance {summary['guidance']:g}, margin {args.margin_mm:g} mm)")
+    montage(shown, args.montage, f"{args.mask_source} lesions inpainted into healthy phantom scans ({args.adapter}, "
+                                 f"{args.steps} steps, guidance {summary['guidance']:g}, margin {args.margin_mm:g} mm)")
     print(json.dumps({k: v for k, v in summary.items() if k != "pairs"}, indent=1))
 
 

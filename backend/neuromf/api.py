@@ -141,14 +141,17 @@ def inpaint_lesion(image: str | Path | Any, mask: str | Path | Any = None, adapt
     Args:
         image: the healthy FLAIR: a NIfTI path or a 3D numpy array (then `affine` is needed).
         mask: the lesion: a NIfTI path (any grid with a valid affine), an array on the scan's grid, or None to draw
-            one from the adapter's prior of real lesions in this scan's brain.
+            one in this scan's brain (from the adapter's prior of real lesions, or with `mask_source="joint"` a new
+            shape from a joint adapter).
         adapter: a conditional adapter folder, "embedded-fine" (2 mm, default) or "embedded" (3 mm).
         affine: (4, 4) voxel -> world affine of an image array.
         seed, steps, guidance: noise / prior seed, sampler steps, mask guidance (None = the adapter's own).
         margin_mm: the blend margin around the lesion; beyond it the input is kept exactly.
         on_step: on_step(i, n) after each of the n network calls (progress).
         stop: a threading.Event checked before each network call; when set, `InpaintCancelled` is raised.
-        options: `method`, `composite`, `device`, `allow_existing_lesion`, `mask_affine` (see the pipeline).
+        options: `method`, `composite`, `device`, `allow_existing_lesion`, `mask_affine`, `mask_source`
+            ("prior" or "joint"), `joint` (the joint adapter, default "embedded-fine"), `joint_steps`,
+            `joint_guidance` (see the pipeline).
 
     Returns:
         `InpaintResult`: `.image` (input grid and dtype), `.mask` (uint8), `.affine`, `.info` (seed, steps,

@@ -117,6 +117,10 @@ def test_resume_skips_finished_runs_and_redoes_stale_ones(phantom_dir, pair_fold
     assert calls == [("R", 1), ("R+conditional", 1)]  # seed 0 was finished
     assert again["arms"]["R"]["dice"]["values"][0] == first["arms"]["R"]["dice"]["values"][0]
     calls.clear()
+    ds.run_downstream_benchmark(tmp_path, phantom_dir, coarse_prep(), sources, seeds=[0, 1],
+                                settings=dataclasses.replace(TINY, synthetic_share=0.5), arms=["R+conditional"])
+    assert calls == [("R+conditional", 0), ("R+conditional", 1)]  # R ignores the share: its results are kept
+    calls.clear()
     ds.run_downstream_benchmark(tmp_path, phantom_dir, coarse_prep(), sources, seeds=[0],
                                 settings=dataclasses.replace(TINY, steps=3), arms=["R"])
     assert calls == [("R", 0)]  # other settings: the stored result is stale

@@ -62,6 +62,19 @@ def test_inpainting_keeps_the_scan_beyond_the_margin_and_changes_the_lesion(cond
     assert healthy.read_bytes() == before  # the input is never modified
 
 
+def test_prior_lesions_of_one_run_form_one_folder(conditional_run, scans, tmp_path):
+    """`--n 2` without a mask: two prior lesions, each from its own seed, recorded as one run (the run's seed and
+    the lesion's), so `evaluate` and `benchmark-downstream` accept the folder."""
+    from neuromf.eval.metrics import check_one_run
+
+    out = tmp_path / "prior"
+    assert cli(["generate", "--mode", "inpaint", "--adapter", str(conditional_run.export), "--image", str(scans[0]),
+                "--n", "2", "--seed", "7", "--steps", "1", "--out", str(out), "--device", "cpu"]) == 0
+    records = [json.loads((out / f"sample_{i:03d}.json").read_text()) for i in range(2)]
+    assert [(r["seed"], r["lesion_seed"], r["mask_source"]) for r in records] == [(7, 7, "prior"), (7, 8, "prior")]
+    check_one_run(out, sorted(out.glob("sample_*")))  # raises on a mixed folder
+
+
 def test_array_input_progress_cancel_and_a_mask_on_another_grid(cond, scans):
     from neuromf import InpaintCancelled, inpaint_lesion
 

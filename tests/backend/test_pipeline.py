@@ -303,9 +303,11 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
 
 def test_site_conditioned_joint_adapter_trains_saves_its_sites_and_generates_at_them(tmp_path, capsys, phantom_dir,
                                                                                     tiny_vae_dir, tiny_base_dir,
-                                                                                    shared_cache):
+                                                                                    shared_cache, conditional_run):
     """`lora.site_condition`: the model takes one more input channel (the site blob), the adapter carries the
-    training lesions' mask prior, and generation draws a site per pair from it, records it and conditions on it."""
+    training lesions' mask prior, and generation draws a site per pair from it, records it and conditions on it.
+    Its masks also serve as the lesions inpainted into a healthy scan (`--mask-source joint`), at a site in that
+    scan's own brain."""
     from neuromf.data.mask_prior import PRIOR, MaskPrior
     from neuromf.generation.joint import joint_velocity, sample_joint
     from neuromf.models.joint import load_joint_model
@@ -350,6 +352,42 @@ def test_site_conditioned_joint_adapter_trains_saves_its_sites_and_generates_at_
     with pytest.warns(DeprecationWarning, match="JointModel.sample is deprecated"):  # the old method, one release
         old = [z for _, z, _ in joint.sample(1, 1, 5, torch.device("cpu"), "euler")]
     torch.testing.assert_close(old, [z for _, z, _ in sample_joint(joint, 1, 1, 5, torch.device("cpu"), "euler")])
+    _inpaints_joint_masks(result.export, conditional_run.export, phantom_dir, tmp_path, capsys)
+
+
+def _inpaints_joint_masks(joint_dir: Path, cond_dir: Path, phantom_dir: Path, tmp_path: Path, capsys) -> None:
+    """`--mask-source joint`: the joint model draws the inpainted lesion at a site where its prior would centre one
+    in the given brain; a draw that is empty or mostly outside the brain is redrawn, and after the last one the CLI
+    refuses in one line with nothing written."""
+    from neuromf.data.brain import depth_map
+    from neuromf.generation.inpaint import JOINT_DRAWS, draw_joint_mask
+    from neuromf.generation.joint import sample_joint
+    from neuromf.models.joint import load_joint_model
+
+    joint = load_joint_model(joint_dir)
+    brain = np.ones(joint.meta.prep.shape, dtype=bool)  # every voxel counts as brain: the first draw is kept
+    mask, drawn = draw_joint_mask(joint, brain, seed=3, steps=2)
+    centres = joint.prior.candidate_centres(brain, depth_map(brain, joint.prior.spacing))
+    assert drawn["joint_draws"] == 1 and drawn["joint_seed"] == 3 and drawn["site_voxel"] in centres.tolist()
+    _, z, sites = next(iter(sample_joint(joint, 1, 2, 3, torch.device("cpu"), "euler", 1.0, [drawn["site_voxel"]])))
+    assert mask.any() and np.array_equal(mask, joint.mask(z)[0, 0].numpy().astype(np.uint8))  # the model's own draw
+
+    from neuromf.io.bids import discover_cases
+
+    healthy = discover_cases(phantom_dir, group="hc")[0].image
+    base = ["generate", "--mode", "inpaint", "--adapter", str(cond_dir), "--image", str(healthy), "--steps", "1",
+            "--device", "cpu"]
+    capsys.readouterr()
+    # this 3-step adapter draws its masks in the background of a real scan (0-1% inside its brain): refused
+    assert cli(base + ["--mask-source", "joint", "--joint-adapter", str(joint_dir), "--joint-steps", "2",
+                       "--out", str(tmp_path / "inpainted")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"drew no lesion inside this brain in {JOINT_DRAWS} draws" in err and not (tmp_path / "inpainted").exists()
+    # a mask and a joint draw at once, or --mask-source outside the inpaint mode: refused
+    with pytest.raises(SystemExit, match="leave out --mask"):
+        cli(base + ["--mask-source", "joint", "--mask", str(healthy), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--mask-source are for --mode inpaint"):
+        cli(["generate", "--adapter", str(joint_dir), "--mask-source", "joint", "--out", str(tmp_path / "y")])
 
 
 def test_stop_leaves_adapter_and_resume_continues(tmp_path, phantom_dir, tiny_vae_dir, tiny_base_dir, shared_cache):

@@ -22,8 +22,8 @@ def cmd_generate(args) -> int:
         args.steps = 8 if args.mode == "inpaint" else 1
     if args.mode == "inpaint":
         return _generate_inpainted(args)
-    if args.margin_mm is not None:
-        raise SystemExit("generate: --margin-mm is for --mode inpaint")
+    if args.margin_mm is not None or args.mask_source != "prior":
+        raise SystemExit("generate: --margin-mm and --mask-source are for --mode inpaint")
     if bool(args.checkpoint) == bool(args.adapter):
         raise SystemExit("generate: give exactly one of --checkpoint (base model) or --adapter (LoRA joint model)")
     from neuromf.utils import ensure_writable
@@ -75,7 +75,9 @@ def _run_identity(args, mode: str) -> dict:
             "render": where(args.render), "seed": args.seed, "steps": args.steps, "sampler": args.sampler,
             "guidance": args.guidance, "joint_guidance": args.joint_guidance, "site": args.site,
             "mask": [where(m) for m in args.mask or []], "image": where(args.image), "margin_mm": args.margin_mm,
-            "texture": args.texture}
+            "texture": args.texture,
+            **({"mask_source": "joint", "joint_adapter": where(args.joint_adapter), "joint_steps": args.joint_steps}
+               if args.mask_source == "joint" else {})}
 
 
 def _generate_conditional(args) -> list[Path]:
@@ -127,12 +129,23 @@ def _generate_inpainted(args) -> int:
 
     if not args.image:
         raise SystemExit("generate: --mode inpaint needs --image (the healthy FLAIR the lesion goes into)")
-    if args.checkpoint or args.render or args.site or args.joint_guidance is not None:
+    joint = args.mask_source == "joint"
+    if args.checkpoint or args.render or args.site or (args.joint_guidance is not None and not joint):
         raise SystemExit("generate: --mode inpaint takes --image, --mask, --adapter (conditional), --n, --seed, "
-                         "--steps, --sampler, --guidance and --margin-mm")
+                         "--steps, --sampler, --guidance, --margin-mm and --mask-source (with joint: "
+                         "--joint-adapter, --joint-steps, --joint-guidance)")
+    if joint and args.mask:
+        raise SystemExit("generate: --mask-source joint draws the masks; leave out --mask")
     ensure_writable(Path(args.out))
     adapter = args.adapter or "embedded-fine"
     cond = load_conditional_model(adapter, args.device)
+    source = {}
+    if joint:
+        from neuromf.models.joint import load_joint_model
+
+        device = next(cond.model.parameters()).device
+        source = {"mask_source": "joint", "joint": load_joint_model(args.joint_adapter, device),
+                  "joint_steps": args.joint_steps, "joint_guidance": args.joint_guidance}
     masks = args.mask or [None] * args.n
     margin = 6.0 if args.margin_mm is None else args.margin_mm
     results = []
@@ -152,8 +165,12 @@ def _generate_inpainted(args) -> int:
             for i, mask in enumerate(masks):
                 result = inpaint_lesion(args.image, mask, cond, seed=args.seed + i if mask is None else args.seed,
                                         steps=args.steps, guidance=args.guidance, margin_mm=margin,
-                                        on_step=on_step, method=args.sampler)
-                result.info.update(adapter=str(adapter), index=i, mask_file=None if mask is None else str(mask))
+                                        on_step=on_step, method=args.sampler, **source)
+                # the run's seed, as every generated folder records it (one run = one seed); the lesion's own
+                result.info.update(adapter=str(adapter), index=i, mask_file=None if mask is None else str(mask),
+                                   seed=args.seed, lesion_seed=result.info["seed"])
+                if joint:
+                    result.info["joint_adapter"] = str(args.joint_adapter)
                 results.append(result)
                 bars["lesions"].update()
         finally:
@@ -204,6 +221,14 @@ def register(add: AddCommand) -> None:
     p.add_argument("--margin-mm", type=number(0.0, 100.0), default=None, metavar="MM",
                    help="inpaint mode: voxels farther than this from the lesion keep the scan's values exactly; "
                         "within it a feathered blend (default 6)")
+    p.add_argument("--mask-source", default="prior", choices=["prior", "joint"],
+                   help="inpaint mode without --mask: prior (a real training lesion re-placed in this brain) or joint "
+                        "(a new shape drawn by --joint-adapter at a real lesion's depth and site in this brain)")
+    p.add_argument("--joint-adapter", default="embedded-fine", metavar="ADAPTER",
+                   help="inpaint mode, --mask-source joint: the joint adapter that draws the masks (default the "
+                        "shipped 2 mm one)")
+    p.add_argument("--joint-steps", type=STEPS, default=32,
+                   help="inpaint mode, --mask-source joint: Euler steps of the joint model (default 32)")
     p.add_argument("--n", type=COUNT, default=4)
     p.add_argument("--steps", type=STEPS, default=None,
                    help="sampling steps (default 1 = one-step MeanFlow; 8 in the inpaint mode)")

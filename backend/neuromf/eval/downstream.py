@@ -262,7 +262,10 @@ def _real_subset(n: int, fraction: float, seed: int) -> list[int]:
 
 def _fingerprint(settings: BenchmarkSettings, arm: Arm, train_ids: list[str], test_ids: list[str],
                  preprocessing: dict[str, Any]) -> str:
-    text = json.dumps({"settings": asdict(settings), "arm": asdict(arm), "train": train_ids, "test": test_ids,
+    used = asdict(settings)
+    if not (arm.synthetic and arm.real_fraction > 0):  # the share weighs real against synthetic: unused here
+        used.pop("synthetic_share")
+    text = json.dumps({"settings": used, "arm": asdict(arm), "train": train_ids, "test": test_ids,
                        "grid": preprocessing}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -2,12 +2,14 @@
 
     inpaint_lesion(image, mask=None, adapter="embedded-fine", affine=None, seed=0, steps=8, guidance=None,
                    margin_mm=6.0, on_step=None, stop=None, method="meanflow", composite="residual",
-                   device="cpu", allow_existing_lesion=False) -> InpaintResult
+                   device="cpu", allow_existing_lesion=False, mask_source="prior", joint=None) -> InpaintResult
 
 `image` / `mask`: a NIfTI path or a numpy array (arrays need `affine`, the (4, 4) voxel -> world matrix; a mask
-array may also share the image's grid and affine). Without a mask, one is drawn from the adapter's prior of real
-lesions at a real lesion's depth and site in this scan's brain. `on_step(i, n)` is called after each of the n
-network calls; `stop` (a threading.Event) is checked before each one and raises `InpaintCancelled`.
+array may also share the image's grid and affine). Without a mask, one is drawn at a real lesion's depth and site in
+this scan's brain: from the adapter's prior of real lesions (`mask_source="prior"`: a training lesion re-placed), or
+by a joint adapter (`mask_source="joint"`: a new shape the joint model draws, see `draw_joint_mask`).
+`on_step(i, n)` is called after each of the n network calls (the joint model's steps first, when it draws the
+mask); `stop` (a threading.Event) is checked before each one and raises `InpaintCancelled`.
 `InpaintResult`: `.image` (the input's grid and dtype), `.mask` (uint8, input grid), `.affine` (the input's),
 `.info` (seed, steps, margin_mm, lesion volume cm^3, contrast, adapter, seconds, ...).
 
@@ -39,18 +41,23 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from neuromf.data.brain import brain_mask
+from neuromf.data.brain import brain_mask, depth_map
 from neuromf.eval.lesion_metrics import lesion_contrast
 from neuromf.generation.conditional import ConditionalModel, load_conditional_model
 from neuromf.generation.guidance import guided_velocity
+from neuromf.generation.joint import sample_joint
 from neuromf.io.nifti import VolumeError, image_window, read_nifti, save_nifti
+from neuromf.meanflow.samplers import SamplingStopped
 from neuromf.models.adapter_meta import resolve_adapter_dir
+from neuromf.models.joint import JointModel, load_joint_model
 from neuromf.utils import atomic_write, atomic_write_json
 from neuromf.vae import DOWNSAMPLE
 
 MIN_INSIDE_BRAIN = 0.5  # a painted cortical lesion may touch CSF; a mask mostly outside the brain is a mistake
 AFFINE_TOLERANCE_MM = 1e-3  # as `preprocess_pair`: a mask array on the image's grid must carry the same affine
 COMPOSITES = ("residual", "replace")
+MASK_SOURCES = ("prior", "joint")
+JOINT_DRAWS = 3  # joint masks drawn before giving up on one that is empty or mostly outside this brain
 
 
 class InpaintCancelled(RuntimeError):
@@ -265,6 +272,51 @@ def inpaint_latent(cond: ConditionalModel, x: torch.Tensor, mask: torch.Tensor, 
     return z
 
 
+def draw_joint_mask(joint: JointModel, brain: np.ndarray, seed: int, steps: int = 32, guidance: float | None = None,
+                    on_step: Callable[[int, int], None] | None = None,
+                    stop: Event | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """A lesion mask drawn by a joint adapter (Euler, masks only) for the brain it goes into, on the model grid.
+
+    A site-conditioned adapter is given a site where its prior would centre a lesion in *this* brain (real depth and
+    sites, `MaskPrior.candidate_centres`), so the new shape grows where a lesion belongs in the scan rather than in
+    the brain the joint model imagines; an adapter without sites draws where it learned to. A mask that comes out
+    empty or mostly outside the brain is drawn again from fresh noise (at most `JOINT_DRAWS` times).
+
+    Args:
+        joint: the loaded joint adapter (its grid must be the conditional adapter's).
+        brain: (H, W, D) bool brain of the scan on the model grid.
+        seed: noise and site seed; draw k > 0 uses the seeds derived from (seed, k).
+        steps: Euler steps of the joint model (x-prediction adapters: 32 is the shipped 2 mm card's setting).
+        guidance: joint guidance against the empty mask's path; None = the adapter's own.
+        on_step, stop: per network step progress and cancel (`InpaintCancelled`).
+    Returns:
+        ((H, W, D) uint8 mask, {"joint_steps", "joint_guidance", "joint_seed", "joint_draws", "site_voxel"}).
+    Raises:
+        VolumeError: no site at the real lesions' depth in this brain, or every draw empty / outside the brain.
+    """
+    guidance = joint.meta.guidance_scale(guidance)
+    device = next(joint.model.parameters()).device
+    for draw in range(JOINT_DRAWS):
+        draw_seed = seed if draw == 0 else int(np.random.SeedSequence([seed, draw]).generate_state(1)[0])
+        sites = None
+        if joint.prior is not None:
+            centres = joint.prior.candidate_centres(brain, depth_map(brain, joint.prior.spacing))
+            if not len(centres):
+                raise VolumeError("the scan's brain has no voxel at the real lesions' depth and sites for the joint "
+                                  "model's lesion")
+            sites = centres[np.random.default_rng([draw_seed, 1]).integers(len(centres))][None]
+        try:
+            _, z, _ = next(iter(sample_joint(joint, 1, steps, draw_seed, device, "euler", guidance, sites, on_step,
+                                             stop)))
+        except SamplingStopped as err:
+            raise InpaintCancelled(f"inpainting cancelled while the joint model drew the mask ({err})") from err
+        mask = joint.mask(z.to(device))[0, 0].numpy().astype(np.uint8)
+        if mask.any() and float((mask.astype(bool) & brain).sum()) >= MIN_INSIDE_BRAIN * float(mask.sum()):
+            return mask, {"joint_steps": steps, "joint_guidance": guidance, "joint_seed": draw_seed,
+                          "joint_draws": draw + 1, "site_voxel": None if sites is None else [int(v) for v in sites[0]]}
+    raise VolumeError(f"the joint model drew no lesion inside this brain in {JOINT_DRAWS} draws (seed {seed})")
+
+
 def network_calls_per_run(steps: int, guidance: float) -> int:
     """Network calls of one inpainting: one per step, two with mask guidance (s != 1)."""
     return steps * (1 if guidance == 1.0 else 2)
@@ -275,15 +327,17 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
                    seed: int = 0, steps: int = 8, guidance: float | None = None, margin_mm: float = 6.0,
                    on_step: Callable[[int, int], None] | None = None, stop: Event | None = None,
                    method: str = "meanflow", composite: str = "residual", device: str = "cpu",
-                   allow_existing_lesion: bool = False, mask_affine: np.ndarray | None = None) -> InpaintResult:
+                   allow_existing_lesion: bool = False, mask_affine: np.ndarray | None = None,
+                   mask_source: str = "prior", joint: str | Path | JointModel | None = None, joint_steps: int = 32,
+                   joint_guidance: float | None = None) -> InpaintResult:
     """A lesion inpainted into a healthy FLAIR with the conditional model; voxels farther than `margin_mm` from the
     lesion keep the input's values exactly (see the module docstring for the method).
 
     Args:
         image: the healthy FLAIR: a NIfTI path, or a 3D array with `affine`.
         mask: the lesion: a NIfTI path (any grid with a valid affine; resampled nearest onto the scan's), a 3D array
-            on the scan's grid (or on another grid given by `mask_affine`); None = drawn from the adapter's prior
-            at a real lesion's depth and site in this scan's brain.
+            on the scan's grid (or on another grid given by `mask_affine`); None = drawn (`mask_source`) at a real
+            lesion's depth and site in this scan's brain.
         adapter: a conditional adapter folder, "embedded-fine" (2 mm, default) or "embedded", or a loaded one.
         affine: (4, 4) voxel -> world affine of an image array.
         seed: noise (and prior draw) seed.
@@ -296,6 +350,11 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
         device: "cpu", "cuda", "auto".
         allow_existing_lesion: inpaint even when a lesion mask is stored beside the scan file.
         mask_affine: (4, 4) affine of a mask array on another grid than the scan's.
+        mask_source: without `mask`: "prior" (a real training lesion re-placed by the adapter's prior) or "joint"
+            (a new shape drawn by the `joint` adapter, `draw_joint_mask`).
+        joint: the joint adapter for `mask_source="joint"`: a folder, "embedded-fine" (default) or a loaded one on
+            the conditional adapter's grid.
+        joint_steps, joint_guidance: the joint model's Euler steps and guidance (None = its own).
     Returns:
         `InpaintResult` on the input's grid.
     Raises:
@@ -308,6 +367,10 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
         raise ValueError(f"composite must be one of {COMPOSITES}, got {composite!r}")
     if not margin_mm > 0:
         raise ValueError(f"margin_mm must be > 0, got {margin_mm}")
+    if mask_source not in MASK_SOURCES:
+        raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {mask_source!r}")
+    if mask is not None and mask_source != "prior":
+        raise ValueError("inpaint: give either a mask or mask_source='joint', not both")
     scan = load_scan(image, affine)
     if isinstance(image, (str, Path)) and not allow_existing_lesion:
         stored = existing_lesion_masks(image)
@@ -321,12 +384,15 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
     model_image = ((grid - lo) / (hi - lo)).clamp(0.0, prep.clip_max)
     brain = brain_mask(model_image[0].numpy())
 
+    drawn: dict[str, Any] = {}
     if mask is None:
-        mask_model = cond.prior.sample(np.random.default_rng([seed, 0]), brain=brain).astype(np.uint8)
+        if mask_source == "joint":
+            mask_model, drawn = _joint_mask(joint, cond, brain, seed, joint_steps, joint_guidance, on_step, stop)
+        else:
+            mask_model = cond.prior.sample(np.random.default_rng([seed, 0]), brain=brain).astype(np.uint8)
         mask_scan = resample_nearest(mask_model, grid_affine, scan.data.shape, scan.affine)
-        mask_source = "prior"
         if not mask_scan.any():
-            raise VolumeError(f"{scan.source}: the prior's lesion falls between the scan's voxels")
+            raise VolumeError(f"{scan.source}: the {mask_source} lesion falls between the scan's voxels")
     else:
         mask_scan, mask_source = _mask_on_scan(mask, mask_affine, scan)
         mask_model = resample_nearest(mask_scan, scan.affine, prep.shape, grid_affine)
@@ -368,8 +434,24 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
             "network_calls": total, "lesion_cm3": float(mask_scan.sum()) * float(np.prod(spacing)) / 1000.0,
             "contrast": contrast, "contrast_before": before,
             "contrast_definition": "mean FLAIR in the mask / mean in its 2-voxel ring of tissue, input grid",
-            "intensity_bounds": [lo, hi], "seconds": time.perf_counter() - started}
+            "intensity_bounds": [lo, hi], **drawn, "seconds": time.perf_counter() - started}
     return InpaintResult(out, mask_scan.astype(np.uint8), scan.affine.copy(), info, scan.header)
+
+
+def _joint_mask(joint: str | Path | JointModel | None, cond: ConditionalModel, brain: np.ndarray, seed: int,
+                steps: int, guidance: float | None, on_step: Callable[[int, int], None] | None,
+                stop: Event | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """`draw_joint_mask` with the joint adapter loaded (default "embedded-fine") and checked to share the
+    conditional adapter's grid; the info names the joint adapter."""
+    spec = "embedded-fine" if joint is None else joint
+    model = spec if isinstance(spec, JointModel) else load_joint_model(spec, next(cond.model.parameters()).device)
+    grid, wanted = (model.meta.prep.shape, model.meta.prep.spacing), (cond.prep.shape, cond.prep.spacing)
+    if tuple(map(tuple, grid)) != tuple(map(tuple, wanted)):
+        raise ValueError(f"{spec}: the joint adapter's grid {grid[0]} at {grid[1]} mm is not the conditional "
+                         f"adapter's {wanted[0]} at {wanted[1]} mm")
+    mask, info = draw_joint_mask(model, brain, seed, steps, guidance, on_step, stop)
+    name = "<loaded joint model>" if isinstance(spec, JointModel) else str(resolve_adapter_dir(spec, "joint"))
+    return mask, {"joint_adapter": name, **info}
 
 
 def _blend(scan: Scan, mask_scan: np.ndarray, generated: np.ndarray, grid_affine: np.ndarray, lo: float, hi: float,
@@ -414,5 +496,6 @@ def write_inpainted(result: InpaintResult, out_dir: Path, stem: str) -> list[Pat
             atomic_write_json(Path(f"{base}.json"), result.info)]
 
 
-__all__ = ["InpaintCancelled", "InpaintResult", "existing_lesion_masks", "inpaint_lesion", "inpaint_latent",
+__all__ = ["InpaintCancelled", "InpaintResult", "draw_joint_mask", "existing_lesion_masks", "inpaint_lesion",
+           "inpaint_latent",
            "load_scan", "resample_nearest", "write_inpainted"]
