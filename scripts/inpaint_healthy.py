@@ -22,15 +22,15 @@ from neuromf.pipelines.inpaint import write_inpainted
 from neuromf.utils import atomic_write_json
 
 
-def main(out_dir: Path, n: int = 24, first_seed: int = 100, data: str = "embedded-fine") -> None:
-    prep = adapter_meta("embedded-fine", "conditional").prep
+def main(out_dir: Path, n: int = 24, first_seed: int = 100, data: str = "embedded") -> None:
+    prep = adapter_meta("embedded", "conditional").prep
     healthy = discover_cases(resolve_data_dir(data), group="hc", split="train")[:n]
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, case in enumerate(tqdm(healthy, desc="inpainted pairs", unit="pair")):
         stem = out_dir / f"sample_{i:03d}"
         if Path(f"{stem}.json").is_file():
             continue
-        result = inpaint_lesion(case.image, None, "embedded-fine", seed=first_seed + i)
+        result = inpaint_lesion(case.image, None, "embedded", seed=first_seed + i)
         with tempfile.TemporaryDirectory() as tmp:
             # back through the same preprocessing as the real cases: the benchmark compares like with like
             write_inpainted(result, Path(tmp), "pair")

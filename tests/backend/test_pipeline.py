@@ -281,7 +281,7 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
     with pytest.raises(ValueError, match="reference"):
         calibrate_joint_guidance(result.export, scales=(1.0,), device="cpu", reference="test")
     with pytest.raises(SystemExit, match="shipped adapter"):
-        cli(["calibrate-guidance", "--adapter", "embedded-fine", "--store"])
+        cli(["calibrate-guidance", "--adapter", "embedded", "--store"])
     # judged by ratio: twice and half the target are equally far, all-empty (median 0) never wins
     assert log_ratio_gap(8.1, 4.05) == pytest.approx(log_ratio_gap(2.025, 4.05)) == pytest.approx(np.log(2))
     assert log_ratio_gap(0.0, 4.05) == np.inf

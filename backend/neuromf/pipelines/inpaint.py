@@ -1,6 +1,6 @@
 """Inpainting mode: a lesion put into a real healthy scan, the rest of the scan kept exactly.
 
-    inpaint_lesion(image, mask=None, adapter="embedded-fine", affine=None, seed=0, steps=8, guidance=None,
+    inpaint_lesion(image, mask=None, adapter="embedded", affine=None, seed=0, steps=8, guidance=None,
                    margin_mm=6.0, on_step=None, stop=None, method="meanflow", composite="residual",
                    device="cpu", allow_existing_lesion=False) -> InpaintResult
 
@@ -270,7 +270,7 @@ def network_calls_per_run(steps: int, guidance: float) -> int:
 
 
 def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray | None = None,
-                   adapter: str | Path | ConditionalModel = "embedded-fine", affine: np.ndarray | None = None,
+                   adapter: str | Path | ConditionalModel = "embedded", affine: np.ndarray | None = None,
                    seed: int = 0, steps: int = 8, guidance: float | None = None, margin_mm: float = 6.0,
                    on_step: Callable[[int, int], None] | None = None, stop: Event | None = None,
                    method: str = "meanflow", composite: str = "residual", device: str = "cpu",
@@ -283,7 +283,7 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
         mask: the lesion: a NIfTI path (any grid with a valid affine; resampled nearest onto the scan's), a 3D array
             on the scan's grid (or on another grid given by `mask_affine`); None = drawn from the adapter's prior
             at a real lesion's depth and site in this scan's brain.
-        adapter: a conditional adapter folder, "embedded-fine" (2 mm, default) or "embedded", or a loaded one.
+        adapter: a conditional adapter folder, "embedded" (2 mm, default) or "embedded-3mm", or a loaded one.
         affine: (4, 4) voxel -> world affine of an image array.
         seed: noise (and prior draw) seed.
         steps: sampler steps; `method` "meanflow" or "euler".
