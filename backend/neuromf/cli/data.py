@@ -63,6 +63,8 @@ def cmd_mask_test(args) -> int:
     ensure_writable(Path(args.out), file=True)  # before the VAE round trips, not after them
     skipped: list[dict] = []  # broken subjects (ROI without FLAIR, 2D image) are skipped, not an abort
     cases = discover_cases(resolve_data_dir(args.data), group="fcd", skipped=skipped)
+    if args.max_cases:  # the first N FCD cases with a lesion mask (as the napari widget's limit)
+        cases = [c for c in cases if c.mask is not None][:args.max_cases]
     vae = MAISIVAEWrapper.resolve(args.vae, preset=args.vae_preset, device=args.device)
     prep = model_grid(vae, args.shape, args.spacing)
     with tqdm(total=len(cases), desc="mask-test", unit="case") as bar:
@@ -118,6 +120,9 @@ def register(add: AddCommand) -> None:
                    help="model grid in voxels (default: the grid the VAE was trained on, else 64 64 64)")
     p.add_argument("--spacing", type=VOXEL_MM, nargs=3, default=None,
                    help="model grid spacing in mm (default: the VAE's, else 3 3 3)")
+    p.add_argument("--max-cases", type=number(0, 100_000, integer=True), default=0, metavar="N",
+                   help="test only the first N FCD cases with a lesion mask (0 = all; at 2 mm a case takes several "
+                        "seconds on a CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(STAGE_DIR / "mask_vae_test.json"))
 

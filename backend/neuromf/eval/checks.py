@@ -147,8 +147,8 @@ def mask_strategy_row(check: Check, ctx: ReportContext) -> Row:
     decision = data.get("decision")
     summary = data.get("summary") or {}
     threshold = data.get("threshold", DICE_THRESHOLD)
-    row.figure = (f"mean Dice A = {fmt(summary.get('mean_dice_vae'))} (threshold {fmt(threshold, 2)}) -> "
-                  f"decision: {decision}")
+    row.figure = (f"{len(data.get('cases') or [])} lesions: mean Dice A = {fmt(summary.get('mean_dice_vae'))} "
+                  f"(threshold {fmt(threshold, 2)}) -> decision: {decision}")
     if summary.get("mean_dice_sdf") is not None:
         best_b = max((summary.get("mean_dice_downsample") or {}).values(), default=None)
         row.figure += (f"; strategy B round trips: binary best {fmt(best_b)}, signed distance (sdf) "
