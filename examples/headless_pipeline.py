@@ -1,7 +1,7 @@
 """Headless NeuroMF from Python: mask test -> LoRA fine-tuning -> generate pairs -> evaluate them.
 
-As is, it runs on the embedded sample data and weights (about 5 minutes on 2 CPU cores). For your own data,
-pass a config whose `data.data_dir`, `model.vae` and grid name your files (see backend/neuromf/configs/).
+As is, it runs on the shipped 3 mm data and weights (`embedded-3mm`, about 5 minutes on 2 CPU cores). For your
+own data, pass a config whose `data.data_dir`, `model.vae` and grid name your files (see backend/neuromf/configs/).
 """
 
 from __future__ import annotations
