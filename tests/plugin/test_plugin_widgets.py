@@ -168,11 +168,14 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
 
     viewer = make_napari_viewer()
     widget = ready(qtbot, LoRAWidget(viewer))
-    assert widget.base.text() == "embedded" and widget.device.itemText(0) == "auto"
+    assert widget.device.itemText(0) == "auto"
     import torch
 
-    if not torch.cuda.is_available():  # a CPU machine gets the CPU-sized config first
+    if not torch.cuda.is_available():  # a CPU machine gets the CPU-sized config first, on its 3 mm base and data
         assert widget.config.currentText() == "joint_3mm"
+        assert widget.base.text() == widget.data.text() == "embedded-3mm"
+    widget.config.setCurrentText("joint_2mm")  # the 2 mm recipe: the 2 mm base and data (the default names)
+    assert widget.base.text() == widget.data.text() == "embedded"
     # the default output is a fresh timestamped run folder under the user data dir
     assert str(tmp_path / "neuromf_home" / "runs" / "lora_") in widget.output.text()
     assert widget.run_mode.currentText() == _training_run.NEW_RUN
