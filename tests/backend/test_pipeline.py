@@ -199,7 +199,16 @@ def test_warm_start_trains_part_of_an_adapter_from_its_weights(lora_run, phantom
         assert torch.equal(after[key], value) != trains(key), key
     meta = json.loads((result.export / "neuromf_adapter.json").read_text())
     q_only = sum(v.numel() for k, v in before.items() if trains(k))
-    assert meta["trainable_params"] == check_adapter(result.export)["trainable"] == q_only
+    checks = check_adapter(result.export)
+    assert meta["trainable_params"] == checks["trainable"] == q_only
+    # the report's trainable-share row judges this run and names what the adapter it continued had trained
+    from neuromf.eval.checks import CHECKS, ReportContext
+
+    ctx = ReportContext(tmp_path, result.out_dir, tmp_path / "report", checks, 0)
+    row = next(c for c in CHECKS if c.test == "P7-T3").run(ctx)
+    source_meta = json.loads((source.export / "neuromf_adapter.json").read_text())
+    assert f"trainable {q_only:,} /" in row.figure and "continued the adapter" in row.figure
+    assert f"trained {source_meta['trainable_params']:,} = " in row.figure
     with pytest.raises(ValueError, match="lora.rank: 4 vs 8"):
         build_joint_model(lora_cfg(tmp_path, phantom_dir, tiny_vae_dir, mask_test, **{
             "lora.init_from": str(source.export), "lora.rank": 8}), tiny_base_dir, n_mask=1)
