@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from benchlib import base_parser, environment, finish, pick, ratio, setup_torch, target, time_interleaved  # noqa: E402
 
+from neuromf.generation.joint import joint_velocity, load_renderer, sample_joint  # noqa: E402
 from neuromf.meanflow import sample  # noqa: E402
 from neuromf.models.joint import load_joint_model  # noqa: E402
-from neuromf.pipelines.joint import load_renderer  # noqa: E402
 
 TARGET_SPEEDUP = 30.0
 TARGET_FLOOR = 1.3
@@ -60,18 +60,19 @@ def main() -> dict:
 
     def floor() -> None:
         with torch.no_grad():
-            velocity = joint.velocity(noise, 1.0, sites)
+            velocity = joint_velocity(joint, noise, 1.0, sites)
             eps = noise.to(device)
             decode(eps - velocity(eps, torch.zeros(1, device=device), torch.ones(1, device=device)))
 
     def joint_steps(steps: int):
         def run() -> None:
             with torch.no_grad():
-                decode(sample(joint.velocity(noise, 1.0, sites), noise.to(device), steps=steps, method="meanflow"))
+                velocity = joint_velocity(joint, noise, 1.0, sites)
+                decode(sample(velocity, noise.to(device), steps=steps, method="meanflow"))
         return run
 
     def two_network() -> None:
-        for _, z, _ in joint.sample(1, euler_steps, args.seed, device, "euler", guidance):
+        for _, z, _ in sample_joint(joint, 1, euler_steps, args.seed, device, "euler", guidance):
             mask = joint.mask(z.to(device))[0, 0].numpy()
             renderer.generate(mask, noise[0, :n_img], euler_steps, "euler")
 

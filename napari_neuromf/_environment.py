@@ -62,7 +62,8 @@ def environment() -> Environment:
             # every backend module a job needs, imported now rather than inside the job's worker: importing
             # holds the GIL for long stretches (extension modules, MONAI, peft), which would freeze the GUI then
             for module in ("neuromf.io.bids", "neuromf.eval.mask_test", "neuromf.pipelines.joint",
-                           "neuromf.pipelines.conditional", "neuromf.generate"):
+                           "neuromf.pipelines.conditional", "neuromf.generation.joint",
+                           "neuromf.generation.conditional"):
                 importlib.import_module(module)
 
             has_cuda = torch.cuda.is_available()

@@ -39,7 +39,7 @@ def sites_on_model_grid(points_world: Any, adapter: str) -> Any:
     import numpy as np
 
     from napari_neuromf._layers import world_placement
-    from neuromf.generate import model_grid_affine
+    from neuromf.generation.images import model_grid_affine
     from neuromf.models.adapter_meta import adapter_meta
 
     prep = adapter_meta(adapter, "joint").prep
@@ -128,7 +128,7 @@ class GenerateRun:
         import numpy as np
 
         from neuromf.api import inpaint_lesion
-        from neuromf.generate import GeneratedPair
+        from neuromf.generation.images import GeneratedPair
 
         data, state = self.scan
         options: dict[str, Any] = {}
@@ -148,15 +148,15 @@ class GenerateRun:
     def drive(self) -> Generator[Any, None, int]:
         """Worker body: one generated pair per yield (then a Failure if anything went wrong). A cancel stops the
         sampler before its next network step; the pairs yielded so far stay."""
+        from neuromf.generation.inpaint import InpaintCancelled
         from neuromf.meanflow.samplers import SamplingStopped  # in the worker: torch is imported there
-        from neuromf.pipelines.inpaint import InpaintCancelled
 
         pairs = None
         try:
             if self.mode == "inpaint":
                 pairs = [self._inpaint()]
             elif self.mode == "conditional":
-                from neuromf.pipelines.conditional import generate_conditional_pairs
+                from neuromf.generation.conditional import generate_conditional_pairs
 
                 masks = affines = None
                 if self.lesion is not None:
@@ -170,7 +170,7 @@ class GenerateRun:
                                                    method=self.method, guidance=self.guidance,
                                                    on_step=self.on_step, stop=self.cancel)
             else:
-                from neuromf.pipelines.joint import generate_pairs
+                from neuromf.generation.joint import generate_pairs
 
                 sites = None if self.sites_world is None else sites_on_model_grid(self.sites_world, self.adapter)
                 pairs = generate_pairs(self.adapter, n=self.n, steps=self.steps, seed=self.seed, device=self.device,

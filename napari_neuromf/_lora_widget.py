@@ -396,7 +396,7 @@ class LoRAWidget(QWidget):
         self.loss_plot.set_points(self.run.plotted if self.run is not None else [])
 
     def _show_previews(self, event: Any) -> None:
-        from neuromf.generate import model_grid_affine
+        from neuromf.generation.images import model_grid_affine
 
         data = self.run.cfg.data
         for i, (image, mask) in enumerate(event.preview):

@@ -41,9 +41,9 @@ QUANTUM = 1e-3  # FLAIR intensity step of the stored int16 values (intensities l
 def generate(mode: str) -> Any:
     """The sample's pair: seed 0, on the CPU, in the mode's ``SETTINGS``."""
     if mode == "conditional":
-        from neuromf.pipelines.conditional import generate_conditional_pairs as sample
+        from neuromf.generation.conditional import generate_conditional_pairs as sample
     else:
-        from neuromf.pipelines.joint import generate_pairs as sample
+        from neuromf.generation.joint import generate_pairs as sample
     return next(iter(sample(EMBEDDED, n=1, seed=0, device="cpu", **SETTINGS[mode])))
 
 

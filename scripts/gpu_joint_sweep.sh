@@ -51,9 +51,9 @@ else VARIANTS=${VARIANTS:-"joint_b8 joint_aug8 joint_aug8_long joint_aug8_long_s
 from neuromf.config import load_config
 from neuromf.data.augment import AffineAugment
 from neuromf.data.fcd_dataset import FCDDataset
-from neuromf.generate import vae_for
 from neuromf.models.flow_model import read_model_meta
 from neuromf.pipelines.conditional import stage2_preprocessing
+from neuromf.vae import vae_for
 cfg = load_config("joint_2mm", {"data.augment_copies": $AUG})
 meta = read_model_meta("embedded")
 FCDDataset(cfg.data.data_dir, "sdf", vae=vae_for(meta, "$DEVICE"), prep=stage2_preprocessing(meta, cfg),

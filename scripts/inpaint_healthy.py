@@ -15,10 +15,10 @@ from tqdm import tqdm
 
 from neuromf import inpaint_lesion
 from neuromf.data.embedded import resolve_data_dir
+from neuromf.generation.inpaint import write_inpainted
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import preprocess_pair, save_nifti
 from neuromf.models.adapter_meta import adapter_meta
-from neuromf.pipelines.inpaint import write_inpainted
 from neuromf.utils import atomic_write_json
 
 

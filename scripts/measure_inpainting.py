@@ -4,7 +4,7 @@
         --montage docs/inpaint_montage.png
 
 For n healthy phantom scans of `--data` (participants.tsv group hc: the held-out test controls first), a lesion
-drawn from the adapter's prior is inpainted (`neuromf.pipelines.inpaint.inpaint_lesion`; pair i has seed 1000 s + i,
+drawn from the adapter's prior is inpainted (`neuromf.generation.inpaint.inpaint_lesion`; pair i has seed 1000 s + i,
 s the --seeds in turn, as the prior's lesion draw follows the seed) and written on the scan's own grid. Measured:
 voxels beyond the margin that differ from the input as read back from the written files (must be 0); the pairs
 mapped onto the model grid and judged by `neuromf evaluate`'s lesion-likeness check against the real lesions of
@@ -27,9 +27,9 @@ from scipy import ndimage, stats
 
 from neuromf.eval.lesion_metrics import lesion_contrast
 from neuromf.eval.metrics import evaluate_generated
+from neuromf.generation.conditional import load_conditional_model
+from neuromf.generation.inpaint import inpaint_lesion, write_inpainted
 from neuromf.io.nifti import preprocess_pair, save_nifti
-from neuromf.pipelines.conditional import load_conditional_model
-from neuromf.pipelines.inpaint import inpaint_lesion, write_inpainted
 from neuromf.utils import atomic_write_json
 
 

@@ -6,6 +6,10 @@
 
 `--new` may be a saved VAE (a folder with model.safetensors) or a training run folder: then the EMA weights of its
 resumable checkpoint are loaded on top of `--old` (to follow a run while it trains).
+
+`--texture` also judges each decoder's decodes with scanner texture added (`neuromf.data.texture`) at the level
+in its sidecar (`texture_sigma`), or, when it has none, fitted here on the first 16 training scans (never on the
+held-out ones).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from safetensors import safe_open
 
 from neuromf.config import load_config
-from neuromf.eval.realism import cnn_two_sample_test, realism_report
+from neuromf.eval.realism import cnn_two_sample_test, fit_vae_texture, realism_report, textured
 from neuromf.pipelines.vae import load_volumes
 from neuromf.utils import atomic_write_json
 from neuromf.vae import MAISIVAEWrapper
@@ -55,6 +59,13 @@ def verdicts(report: dict) -> dict[str, bool]:
     values = {"sharpness_ratio": report["sharpness_ratio"], "ssim": report["ssim"],
               "cnn_balanced_accuracy": report["cnn_two_sample"]["balanced_accuracy"]}
     return {k: (values[k] >= t if op == ">=" else values[k] <= t) for k, (op, t) in TARGETS.items()}
+
+
+def print_report(name: str, report: dict) -> None:
+    """One line per judged decoder."""
+    print(f"{name}: sharpness ratio {report['sharpness_ratio']:.3f}  SSIM {report['ssim']:.4f}  "
+          f"CNN bal. acc. {report['cnn_two_sample']['balanced_accuracy']:.3f}  "
+          f"features bal. acc. {report['feature_two_sample']['balanced_accuracy']:.3f}", flush=True)
 
 
 def picture(originals: torch.Tensor, decodes: dict[str, torch.Tensor], path: Path, case_ids: list[str]) -> None:
@@ -97,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vae_realism.json"))
     parser.add_argument("--picture", type=Path, default=None)
+    parser.add_argument("--texture", action="store_true", help="also judge decodes with scanner texture added")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -111,15 +123,24 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.out}: measured on other cases or another seed; not merging")
         result = {**previous, **result}
     decodes = {}
+    training = None
     for label, spec in (("old", args.old), ("new", args.new)):
         if (args.only and label != args.only) or spec is None:
             continue
-        decodes[label] = round_trip(load_vae(spec, args.old), originals)
-        report = realism_report(originals, decodes[label], seed=args.seed, cnn_steps=args.cnn_steps)
-        result[label] = {"vae": spec, **report, "meets": verdicts(report)}
-        print(f"{label}: sharpness ratio {report['sharpness_ratio']:.3f}  SSIM {report['ssim']:.4f}  "
-              f"CNN bal. acc. {report['cnn_two_sample']['balanced_accuracy']:.3f}  "
-              f"features bal. acc. {report['feature_two_sample']['balanced_accuracy']:.3f}", flush=True)
+        vae = load_vae(spec, args.old)
+        decodes[label] = round_trip(vae, originals)
+        arms = [(label, decodes[label], {})]
+        if args.texture:
+            if vae.texture_sigma is None and training is None:
+                training = load_volumes(cfg, "train", progress=False)[0]
+            fit = ({"texture_sigma": vae.texture_sigma, "texture_fit": "from the VAE's sidecar"}
+                   if vae.texture_sigma is not None else fit_vae_texture(vae, training))
+            decodes[f"{label}_textured"] = textured(decodes[label], fit["texture_sigma"], seed=args.seed)
+            arms.append((f"{label}_textured", decodes[f"{label}_textured"], fit))
+        for name, decoded, extra in arms:
+            report = realism_report(originals, decoded, seed=args.seed, cnn_steps=args.cnn_steps)
+            result[name] = {"vae": spec, **extra, **report, "meets": verdicts(report)}
+            print_report(name, report)
     # what the judges give when both sides are real: two disjoint halves of the originals
     half = len(originals) // 2
     if half >= 2 and args.only != "new":
@@ -130,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
     print(f"wrote {args.out} ({time.perf_counter() - started:.0f} s)")
-    if args.picture and args.new:
+    if args.picture and (args.new or args.texture):
         shown = (0, len(originals) - 1)
         columns = {f"{label} decode": (decodes[label][list(shown)] if label in decodes else
                                        round_trip(load_vae(spec, args.old), originals[list(shown)]))
-                   for label, spec in (("old", args.old), ("new", args.new))}
+                   for label, spec in (("old", args.old), ("new", args.new)) if spec}
+        columns.update({f"{label.replace('_', ' + ')}": decodes[label][list(shown)] for label in decodes
+                        if label.endswith("_textured")})
         picture(originals[list(shown)], columns, args.picture, case_ids=[case_ids[i] for i in shown])
         print(f"wrote {args.picture}")
     return 0

@@ -16,7 +16,7 @@ import numpy as np
 from neuromf.config import load_config
 from neuromf.data.embedded import resolve_data_dir
 from neuromf.eval.figures import sample_montage
-from neuromf.generate import generate_images
+from neuromf.generation.images import generate_images
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import Preprocessing, preprocess_image
 from neuromf.utils import atomic_write_text

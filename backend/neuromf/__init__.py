@@ -23,14 +23,14 @@ _EXPORTS = {
     # the pipeline
     "mask_test": "neuromf.api",
     "fine_tune": "neuromf.api",
-    "generate_pairs": "neuromf.api",  # not "generate": that is the submodule neuromf.generate
+    "generate_pairs": "neuromf.api",  # not "generate": that is the deprecated submodule neuromf.generate
     "evaluate": "neuromf.api",
     "benchmark_downstream": "neuromf.api",
     "inpaint_lesion": "neuromf.api",
-    "InpaintResult": "neuromf.pipelines.inpaint",
-    "InpaintCancelled": "neuromf.pipelines.inpaint",
-    "write_pairs": "neuromf.generate",
-    "GeneratedPair": "neuromf.generate",
+    "InpaintResult": "neuromf.generation.inpaint",
+    "InpaintCancelled": "neuromf.generation.inpaint",
+    "write_pairs": "neuromf.generation.images",
+    "GeneratedPair": "neuromf.generation.images",
     "AdapterMeta": "neuromf.models.adapter_meta",
     "TrainEvent": "neuromf.train.loop",
     "TrainResult": "neuromf.train.loop",

@@ -87,8 +87,8 @@ def fine_tune(config: str | Path | RunConfig = "joint_3mm", base_checkpoint: str
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path | None = None, mode: str = "auto",
                    steps: int | None = None, seed: int = 0, device: str = "auto", masks: list | None = None,
                    method: str | None = None, render: str | Path | None = "own", guidance: float | None = None,
-                   joint_guidance: float | None = None, sites: Any = None) -> list:
-    """Generated FLAIR + lesion mask pairs (`neuromf.generate.GeneratedPair`: image, mask, affine, meta).
+                   joint_guidance: float | None = None, sites: Any = None, texture: bool = True) -> list:
+    """Generated FLAIR + lesion mask pairs (`neuromf.generation.images.GeneratedPair`: image, mask, affine, meta).
 
     With the defaults: lesion pairs from the shipped 2 mm joint adapter in its own settings (Euler 32 steps, its
     joint guidance, FLAIRs rendered by the shipped 2 mm conditional adapter; minutes per pair on a CPU).
@@ -109,29 +109,32 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
         joint_guidance: joint mode only: guidance against the empty mask's path (1 = none); None = the adapter's.
         sites: joint mode, site-conditioned adapters: lesion sites, (k, 3) voxel coordinates on the model grid,
             used in turn; None = drawn from the adapter's prior.
+        texture: add the VAE's scanner texture (the voxel noise of real scans, fitted on the VAE's training
+            scans; only VAEs with a fitted level, the shipped 2 mm one) to each FLAIR; False = the smooth decode.
 
     Returns:
         The list of pairs (sample i depends only on (seed, i)).
     """
-    from neuromf.generate import write_pairs
+    from neuromf.generation.images import write_pairs
     from neuromf.models.adapter_meta import OWN, adapter_meta, generation_mode
 
     mode = generation_mode(adapter, mode)
     if mode == "conditional":
-        from neuromf.pipelines.conditional import generate_conditional_pairs
+        from neuromf.generation.conditional import generate_conditional_pairs
 
         if render not in (None, OWN) or joint_guidance is not None or sites is not None:
             raise ValueError("render, joint_guidance and sites are for a joint adapter (mode='joint')")
         method, steps, _ = adapter_meta(adapter, mode).sampling_settings(method, steps, None)
         pairs = list(generate_conditional_pairs(adapter, n, steps, seed, device, masks, method=method,
-                                                guidance=guidance))
+                                                guidance=guidance, texture=texture))
     else:
         if masks is not None:
             raise ValueError("masks need a conditional adapter (mode='conditional')")
-        from neuromf.pipelines.joint import generate_pairs as joint_pairs
+        from neuromf.generation.joint import generate_pairs as joint_pairs
 
         method, steps, render = adapter_meta(adapter, mode).sampling_settings(method, steps, render)
-        pairs = list(joint_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites))
+        pairs = list(joint_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites,
+                                 texture=texture))
     if out is not None:
         write_pairs(pairs, Path(out))
     return pairs
@@ -141,7 +144,7 @@ def inpaint_lesion(image: str | Path | Any, mask: str | Path | Any = None, adapt
                    affine: Any = None, seed: int = 0, steps: int = 8, guidance: float | None = None,
                    margin_mm: float = 6.0, on_step: Callable[[int, int], None] | None = None,
                    stop: Event | None = None, **options: Any) -> Any:
-    """A lesion inpainted into a healthy FLAIR (`neuromf.pipelines.inpaint.inpaint_lesion`): the conditional model
+    """A lesion inpainted into a healthy FLAIR (`neuromf.generation.inpaint.inpaint_lesion`): the conditional model
     generates the lesion's neighbourhood in the context of the scan's own latent; voxels farther than `margin_mm`
     from the lesion keep the input's values exactly.
 
@@ -161,7 +164,7 @@ def inpaint_lesion(image: str | Path | Any, mask: str | Path | Any = None, adapt
         `InpaintResult`: `.image` (input grid and dtype), `.mask` (uint8), `.affine`, `.info` (seed, steps,
         margin_mm, lesion_cm3, contrast, adapter, seconds, ...).
     """
-    from neuromf.pipelines.inpaint import inpaint_lesion as run
+    from neuromf.generation.inpaint import inpaint_lesion as run
 
     return run(image, mask, adapter, affine, seed, steps, guidance, margin_mm, on_step, stop, **options)
 

@@ -1,12 +1,14 @@
-"""Small shared helpers: device choice, atomic writes, hashing, library versions."""
+"""Small shared helpers: device choice, atomic writes, hashing, library versions, deprecated names that moved."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,3 +226,19 @@ def ensure_writable(path: Path | str, file: bool = False) -> Path:
         raise OutputNotWritableError(
             f"{path}: output {where} is not writable ({err.strerror or err})") from err
     return path
+
+
+def moved_names(module: str, moved: dict[str, str]) -> Callable[[str], Any]:
+    """A module `__getattr__` for names that moved to other modules (kept for one release): `module.name` resolves
+    to the object of `moved[name]` (the new module's name) with a DeprecationWarning that names the new place.
+
+    Resolved on attribute access, so the old module does not import the new one: a name may move to a higher
+    layer (docs/architecture.md) without the old module depending on it."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in moved:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(f"{module}.{name} is deprecated: use {moved[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(moved[name]), name)
+
+    return __getattr__

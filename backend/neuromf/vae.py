@@ -86,7 +86,8 @@ class MAISIVAEWrapper(nn.Module):
     """Encode (B,1,H,W,D) volumes in [0,1] to scaled latents (B,4,H/4,W/4,D/4) and decode them back.
 
     `scale_factor` (1/std of training latents) makes latents roughly unit-variance for the flow model; it is not
-    part of MAISI's weight file, so it is stored in our sidecar.
+    part of MAISI's weight file, so it is stored in our sidecar. So is `texture_sigma` (None when not fitted): the
+    level of scanner texture that generation adds to decodes (`neuromf.data.texture`).
     """
 
     def __init__(self, preset: str = "small", scale_factor: float = 1.0, device: str | torch.device = "cpu",
@@ -99,6 +100,7 @@ class MAISIVAEWrapper(nn.Module):
         self.preset = preset
         self.autoencoder = build_maisi_autoencoder(preset, norm_float16=self.norm_float16).to(self.device_)
         self.scale_factor = float(scale_factor)
+        self.texture_sigma: float | None = None
         self.source = "random-init"
         self.autoencoder.eval()
 
@@ -151,6 +153,7 @@ class MAISIVAEWrapper(nn.Module):
         vae = cls(preset=saved or preset or "maisi", scale_factor=factor, device=device)
         vae.load_weights(weight_file)
         vae.metadata = meta
+        vae.texture_sigma = _texture_sigma(meta, sidecar)
         return vae
 
     @classmethod
@@ -236,6 +239,16 @@ class MAISIVAEWrapper(nn.Module):
         self.scale_factor = float(1.0 / latents.std().clamp_min(1e-8))
         self._identity = None
         return self.scale_factor
+
+
+def _texture_sigma(meta: dict, sidecar: Path) -> float | None:
+    """The sidecar's `texture_sigma` (None when absent), refused unless a number in [0, 0.5]."""
+    value = meta.get("texture_sigma")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 0.5:
+        raise WeightFileError(f"{sidecar}: texture_sigma must be a number in [0, 0.5], got {value!r}")
+    return float(value)
 
 
 def vae_for(meta: dict, device: str | torch.device = "cpu") -> MAISIVAEWrapper:

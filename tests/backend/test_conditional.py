@@ -74,7 +74,7 @@ def test_conditioned_model_depends_on_the_mask_and_its_jvp_matches_finite_differ
 def test_mask_guidance_extrapolates_from_the_empty_mask():
     """u_empty + s (u_mask - u_empty): s = 1 is the model itself, s = 0 the empty-mask model, s = 2 doubles what the
     mask changes; an empty mask is not changed by any s."""
-    from neuromf.pipelines.conditional import guided_velocity
+    from neuromf.generation.guidance import guided_velocity
 
     model = _mask_sensitive()
     z, r, t = torch.randn(1, 4, 4, 4, 4), torch.tensor([0.2]), torch.tensor([0.9])
@@ -105,8 +105,8 @@ def test_mask_passthrough_adds_the_input_to_the_mask_outputs():
 
 
 def test_conditional_training_exports_an_adapter_and_logs_a_fixed_draw(conditional_run):
+    from neuromf.generation.conditional import load_conditional_model
     from neuromf.models.adapter_meta import SIDECAR
-    from neuromf.pipelines.conditional import load_conditional_model
 
     adapter = conditional_run.export
     meta = json.loads((adapter / SIDECAR).read_text())
@@ -147,8 +147,8 @@ def test_an_adapter_sidecar_sets_its_default_guidance(conditional_run, tmp_path)
     otherwise, and what each pair records; a negative or non-numeric value is refused when the adapter loads."""
     from safetensors.torch import load_file, save_file
 
+    from neuromf.generation.conditional import generate_conditional_pairs, load_conditional_model, pair_noise
     from neuromf.models.adapter_meta import CONTROLNET_WEIGHTS, SIDECAR
-    from neuromf.pipelines.conditional import generate_conditional_pairs, load_conditional_model, pair_noise
     from neuromf.weights import WeightFileError
 
     adapter = tmp_path / "adapter"
@@ -197,8 +197,8 @@ def joint_sdf_run(tmp_path_factory, phantom_dir, tiny_vae_dir, tiny_base_dir):
 
 
 def test_joint_sdf_mode_trains_generates_and_records_noise_correlation(joint_sdf_run, tmp_path):
+    from neuromf.generation.joint import write_generated_pairs
     from neuromf.models.joint import load_joint_model
-    from neuromf.pipelines.joint import write_generated_pairs
 
     result = joint_sdf_run
     joint = load_joint_model(result.export)
@@ -215,9 +215,9 @@ def test_joint_sdf_mode_trains_generates_and_records_noise_correlation(joint_sdf
 def test_joint_masks_rendered_by_a_conditional_adapter(joint_sdf_run, conditional_run, tmp_path, capsys):
     """Two-stage synthesis: the masks are the joint model's own (same seed, same masks), the FLAIR is the
     ControlNet's rendering of that mask from the pair's image noise."""
+    from neuromf.generation.conditional import load_conditional_model
+    from neuromf.generation.joint import generate_pairs
     from neuromf.models.adapter_meta import adapter_meta
-    from neuromf.pipelines.conditional import load_conditional_model
-    from neuromf.pipelines.joint import generate_pairs
 
     joint_sdf_adapter = joint_sdf_run.export
     plain = list(generate_pairs(joint_sdf_adapter, n=2, steps=2, seed=3, device="cpu", method="euler"))
@@ -265,8 +265,8 @@ def test_a_renderer_on_another_base_or_grid_is_refused(joint_sdf_run, conditiona
     """A FLAIR rendered from another base model or on another grid would not belong to the joint mask."""
     import dataclasses
 
+    from neuromf.generation.joint import load_renderer
     from neuromf.models.adapter_meta import adapter_meta
-    from neuromf.pipelines.joint import load_renderer
 
     joint = adapter_meta(joint_sdf_run.export, "joint")
     assert load_renderer(conditional_run.export, joint, torch.device("cpu")).meta.mode == "conditional"
@@ -283,7 +283,7 @@ def test_empty_mask_control_measures_what_the_mask_adds(conditional_run, phantom
     is what the placement alone gives. A FLAIR that ignores the mask (here: the control itself written as the
     pair's FLAIR) must show a gain of exactly 0."""
     from neuromf.eval.lesion_metrics import lesion_stats
-    from neuromf.pipelines.conditional import empty_mask_control, load_conditional_model, pair_noise
+    from neuromf.generation.conditional import empty_mask_control, load_conditional_model, pair_noise
 
     out = tmp_path / "pairs"
     assert cli(["generate", "--adapter", str(conditional_run.export), "--n", "2", "--out", str(out),

@@ -33,7 +33,7 @@ def _record(monkeypatch, module: str, name: str) -> list[dict]:
 
 
 def test_generate_without_options_uses_the_2mm_adapters_in_their_own_settings(monkeypatch, tmp_path):
-    calls = _record(monkeypatch, "neuromf.pipelines.joint", "write_generated_pairs")
+    calls = _record(monkeypatch, "neuromf.generation.joint", "write_generated_pairs")
     assert cli(["generate", "--out", str(tmp_path / "a")]) == 0
     adapter, _, n, steps, _, _, sampler, render, guidance, joint_guidance = calls[-1]["args"][:10]
     assert (adapter, n, steps, sampler, render, guidance, joint_guidance) == ("embedded", 4, 32, "euler", "embedded",
@@ -53,7 +53,7 @@ def test_generate_without_options_uses_the_2mm_adapters_in_their_own_settings(mo
 def test_api_generate_pairs_defaults_resolve_to_the_2mm_adapters(monkeypatch):
     import neuromf
 
-    calls = _record(monkeypatch, "neuromf.pipelines.joint", "generate_pairs")
+    calls = _record(monkeypatch, "neuromf.generation.joint", "generate_pairs")
     assert neuromf.generate_pairs(n=1) == []
     adapter, n, steps, _, _, method, render = calls[-1]["args"][:7]
     assert (adapter, n, steps, method, render) == ("embedded", 1, 32, "euler", "embedded")

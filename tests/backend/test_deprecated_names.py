@@ -55,3 +55,42 @@ def test_cli_train_lora_is_train_joint_with_a_notice(capsys, tmp_path):
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "neuromf: `train-lora` is deprecated, use `train-joint`"
     assert err[1].startswith("neuromf train-lora: error:") and "learning_rate" in err[1]
+
+
+MOVED_TO_GENERATION = [
+    ("neuromf.pipelines.joint", "generate_pairs", "neuromf.generation.joint"),
+    ("neuromf.pipelines.joint", "write_generated_pairs", "neuromf.generation.joint"),
+    ("neuromf.pipelines.joint", "calibrate_joint_guidance", "neuromf.generation.joint"),
+    ("neuromf.pipelines.joint", "load_renderer", "neuromf.generation.joint"),
+    ("neuromf.pipelines.conditional", "generate_conditional_pairs", "neuromf.generation.conditional"),
+    ("neuromf.pipelines.conditional", "write_conditional_pairs", "neuromf.generation.conditional"),
+    ("neuromf.pipelines.conditional", "load_conditional_model", "neuromf.generation.conditional"),
+    ("neuromf.pipelines.conditional", "ConditionalModel", "neuromf.generation.conditional"),
+    ("neuromf.pipelines.conditional", "empty_mask_control", "neuromf.generation.conditional"),
+    ("neuromf.pipelines.conditional", "pair_noise", "neuromf.generation.conditional"),
+    ("neuromf.pipelines.conditional", "guided_velocity", "neuromf.generation.guidance"),
+    ("neuromf.models.joint", "empty_path_guidance", "neuromf.generation.guidance"),
+]
+
+
+@pytest.mark.parametrize(("old", "name", "new"), MOVED_TO_GENERATION)
+def test_generation_names_moved_to_neuromf_generation_keep_their_old_place_with_a_warning(old, name, new):
+    module = importlib.import_module(old)
+    with pytest.warns(DeprecationWarning, match=f"{old}.{name} is deprecated: use {new}.{name}"):
+        assert getattr(module, name) is getattr(importlib.import_module(new), name)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        module.not_a_name  # noqa: B018
+
+
+def test_generation_modules_moved_whole_are_the_new_module_objects():
+    from neuromf.generation import images, inpaint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # warned once, on the first import in this process
+        assert importlib.import_module("neuromf.generate") is images  # monkeypatching either name works
+        assert importlib.import_module("neuromf.pipelines.inpaint") is inpaint
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new names and the training names that stayed warn about nothing
+        from neuromf.generation.joint import generate_pairs  # noqa: F401
+        from neuromf.pipelines.conditional import load_controlnet_weights, train_conditional  # noqa: F401
+        from neuromf.pipelines.joint import release_memory, train_joint  # noqa: F401

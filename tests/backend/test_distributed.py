@@ -336,7 +336,7 @@ def test_cli_train_lora_on_two_processes_writes_a_working_adapter(tmp_path, phan
 
     from neuromf.config import save_config
     from neuromf.eval.mask_test import save_mask_test
-    from neuromf.pipelines.joint import generate_pairs
+    from neuromf.generation.joint import generate_pairs
 
     mask_test = save_mask_test({"decision": "downsample"}, tmp_path / "mask_vae_test.json")
     cfg = tiny_config(tmp_path, phantom_dir, tiny_vae_dir, **{
@@ -427,7 +427,7 @@ def test_train_joint_on_two_processes_on_the_embedded_data_and_models(tmp_path):
     """The end-to-end case as a user runs it: `train-joint --nproc 2` on the embedded 3 mm phantoms with the
     shipped VAE and base model (joint_3mm, 2 steps), an adapter that loads and generates a pair on the model grid.
     Without the mirrored copies (`data.flip=false`): rank 0 encodes half as many cases, the path is the same."""
-    from neuromf.pipelines.joint import generate_pairs
+    from neuromf.generation.joint import generate_pairs
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parents[2] / "backend"),
                NEUROMF_CACHE=str(tmp_path / "cache"))

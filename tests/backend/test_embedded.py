@@ -12,7 +12,7 @@ from monai.metrics import SSIMMetric
 
 from neuromf.cli import main as cli
 from neuromf.data.embedded import resolve_data_dir
-from neuromf.generate import generate_images
+from neuromf.generation.images import generate_images
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import Preprocessing, preprocess_image
 from neuromf.models.flow_model import load_flow_model
@@ -71,8 +71,8 @@ def test_embedded_files_have_cards_and_sizes():
 
 
 def test_embedded_demo_adapter_generates_a_pair():
+    from neuromf.generation.joint import generate_pairs
     from neuromf.models.joint import check_adapter
-    from neuromf.pipelines.joint import generate_pairs
 
     pair = next(generate_pairs("embedded-3mm", n=1, steps=1, seed=0, device="cpu"))
     assert pair.image.shape == pair.mask.shape == (64, 64, 64)
@@ -88,7 +88,7 @@ def test_embedded_conditional_adapter_puts_prior_lesions_in_the_brain_it_generat
     """Prior-drawn lesions go where lesions go in the FLAIR generated for them: inside its brain, at a real
     lesion's depth in that brain, and the FLAIR shows them brighter than their surroundings."""
     from neuromf.eval.lesion_metrics import lesion_stats
-    from neuromf.pipelines.conditional import generate_conditional_pairs, load_conditional_model
+    from neuromf.generation.conditional import generate_conditional_pairs, load_conditional_model
 
     prior = load_conditional_model("embedded-3mm").prior
     low, high = prior.depth_range

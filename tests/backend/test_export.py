@@ -19,7 +19,7 @@ from neuromf.cli import main as cli
 def pair_dirs(phantom_dir, tmp_path_factory):
     """Two folders of pairs as `neuromf generate` writes them (real phantom FLAIRs and lesion masks, one pair with
     a conditional, one with an inpaint provenance sidecar)."""
-    from neuromf.generate import GeneratedPair, write_pairs
+    from neuromf.generation.images import GeneratedPair, write_pairs
     from neuromf.io.bids import discover_cases
 
     cases = [c for c in discover_cases(phantom_dir, group="fcd") if c.mask is not None][:3]

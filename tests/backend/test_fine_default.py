@@ -128,7 +128,7 @@ def test_fine_models_name_each_other_and_their_cards_quote_their_sidecars():
 def test_fine_base_samples_look_like_healthy_fine_brains(tmp_path):
     import numpy as np
 
-    from neuromf.generate import generate_images
+    from neuromf.generation.images import generate_images
     from neuromf.io.nifti import Preprocessing, preprocess_image
     from neuromf.models.flow_model import load_flow_model
 
@@ -147,8 +147,8 @@ def test_fine_base_samples_look_like_healthy_fine_brains(tmp_path):
 
 def test_fine_conditional_adapter_generates_a_lesion_on_the_2mm_grid():
     from neuromf.eval.lesion_metrics import lesion_stats
+    from neuromf.generation.conditional import generate_conditional_pairs
     from neuromf.models.adapter_meta import adapter_meta
-    from neuromf.pipelines.conditional import generate_conditional_pairs
 
     meta = adapter_meta("embedded", "conditional")
     assert meta.mode == "conditional" and meta.base_checkpoint == "embedded" and meta.data_dir == "embedded"
@@ -167,8 +167,8 @@ def test_fine_joint_adapter_draws_masks_that_the_conditional_adapter_renders():
 
     import numpy as np
 
+    from neuromf.generation.joint import generate_pairs
     from neuromf.models.adapter_meta import SIDECAR, adapter_meta
-    from neuromf.pipelines.joint import generate_pairs
 
     meta = adapter_meta("embedded")
     assert meta.mode == "joint" and meta.base_checkpoint == meta.data_dir == "embedded"

@@ -28,7 +28,7 @@ def scans(phantom_dir):
 
 @pytest.fixture(scope="module")
 def cond(conditional_run):
-    from neuromf.pipelines.conditional import load_conditional_model
+    from neuromf.generation.conditional import load_conditional_model
 
     return load_conditional_model(conditional_run.export)
 

@@ -151,7 +151,9 @@ def test_empty_path_guidance_extrapolates_the_mask_estimate_away_from_the_empty_
     mask's path (1 - t) e + t eps from the same noise. Checked against two direct model calls; at t = 1 both branches
     see the same input (guidance changes nothing); s = 0 gives the empty branch; image channels keep u; s = 1 is the
     model itself; an adapter without x-prediction is refused."""
-    from neuromf.models.joint import JointModel, empty_path_guidance
+    from neuromf.generation.guidance import empty_path_guidance
+    from neuromf.generation.joint import joint_velocity
+    from neuromf.models.joint import JointModel
     from neuromf.models.lora import set_mask_outputs
 
     model = widen_io_channels(jittered(), 6, 6)
@@ -177,11 +179,13 @@ def test_empty_path_guidance_extrapolates_the_mask_estimate_away_from_the_empty_
         empty_path_guidance(model, 4, -1.0, noise, -0.5)
     meta = sidecar(2)
     joint = JointModel(model, vae=None, meta=meta)
-    assert joint.velocity(noise, 1.0) is model and joint.meta.guidance_scale(None) == meta.guidance == 1.0
+    assert joint_velocity(joint, noise, 1.0) is model and joint.meta.guidance_scale(None) == meta.guidance == 1.0
     with pytest.raises(ValueError, match="x-prediction"):
-        joint.velocity(noise, 1.5)  # the sidecar says velocity prediction
+        joint_velocity(joint, noise, 1.5)  # the sidecar says velocity prediction
     meta.mask_prediction, meta.mask_scale = "x", 2.0
-    assert joint.empty_mask_value == -2.0 and joint.velocity(noise, 1.5) is not model
+    assert joint.empty_mask_value == -2.0 and joint_velocity(joint, noise, 1.5) is not model
+    with pytest.warns(DeprecationWarning, match="JointModel.velocity is deprecated"):  # the old method, one release
+        assert joint.velocity(noise, 1.0, None) is joint_velocity(joint, noise, 1.0)
 
 
 def test_x_preconditioning_gives_the_network_a_unit_variance_target_and_the_input_at_t0():

@@ -16,9 +16,10 @@ from testkit import TEST_LATENT, TEST_SHAPE, TEST_SPACING, coarse_prep, tiny_con
 from neuromf.cli import main as cli
 from neuromf.data.fcd_dataset import FCDDataset, downsample_mask, upsample_mask
 from neuromf.eval.mask_test import mask_vae_test, read_decision, save_mask_test
+from neuromf.generation.joint import generate_pairs, write_generated_pairs
 from neuromf.models.flow_model import load_flow_model
 from neuromf.models.joint import check_adapter
-from neuromf.pipelines.joint import generate_pairs, train_lora, write_generated_pairs
+from neuromf.pipelines.joint import train_lora
 from neuromf.train import run_to_end
 from neuromf.vae import MAISIVAEWrapper
 
@@ -299,8 +300,8 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
     # calibration: per scale the median volume of the drawn masks (empty = 0), pooled over seeds, vs the real
     # lesions' median
     from neuromf.eval.metrics import load_real_cases
+    from neuromf.generation.joint import calibrate_joint_guidance, log_ratio_gap
     from neuromf.models.adapter_meta import AdapterMeta
-    from neuromf.pipelines.joint import calibrate_joint_guidance, log_ratio_gap
 
     table = tmp_path / "calibration.json"
     assert cli(["calibrate-guidance", "--adapter", str(result.export), "--scales", "1", "4", "--n", "2", "--steps",
@@ -330,11 +331,11 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
     assert log_ratio_gap(8.1, 4.05) == pytest.approx(log_ratio_gap(2.025, 4.05)) == pytest.approx(np.log(2))
     assert log_ratio_gap(0.0, 4.05) == np.inf
     # a grid that misses the target on either side is flagged (the volume grows with the scale)
-    from neuromf.pipelines.joint import target_outside_scales
+    from neuromf.generation.joint import target_outside_scales
 
     assert calibration["outside_range"] == target_outside_scales(rows, calibration["target_cm3"])
     # between two grid scales whose medians bracket the target: log-linear, exact for an exponential growth
-    from neuromf.pipelines.joint import interpolate_scale
+    from neuromf.generation.joint import interpolate_scale
 
     grown = [{"guidance": g, "median_cm3": 2.0 * np.exp(5 * (g - 1))} for g in (1.0, 1.1, 1.2)]
     assert interpolate_scale(grown, 2.0 * np.exp(5 * 0.13)) == pytest.approx(1.13, abs=1e-3)
@@ -350,6 +351,7 @@ def test_site_conditioned_joint_adapter_trains_saves_its_sites_and_generates_at_
     """`lora.site_condition`: the model takes one more input channel (the site blob), the adapter carries the
     training lesions' mask prior, and generation draws a site per pair from it, records it and conditions on it."""
     from neuromf.data.mask_prior import PRIOR, MaskPrior
+    from neuromf.generation.joint import joint_velocity, sample_joint
     from neuromf.models.joint import load_joint_model
     from neuromf.models.site import draw_sites
 
@@ -384,11 +386,14 @@ def test_site_conditioned_joint_adapter_trains_saves_its_sites_and_generates_at_
         cli(["generate", "--checkpoint", str(tiny_base_dir), "--site", "1", "1", "1", "--out", str(tmp_path / "b")])
     noise = torch.randn(1, *meta["latent_shape"])
     with pytest.raises(ValueError, match="sites"):
-        joint.velocity(noise)
+        joint_velocity(joint, noise)
     with torch.no_grad():  # the trained site column makes the place matter
-        at = [joint.velocity(noise, sites=torch.tensor([site]))(noise, torch.zeros(1), torch.ones(1))
+        at = [joint_velocity(joint, noise, sites=torch.tensor([site]))(noise, torch.zeros(1), torch.ones(1))
               for site in ([8.0, 10.0, 12.0], [20.0, 14.0, 10.0])]
     assert not torch.allclose(at[0], at[1])
+    with pytest.warns(DeprecationWarning, match="JointModel.sample is deprecated"):  # the old method, one release
+        old = [z for _, z, _ in joint.sample(1, 1, 5, torch.device("cpu"), "euler")]
+    torch.testing.assert_close(old, [z for _, z, _ in sample_joint(joint, 1, 1, 5, torch.device("cpu"), "euler")])
 
 
 def test_stop_leaves_adapter_and_resume_continues(tmp_path, phantom_dir, tiny_vae_dir, tiny_base_dir, shared_cache):

@@ -100,3 +100,6 @@ def test_decoder_only_adversarial_training_keeps_the_encoder_and_resumes(tmp_pat
         assert torch.equal(old[name], new[name]), name  # encoder bit for bit: the latent space is unchanged
     assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
     assert after.scale_factor == before.scale_factor
+    # the export fits the scanner-texture level on the training scans and the sidecar carries it back
+    assert after.texture_sigma is not None and 0.0 <= after.texture_sigma <= 0.5
+    assert after.metadata["texture_fit"]["cases"] >= 1

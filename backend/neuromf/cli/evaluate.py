@@ -51,7 +51,7 @@ def cmd_evaluate(args) -> int:
                                f"{fmt(summary['real_position_spread'])}")
         print(f"wrote {sites}")
     if args.empty_mask_control:
-        from neuromf.pipelines.conditional import empty_mask_control
+        from neuromf.generation.conditional import empty_mask_control
         from neuromf.utils import atomic_write_json
 
         control = empty_mask_control(args.adapter, Path(args.generated), device=args.device)
@@ -146,8 +146,8 @@ def _add_generated_flags(p: argparse.ArgumentParser, out: Path) -> None:
 
 def cmd_calibrate_guidance(args) -> int:
     """`neuromf calibrate-guidance`: the joint guidance whose masks match the real lesions' median volume."""
+    from neuromf.generation.joint import calibrate_joint_guidance
     from neuromf.models.adapter_meta import EMBEDDED_NAMES
-    from neuromf.pipelines.joint import calibrate_joint_guidance
     from neuromf.utils import atomic_write_json
 
     if args.store and args.adapter in EMBEDDED_NAMES:

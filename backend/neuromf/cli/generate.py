@@ -16,7 +16,7 @@ def cmd_generate(args) -> int:
     A joint adapter generates both from noise; a conditional one generates a FLAIR for each --mask file (mapped onto
     the model grid) or for masks drawn from its prior.
     """
-    from neuromf.generate import write_generated_images
+    from neuromf.generation.images import write_generated_images
 
     if args.mode == "inpaint":
         args.steps, args.sampler = args.steps or 8, args.sampler or "meanflow"
@@ -53,12 +53,12 @@ def cmd_generate(args) -> int:
         if mode == "conditional":
             paths = _generate_conditional(args)
         elif mode == "joint":
-            from neuromf.pipelines.joint import write_generated_pairs
+            from neuromf.generation.joint import write_generated_pairs
 
             with step_bar("joint pairs") as on_step:
                 paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed,
                                               args.device, args.sampler, args.render, args.guidance,
-                                              args.joint_guidance, args.site, on_step)
+                                              args.joint_guidance, args.site, on_step, texture=args.texture)
         else:
             paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed,
                                            args.device, args.sampler)
@@ -91,14 +91,15 @@ def _run_identity(args, mode: str) -> dict:
     return {"command": "generate", "mode": mode, "checkpoint": where(args.checkpoint), "adapter": where(args.adapter),
             "render": where(args.render), "seed": args.seed, "steps": args.steps, "sampler": args.sampler,
             "guidance": args.guidance, "joint_guidance": args.joint_guidance, "site": args.site,
-            "mask": [where(m) for m in args.mask or []], "image": where(args.image), "margin_mm": args.margin_mm}
+            "mask": [where(m) for m in args.mask or []], "image": where(args.image), "margin_mm": args.margin_mm,
+            "texture": args.texture}
 
 
 def _generate_conditional(args) -> list[Path]:
     """FLAIRs for `--mask` files (on each mask's own model-grid window) or for masks drawn from the prior."""
+    from neuromf.generation.conditional import write_conditional_pairs
     from neuromf.io.nifti import preprocess_mask
     from neuromf.models.adapter_meta import adapter_meta
-    from neuromf.pipelines.conditional import write_conditional_pairs
 
     masks = affines = None
     if args.mask:
@@ -107,7 +108,7 @@ def _generate_conditional(args) -> list[Path]:
         masks, affines = [v.data[0].numpy() for v in volumes], [v.affine for v in volumes]
     with step_bar("conditional pairs") as on_step:
         return write_conditional_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
-                                       masks, affines, args.sampler, args.guidance, on_step)
+                                       masks, affines, args.sampler, args.guidance, on_step, texture=args.texture)
 
 
 @contextlib.contextmanager
@@ -137,8 +138,8 @@ def _generate_inpainted(args) -> int:
     written on the scan's own grid; every input is checked before anything is written."""
     from tqdm.auto import tqdm
 
-    from neuromf.pipelines.conditional import load_conditional_model
-    from neuromf.pipelines.inpaint import inpaint_lesion, write_inpainted
+    from neuromf.generation.conditional import load_conditional_model
+    from neuromf.generation.inpaint import inpaint_lesion, write_inpainted
     from neuromf.utils import ensure_writable
 
     if not args.image:
@@ -196,6 +197,10 @@ def register(add: AddCommand) -> None:
                         "inpaint: a lesion put into the --image scan (each --mask, or --n drawn from the prior), the "
                         "scan kept exactly beyond --margin-mm (adapter: a conditional one, default embedded)")
     p.add_argument("--mask", nargs="+", metavar="FILE", help="conditional mode: lesion mask NIfTI file(s)")
+    p.add_argument("--no-texture", dest="texture", action="store_false",
+                   help="joint and conditional modes: leave out the scanner texture (the voxel noise of real scans, "
+                        "fitted on the VAE's training scans) that is added to each FLAIR by default; the FLAIR is "
+                        "then the decoder's smooth mean")
     p.add_argument("--image", metavar="FILE",
                    help="conditional mode: the FLAIR the masks belong to (centres the model grid on its brain)")
     p.add_argument("--render", metavar="ADAPTER",

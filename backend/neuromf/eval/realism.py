@@ -9,6 +9,8 @@ figures measure that directly on volumes of one grid (N, 1, H, W, D), intensitie
   by case (a case's patches never sit on both sides of a split); balanced accuracy 0.5 = indistinguishable.
 - `feature_two_sample_test`: the cheaper judge, a logistic regression on seven intensity/texture features per
   volume, cross-validated the same way.
+- `fit_texture_sigma`: the level of scanner texture (`neuromf.data.texture`) that gives decodes the originals'
+  sharpness, fitted on training scans and stored in the VAE's sidecar.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from scipy import ndimage
 from torch import nn
 
 from neuromf.data.brain import as_volume, brain_mask
+from neuromf.data.texture import TEXTURE_SIGMA_MAX, add_texture
 from neuromf.eval.image_metrics import ssim_3d
 
 FEATURE_NAMES = ("median", "iqr_over_median", "laplacian_over_median", "gradient_over_median",
@@ -213,3 +216,49 @@ def realism_report(originals: torch.Tensor, decoded: torch.Tensor, seed: int = 0
         "cnn_two_sample": cnn_two_sample_test(originals, decoded, k=k, seed=seed, steps=cnn_steps, masks=masks),
         "feature_two_sample": feature_two_sample_test(originals, decoded, k=k, seed=seed),
     }
+
+
+def textured(decoded: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    """`add_texture` on each volume of (N, 1, H, W, D), volume i drawn from (seed, i): the same draw every call."""
+    return torch.stack([torch.from_numpy(add_texture(v.numpy(), sigma, np.random.default_rng([seed, i])))[None]
+                        for i, v in enumerate(decoded)])
+
+
+def fit_texture_sigma(originals: torch.Tensor, decoded: torch.Tensor, target: float = 1.0, seed: int = 0,
+                      iterations: int = 14) -> dict:
+    """The texture sigma at which the mean sharpness ratio of textured decodes to their originals is `target`
+    (bisection: the ratio grows with sigma). Fit it on training scans; judge it on held-out ones."""
+    masks = [brain_interior(v) for v in originals]
+    reference = [sharpness(o, m) for o, m in zip(originals, masks)]
+
+    def mean_ratio(sigma: float) -> float:
+        volumes = textured(decoded, sigma, seed)
+        return float(np.mean([sharpness(v, m) / max(r, 1e-12) for v, m, r in zip(volumes, masks, reference)]))
+
+    low, high = 0.0, TEXTURE_SIGMA_MAX / 4
+    untextured = mean_ratio(0.0)
+    if untextured >= target:
+        return {"sigma": 0.0, "sharpness_ratio_untextured": untextured, "sharpness_ratio": untextured,
+                "cases": len(originals)}
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        low, high = (middle, high) if mean_ratio(middle) < target else (low, middle)
+    sigma = (low + high) / 2
+    return {"sigma": sigma, "sharpness_ratio_untextured": untextured, "sharpness_ratio": mean_ratio(sigma),
+            "cases": len(originals)}
+
+
+TEXTURE_FIT_CASES = 16  # enough for one scalar; a round trip of a 2 mm scan costs seconds on a CPU
+
+
+@torch.no_grad()
+def fit_vae_texture(vae, volumes: torch.Tensor, max_cases: int = TEXTURE_FIT_CASES, seed: int = 0) -> dict:
+    """`fit_texture_sigma` on the round trips (posterior mean, clamped to [0, 1]) of the first `max_cases` of
+    `volumes` (N, 1, H, W, D): the `texture_sigma` (and how it was fitted) for a VAE's sidecar."""
+    originals = volumes[:max_cases].float()
+    decoded = torch.cat([vae.decode(vae.encode(v[None])).clamp(0, 1).cpu() for v in originals])
+    fit = fit_texture_sigma(originals.cpu(), decoded, seed=seed)
+    return {"texture_sigma": round(fit["sigma"], 6),
+            "texture_fit": {"cases": fit["cases"], "target": "mean sharpness ratio 1.0 on these training scans",
+                            "sharpness_ratio_untextured": round(fit["sharpness_ratio_untextured"], 4),
+                            "sharpness_ratio_textured": round(fit["sharpness_ratio"], 4)}}

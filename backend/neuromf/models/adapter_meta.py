@@ -110,7 +110,7 @@ class AdapterMeta:
         return int(self.channels["mask"])
 
     def vae_reference(self) -> dict[str, Any]:
-        """The entries `neuromf.generate.vae_for` needs (the same keys as a base model's sidecar)."""
+        """The entries `neuromf.vae.vae_for` needs (the same keys as a base model's sidecar)."""
         return {"vae": self.vae, "vae_preset": self.vae_preset, "vae_identity": self.vae_identity,
                 "scale_factor": self.scale_factor}
 

@@ -12,14 +12,18 @@ conditioned model is exactly the base model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from monai.networks.nets import ControlNet
+from safetensors.torch import load_file
 from torch import nn
 
 from neuromf.data.mask_codec import pixel_unshuffle_3d
+from neuromf.models.adapter_meta import CONTROLNET_WEIGHTS
 from neuromf.models.unet import UNET_PRESETS, MeanFlowUNet, interval_embedding, meanflow_embedding
 from neuromf.vae import DOWNSAMPLE
+from neuromf.weights import shipped_file
 
 
 class MeanFlowControlNet(ControlNet):
@@ -126,3 +130,17 @@ class ConditionedFlowModel(nn.Module):
         """
         down, mid = self.controlnet(z, r, t, cond)
         return self.unet(z, r, t, down_residuals=down, mid_residual=mid)
+
+
+def load_controlnet_weights(controlnet: MeanFlowControlNet, directory: Path) -> MeanFlowControlNet:
+    """Load an adapter folder's ControlNet weights into `controlnet` (same architecture); returns it."""
+    weights = shipped_file(directory / CONTROLNET_WEIGHTS)  # a shipped ControlNet: its sha256 checked
+    try:
+        state = load_file(str(weights))
+    except Exception as err:
+        raise ValueError(f"{directory / CONTROLNET_WEIGHTS}: not a readable safetensors file ({err})") from err
+    missing, unexpected = controlnet.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory / CONTROLNET_WEIGHTS}: weights do not fit the ControlNet "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return controlnet

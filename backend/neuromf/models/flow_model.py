@@ -64,7 +64,7 @@ def resolve_model_path(spec: str | Path) -> tuple[Path, Path]:
     return path, sidecar
 
 
-# the types of a model sidecar's entries that code reads (`neuromf.generate.vae_for`, `load_flow_model`)
+# the types of a model sidecar's entries that code reads (`neuromf.vae.vae_for`, `load_flow_model`)
 MODEL_SIDECAR_TYPES: dict[str, Any] = {"kind": str, "arch": dict, "vae": str, "vae_preset": str, "vae_identity": str,
                                        "scale_factor": float, "preprocessing": dict, "latent_shape": list,
                                        "channels": dict}

@@ -1,16 +1,20 @@
 """The joint model: the frozen stage-1 UNet widened to image + mask channels with a LoRA adapter (peft).
 
 Built for training (`build_joint_model`), loaded from a saved adapter for generation (`load_joint_model`), and
-checked (`check_adapter`: a forward pass works and the trainable share of parameters).
+checked (`check_adapter`: a forward pass works and the trainable share of parameters). Sampling it lives in
+`neuromf.generation.joint` (`sample_joint`, `joint_velocity`).
+
+Deprecated (kept for one release, with a DeprecationWarning): `empty_path_guidance`, now
+`neuromf.generation.guidance.empty_path_guidance`; `JointModel.velocity` / `JointModel.sample`, now
+`neuromf.generation.joint.joint_velocity` / `sample_joint`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import threading
-from collections.abc import Callable, Iterator
+import importlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +25,6 @@ import torch
 from neuromf.config import RunConfig
 from neuromf.data.mask_codec import decode_mask_channel, decode_sdf, tanh_threshold, upsample_mask
 from neuromf.data.mask_prior import PRIOR, MaskPrior
-from neuromf.meanflow.loss import VelocityFn
-from neuromf.meanflow.samplers import sample_latents
 from neuromf.models.adapter_meta import AdapterMeta, check_base_agrees, resolve_adapter_dir
 from neuromf.models.flow_model import load_flow_model
 from neuromf.models.lora import (
@@ -38,8 +40,7 @@ from neuromf.models.lora import (
     widen_io_channels,
 )
 from neuromf.models.site import SiteConditionedJoint, draw_sites
-from neuromf.models.unet import X_PREDICTION_MIN_T
-from neuromf.utils import resolve_device
+from neuromf.utils import moved_names, resolve_device
 from neuromf.vae import MAISIVAEWrapper, vae_for
 
 
@@ -73,49 +74,20 @@ class JointModel:
     @property
     def empty_mask_value(self) -> float:
         """The mask channels' latent value for an empty mask (tanh of a far signed distance, or 2 * 0 - 1, times
-        `mask_scale`): where the empty mask's straight path starts (`empty_path_guidance`)."""
+        `mask_scale`): where the empty mask's straight path starts
+        (`neuromf.generation.guidance.empty_path_guidance`)."""
         if self.strategy == "vae":
             raise ValueError("a vae-encoded mask has no constant empty value: joint guidance needs the sdf or "
                              "downsample strategy")
         return -self.meta.mask_scale
 
-    def velocity(self, noise: torch.Tensor, guidance: float = 1.0, sites: torch.Tensor | None = None) -> VelocityFn:
-        """u(z, r, t) for a batch started from `noise`, with the mask channels guided by `guidance`
-        (`empty_path_guidance`; 1 = the model itself); a site-conditioned adapter needs the batch's `sites`
-        ((B, 3) image-grid voxel coordinates, `draw_sites`)."""
-        model = self.model
-        if self.meta.site_condition:
-            if sites is None:
-                raise ValueError("a site-conditioned joint adapter needs lesion sites (draw_sites)")
-            model = functools.partial(self.model, cond=sites.to(noise.device))
-        if guidance == 1.0:
-            return model
-        if self.meta.mask_prediction != "x":
-            raise ValueError("joint guidance needs an x-prediction adapter (lora.mask_prediction: x)")
-        return empty_path_guidance(model, self.meta.n_image, self.empty_mask_value, noise, guidance)
+    def velocity(self, *args: Any, **kwargs: Any) -> Any:
+        """Deprecated (kept for one release): `neuromf.generation.joint.joint_velocity(joint, ...)`."""
+        return _moved_to_generation("velocity", "joint_velocity")(self, *args, **kwargs)
 
-    def sample(self, n: int, steps: int, seed: int, device: torch.device, method: str = "euler",
-               guidance: float = 1.0, sites: Any = None, on_step: Callable[[int, int], None] | None = None,
-               stop: threading.Event | None = None
-               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Joint latents from fixed-seed noise (`meanflow.samplers.sample_latents`), guided by `guidance`: batches
-        of (noise, latents at t = 0, the batch's sites or None), on the CPU. A site-conditioned adapter puts
-        sample i's lesion at `sites[i % len(sites)]` ((k, 3) model-grid voxel coordinates) when given, else at a
-        site drawn from its prior (`draw_sites`). `on_step` / `stop`: progress and cancel per network step."""
-        sites = self.draw_sites(n, seed) if sites is None else self.given_sites(sites, n)
-
-        def velocity(noise: torch.Tensor, start: int) -> VelocityFn:
-            batch_sites = None if sites is None else sites[start:start + len(noise)]
-            return self.velocity(noise, guidance, batch_sites)
-
-        # x-predicted mask channels: the last Euler step from where u = (z - x^) / t holds exactly, so the mask
-        # latent is the model's estimate (equal steps below X_PREDICTION_MIN_T kept ~1% of the starting noise)
-        last_t = X_PREDICTION_MIN_T if self.meta.mask_prediction == "x" else 0.0
-        start = 0
-        for noise, z in sample_latents(self.model, self.meta.latent_shape, n, steps, seed, device, method,
-                                       velocity=velocity, last_t=last_t, on_step=on_step, stop=stop):
-            yield noise, z, None if sites is None else sites[start:start + len(noise)]
-            start += len(noise)
+    def sample(self, *args: Any, **kwargs: Any) -> Any:
+        """Deprecated (kept for one release): `neuromf.generation.joint.sample_joint(joint, ...)`."""
+        return _moved_to_generation("sample", "sample_joint")(self, *args, **kwargs)
 
     def given_sites(self, sites: Any, n: int) -> torch.Tensor:
         """(n, 3) float sites from user coordinates (k, 3) on the model grid, repeated in turn; ValueError unless the
@@ -147,40 +119,12 @@ class JointModel:
         return mask.cpu()
 
 
-def empty_path_guidance(model: VelocityFn, n_image: int, empty_value: float, noise: torch.Tensor,
-                        guidance: float) -> VelocityFn:
-    """A joint x-prediction model whose mask estimate is guided against the empty mask's path.
-
-    x^_g = x^_empty + s (x^ - x^_empty), where x^_empty is the model's mask estimate when the mask channels of z are
-    replaced by (1 - t) e + t eps, the straight path an empty mask (value e) takes from the same starting noise eps:
-    classifier-free guidance with "no lesion drawn so far" as the unconditional branch. s > 1 extrapolates along
-    what the lesion drawn so far changes, so a model that commits too weakly (its lesions fade into empty masks and
-    specks) commits more; the image channels keep the model's own velocity. Two model calls per step.
-
-    Args:
-        model: the joint model, u(z, r, t) over (B, n_image + n_mask, h, w, d), mask channels x-predicted.
-        n_image: image channels (the mask channels follow them).
-        empty_value: the mask channels' latent value for an empty mask (`JointModel.empty_mask_value`).
-        noise: (B, C, h, w, d) the batch's starting noise, at t = 1.
-        guidance: s >= 0.
-    Returns:
-        u(z, r, t) with guided mask channels.
-    """
-    if guidance < 0:
-        raise ValueError(f"guidance must be >= 0, got {guidance}")
-    mask_noise = noise[:, n_image:]
-
-    def velocity(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t_col = t.view(-1, *([1] * (z.dim() - 1)))
-        empty_z = torch.cat([z[:, :n_image], (1 - t_col) * empty_value + t_col * mask_noise], dim=1)
-        u, u_empty = model(z, r, t), model(empty_z, r, t)
-        t_safe = t_col.clamp(min=X_PREDICTION_MIN_T)  # the clamp the model's u = (z - x^) / t uses
-        estimate = z[:, n_image:] - t_safe * u[:, n_image:]
-        empty_estimate = empty_z[:, n_image:] - t_safe * u_empty[:, n_image:]
-        guided = empty_estimate + guidance * (estimate - empty_estimate)
-        return torch.cat([u[:, :n_image], (z[:, n_image:] - guided) / t_safe], dim=1)
-
-    return velocity
+def _moved_to_generation(method: str, function: str) -> Any:
+    """The generation function a deprecated `JointModel` method became, with a DeprecationWarning (resolved on use:
+    models do not import generation)."""
+    warnings.warn(f"JointModel.{method} is deprecated: use neuromf.generation.joint.{function}(joint, ...)",
+                  DeprecationWarning, stacklevel=3)
+    return getattr(importlib.import_module("neuromf.generation.joint"), function)
 
 
 def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int,
@@ -298,3 +242,6 @@ def check_adapter(adapter: str | Path) -> dict[str, Any]:
     return {"forward_ok": bool(torch.isfinite(out).all()) and tuple(out.shape) == tuple(z.shape),
             "output_shape": list(out.shape), "trainable": trainable, "total": total, "fraction": trainable / total,
             "lora_params": count_lora_params(trainable_model)}
+
+
+__getattr__ = moved_names(__name__, {"empty_path_guidance": "neuromf.generation.guidance"})

@@ -27,8 +27,9 @@ def run_ablation(config: str, base_checkpoint: str, out_dir: Path, n: int, seeds
 
     from neuromf.config import load_config
     from neuromf.eval.metrics import evaluate_generated
+    from neuromf.generation.joint import write_generated_pairs
     from neuromf.models.adapter_meta import adapter_meta
-    from neuromf.pipelines.joint import train_joint, write_generated_pairs
+    from neuromf.pipelines.joint import train_joint
     from neuromf.utils import atomic_write_json
 
     arms = {"per_channel_lp": {"loss.p_img": 1.5, "loss.p_mask": 2.0},

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from neuromf.config import RunConfig
 from neuromf.data.embedded import resolve_data_dir
 from neuromf.eval.image_metrics import reconstruction_metrics, ssim_3d
+from neuromf.eval.realism import fit_vae_texture
 from neuromf.io.bids import discover_cases
 from neuromf.io.nifti import preprocess_image
 from neuromf.pipelines.stage1 import preprocessing_of
@@ -172,11 +173,13 @@ def train_vae(cfg: RunConfig, preset: str = "small", resume: bool = False, overw
         if not vt.decoder_only:  # a frozen encoder gives the same latents: its scale factor stays as it was
             wrapper.fit_scale_factor(list(volumes))
         quality = reconstruction_metrics(wrapper, held_out) if len(held_out) else {}
+        texture = fit_vae_texture(wrapper, volumes)
         trained.train()
         wrapper.set_num_splits_for(train_len, requested=1)
         wrapper.save(directory, extra={"preprocessing": prep.key(), "train_cases": train_ids,
                                        "test_cases": test_ids, "held_out_quality": quality,
-                                       "init_from": cfg.model.init_from, "decoder_only": vt.decoder_only})
+                                       "init_from": cfg.model.init_from, "decoder_only": vt.decoder_only,
+                                       **texture})
         return directory / "model.safetensors"
 
     task = TrainTask(model=model, loss_fn=loss_fn, export=export,

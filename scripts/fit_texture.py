@@ -1,0 +1,49 @@
+"""Fit a saved VAE's scanner-texture level (`texture_sigma`) on its training scans and write it into its sidecar.
+
+    python scripts/fit_texture.py --vae sample_data/models/vae_fine [--config vae_fine] [--cases 16] [--write]
+
+`neuromf train-vae` does this itself when it exports; this script fits VAEs saved before it did. Without `--write`
+it only prints the fit. The sidecar (`model.json`) is rewritten atomically with `texture_sigma` and `texture_fit`;
+the weights are not touched, so the VAE's identity (and every model trained on its latents) stays valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from neuromf.config import load_config
+from neuromf.eval.realism import TEXTURE_FIT_CASES, fit_vae_texture
+from neuromf.pipelines.vae import load_volumes
+from neuromf.utils import atomic_write_json
+from neuromf.vae import MAISIVAEWrapper
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vae", type=Path, required=True, help="a saved VAE folder (model.safetensors + model.json)")
+    parser.add_argument("--config", default="vae_fine", help="whose data section gives the training scans")
+    parser.add_argument("--cases", type=int, default=TEXTURE_FIT_CASES)
+    parser.add_argument("--write", action="store_true", help="write the fit into the VAE's model.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    vae = MAISIVAEWrapper.from_file(args.vae)
+    cfg = load_config(args.config)
+    meta = json.loads((args.vae / "model.json").read_text())
+    train_ids = set(meta.get("train_cases") or [])
+    volumes, ids = load_volumes(cfg, "train", progress=True)
+    if train_ids and not set(ids[:args.cases]) <= train_ids:
+        raise SystemExit(f"{args.vae}: the config's training scans are not the ones this VAE was trained on")
+    fit = fit_vae_texture(vae, volumes, max_cases=args.cases)
+    print(json.dumps(fit, indent=1))
+    if args.write:
+        atomic_write_json(args.vae / "model.json", {**meta, **fit})
+        print(f"wrote {args.vae / 'model.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
