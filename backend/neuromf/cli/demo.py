@@ -97,6 +97,7 @@ def cmd_demo(args) -> int:
     if args.grid == "3mm" and args.ablation:
         raise SystemExit("demo: the 3 mm demo runs the ablation unless --skip-ablation")
     args.steps = args.steps or 32
+    args.n = args.n or (6 if args.grid == "2mm" else 8)
     if args.grid == "2mm":
         print(f"demo (2 mm): fine-tunes the shipped 2 mm joint adapter for {args.steps} steps (attention LoRA and "
               f"widened convolutions, from its shipped weights), generates {args.n} pairs in its own settings and "
@@ -129,11 +130,12 @@ def register(add: AddCommand) -> None:
                         "3mm: the earlier 3 mm pipeline (joint training from scratch, conditional mode)")
     p.add_argument("--out", default="runs")
     p.add_argument("--runs", default="runs")
-    p.add_argument("--n", type=COUNT, default=8, help="pairs to generate")
+    p.add_argument("--n", type=COUNT, default=None,
+                   help="pairs to generate (default: 6 at 2 mm, about 50 s each on 2 CPU cores; 8 at 3 mm)")
     p.add_argument("--steps", type=STEPS, default=None,
                    help="2 mm: steps of the fine-tuning leg (default 32: two epochs of the 128 mirrored training "
                         "cases at batch 8, the least the loss check compares)")
-    p.add_argument("--mask-test-cases", type=COUNT, default=16, metavar="N",
+    p.add_argument("--mask-test-cases", type=COUNT, default=12, metavar="N",
                    help="2 mm: the mask test on the first N of the 85 FCD cases (all of them take ~10 min on 2 "
                         "cores; `neuromf mask-test --data embedded --vae embedded` runs them all)")
     p.add_argument("--ablation", action="store_true",
