@@ -5,6 +5,7 @@ the change still name what they were trained with. Also the `demo` command seque
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -125,15 +126,24 @@ def _values(commands: list[list[str]], flag: str) -> set[str]:
     return {argv[i + 1] for argv in commands for i, a in enumerate(argv) if a == flag}
 
 
-def test_demo_runs_the_2mm_path_and_keeps_the_3mm_one(tmp_path, capsys):
+def test_demo_runs_the_2mm_path_and_keeps_the_3mm_one(tmp_path, capsys, monkeypatch):
+    from neuromf.cli import demo
+    from neuromf.data.embedded import GeneratedPhantoms
+
+    monkeypatch.setenv("NEUROMF_DATA", str(tmp_path / "data"))
+    new_cases = GeneratedPhantoms(n_healthy=0, n_fcd=2, seed=1, shape=(32, 32, 32), spacing=(6.0, 6.0, 6.0))
+    monkeypatch.setattr(demo, "DEMO_PHANTOMS", new_cases)  # the same code path, 2 coarse cases instead of 16
     code, ran = _demo_commands(["--out", str(tmp_path), "--runs", str(tmp_path)])
     assert code == 0 and [c[0] for c in ran] == ["mask-test", "train-joint", "generate", "evaluate", "verify"]
-    assert _values(ran, "--data") == _values(ran, "--vae") == _values(ran, "--base_checkpoint") == {"embedded"}
+    assert _values(ran, "--vae") == _values(ran, "--base_checkpoint") == {"embedded"}
+    new_data = Path(ran[0][ran[0].index("--data") + 1])  # fine-tuned on (and mask-tested on) the new cases...
+    assert new_data.parent == tmp_path / "data" and (new_data / "participants.tsv").is_file()
+    assert ran[3][ran[3].index("--data") + 1] == "embedded"  # ...judged against the 2 mm set's real lesions
     train, generate = ran[1], ran[2]
     overrides = parse_overrides([train[i + 1] for i, a in enumerate(train) if a == "--set"])
     cfg = load_config(train[train.index("--config") + 1], overrides)
-    assert (cfg.lora.init_from, cfg.lora.train_only, cfg.training.max_steps) == ("embedded", ["to_q", "to_k", "to_v"],
-                                                                                 32)
+    assert (cfg.lora.init_from, cfg.lora.train_only, cfg.training.max_steps, cfg.data.data_dir) == (
+        "embedded", ["to_q", "to_k", "to_v"], 30, str(new_data))
     assert not {"--sampler", "--steps", "--render"} & set(generate)  # the adapter's own settings
     assert "does not retrain" in capsys.readouterr().out
     code, ran = _demo_commands(["--grid", "3mm", "--out", str(tmp_path), "--runs", str(tmp_path)])
