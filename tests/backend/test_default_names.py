@@ -142,8 +142,8 @@ def test_demo_runs_the_2mm_path_and_keeps_the_3mm_one(tmp_path, capsys, monkeypa
     train, generate = ran[1], ran[2]
     overrides = parse_overrides([train[i + 1] for i, a in enumerate(train) if a == "--set"])
     cfg = load_config(train[train.index("--config") + 1], overrides)
-    assert (cfg.lora.init_from, cfg.lora.train_only, cfg.training.max_steps, cfg.data.data_dir) == (
-        "embedded", ["to_q", "to_k", "to_v"], 30, str(new_data))
+    assert (cfg.lora.init_from, cfg.lora.train_only, cfg.training.max_steps, cfg.data.data_dir, cfg.training.lr) == (
+        "embedded", ["to_q", "to_k", "to_v"], 30, str(new_data), 1e-4)
     assert not {"--sampler", "--steps", "--render"} & set(generate)  # the adapter's own settings
     assert "does not retrain" in capsys.readouterr().out
     code, ran = _demo_commands(["--grid", "3mm", "--out", str(tmp_path), "--runs", str(tmp_path)])

@@ -15,13 +15,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from neuromf.cli._common import COUNT, SEED, STEPS, AddCommand
+from neuromf.cli._common import COUNT, SEED, STEPS, AddCommand, number
 from neuromf.data.embedded import GeneratedPhantoms
 
 # the demo's fine-tuning leg: the shipped 2 mm joint adapter's recipe (joint_2mm), warm-started from its weights;
 # its attention LoRA (q, k, v) and the widened convs train (under 1% of the parameters), at a low constant rate
-FINE_TUNE = ["lora.init_from=embedded", "lora.train_only=[to_q, to_k, to_v]", "training.lr=1.0e-4",
-             "training.schedule=constant", "training.warmup_steps=0", "training.checkpoint_every=0"]
+FINE_TUNE = ["lora.init_from=embedded", "lora.train_only=[to_q, to_k, to_v]", "training.schedule=constant",
+             "training.warmup_steps=0", "training.checkpoint_every=0"]
 FULL_RECIPE = "scripts/pretrain_fine.sh joint (neuromf train-joint --config joint_2mm --base_checkpoint embedded)"
 # the cases the 2 mm demo fine-tunes on: new phantoms of the 2 mm set's generator (another seed: subjects the shipped
 # adapter never saw; 12 in the train split), made once into $NEUROMF_DATA
@@ -42,7 +42,8 @@ def steps_2mm(args) -> list[list[str]]:
         ["mask-test", "--data", str(args.data), "--vae", "embedded", "--out", str(mask_test)],
         ["train-joint", "--config", "joint_2mm", "--base_checkpoint", "embedded", "--output-dir", str(run),
          "--overwrite", "--set", f"data.data_dir={args.data}", "--set", f"data.mask_test={mask_test}",
-         "--set", f"training.max_steps={args.steps}", *[flag for item in FINE_TUNE for flag in ("--set", item)]],
+         "--set", f"training.max_steps={args.steps}", "--set", f"training.lr={args.lr}",
+         *[flag for item in FINE_TUNE for flag in ("--set", item)]],
         ["generate", "--adapter", str(run / "adapter"), "--n", str(args.n), "--seed", "0", "--overwrite",
          "--out", str(stage / "generated")],
         ["evaluate", "--adapter", str(run / "adapter"), "--generated", str(stage / "generated"), "--data", "embedded",
@@ -144,6 +145,8 @@ def register(add: AddCommand) -> None:
     p.add_argument("--steps", type=STEPS, default=None,
                    help="2 mm: steps of the fine-tuning leg (default 30: ten epochs of the 12 new training cases "
                         "and their mirror images at batch 8)")
+    p.add_argument("--lr", type=number(0.0, 1.0, low_open=True), default=1.0e-4,
+                   help="2 mm: learning rate of the fine-tuning leg (constant; the recipe ends its schedule at 1e-4)")
     p.add_argument("--ablation", action="store_true",
                    help="2 mm: also run the per-channel Lp ablation (informational: 2 x 3 trainings from scratch, "
                         "tens of minutes on a CPU)")
