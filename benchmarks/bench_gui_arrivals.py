@@ -87,7 +87,7 @@ def main() -> None:
     image, affine, _ = load_nifti(_sample_data.SAMPLES_DIR / f"{prefix}_FLAIR.nii.gz")
     mask, _, _ = load_nifti(_sample_data.SAMPLES_DIR / f"{prefix}_FLAIR_roi.nii.gz")
     pair = GeneratedPair(0, image, mask, affine, json.loads((_sample_data.SAMPLES_DIR / f"{prefix}.json").read_text()))
-    widget.run = _generate_run.GenerateRun("embedded-fine")
+    widget.run = _generate_run.GenerateRun("embedded")
     for _ in range(args.repeats):
         for name, sample in (("sample", "fcd_phantom_case"), ("pair_sample", "generated_pair")):
             viewer.layers.clear()

@@ -14,7 +14,7 @@ own decode (image and mask) or the conditional adapter's render of the FLAIR for
 Targets (issue 27): two-network / best few-step >= 30x; few-step pair <= 1.3x the floor. Weights: the shipped
 2 mm adapters (timings do not depend on weight values; building the path needs real adapters).
 
-    python benchmarks/bench_joint_pair.py --threads 1          # shipped embedded-fine joint_fine + cond_fine
+    python benchmarks/bench_joint_pair.py --threads 1          # shipped embedded joint_fine + cond_fine
     python benchmarks/bench_joint_pair.py --quick              # Euler 4 for the two-network path
 """
 
@@ -39,8 +39,8 @@ TARGET_FLOOR = 1.3
 
 def main() -> dict:
     parser = base_parser("bench_joint_pair", __doc__.splitlines()[0])
-    parser.add_argument("--adapter", default="embedded-fine", help="joint adapter")
-    parser.add_argument("--render", default="embedded-fine", help="conditional adapter of the two-network path")
+    parser.add_argument("--adapter", default="embedded", help="joint adapter")
+    parser.add_argument("--render", default="embedded", help="conditional adapter of the two-network path")
     parser.add_argument("--euler-steps", type=int, default=None, help="two-network path's steps (default 32; quick 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timed pairs per configuration (default 3; quick 2)")
     args = parser.parse_args()

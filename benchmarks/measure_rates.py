@@ -46,7 +46,7 @@ def measure_mask_test(cases: int) -> dict:
     out = {}
     root = REPO_ROOT / "sample_data" / "fcd_phantoms"
     chosen = [c for c in discover_cases(root, group="fcd") if c.mask is not None][:cases]
-    for name in ("embedded-3mm", "embedded-fine"):
+    for name in ("embedded-3mm", "embedded"):
         start = time.perf_counter()
         vae = MAISIVAEWrapper.resolve(name, preset="small")
         loaded = time.perf_counter() - start
@@ -117,8 +117,8 @@ def measure_generation(steps: int) -> dict:
 
     stamps: list[tuple[float, int, int]] = []
     start = time.perf_counter()
-    pairs = list(generate_pairs("embedded-fine", n=1, steps=steps, seed=0, device="cpu", method="euler",
-                                render="embedded-fine",
+    pairs = list(generate_pairs("embedded", n=1, steps=steps, seed=0, device="cpu", method="euler",
+                                render="embedded",
                                 on_step=lambda i, n: stamps.append((time.perf_counter(), i, n))))
     end = time.perf_counter()
     passes: list[list[float]] = []
@@ -168,7 +168,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="neuromf_rates_") as tmp:
             rates["training"] = {config: measure_training(config, base, args.train_cases, args.train_steps,
                                                           Path(tmp))
-                                 for config, base in (("joint_3mm", "embedded-3mm"), ("joint_2mm", "embedded-fine"))}
+                                 for config, base in (("joint_3mm", "embedded-3mm"), ("joint_2mm", "embedded"))}
     if "generation" in parts:
         rates["generation"] = measure_generation(args.generate_steps)
     for part in parts:

@@ -1,7 +1,7 @@
 """Headless NeuroMF from Python: mask test -> LoRA fine-tuning -> generate pairs -> evaluate them.
 
-As is, it runs on the embedded sample data and weights (about 5 minutes on 2 CPU cores). For your own data,
-pass a config whose `data.data_dir`, `model.vae` and grid name your files (see backend/neuromf/configs/).
+As is, it runs on the shipped 3 mm data and weights (`embedded-3mm`, about 5 minutes on 2 CPU cores). For your
+own data, pass a config whose `data.data_dir`, `model.vae` and grid name your files (see backend/neuromf/configs/).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import neuromf
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="joint_3mm", help="YAML file or packaged config name")
-    parser.add_argument("--base", default="embedded", help="stage-1 model folder or 'embedded'")
+    parser.add_argument("--base", default="embedded-3mm",
+                        help="stage-1 model folder, 'embedded-3mm' (the 3 mm set of joint_3mm) or 'embedded' (2 mm)")
     parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps")
     parser.add_argument("--n", type=int, default=4, help="pairs to generate")
     parser.add_argument("--out", default="runs/example", help="output folder")

@@ -72,8 +72,8 @@ SAMPLER_TIPS = ("How the image is computed from noise.\n"
                 "meanflow: big jumps; 1 step is the fastest but the 2 mm joint masks then come out empty")
 # the configuration that makes lesion pairs with the shipped models: the 2 mm joint adapter draws the lesion mask,
 # the 2 mm conditional adapter draws the FLAIR for it, 32 Euler steps (see docs/user_guide.md)
-DEFAULT_ADAPTER = "embedded-fine"
-DEFAULT_RENDER = "embedded-fine"
+DEFAULT_ADAPTER = "embedded"
+DEFAULT_RENDER = "embedded"
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_PAIRS = "euler", 32, 1
 PROGRESS_MS = 250  # how often the bar reads the run's network step
 
@@ -107,7 +107,7 @@ class GenerateWidget(QWidget):
         self.worker = None
 
         self.adapter = PathField(DEFAULT_ADAPTER, "dir", "Adapter folder",
-                                 tooltip="The trained model to draw pairs from: 'embedded-fine' (default) = the 2 mm "
+                                 tooltip="The trained model to draw pairs from: 'embedded' (default) = the 2 mm "
                                          "models shipped with NeuroMF, which make lesion pairs; 'embedded-3mm' = the "
                                          "older 3 mm demo (its joint masks come out empty); or a trained adapter "
                                          "folder")
@@ -150,13 +150,13 @@ class GenerateWidget(QWidget):
         self.lesion = layer_choice(napari_viewer, Labels, "Conditional / inpaint mode: the Labels layer whose "
                                                           "lesion the FLAIR should carry", first=PRIOR_LESION)
         self.site = layer_choice(napari_viewer, Points, "Joint mode, site-conditioned adapters (the 2 mm "
-                                                        "'embedded-fine'): the Points layer whose points are where "
+                                                        "'embedded'): the Points layer whose points are where "
                                                         "the lesions go, one per pair in turn, placed on a generated "
                                                         "pair (the model grid); by default sites are drawn from the "
                                                         "training lesions' sites", first=DRAWN_SITES)
         self.render = PathField(DEFAULT_RENDER, "dir", "Conditional adapter that draws the FLAIRs",
                                 tooltip="Joint mode: which model draws the FLAIR for each generated mask. "
-                                        "'embedded-fine' (default) = the 2 mm conditional model, which shows the "
+                                        "'embedded' (default) = the 2 mm conditional model, which shows the "
                                         "lesion as a bright region under the mask; empty = the joint model's own "
                                         "FLAIR (the lesion barely shows in it)")
         self.guidance = guidance_box(GUIDANCE_TIP, step=0.25)

@@ -40,6 +40,7 @@ from napari_neuromf._jobs import Failure, Phase, format_eta
 from napari_neuromf._layers import pair_layers
 from napari_neuromf._training_run import NEW_RUN, RESUME, RUN_MODES
 from napari_neuromf._viewing import view_guard
+from neuromf.weights import EMBEDDED_NAMES
 
 if TYPE_CHECKING:
     import napari
@@ -76,10 +77,12 @@ class LoRAWidget(QWidget):
                                        "joint_2mm is the shipped 2 mm recipe, joint_gpu is for a GPU; the expected "
                                        "time of the form's values shows under Start")
         self.base = PathField("embedded", "dir", "Base checkpoint folder (model.safetensors + model.json)",
-                              tooltip="The healthy-brain model to adapt: 'embedded' = the one shipped with "
-                                      "NeuroMF, or a folder with model.safetensors + model.json")
+                              tooltip="The healthy-brain model to adapt: 'embedded' = the 2 mm one shipped with "
+                                      "NeuroMF, 'embedded-3mm' = the 3 mm one (what joint_3mm is sized for), or "
+                                      "a folder with model.safetensors + model.json")
         self.data = PathField("embedded", "dir", "FCD dataset folder",
-                              tooltip="Training cases (FLAIR + lesion mask): 'embedded' = the shipped phantoms")
+                              tooltip="Training cases (FLAIR + lesion mask): 'embedded' = the shipped 2 mm "
+                                      "phantoms, 'embedded-3mm' = the 3 mm ones")
         self.rank = tip(QSpinBox(), "Size of the LoRA update matrices: higher learns more, trains slower")
         self.rank.setRange(1, 256)
         self.alpha = tip(float_box(0.1, 1024, 1.0, 1), "Scale of the LoRA update (often equal to the rank)")
@@ -228,6 +231,8 @@ class LoRAWidget(QWidget):
         self.batch_size.setValue(cfg.training.batch_size)
         self.preview_every.setValue(cfg.training.preview_every or 50)
         self.data.setText(cfg.data.data_dir)
+        if cfg.data.data_dir in EMBEDDED_NAMES:  # the shipped base of the config's grid (joint_3mm: the 3 mm one)
+            self.base.setText(cfg.data.data_dir)
         if cfg.training.device in [self.device.itemText(i) for i in range(self.device.count())]:
             self.device.setCurrentText(cfg.training.device)
 

@@ -32,7 +32,7 @@ import numpy as np
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 PAIRS = {"joint": "gen_000", "conditional": "cond_000"}  # mode -> file prefix
 ADAPTERS = {"joint": "joint_fine + cond_fine", "conditional": "cond_fine"}  # the shipped models each mode uses
-EMBEDDED = "embedded-fine"  # the shipped 2 mm set: the one whose pairs carry lesions
+EMBEDDED = "embedded"  # the shipped 2 mm set: the one whose pairs carry lesions
 SETTINGS = {"joint": {"steps": 32, "method": "euler", "render": EMBEDDED},  # the Generate widget's defaults
             "conditional": {"steps": 1, "method": "meanflow"}}
 QUANTUM = 1e-3  # FLAIR intensity step of the stored int16 values (intensities lie in [0, 2]; a display shows 256)

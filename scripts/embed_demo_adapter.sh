@@ -16,7 +16,7 @@ if [[ -d $cond_run/adapter ]]; then
     "$cond_run/adapter/controlnet.safetensors" "$cond_dest/controlnet.safetensors"
   cp "$cond_run"/adapter/{mask_prior.safetensors,neuromf_adapter.json} "$cond_run/loss_curve.png" "$cond_dest/"
 fi
-# the sidecars name the base and data as "embedded", so the shipped adapters resolve on any machine
+# the sidecars name the base and data as "embedded-3mm", so the shipped adapters resolve on any machine
 python - "$dest/neuromf_adapter.json" "$cond_dest/neuromf_adapter.json" <<'PY'
 import json, sys
 from pathlib import Path
@@ -24,7 +24,7 @@ for path in sys.argv[1:]:
     if not Path(path).is_file():
         continue
     meta = json.load(open(path))
-    bad = {k: meta[k] for k in ("base_checkpoint", "vae", "data_dir") if meta.get(k) != "embedded"}
+    bad = {k: meta[k] for k in ("base_checkpoint", "vae", "data_dir") if meta.get(k) != "embedded-3mm"}
     if bad:
         sys.exit(f"{path}: demo adapter must reference embedded models and data, got {bad}")
 PY

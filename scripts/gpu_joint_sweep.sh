@@ -55,7 +55,7 @@ from neuromf.models.flow_model import read_model_meta
 from neuromf.pipelines.conditional import stage2_preprocessing
 from neuromf.vae import vae_for
 cfg = load_config("joint_2mm", {"data.augment_copies": $AUG})
-meta = read_model_meta("embedded-fine")
+meta = read_model_meta("embedded")
 FCDDataset(cfg.data.data_dir, "sdf", vae=vae_for(meta, "$DEVICE"), prep=stage2_preprocessing(meta, cfg),
            cache_dir="$CACHE", flip=True, split=cfg.data.split, augment=AffineAugment.from_config(cfg.data))
 PYTHON
@@ -71,7 +71,7 @@ variant() {  # name, at most this many steps (the cosine schedule's length when 
   for kv in "$@"; do sets+=(--set "$kv"); done
   export OMP_NUM_THREADS=$THREADS
   {
-    "$PY" scripts/train_for.py --pipeline lora --config joint_2mm --base embedded-fine --max-steps "$steps" \
+    "$PY" scripts/train_for.py --pipeline lora --config joint_2mm --base embedded --max-steps "$steps" \
       --deadline $(( END - EVAL_S )) --calibrate-steps $(( steps < 30 ? 2 : 30 )) \
       --set training.output_dir="$dir" "${sets[@]}" || return
     if [ "${JUDGE:-}" = few_step ]; then
@@ -82,7 +82,7 @@ variant() {  # name, at most this many steps (the cosine schedule's length when 
             --steps $k --joint-guidance 1 --n "$N" --seed "$seed" --device "$DEVICE" --out "$dir/gen_k${k}_s$seed" \
             || break
           "$PY" -m neuromf evaluate --adapter "$dir/adapter" --mode joint --generated "$dir/gen_k${k}_s$seed" \
-            --data embedded-fine --out "$dir/gen_k${k}_s$seed/metrics.json"
+            --data embedded --out "$dir/gen_k${k}_s$seed/metrics.json"
         done
       done
       return
@@ -92,10 +92,10 @@ variant() {  # name, at most this many steps (the cosine schedule's length when 
     for seed in $SEEDS; do
       [ "$(left)" -gt 40 ] || break
       timeout $(budget 20) "$PY" -m neuromf generate --adapter "$dir/adapter" --mode joint \
-        --render embedded-fine --sampler euler --steps "$EULER" --n "$N" --seed "$seed" --device "$DEVICE" \
+        --render embedded --sampler euler --steps "$EULER" --n "$N" --seed "$seed" --device "$DEVICE" \
         --out "$dir/gen_s$seed" || break
       "$PY" -m neuromf evaluate --adapter "$dir/adapter" --mode joint --generated "$dir/gen_s$seed" \
-        --data embedded-fine --out "$dir/gen_s$seed/metrics.json"
+        --data embedded --out "$dir/gen_s$seed/metrics.json"
       "$PY" scripts/pairs_grid.py "$dir/gen_s$seed"
     done
   } >"$OUT/$name.log" 2>&1

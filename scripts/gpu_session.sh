@@ -54,9 +54,9 @@ train() {  # name, then train_for.py arguments
     --set "training.output_dir=$RUNS/$name" ${CACHE_ROOT:+--set "data.cache_dir=$CACHE_ROOT$name"} \
     --set "training.device=$DEVICE" --set training.checkpoint_every=0 "$@" >"$OUT/$name.log" 2>&1
 }
-train joint_fine_b8 --pipeline lora --config joint_2mm --base embedded-fine &
-train joint_fine_b32 --pipeline lora --config joint_2mm --base embedded-fine --set training.batch_size=32 &
-train cond_demo --pipeline conditional --config conditional_3mm --base embedded &
+train joint_fine_b8 --pipeline lora --config joint_2mm --base embedded &
+train joint_fine_b32 --pipeline lora --config joint_2mm --base embedded --set training.batch_size=32 &
+train cond_demo --pipeline conditional --config conditional_3mm --base embedded-3mm &
 wait
 # the device returns at most 8 files of <= 16 MiB: the runs travel as one archive in 15 MB parts
 (cd "$RUNS" && tar -czf - --exclude='checkpoint*' --exclude='*_calibration' .) | split -b 15M - "$OUT/runs.tar.gz.part-"

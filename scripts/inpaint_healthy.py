@@ -23,8 +23,8 @@ from neuromf.io.nifti import preprocess_pair, save_nifti
 from neuromf.utils import atomic_write_json
 
 
-def main(out_dir: Path, n: int = 24, first_seed: int = 100, data: str = "embedded-fine", start: int = 0) -> None:
-    cond = load_conditional_model("embedded-fine", "cpu")
+def main(out_dir: Path, n: int = 24, first_seed: int = 100, data: str = "embedded", start: int = 0) -> None:
+    cond = load_conditional_model("embedded", "cpu")
     prep = cond.prep
     healthy = discover_cases(resolve_data_dir(data), group="hc", split="train")[:n]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,7 @@ def main(out_dir: Path, n: int = 24, first_seed: int = 100, data: str = "embedde
             image, mask = preprocess_pair(Path(tmp) / "pair_flair.nii.gz", Path(tmp) / "pair_mask.nii.gz", prep)
         save_nifti(image.data[0], image.affine, f"{stem}_flair.nii.gz")
         save_nifti(mask.data[0] > 0.5, image.affine, f"{stem}_mask.nii.gz", dtype=np.uint8)
-        atomic_write_json(Path(f"{stem}.json"), {**result.info, "adapter": "embedded-fine", "seed": first_seed,
+        atomic_write_json(Path(f"{stem}.json"), {**result.info, "adapter": "embedded", "seed": first_seed,
                                                  "lesion_seed": first_seed + i, "healthy_case": case.case_id,
                                                  "index": i})
 

@@ -8,7 +8,7 @@ drawn from the adapter's prior is inpainted (`neuromf.generation.inpaint.inpaint
 s the --seeds in turn, as the prior's lesion draw follows the seed) and written on the scan's own grid. Measured:
 voxels beyond the margin that differ from the input as read back from the written files (must be 0); the pairs
 mapped onto the model grid and judged by `neuromf evaluate`'s lesion-likeness check against the real lesions of
-`--real` (embedded-fine: the 85 real 2 mm phantom lesions); the FLAIR contrast of the inpainted lesions vs the real
+`--real` (embedded: the 85 real 2 mm phantom lesions); the FLAIR contrast of the inpainted lesions vs the real
 ones (median, two-sample KS test) and of the same regions in the healthy scan before inpainting (a control: how much
 of the contrast the inpainting adds). Resumable: written pairs are kept.
 """
@@ -95,8 +95,8 @@ def montage(rows: list[tuple[Path, Path, Path]], out_png: Path, title: str) -> P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("sample_data/fcd_phantoms"))
-    parser.add_argument("--real", default="embedded-fine", help="data whose real FCD lesions the check uses")
-    parser.add_argument("--adapter", default="embedded-fine")
+    parser.add_argument("--real", default="embedded", help="data whose real FCD lesions the check uses")
+    parser.add_argument("--adapter", default="embedded")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=8)
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--margin-mm", type=float, default=6.0)
     parser.add_argument("--mask-source", default="prior", choices=["prior", "joint"],
                         help="where each lesion comes from: the conditional adapter's prior or the joint model")
-    parser.add_argument("--joint-adapter", default="embedded-fine")
+    parser.add_argument("--joint-adapter", default="embedded")
     parser.add_argument("--joint-steps", type=int, default=32)
     parser.add_argument("--joint-guidance", type=float, default=None, help="default: the joint adapter's own")
     parser.add_argument("--out", type=Path, default=Path("runs/inpaint_eval"))

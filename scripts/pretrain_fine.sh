@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the finer (2 mm) embedded default (sample_data/models/{vae_fine,base_fine,cond_fine,joint_fine}) from the generated
-# 2 mm phantoms (`embedded-fine`: 85 FCD + 85 healthy, made on first use from seed 0). Each step warm-starts from
+# 2 mm phantoms (`embedded`: 85 FCD + 85 healthy, made on first use from seed 0). Each step warm-starts from
 # the 3 mm model of the same kind. Wall time on 2 CPU cores is recorded in each card. Run from the repository root
 # with the venv active:
 #   scripts/pretrain_fine.sh                    vae_fine, then base_fine on its latents, then cond_fine and
@@ -29,14 +29,14 @@ if [[ $stage == vae || $stage == base ]]; then
   cp "$runs/base_fine/model.json" "$runs/base_fine/loss_curve.png" $models/base_fine/
 fi
 if [[ $stage != joint ]]; then
-  neuromf train-conditional --config conditional_2mm --base_checkpoint embedded-fine --output-dir "$runs/cond_fine" --overwrite
+  neuromf train-conditional --config conditional_2mm --base_checkpoint embedded --output-dir "$runs/cond_fine" --overwrite
   mkdir -p $models/cond_fine
   half "$runs/cond_fine/adapter/controlnet.safetensors" $models/cond_fine/controlnet.safetensors
   cp "$runs/cond_fine/adapter/mask_prior.safetensors" "$runs/cond_fine/adapter/neuromf_adapter.json" \
     "$runs/cond_fine/loss_curve.png" $models/cond_fine/
 fi
 # joint mode (LoRA, x-prediction mask channels); its FLAIRs are best rendered by cond_fine (`generate --render`)
-neuromf train-joint --config joint_2mm --base_checkpoint embedded-fine --output-dir "$runs/joint_fine" --overwrite
+neuromf train-joint --config joint_2mm --base_checkpoint embedded --output-dir "$runs/joint_fine" --overwrite
 # how strongly a training commits to a lesion differs between trainings of this recipe: store the joint guidance
 # whose masks match the real lesions' median volume as the adapter's default (2 seeds x 8 masks per scale, pooled:
 # one seed's median was not carried over to fresh seeds; about 30 min on 2 CPU cores)

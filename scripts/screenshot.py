@@ -153,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     if "joint" in args.only:
         for layer in list(viewer.layers):
             viewer.layers.remove(layer)
-        generate.adapter.setText("embedded-fine")
+        generate.adapter.setText("embedded")
         generate.mode.setCurrentText("joint")
         generate.sampler.setCurrentText("euler")
         generate.steps.setValue(32)
-        generate.render.setText("embedded-fine")
+        generate.render.setText("embedded")
         generate.n.setValue(1)
         generate.start()
         until(lambda: not generate.busy, "joint generation at a drawn site")

@@ -6,7 +6,7 @@ under whatever else runs beside it, then the real run gets `max_steps = rate x t
 the run is stopped and saves its checkpoint and adapter as after Ctrl-C, so a slower-than-measured run still leaves
 a usable adapter. Writes `<output_dir>/train_for.json` (rate, steps, wall times).
 
-    python scripts/train_for.py --pipeline lora --config joint_2mm --base embedded-fine \
+    python scripts/train_for.py --pipeline lora --config joint_2mm --base embedded \
         --deadline "$(( $(date +%s) + 420 ))" --set training.output_dir=runs/joint_gpu
 """
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", choices=PIPELINES, required=True)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--base", default="embedded", help="base model: embedded, embedded-fine or a folder")
+    parser.add_argument("--base", default="embedded", help="base model: embedded (2 mm), embedded-3mm or a folder")
     parser.add_argument("--deadline", type=float, required=True, help="Unix time by which the adapter is saved")
     parser.add_argument("--calibrate-steps", type=int, default=30)
     parser.add_argument("--safety", type=float, default=0.85, help="share of the measured rate planned for")

@@ -1,7 +1,7 @@
 """Realism of VAE round trips on the held-out (test split) scans: sharpness ratio, SSIM and two two-sample tests
 (`neuromf.eval.realism`) for an OLD and a NEW VAE side by side, as JSON, and a picture original | old | new.
 
-    python scripts/vae_realism.py [--old embedded-fine] --new runs/vae_fine_sharp [--cases N] \
+    python scripts/vae_realism.py [--old embedded] --new runs/vae_fine_sharp [--cases N] \
         [--out benchmarks/results/vae_realism.json] [--picture docs/vae_sharpness.png]
 
 `--new` may be a saved VAE (a folder with model.safetensors) or a training run folder: then the EMA weights of its
@@ -98,7 +98,7 @@ def picture(originals: torch.Tensor, decodes: dict[str, torch.Tensor], path: Pat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old", default="embedded-fine", help="the VAE to compare against (default: shipped)")
+    parser.add_argument("--old", default="embedded", help="the VAE to compare against (default: shipped)")
     parser.add_argument("--new", help="a saved VAE folder, or a training run folder (checkpoint EMA)")
     parser.add_argument("--only", choices=["old", "new"], help="measure one side and merge it into an existing --out "
                         "(the two sides can then run at different times on a busy machine)")

@@ -80,9 +80,9 @@ def base_card(run: Path, wall_note: str, n: int = 4) -> str:
     directory = embedded_model_dir("base_small")
     meta = json.loads((directory / "model.json").read_text())
     prep = Preprocessing.from_dict(meta["preprocessing"])
-    cases = discover_cases(resolve_data_dir("embedded"), group="hc", split="train")
+    cases = discover_cases(resolve_data_dir("embedded-3mm"), group="hc", split="train")
     real = [_brain(preprocess_image(c.image, prep).data[0].numpy()) for c in cases]
-    images = [v.image for v in generate_images("embedded", n=n, steps=1, seed=0, device="cpu")]
+    images = [v.image for v in generate_images("embedded-3mm", n=n, steps=1, seed=0, device="cpu")]
     gen = [_brain(v) for v in images]
     sample_montage(images, directory / "samples_1step.png", title="embedded base_small: 1-step samples (seed 0)")
     r = _run_meta(run)

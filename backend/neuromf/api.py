@@ -18,16 +18,17 @@ from neuromf.train.loop import TrainEvent, TrainResult, run_to_end
 
 
 def mask_test(data: str | Path = "embedded", vae: str | Path = "embedded", vae_preset: str | None = None,
-              shape: tuple[int, int, int] = (64, 64, 64), spacing: tuple[float, float, float] = (3.0, 3.0, 3.0),
+              shape: tuple[int, int, int] | None = None, spacing: tuple[float, float, float] | None = None,
               out: str | Path | None = None, device: str = "cpu",
               on_case: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The mask-VAE test on the FCD cases of `data`: mask round trips through the VAE and the downsampled ones.
 
     Args:
-        data: BIDS tree, flat folder or "embedded".
-        vae: "embedded" or a local MAISI weight file; `vae_preset` its architecture (read from its sidecar when
-            there is one).
-        shape, spacing: the model grid (voxels, mm).
+        data: BIDS tree, flat folder, "embedded" (2 mm phantoms) or "embedded-3mm".
+        vae: "embedded" (2 mm) / "embedded-3mm" or a local MAISI weight file; `vae_preset` its architecture (read
+            from its sidecar when there is one).
+        shape, spacing: the model grid (voxels, mm); None: the grid the VAE was trained on (64^3 at 3 mm when its
+            sidecar does not say).
         out: where to write the JSON result (its `decision` is what `mask_strategy: auto` reads).
         on_case: called with each case's row as it is measured (progress).
 
@@ -35,12 +36,11 @@ def mask_test(data: str | Path = "embedded", vae: str | Path = "embedded", vae_p
         The result dict: per-case Dice rows, `summary`, `decision` ("vae" | "downsample" | "sdf") and `reason`.
     """
     from neuromf.data.embedded import resolve_data_dir
-    from neuromf.eval.mask_test import mask_vae_test, save_mask_test
+    from neuromf.eval.mask_test import mask_vae_test, model_grid, save_mask_test
     from neuromf.vae import MAISIVAEWrapper
 
     model = MAISIVAEWrapper.resolve(vae, preset=vae_preset, device=device)
-    result = mask_vae_test(resolve_data_dir(data), model, Preprocessing(shape=tuple(shape), spacing=tuple(spacing)),
-                           on_case=on_case)
+    result = mask_vae_test(resolve_data_dir(data), model, model_grid(model, shape, spacing), on_case=on_case)
     if out is not None:
         save_mask_test(result, out)
     return result
@@ -62,7 +62,8 @@ def fine_tune(config: str | Path | RunConfig = "joint_3mm", base_checkpoint: str
 
     Args:
         config: a YAML file, a packaged config name ("joint_3mm", "joint_gpu", "conditional_3mm") or a RunConfig.
-        base_checkpoint: the frozen stage-1 model: folder, model.safetensors or "embedded".
+        base_checkpoint: the frozen stage-1 model: folder, model.safetensors, "embedded" (2 mm) or
+            "embedded-3mm" (the one `joint_3mm` / `conditional_3mm` are made for).
         overrides: dotted keys, e.g. {"training.max_steps": 50, "training.output_dir": "runs/x"}.
         on_event: called with every TrainEvent (kind "step" | "epoch" | "checkpoint" | "preview" | "stopped" ...;
             `step`, `total_steps`, `loss`, `parts`): progress bars, logging, plots.
@@ -84,20 +85,26 @@ def fine_tune(config: str | Path | RunConfig = "joint_3mm", base_checkpoint: str
 
 
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path | None = None, mode: str = "auto",
-             steps: int = 1, seed: int = 0, device: str = "auto", masks: list | None = None,
-             method: str = "meanflow", render: str | Path | None = None, guidance: float | None = None,
-             joint_guidance: float | None = None, sites: Any = None, texture: bool = True) -> list:
+                   steps: int | None = None, seed: int = 0, device: str = "auto", masks: list | None = None,
+                   method: str | None = None, render: str | Path | None = "own", guidance: float | None = None,
+                   joint_guidance: float | None = None, sites: Any = None, texture: bool = True) -> list:
     """Generated FLAIR + lesion mask pairs (`neuromf.generation.images.GeneratedPair`: image, mask, affine, meta).
 
+    With the defaults: lesion pairs from the shipped 2 mm joint adapter in its own settings (Euler 32 steps, its
+    joint guidance, FLAIRs rendered by the shipped 2 mm conditional adapter; minutes per pair on a CPU).
+
     Args:
-        adapter: a stage-2 adapter folder or "embedded"; `mode` "auto" reads the folder ("embedded" + "auto"
-            is the joint demo; pass mode="conditional" for the conditional demo).
+        adapter: a stage-2 adapter folder, "embedded" (the shipped 2 mm adapters) or "embedded-3mm" (3 mm); `mode`
+            "auto" reads the folder (a shipped name + "auto" is its joint adapter; mode="conditional" for the
+            conditional one).
         masks: conditional mode only: lesion masks (H, W, D) on the model grid to generate FLAIRs for; without
             them, `n` masks are drawn from the adapter's prior of real lesions.
         out: also write them as `sample_XXX_{flair,mask}.nii.gz` + `sample_XXX.json`.
-        method: sampler, "meanflow" (k-step MeanFlow, 1 step by default) or "euler" (`steps` Euler steps).
+        steps, method: sampler steps and sampler, "meanflow" (k-step MeanFlow) or "euler"; None = the adapter's
+            own (its sidecar's `sampling`), else 1 MeanFlow step.
         render: joint mode only: a conditional adapter that renders each pair's FLAIR again for its mask
-            (two-stage synthesis, `generate --render`).
+            (two-stage synthesis, `generate --render`); "own" = the adapter's own (the shipped 2 mm joint
+            adapter's: its conditional one), None = the joint model's own FLAIR.
         guidance: the conditional adapter's (or the renderer's) mask guidance scale; None = the adapter's own.
         joint_guidance: joint mode only: guidance against the empty mask's path (1 = none); None = the adapter's.
         sites: joint mode, site-conditioned adapters: lesion sites, (k, 3) voxel coordinates on the model grid,
@@ -109,13 +116,15 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
         The list of pairs (sample i depends only on (seed, i)).
     """
     from neuromf.generation.images import write_pairs
-    from neuromf.models.adapter_meta import generation_mode
+    from neuromf.models.adapter_meta import OWN, adapter_meta, generation_mode
 
-    if generation_mode(adapter, mode) == "conditional":
+    mode = generation_mode(adapter, mode)
+    if mode == "conditional":
         from neuromf.generation.conditional import generate_conditional_pairs
 
-        if render is not None or joint_guidance is not None or sites is not None:
+        if render not in (None, OWN) or joint_guidance is not None or sites is not None:
             raise ValueError("render, joint_guidance and sites are for a joint adapter (mode='joint')")
+        method, steps, _ = adapter_meta(adapter, mode).sampling_settings(method, steps, None)
         pairs = list(generate_conditional_pairs(adapter, n, steps, seed, device, masks, method=method,
                                                 guidance=guidance, texture=texture))
     else:
@@ -123,6 +132,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
             raise ValueError("masks need a conditional adapter (mode='conditional')")
         from neuromf.generation.joint import generate_pairs as joint_pairs
 
+        method, steps, render = adapter_meta(adapter, mode).sampling_settings(method, steps, render)
         pairs = list(joint_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites,
                                  texture=texture))
     if out is not None:
@@ -130,7 +140,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
     return pairs
 
 
-def inpaint_lesion(image: str | Path | Any, mask: str | Path | Any = None, adapter: str | Path = "embedded-fine",
+def inpaint_lesion(image: str | Path | Any, mask: str | Path | Any = None, adapter: str | Path = "embedded",
                    affine: Any = None, seed: int = 0, steps: int = 8, guidance: float | None = None,
                    margin_mm: float = 6.0, on_step: Callable[[int, int], None] | None = None,
                    stop: Event | None = None, **options: Any) -> Any:
@@ -143,14 +153,14 @@ def inpaint_lesion(image: str | Path | Any, mask: str | Path | Any = None, adapt
         mask: the lesion: a NIfTI path (any grid with a valid affine), an array on the scan's grid, or None to draw
             one in this scan's brain (from the adapter's prior of real lesions, or with `mask_source="joint"` a new
             shape from a joint adapter).
-        adapter: a conditional adapter folder, "embedded-fine" (2 mm, default) or "embedded" (3 mm).
+        adapter: a conditional adapter folder, "embedded" (2 mm, default) or "embedded-3mm".
         affine: (4, 4) voxel -> world affine of an image array.
         seed, steps, guidance: noise / prior seed, sampler steps, mask guidance (None = the adapter's own).
         margin_mm: the blend margin around the lesion; beyond it the input is kept exactly.
         on_step: on_step(i, n) after each of the n network calls (progress).
         stop: a threading.Event checked before each network call; when set, `InpaintCancelled` is raised.
         options: `method`, `composite`, `device`, `allow_existing_lesion`, `mask_affine`, `mask_source`
-            ("prior" or "joint"), `joint` (the joint adapter, default "embedded-fine"), `joint_steps`,
+            ("prior" or "joint"), `joint` (the joint adapter, default "embedded"), `joint_steps`,
             `joint_guidance` (see the pipeline).
 
     Returns:
@@ -174,8 +184,8 @@ def evaluate(generated: str | Path, adapter: str | Path = "embedded", data: str 
 
 
 def benchmark_downstream(out: str | Path, inpainted: str | Path | None = None, joint: str | Path | None = None,
-                         conditional: str | Path | None = None, adapter: str | Path = "embedded-fine",
-                         data: str | Path = "embedded-fine", seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
+                         conditional: str | Path | None = None, adapter: str | Path = "embedded",
+                         data: str | Path = "embedded", seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
                          steps: int | None = None, quick: bool = False, arms: list[str] | None = None,
                          synthetic_share: float | None = None, grid: Preprocessing | None = None,
                          lesion_like_only: bool = False, workers: int = 1, device: str = "cpu",

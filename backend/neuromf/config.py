@@ -77,7 +77,9 @@ class _Section:
 class DataConfig(_Section):
     """`data:` where the scans are, the model grid they are resampled to, and how masks become latent channels."""
     section = "data"
-    data_dir: str = "embedded"  # "embedded" = sample_data/fcd_phantoms, else a BIDS tree or flat folder
+    # "embedded" = the 2 mm phantoms, "embedded-3mm" = sample_data/fcd_phantoms, else a BIDS tree or flat folder; a
+    # config that names none gets the 3 mm set, the one the grid defaults below belong to
+    data_dir: str = "embedded-3mm"
     shape: list[int] = bounded([64, 64, 64], 8, 1024)
     spacing: list[float] = bounded([3.0, 3.0, 3.0], 0.1, 20.0)  # mm: MRI voxels (and the tests' coarse grids)
     clip_max: float = bounded(2.0, 1)  # bound after percentile scaling (99.5th -> 1): lesions are brighter
@@ -104,7 +106,7 @@ class ModelConfig(_Section):
     """`model:` the MeanFlow UNet preset and the VAE whose latents it models."""
     section = "model"
     preset: Literal["tiny", "small", "base"] = "small"  # MeanFlowUNet preset: tiny | small | base
-    vae: str = "embedded"  # "embedded" or a local MAISI weight file
+    vae: str = "embedded-3mm"  # "embedded" (2 mm), "embedded-3mm" (as the grid defaults) or a local MAISI file
     vae_preset: Literal["maisi", "small", "tiny"] | None = None  # a local VAE file's architecture; None: its sidecar
     # warm start of `train-base` / `train-vae`: a saved UNet / VAE ("embedded", folder or file) of the same
     # architecture whose weights initialise the run's; both are convolutional, so a model trained on a coarser grid
@@ -158,12 +160,21 @@ class LoraConfigSection(_Section):
     # joint mode: one more clean input channel tells the model where the lesion goes (`neuromf.models.site`); the
     # sites generation draws come from the training lesions' (the adapter's mask prior)
     site_condition: bool = False
+    # warm start: a joint adapter ("embedded" or a folder) whose weights (LoRA matrices, widened convs) this run
+    # starts from; its rank, targets, mask settings, site conditioning and base model must be this run's
+    init_from: str | None = None
+    # the LoRA targets (module-name suffixes, a subset of target_modules) whose matrices train; None: all of them.
+    # The widened input/output convs always train. With init_from: a short fine-tuning of part of an adapter
+    train_only: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.target_modules or not all(name.strip() for name in self.target_modules):
             raise ConfigError(f"'lora.target_modules' must name at least one module (e.g. [to_q, to_k, to_v]), got "
                               f"{self.target_modules!r}")
+        if self.train_only is not None and (not self.train_only or set(self.train_only) - set(self.target_modules)):
+            raise ConfigError(f"'lora.train_only' must name some of lora.target_modules {self.target_modules!r}, got "
+                              f"{self.train_only!r}")
 
 
 @dataclass

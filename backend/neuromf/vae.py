@@ -164,7 +164,7 @@ class MAISIVAEWrapper(nn.Module):
     @classmethod
     def resolve(cls, spec: str | Path, preset: str | None = None,
                 device: str | torch.device = "cpu") -> MAISIVAEWrapper:
-        """`embedded` / `embedded-fine` (the shipped 3 mm / 2 mm VAE) or a local path (see `from_file` for `preset`)."""
+        """`embedded` / `embedded-3mm` (the shipped 2 mm / 3 mm VAE) or a local path (see `from_file` for `preset`)."""
         shipped = embedded_model(spec, "vae")
         if shipped is not None:
             return cls.from_file(shipped, preset="small", device=device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,27 +28,46 @@ def embedded_model_dir(name: str) -> Path:
     return path
 
 
-# the shipped defaults by name: "embedded" is the 3 mm one (64^3), "embedded-fine" the 2 mm one (96^3);
-# "embedded-3mm" names the 3 mm set explicitly (for when "embedded" moves to the 2 mm set)
-EMBEDDED_NAMES = ("embedded", "embedded-fine", "embedded-3mm")
+# the shipped defaults by name: "embedded" is the set whose joint pairs carry lesions, at 2 mm (96^3);
+# "embedded-3mm" the faster 3 mm set (64^3, the tests' and the old default); "embedded-fine" is the 2 mm set's
+# name before "embedded" moved to it (deprecated: kept for one release, and read in saved sidecars)
+EMBEDDED_NAMES = ("embedded", "embedded-3mm", "embedded-fine")
+DEPRECATED_NAMES = {"embedded-fine": "embedded"}
 EMBEDDED_MODELS: dict[str, dict[str, str]] = {
-    "vae": {"embedded": "vae_small", "embedded-fine": "vae_fine", "embedded-3mm": "vae_small"},
-    "base": {"embedded": "base_small", "embedded-fine": "base_fine", "embedded-3mm": "base_small"},
-    "joint": {"embedded": "lora_demo", "embedded-fine": "joint_fine", "embedded-3mm": "lora_demo"},
-    "conditional": {"embedded": "cond_demo", "embedded-fine": "cond_fine", "embedded-3mm": "cond_demo"},
+    "vae": {"embedded": "vae_fine", "embedded-3mm": "vae_small", "embedded-fine": "vae_fine"},
+    "base": {"embedded": "base_fine", "embedded-3mm": "base_small", "embedded-fine": "base_fine"},
+    "joint": {"embedded": "joint_fine", "embedded-3mm": "lora_demo", "embedded-fine": "joint_fine"},
+    "conditional": {"embedded": "cond_fine", "embedded-3mm": "cond_demo", "embedded-fine": "cond_fine"},
 }
 
 
 # the shipped folders by what they are (kind + grid); the folder names stay as shipped to keep git history small
 SHIPPED_NAMES = {f"{kind}_{grid}": folder for kind, by_grid in EMBEDDED_MODELS.items()
-                 for grid, folder in zip(("3mm", "2mm"), (by_grid["embedded"], by_grid["embedded-fine"]), strict=True)}
+                 for grid, folder in zip(("3mm", "2mm"), (by_grid["embedded-3mm"], by_grid["embedded"]), strict=True)}
+
+
+def recorded_name(name: Any, spacing: list[float] | tuple[float, ...] | None) -> Any:
+    """A shipped name as read from a saved sidecar, in today's names: sidecars written before "embedded" moved to
+    the 2 mm set say "embedded" for the 3 mm one, which their grid (`spacing`, mm) tells apart, and
+    "embedded-fine" for the 2 mm one; any other entry unchanged."""
+    if name == "embedded" and spacing is not None and [float(s) for s in spacing] == [3.0, 3.0, 3.0]:
+        return "embedded-3mm"
+    return DEPRECATED_NAMES.get(name, name) if isinstance(name, str) else name
+
+
+def warn_deprecated_name(spec: str | Path) -> None:
+    """A FutureWarning for a deprecated shipped name (`DEPRECATED_NAMES`) given by a user."""
+    if str(spec) in DEPRECATED_NAMES:
+        warnings.warn(f"{str(spec)!r} is deprecated, use {DEPRECATED_NAMES[str(spec)]!r} (the same 2 mm set; "
+                      "'embedded-3mm' names the 3 mm one)", FutureWarning, stacklevel=3)
 
 
 def embedded_model(spec: str | Path, kind: str) -> Path | None:
-    """The folder a shipped model's name ("embedded", "embedded-fine") stands for; None for any other spec."""
+    """The folder a shipped model's name ("embedded": 2 mm, "embedded-3mm") stands for; None for any other spec."""
     names = EMBEDDED_MODELS[kind]
     if str(spec) not in EMBEDDED_NAMES:
         return None
+    warn_deprecated_name(spec)
     if str(spec) not in names:
         raise FileNotFoundError(f"no shipped {kind} model is called {str(spec)!r} (shipped: {', '.join(names)})")
     return embedded_model_dir(names[str(spec)])

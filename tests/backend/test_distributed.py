@@ -434,7 +434,7 @@ def test_train_joint_on_two_processes_on_the_embedded_data_and_models(tmp_path):
     env.pop("RANK", None), env.pop("LOCAL_RANK", None), env.pop("WORLD_SIZE", None)
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "neuromf", "train-joint", "--config", "joint_3mm",
-                           "--base_checkpoint", "embedded", "--output-dir", str(out), "--nproc", "2",
+                           "--base_checkpoint", "embedded-3mm", "--output-dir", str(out), "--nproc", "2",
                            "--set", "data.mask_strategy=sdf", "--set", "data.flip=false",
                            "--set", "training.max_steps=2",
                            "--set", "training.batch_size=4", "--set", "training.warmup_steps=0",

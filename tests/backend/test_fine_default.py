@@ -46,20 +46,26 @@ def test_embedded_fine_data_resolves_to_the_generated_set(tmp_path, monkeypatch)
     assert real.n_fcd >= 85 and real.n_healthy >= 85 and max(real.spacing) <= 2.0
     monkeypatch.setenv("NEUROMF_DATA", str(tmp_path))
     monkeypatch.setattr(embedded, "FINE_PHANTOMS", SMALL)  # same code path, 3 coarse cases instead of 170
-    root = resolve_data_dir("embedded-fine")
+    root = resolve_data_dir("embedded")
     assert root.parent == tmp_path and len(discover_cases(root)) == 3
+    with pytest.warns(FutureWarning, match="'embedded-fine' is deprecated"):  # the old name: the same set
+        assert resolve_data_dir("embedded-fine") == root
+    assert resolve_data_dir("embedded-3mm").name == "fcd_phantoms"  # the committed 3 mm phantoms
 
 
 def test_shipped_model_names(monkeypatch):
     from neuromf.weights import EMBEDDED_MODELS
 
-    assert embedded_model("embedded", "vae").name == "vae_small"
-    assert embedded_model("embedded", "conditional").name == "cond_demo"
-    assert embedded_model("embedded-fine", "joint").name == "joint_fine"
+    assert [embedded_model("embedded", k).name for k in ("vae", "base", "joint", "conditional")] == [
+        "vae_fine", "base_fine", "joint_fine", "cond_fine"]
+    assert [embedded_model("embedded-3mm", k).name for k in ("vae", "base", "joint", "conditional")] == [
+        "vae_small", "base_small", "lora_demo", "cond_demo"]
+    with pytest.warns(FutureWarning, match="use 'embedded'"):
+        assert embedded_model("embedded-fine", "joint").name == "joint_fine"
     assert embedded_model("some/folder", "vae") is None
-    monkeypatch.delitem(EMBEDDED_MODELS["joint"], "embedded-fine")
-    with pytest.raises(FileNotFoundError, match="no shipped joint model is called 'embedded-fine'"):
-        embedded_model("embedded-fine", "joint")
+    monkeypatch.delitem(EMBEDDED_MODELS["joint"], "embedded-3mm")
+    with pytest.raises(FileNotFoundError, match="no shipped joint model is called 'embedded-3mm'"):
+        embedded_model("embedded-3mm", "joint")
 
 
 # ------------------------------------------------------------------------------------------------ warm starts
@@ -96,7 +102,7 @@ def test_warm_start_from_another_architecture_is_refused(tiny_base_dir):
 # ------------------------------------------------------------------------------------------ the shipped models
 def _healthy_fine_phantoms(tmp_path, n: int = 6):
     """The first `n` healthy subjects of the fine set: a subject's volume depends only on (seed, group, index),
-    so these are the same scans `embedded-fine` holds, without generating all 170."""
+    so these are the same scans `embedded` holds, without generating all 170."""
     spec = GeneratedPhantoms(n_healthy=n, n_fcd=0, seed=embedded.FINE_PHANTOMS.seed,
                              shape=embedded.FINE_PHANTOMS.shape, spacing=embedded.FINE_PHANTOMS.spacing)
     return discover_cases(generated_phantoms(spec, tmp_path, progress=False))
@@ -105,16 +111,16 @@ def _healthy_fine_phantoms(tmp_path, n: int = 6):
 def test_fine_models_name_each_other_and_their_cards_quote_their_sidecars():
     import json
 
-    vae_meta = json.loads((embedded_model("embedded-fine", "vae") / "model.json").read_text())
-    base_meta = json.loads((embedded_model("embedded-fine", "base") / "model.json").read_text())
+    vae_meta = json.loads((embedded_model("embedded", "vae") / "model.json").read_text())
+    base_meta = json.loads((embedded_model("embedded", "base") / "model.json").read_text())
     assert vae_meta["preprocessing"]["shape"] == [96, 96, 96] and vae_meta["preprocessing"]["spacing"] == [2, 2, 2]
-    assert base_meta["vae"] == "embedded-fine" and base_meta["latent_shape"] == [4, 24, 24, 24]
+    assert base_meta["vae"] == "embedded" and base_meta["latent_shape"] == [4, 24, 24, 24]
     q = vae_meta["held_out_quality"]
     assert q["ssim"] >= 0.90 and q["psnr_db"] >= 28.0  # the issue's transfer target at the new grid
-    card = (embedded_model("embedded-fine", "vae") / "README.md").read_text()
+    card = (embedded_model("embedded", "vae") / "README.md").read_text()
     assert f"{q['ssim']:.3f}" in card and f"{q['psnr_db']:.1f}" in card
     for kind in ("vae", "base", "conditional", "joint"):
-        directory = embedded_model("embedded-fine", kind)
+        directory = embedded_model("embedded", kind)
         assert (directory / "README.md").is_file()
         assert all(f.stat().st_size <= 15 * 2**20 for f in directory.glob("*.safetensors"))
 
@@ -126,7 +132,7 @@ def test_fine_base_samples_look_like_healthy_fine_brains(tmp_path):
     from neuromf.io.nifti import Preprocessing, preprocess_image
     from neuromf.models.flow_model import load_flow_model
 
-    _, meta = load_flow_model("embedded-fine")
+    _, meta = load_flow_model("embedded")
     prep = Preprocessing.from_dict(meta["preprocessing"])
 
     def stats(volume):
@@ -134,7 +140,7 @@ def test_fine_base_samples_look_like_healthy_fine_brains(tmp_path):
         return float(volume[brain].mean()), int(brain.sum())
 
     real = [stats(preprocess_image(c.image, prep).data[0].numpy()) for c in _healthy_fine_phantoms(tmp_path)]
-    samples = [stats(v.image) for v in generate_images("embedded-fine", n=2, steps=1, seed=0, device="cpu")]
+    samples = [stats(v.image) for v in generate_images("embedded", n=2, steps=1, seed=0, device="cpu")]
     assert np.mean([s[0] for s in samples]) == pytest.approx(np.mean([r[0] for r in real]), rel=0.10)
     assert np.mean([s[1] for s in samples]) == pytest.approx(np.mean([r[1] for r in real]), rel=0.10)
 
@@ -144,9 +150,11 @@ def test_fine_conditional_adapter_generates_a_lesion_on_the_2mm_grid():
     from neuromf.generation.conditional import generate_conditional_pairs
     from neuromf.models.adapter_meta import adapter_meta
 
-    meta = adapter_meta("embedded-fine")
-    assert meta.mode == "conditional" and meta.base_checkpoint == "embedded-fine" and meta.data_dir == "embedded-fine"
-    pair = next(generate_conditional_pairs("embedded-fine", n=1, steps=1, seed=0, device="cpu"))
+    meta = adapter_meta("embedded", "conditional")
+    assert meta.mode == "conditional" and meta.base_checkpoint == "embedded" and meta.data_dir == "embedded"
+    with pytest.warns(FutureWarning):  # the deprecated name keeps its old meaning alone: the conditional adapter
+        assert adapter_meta("embedded-fine") == meta
+    pair = next(generate_conditional_pairs("embedded", n=1, steps=1, seed=0, device="cpu"))
     assert pair.image.shape == pair.mask.shape == (96, 96, 96)
     stats = lesion_stats(pair.image, pair.mask, (2.0, 2.0, 2.0))
     assert stats.inside_brain_share >= 0.9 and stats.contrast > 1.05
@@ -162,14 +170,14 @@ def test_fine_joint_adapter_draws_masks_that_the_conditional_adapter_renders():
     from neuromf.generation.joint import generate_pairs
     from neuromf.models.adapter_meta import SIDECAR, adapter_meta
 
-    meta = adapter_meta("embedded-fine", "joint")
-    assert meta.mode == "joint" and meta.base_checkpoint == meta.data_dir == "embedded-fine"
+    meta = adapter_meta("embedded")
+    assert meta.mode == "joint" and meta.base_checkpoint == meta.data_dir == "embedded"
     assert meta.strategy == "sdf" and meta.mask_prediction == "x"
-    sidecar = (embedded_model("embedded-fine", "joint") / SIDECAR).read_text()
+    sidecar = (embedded_model("embedded", "joint") / SIDECAR).read_text()
     assert "/tmp" not in sidecar and json.loads(sidecar)["config"]["loss"]["adaptive_power"] == 0.0
-    plain = next(generate_pairs("embedded-fine", n=1, steps=2, seed=0, device="cpu", method="euler"))
-    rendered = next(generate_pairs("embedded-fine", n=1, steps=2, seed=0, device="cpu", method="euler",
-                                   render="embedded-fine"))
+    plain = next(generate_pairs("embedded", n=1, steps=2, seed=0, device="cpu", method="euler"))
+    rendered = next(generate_pairs("embedded", n=1, steps=2, seed=0, device="cpu", method="euler",
+                                   render="embedded"))
     assert plain.image.shape == plain.mask.shape == rendered.image.shape == (96, 96, 96)
     assert np.array_equal(plain.mask, rendered.mask) and not np.allclose(plain.image, rendered.image, atol=1e-3)
     assert rendered.meta["rendered_by"].endswith("cond_fine") and rendered.meta["guidance"] == 1.0

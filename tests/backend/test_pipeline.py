@@ -171,6 +171,50 @@ def test_train_lora_lowers_loss_and_exports_adapter(lora_run):
     assert "raw_mask" in header and (result.out_dir / "loss_curve.png").is_file()
 
 
+def test_warm_start_trains_part_of_an_adapter_from_its_weights(lora_run, phantom_dir, tiny_vae_dir, tiny_base_dir,
+                                                               tmp_path):
+    """`lora.init_from` starts from a saved adapter's weights; `lora.train_only` trains the LoRA of those targets
+    (and the widened convs) only: the other LoRA matrices leave the run as they came, and the adapter check counts
+    what this run trained."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from neuromf.models.joint import build_joint_model
+
+    tmp, _, source, _ = lora_run
+    mask_test = tmp / "mask_vae_test.json"
+    cfg = lora_cfg(tmp_path, phantom_dir, tiny_vae_dir, mask_test, **{
+        "lora.init_from": str(source.export), "lora.train_only": ["to_q"], "training.max_steps": 2,
+        "data.cache_dir": str(tmp / "cache")})  # the source run's latents
+    before = load_file(str(source.export / "adapter_model.safetensors"))
+    model, _ = build_joint_model(cfg, tiny_base_dir, n_mask=1)
+    loaded = get_peft_model_state_dict(model)
+    assert loaded.keys() == before.keys() and all(torch.equal(loaded[k], v) for k, v in before.items())
+    result = run_to_end(train_lora(cfg, tiny_base_dir, progress=False))
+    after = load_file(str(result.export / "adapter_model.safetensors"))
+
+    def trains(key: str) -> bool:  # to_q's LoRA matrices and the widened convs (saved without "lora_")
+        return "to_q.lora_" in key or "lora_" not in key
+
+    for key, value in before.items():
+        assert torch.equal(after[key], value) != trains(key), key
+    meta = json.loads((result.export / "neuromf_adapter.json").read_text())
+    q_only = sum(v.numel() for k, v in before.items() if trains(k))
+    checks = check_adapter(result.export)
+    assert meta["trainable_params"] == checks["trainable"] == q_only
+    # the report's trainable-share row judges this run and names what the adapter it continued had trained
+    from neuromf.eval.checks import CHECKS, ReportContext
+
+    ctx = ReportContext(tmp_path, result.out_dir, tmp_path / "report", checks, 0)
+    row = next(c for c in CHECKS if c.test == "P7-T3").run(ctx)
+    source_meta = json.loads((source.export / "neuromf_adapter.json").read_text())
+    assert f"trainable {q_only:,} /" in row.figure and "continued the adapter" in row.figure
+    assert f"trained {source_meta['trainable_params']:,} = " in row.figure
+    with pytest.raises(ValueError, match="lora.rank: 4 vs 8"):
+        build_joint_model(lora_cfg(tmp_path, phantom_dir, tiny_vae_dir, mask_test, **{
+            "lora.init_from": str(source.export), "lora.rank": 8}), tiny_base_dir, n_mask=1)
+
+
 def test_generate_pairs_and_evaluate_and_verify(lora_run, phantom_dir, tmp_path):
     _, _, result, _ = lora_run
     out = tmp_path / "generated"
@@ -282,7 +326,7 @@ def test_x_prediction_joint_adapter_round_trips_and_samples_with_euler(tmp_path,
     with pytest.raises(ValueError, match="reference"):
         calibrate_joint_guidance(result.export, scales=(1.0,), device="cpu", reference="test")
     with pytest.raises(SystemExit, match="shipped adapter"):
-        cli(["calibrate-guidance", "--adapter", "embedded-fine", "--store"])
+        cli(["calibrate-guidance", "--adapter", "embedded", "--store"])
     # judged by ratio: twice and half the target are equally far, all-empty (median 0) never wins
     assert log_ratio_gap(8.1, 4.05) == pytest.approx(log_ratio_gap(2.025, 4.05)) == pytest.approx(np.log(2))
     assert log_ratio_gap(0.0, 4.05) == np.inf

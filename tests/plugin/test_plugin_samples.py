@@ -134,7 +134,7 @@ def test_premade_pairs_carry_a_lesion_made_with_the_generate_defaults(mode):
 
     prefix = _sample_data.PAIRS[mode]
     meta = json.loads((_sample_data.SAMPLES_DIR / f"{prefix}.json").read_text())
-    assert meta["checkpoint"] == "embedded-fine" and meta["steps"] == _make_samples.SETTINGS[mode]["steps"]
+    assert meta["checkpoint"] == "embedded" and meta["steps"] == _make_samples.SETTINGS[mode]["steps"]
     assert meta["sampler"] == _make_samples.SETTINGS[mode]["method"] and "/" not in str(meta.get("rendered_by", ""))
     image = _read(_sample_data.SAMPLES_DIR / f"{prefix}_FLAIR.nii.gz")
     mask = _read(_sample_data.SAMPLES_DIR / f"{prefix}_FLAIR_roi.nii.gz") > 0
@@ -184,7 +184,7 @@ def test_generated_samples_carry_their_provenance(make_napari_viewer):
     assert tuple(image.scale) == tuple(lesion.scale) == (2.0, 2.0, 2.0) and lesion.data.any()
     info = lesion.metadata["neuromf"]
     assert info["seed"] == 0 and info["steps"] == 32 and info["mode"] == "joint" and info["generated"]
-    assert info["adapter"] == "embedded-fine (joint_fine + cond_fine)"
+    assert info["adapter"] == "embedded (joint_fine + cond_fine)"
     assert dict(zip(lesion.features["index"], lesion.features["name"], strict=True))[1] == LESION_NAME
 
     viewer.open_sample("napari-neuromf", "conditional_pair")  # a FLAIR for a lesion drawn by the prior

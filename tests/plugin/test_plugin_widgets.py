@@ -181,11 +181,14 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
 
     viewer = make_napari_viewer()
     widget = ready(qtbot, LoRAWidget(viewer))
-    assert widget.base.text() == "embedded" and widget.device.itemText(0) == "auto"
+    assert widget.device.itemText(0) == "auto"
     import torch
 
-    if not torch.cuda.is_available():  # a CPU machine gets the CPU-sized config first
+    if not torch.cuda.is_available():  # a CPU machine gets the CPU-sized config first, on its 3 mm base and data
         assert widget.config.currentText() == "joint_3mm"
+        assert widget.base.text() == widget.data.text() == "embedded-3mm"
+    widget.config.setCurrentText("joint_2mm")  # the 2 mm recipe: the 2 mm base and data (the default names)
+    assert widget.base.text() == widget.data.text() == "embedded"
     # the default output is a fresh timestamped run folder under the user data dir
     assert str(tmp_path / "neuromf_home" / "runs" / "lora_") in widget.output.text()
     assert widget.run_mode.currentText() == _training_run.NEW_RUN
@@ -214,7 +217,7 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
     assert result.stopped and 3 <= result.step < 500
     assert checkpoint_paths(out)[0].is_file() and (out / "adapter" / "adapter_config.json").is_file()
     assert _state.STATE.last_adapter == out / "adapter"
-    assert follower.adapter.text() == "embedded-fine" and "adapter" in follower.offer.text()
+    assert follower.adapter.text() == "embedded" and "adapter" in follower.offer.text()
     assert "not been checked" in follower.offer.text()
     assert widget.start_button.isEnabled() and not widget.stop_button.isEnabled()
     assert widget.run_mode.currentText() == _training_run.RESUME  # the next Start continues the stopped run
@@ -336,7 +339,7 @@ def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, q
     viewer = make_napari_viewer()
     widget = ready(qtbot, GenerateWidget(viewer))
     # the defaults are the 2 mm configuration that makes lesion pairs; the last trained adapter is only offered
-    assert (widget.adapter.text(), widget.render.text()) == ("embedded-fine", "embedded-fine")
+    assert (widget.adapter.text(), widget.render.text()) == ("embedded", "embedded")
     assert (widget.sampler.currentText(), widget.steps.value(), widget.n.value()) == ("euler", 32, 1)
     assert not widget.advanced.isVisible() and "not been checked" in widget.offer.text()
     assert not widget.use_latest.isEnabled()
@@ -428,7 +431,7 @@ def test_generate_widget_missing_adapter_notifies(make_napari_viewer, qtbot, tmp
     seen = notes()
     assert widget.start() is None
     assert any("nope" in m and "does not exist" in m for m in seen())
-    widget.adapter.setText("embedded")
+    widget.adapter.setText("embedded-3mm")
     seen = notes()
     widget.start()
     wait_idle(qtbot, widget, 60)

@@ -151,4 +151,5 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 def add_base_checkpoint_flag(p: argparse.ArgumentParser) -> None:
     """`--base-checkpoint`: the frozen stage-1 model stage 2 starts from (default: the embedded one)."""
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded",
-                   help="stage-1 model folder / model.safetensors, 'embedded' (3 mm) or 'embedded-fine' (2 mm)")
+                   help="stage-1 model folder / model.safetensors, 'embedded' (2 mm) or 'embedded-3mm' (for the "
+                        "*_3mm configs)")

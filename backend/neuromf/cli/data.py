@@ -55,17 +55,18 @@ def cmd_mask_test(args) -> int:
     from tqdm.auto import tqdm
 
     from neuromf.data.embedded import resolve_data_dir
-    from neuromf.eval.mask_test import mask_vae_test, save_mask_test
+    from neuromf.eval.mask_test import mask_vae_test, model_grid, save_mask_test
     from neuromf.io.bids import discover_cases
-    from neuromf.io.nifti import Preprocessing
     from neuromf.utils import ensure_writable
     from neuromf.vae import MAISIVAEWrapper
 
     ensure_writable(Path(args.out), file=True)  # before the VAE round trips, not after them
     skipped: list[dict] = []  # broken subjects (ROI without FLAIR, 2D image) are skipped, not an abort
     cases = discover_cases(resolve_data_dir(args.data), group="fcd", skipped=skipped)
+    if args.max_cases:  # the first N FCD cases with a lesion mask (as the napari widget's limit)
+        cases = [c for c in cases if c.mask is not None][:args.max_cases]
     vae = MAISIVAEWrapper.resolve(args.vae, preset=args.vae_preset, device=args.device)
-    prep = Preprocessing(shape=tuple(args.shape), spacing=tuple(args.spacing))
+    prep = model_grid(vae, args.shape, args.spacing)
     with tqdm(total=len(cases), desc="mask-test", unit="case") as bar:
         result = mask_vae_test(args.data, vae, prep, cases=cases, on_case=lambda row: bar.update(1))
     result["skipped"] = [r for r in skipped if r["group"] != "hc"] + result.get("skipped", [])
@@ -105,18 +106,23 @@ def register(add: AddCommand) -> None:
     p.add_argument("--spacing", type=VOXEL_MM, nargs=3, default=[3.0, 3.0, 3.0])
 
     p = add("check-data", cmd_check_data, "list the cases of a BIDS tree or flat folder and their problems")
-    p.add_argument("data", help="data folder, 'embedded' (3 mm phantoms) or 'embedded-fine' (2 mm)")
+    p.add_argument("data", help="data folder, 'embedded' (2 mm phantoms) or 'embedded-3mm'")
 
     p = add("mask-test", cmd_mask_test, "round-trip Dice of lesion masks through the VAE vs downsampling")
     p.add_argument("--data", default="embedded",
-                   help="BIDS tree / flat folder with FCD cases, 'embedded' or 'embedded-fine'")
+                   help="BIDS tree / flat folder with FCD cases, 'embedded' (2 mm phantoms) or 'embedded-3mm'")
     p.add_argument("--vae", default="embedded",
-                   help="'embedded' / 'embedded-fine' (the shipped 3 mm / 2 mm VAE) or a local MAISI weight file")
+                   help="'embedded' / 'embedded-3mm' (the shipped 2 mm / 3 mm VAE) or a local MAISI weight file")
     p.add_argument("--vae-preset", default=None, choices=["maisi", "small", "tiny"],
                    help="architecture of a local VAE file (default: the preset in its model.json sidecar, else "
                         "maisi); refused when it disagrees with the sidecar")
-    p.add_argument("--shape", type=GRID_SHAPE, nargs=3, default=[64, 64, 64])
-    p.add_argument("--spacing", type=VOXEL_MM, nargs=3, default=[3.0, 3.0, 3.0])
+    p.add_argument("--shape", type=GRID_SHAPE, nargs=3, default=None,
+                   help="model grid in voxels (default: the grid the VAE was trained on, else 64 64 64)")
+    p.add_argument("--spacing", type=VOXEL_MM, nargs=3, default=None,
+                   help="model grid spacing in mm (default: the VAE's, else 3 3 3)")
+    p.add_argument("--max-cases", type=number(0, 100_000, integer=True), default=0, metavar="N",
+                   help="test only the first N FCD cases with a lesion mask (0 = all; at 2 mm a case takes several "
+                        "seconds on a CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(STAGE_DIR / "mask_vae_test.json"))
 

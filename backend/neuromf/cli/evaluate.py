@@ -139,7 +139,8 @@ def _add_generated_flags(p: argparse.ArgumentParser, out: Path) -> None:
     p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
                    help="with --adapter embedded: which demo adapter")
     p.add_argument("--generated", default=str(STAGE_DIR / "generated"))
-    p.add_argument("--data", default="embedded", help="the real cases: a data folder, 'embedded' or 'embedded-fine'")
+    p.add_argument("--data", default="embedded",
+                   help="the real cases: a data folder, 'embedded' (2 mm) or 'embedded-3mm'")
     p.add_argument("--out", default=str(out))
 
 
@@ -211,10 +212,10 @@ def register(add: AddCommand) -> None:
     p.add_argument("--inpainted", default=None, metavar="DIR", help="pairs inpainted into real healthy scans")
     p.add_argument("--joint", default=None, metavar="DIR", help="joint-generated pairs (new mask shapes)")
     p.add_argument("--conditional", default=None, metavar="DIR", help="conditional pairs (prior masks)")
-    p.add_argument("--adapter", default="embedded-fine", help="the adapter the pairs were generated with (its grid)")
+    p.add_argument("--adapter", default="embedded", help="the adapter the pairs were generated with (its grid)")
     p.add_argument("--shape", type=GRID_SHAPE, nargs=3, default=None, help="the model grid instead of the adapter's")
     p.add_argument("--spacing", type=VOXEL_MM, nargs=3, default=None, help="with --shape: voxel size (mm)")
-    p.add_argument("--data", default="embedded-fine", help="the real FCD cases (train/test split)")
+    p.add_argument("--data", default="embedded", help="the real FCD cases (train/test split)")
     p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2, 3, 4], help="one segmenter per arm and seed")
     p.add_argument("--budget-steps", type=STEPS, default=None, help="training steps per segmenter (default 300)")
     p.add_argument("--quick", action="store_true", help="a smoke run: small patches and 30 steps")
@@ -233,13 +234,14 @@ def register(add: AddCommand) -> None:
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded")
     p.add_argument("--n", type=COUNT, default=8)
     p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2], help="one run per arm and seed")
-    p.add_argument("--data", default="embedded", help="the real cases: a data folder, 'embedded' or 'embedded-fine'")
+    p.add_argument("--data", default="embedded",
+                   help="the real cases: a data folder, 'embedded' (2 mm) or 'embedded-3mm'")
     p.add_argument("--out", default=str(STAGE_DIR))
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
 
     p = add("calibrate-guidance", cmd_calibrate_guidance,
             "joint x-prediction adapters: the joint guidance whose masks match the real lesions in median volume")
-    p.add_argument("--adapter", default="embedded", help="a joint adapter folder, 'embedded' or 'embedded-fine'")
+    p.add_argument("--adapter", default="embedded", help="a joint adapter folder, 'embedded' (2 mm) or 'embedded-3mm'")
     p.add_argument("--scales", type=SCALE, nargs="+", default=list(CALIBRATION_SCALES),
                    help="guidance scales to try (the volume rises steeply with the scale: keep them close; below 1 "
                         "for a training whose masks come out too large)")

@@ -18,14 +18,17 @@ def cmd_generate(args) -> int:
     """
     from neuromf.generation.images import write_generated_images
 
-    if args.steps is None:
-        args.steps = 8 if args.mode == "inpaint" else 1
     if args.mode == "inpaint":
+        args.steps, args.sampler = args.steps or 8, args.sampler or "meanflow"
         return _generate_inpainted(args)
     if args.margin_mm is not None or args.mask_source != "prior":
         raise SystemExit("generate: --margin-mm and --mask-source are for --mode inpaint")
-    if bool(args.checkpoint) == bool(args.adapter):
-        raise SystemExit("generate: give exactly one of --checkpoint (base model) or --adapter (LoRA joint model)")
+    if args.checkpoint and args.adapter:
+        raise SystemExit("generate: give one of --checkpoint (base model) or --adapter (joint / conditional adapter)")
+    if args.render and args.no_render:
+        raise SystemExit("generate: give --render or --no-render, not both")
+    if not args.checkpoint:
+        args.adapter = args.adapter or "embedded"  # the shipped 2 mm adapters: lesion pairs with their own settings
     from neuromf.utils import ensure_writable
 
     ensure_writable(Path(args.out))  # before loading and sampling, not at the first write
@@ -37,6 +40,7 @@ def cmd_generate(args) -> int:
         raise SystemExit("generate: --mask/--image need a conditional adapter (--mode conditional)")
     if args.render and mode != "joint":
         raise SystemExit("generate: --render renders the masks of a joint adapter (--mode joint)")
+    _fill_sampling(args, mode)
     if args.guidance is not None and not (mode == "conditional" or args.render):
         raise SystemExit("generate: --guidance scales a conditional adapter's mask (--mode conditional, or --render)")
     if args.site and mode != "joint":
@@ -61,6 +65,19 @@ def cmd_generate(args) -> int:
         record(paths)
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
+
+
+def _fill_sampling(args, mode: str) -> None:
+    """The sampler, steps and renderer left unset: the adapter's own (its sidecar's `sampling`: Euler 32 steps
+    rendered by the conditional adapter for the shipped 2 mm joint one), else one MeanFlow step, no rendering."""
+    if mode == "base":
+        args.sampler, args.steps = args.sampler or "meanflow", args.steps or 1
+        return
+    from neuromf.models.adapter_meta import OWN, adapter_meta
+
+    render = None if args.no_render or mode != "joint" else (args.render or OWN)
+    args.sampler, args.steps, args.render = adapter_meta(args.adapter, mode).sampling_settings(
+        args.sampler, args.steps, render)
 
 
 def _run_identity(args, mode: str) -> dict:
@@ -137,7 +154,7 @@ def _generate_inpainted(args) -> int:
     if joint and args.mask:
         raise SystemExit("generate: --mask-source joint draws the masks; leave out --mask")
     ensure_writable(Path(args.out))
-    adapter = args.adapter or "embedded-fine"
+    adapter = args.adapter or "embedded"
     cond = load_conditional_model(adapter, args.device)
     source = {}
     if joint:
@@ -186,14 +203,16 @@ def register(add: AddCommand) -> None:
     """Add the `generate` subcommand through `add`."""
     p = add("generate", cmd_generate, "sample volumes (base model) or image+mask pairs (LoRA adapter)")
     p.add_argument("--checkpoint",
-                   help="base model folder, model.safetensors, 'embedded' (3 mm) or 'embedded-fine' (2 mm)")
+                   help="base model folder, model.safetensors, 'embedded' (2 mm) or 'embedded-3mm'")
     p.add_argument("--adapter", help="adapter folder: LoRA (joint image + mask) or ControlNet (conditional); "
-                                     "'embedded' for the shipped 3 mm demo of the chosen mode, 'embedded-fine' for "
-                                     "the shipped 2 mm one (conditional unless --mode joint)")
+                                     "'embedded' (the default without --checkpoint) for the shipped 2 mm adapter of "
+                                     "the chosen mode (joint unless --mode conditional), 'embedded-3mm' for the "
+                                     "3 mm one ('embedded-fine': deprecated name of the 2 mm set, conditional "
+                                     "unless --mode joint)")
     p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional", "inpaint"],
                    help="joint: image + mask from noise; conditional: a FLAIR for each given or prior-drawn mask; "
                         "inpaint: a lesion put into the --image scan (each --mask, or --n drawn from the prior), the "
-                        "scan kept exactly beyond --margin-mm (adapter: a conditional one, default embedded-fine)")
+                        "scan kept exactly beyond --margin-mm (adapter: a conditional one, default embedded)")
     p.add_argument("--mask", nargs="+", metavar="FILE", help="conditional mode: lesion mask NIfTI file(s)")
     p.add_argument("--no-texture", dest="texture", action="store_false",
                    help="joint and conditional modes: leave out the scanner texture (the voxel noise of real scans, "
@@ -204,7 +223,11 @@ def register(add: AddCommand) -> None:
     p.add_argument("--render", metavar="ADAPTER",
                    help="joint mode: a conditional adapter (same base model) that renders the FLAIR for each joint "
                         "mask, from the same image noise (two-stage: mask from the joint model, FLAIR from the "
-                        "ControlNet)")
+                        "ControlNet); default: the adapter's own (the shipped 2 mm joint adapter: 'embedded', its "
+                        "conditional one)")
+    p.add_argument("--no-render", action="store_true",
+                   help="joint mode: keep the joint model's own FLAIR (no rendering, also for an adapter that has "
+                        "a renderer of its own)")
     p.add_argument("--guidance", type=SCALE, default=None, metavar="S",
                    help="conditional mode and --render: mask guidance u_empty + S (u_mask - u_empty), the empty mask "
                         "as the unconditional branch (1 = none; > 1 renders the lesion more strongly, two model "
@@ -224,17 +247,19 @@ def register(add: AddCommand) -> None:
     p.add_argument("--mask-source", default="prior", choices=["prior", "joint"],
                    help="inpaint mode without --mask: prior (a real training lesion re-placed in this brain) or joint "
                         "(a new shape drawn by --joint-adapter at a real lesion's depth and site in this brain)")
-    p.add_argument("--joint-adapter", default="embedded-fine", metavar="ADAPTER",
+    p.add_argument("--joint-adapter", default="embedded", metavar="ADAPTER",
                    help="inpaint mode, --mask-source joint: the joint adapter that draws the masks (default the "
                         "shipped 2 mm one)")
     p.add_argument("--joint-steps", type=STEPS, default=32,
                    help="inpaint mode, --mask-source joint: Euler steps of the joint model (default 32)")
     p.add_argument("--n", type=COUNT, default=4)
     p.add_argument("--steps", type=STEPS, default=None,
-                   help="sampling steps (default 1 = one-step MeanFlow; 8 in the inpaint mode)")
-    p.add_argument("--sampler", default="meanflow", choices=SAMPLERS,
+                   help="sampling steps (default: the adapter's own, e.g. 32 for the shipped 2 mm joint adapter; "
+                        "else 1 = one-step MeanFlow; 8 in the inpaint mode)")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS,
                    help="meanflow: k-step MeanFlow with the average velocity; euler: --steps Euler steps with the "
-                        "instantaneous velocity (flow-matching baseline; for joint x-prediction adapters)")
+                        "instantaneous velocity (for joint x-prediction adapters); default: the adapter's own "
+                        "(euler for the shipped 2 mm joint adapter), else meanflow")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/stage2/generated")

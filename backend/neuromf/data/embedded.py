@@ -1,5 +1,6 @@
-"""The embedded data sets: `embedded` (the committed 3 mm phantoms) and `embedded-fine` (2 mm phantoms, generated
-on first use from a fixed seed, so nothing large is committed and every machine gets the same volumes)."""
+"""The embedded data sets: `embedded` (2 mm phantoms, generated on first use from a fixed seed, so nothing large is
+committed and every machine gets the same volumes) and `embedded-3mm` (the committed 3 mm phantoms); `embedded-fine`
+is the 2 mm set's deprecated name."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from neuromf.weights import sample_data_root
+from neuromf.weights import sample_data_root, warn_deprecated_name
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,12 @@ def generated_phantoms(spec: GeneratedPhantoms, root: Path | None = None, progre
 
 
 def resolve_data_dir(data_dir: str | Path) -> Path:
-    """`embedded` -> the committed 3 mm phantoms; `embedded-fine` -> the generated 2 mm ones; anything else must
-    exist."""
-    if str(data_dir) == "embedded":
+    """`embedded` -> the generated 2 mm phantoms (`embedded-fine`: its deprecated name); `embedded-3mm` -> the
+    committed 3 mm ones; anything else must exist."""
+    warn_deprecated_name(data_dir)
+    if str(data_dir) == "embedded-3mm":
         return sample_data_root() / "fcd_phantoms"
-    if str(data_dir) == "embedded-fine":
+    if str(data_dir) in ("embedded", "embedded-fine"):
         return generated_phantoms(FINE_PHANTOMS)
     path = Path(data_dir)
     if not path.is_dir():

@@ -147,8 +147,8 @@ def mask_strategy_row(check: Check, ctx: ReportContext) -> Row:
     decision = data.get("decision")
     summary = data.get("summary") or {}
     threshold = data.get("threshold", DICE_THRESHOLD)
-    row.figure = (f"mean Dice A = {fmt(summary.get('mean_dice_vae'))} (threshold {fmt(threshold, 2)}) -> "
-                  f"decision: {decision}")
+    row.figure = (f"{len(data.get('cases') or [])} lesions: mean Dice A = {fmt(summary.get('mean_dice_vae'))} "
+                  f"(threshold {fmt(threshold, 2)}) -> decision: {decision}")
     if summary.get("mean_dice_sdf") is not None:
         best_b = max((summary.get("mean_dice_downsample") or {}).values(), default=None)
         row.figure += (f"; strategy B round trips: binary best {fmt(best_b)}, signed distance (sdf) "
@@ -214,7 +214,25 @@ def trainable_share_row(check: Check, ctx: ReportContext) -> Row:
         return row
     row.figure = f"trainable {fmt(trainable)} / total {fmt(total)} = {100 * fraction:.3f}% (limit < 1%)"
     row.status = "PASS" if fraction < LORA_FRACTION_LIMIT else "FAIL"
+    row.figure += _warm_start_remark(ctx.run_dir)
     return row
+
+
+def _warm_start_remark(run_dir: Path) -> str:
+    """For a run that continued a saved adapter (`lora.init_from`): what that adapter's own training trained, so
+    the row's share is read as this run's, not the whole adapter's."""
+    _, side = _sidecar(run_dir)
+    init = ((side.config if side else {}).get("lora") or {}).get("init_from")
+    if not init:
+        return ""
+    from neuromf.models.adapter_meta import adapter_meta
+
+    source = adapter_meta(init, "joint")
+    share = source.trainable_params / source.total_params if source.total_params else math.nan
+    over = " (over the limit)" if share >= LORA_FRACTION_LIMIT else ""
+    return (f"; this run continued the adapter {init!r} (lora.init_from, training only lora.train_only "
+            f"{(side.config.get('lora') or {}).get('train_only')} and the widened convs); that adapter's own training "
+            f"trained {fmt(source.trainable_params)} = {100 * share:.3f}%{over}")
 
 
 def _read_losses(path: Path) -> tuple[list[dict[str, float]], list[str]]:

@@ -466,7 +466,7 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
     Args:
         out_dir: results folder; `runs/<arm>__seed<s>.json` per finished (arm, seed), written atomically, reused
             by a re-run when its settings, arm and cases are the same (a stale one is recomputed).
-        data_dir: real FCD cases with a train/test split ("embedded-fine", "embedded" or a BIDS folder).
+        data_dir: real FCD cases with a train/test split ("embedded" = 2 mm, "embedded-3mm" or a BIDS folder).
         prep: the model grid the pairs were generated on.
         sources: {"inpainted" | "joint" | "conditional": folder or None}; a missing one skips its arms.
         arms: only these arm names, run in this order after R (R is always run: the reference).

@@ -147,6 +147,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def model_grid(vae: MAISIVAEWrapper, shape: Any = None, spacing: Any = None) -> Preprocessing:
+    """The grid to test on: `shape` / `spacing` where given, else the grid the VAE was trained on (its sidecar's
+    `preprocessing`), else 64^3 voxels of 3 mm."""
+    trained = (getattr(vae, "metadata", None) or {}).get("preprocessing") or {}
+    return Preprocessing(shape=tuple(shape or trained.get("shape") or (64, 64, 64)),
+                         spacing=tuple(spacing or trained.get("spacing") or (3.0, 3.0, 3.0)))
+
+
 def mask_vae_test(data_dir: Path | str, vae: MAISIVAEWrapper, prep: Preprocessing, threshold: float = 0.5,
                   on_case: Callable[[dict[str, Any]], None] | None = None,
                   cases: list[Case] | None = None) -> dict[str, Any]:

@@ -216,7 +216,7 @@ def evaluate_consistency(generated_dir: Path, data_dir: Path | str, prep: Prepro
                          patch: int = 32, device: str = "cpu", progress: bool = False) -> dict[str, Any]:
     """Image-mask consistency and downstream use of the generated pairs in `generated_dir` (see module doc).
 
-    Per seed: a segmenter trained on the real train FCD cases of `data_dir` ("embedded" = the shipped phantoms)
+    Per seed: a segmenter trained on the real train FCD cases of `data_dir` ("embedded": 2 mm phantoms)
     gives the ceiling (mean Dice on held-out real test cases) and the consistency Dice on the generated pairs; a
     second one trained on real train + generated pairs gives the downstream Dice on the same test cases. Returns
     (and writes atomically to `out_json`) the per-seed rows and mean +- sd over seeds. ValueError naming the folder

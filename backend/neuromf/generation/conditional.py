@@ -189,7 +189,7 @@ def generate_conditional_pairs(adapter: str | Path = "embedded", n: int = 4, ste
     draws (seed, i): reproducible one by one.
 
     Args:
-        adapter: a conditional adapter folder or "embedded" (the shipped demo).
+        adapter: a conditional adapter folder, "embedded" (the shipped 2 mm one) or "embedded-3mm".
         n: number of prior-drawn masks; ignored when `masks` is given.
         steps: sampler steps (1 = one-step MeanFlow).
         seed: noise and mask-draw seed.

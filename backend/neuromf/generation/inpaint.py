@@ -1,6 +1,6 @@
 """Inpainting mode: a lesion put into a real healthy scan, the rest of the scan kept exactly.
 
-    inpaint_lesion(image, mask=None, adapter="embedded-fine", affine=None, seed=0, steps=8, guidance=None,
+    inpaint_lesion(image, mask=None, adapter="embedded", affine=None, seed=0, steps=8, guidance=None,
                    margin_mm=6.0, on_step=None, stop=None, method="meanflow", composite="residual",
                    device="cpu", allow_existing_lesion=False, mask_source="prior", joint=None) -> InpaintResult
 
@@ -323,7 +323,7 @@ def network_calls_per_run(steps: int, guidance: float) -> int:
 
 
 def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray | None = None,
-                   adapter: str | Path | ConditionalModel = "embedded-fine", affine: np.ndarray | None = None,
+                   adapter: str | Path | ConditionalModel = "embedded", affine: np.ndarray | None = None,
                    seed: int = 0, steps: int = 8, guidance: float | None = None, margin_mm: float = 6.0,
                    on_step: Callable[[int, int], None] | None = None, stop: Event | None = None,
                    method: str = "meanflow", composite: str = "residual", device: str = "cpu",
@@ -338,7 +338,7 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
         mask: the lesion: a NIfTI path (any grid with a valid affine; resampled nearest onto the scan's), a 3D array
             on the scan's grid (or on another grid given by `mask_affine`); None = drawn (`mask_source`) at a real
             lesion's depth and site in this scan's brain.
-        adapter: a conditional adapter folder, "embedded-fine" (2 mm, default) or "embedded", or a loaded one.
+        adapter: a conditional adapter folder, "embedded" (2 mm, default) or "embedded-3mm", or a loaded one.
         affine: (4, 4) voxel -> world affine of an image array.
         seed: noise (and prior draw) seed.
         steps: sampler steps; `method` "meanflow" or "euler".
@@ -352,7 +352,7 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
         mask_affine: (4, 4) affine of a mask array on another grid than the scan's.
         mask_source: without `mask`: "prior" (a real training lesion re-placed by the adapter's prior) or "joint"
             (a new shape drawn by the `joint` adapter, `draw_joint_mask`).
-        joint: the joint adapter for `mask_source="joint"`: a folder, "embedded-fine" (default) or a loaded one on
+        joint: the joint adapter for `mask_source="joint"`: a folder, "embedded" (default, 2 mm) or a loaded one on
             the conditional adapter's grid.
         joint_steps, joint_guidance: the joint model's Euler steps and guidance (None = its own).
     Returns:
@@ -441,9 +441,9 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
 def _joint_mask(joint: str | Path | JointModel | None, cond: ConditionalModel, brain: np.ndarray, seed: int,
                 steps: int, guidance: float | None, on_step: Callable[[int, int], None] | None,
                 stop: Event | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """`draw_joint_mask` with the joint adapter loaded (default "embedded-fine") and checked to share the
+    """`draw_joint_mask` with the joint adapter loaded (default "embedded") and checked to share the
     conditional adapter's grid; the info names the joint adapter."""
-    spec = "embedded-fine" if joint is None else joint
+    spec = "embedded" if joint is None else joint
     model = spec if isinstance(spec, JointModel) else load_joint_model(spec, next(cond.model.parameters()).device)
     grid, wanted = (model.meta.prep.shape, model.meta.prep.spacing), (cond.prep.shape, cond.prep.spacing)
     if tuple(map(tuple, grid)) != tuple(map(tuple, wanted)):

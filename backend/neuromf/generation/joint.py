@@ -81,13 +81,13 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
     ControlNet, which learned to show a lesion under its mask (the joint image channels barely do).
 
     Args:
-        adapter: a joint adapter folder or "embedded" (the shipped demo).
+        adapter: a joint adapter folder, "embedded" (the shipped 2 mm one) or "embedded-3mm".
         n: number of pairs.
         steps: sampler steps (1 = one-step MeanFlow), for the joint model and the renderer.
         seed: noise seed.
         device: "auto", "cpu", "cuda" or "cuda:N".
         method: sampler, "meanflow" or "euler" (k-step or Euler sampling for an x-prediction adapter).
-        render: optional conditional adapter folder (or "embedded" / "embedded-fine") that renders the FLAIRs.
+        render: optional conditional adapter folder (or "embedded" / "embedded-3mm") that renders the FLAIRs.
         guidance: the renderer's mask guidance scale (`neuromf.generation.guidance.guided_velocity`); None = the
             renderer's own (`AdapterMeta.guidance`).
         joint_guidance: the joint model's guidance against the empty mask's path
@@ -162,7 +162,7 @@ def calibrate_joint_guidance(adapter: str | Path = "embedded", scales: tuple[flo
     draws apart from the usual evaluation seeds.
 
     Args:
-        adapter: a joint x-prediction adapter folder or "embedded" / "embedded-fine".
+        adapter: a joint x-prediction adapter folder or "embedded" / "embedded-3mm".
         scales: the guidance scales tried.
         n, steps, device, method: as for `generate_pairs`; `n` masks per seed.
         seeds: one seed or several, pooled.

@@ -17,13 +17,15 @@ from typing import Any, Literal
 from neuromf.io.nifti import Preprocessing, sidecar_grid_problem
 from neuromf.io.validate import entry_type_problem
 from neuromf.utils import atomic_write_json, refuse_shipped
-from neuromf.weights import EMBEDDED_NAMES, WeightFileError, embedded_model, read_json_sidecar
+from neuromf.weights import EMBEDDED_NAMES, WeightFileError, embedded_model, read_json_sidecar, recorded_name
 
 SIDECAR = "neuromf_adapter.json"
 ADAPTER_DIR = "adapter"  # a training run's adapter folder: <output_dir>/adapter
 CONTROLNET_WEIGHTS = "controlnet.safetensors"  # conditional adapters; joint ones hold peft's files
 KINDS = {"joint": "neuromf_lora_adapter", "conditional": "neuromf_controlnet_adapter"}
 Mode = Literal["joint", "conditional"]
+OWN = "own"  # a generation setting left to the adapter's sidecar (`AdapterMeta.sampling_settings`)
+SAMPLING_KEYS = {"sampler": str, "steps": int, "render": str}
 
 
 @dataclass
@@ -71,6 +73,9 @@ class AdapterMeta:
     # the guidance generation uses unless told otherwise (set from measurements): a conditional adapter's mask
     # guidance, a joint adapter's guidance against the empty mask's path
     guidance: float = 1.0
+    # how generation samples unless told otherwise (set where measured): {"sampler", "steps", "render": a
+    # conditional adapter that renders a joint pair's FLAIR}; None: one MeanFlow step, no rendering
+    sampling: dict[str, Any] | None = None
 
     @property
     def kind(self) -> str:
@@ -80,6 +85,14 @@ class AdapterMeta:
     def guidance_scale(self, guidance: float | None = None) -> float:
         """The guidance to generate with: `guidance`, or this adapter's own (`guidance`) when None."""
         return self.guidance if guidance is None else guidance
+
+    def sampling_settings(self, sampler: str | None = None, steps: int | None = None,
+                          render: str | Path | None = OWN) -> tuple[str, int, str | Path | None]:
+        """(sampler, steps, render) to generate with: each one given, else this adapter's own (`sampling`), else
+        one MeanFlow step without rendering. `render` OWN: the adapter's; None: no rendering."""
+        own = self.sampling or {}
+        return (sampler or own.get("sampler", "meanflow"), steps or int(own.get("steps", 1)),
+                own.get("render") if render == OWN else render)
 
     @property
     def prep(self) -> Preprocessing:
@@ -131,6 +144,10 @@ class AdapterMeta:
         problem = entry_type_problem(values, typing.get_type_hints(cls)) or sidecar_grid_problem(values)
         if problem is not None:
             raise WeightFileError(f"{source}: {problem}")
+        spacing = (values.get("preprocessing") or {}).get("spacing")
+        for key in ("base_checkpoint", "vae", "data_dir"):  # shipped names as today's (an older sidecar's)
+            if key in values:
+                values[key] = recorded_name(values[key], spacing)
         meta = cls(**{k: v for k, v in values.items() if k in names})
         if not isinstance(meta.channels, dict) or {"image", "mask"} - set(meta.channels):
             raise WeightFileError(f"{source}: adapter sidecar's 'channels' must hold 'image' and 'mask' counts")
@@ -138,6 +155,10 @@ class AdapterMeta:
                 not math.isfinite(meta.guidance) or meta.guidance < 0:
             raise WeightFileError(f"{source}: adapter sidecar's 'guidance' must be a number >= 0, got "
                                   f"{meta.guidance!r}")
+        if meta.sampling is not None and (set(meta.sampling) - set(SAMPLING_KEYS) or any(
+                not isinstance(v, SAMPLING_KEYS[k]) or isinstance(v, bool) for k, v in meta.sampling.items())):
+            raise WeightFileError(f"{source}: adapter sidecar's 'sampling' must hold only sampler (text), steps (a "
+                                  f"whole number) and render (an adapter), got {meta.sampling!r}")
         if meta.mode == "conditional" and not isinstance(meta.controlnet, dict):
             raise WeightFileError(f"{source}: conditional adapter sidecar lacks its 'controlnet' architecture")
         return meta
@@ -182,18 +203,20 @@ def is_conditional_adapter(directory: Path | str) -> bool:
 
 
 def resolve_adapter_dir(spec: str | Path, mode: Mode = "joint") -> Path:
-    """An adapter folder; "embedded" is the shipped 3 mm adapter of `mode`, "embedded-fine" the 2 mm one."""
+    """An adapter folder; "embedded" is the shipped 2 mm adapter of `mode`, "embedded-3mm" the 3 mm one."""
     return embedded_model(spec, mode) or Path(spec)
 
 
 def generation_mode(adapter: str | Path, mode: str = "auto") -> Mode:
-    """"joint" or "conditional" for an adapter; `auto` reads the folder ("embedded" alone means the joint demo)."""
+    """"joint" or "conditional" for an adapter; `auto` reads the folder (a shipped name alone means its joint
+    adapter, the one that draws the lesion mask too; the deprecated "embedded-fine" keeps its old meaning, the
+    2 mm conditional adapter)."""
     if mode not in ("auto", "joint", "conditional"):
         raise ValueError(f"mode must be auto, joint or conditional, got {mode!r}")
-    if str(adapter) == "embedded":
-        return "joint" if mode == "auto" else mode
-    if str(adapter) == "embedded-fine":  # the 2 mm conditional adapter unless the joint one is asked for
+    if str(adapter) == "embedded-fine":
         return "conditional" if mode == "auto" else mode
+    if str(adapter) in EMBEDDED_NAMES:
+        return "joint" if mode == "auto" else mode
     found = "conditional" if is_conditional_adapter(adapter) else "joint"
     if mode != "auto" and mode != found:
         remedy = "train one with train-conditional" if mode == "conditional" else "use --mode conditional"
@@ -202,5 +225,5 @@ def generation_mode(adapter: str | Path, mode: str = "auto") -> Mode:
 
 
 def adapter_meta(spec: str | Path, mode: str = "auto") -> AdapterMeta:
-    """The sidecar of a joint (LoRA) or conditional (ControlNet) adapter; "embedded" is the demo of `mode`."""
+    """The sidecar of a joint (LoRA) or conditional (ControlNet) adapter; a shipped name is its adapter of `mode`."""
     return AdapterMeta.load(resolve_adapter_dir(spec, generation_mode(spec, mode)))

@@ -12,7 +12,14 @@ from neuromf.io.nifti import sidecar_grid_problem
 from neuromf.io.validate import entry_type_problem
 from neuromf.models.unet import MeanFlowUNet
 from neuromf.utils import atomic_write, atomic_write_json, file_sha256
-from neuromf.weights import WeightFileError, check_keys, embedded_model, load_state_dict, read_json_sidecar
+from neuromf.weights import (
+    WeightFileError,
+    check_keys,
+    embedded_model,
+    load_state_dict,
+    read_json_sidecar,
+    recorded_name,
+)
 
 
 def save_flow_model(model: MeanFlowUNet, directory: Path, meta: dict[str, Any]) -> Path:
@@ -37,7 +44,7 @@ def resolve_model_path(spec: str | Path) -> tuple[Path, Path]:
     """The weights and sidecar of a saved model.
 
     Args:
-        spec: "embedded" / "embedded-fine" (the shipped 3 mm / 2 mm base), a model folder, or a `.safetensors`
+        spec: "embedded" / "embedded-3mm" (the shipped 2 mm / 3 mm base), a model folder, or a `.safetensors`
             file next to its `.json`.
     Returns:
         (weights path, sidecar path).
@@ -69,20 +76,30 @@ def _sidecar_problem(meta: Any) -> str | None:
     return entry_type_problem(meta, MODEL_SIDECAR_TYPES) or sidecar_grid_problem(meta)
 
 
+def _read_model_sidecar(sidecar: Path, kind: str | None = None) -> dict[str, Any]:
+    """A model sidecar (of `kind` when given), checked, with its VAE's shipped name in today's names
+    (`neuromf.weights.recorded_name`: a sidecar written before "embedded" moved to the 2 mm set)."""
+    meta = read_json_sidecar(sidecar, "model sidecar")
+    if kind is not None and meta.get("kind") != kind:
+        raise ValueError(f"{sidecar}: not a MeanFlow model sidecar (kind={meta.get('kind')!r})")
+    if (problem := _sidecar_problem(meta)) is not None:
+        raise WeightFileError(f"{sidecar}: {problem}")
+    if "vae" in meta:
+        meta["vae"] = recorded_name(meta["vae"], (meta.get("preprocessing") or {}).get("spacing"))
+    return meta
+
+
 def read_model_meta(spec: str | Path) -> dict[str, Any]:
     """The sidecar of a saved model (architecture, VAE, grid) without loading its weights."""
     _, sidecar = resolve_model_path(spec)
-    meta = read_json_sidecar(sidecar, "model sidecar")
-    if (problem := _sidecar_problem(meta)) is not None:
-        raise WeightFileError(f"{sidecar}: {problem}")
-    return meta
+    return _read_model_sidecar(sidecar)
 
 
 def load_flow_model(spec: str | Path, preset: str | None = None) -> tuple[MeanFlowUNet, dict[str, Any]]:
     """Rebuild the UNet from its sidecar and load the weights; `preset` guards against the wrong checkpoint.
 
     Args:
-        spec: "embedded", a model folder or a `.safetensors` file (see `resolve_model_path`).
+        spec: "embedded" / "embedded-3mm", a model folder or a `.safetensors` file (see `resolve_model_path`).
         preset: the preset the caller expects; None accepts any.
     Returns:
         (model on CPU, sidecar dict with `weights_path` and `weights_sha256` added).
@@ -91,11 +108,7 @@ def load_flow_model(spec: str | Path, preset: str | None = None) -> tuple[MeanFl
         WeightFileError: unreadable sidecar or weights, or weights that do not fit the architecture.
     """
     weights, sidecar = resolve_model_path(spec)
-    meta = read_json_sidecar(sidecar, "model sidecar")
-    if meta.get("kind") != "meanflow_unet":
-        raise ValueError(f"{sidecar}: not a MeanFlow model sidecar (kind={meta.get('kind')!r})")
-    if (problem := _sidecar_problem(meta)) is not None:
-        raise WeightFileError(f"{sidecar}: {problem}")
+    meta = _read_model_sidecar(sidecar, kind="meanflow_unet")
     arch = meta.get("arch")
     if not isinstance(arch, dict) or not {"preset", "in_channels", "out_channels"} <= set(arch):
         raise WeightFileError(f"{sidecar}: model sidecar lacks the architecture ('arch' with preset, in_channels, "

@@ -12,6 +12,7 @@ Deprecated (kept for one release, with a DeprecationWarning): `empty_path_guidan
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from neuromf.models.lora import (
     load_adapter,
     read_adapter_meta,
     set_mask_outputs,
+    train_only,
+    warm_start_lora,
     widen_io_channels,
 )
 from neuromf.models.site import SiteConditionedJoint, draw_sites
@@ -148,7 +151,36 @@ def build_joint_model(cfg: RunConfig, base_checkpoint: str | Path, n_mask: int,
                      mask_mean)
     model = inject_lora(base, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                         modules_to_save=WIDENED_MODULES, dropout=cfg.lora.dropout)
+    if cfg.lora.init_from:
+        directory = resolve_adapter_dir(cfg.lora.init_from, "joint")
+        check_warm_start(read_adapter_meta(directory), cfg, base_meta, n_mask, directory)
+        warm_start_lora(model, directory)
+    if cfg.lora.train_only:
+        train_only(model, cfg.lora.train_only)
     return model, base_meta
+
+
+# the `lora:` entries a warm start's adapter must share with the run (the weights' layout and what they mean)
+WARM_START_KEYS = ("rank", "alpha", "target_modules", "mask_prediction", "mask_passthrough", "mask_sigma_data",
+                   "site_condition")
+
+
+def check_warm_start(meta: AdapterMeta, cfg: RunConfig, base_meta: dict, n_mask: int, directory: Path) -> None:
+    """ValueError naming the entry when the adapter `lora.init_from` names was not made like this run's model:
+    another base model, mask layout or LoRA injection."""
+    if meta.mode != "joint":
+        raise ValueError(f"{directory}: lora.init_from needs a joint adapter, this one is {meta.mode}")
+    if meta.base_sha256 != base_meta["weights_sha256"]:
+        raise ValueError(f"{directory}: lora.init_from's adapter was trained on another base model "
+                         f"({meta.base_checkpoint}) than this run's")
+    if meta.n_mask != n_mask:
+        raise ValueError(f"{directory}: lora.init_from's adapter has {meta.n_mask} mask channels, this run {n_mask} "
+                         f"(data.mask_strategy / data.sdf_subgrid)")
+    theirs, ours = meta.config.get("lora", {}), dataclasses.asdict(cfg.lora)
+    differ = [f"lora.{k}: {theirs.get(k)!r} vs {ours[k]!r}" for k in WARM_START_KEYS if theirs.get(k) != ours[k]]
+    if differ:
+        raise ValueError(f"{directory}: lora.init_from's adapter was injected otherwise than this run (adapter vs "
+                         f"run: {'; '.join(differ)})")
 
 
 def load_joint_model(adapter: str | Path, device: str | torch.device = "cpu", merge: bool = True) -> JointModel:
@@ -204,6 +236,8 @@ def check_adapter(adapter: str | Path) -> dict[str, Any]:
     widen_io_channels(fresh, channels + int(meta.site_condition), channels)
     cfg = meta.config["lora"]
     trainable_model = inject_lora(fresh, cfg["rank"], cfg["alpha"], cfg["target_modules"], WIDENED_MODULES)
+    if cfg.get("train_only"):  # a run that trained part of a warm-started adapter
+        train_only(trainable_model, cfg["train_only"])
     trainable, total = count_trainable_params(trainable_model)
     return {"forward_ok": bool(torch.isfinite(out).all()) and tuple(out.shape) == tuple(z.shape),
             "output_shape": list(out.shape), "trainable": trainable, "total": total, "fraction": trainable / total,

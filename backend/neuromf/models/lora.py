@@ -123,6 +123,34 @@ def freeze_base_unfreeze_lora(model: nn.Module) -> None:
         param.requires_grad_("lora_" in name or ".modules_to_save." in name)
 
 
+def train_only(model: nn.Module, targets: list[str]) -> None:
+    """requires_grad only on the LoRA matrices of `targets` (module-name suffixes) and the modules_to_save copies
+    (the widened convs): a fine-tuning of part of an adapter."""
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            owner = name.split(".lora_", 1)[0]
+            param.requires_grad_(any(owner == t or owner.endswith(f".{t}") for t in targets))
+        else:
+            param.requires_grad_(".modules_to_save." in name)
+
+
+def warm_start_lora(model: PeftModel, directory: Path) -> None:
+    """Load a saved adapter's weights (LoRA matrices, widened convs) into `model`, a fresh injection of the same
+    configuration; WeightFileError naming the folder when a weight is missing or has another shape."""
+    from peft import set_peft_model_state_dict
+
+    weights = Path(directory) / "adapter_model.safetensors"
+    state = load_state_dict(weights, nested_key=None)
+    try:
+        result = set_peft_model_state_dict(model, state)
+    except RuntimeError as err:  # size mismatch
+        raise WeightFileError(f"{directory}: adapter weights do not fit this run's LoRA injection ({err})") from err
+    missing = [k for k in result.missing_keys if "lora_" in k or ".modules_to_save." in k]
+    if missing or result.unexpected_keys:
+        raise WeightFileError(f"{directory}: adapter weights do not fit this run's LoRA injection (missing "
+                              f"{missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
+
+
 def count_trainable_params(model: nn.Module) -> tuple[int, int]:
     """Parameter counts of a model.
 

@@ -24,7 +24,7 @@ from neuromf.data.mask_codec import mask_channels
 from neuromf.data.mask_prior import PRIOR
 from neuromf.eval.mask_test import read_decision
 from neuromf.meanflow.loss import MeanFlowLoss
-from neuromf.models.adapter_meta import ADAPTER_DIR, AdapterMeta, base_reference, data_reference
+from neuromf.models.adapter_meta import ADAPTER_DIR, AdapterMeta, base_reference, data_reference, resolve_adapter_dir
 from neuromf.models.flow_model import read_model_meta
 from neuromf.models.joint import JointModel, build_joint_model
 from neuromf.models.lora import (
@@ -77,7 +77,10 @@ def train_joint(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume
                              encode=False, augment=AffineAugment.from_config(cfg.data))
         yield from encoding_events(dataset.encode_cases())  # an "encoding" event per case
     latents = dataset.latents()
-    mask_mean = float(latents[:, -n_mask:].mean())  # the x-prediction skip's centre (about the empty mask)
+    # a warm start keeps its adapter's skip centre, guidance and sampling (what its weights were made and measured
+    # with); a fresh run: the skip's centre is the training masks' mean (about the empty mask)
+    init = AdapterMeta.load(resolve_adapter_dir(cfg.lora.init_from, "joint")) if cfg.lora.init_from else None
+    mask_mean = init.mask_mean if init else float(latents[:, -n_mask:].mean())
     model, base_meta = build_joint_model(cfg, base_checkpoint, n_mask, mask_mean)
     trainable, total = count_trainable_params(model)
     site = cfg.lora.site_condition
@@ -91,7 +94,8 @@ def train_joint(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume
         sdf_scale_mm=cfg.data.sdf_scale_mm, sdf_subgrid=cfg.data.sdf_subgrid,
         sdf_threshold_mm=cfg.data.sdf_threshold_mm, mask_passthrough=cfg.lora.mask_passthrough,
         mask_prediction=cfg.lora.mask_prediction, mask_sigma_data=cfg.lora.mask_sigma_data, mask_mean=mask_mean,
-        lora_params=count_lora_params(model), site_condition=site)
+        lora_params=count_lora_params(model), site_condition=site,
+        **({"guidance": init.guidance, "sampling": init.sampling} if init else {}))
     joint = JointModel(model, vae, sidecar)
     preview_noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(cfg.training.seed))
     preview_site = dataset.items[0][1]["mask"].float()[None]  # the first training lesion's place
