@@ -9,10 +9,11 @@ TORCH_CPU ?= torch==2.13.0
 SYSTEM_PACKAGES := xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1 libxkbcommon-x11-0 libxcb-icccm4 \
 	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0 \
 	libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
-# the suite on two worker processes, each taking whole test files (module fixtures are built once)
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# the suite on two worker processes, each taking whole test files (module fixtures are built once); tests marked
+# slow (long end-to-end runs) are kept out of the suite's 10-minute budget: `make test-slow` runs them
+PYTEST_ARGS ?= -n 2 --dist loadfile -m "not slow"
 
-.PHONY: test demo venv sysdeps lint validate pytest bench pretrain clean
+.PHONY: test test-slow demo venv sysdeps lint validate pytest bench pretrain clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,9 @@ pytest: venv sysdeps
 	xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: venv sysdeps validate lint pytest
+
+test-slow: venv sysdeps
+	xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m pytest -m slow
 
 demo: venv
 	$(BIN)/neuromf demo

@@ -7,9 +7,13 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# slow (~21 s): the GPU benchmark script end to end in its CPU smoke mode (`make test-slow`)
+@pytest.mark.slow
 def test_bench_gpu_smoke_writes_every_section(tmp_path):
     out = tmp_path / "bench_gpu_smoke.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "backend"))

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 HERE = Path(__file__).resolve()
 TIMEOUT_S = 120  # a whole launch; a hang fails the test instead of the suite
@@ -47,6 +48,8 @@ def test_cli_train_lora_on_two_processes_writes_a_working_adapter(tmp_path, phan
     assert pair.image.shape == pair.mask.shape and np.isfinite(pair.image).all()
 
 
+# slow (~55 s): the same CLI path as the tiny test above, on the shipped 3 mm data and models (`make test-slow`)
+@pytest.mark.slow
 def test_train_joint_on_two_processes_on_the_embedded_data_and_models(tmp_path):
     """The end-to-end case as a user runs it: `train-joint --nproc 2` on the embedded 3 mm phantoms with the
     shipped VAE and base model (joint_3mm, 2 steps), an adapter that loads and generates a pair on the model grid.
