@@ -13,8 +13,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from neuromf.config import load_config
 from neuromf.eval.realism import TEXTURE_FIT_CASES, fit_vae_texture
 from neuromf.pipelines.vae import load_volumes
@@ -29,13 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=TEXTURE_FIT_CASES)
     parser.add_argument("--write", action="store_true", help="write the fit into the VAE's model.json")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     vae = MAISIVAEWrapper.from_file(args.vae)
     cfg = load_config(args.config)
     meta = json.loads((args.vae / "model.json").read_text())
     train_ids = set(meta.get("train_cases") or [])
-    volumes, ids = load_volumes(cfg, "train", progress=True)
-    if train_ids and not set(ids[:args.cases]) <= train_ids:
+    volumes, ids = load_volumes(cfg, "train", progress=True, max_cases=args.cases)
+    if train_ids and not set(ids) <= train_ids:
         raise SystemExit(f"{args.vae}: the config's training scans are not the ones this VAE was trained on")
     fit = fit_vae_texture(vae, volumes, max_cases=args.cases)
     print(json.dumps(fit, indent=1))

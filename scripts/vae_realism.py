@@ -24,7 +24,13 @@ import torch
 from safetensors import safe_open
 
 from neuromf.config import load_config
-from neuromf.eval.realism import cnn_two_sample_test, fit_vae_texture, realism_report, textured
+from neuromf.eval.realism import (
+    TEXTURE_FIT_CASES,
+    cnn_two_sample_test,
+    fit_vae_texture,
+    realism_report,
+    textured,
+)
 from neuromf.pipelines.vae import load_volumes
 from neuromf.utils import atomic_write_json
 from neuromf.vae import MAISIVAEWrapper
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         arms = [(label, decodes[label], {})]
         if args.texture:
             if vae.texture_sigma is None and training is None:
-                training = load_volumes(cfg, "train", progress=False)[0]
+                training = load_volumes(cfg, "train", progress=False, max_cases=TEXTURE_FIT_CASES)[0]
             fit = ({"texture_sigma": vae.texture_sigma, "texture_fit": "from the VAE's sidecar"}
                    if vae.texture_sigma is not None else fit_vae_texture(vae, training))
             decodes[f"{label}_textured"] = textured(decodes[label], fit["texture_sigma"], seed=args.seed)

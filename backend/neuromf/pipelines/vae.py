@@ -132,10 +132,12 @@ def freeze_encoder(autoencoder: nn.Module) -> None:
         p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
 
 
-def load_volumes(cfg: RunConfig, split: str | None, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
-    """The preprocessed scans of a split (N, 1, H, W, D) and their case ids (VAE training data)."""
+def load_volumes(cfg: RunConfig, split: str | None, progress: bool = True,
+                 max_cases: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """The preprocessed scans of a split (N, 1, H, W, D) and their case ids (VAE training data); only the first
+    `max_cases` are read when given."""
     prep = preprocessing_of(cfg)
-    cases = discover_cases(resolve_data_dir(cfg.data.data_dir), group=cfg.data.group, split=split)
+    cases = discover_cases(resolve_data_dir(cfg.data.data_dir), group=cfg.data.group, split=split)[:max_cases]
     vols = [preprocess_image(c.image, prep).data for c in tqdm(cases, desc="loading", disable=not progress)]
     return torch.stack(vols), [c.case_id for c in cases]
 
