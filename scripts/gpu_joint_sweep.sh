@@ -74,17 +74,22 @@ variant() {  # name, at most this many steps (the cosine schedule's length when 
     "$PY" scripts/train_for.py --pipeline lora --config joint_2mm --base embedded --max-steps "$steps" \
       --deadline $(( END - EVAL_S )) --calibrate-steps $(( steps < 30 ? 2 : 30 )) \
       --set training.output_dir="$dir" "${sets[@]}" || return
-    if [ "${JUDGE:-}" = few_step ]; then
-      for seed in $SEEDS; do
-        for k in 1 2; do
-          [ "$(left)" -gt 20 ] || break
-          timeout $(budget 10) "$PY" -m neuromf generate --adapter "$dir/adapter" --mode joint --sampler meanflow \
-            --steps $k --joint-guidance 1 --n "$N" --seed "$seed" --device "$DEVICE" --out "$dir/gen_k${k}_s$seed" \
-            || break
-          "$PY" -m neuromf evaluate --adapter "$dir/adapter" --mode joint --generated "$dir/gen_k${k}_s$seed" \
-            --data embedded --out "$dir/gen_k${k}_s$seed/metrics.json"
+    if [ "${JUDGE:-}" = few_step ]; then  # draw every (steps, seed) set on the GPU first, then judge them in parallel
+      for k in 2 1; do
+        for seed in $SEEDS; do
+          [ "$(left)" -gt 45 ] || break
+          timeout $(budget 30) "$PY" -m neuromf generate --adapter "$dir/adapter" --mode joint --sampler meanflow \
+            --steps $k --joint-guidance 1 --no-render --n "$N" --seed "$seed" --device "$DEVICE" \
+            --out "$dir/gen_k${k}_s$seed" || break
         done
       done
+      for gen in "$dir"/gen_k*; do
+        OMP_NUM_THREADS=1 timeout $(budget 8) "$PY" -m neuromf evaluate --adapter "$dir/adapter" --mode joint \
+          --generated "$gen" --data embedded --out "$gen/metrics.json" >"$gen/evaluate.log" 2>&1 &
+      done
+      wait
+      for gen in "$dir"/gen_k*; do "$PY" scripts/pairs_grid.py "$gen" >/dev/null 2>&1 & done
+      wait
       return
     fi
     timeout $(budget 60) "$PY" -m neuromf calibrate-guidance --adapter "$dir/adapter" --store --n "$CAL_N" \
