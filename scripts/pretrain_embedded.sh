@@ -16,7 +16,11 @@ elif [[ $stage != after-vae ]]; then
   exit 2
 fi
 mkdir -p sample_data/models/vae_small
-cp "$runs/vae_small/model.safetensors" "$runs/vae_small/model.json" sample_data/models/vae_small/
+# float16 storage, as for every shipped weight file; the latent models below then record this VAE's identity
+python -c "import sys; from neuromf.weights import save_half_precision as h; h(sys.argv[1], sys.argv[2])" \
+  "$runs/vae_small/model.safetensors" sample_data/models/vae_small/model.safetensors
+cp "$runs/vae_small/model.json" sample_data/models/vae_small/
+python scripts/update_weights_registry.py  # the shipped VAE's sha256 is checked when train-base loads it
 cp "$runs/vae_small/loss_curve.png" sample_data/models/vae_small/loss_curve.png
 neuromf train-base --config base_small --output-dir "$runs/base_small" --overwrite
 mkdir -p sample_data/models/base_small

@@ -18,7 +18,9 @@ case $stage in vae|base|cond|joint) ;; *) echo "usage: $0 [vae|base|cond|joint]"
 if [[ $stage == vae ]]; then
   neuromf train-vae --config vae_fine --output-dir "$runs/vae_fine" --overwrite
   mkdir -p $models/vae_fine
-  cp "$runs/vae_fine/model.safetensors" "$runs/vae_fine/model.json" "$runs/vae_fine/loss_curve.png" $models/vae_fine/
+  half "$runs/vae_fine/model.safetensors" $models/vae_fine/model.safetensors
+  cp "$runs/vae_fine/model.json" "$runs/vae_fine/loss_curve.png" $models/vae_fine/
+  python scripts/update_weights_registry.py  # the shipped VAE's sha256 is checked when train-base loads it
 fi
 if [[ $stage == vae || $stage == base ]]; then
   neuromf train-base --config base_fine --output-dir "$runs/base_fine" --overwrite

@@ -40,10 +40,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], None], before_rename: Callable[[], None] | None = None) -> Path:
     """Write through a temporary file in the same folder, then rename it into place.
 
-    A crash mid-write leaves the previous file intact instead of a truncated one.
+    A crash mid-write leaves the previous file intact instead of a truncated one. `before_rename` runs between
+    the write and the rename (the checkpoint's fault injection kills the process there in tests).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +57,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         os.umask(umask)
         # after the write: mkstemp makes 0600 files, and writers that recreate the file (safetensors) do too
         os.chmod(tmp_path, 0o666 & ~umask)
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -81,3 +81,47 @@ def test_update_registry_rehashes_and_stores_a_duplicate_once(tmp_path):
     assert files["cond_demo/controlnet.safetensors"]["sha256"] == shipped["sha256"]
     assert json.loads((models / REGISTRY).read_text())["files"] == files
     assert update_registry(models) == files  # idempotent: the shared entry survives a second rewrite
+
+
+def test_shipped_networks_are_stored_in_half_precision():
+    """Every shipped network (VAEs, UNets, ControlNets) keeps its floating tensors as float16: the repository's
+    weights stay within its size budget; loading casts them back into float32 parameters."""
+    from safetensors import safe_open
+
+    networks = sorted(p for p in MODELS.glob("*/*.safetensors") if p.name in ("model.safetensors",
+                                                                               "controlnet.safetensors"))
+    assert {p.parent.name for p in networks} >= {"vae_fine", "vae_small", "base_fine", "base_small", "cond_fine",
+                                                 "cond_demo"}
+    for path in networks:
+        with safe_open(str(path), framework="pt") as fh:
+            dtypes = {fh.get_slice(key).get_dtype() for key in fh.keys()}
+        assert dtypes == {"F16"}, (path, dtypes)
+
+
+@pytest.mark.parametrize("sidecar", ["base_fine/model.json", "base_small/model.json", "cond_fine/neuromf_adapter.json",
+                                     "cond_demo/neuromf_adapter.json", "joint_fine/neuromf_adapter.json",
+                                     "lora_demo/neuromf_adapter.json"])
+def test_each_shipped_model_names_the_vae_it_was_trained_with(sidecar):
+    """The VAE identity a shipped model records is the content hash of the shipped VAE it names, as loaded (the
+    check that refuses a model on another VAE's latents passes for every shipped one)."""
+    from neuromf.vae import vae_for
+
+    meta = json.loads((MODELS / sidecar).read_text())
+    assert vae_for(meta).identity == meta["vae_identity"]
+
+
+def test_tracked_files_stay_within_the_repository_budget():
+    """The files git tracks (weights, sample data, pictures, code) stay <= 60 MB: a retrain replaces weights in
+    place, pictures are palette PNGs; a new copy of a weight file shows up here before it lands."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    sizes = {name: (root / name).stat().st_size for name in listed.decode().split("\0") if name
+             and (root / name).is_file()}
+    largest = sorted(sizes, key=sizes.get, reverse=True)[:3]
+    assert sum(sizes.values()) <= 60e6, f"{sum(sizes.values()) / 1e6:.1f} MB tracked; largest: {largest}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from neuromf.train.ema import EMA, trainable_parameters
-from neuromf.utils import json_default, library_versions
+from neuromf.utils import atomic_write, json_default, library_versions
 
 CHECKPOINT_NAME = "checkpoint"
 
@@ -58,20 +57,9 @@ def _fault(point: str, step: int) -> None:
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], None], point: str, step: int) -> None:
-    """Write through a temp file in the same folder and rename it over `path`; the temp file is removed on any
-    error (a SIGKILL leaves it: the next resume clears such leftovers, see run_dir.remove_stale_temporaries)."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) make 0600 files
-        _fault(point, step)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """`atomic_write` with the fault-injection point between write and rename (a SIGKILL there leaves the temp
+    file: the next resume clears such leftovers, see run_dir.remove_stale_temporaries)."""
+    atomic_write(path, write, before_rename=lambda: _fault(point, step))
 
 
 def save_checkpoint(out_dir: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
