@@ -772,7 +772,7 @@ def test_generated_pair_side_by_side_with_a_real_case_shares_the_slice(make_napa
 def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """Generate, LoRA and the mask test say how long a job should take before it starts, from the measured rates
     (neuromf.estimates; here a made-up machine's, `$NEUROMF_RATES`), and follow the form: twice the pairs, about
-    twice the generation time."""
+    twice the generation time; inpainting, one lesion at two network calls per guided step."""
     import json
 
     from testkit import TEST_RATES
@@ -799,6 +799,9 @@ def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_pa
     qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {two.describe()}", timeout=5000)
     load = measured_rates()["generation"]["load_s"]
     assert two.seconds - load == pytest.approx(2 * (one.seconds - load))
+    generate.mode.setCurrentText("inpaint")  # one lesion; the shipped adapter inpaints at its guidance 1.2
+    inpaint = generation_estimate(1, 8, "inpaint", grid=(96, 96, 96), flair_calls=2)
+    qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {inpaint.describe()}", timeout=5000)
 
     lora = ready(qtbot, LoRAWidget(viewer))
     lora.config.setCurrentText("joint_3mm")
