@@ -80,9 +80,8 @@ def test_the_adapters_inpaint_guidance_is_the_default_and_an_explicit_guidance_o
                                                                                             tmp_path):
     """A sidecar's `inpaint_guidance` is the mask guidance inpainting samples with when none is given; --guidance
     overrides it; a sidecar without it inpaints at its `guidance`, as before the field existed (the plain adapter's
-    CLI run above: guidance 1, one network call per step); a bad value is refused naming the file."""
+    CLI run above: guidance 1, one network call per step)."""
     from neuromf.models.adapter_meta import AdapterMeta
-    from neuromf.weights import WeightFileError
 
     healthy, lesion = scans
     plain = conditional_run.export
@@ -102,9 +101,6 @@ def test_the_adapters_inpaint_guidance_is_the_default_and_an_explicit_guidance_o
     assert (by_field["guidance"], by_field["network_calls"]) == (1.5, 2)  # sampled guided: two calls per step
     overridden = inpaint("--guidance", "1")
     assert (overridden["guidance"], overridden["network_calls"]) == (1.0, 1)
-    bad = adapter_copy(plain, tmp_path / "bad", inpaint_guidance=-1)
-    with pytest.raises(WeightFileError, match=r"bad/neuromf_adapter.json: .*'inpaint_guidance' must be a number"):
-        AdapterMeta.load(bad)
 
 
 def test_array_input_progress_cancel_and_a_mask_on_another_grid(cond, scans):
