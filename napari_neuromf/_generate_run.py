@@ -60,6 +60,24 @@ def adapter_grid(adapter: str, mode: str) -> tuple[int, ...] | None:
         return None
 
 
+def flair_calls_per_step(adapter: str, mode: str, render: str, guidance: float | None) -> int:
+    """Network calls per step of a run's FLAIR pass (`neuromf.estimates`): 2 under mask guidance (the given one,
+    else the conditional adapter's own: its inpainting guidance in the inpaint mode), else 1; 1 when the sidecar
+    cannot be read (the start reports it)."""
+    from neuromf.generation.inpaint import network_calls_per_run
+    from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
+
+    conditional = render if mode == "joint" else adapter
+    if not conditional:
+        return 1
+    try:
+        meta = AdapterMeta.load(resolve_adapter_dir(conditional, "conditional"))
+    except Exception:  # any unreadable or half-typed adapter: the plain rate
+        return 1
+    scale = meta.inpaint_guidance_scale(guidance) if mode == "inpaint" else meta.guidance_scale(guidance)
+    return network_calls_per_run(1, scale)
+
+
 def check_estimate_text(adapter: str | Path) -> str:
     """``" (about 2 min, ...)"``: how long an adapter's quick lesion check should take; "" without a rate."""
     from neuromf.estimates import generation_estimate

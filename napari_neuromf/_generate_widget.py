@@ -62,8 +62,9 @@ MODE_TIPS = ("joint: FLAIR and lesion mask both generated from noise (a LoRA ada
              "own voxels beyond a few millimetres of the lesion")
 ADAPTER_GUIDANCE = "adapter's"
 GUIDANCE_TIP = ("How bright the lesion is drawn in the FLAIR. 'adapter's' = the value measured for the adapter (1 "
-                "unless set); 1 = as trained; higher = a brighter lesion than the training showed (each step then "
-                "takes twice as long); too high makes lesions brighter than real ones")
+                "unless set; for inpaint its own inpainting value, 1.2 for the shipped 2 mm one); 1 = as trained; "
+                "higher = a brighter lesion than the training showed (each step then takes twice as long); too high "
+                "makes lesions brighter than real ones")
 JOINT_GUIDANCE_TIP = ("How strongly the mask commits to a lesion. 'adapter's' = the value measured for the adapter; "
                       "1 = no push; slightly above 1 (e.g. 1.1) when the masks come out empty or as specks; too high "
                       "makes lesions larger than real ones. Each step then takes twice as long")
@@ -177,7 +178,7 @@ class GenerateWidget(QWidget):
         self.estimate.setToolTip("How long the pairs should take here, from rates measured on the machine named "
                                  "(seconds per network step of each pass); a busier or slower machine takes longer")
         for signal in (self.n.valueChanged, self.steps.valueChanged, self.mode.currentTextChanged,
-                       self.render.edit.textChanged, self.adapter.edit.textChanged):
+                       self.render.edit.textChanged, self.adapter.edit.textChanged, self.guidance.valueChanged):
             signal.connect(self._estimate_timer.start)
         self.job = JobPanel("Stop within one network step (generating; the pairs done so far stay) or after the "
                             "current file (saving)")
@@ -275,9 +276,11 @@ class GenerateWidget(QWidget):
         """The estimate of generating with the form's settings (`neuromf.estimates`), or None (no rate)."""
         from neuromf.estimates import generation_estimate
 
-        mode = self.mode.currentText()
-        return generation_estimate(self.n.value(), self.steps.value(), mode, render=bool(self.render.text()),
-                                   grid=_generate_run.adapter_grid(self.adapter.text() or DEFAULT_ADAPTER, mode))
+        mode, adapter = self.mode.currentText(), self.adapter.text() or DEFAULT_ADAPTER
+        calls = _generate_run.flair_calls_per_step(adapter, mode, self.render.text(), chosen_guidance(self.guidance))
+        pairs = 1 if mode == "inpaint" else self.n.value()  # inpainting puts one lesion into the scan
+        return generation_estimate(pairs, self.steps.value(), mode, render=bool(self.render.text()),
+                                   grid=_generate_run.adapter_grid(adapter, mode), flair_calls=calls)
 
     def _show_estimate(self, *_: Any) -> None:
         if not _environment.environment_ready():  # the backend is imported in a worker first

@@ -3,9 +3,10 @@
     nice -n 10 python scripts/measure_inpainting.py --out runs/inpaint_eval --json docs/inpaint_results.json \
         --montage docs/inpaint_montage.png
 
-For n healthy phantom scans of `--data` (participants.tsv group hc: the held-out test controls first), a lesion
-drawn from the adapter's prior is inpainted (`neuromf.generation.inpaint.inpaint_lesion`; pair i has seed 1000 s + i,
-s the --seeds in turn, as the prior's lesion draw follows the seed) and written on the scan's own grid. Measured:
+For n healthy phantom scans of `--data` (participants.tsv group hc: the held-out test controls first; `--skip-scans`
+leaves out the first ones), a lesion drawn from the adapter's prior is inpainted
+(`neuromf.generation.inpaint.inpaint_lesion`; pair i has seed 1000 s + i, s the --seeds in turn, as the prior's
+lesion draw follows the seed) and written on the scan's own grid. Measured:
 voxels beyond the margin that differ from the input as read back from the written files (must be 0); the pairs
 mapped onto the model grid and judged by `neuromf evaluate`'s lesion-likeness check against the real lesions of
 `--real` (embedded: the 85 real 2 mm phantom lesions); the FLAIR contrast of the inpainted lesions vs the real
@@ -98,10 +99,13 @@ def main() -> None:
     parser.add_argument("--real", default="embedded", help="data whose real FCD lesions the check uses")
     parser.add_argument("--adapter", default="embedded")
     parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--skip-scans", type=int, default=0,
+                        help="start after this many healthy scans (fresh scans for a re-measurement)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--composite", default="residual")
-    parser.add_argument("--guidance", type=float, default=None, help="mask guidance (default: the adapter's own)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="mask guidance (default: the adapter's own for inpainting)")
     parser.add_argument("--margin-mm", type=float, default=6.0)
     parser.add_argument("--mask-source", default="prior", choices=["prior", "joint"],
                         help="where each lesion comes from: the conditional adapter's prior or the joint model")
@@ -124,7 +128,7 @@ def main() -> None:
     refused = []
     pairs_dir, grid_dir = args.out / "pairs", args.out / "model_grid"
     rows = []
-    for i, scan in enumerate(healthy_scans(args.data)[:args.n]):
+    for i, scan in enumerate(healthy_scans(args.data)[args.skip_scans:args.skip_scans + args.n]):
         stem, seed = f"sample_{i:03d}", 1000 * args.seeds[i % len(args.seeds)] + i
         sidecar = pairs_dir / f"{stem}.json"
         if not sidecar.is_file():
@@ -163,8 +167,9 @@ def main() -> None:
     ks = stats.ks_2samp(made, real)
     passed = [bool(r["lesion_like"]) for r in rows] + [False] * len(refused)  # a refused draw is a failed pair
     summary = {
-        "n_pairs": len(rows), "seeds": args.seeds, "steps": args.steps, "composite": args.composite,
-        "guidance": cond.meta.guidance_scale(args.guidance),
+        "n_pairs": len(rows), "skip_scans": args.skip_scans, "seeds": args.seeds, "steps": args.steps,
+        "composite": args.composite,
+        "guidance": cond.meta.inpaint_guidance_scale(args.guidance),
         "margin_mm": args.margin_mm, "adapter": args.adapter, "scans": str(args.data), "real_lesions": args.real,
         "mask_source": args.mask_source, "refused": refused,
         **({"joint_adapter": args.joint_adapter, "joint_steps": args.joint_steps,

@@ -3,6 +3,8 @@ conftest, and `from conftest import ...` would pick whichever was imported first
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -48,3 +50,12 @@ TEST_RATES = {
                  "joint_3mm": {"load_s": 5.0, "per_case_encoding_s": 3.0, "per_step_s": 4.0, "batch_size": 8}},
     "generation": {"load_s": 5.0, "joint_per_step_s": 4.0, "render_per_step_s": 2.0, "grid": [96, 96, 96]},
 }
+
+
+def adapter_copy(source: Path, target: Path, **entries) -> Path:
+    """A copy of an adapter folder with `entries` set in its sidecar: sidecar-driven defaults are tested on the
+    copy, never on a fixture other tests share."""
+    shutil.copytree(source, target)
+    sidecar = target / "neuromf_adapter.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), **entries}))
+    return target

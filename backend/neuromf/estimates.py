@@ -119,20 +119,24 @@ def training_estimate(config: str, cases: int, steps: int, batch_size: int, enco
 
 
 def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: bool = True, grid: Any | None = None,
-                        rates: dict[str, Any] | None = None) -> Estimate | None:
+                        rates: dict[str, Any] | None = None, flair_calls: int = 1) -> Estimate | None:
     """`pairs` pairs of `steps` network steps per pass: the joint pass (joint mode) and the FLAIR pass (rendered
     joint pairs, conditional and inpaint modes), each at the measured per-step time of the shipped 2 mm adapters
-    at their own guidance, plus loading the models. None without a generation rate."""
+    at their own guidance (the FLAIR pass: one network call per step; `flair_calls` 2 for a FLAIR pass under mask
+    guidance, as inpainting with the shipped conditional adapter), plus loading the models. None without a
+    generation rate."""
     rates = measured_rates() if rates is None else rates
     rate = rates.get("generation")
     if not rate:
         return None
     joint, note = _scaled(rate["joint_per_step_s"], rate["grid"], grid)
     flair, _ = _scaled(rate["render_per_step_s"], rate["grid"], grid)
+    flair *= flair_calls
     per_pair = steps * ((joint if mode == "joint" else 0.0) + (flair if mode != "joint" or render else 0.0))
     passes = "joint + FLAIR passes" if mode == "joint" and render else "joint pass" if mode == "joint" \
         else "FLAIR pass"
-    passes += " at the adapters' own guidance"
+    passes += " at the adapters' own guidance" if flair_calls == 1 else \
+        f" with {flair_calls} network calls per FLAIR step (mask guidance)"
     return Estimate(rate["load_s"] + pairs * per_pair,
                     f"{pairs} × {steps} steps, {passes}, {machine(rates, 'generation')}{note}")
 

@@ -43,6 +43,8 @@ def test_old_sidecar_without_mode_and_with_unknown_entries_loads(tmp_path):
     (lambda d: d.update(kind="something_else"), "not a NeuroMF adapter sidecar"),
     (lambda d: d.update(channels={"image": 4}), "'channels' must hold"),
     (lambda d: d.update(mode="conditional", kind="neuromf_controlnet_adapter"), "lacks its 'controlnet'"),
+    (lambda d: d.update(inpaint_guidance=-1), "'inpaint_guidance' must be a number >= 0"),
+    (lambda d: d.update(inpaint_guidance="high"), "'inpaint_guidance' must be a finite number or null"),
 ])
 def test_bad_sidecars_name_file_and_problem(tmp_path, edit, match):
     values = _joint().to_dict()
@@ -65,5 +67,7 @@ def test_shipped_adapters_load_through_the_dataclass():
     joint, conditional = adapter_meta("embedded", "joint"), adapter_meta("embedded", "conditional")
     assert joint.mode == "joint" and joint.strategy in ("vae", "downsample", "sdf") and joint.n_mask > 0
     assert conditional.mode == "conditional" and conditional.controlnet["in_channels"] == 4
+    # the 2 mm conditional adapter inpaints at its measured 1.2 and generates at 1 (no guidance)
+    assert (conditional.inpaint_guidance_scale(), conditional.guidance_scale()) == (1.2, 1.0)
     assert generation_mode(resolve_adapter_dir("embedded", "conditional")) == "conditional"
     assert generation_mode(resolve_adapter_dir("embedded", "joint")) == "joint"

@@ -19,6 +19,8 @@ def test_estimates_multiply_the_measured_rates_and_name_the_machine():
     assert generation_estimate(2, 32, rates=RATES).seconds == pytest.approx(5 + 2 * 32 * 6)
     assert generation_estimate(2, 32, render=False, rates=RATES).seconds == pytest.approx(5 + 2 * 32 * 4)
     assert generation_estimate(1, 8, mode="conditional", rates=RATES).seconds == pytest.approx(5 + 8 * 2)
+    guided = generation_estimate(1, 8, mode="inpaint", rates=RATES, flair_calls=2)  # two calls per guided step
+    assert guided.seconds == pytest.approx(5 + 8 * 2 * 2) and "2 network calls per FLAIR step" in guided.basis
     # another grid: scaled by its voxel count, and said so
     small = generation_estimate(1, 32, grid=(48, 48, 48), rates=RATES)
     assert small.seconds == pytest.approx(5 + 32 * 6 / 8) and "scaled from the 96³ grid" in small.basis

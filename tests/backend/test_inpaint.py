@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-from testkit import write_nifti
+from testkit import adapter_copy, write_nifti
 
 from neuromf.cli import main as cli
 
@@ -58,7 +58,8 @@ def test_inpainting_keeps_the_scan_beyond_the_margin_and_changes_the_lesion(cond
     assert changed[m > 0].any() and changed[~far].sum() >= m.sum()  # the lesion's neighbourhood is generated
     info = json.loads((out / "sample_000.json").read_text())
     assert info["mode"] == "inpaint" and info["margin_mm"] == 12.0 and info["lesion_cm3"] > 0
-    assert info["network_calls"] == 2 and info["source_image"] == str(healthy)
+    assert info["network_calls"] == 2 and info["guidance"] == 1.0  # a sidecar without inpaint_guidance: unguided
+    assert info["source_image"] == str(healthy)
     assert healthy.read_bytes() == before  # the input is never modified
 
 
@@ -73,6 +74,33 @@ def test_prior_lesions_of_one_run_form_one_folder(conditional_run, scans, tmp_pa
     records = [json.loads((out / f"sample_{i:03d}.json").read_text()) for i in range(2)]
     assert [(r["seed"], r["lesion_seed"], r["mask_source"]) for r in records] == [(7, 7, "prior"), (7, 8, "prior")]
     check_one_run(out, sorted(out.glob("sample_*")))  # raises on a mixed folder
+
+
+def test_the_adapters_inpaint_guidance_is_the_default_and_an_explicit_guidance_overrides_it(conditional_run, scans,
+                                                                                            tmp_path):
+    """A sidecar's `inpaint_guidance` is the mask guidance inpainting samples with when none is given; --guidance
+    overrides it; a sidecar without it inpaints at its `guidance`, as before the field existed (the plain adapter's
+    CLI run above: guidance 1, one network call per step)."""
+    from neuromf.models.adapter_meta import AdapterMeta
+
+    healthy, lesion = scans
+    plain = conditional_run.export
+    tuned = adapter_copy(plain, tmp_path / "tuned", inpaint_guidance=1.5)
+    older = adapter_copy(plain, tmp_path / "older", guidance=1.25)
+    assert AdapterMeta.load(plain).inpaint_guidance_scale() == 1.0
+    assert AdapterMeta.load(older).inpaint_guidance_scale() == 1.25 == AdapterMeta.load(older).guidance_scale()
+    assert AdapterMeta.load(tuned).guidance_scale() == 1.0  # conditional generation keeps the adapter's guidance
+
+    def inpaint(*options: str) -> dict:
+        out = tmp_path / f"out_{len(list(tmp_path.glob('out_*')))}"
+        assert cli(["generate", "--mode", "inpaint", "--adapter", str(tuned), "--image", str(healthy), "--mask",
+                    str(lesion), "--steps", "1", "--out", str(out), "--device", "cpu", *options]) == 0
+        return json.loads((out / "sample_000.json").read_text())
+
+    by_field = inpaint()
+    assert (by_field["guidance"], by_field["network_calls"]) == (1.5, 2)  # sampled guided: two calls per step
+    overridden = inpaint("--guidance", "1")
+    assert (overridden["guidance"], overridden["network_calls"]) == (1.0, 1)
 
 
 def test_array_input_progress_cancel_and_a_mask_on_another_grid(cond, scans):

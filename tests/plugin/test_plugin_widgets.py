@@ -676,10 +676,14 @@ def test_generation_cancel_stops_within_one_network_step_and_keeps_the_pairs_don
 
 
 def test_generate_widget_inpaints_the_painted_lesion_into_the_scan_painted_on(make_napari_viewer, qtbot,
-                                                                              phantom_subset, tiny_conditional_adapter):
+                                                                              phantom_subset, tiny_conditional_adapter,
+                                                                              tmp_path):
     """Paint a lesion on an open FLAIR, choose inpaint: the new FLAIR is THAT scan (its grid, its voxels beyond the
-    margin) with the lesion put in, and the lesion layer lies where it was painted."""
-    from napari_neuromf._generate_widget import GenerateWidget
+    margin) with the lesion put in, and the lesion layer lies where it was painted; the guidance left at
+    "adapter's" is the adapter's own inpainting guidance (its sidecar's `inpaint_guidance`)."""
+    from testkit import adapter_copy
+
+    from napari_neuromf._generate_widget import GenerateWidget, chosen_guidance
     from napari_neuromf._layers import read_layer
 
     viewer = make_napari_viewer()
@@ -691,9 +695,10 @@ def test_generate_widget_inpaints_the_painted_lesion_into_the_scan_painted_on(ma
     painted.brush_size = 6
     painted.paint(tuple(centre), new_label=1)
     widget = ready(qtbot, GenerateWidget(viewer))
-    use_tiny(widget, tiny_conditional_adapter)
+    use_tiny(widget, adapter_copy(tiny_conditional_adapter, tmp_path / "adapter", inpaint_guidance=1.5))
     widget.mode.setCurrentText("inpaint")
     assert (widget.sampler.currentText(), widget.steps.value()) == ("meanflow", 8)  # the inpaint defaults
+    assert chosen_guidance(widget.guidance) is None  # "adapter's"
     widget.steps.setValue(2)
     assert widget.scan.enabled and widget.lesion.enabled and not widget.site.enabled
     widget.scan.value, widget.lesion.value = flair, painted
@@ -702,6 +707,7 @@ def test_generate_widget_inpaints_the_painted_lesion_into_the_scan_painted_on(ma
     assert np.allclose(image.scale, flair.scale) and np.allclose(image.translate, flair.translate)
     info = image.metadata["neuromf"]
     assert info["mode"] == "inpaint" and info["scan"] == flair.name
+    assert (info["guidance"], info["network_calls"]) == (1.5, 4)  # 2 steps, guided: 2 network calls each
     assert np.array_equal(lesion.data > 0, painted.data > 0)
     far = np.ones(flair.data.shape, dtype=bool)  # farther than the margin (6 mm) from the painted lesion
     lo, hi = np.maximum(centre - 12, 0), centre + 12
@@ -766,7 +772,7 @@ def test_generated_pair_side_by_side_with_a_real_case_shares_the_slice(make_napa
 def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """Generate, LoRA and the mask test say how long a job should take before it starts, from the measured rates
     (neuromf.estimates; here a made-up machine's, `$NEUROMF_RATES`), and follow the form: twice the pairs, about
-    twice the generation time."""
+    twice the generation time; inpainting, one lesion at two network calls per guided step."""
     import json
 
     from testkit import TEST_RATES
@@ -793,6 +799,9 @@ def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_pa
     qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {two.describe()}", timeout=5000)
     load = measured_rates()["generation"]["load_s"]
     assert two.seconds - load == pytest.approx(2 * (one.seconds - load))
+    generate.mode.setCurrentText("inpaint")  # one lesion; the shipped adapter inpaints at its guidance 1.2
+    inpaint = generation_estimate(1, 8, "inpaint", grid=(96, 96, 96), flair_calls=2)
+    qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {inpaint.describe()}", timeout=5000)
 
     lora = ready(qtbot, LoRAWidget(viewer))
     lora.config.setCurrentText("joint_3mm")

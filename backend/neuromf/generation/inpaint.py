@@ -342,7 +342,8 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
         affine: (4, 4) voxel -> world affine of an image array.
         seed: noise (and prior draw) seed.
         steps: sampler steps; `method` "meanflow" or "euler".
-        guidance: mask guidance scale; None = the adapter's own.
+        guidance: mask guidance scale; None = the adapter's own for inpainting (`AdapterMeta.inpaint_guidance_scale`:
+            its sidecar's `inpaint_guidance`, else its `guidance`).
         margin_mm: voxels farther than this from the lesion are the input's exactly; inside, a feathered blend.
         on_step: called as on_step(i, n) after network call i of n (progress).
         stop: checked before each network call; when set, `InpaintCancelled` is raised.
@@ -406,7 +407,7 @@ def inpaint_lesion(image: str | Path | np.ndarray, mask: str | Path | np.ndarray
         raise VolumeError(f"{mask_source}: the lesion lies outside the brain of {scan.source} (only {inside:.0%} of "
                           f"it inside; at least {MIN_INSIDE_BRAIN:.0%} needed)")
 
-    guidance = cond.meta.guidance_scale(guidance)
+    guidance = cond.meta.inpaint_guidance_scale(guidance)
     total = network_calls_per_run(steps, guidance)
     dev = next(cond.model.parameters()).device
     x = cond.vae.encode(model_image[None].to(dev))

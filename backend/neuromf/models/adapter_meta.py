@@ -73,6 +73,9 @@ class AdapterMeta:
     # the guidance generation uses unless told otherwise (set from measurements): a conditional adapter's mask
     # guidance, a joint adapter's guidance against the empty mask's path
     guidance: float = 1.0
+    # a conditional adapter's mask guidance for inpainting into a real scan, where it was measured apart from
+    # `guidance` (the lesion there is generated in a real scan's context); None: `guidance`
+    inpaint_guidance: float | None = None
     # how generation samples unless told otherwise (set where measured): {"sampler", "steps", "render": a
     # conditional adapter that renders a joint pair's FLAIR}; None: one MeanFlow step, no rendering
     sampling: dict[str, Any] | None = None
@@ -85,6 +88,13 @@ class AdapterMeta:
     def guidance_scale(self, guidance: float | None = None) -> float:
         """The guidance to generate with: `guidance`, or this adapter's own (`guidance`) when None."""
         return self.guidance if guidance is None else guidance
+
+    def inpaint_guidance_scale(self, guidance: float | None = None) -> float:
+        """The mask guidance to inpaint with: `guidance`, else this adapter's `inpaint_guidance`, else its
+        `guidance` (sidecars without `inpaint_guidance` inpaint as they generate)."""
+        if guidance is not None:
+            return guidance
+        return self.guidance if self.inpaint_guidance is None else self.inpaint_guidance
 
     def sampling_settings(self, sampler: str | None = None, steps: int | None = None,
                           render: str | Path | None = OWN) -> tuple[str, int, str | Path | None]:
@@ -151,10 +161,11 @@ class AdapterMeta:
         meta = cls(**{k: v for k, v in values.items() if k in names})
         if not isinstance(meta.channels, dict) or {"image", "mask"} - set(meta.channels):
             raise WeightFileError(f"{source}: adapter sidecar's 'channels' must hold 'image' and 'mask' counts")
-        if isinstance(meta.guidance, bool) or not isinstance(meta.guidance, (int, float)) or \
-                not math.isfinite(meta.guidance) or meta.guidance < 0:
-            raise WeightFileError(f"{source}: adapter sidecar's 'guidance' must be a number >= 0, got "
-                                  f"{meta.guidance!r}")
+        for name in ("guidance", "inpaint_guidance"):
+            scale = getattr(meta, name)
+            if (scale is not None or name == "guidance") and (isinstance(scale, bool) or not isinstance(
+                    scale, (int, float)) or not math.isfinite(scale) or scale < 0):
+                raise WeightFileError(f"{source}: adapter sidecar's {name!r} must be a number >= 0, got {scale!r}")
         if meta.sampling is not None and (set(meta.sampling) - set(SAMPLING_KEYS) or any(
                 not isinstance(v, SAMPLING_KEYS[k]) or isinstance(v, bool) for k, v in meta.sampling.items())):
             raise WeightFileError(f"{source}: adapter sidecar's 'sampling' must hold only sampler (text), steps (a "
