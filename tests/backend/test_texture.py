@@ -102,3 +102,45 @@ def test_generation_adds_the_vaes_texture_reproducibly():
     assert noise_level(first, inside) == pytest.approx(SIGMA, rel=0.15)
     off, meta = with_texture(image, vae, seed=0, index=3, texture=False)
     assert off is image and meta == {"texture_sigma": None}
+
+
+def test_texture_pairs_script_gives_what_generation_with_texture_gives(tmp_path):
+    """scripts/texture_pairs.py on pairs saved without texture: each FLAIR becomes what `with_texture` gives the
+    decode at generation time (same (seed, index) draw), masks are copied, the input folder is left as it was, and
+    pairs that are already textured or not generated (inpainted) are refused with the file named."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from neuromf.generation.images import GeneratedPair, with_texture, write_pairs
+    from neuromf.io.nifti import read_nifti
+    from neuromf.vae import MAISIVAEWrapper
+
+    spec = importlib.util.spec_from_file_location(
+        "texture_pairs", Path(__file__).resolve().parents[2] / "scripts" / "texture_pairs.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    vae = MAISIVAEWrapper(preset="tiny")
+    vae.texture_sigma = SIGMA
+    affine = np.diag([6.0, 6.0, 6.0, 1.0])
+    images = [smooth_brain(10 + i) for i in range(2)]
+    mask = (smooth_brain(12) > 0.85).astype(np.uint8)
+    plain = tmp_path / "plain"
+    write_pairs([GeneratedPair(i, img, mask, affine, {"index": i, "seed": 100, "mode": "joint"})
+                 for i, img in enumerate(images)], plain)
+    before = {p.name: p.read_bytes() for p in plain.iterdir()}
+    paths = script.texture_folder(plain, tmp_path / "textured", vae)
+    assert len(paths) == 6
+    assert {p.name: p.read_bytes() for p in plain.iterdir()} == before
+    for i, image in enumerate(images):
+        stem = tmp_path / "textured" / f"sample_{i:03d}"
+        expected, _ = with_texture(image, vae, 100, i)  # what generation does to the decode before writing it
+        np.testing.assert_array_equal(read_nifti(f"{stem}_flair.nii.gz")[0], expected)
+        assert noise_level(expected, brain_interior(image)) == pytest.approx(SIGMA, rel=0.15)
+        assert Path(f"{stem}_mask.nii.gz").read_bytes() == before[f"sample_{i:03d}_mask.nii.gz"]
+        assert json.loads(Path(f"{stem}.json").read_text())["texture_sigma"] == SIGMA
+    with pytest.raises(ValueError, match=r"sample_000\.json: already textured"):
+        script.texture_folder(tmp_path / "textured", tmp_path / "again", vae)
+    (plain / "sample_001.json").write_text(json.dumps({"index": 1, "seed": 100, "mask_source": "prior"}))
+    with pytest.raises(ValueError, match=r"sample_001\.json: not a joint/conditional pair"):
+        script.texture_folder(plain, tmp_path / "inpainted", vae)
