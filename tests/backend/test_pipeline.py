@@ -134,6 +134,15 @@ def test_mask_test_schema_and_decision(phantom_dir, tiny_vae_dir, tmp_path):
     assert read_decision(save_mask_test(forced, tmp_path / "f.json")) == "vae"
     with pytest.raises(FileNotFoundError, match="neuromf mask-test"):
         read_decision(tmp_path / "missing.json")
+    # through a latent cache: the same figures, and a training dataset on the grid reads the images' latents from it
+    from neuromf.data.latents import make_cache
+
+    cache = make_cache(tmp_path / "cache", vae, coarse_prep())
+    cached = mask_vae_test(phantom_dir, vae, coarse_prep(), cache=cache)
+    assert cache.stats()["misses"] == 4 and cached["cases"] == result["cases"]
+    ds = FCDDataset(phantom_dir, "sdf", vae=vae, prep=coarse_prep(), cache_dir=tmp_path / "cache", flip=True,
+                    split=None)
+    assert ds.cache.stats() == {"hits": 4, "misses": 4, "rebuilt": 0}  # only the mirrored images were encoded
 
 
 def lora_cfg(tmp: Path, phantom_dir: Path, tiny_vae_dir: Path, mask_test: Path, **kw):

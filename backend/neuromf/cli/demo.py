@@ -28,8 +28,8 @@ LEARNING_LEG = ["lora.target_modules=[to_q, to_k, to_v]", "data.flip=false", "tr
                 "training.warmup_steps=3", "training.checkpoint_every=0"]
 FULL_RECIPE = "scripts/pretrain_fine.sh joint (neuromf train-joint --config joint_2mm --base_checkpoint embedded)"
 SHIPPED_JOINT = "embedded"  # the adapter whose pairs the lesion checks judge
-# the cases the 2 mm demo trains and tests on: new phantoms of the 2 mm set's generator (another seed: subjects the shipped
-# adapter never saw; 12 in the train split), made once into $NEUROMF_DATA
+# the cases the 2 mm demo trains and tests on: new phantoms of the 2 mm set's generator (another seed: subjects the
+# shipped adapters never saw; 12 in the train split), made once into $NEUROMF_DATA
 DEMO_PHANTOMS = GeneratedPhantoms(n_healthy=0, n_fcd=16, seed=1)
 
 
