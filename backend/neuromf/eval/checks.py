@@ -187,7 +187,9 @@ def pairs_generators(generated_dir: Path) -> list[str]:
 
 def judged_pairs(generated_dir: Path, ctx: ReportContext) -> str:
     """The lesion checks judge the pairs in `generated_dir`: which adapter made them, and whether that is the
-    adapter the checked training run trained."""
+    adapter the checked training run trained ("" without such a folder)."""
+    if not generated_dir.is_dir():
+        return ""
     generators = pairs_generators(generated_dir)
     if not generators:
         return f"the pairs in `{generated_dir}` (their generator is not recorded)"
