@@ -49,30 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
 
     import napari
+    from qt_driver import QtDriver, hide_qt_binding_toast
     from qtpy.QtWidgets import QApplication
 
-    try:  # keep napari's one-off Qt-binding toast out of the pictures
-        import napari._qt.qt_main_window as qt_main_window
-
-        qt_main_window.SHOW_QT_WARNING = False
-    except (ImportError, AttributeError):
-        pass
-
+    hide_qt_binding_toast()
     app = QApplication.instance() or QApplication(sys.argv)
 
-    def pump(seconds: float = 0.2) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            app.processEvents()
-            time.sleep(0.01)
-
-    def until(done, what: str) -> float:
-        begin = time.perf_counter()
-        while not done():
-            if time.perf_counter() - begin > args.timeout:
-                raise TimeoutError(f"first walk: {what} did not finish in {args.timeout} s")
-            pump(0.05)
-        return time.perf_counter() - begin
+    driver = QtDriver(app, args.timeout, "first walk")
+    pump, until = driver.pump, driver.until
 
     t = time.perf_counter()
     viewer = napari.Viewer(title="NeuroMF", show=True)

@@ -26,7 +26,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -53,33 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["NEUROMF_HOME"] = home  # runs, pairs and remembered state stay out of the user's folder
 
     import napari
+    from qt_driver import QtDriver, hide_qt_binding_toast
     from qtpy.QtWidgets import QApplication
 
-    try:  # keep napari's one-off "PyQt5 is deprecated" toast out of the pictures
-        import napari._qt.qt_main_window as qt_main_window
-
-        qt_main_window.SHOW_QT_WARNING = False
-    except (ImportError, AttributeError):
-        pass
-
+    hide_qt_binding_toast()
     app = QApplication.instance() or QApplication(sys.argv)
     viewer = napari.Viewer(title="NeuroMF", show=True)
     viewer.window.resize(*args.size)
     docks = {name: viewer.window.add_plugin_dock_widget("napari-neuromf", name, tabify=True) for name in SHOTS}
     widgets = {name: widget for name, (_, widget) in docks.items()}
-
-    def pump(seconds: float = 0.3) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            app.processEvents()
-            time.sleep(0.01)
-
-    def until(done, what: str) -> None:
-        end = time.monotonic() + args.timeout
-        while not done():
-            if time.monotonic() > end:
-                raise TimeoutError(f"screenshot: {what} did not finish in {args.timeout} s")
-            pump(0.1)
+    driver = QtDriver(app, args.timeout, "screenshot")
+    pump, until = driver.pump, driver.until
 
     def shoot(name: str, title: str, filename: str | None = None) -> None:
         """Screenshot with dock `name` in front, into `filename` (default: the dock's own, `SHOTS`)."""

@@ -7,6 +7,13 @@ CPU config, per network step of each generation pass with the shipped 2 mm adapt
 measured on (CPU, torch threads, load average). An estimate multiplies them out and says which machine it comes
 from; a rate measured on another grid is scaled by the number of voxels (said so in the basis), and a job with no
 rate at all gets no estimate rather than a guess.
+
+Load: a CPU job shares the cores with whatever else runs. Each runnable thread gets an equal share, so a job of
+one busy thread takes `slowdown(load, cores)` = max(1, (load + 1) / cores) times its time on an idle machine, with
+`load` the other runnable threads (the 1-minute load average). The rates are brought back to an idle machine by the
+slowdown of the load they were measured at, and an estimate is that idle time times the slowdown of the load now
+(`current_load`); the estimate says both. It is a model of fair sharing, not a forecast: the load can change while
+the job runs, and a job of several torch threads gains less than the thread count on a busy machine.
 """
 
 from __future__ import annotations
@@ -26,14 +33,48 @@ RATES_ENV = "NEUROMF_RATES"  # a rates file of your own machine (`benchmarks/mea
 
 @dataclass
 class Estimate:
-    """Seconds a job should take, and where the figure comes from (the rates' machine, any scaling)."""
+    """Seconds a job should take at the machine's load now, where the figure comes from (the rates' machine, any
+    scaling), and what it would take on an idle machine with the load that makes the difference."""
 
     seconds: float
     basis: str
+    idle_seconds: float | None = None  # the same job on an idle machine (None: not scaled for load)
+    load: str = ""  # "load 3.0 on 2 cores now" when the load lengthens the estimate
 
     def describe(self) -> str:
-        """``"about 4 min (measured on ...)"``."""
-        return f"about {format_duration(self.seconds)} ({self.basis})"
+        """``"about 4 min (about 2 min on an idle machine, ×2.0 at load 3.0 on 2 cores now; measured on ...)"``."""
+        if self.idle_seconds is None or not self.load:
+            return f"about {format_duration(self.seconds)} ({self.basis})"
+        return (f"about {format_duration(self.seconds)} (about {format_duration(self.idle_seconds)} on an idle "
+                f"machine, {self.load}; {self.basis})")
+
+
+def current_load() -> tuple[float, int]:
+    """(1-minute load average, CPU count) of this machine now; (0.0, 1) where the OS gives no load average."""
+    try:
+        return os.getloadavg()[0], os.cpu_count() or 1
+    except (AttributeError, OSError):  # Windows
+        return 0.0, 1
+
+
+def slowdown(load: float, cores: int) -> float:
+    """How many times longer a job of one busy thread takes than on an idle machine while `load` other runnable
+    threads share `cores` cores: each runnable thread gets an equal share, so (load + 1) / cores once every core is
+    busy, 1 before."""
+    return max(1.0, (float(load) + 1.0) / max(1, int(cores)))
+
+
+def _under_load(seconds: float, basis: str, rates: dict[str, Any], part: str,
+                load: tuple[float, int] | None) -> Estimate:
+    """`seconds` of work measured under the load recorded for `part`, as an Estimate at `load` (default: now)."""
+    env = (rates.get("env") or {}).get(part) or {}
+    measured_load = (env.get("loadavg_start") or [None])[0]
+    measured = slowdown(measured_load, env.get("cpu_count") or 1) if measured_load is not None else 1.0
+    load_now, cores = current_load() if load is None else load
+    factor = slowdown(load_now, cores)
+    idle = seconds / measured
+    note = f"×{factor:.1f} at load {load_now:.1f} on {cores} core{'s' if cores != 1 else ''} now" if factor > 1 else ""
+    return Estimate(idle * factor, basis, idle, note)
 
 
 def format_duration(seconds: float) -> str:
@@ -86,24 +127,25 @@ def _scaled(seconds: float, measured_grid: Any, grid: Any | None) -> tuple[float
     return seconds * _voxels(grid) / _voxels(measured_grid), f", scaled from the {int(measured_grid[0])}³ grid"
 
 
-def mask_test_estimate(vae_folder: str, cases: int, grid: Any | None = None,
-                       rates: dict[str, Any] | None = None) -> Estimate | None:
-    """The mask-VAE test of `cases` cases with a shipped VAE (its folder name, e.g. "vae_fine"); None without a
-    rate for that VAE (a MAISI file of another size)."""
+def mask_test_estimate(vae_folder: str, cases: int, grid: Any | None = None, rates: dict[str, Any] | None = None,
+                       load: tuple[float, int] | None = None) -> Estimate | None:
+    """The mask-VAE test of `cases` cases with a shipped VAE (its folder name, e.g. "vae_fine") at `load` ((load
+    average, cores); default: now); None without a rate for that VAE (a MAISI file of another size)."""
     rates = measured_rates() if rates is None else rates
     rate = (rates.get("mask_test") or {}).get(vae_folder)
     if not rate:
         return None
     per_case, note = _scaled(rate["per_case_s"], rate["grid"], grid)
-    return Estimate(rate["load_s"] + cases * per_case,
-                    f"{cases} cases × {per_case:.0f} s, {machine(rates, 'mask_test')}{note}")
+    return _under_load(rate["load_s"] + cases * per_case,
+                       f"{cases} cases × {per_case:.0f} s, {machine(rates, 'mask_test')}{note}", rates, "mask_test",
+                       load)
 
 
 def training_estimate(config: str, cases: int, steps: int, batch_size: int, encode: bool = True,
-                      rates: dict[str, Any] | None = None) -> Estimate | None:
+                      rates: dict[str, Any] | None = None, load: tuple[float, int] | None = None) -> Estimate | None:
     """Joint (LoRA) training with a packaged config: loading, encoding `cases` training cases (first run only:
     latents are cached after, `encode=False`) and `steps` steps at `batch_size` (the step time scales with the
-    batch). None without a rate for `config`."""
+    batch), at `load` (default: now). None without a rate for `config`."""
     rates = measured_rates() if rates is None else rates
     rate = (rates.get("training") or {}).get(config)
     if not rate:
@@ -114,17 +156,18 @@ def training_estimate(config: str, cases: int, steps: int, batch_size: int, enco
     encoding = cases * per_case if encode else 0.0
     parts = [f"encoding {cases} cases × {per_case:.0f} s" if encode else "cases already encoded",
              f"{steps} steps × {per_step:.1f} s"]
-    return Estimate((rate["load_s"] or 0.0) + encoding + steps * per_step,
-                    f"{', '.join(parts)}; {machine(rates, 'training')}{note}")
+    return _under_load((rate["load_s"] or 0.0) + encoding + steps * per_step,
+                       f"{', '.join(parts)}; {machine(rates, 'training')}{note}", rates, "training", load)
 
 
 def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: bool = True, grid: Any | None = None,
-                        rates: dict[str, Any] | None = None, flair_calls: int = 1) -> Estimate | None:
+                        rates: dict[str, Any] | None = None, flair_calls: int = 1,
+                        load: tuple[float, int] | None = None) -> Estimate | None:
     """`pairs` pairs of `steps` network steps per pass: the joint pass (joint mode) and the FLAIR pass (rendered
     joint pairs, conditional and inpaint modes), each at the measured per-step time of the shipped 2 mm adapters
     at their own guidance (the FLAIR pass: one network call per step; `flair_calls` 2 for a FLAIR pass under mask
-    guidance, as inpainting with the shipped conditional adapter), plus loading the models. None without a
-    generation rate."""
+    guidance, as inpainting with the shipped conditional adapter), plus loading the models, at `load` (default:
+    now). None without a generation rate."""
     rates = measured_rates() if rates is None else rates
     rate = rates.get("generation")
     if not rate:
@@ -137,9 +180,10 @@ def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: boo
         else "FLAIR pass"
     passes += " at the adapters' own guidance" if flair_calls == 1 else \
         f" with {flair_calls} network calls per FLAIR step (mask guidance)"
-    return Estimate(rate["load_s"] + pairs * per_pair,
-                    f"{pairs} × {steps} steps, {passes}, {machine(rates, 'generation')}{note}")
+    return _under_load(rate["load_s"] + pairs * per_pair,
+                       f"{pairs} × {steps} steps, {passes}, {machine(rates, 'generation')}{note}", rates,
+                       "generation", load)
 
 
-__all__ = ["RATES_ENV", "RATES_FILE", "Estimate", "format_duration", "generation_estimate", "machine",
-           "mask_test_estimate", "measured_rates", "rates_file", "training_estimate"]
+__all__ = ["RATES_ENV", "RATES_FILE", "Estimate", "current_load", "format_duration", "generation_estimate", "machine",
+           "mask_test_estimate", "measured_rates", "rates_file", "slowdown", "training_estimate"]

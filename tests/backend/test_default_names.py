@@ -136,16 +136,19 @@ def test_demo_runs_the_2mm_path_and_keeps_the_3mm_one(tmp_path, capsys, monkeypa
     code, ran = _demo_commands(["--out", str(tmp_path), "--runs", str(tmp_path)])
     assert code == 0 and [c[0] for c in ran] == ["mask-test", "train-joint", "generate", "evaluate", "verify"]
     assert _values(ran, "--vae") == _values(ran, "--base_checkpoint") == {"embedded"}
-    new_data = Path(ran[0][ran[0].index("--data") + 1])  # fine-tuned on (and mask-tested on) the new cases...
+    new_data = Path(ran[0][ran[0].index("--data") + 1])  # a small LoRA learns on (and mask-tested on) new cases...
     assert new_data.parent == tmp_path / "data" and (new_data / "participants.tsv").is_file()
-    assert ran[3][ran[3].index("--data") + 1] == "embedded"  # ...judged against the 2 mm set's real lesions
-    train, generate = ran[1], ran[2]
+    assert ran[3][ran[3].index("--data") + 1] == "embedded"  # ...shipped pairs judged against the real lesions
+    train, generate, evaluate = ran[1], ran[2], ran[3]
     overrides = parse_overrides([train[i + 1] for i, a in enumerate(train) if a == "--set"])
     cfg = load_config(train[train.index("--config") + 1], overrides)
-    assert (cfg.lora.init_from, cfg.lora.train_only, cfg.training.max_steps, cfg.data.data_dir, cfg.training.lr) == (
-        "embedded", ["to_q", "to_k", "to_v"], 30, str(new_data), 1e-4)
-    assert not {"--sampler", "--steps", "--render"} & set(generate)  # the adapter's own settings
-    assert "does not retrain" in capsys.readouterr().out
+    assert (cfg.lora.init_from, cfg.lora.target_modules, cfg.training.max_steps, cfg.data.data_dir, cfg.data.flip,
+            cfg.training.lr) == (None, ["to_q", "to_k", "to_v"], 18, str(new_data), False, 1e-3)
+    # the lesion checks judge the shipped adapter's pairs, in its own settings; verify judges the learning leg's run
+    assert generate[generate.index("--adapter") + 1] == evaluate[evaluate.index("--adapter") + 1] == "embedded"
+    assert not {"--sampler", "--steps", "--render"} & set(generate)
+    assert ran[4][ran[4].index("--run") + 1] == train[train.index("--output-dir") + 1]
+    assert "retrains no shipped model" in capsys.readouterr().out
     code, ran = _demo_commands(["--grid", "3mm", "--out", str(tmp_path), "--runs", str(tmp_path)])
     assert code == 0 and {"ablate-lp", "train-conditional", "consistency"} <= {c[0] for c in ran}
     assert _values(ran, "--data") == _values(ran, "--vae") == _values(ran, "--base_checkpoint") == {"embedded-3mm"}

@@ -134,6 +134,16 @@ def test_mask_test_schema_and_decision(phantom_dir, tiny_vae_dir, tmp_path):
     assert read_decision(save_mask_test(forced, tmp_path / "f.json")) == "vae"
     with pytest.raises(FileNotFoundError, match="neuromf mask-test"):
         read_decision(tmp_path / "missing.json")
+    # through a latent cache: the same figures, and a training dataset on the grid reads the images' latents from it
+    from neuromf.data.latents import make_cache
+    from neuromf.io.bids import discover_cases
+
+    first = [c for c in discover_cases(phantom_dir, group="fcd") if c.mask is not None][:1]
+    cache = make_cache(tmp_path / "cache", vae, coarse_prep())
+    cached = mask_vae_test(phantom_dir, vae, coarse_prep(), cases=first, cache=cache)
+    assert cache.stats()["misses"] == 1 and cached["cases"] == result["cases"][:1]
+    ds = FCDDataset(phantom_dir, "sdf", vae=vae, prep=coarse_prep(), cache_dir=tmp_path / "cache", split=None)
+    assert ds.cache.stats() == {"hits": 1, "misses": 3, "rebuilt": 0}  # the tested case was not encoded again
 
 
 def lora_cfg(tmp: Path, phantom_dir: Path, tiny_vae_dir: Path, mask_test: Path, **kw):

@@ -55,9 +55,10 @@ def cmd_mask_test(args) -> int:
     from tqdm.auto import tqdm
 
     from neuromf.data.embedded import resolve_data_dir
+    from neuromf.data.latents import make_cache
     from neuromf.eval.mask_test import mask_vae_test, model_grid, save_mask_test
     from neuromf.io.bids import discover_cases
-    from neuromf.utils import ensure_writable
+    from neuromf.utils import default_cache_dir, ensure_writable
     from neuromf.vae import MAISIVAEWrapper
 
     ensure_writable(Path(args.out), file=True)  # before the VAE round trips, not after them
@@ -67,8 +68,10 @@ def cmd_mask_test(args) -> int:
         cases = [c for c in cases if c.mask is not None][:args.max_cases]
     vae = MAISIVAEWrapper.resolve(args.vae, preset=args.vae_preset, device=args.device)
     prep = model_grid(vae, args.shape, args.spacing)
+    # the shared latent cache (keyed by content, VAE and grid): a training run on these cases reuses the encodings
+    cache = make_cache(default_cache_dir(), vae, prep)
     with tqdm(total=len(cases), desc="mask-test", unit="case") as bar:
-        result = mask_vae_test(args.data, vae, prep, cases=cases, on_case=lambda row: bar.update(1))
+        result = mask_vae_test(args.data, vae, prep, cases=cases, on_case=lambda row: bar.update(1), cache=cache)
     result["skipped"] = [r for r in skipped if r["group"] != "hc"] + result.get("skipped", [])
     for row in result["skipped"]:
         print(f"skipped {row['id']}: {'; '.join(row['problems'])}", file=sys.stderr)

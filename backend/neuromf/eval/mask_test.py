@@ -8,6 +8,7 @@ round trip still looks like a lesion (`neuromf.eval.lesion_metrics`).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 
 from neuromf.data.embedded import resolve_data_dir
+from neuromf.data.latent_cache import LatentCache
+from neuromf.data.latents import encode_case
 from neuromf.data.mask_codec import (
     DOWNSAMPLE_MODES,
     decode_sdf,
@@ -80,15 +83,21 @@ def sdf_round_trip(mask: torch.Tensor, spacing: tuple[float, float, float]) -> t
     return decode_sdf(channels, SDF_SUBGRID, tanh_threshold(SDF_THRESHOLD_MM, SDF_SCALE_MM))[0]
 
 
-def _case_row(case: Case, vae: MAISIVAEWrapper, prep: Preprocessing, threshold: float) -> dict[str, Any]:
-    image, mask = preprocess_pair(case.image, case.mask, prep)
+def _case_row(case: Case, vae: MAISIVAEWrapper, prep: Preprocessing, threshold: float,
+              cache: LatentCache | None = None) -> dict[str, Any]:
+    preprocessed = functools.cache(functools.partial(preprocess_pair, case.image, case.mask, prep))
+    image, mask = preprocessed()
     m = mask.data
     volume = float(m.sum()) * float(np.prod(prep.spacing)) / 1000.0
     round_trip_b = {mode: dice(upsample_mask(downsample_mask(m[None], mode), threshold)[0].numpy(), m.numpy())
                     for mode in DOWNSAMPLE_MODES}
     sdf = sdf_round_trip(m, prep.spacing)
     with torch.no_grad():
-        image_rt = vae.decode(vae.encode(image.data[None]))[0].cpu().clamp(0, prep.clip_max)
+        # through the latent cache when given: the same entry a training run on this grid reads, so a mask test
+        # before training spares it the encoding of every unmirrored case
+        z_img = (encode_case(case.image, case.mask, vae, prep, cache, preprocessed=preprocessed)["z_img"][None]
+                 if cache is not None else vae.encode(image.data[None]))
+        image_rt = vae.decode(z_img)[0].cpu().clamp(0, prep.clip_max)
     stats = lesion_stats(image.data.numpy(), m.numpy(), prep.spacing)
     return {"id": case.case_id, "split": case.split, "lesion_cm3": round(volume, 3), "size_bin": size_bin(volume),
             "dice_vae": dice(vae_round_trip(m, vae, threshold).numpy(), m.numpy()), "dice_downsample": round_trip_b,
@@ -157,8 +166,11 @@ def model_grid(vae: MAISIVAEWrapper, shape: Any = None, spacing: Any = None) -> 
 
 def mask_vae_test(data_dir: Path | str, vae: MAISIVAEWrapper, prep: Preprocessing, threshold: float = 0.5,
                   on_case: Callable[[dict[str, Any]], None] | None = None,
-                  cases: list[Case] | None = None) -> dict[str, Any]:
+                  cases: list[Case] | None = None, cache: LatentCache | None = None) -> dict[str, Any]:
     """Dice of encode -> decode -> threshold for every FCD case, strategy-B round trips, and the decision.
+
+    With `cache` (`neuromf.data.latents.make_cache` for this VAE and grid) the images' latents are read from and
+    stored in it, as a training run on the same grid stores them.
 
     Unusable cases (unreadable, NaN, mismatched or empty masks, `validate_case`) and masks that are empty on
     the model grid are skipped, listed under "skipped"; a decision from no usable case is a DataError.
@@ -173,7 +185,7 @@ def mask_vae_test(data_dir: Path | str, vae: MAISIVAEWrapper, prep: Preprocessin
         if not report["usable"]:
             skipped.append({"id": case.case_id, "problems": [p for p in report["problems"] if p]})
             continue
-        row = _case_row(case, vae, prep, threshold)
+        row = _case_row(case, vae, prep, threshold, cache)
         if not row["lesion_cm3"]:
             skipped.append({"id": case.case_id, "problems": [f"{case.mask.name}: empty mask on the model grid "
                                                              "(the lesion lies outside the cropped window)"]})

@@ -10,7 +10,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from neuromf.eval.checks import CHECKS, ReportContext, cell
+from neuromf.eval.checks import CHECKS, ReportContext, Row, cell
 from neuromf.utils import atomic_write, atomic_write_text
 
 
@@ -29,6 +29,16 @@ def _loss_curve(run_dir: Path, report_dir: Path, rows: list[dict[str, float]]) -
     except Exception:  # a missing figure must not stop the report
         return None
     return dst.name
+
+
+def _judged_note(rows: list[Row]) -> list[str]:
+    """A paragraph above the table when the checks did not all judge the adapter the training run trained."""
+    others = [r for r in rows if r.judged and "not by the adapter this training run trained" in r.judged]
+    if not others:
+        return []
+    by_run = ", ".join(r.test for r in rows if r.judged.startswith("the adapter this training run trained"))
+    return [f"Not every check judged the same adapter: {by_run or 'no check'} judged the adapter this training run "
+            f"trained; {', '.join(r.test for r in others)} judged pairs of another adapter (column Judged).", ""]
 
 
 def write_verification_report(stage_dir: Path, run_dir: Path, report_path: Path, t2_t3: dict | None = None,
@@ -61,12 +71,13 @@ def write_verification_report(stage_dir: Path, run_dir: Path, report_path: Path,
         "",
         verdict,
         "",
-        "| Test | Description | Critical | Status | Figure | Source |",
-        "|---|---|---|---|---|---|",
+        *_judged_note(rows),
+        "| Test | Description | Critical | Status | Figure | Source | Judged |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r.test} | {cell(r.description)} | {'yes' if r.critical else 'no'} | {r.status} | "
-                     f"{cell(r.figure)} | `{cell(r.source)}` |")
+                     f"{cell(r.figure)} | `{cell(r.source)}` | {cell(r.judged) or '-'} |")
     lines += ["", "## Training loss (P7-T4)", ""]
     lines.append(f"![loss curve]({curve})" if curve else f"No loss curve: {run_dir / 'loss_curve.png'} not found.")
     lines += ["", "## Generated samples (P7-T5)", ""]
