@@ -47,8 +47,8 @@ from neuromf.io.pairs import find_generated_pairs
 
 __all__ = ["BRAIN_THRESHOLD", "DICE_TARGET", "SHELL_VOXELS", "as_volume", "dice", "dice_reference_points",
            "evaluate_generated", "find_generated_pairs", "lesion_contrast", "load_generated_pair",
-           "mean_pairwise_ms_ssim", "ms_ssim", "ms_ssim_settings", "read_noise_correlation", "voxel_spacing",
-           "voxel_volume_cm3"]
+           "mean_pairwise_ms_ssim", "ms_ssim", "ms_ssim_settings", "read_noise_correlation", "run_header",
+           "voxel_spacing", "voxel_volume_cm3"]
 
 DICE_TARGET = 0.3
 NOISE_KEY = "mask_noise_correlation"
@@ -363,6 +363,15 @@ def load_generated(generated_dir: Path, prep: Preprocessing) -> list[dict]:
     return generated
 
 
+def run_header(generated_dir: Path | str, data_dir: Path | str, prep: Preprocessing, n_generated: int,
+               n_real_train: int, n_real_test: int) -> dict[str, Any]:
+    """The keys every comparison of generated pairs with real cases opens its JSON with: what was compared, on
+    which grid, how many of each."""
+    return {"generated_dir": str(generated_dir), "data_dir": str(data_dir),
+            "preprocessing": {"shape": list(prep.shape), "spacing": list(prep.spacing)},
+            "n_generated": n_generated, "n_real_train": n_real_train, "n_real_test": n_real_test}
+
+
 def load_real_cases(data_dir: Path, prep: Preprocessing, progress: bool = False) -> tuple[list[dict], list[str]]:
     """Preprocessed real FCD cases with their split; all FCD cases count as train when no split is given."""
     from neuromf.io.bids import DataError, discover_cases
@@ -461,12 +470,7 @@ def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing,
     lesion_like_section = _lesion_like_section(generated, real, prep.spacing, generated_dir, notes)
 
     result = {
-        "generated_dir": str(generated_dir),
-        "data_dir": str(data_dir),
-        "preprocessing": {"shape": list(prep.shape), "spacing": list(prep.spacing)},
-        "n_generated": len(rows),
-        "n_real_train": len(train),
-        "n_real_test": len(test),
+        **run_header(generated_dir, data_dir, prep, len(rows), len(train), len(test)),
         "fraction_nonempty": float(np.mean([r["nonempty"] for r in rows])),
         "dice": {
             "mean_best_train": mean_train,

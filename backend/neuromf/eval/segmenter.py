@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuromf.eval.metrics import dice, load_generated, load_real_cases
+from neuromf.eval.metrics import dice, load_generated, load_real_cases, run_header
 from neuromf.io.nifti import Preprocessing
 
 __all__ = ["consistency", "crop_patch", "describe", "evaluate_consistency", "segment", "train_segmenter"]
@@ -264,12 +264,7 @@ def evaluate_consistency(generated_dir: Path, data_dir: Path | str, prep: Prepro
     difference = describe([r["downstream_difference"] for r in rows])
     verdict, null_result = _downstream_verdict(difference)
     result = {
-        "generated_dir": str(generated_dir),
-        "data_dir": str(data_dir),
-        "preprocessing": {"shape": list(prep.shape), "spacing": list(prep.spacing)},
-        "n_generated": len(generated),
-        "n_real_train": len(train),
-        "n_real_test": len(test),
+        **run_header(generated_dir, data_dir, prep, len(generated), len(train), len(test)),
         "segmenter": {"net": "monai UNet", "channels": list(CHANNELS), "strides": list(STRIDES),
                       "num_res_units": 1, "norm": "batch", "loss": "DiceCELoss(sigmoid=True, batch=True)",
                       "steps": int(steps), "patch": int(patch), "batch": 4, "lr": LR, "lr_schedule": "cosine",
