@@ -495,7 +495,7 @@ class LossPlot(QWidget):
     """Loss per step as a line, painted with QPainter: a redraw costs well under a millisecond of GUI thread,
     where a matplotlib canvas took tens to hundreds (a stall, and time taken from the training thread)."""
 
-    MARGINS = (72, 8, 10, 34)  # left (axis title and loss labels), top, right, bottom (step labels)
+    MARGINS = (72, 8, 10, 40)  # left (axis title and loss labels), top, right, bottom (step labels, axis title)
 
     def __init__(self, theme_name: str = "dark") -> None:
         super().__init__()
@@ -523,13 +523,14 @@ class LossPlot(QWidget):
         area = QRectF(left, top, max(1, self.width() - left - right), max(1, self.height() - top - bottom))
         painter.setPen(QPen(self.text, 1))
         painter.drawRect(area)
-        painter.drawText(QRectF(0, area.bottom() + 16, self.width(), 16), Qt.AlignHCenter, "training step")
+        painter.drawText(QRectF(0, area.bottom() + 18, self.width(), 20), Qt.AlignHCenter, "training step")
         log = bool(self.points) and min(v for _, v in self.points) > 0
         painter.save()  # the vertical axis title, turned a quarter
         painter.translate(12, area.center().y())
         painter.rotate(-90)
-        painter.drawText(QRectF(-area.height() / 2, -8, area.height(), 16), Qt.AlignCenter,
-                         "raw loss (log scale)" if log or not self.points else "raw loss")
+        # short enough for the dock's plot height ("raw loss (log scale)" was clipped); the tooltip says the rest
+        painter.drawText(QRectF(-self.height() / 2, -10, self.height(), 20), Qt.AlignCenter,
+                         "raw loss (log)" if log or not self.points else "raw loss")
         painter.restore()
         if not self.points:
             painter.drawText(area, Qt.AlignCenter, "the raw loss of each step appears here")
