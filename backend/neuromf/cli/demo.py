@@ -22,8 +22,9 @@ from neuromf.cli._common import COUNT, SEED, STEPS, AddCommand, number
 from neuromf.data.embedded import GeneratedPhantoms
 
 # the demo's learning leg: the shipped joint adapter's recipe (joint_2mm) from scratch on the base model, with LoRA
-# on the attention projections only (with the widened convs under 1% of the parameters, P7-T3's limit; the recipe's
-# ResBlock LoRA is 12.9%), on the unmirrored training cases (their latents are the mask test's, read from the cache)
+# on the attention projections only (with the widened convs under 1% of the parameters, the report's
+# trainable-share limit; the recipe's ResBlock LoRA is 12.9%), on the unmirrored training cases (their latents are
+# the mask test's, read from the cache)
 LEARNING_LEG = ["lora.target_modules=[to_q, to_k, to_v]", "data.flip=false", "training.batch_size=4",
                 "training.warmup_steps=3", "training.checkpoint_every=0"]
 FULL_RECIPE = "scripts/pretrain_fine.sh joint (neuromf train-joint --config joint_2mm --base_checkpoint embedded)"
