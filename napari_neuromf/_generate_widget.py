@@ -33,6 +33,7 @@ from napari_neuromf._helpers import (
     JobPanel,
     PathField,
     add_layers,
+    debounce_timer,
     dock_title,
     help_link,
     launch,
@@ -169,10 +170,7 @@ class GenerateWidget(QWidget):
         self.generate_button = tip(QPushButton("Generate"), "Generate the pairs; each appears as 'gen_NNN FLAIR' + "
                                                             "'gen_NNN lesion' layers")
         self.generate_button.clicked.connect(self.start)
-        self._estimate_timer = QTimer(self)  # one estimate after a burst of edits
-        self._estimate_timer.setSingleShot(True)
-        self._estimate_timer.setInterval(200)
-        self._estimate_timer.timeout.connect(self._show_estimate)
+        self._estimate_timer = debounce_timer(self, self._show_estimate)
         self.estimate = QLabel("")
         self.estimate.setWordWrap(True)
         self.estimate.setToolTip("How long the pairs should take here, from rates measured on the machine named "

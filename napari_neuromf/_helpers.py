@@ -44,6 +44,15 @@ if TYPE_CHECKING:
 LAYER_TYPES: dict[str, type[Layer]] = {"image": Image, "labels": Labels}
 
 
+def debounce_timer(parent: QObject, slot: Any, interval_ms: int = 200) -> QTimer:
+    """A single-shot timer that calls `slot` once after a burst of `start()` calls (a form's edits, a config that
+    fills ten fields): one time estimate, not one per keystroke."""
+    timer = QTimer(parent)
+    timer.setSingleShot(True)
+    timer.setInterval(interval_ms)
+    timer.timeout.connect(slot)
+    return timer
+
 def tip(widget: Any, text: str) -> Any:
     """Set a tooltip (Qt or magicgui widget) and return the widget, so forms read as one expression per row."""
     (widget.native if hasattr(widget, "native") else widget).setToolTip(text)

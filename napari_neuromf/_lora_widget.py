@@ -29,6 +29,7 @@ from napari_neuromf._helpers import (
     JobPanel,
     PathField,
     add_layer,
+    debounce_timer,
     dock_title,
     float_box,
     help_link,
@@ -117,10 +118,7 @@ class LoRAWidget(QWidget):
         self.start_button.clicked.connect(lambda: self.start())
         self.stop_button.clicked.connect(self.stop)
         self.stop_button.setEnabled(False)
-        self._estimate_timer = QTimer(self)  # one estimate after a burst of edits (a config fills ten fields)
-        self._estimate_timer.setSingleShot(True)
-        self._estimate_timer.setInterval(200)
-        self._estimate_timer.timeout.connect(self._show_estimate)
+        self._estimate_timer = debounce_timer(self, self._show_estimate)
         self.estimate = QLabel("")
         self.estimate.setWordWrap(True)
         self.estimate.setToolTip("How long the run should take here, from rates measured on the machine named: "
