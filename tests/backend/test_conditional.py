@@ -261,6 +261,37 @@ def test_joint_masks_rendered_by_a_conditional_adapter(joint_sdf_run, conditiona
         next(generate_pairs(joint_sdf_adapter, n=1, device="cpu", render=joint_sdf_adapter))
 
 
+def test_small_joint_masks_are_drawn_again_from_fresh_noise(joint_sdf_run, tmp_path):
+    """A joint mask smaller than the smallest lesion the lesion check accepts (or empty) is drawn again from noise
+    seeded by (seed, pair, draw); pairs whose first mask is large enough keep it, and the last draw is kept."""
+    from neuromf.generation.joint import MASK_DRAWS, derived_seed, generate_pairs, sample_joint
+    from neuromf.models.joint import load_joint_model
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(joint_sdf_run.export, adapter)
+    kwargs = {"n": 2, "steps": 2, "seed": 3, "device": "cpu", "method": "euler"}
+    first = list(generate_pairs(adapter, mask_draws=1, **kwargs))
+    # no lesion reference in the folder: only empty masks are drawn again
+    again = list(generate_pairs(adapter, **kwargs))
+    for one, other in zip(first, again, strict=True):
+        if one.mask.any():
+            assert other.meta["mask_draws"] == 1 and "draw_seed" not in other.meta
+            assert np.array_equal(one.mask, other.mask) and np.array_equal(one.image, other.image)
+        else:
+            assert other.meta["mask_draws"] > 1 and (other.mask.any() or other.meta["mask_draws"] == MASK_DRAWS)
+    # a reference whose smallest lesion no mask of this grid reaches: every pair takes every draw, keeps the last
+    (adapter / "lesion_reference.json").write_text(json.dumps(
+        {"min_volume_cm3": 1e9, "max_volume_cm3": 2e9, "min_depth_mm": 0.0, "max_depth_mm": 50.0,
+         "median_contrast": 1.25}))
+    joint = load_joint_model(adapter)
+    for i, pair in enumerate(generate_pairs(adapter, **kwargs)):
+        seed = derived_seed(3, i, MASK_DRAWS - 1)
+        assert pair.meta["mask_draws"] == MASK_DRAWS and pair.meta["draw_seed"] == seed
+        _, z, _ = next(iter(sample_joint(joint, 1, 2, seed, torch.device("cpu"), "euler")))
+        assert np.array_equal(pair.mask, joint.mask(z)[0, 0].numpy().astype(np.uint8))  # that draw's own mask
+    assert len({derived_seed(3, i, k) for i in range(2) for k in range(1, MASK_DRAWS)}) == 2 * (MASK_DRAWS - 1)
+
+
 def test_a_renderer_on_another_base_or_grid_is_refused(joint_sdf_run, conditional_run):
     """A FLAIR rendered from another base model or on another grid would not belong to the joint mask."""
     import dataclasses

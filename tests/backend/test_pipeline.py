@@ -414,8 +414,8 @@ def _inpaints_joint_masks(joint_dir: Path, cond_dir: Path, phantom_dir: Path, tm
     in the given brain; a draw that is empty or mostly outside the brain is redrawn, and after the last one the CLI
     refuses in one line with nothing written."""
     from neuromf.data.brain import depth_map
-    from neuromf.generation.inpaint import JOINT_DRAWS, draw_joint_mask
-    from neuromf.generation.joint import sample_joint
+    from neuromf.generation.inpaint import draw_joint_mask
+    from neuromf.generation.joint import MASK_DRAWS, sample_joint
     from neuromf.models.joint import load_joint_model
 
     joint = load_joint_model(joint_dir)
@@ -436,7 +436,7 @@ def _inpaints_joint_masks(joint_dir: Path, cond_dir: Path, phantom_dir: Path, tm
     assert cli(base + ["--mask-source", "joint", "--joint-adapter", str(joint_dir), "--joint-steps", "2",
                        "--out", str(tmp_path / "inpainted")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"drew no lesion inside this brain in {JOINT_DRAWS} draws" in err and not (tmp_path / "inpainted").exists()
+    assert f"drew no lesion inside this brain in {MASK_DRAWS} draws" in err and not (tmp_path / "inpainted").exists()
     # a mask and a joint draw at once, or --mask-source outside the inpaint mode: refused
     with pytest.raises(SystemExit, match="leave out --mask"):
         cli(base + ["--mask-source", "joint", "--mask", str(healthy), "--out", str(tmp_path / "x")])

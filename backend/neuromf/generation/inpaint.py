@@ -45,7 +45,7 @@ from neuromf.data.brain import brain_mask, depth_map
 from neuromf.eval.lesion_metrics import lesion_contrast
 from neuromf.generation.conditional import ConditionalModel, load_conditional_model
 from neuromf.generation.guidance import guided_velocity
-from neuromf.generation.joint import sample_joint
+from neuromf.generation.joint import MASK_DRAWS, derived_seed, sample_joint
 from neuromf.io.nifti import VolumeError, image_window, read_nifti, save_nifti
 from neuromf.meanflow.samplers import SamplingStopped
 from neuromf.models.adapter_meta import resolve_adapter_dir
@@ -57,7 +57,6 @@ MIN_INSIDE_BRAIN = 0.5  # a painted cortical lesion may touch CSF; a mask mostly
 AFFINE_TOLERANCE_MM = 1e-3  # as `preprocess_pair`: a mask array on the image's grid must carry the same affine
 COMPOSITES = ("residual", "replace")
 MASK_SOURCES = ("prior", "joint")
-JOINT_DRAWS = 3  # joint masks drawn before giving up on one that is empty or mostly outside this brain
 
 
 class InpaintCancelled(RuntimeError):
@@ -280,7 +279,7 @@ def draw_joint_mask(joint: JointModel, brain: np.ndarray, seed: int, steps: int 
     A site-conditioned adapter is given a site where its prior would centre a lesion in *this* brain (real depth and
     sites, `MaskPrior.candidate_centres`), so the new shape grows where a lesion belongs in the scan rather than in
     the brain the joint model imagines; an adapter without sites draws where it learned to. A mask that comes out
-    empty or mostly outside the brain is drawn again from fresh noise (at most `JOINT_DRAWS` times).
+    empty or mostly outside the brain is drawn again from fresh noise (at most `MASK_DRAWS` draws).
 
     Args:
         joint: the loaded joint adapter (its grid must be the conditional adapter's).
@@ -296,8 +295,8 @@ def draw_joint_mask(joint: JointModel, brain: np.ndarray, seed: int, steps: int 
     """
     guidance = joint.meta.guidance_scale(guidance)
     device = next(joint.model.parameters()).device
-    for draw in range(JOINT_DRAWS):
-        draw_seed = seed if draw == 0 else int(np.random.SeedSequence([seed, draw]).generate_state(1)[0])
+    for draw in range(MASK_DRAWS):
+        draw_seed = seed if draw == 0 else derived_seed(seed, draw)
         sites = None
         if joint.prior is not None:
             centres = joint.prior.candidate_centres(brain, depth_map(brain, joint.prior.spacing))
@@ -314,7 +313,7 @@ def draw_joint_mask(joint: JointModel, brain: np.ndarray, seed: int, steps: int 
         if mask.any() and float((mask.astype(bool) & brain).sum()) >= MIN_INSIDE_BRAIN * float(mask.sum()):
             return mask, {"joint_steps": steps, "joint_guidance": guidance, "joint_seed": draw_seed,
                           "joint_draws": draw + 1, "site_voxel": None if sites is None else [int(v) for v in sites[0]]}
-    raise VolumeError(f"the joint model drew no lesion inside this brain in {JOINT_DRAWS} draws (seed {seed})")
+    raise VolumeError(f"the joint model drew no lesion inside this brain in {MASK_DRAWS} draws (seed {seed})")
 
 
 def network_calls_per_run(steps: int, guidance: float) -> int:

@@ -6,6 +6,7 @@ calibration of the joint guidance against the real lesions' sizes.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -25,6 +26,26 @@ from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
 from neuromf.models.joint import JointModel, load_joint_model
 from neuromf.models.unet import X_PREDICTION_MIN_T
 from neuromf.utils import resolve_device
+
+MASK_DRAWS = 3  # joint masks drawn per pair at most before keeping one that is empty or smaller than any lesion
+
+
+def derived_seed(*keys: int) -> int:
+    """A seed for a re-draw, derived from the pair's keys (seed, index, draw): independent of every other draw."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def smallest_lesion_voxels(adapter: str | Path, spacing: tuple[float, ...]) -> float:
+    """The smallest mask (in voxels) the lesion check accepts for this adapter's pairs: half the smallest real lesion,
+    from the adapter folder's `lesion_reference.json`, on a grid of voxel size `spacing` (mm); 1 voxel (any non-empty
+    mask) when the folder has none."""
+    from neuromf.eval.lesion_check import REFERENCE_FILE, reference_from_dict
+
+    folder = resolve_adapter_dir(adapter, "joint")
+    if not (folder / REFERENCE_FILE).is_file():
+        return 1.0
+    low, _ = reference_from_dict(json.loads((folder / REFERENCE_FILE).read_text())).volume_range
+    return max(1.0, low / (math.prod(spacing) / 1000.0))
 
 
 def joint_velocity(joint: JointModel, noise: torch.Tensor, guidance: float = 1.0,
@@ -73,7 +94,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
                    render: str | Path | None = None, guidance: float | None = None,
                    joint_guidance: float | None = None, sites: Any = None,
                    on_step: Callable[[int, int], None] | None = None,
-                   stop: threading.Event | None = None, texture: bool = True) -> Iterator[GeneratedPair]:
+                   stop: threading.Event | None = None, texture: bool = True,
+                   mask_draws: int = MASK_DRAWS) -> Iterator[GeneratedPair]:
     """Joint FLAIR + lesion mask samples, decoded by the adapter's strategy; sample i depends only on (seed, i).
 
     With `render`, the pair's FLAIR is generated again for its mask by a conditional adapter (same base model and
@@ -100,10 +122,15 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
         stop: when set, `neuromf.meanflow.SamplingStopped` is raised before the next network step.
         texture: add the VAE's scanner texture to each FLAIR (`neuromf.generation.images.with_texture`); off =
             the decoder's mean, smoother than any scan.
+        mask_draws: joint draws per pair at most: a mask that is empty or smaller than the smallest lesion the
+            lesion check accepts (`smallest_lesion_voxels`) is drawn again from fresh noise (seed
+            `derived_seed(seed, i, k)`, a new site unless `sites` were given); the last draw is kept whatever it is.
+            1 = every pair's first draw (what the quick adapter check and the guidance calibration judge).
     Yields:
         `GeneratedPair`s: image (H, W, D) float32 in [0, clip_max], mask (H, W, D) uint8 {0, 1}, the model grid's
-        (4, 4) affine, and meta (seed, steps, adapter, strategy, `joint_guidance`, `mask_noise_correlation`: about 0
-        when the mask latent left its noise behind; `rendered_by` with `render`).
+        (4, 4) affine, and meta (seed, steps, adapter, strategy, `joint_guidance`, `mask_draws` (the draws the
+        pair took) and `draw_seed` after a re-draw, `mask_noise_correlation`: about 0 when the mask latent left its
+        noise behind; `rendered_by` with `render`).
     Raises:
         ValueError: `render` is not a conditional adapter on the joint adapter's base model and grid; joint guidance
             other than 1 for an adapter without x-prediction.
@@ -119,25 +146,40 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
     prep = joint.meta.prep
     affine = model_grid_affine(prep.shape, prep.spacing)
     source = str(resolve_adapter_dir(adapter, "joint"))
+    floor = smallest_lesion_voxels(adapter, prep.spacing) if mask_draws > 1 else 0.0
     index = 0
     n_img = joint.meta.n_image
-    for noise, z, batch_sites in sample_joint(joint, n, steps, seed, dev, method, joint_guidance, sites, on_step, stop):
+
+    def decode(z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         # a rendered pair's FLAIR replaces the joint one: decode only the masks then
-        images, masks = joint.split(z.to(dev)) if renderer is None else (None, joint.mask(z.to(dev)))
+        return joint.split(z.to(dev)) if renderer is None else (None, joint.mask(z.to(dev)))
+
+    for noise, z, batch_sites in sample_joint(joint, n, steps, seed, dev, method, joint_guidance, sites, on_step, stop):
+        images, masks = decode(z)
         for i in range(z.shape[0]):
+            pair_noise, pair_z, site = noise[i:i + 1], z[i:i + 1], None if batch_sites is None else batch_sites[i:i + 1]
+            image, mask = None if images is None else images[i:i + 1], masks[i:i + 1]
+            draws, draw_meta = 1, {}
+            while draws < mask_draws and float(mask.sum()) < floor:
+                draw_seed = derived_seed(seed, index, draws)
+                given = None if sites is None else site.numpy()  # a drawn site is drawn again with the noise
+                pair_noise, pair_z, site = next(iter(sample_joint(joint, 1, steps, draw_seed, dev, method,
+                                                                  joint_guidance, given, on_step, stop)))
+                image, mask = decode(pair_z)
+                draws, draw_meta = draws + 1, {"draw_seed": draw_seed}
             # how much of its starting noise the mask latent kept (a working generator: about 0)
-            corr = float(np.corrcoef(z[i, n_img:].flatten().numpy(), noise[i, n_img:].flatten().numpy())[0, 1])
-            mask = masks[i, 0].numpy().astype(np.uint8)
+            corr = float(np.corrcoef(pair_z[0, n_img:].flatten(), pair_noise[0, n_img:].flatten())[0, 1])
+            mask = mask[0, 0].numpy().astype(np.uint8)
             meta = {"index": index, "seed": seed, "steps": steps, "sampler": method, "adapter": source,
                     "mode": "joint", "strategy": joint.strategy, "joint_guidance": joint_guidance,
-                    "mask_noise_correlation": round(corr, 4),
-                    **({} if batch_sites is None else {"site_voxel": [round(float(v), 1) for v in batch_sites[i]],
-                                                       "site_given": sites is not None}),
+                    "mask_draws": draws, **draw_meta, "mask_noise_correlation": round(corr, 4),
+                    **({} if site is None else {"site_voxel": [round(float(v), 1) for v in site[0]],
+                                                "site_given": sites is not None}),
                     **rendering}
             if renderer is None:
-                image = images[i, 0].numpy().astype(np.float32)
+                image = image[0, 0].numpy().astype(np.float32)
             else:
-                image = renderer.generate(mask, noise[i, :n_img], steps, method, guidance, on_step, stop)
+                image = renderer.generate(mask, pair_noise[0, :n_img], steps, method, guidance, on_step, stop)
             image, texture_meta = with_texture(image, joint.vae, seed, index, texture)
             yield GeneratedPair(index, image, mask, affine, {**meta, **texture_meta})
             index += 1
@@ -261,15 +303,16 @@ def write_generated_pairs(adapter: str | Path, out_dir: Path, n: int, steps: int
                           device: str = "auto", method: str = "meanflow",
                           render: str | Path | None = None, guidance: float | None = None,
                           joint_guidance: float | None = None, sites: Any = None,
-                          on_step: Callable[[int, int], None] | None = None, texture: bool = True) -> list[Path]:
+                          on_step: Callable[[int, int], None] | None = None, texture: bool = True,
+                          mask_draws: int = MASK_DRAWS) -> list[Path]:
     """Joint pairs written by `neuromf.generation.images.write_pairs`.
 
     Args:
-        adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites, on_step, texture: as for
-            `generate_pairs`.
+        adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites, on_step, texture,
+            mask_draws: as for `generate_pairs`.
         out_dir: output folder.
     Returns:
         The written paths: FLAIR, mask and JSON per pair.
     """
     return write_pairs(generate_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance,
-                                      sites, on_step, texture=texture), out_dir)
+                                      sites, on_step, texture=texture, mask_draws=mask_draws), out_dir)
