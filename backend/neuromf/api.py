@@ -87,7 +87,8 @@ def fine_tune(config: str | Path | RunConfig = "joint_3mm", base_checkpoint: str
 def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path | None = None, mode: str = "auto",
                    steps: int | None = None, seed: int = 0, device: str = "auto", masks: list | None = None,
                    method: str | None = None, render: str | Path | None = "own", guidance: float | None = None,
-                   joint_guidance: float | None = None, sites: Any = None, texture: bool = True) -> list:
+                   joint_guidance: float | None = None, sites: Any = None, texture: bool = True,
+                   mask_draws: int | None = None) -> list:
     """Generated FLAIR + lesion mask pairs (`neuromf.generation.images.GeneratedPair`: image, mask, affine, meta).
 
     With the defaults: lesion pairs from the shipped 2 mm joint adapter in its own settings (Euler 32 steps, its
@@ -111,6 +112,8 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
             used in turn; None = drawn from the adapter's prior.
         texture: add the VAE's scanner texture (the voxel noise of real scans, fitted on the VAE's training
             scans; only VAEs with a fitted level, the shipped 2 mm one) to each FLAIR; False = the smooth decode.
+        mask_draws: joint mode only: draws per pair at most; a mask that is empty or smaller than the smallest
+            lesion the lesion check accepts is drawn again from fresh noise (None = 3; 1 = every first draw).
 
     Returns:
         The list of pairs (sample i depends only on (seed, i)).
@@ -122,19 +125,20 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, out: str | Path
     if mode == "conditional":
         from neuromf.generation.conditional import generate_conditional_pairs
 
-        if render not in (None, OWN) or joint_guidance is not None or sites is not None:
-            raise ValueError("render, joint_guidance and sites are for a joint adapter (mode='joint')")
+        if render not in (None, OWN) or joint_guidance is not None or sites is not None or mask_draws is not None:
+            raise ValueError("render, joint_guidance, sites and mask_draws are for a joint adapter (mode='joint')")
         method, steps, _ = adapter_meta(adapter, mode).sampling_settings(method, steps, None)
         pairs = list(generate_conditional_pairs(adapter, n, steps, seed, device, masks, method=method,
                                                 guidance=guidance, texture=texture))
     else:
         if masks is not None:
             raise ValueError("masks need a conditional adapter (mode='conditional')")
+        from neuromf.generation.joint import MASK_DRAWS
         from neuromf.generation.joint import generate_pairs as joint_pairs
 
         method, steps, render = adapter_meta(adapter, mode).sampling_settings(method, steps, render)
         pairs = list(joint_pairs(adapter, n, steps, seed, device, method, render, guidance, joint_guidance, sites,
-                                 texture=texture))
+                                 texture=texture, mask_draws=mask_draws or MASK_DRAWS))
     if out is not None:
         write_pairs(pairs, Path(out))
     return pairs

@@ -246,7 +246,7 @@ def test_joint_masks_rendered_by_a_conditional_adapter(joint_sdf_run, conditiona
         np.testing.assert_allclose(pair.image, np.asarray(nib.load(out / f"sample_00{i}_flair.nii.gz").dataobj),
                                    atol=1e-4)
         assert pair.meta["rendered_by"] == str(conditional_run.export.resolve())
-    with pytest.raises(ValueError, match="render, joint_guidance and sites are for a joint adapter"):
+    with pytest.raises(ValueError, match="render, joint_guidance, sites and mask_draws are for a joint adapter"):
         neuromf.generate_pairs(conditional_run.export, mode="conditional", render=conditional_run.export)
     with pytest.raises(SystemExit, match="--render renders the masks of a joint adapter"):
         cli(["generate", "--adapter", str(conditional_run.export), "--mode", "conditional",
@@ -269,7 +269,7 @@ def test_small_joint_masks_are_drawn_again_from_fresh_noise(joint_sdf_run, tmp_p
 
     adapter = tmp_path / "adapter"
     shutil.copytree(joint_sdf_run.export, adapter)
-    kwargs = {"n": 2, "steps": 2, "seed": 3, "device": "cpu", "method": "euler"}
+    kwargs = {"n": 2, "steps": 1, "seed": 3, "device": "cpu", "method": "euler"}
     first = list(generate_pairs(adapter, mask_draws=1, **kwargs))
     # no lesion reference in the folder: only empty masks are drawn again
     again = list(generate_pairs(adapter, **kwargs))
@@ -287,9 +287,12 @@ def test_small_joint_masks_are_drawn_again_from_fresh_noise(joint_sdf_run, tmp_p
     for i, pair in enumerate(generate_pairs(adapter, **kwargs)):
         seed = derived_seed(3, i, MASK_DRAWS - 1)
         assert pair.meta["mask_draws"] == MASK_DRAWS and pair.meta["draw_seed"] == seed
-        _, z, _ = next(iter(sample_joint(joint, 1, 2, seed, torch.device("cpu"), "euler")))
+        _, z, _ = next(iter(sample_joint(joint, 1, 1, seed, torch.device("cpu"), "euler")))
         assert np.array_equal(pair.mask, joint.mask(z)[0, 0].numpy().astype(np.uint8))  # that draw's own mask
     assert len({derived_seed(3, i, k) for i in range(2) for k in range(1, MASK_DRAWS)}) == 2 * (MASK_DRAWS - 1)
+    with pytest.raises(SystemExit, match="--mask-draws re-draws a joint adapter's small masks"):
+        cli(["generate", "--adapter", "embedded", "--mode", "conditional", "--mask-draws", "2", "--out",
+             str(tmp_path / "o")])
 
 
 def test_a_renderer_on_another_base_or_grid_is_refused(joint_sdf_run, conditional_run):

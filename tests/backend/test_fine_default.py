@@ -175,9 +175,9 @@ def test_fine_joint_adapter_draws_masks_that_the_conditional_adapter_renders():
     assert meta.strategy == "sdf" and meta.mask_prediction == "x"
     sidecar = (embedded_model("embedded", "joint") / SIDECAR).read_text()
     assert "/tmp" not in sidecar and json.loads(sidecar)["config"]["loss"]["adaptive_power"] == 0.0
-    plain = next(generate_pairs("embedded", n=1, steps=2, seed=0, device="cpu", method="euler"))
+    plain = next(generate_pairs("embedded", n=1, steps=2, seed=0, device="cpu", method="euler", mask_draws=1))
     rendered = next(generate_pairs("embedded", n=1, steps=2, seed=0, device="cpu", method="euler",
-                                   render="embedded"))
+                                   render="embedded", mask_draws=1))
     assert plain.image.shape == plain.mask.shape == rendered.image.shape == (96, 96, 96)
     assert np.array_equal(plain.mask, rendered.mask) and not np.allclose(plain.image, rendered.image, atol=1e-3)
     assert rendered.meta["rendered_by"].endswith("cond_fine") and rendered.meta["guidance"] == 1.0

@@ -47,18 +47,21 @@ def cmd_generate(args) -> int:
         raise SystemExit("generate: --site places a site-conditioned joint adapter's lesions (--mode joint)")
     if args.joint_guidance is not None and mode != "joint":
         raise SystemExit("generate: --joint-guidance guides a joint adapter's masks (--mode joint)")
+    if args.mask_draws is not None and mode != "joint":
+        raise SystemExit("generate: --mask-draws re-draws a joint adapter's small masks (--mode joint)")
     from neuromf.train.run_dir import output_folder
 
     with output_folder(Path(args.out), _run_identity(args, mode), overwrite=args.overwrite) as record:
         if mode == "conditional":
             paths = _generate_conditional(args)
         elif mode == "joint":
-            from neuromf.generation.joint import write_generated_pairs
+            from neuromf.generation.joint import MASK_DRAWS, write_generated_pairs
 
             with step_bar("joint pairs") as on_step:
                 paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed,
                                               args.device, args.sampler, args.render, args.guidance,
-                                              args.joint_guidance, args.site, on_step, texture=args.texture)
+                                              args.joint_guidance, args.site, on_step, texture=args.texture,
+                                              mask_draws=args.mask_draws or MASK_DRAWS)
         else:
             paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed,
                                            args.device, args.sampler)
@@ -91,6 +94,7 @@ def _run_identity(args, mode: str) -> dict:
     return {"command": "generate", "mode": mode, "checkpoint": where(args.checkpoint), "adapter": where(args.adapter),
             "render": where(args.render), "seed": args.seed, "steps": args.steps, "sampler": args.sampler,
             "guidance": args.guidance, "joint_guidance": args.joint_guidance, "site": args.site,
+            **({"mask_draws": args.mask_draws} if args.mask_draws else {}),
             "mask": [where(m) for m in args.mask or []], "image": where(args.image), "margin_mm": args.margin_mm,
             "texture": args.texture,
             **({"mask_source": "joint", "joint_adapter": where(args.joint_adapter), "joint_steps": args.joint_steps}
@@ -147,7 +151,8 @@ def _generate_inpainted(args) -> int:
     if not args.image:
         raise SystemExit("generate: --mode inpaint needs --image (the healthy FLAIR the lesion goes into)")
     joint = args.mask_source == "joint"
-    if args.checkpoint or args.render or args.site or (args.joint_guidance is not None and not joint):
+    if (args.checkpoint or args.render or args.site or args.mask_draws
+            or (args.joint_guidance is not None and not joint)):
         raise SystemExit("generate: --mode inpaint takes --image, --mask, --adapter (conditional), --n, --seed, "
                          "--steps, --sampler, --guidance, --margin-mm and --mask-source (with joint: "
                          "--joint-adapter, --joint-steps, --joint-guidance)")
@@ -238,6 +243,10 @@ def register(add: AddCommand) -> None:
                         "from the same noise, x_empty + S (x - x_empty) (1 = none; > 1 commits more strongly to a "
                         "lesion: for a training whose masks come out empty or as specks); default: the adapter's "
                         "own (its sidecar's 'guidance', 1 unless set)")
+    p.add_argument("--mask-draws", type=number(1, 20, integer=True), default=None, metavar="K",
+                   help="joint mode: draws per pair at most; a mask that is empty or smaller than the smallest lesion "
+                        "the lesion check accepts is drawn again from fresh noise, and the last draw is kept "
+                        "(1 = every pair's first draw; default 3); each pair's JSON records its draws")
     p.add_argument("--site", type=number(), nargs=3, action="append", metavar=("X", "Y", "Z"),
                    help="joint mode, site-conditioned adapters: put the lesion at this voxel of the model grid (the "
                         "written pairs' grid; repeat for several, used in turn); default: sites drawn from the "

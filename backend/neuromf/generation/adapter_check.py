@@ -54,7 +54,8 @@ def quick_adapter_check(adapter: str | Path, n: int = QUICK_CHECK_PAIRS, seed: i
                         on_step: Callable[[int, int], None] | None = None,
                         stop: threading.Event | None = None) -> AdapterCheck:
     """Draw `n` pairs from a joint adapter with its own sampling (`quick_sampling`) and put each mask through the
-    lesion check (`MASK_CRITERIA`) against its training lesions. Recommended when every pair passes. `stop` set:
+    lesion check (`MASK_CRITERIA`) against its training lesions. Recommended when every pair passes at its first draw
+    (no re-draw of small masks: the check judges what the adapter draws, not what re-drawing hides). `stop` set:
     `neuromf.meanflow.samplers.SamplingStopped` before the next network step."""
     from neuromf.generation.joint import generate_pairs  # torch and the models: on use
 
@@ -62,7 +63,7 @@ def quick_adapter_check(adapter: str | Path, n: int = QUICK_CHECK_PAIRS, seed: i
     method, steps = quick_sampling(adapter)
     rows = []
     for pair in generate_pairs(adapter, n=n, steps=steps, seed=seed, device=device, method=method,
-                               on_step=on_step, stop=stop):
+                               on_step=on_step, stop=stop, mask_draws=1):
         spacing = tuple(float(s) for s in np.sqrt((np.asarray(pair.affine)[:3, :3] ** 2).sum(axis=0)))
         stats, verdict = check_pair(pair.image, pair.mask, spacing, ref, MASK_CRITERIA)
         rows.append({"volume_cm3": round(stats.volume_cm3, 2), "lesion_like": verdict.lesion_like,
