@@ -62,7 +62,7 @@ def world(tmp_path_factory) -> dict:
     _write_pair(gen, "sample_002", img_tr, shifted)  # shifted training mask
     _write_pair(gen, "sample_003", img_te * 0.9, np.zeros_like(mask_tr))  # empty mask
     # the generator's provenance files: a recorded noise correlation, one without it, one unreadable
-    (gen / "sample_000.json").write_text(json.dumps({"seed": 0, "mask_noise_correlation": -0.02}))
+    (gen / "sample_000.json").write_text(json.dumps({"seed": 0, "mask_noise_correlation": -0.02, "mask_draws": 2}))
     (gen / "sample_001.json").write_text(json.dumps({"seed": 1}))
     (gen / "sample_002.json").write_text("{not json")
     return {"data": data, "stage": stage, "gen": gen, "real": real, "train_id": train_id, "test_id": test_id,
@@ -162,6 +162,9 @@ def test_evaluate_lesion_like_section(world, metrics):
     assert [samples[f"sample_00{i}"]["noise_correlation"] for i in (1, 2, 3)] == [None, None, None]
     assert section["noise_correlation"]["n"] == 1 and section["noise_correlation"]["max_abs"] == pytest.approx(0.02)
     assert any("sample_002.json" in note for note in metrics["notes"])
+    # re-drawn joint masks are counted from the same records
+    assert {k: section["mask_draws"][k] for k in ("redrawn", "recorded", "max")} == {"redrawn": 1, "recorded": 1,
+                                                                                      "max": 2}
     # the reference ranges come from the 3 real lesions, which all pass their own reference
     ref = section["reference"]
     real_volumes = sorted(r["lesion_cm3"] for r in metrics["real_cases"])
@@ -334,6 +337,8 @@ def test_report_p7_t5_noise_stale_and_missing_figures(world, metrics, tmp_path):
     _, rows = _report(stage, run, tmp_path / "a")
     assert rows["P7-T5"][3] == "FAIL" and "FAILED: noise correlation max abs(r) 0.880 >= 0.1" in rows["P7-T5"][4]
     assert "4/4 generated pairs lesion-like (100%" in rows["P7-T5"][4]
+    # the report names the re-drawn masks evaluate counted (sample_000.json records 2 draws)
+    assert "1/4 masks drawn again after an empty or too small first draw" in rows["P7-T5"][4]
 
     _edit_metrics(stage, lambda d: d["lesion_like"]["samples"].pop())  # scored before sample_003 existed
     _, rows = _report(stage, run, tmp_path / "b")

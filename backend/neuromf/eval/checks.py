@@ -438,6 +438,9 @@ def _lesion_like_row(check: Check, ctx: ReportContext, generated_dir: Path, metr
             failed.append(f"noise correlation max abs(r) {worst:.3f} >= {NOISE_CORRELATION_MAX}")
     elif not subfolder:
         figure += "; noise correlation not recorded by the generator"
+    redrawn = (section.get("mask_draws") or {}).get("redrawn")
+    if redrawn:
+        figure += f"; {redrawn}/{n} masks drawn again after an empty or too small first draw"
     control = data.get("empty_mask_control")
     if isinstance(control, dict) and control.get("n"):
         figure += (f"; empty-mask control ({control['n']} pairs, same noise, no lesion): contrast "

@@ -47,11 +47,12 @@ from neuromf.io.pairs import find_generated_pairs
 
 __all__ = ["BRAIN_THRESHOLD", "DICE_TARGET", "SHELL_VOXELS", "as_volume", "dice", "dice_reference_points",
            "evaluate_generated", "find_generated_pairs", "lesion_contrast", "load_generated_pair",
-           "mean_pairwise_ms_ssim", "ms_ssim", "ms_ssim_settings", "read_noise_correlation", "run_header",
-           "voxel_spacing", "voxel_volume_cm3"]
+           "mean_pairwise_ms_ssim", "ms_ssim", "ms_ssim_settings", "read_noise_correlation", "read_pair_number",
+           "run_header", "voxel_spacing", "voxel_volume_cm3"]
 
 DICE_TARGET = 0.3
 NOISE_KEY = "mask_noise_correlation"
+DRAWS_KEY = "mask_draws"
 # Wang et al. (2003) MS-SSIM scale weights; truncated and renormalised when the grid allows fewer scales.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -108,8 +109,9 @@ def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     return float(norms[0]), float(norms[1]), float(norms[2])
 
 
-def read_noise_correlation(generated_dir: Path, sample_id: str) -> tuple[float | None, str | None]:
-    """The generator's `mask_noise_correlation` from `sample_XXX.json` next to the pair, and a note if unusable.
+def read_pair_number(generated_dir: Path, sample_id: str, key: str) -> tuple[float | None, str | None]:
+    """A number the generator recorded in `sample_XXX.json` next to the pair (e.g. `mask_noise_correlation`,
+    `mask_draws`), and a note if unusable.
 
     (None, None) when the file is absent or does not hold the key (a generator that does not record it);
     (None, note) when the file is unreadable or the value is not a finite number.
@@ -120,13 +122,18 @@ def read_noise_correlation(generated_dir: Path, sample_id: str) -> tuple[float |
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        return None, f"{path}: unreadable ({err}); noise correlation not reported"
-    value = data.get(NOISE_KEY) if isinstance(data, dict) else None
+        return None, f"{path}: unreadable ({err}); {key} not reported"
+    value = data.get(key) if isinstance(data, dict) else None
     if value is None:
         return None, None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        return None, f"{path}: {NOISE_KEY} is not a finite number ({value!r}); not reported"
+        return None, f"{path}: {key} is not a finite number ({value!r}); not reported"
     return float(value), None
+
+
+def read_noise_correlation(generated_dir: Path, sample_id: str) -> tuple[float | None, str | None]:
+    """The generator's `mask_noise_correlation` (`read_pair_number`)."""
+    return read_pair_number(generated_dir, sample_id, NOISE_KEY)
 
 
 def _index_sets(masks: list[np.ndarray]) -> list[np.ndarray]:
@@ -182,10 +189,11 @@ def _lesion_like_section(generated: list[dict], real: list[dict], spacing: tuple
     """metrics.json's ``lesion_like``: generated pairs scored against the real lesions (issue 9 criteria)."""
     real_stats = [lesion_stats(r["image"], r["mask"], spacing) for r in real]
     gen_stats = [lesion_stats(g["image"], g["mask"], voxel_spacing(g["affine"])) for g in generated]
-    correlations = []
+    correlations, draws = [], []
     for g in generated:
         value, note = read_noise_correlation(generated_dir, g["id"])
         correlations.append(value)
+        draws.append(read_pair_number(generated_dir, g["id"], DRAWS_KEY)[0])
         if note:
             notes.append(note)
     try:
@@ -239,6 +247,10 @@ def _lesion_like_section(generated: list[dict], real: list[dict], spacing: tuple
         "rate": rate,
         "target_rate": LESION_LIKE_RATE_TARGET,
         "noise_correlation": noise,
+        "mask_draws": {"redrawn": sum(d is not None and d > 1 for d in draws),
+                       "recorded": sum(d is not None for d in draws), "max": max((d for d in draws if d), default=None),
+                       "definition": f"pairs whose joint mask was drawn again because the first came out empty or "
+                                     f"smaller than any accepted lesion ({DRAWS_KEY} > 1 in sample_XXX.json)"},
         "meets_acceptance": meets,
         "acceptance": f">= {LESION_LIKE_RATE_TARGET:.0%} of generated pairs pass all criteria and, when recorded, "
                       f"every mask latent's |noise correlation| < {NOISE_CORRELATION_MAX}",
