@@ -56,6 +56,19 @@ def show_axial(viewer: napari.Viewer, convention: str = RADIOLOGICAL, letters: b
     guard.refresh(add_letters=letters)
 
 
+def prepare_axial(viewer: napari.Viewer) -> None:
+    """Into an empty viewer that volumes are about to reach: set its axial view (3 dims, axis order, camera) first,
+    so napari slices and draws them axial once. Turned afterwards (``ViewGuard`` on the first volume), napari
+    re-slices every layer and updates its dims sliders again in the same stretch of GUI-thread work."""
+    if len(viewer.layers):
+        return
+    convention = view_guard(viewer).convention
+    viewer.dims.ndim = 3
+    viewer.dims.axis_labels = AXIS_LABELS
+    viewer.dims.order = AXIAL_ORDER
+    viewer.scene.camera.orientation = ORIENTATIONS[convention]
+
+
 def current_convention(viewer: napari.Viewer) -> str | None:
     """The convention the viewer shows now (None when it is not one of ours, e.g. the user rotated it)."""
     orientation = tuple(str(o) for o in viewer.scene.camera.orientation)
@@ -204,11 +217,17 @@ class ViewGuard:
         if markers is None and (not add or not show):
             return
         if markers is None:
+            # made hidden and shown a turn later: making the layer (its visual and controls) and its first draw
+            # (vispy builds the text's shaders for each new layer) each cost ~0.1-0.15 s of GUI-thread work
             markers = viewer.add_points(
                 positions, name=MARKERS_NAME, size=0.1, face_color="transparent", border_width=0,
                 features={"letter": list(MARKER_LETTERS)}, metadata={"neuromf_view_aid": True},
-                text={"string": "{letter}", "size": 16, "color": "yellow", "anchor": "center"})
+                text={"string": "{letter}", "size": 16, "color": "yellow", "anchor": "center"}, visible=False)
             markers.editable = False
+            from qtpy.QtCore import QTimer
+
+            QTimer.singleShot(LETTERS_DELAY_MS, self.refresh)
+            return
         elif markers.data.shape != positions.shape or not np.allclose(markers.data, positions):
             markers.data = positions
         if markers.visible != show:
@@ -265,12 +284,13 @@ def prefer_this_reader() -> None:
 
 
 def guard_current_viewer() -> None:
-    """Install the ViewGuard on the viewer napari is opening into (the reader and the samples call this before
-    napari adds their layers); nothing when there is no viewer (a script calling the reader). napari's viewer
-    module is only looked up, never imported: importing it loads Qt (seconds) in a process without a viewer."""
+    """Install the ViewGuard on the viewer napari is opening into and, when it is empty, set its axial view
+    (``prepare_axial``): the reader and the samples call this once their volumes are read, before napari adds
+    them. Nothing when there is no viewer (a script calling the reader). napari's viewer module is only looked up,
+    never imported: importing it loads Qt (seconds) in a process without a viewer."""
     import sys
 
     viewer_module = sys.modules.get("napari.viewer")
     viewer = None if viewer_module is None else viewer_module.current_viewer()
     if viewer is not None:
-        view_guard(viewer)
+        prepare_axial(viewer)
