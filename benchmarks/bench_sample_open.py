@@ -12,11 +12,8 @@ points layer added and cleared), each action runs `--opens` times into an empty 
 
 Per opening: the longest stretch of GUI-thread CPU time between two ticks of a 10 ms QTimer (the measure of
 tests/plugin/test_plugin_samples.py; `time.thread_time`, so other jobs do not stretch it), the second longest
-and third longest (the orientation letters come in later turns), `ours_ms`: GUI-thread CPU time inside the
-handlers of NeuroMF's view guard (napari's reactions to what they set included: re-slicing, redraw requests), and
-`axial_setup_ms`: the axial set-up of an empty viewer before napari adds the volumes (`_viewing.prepare_axial`,
-the 'after' side only: nearly all of it napari's own update of its dims sliders from 2 to 3 dims, which the
-'before' side pays inside napari's adding of the first layer).
+and third longest (the orientation letters come in later turns), and `ours_ms`: GUI-thread CPU time inside the
+handlers of NeuroMF's view guard (napari's reactions to what they set included: re-slicing, redraw requests).
 
     xvfb-run -a -s "-screen 0 1280x1024x24" python benchmarks/bench_sample_open.py --before a044b4c
 """
@@ -38,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import REPO_ROOT, RESULTS_DIR  # noqa: E402
 
 ACTIONS = ("sample", "pair_sample", "file_open", "dock_first_pair", "dock_next_pair")
-KEYS = ("longest_ms", "second_ms", "third_ms", "ours_ms", "axial_setup_ms")
+KEYS = ("longest_ms", "second_ms", "third_ms", "ours_ms")
 
 
 def _measure(opens: int, dock: bool) -> dict:
@@ -52,9 +49,9 @@ def _measure(opens: int, dock: bool) -> dict:
 
     from napari_neuromf import _viewing
 
-    ours = {"ms": 0.0, "setup_ms": 0.0, "depth": 0}
+    ours = {"ms": 0.0, "depth": 0}
 
-    def counted(fn, key="ms"):
+    def counted(fn):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             ours["depth"] += 1
@@ -64,14 +61,12 @@ def _measure(opens: int, dock: bool) -> dict:
             finally:
                 ours["depth"] -= 1
                 if ours["depth"] == 0:  # nested calls counted once
-                    ours[key] += (time.thread_time() - start) * 1000
+                    ours["ms"] += (time.thread_time() - start) * 1000
 
         return inner
 
     for name in ("_inserted", "_letters_after_insert", "refresh", "_follow_slice", "_drop_markers"):
         setattr(_viewing.ViewGuard, name, counted(getattr(_viewing.ViewGuard, name)))
-    if hasattr(_viewing, "prepare_axial"):  # the 'after' side: the axial set-up before napari adds the volumes
-        _viewing.prepare_axial = counted(_viewing.prepare_axial, "setup_ms")
 
     viewer = napari.Viewer(show=True)
     app = QApplication.instance()
@@ -125,14 +120,13 @@ def _measure(opens: int, dock: bool) -> dict:
                 viewer.layers.clear()
             spin(300)
             ticks.clear()
-            ours["ms"] = ours["setup_ms"] = 0.0
+            ours["ms"] = 0.0
             spin(100)
             action()
             spin(700)
             gaps = sorted(((b - a) * 1000 for a, b in zip(ticks, ticks[1:], strict=False)), reverse=True)
             results[name].append({"longest_ms": round(gaps[0], 1), "second_ms": round(gaps[1], 1),
-                                  "third_ms": round(gaps[2], 1), "ours_ms": round(ours["ms"], 1),
-                                  "axial_setup_ms": round(ours["setup_ms"], 1)})
+                                  "third_ms": round(gaps[2], 1), "ours_ms": round(ours["ms"], 1)})
     timer.stop()
     viewer.close()
     import qtpy

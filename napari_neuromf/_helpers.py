@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_neuromf import _environment, _jobs, _state, _viewing
+from napari_neuromf import _environment, _jobs, _state
 from napari_neuromf._viewing import is_view_aid
 
 if TYPE_CHECKING:
@@ -446,6 +446,4 @@ def add_layer(viewer: napari.Viewer, data_tuple: tuple) -> Layer:
             layer.metadata = kwargs.get("metadata", {})
             layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
             return layer
-    if np.ndim(data) == 3:
-        _viewing.prepare_axial(viewer)  # into an empty viewer: axial before napari slices and draws the first volume
     return getattr(viewer, f"add_{kind}")(data, **kwargs)

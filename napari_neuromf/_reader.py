@@ -28,6 +28,7 @@ def read_nifti_files(path: PathOrPaths, **_: object) -> list:
     """
     from napari.utils.notifications import show_error
 
+    guard_current_viewer()
     paths = [path] if isinstance(path, str | Path) else list(path)
     layers = []
     for p in paths:
@@ -37,7 +38,4 @@ def read_nifti_files(path: PathOrPaths, **_: object) -> list:
             show_error(f"NeuroMF reader: {err}")
         except Exception as err:  # never let a reader bug take the GUI down
             show_error(f"NeuroMF reader: {p}: unexpected error ({type(err).__name__}: {err})")
-    if not layers:
-        return [(None,)]
-    guard_current_viewer()  # before napari adds them: the viewer's guard, and an empty viewer turned axial first
-    return layers
+    return layers or [(None,)]

@@ -42,6 +42,7 @@ def fcd_phantom_case() -> list:
     """FLAIR (Image) + lesion (Labels) of phantom patient sub-00001, overlaid in world millimetres."""
     from napari.utils.notifications import show_warning
 
+    guard_current_viewer()
     try:
         image, mask = phantom_case_paths()
         layers, problems = case_layers(image, mask, PHANTOM_CASE)
@@ -49,12 +50,12 @@ def fcd_phantom_case() -> list:
         raise SampleDataError(f"NeuroMF sample data: {err}") from err
     for problem in problems:
         show_warning(f"NeuroMF sample data: {problem}")
-    guard_current_viewer()  # before napari adds the layers: the viewer's guard, an empty viewer turned axial first
     return layers
 
 
 def _sample_pair(mode: str) -> list:
     """The pre-made pair of `mode` (seed 0, the Generate dock's 2 mm defaults) as layers."""
+    guard_current_viewer()
     prefix = PAIRS[mode]
     files = [SAMPLES_DIR / f"{prefix}_FLAIR.nii.gz", SAMPLES_DIR / f"{prefix}_FLAIR_roi.nii.gz",
              SAMPLES_DIR / f"{prefix}.json"]
@@ -69,7 +70,6 @@ def _sample_pair(mode: str) -> list:
     if image.shape != mask.shape or abs(affine - mask_affine).max() > 1e-3:
         raise SampleDataError(f"NeuroMF sample data: {files[1].name} is not on the grid of {files[0].name}; "
                               "remake both with 'python -m napari_neuromf._make_samples'")
-    guard_current_viewer()
     return pair_layers(prefix, image, mask, affine, meta)  # distinct names: both samples can be open
 
 

@@ -56,19 +56,6 @@ def show_axial(viewer: napari.Viewer, convention: str = RADIOLOGICAL, letters: b
     guard.refresh(add_letters=letters)
 
 
-def prepare_axial(viewer: napari.Viewer) -> None:
-    """Into an empty viewer that volumes are about to reach: set its axial view (3 dims, axis order, camera) first,
-    so napari slices and draws them axial once. Turned afterwards (``ViewGuard`` on the first volume), napari
-    re-slices every layer and updates its dims sliders again in the same stretch of GUI-thread work."""
-    if len(viewer.layers):
-        return
-    convention = view_guard(viewer).convention
-    viewer.dims.ndim = 3
-    viewer.dims.axis_labels = AXIS_LABELS
-    viewer.dims.order = AXIAL_ORDER
-    viewer.scene.camera.orientation = ORIENTATIONS[convention]
-
-
 def current_convention(viewer: napari.Viewer) -> str | None:
     """The convention the viewer shows now (None when it is not one of ours, e.g. the user rotated it)."""
     orientation = tuple(str(o) for o in viewer.scene.camera.orientation)
@@ -284,13 +271,12 @@ def prefer_this_reader() -> None:
 
 
 def guard_current_viewer() -> None:
-    """Install the ViewGuard on the viewer napari is opening into and, when it is empty, set its axial view
-    (``prepare_axial``): the reader and the samples call this once their volumes are read, before napari adds
-    them. Nothing when there is no viewer (a script calling the reader). napari's viewer module is only looked up,
-    never imported: importing it loads Qt (seconds) in a process without a viewer."""
+    """Install the ViewGuard on the viewer napari is opening into (the reader and the samples call this before
+    napari adds their layers); nothing when there is no viewer (a script calling the reader). napari's viewer
+    module is only looked up, never imported: importing it loads Qt (seconds) in a process without a viewer."""
     import sys
 
     viewer_module = sys.modules.get("napari.viewer")
     viewer = None if viewer_module is None else viewer_module.current_viewer()
     if viewer is not None:
-        prepare_axial(viewer)
+        view_guard(viewer)
