@@ -18,7 +18,8 @@ pytestmark = pytest.mark.gui
 
 SAMPLES = ("fcd_phantom_case", "generated_pair", "conditional_pair")
 # opening a sample may hold napari's GUI thread this long at most (it used to take 6-15 s; napari adds a sample's two
-# layers in one call: 0.39-0.47 s of GUI-thread CPU measured on the loaded 2-core machine, the letters a turn later)
+# layers in one call: 0.39-0.47 s of GUI-thread CPU measured on the loaded 2-core machine, 0.44-0.80 s at load 3.5 in
+# benchmarks/bench_sample_open.py; the letters come in two later turns of 0.11-0.17 s, made hidden and then shown)
 BLOCK_MS = 700
 FIRST_BLOCK_MS = 1500  # the first one of a session (measured 0.72-0.76 s; 1.1-1.3 s before the letters moved out)
 # a generated pair arriving in the Generate dock (its FLAIR and lesion added a turn apart): measured 0.15-0.26 s, the
