@@ -78,18 +78,18 @@ def flair_calls_per_step(adapter: str, mode: str, render: str, guidance: float |
     return network_calls_per_run(1, scale)
 
 
-def check_estimate_text(adapter: str | Path) -> str:
-    """``" (about 2 min, ...)"``: how long an adapter's quick lesion check should take; "" without a rate."""
+def check_estimate(adapter: str | Path) -> Any:
+    """How long an adapter's quick lesion check should take (a ``neuromf.estimates.Estimate``); None without a
+    rate or for an unreadable adapter (the check itself reports that)."""
     from neuromf.estimates import generation_estimate
     from neuromf.generation.adapter_check import QUICK_CHECK_PAIRS, quick_sampling
 
     try:
         _, steps = quick_sampling(adapter)
     except Exception:  # an unreadable adapter: the check itself reports it
-        return ""
-    estimate = generation_estimate(QUICK_CHECK_PAIRS, steps, "joint", render=False,
-                                   grid=adapter_grid(str(adapter), "joint"))
-    return f" ({estimate.describe()})" if estimate is not None else ""
+        return None
+    return generation_estimate(QUICK_CHECK_PAIRS, steps, "joint", render=False,
+                               grid=adapter_grid(str(adapter), "joint"))
 
 
 def lesion_cautions(mask: Any, adapter: str) -> list[str]:

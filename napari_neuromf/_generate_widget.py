@@ -95,6 +95,13 @@ def chosen_guidance(box: QDoubleSpinBox) -> float | None:
     value = box.value()
     return None if value == box.minimum() else value
 
+
+def _adapter_name(adapter: str | Path) -> str:
+    """A run's name for its adapter (``runs/lora_1/adapter`` -> ``lora_1``)."""
+    path = Path(adapter)
+    return path.parent.name if path.name == "adapter" else path.name
+
+
 class GenerateWidget(QWidget):
     """Sample (FLAIR, lesion) pairs from an adapter and overlay them; save the chosen ones as NIfTI."""
 
@@ -351,22 +358,34 @@ class GenerateWidget(QWidget):
 
     def _new_adapter(self, adapter: Path) -> None:
         """A trained adapter is offered, never switched to, and only once its own quick lesion check passed: a
-        short training often draws empty masks or lesions outside the brain."""
+        short training often draws empty masks or lesions outside the brain. One line says which adapter and what
+        its check found; the tooltip has the details."""
+        from neuromf.estimates import format_duration
+        from neuromf.generation.adapter_check import AdapterCheck
+
         self.offer_row.setVisible(True)
         self.offer_label.setVisible(True)
-        name = Path(adapter).name if Path(adapter).name != "adapter" else Path(adapter).parent.name
+        name = _adapter_name(adapter)
         check = _state.STATE.adapter_check(adapter)
         self.check_latest.setEnabled(True)  # while a job runs, a press says so (start_check)
         self.use_latest.setEnabled(bool(check and check.get("recommended")))
         if check is None:
-            self.offer.setText(f"Your last trained adapter ({name}) is not selected: it has not been checked yet. "
-                               "'Check it' draws a few pairs and puts their masks through the lesion check"
-                               f"{_generate_run.check_estimate_text(adapter)}.")
-        elif check.get("recommended"):
-            self.offer.setText(f"Your last trained adapter ({name}) passed its quick check ({check['reason']}): "
-                               "'Use it' selects it.")
+            estimate = _generate_run.check_estimate(adapter)
+            took = f" (a check takes about {format_duration(estimate.seconds)})" if estimate else ""
+            self.offer.setText(f"{name}: not checked yet{took}")
+            self.offer.setToolTip("Your last trained adapter is not selected. 'Check it' draws a few pairs and puts "
+                                  "their masks through the lesion check" + (f" ({estimate.describe()})" if estimate
+                                                                            else "")
+                                  + "; 'Use it' is offered once every pair passes.")
+            return
+        result = AdapterCheck.from_dict(check)
+        if result.recommended:
+            self.offer.setText(f"{name}: {result.summary()}")
+            self.offer.setToolTip(f"Its quick check: {result.reason}. 'Use it' selects it; each pair still gets its "
+                                  "own lesion check.")
         else:
-            self.offer.setText(f"Your last trained adapter ({name}) is not recommended: {check['reason']}.")
+            self.offer.setText(f"{name}: not recommended, {result.summary()}")
+            self.offer.setToolTip(f"Its quick check: {result.reason}.")
 
     def _use_latest(self) -> None:
         adapter = _state.STATE.last_adapter
@@ -378,8 +397,8 @@ class GenerateWidget(QWidget):
             show_warning("Generate: the last trained adapter has not passed its quick lesion check; press 'Check it'")
             return
         self.adapter.setText(str(adapter))
-        self.offer.setText("Last trained adapter selected: it passed its quick check; each pair still gets its own "
-                           "lesion check.")
+        self.offer.setText(f"{_adapter_name(adapter)}: selected (its quick check passed)")
+        self.offer.setToolTip("Each pair it draws still gets its own lesion check, shown in the pair list.")
 
     def start_check(self) -> Any:
         """The last trained adapter's quick lesion check, in a worker with progress and Cancel."""

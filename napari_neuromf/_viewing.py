@@ -204,11 +204,17 @@ class ViewGuard:
         if markers is None and (not add or not show):
             return
         if markers is None:
+            # made hidden and shown a turn later: making the layer (its visual and controls) and its first draw
+            # (vispy builds the text's shaders for each new layer) each cost ~0.1-0.15 s of GUI-thread work
             markers = viewer.add_points(
                 positions, name=MARKERS_NAME, size=0.1, face_color="transparent", border_width=0,
                 features={"letter": list(MARKER_LETTERS)}, metadata={"neuromf_view_aid": True},
-                text={"string": "{letter}", "size": 16, "color": "yellow", "anchor": "center"})
+                text={"string": "{letter}", "size": 16, "color": "yellow", "anchor": "center"}, visible=False)
             markers.editable = False
+            from qtpy.QtCore import QTimer
+
+            QTimer.singleShot(LETTERS_DELAY_MS, self.refresh)
+            return
         elif markers.data.shape != positions.shape or not np.allclose(markers.data, positions):
             markers.data = positions
         if markers.visible != show:

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     prefer_this_reader()  # what a first use of the plugin sets; a napari that never saw NeuroMF asks once instead
     viewer.window._qt_viewer._qt_open([str(flair)], stack=False)  # File > Open
-    until(lambda: MARKERS_NAME in viewer.layers, "File > Open")
+    until(lambda: MARKERS_NAME in viewer.layers and viewer.layers[MARKERS_NAME].visible, "File > Open")  # letters shown
     timings["file_open_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

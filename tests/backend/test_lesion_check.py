@@ -65,3 +65,19 @@ def test_every_shipped_name_finds_the_reference_of_each_mode(name):
         folder = resolve_adapter_dir(name, mode)
         assert AdapterMeta.load(folder).mode == mode
         assert adapter_reference(name, None, mode).n >= 20
+
+
+def test_adapter_check_summary_names_each_failed_criterion_once():
+    """The Generate dock's one-line verdict: an empty mask is named for its emptiness alone, the other failures in
+    the lesion check's order, at most two named; a passing check says it makes lesions."""
+    from neuromf.generation.adapter_check import AdapterCheck
+
+    def row(*failed: str) -> dict:
+        return {"volume_cm3": 1.0, "lesion_like": not failed, "failed": list(failed)}
+
+    empty = row("nonempty", "largest_share", "volume", "inside_brain", "depth", "location")
+    assert AdapterCheck("a", False, "", [empty, empty]).summary() == "2 of 2 pairs fail: empty mask"
+    mixed = AdapterCheck("a", False, "", [row("location", "volume"), row(), row("inside_brain")])
+    assert mixed.summary() == "2 of 3 pairs fail: a size no real lesion has, partly outside the brain and 1 more"
+    assert mixed.summary(most=3).endswith("partly outside the brain, far from every real lesion's site")
+    assert AdapterCheck("a", True, "", [row(), row()]).summary() == "makes lesions (2 of 2 pairs pass)"

@@ -35,7 +35,7 @@ def _letters(viewer):
     from napari_neuromf._viewing import is_view_aid
 
     found = [layer for layer in viewer.layers if is_view_aid(layer)]
-    if not found:
+    if not found or not found[0].visible:  # made hidden, shown a turn later
         return {}
     return dict(zip(found[0].features["letter"], np.asarray(found[0].data), strict=True))
 

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.gui
 
 SAMPLES = ("fcd_phantom_case", "generated_pair", "conditional_pair")
 # opening a sample may hold napari's GUI thread this long at most (it used to take 6-15 s; napari adds a sample's two
-# layers in one call: 0.39-0.47 s of GUI-thread CPU measured on the loaded 2-core machine, the letters a turn later)
+# layers in one call: 0.39-0.47 s of GUI-thread CPU measured on the loaded 2-core machine, 0.44-0.80 s at load 3.5 in
+# benchmarks/bench_sample_open.py; the letters come in two later turns of 0.11-0.17 s, made hidden and then shown)
 BLOCK_MS = 700
 FIRST_BLOCK_MS = 1500  # the first one of a session (measured 0.72-0.76 s; 1.1-1.3 s before the letters moved out)
 # a generated pair arriving in the Generate dock (its FLAIR and lesion added a turn apart): measured 0.15-0.26 s, the
@@ -28,14 +29,17 @@ PAIR_BLOCK_MS = 600
 FIRST_PAIR_BLOCK_MS = 1200
 
 
-def _longest_gap_ms(qtbot, action) -> float:
+def _longest_gap_ms(qtbot, viewer, action) -> float:
     """The most CPU time napari's GUI thread spent between two ticks of a 10 ms QTimer around ``action()`` (called on
-    the GUI thread, as napari calls a sample), including the first drawing of what it added.
+    the GUI thread, as napari calls a sample), including the first drawing of what it added and the orientation
+    letters that follow in later turns (made hidden, then shown).
 
     CPU time of the thread (``time.thread_time``), not wall time: on a machine shared with other jobs the scheduler
     stretches every wall-clock gap, while the work the GUI thread does between two ticks stays what it is.
     """
     from qtpy.QtCore import QTimer
+
+    from napari_neuromf._viewing import is_view_aid
 
     ticks: list[float] = []
     timer = QTimer()
@@ -44,7 +48,8 @@ def _longest_gap_ms(qtbot, action) -> float:
     timer.start()
     qtbot.wait(100)
     action()
-    qtbot.wait(400)
+    qtbot.waitUntil(lambda: any(is_view_aid(layer) and layer.visible for layer in viewer.layers), timeout=10_000)
+    qtbot.wait(400)  # the letters' first drawing, a pair's second layer
     timer.stop()
     return max((b - a) * 1000 for a, b in zip(ticks, ticks[1:], strict=False))
 
@@ -61,12 +66,12 @@ def test_each_sample_opens_without_blocking_the_gui(make_napari_viewer, qtbot):
     viewer.layers.clear()
     qtbot.wait(100)
     # the first sample of a session also pays NeuroMF's one-time viewing set-up (its modules, the reader preference)
-    first = _longest_gap_ms(qtbot, lambda: viewer.open_sample("napari-neuromf", SAMPLES[0]))
+    first = _longest_gap_ms(qtbot, viewer, lambda: viewer.open_sample("napari-neuromf", SAMPLES[0]))
     assert first < FIRST_BLOCK_MS, f"first sample opened: longest GUI-thread gap {first:.0f} ms"
     worst = {}
     for key in SAMPLES:
         viewer.layers.clear()
-        worst[key] = round(_longest_gap_ms(qtbot, lambda key=key: viewer.open_sample("napari-neuromf", key)))
+        worst[key] = round(_longest_gap_ms(qtbot, viewer, lambda key=key: viewer.open_sample("napari-neuromf", key)))
         assert len(data_layers(viewer)) == 2, key
     print(f"longest GUI-thread gap per sample (ms): {worst}")
     assert max(worst.values()) < BLOCK_MS, f"longest GUI-thread gap per sample (ms): {worst}"
@@ -93,7 +98,7 @@ def test_generated_pairs_arrive_without_blocking_the_gui(make_napari_viewer, qtb
     mask, _, _ = load_nifti(_sample_data.SAMPLES_DIR / f"{prefix}_FLAIR_roi.nii.gz")
     pair = GeneratedPair(0, image, mask, affine, json.loads((_sample_data.SAMPLES_DIR / f"{prefix}.json").read_text()))
     widget.run = _generate_run.GenerateRun("embedded")
-    gaps = [_longest_gap_ms(qtbot, lambda: widget._on_pair(pair)) for _ in range(3)]
+    gaps = [_longest_gap_ms(qtbot, viewer, lambda: widget._on_pair(pair)) for _ in range(3)]
     wait_idle(qtbot, widget, 10)
     assert [layer.name for layer in data_layers(viewer)] == [f"gen_00{i} {kind}" for i in range(3)
                                                            for kind in ("FLAIR", "lesion")]

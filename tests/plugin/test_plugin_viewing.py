@@ -182,7 +182,7 @@ def test_defaults_are_remembered_across_sessions(make_napari_viewer, qtbot, phan
     assert ready(qtbot, FCDDataWidget(viewer)).folder.text() == str(phantom_subset)
     assert ready(qtbot, MaskTestWidget(viewer)).output.text() == str(mask_test)
     generate = ready(qtbot, GenerateWidget(viewer))  # the trained adapter is offered, not chosen
-    assert generate.adapter.text() == "embedded" and "not been checked" in generate.offer.text()
+    assert generate.adapter.text() == "embedded" and "not checked yet" in generate.offer.text()
     lora = ready(qtbot, LoRAWidget(viewer))
     assert Path(lora.output.text()).parent == tmp_path / "runs"
     lora.strategy.setCurrentText("auto")

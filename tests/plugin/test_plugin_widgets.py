@@ -217,8 +217,7 @@ def test_lora_widget_trains_stops_and_resumes(make_napari_viewer, qtbot, tiny_ba
     assert result.stopped and 3 <= result.step < 500
     assert checkpoint_paths(out)[0].is_file() and (out / "adapter" / "adapter_config.json").is_file()
     assert _state.STATE.last_adapter == out / "adapter"
-    assert follower.adapter.text() == "embedded" and "adapter" in follower.offer.text()
-    assert "not been checked" in follower.offer.text()
+    assert follower.adapter.text() == "embedded" and "not checked yet" in follower.offer.text()
     assert widget.start_button.isEnabled() and not widget.stop_button.isEnabled()
     assert widget.run_mode.currentText() == _training_run.RESUME  # the next Start continues the stopped run
     assert "Stopped at step" in widget.job.status.text() and str(out / "adapter") in widget.job.status.text()
@@ -341,7 +340,7 @@ def test_generate_widget_adds_pairs_and_saves_the_selected(make_napari_viewer, q
     # the defaults are the 2 mm configuration that makes lesion pairs; the last trained adapter is only offered
     assert (widget.adapter.text(), widget.render.text()) == ("embedded", "embedded")
     assert (widget.sampler.currentText(), widget.steps.value(), widget.n.value()) == ("euler", 32, 1)
-    assert not widget.advanced.isVisible() and "not been checked" in widget.offer.text()
+    assert not widget.advanced.isVisible() and "not checked yet" in widget.offer.text()
     assert not widget.use_latest.isEnabled()
     use_tiny(widget, tiny_adapter)
     widget.n.setValue(3)
@@ -476,7 +475,9 @@ def test_last_trained_adapter_is_offered_only_after_its_quick_lesion_check(make_
     _session_state().last_adapter = tiny_adapter
     widget = ready(qtbot, GenerateWidget(make_napari_viewer()))
     widget.device.setCurrentText("cpu")
-    assert widget.offer_row.isVisibleTo(widget) and "not been checked" in widget.offer.text()
+    assert widget.offer_row.isVisibleTo(widget) and "not checked yet" in widget.offer.text()
+    assert widget.offer.text().startswith(tiny_adapter.parent.name if tiny_adapter.name == "adapter"
+                                          else tiny_adapter.name)  # which adapter, by its run's name
     seen = notes()
     widget._use_latest()  # not checked: refused
     assert widget.adapter.text() == DEFAULT_ADAPTER and any("Check it" in m for m in seen())
@@ -489,7 +490,12 @@ def test_last_trained_adapter_is_offered_only_after_its_quick_lesion_check(make_
     assert not check.recommended, check.pairs  # a 3-step adapter on random weights makes no lesion-like masks
     failed = [name for row in check.pairs for name in row["failed"]]
     assert failed and all(FAILURE_WORDS[name] in check.reason for name in failed)
-    assert "not recommended" in widget.offer.text() and check.reason in widget.offer.text()
+    # one short line: which adapter, not recommended, each failed criterion once; the pairs' details in the tooltip
+    assert widget.offer.text().endswith(f"not recommended, {check.summary()}") and len(widget.offer.text()) < 120
+    failing = sum(not row["lesion_like"] for row in check.pairs)
+    assert check.summary().startswith(f"{failing} of 2 pairs fail: ") and check.reason in widget.offer.toolTip()
+    first = next(name for name in MASK_CRITERIA if name in failed)  # named first, whatever else failed
+    assert check.summary().split(": ", 1)[1].startswith(FAILURE_WORDS[first])
     assert not widget.use_latest.isEnabled() and widget.adapter.text() == DEFAULT_ADAPTER
     assert "not recommended" in widget.job.status.text() and widget.check_latest.isEnabled()  # can check again
 
@@ -500,9 +506,10 @@ def test_last_trained_adapter_is_offered_only_after_its_quick_lesion_check(make_
     # a check that passed (as recorded by a run) enables the offer; 'Use it' then selects the adapter
     _session_state().remember_check(tiny_adapter, {**check.to_dict(), "recommended": True, "reason": "all pass"})
     widget._new_adapter(tiny_adapter)
-    assert widget.use_latest.isEnabled() and "passed its quick check" in widget.offer.text()
+    assert widget.use_latest.isEnabled() and widget.offer.text().endswith("makes lesions (2 of 2 pairs pass)")
     widget.use_latest.click()
-    assert widget.adapter.text() == str(tiny_adapter)
+    assert widget.adapter.text() == str(tiny_adapter) and widget.offer.text().endswith(": selected (its quick check "
+                                                                                       "passed)")
 
 
 def generate_one_pair(qtbot, widget, viewer) -> tuple:

@@ -41,6 +41,20 @@ class AdapterCheck:
         """A check from `to_dict`'s values (unknown keys ignored)."""
         return cls(**{key: values[key] for key in cls.__dataclass_fields__ if key in values})
 
+    def summary(self, most: int = 2) -> str:
+        """The verdict in one short line: ``"makes lesions (2 of 2 pairs pass)"`` or ``"2 of 2 pairs fail: empty
+        mask"``: the failed criteria in the lesion check's order, each once, the first `most` named (an empty mask
+        fails the other criteria too: only its emptiness is named); `reason` says which pair failed which."""
+        if self.recommended:
+            return f"makes lesions ({len(self.pairs)} of {len(self.pairs)} pairs pass)"
+        failing = [row for row in self.pairs if not row.get("lesion_like")]
+        failed = {name for row in failing
+                  for name in (["nonempty"] if "nonempty" in row.get("failed", []) else row.get("failed", []))}
+        words = [FAILURE_WORDS[name] for name in MASK_CRITERIA if name in failed]
+        words += sorted(name for name in failed if name not in FAILURE_WORDS)
+        named = ", ".join(words[:most]) + (f" and {len(words) - most} more" if len(words) > most else "")
+        return f"{len(failing)} of {len(self.pairs)} pairs fail" + (f": {named}" if named else "")
+
 
 def quick_sampling(adapter: str | Path) -> tuple[str, int]:
     """(sampler, steps) a joint adapter needs for a mask: 32 Euler steps for x-prediction, else one MeanFlow step."""
