@@ -202,3 +202,32 @@ def test_fixed_draw_evaluator_sizes():
     assert larger(model)["raw"] == first  # a fixed draw: the same noise and times at every call
     assert first != pytest.approx(default, rel=1e-3)  # the repeats carry new noise and times
     assert fixed_draw_evaluator(loss, two_blobs(12), n=4)(model).keys() == {"raw", "raw_img"}
+
+
+def test_fixed_draw_logged_before_training_once(tmp_path):
+    """With an evaluation hook the log starts with epoch 0: the fixed draw's loss before the first step (what a loss
+    decrease is judged against), written once, also when the run is stopped and resumed."""
+    import csv
+
+    from neuromf.train.loop import fixed_draw_evaluator
+
+    data = two_blobs(8)
+
+    def evaluated_task() -> TrainTask:
+        t = task()
+        t.loss_fn = MeanFlowLoss(adaptive_power=0.0)
+        t.evaluate = fixed_draw_evaluator(t.loss_fn, data, n=4)
+        return t
+
+    untrained = evaluated_task()
+    before = untrained.evaluate(untrained.model)["raw"]
+    stop = Event()
+    settings = cfg(tmp_path, max_steps=4, batch_size=4, checkpoint_every=0)
+    run_to_end(train(evaluated_task(), data, settings, tmp_path, stop=stop),
+               lambda e: stop.set() if e.kind == "step" and e.step == 2 else None)
+    run_to_end(train(evaluated_task(), data, settings, tmp_path, resume=True))
+    with open(tmp_path / "losses.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert rows[0]["loss"] == "" and float(rows[0]["eval_raw"]) == pytest.approx(before, rel=1e-6)
+    assert all(r["loss"] and r["eval_raw"] for r in rows[1:])
