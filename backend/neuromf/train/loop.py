@@ -219,7 +219,9 @@ def _train(task: TrainTask, data: torch.Tensor, cfg: TrainingConfig, out_dir: Pa
     if task.evaluate is not None and main and state.step == 0:
         # the fixed draw's loss before the first step (epoch 0): what a decrease is judged against, since the first
         # epoch's warm-up already moves a fresh adapter's untrained parts
-        log.append({"epoch": 0, "step": 0, **{f"eval_{k}": v for k, v in task.evaluate(model).items()}})
+        # (a start over a run killed before its first checkpoint replaces that run's rows: nothing of it was kept)
+        log.append({"epoch": 0, "step": 0, **{f"eval_{k}": v for k, v in task.evaluate(model).items()}},
+                   keep_until_step=-1)
     bad_in_row = 0
     epoch_sums: dict[str, float] = {}
     epoch_count = 0
