@@ -231,3 +231,4 @@ def test_fixed_draw_logged_before_training_once(tmp_path):
     assert [float(r["epoch"]) for r in rows] == [0, 1, 2]
     assert rows[0]["loss"] == "" and float(rows[0]["eval_raw"]) == pytest.approx(before, rel=1e-6)
     assert all(r["loss"] and r["eval_raw"] for r in rows[1:])
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000  # drawn with the fixed draw's dashed lines
