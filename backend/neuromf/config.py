@@ -230,6 +230,8 @@ class TrainingConfig(_Section):
     checkpoint_every: int = bounded(200, 0, 1_000_000_000)  # 0: only at the end and on stop
     preview_every: int = bounded(0, 0, 1_000_000_000)
     max_bad_steps: int = bounded(20, 1, 1_000_000)
+    # samples in the fixed evaluation draw logged each epoch (eval_*); None: 8, or every sample when fewer
+    eval_samples: int | None = bounded(None, 1, 1_000_000)
     output_dir: str = "runs/run"
     num_threads: int | None = bounded(None, 1, 4096)
 

@@ -144,7 +144,8 @@ def test_demo_runs_the_2mm_path_and_keeps_the_3mm_one(tmp_path, capsys, monkeypa
     overrides = parse_overrides([train[i + 1] for i, a in enumerate(train) if a == "--set"])
     cfg = load_config(train[train.index("--config") + 1], overrides)
     assert (cfg.lora.init_from, cfg.lora.target_modules, cfg.training.max_steps, cfg.data.data_dir, cfg.data.flip,
-            cfg.training.lr) == (None, ["to_q", "to_k", "to_v"], 18, str(new_data), False, 1e-3)
+            cfg.training.lr, cfg.training.eval_samples) == (None, ["to_q", "to_k", "to_v"], 18, str(new_data), False,
+                                                            3e-4, 24)
     # the lesion checks judge the shipped adapter's pairs, in its own settings; verify judges the learning leg's run
     assert generate[generate.index("--adapter") + 1] == evaluate[evaluate.index("--adapter") + 1] == "embedded"
     assert not {"--sampler", "--steps", "--render"} & set(generate)

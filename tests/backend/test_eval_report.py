@@ -376,6 +376,19 @@ def test_report_p7_t4_fixed_evaluation_draw(tmp_path):
     _, table = _report(stage, run, tmp_path / "b", t2_t3=IN_PROCESS)
     assert table["P7-T4"][3] == "PASS" and "not lower" not in table["P7-T4"][4]
 
+    # an evaluation before training (epoch 0, no training means) is the reference; a part that was lower at an epoch
+    # in between is named beside the comparison, which still decides
+    zero = {"epoch": 0, "step": 0, "eval_raw": 2.5, "eval_raw_img": 0.7, "eval_raw_mask": 1.8, "eval_raw_lesion": 3.5}
+    rows[1]["eval_raw_mask"] = 1.0
+    _write_losses(run, [zero, *rows])
+    _, table = _report(stage, run, tmp_path / "b0", t2_t3=IN_PROCESS)
+    figure = table["P7-T4"][4]
+    assert table["P7-T4"][3] == "PASS" and "epoch 0 -> 3" in figure and "mask 1.8 -> 1.2" in figure, figure
+    assert figure.endswith("lowest in between: mask 1 at epoch 2")
+    _write_losses(run, [{**zero, "eval_raw_img": 0.55}, *rows])
+    _, table = _report(stage, run, tmp_path / "b1", t2_t3=IN_PROCESS)
+    assert table["P7-T4"][3] == "FAIL" and table["P7-T4"][4].endswith("not lower: image"), table["P7-T4"][4]
+
     # conditional run: no mask part logged; the fixed draw evaluated on two epochs only (blank cells elsewhere)
     cond = [{"epoch": e, "step": e, "loss": 1.0, "raw": 1.0, "eval_raw": "" if e == 2 else 1.0 / e,
              "eval_raw_img": "" if e == 2 else 1.0 / e, "eval_raw_lesion": "" if e == 2 else 2.0 / e}

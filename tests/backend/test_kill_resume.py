@@ -85,17 +85,19 @@ def sidecar_step(out: Path) -> int:
         return -1
 
 
-def logged_steps(out: Path) -> list[int]:
+def logged_steps(out: Path, before_training: bool = False) -> list[int]:
+    """Steps of the logged epochs; with `before_training`, also the fixed draw's evaluation before the first step
+    (step 0, no training loss), which trainings with an evaluation draw log."""
     path = out / "losses.csv"
     if not path.is_file():
         return []
     with open(path, newline="") as fh:
-        return [int(float(row["step"])) for row in csv.DictReader(fh)]
+        return [int(float(row["step"])) for row in csv.DictReader(fh) if before_training or row.get("loss")]
 
 
 def losses(out: Path) -> dict[int, float]:
     with open(out / "losses.csv", newline="") as fh:
-        return {int(float(r["step"])): float(r["loss"]) for r in csv.DictReader(fh)}
+        return {int(float(r["step"])): float(r["loss"]) for r in csv.DictReader(fh) if r.get("loss")}
 
 
 def sigkill(proc: subprocess.Popen) -> None:
@@ -173,7 +175,7 @@ def test_train_joint_killed_at_random_points_resumes_to_the_uninterrupted_result
     # 3. --resume to the end
     rc, output = finish(launch([*argv, "--resume"], tmp_path))
     assert rc == 0 and "finished at step 10" in output, f"{note}\n{output}"
-    assert logged_steps(out) == list(range(1, 11)), note  # no gaps, no duplicates
+    assert logged_steps(out, before_training=True) == list(range(0, 11)), note  # no gaps, no duplicates
     assert read_checkpoint_meta(out)["step"] == 10 == sidecar_step(out)
     weights, sidecar = checkpoint_paths(out)
     assert json.loads(sidecar.read_text()) == read_checkpoint_meta(out)  # the stale sidecar was rewritten

@@ -175,3 +175,60 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path):
     t = TrainTask(model=MeanFlowUNet(4, preset="tiny"), loss_fn=always_nan)
     with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
         run_to_end(train(t, two_blobs(8), cfg(tmp_path / "b", max_steps=10, max_bad_steps=3), tmp_path / "b"))
+
+
+def test_fixed_draw_evaluator_sizes():
+    """The fixed evaluation draw: by default up to 8 evenly spaced samples in one batch (the draw earlier runs
+    logged); a larger `n` cycles through every sample with new noise and times, averaged over `chunk`-sized
+    batches, and is the same draw at every call."""
+    from neuromf.train.loop import fixed_draw_evaluator
+
+    torch.manual_seed(0)
+    model, loss = MeanFlowUNet(4, preset="tiny").eval(), MeanFlowLoss(adaptive_power=0.0)
+    data = two_blobs(3)
+
+    def by_hand(index: list[int], chunk: int) -> float:
+        g = torch.Generator().manual_seed(20_251_126)
+        with torch.no_grad():
+            parts = [(len(index[i:i + chunk]), loss(model, data[index[i:i + chunk]], g)[1]["raw"])
+                     for i in range(0, len(index), chunk)]
+        return sum(n * raw for n, raw in parts) / len(index)
+
+    default = fixed_draw_evaluator(loss, data)(model)["raw"]
+    assert default == pytest.approx(by_hand([0, 1, 2], 8), rel=1e-6)
+    larger = fixed_draw_evaluator(loss, data, n=7, chunk=2)
+    first = larger(model)["raw"]
+    assert first == pytest.approx(by_hand([0, 1, 2, 0, 1, 2, 0], 2), rel=1e-6)
+    assert larger(model)["raw"] == first  # a fixed draw: the same noise and times at every call
+    assert first != pytest.approx(default, rel=1e-3)  # the repeats carry new noise and times
+    assert fixed_draw_evaluator(loss, two_blobs(12), n=4)(model).keys() == {"raw", "raw_img"}
+
+
+def test_fixed_draw_logged_before_training_once(tmp_path):
+    """With an evaluation hook the log starts with epoch 0: the fixed draw's loss before the first step (what a loss
+    decrease is judged against), written once, also when the run is stopped and resumed."""
+    import csv
+
+    from neuromf.train.loop import fixed_draw_evaluator
+
+    data = two_blobs(8)
+
+    def evaluated_task() -> TrainTask:
+        t = task()
+        t.loss_fn = MeanFlowLoss(adaptive_power=0.0)
+        t.evaluate = fixed_draw_evaluator(t.loss_fn, data, n=4)
+        return t
+
+    untrained = evaluated_task()
+    before = untrained.evaluate(untrained.model)["raw"]
+    stop = Event()
+    settings = cfg(tmp_path, max_steps=4, batch_size=4, checkpoint_every=0)
+    run_to_end(train(evaluated_task(), data, settings, tmp_path, stop=stop),
+               lambda e: stop.set() if e.kind == "step" and e.step == 2 else None)
+    run_to_end(train(evaluated_task(), data, settings, tmp_path, resume=True))
+    with open(tmp_path / "losses.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert rows[0]["loss"] == "" and float(rows[0]["eval_raw"]) == pytest.approx(before, rel=1e-6)
+    assert all(r["loss"] and r["eval_raw"] for r in rows[1:])
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000  # drawn with the fixed draw's dashed lines

@@ -310,7 +310,7 @@ def _read_losses(path: Path) -> tuple[list[dict[str, float]], list[str]]:
                     row[key] = float(value)
                 except (TypeError, ValueError):
                     continue
-            if "epoch" in row and "loss" in row:
+            if "epoch" in row and ("loss" in row or "eval_raw" in row):  # epoch 0: an evaluation before training
                 rows.append(row)
         columns = list(reader.fieldnames or [])
     return sorted(rows, key=lambda r: r["epoch"]), columns
@@ -346,7 +346,8 @@ def loss_decrease_row(check: Check, ctx: ReportContext) -> Row:
 
 def _fixed_draw_loss_row(row: Row, rows: list[dict[str, float]]) -> Row:
     """P7-T4 on the loss of a fixed evaluation draw (same cases, noise and times every epoch): PASS iff the total
-    and every logged part (image, mask, lesion voxels) are lower at the last evaluated epoch than at the first."""
+    and every logged part (image, mask, lesion voxels) are lower at the last evaluated epoch than at the first (epoch
+    0, before training, where the run logged it). Parts that were lower at an epoch in between are named."""
     evaluated = [r for r in rows if "eval_raw" in r]
     if len(evaluated) < 2:
         row.figure = f"{len(evaluated)} epoch(s) with a fixed-draw evaluation (eval_raw); need at least 2"
@@ -358,6 +359,15 @@ def _fixed_draw_loss_row(row: Row, rows: list[dict[str, float]]) -> Row:
                  if not (math.isfinite(first[key]) and math.isfinite(last[key]) and last[key] < first[key])]
     row.figure = (f"unweighted Lp on a fixed evaluation draw, epoch {int(first['epoch'])} -> "
                   f"{int(last['epoch'])}: {changes}")
+    # a part that was lower at an epoch between: said, so that a rise after it is not hidden by the comparison
+    lows = []
+    for key, name in compared:
+        low = min(((r[key], int(r["epoch"])) for r in evaluated[1:-1] if key in r and math.isfinite(r[key])),
+                  default=None)
+        if low is not None and low[0] < last[key]:
+            lows.append(f"{name} {low[0]:.4g} at epoch {low[1]}")
+    if lows:
+        row.figure += f"; lowest in between: {', '.join(lows)}"
     if not_lower:
         row.figure += f"; not lower: {', '.join(not_lower)}"
     else:

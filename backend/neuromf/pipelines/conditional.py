@@ -152,7 +152,7 @@ def train_conditional(cfg: RunConfig, base_checkpoint: str | Path = "embedded", 
         return [(image, preview_mask[0, 0].numpy().astype(np.uint8))]
 
     task = TrainTask(model=model, loss_fn=loss_fn, export=export, preview=preview,
-                     evaluate=fixed_draw_evaluator(loss_fn, _lesion_first(data)),
+                     evaluate=fixed_draw_evaluator(loss_fn, _lesion_first(data), cfg.training.eval_samples),
                      meta={"kind": "conditional", "base_checkpoint": str(base_checkpoint)})
     return (yield from train(task, data, cfg.training, out_dir, stop=stop, resume=resume))
 

@@ -119,7 +119,7 @@ def train_joint(cfg: RunConfig, base_checkpoint: str | Path = "embedded", resume
     if site:
         model = SiteConditionedJoint(model)
     task = TrainTask(model=model, loss_fn=loss_fn, export=export, preview=preview,
-                     evaluate=fixed_draw_evaluator(loss_fn, data),
+                     evaluate=fixed_draw_evaluator(loss_fn, data, cfg.training.eval_samples),
                      meta={"kind": "lora", "strategy": strategy, "base_checkpoint": str(base_checkpoint)})
     return (yield from train(task, data, cfg.training, out_dir, stop=stop, resume=resume))
 

@@ -68,21 +68,34 @@ class EpochLog:
 
 
 def plot_loss_curve(rows: list[dict[str, float]], png: Path) -> Path:
-    """Loss curve PNG (log scale, one line per logged loss part), written atomically."""
+    """Loss curve PNG (log scale, one line per logged loss part; the fixed evaluation draw's parts dashed in their
+    part's colour, from epoch 0), written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for key in [k for k in rows[-1] if k.startswith("raw") or k == "loss"]:
-        ax.plot(epochs, [r.get(key, float("nan")) for r in rows], label=key)
+    parts = [k for k in rows[-1] if k.startswith("raw") or k == "loss"]
+    fixed = [k for k in rows[-1] if k.startswith("eval_")]
+    fig, ax = plt.subplots(figsize=(7.5 if fixed else 6, 3.5), dpi=100)
+    colours = {}
+    for key in parts:
+        (line,) = ax.plot(epochs, [r.get(key, float("nan")) for r in rows], label=key)
+        colours[key] = line.get_color()
+    # the fixed evaluation draw (what the report's loss check compares; epoch 0: before training): dashed, in its
+    # part's colour
+    for key in fixed:
+        ax.plot(epochs, [r.get(key, float("nan")) for r in rows], "--", color=colours.get(key[5:]),
+                label=f"{key[5:]} (fixed draw)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if fixed:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(png, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)

@@ -59,17 +59,30 @@ def lr_at(step: int, total: int, cfg: TrainingConfig) -> float:
     return cfg.lr
 
 
-def fixed_draw_evaluator(loss_fn: LossFn, data: torch.Tensor, n: int = 8,
-                         seed: int = 20_251_126) -> Callable[[nn.Module], dict[str, float]]:
-    """Unweighted loss parts of `n` evenly spaced samples of `data` under one fixed noise/time draw."""
-    batch = data[torch.linspace(0, data.shape[0] - 1, min(n, data.shape[0])).round().long()]
+def fixed_draw_evaluator(loss_fn: LossFn, data: torch.Tensor, n: int | None = None, seed: int = 20_251_126,
+                         chunk: int = 8) -> Callable[[nn.Module], dict[str, float]]:
+    """Unweighted loss parts of a fixed draw of `n` samples of `data` (the same noise and times every call).
+
+    None: 8 evenly spaced samples, or every sample when there are fewer. Up to the sample count the draw takes `n`
+    evenly spaced samples; beyond it every sample in turn, each again with new noise and times. A small draw can
+    miss what the loss is made of: MeanFlow's loss is heavy-tailed over its (r, t) pairs, and 8 samples may hold no
+    pair with r != t at all. The parts are means over the draw, computed `chunk` samples at a time (the same numbers
+    as one batch when the draw is `chunk` or fewer; memory stays flat).
+    """
+    count = data.shape[0]
+    n = min(8, count) if n is None else n
+    index = torch.linspace(0, count - 1, n).round().long() if n <= count else torch.arange(n) % count
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
+        sums: dict[str, float] = {}
         with torch.no_grad():
-            _, parts = loss_fn(model, batch.to(device), generator)
-        return parts
+            for part in index.split(chunk):
+                _, parts = loss_fn(model, data[part].to(device), generator)
+                for key, value in parts.items():
+                    sums[key] = sums.get(key, 0.0) + value * len(part)
+        return {key: value / len(index) for key, value in sums.items()}
 
     return evaluate
 
@@ -203,6 +216,12 @@ def _train(task: TrainTask, data: torch.Tensor, cfg: TrainingConfig, out_dir: Pa
         dist.barrier(long=True)  # the other ranks wait until rank 0 has written everything
         return path, exported
 
+    if task.evaluate is not None and main and state.step == 0:
+        # the fixed draw's loss before the first step (epoch 0): what a decrease is judged against, since the first
+        # epoch's warm-up already moves a fresh adapter's untrained parts
+        # (a start over a run killed before its first checkpoint replaces that run's rows: nothing of it was kept)
+        log.append({"epoch": 0, "step": 0, **{f"eval_{k}": v for k, v in task.evaluate(model).items()}},
+                   keep_until_step=-1)
     bad_in_row = 0
     epoch_sums: dict[str, float] = {}
     epoch_count = 0
