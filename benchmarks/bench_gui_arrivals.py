@@ -21,11 +21,16 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import RESULTS_DIR, environment  # noqa: E402
+from benchlib import (  # noqa: E402
+    RESULTS_DIR,
+    environment,
+    generate_dock_with_pair,
+    gui_thread_ticks,
+    warmed_napari_viewer,
+)
 
 
 def main() -> None:
@@ -34,32 +39,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_gui_arrivals.json")
     args = parser.parse_args()
 
-    import napari
-    import numpy as np
     import qtpy
-    from qtpy.QtCore import QTimer
-    from qtpy.QtWidgets import QApplication
 
-    viewer = napari.Viewer(show=True)
-    app = QApplication.instance()
-
-    def spin(ms: float) -> None:
-        end = time.perf_counter() + ms / 1000
-        while time.perf_counter() < end:
-            app.processEvents()
-            time.sleep(0.005)
-
-    viewer.add_image(np.zeros((8, 8, 8), np.float32))  # napari's own first use: not what is measured
-    viewer.add_labels(np.zeros((8, 8, 8), np.uint8))
-    viewer.add_points([[4, 4, 4]], text={"string": ["RLAP"]}, size=1)
-    spin(500)
-    viewer.layers.clear()
-    spin(200)
-    ticks: list[float] = []
-    timer = QTimer()
-    timer.setInterval(10)
-    timer.timeout.connect(lambda: ticks.append(time.thread_time()))
-    timer.start()
+    viewer, spin = warmed_napari_viewer()
+    ticks, timer = gui_thread_ticks()
 
     def longest_gap_ms(action) -> float:
         ticks.clear()
@@ -72,22 +55,10 @@ def main() -> None:
                                                              "dock_first_pair", "dock_next_pair")}
     samples["first_sample"].append(longest_gap_ms(lambda: viewer.open_sample("napari-neuromf", "fcd_phantom_case")))
 
-    from napari_neuromf import _generate_run, _sample_data
-    from napari_neuromf._generate_widget import GenerateWidget
-    from napari_neuromf._layers import load_nifti
     from napari_neuromf._sample_data import phantom_case_paths
-    from neuromf.generation.images import GeneratedPair
 
     flair, _ = phantom_case_paths()
-
-    widget = GenerateWidget(viewer)
-    while not getattr(widget, "ready", False):
-        spin(100)
-    prefix = _sample_data.PAIRS["joint"]
-    image, affine, _ = load_nifti(_sample_data.SAMPLES_DIR / f"{prefix}_FLAIR.nii.gz")
-    mask, _, _ = load_nifti(_sample_data.SAMPLES_DIR / f"{prefix}_FLAIR_roi.nii.gz")
-    pair = GeneratedPair(0, image, mask, affine, json.loads((_sample_data.SAMPLES_DIR / f"{prefix}.json").read_text()))
-    widget.run = _generate_run.GenerateRun("embedded")
+    widget, pair = generate_dock_with_pair(viewer, spin)
     for _ in range(args.repeats):
         for name, sample in (("sample", "fcd_phantom_case"), ("pair_sample", "generated_pair")):
             viewer.layers.clear()

@@ -32,7 +32,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO_ROOT, RESULTS_DIR  # noqa: E402
+from benchlib import (  # noqa: E402
+    REPO_ROOT,
+    RESULTS_DIR,
+    generate_dock_with_pair,
+    gui_thread_ticks,
+    warmed_napari_viewer,
+)
 
 ACTIONS = ("sample", "pair_sample", "file_open", "dock_first_pair", "dock_next_pair")
 KEYS = ("longest_ms", "second_ms", "third_ms", "ours_ms")
@@ -41,11 +47,6 @@ KEYS = ("longest_ms", "second_ms", "third_ms", "ours_ms")
 def _measure(opens: int, dock: bool) -> dict:
     """In the child process: every action `opens` times; per opening the two longest gaps and `ours_ms`."""
     import functools
-
-    import napari
-    import numpy as np
-    from qtpy.QtCore import QTimer
-    from qtpy.QtWidgets import QApplication
 
     from napari_neuromf import _viewing
 
@@ -68,28 +69,10 @@ def _measure(opens: int, dock: bool) -> dict:
     for name in ("_inserted", "_letters_after_insert", "refresh", "_follow_slice", "_drop_markers"):
         setattr(_viewing.ViewGuard, name, counted(getattr(_viewing.ViewGuard, name)))
 
-    viewer = napari.Viewer(show=True)
-    app = QApplication.instance()
-
-    def spin(ms: float) -> None:
-        end = time.perf_counter() + ms / 1000
-        while time.perf_counter() < end:
-            app.processEvents()
-            time.sleep(0.005)
-
-    viewer.add_image(np.zeros((8, 8, 8), np.float32))  # napari's own first use: not what is measured
-    viewer.add_labels(np.zeros((8, 8, 8), np.uint8))
-    viewer.add_points([[4, 4, 4]], text={"string": ["RLAP"]}, size=1)
-    spin(500)
-    viewer.layers.clear()
-    spin(200)
+    viewer, spin = warmed_napari_viewer()
     viewer.open_sample("napari-neuromf", "fcd_phantom_case")  # NeuroMF's first use (module imports)
     spin(600)
-    ticks: list[float] = []
-    timer = QTimer()
-    timer.setInterval(10)
-    timer.timeout.connect(lambda: ticks.append(time.thread_time()))
-    timer.start()
+    ticks, timer = gui_thread_ticks()
 
     from napari_neuromf._sample_data import phantom_case_paths
 
@@ -98,20 +81,7 @@ def _measure(opens: int, dock: bool) -> dict:
                "pair_sample": lambda: viewer.open_sample("napari-neuromf", "generated_pair"),
                "file_open": lambda: viewer.open(str(flair), plugin="napari-neuromf")}
     if dock:
-        from napari_neuromf import _generate_run, _sample_data
-        from napari_neuromf._generate_widget import GenerateWidget
-        from napari_neuromf._layers import load_nifti
-        from neuromf.generation.images import GeneratedPair
-
-        widget = GenerateWidget(viewer)
-        while not getattr(widget, "ready", False):
-            spin(100)
-        prefix = _sample_data.PAIRS["joint"]
-        image, affine, _ = load_nifti(_sample_data.SAMPLES_DIR / f"{prefix}_FLAIR.nii.gz")
-        mask, _, _ = load_nifti(_sample_data.SAMPLES_DIR / f"{prefix}_FLAIR_roi.nii.gz")
-        pair = GeneratedPair(0, image, mask, affine,
-                             json.loads((_sample_data.SAMPLES_DIR / f"{prefix}.json").read_text()))
-        widget.run = _generate_run.GenerateRun("embedded")
+        widget, pair = generate_dock_with_pair(viewer, spin)
         actions["dock_first_pair"] = actions["dock_next_pair"] = lambda: widget._on_pair(pair)
     results: dict[str, list[dict]] = {name: [] for name in actions}
     for _ in range(opens):

@@ -249,6 +249,63 @@ def finish(result: dict[str, Any], out: Path, started: float) -> dict[str, Any]:
     print(f"written: {out}", file=sys.stderr)
     return result
 
+def warmed_napari_viewer() -> tuple[Any, Callable[[float], None]]:
+    """A shown napari viewer whose own first use in the process is paid (an image, a labels and a text points layer
+    added, drawn and cleared: layer modules, the font atlas, the first draw), and `spin(ms)`, which runs the Qt
+    event loop for `ms` milliseconds."""
+    import napari
+    import numpy as np
+    from qtpy.QtWidgets import QApplication
+
+    viewer = napari.Viewer(show=True)
+    app = QApplication.instance()
+
+    def spin(ms: float) -> None:
+        end = time.perf_counter() + ms / 1000
+        while time.perf_counter() < end:
+            app.processEvents()
+            time.sleep(0.005)
+
+    viewer.add_image(np.zeros((8, 8, 8), np.float32))  # napari's own first use: not what is measured
+    viewer.add_labels(np.zeros((8, 8, 8), np.uint8))
+    viewer.add_points([[4, 4, 4]], text={"string": ["RLAP"]}, size=1)
+    spin(500)
+    viewer.layers.clear()
+    spin(200)
+    return viewer, spin
+
+
+def gui_thread_ticks() -> tuple[list[float], Any]:
+    """A started 10 ms QTimer and the list it appends the GUI thread's CPU time (`time.thread_time`) to at each
+    tick: the gaps are the GUI-thread work between two ticks, which other jobs on the machine do not stretch."""
+    from qtpy.QtCore import QTimer
+
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.thread_time()))
+    timer.start()
+    return ticks, timer
+
+
+def generate_dock_with_pair(viewer: Any, spin: Callable[[float], None]) -> tuple[Any, Any]:
+    """A ready Generate dock on `viewer` and the shipped joint sample pair as a `GeneratedPair`, for timing a pair's
+    arrival (`dock._on_pair(pair)`)."""
+    from napari_neuromf import _generate_run, _sample_data
+    from napari_neuromf._generate_widget import GenerateWidget
+    from napari_neuromf._layers import load_nifti
+    from neuromf.generation.images import GeneratedPair
+
+    widget = GenerateWidget(viewer)
+    while not getattr(widget, "ready", False):
+        spin(100)
+    prefix = _sample_data.PAIRS["joint"]
+    image, affine, _ = load_nifti(_sample_data.SAMPLES_DIR / f"{prefix}_FLAIR.nii.gz")
+    mask, _, _ = load_nifti(_sample_data.SAMPLES_DIR / f"{prefix}_FLAIR_roi.nii.gz")
+    pair = GeneratedPair(0, image, mask, affine, json.loads((_sample_data.SAMPLES_DIR / f"{prefix}.json").read_text()))
+    widget.run = _generate_run.GenerateRun("embedded")
+    return widget, pair
+
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):

@@ -54,6 +54,7 @@ RANGE_RULES = [  # (section, key, a value outside the range, the message's range
     ("training", "checkpoint_every", -5, ">= 0 and <= 1e\\+09", 0),
     ("training", "preview_every", -1, ">= 0 and <= 1e\\+09", 0),
     ("training", "max_bad_steps", 0, ">= 1 and <= 1e\\+06", 1),
+    ("training", "eval_samples", 0, ">= 1 and <= 1e\\+06", 24),
     ("training", "num_threads", 0, ">= 1 and <= 4096", 2),
     ("training", "seed", -1, ">= 0 and <= 9\\.22337e\\+18", 0),
     ("training", "dist_timeout_s", 5, ">= 10", 10),
