@@ -61,6 +61,12 @@ def build_reference(data_dir: str | Path, prep: Any) -> tuple[LesionReference, s
     return reference_from_real(stats), f"{len(real)} real FCD lesions of {name} on the {prep.shape[0]} voxel grid"
 
 
+def shipped_reference(folder: Path) -> LesionReference | None:
+    """The reference an adapter folder ships (`lesion_reference.json`), or None when it has none."""
+    path = Path(folder) / REFERENCE_FILE
+    return reference_from_dict(json.loads(path.read_text())) if path.is_file() else None
+
+
 def adapter_reference(adapter: str | Path, cache_dir: Path | None = None, mode: str = "auto") -> LesionReference:
     """The reference an adapter's pairs are judged against: its folder's `lesion_reference.json`, else the cached
     or freshly built reference of its training data on its model grid (written into `cache_dir` when given)."""
@@ -69,8 +75,9 @@ def adapter_reference(adapter: str | Path, cache_dir: Path | None = None, mode: 
 
     # an explicit mode names the shipped folder of every shipped name (embedded-3mm included)
     folder = resolve_adapter_dir(adapter, mode if mode != "auto" else generation_mode(adapter))
-    if (folder / REFERENCE_FILE).is_file():
-        return reference_from_dict(json.loads((folder / REFERENCE_FILE).read_text()))
+    shipped = shipped_reference(folder)
+    if shipped is not None:
+        return shipped
     meta = AdapterMeta.load(folder)
     key = hashlib.sha256(json.dumps([str(meta.data_dir), meta.prep.key()], sort_keys=True).encode()).hexdigest()
     cached = None if cache_dir is None else Path(cache_dir) / f"{key[:16]}.json"

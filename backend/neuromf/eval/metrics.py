@@ -47,7 +47,7 @@ from neuromf.io.pairs import find_generated_pairs
 
 __all__ = ["BRAIN_THRESHOLD", "DICE_TARGET", "SHELL_VOXELS", "as_volume", "dice", "dice_reference_points",
            "evaluate_generated", "find_generated_pairs", "lesion_contrast", "load_generated_pair",
-           "mean_pairwise_ms_ssim", "ms_ssim", "ms_ssim_settings", "read_noise_correlation", "read_pair_number",
+           "mean_pairwise_ms_ssim", "ms_ssim", "ms_ssim_settings", "read_noise_correlation", "read_pair_numbers",
            "run_header", "voxel_spacing", "voxel_volume_cm3"]
 
 DICE_TARGET = 0.3
@@ -109,31 +109,38 @@ def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     return float(norms[0]), float(norms[1]), float(norms[2])
 
 
-def read_pair_number(generated_dir: Path, sample_id: str, key: str) -> tuple[float | None, str | None]:
-    """A number the generator recorded in `sample_XXX.json` next to the pair (e.g. `mask_noise_correlation`,
-    `mask_draws`), and a note if unusable.
+def read_pair_numbers(generated_dir: Path, sample_id: str,
+                      keys: tuple[str, ...]) -> tuple[dict[str, float | None], list[str]]:
+    """Numbers the generator recorded in `sample_XXX.json` next to the pair (e.g. `mask_noise_correlation`,
+    `mask_draws`), read once, and a note for each that is unusable.
 
-    (None, None) when the file is absent or does not hold the key (a generator that does not record it);
-    (None, note) when the file is unreadable or the value is not a finite number.
+    A key is None when the file is absent or does not hold it (a generator that does not record it), and None with
+    a note when the file is unreadable or the value is not a finite number.
     """
+    values: dict[str, float | None] = dict.fromkeys(keys)
     path = Path(generated_dir) / f"{sample_id}.json"
     if not path.is_file():
-        return None, None
+        return values, []
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        return None, f"{path}: unreadable ({err}); {key} not reported"
-    value = data.get(key) if isinstance(data, dict) else None
-    if value is None:
-        return None, None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        return None, f"{path}: {key} is not a finite number ({value!r}); not reported"
-    return float(value), None
+        return values, [f"{path}: unreadable ({err}); {', '.join(keys)} not reported"]
+    notes = []
+    for key in keys:
+        value = data.get(key) if isinstance(data, dict) else None
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            notes.append(f"{path}: {key} is not a finite number ({value!r}); not reported")
+        else:
+            values[key] = float(value)
+    return values, notes
 
 
 def read_noise_correlation(generated_dir: Path, sample_id: str) -> tuple[float | None, str | None]:
-    """The generator's `mask_noise_correlation` (`read_pair_number`)."""
-    return read_pair_number(generated_dir, sample_id, NOISE_KEY)
+    """The generator's `mask_noise_correlation` (`read_pair_numbers`), and a note if unusable."""
+    values, notes = read_pair_numbers(generated_dir, sample_id, (NOISE_KEY,))
+    return values[NOISE_KEY], notes[0] if notes else None
 
 
 def _index_sets(masks: list[np.ndarray]) -> list[np.ndarray]:
@@ -191,11 +198,10 @@ def _lesion_like_section(generated: list[dict], real: list[dict], spacing: tuple
     gen_stats = [lesion_stats(g["image"], g["mask"], voxel_spacing(g["affine"])) for g in generated]
     correlations, draws = [], []
     for g in generated:
-        value, note = read_noise_correlation(generated_dir, g["id"])
-        correlations.append(value)
-        draws.append(read_pair_number(generated_dir, g["id"], DRAWS_KEY)[0])
-        if note:
-            notes.append(note)
+        values, unusable = read_pair_numbers(generated_dir, g["id"], (NOISE_KEY, DRAWS_KEY))
+        correlations.append(values[NOISE_KEY])
+        draws.append(values[DRAWS_KEY])
+        notes.extend(unusable)
     try:
         ref: LesionReference | None = reference_from_real(real_stats)
     except ValueError as err:

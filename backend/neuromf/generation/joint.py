@@ -6,7 +6,6 @@ calibration of the joint guidance against the real lesions' sizes.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -39,12 +38,12 @@ def smallest_lesion_voxels(adapter: str | Path, spacing: tuple[float, ...]) -> f
     """The smallest mask (in voxels) the lesion check accepts for this adapter's pairs: half the smallest real lesion,
     from the adapter folder's `lesion_reference.json`, on a grid of voxel size `spacing` (mm); 1 voxel (any non-empty
     mask) when the folder has none."""
-    from neuromf.eval.lesion_check import REFERENCE_FILE, reference_from_dict
+    from neuromf.eval.lesion_check import shipped_reference
 
-    folder = resolve_adapter_dir(adapter, "joint")
-    if not (folder / REFERENCE_FILE).is_file():
+    reference = shipped_reference(resolve_adapter_dir(adapter, "joint"))
+    if reference is None:
         return 1.0
-    low, _ = reference_from_dict(json.loads((folder / REFERENCE_FILE).read_text())).volume_range
+    low, _ = reference.volume_range
     return max(1.0, low / (math.prod(spacing) / 1000.0))
 
 
