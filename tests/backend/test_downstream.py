@@ -69,11 +69,13 @@ def test_plan_arms_by_source_and_mask_source_without_duplicates():
             "inpainted/d": {"source": "inpainted", "mask_source": "joint"}}
     arms = {a.name: a for a in ds.plan_arms(pool)}
     assert list(arms) == ["R", "R+inpainted", "R+joint", "R+conditional", "R+synthetic", "R+joint masks",
-                          "R+prior masks", "synthetic-only", "50%R+synthetic"]
+                          "R+prior masks", "synthetic-only", "50%R+synthetic", "50%R"]
     assert arms["R+prior masks"].synthetic == ["conditional/a", "inpainted/c"]
     assert arms["50%R+synthetic"].real_fraction == 0.5 and arms["synthetic-only"].real_fraction == 0.0
+    assert arms["50%R"].real_fraction == 0.5 and arms["50%R"].synthetic == []  # the control of 50%R+synthetic
     only_joint = [a.name for a in ds.plan_arms({"joint/b": pool["joint/b"]})]
-    assert only_joint == ["R", "R+joint", "synthetic-only", "50%R+synthetic"]  # the duplicates are left out
+    assert only_joint == ["R", "R+joint", "synthetic-only", "50%R+synthetic", "50%R"]  # duplicates left out
+    assert [a.name for a in ds.plan_arms({})] == ["R"]  # no pairs: no control to compare them with
 
 
 def _write_pairs(folder, cases, meta):
@@ -178,3 +180,22 @@ def test_parallel_workers_give_the_same_results_as_one_by_one(phantom_dir, tmp_p
                                       workers=2)
     assert two["arms"]["R"]["dice"]["values"] == one["arms"]["R"]["dice"]["values"]
     assert two["arms"]["R"]["fp_per_scan"]["values"] == one["arms"]["R"]["fp_per_scan"]["values"]
+
+
+def test_half_r_control_is_paired_with_the_half_r_arm_on_the_same_real_cases():
+    pool = {"joint/b": {"source": "joint", "mask_source": "joint"}}
+    arms = ds.plan_arms(pool)
+    # both half arms draw the same real cases for a seed, so their difference is the pairs' own
+    assert ds._real_subset(64, 0.5, 3) == ds._real_subset(64, 0.5, 3) != ds._real_subset(64, 0.5, 4)
+    dice = {"R": [0.70, 0.72, 0.74], "50%R": [0.60, 0.66, 0.61], "50%R+synthetic": [0.65, 0.67, 0.70],
+            "R+joint": [0.71, 0.70, 0.75], "synthetic-only": [0.5, 0.6, 0.55]}
+    rows = [{"arm": arm, "seed": seed, "dice": d, "sensitivity": 1.0, "fp_per_scan": 0.0}
+            for arm, values in dice.items() for seed, d in enumerate(values)]
+    summary = ds.summarise(rows, arms)
+    added = summary["50%R+synthetic"]["dice_minus_50%R"]
+    assert added["mean"] == pytest.approx((0.05 + 0.01 + 0.09) / 3)
+    assert "dice_minus_50%R" not in summary["R+joint"] and "dice_minus_50%R" not in summary["50%R"]
+    goal = next(g for g in ds.judge_goals(summary) if g["arm"] == "50%R+synthetic")
+    assert goal["met"] is False and goal["dice_gain_over_half_R"] == pytest.approx(0.05)
+    table = ds.format_table({"n_real_train": 64, "arms": summary, "goals": ds.judge_goals(summary)})
+    assert "| 50%R | 32 + 0 |" in table and "the pairs add +0.050 Dice to the same half of R" in table

@@ -11,7 +11,8 @@ its own mix and is scored on the same test cases:
 - ``R+<mask source> masks``: R plus the pairs whose provenance says where their masks came from ("prior": the
   conditional prior re-places training lesions; "joint": new shapes drawn by the joint model), when that set is not
   already an arm;
-- ``synthetic-only`` and ``50%R+synthetic`` (a different random half of R per seed).
+- ``synthetic-only``, ``50%R+synthetic`` (a different random half of R per seed) and its control ``50%R`` (the same
+  half, no synthetic pair): what the pairs add where labelled cases are scarce.
 
 Per arm and seed: voxel Dice (mean over test cases), lesion-wise sensitivity and false-positive components per scan
 (`lesion_detection`). Arms are compared with R paired over seeds (`paired_difference`: mean difference and a 95%
@@ -43,6 +44,7 @@ __all__ = ["Arm", "BenchmarkSettings", "QUICK", "SOURCES", "format_table", "keep
 
 SOURCES = ("inpainted", "joint", "conditional")
 REAL = "R"
+HALF_REAL = "50%R"  # the scarce-labels control: each seed's random half of R, no synthetic pair
 CONNECTIVITY = ndimage.generate_binary_structure(3, 3)  # 26-connected lesion components
 GOAL_DICE_GAIN = 0.05
 GOAL_SYNTHETIC_ONLY = 0.8
@@ -143,9 +145,9 @@ def plan_arms(pool: dict[str, dict[str, Any]]) -> list[Arm]:
     keys = sorted(pool)
     seen: set[tuple[float, tuple[str, ...]]] = {(1.0, ())}
 
-    def add(name: str, fraction: float, members: list[str], description: str) -> None:
+    def add(name: str, fraction: float, members: list[str], description: str, control: bool = False) -> None:
         key = (fraction, tuple(members))
-        if members and key not in seen:
+        if (members or control) and key not in seen:
             seen.add(key)
             arms.append(Arm(name, fraction, members, description))
 
@@ -157,6 +159,9 @@ def plan_arms(pool: dict[str, dict[str, Any]]) -> list[Arm]:
             f"R + the synthetic pairs whose masks came from: {origin}")
     add("synthetic-only", 0.0, keys, "all synthetic pairs, no real case")
     add("50%R+synthetic", 0.5, keys, "a random half of R (drawn per seed) + all synthetic pairs")
+    if keys:
+        add(HALF_REAL, 0.5, [], "the same random half of R as 50%R+synthetic, no synthetic pair (its control)",
+            control=True)
     return arms
 
 
@@ -312,6 +317,7 @@ def summarise(rows: list[dict[str, Any]], arms: list[Arm]) -> dict[str, Any]:
     for row in rows:
         by_arm.setdefault(row["arm"], {})[int(row["seed"])] = row
     reference = by_arm.get(REAL, {})
+    half = by_arm.get(HALF_REAL, {})
     out: dict[str, Any] = {}
     for arm in arms:
         runs = by_arm.get(arm.name, {})
@@ -323,6 +329,9 @@ def summarise(rows: list[dict[str, Any]], arms: list[Arm]) -> dict[str, Any]:
             if arm.name != REAL:
                 ref = {s: r[metric] for s, r in reference.items() if r[metric] is not None}
                 entry[f"{metric}_minus_R"] = paired_difference(values, ref)
+            if arm.real_fraction == 0.5 and arm.synthetic and half:
+                ref = {s: r[metric] for s, r in half.items() if r[metric] is not None}
+                entry[f"{metric}_minus_{HALF_REAL}"] = paired_difference(values, ref)
         out[arm.name] = entry
     return out
 
@@ -350,6 +359,10 @@ def judge_goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
         met = None if dice_mean is None or real is None else bool(test(dice_mean))
         goals.append({"goal": f"{name} {text}", "arm": name, "dice": dice_mean, "R_dice": real,
                       "ratio_to_R": None if dice_mean is None or not real else dice_mean / real, "met": met})
+        added = summary.get(name, {}).get(f"dice_minus_{HALF_REAL}")
+        if added is not None:  # not a goal: what the pairs add to the same half of R
+            goals[-1]["dice_gain_over_half_R"] = added["mean"]
+            goals[-1]["dice_gain_over_half_R_ci"] = [added["ci_low"], added["ci_high"]]
     return goals
 
 
@@ -382,7 +395,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("")
     for goal in result["goals"]:
         verdict = {True: "met", False: "**MISSED**", None: "not determined (arm not run or < 2 seeds)"}[goal["met"]]
-        lines.append(f"- {goal['goal']}: {verdict}")
+        added = ""
+        if goal.get("dice_gain_over_half_R") is not None:
+            low, high = goal["dice_gain_over_half_R_ci"]
+            added = f" (the pairs add {goal['dice_gain_over_half_R']:+.3f} Dice to the same half of R" + (
+                ")" if low is None else f", 95% CI [{low:+.3f}, {high:+.3f}])")
+        lines.append(f"- {goal['goal']}: {verdict}{added}")
     return "\n".join(lines)
 
 
