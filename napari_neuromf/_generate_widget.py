@@ -42,7 +42,7 @@ from napari_neuromf._helpers import (
     tip,
     when_backend_ready,
 )
-from napari_neuromf._jobs import Caution, Failure
+from napari_neuromf._jobs import Caution, Failure, format_eta
 from napari_neuromf._layers import pair_layers
 from napari_neuromf._viewing import view_guard
 from neuromf.config import SAMPLERS
@@ -511,7 +511,9 @@ class GenerateWidget(QWidget):
         i, n = run.step
         self.job.bar.setRange(0, max(1, n))
         self.job.bar.setValue(i)
-        self.job.bar.setFormat(f"pair {min(run.pairs + 1, run.n)} / {run.n} · step %v / %m")
+        left = run.time_left_s()
+        eta = "" if left is None else f" · ETA {format_eta(left)}"
+        self.job.bar.setFormat(f"pair {min(run.pairs + 1, run.n)} / {run.n} · step %v / %m{eta}")
         self.job.status.setText(run.progress_text())
 
     def _next_number(self) -> int:

@@ -603,6 +603,49 @@ def test_generate_widget_renders_joint_masks_with_a_conditional_adapter(make_nap
     assert any("x-prediction" in m for m in seen()) and "gen_001 lesion" not in viewer.layers
 
 
+def test_generate_widget_shows_the_time_left_at_the_runs_own_pace(make_napari_viewer, qtbot, monkeypatch,
+                                                                  tiny_adapter, tiny_conditional_adapter):
+    """Two rendered joint pairs: once network steps ran, the dock's status and bar say the time left at this run's
+    pace; the run waits in the second pair's FLAIR pass until the dock has shown it. At the end the plan of passes
+    the time left counted on matches the passes the backend ran, and nothing is left."""
+    import threading
+
+    from napari_neuromf._generate_run import GenerateRun
+    from napari_neuromf._generate_widget import GenerateWidget
+
+    shown, passes, report = threading.Event(), [], GenerateRun.on_step
+
+    def on_step(run, i, n):
+        report(run, i, n)
+        passes.extend([run.pairs] if i == 1 else [])
+        if run.pairs == 1 and i == 3:
+            shown.wait(60)  # the worker waits here until the test has read the dock
+
+    monkeypatch.setattr(GenerateRun, "on_step", on_step)
+    viewer = make_napari_viewer()
+    widget = ready(qtbot, GenerateWidget(viewer))
+    use_tiny(widget, tiny_adapter)
+    widget.render.setText(str(tiny_conditional_adapter))
+    widget.sampler.setCurrentText("euler")
+    widget.steps.setValue(4)
+    widget.n.setValue(2)
+    widget.device.setCurrentText("cpu")
+    widget.start()
+    try:
+        qtbot.waitUntil(lambda: widget.run.step == (3, 4) and widget.run.pairs == 1
+                        and "left at this run's pace" in widget.job.status.text(), timeout=120_000)
+        status, bar = widget.job.status.text(), widget.job.bar.format()
+    finally:
+        shown.set()
+    wait_idle(qtbot, widget, 120)
+    assert status.startswith("Pair 2 of 2: network step 3 / 4") and " ETA " in bar and "pair 2 / 2" in bar
+    assert widget.run.failure is None and "gen_001 FLAIR" in viewer.layers
+    plan = widget.run.plan
+    assert [len(planned) for planned in plan.pairs] == [passes.count(0), passes.count(1)]
+    assert plan.pairs[0][0] == 2 * plan.extra  # one joint pass for both pairs (`extra`: a joint step of one pair)
+    assert widget.run.last_step[2] == 0.0 and widget.run.time_left_s() == 0.0
+
+
 def test_generate_widget_puts_joint_lesions_at_the_points_of_a_points_layer(make_napari_viewer, qtbot,
                                                                               tiny_site_adapter):
     """Lesion sites for a site-conditioned joint adapter: drawn from its prior by default; a Points layer placed on
