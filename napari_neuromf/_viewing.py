@@ -265,7 +265,8 @@ class ViewGuard:
 
                 QTimer.singleShot(0, self._drop_markers)
             return
-        extents = np.array([layer.extent.world for layer in volumes])  # (layers, 2, 3)
+        shown = [layer for layer in volumes if layer.visible] or volumes  # hidden scans do not move the letters
+        extents = np.array([layer.extent.world for layer in shown])  # (layers, 2, 3)
         lo, hi = extents[:, 0].min(axis=0), extents[:, 1].max(axis=0)
         visible = None
         if viewer.dims.ndisplay == 2:
@@ -308,6 +309,35 @@ class ViewGuard:
             data = np.array(markers.data)
             data[:, 2] = viewer.dims.point[2]
             markers.data = data
+
+
+def same_grid(a: Any, b: Any) -> bool:
+    """Whether two volume layers lie on one grid: the same voxels per axis over the same world box."""
+    return np.shape(a.data) == np.shape(b.data) and bool(np.allclose(a.extent.world, b.extent.world, atol=1e-3))
+
+
+def show_alone(viewer: napari.Viewer, layers: list) -> list[str]:
+    """Show ``layers`` (a generated pair on its model grid) alone: hide, not remove, the visible volumes on another
+    grid (a scan opened before: another brain, not registered to the pair, whose larger field of view would show
+    around it), fit the view to the pair and go to the slice through its lesion. Returns the names hidden; nothing
+    changes when there are none (pairs on one grid stay together)."""
+    if not layers:
+        return []
+    hidden = [layer for layer in view_guard(viewer).volumes()
+              if layer.visible and layer not in layers and not same_grid(layer, layers[0])]
+    if not hidden:
+        return []
+    for layer in hidden:
+        layer.visible = False
+    from napari.layers import Labels
+
+    lesion = next((layer for layer in layers if isinstance(layer, Labels) and np.any(layer.data)), None)
+    if lesion is not None:
+        centre = np.argwhere(np.asarray(lesion.data) > 0).mean(axis=0)
+        viewer.dims.set_point(2, float(lesion.data_to_world(centre)[2]))
+    viewer.reset_view(layers=layers)
+    view_guard(viewer).refresh()
+    return [layer.name for layer in hidden]
 
 
 _guards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -646,6 +646,39 @@ def test_generate_widget_shows_the_time_left_at_the_runs_own_pace(make_napari_vi
     assert widget.run.last_step[2] == 0.0 and widget.run.time_left_s() == 0.0
 
 
+def test_a_pair_arriving_over_a_scan_on_another_grid_is_shown_alone(make_napari_viewer, qtbot, phantom_subset,
+                                                                    tiny_adapter):
+    """A scan is open (its own grid, somewhere in the scanner's world); a generated pair arrives on the model's
+    grid: the scan is hidden, not removed, the dock and a notification say so and how to show it again, and the view
+    is fitted to the pair. A second pair on the same grid hides nothing more and leaves the view alone."""
+    from napari_neuromf._generate_widget import GenerateWidget
+    from napari_neuromf._layers import read_layer
+    from napari_neuromf._viewing import same_grid
+
+    viewer = make_napari_viewer()
+    data, state, _ = read_layer(next((phantom_subset / SUBJECTS[0] / "anat").glob("*_FLAIR.nii.gz")))
+    translate = np.asarray(state["translate"]) + (60.0, -40.0, 0.0)  # another field of view than the model's
+    scan = viewer.add_image(data, name="scan FLAIR", scale=state["scale"], translate=translate,
+                            metadata=state["metadata"])
+    widget = ready(qtbot, GenerateWidget(viewer))
+    use_tiny(widget, tiny_adapter)
+    seen = notes()
+    image, lesion = generate_one_pair(qtbot, widget, viewer)
+    assert "scan FLAIR" in viewer.layers and not scan.visible and image.visible and lesion.visible
+    assert same_grid(image, lesion) and not same_grid(scan, image)
+    status = widget.job.status.text()
+    assert "hidden, not removed: scan FLAIR" in status and "eye in the layer list" in status
+    assert any("hidden, not removed: scan FLAIR" in m for m in seen())
+    pair_centre = np.asarray(image.extent.world).mean(axis=0)
+    assert np.allclose(viewer.camera.center[-2:], pair_centre[list(viewer.dims.displayed)], atol=1e-3)
+    fitted_zoom = viewer.camera.zoom
+    viewer.camera.zoom = fitted_zoom * 2  # the user zooms in on the pair: the next pair keeps that view
+    widget.start()
+    wait_idle(qtbot, widget, 120)
+    assert "gen_001 FLAIR" in viewer.layers and viewer.layers["gen_000 FLAIR"].visible
+    assert viewer.camera.zoom == pytest.approx(fitted_zoom * 2) and "hidden" not in widget.job.status.text()
+
+
 def test_generate_widget_puts_joint_lesions_at_the_points_of_a_points_layer(make_napari_viewer, qtbot,
                                                                               tiny_site_adapter):
     """Lesion sites for a site-conditioned joint adapter: drawn from its prior by default; a Points layer placed on
