@@ -90,14 +90,11 @@ def step_costs(adapter: str, mode: str, render: str | None, guidance: float | No
     return (float(joint), float(flair) * calls) if joint and flair else (1.0, float(calls))
 
 
-JOINT_BATCH = 4  # pairs sampled at once in a joint pass (`neuromf.meanflow.samplers.sample_latents`)
-
-
 @dataclass
 class PassPlan:
     """The sampling passes of a generation run, pair by pair, each as the cost of one of its network steps, so the
-    time left can follow the run's own pace across passes of different cost: a joint pass samples up to
-    `JOINT_BATCH` pairs at once (the first pair of a batch carries it), a rendered joint pair then gets its FLAIR
+    time left can follow the run's own pace across passes of different cost: a joint pass samples up to ``batch``
+    pairs at once (the first pair of a batch carries it), a rendered joint pair then gets its FLAIR
     pass, a conditional pair with a lesion drawn from the prior two passes (the lesion-free brain, then the FLAIR).
     A pass the backend adds while it runs (a re-drawn joint mask, a lesion placed again) joins the plan when it
     starts: ``extra`` is its cost, put before the pair's last pass when ``extra_first`` (a re-drawn mask comes
@@ -110,11 +107,12 @@ class PassPlan:
 
     @classmethod
     def of_run(cls, mode: str, n: int, steps: int, render: bool, prior_lesion: bool,
-               costs: tuple[float, float]) -> PassPlan:
-        """The plan of `GenerateRun` settings; ``costs``: (joint step of one pair, FLAIR step), `step_costs`."""
+               costs: tuple[float, float], batch: int) -> PassPlan:
+        """The plan of `GenerateRun` settings; ``costs``: (joint step of one pair, FLAIR step), `step_costs`;
+        ``batch``: pairs per joint pass (`neuromf.meanflow.samplers.SAMPLE_BATCH`)."""
         joint, flair = costs
         if mode == "joint":
-            pairs = [([joint * min(JOINT_BATCH, n - k)] if k % JOINT_BATCH == 0 else []) + ([flair] if render else [])
+            pairs = [([joint * min(batch, n - k)] if k % batch == 0 else []) + ([flair] if render else [])
                      for k in range(n)]
             return cls(pairs, steps, joint, extra_first=render)
         passes = 2 if mode == "conditional" and prior_lesion else 1
@@ -219,8 +217,11 @@ class GenerateRun:
 
     def pass_plan(self) -> PassPlan:
         """This run's `PassPlan` (worker thread: reads the adapters' sidecars and the measured rates)."""
+        from neuromf.meanflow.samplers import SAMPLE_BATCH
+
         costs = step_costs(self.adapter, self.mode, self.render, self.guidance)
-        return PassPlan.of_run(self.mode, self.n, self.steps, bool(self.render), self.lesion is None, costs)
+        return PassPlan.of_run(self.mode, self.n, self.steps, bool(self.render), self.lesion is None, costs,
+                               SAMPLE_BATCH)
 
     def on_step(self, i: int, n: int) -> None:
         """The backend's per network step hook (worker thread): plain attribute writes, read by the GUI timer."""
