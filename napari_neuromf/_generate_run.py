@@ -78,16 +78,24 @@ def flair_calls_per_step(adapter: str, mode: str, render: str, guidance: float |
     return network_calls_per_run(1, scale)
 
 
-def step_costs(adapter: str, mode: str, render: str | None, guidance: float | None) -> tuple[float, float]:
-    """Seconds of one network step of a joint pass (one pair) and of a FLAIR pass (its network calls included), as
-    measured on the rates' machine (`neuromf.estimates`): only their ratio matters to the time left, which follows
-    the run's own pace; (1, calls) without a measured rate."""
+# a pair's work after its last network step (decoding its FLAIR with the VAE, the scanner texture, its lesion
+# figures), in network calls of the FLAIR pass: 5.7-7.8 (median 6.65) measured with the 2 mm models
+# (benchmarks/measure_pair_finish.py, benchmarks/results/pair_finish.json)
+FINISH_CALLS = 6.5
+
+
+def step_costs(adapter: str, mode: str, render: str | None, guidance: float | None) -> tuple[float, float, float]:
+    """Seconds of one network step of a joint pass (one pair), of a FLAIR pass (its network calls included) and of
+    a pair's finishing (`FINISH_CALLS`), as measured on the rates' machine (`neuromf.estimates`): only their ratios
+    matter to the time left, which follows the run's own pace; (1, calls, FINISH_CALLS) without a measured rate."""
     from neuromf.estimates import measured_rates
 
     calls = flair_calls_per_step(adapter, mode, render or "", guidance)
     rate = measured_rates().get("generation") or {}
     joint, flair = rate.get("joint_per_step_s"), rate.get("render_per_step_s")
-    return (float(joint), float(flair) * calls) if joint and flair else (1.0, float(calls))
+    if not (joint and flair):
+        return 1.0, float(calls), FINISH_CALLS
+    return float(joint), float(flair) * calls, float(flair) * FINISH_CALLS
 
 
 @dataclass
@@ -98,25 +106,27 @@ class PassPlan:
     pass, a conditional pair with a lesion drawn from the prior two passes (the lesion-free brain, then the FLAIR).
     A pass the backend adds while it runs (a re-drawn joint mask, a lesion placed again) joins the plan when it
     starts: ``extra`` is its cost, put before the pair's last pass when ``extra_first`` (a re-drawn mask comes
-    before the pair's FLAIR pass)."""
+    before the pair's FLAIR pass). ``finish``: the work of each pair after its last network step, in the same
+    units as a whole pass (a step's cost times its steps)."""
 
     pairs: list[list[float]]
     steps: int
     extra: float
     extra_first: bool = False
+    finish: float = 0.0
 
     @classmethod
     def of_run(cls, mode: str, n: int, steps: int, render: bool, prior_lesion: bool,
-               costs: tuple[float, float], batch: int) -> PassPlan:
-        """The plan of `GenerateRun` settings; ``costs``: (joint step of one pair, FLAIR step), `step_costs`;
-        ``batch``: pairs per joint pass (`neuromf.meanflow.samplers.SAMPLE_BATCH`)."""
-        joint, flair = costs
+               costs: tuple[float, float, float], batch: int) -> PassPlan:
+        """The plan of `GenerateRun` settings; ``costs``: (joint step of one pair, FLAIR step, a pair's finishing),
+        `step_costs`; ``batch``: pairs per joint pass (`neuromf.meanflow.samplers.SAMPLE_BATCH`)."""
+        joint, flair, finish = costs
         if mode == "joint":
             pairs = [([joint * min(batch, n - k)] if k % batch == 0 else []) + ([flair] if render else [])
                      for k in range(n)]
-            return cls(pairs, steps, joint, extra_first=render)
+            return cls(pairs, steps, joint, extra_first=render, finish=finish)
         passes = 2 if mode == "conditional" and prior_lesion else 1
-        return cls([[flair] * passes for _ in range(n)], steps, flair)
+        return cls([[flair] * passes for _ in range(n)], steps, flair, finish=finish)
 
     def passes_of(self, pair: int) -> int:
         return len(self.pairs[pair]) if pair < len(self.pairs) else 0
@@ -132,10 +142,11 @@ class PassPlan:
     def work(self, pair: int, number: int, step: int, steps: int) -> tuple[float, float]:
         """(work done, work left) in step costs after ``step`` of the ``steps`` of pass ``number`` of ``pair``
         (the passes still to come: `self.steps` each)."""
-        before = sum(sum(costs) for costs in self.pairs[:pair]) + sum(self.pairs[pair][:number - 1])
-        after = sum(self.pairs[pair][number:]) + sum(sum(costs) for costs in self.pairs[pair + 1:])
+        before = (sum(sum(costs) for costs in self.pairs[:pair]) + sum(self.pairs[pair][:number - 1])) * self.steps
+        after = (sum(self.pairs[pair][number:]) + sum(sum(costs) for costs in self.pairs[pair + 1:])) * self.steps
         current = self.pairs[pair][number - 1]
-        return before * self.steps + current * step, current * (steps - step) + after * self.steps
+        finishing = self.finish * pair, self.finish * (len(self.pairs) - pair)  # the pairs done; this one and the rest
+        return before + finishing[0] + current * step, current * (steps - step) + after + finishing[1]
 
 
 def check_estimate(adapter: str | Path) -> Any:

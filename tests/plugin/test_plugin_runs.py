@@ -62,7 +62,7 @@ def test_generation_time_left_counts_the_passes_still_to_come(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(_generate_run, "time", clock)
     run = _generate_run.GenerateRun("joint", n=2, steps=4, mode="joint", render="cond", started=0.0)
-    run.plan = _generate_run.PassPlan.of_run("joint", 2, 4, render=True, prior_lesion=True, costs=(2.0, 1.0),
+    run.plan = _generate_run.PassPlan.of_run("joint", 2, 4, render=True, prior_lesion=True, costs=(2.0, 1.0, 0.0),
                                               batch=4)
     assert run.plan.pairs == [[4.0, 1.0], [1.0]]  # 24 units of cost in all: 16 joint, 4 + 4 FLAIR
     assert run.time_left_s() is None and run.progress_text().startswith("Loading the models")
@@ -98,18 +98,23 @@ def test_generation_time_left_counts_the_passes_still_to_come(monkeypatch):
 
 
 def test_pass_plans_of_the_other_modes():
-    joint = _generate_run.PassPlan.of_run("joint", 6, 8, render=False, prior_lesion=True, costs=(2.0, 1.0),
+    joint = _generate_run.PassPlan.of_run("joint", 6, 8, render=False, prior_lesion=True, costs=(2.0, 1.0, 0.0),
                                           batch=4)
     assert joint.pairs == [[8.0], [], [], [], [4.0], []]  # batches of 4 pairs, then 2; no FLAIR pass
     assert joint.work(4, 1, 3, 8) == (8.0 * 8 + 4.0 * 3, 4.0 * 5)
     joint.start_pass(1, 1)  # a re-draw of the second pair's mask
     assert joint.pairs[1] == [2.0]
-    prior = _generate_run.PassPlan.of_run("conditional", 2, 8, render=False, prior_lesion=True, costs=(2.0, 1.5),
+    prior = _generate_run.PassPlan.of_run("conditional", 2, 8, render=False, prior_lesion=True, costs=(2.0, 1.5, 0.0),
                                           batch=4)
     assert prior.pairs == [[1.5, 1.5], [1.5, 1.5]]  # the lesion-free brain, then the FLAIR
-    given = _generate_run.PassPlan.of_run("inpaint", 1, 8, render=False, prior_lesion=False, costs=(2.0, 1.5),
+    given = _generate_run.PassPlan.of_run("inpaint", 1, 8, render=False, prior_lesion=False, costs=(2.0, 1.5, 0.0),
                                           batch=4)
     assert given.pairs == [[1.5]] and given.work(0, 1, 10, 16) == (15.0, 9.0)  # steps as the backend counts them
+    # each pair's work after its last network step (decoding): counted once per pair, done when the pair arrives
+    finishing = _generate_run.PassPlan.of_run("joint", 2, 4, render=True, prior_lesion=True, costs=(2.0, 1.0, 6.0),
+                                              batch=4)
+    assert finishing.work(0, 2, 4, 4) == (16.0 + 4.0, 2 * 6.0 + 4.0)  # the first pair's decoding, the second pair
+    assert finishing.work(1, 1, 4, 4) == (16.0 + 4.0 + 6.0 + 4.0, 6.0)  # only the second pair's decoding is left
 
 
 def test_state_is_remembered_in_the_user_folder(tmp_path):
