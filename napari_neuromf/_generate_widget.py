@@ -551,7 +551,6 @@ class GenerateWidget(QWidget):
         self.view_note = (f"Shown alone: {layers[0].name.split()[0]} is another brain on the model's grid; hidden, "
                           f"not removed: {names}. Click their eye in the layer list to show them again, or compare "
                           "with 'Side by side'.")
-        show_info(f"Generate: {self.view_note}")
         self.job.status.setText("\n".join([self.job.status.text(), self.view_note]))
 
     def _generation_finished(self) -> None:
