@@ -8,8 +8,12 @@ What is timed, each with the shipped models and the shipped phantoms, on the CPU
 - generation with the widget's defaults (the 2 mm joint adapter, rendered by the 2 mm conditional adapter,
   Euler): seconds to load the models and seconds per network step of each pass (at each adapter's own guidance).
 
+Every rate is timed in CPU seconds of this process (`time.process_time`), not wall seconds: with one torch thread
+that is the time the work takes a core of its own, whatever else runs beside it (a wall clock measures the other
+jobs too: rates timed by the wall clock at load 3-4 next to niced jobs were about as fast as at load 1, so bringing
+them back to an idle machine by the load divided them by 2-2.5 and the estimates came out 2-3x too short).
 Writes JSON (default `backend/neuromf/measured_rates.json`, the file the backend reads) with the machine, torch
-threads and load averages at start and end: the rates are as fast as that machine was then, no faster.
+threads, load averages at start and end and `clock: "process_cpu"`.
 Run it through the CPU lock on a shared machine (`flock /work/logs/cpu.lock python benchmarks/measure_rates.py`).
 """
 
@@ -29,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import REPO_ROOT, environment  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "backend" / "neuromf" / "measured_rates.json"
+clock = time.process_time  # CPU seconds of this process: see the module doc
 
 
 def _median_gap(stamps: list[float]) -> float:
@@ -47,15 +52,15 @@ def measure_mask_test(cases: int) -> dict:
     root = REPO_ROOT / "sample_data" / "fcd_phantoms"
     chosen = [c for c in discover_cases(root, group="fcd") if c.mask is not None][:cases]
     for name in ("embedded-3mm", "embedded"):
-        start = time.perf_counter()
+        start = clock()
         vae = MAISIVAEWrapper.resolve(name, preset="small")
-        loaded = time.perf_counter() - start
+        loaded = clock() - start
         prep = Preprocessing.from_dict(vae.metadata["preprocessing"]) if "preprocessing" in (vae.metadata or {}) \
             else Preprocessing()
-        stamps = [time.perf_counter()]
+        stamps = [clock()]
 
         def on_case(_row: dict, stamps: list[float] = stamps) -> None:
-            stamps.append(time.perf_counter())
+            stamps.append(clock())
 
         mask_vae_test(root, vae, prep, cases=chosen, on_case=on_case)
         per_case = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
@@ -93,11 +98,11 @@ def measure_training(config: str, base: str, cases: int, steps: int, tmp: Path) 
     if load_config(config).data.mask_strategy == "auto":
         overrides["data.mask_strategy"] = "downsample"  # no saved mask test here; the rate does not depend on it
     cfg = load_config(config, overrides)
-    start = time.perf_counter()
+    start = clock()
     encoded, stepped = [], []
 
     def on_event(event) -> None:
-        now = time.perf_counter()
+        now = clock()
         if event.kind == "encoding":
             encoded.append(now)
         elif event.kind == "step":
@@ -116,11 +121,11 @@ def measure_generation(steps: int) -> dict:
     from neuromf.generation.joint import generate_pairs
 
     stamps: list[tuple[float, int, int]] = []
-    start = time.perf_counter()
+    start = clock()
     pairs = list(generate_pairs("embedded", n=1, steps=steps, seed=0, device="cpu", method="euler",
                                 render="embedded", mask_draws=1,  # one joint pass and one FLAIR pass, as timed
-                                on_step=lambda i, n: stamps.append((time.perf_counter(), i, n))))
-    end = time.perf_counter()
+                                on_step=lambda i, n: stamps.append((clock(), i, n))))
+    end = clock()
     passes: list[list[float]] = []
     for stamp, i, _ in stamps:
         if i == 1:
@@ -161,7 +166,7 @@ def main() -> None:
                      "(per part); the napari widgets' time estimates multiply them out (neuromf.estimates)")
     env = rates.setdefault("env", {})
     for part in parts:
-        env[part] = environment("cpu")
+        env[part] = {**environment("cpu"), "clock": "process_cpu"}
     if "mask_test" in parts:
         rates["mask_test"] = measure_mask_test(args.cases)
     if "training" in parts:

@@ -10,10 +10,14 @@ rate at all gets no estimate rather than a guess.
 
 Load: a CPU job shares the cores with whatever else runs. Each runnable thread gets an equal share, so a job of
 one busy thread takes `slowdown(load, cores)` = max(1, (load + 1) / cores) times its time on an idle machine, with
-`load` the other runnable threads (the 1-minute load average). The rates are brought back to an idle machine by the
-slowdown of the load they were measured at, and an estimate is that idle time times the slowdown of the load now
-(`current_load`); the estimate says both. It is a model of fair sharing, not a forecast: the load can change while
-the job runs, and a job of several torch threads gains less than the thread count on a busy machine.
+`load` the other runnable threads (the 1-minute load average). The rates are CPU seconds of the measuring process
+(`clock: "process_cpu"` in their machine record): with one torch thread, the time on an idle machine whatever the
+load was while they were measured. An estimate is that idle time times the slowdown of the load now
+(`current_load`); the estimate says both. (Rates timed by the wall clock, as older files were, are brought back to
+an idle machine by the slowdown of the load they were measured at.) It is a model of fair sharing, not a
+forecast: the load can change while the job runs (the widgets then show the time left from the job's own pace),
+niced jobs take less than their share, and a job of several torch threads gains less than the thread count on a
+busy machine.
 """
 
 from __future__ import annotations
@@ -69,7 +73,9 @@ def _under_load(seconds: float, basis: str, rates: dict[str, Any], part: str,
     """`seconds` of work measured under the load recorded for `part`, as an Estimate at `load` (default: now)."""
     env = (rates.get("env") or {}).get(part) or {}
     measured_load = (env.get("loadavg_start") or [None])[0]
-    measured = slowdown(measured_load, env.get("cpu_count") or 1) if measured_load is not None else 1.0
+    wall_clock = env.get("clock") != "process_cpu"  # CPU seconds are an idle core's time already
+    measured = slowdown(measured_load, env.get("cpu_count") or 1) if wall_clock and measured_load is not None \
+        else 1.0
     load_now, cores = current_load() if load is None else load
     factor = slowdown(load_now, cores)
     idle = seconds / measured
@@ -104,13 +110,16 @@ def measured_rates(path: Path | None = None) -> dict[str, Any]:
 
 
 def machine(rates: dict[str, Any], part: str) -> str:
-    """Where one part's rates were measured: ``"measured on a 2-core AMD EPYC, 1 torch thread, load 7.2"``."""
+    """Where one part's rates were measured: ``"measured in CPU seconds on a 2-core AMD EPYC, 1 torch thread"``
+    (a wall-clock file: ``"measured on a 2-core AMD EPYC, 1 torch thread, load 7.2"``)."""
     env = (rates.get("env") or {}).get(part) or {}
     load = env.get("loadavg_start") or [None]
     threads = env.get("torch_threads")
     bits = [f"{env.get('cpu_count', '?')}-core {env.get('cpu_model') or 'CPU'}"]
     if threads:
         bits.append(f"{threads} torch thread{'s' if threads != 1 else ''}")
+    if env.get("clock") == "process_cpu":
+        return "measured in CPU seconds on a " + ", ".join(bits)
     if load[0] is not None:
         bits.append(f"load {load[0]:.1f}")
     return "measured on a " + ", ".join(bits)

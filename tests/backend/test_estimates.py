@@ -53,6 +53,11 @@ def test_estimates_follow_the_load_by_fair_sharing(monkeypatch):
     # no load recorded with the rates: taken as measured on an idle machine
     bare = {k: v for k, v in RATES.items() if k != "env"}
     assert mask_test_estimate("vae_fine", 3, rates=bare, load=(3.0, 2)).seconds == pytest.approx(2 * (2 + 3 * 20))
+    # rates in CPU seconds of the measuring process are an idle core's time whatever the load was then
+    cpu_clock = {**RATES, "env": {k: {**v, "clock": "process_cpu"} for k, v in RATES["env"].items()}}
+    timed_in_cpu = generation_estimate(1, 32, rates=cpu_clock, load=(5.0, 2))
+    assert timed_in_cpu.idle_seconds == pytest.approx(measured) and timed_in_cpu.seconds == pytest.approx(3 * measured)
+    assert timed_in_cpu.describe().endswith("measured in CPU seconds on a 2-core Test CPU, 1 torch thread)")
     # the default is this machine's load now
     monkeypatch.setattr(estimates, "current_load", lambda: (5.0, 2))
     assert generation_estimate(1, 32, rates=RATES).seconds == pytest.approx(busy.seconds)
