@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napari_neuromf._jobs import Caution, Failure, describe_error, format_eta, release_memory
+from napari_neuromf._jobs import Caution, Failure, describe_error, format_eta, release_memory, time_left_at_pace
 from napari_neuromf._state import EMBEDDED, user_folder
 
 
@@ -76,6 +76,77 @@ def flair_calls_per_step(adapter: str, mode: str, render: str, guidance: float |
         return 1
     scale = meta.inpaint_guidance_scale(guidance) if mode == "inpaint" else meta.guidance_scale(guidance)
     return network_calls_per_run(1, scale)
+
+
+# a pair's work after its last network step (decoding its FLAIR with the VAE, the scanner texture, its lesion
+# figures), in network calls of the FLAIR pass: 5.7-7.8 (median 6.65) measured with the 2 mm models
+# (benchmarks/measure_pair_finish.py, benchmarks/results/pair_finish.json)
+FINISH_CALLS = 6.5
+
+
+def step_costs(adapter: str, mode: str, render: str | None, guidance: float | None) -> tuple[float, float, float]:
+    """Seconds of one network step of a joint pass (one pair), of a FLAIR pass (its network calls included) and of
+    a pair's finishing (`FINISH_CALLS`), as measured on the rates' machine (`neuromf.estimates`): only their ratios
+    matter to the time left, which follows the run's own pace; (1, calls, FINISH_CALLS) without a measured rate."""
+    from neuromf.estimates import measured_rates
+
+    calls = flair_calls_per_step(adapter, mode, render or "", guidance)
+    rate = measured_rates().get("generation") or {}
+    joint, flair = rate.get("joint_per_step_s"), rate.get("render_per_step_s")
+    if not (joint and flair):
+        return 1.0, float(calls), FINISH_CALLS
+    return float(joint), float(flair) * calls, float(flair) * FINISH_CALLS
+
+
+@dataclass
+class PassPlan:
+    """The sampling passes of a generation run, pair by pair, each as the cost of one of its network steps, so the
+    time left can follow the run's own pace across passes of different cost: a joint pass samples up to ``batch``
+    pairs at once (the first pair of a batch carries it), a rendered joint pair then gets its FLAIR
+    pass, a conditional pair with a lesion drawn from the prior two passes (the lesion-free brain, then the FLAIR).
+    A pass the backend adds while it runs (a re-drawn joint mask, a lesion placed again) joins the plan when it
+    starts: ``extra`` is its cost, put before the pair's last pass when ``extra_first`` (a re-drawn mask comes
+    before the pair's FLAIR pass). ``finish``: the work of each pair after its last network step, in the same
+    units as a whole pass (a step's cost times its steps)."""
+
+    pairs: list[list[float]]
+    steps: int
+    extra: float
+    extra_first: bool = False
+    finish: float = 0.0
+
+    @classmethod
+    def of_run(cls, mode: str, n: int, steps: int, render: bool, prior_lesion: bool,
+               costs: tuple[float, float, float], batch: int) -> PassPlan:
+        """The plan of `GenerateRun` settings; ``costs``: (joint step of one pair, FLAIR step, a pair's finishing),
+        `step_costs`; ``batch``: pairs per joint pass (`neuromf.meanflow.samplers.SAMPLE_BATCH`)."""
+        joint, flair, finish = costs
+        if mode == "joint":
+            pairs = [([joint * min(batch, n - k)] if k % batch == 0 else []) + ([flair] if render else [])
+                     for k in range(n)]
+            return cls(pairs, steps, joint, extra_first=render, finish=finish)
+        passes = 2 if mode == "conditional" and prior_lesion else 1
+        return cls([[flair] * passes for _ in range(n)], steps, flair, finish=finish)
+
+    def passes_of(self, pair: int) -> int:
+        return len(self.pairs[pair]) if pair < len(self.pairs) else 0
+
+    def start_pass(self, pair: int, number: int) -> None:
+        """Pass ``number`` (from 1) of ``pair`` starts: a pass beyond the planned ones joins the plan."""
+        while len(self.pairs) <= pair:
+            self.pairs.append([])
+        planned = self.pairs[pair]
+        if number > len(planned):
+            planned.insert(len(planned) - 1 if self.extra_first and planned else len(planned), self.extra)
+
+    def work(self, pair: int, number: int, step: int, steps: int) -> tuple[float, float]:
+        """(work done, work left) in step costs after ``step`` of the ``steps`` of pass ``number`` of ``pair``
+        (the passes still to come: `self.steps` each)."""
+        before = (sum(sum(costs) for costs in self.pairs[:pair]) + sum(self.pairs[pair][:number - 1])) * self.steps
+        after = (sum(self.pairs[pair][number:]) + sum(sum(costs) for costs in self.pairs[pair + 1:])) * self.steps
+        current = self.pairs[pair][number - 1]
+        finishing = self.finish * pair, self.finish * (len(self.pairs) - pair)  # the pairs done; this one and the rest
+        return before + finishing[0] + current * step, current * (steps - step) + after + finishing[1]
 
 
 def check_estimate(adapter: str | Path) -> Any:
@@ -146,27 +217,59 @@ class GenerateRun:
     started: float = field(default_factory=time.perf_counter)
     loaded_s: float | None = None  # seconds the models took to load (until the first network step)
     estimate: Any = None  # `neuromf.estimates.Estimate` of the whole run, shown while the models load
+    plan: PassPlan | None = None  # the run's passes, made at its first network step
+    # (clock, work done) at the first network step, and (clock, work done, work left) at the latest
+    first_step: tuple[float, float] | None = None
+    last_step: tuple[float, float, float] | None = None
 
     @property
     def cancelled(self) -> bool:
         return self.cancel.is_set()
 
+    def pass_plan(self) -> PassPlan:
+        """This run's `PassPlan` (worker thread: reads the adapters' sidecars and the measured rates)."""
+        from neuromf.meanflow.samplers import SAMPLE_BATCH
+
+        costs = step_costs(self.adapter, self.mode, self.render, self.guidance)
+        return PassPlan.of_run(self.mode, self.n, self.steps, bool(self.render), self.lesion is None, costs,
+                               SAMPLE_BATCH)
+
     def on_step(self, i: int, n: int) -> None:
         """The backend's per network step hook (worker thread): plain attribute writes, read by the GUI timer."""
+        now = time.perf_counter()
         if self.loaded_s is None:
-            self.loaded_s = time.perf_counter() - self.started
-        if i == 1:
+            self.loaded_s = now - self.started
+        if self.plan is None:
+            self.plan = self.pass_plan()
+        if i == 1 or not self.passes:
             self.passes += 1
+            self.plan.start_pass(self.pairs, self.passes)
+        done, left = self.plan.work(self.pairs, max(1, self.passes), i, n)
+        if self.first_step is None:
+            self.first_step = (now, done)
+        self.last_step = (now, done, left)
         self.step = (i, n)
 
+    def time_left_s(self, now: float | None = None) -> float | None:
+        """Seconds left of the whole run at its own pace since its first network step (None before a second)."""
+        if self.first_step is None or self.last_step is None:
+            return None
+        clock, done, left = self.last_step
+        return time_left_at_pace(self.first_step, (clock, done), left, time.perf_counter() if now is None else now)
+
     def progress_text(self) -> str:
-        """What the widget shows while a pair is being made: the loading phase, then the network steps."""
+        """What the widget shows while a pair is being made: the loading phase with the estimate made before the
+        start, then the network steps with the time left at this run's pace."""
         if self.step is None:
             expected = f"; the whole run: {self.estimate.describe()}" if self.estimate is not None else ""
             return f"Loading the models ({format_eta(time.perf_counter() - self.started)} so far){expected} ..."
         i, n = self.step
-        return (f"Pair {self.pairs + 1} of {self.n}: network step {i} / {n} (pass {self.passes}) · models loaded in "
-                f"{format_eta(self.loaded_s)}")
+        planned = max(self.passes, self.plan.passes_of(self.pairs) if self.plan is not None else 0)
+        left = self.time_left_s()
+        pace = "time left: after the next step" if left is None else \
+            f"about {format_eta(left)} left at this run's pace"
+        return (f"Pair {self.pairs + 1} of {self.n}: network step {i} / {n} (pass {self.passes} of {planned}) · "
+                f"{pace} · models loaded in {format_eta(self.loaded_s)}")
 
     def _lesion_judge(self) -> tuple[Any, tuple[str, ...]]:
         """`lesion_judge` of this run; a caution when there is no reference."""

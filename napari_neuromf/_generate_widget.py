@@ -42,9 +42,9 @@ from napari_neuromf._helpers import (
     tip,
     when_backend_ready,
 )
-from napari_neuromf._jobs import Caution, Failure
+from napari_neuromf._jobs import Caution, Failure, format_eta
 from napari_neuromf._layers import pair_layers
-from napari_neuromf._viewing import view_guard
+from napari_neuromf._viewing import show_alone, view_guard
 from neuromf.config import SAMPLERS
 from neuromf.weights import EMBEDDED_NAMES
 
@@ -113,6 +113,7 @@ class GenerateWidget(QWidget):
         view_guard(napari_viewer)  # axial view, caption and orientation letters for every volume added
         self.busy = False  # a worker of this widget is running
         self.run: _generate_run.GenerateRun | _generate_run.SaveRun | None = None
+        self.view_note = ""  # why scans were hidden when the last run's pairs arrived (`show_alone`)
         self.worker = None
 
         self.adapter = PathField(DEFAULT_ADAPTER, "dir", "Adapter folder",
@@ -487,6 +488,7 @@ class GenerateWidget(QWidget):
                                         joint_guidance=chosen_guidance(self.joint_guidance), sites_world=sites,
                                         scan=scan)
         self.generate_button.setEnabled(False)
+        self.view_note = ""  # set when a pair arriving hides scans on other grids
         self.job.begin(self.run.progress_text())
         self.run.estimate = self.time_estimate()
         self.progress_timer.start()
@@ -511,7 +513,9 @@ class GenerateWidget(QWidget):
         i, n = run.step
         self.job.bar.setRange(0, max(1, n))
         self.job.bar.setValue(i)
-        self.job.bar.setFormat(f"pair {min(run.pairs + 1, run.n)} / {run.n} · step %v / %m")
+        left = run.time_left_s()
+        eta = "" if left is None else f" · ETA {format_eta(left)}"
+        self.job.bar.setFormat(f"pair {min(run.pairs + 1, run.n)} / {run.n} · step %v / %m{eta}")
         self.job.status.setText(run.progress_text())
 
     def _next_number(self) -> int:
@@ -534,9 +538,20 @@ class GenerateWidget(QWidget):
         meta = {**(pair.meta or {}), "generated": True, "seed": run.seed, "sample_index": int(pair.index),
                 "steps": run.steps, "checkpoint": (pair.meta or {}).get("adapter", run.adapter)}
         prefix = f"gen_{self._next_number():03d}"
-        add_layers(self, pair_layers(prefix, pair.image, pair.mask, pair.affine, meta))
+        add_layers(self, pair_layers(prefix, pair.image, pair.mask, pair.affine, meta), then=self._show_pair)
         self.job.status.setText("\n".join([f"{prefix}: {_generate_run.describe_lesion(meta.get('lesion'))}",
                                            *run.cautions]))
+
+    def _show_pair(self, layers: list) -> None:
+        """A pair's layers are in: shown alone when scans on other grids were open (hidden, not removed)."""
+        hidden = show_alone(self.viewer, layers)
+        if not hidden:
+            return
+        names = ", ".join(hidden)
+        self.view_note = (f"Shown alone: {layers[0].name.split()[0]} is another brain on the model's grid; hidden, "
+                          f"not removed: {names}. Click their eye in the layer list to show them again, or compare "
+                          "with 'Side by side'.")
+        self.job.status.setText("\n".join([self.job.status.text(), self.view_note]))
 
     def _generation_finished(self) -> None:
         self.progress_timer.stop()
@@ -545,7 +560,8 @@ class GenerateWidget(QWidget):
         if run.failure is None:
             cancelled = " (cancelled)" if run.cancelled else ""
             self.job.count(run.pairs, run.n, "pairs")
-            self.job.finish("\n".join([f"Generated {run.pairs} of {run.n} pairs{cancelled}", *run.cautions]))
+            self.job.finish("\n".join([f"Generated {run.pairs} of {run.n} pairs{cancelled}", *run.cautions,
+                                       *([self.view_note] if self.view_note else [])]))
 
     # -- comparing ----------------------------------------------------------------------------------------
     def compare(self) -> Any:

@@ -75,6 +75,18 @@ class ProgressClock:
         return f"{self.done} / {self.total} {unit}{eta}"
 
 
+def time_left_at_pace(first: tuple[float, float], last: tuple[float, float], work_left: float,
+                      now: float) -> float | None:
+    """Seconds left of a job at its own pace: ``first`` and ``last`` are (clock, work done) at the first and the
+    latest progress report, ``work_left`` the work still to do after the latest (any unit, as work done). The pace is
+    taken between the two reports, so whatever came before the first (loading models) does not count, and the time
+    since the latest report is already spent. None until the two reports are apart."""
+    (t0, w0), (t1, w1) = first, last
+    if w1 <= w0 or t1 <= t0:
+        return None
+    return max(0.0, (t1 - t0) / (w1 - w0) * max(0.0, work_left) - max(0.0, now - t1))
+
+
 class Cancelled(Exception):
     """Raised inside a backend callback to abandon a job the user cancelled."""
 

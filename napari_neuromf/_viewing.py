@@ -16,6 +16,13 @@ keeps R/L and A/P letters just inside the volume's edges. The letters are a smal
 canvas overlay: napari has one text overlay (the caption) and it sits at canvas corners; points placed at the
 patient's right/left/anterior/posterior side of the volume stay at the image edges under zoom, pan and flips,
 and they are right by construction whatever the camera does, since they mark anatomy, not the screen.
+
+The view is fitted to the volumes when they open; napari keeps the zoom when the canvas changes size (a dock
+opened beside it, the window resized), which would cut the image and its R/L letters at the canvas's edges. So
+while the view is still the last fit (the guard's, a widget's or napari's home button), a new canvas size fits it
+again; once the user zoomed or panned, the view is theirs, and the letters move inside the visible part of the
+canvas instead (a margin of `MARKER_MARGIN_PX` screen pixels), as a radiology viewer keeps its side markers at
+the viewport's edges.
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ MARKER_LETTERS = ("R", "L", "A", "P")
 # letters are on screen whenever the image is (a zoom that fits the image can cut off anything beyond it)
 MARKER_MARGIN = 0.06
 LETTERS_DELAY_MS = 50  # the letters wait this long after the last volume of an opening: a turn of the event loop
+MARKER_MARGIN_PX = 20  # the letters' centres stay this far inside the visible canvas (text of 16 px, centred)
+CAMERA_FOLLOW_MS = 50  # at most one move of the letters per this many ms while the camera zooms or pans
 
 
 def is_view_aid(layer: Any) -> bool:
@@ -84,13 +93,31 @@ def is_ras_volume(layer: Any) -> bool:
         and not is_view_aid(layer)
 
 
-def marker_positions(lo: np.ndarray, hi: np.ndarray, superior: float) -> np.ndarray:
+def marker_positions(lo: np.ndarray, hi: np.ndarray, superior: float,
+                     visible: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """World positions (R, A, S axes) of the letters R, L, A, P just inside the edges of the box ``lo``..``hi``,
-    on the axial plane at ``superior``: R/L at the middle of the A range, A/P at the middle of the R range."""
+    on the axial plane at ``superior``: R/L at the middle of the A range, A/P at the middle of the R range; with
+    ``visible`` (the world box shown on the canvas, less a margin: `visible_box`), moved into it."""
     lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
     pad, mid = (hi - lo) * MARKER_MARGIN, (lo + hi) / 2
-    return np.array([[hi[0] - pad[0], mid[1], superior], [lo[0] + pad[0], mid[1], superior],
-                     [mid[0], hi[1] - pad[1], superior], [mid[0], lo[1] + pad[1], superior]])
+    positions = np.array([[hi[0] - pad[0], mid[1], superior], [lo[0] + pad[0], mid[1], superior],
+                          [mid[0], hi[1] - pad[1], superior], [mid[0], lo[1] + pad[1], superior]])
+    if visible is not None:
+        positions[:, :2] = np.clip(positions[:, :2], visible[0][:2], visible[1][:2])
+    return positions
+
+
+def visible_box(center: tuple[float, float], zoom: float, canvas: tuple[int, int], displayed: tuple[int, int],
+                margin_px: float = MARKER_MARGIN_PX) -> tuple[np.ndarray, np.ndarray]:
+    """The world box (lo, hi over the 3 axes) a 2D view shows ``margin_px`` screen pixels inside the canvas's edges:
+    ``center`` the camera's centre on the ``displayed`` (vertical, horizontal) axes, ``zoom`` screen pixels per
+    world unit, ``canvas`` (height, width) in pixels; the axis not displayed is unbounded. Flips of the camera do
+    not change it: the box is symmetric about the centre."""
+    lo, hi = np.full(3, -np.inf), np.full(3, np.inf)
+    for axis, middle, pixels in zip(displayed, center, canvas, strict=True):
+        half = max(0.0, pixels / 2 - margin_px) / max(zoom, 1e-12)
+        lo[axis], hi[axis] = middle - half, middle + half
+    return lo, hi
 
 
 class ViewGuard:
@@ -105,12 +132,18 @@ class ViewGuard:
         self._refreshing = False
         self._fit_pending = False  # a first volume arrived: reset the view once its letters are placed
         self._letters_timer: Any = None  # a QTimer, made on the first insertion (the guard is not a QObject)
+        self._camera_timer: Any = None  # a QTimer: the letters follow zoom and pan at most every CAMERA_FOLLOW_MS
+        self._fitted: tuple[tuple[float, ...], float] | None = None  # (camera centre, zoom) of the last fit
         viewer.layers.events.inserted.connect(self._inserted)
         viewer.layers.events.removed.connect(self.refresh)
         viewer.dims.events.order.connect(self.refresh)
         viewer.dims.events.ndisplay.connect(self.refresh)
         viewer.dims.events.point.connect(self._follow_slice)
         viewer.scene.camera.events.orientation.connect(self.refresh)
+        viewer.scene.camera.events.zoom.connect(self._camera_moved)
+        viewer.scene.camera.events.center.connect(self._camera_moved)
+        viewer.canvas.events.size.connect(self._canvas_resized)
+        viewer.events.reset_view.connect(self._fitted_now)
 
     @property
     def viewer(self) -> napari.Viewer | None:
@@ -157,6 +190,41 @@ class ViewGuard:
             self._fit_pending = False
             viewer.reset_view()
 
+    def _fitted_now(self, *_: Any) -> None:
+        """napari fitted the view (ours, a widget's, the home button): remember where it put the camera."""
+        viewer = self.viewer
+        if viewer is not None:
+            self._fitted = (tuple(viewer.camera.center), float(viewer.camera.zoom))
+
+    def _still_fitted(self) -> bool:
+        """Whether the camera is where the last fit put it (the user has not zoomed or panned since)."""
+        viewer = self.viewer
+        if viewer is None or self._fitted is None:
+            return False
+        center, zoom = self._fitted
+        return bool(np.allclose(viewer.camera.center, center) and np.isclose(viewer.camera.zoom, zoom))
+
+    def _canvas_resized(self, *_: Any) -> None:
+        """A dock opened or closed beside the canvas, or the window was resized: fit the view again while it is
+        still the guard's fit (napari keeps the zoom), then the letters follow."""
+        viewer = self.viewer
+        if self.volumes() and viewer.dims.ndisplay == 2 and self._still_fitted():
+            viewer.reset_view()
+        self._camera_moved()
+
+    def _camera_moved(self, *_: Any) -> None:
+        if self.viewer is None or self._markers() is None:
+            return
+        if self._camera_timer is None:
+            from qtpy.QtCore import QTimer
+
+            self._camera_timer = QTimer()
+            self._camera_timer.setSingleShot(True)
+            self._camera_timer.setInterval(CAMERA_FOLLOW_MS)
+            self._camera_timer.timeout.connect(self.refresh)
+        if not self._camera_timer.isActive():  # a throttle, not a debounce: the letters follow a long pan
+            self._camera_timer.start()
+
     def caption_text(self) -> str | None:
         """The caption the view needs now: None when no volume is open or the view is not one of ours."""
         viewer = self.viewer
@@ -197,9 +265,14 @@ class ViewGuard:
 
                 QTimer.singleShot(0, self._drop_markers)
             return
-        extents = np.array([layer.extent.world for layer in volumes])  # (layers, 2, 3)
+        shown = [layer for layer in volumes if layer.visible] or volumes  # hidden scans do not move the letters
+        extents = np.array([layer.extent.world for layer in shown])  # (layers, 2, 3)
         lo, hi = extents[:, 0].min(axis=0), extents[:, 1].max(axis=0)
-        positions = marker_positions(lo, hi, float(viewer.dims.point[2]))
+        visible = None
+        if viewer.dims.ndisplay == 2:
+            visible = visible_box(tuple(viewer.camera.center[-2:]), float(viewer.camera.zoom),
+                                  tuple(viewer.canvas.size), tuple(viewer.dims.displayed))
+        positions = marker_positions(lo, hi, float(viewer.dims.point[2]), visible)
         show = show and not viewer.canvas.grid.enabled  # in grid mode the letters would take a viewbox of their own
         if markers is None and (not add or not show):
             return
@@ -236,6 +309,35 @@ class ViewGuard:
             data = np.array(markers.data)
             data[:, 2] = viewer.dims.point[2]
             markers.data = data
+
+
+def same_grid(a: Any, b: Any) -> bool:
+    """Whether two volume layers lie on one grid: the same voxels per axis over the same world box."""
+    return np.shape(a.data) == np.shape(b.data) and bool(np.allclose(a.extent.world, b.extent.world, atol=1e-3))
+
+
+def show_alone(viewer: napari.Viewer, layers: list) -> list[str]:
+    """Show ``layers`` (a generated pair on its model grid) alone: hide, not remove, the visible volumes on another
+    grid (a scan opened before: another brain, not registered to the pair, whose larger field of view would show
+    around it), fit the view to the pair and go to the slice through its lesion. Returns the names hidden; nothing
+    changes when there are none (pairs on one grid stay together)."""
+    if not layers:
+        return []
+    hidden = [layer for layer in view_guard(viewer).volumes()
+              if layer.visible and layer not in layers and not same_grid(layer, layers[0])]
+    if not hidden:
+        return []
+    for layer in hidden:
+        layer.visible = False
+    from napari.layers import Labels
+
+    lesion = next((layer for layer in layers if isinstance(layer, Labels) and np.any(layer.data)), None)
+    if lesion is not None:
+        centre = np.argwhere(np.asarray(lesion.data) > 0).mean(axis=0)
+        viewer.dims.set_point(2, float(lesion.data_to_world(centre)[2]))
+    viewer.reset_view(layers=layers)
+    view_guard(viewer).refresh()
+    return [layer.name for layer in hidden]
 
 
 _guards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

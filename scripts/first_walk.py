@@ -8,7 +8,8 @@ It drives the real napari window and the Generate dock as a user would (the dock
 fresh user folder and data cache, and writes:
 
 - ``docs/first_walk.json``: wall-clock seconds of each step, the machine (CPU, cores, torch threads) and its load
-  average at the start and the end (timings on a busy machine are upper bounds);
+  average at the start and the end (timings on a busy machine are upper bounds), and every 5 s of the generation
+  the time left the dock said (at the run's own pace) against the time it actually took from there;
 - ``docs/walk_generate.png``: the Generate dock after the pair arrived (its lesion figures and the lesion check's
   verdict in the pair list, the expected time);
 - ``docs/walk_side_by_side.png``: the side-by-side window, the real case (left) and the generated pair (right).
@@ -90,9 +91,21 @@ def main(argv: list[str] | None = None) -> int:
         timings["sample_pair_with_figures_s"] = time.perf_counter() - t
     else:
         generate.start()  # the defaults, untouched
-        until(lambda: not generate.busy, "Generate")
+        said: list[tuple[float, float, str]] = []  # (clock, time left the dock says, at which step)
+
+        def finished() -> bool:
+            run = generate.run
+            left = None if run is None else run.time_left_s()
+            if left is not None and (not said or time.perf_counter() - said[-1][0] >= 5.0):
+                said.append((time.perf_counter(), left, f"pass {run.passes} step {run.step[0]} / {run.step[1]}"))
+            return not generate.busy
+
+        until(finished, "Generate")
+        end = time.perf_counter()
         run = generate.run
-        timings["generate_s"] = time.perf_counter() - t
+        timings["generate_s"] = end - t
+        time_left = [{"at_s": round(at - t, 1), "step": step, "said_left_s": round(left, 1),
+                      "actual_left_s": round(end - at, 1)} for at, left, step in said]
         timings["generate_models_loaded_s"] = run.loaded_s
         if run.failure is not None:
             raise RuntimeError(run.failure.message)
@@ -134,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"pair_from": "the pre-made Generated pair sample" if args.pair_from_sample else "Generate (defaults)",
               "timings_s": {key: round(value, 1) for key, value in timings.items()},
               "expected_before_start": expected, "pair": figures, "saved": saved,
+              "time_left_said_during_generation": [] if args.pair_from_sample else time_left,
               "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(),
                           "loadavg_start": [round(x, 2) for x in load_start],

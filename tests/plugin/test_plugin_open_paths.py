@@ -151,3 +151,63 @@ def test_rechoosing_radiological_restores_it(viewer, qtbot, phantom_subset):
     assert widget.convention.currentText() == "Radiological"
     widget.convention.activated.emit(widget.convention.currentIndex())  # the user picks Radiological again
     _assert_axial_radiological(viewer, qtbot)
+
+
+def _letters_on_screen(viewer):
+    """Canvas pixel positions (x, y) of the letters, through vispy's own transform of the letters' visual."""
+    from napari_neuromf._viewing import is_view_aid
+
+    markers = next(layer for layer in viewer.layers if is_view_aid(layer))
+    node = viewer.window._qt_viewer.canvas.layer_to_visual[markers].node
+    points = np.asarray(markers.data)[:, list(viewer.dims.displayed)][:, ::-1]  # (x, y) = (horizontal, vertical)
+    pixels = node.get_transform("visual", "canvas").map(points)[:, :2]
+    return dict(zip(markers.features["letter"], pixels, strict=True))
+
+
+def _letters_inside_canvas(viewer, half_letter: float = 8.0) -> bool:
+    """Every letter (16 px text, centred on its point) wholly inside the canvas."""
+    height, width = viewer.canvas.size
+    return all(half_letter <= x <= width - half_letter and half_letter <= y <= height - half_letter
+               for x, y in _letters_on_screen(viewer).values())
+
+
+def test_letters_stay_inside_the_canvas_when_a_dock_narrows_it_and_under_zoom(make_napari_viewer, qtbot, tmp_path):
+    """Open a volume wider (R-L) than deep, then dock a wide widget: the canvas narrows, the view (still the one
+    fitted at the opening) is fitted again and the R/L letters stay on screen; after the user zooms in, the view is
+    theirs (not refitted) and the letters move to the visible canvas's edges, still R on the left."""
+    from qtpy.QtWidgets import QWidget
+
+    from napari_neuromf._viewing import MARKER_MARGIN_PX, prefer_this_reader
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1200, 900)
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((96, 80, 40), dtype=np.float32),
+                             np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "wide.nii.gz")
+    prefer_this_reader()
+    viewer.window._qt_viewer._qt_open([str(tmp_path / "wide.nii.gz")], stack=False)
+    _assert_axial_radiological(viewer, qtbot)
+    qtbot.waitUntil(lambda: _letters_inside_canvas(viewer), timeout=5000)
+    width, zoom = viewer.canvas.size[1], viewer.camera.zoom
+
+    dock = QWidget()
+    dock.setMinimumWidth(int(width * 0.6))
+    viewer.window.add_dock_widget(dock, area="right", name="a wide dock")
+    qtbot.waitUntil(lambda: viewer.canvas.size[1] < 0.6 * width, timeout=5000)
+    qtbot.waitUntil(lambda: _letters_inside_canvas(viewer), timeout=5000)
+    assert viewer.camera.zoom < zoom  # fitted again: the whole image is on the narrower canvas
+    on_screen = _letters_on_screen(viewer)
+    assert on_screen["R"][0] < on_screen["L"][0] and on_screen["A"][1] < on_screen["P"][1]  # radiological, A up
+
+    viewer.camera.zoom *= 4  # the user zooms in: the image now overflows the canvas on every side
+    narrow = viewer.canvas.size
+    qtbot.waitUntil(lambda: _letters_inside_canvas(viewer), timeout=5000)
+    on_screen = _letters_on_screen(viewer)
+    assert on_screen["R"][0] == pytest.approx(MARKER_MARGIN_PX, abs=1.0)  # at the visible edge, not the image's
+    assert on_screen["L"][0] == pytest.approx(narrow[1] - MARKER_MARGIN_PX, abs=1.0)
+    viewer.camera.center = (0.0, *(np.asarray(viewer.camera.center[1:]) + 30.0))  # and pans
+    qtbot.waitUntil(lambda: _letters_inside_canvas(viewer), timeout=5000)
+    zoomed = viewer.camera.zoom
+    viewer.window.remove_dock_widget(dock)  # the canvas widens again: the user's zoom stays
+    qtbot.waitUntil(lambda: viewer.canvas.size[1] > narrow[1], timeout=5000)
+    qtbot.waitUntil(lambda: _letters_inside_canvas(viewer), timeout=5000)
+    assert viewer.camera.zoom == pytest.approx(zoomed)

@@ -40,6 +40,83 @@ def test_progress_clock_counts_and_estimates():
     assert clock.text("cases") == "4 / 4 cases"
 
 
+def test_time_left_follows_the_pace_between_the_first_and_the_latest_report():
+    assert _jobs.time_left_at_pace((10.0, 4.0), (10.0, 4.0), 20.0, now=10.0) is None  # one report: no pace yet
+    assert _jobs.time_left_at_pace((10.0, 4.0), (14.0, 8.0), 16.0, now=14.0) == pytest.approx(16.0)
+    assert _jobs.time_left_at_pace((10.0, 4.0), (14.0, 8.0), 16.0, now=15.5) == pytest.approx(14.5)  # 1.5 s spent
+    assert _jobs.time_left_at_pace((10.0, 4.0), (14.0, 8.0), 2.0, now=30.0) == 0.0  # late: never below zero
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_generation_time_left_counts_the_passes_still_to_come(monkeypatch):
+    """Two rendered joint pairs of 4 steps, timed by a constructed clock: the joint pass samples both pairs at once
+    (cost 2 x 2 per step), each pair then gets a FLAIR pass (cost 1 per step); the time left is this run's seconds
+    per unit of cost since its first network step times the cost still to do, and a re-drawn mask adds a pass."""
+    clock = FakeClock()
+    monkeypatch.setattr(_generate_run, "time", clock)
+    run = _generate_run.GenerateRun("joint", n=2, steps=4, mode="joint", render="cond", started=0.0)
+    run.plan = _generate_run.PassPlan.of_run("joint", 2, 4, render=True, prior_lesion=True, costs=(2.0, 1.0, 0.0),
+                                              batch=4)
+    assert run.plan.pairs == [[4.0, 1.0], [1.0]]  # 24 units of cost in all: 16 joint, 4 + 4 FLAIR
+    assert run.time_left_s() is None and run.progress_text().startswith("Loading the models")
+
+    def step(i: int, at: float) -> None:
+        clock.now = at
+        run.on_step(i, 4)
+
+    step(1, 10.0)  # the models loaded, then the first joint step: no pace yet
+    assert run.loaded_s == 10.0 and run.time_left_s() is None and "after the next step" in run.progress_text()
+    step(2, 14.0)  # 4 s per joint step of two pairs = 1 s per unit; 24 - 8 units left
+    assert run.time_left_s() == pytest.approx(16.0)
+    assert "pass 1 of 2" in run.progress_text() and f"about {_jobs.format_eta(16.0)} left" in run.progress_text()
+    clock.now = 15.0
+    assert run.time_left_s() == pytest.approx(15.0)
+    for i, at in ((3, 18.0), (4, 22.0)):
+        step(i, at)
+    assert run.time_left_s() == pytest.approx(8.0)  # the two FLAIR passes at the joint pass's pace
+    for i, at in ((1, 24.0), (2, 26.0), (3, 28.0), (4, 30.0)):  # the load rose: 2 s per FLAIR step, not 1
+        step(i, at)
+    assert run.last_step[1:] == (20.0, 4.0) and run.time_left_s() == pytest.approx(20.0 / 16.0 * 4.0)
+    run.pairs, run.passes = 1, 0  # the first pair arrived
+    step(1, 32.0)
+    assert run.time_left_s() == pytest.approx(22.0 / 17.0 * 3.0) and "Pair 2 of 2" in run.progress_text()
+    for i, at in ((2, 34.0), (3, 36.0), (4, 38.0)):
+        step(i, at)
+    assert run.time_left_s() == 0.0
+    step(1, 40.0)  # one more pass for the second pair: its mask was too small and is drawn again (2 units a step)
+    assert run.plan.pairs[1] == [2.0, 1.0] and "pass 2 of 2" in run.progress_text()
+    done, left = run.last_step[1:]
+    assert (done, left) == (20.0 + 8.0 + 1.0, 3.0)  # the pass that ran was the re-draw; the FLAIR pass is left
+    assert run.time_left_s() == pytest.approx(30.0 / 25.0 * 3.0)
+
+
+def test_pass_plans_of_the_other_modes():
+    joint = _generate_run.PassPlan.of_run("joint", 6, 8, render=False, prior_lesion=True, costs=(2.0, 1.0, 0.0),
+                                          batch=4)
+    assert joint.pairs == [[8.0], [], [], [], [4.0], []]  # batches of 4 pairs, then 2; no FLAIR pass
+    assert joint.work(4, 1, 3, 8) == (8.0 * 8 + 4.0 * 3, 4.0 * 5)
+    joint.start_pass(1, 1)  # a re-draw of the second pair's mask
+    assert joint.pairs[1] == [2.0]
+    prior = _generate_run.PassPlan.of_run("conditional", 2, 8, render=False, prior_lesion=True, costs=(2.0, 1.5, 0.0),
+                                          batch=4)
+    assert prior.pairs == [[1.5, 1.5], [1.5, 1.5]]  # the lesion-free brain, then the FLAIR
+    given = _generate_run.PassPlan.of_run("inpaint", 1, 8, render=False, prior_lesion=False, costs=(2.0, 1.5, 0.0),
+                                          batch=4)
+    assert given.pairs == [[1.5]] and given.work(0, 1, 10, 16) == (15.0, 9.0)  # steps as the backend counts them
+    # each pair's work after its last network step (decoding): counted once per pair, done when the pair arrives
+    finishing = _generate_run.PassPlan.of_run("joint", 2, 4, render=True, prior_lesion=True, costs=(2.0, 1.0, 6.0),
+                                              batch=4)
+    assert finishing.work(0, 2, 4, 4) == (16.0 + 4.0, 2 * 6.0 + 4.0)  # the first pair's decoding, the second pair
+    assert finishing.work(1, 1, 4, 4) == (16.0 + 4.0 + 6.0 + 4.0, 6.0)  # only the second pair's decoding is left
+
+
 def test_state_is_remembered_in_the_user_folder(tmp_path):
     path = tmp_path / "state.json"
     first = _state.PluginState()

@@ -603,6 +603,80 @@ def test_generate_widget_renders_joint_masks_with_a_conditional_adapter(make_nap
     assert any("x-prediction" in m for m in seen()) and "gen_001 lesion" not in viewer.layers
 
 
+def test_generate_widget_shows_the_time_left_at_the_runs_own_pace(make_napari_viewer, qtbot, monkeypatch,
+                                                                  tiny_adapter, tiny_conditional_adapter):
+    """Two rendered joint pairs: once network steps ran, the dock's status and bar say the time left at this run's
+    pace; the run waits in the second pair's FLAIR pass until the dock has shown it. At the end the plan of passes
+    the time left counted on matches the passes the backend ran, and only the last pair's decoding was left after
+    its last network step."""
+    import threading
+
+    from napari_neuromf._generate_run import GenerateRun
+    from napari_neuromf._generate_widget import GenerateWidget
+
+    shown, passes, report = threading.Event(), [], GenerateRun.on_step
+
+    def on_step(run, i, n):
+        report(run, i, n)
+        passes.extend([run.pairs] if i == 1 else [])
+        if run.pairs == 1 and i == 3:
+            shown.wait(60)  # the worker waits here until the test has read the dock
+
+    monkeypatch.setattr(GenerateRun, "on_step", on_step)
+    viewer = make_napari_viewer()
+    widget = ready(qtbot, GenerateWidget(viewer))
+    use_tiny(widget, tiny_adapter)
+    widget.render.setText(str(tiny_conditional_adapter))
+    widget.sampler.setCurrentText("euler")
+    widget.steps.setValue(4)
+    widget.n.setValue(2)
+    widget.device.setCurrentText("cpu")
+    widget.start()
+    try:
+        qtbot.waitUntil(lambda: "Pair 2 of 2: network step 3 / 4" in widget.job.status.text(), timeout=120_000)
+        status, bar = widget.job.status.text(), widget.job.bar.format()
+    finally:
+        shown.set()
+    wait_idle(qtbot, widget, 120)
+    assert "left at this run's pace" in status and " ETA " in bar and "pair 2 / 2" in bar
+    assert widget.run.failure is None and "gen_001 FLAIR" in viewer.layers
+    plan = widget.run.plan
+    assert [len(planned) for planned in plan.pairs] == [passes.count(0), passes.count(1)]
+    assert plan.pairs[0][0] == 2 * plan.extra  # one joint pass for both pairs (`extra`: a joint step of one pair)
+    assert widget.run.last_step[2] == pytest.approx(plan.finish)  # after the last step: the last pair's decoding
+
+
+def test_a_pair_arriving_over_a_scan_on_another_grid_is_shown_alone(make_napari_viewer, qtbot, phantom_subset,
+                                                                    tiny_adapter):
+    """A scan is open (its own grid, somewhere in the scanner's world); a generated pair arrives on the model's
+    grid: the scan is hidden, not removed, the dock's status line says so and how to show it again, and the view
+    is fitted to the pair. A second pair on the same grid hides nothing more and leaves the view alone."""
+    from napari_neuromf._generate_widget import GenerateWidget
+    from napari_neuromf._layers import read_layer
+    from napari_neuromf._viewing import same_grid
+
+    viewer = make_napari_viewer()
+    data, state, _ = read_layer(next((phantom_subset / SUBJECTS[0] / "anat").glob("*_FLAIR.nii.gz")))
+    translate = np.asarray(state["translate"]) + (60.0, -40.0, 0.0)  # another field of view than the model's
+    scan = viewer.add_image(data, name="scan FLAIR", scale=state["scale"], translate=translate,
+                            metadata=state["metadata"])
+    widget = ready(qtbot, GenerateWidget(viewer))
+    use_tiny(widget, tiny_adapter)
+    image, lesion = generate_one_pair(qtbot, widget, viewer)
+    assert "scan FLAIR" in viewer.layers and not scan.visible and image.visible and lesion.visible
+    assert same_grid(image, lesion) and not same_grid(scan, image)
+    status = widget.job.status.text()
+    assert "hidden, not removed: scan FLAIR" in status and "eye in the layer list" in status
+    pair_centre = np.asarray(image.extent.world).mean(axis=0)
+    assert np.allclose(viewer.camera.center[-2:], pair_centre[list(viewer.dims.displayed)], atol=1e-3)
+    fitted_zoom = viewer.camera.zoom
+    viewer.camera.zoom = fitted_zoom * 2  # the user zooms in on the pair: the next pair keeps that view
+    widget.start()
+    wait_idle(qtbot, widget, 120)
+    assert "gen_001 FLAIR" in viewer.layers and viewer.layers["gen_000 FLAIR"].visible
+    assert viewer.camera.zoom == pytest.approx(fitted_zoom * 2) and "hidden" not in widget.job.status.text()
+
+
 def test_generate_widget_puts_joint_lesions_at_the_points_of_a_points_layer(make_napari_viewer, qtbot,
                                                                               tiny_site_adapter):
     """Lesion sites for a site-conditioned joint adapter: drawn from its prior by default; a Points layer placed on

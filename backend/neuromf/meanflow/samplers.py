@@ -10,6 +10,7 @@ import torch
 from neuromf.meanflow.loss import VelocityFn
 
 StepCallback = Callable[[int, int], None]  # on_step(i, n): network step i of n is done
+SAMPLE_BATCH = 4  # samples per model call of `sample_latents` unless told otherwise
 
 
 class SamplingStopped(Exception):
@@ -112,7 +113,7 @@ def sample(model: VelocityFn, noise: torch.Tensor, steps: int = 1, method: str =
 
 
 def sample_latents(model: torch.nn.Module, latent_shape: list[int], n: int, steps: int, seed: int,
-                   device: torch.device, method: str = "meanflow", batch_size: int = 4,
+                   device: torch.device, method: str = "meanflow", batch_size: int = SAMPLE_BATCH,
                    velocity: Callable[[torch.Tensor, int], VelocityFn] | None = None, last_t: float = 0.0,
                    on_step: Callable[[int, int], None] | None = None, stop: threading.Event | None = None
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
