@@ -132,6 +132,9 @@ def test_evaluate_generated_figures(world, metrics):
     assert 0.0 <= vols["ks_statistic"] <= 1.0
     contrast = metrics["lesion_contrast"]
     assert contrast["generated_mean"] > 1.0 and contrast["real_mean"] > 1.0  # phantom lesions are hyperintense
+    edge = metrics["lesion_edge"]  # 3 non-empty generated masks, 3 real lesions; their levels over the tissue
+    assert edge["generated"]["n"] == 3 and edge["real"]["n"] == 3
+    assert edge["real"]["median_level"]["0"] > 1.0 and edge["real"]["median_spill"] is not None
     div = metrics["diversity"]
     assert div["n_pairs"] == 6 and 0.0 < div["mean_pairwise_ms_ssim"] <= 1.0
 

@@ -16,11 +16,15 @@ from neuromf.eval.lesion_metrics import (
     LesionStats,
     brain_mask,
     depth_map,
+    edge_spill,
     lesion_contrast,
+    lesion_edge_profile,
     lesion_like,
     lesion_stats,
     noise_correlation,
     reference_from_real,
+    signed_boundary_distance,
+    summarise_edges,
     summarise_lesion_like,
 )
 from neuromf.io.nifti import Preprocessing
@@ -357,3 +361,40 @@ def test_site_map_draws_real_and_generated_sites(tmp_path):
     assert green.sum() > 20 and red.sum() > 20  # both kinds of generated site are drawn, in both views
     empty = site_map(real, [], tmp_path / "none.png")
     assert empty.is_file()
+
+
+def test_signed_boundary_distance_counts_whole_voxels_from_the_mask_boundary():
+    mask = np.zeros((11, 11, 11), bool)
+    mask[3:8, 3:8, 3:8] = True
+    distance = signed_boundary_distance(mask)
+    assert distance[3, 5, 5] == 0 and distance[4, 5, 5] == -1 and distance[5, 5, 5] == -2  # boundary, deeper
+    assert distance[2, 5, 5] == 1 and distance[0, 5, 5] == 3  # face neighbours outside
+    assert distance[2, 2, 5] == 2  # a diagonal neighbour: sqrt(2) rounded up
+
+
+def test_edge_profile_tells_a_sharp_lesion_edge_from_one_that_spills_past_its_mask():
+    """A lesion of 1.3 x its surroundings that ends at its mask: level 1.3 inside, 1 outside, no spill; the same
+    lesion blurred (its brightness running past the mask, as a decoded lesion's does): the first voxels outside
+    stay bright, and the spill says by how much."""
+    image = _box_brain(shape=(40, 40, 40), lo=2, hi=38, value=0.5)
+    mask = np.zeros(image.shape, bool)
+    mask[15:25, 15:25, 15:25] = True
+    sharp = image.copy()
+    sharp[mask] = 0.65
+    profile = lesion_edge_profile(sharp, mask)
+    assert profile[-2] == pytest.approx(1.3) and profile[0] == pytest.approx(1.3)
+    assert profile[1] == pytest.approx(1.0) and profile[3] == pytest.approx(1.0)
+    assert edge_spill(profile) == pytest.approx(0.0)
+    from scipy import ndimage
+
+    soft = image + ndimage.gaussian_filter(np.where(mask, 0.15, 0.0).astype(np.float32), 1.5)
+    blurred = lesion_edge_profile(soft, mask)
+    assert blurred[1] > 1.05 and blurred[1] > blurred[2] > blurred[3]  # brightness falls off past the mask
+    assert blurred[0] < blurred[-2]  # and the mask's own boundary is dimmer than its core
+    # the spill equals the hand arithmetic of the two first outside distances
+    assert edge_spill(blurred) == pytest.approx((blurred[1] + blurred[2]) / 2 - 1)
+    assert edge_spill(blurred) > 0.03
+    assert lesion_edge_profile(sharp, np.zeros_like(mask)) is None and edge_spill(None) is None
+    summary = summarise_edges([profile, blurred, None])
+    assert summary["n"] == 2 and summary["median_level"]["1"] == pytest.approx((1.0 + blurred[1]) / 2)
+    assert summary["median_spill"] == pytest.approx(edge_spill(blurred) / 2)

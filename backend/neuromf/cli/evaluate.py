@@ -40,6 +40,10 @@ def cmd_evaluate(args) -> int:
             f"{fmt(like['reference']['median_contrast'])}, contrast KS {fmt(summary['contrast_ks_statistic'])}, "
             f"brighter than any real lesion: {fmt(summary['share_brighter_than_real'])}); lesion sites' spread "
             f"{fmt(summary['position_spread'])} (real {fmt(summary['real_position_spread'])})")
+    edge = result["lesion_edge"]
+    print(f"lesion edge: brightness 1-2 voxels outside the mask over the tissue around, median "
+          f"{fmt(edge['generated']['median_spill'])} (real {fmt(edge['real']['median_spill'])}; a soft edge spills "
+          "past its mask)")
     if like["reference"] is not None:
         from neuromf.eval.figures import site_map
 

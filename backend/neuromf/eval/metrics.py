@@ -29,6 +29,8 @@ from scipy import stats
 from neuromf.eval.lesion_metrics import (
     BRAIN_THRESHOLD,
     CRITERIA,
+    EDGE_SPILL,
+    EDGE_TISSUE,
     LESION_LIKE_RATE_TARGET,
     NOISE_CORRELATION_MAX,
     SHELL_VOXELS,
@@ -36,10 +38,12 @@ from neuromf.eval.lesion_metrics import (
     LesionStats,
     as_volume,
     lesion_contrast,
+    lesion_edge_profile,
     lesion_like,
     lesion_stats,
     median_or_none,
     reference_from_real,
+    summarise_edges,
     summarise_lesion_like,
 )
 from neuromf.io.nifti import Preprocessing
@@ -486,6 +490,8 @@ def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing,
     test_scores = [r["best_dice_test"] for r in rows]
     mean_train, mean_test = _mean_or_none(train_scores), _mean_or_none(test_scores)
     lesion_like_section = _lesion_like_section(generated, real, prep.spacing, generated_dir, notes)
+    edges = {"generated": summarise_edges([lesion_edge_profile(g["image"], g["mask"]) for g in generated]),
+             "real": summarise_edges([lesion_edge_profile(r["image"], r["mask"]) for r in real])}
 
     result = {
         **run_header(generated_dir, data_dir, prep, len(rows), len(train), len(test)),
@@ -520,6 +526,12 @@ def evaluate_generated(generated_dir: Path, data_dir: Path, prep: Preprocessing,
             "n_real": sum(r["lesion_contrast"] is not None for r in real_rows),
             "definition": f"mean FLAIR in mask / mean FLAIR in a {SHELL_VOXELS}-voxel dilation shell minus the "
                           f"mask, brain voxels > {BRAIN_THRESHOLD} only",
+        },
+        "lesion_edge": {
+            **edges,
+            "definition": f"mean FLAIR at each whole-voxel distance from the mask boundary (<= 0 inside, 1.. "
+                          f"outside) over the tissue {EDGE_TISSUE[0]}-{EDGE_TISSUE[1]} voxels out; spill: the excess "
+                          f"of distances {EDGE_SPILL[0]}-{EDGE_SPILL[1]} (brightness that runs past the mask)",
         },
         "lesion_like": lesion_like_section,
         "diversity": mean_pairwise_ms_ssim([g["image"] for g in generated]),
