@@ -67,7 +67,20 @@ def test_a_stop_while_rank0_encodes_ends_every_rank_and_leaves_no_folder(tiny_ba
     assert not process.scratch.exists()
 
 
+def test_the_first_failing_rank_names_the_error_when_rank_0_could_not():
+    from neuromf.train.launch import rank_error
+
+    lines = ["[neuromf] rank 0/2: lost contact with another rank (DistBackendError: Connection closed by peer); "
+             "look for the first failing rank's message",
+             "[neuromf] rank 1/2 failed: FileNotFoundError: base checkpoint /x/no_such_base: not found",
+             "[neuromf] rank 0/2 failed: RuntimeError: later"]
+    assert rank_error(lines) == {"type": "FileNotFoundError", "message": "base checkpoint /x/no_such_base: not found"}
+    assert rank_error(lines[:1]) == {} and rank_error([]) == {}  # losing contact names no cause
+
+
 def test_a_failing_start_raises_with_the_error_and_the_output_tail(tiny_base, tmp_path):
+    """Both ranks fail on the missing base; whichever fails first, the error names its type and the file (rank 0's
+    own report, or the first failing rank's when torchrun stopped rank 0 before it could report: seen in CI)."""
     from neuromf.train.launch import TrainingProcessError, launch_lora
 
     cfg = _config(tmp_path)

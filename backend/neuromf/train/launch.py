@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,7 +49,8 @@ class StopBeforeTraining(Exception):  # noqa: N818 (a request, not an error)
 class TrainingProcessError(RuntimeError):
     """The training processes exited with an error. `tail`: the last lines of their output; `rank_lines`: each
     failing rank's one-line report (`[neuromf] rank 1/2 failed: ...`, often far above the tail); `error_type` and
-    `error_message`: the exception rank 0 reported (empty when another rank failed first)."""
+    `error_message`: the exception rank 0 reported, or, when another rank failed first and rank 0 was stopped
+    before it could report, the first failing rank's (`rank_error`); empty when no rank named one."""
 
     def __init__(self, message: str, tail: list[str], returncode: int | None, error_type: str = "",
                  error_message: str = "", rank_lines: list[str] | None = None) -> None:
@@ -164,6 +166,8 @@ class TrainingProcess:
         if self.cancelled is not None:  # the other ranks end with an error once rank 0 has left: expected
             return None
         if code != 0 or result is None:
+            if not self.error:  # rank 0 did not report: another rank failed first and torchrun stopped it
+                self.error = rank_error(self.rank_lines)
             raise TrainingProcessError(self._describe(code), list(self.tail), code, self.error.get("type", ""),
                                        self.error.get("message", ""), self.rank_lines)
         return result
@@ -203,6 +207,19 @@ def launch_joint(cfg: Any, nproc: int, device: str | None = None, base_checkpoin
 
 
 launch_lora = launch_joint  # the deprecated name (one release): the napari plugin still calls it
+
+_RANK_FAILED = re.compile(r"^\[neuromf\] rank \d+/\d+ failed: ([A-Za-z_][\w.]*): (.*)$")
+
+
+def rank_error(rank_lines: list[str]) -> dict[str, str]:
+    """The exception of the first rank that reported one (`distributed.describe_failure`'s "rank k/N failed:
+    Type: message" line) as {"type", "message"}; {} when none did (a rank that only lost contact names no cause)."""
+    for line in rank_lines:
+        found = _RANK_FAILED.match(line.strip())
+        if found:
+            return {"type": found.group(1), "message": found.group(2)}
+    return {}
+
 
 def _read_previews(paths: list[str]) -> list[tuple[Any, Any]]:
     import numpy as np
@@ -309,5 +326,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["EVENT_PREFIX", "Spec", "StopBeforeTraining", "TrainingProcess", "TrainingProcessError", "launch_joint",
-           "launch_lora",
-           "rank_main", "torchrun_command"]
+           "launch_lora", "rank_error", "rank_main", "torchrun_command"]
