@@ -208,6 +208,7 @@ class GenerateRun:
     sites_world: Any = None
     pairs: int = 0
     cautions: list[str] = field(default_factory=list)  # why the given lesion looks implausible
+    view_note: str = ""  # why scans were hidden when this run's pairs arrived (`_viewing.show_alone`)
     failure: Failure | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     # progress inside a pair, written by the worker and read by the widget's timer: (step, steps) of the current

@@ -113,7 +113,6 @@ class GenerateWidget(QWidget):
         view_guard(napari_viewer)  # axial view, caption and orientation letters for every volume added
         self.busy = False  # a worker of this widget is running
         self.run: _generate_run.GenerateRun | _generate_run.SaveRun | None = None
-        self.view_note = ""  # why scans were hidden when the last run's pairs arrived (`show_alone`)
         self.worker = None
 
         self.adapter = PathField(DEFAULT_ADAPTER, "dir", "Adapter folder",
@@ -488,7 +487,6 @@ class GenerateWidget(QWidget):
                                         joint_guidance=chosen_guidance(self.joint_guidance), sites_world=sites,
                                         scan=scan)
         self.generate_button.setEnabled(False)
-        self.view_note = ""  # set when a pair arriving hides scans on other grids
         self.job.begin(self.run.progress_text())
         self.run.estimate = self.time_estimate()
         self.progress_timer.start()
@@ -538,20 +536,22 @@ class GenerateWidget(QWidget):
         meta = {**(pair.meta or {}), "generated": True, "seed": run.seed, "sample_index": int(pair.index),
                 "steps": run.steps, "checkpoint": (pair.meta or {}).get("adapter", run.adapter)}
         prefix = f"gen_{self._next_number():03d}"
-        add_layers(self, pair_layers(prefix, pair.image, pair.mask, pair.affine, meta), then=self._show_pair)
+        add_layers(self, pair_layers(prefix, pair.image, pair.mask, pair.affine, meta),
+                   then=lambda layers: self._show_pair(run, layers))
         self.job.status.setText("\n".join([f"{prefix}: {_generate_run.describe_lesion(meta.get('lesion'))}",
                                            *run.cautions]))
 
-    def _show_pair(self, layers: list) -> None:
-        """A pair's layers are in: shown alone when scans on other grids were open (hidden, not removed)."""
+    def _show_pair(self, run: _generate_run.GenerateRun, layers: list) -> None:
+        """A pair's layers are in: shown alone when scans on other grids were open (hidden, not removed); the run
+        keeps the note for its closing status."""
         hidden = show_alone(self.viewer, layers)
         if not hidden:
             return
         names = ", ".join(hidden)
-        self.view_note = (f"Shown alone: {layers[0].name.split()[0]} is another brain on the model's grid; hidden, "
-                          f"not removed: {names}. Click their eye in the layer list to show them again, or compare "
-                          "with 'Side by side'.")
-        self.job.status.setText("\n".join([self.job.status.text(), self.view_note]))
+        run.view_note = (f"Shown alone: {layers[0].name.split()[0]} is another brain on the model's grid; "
+                         f"hidden, not removed: {names}. Click their eye in the layer list to show them again, "
+                         "or compare with 'Side by side'.")
+        self.job.status.setText("\n".join([self.job.status.text(), run.view_note]))
 
     def _generation_finished(self) -> None:
         self.progress_timer.stop()
@@ -561,7 +561,7 @@ class GenerateWidget(QWidget):
             cancelled = " (cancelled)" if run.cancelled else ""
             self.job.count(run.pairs, run.n, "pairs")
             self.job.finish("\n".join([f"Generated {run.pairs} of {run.n} pairs{cancelled}", *run.cautions,
-                                       *([self.view_note] if self.view_note else [])]))
+                                       *([run.view_note] if run.view_note else [])]))
 
     # -- comparing ----------------------------------------------------------------------------------------
     def compare(self) -> Any:
