@@ -55,7 +55,8 @@ def test_lesion_detection_counts_detected_missed_and_false_positive():
     predicted[4:7, 4:7, 4:7] = 1  # overlaps A in a corner
     predicted[2:4, 15:18, 2:4] = 1  # far from both: a false positive
     out = ds.lesion_detection(predicted, truth)
-    assert out == {"lesions": 2, "detected": 1, "predicted_components": 2, "false_positives": 1}
+    assert out == {"lesions": 2, "detected": 1, "predicted_components": 2, "false_positives": 1,
+                   "lesion_voxels": 54, "found_voxels": 27}  # the false positive's 12 voxels left out
     # diagonal neighbours are one 26-connected component
     diagonal = np.zeros_like(truth)
     diagonal[8, 8, 8] = diagonal[9, 9, 9] = 1
@@ -192,6 +193,7 @@ def test_half_r_control_is_paired_with_the_half_r_arm_on_the_same_real_cases():
     rows = [{"arm": arm, "seed": seed, "dice": d, "sensitivity": 1.0, "fp_per_scan": 0.0}
             for arm, values in dice.items() for seed, d in enumerate(values)]
     summary = ds.summarise(rows, arms)
+    assert "volume_ratio" not in summary["R"]  # rows stored before the volumes were recorded
     added = summary["50%R+synthetic"]["dice_minus_50%R"]
     assert added["mean"] == pytest.approx((0.05 + 0.01 + 0.09) / 3)
     assert "dice_minus_50%R" not in summary["R+joint"] and "dice_minus_50%R" not in summary["50%R"]
@@ -199,3 +201,41 @@ def test_half_r_control_is_paired_with_the_half_r_arm_on_the_same_real_cases():
     assert goal["met"] is False and goal["dice_gain_over_half_R"] == pytest.approx(0.05)
     table = ds.format_table({"n_real_train": 64, "arms": summary, "goals": ds.judge_goals(summary)})
     assert "| 50%R | 32 + 0 |" in table and "the pairs add +0.050 Dice to the same half of R" in table
+
+
+def test_extra_real_cases_make_the_ceiling_arms_apart_from_the_synthetic_ones():
+    pool = {"joint/b": {"source": "joint", "mask_source": "joint"},
+            "extra-real/x": {"source": "extra-real", "mask_source": "real"}}
+    arms = {a.name: a for a in ds.plan_arms(pool)}
+    assert list(arms) == ["R", "R+joint", "synthetic-only", "50%R+synthetic", "R+extra-real", "50%R+extra-real",
+                          "50%R"]
+    assert arms["R+joint"].synthetic == ["joint/b"] and arms["synthetic-only"].synthetic == ["joint/b"]
+    assert arms["50%R+extra-real"].real_fraction == 0.5 and arms["50%R+extra-real"].synthetic == ["extra-real/x"]
+    only_extra = [a.name for a in ds.plan_arms({"extra-real/x": pool["extra-real/x"]})]
+    assert only_extra == ["R", "R+extra-real", "50%R+extra-real", "50%R"]
+
+
+def test_extra_real_ceiling_end_to_end_and_refused_when_it_repeats_the_benchmark_cases(phantom_dir, tmp_path):
+    from neuromf.data.phantom import PhantomConfig, make_phantom_dataset
+
+    extra = make_phantom_dataset(tmp_path / "extra", n_healthy=0, n_fcd=2, seed=4,
+                                 cfg=PhantomConfig(shape=TEST_SHAPE, spacing=TEST_SPACING))
+    out = ds.run_downstream_benchmark(tmp_path / "out", phantom_dir, coarse_prep(), {}, seeds=[0, 1], settings=TINY,
+                                      arms=["R+extra-real", "50%R", "50%R+extra-real"], extra_real=extra)
+    assert list(out["arms"]) == ["R", "R+extra-real", "50%R", "50%R+extra-real"]
+    assert out["n_extra_real"] == 2 and out["arms"]["R+extra-real"]["n_synthetic"] == 2
+    assert out["mask_sources"] == {}  # the extra cases are not synthetic pairs
+    row = json.loads(next((tmp_path / "out" / "runs").glob("R__seed0.json")).read_text())
+    ratios = [c["found_voxels"] / c["lesion_voxels"] for c in row["per_case"]]
+    assert row["volume_ratio"] == pytest.approx(float(np.median(ratios)))
+    assert out["arms"]["R+extra-real"]["volume_ratio_minus_R"]["n"] == 2
+    assert "dice_minus_50%R" in out["arms"]["50%R+extra-real"]
+    assert all("extra-real" not in g["arm"] for g in out["goals"])  # the ceiling is not a goal
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*seed1.json")]
+    runs = {row["arm"]: row for row in rows}
+    assert runs["50%R+extra-real"]["real_ids"] == runs["50%R"]["real_ids"]  # the same half: the control pairs
+    table = ds.format_table(out)
+    assert "ceiling (not a goal): 2 extra real cases add" in table and "to the same half of R" in table
+    with pytest.raises(ValueError, match="is the benchmark's own case"):
+        ds.run_downstream_benchmark(tmp_path / "dup", phantom_dir, coarse_prep(), {}, seeds=[0], settings=TINY,
+                                    extra_real=phantom_dir)

@@ -106,7 +106,8 @@ def cmd_benchmark_downstream(args) -> int:
         grid = Preprocessing(shape=tuple(args.shape), spacing=tuple(args.spacing))
     result = benchmark_downstream(args.out, args.inpainted, args.joint, args.conditional, args.adapter, args.data,
                                   tuple(args.seeds), args.budget_steps, args.quick, args.arms, args.synthetic_share,
-                                  grid, args.lesion_like_only, args.workers, args.device, progress=True)
+                                  grid, args.lesion_like_only, args.workers, args.device, progress=True,
+                                  extra_real=args.extra_real)
     for note in result["notes"]:
         print(f"note: {note}")
 
@@ -230,6 +231,9 @@ def register(add: AddCommand) -> None:
                    help="trainings at once (threads sharing the loaded cases; results are the same as one by one)")
     p.add_argument("--lesion-like-only", action="store_true",
                    help="keep only the synthetic pairs that pass the lesion-likeness check (quality filter)")
+    p.add_argument("--extra-real", default=None, metavar="DIR",
+                   help="labelled real FCD cases outside --data's train and test sets: the ceiling arms "
+                        "'R+extra-real' and '50%%R+extra-real' add them as the pairs are added")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(STAGE_DIR / "downstream"), help="results folder (re-run to resume)")
 

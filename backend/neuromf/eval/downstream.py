@@ -12,7 +12,10 @@ its own mix and is scored on the same test cases:
   conditional prior re-places training lesions; "joint": new shapes drawn by the joint model), when that set is not
   already an arm;
 - ``synthetic-only``, ``50%R+synthetic`` (a different random half of R per seed) and its control ``50%R`` (the same
-  half, no synthetic pair): what the pairs add where labelled cases are scarce.
+  half, no synthetic pair): what the pairs add where labelled cases are scarce;
+- ``R+extra-real`` and ``50%R+extra-real``, when labelled real cases outside R and the test set are given: those
+  cases added exactly as the synthetic pairs are (same share of patches). Not a goal but the ceiling: what perfect
+  pairs could add to this segmenter, budget and data.
 
 Per arm and seed: voxel Dice (mean over test cases), lesion-wise sensitivity and false-positive components per scan
 (`lesion_detection`). Arms are compared with R paired over seeds (`paired_difference`: mean difference and a 95%
@@ -43,6 +46,7 @@ __all__ = ["Arm", "BenchmarkSettings", "QUICK", "SOURCES", "format_table", "keep
            "mask_source", "paired_difference", "plan_arms", "run_downstream_benchmark", "segment_sliding", "summarise"]
 
 SOURCES = ("inpainted", "joint", "conditional")
+EXTRA_REAL = "extra-real"  # the pool source of labelled real cases outside R and the test set (the ceiling arms)
 REAL = "R"
 HALF_REAL = "50%R"  # the scarce-labels control: each seed's random half of R, no synthetic pair
 CONNECTIVITY = ndimage.generate_binary_structure(3, 3)  # 26-connected lesion components
@@ -138,11 +142,33 @@ def keep_lesion_like(pool: dict[str, dict[str, Any]], real_train: list[dict], pr
     return kept
 
 
+def load_extra_real(data_dir: Path, prep: Preprocessing, out_dir: Path, known: list[dict],
+                    notes: list[str]) -> dict[str, dict[str, Any]]:
+    """The labelled real FCD cases of `data_dir` (every split) as pool entries of source `EXTRA_REAL`; a case
+    identical to one of `known` (R or the test set) raises: the ceiling must come from cases the segmenter and the
+    test have not seen."""
+    cases, found = _real_cases_cached(data_dir, prep, out_dir)
+    seen = {hashlib.sha256(np.ascontiguousarray(c["image"], dtype=np.float32).tobytes()).hexdigest(): c["id"]
+            for c in known}
+    pool = {}
+    for case in cases:
+        digest = hashlib.sha256(np.ascontiguousarray(case["image"], dtype=np.float32).tobytes()).hexdigest()
+        if digest in seen:
+            raise ValueError(f"{data_dir}: extra real case {case['id']} is the benchmark's own case {seen[digest]} "
+                             "(give cases outside its train and test sets)")
+        pool[f"{EXTRA_REAL}/{case['id']}"] = {"image": case["image"], "mask": case["mask"].astype(np.uint8),
+                                             "source": EXTRA_REAL, "mask_source": "real"}
+    notes.extend(n for n in found if "test Dice" not in n and "used as 'train'" not in n)
+    notes.append(f"extra real: {len(pool)} labelled cases from {data_dir} (the ceiling arms)")
+    return pool
+
+
 def plan_arms(pool: dict[str, dict[str, Any]]) -> list[Arm]:
-    """The arms (see the module doc) for a synthetic pool; an arm whose pair set equals an earlier arm's is left
-    out (one pool source: ``R+synthetic`` is ``R+<source>``)."""
+    """The arms (see the module doc) for a pool of synthetic pairs and extra real cases; an arm whose pair set
+    equals an earlier arm's is left out (one pool source: ``R+synthetic`` is ``R+<source>``)."""
     arms = [Arm(REAL, 1.0, [], "real training cases only")]
-    keys = sorted(pool)
+    keys = sorted(k for k in pool if pool[k]["source"] != EXTRA_REAL)
+    extra = sorted(k for k in pool if pool[k]["source"] == EXTRA_REAL)
     seen: set[tuple[float, tuple[str, ...]]] = {(1.0, ())}
 
     def add(name: str, fraction: float, members: list[str], description: str, control: bool = False) -> None:
@@ -159,7 +185,9 @@ def plan_arms(pool: dict[str, dict[str, Any]]) -> list[Arm]:
             f"R + the synthetic pairs whose masks came from: {origin}")
     add("synthetic-only", 0.0, keys, "all synthetic pairs, no real case")
     add("50%R+synthetic", 0.5, keys, "a random half of R (drawn per seed) + all synthetic pairs")
-    if keys:
+    add("R+extra-real", 1.0, extra, "R + labelled real cases outside R and the test set (the ceiling)")
+    add("50%R+extra-real", 0.5, extra, "the same random half of R + the extra real cases (the ceiling)")
+    if keys or extra:
         add(HALF_REAL, 0.5, [], "the same random half of R as 50%R+synthetic, no synthetic pair (its control)",
             control=True)
     return arms
@@ -173,9 +201,11 @@ def lesion_detection(predicted: np.ndarray, truth: np.ndarray) -> dict[str, int]
     true_labels, n_true = ndimage.label(truth, CONNECTIVITY)
     pred_labels, n_pred = ndimage.label(predicted, CONNECTIVITY)
     detected = len(np.setdiff1d(np.unique(true_labels[predicted]), [0]))
-    overlapping = len(np.setdiff1d(np.unique(pred_labels[truth]), [0]))
+    overlapping = np.setdiff1d(np.unique(pred_labels[truth]), [0])
     return {"lesions": int(n_true), "detected": int(detected), "predicted_components": int(n_pred),
-            "false_positives": int(n_pred - overlapping)}
+            "false_positives": int(n_pred - len(overlapping)),
+            # the size the segmenter gives the lesions it found, false positives left out
+            "lesion_voxels": int(truth.sum()), "found_voxels": int(np.isin(pred_labels, overlapping).sum())}
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
@@ -303,12 +333,22 @@ def run_arm_seed(arm: Arm, seed: int, real_train: list[dict], test: list[dict], 
         "dice": float(np.mean([c["dice"] for c in cases])),
         "sensitivity": sum(c["detected"] for c in cases) / lesions if lesions else None,
         "fp_per_scan": float(np.mean([c["false_positives"] for c in cases])),
+        # median over cases of found / true lesion voxels: > 1 the segmenter paints the lesions it finds wider than
+        # they are (what a soft synthetic edge would teach), < 1 narrower
+        "volume_ratio": float(np.median([c["found_voxels"] / c["lesion_voxels"] for c in cases if c["lesion_voxels"]]
+                                        or [np.nan])),
         "n_real": len(chosen), "n_synthetic": len(arm.synthetic),
         "real_ids": [real_train[i]["id"] for i in chosen],
         "train_seconds": trained - started, "test_seconds": time.perf_counter() - trained,
         "train_cpu_seconds": trained_cpu - started_cpu, "test_cpu_seconds": time.thread_time() - trained_cpu,
         "per_case": cases,
     }
+
+
+def _metric_by_seed(runs: dict[int, dict[str, Any]], metric: str) -> dict[int, float]:
+    """{seed: value} of one metric, leaving out seeds without it (None, NaN, or a run stored before it existed)."""
+    values = {s: r.get(metric) for s, r in runs.items()}
+    return {s: float(v) for s, v in values.items() if v is not None and not math.isnan(v)}
 
 
 def summarise(rows: list[dict[str, Any]], arms: list[Arm]) -> dict[str, Any]:
@@ -323,15 +363,15 @@ def summarise(rows: list[dict[str, Any]], arms: list[Arm]) -> dict[str, Any]:
         runs = by_arm.get(arm.name, {})
         entry: dict[str, Any] = {"description": arm.description, "n_synthetic": len(arm.synthetic),
                                  "real_fraction": arm.real_fraction, "seeds": sorted(runs)}
-        for metric in ("dice", "sensitivity", "fp_per_scan"):
-            values = {s: r[metric] for s, r in runs.items() if r[metric] is not None}
+        for metric in ("dice", "sensitivity", "fp_per_scan", "volume_ratio"):
+            values = _metric_by_seed(runs, metric)
+            if metric == "volume_ratio" and not values:  # runs stored before the volumes were recorded
+                continue
             entry[metric] = t_interval([values[s] for s in sorted(values)])
             if arm.name != REAL:
-                ref = {s: r[metric] for s, r in reference.items() if r[metric] is not None}
-                entry[f"{metric}_minus_R"] = paired_difference(values, ref)
-            if arm.real_fraction == 0.5 and arm.synthetic and half:
-                ref = {s: r[metric] for s, r in half.items() if r[metric] is not None}
-                entry[f"{metric}_minus_{HALF_REAL}"] = paired_difference(values, ref)
+                entry[f"{metric}_minus_R"] = paired_difference(values, _metric_by_seed(reference, metric))
+            if arm.real_fraction == 0.5 and arm.synthetic and half:  # 50%R+synthetic, 50%R+extra-real
+                entry[f"{metric}_minus_{HALF_REAL}"] = paired_difference(values, _metric_by_seed(half, metric))
         out[arm.name] = entry
     return out
 
@@ -341,7 +381,7 @@ def judge_goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
     goals = []
     real = summary.get(REAL, {}).get("dice", {}).get("mean")
     for name, entry in summary.items():
-        if not name.startswith("R+"):
+        if not name.startswith("R+") or name.endswith(EXTRA_REAL):
             continue
         gain, sens = entry["dice_minus_R"], entry["sensitivity_minus_R"]
         met = None
@@ -401,6 +441,12 @@ def format_table(result: dict[str, Any]) -> str:
             added = f" (the pairs add {goal['dice_gain_over_half_R']:+.3f} Dice to the same half of R" + (
                 ")" if low is None else f", 95% CI [{low:+.3f}, {high:+.3f}])")
         lines.append(f"- {goal['goal']}: {verdict}{added}")
+    ceilings = (("R+extra-real", "R", "R"), ("50%R+extra-real", HALF_REAL, "the same half of R"))
+    for name, reference, against in ceilings:
+        arm = result["arms"].get(name)
+        if arm and arm.get(f"dice_minus_{reference}"):
+            lines.append(f"- ceiling (not a goal): {arm['n_synthetic']} extra real cases add "
+                         f"{_ci(arm[f'dice_minus_{reference}'])} Dice to {against}")
     return "\n".join(lines)
 
 
@@ -478,7 +524,8 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
                              sources: dict[str, Path | str | None], seeds: Sequence[int] = (0, 1, 2, 3, 4),
                              settings: BenchmarkSettings = BenchmarkSettings(), arms: Sequence[str] | None = None,
                              device: str = "cpu", progress: bool = False, lesion_like_only: bool = False,
-                             workers: int = 1, on_note: Callable[[str], None] | None = None) -> dict[str, Any]:
+                             workers: int = 1, on_note: Callable[[str], None] | None = None,
+                             extra_real: Path | str | None = None) -> dict[str, Any]:
     """Run every (arm, seed) not yet finished in `out_dir`, then write `downstream.json` and `downstream.png`.
 
     Args:
@@ -493,6 +540,8 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
         workers: trainings run at once (threads sharing the loaded cases; each result stays the one its seed
             gives alone).
         on_note: called with each note (skipped arms, ...) as it is found.
+        extra_real: labelled real FCD cases outside R and the test set (a BIDS folder, every split used): the
+            ceiling arms ``R+extra-real`` and ``50%R+extra-real`` add them as the synthetic pairs are added.
     Returns:
         The summary dict written to `downstream.json`.
     """
@@ -521,6 +570,8 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
                          "(participants.tsv column 'split')")
     if lesion_like_only and pool:
         pool = keep_lesion_like(pool, real_train, prep, notes)
+    if extra_real is not None:
+        pool |= load_extra_real(resolve_data_dir(extra_real), prep, out_dir, real, notes)
     planned = plan_arms(pool)
     if arms is not None:
         wanted = set(arms) | {REAL}
@@ -577,6 +628,7 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
         bar.close()
 
     summary = summarise(rows, planned)
+    synthetic = [p for p in pool.values() if p["source"] != EXTRA_REAL]
     seconds = [r["train_seconds"] + r["test_seconds"] for r in rows]
     cpu = [r["train_cpu_seconds"] + r["test_cpu_seconds"] for r in rows if "train_cpu_seconds" in r]
     result = {
@@ -584,8 +636,10 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
         "sources": {s: None if sources.get(s) is None else str(sources[s]) for s in SOURCES},
         "n_real_train": len(real_train), "n_real_test": len(test),
         "n_synthetic": {s: sum(p["source"] == s for p in pool.values()) for s in SOURCES},
-        "mask_sources": {str(k): sum(str(p["mask_source"]) == str(k) for p in pool.values())
-                         for k in sorted({str(p["mask_source"]) for p in pool.values()})},
+        "extra_real": None if extra_real is None else str(extra_real),
+        "n_extra_real": sum(p["source"] == EXTRA_REAL for p in pool.values()),
+        "mask_sources": {str(k): sum(str(p["mask_source"]) == str(k) for p in synthetic)
+                         for k in sorted({str(p["mask_source"]) for p in synthetic})},
         "seeds": [int(s) for s in seeds], "settings": asdict(settings),
         "segmenter": "monai UNet channels (8, 16, 32, 64), strides (2, 2, 2), 1 residual unit, batch norm; "
                      "DiceCELoss(sigmoid=True, batch=True); Adam, cosine decay to 0",
