@@ -544,13 +544,9 @@ class GenerateWidget(QWidget):
     def _show_pair(self, run: _generate_run.GenerateRun, layers: list) -> None:
         """A pair's layers are in: shown alone when scans on other grids were open (hidden, not removed); the run
         keeps the note for its closing status."""
-        hidden = show_alone(self.viewer, layers)
-        if not hidden:
+        if not show_alone(self.viewer, layers):
             return
-        names = ", ".join(hidden)
-        run.view_note = (f"Shown alone: {layers[0].name.split()[0]} is another brain on the model's grid; "
-                         f"hidden, not removed: {names}. Click their eye in the layer list to show them again, "
-                         "or compare with 'Side by side'.")
+        run.view_note = view_guard(self.viewer).alone_note
         self.job.status.setText("\n".join([self.job.status.text(), run.view_note]))
 
     def _generation_finished(self) -> None:

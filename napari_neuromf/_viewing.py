@@ -134,6 +134,8 @@ class ViewGuard:
         self._letters_timer: Any = None  # a QTimer, made on the first insertion (the guard is not a QObject)
         self._camera_timer: Any = None  # a QTimer: the letters follow zoom and pan at most every CAMERA_FOLLOW_MS
         self._fitted: tuple[tuple[float, ...], float] | None = None  # (camera centre, zoom) of the last fit
+        self._arrived: list = []  # the volumes of the opening under way (weak references): a pair among them?
+        self.alone_note: str | None = None  # what the last pair shown alone hid, and how to show it again
         viewer.layers.events.inserted.connect(self._inserted)
         viewer.layers.events.removed.connect(self.refresh)
         viewer.dims.events.order.connect(self.refresh)
@@ -167,6 +169,7 @@ class ViewGuard:
             centre = np.argwhere(np.asarray(layer.data) > 0).mean(axis=0)  # the axial slice through the lesion
             viewer.dims.set_point(2, float(layer.data_to_world(centre)[2]))
         self.refresh()
+        self._arrived.append(weakref.ref(layer))
         from qtpy.QtCore import QTimer
 
         # the letters a little later: after napari has added every layer of this opening (so they go on top without
@@ -186,9 +189,28 @@ class ViewGuard:
             return
         self.refresh(add_letters=True)
         self._raise_markers()
+        arrived, self._arrived = [ref() for ref in self._arrived], []
         if self._fit_pending:
             self._fit_pending = False
             viewer.reset_view()
+        self._pair_alone([layer for layer in arrived if layer is not None and layer in viewer.layers])
+
+    def _pair_alone(self, arrived: list) -> None:
+        """A whole generated pair opened in one go (File > Open Sample, a reader) over scans on another grid: shown
+        alone, as the Generate dock shows the pairs it makes, with a notification saying what was hidden."""
+        pairs: dict[str, list] = {}
+        for layer in arrived:
+            name = (layer.metadata.get("neuromf") or {}).get("pair")
+            if name:
+                pairs.setdefault(str(name), []).append(layer)
+        whole = [layers for layers in pairs.values() if len(layers) == 2]  # its FLAIR and its lesion
+        if not whole:
+            return
+        hidden = show_alone(self.viewer, whole[-1])
+        if hidden:
+            from napari.utils.notifications import show_info
+
+            show_info(self.alone_note)
 
     def _fitted_now(self, *_: Any) -> None:
         """napari fitted the view (ours, a widget's, the home button): remember where it put the camera."""
@@ -320,7 +342,8 @@ def show_alone(viewer: napari.Viewer, layers: list) -> list[str]:
     """Show ``layers`` (a generated pair on its model grid) alone: hide, not remove, the visible volumes on another
     grid (a scan opened before: another brain, not registered to the pair, whose larger field of view would show
     around it), fit the view to the pair and go to the slice through its lesion. Returns the names hidden; nothing
-    changes when there are none (pairs on one grid stay together)."""
+    changes when there are none (pairs on one grid stay together); the guard's `alone_note` says what was hidden
+    and how to show it again."""
     if not layers:
         return []
     hidden = [layer for layer in view_guard(viewer).volumes()
@@ -336,8 +359,13 @@ def show_alone(viewer: napari.Viewer, layers: list) -> list[str]:
         centre = np.argwhere(np.asarray(lesion.data) > 0).mean(axis=0)
         viewer.dims.set_point(2, float(lesion.data_to_world(centre)[2]))
     viewer.reset_view(layers=layers)
-    view_guard(viewer).refresh()
-    return [layer.name for layer in hidden]
+    guard = view_guard(viewer)
+    guard.refresh()
+    names = [layer.name for layer in hidden]
+    guard.alone_note = (f"Shown alone: {layers[0].name.split()[0]} is another brain on the model's grid; hidden, not "
+                        f"removed: {', '.join(names)}. Click their eye in the layer list to show them again, or "
+                        "compare with the Generate dock's 'Side by side'.")
+    return names
 
 
 _guards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

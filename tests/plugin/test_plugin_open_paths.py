@@ -140,6 +140,34 @@ def test_open_sample_shows_the_lesion_axial_radiological(viewer, qtbot):
     assert np.asarray(lesion.data)[:, :, slice_index].any()  # the slice shown crosses the lesion
 
 
+def test_a_sample_pair_opened_over_a_scan_on_another_grid_is_shown_alone(viewer, qtbot):
+    """File > Open Sample of a generated pair over a scan on another grid (the 3 mm phantom case; the pair is on the
+    2 mm model grid): the scan is hidden, not removed, a note says so, the view is fitted to the pair at its
+    lesion's slice. A second sample on the pair's grid hides nothing more."""
+    from napari_neuromf._viewing import is_ras_volume, same_grid, view_guard
+
+    viewer.open_sample("napari-neuromf", "fcd_phantom_case")
+    _assert_axial_radiological(viewer, qtbot)
+    scans = [layer for layer in viewer.layers if is_ras_volume(layer)]
+    viewer.open_sample("napari-neuromf", "generated_pair")
+    image = next(layer for layer in viewer.layers if layer.name.endswith("FLAIR") and layer not in scans)
+    lesion = next(layer for layer in viewer.layers if layer.name.endswith("lesion") and layer not in scans)
+    qtbot.waitUntil(lambda: not any(layer.visible for layer in scans), timeout=10_000)
+    assert all(layer in viewer.layers for layer in scans) and image.visible and lesion.visible
+    assert not same_grid(scans[0], image)
+    note = view_guard(viewer).alone_note
+    assert image.name.split()[0] in note and f"hidden, not removed: {scans[0].name}" in note
+    slice_index = int(round(lesion.world_to_data(viewer.dims.point)[2]))
+    assert np.asarray(lesion.data)[:, :, slice_index].any()  # at the pair's lesion
+    pair_centre = np.asarray(image.extent.world).mean(axis=0)
+    assert np.allclose(viewer.camera.center[-2:], pair_centre[list(viewer.dims.displayed)], atol=1e-3)
+    view_guard(viewer).alone_note = None
+    viewer.open_sample("napari-neuromf", "conditional_pair")  # the model's grid too: nothing more to hide
+    qtbot.waitUntil(lambda: set(_letters(viewer)) == {"R", "L", "A", "P"}, timeout=10_000)
+    qtbot.wait(200)
+    assert image.visible and view_guard(viewer).alone_note is None
+
+
 def test_rechoosing_radiological_restores_it(viewer, qtbot, phantom_subset):
     from napari_neuromf._data_widget import FCDDataWidget
     from napari_neuromf._viewing import NEUROLOGICAL, ORIENTATIONS
