@@ -236,6 +236,10 @@ def test_extra_real_ceiling_end_to_end_and_refused_when_it_repeats_the_benchmark
     assert runs["50%R+extra-real"]["real_ids"] == runs["50%R"]["real_ids"]  # the same half: the control pairs
     table = ds.format_table(out)
     assert "ceiling (not a goal): 2 extra real cases add" in table and "to the same half of R" in table
+    with pytest.raises(FileNotFoundError, match="nope: data folder does not exist"):
+        ds.run_downstream_benchmark(tmp_path / "none", phantom_dir, coarse_prep(), {}, seeds=[0], settings=TINY,
+                                    extra_real=tmp_path / "nope")
+    assert not (tmp_path / "none").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="is the benchmark's own case"):
         ds.run_downstream_benchmark(tmp_path / "dup", phantom_dir, coarse_prep(), {}, seeds=[0], settings=TINY,
                                     extra_real=phantom_dir)

@@ -559,6 +559,7 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
         raise ValueError(f"run_downstream_benchmark: synthetic_share must lie in [0, 1], got "
                          f"{settings.synthetic_share}")
     out_dir, data_dir = Path(out_dir), resolve_data_dir(data_dir)
+    extra_dir = None if extra_real is None else resolve_data_dir(extra_real)  # a wrong folder fails before any work
     notes: list[str] = []
     pool = load_sources({s: sources.get(s) for s in SOURCES}, prep, notes)
     real, found = _real_cases_cached(data_dir, prep, out_dir)
@@ -570,8 +571,8 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
                          "(participants.tsv column 'split')")
     if lesion_like_only and pool:
         pool = keep_lesion_like(pool, real_train, prep, notes)
-    if extra_real is not None:
-        pool |= load_extra_real(resolve_data_dir(extra_real), prep, out_dir, real, notes)
+    if extra_dir is not None:
+        pool |= load_extra_real(extra_dir, prep, out_dir, real, notes)
     planned = plan_arms(pool)
     if arms is not None:
         wanted = set(arms) | {REAL}
