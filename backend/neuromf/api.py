@@ -193,7 +193,8 @@ def benchmark_downstream(out: str | Path, inpainted: str | Path | None = None, j
                          steps: int | None = None, quick: bool = False, arms: list[str] | None = None,
                          synthetic_share: float | None = None, grid: Preprocessing | None = None,
                          lesion_like_only: bool = False, workers: int = 1, device: str = "cpu",
-                         progress: bool = False, extra_real: str | Path | None = None) -> dict[str, Any]:
+                         progress: bool = False, extra_real: str | Path | None = None,
+                         scarce_fractions: tuple[float, ...] = (0.5,)) -> dict[str, Any]:
     """Downstream benchmark of synthetic pairs: a MONAI segmenter trained nnU-Net-style on real FCD cases (R),
     R + each folder of pairs, synthetic only and 50% of R + synthetic, scored on the same held-out real cases
     (`neuromf.eval.downstream`). Resumable in `out`; writes `downstream.json` and `downstream.png` there.
@@ -208,6 +209,7 @@ def benchmark_downstream(out: str | Path, inpainted: str | Path | None = None, j
         workers: trainings run at once (threads; for machines with spare cores).
         extra_real: labelled real FCD cases outside `data`'s train and test sets (a BIDS folder): the ceiling arms
             `R+extra-real` and `50%R+extra-real` add them as the pairs are added (what perfect pairs could add).
+        scarce_fractions: the shares of R of the scarce-labels arms (default 0.5: `50%R+synthetic`, `50%R`).
 
     Returns:
         The summary: per arm Dice, sensitivity and FP/scan over seeds with 95% CIs, paired differences with R,
@@ -224,7 +226,8 @@ def benchmark_downstream(out: str | Path, inpainted: str | Path | None = None, j
     sources = {"inpainted": inpainted, "joint": joint, "conditional": conditional}
     prep = grid if grid is not None else adapter_meta(adapter, "auto").prep
     return run_downstream_benchmark(Path(out), data, prep, sources, seeds, settings, arms, device, progress,
-                                    lesion_like_only, workers, extra_real=extra_real)
+                                    lesion_like_only, workers, extra_real=extra_real,
+                                    scarce_fractions=scarce_fractions)
 
 
 __all__ = ["benchmark_downstream", "evaluate", "fine_tune", "generate_pairs", "inpaint_lesion", "mask_test"]

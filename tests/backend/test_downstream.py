@@ -243,3 +243,29 @@ def test_extra_real_ceiling_end_to_end_and_refused_when_it_repeats_the_benchmark
     with pytest.raises(ValueError, match="is the benchmark's own case"):
         ds.run_downstream_benchmark(tmp_path / "dup", phantom_dir, coarse_prep(), {}, seeds=[0], settings=TINY,
                                     extra_real=phantom_dir)
+
+
+def test_a_second_scarce_share_gets_its_own_arms_control_and_line():
+    pool = {"joint/b": {"source": "joint", "mask_source": "joint"},
+            "extra-real/x": {"source": "extra-real", "mask_source": "real"}}
+    arms = ds.plan_arms(pool, (0.5, 0.25))
+    assert [a.name for a in arms] == ["R", "R+joint", "synthetic-only", "50%R+synthetic", "25%R+synthetic",
+                                      "R+extra-real", "50%R+extra-real", "25%R+extra-real", "50%R", "25%R"]
+    by_name = {a.name: a for a in arms}
+    assert by_name["25%R"].real_fraction == 0.25 and by_name["25%R"].synthetic == []
+    # the default share keeps the arms (and so the stored runs' fingerprints) of earlier rounds
+    assert by_name["50%R"].description == "the same random half of R as 50%R+synthetic, no synthetic pair (its control)"
+    assert ds._real_subset(64, 0.25, 3) == ds._real_subset(64, 0.25, 3) and len(ds._real_subset(64, 0.25, 3)) == 16
+    dice = {"R": [0.70, 0.72], "25%R": [0.50, 0.56], "25%R+synthetic": [0.58, 0.60], "25%R+extra-real": [0.61, 0.63]}
+    rows = [{"arm": arm, "seed": seed, "dice": d, "sensitivity": 1.0, "fp_per_scan": 0.0}
+            for arm, values in dice.items() for seed, d in enumerate(values)]
+    summary = ds.summarise(rows, arms)
+    assert summary["25%R+synthetic"]["dice_minus_25%R"]["mean"] == pytest.approx(0.06)
+    assert summary["25%R+extra-real"]["dice_minus_25%R"]["mean"] == pytest.approx(0.09)
+    assert "dice_minus_50%R" not in summary["25%R+synthetic"]
+    table = ds.format_table({"n_real_train": 64, "arms": summary, "goals": ds.judge_goals(summary)})
+    assert "| 25%R | 16 + 0 |" in table
+    assert "scarce labels (not a goal): the pairs add 0.060" in table and "to the same 25% of R" in table
+    assert "ceiling (not a goal): 1 extra real cases add 0.090" in table
+    with pytest.raises(ValueError, match="scarce_fractions must be distinct shares"):
+        ds.run_downstream_benchmark("unused", "embedded-3mm", None, {}, scarce_fractions=(0.5, 1.0))

@@ -107,7 +107,7 @@ def cmd_benchmark_downstream(args) -> int:
     result = benchmark_downstream(args.out, args.inpainted, args.joint, args.conditional, args.adapter, args.data,
                                   tuple(args.seeds), args.budget_steps, args.quick, args.arms, args.synthetic_share,
                                   grid, args.lesion_like_only, args.workers, args.device, progress=True,
-                                  extra_real=args.extra_real)
+                                  extra_real=args.extra_real, scarce_fractions=tuple(args.scarce_fractions))
     for note in result["notes"]:
         print(f"note: {note}")
 
@@ -234,6 +234,9 @@ def register(add: AddCommand) -> None:
     p.add_argument("--extra-real", default=None, metavar="DIR",
                    help="labelled real FCD cases outside --data's train and test sets: the ceiling arms "
                         "'R+extra-real' and '50%%R+extra-real' add them as the pairs are added")
+    p.add_argument("--scarce-fractions", type=number(0.01, 0.99), nargs="+", default=[0.5], metavar="F",
+                   help="shares of R for the scarce-labels arms (default 0.5: '50%%R+synthetic' and its control "
+                        "'50%%R'; 0.5 0.25 adds '25%%R+synthetic', '25%%R', ...)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(STAGE_DIR / "downstream"), help="results folder (re-run to resume)")
 

@@ -163,9 +163,15 @@ def load_extra_real(data_dir: Path, prep: Preprocessing, out_dir: Path, known: l
     return pool
 
 
-def plan_arms(pool: dict[str, dict[str, Any]]) -> list[Arm]:
-    """The arms (see the module doc) for a pool of synthetic pairs and extra real cases; an arm whose pair set
-    equals an earlier arm's is left out (one pool source: ``R+synthetic`` is ``R+<source>``)."""
+def scarce_label(fraction: float) -> str:
+    """The name of a scarce-labels arm's real part: 0.5 -> ``50%R``, 0.25 -> ``25%R``."""
+    return f"{fraction * 100:g}%R"
+
+
+def plan_arms(pool: dict[str, dict[str, Any]], scarce_fractions: Sequence[float] = (0.5,)) -> list[Arm]:
+    """The arms (see the module doc) for a pool of synthetic pairs and extra real cases; ``scarce_fractions``: the
+    shares of R of the scarce-labels arms (``50%R+synthetic`` and its control ``50%R`` for 0.5). An arm whose pair
+    set equals an earlier arm's is left out (one pool source: ``R+synthetic`` is ``R+<source>``)."""
     arms = [Arm(REAL, 1.0, [], "real training cases only")]
     keys = sorted(k for k in pool if pool[k]["source"] != EXTRA_REAL)
     extra = sorted(k for k in pool if pool[k]["source"] == EXTRA_REAL)
@@ -177,6 +183,9 @@ def plan_arms(pool: dict[str, dict[str, Any]]) -> list[Arm]:
             seen.add(key)
             arms.append(Arm(name, fraction, members, description))
 
+    def part(fraction: float) -> str:
+        return "half" if fraction == 0.5 else scarce_label(fraction)[:-1]
+
     for source in SOURCES:
         add(f"R+{source}", 1.0, [k for k in keys if pool[k]["source"] == source], f"R + the {source} pairs")
     add("R+synthetic", 1.0, keys, "R + all synthetic pairs")
@@ -184,12 +193,16 @@ def plan_arms(pool: dict[str, dict[str, Any]]) -> list[Arm]:
         add(f"R+{origin} masks", 1.0, [k for k in keys if pool[k]["mask_source"] == origin],
             f"R + the synthetic pairs whose masks came from: {origin}")
     add("synthetic-only", 0.0, keys, "all synthetic pairs, no real case")
-    add("50%R+synthetic", 0.5, keys, "a random half of R (drawn per seed) + all synthetic pairs")
+    for f in scarce_fractions:
+        add(f"{scarce_label(f)}+synthetic", f, keys, f"a random {part(f)} of R (drawn per seed) + all synthetic pairs")
     add("R+extra-real", 1.0, extra, "R + labelled real cases outside R and the test set (the ceiling)")
-    add("50%R+extra-real", 0.5, extra, "the same random half of R + the extra real cases (the ceiling)")
+    for f in scarce_fractions:
+        add(f"{scarce_label(f)}+extra-real", f, extra,
+            f"the same random {part(f)} of R + the extra real cases (the ceiling)")
     if keys or extra:
-        add(HALF_REAL, 0.5, [], "the same random half of R as 50%R+synthetic, no synthetic pair (its control)",
-            control=True)
+        for f in scarce_fractions:
+            add(scarce_label(f), f, [], f"the same random {part(f)} of R as {scarce_label(f)}+synthetic, no "
+                                        "synthetic pair (its control)", control=True)
     return arms
 
 
@@ -357,7 +370,7 @@ def summarise(rows: list[dict[str, Any]], arms: list[Arm]) -> dict[str, Any]:
     for row in rows:
         by_arm.setdefault(row["arm"], {})[int(row["seed"])] = row
     reference = by_arm.get(REAL, {})
-    half = by_arm.get(HALF_REAL, {})
+    controls = {a.real_fraction: a.name for a in arms if 0 < a.real_fraction < 1 and not a.synthetic}
     out: dict[str, Any] = {}
     for arm in arms:
         runs = by_arm.get(arm.name, {})
@@ -370,8 +383,9 @@ def summarise(rows: list[dict[str, Any]], arms: list[Arm]) -> dict[str, Any]:
             entry[metric] = t_interval([values[s] for s in sorted(values)])
             if arm.name != REAL:
                 entry[f"{metric}_minus_R"] = paired_difference(values, _metric_by_seed(reference, metric))
-            if arm.real_fraction == 0.5 and arm.synthetic and half:  # 50%R+synthetic, 50%R+extra-real
-                entry[f"{metric}_minus_{HALF_REAL}"] = paired_difference(values, _metric_by_seed(half, metric))
+            control = controls.get(arm.real_fraction) if arm.synthetic else None  # e.g. 50%R+synthetic - 50%R
+            if control in by_arm:
+                entry[f"{metric}_minus_{control}"] = paired_difference(values, _metric_by_seed(by_arm[control], metric))
         out[arm.name] = entry
     return out
 
@@ -441,12 +455,21 @@ def format_table(result: dict[str, Any]) -> str:
             added = f" (the pairs add {goal['dice_gain_over_half_R']:+.3f} Dice to the same half of R" + (
                 ")" if low is None else f", 95% CI [{low:+.3f}, {high:+.3f}])")
         lines.append(f"- {goal['goal']}: {verdict}{added}")
-    ceilings = (("R+extra-real", "R", "R"), ("50%R+extra-real", HALF_REAL, "the same half of R"))
-    for name, reference, against in ceilings:
-        arm = result["arms"].get(name)
-        if arm and arm.get(f"dice_minus_{reference}"):
-            lines.append(f"- ceiling (not a goal): {arm['n_synthetic']} extra real cases add "
-                         f"{_ci(arm[f'dice_minus_{reference}'])} Dice to {against}")
+    for name, arm in result["arms"].items():  # what is not a goal: the ceiling, other scarce shares
+        fraction = arm["real_fraction"]
+        if name == f"R+{EXTRA_REAL}":
+            control, against = REAL, "R"
+        elif 0 < fraction < 1 and arm["n_synthetic"] and name != f"{HALF_REAL}+synthetic":  # that one is goal 3
+            control = scarce_label(fraction)
+            against = "the same half of R" if fraction == 0.5 else f"the same {control[:-1]} of R"
+        else:
+            continue
+        added = arm.get(f"dice_minus_{control}")
+        if added and added["mean"] is not None:
+            ceiling = name.endswith(EXTRA_REAL)
+            what = f"{arm['n_synthetic']} extra real cases" if ceiling else "the pairs"
+            lines.append(f"- {'ceiling' if ceiling else 'scarce labels'} (not a goal): {what} add {_ci(added)} "
+                         f"Dice to {against}")
     return "\n".join(lines)
 
 
@@ -525,7 +548,8 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
                              settings: BenchmarkSettings = BenchmarkSettings(), arms: Sequence[str] | None = None,
                              device: str = "cpu", progress: bool = False, lesion_like_only: bool = False,
                              workers: int = 1, on_note: Callable[[str], None] | None = None,
-                             extra_real: Path | str | None = None) -> dict[str, Any]:
+                             extra_real: Path | str | None = None,
+                             scarce_fractions: Sequence[float] = (0.5,)) -> dict[str, Any]:
     """Run every (arm, seed) not yet finished in `out_dir`, then write `downstream.json` and `downstream.png`.
 
     Args:
@@ -542,6 +566,8 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
         on_note: called with each note (skipped arms, ...) as it is found.
         extra_real: labelled real FCD cases outside R and the test set (a BIDS folder, every split used): the
             ceiling arms ``R+extra-real`` and ``50%R+extra-real`` add them as the synthetic pairs are added.
+        scarce_fractions: the shares of R of the scarce-labels arms (0.5: ``50%R+synthetic``, its control ``50%R``
+            and ``50%R+extra-real``; 0.25 adds ``25%R+synthetic``, ``25%R``, ...).
     Returns:
         The summary dict written to `downstream.json`.
     """
@@ -555,6 +581,11 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
         raise ValueError("run_downstream_benchmark: give at least one seed")
     if settings.steps < 1:
         raise ValueError(f"run_downstream_benchmark: steps must be >= 1, got {settings.steps}")
+    scarce_fractions = tuple(float(f) for f in scarce_fractions)
+    if not scarce_fractions or not all(0 < f < 1 for f in scarce_fractions) \
+            or len({scarce_label(f) for f in scarce_fractions}) < len(scarce_fractions):
+        raise ValueError(f"run_downstream_benchmark: scarce_fractions must be distinct shares in (0, 1), got "
+                         f"{list(scarce_fractions)}")
     if settings.synthetic_share is not None and not 0 <= settings.synthetic_share <= 1:
         raise ValueError(f"run_downstream_benchmark: synthetic_share must lie in [0, 1], got "
                          f"{settings.synthetic_share}")
@@ -573,7 +604,7 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
         pool = keep_lesion_like(pool, real_train, prep, notes)
     if extra_dir is not None:
         pool |= load_extra_real(extra_dir, prep, out_dir, real, notes)
-    planned = plan_arms(pool)
+    planned = plan_arms(pool, scarce_fractions)
     if arms is not None:
         wanted = set(arms) | {REAL}
         missing = wanted - {a.name for a in planned}
@@ -649,7 +680,8 @@ def run_downstream_benchmark(out_dir: Path | str, data_dir: Path | str, prep: Pr
             "sensitivity": "26-connected true lesion components with any predicted voxel / all test lesions",
             "fp_per_scan": "predicted 26-connected components overlapping no true lesion, mean per test scan",
             "ci": "95% t-interval of the mean over seeds; *_minus_R: paired by seed (arm - R)",
-            "seed": "the segmenter's initialisation and patch sampling, and the real half of 50%R+synthetic",
+            "seed": "the segmenter's initialisation and patch sampling, and the real part of the scarce-labels "
+                    "arms (50%R+synthetic and 50%R draw the same half)",
         },
         "lesion_like_only": lesion_like_only,
         "arms": summary, "goals": judge_goals(summary),
