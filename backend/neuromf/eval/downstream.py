@@ -475,7 +475,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 def plot_benchmark(summary: dict[str, Any], out_png: Path, title: str = "") -> Path:
     """Per arm: test Dice, lesion-wise sensitivity and false-positive components per scan (mean and 95% CI over
-    seeds, seeds as dots; R's mean dashed), and Dice - R paired by seed with the +0.05 goal dotted."""
+    seeds, seeds as dots; R's mean dashed), and Dice - R paired by seed with the +0.05 goal dotted. Colours: R
+    blue, arms with synthetic pairs orange, real-only arms (scarce controls, the extra-real ceiling) grey-green."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -491,7 +492,8 @@ def plot_benchmark(summary: dict[str, Any], out_png: Path, title: str = "") -> P
         for i, name in enumerate(names):
             entry = summary[name].get(metric)
             if entry is not None and entry["mean"] is not None:
-                _interval_bar(ax, i, entry, "C0" if name == REAL else "C1")
+                real_only = name.endswith(EXTRA_REAL) or not summary[name]["n_synthetic"]
+                _interval_bar(ax, i, entry, "C0" if name == REAL else "C2" if real_only else "C1")
         if metric == "dice_minus_R":
             ax.axhline(0.0, color="C0", ls="--", lw=0.8)
             ax.axhline(GOAL_DICE_GAIN, color="green", ls=":", lw=1.0)
