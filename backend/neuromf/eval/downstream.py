@@ -12,7 +12,8 @@ its own mix and is scored on the same test cases:
   conditional prior re-places training lesions; "joint": new shapes drawn by the joint model), when that set is not
   already an arm;
 - ``synthetic-only``, ``50%R+synthetic`` (a different random half of R per seed) and its control ``50%R`` (the same
-  half, no synthetic pair): what the pairs add where labelled cases are scarce;
+  half, no synthetic pair): what the pairs add where labelled cases are scarce (other shares of R on request:
+  ``25%R+synthetic`` and ``25%R``, ...);
 - ``R+extra-real`` and ``50%R+extra-real``, when labelled real cases outside R and the test set are given: those
   cases added exactly as the synthetic pairs are (same share of patches). Not a goal but the ceiling: what perfect
   pairs could add to this segmenter, budget and data.
@@ -476,7 +477,7 @@ def format_table(result: dict[str, Any]) -> str:
 def plot_benchmark(summary: dict[str, Any], out_png: Path, title: str = "") -> Path:
     """Per arm: test Dice, lesion-wise sensitivity and false-positive components per scan (mean and 95% CI over
     seeds, seeds as dots; R's mean dashed), and Dice - R paired by seed with the +0.05 goal dotted. Colours: R
-    blue, arms with synthetic pairs orange, real-only arms (scarce controls, the extra-real ceiling) grey-green."""
+    blue, arms with synthetic pairs orange, real-only arms (scarce controls, the extra-real ceiling) green."""
     import matplotlib
 
     matplotlib.use("Agg")
