@@ -242,8 +242,10 @@ def test_generate_pairs_and_evaluate_and_verify(lora_run, phantom_dir, tmp_path)
     checks = check_adapter(result.export)
     assert checks["forward_ok"] and checks["output_shape"] == [1, 5, *TEST_LATENT]
     stage = tmp_path / "stage"
-    assert cli(["evaluate", "--adapter", str(result.export), "--generated", str(out), "--data", str(phantom_dir),
-                "--out", str(stage / "metrics" / "metrics.json")]) == 0
+    assert cli(["evaluate", str(out), "--adapter", str(result.export), "--data", str(phantom_dir),
+                "--out", str(stage / "metrics" / "metrics.json")]) == 0  # the folder by position, as a user types it
+    with pytest.raises(SystemExit, match="give the generated pairs' folder once"):
+        cli(["evaluate", str(out), "--generated", str(tmp_path / "other"), "--adapter", str(result.export)])
     metrics = json.loads((stage / "metrics" / "metrics.json").read_text())
     assert metrics["n_generated"] == 3
     assert (stage / "metrics" / "metrics_sites.png").stat().st_size > 0  # where the lesions lie, beside the real

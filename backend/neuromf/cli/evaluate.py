@@ -31,7 +31,7 @@ def cmd_evaluate(args) -> int:
     from neuromf.models.adapter_meta import adapter_meta
 
     prep = adapter_meta(args.adapter, args.mode).prep
-    result = evaluate_generated(Path(args.generated), args.data, prep, Path(args.out), progress=True)
+    result = evaluate_generated(generated_folder(args), args.data, prep, Path(args.out), progress=True)
     like = result["lesion_like"]
     summary = like["summary"]
     print(f"lesion-like: {like['summary']['n_lesion_like']}/{like['summary']['n']} ({like['rate']:.0%}); per "
@@ -58,7 +58,7 @@ def cmd_evaluate(args) -> int:
         from neuromf.generation.conditional import empty_mask_control
         from neuromf.utils import atomic_write_json
 
-        control = empty_mask_control(args.adapter, Path(args.generated), device=args.device)
+        control = empty_mask_control(args.adapter, generated_folder(args), device=args.device)
         atomic_write_json(Path(args.out), {**result, "empty_mask_control": control})
         print(f"empty-mask control ({control['n']} pairs): median contrast {control['median_contrast_empty_mask']} "
               f"with an empty mask vs {control['median_contrast']} as generated; median gain "
@@ -75,7 +75,7 @@ def cmd_consistency(args) -> int:
 
     ensure_writable(Path(args.out), file=True)  # before the trainings, not after them
     prep = adapter_meta(args.adapter, args.mode).prep
-    result = evaluate_consistency(Path(args.generated), args.data, prep, seeds=args.seeds, steps=args.steps,
+    result = evaluate_consistency(generated_folder(args), args.data, prep, seeds=args.seeds, steps=args.steps,
                                   out_json=Path(args.out), device=args.device, progress=True)
 
     def pm(d: dict) -> str:
@@ -143,10 +143,20 @@ def _add_generated_flags(p: argparse.ArgumentParser, out: Path) -> None:
     p.add_argument("--adapter", default="embedded", help="the adapter that generated the pairs (its grid)")
     p.add_argument("--mode", default="auto", choices=["auto", "joint", "conditional"],
                    help="with --adapter embedded: which demo adapter")
-    p.add_argument("--generated", default=str(STAGE_DIR / "generated"))
+    p.add_argument("folder", nargs="?", default=None, metavar="GENERATED",
+                   help="folder of generated pairs (as --generated)")
+    p.add_argument("--generated", default=None,
+                   help=f"folder of generated pairs (default {STAGE_DIR / 'generated'})")
     p.add_argument("--data", default="embedded",
                    help="the real cases: a data folder, 'embedded' (2 mm) or 'embedded-3mm'")
     p.add_argument("--out", default=str(out))
+
+
+def generated_folder(args) -> Path:
+    """The pairs' folder, given by position or by --generated (not two different ones)."""
+    if args.folder and args.generated and Path(args.folder) != Path(args.generated):
+        raise SystemExit(f"give the generated pairs' folder once: {args.folder} and --generated {args.generated}")
+    return Path(args.folder or args.generated or STAGE_DIR / "generated")
 
 
 def cmd_calibrate_guidance(args) -> int:
