@@ -392,7 +392,8 @@ def summarise(rows: list[dict[str, Any]], arms: list[Arm]) -> dict[str, Any]:
 
 
 def judge_goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The goals, each with its figures and met / missed / not run."""
+    """The goals of the arms in `summary`, each with its figures and met / missed / None (fewer than 2 seeds); a
+    goal whose arm was not asked for is left out, not listed as undetermined."""
     goals = []
     real = summary.get(REAL, {}).get("dice", {}).get("mean")
     for name, entry in summary.items():
@@ -410,6 +411,8 @@ def judge_goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for name, test, text in (
             ("synthetic-only", lambda d: d >= GOAL_SYNTHETIC_ONLY * real, f">= {GOAL_SYNTHETIC_ONLY} x R Dice"),
             ("50%R+synthetic", lambda d: d >= real, ">= R Dice")):
+        if name not in summary:
+            continue
         dice_mean = summary.get(name, {}).get("dice", {}).get("mean")
         met = None if dice_mean is None or real is None else bool(test(dice_mean))
         goals.append({"goal": f"{name} {text}", "arm": name, "dice": dice_mean, "R_dice": real,
@@ -449,7 +452,7 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{_ci(arm.get('sensitivity_minus_R'))} |")
     lines.append("")
     for goal in result["goals"]:
-        verdict = {True: "met", False: "**MISSED**", None: "not determined (arm not run or < 2 seeds)"}[goal["met"]]
+        verdict = {True: "met", False: "**MISSED**", None: "not determined (fewer than 2 seeds)"}[goal["met"]]
         added = ""
         if goal.get("dice_gain_over_half_R") is not None:
             low, high = goal["dice_gain_over_half_R_ci"]
