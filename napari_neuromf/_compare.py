@@ -86,7 +86,7 @@ def show_comparison(viewer: napari.Viewer, comparison: Comparison) -> list:
     """Real | generated in ``viewer`` (a fresh one): grid mode, one viewbox each (FLAIR + lesion), axial
     radiological, one grey window for both FLAIRs; returns the layers, left to right."""
     from napari_neuromf._layers import brain_window, layer_tuple
-    from napari_neuromf._viewing import show_axial, view_guard
+    from napari_neuromf._viewing import go_to_lesion, show_axial, view_guard
 
     view_guard(viewer)
     grid = viewer.canvas.grid
@@ -107,9 +107,8 @@ def show_comparison(viewer: napari.Viewer, comparison: Comparison) -> list:
         layers.append(viewer.add_labels(data, **kwargs))
     show_axial(viewer)
     labelled = layers[1] if comparison.real_lesion is not None and comparison.real_lesion.any() else layers[3]
-    if np.any(labelled.data):  # the axial slice through the lesion
-        centre = np.argwhere(np.asarray(labelled.data) > 0).mean(axis=0)
-        viewer.dims.set_point(2, float(labelled.data_to_world(centre)[2]))
+    if np.any(labelled.data):
+        go_to_lesion(viewer, labelled)
     viewer.reset_view()
     return layers
 

@@ -166,8 +166,7 @@ class ViewGuard:
         from napari.layers import Labels
 
         if isinstance(layer, Labels) and sum(isinstance(v, Labels) for v in volumes) == 1 and np.any(layer.data):
-            centre = np.argwhere(np.asarray(layer.data) > 0).mean(axis=0)  # the axial slice through the lesion
-            viewer.dims.set_point(2, float(layer.data_to_world(centre)[2]))
+            go_to_lesion(viewer, layer)
         self.refresh()
         self._arrived.append(weakref.ref(layer))
         from qtpy.QtCore import QTimer
@@ -338,6 +337,12 @@ def same_grid(a: Any, b: Any) -> bool:
     return np.shape(a.data) == np.shape(b.data) and bool(np.allclose(a.extent.world, b.extent.world, atol=1e-3))
 
 
+def go_to_lesion(viewer: napari.Viewer, lesion: Any) -> None:
+    """The axial slice through the centre of a (non-empty) lesion Labels layer."""
+    centre = np.argwhere(np.asarray(lesion.data) > 0).mean(axis=0)
+    viewer.dims.set_point(2, float(lesion.data_to_world(centre)[2]))
+
+
 def show_alone(viewer: napari.Viewer, layers: list) -> list[str]:
     """Show ``layers`` (a generated pair on its model grid) alone: hide, not remove, the visible volumes on another
     grid (a scan opened before: another brain, not registered to the pair, whose larger field of view would show
@@ -346,7 +351,8 @@ def show_alone(viewer: napari.Viewer, layers: list) -> list[str]:
     and how to show it again."""
     if not layers:
         return []
-    hidden = [layer for layer in view_guard(viewer).volumes()
+    guard = view_guard(viewer)
+    hidden = [layer for layer in guard.volumes()
               if layer.visible and layer not in layers and not same_grid(layer, layers[0])]
     if not hidden:
         return []
@@ -356,10 +362,8 @@ def show_alone(viewer: napari.Viewer, layers: list) -> list[str]:
 
     lesion = next((layer for layer in layers if isinstance(layer, Labels) and np.any(layer.data)), None)
     if lesion is not None:
-        centre = np.argwhere(np.asarray(lesion.data) > 0).mean(axis=0)
-        viewer.dims.set_point(2, float(lesion.data_to_world(centre)[2]))
+        go_to_lesion(viewer, lesion)
     viewer.reset_view(layers=layers)
-    guard = view_guard(viewer)
     guard.refresh()
     names = [layer.name for layer in hidden]
     guard.alone_note = (f"Shown alone: {layers[0].name.split()[0]} is another brain on the model's grid; hidden, not "

@@ -148,14 +148,16 @@ def load_extra_real(data_dir: Path, prep: Preprocessing, out_dir: Path, known: l
     """The labelled real FCD cases of `data_dir` (every split) as pool entries of source `EXTRA_REAL`; a case
     identical to one of `known` (R or the test set) raises: the ceiling must come from cases the segmenter and the
     test have not seen."""
+    def digest(image: np.ndarray) -> str:
+        return hashlib.sha256(np.ascontiguousarray(image, dtype=np.float32).tobytes()).hexdigest()
+
     cases, found = _real_cases_cached(data_dir, prep, out_dir)
-    seen = {hashlib.sha256(np.ascontiguousarray(c["image"], dtype=np.float32).tobytes()).hexdigest(): c["id"]
-            for c in known}
+    seen = {digest(c["image"]): c["id"] for c in known}
     pool = {}
     for case in cases:
-        digest = hashlib.sha256(np.ascontiguousarray(case["image"], dtype=np.float32).tobytes()).hexdigest()
-        if digest in seen:
-            raise ValueError(f"{data_dir}: extra real case {case['id']} is the benchmark's own case {seen[digest]} "
+        if digest(case["image"]) in seen:
+            raise ValueError(f"{data_dir}: extra real case {case['id']} is the benchmark's own case "
+                             f"{seen[digest(case['image'])]} "
                              "(give cases outside its train and test sets)")
         pool[f"{EXTRA_REAL}/{case['id']}"] = {"image": case["image"], "mask": case["mask"].astype(np.uint8),
                                              "source": EXTRA_REAL, "mask_source": "real"}
