@@ -109,7 +109,7 @@ def show_comparison(viewer: napari.Viewer, comparison: Comparison) -> list:
     labelled = layers[1] if comparison.real_lesion is not None and comparison.real_lesion.any() else layers[3]
     if np.any(labelled.data):
         go_to_lesion(viewer, labelled)
-    viewer.reset_view()
+    view_guard(viewer).fit_to()
     return layers
 
 

@@ -39,7 +39,14 @@ from napari_neuromf._helpers import (
     when_backend_ready,
 )
 from napari_neuromf._layers import LayerDataError, case_layers, write_layer
-from napari_neuromf._viewing import CONVENTIONS, RADIOLOGICAL, current_convention, show_axial, view_guard
+from napari_neuromf._viewing import (
+    CONVENTIONS,
+    RADIOLOGICAL,
+    current_convention,
+    go_to_lesion,
+    show_axial,
+    view_guard,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -175,10 +182,9 @@ class FCDDataWidget(QWidget):
     def _view_after_adding(self, lesion: Any = None) -> None:
         if current_convention(self.viewer) is None or len(view_guard(self.viewer).volumes()) <= 2:
             self.apply_view()  # a first case, or the user moved away from axial: back to the chosen axial view
-            self.viewer.reset_view()
-        if lesion is not None and lesion.data.any():  # the axial slice through the lesion's centre
-            centre = np.argwhere(lesion.data > 0).mean(axis=0)
-            self.viewer.dims.set_point(2, float(lesion.data_to_world(centre)[2]))
+            view_guard(self.viewer).fit_to()
+        if lesion is not None and lesion.data.any():
+            go_to_lesion(self.viewer, lesion)
 
     # -- jobs -----------------------------------------------------------------------------------------------
     def cancel(self) -> None:

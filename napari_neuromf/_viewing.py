@@ -211,6 +211,12 @@ class ViewGuard:
 
             show_info(self.alone_note)
 
+    def fit_to(self, layers: list | None = None) -> None:
+        """Fit the view to ``layers`` (None: all of them); a fit still pending from the opening before is superseded
+        (on a loaded machine its turn can come after this one, and would undo it and any zoom the user made since)."""
+        self._fit_pending = False
+        self.viewer.reset_view(layers=layers)
+
     def _fitted_now(self, *_: Any) -> None:
         """napari fitted the view (ours, a widget's, the home button): remember where it put the camera."""
         viewer = self.viewer
@@ -363,7 +369,7 @@ def show_alone(viewer: napari.Viewer, layers: list) -> list[str]:
     lesion = next((layer for layer in layers if isinstance(layer, Labels) and np.any(layer.data)), None)
     if lesion is not None:
         go_to_lesion(viewer, lesion)
-    viewer.reset_view(layers=layers)
+    guard.fit_to(layers)
     guard.refresh()
     names = [layer.name for layer in hidden]
     guard.alone_note = (f"Shown alone: {layers[0].name.split()[0]} is another brain on the model's grid; hidden, not "

@@ -168,6 +168,27 @@ def test_a_sample_pair_opened_over_a_scan_on_another_grid_is_shown_alone(viewer,
     assert image.visible and view_guard(viewer).alone_note is None
 
 
+def test_a_pair_shown_alone_before_the_scans_turn_keeps_its_view_and_the_users_zoom(viewer, qtbot):
+    """A pair shown alone (as the Generate dock shows its pairs) before the event loop had its turn after the scan
+    opened just before it (a loaded machine; CI met it): the scan's pending fit must neither undo the pair's view
+    nor a zoom the user made since."""
+    from napari_neuromf._viewing import LETTERS_DELAY_MS, is_ras_volume, show_alone
+
+    viewer.open_sample("napari-neuromf", "fcd_phantom_case")  # no turn of the event loop: its fit still pending
+    scans = [layer for layer in viewer.layers if is_ras_volume(layer)]
+    viewer.open_sample("napari-neuromf", "generated_pair")
+    pair = [layer for layer in viewer.layers if is_ras_volume(layer) and layer not in scans]
+    assert show_alone(viewer, pair) == [layer.name for layer in scans if layer.name in viewer.layers]
+    pair_centre = np.asarray(pair[0].extent.world).mean(axis=0)[list(viewer.dims.displayed)]
+    zoom = viewer.camera.zoom * 2  # the user zooms in on the pair
+    viewer.camera.zoom = zoom
+    qtbot.waitUntil(lambda: set(_letters(viewer)) == {"R", "L", "A", "P"}, timeout=10_000)
+    qtbot.wait(4 * LETTERS_DELAY_MS)
+    assert viewer.camera.zoom == pytest.approx(zoom)
+    assert np.allclose(viewer.camera.center[-2:], pair_centre, atol=1e-3)
+    assert not any(layer.visible for layer in scans) and all(layer.visible for layer in pair)
+
+
 def test_rechoosing_radiological_restores_it(viewer, qtbot, phantom_subset):
     from napari_neuromf._data_widget import FCDDataWidget
     from napari_neuromf._viewing import NEUROLOGICAL, ORIENTATIONS
