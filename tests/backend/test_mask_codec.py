@@ -195,3 +195,34 @@ def test_mask_prior_keeps_lesions_near_real_lesion_sites():
         assert prior.fits(mask, brain)
     mirrored = np.flip(lesions[0], axis=0).copy()  # the same lesion at the right-hand site: depth fine, site not
     assert not prior.fits(mirrored, brain)
+
+
+def test_mask_prior_draws_centres_near_real_sites_not_in_the_gaps_between_them():
+    """Real sites in two tight clusters at opposite sides of a brain and one site alone between them: the lone site
+    sets the site radius (the largest distance to a nearest neighbour), so most of the brain's shell lies within
+    reach of a site, as deep grey matter lies within reach of medial and insular FCD sites. Drawn centres still
+    follow the real sites' density: each within the typical nearest-neighbour distance of a real site, the
+    clusters drawn in proportion to their sites, none in the empty stretches."""
+    from neuromf.data.brain import brain_box, lesion_position, nearest_site_distances, normalised_positions
+
+    shape = (40, 40, 40)
+    image = ball(shape, (20, 20, 20), 16) * 0.6
+    left = [(8, 20, 20), (8, 22, 20), (9, 20, 22), (8, 18, 19)]
+    right = [(32, 20, 20), (32, 22, 21), (31, 19, 20), (32, 18, 22)]
+    lesions = [ball(shape, c, 2.0) for c in [*left, *right, (20, 20, 8)]]
+    prior = MaskPrior.from_cases(lesions, [image] * len(lesions), (3.0, 3.0, 3.0))
+    brain = brain_mask(image)
+    box = brain_box(brain)
+    reach = prior.site_neighbourhood(brain)
+    assert reach < 0.5 * prior.site_radius
+    centres = prior.candidate_centres(brain, depth_map(brain, prior.spacing))
+    far = nearest_site_distances(normalised_positions(centres, box), prior.sites) > reach
+    assert far.mean() > 0.5  # a uniform draw among the candidates would mostly land far from every real site
+    rng = np.random.default_rng(0)
+    drawn = np.array([prior.draw_centre(rng, centres, brain) for _ in range(300)])
+    assert (nearest_site_distances(normalised_positions(drawn, box), prior.sites) <= reach + 1e-9).all()
+    assert 0.3 < (drawn[:, 0] < 14).mean() < 0.6 and 0.3 < (drawn[:, 0] > 26).mean() < 0.6  # 4 of 9 sites each
+    for _ in range(10):
+        mask = prior.sample(rng, brain=brain) > 0
+        position = np.asarray([lesion_position(mask, box)])
+        assert nearest_site_distances(position, prior.sites)[0] <= reach + 1.0 / 32  # a voxel of the box's slack

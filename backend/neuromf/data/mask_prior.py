@@ -5,8 +5,9 @@ moved to a new centre chosen among brain voxels whose depth below the brain surf
 the real lesions' depths (FCD lesions sit at the grey/white junction, a few mm to ~2 cm deep) and whose height
 (inferior-superior) lies within the real lesions' range (FCD is a cortical malformation of the cerebrum: no
 lesion in the cerebellum or brainstem unless the training lesions go there), and whose position in the brain
-(normalised to its bounding box) lies near a real lesion's site, no farther than the real sites lie from each
-other (`neuromf.data.brain.site_spread`; the lesion-likeness check's location criterion). A placement is kept when
+(normalised to its bounding box) lies near a real lesion's site drawn at random (within the real sites' typical
+distance to their nearest neighbour: new sites follow the real sites' density, and the gaps between distant real
+sites, such as the deep grey matter between medial and insular cortex, stay empty). A placement is kept when
 >= 95% of the lesion lies inside the brain, its median depth is in the real range and its centroid is near a real
 site; volumes follow the training
 distribution. Depth is measured as the lesion-likeness check measures it (`neuromf.data.brain`): each real
@@ -125,6 +126,30 @@ class MaskPrior:
             centres = centres[near <= SITE_MARGIN * self.site_radius]
         return centres
 
+    def site_neighbourhood(self, brain: np.ndarray) -> float:
+        """How far from a real site (normalised units) `draw_centre` puts a new centre: the median distance from a
+        real site to its nearest other one (at least `_min_site_radius`). Small next to `site_radius` (the largest
+        such distance, which bounds where a lesion may lie): new sites then follow the real sites' density, e.g.
+        a frontal majority stays one, instead of filling every gap between distant real sites (deep grey matter
+        lies within `site_radius` of the medial and insular cortex, and no FCD lesion sits there)."""
+        floor = _min_site_radius(brain)
+        if self.sites is None or len(self.sites) < 2:
+            return max(self.site_radius or 0.0, floor)
+        gaps = np.linalg.norm(self.sites[:, None] - self.sites[None], axis=-1)
+        np.fill_diagonal(gaps, np.inf)
+        return max(float(np.median(gaps.min(axis=1))), floor)
+
+    def draw_centre(self, rng: np.random.Generator, centres: np.ndarray, brain: np.ndarray) -> np.ndarray:
+        """One of `centres` (`candidate_centres` of `brain`) near a real site drawn at random: within
+        `site_neighbourhood` of it, or the candidate nearest it when none is that near. Uniform over the centres
+        when the prior has no sites."""
+        if self.sites is None or not len(self.sites):
+            return centres[rng.integers(len(centres))]
+        site = self.sites[rng.integers(len(self.sites))]
+        distance = np.linalg.norm(normalised_positions(centres, brain_box(brain)) - site, axis=1)
+        near = np.flatnonzero(distance <= self.site_neighbourhood(brain))
+        return centres[near[rng.integers(len(near))] if len(near) else int(distance.argmin())]
+
     def sample(self, rng: np.random.Generator, brain: np.ndarray | None = None, max_tries: int = 200) -> np.ndarray:
         """One (H, W, D) uint8 lesion mask on the model grid, placed in `brain` (H, W, D) bool when given (e.g.
         the brain of the FLAIR it will be generated into), else in the reference brain."""
@@ -145,8 +170,7 @@ class MaskPrior:
             lesion = self.lesions[rng.integers(len(self.lesions))]
             if rng.random() < 0.5:
                 lesion = lesion[::-1]  # left-right mirror (axis 0 runs left -> right on the RAS grid)
-            centre = centres[rng.integers(len(centres))]
-            placed = self._place(lesion, centre)
+            placed = self._place(lesion, self.draw_centre(rng, centres, brain))
             if not placed.any():
                 continue
             inside = float((placed & brain).sum()) / float(placed.sum())

@@ -276,8 +276,8 @@ def draw_joint_mask(joint: JointModel, brain: np.ndarray, seed: int, steps: int 
                     stop: Event | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """A lesion mask drawn by a joint adapter (Euler, masks only) for the brain it goes into, on the model grid.
 
-    A site-conditioned adapter is given a site where its prior would centre a lesion in *this* brain (real depth and
-    sites, `MaskPrior.candidate_centres`), so the new shape grows where a lesion belongs in the scan rather than in
+    A site-conditioned adapter is given a site where its prior would centre a lesion in *this* brain (real depth, near
+    a real site: `MaskPrior.draw_centre`), so the new shape grows where a lesion belongs in the scan rather than in
     the brain the joint model imagines; an adapter without sites draws where it learned to. A mask that comes out
     empty or mostly outside the brain is drawn again from fresh noise (at most `MASK_DRAWS` draws).
 
@@ -303,7 +303,7 @@ def draw_joint_mask(joint: JointModel, brain: np.ndarray, seed: int, steps: int 
             if not len(centres):
                 raise VolumeError("the scan's brain has no voxel at the real lesions' depth and sites for the joint "
                                   "model's lesion")
-            sites = centres[np.random.default_rng([draw_seed, 1]).integers(len(centres))][None]
+            sites = joint.prior.draw_centre(np.random.default_rng([draw_seed, 1]), centres, brain)[None]
         try:
             _, z, _ = next(iter(sample_joint(joint, 1, steps, draw_seed, device, "euler", guidance, sites, on_step,
                                              stop)))
