@@ -190,8 +190,7 @@ class ViewGuard:
         self._raise_markers()
         arrived, self._arrived = [ref() for ref in self._arrived], []
         if self._fit_pending:
-            self._fit_pending = False
-            viewer.reset_view()
+            self.fit_to()
         self._pair_alone([layer for layer in arrived if layer is not None and layer in viewer.layers])
 
     def _pair_alone(self, arrived: list) -> None:

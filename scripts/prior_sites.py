@@ -1,7 +1,7 @@
 """Where the mask prior puts lesions, by the phantom generator's own rules: placements of the shipped conditional
 adapter's prior in the first N healthy training scans, counted by the zone their centroid falls in (in the
 phantoms' template mm: cortex, within 10 mm of the midline, deep grey matter, cerebellum; the generator centres
-every FCD lesion in the cortex), for centres drawn near a random real site (`MaskPrior.draw_centre`, since round
+every FCD lesion in the cortex), for centres drawn near a random real site (`MaskPrior.centre_draw`, since round
 18) and drawn uniformly among the candidate centres (the rule before). The real lesions' centroids are counted the
 same way (a centre on a zone's edge can put its centroid just across). Phantom data only: the zones are the
 generator's. Usage: python scripts/prior_sites.py [OUT_JSON] [N_SCANS] [DRAWS_PER_SCAN]
@@ -43,8 +43,8 @@ def counts(zones: list[str]) -> dict[str, int]:
     return {name: zones.count(name) for name in ZONES}
 
 
-def uniform_centre(prior: MaskPrior, rng: np.random.Generator, centres: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    return centres[rng.integers(len(centres))]
+def uniform_draw(prior: MaskPrior, centres: np.ndarray, brain: np.ndarray):
+    return lambda rng: centres[rng.integers(len(centres))]
 
 
 def main(out: Path, n_scans: int = 16, draws: int = 12) -> None:
@@ -63,9 +63,9 @@ def main(out: Path, n_scans: int = 16, draws: int = 12) -> None:
     result = {"real lesions": {"n": len(real), **counts(real)}, "real site spread": position_spread(cond.prior.sites),
               "site_neighbourhood": cond.prior.site_neighbourhood(cond.prior.brain),
               "site_radius": cond.prior.site_radius}
-    near_site = MaskPrior.draw_centre
-    for name, draw in (("near a random real site", near_site), ("uniform among candidates (before)", uniform_centre)):
-        MaskPrior.draw_centre = draw
+    near_site = MaskPrior.centre_draw
+    for name, draw in (("near a random real site", near_site), ("uniform among candidates (before)", uniform_draw)):
+        MaskPrior.centre_draw = draw
         zones, positions = [], []
         for b, brain in enumerate(brains):
             for k in range(draws):
@@ -74,7 +74,7 @@ def main(out: Path, n_scans: int = 16, draws: int = 12) -> None:
                 positions.append(lesion_position(mask, brain_box(brain)))
         result[name] = {"n": len(zones), **counts(zones), "site_spread": position_spread(np.array(positions))}
         print(name, result[name], flush=True)
-    MaskPrior.draw_centre = near_site
+    MaskPrior.centre_draw = near_site
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -17,6 +17,7 @@ the caller passes one (`sample(rng, brain=...)`), else the mean of the training 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,16 +140,26 @@ class MaskPrior:
         np.fill_diagonal(gaps, np.inf)
         return max(float(np.median(gaps.min(axis=1))), floor)
 
-    def draw_centre(self, rng: np.random.Generator, centres: np.ndarray, brain: np.ndarray) -> np.ndarray:
-        """One of `centres` (`candidate_centres` of `brain`) near a real site drawn at random: within
-        `site_neighbourhood` of it, or the candidate nearest it when none is that near. Uniform over the centres
-        when the prior has no sites."""
+    def centre_draw(self, centres: np.ndarray, brain: np.ndarray) -> Callable[[np.random.Generator], np.ndarray]:
+        """A draw of one of `centres` (`candidate_centres` of `brain`) near a real site drawn at random: within
+        `site_neighbourhood` of it, or the candidate nearest it when none is that near; uniform over the centres
+        when the prior has no sites. The centres' positions and the neighbourhood are computed once, for the many
+        draws of a placement."""
         if self.sites is None or not len(self.sites):
-            return centres[rng.integers(len(centres))]
-        site = self.sites[rng.integers(len(self.sites))]
-        distance = np.linalg.norm(normalised_positions(centres, brain_box(brain)) - site, axis=1)
-        near = np.flatnonzero(distance <= self.site_neighbourhood(brain))
-        return centres[near[rng.integers(len(near))] if len(near) else int(distance.argmin())]
+            return lambda rng: centres[rng.integers(len(centres))]
+        positions = normalised_positions(centres, brain_box(brain))
+        reach = self.site_neighbourhood(brain)
+
+        def draw(rng: np.random.Generator) -> np.ndarray:
+            distance = np.linalg.norm(positions - self.sites[rng.integers(len(self.sites))], axis=1)
+            near = np.flatnonzero(distance <= reach)
+            return centres[near[rng.integers(len(near))] if len(near) else int(distance.argmin())]
+
+        return draw
+
+    def draw_centre(self, rng: np.random.Generator, centres: np.ndarray, brain: np.ndarray) -> np.ndarray:
+        """One centre by `centre_draw` (for a single draw)."""
+        return self.centre_draw(centres, brain)(rng)
 
     def sample(self, rng: np.random.Generator, brain: np.ndarray | None = None, max_tries: int = 200) -> np.ndarray:
         """One (H, W, D) uint8 lesion mask on the model grid, placed in `brain` (H, W, D) bool when given (e.g.
@@ -165,12 +176,13 @@ class MaskPrior:
         lo, hi = self.depth_range
         lo, hi = lo + DEPTH_MARGIN / 2 * (hi - lo), hi - DEPTH_MARGIN / 2 * (hi - lo)
         box = brain_box(brain)  # candidate_centres found voxels, so the brain is not empty
+        draw_centre = self.centre_draw(centres, brain)
         best, best_inside = None, -1.0
         for _ in range(max_tries):
             lesion = self.lesions[rng.integers(len(self.lesions))]
             if rng.random() < 0.5:
                 lesion = lesion[::-1]  # left-right mirror (axis 0 runs left -> right on the RAS grid)
-            placed = self._place(lesion, self.draw_centre(rng, centres, brain))
+            placed = self._place(lesion, draw_centre(rng))
             if not placed.any():
                 continue
             inside = float((placed & brain).sum()) / float(placed.sum())

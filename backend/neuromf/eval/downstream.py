@@ -155,9 +155,9 @@ def load_extra_real(data_dir: Path, prep: Preprocessing, out_dir: Path, known: l
     seen = {digest(c["image"]): c["id"] for c in known}
     pool = {}
     for case in cases:
-        if digest(case["image"]) in seen:
-            raise ValueError(f"{data_dir}: extra real case {case['id']} is the benchmark's own case "
-                             f"{seen[digest(case['image'])]} "
+        own = seen.get(digest(case["image"]))
+        if own is not None:
+            raise ValueError(f"{data_dir}: extra real case {case['id']} is the benchmark's own case {own} "
                              "(give cases outside its train and test sets)")
         pool[f"{EXTRA_REAL}/{case['id']}"] = {"image": case["image"], "mask": case["mask"].astype(np.uint8),
                                              "source": EXTRA_REAL, "mask_source": "real"}

@@ -63,10 +63,11 @@ class SiteConditionedJoint(nn.Module):
 
 def draw_sites(prior: MaskPrior, n: int, seed: int) -> torch.Tensor:
     """(n, 3) lesion sites (image-grid voxel coordinates) where the prior would centre a lesion (`MaskPrior.
-    draw_centre` among the `candidate_centres` of its reference brain: real depth, height and sites, near a real
+    centre_draw` among the `candidate_centres` of its reference brain: real depth, height and sites, near a real
     site drawn at random); site i depends only on (seed, i)."""
     centres = prior.candidate_centres(prior.brain, depth_map(prior.brain, prior.spacing))
     if not len(centres):
         raise ValueError("the mask prior has no voxel at the real lesions' depth and sites to put a lesion")
-    picks = [prior.draw_centre(np.random.default_rng([seed, i]), centres, prior.brain) for i in range(n)]
+    draw = prior.centre_draw(centres, prior.brain)
+    picks = [draw(np.random.default_rng([seed, i])) for i in range(n)]
     return torch.tensor(np.asarray(picks, dtype=np.float32).reshape(n, 3))
