@@ -10,8 +10,9 @@ SYSTEM_PACKAGES := xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1 libxkbcommon-
 	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0 \
 	libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
 # the suite on two worker processes, each taking whole test files (module fixtures are built once); tests marked
-# slow (long end-to-end runs) are kept out of the suite's 10-minute budget: `make test-slow` runs them
-PYTEST_ARGS ?= -n 2 --dist loadfile -m "not slow"
+# slow (long end-to-end runs) are kept out of the suite's 10-minute budget: `make test-slow` runs them; the files
+# are handed out in tests/conftest.py's order (the long ones first), not xdist's
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 .PHONY: test test-slow demo venv sysdeps lint validate pytest bench pretrain clean
 

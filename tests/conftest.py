@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,26 @@ import torch
 from testkit import TEST_SHAPE, TEST_SPACING, tiny_config
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Files whose few tests run long (subprocess launches, real trainings; 50-115 s each on the 2-core machine), handed
+# to the xdist workers first, longest first: xdist's own order (most tests first) handed them out last, so the suite
+# ended with one worker running a long file while the other idled. `make test` turns xdist's order off
+# (--no-loadscope-reorder); the other files keep it (most tests first).
+LONG_FILES = ("test_kill_resume.py", "test_distributed.py", "test_fine_default.py", "test_distributed_cli.py",
+              "test_plugin_training_jobs.py", "test_embedded.py", "test_train.py", "test_launch.py",
+              "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    files = Counter(item.nodeid.split("::")[0] for item in items)
+
+    def rank(item) -> tuple[int, int]:
+        file = item.nodeid.split("::")[0]
+        name = Path(file).name
+        return (LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES), -files[file])
+
+    items.sort(key=rank)  # stable: a file's tests stay together and in their order
+
 
 @pytest.fixture(autouse=True)
 def _seed():
