@@ -7,6 +7,8 @@
 `--new` may be a saved VAE (a folder with model.safetensors) or a training run folder: then the EMA weights of its
 resumable checkpoint are loaded on top of `--old` (to follow a run while it trains).
 
+`--new-tile N` decodes the new side in overlapping tiles of N latent voxels a side (`MAISIVAEWrapper.decode`).
+
 `--texture` also judges each decoder's decodes with scanner texture added (`neuromf.data.texture`) at the level
 in its sidecar (`texture_sigma`), or, when it has none, fitted here on the first 16 training scans (never on the
 held-out ones).
@@ -115,7 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vae_realism.json"))
     parser.add_argument("--picture", type=Path, default=None)
     parser.add_argument("--texture", action="store_true", help="also judge decodes with scanner texture added")
+    parser.add_argument("--new-tile", type=int, default=None, metavar="N",
+                        help="the new side decodes in overlapping tiles of N latent voxels a side (`--new embedded "
+                             "--new-tile 16`: the shipped decoder, tiled, against itself whole)")
     args = parser.parse_args(argv)
+
+    def side(label: str, spec: str) -> MAISIVAEWrapper:
+        vae = load_vae(spec, args.old)
+        vae.decode_tile = args.new_tile if label == "new" else None
+        return vae
+
     torch.set_num_threads(1)
     started = time.perf_counter()
     cfg = load_config(args.config)
@@ -133,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, spec in (("old", args.old), ("new", args.new)):
         if (args.only and label != args.only) or spec is None:
             continue
-        vae = load_vae(spec, args.old)
+        vae = side(label, spec)
         decodes[label] = round_trip(vae, originals)
         arms = [(label, decodes[label], {})]
         if args.texture:
@@ -145,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             arms.append((f"{label}_textured", decodes[f"{label}_textured"], fit))
         for name, decoded, extra in arms:
             report = realism_report(originals, decoded, seed=args.seed, cnn_steps=args.cnn_steps)
-            result[name] = {"vae": spec, **extra, **report, "meets": verdicts(report)}
+            tiles = {"decode_tile": vae.decode_tile} if vae.decode_tile else {}
+            result[name] = {"vae": spec, **tiles, **extra, **report, "meets": verdicts(report)}
             print_report(name, report)
     # what the judges give when both sides are real: two disjoint halves of the originals
     half = len(originals) // 2
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.picture and (args.new or args.texture):
         shown = (0, len(originals) - 1)
         columns = {f"{label} decode": (decodes[label][list(shown)] if label in decodes else
-                                       round_trip(load_vae(spec, args.old), originals[list(shown)]))
+                                       round_trip(side(label, spec), originals[list(shown)]))
                    for label, spec in (("old", args.old), ("new", args.new)) if spec}
         columns.update({f"{label.replace('_', ' + ')}": decodes[label][list(shown)] for label in decodes
                         if label.endswith("_textured")})

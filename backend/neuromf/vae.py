@@ -101,6 +101,7 @@ class MAISIVAEWrapper(nn.Module):
         self.autoencoder = build_maisi_autoencoder(preset, norm_float16=self.norm_float16).to(self.device_)
         self.scale_factor = float(scale_factor)
         self.texture_sigma: float | None = None
+        self.decode_tile: int | None = None  # latent voxels per tile side of `decode`; None: the whole latent at once
         self.source = "random-init"
         self.autoencoder.eval()
 
@@ -154,6 +155,7 @@ class MAISIVAEWrapper(nn.Module):
         vae.load_weights(weight_file)
         vae.metadata = meta
         vae.texture_sigma = _texture_sigma(meta, sidecar)
+        vae.decode_tile = _decode_tile(meta, sidecar)
         return vae
 
     @classmethod
@@ -216,12 +218,24 @@ class MAISIVAEWrapper(nn.Module):
         return z.float() * self.scale_factor
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Volumes from scaled latents: (B, C, h, w, d) -> (B, 1, 4h, 4w, 4d) float32 on the VAE's device.
 
-        Latents are divided by `scale_factor` first, undoing `encode`'s scaling.
+        Latents are divided by `scale_factor` first, undoing `encode`'s scaling. `tile` (default: `decode_tile`)
+        decodes overlapping cubes of that many latent voxels a side, blended with Gaussian weights (MONAI's
+        sliding-window inference, as MAISI decodes): a decoder trained on patches normalises its group norms over
+        a patch's voxels, and a whole volume, mostly background, gives it other statistics.
         """
         self._check_volume(z, self.latent_channels, "VAE latent")
+        tile = self.decode_tile if tile is None else tile
+        if tile is not None and any(n > tile for n in z.shape[2:]):
+            from monai.inferers import sliding_window_inference
+
+            return sliding_window_inference(z, (tile,) * (z.ndim - 2), 1, self._decode_whole, overlap=0.5,
+                                            mode="gaussian")
+        return self._decode_whole(z)
+
+    def _decode_whole(self, z: torch.Tensor) -> torch.Tensor:
         self.set_num_splits_for(z.shape[2 + VAE_PRESETS[self.preset].dim_split] * DOWNSAMPLE)
         with self._autocast():
             x = self.autoencoder.decode(z.to(self.device_) / self.scale_factor)
@@ -249,6 +263,16 @@ def _texture_sigma(meta: dict, sidecar: Path) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 0.5:
         raise WeightFileError(f"{sidecar}: texture_sigma must be a number in [0, 0.5], got {value!r}")
     return float(value)
+
+
+def _decode_tile(meta: dict, sidecar: Path) -> int | None:
+    """The sidecar's `decode_tile` (None when absent: whole-volume decodes), refused unless a whole number >= 4."""
+    value = meta.get("decode_tile")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 4:
+        raise WeightFileError(f"{sidecar}: decode_tile must be a whole number of latent voxels >= 4, got {value!r}")
+    return value
 
 
 def vae_for(meta: dict, device: str | torch.device = "cpu") -> MAISIVAEWrapper:

@@ -126,3 +126,44 @@ def test_vae_training_splits_nothing_and_inference_restores_preset_splits():
     assert {m.num_splits for m in vae.modules() if isinstance(m, MaisiConvolution)} == {1}
     vae.encode(torch.rand(1, 1, 64, 64, 64))
     assert {m.num_splits for m in vae.modules() if isinstance(m, MaisiConvolution)} == {choose_num_splits(64, 4)}
+
+
+def test_tiled_decode_keeps_the_shape_and_decodes_each_tile_on_its_own():
+    """`decode(z, tile)`: overlapping cubes of latent voxels, each decoded alone and blended. A change of the latent
+    in one corner reaches only the tiles that hold it: the whole decode (group norms over the whole volume) changes
+    everywhere, the tiled one nowhere past those tiles. A tile as large as the latent is the whole decode."""
+    torch.manual_seed(0)
+    vae = MAISIVAEWrapper("tiny")
+    z = torch.randn(1, vae.latent_channels, 8, 8, 8)
+    whole, tiled = vae.decode(z), vae.decode(z, tile=4)
+    assert tiled.shape == whole.shape == (1, 1, 32, 32, 32) and torch.isfinite(tiled).all()
+    assert not torch.allclose(tiled, whole, atol=1e-4)
+    assert torch.equal(vae.decode(z, tile=8), whole)
+    vae.decode_tile = 4
+    assert torch.equal(vae.decode(z), tiled)  # the wrapper's default tile
+
+    changed = z.clone()
+    changed[..., 0, 0, 0] += 5.0
+    # tiles of 4 latent voxels at a stride of 2 (overlap 0.5): the tiles over latent x >= 4 start at x >= 2 and
+    # never hold the changed voxel, so output x >= 16 (4 voxels per latent voxel) must not move at all
+    assert torch.equal(vae.decode(changed)[..., 16:, :, :], tiled[..., 16:, :, :])
+    assert not torch.equal(vae.decode(changed)[..., :16, :16, :16], tiled[..., :16, :16, :16])
+    assert not torch.allclose(vae.decode(changed, tile=8)[..., 16:, :, :], whole[..., 16:, :, :], atol=1e-6)
+
+
+@pytest.mark.parametrize("value", ["16", 2, 16.0, True, -8])
+def test_vae_sidecar_sets_the_decode_tile_and_refuses_a_bad_one(tmp_path, tiny_vae_dir, value):
+    import json
+    import shutil
+
+    from neuromf.weights import WeightFileError
+
+    vae_dir = tmp_path / "vae"
+    shutil.copytree(tiny_vae_dir, vae_dir)
+    meta = json.loads((vae_dir / "model.json").read_text())
+    assert MAISIVAEWrapper.from_file(vae_dir, preset="tiny").decode_tile is None  # no entry: whole decodes
+    (vae_dir / "model.json").write_text(json.dumps({**meta, "decode_tile": value}))
+    with pytest.raises(WeightFileError, match=r"model\.json: decode_tile"):
+        MAISIVAEWrapper.from_file(vae_dir, preset="tiny")
+    (vae_dir / "model.json").write_text(json.dumps({**meta, "decode_tile": 16}))
+    assert MAISIVAEWrapper.from_file(vae_dir, preset="tiny").decode_tile == 16
