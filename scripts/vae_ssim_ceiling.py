@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from neuromf.config import load_config
 from neuromf.data.embedded import FINE_PHANTOMS, resolve_data_dir
