@@ -24,7 +24,7 @@ import numpy as np
 
 from neuromf.config import load_config
 from neuromf.data.embedded import FINE_PHANTOMS, resolve_data_dir
-from neuromf.data.phantom import FLAIR_SCALE, PhantomConfig, generate_subject
+from neuromf.data.phantom import PhantomConfig, generate_subject, stored_flair, subject_rng
 from neuromf.eval.image_metrics import ssim_3d
 from neuromf.eval.realism import sharpness_ratio
 from neuromf.io.nifti import image_window, read_nifti
@@ -36,20 +36,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from vae_realism import round_trip  # noqa: E402  (the same encode -> decode as the realism figures)
 
 
-def subject_seed(case_id: str, group: str, n_fcd: int) -> tuple[int, int]:
-    """(group key, index) of `make_phantom_dataset`'s SeedSequence spawn key: patients first, then controls."""
+def subject_index(case_id: str, group: str, n_fcd: int) -> int:
+    """The subject's index within its group: `make_phantom_dataset` numbers patients first, then controls."""
     number = int(case_id.removeprefix("sub-")) - 1
-    return (1, number) if group == "fcd" else (0, number - n_fcd)
+    return number if group == "fcd" else number - n_fcd
 
 
 def noise_free_twin(case_id: str, group: str) -> np.ndarray:
     """The stored phantom `case_id` of the embedded set drawn again without noise, stored as the set stores it."""
     spec = FINE_PHANTOMS
-    group_key, index = subject_seed(case_id, group, spec.n_fcd)
-    rng = np.random.default_rng(np.random.SeedSequence(spec.seed, spawn_key=(group_key, index)))
+    rng = subject_rng(spec.seed, group, subject_index(case_id, group, spec.n_fcd))
     cfg = PhantomConfig(shape=spec.shape, spacing=spec.spacing, noise_sigma=0.0)
     flair, _, _ = generate_subject(rng, cfg, with_lesion=(group == "fcd"))
-    return np.clip(np.round(flair * FLAIR_SCALE), 0, np.iinfo(np.int16).max).astype(np.float32)
+    return stored_flair(flair).astype(np.float32)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ from neuromf.data.phantom import (
     generate_subject_with_tissue,
     lesion_volume_cm3,
     make_phantom_dataset,
+    stored_flair,
+    subject_rng,
 )
 from neuromf.io.bids import discover_cases, validate_case
 
@@ -48,6 +50,18 @@ def test_same_seed_gives_identical_files(dataset: Path, tmp_path: Path) -> None:
     assert _file_hashes(again) == _file_hashes(dataset)
     other = make_phantom_dataset(tmp_path / "other", N_HEALTHY, N_FCD, seed=SEED + 1)
     assert _file_hashes(other) != _file_hashes(dataset)
+
+
+@pytest.mark.parametrize("case_id,group,index", [("sub-00002", "fcd", 1), ("sub-00006", "hc", 1)])
+def test_a_subject_is_drawn_again_alone_from_its_group_and_index(dataset: Path, case_id: str, group: str,
+                                                                 index: int) -> None:
+    """`subject_rng` is the data set's own seeding: one patient or control drawn alone equals its stored file."""
+    flair, mask, _ = generate_subject(subject_rng(SEED, group, index), PhantomConfig(), with_lesion=(group == "fcd"))
+    stored = nib.load(dataset / case_id / "anat" / f"{case_id}_acq-phantom_FLAIR.nii.gz")
+    np.testing.assert_array_equal(np.asarray(stored.dataobj), stored_flair(flair))
+    assert (mask is not None and mask.sum() > 0) == (group == "fcd")
+    other, _, _ = generate_subject(subject_rng(SEED, group, index + 1), PhantomConfig(), with_lesion=(group == "fcd"))
+    assert not np.array_equal(stored_flair(other), stored_flair(flair))
 
 
 def test_bids_layout_and_participants(dataset: Path) -> None:

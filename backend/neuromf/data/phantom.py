@@ -364,6 +364,20 @@ def _assign_splits(ids: list[str], test_fraction: float, rng: np.random.Generato
     return {sid: ("test" if i in test else "train") for i, sid in enumerate(ids)}
 
 
+GROUP_KEYS = {"hc": 0, "fcd": 1}  # first entry of a subject's SeedSequence spawn key
+
+
+def subject_rng(seed: int, group: str, index: int) -> np.random.Generator:
+    """The generator of the `index`-th subject of `group` ("fcd" or "hc") in a data set drawn with `seed`: a subject
+    does not change when the other group grows, and can be drawn again alone (e.g. without its noise)."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(GROUP_KEYS[group], index)))
+
+
+def stored_flair(flair: np.ndarray) -> np.ndarray:
+    """A phantom FLAIR as the data set stores it: scaled by FLAIR_SCALE, rounded to int16."""
+    return np.clip(np.round(flair * FLAIR_SCALE), 0, np.iinfo(np.int16).max).astype(np.int16)
+
+
 def make_phantom_dataset(
     out_dir: Path,
     n_healthy: int,
@@ -385,9 +399,9 @@ def make_phantom_dataset(
         raise ValueError(f"need at least one subject (n_healthy={n_healthy}, n_fcd={n_fcd})")
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
-    subjects = [(f"sub-{i + 1:05d}", "fcd", 1, i) for i in range(n_fcd)]
-    subjects += [(f"sub-{n_fcd + j + 1:05d}", "hc", 0, j) for j in range(n_healthy)]
-    _refuse_stale_subjects(out_dir, {sid: group for sid, group, _, _ in subjects})
+    subjects = [(f"sub-{i + 1:05d}", "fcd", i) for i in range(n_fcd)]
+    subjects += [(f"sub-{n_fcd + j + 1:05d}", "hc", j) for j in range(n_healthy)]
+    _refuse_stale_subjects(out_dir, {sid: group for sid, group, _ in subjects})
     out_dir.mkdir(parents=True, exist_ok=True)
 
     split_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,)))
@@ -399,12 +413,11 @@ def make_phantom_dataset(
         from tqdm import tqdm
 
         iterator = tqdm(subjects, desc="phantoms", unit="subject")
-    for sid, group, group_key, index in iterator:
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(group_key, index)))
-        flair, mask, affine = generate_subject(rng, cfg, with_lesion=(group == "fcd"))
+    for sid, group, index in iterator:
+        flair, mask, affine = generate_subject(subject_rng(seed, group, index), cfg, with_lesion=(group == "fcd"))
         anat = out_dir / sid / "anat"
         anat.mkdir(parents=True, exist_ok=True)
-        stored = np.clip(np.round(flair * FLAIR_SCALE), 0, np.iinfo(np.int16).max).astype(np.int16)
+        stored = stored_flair(flair)
         _save_nifti(
             stored, affine, anat / f"{sid}_acq-phantom_FLAIR.nii.gz", "NeuroMF synthetic FLAIR phantom"
         )
@@ -416,7 +429,7 @@ def make_phantom_dataset(
     table = io.StringIO()
     writer = csv.writer(table, delimiter="\t", lineterminator="\n")
     writer.writerow(["participant_id", "group", "split"])
-    for sid, group, _, _ in subjects:
+    for sid, group, _ in subjects:
         writer.writerow([sid, group, splits[sid]])
     _atomic_write(out_dir / "participants.tsv", lambda p: p.write_text(table.getvalue()))
     _atomic_write(
