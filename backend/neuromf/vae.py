@@ -37,8 +37,10 @@ class VAEPreset:
 VAE_PRESETS: dict[str, VAEPreset] = {
     # the released MAISI architecture (NV-Generate-CT / -MR autoencoder): 20,944,897 parameters
     "maisi": VAEPreset(num_channels=(64, 128, 256), num_res_blocks=(2, 2, 2), norm_num_groups=32),
-    # same class, narrower: the embedded default, fast enough to train and run on 2 CPU cores
-    "small": VAEPreset(num_channels=(16, 32, 64), num_res_blocks=(1, 1, 1), norm_num_groups=8),
+    # same class, narrower: the embedded default, fast enough to train and run on 2 CPU cores. Unsplit: splitting
+    # bounds the released VAE's GPU memory on large volumes; on these sizes it only costs time (on a CPU: encode
+    # 1.4x, decode 1.3x, a tiled decode 2.0x; benchmarks/bench_vae_splits.py)
+    "small": VAEPreset(num_channels=(16, 32, 64), num_res_blocks=(1, 1, 1), norm_num_groups=8, num_splits=1),
     # for unit tests only
     "tiny": VAEPreset(num_channels=(8, 8, 16), num_res_blocks=(1, 1, 1), norm_num_groups=4),
 }

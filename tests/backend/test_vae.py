@@ -121,11 +121,20 @@ def test_separable_ssim_equals_monai_metric_and_has_gradients():
 
 
 def test_vae_training_splits_nothing_and_inference_restores_preset_splits():
-    vae = MAISIVAEWrapper(preset="small")
+    vae = MAISIVAEWrapper(preset="tiny")
     vae.set_num_splits_for(64, requested=1)
     assert {m.num_splits for m in vae.modules() if isinstance(m, MaisiConvolution)} == {1}
-    vae.encode(torch.rand(1, 1, 64, 64, 64))
-    assert {m.num_splits for m in vae.modules() if isinstance(m, MaisiConvolution)} == {choose_num_splits(64, 4)}
+    vae.encode(torch.rand(1, 1, 32, 64, 32))
+    assert {m.num_splits for m in vae.modules() if isinstance(m, MaisiConvolution)} == {choose_num_splits(64, 4)} == {4}
+
+
+def test_the_embedded_preset_does_not_split_and_the_released_one_does():
+    """Splitting bounds the released VAE's GPU memory on large volumes; the small preset's 96^3 volumes need none,
+    and on a CPU it only costs time (benchmarks/bench_vae_splits.py)."""
+    small, maisi = MAISIVAEWrapper(preset="small"), build_maisi_autoencoder("maisi")
+    small.encode(torch.rand(1, 1, 64, 64, 64))
+    assert {m.num_splits for m in small.modules() if isinstance(m, MaisiConvolution)} == {1}
+    assert {m.num_splits for m in maisi.modules() if isinstance(m, MaisiConvolution)} == {4}
 
 
 def test_tiled_decode_keeps_the_shape_and_decodes_each_tile_on_its_own():
