@@ -46,7 +46,8 @@ def main() -> None:
         stamps.append(time.perf_counter())
 
     for pair in generate_pairs("embedded", n=args.pairs, steps=args.steps, seed=0, device="cpu", method="euler",
-                               render="embedded", mask_draws=1, on_step=on_step):
+                               render="embedded", mask_draws=1, on_step=on_step,
+                               guidance=1.0):  # one network call per FLAIR step: the unit of FINISH_CALLS
         yielded = time.perf_counter()
         lesion_figures(pair.image, pair.mask, pair.affine)
         figures = time.perf_counter() - yielded

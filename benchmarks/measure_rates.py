@@ -6,7 +6,9 @@ What is timed, each with the shipped models and the shipped phantoms, on the CPU
 - joint (LoRA) training with each packaged CPU config: seconds to load the models, seconds per training case
   encoded into latents (a fresh latent cache), seconds per training step at the config's batch size;
 - generation with the widget's defaults (the 2 mm joint adapter, rendered by the 2 mm conditional adapter,
-  Euler): seconds to load the models and seconds per network step of each pass (at each adapter's own guidance).
+  Euler): seconds to load the models and seconds per network step of each pass (the joint pass at its own
+  guidance, the FLAIR pass at mask guidance 1: one network call per step, which the estimates multiply by the calls
+  of a guided step).
 
 Every rate is timed in CPU seconds of this process (`time.process_time`), not wall seconds: with one torch thread
 that is the time the work takes a core of its own, whatever else runs beside it (a wall clock measures the other
@@ -124,6 +126,7 @@ def measure_generation(steps: int) -> dict:
     start = clock()
     pairs = list(generate_pairs("embedded", n=1, steps=steps, seed=0, device="cpu", method="euler",
                                 render="embedded", mask_draws=1,  # one joint pass and one FLAIR pass, as timed
+                                guidance=1.0,  # one network call per FLAIR step: the estimates count guided calls
                                 on_step=lambda i, n: stamps.append((clock(), i, n))))
     end = clock()
     passes: list[list[float]] = []

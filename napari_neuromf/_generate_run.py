@@ -78,10 +78,10 @@ def flair_calls_per_step(adapter: str, mode: str, render: str, guidance: float |
     return network_calls_per_run(1, scale)
 
 
-# a pair's work after its last network step (decoding its FLAIR with the VAE, the scanner texture, its lesion
-# figures), in network calls of the FLAIR pass: 5.7-7.8 (median 6.65) measured with the 2 mm models
-# (benchmarks/measure_pair_finish.py, benchmarks/results/pair_finish.json)
-FINISH_CALLS = 6.5
+# a pair's work after its last network step (decoding its FLAIR with the VAE, in tiles, the scanner texture, its
+# lesion figures), in network calls of the FLAIR pass: 9.26-9.33 measured with the 2 mm models
+# (benchmarks/measure_pair_finish.py, benchmarks/results/pair_finish.json; 5.7-7.8 with whole-volume decodes)
+FINISH_CALLS = 9.3
 
 
 def step_costs(adapter: str, mode: str, render: str | None, guidance: float | None) -> tuple[float, float, float]:

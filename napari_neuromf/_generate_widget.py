@@ -63,9 +63,9 @@ MODE_TIPS = ("joint: FLAIR and lesion mask both generated from noise (a LoRA ada
              "own voxels beyond a few millimetres of the lesion")
 ADAPTER_GUIDANCE = "adapter's"
 GUIDANCE_TIP = ("How bright the lesion is drawn in the FLAIR. 'adapter's' = the value measured for the adapter (1 "
-                "unless set; for inpaint its own inpainting value, 1.2 for the shipped 2 mm one); 1 = as trained; "
-                "higher = a brighter lesion than the training showed (each step then takes twice as long); too high "
-                "makes lesions brighter than real ones")
+                "unless set, for inpaint its own inpainting value: 1.3 for the shipped 2 mm one in every mode); 1 = "
+                "as trained; higher = a brighter lesion than the training showed (any value but 1 makes each step "
+                "take twice as long); too high makes lesions brighter than real ones")
 JOINT_GUIDANCE_TIP = ("How strongly the mask commits to a lesion. 'adapter's' = the value measured for the adapter; "
                       "1 = no push; slightly above 1 (e.g. 1.1) when the masks come out empty or as specks; too high "
                       "makes lesions larger than real ones. Each step then takes twice as long")

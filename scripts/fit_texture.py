@@ -1,10 +1,13 @@
 """Fit a saved VAE's scanner-texture level (`texture_sigma`) on its training scans and write it into its sidecar.
 
     python scripts/fit_texture.py --vae sample_data/models/vae_fine [--config vae_fine] [--cases 16] [--write]
+                                  [--held-out]
 
-`neuromf train-vae` does this itself when it exports; this script fits VAEs saved before it did. Without `--write`
-it only prints the fit. The sidecar (`model.json`) is rewritten atomically with `texture_sigma` and `texture_fit`;
-the weights are not touched, so the VAE's identity (and every model trained on its latents) stays valid.
+`neuromf train-vae` does this itself when it exports; this script fits VAEs saved before it did, or after their
+decode changed (a sidecar's `decode_tile`: the fit uses the VAE's own decode). `--held-out` also measures PSNR/SSIM
+on the config's test split again (`held_out_quality`, as the export does) with that decode. Without `--write` it
+only prints. The sidecar (`model.json`) is rewritten atomically; the weights are not touched, so the VAE's identity
+(and every model trained on its latents) stays valid.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 from pathlib import Path
 
 from neuromf.config import load_config
+from neuromf.eval.image_metrics import reconstruction_metrics
 from neuromf.eval.realism import TEXTURE_FIT_CASES, fit_vae_texture
 from neuromf.pipelines.vae import load_volumes
 from neuromf.utils import atomic_write_json
@@ -26,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="vae_fine", help="whose data section gives the training scans")
     parser.add_argument("--cases", type=int, default=TEXTURE_FIT_CASES)
     parser.add_argument("--write", action="store_true", help="write the fit into the VAE's model.json")
+    parser.add_argument("--held-out", action="store_true", help="measure held_out_quality on the test split again")
     args = parser.parse_args(argv)
     vae = MAISIVAEWrapper.from_file(args.vae)
     cfg = load_config(args.config)
@@ -35,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if train_ids and not set(ids) <= train_ids:
         raise SystemExit(f"{args.vae}: the config's training scans are not the ones this VAE was trained on")
     fit = fit_vae_texture(vae, volumes, max_cases=args.cases)
+    if args.held_out:
+        held_out, test_ids = load_volumes(cfg, "test", progress=True)
+        if set(test_ids) != set(meta.get("test_cases") or test_ids):
+            raise SystemExit(f"{args.vae}: the config's test scans are not the ones this VAE was measured on")
+        fit["held_out_quality"] = {**reconstruction_metrics(vae, held_out), "decode_tile": vae.decode_tile}
     print(json.dumps(fit, indent=1))
     if args.write:
         atomic_write_json(args.vae / "model.json", {**meta, **fit})

@@ -174,8 +174,8 @@ def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: boo
                         load: tuple[float, int] | None = None) -> Estimate | None:
     """`pairs` pairs of `steps` network steps per pass: the joint pass (joint mode) and the FLAIR pass (rendered
     joint pairs, conditional and inpaint modes), each at the measured per-step time of the shipped 2 mm adapters
-    at their own guidance (the FLAIR pass: one network call per step; `flair_calls` 2 for a FLAIR pass under mask
-    guidance, as inpainting with the shipped conditional adapter), plus loading the models, at `load` (default:
+    (the joint pass at its own guidance; the FLAIR pass measured at one network call per step, times `flair_calls`:
+    2 under mask guidance, as the shipped conditional adapter's own), plus loading the models, at `load` (default:
     now). None without a generation rate."""
     rates = measured_rates() if rates is None else rates
     rate = rates.get("generation")
@@ -187,7 +187,7 @@ def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: boo
     per_pair = steps * ((joint if mode == "joint" else 0.0) + (flair if mode != "joint" or render else 0.0))
     passes = "joint + FLAIR passes" if mode == "joint" and render else "joint pass" if mode == "joint" \
         else "FLAIR pass"
-    passes += " at the adapters' own guidance" if flair_calls == 1 else \
+    passes += " without mask guidance" if flair_calls == 1 else \
         f" with {flair_calls} network calls per FLAIR step (mask guidance)"
     return _under_load(rate["load_s"] + pairs * per_pair,
                        f"{pairs} × {steps} steps, {passes}, {machine(rates, 'generation')}{note}", rates,

@@ -873,16 +873,17 @@ def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_pa
     assert measured_rates() == TEST_RATES
     viewer = make_napari_viewer()
     generate = ready(qtbot, GenerateWidget(viewer))
-    one = generation_estimate(1, 32, "joint", render=True, grid=(96, 96, 96))
+    # the shipped renderer's own mask guidance (1.3): two network calls per FLAIR step
+    one = generation_estimate(1, 32, "joint", render=True, grid=(96, 96, 96), flair_calls=2)
     qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {one.describe()}", timeout=5000)
     assert DEFAULT_ADAPTER == generate.adapter.text() and "joint + FLAIR passes" in one.basis
     assert "on an idle machine, ×3.0 at load 5.0 on 2 cores now" in generate.estimate.text()  # the load is said
     generate.n.setValue(2)
-    two = generation_estimate(2, 32, "joint", render=True, grid=(96, 96, 96))
+    two = generation_estimate(2, 32, "joint", render=True, grid=(96, 96, 96), flair_calls=2)
     qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {two.describe()}", timeout=5000)
     load = measured_rates()["generation"]["load_s"] * 3 / 2  # the models' loading at load 5 (measured at 3)
     assert two.seconds - load == pytest.approx(2 * (one.seconds - load))
-    generate.mode.setCurrentText("inpaint")  # one lesion; the shipped adapter inpaints at its guidance 1.2
+    generate.mode.setCurrentText("inpaint")  # one lesion; the shipped adapter inpaints at its guidance 1.3
     inpaint = generation_estimate(1, 8, "inpaint", grid=(96, 96, 96), flair_calls=2)
     qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {inpaint.describe()}", timeout=5000)
 
