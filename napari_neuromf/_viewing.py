@@ -306,7 +306,8 @@ class ViewGuard:
             # made hidden and shown a turn later: making the layer (its visual and controls) and its first draw
             # (vispy builds the text's shaders for each new layer) each cost ~0.1-0.15 s of GUI-thread work
             markers = viewer.add_points(
-                positions, name=MARKERS_NAME, size=0.1, face_color="transparent", border_width=0,
+                positions, name=MARKERS_NAME, size=0.1, face_color="transparent", border_color="transparent",
+                border_width=0,
                 features={"letter": list(MARKER_LETTERS)}, metadata={"neuromf_view_aid": True},
                 text={"string": "{letter}", "size": 16, "color": "yellow", "anchor": "center"}, visible=False)
             markers.editable = False

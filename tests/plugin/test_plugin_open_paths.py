@@ -260,3 +260,29 @@ def test_letters_stay_inside_the_canvas_when_a_dock_narrows_it_and_under_zoom(ma
     qtbot.waitUntil(lambda: viewer.canvas.size[1] > narrow[1], timeout=5000)
     qtbot.waitUntil(lambda: _letters_inside_canvas(viewer), timeout=5000)
     assert viewer.camera.zoom == pytest.approx(zoomed)
+
+
+def test_only_the_letters_are_drawn_not_their_points(make_napari_viewer, qtbot, tmp_path):
+    """The letters' Points layer draws its text only: no marker (a grey ring beside the L, where the glyph does not
+    cover its point) on the rendered canvas around any letter."""
+    from napari_neuromf._viewing import prefer_this_reader
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(900, 800)
+    volume = np.zeros((60, 60, 30), dtype=np.float32)
+    volume[20:40, 20:40, 10:20] = 1.0  # a bright block in the middle; black where the letters sit
+    nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "block.nii.gz")
+    prefer_this_reader()
+    viewer.window._qt_viewer._qt_open([str(tmp_path / "block.nii.gz")], stack=False)
+    _assert_axial_radiological(viewer, qtbot)
+    qtbot.waitUntil(lambda: _letters_inside_canvas(viewer), timeout=5000)
+    qtbot.wait(300)  # a draw after the letters were shown
+    shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    scale = shot.shape[1] / viewer.canvas.size[1]
+    grey = (np.abs(shot[..., 0] - shot[..., 2]) < 15) & (shot[..., 0] > 40)  # not black, not yellow text
+    yellow = (shot[..., 0] > 150) & (shot[..., 1] > 150) & (shot[..., 2] < 100)
+    for letter, (x, y) in _letters_on_screen(viewer).items():
+        rows = slice(int((y - 14) * scale), int((y + 14) * scale))
+        cols = slice(int((x - 14) * scale), int((x + 14) * scale))
+        assert yellow[rows, cols].sum() > 10, f"letter {letter} not drawn where its point is"
+        assert grey[rows, cols].sum() == 0, f"a marker drawn beside the letter {letter}"
