@@ -187,7 +187,7 @@ def test_half_r_control_is_paired_with_the_half_r_arm_on_the_same_real_cases():
     pool = {"joint/b": {"source": "joint", "mask_source": "joint"}}
     arms = ds.plan_arms(pool)
     # both half arms draw the same real cases for a seed, so their difference is the pairs' own
-    assert ds._real_subset(64, 0.5, 3) == ds._real_subset(64, 0.5, 3) != ds._real_subset(64, 0.5, 4)
+    assert ds.real_subset(64, 0.5, 3) == ds.real_subset(64, 0.5, 3) != ds.real_subset(64, 0.5, 4)
     dice = {"R": [0.70, 0.72, 0.74], "50%R": [0.60, 0.66, 0.61], "50%R+synthetic": [0.65, 0.67, 0.70],
             "R+joint": [0.71, 0.70, 0.75], "synthetic-only": [0.5, 0.6, 0.55]}
     rows = [{"arm": arm, "seed": seed, "dice": d, "sensitivity": 1.0, "fp_per_scan": 0.0}
@@ -255,7 +255,7 @@ def test_a_second_scarce_share_gets_its_own_arms_control_and_line():
     assert by_name["25%R"].real_fraction == 0.25 and by_name["25%R"].synthetic == []
     # the default share keeps the arms (and so the stored runs' fingerprints) of earlier rounds
     assert by_name["50%R"].description == "the same random half of R as 50%R+synthetic, no synthetic pair (its control)"
-    assert ds._real_subset(64, 0.25, 3) == ds._real_subset(64, 0.25, 3) and len(ds._real_subset(64, 0.25, 3)) == 16
+    assert ds.real_subset(64, 0.25, 3) == ds.real_subset(64, 0.25, 3) and len(ds.real_subset(64, 0.25, 3)) == 16
     dice = {"R": [0.70, 0.72], "25%R": [0.50, 0.56], "25%R+synthetic": [0.58, 0.60], "25%R+extra-real": [0.61, 0.63]}
     rows = [{"arm": arm, "seed": seed, "dice": d, "sensitivity": 1.0, "fp_per_scan": 0.0}
             for arm, values in dice.items() for seed, d in enumerate(values)]
@@ -269,3 +269,40 @@ def test_a_second_scarce_share_gets_its_own_arms_control_and_line():
     assert "ceiling (not a goal): 1 extra real cases add 0.090" in table
     with pytest.raises(ValueError, match="scarce_fractions must be distinct shares"):
         ds.run_downstream_benchmark("unused", "embedded-3mm", None, {}, scarce_fractions=(0.5, 1.0))
+
+
+def test_scarce_label_data_script_keeps_one_seeds_draw_and_every_test_case(tmp_path):
+    """scripts/scarce_label_data.py: the FCD training cases of the folder are exactly those `real_subset` draws for
+    the seed (the benchmark's scarce arms' draw), the first N healthy training cases and every test case, all as
+    links to the source's subject folders; the source is left as it was and an existing output is refused."""
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "scarce_label_data", Path(__file__).resolve().parents[2] / "scripts" / "scarce_label_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    source = tmp_path / "data"
+    rows = [(f"sub-{i:03d}", group, split) for i, (group, split) in enumerate(
+        [("fcd", "train")] * 16 + [("hc", "train")] * 6 + [("fcd", "test")] * 3 + [("hc", "test")] * 2)]
+    for sub, _, _ in rows:
+        (source / sub / "anat").mkdir(parents=True)
+        (source / sub / "anat" / f"{sub}_FLAIR.nii.gz").write_bytes(b"x")
+    table = "participant_id\tgroup\tsplit\n" + "".join("\t".join(r) + "\n" for r in rows)
+    (source / "participants.tsv").write_text(table)
+
+    out = tmp_path / "scarce"
+    kept = script.make_scarce_label_data(out, str(source), fraction=0.25, seed=3, healthy=2)
+    fcd_train = [sub for sub, group, split in rows if group == "fcd" and split == "train"]
+    assert kept == sorted(fcd_train[i] for i in ds.real_subset(16, 0.25, 3)) and len(kept) == 4
+    with open(out / "participants.tsv", newline="") as handle:
+        written = [(r["participant_id"], r["group"], r["split"]) for r in csv.DictReader(handle, delimiter="\t")]
+    assert sorted(s for s, g, sp in written if g == "fcd" and sp == "train") == kept
+    assert [s for s, g, sp in written if g == "hc" and sp == "train"] == ["sub-016", "sub-017"]
+    assert sorted(s for s, _, sp in written if sp == "test") == [s for s, _, sp in rows if sp == "test"]
+    assert all((out / s).is_symlink() and (out / s / "anat" / f"{s}_FLAIR.nii.gz").is_file() for s, _, _ in written)
+    assert (source / "participants.tsv").read_text() == table  # the source is not changed
+    assert kept != script.make_scarce_label_data(tmp_path / "other", str(source), fraction=0.25, seed=4, healthy=2)
+    with pytest.raises(FileExistsError, match="already exists"):
+        script.make_scarce_label_data(out, str(source))

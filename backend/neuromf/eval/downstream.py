@@ -44,7 +44,8 @@ from neuromf.eval.segmenter import crop_patch, train_segmenter
 from neuromf.io.nifti import Preprocessing
 
 __all__ = ["Arm", "BenchmarkSettings", "QUICK", "SOURCES", "format_table", "keep_lesion_like", "lesion_detection",
-           "mask_source", "paired_difference", "plan_arms", "run_downstream_benchmark", "segment_sliding", "summarise"]
+           "mask_source", "paired_difference", "plan_arms", "real_subset", "run_downstream_benchmark",
+           "segment_sliding", "summarise"]
 
 SOURCES = ("inpainted", "joint", "conditional")
 EXTRA_REAL = "extra-real"  # the pool source of labelled real cases outside R and the test set (the ceiling arms)
@@ -301,8 +302,9 @@ def segment_sliding(model: torch.nn.Module, image: np.ndarray, settings: Benchma
     return (torch.sigmoid(logits[0, 0]) > settings.threshold).cpu().numpy().astype(np.uint8)
 
 
-def _real_subset(n: int, fraction: float, seed: int) -> list[int]:
-    """Indices of the real training cases an arm uses: all, none, or a seeded random share (at least one)."""
+def real_subset(n: int, fraction: float, seed: int) -> list[int]:
+    """Indices of the real training cases an arm uses: all, none, or a seeded random share (at least one).
+    `scripts/scarce_label_data.py` makes a data folder of one seed's share, to train a generator on those cases."""
     if fraction >= 1:
         return list(range(n))
     if fraction <= 0:
@@ -326,7 +328,7 @@ def run_arm_seed(arm: Arm, seed: int, real_train: list[dict], test: list[dict], 
                  step_progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> dict[str, Any]:
     """Train one segmenter for (arm, seed) and score it on the test cases: per-case Dice and detection, their
     means, sensitivity (detected / all test lesions) and false positives per scan."""
-    chosen = _real_subset(len(real_train), arm.real_fraction, seed)
+    chosen = real_subset(len(real_train), arm.real_fraction, seed)
     images = [real_train[i]["image"] for i in chosen] + [pool[k]["image"] for k in arm.synthetic]
     masks = [real_train[i]["mask"].astype(np.uint8) for i in chosen] + [pool[k]["mask"] for k in arm.synthetic]
     weights = None
