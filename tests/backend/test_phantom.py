@@ -5,12 +5,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from neuromf.data.phantom import (
     PhantomConfig,
@@ -144,13 +144,20 @@ def test_healthy_subject_whole_brain_inside_grid() -> None:
     assert len({round(v, 1) for v in volumes}) == 3  # subjects differ
 
 
-def test_generation_is_fast() -> None:
-    cfg = PhantomConfig()
-    generate_subject(np.random.default_rng(0), cfg, True)  # warm the template cache
-    start = time.perf_counter()
-    for seed in range(3):
-        generate_subject(np.random.default_rng(seed), cfg, True)
-    assert (time.perf_counter() - start) / 3 < 1.0
+@pytest.mark.parametrize("seed", range(3))
+def test_lesion_strength_scales_only_the_hyperintensity(seed: int) -> None:
+    """Same subject, same lesion: the strength moves the lesion's FLAIR excess linearly and nothing far from it."""
+    subjects = {s: generate_subject(np.random.default_rng(seed), PhantomConfig(lesion_strength=s), True)
+                for s in (0.0, 0.4, 1.0)}
+    masks = [mask for _, mask, _ in subjects.values()]
+    assert all(np.array_equal(masks[0], m) for m in masks[1:])
+    lesion = masks[0] > 0
+    far = ndimage.distance_transform_edt(~lesion) > 8  # beyond the lesion's fading edge and its transmantle tail
+    flair = {s: f for s, (f, _, _) in subjects.items()}
+    assert np.array_equal(flair[0.0][far], flair[1.0][far])
+    excess = {s: f[lesion].mean() / flair[0.0][lesion].mean() - 1.0 for s, f in flair.items()}
+    assert excess[1.0] > 0.15  # the embedded phantoms' hyperintensity over the thickened, blurred cortex alone
+    assert excess[0.4] == pytest.approx(0.4 * excess[1.0], rel=0.05)  # linear but for the Rician noise
 
 
 def test_refuses_to_mix_with_stale_subjects(dataset: Path, tmp_path: Path) -> None:
@@ -158,3 +165,22 @@ def test_refuses_to_mix_with_stale_subjects(dataset: Path, tmp_path: Path) -> No
     with pytest.raises(FileExistsError, match="sub-00003"):
         make_phantom_dataset(target, 0, 2, seed=0)
     make_phantom_dataset(target, 1, 2, seed=0)  # regenerating the same layout in place is fine
+
+
+def test_cli_writes_subtle_lesions_and_says_how(tmp_path: Path) -> None:
+    from neuromf.cli import main
+
+    out = tmp_path / "subtle"
+    assert main(["make-phantoms", "--out", str(out), "--n-healthy", "0", "--n-fcd", "2", "--seed", "3",
+                 "--lesion-strength", "0.4", "--lesion-volume", "2", "3"]) == 0
+    description = json.loads((out / "dataset_description.json").read_text())["GeneratedBy"][0]["Description"]
+    assert '"lesion_strength": 0.4' in description and '"lesion_volume_cm3": [2.0, 3.0]' in description
+    for index, roi in enumerate(sorted(out.glob("sub-*/anat/*_roi.nii.gz"))):
+        mask = np.asarray(nib.load(roi).dataobj) > 0
+        assert 2.0 <= lesion_volume_cm3(mask, (3.0, 3.0, 3.0)) <= 3.0
+        flair = np.asarray(nib.load(str(roi).replace("_roi", "")).dataobj, dtype=np.float32)
+        # the same subject at full strength: the same lesion, brighter
+        full, full_mask, _ = generate_subject(subject_rng(3, "fcd", index), PhantomConfig(lesion_volume_cm3=(2.0, 3.0)),
+                                              True)
+        assert np.array_equal(full_mask > 0, mask)
+        assert flair[mask].mean() < 0.97 * stored_flair(full)[mask].mean()

@@ -16,7 +16,11 @@ def cmd_make_phantoms(args) -> int:
     from neuromf.utils import ensure_writable, first_missing
 
     ensure_writable(args.out)
-    cfg = PhantomConfig(shape=tuple(args.shape), spacing=tuple(args.spacing))
+    if args.lesion_volume[0] > args.lesion_volume[1]:
+        raise ValueError(f"--lesion-volume: the smallest volume {args.lesion_volume[0]:g} is above the largest "
+                         f"{args.lesion_volume[1]:g}")
+    cfg = PhantomConfig(shape=tuple(args.shape), spacing=tuple(args.spacing), lesion_strength=args.lesion_strength,
+                        lesion_volume_cm3=tuple(args.lesion_volume))
     created = first_missing(args.out)
     try:
         out = make_phantom_dataset(args.out, args.n_healthy, args.n_fcd, seed=args.seed, cfg=cfg, progress=True)
@@ -107,6 +111,10 @@ def register(add: AddCommand) -> None:
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--shape", type=GRID_SHAPE, nargs=3, default=[64, 64, 64])
     p.add_argument("--spacing", type=VOXEL_MM, nargs=3, default=[3.0, 3.0, 3.0])
+    p.add_argument("--lesion-strength", type=number(0.0, 10.0), default=1.0,
+                   help="scale of the lesions' FLAIR hyperintensity (1: as the embedded phantoms; 0.4: subtle)")
+    p.add_argument("--lesion-volume", type=number(0.01, 1000.0), nargs=2, default=[1.0, 15.0], metavar=("LO", "HI"),
+                   help="lesion volumes in cm^3, drawn log-uniform in [LO, HI]")
 
     p = add("check-data", cmd_check_data, "list the cases of a BIDS tree or flat folder and their problems")
     p.add_argument("data", help="data folder, 'embedded' (2 mm phantoms) or 'embedded-3mm'")

@@ -54,6 +54,9 @@ class PhantomConfig:
     noise_sigma: float = 0.015  # Rician noise, relative to WM intensity ~0.5-0.6
     frontal_fraction: float = 0.6
     transmantle_prob: float = 0.4
+    # Scales the lesion's FLAIR hyperintensity (subcortical and transmantle); the thickening and blurred junction stay.
+    # 1 = the embedded phantoms; < 1 subtler lesions, closer to the FCDs that go unseen in real reading.
+    lesion_strength: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -304,8 +307,9 @@ def generate_subject_with_tissue(
     if with_lesion:
         # Subcortical hyperintensity (white matter under the lesion), milder in the thickened cortex.
         wm_gain, gm_gain = rng.uniform(0.40, 0.60), rng.uniform(0.10, 0.20)
-        flair += lesion_weight * (maps[1] * i_wm * wm_gain + maps[0] * i_gm * gm_gain)
-        flair += tail_weight * i_wm * rng.uniform(0.3, 0.5)
+        strength = cfg.lesion_strength
+        flair += lesion_weight * strength * (maps[1] * i_wm * wm_gain + maps[0] * i_gm * gm_gain)
+        flair += tail_weight * strength * i_wm * rng.uniform(0.3, 0.5)
     flair *= np.exp(_smooth_field(rng, cfg.shape, order=3, std=rng.uniform(0.03, 0.08)))
     noise = rng.standard_normal((2, *cfg.shape)).astype(np.float32) * cfg.noise_sigma
     flair = np.sqrt((flair + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude
