@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from screenshot import save_palette_png  # noqa: E402  (the same 256-colour PNGs as the other screenshots)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     viewer.title = "NeuroMF: File > Open, then Generate with the defaults"
     pump(1.0)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(args.out_dir / "walk_generate.png"), canvas_only=False, flash=False)
+    save_palette_png(viewer.screenshot(canvas_only=False, flash=False), args.out_dir / "walk_generate.png")
 
     t = time.perf_counter()
     generate.real_case.value = viewer.layers[flair.name.replace(".nii.gz", "")]
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     other = generate.compare_viewer
     other.window.resize(1400, 800)
     pump(1.0)
-    other.screenshot(str(args.out_dir / "walk_side_by_side.png"), canvas_only=False, flash=False)
+    save_palette_png(other.screenshot(canvas_only=False, flash=False), args.out_dir / "walk_side_by_side.png")
 
     t = time.perf_counter()
     generate.out_dir.setText(str(home / "pairs"))
