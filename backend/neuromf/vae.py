@@ -175,12 +175,15 @@ class MAISIVAEWrapper(nn.Module):
         return cls.from_file(spec, preset=preset, device=device)
 
     def save(self, directory: Path, extra: dict | None = None) -> Path:
-        """`model.safetensors` + `model.json` (preset, scale factor, architecture, `extra`) in `directory`."""
+        """`model.safetensors` + `model.json` (preset, scale factor, architecture, the decode tile when set, `extra`)
+        in `directory`. The tile goes along so that a VAE trained from a tiled one (`model.init_from`, e.g. a sharper
+        decoder for `vae_fine`) decodes as it was measured, not whole."""
         directory = Path(directory)
         state = {k: v.detach().cpu().contiguous() for k, v in self.autoencoder.state_dict().items()}
         atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p)))
         meta = {"kind": "maisi_vae", "preset": self.preset, "scale_factor": self.scale_factor,
-                "architecture": asdict(VAE_PRESETS[self.preset]), **(extra or {})}
+                "architecture": asdict(VAE_PRESETS[self.preset]),
+                **({"decode_tile": self.decode_tile} if self.decode_tile is not None else {}), **(extra or {})}
         atomic_write_json(directory / "model.json", meta)
         return directory
 

@@ -176,3 +176,16 @@ def test_vae_sidecar_sets_the_decode_tile_and_refuses_a_bad_one(tmp_path, tiny_v
         MAISIVAEWrapper.from_file(vae_dir, preset="tiny")
     (vae_dir / "model.json").write_text(json.dumps({**meta, "decode_tile": 16}))
     assert MAISIVAEWrapper.from_file(vae_dir, preset="tiny").decode_tile == 16
+
+
+def test_save_keeps_the_decode_tile(tmp_path, tiny_vae_dir):
+    """A VAE saved from a tiled one (what `train-vae` does from `model.init_from`) decodes in the same tiles."""
+    vae = MAISIVAEWrapper.from_file(tiny_vae_dir, preset="tiny")
+    vae.save(tmp_path / "whole")
+    assert MAISIVAEWrapper.from_file(tmp_path / "whole", preset="tiny").decode_tile is None
+    vae.decode_tile = 4
+    vae.save(tmp_path / "tiled")
+    reloaded = MAISIVAEWrapper.from_file(tmp_path / "tiled", preset="tiny")
+    assert reloaded.decode_tile == 4
+    z = torch.randn(1, vae.latent_channels, 8, 8, 8)
+    assert torch.equal(reloaded.decode(z), vae.decode(z, tile=4))
