@@ -482,3 +482,10 @@ def test_lesion_montage_empty_mask(tmp_path):
     image = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
     png = lesion_montage(image, np.zeros((1, 16, 16, 16)), tmp_path / "m.png", title="empty")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_p_values_are_printed_with_two_significant_digits() -> None:
+    from neuromf.eval.checks import ks_p
+
+    assert [ks_p(p) for p in (0.0864514, 0.14, 1.0, 0.0039, 1.1e-18)] == ["0.086", "0.14", "1", "0.0039", "< 0.001"]
+    assert ks_p(None) == ks_p(float("nan")) == "n/a"

@@ -15,6 +15,7 @@ from testkit import TEST_LATENT, TEST_SHAPE, TEST_SPACING, coarse_prep, tiny_con
 
 from neuromf.cli import main as cli
 from neuromf.data.fcd_dataset import FCDDataset, downsample_mask, upsample_mask
+from neuromf.eval.checks import fmt, ks_p
 from neuromf.eval.mask_test import mask_vae_test, read_decision, save_mask_test
 from neuromf.generation.joint import generate_pairs, write_generated_pairs
 from neuromf.models.flow_model import load_flow_model
@@ -225,7 +226,7 @@ def test_warm_start_trains_part_of_an_adapter_from_its_weights(lora_run, phantom
             "lora.init_from": str(source.export), "lora.rank": 8}), tiny_base_dir, n_mask=1)
 
 
-def test_generate_pairs_and_evaluate_and_verify(lora_run, phantom_dir, tmp_path):
+def test_generate_pairs_and_evaluate_and_verify(lora_run, phantom_dir, tmp_path, capsys):
     _, _, result, _ = lora_run
     out = tmp_path / "generated"
     paths = write_generated_pairs(result.export, out, n=3, seed=1, device="cpu")
@@ -244,10 +245,14 @@ def test_generate_pairs_and_evaluate_and_verify(lora_run, phantom_dir, tmp_path)
     stage = tmp_path / "stage"
     assert cli(["evaluate", str(out), "--adapter", str(result.export), "--data", str(phantom_dir),
                 "--out", str(stage / "metrics" / "metrics.json")]) == 0  # the folder by position, as a user types it
+    printed = capsys.readouterr().out
     with pytest.raises(SystemExit, match="give the generated pairs' folder once"):
         cli(["evaluate", str(out), "--generated", str(tmp_path / "other"), "--adapter", str(result.export)])
     metrics = json.loads((stage / "metrics" / "metrics.json").read_text())
     assert metrics["n_generated"] == 3
+    # the summary line names the KS statistic and its p-value apart (a bare "KS 0.28" reads as a p-value)
+    ks = metrics["lesion_like"]["summary"]
+    assert f"contrast KS D {fmt(ks['contrast_ks_statistic'])} p {ks_p(ks.get('contrast_ks_pvalue'))}" in printed
     assert (stage / "metrics" / "metrics_sites.png").stat().st_size > 0  # where the lesions lie, beside the real
     import importlib.util
 

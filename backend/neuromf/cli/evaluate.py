@@ -26,7 +26,7 @@ from neuromf.config import CALIBRATION_SCALES, SAMPLERS
 
 def cmd_evaluate(args) -> int:
     """`neuromf evaluate`: lesion-likeness and Dice of generated pairs against real FCD masks."""
-    from neuromf.eval.checks import fmt
+    from neuromf.eval.checks import fmt, ks_p
     from neuromf.eval.metrics import evaluate_generated
     from neuromf.models.adapter_meta import adapter_meta
 
@@ -37,7 +37,8 @@ def cmd_evaluate(args) -> int:
     print(f"lesion-like: {like['summary']['n_lesion_like']}/{like['summary']['n']} ({like['rate']:.0%}); per "
           "criterion: " + ", ".join(f"{k} {v:.0%}" for k, v in like["summary"]["rates"].items() if k != "all")
           + f"; median contrast {fmt(summary['medians'].get('contrast'))} (real "
-            f"{fmt(like['reference']['median_contrast'])}, contrast KS {fmt(summary['contrast_ks_statistic'])}, "
+            f"{fmt(like['reference']['median_contrast'])}, contrast KS D {fmt(summary['contrast_ks_statistic'])} p "
+            f"{ks_p(summary.get('contrast_ks_pvalue'))}, "
             f"brighter than any real lesion: {fmt(summary['share_brighter_than_real'])}); lesion sites' spread "
             f"{fmt(summary['position_spread'])} (real {fmt(summary['real_position_spread'])})")
     edge = result["lesion_edge"]

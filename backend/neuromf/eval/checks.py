@@ -113,6 +113,13 @@ class Check:
         return row
 
 
+def ks_p(value: float | None) -> str:
+    """A p-value for a report line: two significant digits, "< 0.001" below that ("n/a" for None or NaN)."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return "< 0.001" if value < 0.001 else f"{value:.2g}"
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     """A figure for a report line: "n/a" for None, thousands separators for ints, `digits` decimals for floats."""
     if value is None:
