@@ -222,6 +222,7 @@ class GenerateRun:
     # (clock, work done) at the first network step, and (clock, work done, work left) at the latest
     first_step: tuple[float, float] | None = None
     last_step: tuple[float, float, float] | None = None
+    load: tuple[float, int] | None = None  # (load average, cores) when the run started: the others' share of the CPU
 
     @property
     def cancelled(self) -> bool:
@@ -272,6 +273,20 @@ class GenerateRun:
         return (f"Pair {self.pairs + 1} of {self.n}: network step {i} / {n} (pass {self.passes} of {planned}) · "
                 f"{pace} · models loaded in {format_eta(self.loaded_s)}")
 
+    def record_pace(self) -> float | None:
+        """Record how this finished run's network steps kept to the measured rates (`neuromf.estimates`), so later
+        estimates on this machine follow its pace; only a CPU run on the rates' grid, whose plan counts work in the
+        rates' seconds. Returns the ratio recorded, or None."""
+        from neuromf.estimates import measured_rates, record_pace
+
+        rate = measured_rates().get("generation") or {}
+        grid = adapter_grid(self.adapter, self.mode)
+        if (not str(self.device).startswith("cpu") or self.first_step is None or self.last_step is None
+                or self.load is None or grid is None or list(grid) != list(rate.get("grid") or [])):
+            return None
+        (start, done_first), (end, done_last, _) = self.first_step, self.last_step
+        return record_pace("generation", done_last - done_first, end - start, self.load)
+
     def _lesion_judge(self) -> tuple[Any, tuple[str, ...]]:
         """`lesion_judge` of this run; a caution when there is no reference."""
         try:
@@ -306,10 +321,12 @@ class GenerateRun:
     def drive(self) -> Generator[Any, None, int]:
         """Worker body: one generated pair per yield (then a Failure if anything went wrong). A cancel stops the
         sampler before its next network step; the pairs yielded so far stay."""
+        from neuromf.estimates import current_load
         from neuromf.generation.inpaint import InpaintCancelled
         from neuromf.meanflow.samplers import SamplingStopped  # in the worker: torch is imported there
 
         pairs = None
+        self.load = current_load()
         try:
             if self.mode == "inpaint":
                 pairs = [self._inpaint()]
@@ -344,6 +361,8 @@ class GenerateRun:
                 self.pairs += 1
                 self.passes, self.step = 0, None if self.loaded_s is None else (0, 1)
                 yield pair
+            if not self.cancel.is_set():
+                self.record_pace()
         except (SamplingStopped, InpaintCancelled):  # the user cancelled inside a pair: the pairs so far stay
             pass
         except Exception as err:

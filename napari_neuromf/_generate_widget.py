@@ -181,7 +181,8 @@ class GenerateWidget(QWidget):
         self.estimate = QLabel("")
         self.estimate.setWordWrap(True)
         self.estimate.setToolTip("How long the pairs should take here, from rates measured on the machine named "
-                                 "(seconds per network step of each pass); a busier or slower machine takes longer")
+                                 "(seconds per network step of each pass), scaled by the load now and, once a run has "
+                                 "finished here, by this machine's own pace in its last runs")
         for signal in (self.n.valueChanged, self.steps.valueChanged, self.mode.currentTextChanged,
                        self.render.edit.textChanged, self.adapter.edit.textChanged, self.guidance.valueChanged):
             signal.connect(self._estimate_timer.start)
@@ -558,6 +559,7 @@ class GenerateWidget(QWidget):
             self.job.count(run.pairs, run.n, "pairs")
             self.job.finish("\n".join([f"Generated {run.pairs} of {run.n} pairs{cancelled}", *run.cautions,
                                        *([run.view_note] if run.view_note else [])]))
+        self._show_estimate()  # the run may have recorded this machine's pace
 
     # -- comparing ----------------------------------------------------------------------------------------
     def compare(self) -> Any:

@@ -123,7 +123,8 @@ class LoRAWidget(QWidget):
         self.estimate.setWordWrap(True)
         self.estimate.setToolTip("How long the run should take here, from rates measured on the machine named: "
                                  "loading, encoding each training case (first run only; cached after) and each "
-                                 "step at this batch size")
+                                 "step at this batch size; scaled by the load now and, once a run has trained "
+                                 "here, by this machine's own pace in its last runs")
         for signal in (self.config.currentTextChanged, self.max_steps.valueChanged, self.epochs.valueChanged,
                        self.batch_size.valueChanged, self.data.edit.textChanged):
             signal.connect(self._estimate_timer.start)
@@ -315,7 +316,7 @@ class LoRAWidget(QWidget):
         history = self.run.plotted if self.run is not None and self.run.out_dir == folder else \
             _training_run.loss_history(folder)
         plan = self.device_plan
-        common = {"resume": resume, "overwrite": overwrite, "history": history if resume else []}
+        common = {"resume": resume, "overwrite": overwrite, "history": history if resume else [], "config": config}
         if plan.nproc > 1:  # local processes under torchrun; their events arrive as from the thread
             self.run = _training_run.ProcessTrainingRun(cfg, settings["base_checkpoint"], nproc=plan.nproc,
                                                    device=plan.device, **common)
@@ -450,6 +451,9 @@ class LoRAWidget(QWidget):
             return
         if result.export:
             _state.STATE.set_adapter(Path(result.export), Path(result.out_dir))
+        if self.run is not None and not isinstance(self.run, _training_run.ProcessTrainingRun):
+            self.run.record_pace()  # one process on the CPU: what the rates measure
+            self._show_estimate()
         verb = "Stopped" if result.stopped else "Finished"
         last = self.run.losses[-1] if self.run is not None and self.run.losses else None
         loss = f" (loss {last[1]:.4f} at step {last[0]})" if last else ""

@@ -127,6 +127,11 @@ class TrainingRun:
     failure: Failure | None = None
     stopped_encoding: tuple[int, int] | None = None  # (cases encoded, cases) when stopped before training
     started: float = field(default_factory=time.perf_counter)
+    config: str | None = None  # the packaged config it was built from: its measured step rate (`neuromf.estimates`)
+    load: tuple[float, int] | None = None  # (load average, cores) at the start: the others' share of the CPU
+    # (clock, step) of this run's first and latest step events: its own pace, free of loading and encoding
+    first_step: tuple[float, int] | None = None
+    last_step: tuple[float, int] | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -150,9 +155,26 @@ class TrainingRun:
         The raw loss (``parts["raw"]``, the unweighted Lp distance) is what shows learning; the objective the
         optimiser minimises is adaptive-weighted and stays about 1 by construction."""
         self.last_event = event
+        if getattr(event, "kind", None) == "step":
+            self.last_step = (time.perf_counter(), int(event.step))
+            self.first_step = self.first_step or self.last_step
         if getattr(event, "kind", None) == "step" and event.loss is not None:
             raw = (getattr(event, "parts", None) or {}).get("raw")
             self.losses.append((int(event.step), float(event.loss if raw is None else raw)))
+
+    def record_pace(self) -> float | None:
+        """Record how this run's steps kept to the measured rate of its config (`neuromf.estimates.record_pace`),
+        so later estimates on this machine follow its pace; only a run on the CPU of a config with a rate. Returns
+        the ratio recorded, or None."""
+        from neuromf.estimates import record_pace, training_step_seconds
+        from neuromf.utils import resolve_device
+
+        per_step = training_step_seconds(self.config, self.cfg.training.batch_size) if self.config else None
+        if (per_step is None or self.load is None or self.first_step is None or self.last_step is None
+                or resolve_device(self.cfg.training.device).type != "cpu"):
+            return None
+        (start, first), (end, last) = self.first_step, self.last_step
+        return record_pace("training", (last - first) * per_step, end - start, self.load)
 
     def _fail(self, err: BaseException) -> Failure:
         self.failure = Failure(describe_error(err, "LoRA fine-tuning", self.cfg.training.device,
@@ -167,9 +189,11 @@ class TrainingRun:
         during the encoding takes effect after the current case: the start ends as a failed one (the backend
         removes a fresh run's folder and leaves a resumed run as it was; encoded cases stay cached).
         """
+        from neuromf.estimates import current_load
         from neuromf.train.launch import StopBeforeTraining
 
         events = None
+        self.load = current_load()
         try:
             yield Phase(f"Preparing: loading the base model and the VAE, finding the training cases in "
                         f"{self.cfg.data.data_dir} ...")

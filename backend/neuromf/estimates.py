@@ -18,12 +18,18 @@ an idle machine by the slowdown of the load they were measured at.) It is a mode
 forecast: the load can change while the job runs (the widgets then show the time left from the job's own pace),
 niced jobs take less than their share, and a job of several torch threads gains less than the thread count on a
 busy machine.
+
+Pace: a machine can run the same work slower or faster than the rates' machine (another CPU, more torch threads).
+A finished job records how long its work took here against what the rates said at its load (`record_pace`, in
+`machine_pace.json` of the user data folder), and later estimates of that kind of job are multiplied by the median
+of this machine's last runs (`machine_pace`), saying so.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -31,8 +37,14 @@ from typing import Any
 
 import numpy as np
 
+from neuromf.utils import atomic_write_json, default_output_root
+
 RATES_FILE = Path(__file__).with_name("measured_rates.json")
 RATES_ENV = "NEUROMF_RATES"  # a rates file of your own machine (`benchmarks/measure_rates.py --out FILE`)
+PACE_FILE_NAME = "machine_pace.json"  # in the user data folder (`neuromf.utils.default_output_root`)
+PACE_RUNS = 5  # the pace is the median of this machine's last runs of a kind
+PACE_MIN_S = 10.0  # work the rates put under this many seconds is too short to time (loading and noise dominate)
+PACE_LIMITS = (0.25, 4.0)  # a pace outside is clipped: one odd run (a laptop asleep) must not rule the estimates
 
 
 @dataclass
@@ -70,7 +82,8 @@ def slowdown(load: float, cores: int) -> float:
 
 def _under_load(seconds: float, basis: str, rates: dict[str, Any], part: str,
                 load: tuple[float, int] | None) -> Estimate:
-    """`seconds` of work measured under the load recorded for `part`, as an Estimate at `load` (default: now)."""
+    """`seconds` of work measured under the load recorded for `part`, as an Estimate at `load` (default: now), at
+    this machine's recorded pace for `part` (`machine_pace`)."""
     env = (rates.get("env") or {}).get(part) or {}
     measured_load = (env.get("loadavg_start") or [None])[0]
     wall_clock = env.get("clock") != "process_cpu"  # CPU seconds are an idle core's time already
@@ -79,8 +92,68 @@ def _under_load(seconds: float, basis: str, rates: dict[str, Any], part: str,
     load_now, cores = current_load() if load is None else load
     factor = slowdown(load_now, cores)
     idle = seconds / measured
+    pace = machine_pace(part)
+    if pace is not None:
+        idle *= pace[0]
+        basis += f"; ×{pace[0]:.2f}, this machine's pace in its last {pace[1]} run{'s' if pace[1] != 1 else ''}"
     note = f"×{factor:.1f} at load {load_now:.1f} on {cores} core{'s' if cores != 1 else ''} now" if factor > 1 else ""
     return Estimate(idle * factor, basis, idle, note)
+
+
+def pace_file() -> Path:
+    """Where this machine's paces are kept: ``machine_pace.json`` in the user data folder."""
+    return default_output_root() / PACE_FILE_NAME
+
+
+def _pace_runs(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The recorded runs by kind; empty when the file is missing or unreadable (a pace is a hint, never an error)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {part: [run for run in runs if isinstance(run, dict)] for part, runs in data.items()
+            if isinstance(runs, list)}
+
+
+def machine_pace(part: str, path: Path | None = None) -> tuple[float, int] | None:
+    """(median of time taken / time the rates said, number of runs) over this machine's last runs of `part`
+    ("generation", "training", "mask_test"), clipped to `PACE_LIMITS`; None before any run was recorded."""
+    ratios = []
+    for run in _pace_runs(path or pace_file()).get(part, [])[-PACE_RUNS:]:
+        try:
+            ratio = float(run["ratio"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if np.isfinite(ratio) and ratio > 0:
+            ratios.append(ratio)
+    if not ratios:
+        return None
+    return float(np.clip(np.median(ratios), *PACE_LIMITS)), len(ratios)
+
+
+def record_pace(part: str, rates_idle_s: float, taken_s: float, load: tuple[float, int],
+                path: Path | None = None) -> float | None:
+    """Record that work the rates put at `rates_idle_s` seconds on an idle machine took `taken_s` seconds here
+    while `load` ((load average, cores) at its start) shared the cores; returns the ratio recorded, None when the
+    work was too short to time (`PACE_MIN_S`), a figure is not finite, or the file cannot be written. The ratio
+    is against the rates alone (not an earlier pace), so a pace does not feed on itself."""
+    expected = float(rates_idle_s) * slowdown(*load)
+    if not (np.isfinite(expected) and np.isfinite(taken_s)) or rates_idle_s < PACE_MIN_S or taken_s <= 0:
+        return None
+    path = path or pace_file()
+    runs = _pace_runs(path)
+    ratio = round(float(taken_s) / expected, 4)
+    runs[part] = [*runs.get(part, [])[-(PACE_RUNS - 1):],
+                  {"ratio": ratio, "expected_s": round(expected, 1), "taken_s": round(float(taken_s), 1),
+                   "load": round(float(load[0]), 2), "cores": int(load[1]),
+                   "when": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+    try:
+        atomic_write_json(path, runs)
+    except OSError:  # a read-only home: the estimates simply stay at the rates
+        return None
+    return ratio
 
 
 def format_duration(seconds: float) -> str:
@@ -150,6 +223,16 @@ def mask_test_estimate(vae_folder: str, cases: int, grid: Any | None = None, rat
                        load)
 
 
+def training_step_seconds(config: str, batch_size: int, rates: dict[str, Any] | None = None) -> float | None:
+    """Seconds of one training step of a packaged config at `batch_size` on the rates' idle machine (the measured
+    step scaled by the batch); None without a rate for `config`."""
+    rates = measured_rates() if rates is None else rates
+    rate = (rates.get("training") or {}).get(config)
+    if not rate:
+        return None
+    return float(rate["per_step_s"]) * batch_size / rate["batch_size"]
+
+
 def training_estimate(config: str, cases: int, steps: int, batch_size: int, encode: bool = True,
                       rates: dict[str, Any] | None = None, load: tuple[float, int] | None = None) -> Estimate | None:
     """Joint (LoRA) training with a packaged config: loading, encoding `cases` training cases (first run only:
@@ -157,11 +240,11 @@ def training_estimate(config: str, cases: int, steps: int, batch_size: int, enco
     batch), at `load` (default: now). None without a rate for `config`."""
     rates = measured_rates() if rates is None else rates
     rate = (rates.get("training") or {}).get(config)
-    if not rate:
+    per_step = training_step_seconds(config, batch_size, rates)
+    if not rate or per_step is None:
         return None
     # a config trains on its base model's grid: its rate holds for it, whatever grid is asked
     per_case, note = rate["per_case_encoding_s"], ""
-    per_step = rate["per_step_s"] * batch_size / rate["batch_size"]
     encoding = cases * per_case if encode else 0.0
     parts = [f"encoding {cases} cases × {per_case:.0f} s" if encode else "cases already encoded",
              f"{steps} steps × {per_step:.1f} s"]
@@ -194,5 +277,6 @@ def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: boo
                        "generation", load)
 
 
-__all__ = ["RATES_ENV", "RATES_FILE", "Estimate", "current_load", "format_duration", "generation_estimate", "machine",
-           "mask_test_estimate", "measured_rates", "rates_file", "slowdown", "training_estimate"]
+__all__ = ["PACE_FILE_NAME", "RATES_ENV", "RATES_FILE", "Estimate", "current_load", "format_duration",
+           "generation_estimate", "machine", "machine_pace", "mask_test_estimate", "measured_rates", "pace_file",
+           "rates_file", "record_pace", "slowdown", "training_estimate", "training_step_seconds"]

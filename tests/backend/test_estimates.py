@@ -9,6 +9,12 @@ from testkit import TEST_RATES as RATES
 AS_MEASURED = (3.0, 2)  # the load and cores TEST_RATES were measured at: no rescaling
 
 
+@pytest.fixture(autouse=True)
+def _own_user_folder(tmp_path, monkeypatch):
+    """Each test its own user data folder: no pace recorded on this machine leaks into the arithmetic."""
+    monkeypatch.setenv("NEUROMF_HOME", str(tmp_path / "home"))
+
+
 def test_estimates_multiply_the_measured_rates_and_name_the_machine():
     from neuromf.estimates import generation_estimate, mask_test_estimate, training_estimate
 
@@ -98,3 +104,54 @@ def test_the_shipped_rates_cover_every_shipped_job():
     for part in ("mask_test", "training", "generation"):
         env = rates["env"][part]
         assert env["cpu_count"] >= 1 and env["loadavg_start"] and env["torch_threads"] >= 1
+
+
+def test_a_recorded_pace_scales_later_estimates_and_says_so(tmp_path):
+    """A machine 1.5x slower than the rates' one: after its runs are recorded, the estimate is 1.5x the rates' and
+    names the pace; the ratio is taken against the rates alone, so recording again does not compound it."""
+    from neuromf.estimates import generation_estimate, machine_pace, pace_file, record_pace
+
+    plain = generation_estimate(1, 32, rates=RATES, load=(0.0, 2))
+    assert machine_pace("generation") is None and "pace" not in plain.basis
+    # 60 s of work by the rates, on an idle machine (no slowdown), took 90 s
+    assert record_pace("generation", 60.0, 90.0, (0.0, 2)) == pytest.approx(1.5)
+    paced = generation_estimate(1, 32, rates=RATES, load=(0.0, 2))
+    assert paced.seconds == pytest.approx(1.5 * plain.seconds) and paced.idle_seconds == pytest.approx(
+        1.5 * plain.idle_seconds)
+    assert "×1.50, this machine's pace in its last 1 run" in paced.describe()
+    assert record_pace("generation", 60.0, 90.0, (0.0, 2)) == pytest.approx(1.5)
+    assert machine_pace("generation") == (pytest.approx(1.5), 2)
+    # under load 3 on 2 cores a job takes 2x: 120 s there is the rates' pace
+    assert record_pace("generation", 60.0, 120.0, (3.0, 2)) == pytest.approx(1.0)
+    assert machine_pace("generation") == (pytest.approx(1.5), 3)  # the median of 1.5, 1.5, 1.0
+    # another kind of job keeps its own pace
+    assert machine_pace("training") is None
+    assert pace_file().parent == tmp_path / "home"
+
+
+def test_the_pace_is_the_median_of_the_last_runs_clipped():
+    from neuromf.estimates import PACE_LIMITS, PACE_RUNS, machine_pace, record_pace
+
+    for taken in (100.0, 100.0, 100.0, 20.0, 30.0, 30.0, 30.0):  # ratios 10, 10, 10, 2, 3, 3, 3 against 10 s
+        record_pace("mask_test", 10.0, taken, (0.0, 1))
+    pace, runs = machine_pace("mask_test")
+    assert runs == PACE_RUNS and pace == pytest.approx(3.0)  # the first two runs have left the window
+    for _ in range(PACE_RUNS):
+        record_pace("mask_test", 10.0, 1000.0, (0.0, 1))
+    assert machine_pace("mask_test")[0] == PACE_LIMITS[1]
+
+
+def test_a_pace_is_not_recorded_from_short_or_broken_runs_and_a_bad_file_is_ignored():
+    from neuromf.estimates import PACE_MIN_S, machine_pace, pace_file, record_pace
+
+    assert record_pace("generation", PACE_MIN_S / 2, 30.0, (0.0, 2)) is None  # too short to time
+    assert record_pace("generation", 60.0, float("nan"), (0.0, 2)) is None
+    assert record_pace("generation", 60.0, 0.0, (0.0, 2)) is None
+    assert not pace_file().exists()
+    pace_file().parent.mkdir(parents=True)
+    for text in ("not json", "[1, 2]", '{"generation": "fast"}', '{"generation": [{"ratio": "x"}, 3]}'):
+        pace_file().write_text(text)
+        assert machine_pace("generation") is None
+    # a broken file is replaced by a good one on the next record, not a reason to fail a finished job
+    assert record_pace("generation", 60.0, 120.0, (0.0, 2)) == pytest.approx(2.0)
+    assert machine_pace("generation") == (pytest.approx(2.0), 1)

@@ -97,6 +97,53 @@ def test_generation_time_left_counts_the_passes_still_to_come(monkeypatch):
     assert run.time_left_s() == pytest.approx(30.0 / 25.0 * 3.0)
 
 
+def test_a_finished_cpu_run_records_this_machines_pace():
+    """A default pair whose network steps took 1.5x what the measured rates say (an idle machine) records a pace of
+    1.5 for later estimates; a GPU run, a run on another grid than the rates' or one without its start load does
+    not (its work is not in the rates' seconds, or not comparable)."""
+    from neuromf.estimates import machine_pace
+
+    def finished(adapter: str = "embedded", device: str = "cpu", load: tuple[float, int] | None = (0.0, 2)):
+        run = _generate_run.GenerateRun(adapter, n=1, steps=32, device=device, mode="joint", render="embedded")
+        run.first_step, run.last_step, run.load = (10.0, 0.7), (100.0, 60.7, 0.0), load  # 60 s of work in 90 s
+        return run.record_pace()
+
+    assert finished(device="cuda:0") is None and finished(load=None) is None
+    assert finished("embedded-3mm") is None  # the 3 mm adapter: the rates were measured on the 2 mm grid
+    assert machine_pace("generation") is None
+    assert finished() == pytest.approx(1.5)
+    assert machine_pace("generation") == (pytest.approx(1.5), 1)
+
+
+def test_a_training_run_on_the_cpu_records_this_machines_pace(monkeypatch):
+    """Step events 2 s apart for a config whose measured step takes 1 s at that batch size on an idle machine: a
+    pace of 2 for later training estimates; the encoding before the first step does not count, and a run of a
+    config without a rate records nothing."""
+    from types import SimpleNamespace
+
+    from neuromf.estimates import machine_pace, training_estimate, training_step_seconds
+
+    clock = FakeClock()
+    monkeypatch.setattr(_training_run, "time", clock)
+    cfg = _training_run.build_lora_config("joint_2mm", {"data.mask_strategy": "downsample", "training.device": "cpu"})
+    per_step = training_step_seconds("joint_2mm", cfg.training.batch_size)
+
+    def run_of(config: str | None) -> _training_run.TrainingRun:
+        run = _training_run.TrainingRun(cfg, config=config, load=(0.0, 2))
+        clock.now = 0.0
+        run.record(SimpleNamespace(kind="encoding", step=1, total_steps=1, loss=None))
+        for step in range(1, 12):
+            clock.now = 100.0 + 2.0 * per_step * step  # 100 s of loading and encoding first
+            run.record(SimpleNamespace(kind="step", step=step, loss=1.0, parts={}))
+        return run
+
+    assert run_of(None).record_pace() is None and machine_pace("training") is None
+    before = training_estimate("joint_2mm", 8, 100, cfg.training.batch_size, load=(0.0, 2))
+    assert run_of("joint_2mm").record_pace() == pytest.approx(2.0)
+    after = training_estimate("joint_2mm", 8, 100, cfg.training.batch_size, load=(0.0, 2))
+    assert after.seconds == pytest.approx(2.0 * before.seconds) and "pace in its last 1 run" in after.basis
+
+
 def test_pass_plans_of_the_other_modes():
     joint = _generate_run.PassPlan.of_run("joint", 6, 8, render=False, prior_lesion=True, costs=(2.0, 1.0, 0.0),
                                           batch=4)

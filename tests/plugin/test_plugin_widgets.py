@@ -867,6 +867,7 @@ def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_pa
     from napari_neuromf._lora_widget import LoRAWidget
     from napari_neuromf._mask_test_widget import MaskTestWidget
     from napari_neuromf._training_run import build_lora_config, training_cases
+    from neuromf import estimates
     from neuromf.estimates import generation_estimate, mask_test_estimate, measured_rates, training_estimate
     from neuromf.weights import EMBEDDED_MODELS
 
@@ -886,6 +887,12 @@ def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_pa
     generate.mode.setCurrentText("inpaint")  # one lesion; the shipped adapter inpaints at its guidance 1.3
     inpaint = generation_estimate(1, 8, "inpaint", grid=(96, 96, 96), flair_calls=2)
     qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {inpaint.describe()}", timeout=5000)
+    # a finished run found this machine 1.4x slower than the rates' one: the next estimate says so and follows it
+    estimates.record_pace("generation", 60.0, 84.0, (0.0, 2))
+    generate.steps.setValue(16)
+    paced = generation_estimate(1, 16, "inpaint", grid=(96, 96, 96), flair_calls=2)
+    qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {paced.describe()}", timeout=5000)
+    assert "×1.40, this machine's pace in its last 1 run" in generate.estimate.text()
 
     lora = ready(qtbot, LoRAWidget(viewer))
     lora.config.setCurrentText("joint_3mm")
