@@ -42,9 +42,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="no generation: open the pre-made 'Generated pair' sample (made with the defaults) "
                              "instead, for the pictures and the other steps' timings on a machine that cannot spare "
                              "the minutes of a 2 mm pair")
+    parser.add_argument("--home", type=Path, default=None,
+                        help="the walk's folder (user folder, data cache, saved pairs), kept: a second walk given "
+                             "the first one's folder is a returning user, whose estimates follow the pace the first "
+                             "walk recorded (default: a fresh temporary folder, a first-time user)")
     args = parser.parse_args(argv)
 
-    home = Path(tempfile.mkdtemp(prefix="neuromf_walk_"))
+    home = args.home or Path(tempfile.mkdtemp(prefix="neuromf_walk_"))
+    home.mkdir(parents=True, exist_ok=True)
     os.environ["NEUROMF_HOME"] = str(home / "home")  # a user who never ran NeuroMF: nothing remembered
     os.environ["NEUROMF_DATA"] = str(home / "data")  # and no generated data set in the cache
     timings: dict[str, float] = {}
@@ -137,18 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     save_palette_png(other.screenshot(canvas_only=False, flash=False), args.out_dir / "walk_side_by_side.png")
 
     t = time.perf_counter()
-    generate.out_dir.setText(str(home / "pairs"))
+    pairs_dir = home / f"pairs_{time.strftime('%H%M%S')}"  # a returning user's walk saves beside the first's
+    generate.out_dir.setText(str(pairs_dir))
     generate.save_pairs()
     until(lambda: not generate.busy, "Save pairs")
     timings["save_s"] = time.perf_counter() - t
-    saved = sorted(p.name for p in (home / "pairs").iterdir())
+    saved = sorted(p.name for p in pairs_dir.iterdir())
     timings["total_s"] = time.perf_counter() - started
 
     import torch
 
+    from neuromf.estimates import pace_file
+
     report = {"pair_from": "the pre-made Generated pair sample" if args.pair_from_sample else "Generate (defaults)",
               "timings_s": {key: round(value, 1) for key, value in timings.items()},
               "expected_before_start": expected, "pair": figures, "saved": saved,
+              "machine_pace_after": json.loads(pace_file().read_text()) if pace_file().is_file() else None,
               "time_left_said_during_generation": [] if args.pair_from_sample else time_left,
               "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(),
