@@ -7,6 +7,7 @@ import queue
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,8 @@ class MaskTestRun:
     failure: Failure | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     _scratch: Any = field(default=None, repr=False)  # TemporaryDirectory of the layer pair: removed with the run
+    load: tuple[float, int] | None = None  # (load average, cores) at the start: the others' share of the CPU
+    case_clock: list[float] = field(default_factory=list)  # when each case's row was ready (its own pace)
 
     @property
     def cancelled(self) -> bool:
@@ -106,6 +109,19 @@ class MaskTestRun:
         self.data_dir = Path(self._scratch.name)
         return [self.layers.write_case(self.data_dir)]
 
+    def record_pace(self) -> float | None:
+        """Record how this finished test's cases (after the first: loading and warm-up) kept to the shipped VAE's
+        measured rate (`neuromf.estimates.record_pace`), so later estimates on this machine follow its pace; only
+        the shipped VAE has a rate (the GUI runs it on the CPU). Returns the ratio recorded, or None."""
+        from neuromf.estimates import measured_rates, record_pace
+        from neuromf.weights import EMBEDDED_MODELS
+
+        rate = (measured_rates().get("mask_test") or {}).get(EMBEDDED_MODELS["vae"][EMBEDDED])
+        if self.vae_spec != EMBEDDED or not rate or self.load is None or len(self.case_clock) < 2:
+            return None
+        return record_pace("mask_test", (len(self.case_clock) - 1) * rate["per_case_s"],
+                           self.case_clock[-1] - self.case_clock[0], self.load)
+
     def drive(self) -> Generator[Any, None, dict | None]:
         """Worker body: yields the case list, then each case's row as soon as it is computed; returns the result
         (None when cancelled or failed)."""
@@ -122,6 +138,7 @@ class MaskTestRun:
         outcome: dict[str, Any] = {}
 
         def on_case(row: dict) -> None:
+            self.case_clock.append(time.perf_counter())
             rows.put(row)
             if self.cancel.is_set():  # the only way into mask_vae_test's loop: stop it after this case
                 raise Cancelled
@@ -136,11 +153,15 @@ class MaskTestRun:
                 elif self.output is not None:
                     save_mask_test(result, self.output)
                 outcome["result"] = result
+                self.record_pace()
             except Exception as err:  # handed to the GUI thread as a Failure
                 outcome["error"] = err
             finally:
                 rows.put(done)
 
+        from neuromf.estimates import current_load
+
+        self.load = current_load()
         thread = threading.Thread(target=work, name="neuromf-mask-test", daemon=True)
         thread.start()
         while (row := rows.get()) is not done:

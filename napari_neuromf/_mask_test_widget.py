@@ -214,8 +214,12 @@ class MaskTestWidget(QWidget):
         worker = create_worker(self.run.drive)
         worker.yielded.connect(self._on_item)
         worker.returned.connect(self._on_done)
-        worker.finished.connect(lambda: self.run_button.setEnabled(True))
+        worker.finished.connect(self._test_finished)
         return launch(self, worker)
+
+    def _test_finished(self) -> None:
+        self.run_button.setEnabled(True)
+        self._show_rate()  # the test may have recorded this machine's pace
 
     def cancel(self) -> None:
         if self.run is not None and self.busy:

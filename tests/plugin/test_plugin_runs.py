@@ -144,6 +144,22 @@ def test_a_training_run_on_the_cpu_records_this_machines_pace(monkeypatch):
     assert after.seconds == pytest.approx(2.0 * before.seconds) and "pace in its last 1 run" in after.basis
 
 
+def test_a_mask_test_records_this_machines_pace_with_the_shipped_vae_only():
+    """Cases 2x the shipped VAE's measured seconds apart (the first case's loading not counted): a pace of 2 for
+    later mask-test estimates; a VAE file of the user's own has no rate and records nothing."""
+    from neuromf.estimates import machine_pace, mask_test_estimate, measured_rates
+    from neuromf.weights import EMBEDDED_MODELS
+
+    per_case = measured_rates()["mask_test"][EMBEDDED_MODELS["vae"]["embedded"]]["per_case_s"]
+    clock = [50.0 + 2 * per_case * k for k in range(3)]
+    own = _mask_test_run.MaskTestRun(None, vae_spec="/data/my_maisi.pt", load=(0.0, 2), case_clock=clock)
+    assert own.record_pace() is None and machine_pace("mask_test") is None
+    before = mask_test_estimate("vae_fine", 4, load=(0.0, 2))
+    shipped = _mask_test_run.MaskTestRun(None, load=(0.0, 2), case_clock=clock)
+    assert shipped.record_pace() == pytest.approx(2.0, rel=1e-3)
+    assert mask_test_estimate("vae_fine", 4, load=(0.0, 2)).seconds == pytest.approx(2 * before.seconds, rel=1e-3)
+
+
 def test_pass_plans_of_the_other_modes():
     joint = _generate_run.PassPlan.of_run("joint", 6, 8, render=False, prior_lesion=True, costs=(2.0, 1.0, 0.0),
                                           batch=4)
