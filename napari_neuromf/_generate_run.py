@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napari_neuromf._jobs import Caution, Failure, describe_error, format_eta, release_memory, time_left_at_pace
+from napari_neuromf._jobs import (
+    Caution,
+    Failure,
+    describe_error,
+    format_eta,
+    release_memory,
+    runs_on_cpu,
+    time_left_at_pace,
+)
 from napari_neuromf._state import EMBEDDED, user_folder
 
 
@@ -281,7 +289,7 @@ class GenerateRun:
 
         rate = measured_rates().get("generation") or {}
         grid = adapter_grid(self.adapter, self.mode)
-        if (not str(self.device).startswith("cpu") or self.first_step is None or self.last_step is None
+        if (not runs_on_cpu(self.device) or self.first_step is None or self.last_step is None
                 or self.load is None or grid is None or list(grid) != list(rate.get("grid") or [])):
             return None
         (start, done_first), (end, done_last, _) = self.first_step, self.last_step

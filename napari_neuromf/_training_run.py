@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_neuromf import _state
-from napari_neuromf._jobs import Failure, Phase, StopFlag, describe_error, release_memory, timestamp
+from napari_neuromf._jobs import Failure, Phase, StopFlag, describe_error, release_memory, runs_on_cpu, timestamp
 from napari_neuromf._state import EMBEDDED
 
 NEW_RUN, RESUME, OVERWRITE = "New run", "Resume", "Overwrite"
@@ -167,11 +167,10 @@ class TrainingRun:
         so later estimates on this machine follow its pace; only a run on the CPU of a config with a rate. Returns
         the ratio recorded, or None."""
         from neuromf.estimates import record_pace, training_step_seconds
-        from neuromf.utils import resolve_device
 
         per_step = training_step_seconds(self.config, self.cfg.training.batch_size) if self.config else None
         if (per_step is None or self.load is None or self.first_step is None or self.last_step is None
-                or resolve_device(self.cfg.training.device).type != "cpu"):
+                or not runs_on_cpu(self.cfg.training.device)):
             return None
         (start, first), (end, last) = self.first_step, self.last_step
         return record_pace("training", (last - first) * per_step, end - start, self.load)

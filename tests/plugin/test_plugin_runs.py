@@ -103,11 +103,12 @@ def test_a_finished_cpu_run_records_this_machines_pace():
     not (its work is not in the rates' seconds, or not comparable)."""
     from neuromf.estimates import machine_pace
 
-    def finished(adapter: str = "embedded", device: str = "cpu", load: tuple[float, int] | None = (0.0, 2)):
+    def finished(adapter: str = "embedded", device: str = "auto", load: tuple[float, int] | None = (0.0, 2)):
         run = _generate_run.GenerateRun(adapter, n=1, steps=32, device=device, mode="joint", render="embedded")
         run.first_step, run.last_step, run.load = (10.0, 0.7), (100.0, 60.7, 0.0), load  # 60 s of work in 90 s
         return run.record_pace()
 
+    # "auto", the dock's default, is the CPU on a machine without a GPU (as in this test suite's CI)
     assert finished(device="cuda:0") is None and finished(load=None) is None
     assert finished("embedded-3mm") is None  # the 3 mm adapter: the rates were measured on the 2 mm grid
     assert machine_pace("generation") is None
@@ -125,7 +126,7 @@ def test_a_training_run_on_the_cpu_records_this_machines_pace(monkeypatch):
 
     clock = FakeClock()
     monkeypatch.setattr(_training_run, "time", clock)
-    cfg = _training_run.build_lora_config("joint_2mm", {"data.mask_strategy": "downsample", "training.device": "cpu"})
+    cfg = _training_run.build_lora_config("joint_2mm", {"data.mask_strategy": "downsample"})  # device "auto"
     per_step = training_step_seconds("joint_2mm", cfg.training.batch_size)
 
     def run_of(config: str | None) -> _training_run.TrainingRun:
@@ -138,6 +139,9 @@ def test_a_training_run_on_the_cpu_records_this_machines_pace(monkeypatch):
         return run
 
     assert run_of(None).record_pace() is None and machine_pace("training") is None
+    cfg.training.device = "cuda:7"  # a GPU run (here: one this machine lacks) records nothing either
+    assert run_of("joint_2mm").record_pace() is None
+    cfg.training.device = "auto"
     before = training_estimate("joint_2mm", 8, 100, cfg.training.batch_size, load=(0.0, 2))
     assert run_of("joint_2mm").record_pace() == pytest.approx(2.0)
     after = training_estimate("joint_2mm", 8, 100, cfg.training.batch_size, load=(0.0, 2))
