@@ -230,7 +230,8 @@ class GenerateRun:
     # (clock, work done) at the first network step, and (clock, work done, work left) at the latest
     first_step: tuple[float, float] | None = None
     last_step: tuple[float, float, float] | None = None
-    load: tuple[float, int] | None = None  # (load average, cores) when the run started: the others' share of the CPU
+    load: tuple[float, int] | None = None  # (load, cores) when the run started: the others' share of the CPU
+    cpu_at_first_step: Any = None  # `neuromf.estimates.CpuSnapshot`: the others' load while the steps ran
 
     @property
     def cancelled(self) -> bool:
@@ -256,7 +257,10 @@ class GenerateRun:
             self.plan.start_pass(self.pairs, self.passes)
         done, left = self.plan.work(self.pairs, max(1, self.passes), i, n)
         if self.first_step is None:
+            from neuromf.estimates import cpu_snapshot
+
             self.first_step = (now, done)
+            self.cpu_at_first_step = cpu_snapshot()
         self.last_step = (now, done, left)
         self.step = (i, n)
 
@@ -285,7 +289,7 @@ class GenerateRun:
         """Record how this finished run's network steps kept to the measured rates (`neuromf.estimates`), so later
         estimates on this machine follow its pace; only a CPU run on the rates' grid, whose plan counts work in the
         rates' seconds. Returns the ratio recorded, or None."""
-        from neuromf.estimates import measured_rates, record_pace
+        from neuromf.estimates import load_since, measured_rates, record_pace
 
         rate = measured_rates().get("generation") or {}
         grid = adapter_grid(self.adapter, self.mode)
@@ -293,7 +297,8 @@ class GenerateRun:
                 or self.load is None or grid is None or list(grid) != list(rate.get("grid") or [])):
             return None
         (start, done_first), (end, done_last, _) = self.first_step, self.last_step
-        return record_pace("generation", done_last - done_first, end - start, self.load)
+        return record_pace("generation", done_last - done_first, end - start,
+                           load_since(self.cpu_at_first_step, self.load))
 
     def _lesion_judge(self) -> tuple[Any, tuple[str, ...]]:
         """`lesion_judge` of this run; a caution when there is no reference."""

@@ -20,9 +20,14 @@ niced jobs take less than their share, and a job of several torch threads gains 
 busy machine.
 
 Pace: a machine can run the same work slower or faster than the rates' machine (another CPU, more torch threads).
-A finished job records how long its work took here against what the rates said at its load (`record_pace`, in
-`machine_pace.json` of the user data folder), and later estimates of that kind of job are multiplied by the median
+A finished job records how long its work took here against what the rates said at the load it shared the machine
+with (`record_pace`, in `machine_pace.json` of the user data folder; that load measured from the CPU time the other
+processes used while it ran, `load_since`), and later estimates of that kind of job are multiplied by the median
 of this machine's last runs (`machine_pace`), saying so.
+
+The load now (`current_load`) is the 1-minute load average, which lags: a job that ended half a minute ago still
+counts. On Linux the threads runnable at this instant cap it, so an estimate made right after a job is not
+lengthened by that job.
 """
 
 from __future__ import annotations
@@ -66,11 +71,57 @@ class Estimate:
 
 
 def current_load() -> tuple[float, int]:
-    """(1-minute load average, CPU count) of this machine now; (0.0, 1) where the OS gives no load average."""
+    """(load, CPU count) of this machine now: the 1-minute load average, or on Linux the threads runnable at this
+    instant besides the caller when they are fewer (the average still counts a job that ended less than a minute
+    ago); (0.0, 1) where the OS gives no load average."""
     try:
-        return os.getloadavg()[0], os.cpu_count() or 1
+        load = os.getloadavg()[0]
     except (AttributeError, OSError):  # Windows
         return 0.0, 1
+    runnable = runnable_now()
+    return (load if runnable is None else min(load, runnable)), os.cpu_count() or 1
+
+
+def runnable_now(loadavg: Path = Path("/proc/loadavg")) -> float | None:
+    """Threads runnable on this machine at this instant, the caller's own left out (Linux `/proc/loadavg`, its
+    fourth field "runnable/total"); None elsewhere."""
+    try:
+        return max(0.0, float(loadavg.read_text().split()[3].split("/")[0]) - 1.0)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """The clock, the CPU seconds the whole machine has been busy and those of this process (every thread), at one
+    moment: two of them give the load the other processes put on the machine in between (`load_since`)."""
+
+    clock: float
+    busy_s: float
+    own_s: float
+
+
+def cpu_snapshot(stat: Path = Path("/proc/stat")) -> CpuSnapshot | None:
+    """A `CpuSnapshot` now; None where the OS has no `/proc/stat` (not Linux)."""
+    try:
+        fields = stat.read_text().split("\n", 1)[0].split()
+        ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        idle = ticks[3] + ticks[4]
+    except (OSError, IndexError, ValueError):
+        return None
+    return CpuSnapshot(time.perf_counter(), (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"), time.process_time())
+
+
+def load_since(start: CpuSnapshot | None, fallback: tuple[float, int],
+               end: CpuSnapshot | None = None) -> tuple[float, int]:
+    """(busy cores of the other processes on average from `start` to `end` (default: now), CPU count): the load
+    a job that ran in between shared the machine with, its own threads left out; `fallback` (e.g. `current_load`
+    at its start) where no snapshot can be taken."""
+    end = end or (cpu_snapshot() if start is not None else None)
+    if start is None or end is None or end.clock <= start.clock:
+        return fallback
+    others = (end.busy_s - start.busy_s) - (end.own_s - start.own_s)
+    return max(0.0, others / (end.clock - start.clock)), os.cpu_count() or 1
 
 
 def slowdown(load: float, cores: int) -> float:
@@ -136,9 +187,10 @@ def machine_pace(part: str, path: Path | None = None) -> tuple[float, int] | Non
 def record_pace(part: str, rates_idle_s: float, taken_s: float, load: tuple[float, int],
                 path: Path | None = None) -> float | None:
     """Record that work the rates put at `rates_idle_s` seconds on an idle machine took `taken_s` seconds here
-    while `load` ((load average, cores) at its start) shared the cores; returns the ratio recorded, None when the
-    work was too short to time (`PACE_MIN_S`), a figure is not finite, or the file cannot be written. The ratio
-    is against the rates alone (not an earlier pace), so a pace does not feed on itself."""
+    while `load` ((load, cores): the other processes' busy cores while it ran, `load_since`) shared the cores;
+    returns the ratio recorded, None when the work was too short to time (`PACE_MIN_S`), a figure is not finite,
+    or the file cannot be written. The ratio is against the rates alone (not an earlier pace), so a pace does not
+    feed on itself."""
     expected = float(rates_idle_s) * slowdown(*load)
     if not (np.isfinite(expected) and np.isfinite(taken_s)) or rates_idle_s < PACE_MIN_S or taken_s <= 0:
         return None
@@ -277,6 +329,7 @@ def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: boo
                        "generation", load)
 
 
-__all__ = ["PACE_FILE_NAME", "RATES_ENV", "RATES_FILE", "Estimate", "current_load", "format_duration",
-           "generation_estimate", "machine", "machine_pace", "mask_test_estimate", "measured_rates", "pace_file",
-           "rates_file", "record_pace", "slowdown", "training_estimate", "training_step_seconds"]
+__all__ = ["PACE_FILE_NAME", "RATES_ENV", "RATES_FILE", "CpuSnapshot", "Estimate", "cpu_snapshot", "current_load",
+           "format_duration", "generation_estimate", "load_since", "machine", "machine_pace", "mask_test_estimate",
+           "measured_rates", "pace_file", "rates_file", "record_pace", "runnable_now", "slowdown",
+           "training_estimate", "training_step_seconds"]

@@ -155,3 +155,48 @@ def test_a_pace_is_not_recorded_from_short_or_broken_runs_and_a_bad_file_is_igno
     # a broken file is replaced by a good one on the next record, not a reason to fail a finished job
     assert record_pace("generation", 60.0, 120.0, (0.0, 2)) == pytest.approx(2.0)
     assert machine_pace("generation") == (pytest.approx(2.0), 1)
+
+
+def test_the_load_now_is_capped_by_the_threads_runnable_at_this_instant(tmp_path, monkeypatch):
+    """The 1-minute load average still counts a job that ended seconds ago; /proc/loadavg's runnable count (the
+    caller's own thread left out) caps it."""
+    import os
+
+    from neuromf import estimates
+
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("2.40 2.10 1.90 2/345 6789\n")  # two runnable: the caller and one other
+    assert estimates.runnable_now(loadavg) == 1.0
+    assert estimates.runnable_now(tmp_path / "missing") is None
+    loadavg.write_text("garbage\n")
+    assert estimates.runnable_now(loadavg) is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.4, 2.1, 1.9))
+    monkeypatch.setattr(estimates, "runnable_now", lambda: 0.0)  # the job that made the average has ended
+    assert estimates.current_load()[0] == 0.0
+    monkeypatch.setattr(estimates, "runnable_now", lambda: 5.0)  # a burst: the average is the steadier figure
+    assert estimates.current_load()[0] == 2.4
+    monkeypatch.setattr(estimates, "runnable_now", lambda: None)  # no /proc: the average alone
+    assert estimates.current_load()[0] == 2.4
+
+
+def test_the_load_a_job_shared_the_machine_with_leaves_its_own_threads_out(tmp_path):
+    """Between two snapshots 10 s apart the machine was busy 15 CPU-s, 12 of them this process's: the others
+    used 0.3 cores on average. /proc/stat's first line is read in clock ticks."""
+    import os
+
+    from neuromf.estimates import CpuSnapshot, cpu_snapshot, load_since
+
+    hz = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    stat.write_text(f"cpu  {3 * hz} 0 {hz} {50 * hz} {hz} 0 0 0 0 0\ncpu0 1 2 3 4\n")
+    snapshot = cpu_snapshot(stat)
+    assert snapshot.busy_s == pytest.approx(4.0)  # user + system; idle and iowait are not busy
+    assert cpu_snapshot(tmp_path / "missing") is None
+    start, end = CpuSnapshot(100.0, 50.0, 7.0), CpuSnapshot(110.0, 65.0, 19.0)
+    assert load_since(start, (9.0, 2), end) == (pytest.approx(0.3), os.cpu_count() or 1)
+    assert load_since(None, (9.0, 2)) == (9.0, 2)  # no snapshot at the start: the fallback
+    assert load_since(start, (9.0, 2), CpuSnapshot(100.0, 50.0, 7.0)) == (9.0, 2)  # no time between
+    # the real /proc/stat of this machine, where there is one: a load, never negative
+    real = cpu_snapshot()
+    if real is not None:
+        assert load_since(real, (9.0, 2))[0] >= 0.0
