@@ -227,15 +227,18 @@ class GenerateRun:
     loaded_s: float | None = None  # seconds the models took to load (until the first network step)
     estimate: Any = None  # `neuromf.estimates.Estimate` of the whole run, shown while the models load
     plan: PassPlan | None = None  # the run's passes, made at its first network step
-    # (clock, work done) at the first network step, and (clock, work done, work left) at the latest
-    first_step: tuple[float, float] | None = None
-    last_step: tuple[float, float, float] | None = None
-    load: tuple[float, int] | None = None  # (load, cores) when the run started: the others' share of the CPU
-    cpu_at_first_step: Any = None  # `neuromf.estimates.CpuSnapshot`: the others' load while the steps ran
+    # `neuromf.estimates.PaceClock`: the load at the start, (clock, work done) at the first and latest network step
+    pace: Any = None
+    last_step: tuple[float, float, float] | None = None  # (clock, work done, work left) at the latest network step
 
     @property
     def cancelled(self) -> bool:
         return self.cancel.is_set()
+
+    @property
+    def first_step(self) -> tuple[float, float] | None:
+        """(clock, work done) at the first network step."""
+        return None if self.pace is None else self.pace.first
 
     def pass_plan(self) -> PassPlan:
         """This run's `PassPlan` (worker thread: reads the adapters' sidecars and the measured rates)."""
@@ -256,11 +259,11 @@ class GenerateRun:
             self.passes += 1
             self.plan.start_pass(self.pairs, self.passes)
         done, left = self.plan.work(self.pairs, max(1, self.passes), i, n)
-        if self.first_step is None:
-            from neuromf.estimates import cpu_snapshot
+        if self.pace is None:
+            from neuromf.estimates import PaceClock
 
-            self.first_step = (now, done)
-            self.cpu_at_first_step = cpu_snapshot()
+            self.pace = PaceClock()
+        self.pace.mark(now, done)
         self.last_step = (now, done, left)
         self.step = (i, n)
 
@@ -289,16 +292,14 @@ class GenerateRun:
         """Record how this finished run's network steps kept to the measured rates (`neuromf.estimates`), so later
         estimates on this machine follow its pace; only a CPU run on the rates' grid, whose plan counts work in the
         rates' seconds. Returns the ratio recorded, or None."""
-        from neuromf.estimates import load_since, measured_rates, record_pace
+        from neuromf.estimates import measured_rates
 
         rate = measured_rates().get("generation") or {}
         grid = adapter_grid(self.adapter, self.mode)
-        if (not runs_on_cpu(self.device) or self.first_step is None or self.last_step is None
-                or self.load is None or grid is None or list(grid) != list(rate.get("grid") or [])):
+        if (self.pace is None or not runs_on_cpu(self.device) or grid is None
+                or list(grid) != list(rate.get("grid") or [])):
             return None
-        (start, done_first), (end, done_last, _) = self.first_step, self.last_step
-        return record_pace("generation", done_last - done_first, end - start,
-                           load_since(self.cpu_at_first_step, self.load))
+        return self.pace.record("generation", 1.0)  # the plan's work is in the rates' seconds
 
     def _lesion_judge(self) -> tuple[Any, tuple[str, ...]]:
         """`lesion_judge` of this run; a caution when there is no reference."""
@@ -334,12 +335,12 @@ class GenerateRun:
     def drive(self) -> Generator[Any, None, int]:
         """Worker body: one generated pair per yield (then a Failure if anything went wrong). A cancel stops the
         sampler before its next network step; the pairs yielded so far stay."""
-        from neuromf.estimates import current_load
+        from neuromf.estimates import PaceClock, current_load
         from neuromf.generation.inpaint import InpaintCancelled
         from neuromf.meanflow.samplers import SamplingStopped  # in the worker: torch is imported there
 
         pairs = None
-        self.load = current_load()
+        self.pace = PaceClock(current_load())
         try:
             if self.mode == "inpaint":
                 pairs = [self._inpaint()]

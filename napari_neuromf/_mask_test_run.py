@@ -88,9 +88,8 @@ class MaskTestRun:
     failure: Failure | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     _scratch: Any = field(default=None, repr=False)  # TemporaryDirectory of the layer pair: removed with the run
-    load: tuple[float, int] | None = None  # (load, cores) at the start: the others' share of the CPU
-    case_clock: list[float] = field(default_factory=list)  # when each case's row was ready (its own pace)
-    cpu_at_first_case: Any = None  # `neuromf.estimates.CpuSnapshot`: the others' load while the cases ran
+    # `neuromf.estimates.PaceClock`: the load at the start, (clock, cases done) at the first and latest case
+    pace: Any = None
 
     @property
     def cancelled(self) -> bool:
@@ -114,14 +113,13 @@ class MaskTestRun:
         """Record how this finished test's cases (after the first: loading and warm-up) kept to the shipped VAE's
         measured rate (`neuromf.estimates.record_pace`), so later estimates on this machine follow its pace; only
         the shipped VAE has a rate (the GUI runs it on the CPU). Returns the ratio recorded, or None."""
-        from neuromf.estimates import load_since, measured_rates, record_pace
+        from neuromf.estimates import measured_rates
         from neuromf.weights import EMBEDDED_MODELS
 
         rate = (measured_rates().get("mask_test") or {}).get(EMBEDDED_MODELS["vae"][EMBEDDED])
-        if self.vae_spec != EMBEDDED or not rate or self.load is None or len(self.case_clock) < 2:
+        if self.vae_spec != EMBEDDED or not rate or self.pace is None:
             return None
-        return record_pace("mask_test", (len(self.case_clock) - 1) * rate["per_case_s"],
-                           self.case_clock[-1] - self.case_clock[0], load_since(self.cpu_at_first_case, self.load))
+        return self.pace.record("mask_test", rate["per_case_s"])
 
     def drive(self) -> Generator[Any, None, dict | None]:
         """Worker body: yields the case list, then each case's row as soon as it is computed; returns the result
@@ -139,9 +137,8 @@ class MaskTestRun:
         outcome: dict[str, Any] = {}
 
         def on_case(row: dict) -> None:
-            self.case_clock.append(time.perf_counter())
-            if len(self.case_clock) == 1:
-                self.cpu_at_first_case = cpu_snapshot()
+            cases_done.append(row)
+            pace.mark(time.perf_counter(), len(cases_done))
             rows.put(row)
             if self.cancel.is_set():  # the only way into mask_vae_test's loop: stop it after this case
                 raise Cancelled
@@ -162,9 +159,10 @@ class MaskTestRun:
             finally:
                 rows.put(done)
 
-        from neuromf.estimates import cpu_snapshot, current_load
+        from neuromf.estimates import PaceClock, current_load
 
-        self.load = current_load()
+        pace = self.pace = PaceClock(current_load())
+        cases_done: list[dict] = []
         thread = threading.Thread(target=work, name="neuromf-mask-test", daemon=True)
         thread.start()
         while (row := rows.get()) is not done:

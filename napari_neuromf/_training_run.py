@@ -128,11 +128,8 @@ class TrainingRun:
     stopped_encoding: tuple[int, int] | None = None  # (cases encoded, cases) when stopped before training
     started: float = field(default_factory=time.perf_counter)
     config: str | None = None  # the packaged config it was built from: its measured step rate (`neuromf.estimates`)
-    load: tuple[float, int] | None = None  # (load, cores) at the start: the others' share of the CPU
-    cpu_at_first_step: Any = None  # `neuromf.estimates.CpuSnapshot`: the others' load while the steps ran
-    # (clock, step) of this run's first and latest step events: its own pace, free of loading and encoding
-    first_step: tuple[float, int] | None = None
-    last_step: tuple[float, int] | None = None
+    # `neuromf.estimates.PaceClock`: the load at the start, (clock, step) at the first and latest step events
+    pace: Any = None
 
     @property
     def out_dir(self) -> Path:
@@ -156,12 +153,8 @@ class TrainingRun:
         The raw loss (``parts["raw"]``, the unweighted Lp distance) is what shows learning; the objective the
         optimiser minimises is adaptive-weighted and stays about 1 by construction."""
         self.last_event = event
-        if getattr(event, "kind", None) == "step":
-            self.last_step = (time.perf_counter(), int(event.step))
-            if self.first_step is None:
-                from neuromf.estimates import cpu_snapshot
-
-                self.first_step, self.cpu_at_first_step = self.last_step, cpu_snapshot()
+        if getattr(event, "kind", None) == "step" and self.pace is not None:
+            self.pace.mark(time.perf_counter(), int(event.step))
         if getattr(event, "kind", None) == "step" and event.loss is not None:
             raw = (getattr(event, "parts", None) or {}).get("raw")
             self.losses.append((int(event.step), float(event.loss if raw is None else raw)))
@@ -170,15 +163,12 @@ class TrainingRun:
         """Record how this run's steps kept to the measured rate of its config (`neuromf.estimates.record_pace`),
         so later estimates on this machine follow its pace; only a run on the CPU of a config with a rate. Returns
         the ratio recorded, or None."""
-        from neuromf.estimates import load_since, record_pace, training_step_seconds
+        from neuromf.estimates import training_step_seconds
 
         per_step = training_step_seconds(self.config, self.cfg.training.batch_size) if self.config else None
-        if (per_step is None or self.load is None or self.first_step is None or self.last_step is None
-                or not runs_on_cpu(self.cfg.training.device)):
+        if per_step is None or self.pace is None or not runs_on_cpu(self.cfg.training.device):
             return None
-        (start, first), (end, last) = self.first_step, self.last_step
-        return record_pace("training", (last - first) * per_step, end - start,
-                           load_since(self.cpu_at_first_step, self.load))
+        return self.pace.record("training", per_step)
 
     def _fail(self, err: BaseException) -> Failure:
         self.failure = Failure(describe_error(err, "LoRA fine-tuning", self.cfg.training.device,
@@ -193,11 +183,11 @@ class TrainingRun:
         during the encoding takes effect after the current case: the start ends as a failed one (the backend
         removes a fresh run's folder and leaves a resumed run as it was; encoded cases stay cached).
         """
-        from neuromf.estimates import current_load
+        from neuromf.estimates import PaceClock, current_load
         from neuromf.train.launch import StopBeforeTraining
 
         events = None
-        self.load = current_load()
+        self.pace = PaceClock(current_load())
         try:
             yield Phase(f"Preparing: loading the base model and the VAE, finding the training cases in "
                         f"{self.cfg.data.data_dir} ...")

@@ -124,6 +124,32 @@ def load_since(start: CpuSnapshot | None, fallback: tuple[float, int],
     return max(0.0, others / (end.clock - start.clock)), os.cpu_count() or 1
 
 
+@dataclass
+class PaceClock:
+    """What `record_pace` needs of a job, gathered while it runs: the load at its start (`load`, e.g.
+    `current_load()`), then (clock, work done) at its first and latest progress (`mark`: the loading before the
+    first mark does not count) and a `CpuSnapshot` at the first, for the load the other processes added meanwhile."""
+
+    load: tuple[float, int] | None = None
+    first: tuple[float, float] | None = None
+    last: tuple[float, float] | None = None
+    cpu_at_first: CpuSnapshot | None = None
+
+    def mark(self, clock: float, work_done: float) -> None:
+        self.last = (clock, float(work_done))
+        if self.first is None:
+            self.first, self.cpu_at_first = self.last, cpu_snapshot()
+
+    def record(self, part: str, seconds_per_unit: float) -> float | None:
+        """`record_pace` of the work between the first and the latest mark, one unit of work taking
+        `seconds_per_unit` on the rates' idle machine; None before a start load and a mark."""
+        if self.load is None or self.first is None or self.last is None:
+            return None
+        (start, first), (end, last) = self.first, self.last
+        return record_pace(part, (last - first) * seconds_per_unit, end - start,
+                           load_since(self.cpu_at_first, self.load))
+
+
 def slowdown(load: float, cores: int) -> float:
     """How many times longer a job of one busy thread takes than on an idle machine while `load` other runnable
     threads share `cores` cores: each runnable thread gets an equal share, so (load + 1) / cores once every core is
@@ -329,7 +355,7 @@ def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: boo
                        "generation", load)
 
 
-__all__ = ["PACE_FILE_NAME", "RATES_ENV", "RATES_FILE", "CpuSnapshot", "Estimate", "cpu_snapshot", "current_load",
-           "format_duration", "generation_estimate", "load_since", "machine", "machine_pace", "mask_test_estimate",
-           "measured_rates", "pace_file", "rates_file", "record_pace", "runnable_now", "slowdown",
-           "training_estimate", "training_step_seconds"]
+__all__ = ["PACE_FILE_NAME", "RATES_ENV", "RATES_FILE", "CpuSnapshot", "Estimate", "PaceClock", "cpu_snapshot",
+           "current_load", "format_duration", "generation_estimate", "load_since", "machine", "machine_pace",
+           "mask_test_estimate", "measured_rates", "pace_file", "rates_file", "record_pace", "runnable_now",
+           "slowdown", "training_estimate", "training_step_seconds"]

@@ -101,11 +101,11 @@ def test_a_finished_cpu_run_records_this_machines_pace():
     """A default pair whose network steps took 1.5x what the measured rates say (an idle machine) records a pace of
     1.5 for later estimates; a GPU run, a run on another grid than the rates' or one without its start load does
     not (its work is not in the rates' seconds, or not comparable)."""
-    from neuromf.estimates import machine_pace
+    from neuromf.estimates import PaceClock, machine_pace
 
     def finished(adapter: str = "embedded", device: str = "auto", load: tuple[float, int] | None = (0.0, 2)):
         run = _generate_run.GenerateRun(adapter, n=1, steps=32, device=device, mode="joint", render="embedded")
-        run.first_step, run.last_step, run.load = (10.0, 0.7), (100.0, 60.7, 0.0), load  # 60 s of work in 90 s
+        run.pace = PaceClock(load, first=(10.0, 0.7), last=(100.0, 60.7))  # 60 s of work in 90 s
         return run.record_pace()
 
     # "auto", the dock's default, is the CPU on a machine without a GPU (as in this test suite's CI)
@@ -122,7 +122,7 @@ def test_a_training_run_on_the_cpu_records_this_machines_pace(monkeypatch):
     config without a rate records nothing."""
     from types import SimpleNamespace
 
-    from neuromf.estimates import machine_pace, training_estimate, training_step_seconds
+    from neuromf.estimates import PaceClock, machine_pace, training_estimate, training_step_seconds
 
     clock = FakeClock()
     monkeypatch.setattr(_training_run, "time", clock)
@@ -132,7 +132,7 @@ def test_a_training_run_on_the_cpu_records_this_machines_pace(monkeypatch):
     per_step = training_step_seconds("joint_2mm", cfg.training.batch_size)
 
     def run_of(config: str | None) -> _training_run.TrainingRun:
-        run = _training_run.TrainingRun(cfg, config=config, load=(0.0, 2))
+        run = _training_run.TrainingRun(cfg, config=config, pace=PaceClock((0.0, 2)))
         clock.now = 0.0
         run.record(SimpleNamespace(kind="encoding", step=1, total_steps=1, loss=None))
         for step in range(1, 12):
@@ -153,15 +153,20 @@ def test_a_training_run_on_the_cpu_records_this_machines_pace(monkeypatch):
 def test_a_mask_test_records_this_machines_pace_with_the_shipped_vae_only():
     """Cases 2x the shipped VAE's measured seconds apart (the first case's loading not counted): a pace of 2 for
     later mask-test estimates; a VAE file of the user's own has no rate and records nothing."""
-    from neuromf.estimates import machine_pace, mask_test_estimate, measured_rates
+    from neuromf.estimates import PaceClock, machine_pace, mask_test_estimate, measured_rates
     from neuromf.weights import EMBEDDED_MODELS
 
     per_case = measured_rates()["mask_test"][EMBEDDED_MODELS["vae"]["embedded"]]["per_case_s"]
-    clock = [50.0 + 2 * per_case * k for k in range(3)]
-    own = _mask_test_run.MaskTestRun(None, vae_spec="/data/my_maisi.pt", load=(0.0, 2), case_clock=clock)
+
+    def cases_done() -> PaceClock:  # three cases, each 2x the measured time after the first
+        pace = PaceClock((0.0, 2))
+        pace.first, pace.last = (50.0, 1), (50.0 + 4 * per_case, 3)
+        return pace
+
+    own = _mask_test_run.MaskTestRun(None, vae_spec="/data/my_maisi.pt", pace=cases_done())
     assert own.record_pace() is None and machine_pace("mask_test") is None
     before = mask_test_estimate("vae_fine", 4, load=(0.0, 2))
-    shipped = _mask_test_run.MaskTestRun(None, load=(0.0, 2), case_clock=clock)
+    shipped = _mask_test_run.MaskTestRun(None, pace=cases_done())
     assert shipped.record_pace() == pytest.approx(2.0, rel=1e-3)
     assert mask_test_estimate("vae_fine", 4, load=(0.0, 2)).seconds == pytest.approx(2 * before.seconds, rel=1e-3)
 
