@@ -136,6 +136,7 @@ class PaceClock:
     cpu_at_first: CpuSnapshot | None = None
 
     def mark(self, clock: float, work_done: float) -> None:
+        """The job reached `work_done` (any unit, counted from its start) at `clock` (`time.perf_counter`)."""
         self.last = (clock, float(work_done))
         if self.first is None:
             self.first, self.cpu_at_first = self.last, cpu_snapshot()
