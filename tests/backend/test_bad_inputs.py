@@ -1129,6 +1129,9 @@ def test_data_widget_scan_shows_broken_subjects_as_rows(make_napari_viewer, qtbo
     assert sorted(rows) == ["sub-01", "sub-02", "sub-03"] and len(widget.cases) == 1
     assert "UNUSABLE" in rows["sub-02"] and "2D image" in rows["sub-02"]
     assert "lesion ROI without a FLAIR image" in rows["sub-03"] and not rows["sub-01"].startswith("UNUSABLE")
+    # the widget's backend import runs in a worker thread of its own: a test run alone must not end (and tear Qt
+    # down) under it, or the thread's last signal aborts the interpreter after the test has passed
+    qtbot.waitUntil(lambda: widget.ready, timeout=60_000)
 
 
 # --------------------------------------------------------------------------------------------- round 2: one per fix
