@@ -5,7 +5,8 @@ compare like with like, the real case is brought onto that same grid exactly as 
 (`neuromf.io.nifti.arrays_to_model_grid`: the window centred on its brain, intensities scaled like the training
 FLAIRs) and placed on the same world coordinates; both then show the same axial level of their brain's window at
 one slice position, in the same grey window. They open in a second viewer in napari's grid mode (one viewbox
-per volume and its lesion, cameras and slice shared), so the user's own layers stay as they were.
+per volume, its lesion and its own R/L/A/P letters; cameras and slice shared), so the user's own layers stay as
+they were.
 """
 
 from __future__ import annotations
@@ -83,14 +84,23 @@ def build_comparison(real: tuple[Any, dict], real_lesion: tuple[Any, dict] | Non
 
 
 def show_comparison(viewer: napari.Viewer, comparison: Comparison) -> list:
-    """Real | generated in ``viewer`` (a fresh one): grid mode, one viewbox each (FLAIR + lesion), axial
-    radiological, one grey window for both FLAIRs; returns the layers, left to right."""
+    """Real | generated in ``viewer`` (a fresh one): grid mode, one viewbox each (FLAIR + lesion + R/L/A/P
+    letters), axial radiological, one grey window for both FLAIRs; returns the volume layers, left to right."""
     from napari_neuromf._layers import brain_window, layer_tuple
-    from napari_neuromf._viewing import go_to_lesion, show_axial, view_guard
+    from napari_neuromf._viewing import (
+        MARKERS_NAME,
+        add_letters,
+        go_to_lesion,
+        marker_positions,
+        show_axial,
+        view_guard,
+    )
 
     view_guard(viewer)
     grid = viewer.canvas.grid
-    grid.stride, grid.shape, grid.enabled = 2, (1, 2), True  # before any layer: no orientation letters layer
+    # each viewbox: FLAIR, lesion and its own R/L/A/P letters (grid mode before any layer: the guard's single
+    # letters layer would take a viewbox of its own, so it is never made here)
+    grid.stride, grid.shape, grid.enabled = 3, (1, 2), True
     window = brain_window(comparison.real_image)
     lesion = np.zeros(comparison.image.shape, np.uint8) if comparison.real_lesion is None else comparison.real_lesion
     real = comparison.real_name
@@ -105,11 +115,15 @@ def show_comparison(viewer: napari.Viewer, comparison: Comparison) -> list:
         layers.append(viewer.add_image(data, **kwargs))
         data, kwargs, _ = layer_tuple(mask, comparison.affine, names[1], "labels", extra={"compared": True})
         layers.append(viewer.add_labels(data, **kwargs))
+        box = layers[-2].extent.world  # (lo, hi) of the shared grid
+        add_letters(viewer, marker_positions(box[0], box[1], float(viewer.dims.point[2])),
+                    name=f"{MARKERS_NAME} ({'real' if len(layers) == 2 else 'generated'})", grid_box=True)
     show_axial(viewer)
     labelled = layers[1] if comparison.real_lesion is not None and comparison.real_lesion.any() else layers[3]
     if np.any(labelled.data):
         go_to_lesion(viewer, labelled)
     view_guard(viewer).fit_to()
+    viewer.layers.selection.active = layers[2]  # the generated FLAIR, not the last letters added
     return layers
 
 

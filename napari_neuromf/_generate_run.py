@@ -19,7 +19,6 @@ from napari_neuromf._jobs import (
     describe_error,
     format_eta,
     release_memory,
-    runs_on_cpu,
     time_left_at_pace,
 )
 from napari_neuromf._state import EMBEDDED, user_folder
@@ -56,47 +55,12 @@ def sites_on_model_grid(points_world: Any, adapter: str) -> Any:
     return (points - np.asarray(translate)) / np.asarray(scale)
 
 
-def adapter_grid(adapter: str, mode: str) -> tuple[int, ...] | None:
-    """The model grid (voxels per axis) an adapter draws on, read from its sidecar; None when it cannot be read
-    (the field is being typed; the start reports a missing adapter)."""
-    from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
-
-    try:
-        return tuple(AdapterMeta.load(resolve_adapter_dir(adapter, "joint" if mode == "joint" else
-                                                          "conditional")).prep.shape)
-    except Exception:  # any unreadable or half-typed adapter: no grid, no scaling
-        return None
-
-
-def flair_calls_per_step(adapter: str, mode: str, render: str, guidance: float | None) -> int:
-    """Network calls per step of a run's FLAIR pass (`neuromf.estimates`): 2 under mask guidance (the given one,
-    else the conditional adapter's own: its inpainting guidance in the inpaint mode), else 1; 1 when the sidecar
-    cannot be read (the start reports it)."""
-    from neuromf.generation.inpaint import network_calls_per_run
-    from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
-
-    conditional = render if mode == "joint" else adapter
-    if not conditional:
-        return 1
-    try:
-        meta = AdapterMeta.load(resolve_adapter_dir(conditional, "conditional"))
-    except Exception:  # any unreadable or half-typed adapter: the plain rate
-        return 1
-    scale = meta.inpaint_guidance_scale(guidance) if mode == "inpaint" else meta.guidance_scale(guidance)
-    return network_calls_per_run(1, scale)
-
-
-# a pair's work after its last network step (decoding its FLAIR with the VAE, in tiles, the scanner texture, its
-# lesion figures), in network calls of the FLAIR pass: 9.26-9.33 measured with the 2 mm models
-# (benchmarks/measure_pair_finish.py, benchmarks/results/pair_finish.json; 5.7-7.8 with whole-volume decodes)
-FINISH_CALLS = 9.3
-
-
 def step_costs(adapter: str, mode: str, render: str | None, guidance: float | None) -> tuple[float, float, float]:
     """Seconds of one network step of a joint pass (one pair), of a FLAIR pass (its network calls included) and of
     a pair's finishing (`FINISH_CALLS`), as measured on the rates' machine (`neuromf.estimates`): only their ratios
     matter to the time left, which follows the run's own pace; (1, calls, FINISH_CALLS) without a measured rate."""
-    from neuromf.estimates import measured_rates
+    from neuromf.estimates import FINISH_CALLS, measured_rates
+    from neuromf.generation.estimates import flair_calls_per_step
 
     calls = flair_calls_per_step(adapter, mode, render or "", guidance)
     rate = measured_rates().get("generation") or {}
@@ -162,6 +126,7 @@ def check_estimate(adapter: str | Path) -> Any:
     rate or for an unreadable adapter (the check itself reports that)."""
     from neuromf.estimates import generation_estimate
     from neuromf.generation.adapter_check import QUICK_CHECK_PAIRS, quick_sampling
+    from neuromf.generation.estimates import adapter_grid
 
     try:
         _, steps = quick_sampling(adapter)
@@ -292,7 +257,8 @@ class GenerateRun:
         """Record how this finished run's network steps kept to the measured rates (`neuromf.estimates`), so later
         estimates on this machine follow its pace; only a CPU run on the rates' grid, whose plan counts work in the
         rates' seconds. Returns the ratio recorded, or None."""
-        from neuromf.estimates import measured_rates
+        from neuromf.estimates import measured_rates, runs_on_cpu
+        from neuromf.generation.estimates import adapter_grid
 
         rate = measured_rates().get("generation") or {}
         grid = adapter_grid(self.adapter, self.mode)

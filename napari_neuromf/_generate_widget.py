@@ -186,6 +186,7 @@ class GenerateWidget(QWidget):
         for signal in (self.n.valueChanged, self.steps.valueChanged, self.mode.currentTextChanged,
                        self.render.edit.textChanged, self.adapter.edit.textChanged, self.guidance.valueChanged):
             signal.connect(self._estimate_timer.start)
+        self.lesion.changed.connect(lambda *_: self._estimate_timer.start())  # none: a pair places one first
         self.job = JobPanel("Stop within one network step (generating; the pairs done so far stay) or after the "
                             "current file (saving)")
         self.job.cancel_button.clicked.connect(self.cancel)
@@ -280,13 +281,12 @@ class GenerateWidget(QWidget):
 
     def time_estimate(self) -> Any:
         """The estimate of generating with the form's settings (`neuromf.estimates`), or None (no rate)."""
-        from neuromf.estimates import generation_estimate
+        from neuromf.generation.estimates import generation_run_estimate
 
         mode, adapter = self.mode.currentText(), self.adapter.text() or DEFAULT_ADAPTER
-        calls = _generate_run.flair_calls_per_step(adapter, mode, self.render.text(), chosen_guidance(self.guidance))
         pairs = 1 if mode == "inpaint" else self.n.value()  # inpainting puts one lesion into the scan
-        return generation_estimate(pairs, self.steps.value(), mode, render=bool(self.render.text()),
-                                   grid=_generate_run.adapter_grid(adapter, mode), flair_calls=calls)
+        return generation_run_estimate(adapter, mode, pairs, self.steps.value(), self.render.text() or None,
+                                       chosen_guidance(self.guidance), prior_lesions=self.lesion.value == PRIOR_LESION)
 
     def _show_estimate(self, *_: Any) -> None:
         if not _environment.environment_ready():  # the backend is imported in a worker first

@@ -110,17 +110,6 @@ class StopFlag(threading.Event):
             hook()
 
 
-def runs_on_cpu(device: str) -> bool:
-    """Whether a job given `device` ("auto", "cpu", "cuda:N") runs on the CPU here: "auto" without a GPU does; a
-    device this machine does not have counts as not (its job fails before it runs)."""
-    from neuromf.utils import resolve_device
-
-    try:
-        return resolve_device(device).type == "cpu"
-    except Exception:
-        return False
-
-
 def is_oom(err: BaseException) -> bool:
     try:
         import torch

@@ -238,19 +238,16 @@ class LoRAWidget(QWidget):
     def time_estimate(self, settings: dict[str, Any] | None = None) -> Any:
         """The estimate of training with the form's settings (`neuromf.estimates`), or None: no rate for the
         config, or the data folder cannot be read (the start reports why)."""
-        from neuromf.estimates import training_estimate
+        from neuromf.pipelines.estimates import training_run_estimate
 
         config = self.config.currentText()
         settings = dict(settings or self.settings())
         if settings.get("data.mask_strategy") == "auto":  # the time does not hang on which test result decides
             settings["data.mask_strategy"] = "downsample"
         try:
-            cfg = _training_run.build_lora_config(config, settings)
-            cases = _training_run.training_cases(cfg)
+            return training_run_estimate(config, _training_run.build_lora_config(config, settings))
         except Exception:  # a half-typed field or a missing folder: no estimate now, the start says what is wrong
             return None
-        steps = cfg.training.max_steps or cfg.training.max_epochs * -(-cases // cfg.training.batch_size)
-        return training_estimate(config, cases, steps, cfg.training.batch_size)
 
     def _show_estimate(self, *_: Any) -> None:
         if not _environment.environment_ready():  # the backend is imported in a worker first

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_neuromf import _state
-from napari_neuromf._jobs import Failure, Phase, StopFlag, describe_error, release_memory, runs_on_cpu, timestamp
+from napari_neuromf._jobs import Failure, Phase, StopFlag, describe_error, release_memory, timestamp
 from napari_neuromf._state import EMBEDDED
 
 NEW_RUN, RESUME, OVERWRITE = "New run", "Resume", "Overwrite"
@@ -87,16 +87,6 @@ def build_lora_config(config: str, settings: dict[str, Any]) -> Any:
     return cfg
 
 
-def training_cases(cfg: Any) -> int:
-    """How many FCD cases a run trains on (its data folder's split), each encoded into latents before the first
-    step: a file listing, cheap enough for the GUI thread."""
-    from neuromf.data.embedded import resolve_data_dir
-    from neuromf.io.bids import discover_cases
-
-    cases = discover_cases(resolve_data_dir(cfg.data.data_dir), group="fcd", split=cfg.data.split)
-    return len([case for case in cases if case.mask is not None])
-
-
 def loss_history(out_dir: Path) -> list[tuple[int, float]]:
     """The per-epoch raw losses a run folder logged (``losses.csv``, column ``raw``; ``loss`` in runs that did not
     log it): the earlier history of a resumed run."""
@@ -163,7 +153,7 @@ class TrainingRun:
         """Record how this run's steps kept to the measured rate of its config (`neuromf.estimates.record_pace`),
         so later estimates on this machine follow its pace; only a run on the CPU of a config with a rate. Returns
         the ratio recorded, or None."""
-        from neuromf.estimates import training_step_seconds
+        from neuromf.estimates import runs_on_cpu, training_step_seconds
 
         per_step = training_step_seconds(self.config, self.cfg.training.batch_size) if self.config else None
         if per_step is None or self.pace is None or not runs_on_cpu(self.cfg.training.device):

@@ -72,6 +72,7 @@ def current_convention(viewer: napari.Viewer) -> str | None:
 
 
 MARKERS_NAME = "orientation letters"
+GRID_LETTERS = "neuromf_grid_letters"  # metadata key of a grid viewbox's own letters (`add_letters`)
 MARKER_LETTERS = ("R", "L", "A", "P")
 # inside the volume's edge, as a fraction of its extent: on the field of view's margin (air in a head scan), so the
 # letters are on screen whenever the image is (a zoom that fits the image can cut off anything beyond it)
@@ -79,6 +80,19 @@ MARKER_MARGIN = 0.06
 LETTERS_DELAY_MS = 50  # the letters wait this long after the last volume of an opening: a turn of the event loop
 MARKER_MARGIN_PX = 20  # the letters' centres stay this far inside the visible canvas (text of 16 px, centred)
 CAMERA_FOLLOW_MS = 50  # at most one move of the letters per this many ms while the camera zooms or pans
+
+
+def add_letters(viewer: napari.Viewer, positions: np.ndarray, name: str = MARKERS_NAME, visible: bool = True,
+                grid_box: bool = False) -> Any:
+    """The letters R, L, A, P at ``positions`` (`marker_positions`) as a text-only Points layer, a view aid.
+    ``grid_box``: one viewbox's own letters in grid mode (the side-by-side window), placed by whoever made them
+    and left alone by the `ViewGuard` (which hides its single letters layer in grid mode); both follow the slice."""
+    markers = viewer.add_points(
+        positions, name=name, size=0.1, face_color="transparent", border_color="transparent", border_width=0,
+        features={"letter": list(MARKER_LETTERS)}, metadata={"neuromf_view_aid": True, GRID_LETTERS: grid_box},
+        text={"string": "{letter}", "size": 16, "color": "yellow", "anchor": "center"}, visible=visible)
+    markers.editable = False
+    return markers
 
 
 def is_view_aid(layer: Any) -> bool:
@@ -278,7 +292,7 @@ class ViewGuard:
 
     def _markers(self) -> Any:
         viewer = self.viewer
-        found = [layer for layer in viewer.layers if is_view_aid(layer)]
+        found = [layer for layer in viewer.layers if is_view_aid(layer) and not layer.metadata.get(GRID_LETTERS)]
         return found[0] if found else None
 
     def _place_markers(self, show: bool, add: bool) -> None:
@@ -305,12 +319,7 @@ class ViewGuard:
         if markers is None:
             # made hidden and shown a turn later: making the layer (its visual and controls) and its first draw
             # (vispy builds the text's shaders for each new layer) each cost ~0.1-0.15 s of GUI-thread work
-            markers = viewer.add_points(
-                positions, name=MARKERS_NAME, size=0.1, face_color="transparent", border_color="transparent",
-                border_width=0,
-                features={"letter": list(MARKER_LETTERS)}, metadata={"neuromf_view_aid": True},
-                text={"string": "{letter}", "size": 16, "color": "yellow", "anchor": "center"}, visible=False)
-            markers.editable = False
+            markers = add_letters(viewer, positions, visible=False)
             from qtpy.QtCore import QTimer
 
             QTimer.singleShot(LETTERS_DELAY_MS, self.refresh)
@@ -331,11 +340,12 @@ class ViewGuard:
             viewer.layers.remove(markers)
 
     def _follow_slice(self, *_: Any) -> None:
-        viewer, markers = self.viewer, None if self.viewer is None else self._markers()
-        if markers is not None and len(markers.data) and markers.data[0, 2] != viewer.dims.point[2]:
-            data = np.array(markers.data)
-            data[:, 2] = viewer.dims.point[2]
-            markers.data = data
+        viewer = self.viewer
+        for markers in [] if viewer is None else [layer for layer in viewer.layers if is_view_aid(layer)]:
+            if len(markers.data) and markers.data[0, 2] != viewer.dims.point[2]:  # text shows on its slice only
+                data = np.array(markers.data)
+                data[:, 2] = viewer.dims.point[2]
+                markers.data = data
 
 
 def same_grid(a: Any, b: Any) -> bool:

@@ -34,6 +34,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _own_user_folder(tmp_path, monkeypatch):
+    """No test reads or writes the user's own data folder: a command-line run records this machine's pace
+    (`machine_pace.json`) and later estimates read it."""
+    monkeypatch.setenv("NEUROMF_HOME", str(tmp_path / "neuromf_home"))
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)

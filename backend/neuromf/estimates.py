@@ -21,13 +21,14 @@ busy machine.
 
 Pace: a machine can run the same work slower or faster than the rates' machine (another CPU, more torch threads).
 A finished job records how long its work took here against what the rates said at the load it shared the machine
-with (`record_pace`, in `machine_pace.json` of the user data folder; that load measured from the CPU time the other
-processes used while it ran, `load_since`), and later estimates of that kind of job are multiplied by the median
-of this machine's last runs (`machine_pace`), saying so.
+with (`record_pace`, in `machine_pace.json` of the user data folder; that load the mean of the other threads
+runnable at its progress marks, `PaceClock.shared_load`), and later estimates of that kind of job are multiplied by
+the median of this machine's last runs (`machine_pace`), saying so.
 
 The load now (`current_load`) is the 1-minute load average, which lags: a job that ended half a minute ago still
-counts. On Linux the threads runnable at this instant cap it, so an estimate made right after a job is not
-lengthened by that job.
+counts. On Linux the threads runnable at this instant cap it (`runnable_now`), each counted by its share of a core
+beside ours (a thread niced to 19 counts 0.015), so an estimate made right after a job is not lengthened by that
+job, nor one made beside a niced background job by threads that yield the cores.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,10 @@ PACE_FILE_NAME = "machine_pace.json"  # in the user data folder (`neuromf.utils.
 PACE_RUNS = 5  # the pace is the median of this machine's last runs of a kind
 PACE_MIN_S = 10.0  # work the rates put under this many seconds is too short to time (loading and noise dominate)
 PACE_LIMITS = (0.25, 4.0)  # a pace outside is clipped: one odd run (a laptop asleep) must not rule the estimates
+# a pace is learnt from quiet runs only (fewer other runnable threads on average): beside another 2-thread torch job
+# a 2-thread job took 3.1x its idle time where fair sharing says 1.5x (docs/user_guide_walk.md), so a busy run's
+# ratio says more about the sharing than about this machine's speed, and the load now is scaled for separately
+PACE_QUIET_LOAD = 0.5
 
 
 @dataclass
@@ -82,13 +87,51 @@ def current_load() -> tuple[float, int]:
     return (load if runnable is None else min(load, runnable)), os.cpu_count() or 1
 
 
-def runnable_now(loadavg: Path = Path("/proc/loadavg")) -> float | None:
-    """Threads runnable on this machine at this instant, the caller's own left out (Linux `/proc/loadavg`, its
-    fourth field "runnable/total"); None elsewhere."""
+def runnable_now(loadavg: Path = Path("/proc/loadavg"), proc: Path = Path("/proc")) -> float | None:
+    """Threads of other processes runnable at this instant, each counted by its share of a core beside one of this
+    process's (the scheduler's weight for its nice value against ours: a thread niced to 19 beside one at 0 gets
+    ~1.5 % of a core and counts 0.015), from Linux's `/proc/*/task/*/stat`; where those cannot be read,
+    `/proc/loadavg`'s fourth field "runnable/total" less the caller; None elsewhere."""
+    weighted = _runnable_weighted(proc)
+    if weighted is not None:
+        return weighted
     try:
         return max(0.0, float(loadavg.read_text().split()[3].split("/")[0]) - 1.0)
     except (OSError, IndexError, ValueError):
         return None
+
+
+NICE_WEIGHT_STEP = 1.25  # Linux CFS: each nice level is ~10 % of CPU, a weight ratio of ~1.25 (sched_prio_to_weight)
+
+
+def _runnable_weighted(proc: Path) -> float | None:
+    """Other processes' runnable threads (state R) by CPU weight relative to this process's; None without
+    `/proc/<pid>/task/<tid>/stat` (not Linux, or a hidden /proc)."""
+    own = str(os.getpid())
+    try:
+        own_nice = os.nice(0) if proc == Path("/proc") else 0
+        pids = [entry for entry in os.listdir(proc) if entry.isdigit()]
+    except OSError:
+        return None
+    found, total = False, 0.0
+    for pid in pids:
+        if pid == own:
+            continue
+        try:
+            tasks = os.listdir(proc / pid / "task")
+        except OSError:  # the process ended meanwhile
+            continue
+        for task in tasks:
+            try:
+                fields = (proc / pid / "task" / task / "stat").read_text()
+                rest = fields[fields.rindex(")") + 2:].split()
+                state, nice = rest[0], int(rest[16])
+            except (OSError, ValueError, IndexError):
+                continue
+            found = True
+            if state == "R":
+                total += NICE_WEIGHT_STEP ** (own_nice - nice)
+    return total if found else None
 
 
 @dataclass(frozen=True)
@@ -128,27 +171,49 @@ def load_since(start: CpuSnapshot | None, fallback: tuple[float, int],
 class PaceClock:
     """What `record_pace` needs of a job, gathered while it runs: the load at its start (`load`, e.g.
     `current_load()`), then (clock, work done) at its first and latest progress (`mark`: the loading before the
-    first mark does not count) and a `CpuSnapshot` at the first, for the load the other processes added meanwhile."""
+    first mark does not count), a `CpuSnapshot` at the first, and the other threads runnable at each later mark
+    (`runnable_now`: between two steps, when the job's own threads are idle), for the load it shared the machine
+    with (`shared_load`)."""
 
     load: tuple[float, int] | None = None
     first: tuple[float, float] | None = None
     last: tuple[float, float] | None = None
     cpu_at_first: CpuSnapshot | None = None
+    runnable: list[float] = field(default_factory=list)
 
     def mark(self, clock: float, work_done: float) -> None:
         """The job reached `work_done` (any unit, counted from its start) at `clock` (`time.perf_counter`)."""
         self.last = (clock, float(work_done))
         if self.first is None:
             self.first, self.cpu_at_first = self.last, cpu_snapshot()
+            return
+        sampled = runnable_now()
+        if sampled is not None:
+            self.runnable.append(sampled)
+
+    def shared_load(self) -> tuple[float, int]:
+        """(load, cores) the job shared the machine with between its first and latest mark: the mean of the
+        runnable threads sampled at the marks, as `current_load` counts them before a job; without samples, the
+        other processes' busy cores (`load_since`). The busy cores alone undercount processes that wanted the
+        cores but did not get them: a walk beside a test run measured 0.68 of them (a quiet machine, by that
+        measure) and took 2.75x the rates' time."""
+        if self.runnable:
+            return float(np.mean(self.runnable)), os.cpu_count() or 1
+        return load_since(self.cpu_at_first, self.load or current_load())
 
     def record(self, part: str, seconds_per_unit: float) -> float | None:
         """`record_pace` of the work between the first and the latest mark, one unit of work taking
-        `seconds_per_unit` on the rates' idle machine; None before a start load and a mark."""
+        `seconds_per_unit` on the rates' idle machine; None before a start load and a mark, and for a job that
+        shared the machine (`PACE_QUIET_LOAD`)."""
         if self.load is None or self.first is None or self.last is None:
             return None
+        shared = self.shared_load()
+        if shared[0] >= PACE_QUIET_LOAD:
+            return None
         (start, first), (end, last) = self.first, self.last
-        return record_pace(part, (last - first) * seconds_per_unit, end - start,
-                           load_since(self.cpu_at_first, self.load))
+        busy = load_since(self.cpu_at_first, (float("nan"), 1))[0] if self.cpu_at_first is not None else None
+        return record_pace(part, (last - first) * seconds_per_unit, end - start, shared,
+                           others_busy=busy if busy is not None and np.isfinite(busy) else None)
 
 
 def slowdown(load: float, cores: int) -> float:
@@ -212,12 +277,13 @@ def machine_pace(part: str, path: Path | None = None) -> tuple[float, int] | Non
 
 
 def record_pace(part: str, rates_idle_s: float, taken_s: float, load: tuple[float, int],
-                path: Path | None = None) -> float | None:
+                path: Path | None = None, others_busy: float | None = None) -> float | None:
     """Record that work the rates put at `rates_idle_s` seconds on an idle machine took `taken_s` seconds here
-    while `load` ((load, cores): the other processes' busy cores while it ran, `load_since`) shared the cores;
-    returns the ratio recorded, None when the work was too short to time (`PACE_MIN_S`), a figure is not finite,
-    or the file cannot be written. The ratio is against the rates alone (not an earlier pace), so a pace does not
-    feed on itself."""
+    while `load` ((load, cores): the other threads runnable while it ran, `PaceClock.shared_load`) shared the
+    cores; `others_busy` (kept beside it for the record): the cores the other processes actually used meanwhile
+    (`load_since`). Returns the ratio recorded, None when the work was too short to time (`PACE_MIN_S`), a figure
+    is not finite, or the file cannot be written. The ratio is against the rates alone (not an earlier pace), so a
+    pace does not feed on itself."""
     expected = float(rates_idle_s) * slowdown(*load)
     if not (np.isfinite(expected) and np.isfinite(taken_s)) or rates_idle_s < PACE_MIN_S or taken_s <= 0:
         return None
@@ -227,6 +293,7 @@ def record_pace(part: str, rates_idle_s: float, taken_s: float, load: tuple[floa
     runs[part] = [*runs.get(part, [])[-(PACE_RUNS - 1):],
                   {"ratio": ratio, "expected_s": round(expected, 1), "taken_s": round(float(taken_s), 1),
                    "load": round(float(load[0]), 2), "cores": int(load[1]),
+                   **({} if others_busy is None else {"others_busy": round(float(others_busy), 2)}),
                    "when": time.strftime("%Y-%m-%dT%H:%M:%S")}]
     try:
         atomic_write_json(path, runs)
@@ -331,32 +398,55 @@ def training_estimate(config: str, cases: int, steps: int, batch_size: int, enco
                        f"{', '.join(parts)}; {machine(rates, 'training')}{note}", rates, "training", load)
 
 
+# a pair's work after its last network step (decoding its FLAIR with the VAE, in tiles, the scanner texture, its
+# lesion figures), in network calls of the FLAIR pass: 9.26-9.33 measured with the 2 mm models
+# (benchmarks/measure_pair_finish.py, benchmarks/results/pair_finish.json; 5.7-7.8 with whole-volume decodes)
+FINISH_CALLS = 9.3
+
+
 def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: bool = True, grid: Any | None = None,
                         rates: dict[str, Any] | None = None, flair_calls: int = 1,
-                        load: tuple[float, int] | None = None) -> Estimate | None:
+                        load: tuple[float, int] | None = None, flair_passes: int = 1) -> Estimate | None:
     """`pairs` pairs of `steps` network steps per pass: the joint pass (joint mode) and the FLAIR pass (rendered
-    joint pairs, conditional and inpaint modes), each at the measured per-step time of the shipped 2 mm adapters
-    (the joint pass at its own guidance; the FLAIR pass measured at one network call per step, times `flair_calls`:
-    2 under mask guidance, as the shipped conditional adapter's own), plus loading the models, at `load` (default:
-    now). None without a generation rate."""
+    joint pairs, conditional and inpaint modes; `flair_passes` of them: 2 for a conditional pair whose lesion is
+    drawn from the prior, placed on a lesion-free brain first), each at the measured per-step time of the shipped
+    2 mm adapters (the joint pass at its own guidance; the FLAIR pass measured at one network call per step, times
+    `flair_calls`: 2 under mask guidance, as the shipped conditional adapter's own), plus loading the models and
+    finishing each pair after the first (`FINISH_CALLS`: the measured one-pair run holds one finishing), at `load`
+    (default: now). None without a generation rate."""
     rates = measured_rates() if rates is None else rates
     rate = rates.get("generation")
     if not rate:
         return None
     joint, note = _scaled(rate["joint_per_step_s"], rate["grid"], grid)
-    flair, _ = _scaled(rate["render_per_step_s"], rate["grid"], grid)
-    flair *= flair_calls
+    flair_call, _ = _scaled(rate["render_per_step_s"], rate["grid"], grid)
+    flair = flair_call * flair_calls * (flair_passes if mode != "joint" else 1)
     per_pair = steps * ((joint if mode == "joint" else 0.0) + (flair if mode != "joint" or render else 0.0))
-    passes = "joint + FLAIR passes" if mode == "joint" and render else "joint pass" if mode == "joint" \
-        else "FLAIR pass"
+    if mode == "joint":
+        passes = "joint + FLAIR passes" if render else "joint pass"
+    else:
+        passes = "FLAIR pass" if flair_passes == 1 else f"{flair_passes} passes (the lesion placed first)"
     passes += " without mask guidance" if flair_calls == 1 else \
         f" with {flair_calls} network calls per FLAIR step (mask guidance)"
-    return _under_load(rate["load_s"] + pairs * per_pair,
+    finishing = max(0, pairs - 1) * FINISH_CALLS * flair_call
+    return _under_load(rate["load_s"] + pairs * per_pair + finishing,
                        f"{pairs} × {steps} steps, {passes}, {machine(rates, 'generation')}{note}", rates,
                        "generation", load)
 
 
-__all__ = ["PACE_FILE_NAME", "RATES_ENV", "RATES_FILE", "CpuSnapshot", "Estimate", "PaceClock", "cpu_snapshot",
-           "current_load", "format_duration", "generation_estimate", "load_since", "machine", "machine_pace",
-           "mask_test_estimate", "measured_rates", "pace_file", "rates_file", "record_pace", "runnable_now",
-           "slowdown", "training_estimate", "training_step_seconds"]
+def runs_on_cpu(device: str) -> bool:
+    """Whether a job given `device` ("auto", "cpu", "cuda:N") runs on the CPU here: "auto" without a GPU does; a
+    device this machine does not have counts as not (its job fails before it runs). The rates are CPU ones."""
+    from neuromf.utils import resolve_device
+
+    try:
+        return resolve_device(device).type == "cpu"
+    except Exception:
+        return False
+
+
+__all__ = ["FINISH_CALLS", "NICE_WEIGHT_STEP", "PACE_FILE_NAME", "PACE_QUIET_LOAD", "RATES_ENV", "RATES_FILE",
+           "CpuSnapshot", "Estimate", "PaceClock", "cpu_snapshot", "current_load", "format_duration",
+           "generation_estimate", "load_since", "machine", "machine_pace", "mask_test_estimate", "measured_rates",
+           "pace_file", "rates_file", "record_pace", "runnable_now", "runs_on_cpu", "slowdown", "training_estimate",
+           "training_step_seconds"]

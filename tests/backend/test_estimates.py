@@ -3,6 +3,8 @@ shipped rates file's shape."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from testkit import TEST_RATES as RATES
 
@@ -16,7 +18,7 @@ def _own_user_folder(tmp_path, monkeypatch):
 
 
 def test_estimates_multiply_the_measured_rates_and_name_the_machine():
-    from neuromf.estimates import generation_estimate, mask_test_estimate, training_estimate
+    from neuromf.estimates import FINISH_CALLS, generation_estimate, mask_test_estimate, training_estimate
 
     assert mask_test_estimate("vae_fine", 3, rates=RATES, load=AS_MEASURED).seconds == pytest.approx(2 + 3 * 20)
     assert mask_test_estimate("maisi", 3, rates=RATES, load=AS_MEASURED) is None  # no rate: no guess
@@ -25,10 +27,16 @@ def test_estimates_multiply_the_measured_rates_and_name_the_machine():
         10 + 60 + 100 * 4)
     assert training_estimate("joint_2mm", 10, 100, 8, encode=False, rates=RATES,
                              load=AS_MEASURED).seconds == pytest.approx(810)
-    # joint + FLAIR pass per pair; without a renderer the joint pass alone; conditional: the FLAIR pass alone
-    assert generation_estimate(2, 32, rates=RATES, load=AS_MEASURED).seconds == pytest.approx(5 + 2 * 32 * 6)
+    # joint + FLAIR pass per pair; without a renderer the joint pass alone; conditional: the FLAIR pass alone; the
+    # second pair's finishing (decoding, figures) on top: the measured one-pair run's load_s holds the first one's
+    finish = FINISH_CALLS * 2
+    assert generation_estimate(2, 32, rates=RATES, load=AS_MEASURED).seconds == pytest.approx(
+        5 + 2 * 32 * 6 + finish)
     assert generation_estimate(2, 32, render=False, rates=RATES, load=AS_MEASURED).seconds == pytest.approx(
-        5 + 2 * 32 * 4)
+        5 + 2 * 32 * 4 + finish)
+    # a conditional pair whose lesion comes from the prior: placed on a lesion-free brain first, two passes
+    placed = generation_estimate(1, 8, mode="conditional", rates=RATES, load=AS_MEASURED, flair_passes=2)
+    assert placed.seconds == pytest.approx(5 + 2 * 8 * 2) and "2 passes (the lesion placed first)" in placed.basis
     assert generation_estimate(1, 8, mode="conditional", rates=RATES, load=AS_MEASURED).seconds == pytest.approx(
         5 + 8 * 2)
     guided = generation_estimate(1, 8, mode="inpaint", rates=RATES, flair_calls=2, load=AS_MEASURED)
@@ -164,12 +172,12 @@ def test_the_load_now_is_capped_by_the_threads_runnable_at_this_instant(tmp_path
 
     from neuromf import estimates
 
-    loadavg = tmp_path / "loadavg"
+    loadavg, no_tasks = tmp_path / "loadavg", tmp_path / "no_proc"  # no task files: the loadavg count
     loadavg.write_text("2.40 2.10 1.90 2/345 6789\n")  # two runnable: the caller and one other
-    assert estimates.runnable_now(loadavg) == 1.0
-    assert estimates.runnable_now(tmp_path / "missing") is None
+    assert estimates.runnable_now(loadavg, no_tasks) == 1.0
+    assert estimates.runnable_now(tmp_path / "missing", no_tasks) is None
     loadavg.write_text("garbage\n")
-    assert estimates.runnable_now(loadavg) is None
+    assert estimates.runnable_now(loadavg, no_tasks) is None
     monkeypatch.setattr(os, "getloadavg", lambda: (2.4, 2.1, 1.9))
     monkeypatch.setattr(estimates, "runnable_now", lambda: 0.0)  # the job that made the average has ended
     assert estimates.current_load()[0] == 0.0
@@ -200,3 +208,142 @@ def test_the_load_a_job_shared_the_machine_with_leaves_its_own_threads_out(tmp_p
     real = cpu_snapshot()
     if real is not None:
         assert load_since(real, (9.0, 2))[0] >= 0.0
+
+
+def test_a_run_estimate_reads_the_adapters_grid_and_guidance_from_their_sidecars():
+    """The shipped 2 mm adapters: a 96³ grid (no scaling) and the renderer's own mask guidance 1.3, two network
+    calls per FLAIR step; a prior-drawn conditional lesion doubles the FLAIR work; an unreadable adapter falls back
+    to the plain rate rather than failing an estimate."""
+    from neuromf.estimates import generation_estimate, measured_rates
+    from neuromf.generation.estimates import adapter_grid, flair_calls_per_step, generation_run_estimate
+
+    assert adapter_grid("embedded", "joint") == adapter_grid("embedded", "conditional") == (96, 96, 96)
+    assert flair_calls_per_step("embedded", "joint", "embedded", None) == 2
+    assert flair_calls_per_step("embedded", "joint", "embedded", 1.0) == 1  # guidance 1: one call
+    assert flair_calls_per_step("embedded", "joint", None, None) == 1  # no renderer: no FLAIR pass to guide
+    assert flair_calls_per_step("/no/such/adapter", "conditional", None, None) == 1
+    assert adapter_grid("/no/such/adapter", "joint") is None
+    load = (0.0, 2)
+    joint = generation_run_estimate("embedded", "joint", 2, 32, "embedded", load=load)
+    assert joint.seconds == pytest.approx(generation_estimate(2, 32, "joint", True, (96, 96, 96), flair_calls=2,
+                                                              load=load).seconds)
+    given, drawn = (generation_run_estimate("embedded", "conditional", 1, 8, prior_lesions=prior, load=load)
+                    for prior in (False, True))
+    flair = measured_rates()["generation"]["render_per_step_s"] * 2 * 8  # guided: two calls per step
+    assert drawn.seconds - given.seconds == pytest.approx(flair * drawn.seconds / drawn.idle_seconds)
+
+
+def test_the_cli_says_the_expected_time_on_the_cpu_only(capsys, monkeypatch):
+    from neuromf import estimates
+    from neuromf.cli._common import say_expected_time
+
+    found = estimates.Estimate(120.0, "2 × 32 steps, measured on a test CPU")
+    say_expected_time(lambda: found, "cpu")
+    assert capsys.readouterr().err == f"Expected time: {found.describe()}\n"
+    say_expected_time(lambda: None, "cpu")  # no rate: nothing rather than a guess
+    monkeypatch.setattr(estimates, "runs_on_cpu", lambda device: False)  # a GPU: the rates are CPU ones
+    say_expected_time(lambda: found, "cuda")
+    assert capsys.readouterr().err == ""
+
+
+def test_the_cli_mask_test_says_its_time_first_and_records_this_machines_pace(tmp_path, monkeypatch, capsys,
+                                                                              phantom_dir):
+    """`neuromf mask-test` with a shipped VAE on the CPU: the expected time before the first case, and after the
+    test the pace of its cases after the first against the rate (here a made-up, slower machine's: 10 s a case
+    for the shipped 3 mm VAE), so the next estimate follows this machine."""
+    import json
+
+    from neuromf.cli import main
+    from neuromf.estimates import RATES_ENV, machine_pace, pace_file
+
+    (tmp_path / "rates.json").write_text(json.dumps(RATES))
+    monkeypatch.setenv(RATES_ENV, str(tmp_path / "rates.json"))
+    monkeypatch.setattr("neuromf.estimates.runnable_now", lambda: 0.0)  # a quiet machine, whatever runs beside
+    assert main(["mask-test", "--data", str(phantom_dir), "--vae", "embedded-3mm", "--max-cases", "2", "--device",
+                 "cpu", "--out", str(tmp_path / "mask_test.json")]) == 0
+    err = capsys.readouterr().err
+    said = err.index("Expected time: about ")
+    assert "2 cases × 10 s" in err[said:] and said < err.index("mask-test: ")  # before the bar starts
+    runs = json.loads(pace_file().read_text())["mask_test"]
+    assert len(runs) == 1 and runs[0]["taken_s"] > 0 and runs[0]["expected_s"] >= 10.0
+    assert machine_pace("mask_test")[1] == 1
+    assert machine_pace("generation") is None and machine_pace("training") is None
+
+
+def test_a_cli_training_of_a_packaged_config_says_its_time_and_keeps_a_pace_clock(capsys, tmp_path, monkeypatch):
+    """`train-joint --config joint_3mm` on the CPU: the expected time of a fresh run (its cases listed from the
+    shipped 3 mm data), and a PaceClock at the config's seconds per step; a resumed run says no total; a config
+    file of one's own has no rate: neither."""
+    import json
+    from argparse import Namespace
+
+    from neuromf.cli.train import _pace_clock
+    from neuromf.config import load_config
+    from neuromf.estimates import RATES_ENV, PaceClock
+    from neuromf.pipelines.estimates import training_run_estimate
+
+    (tmp_path / "rates.json").write_text(json.dumps(RATES))
+    monkeypatch.setenv(RATES_ENV, str(tmp_path / "rates.json"))
+    cfg = load_config("joint_3mm", {"training.device": "cpu", "training.batch_size": 4})
+    clock, per_step = _pace_clock(Namespace(config="joint_3mm", resume=False), cfg)
+    assert isinstance(clock, PaceClock) and clock.load is not None and per_step == pytest.approx(4.0 * 4 / 8)
+    expected = training_run_estimate("joint_3mm", cfg)
+    assert capsys.readouterr().err.startswith("Expected time: about ") and "encoding" in expected.basis
+    assert _pace_clock(Namespace(config="joint_3mm", resume=True), cfg) is not None
+    assert capsys.readouterr().err == ""  # resumed: the bar's own pace says the time left
+    (tmp_path / "mine.yaml").write_text("{}")
+    assert _pace_clock(Namespace(config=str(tmp_path / "mine.yaml"), resume=False), cfg) is None
+    assert capsys.readouterr().err == ""
+
+
+def test_runnable_threads_count_by_their_share_of_a_core(tmp_path):
+    """A fake /proc: other processes' runnable threads count by their CFS weight against ours (nice 0: 1, nice 19:
+    1.25^-19), sleeping ones and this process's own not at all, unreadable entries are skipped."""
+    import os
+
+    from neuromf.estimates import NICE_WEIGHT_STEP, runnable_now
+
+    def task(pid: int, tid: int, state: str, nice: int, comm: str = "python") -> None:
+        folder = tmp_path / str(pid) / "task" / str(tid)
+        folder.mkdir(parents=True)
+        # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime
+        # priority nice ...
+        (folder / "stat").write_text(f"{tid} ({comm}) {state} 1 1 1 0 -1 0 0 0 0 0 5 5 0 0 {20 + nice} {nice} 1 0\n")
+
+    task(100, 100, "R", 0)
+    task(100, 101, "R", 0, comm="a (weird) name")  # a name with spaces and parentheses
+    task(200, 200, "R", 19)  # a niced benchmark
+    task(200, 201, "S", 0)  # sleeping: not competing
+    task(os.getpid(), os.getpid(), "R", 0)  # this process: its own threads are the job
+    (tmp_path / "300" / "task" / "300").mkdir(parents=True)  # ended while being read: no stat file
+    (tmp_path / "self").mkdir()  # not a process folder
+    assert runnable_now(tmp_path / "no_loadavg", tmp_path) == pytest.approx(2 + NICE_WEIGHT_STEP ** -19)
+    assert NICE_WEIGHT_STEP ** -19 < 0.02  # a nice-19 thread barely slows a job at nice 0
+
+
+def test_a_pace_is_learnt_from_quiet_runs_only(monkeypatch):
+    """The load a finished job shared the machine with is the mean of the other threads runnable at its marks
+    (after the first), not the CPU time the others got (a job that took the cores from waiting threads was still
+    slowed by them); a run that shared the machine (`PACE_QUIET_LOAD` or more) records no pace: its time says more
+    about the sharing than about this machine's speed."""
+    from neuromf import estimates
+    from neuromf.estimates import PACE_QUIET_LOAD, PaceClock, machine_pace
+
+    monkeypatch.setattr(estimates, "cpu_snapshot", lambda: None)
+
+    def run(samples: list[float]) -> PaceClock:
+        sampled = iter(samples)
+        monkeypatch.setattr(estimates, "runnable_now", lambda: next(sampled))
+        clock = PaceClock((0.0, 2))
+        for second, done in ((0.0, 0), (20.0, 1), (40.0, 2), (60.0, 3)):  # 3 units in 60 s
+            clock.mark(second, done)
+        return clock
+
+    busy = run([3.0, 3.0, 1.0])
+    assert busy.runnable == [3.0, 3.0, 1.0] and busy.shared_load() == (pytest.approx(7 / 3), os.cpu_count() or 1)
+    assert busy.record("generation", 10.0) is None and machine_pace("generation") is None
+    assert run([0.6, 0.4, 0.6]).record("generation", 10.0) is None  # 0.53 on average: still shared
+    quiet = run([0.0, 0.3, 0.0])
+    assert quiet.shared_load()[0] == pytest.approx(0.1) and 0.1 < PACE_QUIET_LOAD
+    assert quiet.record("generation", 10.0) == pytest.approx(2.0)  # 30 s of rated work in 60 s, no slowdown
+    assert machine_pace("generation") == (pytest.approx(2.0), 1)

@@ -388,6 +388,7 @@ def test_site_conditioned_joint_adapter_trains_saves_its_sites_and_generates_at_
     out = tmp_path / "gen"
     assert cli(["generate", "--adapter", str(result.export), "--n", "2", "--steps", "2", "--sampler", "euler",
                 "--seed", "5", "--device", "cpu", "--out", str(out)]) == 0
+    assert "Expected time: about " in capsys.readouterr().err  # said before the run starts, on the CPU
     sites = [json.loads((out / f"sample_{i:03d}.json").read_text())["site_voxel"] for i in range(2)]
     np.testing.assert_allclose(sites, draw_sites(prior, 2, seed=5).numpy(), atol=0.05)
     # a given site (--site, used in turn) instead of a drawn one; off the grid or without site conditioning: refused

@@ -128,6 +128,7 @@ def test_a_training_run_on_the_cpu_records_this_machines_pace(monkeypatch):
     monkeypatch.setattr(_training_run, "time", clock)
     # the others' load while it ran: none (measured from /proc/stat it would follow this machine's other jobs)
     monkeypatch.setattr("neuromf.estimates.cpu_snapshot", lambda: None)
+    monkeypatch.setattr("neuromf.estimates.runnable_now", lambda: 0.0)  # and no other thread runnable: quiet
     cfg = _training_run.build_lora_config("joint_2mm", {"data.mask_strategy": "downsample"})  # device "auto"
     per_step = training_step_seconds("joint_2mm", cfg.training.batch_size)
 

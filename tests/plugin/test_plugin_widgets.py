@@ -816,17 +816,18 @@ def test_generated_pair_side_by_side_with_a_real_case_shares_the_slice(make_napa
         add_layer(viewer, layer_tuple)
     assert list(widget.real_case.choices) == [viewer.layers["sub-00001 FLAIR"]]  # no generated FLAIR offered
     widget.real_case.value = viewer.layers["sub-00001 FLAIR"]
-    widget.new_viewer = lambda **kwargs: make_napari_viewer(**kwargs)
+    widget.new_viewer = lambda **kwargs: make_napari_viewer(show=True, **kwargs)  # shown: its letters are drawn
     worker = widget.compare()
     qtbot.waitUntil(lambda: widget.compare_viewer is not None, timeout=60_000)
     assert worker is not None
     other = widget.compare_viewer
     names = [layer.name for layer in other.layers]
-    assert names == ["sub-00001 FLAIR (model grid)", "sub-00001 lesion (model grid)", "gen_000 FLAIR",
-                     "gen_000 lesion"]
+    assert names == ["sub-00001 FLAIR (model grid)", "sub-00001 lesion (model grid)", "orientation letters (real)",
+                     "gen_000 FLAIR", "gen_000 lesion", "orientation letters (generated)"]
     assert other.canvas.grid.enabled and other.canvas.grid.actual_shape(other.layers) == (1, 2)
-    assert [other.canvas.grid.position(i, other.layers) for i in range(4)] == [(0, 0), (0, 0), (0, 1), (0, 1)]
-    real, real_lesion, gen, gen_lesion = other.layers
+    assert [other.canvas.grid.position(i, other.layers) for i in range(6)] == [(0, 0)] * 3 + [(0, 1)] * 3
+    real, real_lesion, real_letters, gen, gen_lesion, gen_letters = other.layers
+    assert other.layers.selection.active is gen  # the letters are a view aid: not what a click should act on
     # the real case exactly as training sees it, on the pair's grid and world placement
     prep = model_grid_of(image.metadata["neuromf"], {"shape": image.data.shape, "scale": image.scale})
     expected_image, expected_mask = preprocess_pair(image_path, mask_path, prep)
@@ -847,7 +848,20 @@ def test_generated_pair_side_by_side_with_a_real_case_shares_the_slice(make_napa
         other.dims.set_point(2, float(gen.data_to_world((0, 0, k))[2]))
         qtbot.waitUntil(lambda k=k: shown(k), timeout=5000)
         assert not np.array_equal(real.data[:, :, k], real.data[:, :, int(lesion_slice)])  # a different slice
-    assert "radiological" in other.canvas.overlays.text.text  # one orientation caption, no letters layer
+    assert "radiological" in other.canvas.overlays.text.text  # one orientation caption for both views
+    # each view its own letters, on the slice shown, R on screen left of L and A above P (radiological), inside
+    # its own half of the canvas
+    other.reset_view()
+    qtbot.wait(50)
+    for letters, half in ((real_letters, 0), (gen_letters, 1)):
+        assert letters.visible and np.allclose(np.asarray(letters.data)[:, 2], other.dims.point[2])
+        node = other.window._qt_viewer.canvas.layer_to_visual[letters].node
+        points = np.asarray(letters.data)[:, list(other.dims.displayed)][:, ::-1]  # (horizontal, vertical)
+        at = dict(zip(letters.features["letter"], node.get_transform("visual", "canvas").map(points)[:, :2],
+                      strict=True))
+        assert at["R"][0] < at["L"][0] and at["A"][1] < at["P"][1]
+        width = other.canvas.size[1]
+        assert all(half * width / 2 <= x <= (half + 1) * width / 2 for x, _ in at.values())
 
 
 def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_path, monkeypatch):
@@ -866,9 +880,16 @@ def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_pa
     from napari_neuromf._generate_widget import DEFAULT_ADAPTER, GenerateWidget
     from napari_neuromf._lora_widget import LoRAWidget
     from napari_neuromf._mask_test_widget import MaskTestWidget
-    from napari_neuromf._training_run import build_lora_config, training_cases
+    from napari_neuromf._training_run import build_lora_config
     from neuromf import estimates
-    from neuromf.estimates import generation_estimate, mask_test_estimate, measured_rates, training_estimate
+    from neuromf.estimates import (
+        FINISH_CALLS,
+        generation_estimate,
+        mask_test_estimate,
+        measured_rates,
+        training_estimate,
+    )
+    from neuromf.pipelines.estimates import training_cases
     from neuromf.weights import EMBEDDED_MODELS
 
     assert measured_rates() == TEST_RATES
@@ -882,8 +903,10 @@ def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_pa
     generate.n.setValue(2)
     two = generation_estimate(2, 32, "joint", render=True, grid=(96, 96, 96), flair_calls=2)
     qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {two.describe()}", timeout=5000)
-    load = measured_rates()["generation"]["load_s"] * 3 / 2  # the models' loading at load 5 (measured at 3)
-    assert two.seconds - load == pytest.approx(2 * (one.seconds - load))
+    rate = measured_rates()["generation"]
+    load = rate["load_s"] * 3 / 2  # the models' loading (and one pair's finishing) at load 5 (measured at 3)
+    finishing = FINISH_CALLS * rate["render_per_step_s"] * 3 / 2  # the second pair's decoding and figures
+    assert two.seconds - load - finishing == pytest.approx(2 * (one.seconds - load))
     generate.mode.setCurrentText("inpaint")  # one lesion; the shipped adapter inpaints at its guidance 1.3
     inpaint = generation_estimate(1, 8, "inpaint", grid=(96, 96, 96), flair_calls=2)
     qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {inpaint.describe()}", timeout=5000)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Generator
 from pathlib import Path
 from threading import Event
+from typing import Any
 
 import yaml
 
@@ -68,12 +69,15 @@ def unweighted(event) -> dict[str, str]:
     return {} if raw is None else {"lp": f"{raw:.4g}"}
 
 
-def drive(events: Generator, desc: str):
+def drive(events: Generator, desc: str, pace: Any = None):
     """Run a training generator with a tqdm bar; returns its TrainResult.
 
     The bar starts with the first training event: the "encoding" events before it are already shown by the
-    pipeline's own encoding bar (`progress=True`), so the terminal never shows two bars at once.
+    pipeline's own encoding bar (`progress=True`), so the terminal never shows two bars at once. `pace`: a
+    `neuromf.estimates.PaceClock` marked at every step, for this machine's recorded pace.
     """
+    import time
+
     from tqdm.auto import tqdm
 
     from neuromf.train import run_to_end
@@ -90,6 +94,8 @@ def drive(events: Generator, desc: str):
             bar.total = event.total_steps
         bar.n = event.step
         if event.kind == "step":
+            if pace is not None:
+                pace.mark(time.perf_counter(), int(event.step))
             bar.set_postfix(**unweighted(event), loss=f"{event.loss:.4g}", lr=f"{event.lr:.2g}", refresh=False)
         elif event.kind in ("skipped", "stopped"):
             tqdm.write(event.message)
@@ -153,3 +159,25 @@ def add_base_checkpoint_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base_checkpoint", "--base-checkpoint", dest="base_checkpoint", default="embedded",
                    help="stage-1 model folder / model.safetensors, 'embedded' (2 mm) or 'embedded-3mm' (for the "
                         "*_3mm configs)")
+
+
+def expected_time(estimate: Callable[[], Any], device: str | None) -> str | None:
+    """`Expected time: about ...` of a long job on the CPU (`neuromf.estimates`: the measured rates scaled by the
+    load now and this machine's recorded pace), for a user to decide before waiting; None on a GPU (the rates are
+    CPU ones), where no rate covers the job, or where the estimate fails (the job itself says what is wrong)."""
+    from neuromf.estimates import runs_on_cpu
+
+    if not runs_on_cpu(device or "auto"):
+        return None
+    try:
+        found = estimate()
+    except Exception:  # e.g. a data folder that is not there: the job reports it, not the estimate
+        return None
+    return f"Expected time: {found.describe()}" if found else None
+
+
+def say_expected_time(estimate: Callable[[], Any], device: str | None) -> None:
+    """Print `expected_time` on stderr now (before a job's own progress bar)."""
+    line = expected_time(estimate, device)
+    if line:
+        print(line, file=sys.stderr, flush=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
-from neuromf.cli._common import GRID_SHAPE, SEED, STAGE_DIR, VOXEL_MM, AddCommand, number
+from neuromf.cli._common import GRID_SHAPE, SEED, STAGE_DIR, VOXEL_MM, AddCommand, number, say_expected_time
 
 
 def cmd_make_phantoms(args) -> int:
@@ -60,10 +61,12 @@ def cmd_mask_test(args) -> int:
 
     from neuromf.data.embedded import resolve_data_dir
     from neuromf.data.latents import make_cache
+    from neuromf.estimates import PaceClock, current_load, mask_test_estimate, measured_rates, runs_on_cpu
     from neuromf.eval.mask_test import mask_vae_test, model_grid, save_mask_test
     from neuromf.io.bids import discover_cases
     from neuromf.utils import default_cache_dir, ensure_writable
     from neuromf.vae import MAISIVAEWrapper
+    from neuromf.weights import EMBEDDED_MODELS
 
     ensure_writable(Path(args.out), file=True)  # before the VAE round trips, not after them
     skipped: list[dict] = []  # broken subjects (ROI without FLAIR, 2D image) are skipped, not an abort
@@ -72,10 +75,24 @@ def cmd_mask_test(args) -> int:
         cases = [c for c in cases if c.mask is not None][:args.max_cases]
     vae = MAISIVAEWrapper.resolve(args.vae, preset=args.vae_preset, device=args.device)
     prep = model_grid(vae, args.shape, args.spacing)
+    shipped = EMBEDDED_MODELS["vae"].get(str(args.vae))  # the rates cover the shipped VAEs
+    tested = len([case for case in cases if case.mask is not None])
+    say_expected_time(lambda: shipped and mask_test_estimate(shipped, tested, prep.shape), args.device)
     # the shared latent cache (keyed by content, VAE and grid): a training run on these cases reuses the encodings
     cache = make_cache(default_cache_dir(), vae, prep)
+    rate = (measured_rates().get("mask_test") or {}).get(shipped or "")
+    pace = PaceClock(current_load()) if rate and runs_on_cpu(args.device) and list(prep.shape) == rate["grid"] \
+        else None
+
+    def on_case(row: dict) -> None:
+        bar.update(1)
+        if pace is not None:
+            pace.mark(time.perf_counter(), bar.n)
+
     with tqdm(total=len(cases), desc="mask-test", unit="case") as bar:
-        result = mask_vae_test(args.data, vae, prep, cases=cases, on_case=lambda row: bar.update(1), cache=cache)
+        result = mask_vae_test(args.data, vae, prep, cases=cases, on_case=on_case, cache=cache)
+    if pace is not None:  # this machine's pace, for later estimates (the cases after the first: warm-up aside)
+        pace.record("mask_test", rate["per_case_s"])
     result["skipped"] = [r for r in skipped if r["group"] != "hc"] + result.get("skipped", [])
     for row in result["skipped"]:
         print(f"skipped {row['id']}: {'; '.join(row['problems'])}", file=sys.stderr)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from neuromf.cli._common import COUNT, SCALE, SEED, STEPS, AddCommand, number
+from neuromf.cli._common import COUNT, SCALE, SEED, STEPS, AddCommand, expected_time, number
 from neuromf.config import SAMPLERS
 
 
@@ -49,15 +50,23 @@ def cmd_generate(args) -> int:
         raise SystemExit("generate: --joint-guidance guides a joint adapter's masks (--mode joint)")
     if args.mask_draws is not None and mode != "joint":
         raise SystemExit("generate: --mask-draws re-draws a joint adapter's small masks (--mode joint)")
+    expected = None
+    if mode != "base":
+        from neuromf.generation.estimates import generation_run_estimate
+
+        pairs = len(args.mask) if args.mask else args.n
+        expected = expected_time(lambda: generation_run_estimate(args.adapter, mode, pairs, args.steps, args.render,
+                                                                 args.guidance, prior_lesions=not args.mask),
+                                 args.device)
     from neuromf.train.run_dir import output_folder
 
     with output_folder(Path(args.out), _run_identity(args, mode), overwrite=args.overwrite) as record:
         if mode == "conditional":
-            paths = _generate_conditional(args)
+            paths = _generate_conditional(args, expected)
         elif mode == "joint":
             from neuromf.generation.joint import MASK_DRAWS, write_generated_pairs
 
-            with step_bar("joint pairs") as on_step:
+            with step_bar("joint pairs", expected) as on_step:
                 paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed,
                                               args.device, args.sampler, args.render, args.guidance,
                                               args.joint_guidance, args.site, on_step, texture=args.texture,
@@ -101,8 +110,9 @@ def _run_identity(args, mode: str) -> dict:
                if args.mask_source == "joint" else {})}
 
 
-def _generate_conditional(args) -> list[Path]:
-    """FLAIRs for `--mask` files (on each mask's own model-grid window) or for masks drawn from the prior."""
+def _generate_conditional(args, expected: str | None = None) -> list[Path]:
+    """FLAIRs for `--mask` files (on each mask's own model-grid window) or for masks drawn from the prior;
+    `expected`: the run's expected time, said at its first network step."""
     from neuromf.generation.conditional import write_conditional_pairs
     from neuromf.io.nifti import preprocess_mask
     from neuromf.models.adapter_meta import adapter_meta
@@ -112,21 +122,25 @@ def _generate_conditional(args) -> list[Path]:
         prep = adapter_meta(args.adapter, "conditional").prep
         volumes = [preprocess_mask(path, prep, args.image) for path in args.mask]
         masks, affines = [v.data[0].numpy() for v in volumes], [v.affine for v in volumes]
-    with step_bar("conditional pairs") as on_step:
+    with step_bar("conditional pairs", expected) as on_step:
         return write_conditional_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
                                        masks, affines, args.sampler, args.guidance, on_step, texture=args.texture)
 
 
 @contextlib.contextmanager
-def step_bar(what: str) -> Iterator[Callable[[int, int], None]]:
+def step_bar(what: str, expected: str | None = None) -> Iterator[Callable[[int, int], None]]:
     """A tqdm bar of network steps for `on_step(i, n)`: it restarts at each sampling pass (a joint batch, a
-    rendered FLAIR, a conditional placement pass), so a long 2 mm pass shows progress step by step."""
+    rendered FLAIR, a conditional placement pass), so a long 2 mm pass shows progress step by step. `expected`
+    (the run's expected time) is said at the first network step: once the inputs are accepted and the models
+    loaded, so that a refused input prints its error alone."""
     from tqdm import tqdm
 
     bar = tqdm(desc=f"{what}: network steps", unit="step", dynamic_ncols=True)
     passes = [0]
 
     def on_step(i: int, n: int) -> None:
+        if expected and not passes[0]:
+            tqdm.write(expected, file=sys.stderr)
         if i == 1:
             passes[0] += 1
             bar.reset(total=n)
@@ -160,6 +174,12 @@ def _generate_inpainted(args) -> int:
         raise SystemExit("generate: --mask-source joint draws the masks; leave out --mask")
     ensure_writable(Path(args.out))
     adapter = args.adapter or "embedded"
+    expected = None
+    if not joint:  # (the joint model's mask passes have no rate of their own: no estimate then)
+        from neuromf.generation.estimates import generation_run_estimate
+
+        expected = expected_time(lambda: generation_run_estimate(adapter, "inpaint", len(args.mask or []) or args.n,
+                                                                 args.steps, guidance=args.guidance), args.device)
     cond = load_conditional_model(adapter, args.device)
     source = {}
     if joint:
@@ -175,6 +195,8 @@ def _generate_inpainted(args) -> int:
 
     def on_step(i: int, n: int) -> None:
         if not bars:
+            if expected:  # said once the inputs are accepted: a refused one prints its error alone
+                tqdm.write(expected, file=sys.stderr)
             bars["lesions"] = tqdm(total=len(masks), desc="inpainting", unit="lesion", dynamic_ncols=True)
             bars["calls"] = tqdm(desc="network calls", unit="call", dynamic_ncols=True, leave=False)
         bars["calls"].total, bars["calls"].n = n, i

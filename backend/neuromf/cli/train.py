@@ -13,7 +13,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from neuromf.cli._common import AddCommand, add_base_checkpoint_flag, add_train_flags, drive, load_cfg, stop_on_sigint
+from neuromf.cli._common import (
+    AddCommand,
+    add_base_checkpoint_flag,
+    add_train_flags,
+    drive,
+    load_cfg,
+    say_expected_time,
+    stop_on_sigint,
+)
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
@@ -53,14 +61,35 @@ def _run(args, train_fn: Callable, name: str, *positional: Any, **keywords: Any)
         dist.init(cfg.training.device, cfg.training.dist_timeout_s)
         main = dist.is_main()
         stop = stop_on_sigint() if dist.env_world_size() <= 1 else dist.stop_on_signals()
+        pace = _pace_clock(args, cfg) if main and dist.env_world_size() <= 1 else None
         events = train_fn(cfg, *positional, resume=args.resume, overwrite=args.overwrite, stop=stop,
                           progress=main, **keywords)
-        return drive(events, name) if main else run_to_end(events)
+        if not main:
+            return run_to_end(events)
+        result = drive(events, name, pace and pace[0])
+        if pace is not None and not result.stopped:
+            pace[0].record("training", pace[1])
+        return result
     except Exception as err:
         dist.report_failure(err)
         raise
     finally:
         dist.cleanup()
+
+
+def _pace_clock(args, cfg) -> tuple[Any, float] | None:
+    """Before a one-process CPU run of a packaged config with a measured rate: its expected time (fresh runs), and a
+    `PaceClock` with the rate's seconds per step, so the finished run records this machine's pace for later
+    estimates (`neuromf.estimates`); None otherwise."""
+    from neuromf.estimates import PaceClock, current_load, runs_on_cpu, training_step_seconds
+    from neuromf.pipelines.estimates import training_run_estimate
+
+    if not runs_on_cpu(cfg.training.device):
+        return None
+    if not args.resume:
+        say_expected_time(lambda: training_run_estimate(args.config, cfg), cfg.training.device)
+    per_step = training_step_seconds(args.config, cfg.training.batch_size)
+    return None if per_step is None else (PaceClock(current_load()), per_step)
 
 
 def cmd_train_vae(args) -> int:

@@ -1,0 +1,52 @@
+"""How long a generation run should take, from its settings as `neuromf generate` and the Generate dock take
+them: `neuromf.estimates.generation_estimate` with the adapters' grid and network calls per FLAIR step read from
+their sidecars (here, above `models`, where the sidecars are understood)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from neuromf.estimates import Estimate, generation_estimate
+
+
+def adapter_grid(adapter: str | Path, mode: str) -> tuple[int, ...] | None:
+    """The model grid (voxels per axis) an adapter draws on, read from its sidecar; None when it cannot be read
+    (a half-typed field, a missing adapter: the run itself reports it)."""
+    from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
+
+    try:
+        return tuple(AdapterMeta.load(resolve_adapter_dir(adapter, "joint" if mode == "joint" else
+                                                          "conditional")).prep.shape)
+    except Exception:  # any unreadable or half-typed adapter: no grid, no scaling
+        return None
+
+
+def flair_calls_per_step(adapter: str | Path, mode: str, render: str | Path | None, guidance: float | None) -> int:
+    """Network calls per step of a run's FLAIR pass: 2 under mask guidance (the given one, else the conditional
+    adapter's own: its inpainting guidance in the inpaint mode), else 1; 1 when the sidecar cannot be read."""
+    from neuromf.generation.inpaint import network_calls_per_run
+    from neuromf.models.adapter_meta import AdapterMeta, resolve_adapter_dir
+
+    conditional = render if mode == "joint" else adapter
+    if not conditional:
+        return 1
+    try:
+        meta = AdapterMeta.load(resolve_adapter_dir(conditional, "conditional"))
+    except Exception:  # any unreadable or half-typed adapter: the plain rate
+        return 1
+    scale = meta.inpaint_guidance_scale(guidance) if mode == "inpaint" else meta.guidance_scale(guidance)
+    return network_calls_per_run(1, scale)
+
+
+def generation_run_estimate(adapter: str | Path, mode: str, pairs: int, steps: int, render: str | Path | None = None,
+                            guidance: float | None = None, prior_lesions: bool = False,
+                            load: tuple[float, int] | None = None) -> Estimate | None:
+    """`generation_estimate` of a run with these settings, as `generate` and the Generate widget take them: the
+    adapter's grid and its FLAIR pass's network calls read from the sidecars (`render`: the conditional adapter of
+    a rendered joint run); `prior_lesions`: conditional pairs whose lesions are drawn from the prior (two passes)."""
+    return generation_estimate(pairs, steps, mode, render=bool(render), grid=adapter_grid(adapter, mode),
+                               flair_calls=flair_calls_per_step(adapter, mode, render, guidance), load=load,
+                               flair_passes=2 if mode == "conditional" and prior_lesions else 1)
+
+
+__all__ = ["adapter_grid", "flair_calls_per_step", "generation_run_estimate"]
