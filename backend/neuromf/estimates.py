@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -240,7 +241,26 @@ def _under_load(seconds: float, basis: str, rates: dict[str, Any], part: str,
         idle *= pace[0]
         basis += f"; ×{pace[0]:.2f}, this machine's pace in its last {pace[1]} run{'s' if pace[1] != 1 else ''}"
     note = f"×{factor:.1f} at load {load_now:.1f} on {cores} core{'s' if cores != 1 else ''} now" if factor > 1 else ""
+    threads = torch_threads()
+    if note and threads > 1 and load_now + threads > cores:
+        # fair sharing models a one-thread job: several threads on too few cores wait on each other at every step
+        # (the default pair beside a second 2-thread job: 171-188 s with 2 threads, 111-117 s with 1, 2 min said)
+        note += (f"; with {threads} torch threads beside other jobs it can take up to {OVERSUBSCRIBED:.1f}x longer"
+                 f" (OMP_NUM_THREADS=1 avoids it)")
     return Estimate(idle * factor, basis, idle, note)
+
+
+OVERSUBSCRIBED = 1.6  # measured: 2 torch threads vs 1 beside a second 2-thread job on 2 cores (docs/user_guide_walk.md)
+
+
+def torch_threads() -> int:
+    """The torch threads a job of this process would use; 1 when torch is not imported yet (the widgets estimate
+    on the GUI thread only once the backend is loaded; the command line imports torch before its jobs)."""
+    torch = sys.modules.get("torch")
+    try:
+        return int(torch.get_num_threads()) if torch is not None else 1
+    except Exception:
+        return 1
 
 
 def pace_file() -> Path:
@@ -445,8 +465,8 @@ def runs_on_cpu(device: str) -> bool:
         return False
 
 
-__all__ = ["FINISH_CALLS", "NICE_WEIGHT_STEP", "PACE_FILE_NAME", "PACE_QUIET_LOAD", "RATES_ENV", "RATES_FILE",
-           "CpuSnapshot", "Estimate", "PaceClock", "cpu_snapshot", "current_load", "format_duration",
+__all__ = ["FINISH_CALLS", "NICE_WEIGHT_STEP", "OVERSUBSCRIBED", "PACE_FILE_NAME", "PACE_QUIET_LOAD", "RATES_ENV",
+           "RATES_FILE", "CpuSnapshot", "Estimate", "PaceClock", "cpu_snapshot", "current_load", "format_duration",
            "generation_estimate", "load_since", "machine", "machine_pace", "mask_test_estimate", "measured_rates",
-           "pace_file", "rates_file", "record_pace", "runnable_now", "runs_on_cpu", "slowdown", "training_estimate",
-           "training_step_seconds"]
+           "pace_file", "rates_file", "record_pace", "runnable_now", "runs_on_cpu", "slowdown", "torch_threads",
+           "training_estimate", "training_step_seconds"]

@@ -347,3 +347,20 @@ def test_a_pace_is_learnt_from_quiet_runs_only(monkeypatch):
     assert quiet.shared_load()[0] == pytest.approx(0.1) and 0.1 < PACE_QUIET_LOAD
     assert quiet.record("generation", 10.0) == pytest.approx(2.0)  # 30 s of rated work in 60 s, no slowdown
     assert machine_pace("generation") == (pytest.approx(2.0), 1)
+
+
+def test_an_estimate_beside_other_jobs_cautions_a_job_of_several_torch_threads(monkeypatch):
+    """Fair sharing models a one-thread job: beside other jobs, a job of 2 torch threads on 2 cores took 1.6x the
+    time of one thread, so the estimate says so (and the remedy); alone, or with one thread, it says nothing."""
+    import torch
+
+    from neuromf.estimates import OVERSUBSCRIBED, generation_estimate
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    busy = generation_estimate(1, 32, rates=RATES, load=(2.0, 2)).describe()
+    assert f"with 2 torch threads beside other jobs it can take up to {OVERSUBSCRIBED:.1f}x longer" in busy
+    assert "OMP_NUM_THREADS=1" in busy
+    assert "torch threads" not in generation_estimate(1, 32, rates=RATES, load=(0.0, 2)).describe()  # alone
+    assert "torch threads" not in generation_estimate(1, 32, rates=RATES, load=(2.0, 8)).describe()  # cores spare
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert "torch threads" not in generation_estimate(1, 32, rates=RATES, load=(2.0, 2)).describe()
