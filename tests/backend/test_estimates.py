@@ -168,7 +168,6 @@ def test_a_pace_is_not_recorded_from_short_or_broken_runs_and_a_bad_file_is_igno
 def test_the_load_now_is_capped_by_the_threads_runnable_at_this_instant(tmp_path, monkeypatch):
     """The 1-minute load average still counts a job that ended seconds ago; /proc/loadavg's runnable count (the
     caller's own thread left out) caps it."""
-    import os
 
     from neuromf import estimates
 
@@ -190,7 +189,6 @@ def test_the_load_now_is_capped_by_the_threads_runnable_at_this_instant(tmp_path
 def test_the_load_a_job_shared_the_machine_with_leaves_its_own_threads_out(tmp_path):
     """Between two snapshots 10 s apart the machine was busy 15 CPU-s, 12 of them this process's: the others
     used 0.3 cores on average. /proc/stat's first line is read in clock ticks."""
-    import os
 
     from neuromf.estimates import CpuSnapshot, cpu_snapshot, load_since
 
@@ -272,28 +270,39 @@ def test_the_cli_mask_test_says_its_time_first_and_records_this_machines_pace(tm
 
 def test_a_cli_training_of_a_packaged_config_says_its_time_and_keeps_a_pace_clock(capsys, tmp_path, monkeypatch):
     """`train-joint --config joint_3mm` on the CPU: the expected time of a fresh run (its cases listed from the
-    shipped 3 mm data), and a PaceClock at the config's seconds per step; a resumed run says no total; a config
-    file of one's own has no rate: neither."""
+    shipped 3 mm data), said at the run's first event, and a PaceClock at the config's seconds per step; a resumed
+    run says no total; a config file of one's own has no rate: neither."""
     import json
     from argparse import Namespace
 
-    from neuromf.cli.train import _pace_clock
+    from neuromf.cli._common import drive
+    from neuromf.cli.train import _timing
     from neuromf.config import load_config
     from neuromf.estimates import RATES_ENV, PaceClock
+    from neuromf.events import TrainEvent, TrainResult
     from neuromf.pipelines.estimates import training_run_estimate
 
     (tmp_path / "rates.json").write_text(json.dumps(RATES))
     monkeypatch.setenv(RATES_ENV, str(tmp_path / "rates.json"))
     cfg = load_config("joint_3mm", {"training.device": "cpu", "training.batch_size": 4})
-    clock, per_step = _pace_clock(Namespace(config="joint_3mm", resume=False), cfg)
+    expected, (clock, per_step) = _timing(Namespace(config="joint_3mm", resume=False), cfg)
     assert isinstance(clock, PaceClock) and clock.load is not None and per_step == pytest.approx(4.0 * 4 / 8)
-    expected = training_run_estimate("joint_3mm", cfg)
-    assert capsys.readouterr().err.startswith("Expected time: about ") and "encoding" in expected.basis
-    assert _pace_clock(Namespace(config="joint_3mm", resume=True), cfg) is not None
-    assert capsys.readouterr().err == ""  # resumed: the bar's own pace says the time left
+    assert expected == f"Expected time: {training_run_estimate('joint_3mm', cfg).describe()}"
+    assert "encoding" in expected and capsys.readouterr().err == ""  # nothing said before the run starts
+
+    def run():  # a pipeline that accepted its config: an encoding event, then one step
+        yield TrainEvent("encoding", step=1, epoch=0, total_steps=1)
+        yield TrainEvent("step", step=1, epoch=0, total_steps=1, loss=1.0)
+        return TrainResult(tmp_path, step=1, stopped=False, checkpoint=tmp_path / "checkpoint.safetensors",
+                           export=None, skipped_steps=0)
+
+    assert drive(run(), "train-joint", clock, expected).step == 1
+    err = capsys.readouterr().err
+    assert err.count("Expected time: about ") == 1 and clock.first is not None  # said once; the step marked
+    resumed, pace = _timing(Namespace(config="joint_3mm", resume=True), cfg)
+    assert resumed is None and pace is not None  # resumed: the bar's own pace says the time left
     (tmp_path / "mine.yaml").write_text("{}")
-    assert _pace_clock(Namespace(config=str(tmp_path / "mine.yaml"), resume=False), cfg) is None
-    assert capsys.readouterr().err == ""
+    assert _timing(Namespace(config=str(tmp_path / "mine.yaml"), resume=False), cfg) == (None, None)
 
 
 def test_runnable_threads_count_by_their_share_of_a_core(tmp_path):

@@ -69,12 +69,14 @@ def unweighted(event) -> dict[str, str]:
     return {} if raw is None else {"lp": f"{raw:.4g}"}
 
 
-def drive(events: Generator, desc: str, pace: Any = None):
+def drive(events: Generator, desc: str, pace: Any = None, expected: str | None = None):
     """Run a training generator with a tqdm bar; returns its TrainResult.
 
     The bar starts with the first training event: the "encoding" events before it are already shown by the
     pipeline's own encoding bar (`progress=True`), so the terminal never shows two bars at once. `pace`: a
-    `neuromf.estimates.PaceClock` marked at every step, for this machine's recorded pace.
+    `neuromf.estimates.PaceClock` marked at every step, for this machine's recorded pace; `expected`: the run's
+    expected time, said at its first event (after the pipeline accepted its config and data: a refused run prints
+    its error alone).
     """
     import time
 
@@ -84,8 +86,13 @@ def drive(events: Generator, desc: str, pace: Any = None):
 
     bar = None
 
+    said = [expected is None]
+
     def on_event(event) -> None:
         nonlocal bar
+        if not said[0]:
+            tqdm.write(expected, file=sys.stderr)
+            said[0] = True
         if event.kind == "encoding":
             return
         if bar is None:

@@ -18,8 +18,8 @@ from neuromf.cli._common import (
     add_base_checkpoint_flag,
     add_train_flags,
     drive,
+    expected_time,
     load_cfg,
-    say_expected_time,
     stop_on_sigint,
 )
 
@@ -61,12 +61,12 @@ def _run(args, train_fn: Callable, name: str, *positional: Any, **keywords: Any)
         dist.init(cfg.training.device, cfg.training.dist_timeout_s)
         main = dist.is_main()
         stop = stop_on_sigint() if dist.env_world_size() <= 1 else dist.stop_on_signals()
-        pace = _pace_clock(args, cfg) if main and dist.env_world_size() <= 1 else None
+        expected, pace = _timing(args, cfg) if main and dist.env_world_size() <= 1 else (None, None)
         events = train_fn(cfg, *positional, resume=args.resume, overwrite=args.overwrite, stop=stop,
                           progress=main, **keywords)
         if not main:
             return run_to_end(events)
-        result = drive(events, name, pace and pace[0])
+        result = drive(events, name, pace and pace[0], expected)
         if pace is not None and not result.stopped:
             pace[0].record("training", pace[1])
         return result
@@ -77,19 +77,20 @@ def _run(args, train_fn: Callable, name: str, *positional: Any, **keywords: Any)
         dist.cleanup()
 
 
-def _pace_clock(args, cfg) -> tuple[Any, float] | None:
-    """Before a one-process CPU run of a packaged config with a measured rate: its expected time (fresh runs), and a
-    `PaceClock` with the rate's seconds per step, so the finished run records this machine's pace for later
-    estimates (`neuromf.estimates`); None otherwise."""
+def _timing(args, cfg) -> tuple[str | None, tuple[Any, float] | None]:
+    """A one-process CPU run of a packaged config with a measured rate: its expected time (a fresh run; `drive` says
+    it at the run's first event, once its config and data are accepted), and a `PaceClock` with the rate's seconds
+    per step, so the finished run records this machine's pace for later estimates (`neuromf.estimates`); Nones
+    otherwise."""
     from neuromf.estimates import PaceClock, current_load, runs_on_cpu, training_step_seconds
     from neuromf.pipelines.estimates import training_run_estimate
 
     if not runs_on_cpu(cfg.training.device):
-        return None
-    if not args.resume:
-        say_expected_time(lambda: training_run_estimate(args.config, cfg), cfg.training.device)
+        return None, None
+    expected = None if args.resume else expected_time(lambda: training_run_estimate(args.config, cfg),
+                                                      cfg.training.device)
     per_step = training_step_seconds(args.config, cfg.training.batch_size)
-    return None if per_step is None else (PaceClock(current_load()), per_step)
+    return expected, None if per_step is None else (PaceClock(current_load()), per_step)
 
 
 def cmd_train_vae(args) -> int:
