@@ -8,7 +8,8 @@ What is timed, each with the shipped models and the shipped phantoms, on the CPU
 - generation with the widget's defaults (the 2 mm joint adapter, rendered by the 2 mm conditional adapter,
   Euler): seconds to load the models and seconds per network step of each pass (the joint pass at its own
   guidance, the FLAIR pass at mask guidance 1: one network call per step, which the estimates multiply by the calls
-  of a guided step).
+  of a guided step); and one joint pass of `SAMPLE_BATCH` pairs drawn at once against one of a single pair
+  (`joint_batch_ratio`: a batch in single-pair passes).
 
 Every rate is timed in CPU seconds of this process (`time.process_time`), not wall seconds: with one torch thread
 that is the time the work takes a core of its own, whatever else runs beside it (a wall clock measures the other
@@ -146,6 +147,26 @@ def measure_generation(steps: int) -> dict:
     return result
 
 
+def measure_joint_batch(steps: int) -> dict:
+    """One joint pass of a single pair against one of `SAMPLE_BATCH` pairs drawn at once (the batch generation
+    uses): seconds per network step of each, and their ratio, which the estimates use for a batch."""
+    from neuromf.generation.joint import generate_pairs
+    from neuromf.meanflow.samplers import SAMPLE_BATCH
+
+    def first_pass(n: int) -> float:
+        stamps: list[float] = []
+        for _ in generate_pairs("embedded", n=n, steps=steps, seed=0, device="cpu", method="euler", render=None,
+                                mask_draws=1, on_step=lambda i, k: stamps.append(clock()) if len(stamps) < k else None):
+            pass
+        return _median_gap(stamps)
+
+    one, many = first_pass(1), first_pass(SAMPLE_BATCH)
+    result = {"joint_batch": SAMPLE_BATCH, "joint_batch_per_step_s": round(many, 3),
+              "joint_single_per_step_s": round(one, 3), "joint_batch_ratio": round(many / one, 2)}
+    print(f"joint batch: {result}", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -154,7 +175,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--generate-steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--parts", default="mask_test,training,generation",
+    parser.add_argument("--parts", default="mask_test,training,generation,joint_batch",
                         help="comma-separated parts to measure; the others are kept from an existing --out file")
     args = parser.parse_args()
 
@@ -179,6 +200,8 @@ def main() -> None:
                                  for config, base in (("joint_3mm", "embedded-3mm"), ("joint_2mm", "embedded"))}
     if "generation" in parts:
         rates["generation"] = measure_generation(args.generate_steps)
+    if "joint_batch" in parts:  # kept beside the generation rates (a ratio: a batch in single-pair passes)
+        rates.setdefault("generation", {}).update(measure_joint_batch(args.generate_steps))
     for part in parts:
         env[part]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     atomic_write_json(args.out, rates)

@@ -8,7 +8,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,12 +89,16 @@ class PassPlan:
 
     @classmethod
     def of_run(cls, mode: str, n: int, steps: int, render: bool, prior_lesion: bool,
-               costs: tuple[float, float, float], batch: int) -> PassPlan:
+               costs: tuple[float, float, float], batch: int,
+               batch_factor: Callable[[int], float] | None = None) -> PassPlan:
         """The plan of `GenerateRun` settings; ``costs``: (joint step of one pair, FLAIR step, a pair's finishing),
-        `step_costs`; ``batch``: pairs per joint pass (`neuromf.meanflow.samplers.SAMPLE_BATCH`)."""
+        `step_costs`; ``batch``: pairs per joint pass (`neuromf.meanflow.samplers.SAMPLE_BATCH`);
+        ``batch_factor``: a joint pass of that many pairs in single-pair passes
+        (`neuromf.estimates.joint_batch_factor`; default: as many as its pairs)."""
         joint, flair, finish = costs
+        factor = batch_factor or float
         if mode == "joint":
-            pairs = [([joint * min(batch, n - k)] if k % batch == 0 else []) + ([flair] if render else [])
+            pairs = [([joint * factor(min(batch, n - k))] if k % batch == 0 else []) + ([flair] if render else [])
                      for k in range(n)]
             return cls(pairs, steps, joint, extra_first=render, finish=finish)
         passes = 2 if mode == "conditional" and prior_lesion else 1
@@ -207,11 +211,12 @@ class GenerateRun:
 
     def pass_plan(self) -> PassPlan:
         """This run's `PassPlan` (worker thread: reads the adapters' sidecars and the measured rates)."""
+        from neuromf.estimates import joint_batch_factor
         from neuromf.meanflow.samplers import SAMPLE_BATCH
 
         costs = step_costs(self.adapter, self.mode, self.render, self.guidance)
         return PassPlan.of_run(self.mode, self.n, self.steps, bool(self.render), self.lesion is None, costs,
-                               SAMPLE_BATCH)
+                               SAMPLE_BATCH, joint_batch_factor)
 
     def on_step(self, i: int, n: int) -> None:
         """The backend's per network step hook (worker thread): plain attribute writes, read by the GUI timer."""

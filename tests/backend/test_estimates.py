@@ -373,3 +373,22 @@ def test_an_estimate_beside_other_jobs_cautions_a_job_of_several_torch_threads(m
     assert "torch threads" not in generation_estimate(1, 32, rates=RATES, load=(2.0, 8)).describe()  # cores spare
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert "torch threads" not in generation_estimate(1, 32, rates=RATES, load=(2.0, 2)).describe()
+
+
+def test_a_joint_pass_of_several_pairs_costs_its_measured_share():
+    """The joint pass draws up to `joint_batch` pairs at once: 4 pairs took 1.6x one pair's pass, not 4x (16 default
+    pairs were estimated at 16 min and took 10). Rates that did not measure it count each pair as its own pass."""
+    from neuromf.estimates import FINISH_CALLS, generation_estimate, joint_batch_factor, measured_rates
+
+    batched = {**RATES, "generation": {**RATES["generation"], "joint_batch": 4, "joint_batch_ratio": 1.6}}
+    assert [joint_batch_factor(n, batched) for n in (0, 1, 2, 4)] == pytest.approx([0.0, 1.0, 1.2, 1.6])
+    assert [joint_batch_factor(n, RATES) for n in (1, 2, 4)] == [1.0, 2.0, 4.0]  # not measured: no saving
+    # 6 pairs without their FLAIR pass: a joint pass of 4 (1.6) and one of 2 (1.2) at 4 s a step, 8 steps
+    alone = generation_estimate(6, 8, render=False, rates=batched, load=AS_MEASURED)
+    assert alone.seconds == pytest.approx(5 + 8 * 4 * (1.6 + 1.2) + 5 * FINISH_CALLS * 2)
+    linear = generation_estimate(6, 8, render=False, rates=RATES, load=AS_MEASURED)
+    assert linear.seconds == pytest.approx(5 + 8 * 4 * 6 + 5 * FINISH_CALLS * 2)
+    assert generation_estimate(1, 8, rates=batched, load=AS_MEASURED).seconds == pytest.approx(
+        generation_estimate(1, 8, rates=RATES, load=AS_MEASURED).seconds)  # one pair: nothing shared
+    rate = measured_rates()["generation"]  # the shipped rates measured it
+    assert rate["joint_batch"] >= 2 and 1.0 < rate["joint_batch_ratio"] < rate["joint_batch"]
