@@ -56,6 +56,7 @@ PACE_LIMITS = (0.25, 4.0)  # a pace outside is clipped: one odd run (a laptop as
 # a 2-thread job took 3.1x its idle time where fair sharing says 1.5x (docs/user_guide_walk.md), so a busy run's
 # ratio says more about the sharing than about this machine's speed, and the load now is scaled for separately
 PACE_QUIET_LOAD = 0.5
+PACE_SAMPLE_S = 1.0  # a job's runnable threads are sampled at its progress marks at most this often
 
 
 @dataclass
@@ -181,6 +182,7 @@ class PaceClock:
     last: tuple[float, float] | None = None
     cpu_at_first: CpuSnapshot | None = None
     runnable: list[float] = field(default_factory=list)
+    sampled_at: float | None = None  # clock of the latest runnable sample (at most one per `PACE_SAMPLE_S`)
 
     def mark(self, clock: float, work_done: float) -> None:
         """The job reached `work_done` (any unit, counted from its start) at `clock` (`time.perf_counter`)."""
@@ -188,6 +190,9 @@ class PaceClock:
         if self.first is None:
             self.first, self.cpu_at_first = self.last, cpu_snapshot()
             return
+        if self.sampled_at is not None and clock - self.sampled_at < PACE_SAMPLE_S:
+            return  # reading every thread's /proc entry costs ~10 ms: not at every step of a fast (GPU) job
+        self.sampled_at = clock
         sampled = runnable_now()
         if sampled is not None:
             self.runnable.append(sampled)

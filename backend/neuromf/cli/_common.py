@@ -85,14 +85,11 @@ def drive(events: Generator, desc: str, pace: Any = None, expected: str | None =
     from neuromf.train import run_to_end
 
     bar = None
-
-    said = [expected is None]
+    say = say_once(expected)
 
     def on_event(event) -> None:
         nonlocal bar
-        if not said[0]:
-            tqdm.write(expected, file=sys.stderr)
-            said[0] = True
+        say()
         if event.kind == "encoding":
             return
         if bar is None:
@@ -188,3 +185,19 @@ def say_expected_time(estimate: Callable[[], Any], device: str | None) -> None:
     line = expected_time(estimate, device)
     if line:
         print(line, file=sys.stderr, flush=True)
+
+
+def say_once(line: str | None) -> Callable[[], None]:
+    """A callable that writes `line` (e.g. `expected_time`) on stderr the first time it is called, above any tqdm
+    bar, and does nothing after (or ever, for None): a job calls it at its first progress, once its inputs are
+    accepted, so that a refused input prints its error alone."""
+    said = [line is None]
+
+    def say() -> None:
+        if not said[0]:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+            said[0] = True
+
+    return say

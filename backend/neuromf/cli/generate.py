@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from neuromf.cli._common import COUNT, SCALE, SEED, STEPS, AddCommand, expected_time, number
+from neuromf.cli._common import COUNT, SCALE, SEED, STEPS, AddCommand, expected_time, number, say_once
 from neuromf.config import SAMPLERS
 
 
@@ -137,10 +136,10 @@ def step_bar(what: str, expected: str | None = None) -> Iterator[Callable[[int, 
 
     bar = tqdm(desc=f"{what}: network steps", unit="step", dynamic_ncols=True)
     passes = [0]
+    say = say_once(expected)
 
     def on_step(i: int, n: int) -> None:
-        if expected and not passes[0]:
-            tqdm.write(expected, file=sys.stderr)
+        say()
         if i == 1:
             passes[0] += 1
             bar.reset(total=n)
@@ -193,10 +192,11 @@ def _generate_inpainted(args) -> int:
     results = []
     bars: dict[str, tqdm] = {}  # opened at the first network call: a refused input prints its error alone
 
+    say = say_once(expected)
+
     def on_step(i: int, n: int) -> None:
+        say()  # once the inputs are accepted: a refused one prints its error alone
         if not bars:
-            if expected:  # said once the inputs are accepted: a refused one prints its error alone
-                tqdm.write(expected, file=sys.stderr)
             bars["lesions"] = tqdm(total=len(masks), desc="inpainting", unit="lesion", dynamic_ncols=True)
             bars["calls"] = tqdm(desc="network calls", unit="call", dynamic_ncols=True, leave=False)
         bars["calls"].total, bars["calls"].n = n, i
