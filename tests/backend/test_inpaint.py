@@ -14,6 +14,7 @@ from scipy import ndimage
 from testkit import adapter_copy, write_nifti
 
 from neuromf.cli import main as cli
+from neuromf.generation.inpaint import existing_lesion_masks
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +167,24 @@ def test_bad_inputs_are_refused_with_nothing_written(conditional_run, scans, pha
     err = _refused(["generate", "--mode", "inpaint", "--adapter", str(conditional_run.export), "--image",
                     str(patient.image), "--mask", str(lesion)], tmp_path / "d", capsys)
     assert str(patient.image) in err and "already has a lesion mask" in err
+
+
+def test_existing_lesion_masks_skips_brain_masks(tmp_path):
+    """A healthy scan beside its brain-extraction mask is not a patient's; a subject name holding "mask" does not
+    make every sibling a mask; a lesion stored beside the scan is found."""
+    def touch(name):
+        (tmp_path / name).write_bytes(b"")
+        return tmp_path / name
+
+    scan = touch("sub-01_FLAIR.nii.gz")
+    touch("sub-01_desc-brain_mask.nii.gz")
+    touch("sub-01_T1w.nii.gz")
+    touch("sub-02_FLAIR_roi.nii.gz")  # another subject's
+    assert existing_lesion_masks(scan) == []
+    roi = touch("sub-01_FLAIR_roi.nii.gz")
+    assert existing_lesion_masks(scan) == [roi]
+    flat = touch("floatmask_FLAIR.nii.gz")
+    touch("floatmask_T2w.nii.gz")
+    assert existing_lesion_masks(flat) == []
+    lesion = touch("floatmask_lesion.nii.gz")
+    assert existing_lesion_masks(flat) == [lesion]

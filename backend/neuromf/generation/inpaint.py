@@ -115,16 +115,21 @@ def _affine(affine: Any, source: str) -> np.ndarray:
     return affine
 
 
+NOT_LESION_MASKS = ("brain", "skull", "head")  # masks that often sit beside a healthy FLAIR: brain extraction
+
+
 def existing_lesion_masks(path: str | Path) -> list[Path]:
-    """Lesion masks stored beside a FLAIR file (BIDS `*_roi` / `*mask*` siblings of the same subject): a scan
-    that has one is a patient's, not the healthy scan a lesion is put into."""
+    """Lesion masks stored beside a FLAIR file (the same subject's `*_roi`, `*lesion*` or `*mask*` siblings): a scan
+    that has one is a patient's, not the healthy scan a lesion is put into (even when that mask is the one to
+    inpaint: its lesion is there already). Brain and head masks (`*brain*mask*`, `*skull*`, `*head*`) are not."""
     path = Path(path)
-    stem = path.name.split(".nii")[0]
-    subject = stem.split("_")[0]
+    subject = path.name.split(".nii")[0].split("_")[0]
     found = []
     for sibling in sorted(path.parent.glob(f"{subject}*.nii*")):
-        lower = sibling.name.lower()
-        if sibling != path and ("_roi" in lower or "mask" in lower):
+        rest = sibling.name.lower()[len(subject):]  # the subject's own name may hold "mask"
+        if sibling == path or any(word in rest for word in NOT_LESION_MASKS):
+            continue
+        if "_roi" in rest or "lesion" in rest or "mask" in rest:
             found.append(sibling)
     return found
 
