@@ -39,6 +39,7 @@ from napari_neuromf._helpers import (
     launch,
     layer_choice,
     pair_mismatch,
+    pending_layer_tuples,
     tip,
     when_backend_ready,
 )
@@ -519,8 +520,7 @@ class GenerateWidget(QWidget):
 
     def _next_number(self) -> int:
         """After the pairs open in the viewer and those still being added (`add_layers` adds them a turn apart)."""
-        waiting = [kwargs.get("metadata", {}).get("neuromf", {}) for layers, _, _ in self.__dict__.get(
-            "_layer_queue", []) for _, kwargs, _ in layers]
+        waiting = [kwargs.get("metadata", {}).get("neuromf", {}) for _, kwargs, _ in pending_layer_tuples(self)]
         prefixes = [*_generate_run.generated_prefixes(self.viewer.layers), *(info.get("pair", "") for info in waiting)]
         numbers = [int(p.split("_")[1]) for p in prefixes if p.split("_")[-1].isdigit()]
         return max(numbers, default=-1) + 1

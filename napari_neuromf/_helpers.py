@@ -36,6 +36,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_neuromf import _environment, _jobs, _state
+from napari_neuromf._opening import TURN_MS, add_in_turns
 from napari_neuromf._viewing import is_view_aid
 
 if TYPE_CHECKING:
@@ -218,7 +219,7 @@ def launch(widget: QWidget, worker: Any) -> Any:
         if widget.worker is not worker:
             return
         if layers_pending(widget):  # the job's last layers are still being added, one per turn
-            QTimer.singleShot(LAYER_TURN_MS, finished)
+            QTimer.singleShot(TURN_MS, finished)
             return
         widget.busy = False
 
@@ -396,43 +397,27 @@ class JobPanel(QWidget):
         self.bar.setFormat("failed")
 
 
-LAYER_TURN_MS = 30  # between two layers of one result: a turn of the event loop to draw and take input
-
-
 def add_layers(widget: QWidget, tuples: list, then: Callable[[list], None] | None = None) -> None:
-    """Add a result's layers to ``widget.viewer`` one per turn of the event loop, then call ``then(layers)``.
+    """Add a result's layers to ``widget.viewer`` a turn of the event loop at a time, then call ``then(layers)``
+    (`_opening.add_in_turns`: an empty viewer's dims first, each layer added hidden and shown a turn later).
 
-    Each new layer costs napari about 0.2 s of GUI-thread work on a 2-core CPU (its controls, its visual, the first
-    draw); added in one go, a FLAIR and its lesion froze the GUI for their sum. ``launch`` keeps the widget busy
-    until its queue is empty, so a finished job has all its layers.
+    Added in one go, a FLAIR and its lesion into an empty viewer held the GUI thread ~0.3-0.45 s on a 2-core CPU
+    (napari's dims, each layer's controls and visual, the first draw). ``launch`` keeps the widget busy until its
+    layers are in, so a finished job has all its layers.
     """
-    queue: list = widget.__dict__.setdefault("_layer_queue", [])
-    queue.append((list(tuples), [], then))
-    if len(queue) == 1:
-        _add_next_layer(widget)
-
-
-def _add_next_layer(widget: QWidget) -> None:
-    queue: list = widget.__dict__.get("_layer_queue", [])
-    if not queue:
-        return
-    tuples, added, then = queue[0]
-    try:
-        added.append(add_layer(widget.viewer, tuples.pop(0)))
-        if not tuples:
-            queue.pop(0)
-            if then is not None:
-                then(added)
-    except RuntimeError:  # the widget was deleted by Qt meanwhile
-        queue.clear()
-        return
-    if queue:
-        QTimer.singleShot(LAYER_TURN_MS, lambda: _add_next_layer(widget))
+    openings: list = widget.__dict__.setdefault("_openings", [])
+    openings[:] = [opening for opening in openings if not opening.done]
+    openings.append(add_in_turns(widget.viewer, tuples, then=then, add=add_layer))
 
 
 def layers_pending(widget: QWidget) -> bool:
     """True while ``add_layers`` still has layers of this widget to add."""
-    return bool(widget.__dict__.get("_layer_queue"))
+    return any(not opening.done for opening in widget.__dict__.get("_openings", []))
+
+
+def pending_layer_tuples(widget: QWidget) -> list[tuple]:
+    """The layer data tuples ``add_layers`` has still to add for this widget."""
+    return [t for opening in widget.__dict__.get("_openings", []) if not opening.done for t in opening.tuples]
 
 
 def add_layer(viewer: napari.Viewer, data_tuple: tuple) -> Layer:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from napari_neuromf._layers import LayerDataError, is_nifti_path, read_layer
+from napari_neuromf._opening import event_loop_running, open_in_turns
 from napari_neuromf._viewing import guard_current_viewer
 
 PathOrPaths = str | Sequence[str]
@@ -24,18 +25,31 @@ def read_nifti_files(path: PathOrPaths, **_: object) -> list:
 
     Returns napari's null-layer sentinel ``[(None,)]`` when nothing could be read, so a bad file gives one
     clear notification instead of an exception dialog. The viewer opened into shows the volumes axial, with
-    orientation letters and a caption that stays true (``_viewing.ViewGuard``).
+    orientation letters and a caption that stays true (``_viewing.ViewGuard``). Called from napari's running
+    event loop (File > Open, drag and drop), the files are read in a worker and their layers added a turn at a
+    time (``_opening``), and the sentinel is returned at once: the GUI is never held for the whole opening.
     """
     from napari.utils.notifications import show_error
 
-    guard_current_viewer()
+    viewer = guard_current_viewer()
     paths = [path] if isinstance(path, str | Path) else list(path)
-    layers = []
+    if viewer is not None and event_loop_running():
+        open_in_turns(viewer, lambda: read_files(paths), ", ".join(Path(p).name for p in paths))
+        return [(None,)]
+    layers, errors = read_files(paths)
+    for message in errors:
+        show_error(f"NeuroMF reader: {message}")
+    return layers or [(None,)]
+
+
+def read_files(paths: Sequence[str | Path]) -> tuple[list[tuple], list[str]]:
+    """(layer data tuples of the readable files, one message per file that is not: its path and the problem)."""
+    layers, errors = [], []
     for p in paths:
         try:
             layers.append(read_layer(p))
         except LayerDataError as err:
-            show_error(f"NeuroMF reader: {err}")
+            errors.append(str(err))
         except Exception as err:  # never let a reader bug take the GUI down
-            show_error(f"NeuroMF reader: {p}: unexpected error ({type(err).__name__}: {err})")
-    return layers or [(None,)]
+            errors.append(f"{p}: unexpected error ({type(err).__name__}: {err})")
+    return layers, errors

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from napari_neuromf._layers import LayerDataError, case_layers, load_nifti, pair_layers
+from napari_neuromf._opening import event_loop_running, sample_in_turns
 from napari_neuromf._viewing import guard_current_viewer
 from neuromf.weights import sample_data_root  # no torch import: the module reads tensors lazily
 
@@ -42,7 +43,6 @@ def fcd_phantom_case() -> list:
     """FLAIR (Image) + lesion (Labels) of phantom patient sub-00001, overlaid in world millimetres."""
     from napari.utils.notifications import show_warning
 
-    guard_current_viewer()
     try:
         image, mask = phantom_case_paths()
         layers, problems = case_layers(image, mask, PHANTOM_CASE)
@@ -50,12 +50,18 @@ def fcd_phantom_case() -> list:
         raise SampleDataError(f"NeuroMF sample data: {err}") from err
     for problem in problems:
         show_warning(f"NeuroMF sample data: {problem}")
-    return layers
+    return _delivered(layers)
+
+
+def _delivered(layers: list) -> list:
+    """A sample's layers for napari: all of them, or, from napari's running event loop (File > Open Sample), the
+    first hidden and the rest in later turns (`_opening.sample_in_turns`: the GUI is not held for all of them)."""
+    viewer = guard_current_viewer()
+    return sample_in_turns(viewer, layers) if viewer is not None and event_loop_running() else layers
 
 
 def _sample_pair(mode: str) -> list:
     """The pre-made pair of `mode` (seed 0, the Generate dock's 2 mm defaults) as layers."""
-    guard_current_viewer()
     prefix = PAIRS[mode]
     files = [SAMPLES_DIR / f"{prefix}_FLAIR.nii.gz", SAMPLES_DIR / f"{prefix}_FLAIR_roi.nii.gz",
              SAMPLES_DIR / f"{prefix}.json"]
@@ -70,7 +76,7 @@ def _sample_pair(mode: str) -> list:
     if image.shape != mask.shape or abs(affine - mask_affine).max() > 1e-3:
         raise SampleDataError(f"NeuroMF sample data: {files[1].name} is not on the grid of {files[0].name}; "
                               "remake both with 'python -m napari_neuromf._make_samples'")
-    return pair_layers(prefix, image, mask, affine, meta)  # distinct names: both samples can be open
+    return _delivered(pair_layers(prefix, image, mask, affine, meta))  # distinct names: both samples can be open
 
 
 def generated_pair() -> list:

@@ -234,7 +234,7 @@ class ViewGuard:
         """napari fitted the view (ours, a widget's, the home button): remember where it put the camera."""
         viewer = self.viewer
         if viewer is not None:
-            self._fitted = (tuple(viewer.camera.center), float(viewer.camera.zoom))
+            self._fitted = (tuple(viewer.scene.camera.center), float(viewer.scene.camera.zoom))
 
     def _still_fitted(self) -> bool:
         """Whether the camera is where the last fit put it (the user has not zoomed or panned since)."""
@@ -242,7 +242,7 @@ class ViewGuard:
         if viewer is None or self._fitted is None:
             return False
         center, zoom = self._fitted
-        return bool(np.allclose(viewer.camera.center, center) and np.isclose(viewer.camera.zoom, zoom))
+        return bool(np.allclose(viewer.scene.camera.center, center) and np.isclose(viewer.scene.camera.zoom, zoom))
 
     def _canvas_resized(self, *_: Any) -> None:
         """A dock opened or closed beside the canvas, or the window was resized: fit the view again while it is
@@ -310,7 +310,7 @@ class ViewGuard:
         lo, hi = extents[:, 0].min(axis=0), extents[:, 1].max(axis=0)
         visible = None
         if viewer.dims.ndisplay == 2:
-            visible = visible_box(tuple(viewer.camera.center[-2:]), float(viewer.camera.zoom),
+            visible = visible_box(tuple(viewer.scene.camera.center[-2:]), float(viewer.scene.camera.zoom),
                                   tuple(viewer.canvas.size), tuple(viewer.dims.displayed))
         positions = marker_positions(lo, hi, float(viewer.dims.point[2]), visible)
         show = show and not viewer.canvas.grid.enabled  # in grid mode the letters would take a viewbox of their own
@@ -420,13 +420,15 @@ def prefer_this_reader() -> None:
         plugins.extension2reader = {**chosen, **dict.fromkeys(missing, PLUGIN_NAME)}
 
 
-def guard_current_viewer() -> None:
+def guard_current_viewer() -> napari.Viewer | None:
     """Install the ViewGuard on the viewer napari is opening into (the reader and the samples call this before
-    napari adds their layers); nothing when there is no viewer (a script calling the reader). napari's viewer
-    module is only looked up, never imported: importing it loads Qt (seconds) in a process without a viewer."""
+    napari adds their layers) and return that viewer; None when there is none (a script calling the reader).
+    napari's viewer module is only looked up, never imported: importing it loads Qt (seconds) in a process
+    without a viewer."""
     import sys
 
     viewer_module = sys.modules.get("napari.viewer")
     viewer = None if viewer_module is None else viewer_module.current_viewer()
     if viewer is not None:
         view_guard(viewer)
+    return viewer

@@ -58,3 +58,29 @@ def case_files(root, subject: str = "sub-00001") -> tuple:
     """(FLAIR, lesion mask) files of one phantom subject."""
     anat = root / subject / "anat"
     return next(anat.glob("*_FLAIR.nii.gz")), next(anat.glob("*_FLAIR_roi.nii.gz"))
+
+
+def in_running_gui(action, until, timeout_s: float = 30) -> list:
+    """Call ``action()`` from inside a running Qt event loop, as napari's menus and drag and drop call a reader or
+    a sample in the app (a test or a script calls them outside any loop), and run that loop until ``until()``;
+    returns ``[action's result]``. Fails after ``timeout_s``."""
+    import time
+
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    loop, result = QEventLoop(), []
+    QTimer.singleShot(0, lambda: result.append(action()))
+    poll = QTimer()
+    poll.setInterval(20)
+    poll.timeout.connect(lambda: loop.quit() if result and until() else None)
+    poll.start()
+    deadline = QTimer()
+    deadline.setSingleShot(True)
+    deadline.timeout.connect(loop.quit)
+    deadline.start(int(timeout_s * 1000))
+    started = time.perf_counter()
+    loop.exec()
+    poll.stop()
+    deadline.stop()
+    assert result and until(), f"not done after {time.perf_counter() - started:.1f} s"
+    return result

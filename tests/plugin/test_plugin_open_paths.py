@@ -8,7 +8,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from gui_helpers import ready
+from gui_helpers import data_layers, in_running_gui, notes, ready
 
 SHAPE = (24, 28, 12)
 
@@ -131,6 +131,79 @@ def test_file_open_and_drop_show_an_lps_file_axial_radiological(viewer, qtbot, t
     qtbot.waitUntil(lambda: len(viewer.layers) == 0, timeout=5000)
 
 
+def _record_insertions(viewer) -> tuple[list, list]:
+    """(insertions as (ticks of a 10 ms timer so far, layer name, visible when inserted), the tick counter's
+    timer): two insertions with the same tick count came in one stretch of the GUI thread."""
+    from qtpy.QtCore import QTimer
+
+    ticks, insertions = [0], []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.__setitem__(0, ticks[0] + 1))
+    timer.start()
+    viewer.layers.events.inserted.connect(
+        lambda event: insertions.append((ticks[0], event.value.name, event.value.visible)))
+    return insertions, timer
+
+
+def _opened(viewer) -> bool:
+    """Every layer of the openings under way is in, and the letters are shown."""
+    from napari_neuromf._opening import adding
+    from napari_neuromf._viewing import is_view_aid
+
+    return not adding(viewer) and any(is_view_aid(layer) and layer.visible for layer in viewer.layers)
+
+
+def test_file_open_in_the_running_app_reads_in_a_worker_and_adds_a_layer_per_turn(viewer, qtbot, tmp_path):
+    """In napari's running app (its event loop running), File > Open or a drop of a FLAIR, a broken file and the
+    mask returns at once: the files are read in a worker, a notification names the broken one, and the layers
+    arrive in the order asked for, each in a turn of the event loop of its own, hidden and shown a turn later;
+    the view ends axial radiological, on the lesion."""
+    from napari_neuromf._viewing import is_view_aid, prefer_this_reader
+
+    image_path, mask_path, blob = _lps_case(tmp_path)
+    broken = tmp_path / "broken_FLAIR.nii.gz"
+    broken.write_bytes(b"not a NIfTI file")
+    prefer_this_reader()
+    seen = notes()
+    insertions, timer = _record_insertions(viewer)
+    paths = [str(image_path), str(broken), str(mask_path)]
+    returned = in_running_gui(lambda: viewer.open(paths, plugin="napari-neuromf"),
+                              lambda: _opened(viewer))
+    timer.stop()
+    assert returned == [[]]  # nothing added in the call itself: the layers came in later turns
+    assert [layer.name for layer in data_layers(viewer)] == ["lps_FLAIR", "lps_FLAIR_roi"]
+    assert all(layer.visible for layer in data_layers(viewer)) and is_view_aid(viewer.layers[-1])
+    added = {name: (tick, visible) for tick, name, visible in insertions}
+    assert not added["lps_FLAIR"][1] and not added["lps_FLAIR_roi"][1]  # hidden at first
+    assert added["lps_FLAIR_roi"][0] > added["lps_FLAIR"][0]  # not in the FLAIR's stretch
+    assert any("broken_FLAIR.nii.gz" in message for message in seen()), seen()
+    assert viewer.layers["lps_FLAIR"].source.path == str(image_path)  # as napari records a reader's layers
+    assert viewer.layers["lps_FLAIR"].source.reader_plugin == "napari-neuromf"
+    _assert_axial_radiological(viewer, qtbot)
+    lesion = viewer.layers["lps_FLAIR_roi"]
+    assert lesion.data[tuple(np.round(lesion.world_to_data(blob)).astype(int))] == 1
+    assert np.asarray(lesion.data)[:, :, int(round(lesion.world_to_data(viewer.dims.point)[2]))].any()
+
+
+def test_a_sample_in_the_running_app_comes_a_layer_per_turn(viewer, qtbot):
+    """File > Open Sample in the running app: napari gets the FLAIR only, hidden (a sample must return a layer);
+    showing it and the lesion follow in later turns, the lesion above the FLAIR, the view on the lesion."""
+
+    insertions, timer = _record_insertions(viewer)
+    returned = in_running_gui(lambda: viewer.open_sample("napari-neuromf", "generated_pair"),
+                              lambda: _opened(viewer))
+    timer.stop()
+    assert [layer.name for layer in returned[0]] == ["gen_000 FLAIR"]
+    assert [layer.name for layer in data_layers(viewer)] == ["gen_000 FLAIR", "gen_000 lesion"]
+    assert all(layer.visible for layer in data_layers(viewer))
+    added = {name: tick for tick, name, _ in insertions}
+    assert added["gen_000 lesion"] > added["gen_000 FLAIR"]
+    _assert_axial_radiological(viewer, qtbot)
+    lesion = viewer.layers["gen_000 lesion"]
+    assert np.asarray(lesion.data)[:, :, int(round(lesion.world_to_data(viewer.dims.point)[2]))].any()
+
+
 def test_open_sample_shows_the_lesion_axial_radiological(viewer, qtbot):
     viewer.dims.order = (0, 1, 2)  # a viewer left sagittal before
     viewer.open_sample("napari-neuromf", "fcd_phantom_case")
@@ -160,7 +233,7 @@ def test_a_sample_pair_opened_over_a_scan_on_another_grid_is_shown_alone(viewer,
     slice_index = int(round(lesion.world_to_data(viewer.dims.point)[2]))
     assert np.asarray(lesion.data)[:, :, slice_index].any()  # at the pair's lesion
     pair_centre = np.asarray(image.extent.world).mean(axis=0)
-    assert np.allclose(viewer.camera.center[-2:], pair_centre[list(viewer.dims.displayed)], atol=1e-3)
+    assert np.allclose(viewer.scene.camera.center[-2:], pair_centre[list(viewer.dims.displayed)], atol=1e-3)
     view_guard(viewer).alone_note = None
     viewer.open_sample("napari-neuromf", "conditional_pair")  # the model's grid too: nothing more to hide
     qtbot.waitUntil(lambda: set(_letters(viewer)) == {"R", "L", "A", "P"}, timeout=10_000)
@@ -180,12 +253,12 @@ def test_a_pair_shown_alone_before_the_scans_turn_keeps_its_view_and_the_users_z
     pair = [layer for layer in viewer.layers if is_ras_volume(layer) and layer not in scans]
     assert show_alone(viewer, pair) == [layer.name for layer in scans if layer.name in viewer.layers]
     pair_centre = np.asarray(pair[0].extent.world).mean(axis=0)[list(viewer.dims.displayed)]
-    zoom = viewer.camera.zoom * 2  # the user zooms in on the pair
-    viewer.camera.zoom = zoom
+    zoom = viewer.scene.camera.zoom * 2  # the user zooms in on the pair
+    viewer.scene.camera.zoom = zoom
     qtbot.waitUntil(lambda: set(_letters(viewer)) == {"R", "L", "A", "P"}, timeout=10_000)
     qtbot.wait(4 * LETTERS_DELAY_MS)
-    assert viewer.camera.zoom == pytest.approx(zoom)
-    assert np.allclose(viewer.camera.center[-2:], pair_centre, atol=1e-3)
+    assert viewer.scene.camera.zoom == pytest.approx(zoom)
+    assert np.allclose(viewer.scene.camera.center[-2:], pair_centre, atol=1e-3)
     assert not any(layer.visible for layer in scans) and all(layer.visible for layer in pair)
 
 
@@ -236,30 +309,30 @@ def test_letters_stay_inside_the_canvas_when_a_dock_narrows_it_and_under_zoom(ma
     viewer.window._qt_viewer._qt_open([str(tmp_path / "wide.nii.gz")], stack=False)
     _assert_axial_radiological(viewer, qtbot)
     qtbot.waitUntil(lambda: _letters_inside_canvas(viewer), timeout=5000)
-    width, zoom = viewer.canvas.size[1], viewer.camera.zoom
+    width, zoom = viewer.canvas.size[1], viewer.scene.camera.zoom
 
     dock = QWidget()
     dock.setMinimumWidth(int(width * 0.6))
     viewer.window.add_dock_widget(dock, area="right", name="a wide dock")
     qtbot.waitUntil(lambda: viewer.canvas.size[1] < 0.6 * width, timeout=5000)
     qtbot.waitUntil(lambda: _letters_inside_canvas(viewer), timeout=5000)
-    assert viewer.camera.zoom < zoom  # fitted again: the whole image is on the narrower canvas
+    assert viewer.scene.camera.zoom < zoom  # fitted again: the whole image is on the narrower canvas
     on_screen = _letters_on_screen(viewer)
     assert on_screen["R"][0] < on_screen["L"][0] and on_screen["A"][1] < on_screen["P"][1]  # radiological, A up
 
-    viewer.camera.zoom *= 4  # the user zooms in: the image now overflows the canvas on every side
+    viewer.scene.camera.zoom *= 4  # the user zooms in: the image now overflows the canvas on every side
     narrow = viewer.canvas.size
     qtbot.waitUntil(lambda: _letters_inside_canvas(viewer), timeout=5000)
     on_screen = _letters_on_screen(viewer)
     assert on_screen["R"][0] == pytest.approx(MARKER_MARGIN_PX, abs=1.0)  # at the visible edge, not the image's
     assert on_screen["L"][0] == pytest.approx(narrow[1] - MARKER_MARGIN_PX, abs=1.0)
-    viewer.camera.center = (0.0, *(np.asarray(viewer.camera.center[1:]) + 30.0))  # and pans
+    viewer.scene.camera.center = (0.0, *(np.asarray(viewer.scene.camera.center[1:]) + 30.0))  # and pans
     qtbot.waitUntil(lambda: _letters_inside_canvas(viewer), timeout=5000)
-    zoomed = viewer.camera.zoom
+    zoomed = viewer.scene.camera.zoom
     viewer.window.remove_dock_widget(dock)  # the canvas widens again: the user's zoom stays
     qtbot.waitUntil(lambda: viewer.canvas.size[1] > narrow[1], timeout=5000)
     qtbot.waitUntil(lambda: _letters_inside_canvas(viewer), timeout=5000)
-    assert viewer.camera.zoom == pytest.approx(zoomed)
+    assert viewer.scene.camera.zoom == pytest.approx(zoomed)
 
 
 def test_only_the_letters_are_drawn_not_their_points(make_napari_viewer, qtbot, tmp_path):

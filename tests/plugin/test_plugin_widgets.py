@@ -670,13 +670,13 @@ def test_a_pair_arriving_over_a_scan_on_another_grid_is_shown_alone(make_napari_
     status = widget.job.status.text()
     assert "hidden, not removed: scan FLAIR" in status and "eye in the layer list" in status
     pair_centre = np.asarray(image.extent.world).mean(axis=0)
-    assert np.allclose(viewer.camera.center[-2:], pair_centre[list(viewer.dims.displayed)], atol=1e-3)
-    fitted_zoom = viewer.camera.zoom
-    viewer.camera.zoom = fitted_zoom * 2  # the user zooms in on the pair: the next pair keeps that view
+    assert np.allclose(viewer.scene.camera.center[-2:], pair_centre[list(viewer.dims.displayed)], atol=1e-3)
+    fitted_zoom = viewer.scene.camera.zoom
+    viewer.scene.camera.zoom = fitted_zoom * 2  # the user zooms in on the pair: the next pair keeps that view
     widget.start()
     wait_idle(qtbot, widget, 120)
     assert "gen_001 FLAIR" in viewer.layers and viewer.layers["gen_000 FLAIR"].visible
-    assert viewer.camera.zoom == pytest.approx(fitted_zoom * 2) and "hidden" not in widget.job.status.text()
+    assert viewer.scene.camera.zoom == pytest.approx(fitted_zoom * 2) and "hidden" not in widget.job.status.text()
 
 
 def test_generate_widget_puts_joint_lesions_at_the_points_of_a_points_layer(make_napari_viewer, qtbot,

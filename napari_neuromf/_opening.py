@@ -1,0 +1,213 @@
+"""Opening volumes without holding napari's GUI thread: read in a worker, then one layer per turn of the event loop.
+
+napari calls a reader, and a sample, on its GUI thread and adds all they return in one go. For one 2 mm FLAIR that
+held the GUI ~0.3-0.35 s on a 2-core CPU (reading, the viewer's dims going from 2D to 3D ~0.1 s, the layer's
+visual and controls ~0.1-0.2 s, turning the view axial); a 1 mm scan adds ~0.3-0.5 s of reading. So while napari's
+event loop runs (File > Open, drag and drop, File > Open Sample), `open_in_turns` spreads that work: the files are
+read in a worker (napari shows it as activity), an empty viewer gets its three axial dims in a turn of their own,
+then each layer arrives in a turn of its own. A script that builds a viewer before `napari.run()` (or a test)
+calls the reader outside the event loop and gets its layers back at once, as napari's reader contract has it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import napari
+
+TURN_MS = 30  # between two steps of an opening: a turn of the event loop to draw and take input
+
+
+def event_loop_running() -> bool:
+    """Whether this call comes from inside a running Qt event loop on the GUI thread (napari's menus, drag and
+    drop, its console), where a reader may hand its layers to the viewer a turn later instead of returning them."""
+    import sys
+
+    if threading.current_thread() is not threading.main_thread() or "qtpy" not in sys.modules:
+        return False
+    from qtpy.QtCore import QCoreApplication, QThread
+
+    return QCoreApplication.instance() is not None and QThread.currentThread().loopLevel() > 0
+
+
+class Opening:
+    """One opening's layers, in its viewer's queue from the moment it is asked for, so openings keep their order (of
+    two files dropped together, a mask read first still goes above its FLAIR). ``steps`` is None while its files are
+    being read; ``tuples`` are the layers still to add, ``layers`` those added; ``then(layers)`` runs after the last
+    one; ``done`` once it has run every step (or its viewer closed)."""
+
+    def __init__(self, then: Callable[[list], Any] | None = None,
+                 add: Callable[[napari.Viewer, tuple], Any] | None = None) -> None:
+        self.steps: list[Callable[[napari.Viewer], Any]] | None = None
+        self.tuples: list[tuple] = []
+        self.layers: list = []
+        self.then = then
+        self.add = add or _add_new
+        self.done = False
+
+
+_queues: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # viewer -> its openings not yet done
+
+
+def open_in_turns(viewer: napari.Viewer, read: Callable[[], tuple[list[tuple], list[str]]], what: str) -> Opening:
+    """Run ``read`` (-> layer data tuples and error messages) in a worker (napari shows it as activity), then show
+    each error as a notification and add the layers to ``viewer`` one per turn (`add_in_turns`), after the
+    openings asked for before it."""
+    from napari.qt.threading import create_worker
+
+    viewer_ref, opening = weakref.ref(viewer), _queued(viewer, Opening())
+
+    def arrived(tuples: list[tuple], errors: list[str]) -> None:
+        _notify(errors)
+        _fill(viewer_ref, opening, tuples)
+
+    def failed(err: Exception) -> None:
+        _notify([f"{what}: unexpected error ({type(err).__name__}: {err})"])
+        _fill(viewer_ref, opening, [])
+
+    worker = create_worker(read, _progress={"total": 0, "desc": f"Opening {what}"})
+    worker.returned.connect(lambda result: arrived(*result))
+    worker.errored.connect(failed)
+    worker.start()
+    return opening
+
+
+def add_in_turns(viewer: napari.Viewer, tuples: Sequence[tuple], then: Callable[[list], Any] | None = None,
+                 add: Callable[[napari.Viewer, tuple], Any] | None = None) -> Opening:
+    """Add layer data tuples to ``viewer`` a turn of the event loop at a time, after the openings under way: an
+    empty viewer's dims turned axial first, then each layer added hidden and shown a turn later (`add`, default
+    napari's ``add_<kind>``), then ``then(layers)``."""
+    opening = _queued(viewer, Opening(then, add))
+    _fill(weakref.ref(viewer), opening, tuples)
+    return opening
+
+
+def sample_in_turns(viewer: napari.Viewer, tuples: Sequence[tuple]) -> list[tuple]:
+    """What a sample returns to napari, which adds it in the same stretch: its first layer only, hidden (napari's
+    sample contract wants at least one); showing it and the other layers follow a turn at a time."""
+    if not tuples:
+        return list(tuples)
+    data, kwargs, kind = tuples[0]
+
+    def show(viewer: napari.Viewer) -> None:
+        for layer in viewer.layers:
+            if layer.data is data:
+                layer.visible = kwargs.get("visible", True)
+
+    _fill(weakref.ref(viewer), _queued(viewer, Opening()), tuples[1:], first=[show])
+    return [(data, {**kwargs, "visible": False}, kind)]
+
+
+def adding(viewer: napari.Viewer) -> bool:
+    """Whether layers of an opening are still to come into ``viewer``."""
+    return bool(_queues.get(viewer))
+
+
+def _queued(viewer: napari.Viewer, opening: Opening) -> Opening:
+    _queues.setdefault(viewer, []).append(opening)
+    return opening
+
+
+def _fill(viewer_ref: weakref.ref, opening: Opening, tuples: Sequence[tuple],
+          first: Sequence[Callable[[napari.Viewer], Any]] = ()) -> None:
+    """The opening's steps, now that its layers are known; started when it heads its viewer's queue."""
+    steps = list(first)
+    if any(len(getattr(t[0], "shape", ())) == 3 for t in tuples):
+        steps.append(_prepare_axial)  # a no-op unless the viewer is still empty when its turn comes
+    for data_tuple in tuples:
+        steps += _add_then_show(opening, data_tuple)
+    if opening.then is not None:
+        steps.append(lambda _: opening.then(opening.layers))
+    opening.tuples, opening.steps = list(tuples), steps
+    viewer = viewer_ref()
+    queue = [] if viewer is None else _queues.get(viewer, [])
+    if queue and queue[0] is opening:
+        _schedule(viewer_ref)
+
+
+def _notify(errors: list[str]) -> None:
+    from napari.utils.notifications import show_error
+
+    for message in errors:
+        show_error(f"NeuroMF reader: {message}")
+
+
+def _prepare_axial(viewer: napari.Viewer) -> None:
+    from napari_neuromf._viewing import show_axial, view_guard
+
+    if len(viewer.layers) == 0:  # nothing arrived meanwhile
+        viewer.dims.ndim = 3
+        show_axial(viewer, view_guard(viewer).convention, letters=False)
+
+
+def _add_new(viewer: napari.Viewer, data_tuple: tuple) -> Any:
+    """napari's ``add_<kind>``, the layer's source set to its file as napari sets it for a reader's layers."""
+    data, kwargs, kind = data_tuple
+    with _file_source(((kwargs.get("metadata") or {}).get("nifti") or {}).get("path")):
+        return getattr(viewer, f"add_{kind}")(data, **kwargs)
+
+
+def _file_source(path: str | None) -> contextlib.AbstractContextManager:
+    try:
+        from napari.layers._source import layer_source  # napari's own: no public way to set a layer's source
+    except ImportError:
+        return contextlib.nullcontext()
+    from napari_neuromf._viewing import PLUGIN_NAME
+
+    return layer_source(path=str(path), reader_plugin=PLUGIN_NAME) if path else contextlib.nullcontext()
+
+
+def _add_then_show(opening: Opening, data_tuple: tuple) -> list[Callable[[napari.Viewer], Any]]:
+    """Two steps: the layer added hidden (napari makes its model, visual and controls, and repaints its lists),
+    then shown (napari slices it and the canvas draws it): each about half of a shown layer's stretch. A layer
+    `add` updated in place (a preview of the same name) keeps its visibility."""
+    data, kwargs, kind = data_tuple
+    new: list = []
+
+    def add(viewer: napari.Viewer) -> None:
+        before = {id(layer) for layer in viewer.layers}
+        layer = opening.add(viewer, (data, {**kwargs, "visible": False}, kind))
+        opening.tuples.pop(0)
+        opening.layers.append(layer)
+        new.append(layer if id(layer) not in before else None)
+
+    def show(viewer: napari.Viewer) -> None:
+        if new and new[0] is not None and new[0] in viewer.layers:
+            new[0].visible = kwargs.get("visible", True)
+
+    return [add, show]
+
+
+def _schedule(viewer_ref: weakref.ref) -> None:
+    from qtpy.QtCore import QTimer
+
+    QTimer.singleShot(TURN_MS, lambda: _next_step(viewer_ref))
+
+
+def _next_step(viewer_ref: weakref.ref) -> None:
+    """Run the next step of the viewer's first opening, then schedule the one after (also when a step raised: the
+    openings behind it still come); an opening whose files are being read holds the queue until they are."""
+    viewer = viewer_ref()
+    queue = [] if viewer is None else _queues.get(viewer, [])
+    if not queue or queue[0].steps is None:
+        return
+    try:
+        if queue[0].steps:
+            queue[0].steps.pop(0)(viewer)
+    except RuntimeError:  # the viewer's window was closed meanwhile (its Qt objects are gone)
+        for opening in queue:
+            opening.done = True
+        queue.clear()
+    finally:
+        while queue and queue[0].steps == []:
+            queue.pop(0).done = True
+        if queue and queue[0].steps:
+            _schedule(viewer_ref)
+
+
+__all__ = ["TURN_MS", "Opening", "add_in_turns", "adding", "event_loop_running", "open_in_turns", "sample_in_turns"]
