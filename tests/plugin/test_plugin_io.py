@@ -73,6 +73,11 @@ def test_mask_detection_by_name_and_values(tmp_path):
     assert read_layer(binary)[2] == "labels"  # integer data with two values
     fractional = _save(tmp_path / "prob_mask.nii.gz", np.random.default_rng(0).random((4, 4, 4)), np.eye(4))
     assert read_layer(fractional)[2] == "image"  # a probability map is not a Labels layer
+    # a skull-stripped scan named "masked", stored as integers like most clinical scans: many values, an image
+    scan = np.random.default_rng(1).integers(0, 3000, (24, 24, 24)).astype(np.int16)
+    assert read_layer(_save(tmp_path / "sub-1_FLAIR_brain_masked.nii.gz", scan, np.eye(4)))[2] == "image"
+    labels = np.random.default_rng(2).integers(0, 40, (24, 24, 24)).astype(np.int16)  # a 40-label segmentation
+    assert read_layer(_save(tmp_path / "sub-1_aseg.nii.gz", labels, np.eye(4)))[2] == "labels"
 
 
 def test_in_memory_layers_written_without_source_file(tmp_path):
