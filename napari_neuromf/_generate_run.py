@@ -262,13 +262,9 @@ class GenerateRun:
         """Record how this finished run's network steps kept to the measured rates (`neuromf.estimates`), so later
         estimates on this machine follow its pace; only a CPU run on the rates' grid, whose plan counts work in the
         rates' seconds. Returns the ratio recorded, or None."""
-        from neuromf.estimates import measured_rates, runs_on_cpu
-        from neuromf.generation.estimates import adapter_grid
+        from neuromf.generation.estimates import pace_recordable
 
-        rate = measured_rates().get("generation") or {}
-        grid = adapter_grid(self.adapter, self.mode)
-        if (self.pace is None or not runs_on_cpu(self.device) or grid is None
-                or list(grid) != list(rate.get("grid") or [])):
+        if self.pace is None or not pace_recordable(self.adapter, self.mode, self.device):
             return None
         return self.pace.record("generation", 1.0)  # the plan's work is in the rates' seconds
 

@@ -190,6 +190,13 @@ class PaceClock:
         if self.first is None:
             self.first, self.cpu_at_first = self.last, cpu_snapshot()
             return
+        self.sample_load(clock)
+
+    def sample_load(self, clock: float) -> None:
+        """The other threads runnable now (`runnable_now`), for `shared_load`: at a mark, or between two steps of a
+        job that knows its work done only at its end (a `generate` run)."""
+        if self.first is None:
+            return
         if self.sampled_at is not None and clock - self.sampled_at < PACE_SAMPLE_S:
             return  # reading every thread's /proc entry costs ~10 ms: not at every step of a fast (GPU) job
         self.sampled_at = clock
@@ -429,16 +436,41 @@ def training_estimate(config: str, cases: int, steps: int, batch_size: int, enco
 FINISH_CALLS = 9.3
 
 
-def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: bool = True, grid: Any | None = None,
-                        rates: dict[str, Any] | None = None, flair_calls: int = 1,
-                        load: tuple[float, int] | None = None, flair_passes: int = 1) -> Estimate | None:
+@dataclass
+class GenerationWork:
+    """A generation run's seconds on the rates' idle machine, by part: `load_s`, everything outside the network
+    steps of a one-pair run as the rates measured it (loading the models, the pair's finishing); `steps_s`, every
+    network step; `finish_s`, one pair's work after its last step (`FINISH_CALLS`); `passes`, the sampling
+    passes planned (a run that re-draws a mask makes more); `basis`, where the figures come from."""
+
+    pairs: int
+    load_s: float
+    steps_s: float
+    finish_s: float
+    passes: int
+    basis: str
+
+    @property
+    def total_s(self) -> float:
+        """The whole run: the rates' one-pair run holds one finishing, each further pair adds one."""
+        return self.load_s + self.steps_s + max(0, self.pairs - 1) * self.finish_s
+
+    @property
+    def after_first_step_s(self) -> float:
+        """From the run's first network step to its end (every pair's finishing included): what a run timed
+        from its first step did."""
+        return self.steps_s + self.pairs * self.finish_s
+
+
+def generation_work(pairs: int, steps: int, mode: str = "joint", render: bool = True, grid: Any | None = None,
+                    rates: dict[str, Any] | None = None, flair_calls: int = 1,
+                    flair_passes: int = 1) -> GenerationWork | None:
     """`pairs` pairs of `steps` network steps per pass: the joint pass (joint mode) and the FLAIR pass (rendered
     joint pairs, conditional and inpaint modes; `flair_passes` of them: 2 for a conditional pair whose lesion is
     drawn from the prior, placed on a lesion-free brain first), each at the measured per-step time of the shipped
-    2 mm adapters (the joint pass at its own guidance; the FLAIR pass measured at one network call per step, times
-    `flair_calls`: 2 under mask guidance, as the shipped conditional adapter's own), plus loading the models and
-    finishing each pair after the first (`FINISH_CALLS`: the measured one-pair run holds one finishing), at `load`
-    (default: now). None without a generation rate."""
+    2 mm adapters (the joint pass at its own guidance, a batch of pairs by `joint_batch_factor`; the FLAIR pass
+    measured at one network call per step, times `flair_calls`: 2 under mask guidance, as the shipped conditional
+    adapter's own), plus loading and each pair's finishing. None without a generation rate."""
     rates = measured_rates() if rates is None else rates
     rate = rates.get("generation")
     if not rate:
@@ -456,10 +488,19 @@ def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: boo
         passes = "FLAIR pass" if flair_passes == 1 else f"{flair_passes} passes (the lesion placed first)"
     passes += " without mask guidance" if flair_calls == 1 else \
         f" with {flair_calls} network calls per FLAIR step (mask guidance)"
-    finishing = max(0, pairs - 1) * FINISH_CALLS * flair_call
-    return _under_load(rate["load_s"] + pairs * per_pair + joint_work + finishing,
-                       f"{pairs} × {steps} steps, {passes}, {machine(rates, 'generation')}{note}", rates,
-                       "generation", load)
+    planned = -(-pairs // batch) + (pairs if render else 0) if mode == "joint" else pairs * flair_passes
+    return GenerationWork(pairs, float(rate["load_s"]), pairs * per_pair + joint_work, FINISH_CALLS * flair_call,
+                          planned, f"{pairs} × {steps} steps, {passes}, {machine(rates, 'generation')}{note}")
+
+
+def generation_estimate(pairs: int, steps: int, mode: str = "joint", render: bool = True, grid: Any | None = None,
+                        rates: dict[str, Any] | None = None, flair_calls: int = 1,
+                        load: tuple[float, int] | None = None, flair_passes: int = 1) -> Estimate | None:
+    """`generation_work` of such a run at `load` (default: now) and this machine's recorded pace; None without a
+    generation rate."""
+    rates = measured_rates() if rates is None else rates
+    work = generation_work(pairs, steps, mode, render, grid, rates, flair_calls, flair_passes)
+    return None if work is None else _under_load(work.total_s, work.basis, rates, "generation", load)
 
 
 def joint_batch_factor(pairs: int, rates: dict[str, Any] | None = None) -> float:
@@ -485,7 +526,7 @@ def runs_on_cpu(device: str) -> bool:
 
 
 __all__ = ["FINISH_CALLS", "NICE_WEIGHT_STEP", "OVERSUBSCRIBED", "PACE_FILE_NAME", "PACE_QUIET_LOAD", "RATES_ENV",
-           "RATES_FILE", "CpuSnapshot", "Estimate", "PaceClock", "cpu_snapshot", "current_load", "format_duration",
-           "generation_estimate", "joint_batch_factor", "load_since", "machine", "machine_pace", "mask_test_estimate",
-           "measured_rates", "pace_file", "rates_file", "record_pace", "runnable_now", "runs_on_cpu", "slowdown",
-           "torch_threads", "training_estimate", "training_step_seconds"]
+           "RATES_FILE", "CpuSnapshot", "Estimate", "GenerationWork", "PaceClock", "cpu_snapshot", "current_load",
+           "format_duration", "generation_estimate", "generation_work", "joint_batch_factor", "load_since", "machine",
+           "machine_pace", "mask_test_estimate", "measured_rates", "pace_file", "rates_file", "record_pace",
+           "runnable_now", "runs_on_cpu", "slowdown", "torch_threads", "training_estimate", "training_step_seconds"]

@@ -392,3 +392,38 @@ def test_a_joint_pass_of_several_pairs_costs_its_measured_share():
         generation_estimate(1, 8, rates=RATES, load=AS_MEASURED).seconds)  # one pair: nothing shared
     rate = measured_rates()["generation"]  # the shipped rates measured it
     assert rate["joint_batch"] >= 2 and 1.0 < rate["joint_batch_ratio"] < rate["joint_batch"]
+
+
+def test_a_cli_generate_records_this_machines_pace_from_its_first_step(tmp_path, monkeypatch, capsys,
+                                                                       conditional_run):
+    """`neuromf generate` on the CPU, on the rates' grid (here a made-up rates file on the tiny adapter's grid):
+    timed from its first network step to its last pair written, against the run's work over that span in the
+    rates' seconds, like the Generate dock; a run on another grid records nothing."""
+    import json
+
+    from neuromf.cli import main
+    from neuromf.estimates import RATES_ENV, machine_pace, pace_file
+    from neuromf.generation.estimates import adapter_grid, generation_run_work
+
+    adapter = conditional_run.export
+    rates = json.loads(json.dumps(RATES))
+    rates["generation"]["grid"] = list(adapter_grid(adapter, "conditional"))
+    (tmp_path / "rates.json").write_text(json.dumps(rates))
+    monkeypatch.setenv(RATES_ENV, str(tmp_path / "rates.json"))
+    monkeypatch.setattr("neuromf.estimates.runnable_now", lambda: 0.0)  # a quiet machine, whatever runs beside
+    args = ["generate", "--mode", "conditional", "--adapter", str(adapter), "--n", "2", "--steps", "2", "--device",
+            "cpu"]
+    assert main([*args, "--out", str(tmp_path / "pairs")]) == 0
+    runs = json.loads(pace_file().read_text())["generation"]
+    work = generation_run_work(adapter, "conditional", 2, 2, prior_lesions=True)
+    assert len(runs) == 1 and work.passes == 4  # two pairs, each its lesion placed first
+    assert runs[0]["expected_s"] == pytest.approx(work.after_first_step_s, abs=0.06)
+    assert 0 < runs[0]["taken_s"] < work.after_first_step_s and machine_pace("generation")[1] == 1
+
+    rates["generation"]["grid"] = [96, 96, 96]  # the tiny adapter is not on the rates' grid: no pace
+    (tmp_path / "rates.json").write_text(json.dumps(rates))
+    from neuromf.estimates import _read
+
+    _read.cache_clear()
+    assert main([*args, "--out", str(tmp_path / "more"), "--seed", "1"]) == 0
+    assert len(json.loads(pace_file().read_text())["generation"]) == 1

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from neuromf.cli._common import COUNT, SCALE, SEED, STEPS, AddCommand, expected_time, number, say_once
 from neuromf.config import SAMPLERS
@@ -49,7 +52,7 @@ def cmd_generate(args) -> int:
         raise SystemExit("generate: --joint-guidance guides a joint adapter's masks (--mode joint)")
     if args.mask_draws is not None and mode != "joint":
         raise SystemExit("generate: --mask-draws re-draws a joint adapter's small masks (--mode joint)")
-    expected = None
+    expected = pace = None
     if mode != "base":
         from neuromf.generation.estimates import generation_run_estimate
 
@@ -57,15 +60,16 @@ def cmd_generate(args) -> int:
         expected = expected_time(lambda: generation_run_estimate(args.adapter, mode, pairs, args.steps, args.render,
                                                                  args.guidance, prior_lesions=not args.mask),
                                  args.device)
+        pace = RunPace.of(args, mode, pairs)
     from neuromf.train.run_dir import output_folder
 
     with output_folder(Path(args.out), _run_identity(args, mode), overwrite=args.overwrite) as record:
         if mode == "conditional":
-            paths = _generate_conditional(args, expected)
+            paths = _generate_conditional(args, expected, pace)
         elif mode == "joint":
             from neuromf.generation.joint import MASK_DRAWS, write_generated_pairs
 
-            with step_bar("joint pairs", expected) as on_step:
+            with step_bar("joint pairs", expected, pace) as on_step:
                 paths = write_generated_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed,
                                               args.device, args.sampler, args.render, args.guidance,
                                               args.joint_guidance, args.site, on_step, texture=args.texture,
@@ -74,8 +78,51 @@ def cmd_generate(args) -> int:
             paths = write_generated_images(args.checkpoint, Path(args.out), args.n, args.steps, args.seed,
                                            args.device, args.sampler)
         record(paths)
+    if pace is not None:
+        pace.finished()
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
+
+
+@dataclass
+class RunPace:
+    """This machine's pace in a `generate` run, recorded as the Generate dock records its own
+    (`neuromf.estimates.record_pace`): timed from the first network step to the last pair written, against the run's
+    work in the rates' seconds over that span (`GenerationWork.after_first_step_s`). Only a run that made the
+    passes planned records (a re-drawn mask is work the plan did not count), and none that shared the machine."""
+
+    clock: Any  # neuromf.estimates.PaceClock
+    work_s: float
+    passes_planned: int
+    passes: int = 0
+
+    @classmethod
+    def of(cls, args, mode: str, pairs: int) -> RunPace | None:
+        """For a CPU run on the rates' grid with a rate; None otherwise."""
+        from neuromf.estimates import PaceClock, current_load
+        from neuromf.generation.estimates import generation_run_work, pace_recordable
+
+        if not pace_recordable(args.adapter, mode, args.device):
+            return None
+        work = generation_run_work(args.adapter, mode, pairs, args.steps, args.render, args.guidance,
+                                   prior_lesions=not args.mask)
+        return None if work is None else cls(PaceClock(current_load()), work.after_first_step_s, work.passes)
+
+    def step(self, i: int) -> None:
+        """Network step `i` of a pass (1 starts one), between two network calls."""
+        now = time.perf_counter()
+        self.passes += i == 1
+        if self.clock.first is None:
+            self.clock.mark(now, 0.0)
+        else:
+            self.clock.sample_load(now)
+
+    def finished(self) -> float | None:
+        """The run's pairs are written: record its pace; the ratio recorded, or None."""
+        if self.passes != self.passes_planned:
+            return None
+        self.clock.mark(time.perf_counter(), self.work_s)
+        return self.clock.record("generation", 1.0)
 
 
 def _fill_sampling(args, mode: str) -> None:
@@ -109,9 +156,9 @@ def _run_identity(args, mode: str) -> dict:
                if args.mask_source == "joint" else {})}
 
 
-def _generate_conditional(args, expected: str | None = None) -> list[Path]:
+def _generate_conditional(args, expected: str | None = None, pace: RunPace | None = None) -> list[Path]:
     """FLAIRs for `--mask` files (on each mask's own model-grid window) or for masks drawn from the prior;
-    `expected`: the run's expected time, said at its first network step."""
+    `expected`: the run's expected time, said at its first network step; `pace` follows the steps."""
     from neuromf.generation.conditional import write_conditional_pairs
     from neuromf.io.nifti import preprocess_mask
     from neuromf.models.adapter_meta import adapter_meta
@@ -121,17 +168,18 @@ def _generate_conditional(args, expected: str | None = None) -> list[Path]:
         prep = adapter_meta(args.adapter, "conditional").prep
         volumes = [preprocess_mask(path, prep, args.image) for path in args.mask]
         masks, affines = [v.data[0].numpy() for v in volumes], [v.affine for v in volumes]
-    with step_bar("conditional pairs", expected) as on_step:
+    with step_bar("conditional pairs", expected, pace) as on_step:
         return write_conditional_pairs(args.adapter, Path(args.out), args.n, args.steps, args.seed, args.device,
                                        masks, affines, args.sampler, args.guidance, on_step, texture=args.texture)
 
 
 @contextlib.contextmanager
-def step_bar(what: str, expected: str | None = None) -> Iterator[Callable[[int, int], None]]:
+def step_bar(what: str, expected: str | None = None,
+             pace: RunPace | None = None) -> Iterator[Callable[[int, int], None]]:
     """A tqdm bar of network steps for `on_step(i, n)`: it restarts at each sampling pass (a joint batch, a
     rendered FLAIR, a conditional placement pass), so a long 2 mm pass shows progress step by step. `expected`
     (the run's expected time) is said at the first network step: once the inputs are accepted and the models
-    loaded, so that a refused input prints its error alone."""
+    loaded, so that a refused input prints its error alone; `pace` (the run's `RunPace`) sees every step."""
     from tqdm import tqdm
 
     bar = tqdm(desc=f"{what}: network steps", unit="step", dynamic_ncols=True)
@@ -140,6 +188,8 @@ def step_bar(what: str, expected: str | None = None) -> Iterator[Callable[[int, 
 
     def on_step(i: int, n: int) -> None:
         say()
+        if pace is not None:
+            pace.step(i)
         if i == 1:
             passes[0] += 1
             bar.reset(total=n)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neuromf.estimates import Estimate, generation_estimate
+from neuromf.estimates import Estimate, GenerationWork, generation_estimate, generation_work
 
 
 def adapter_grid(adapter: str | Path, mode: str) -> tuple[int, ...] | None:
@@ -38,15 +38,40 @@ def flair_calls_per_step(adapter: str | Path, mode: str, render: str | Path | No
     return network_calls_per_run(1, scale)
 
 
+def pace_recordable(adapter: str | Path, mode: str, device: str) -> bool:
+    """Whether a finished generation run may record this machine's pace (`neuromf.estimates.record_pace`): a CPU
+    run on the grid the rates were measured on, whose work is then counted in the rates' seconds."""
+    from neuromf.estimates import measured_rates, runs_on_cpu
+
+    grid = adapter_grid(adapter, mode)
+    rate = measured_rates().get("generation") or {}
+    return runs_on_cpu(device) and grid is not None and list(grid) == list(rate.get("grid") or [])
+
+
+def _run_settings(adapter: str | Path, mode: str, render: str | Path | None, guidance: float | None,
+                  prior_lesions: bool) -> dict:
+    """`generation_work`'s settings of a run, read from its adapters' sidecars."""
+    return {"render": bool(render), "grid": adapter_grid(adapter, mode),
+            "flair_calls": flair_calls_per_step(adapter, mode, render, guidance),
+            "flair_passes": 2 if mode == "conditional" and prior_lesions else 1}
+
+
+def generation_run_work(adapter: str | Path, mode: str, pairs: int, steps: int, render: str | Path | None = None,
+                        guidance: float | None = None, prior_lesions: bool = False) -> GenerationWork | None:
+    """`generation_work` of a run with these settings, as `generate` and the Generate widget take them: the
+    adapter's grid and its FLAIR pass's network calls read from the sidecars (`render`: the conditional adapter of
+    a rendered joint run); `prior_lesions`: conditional pairs whose lesions are drawn from the prior (two passes)."""
+    return generation_work(pairs, steps, mode, **_run_settings(adapter, mode, render, guidance, prior_lesions))
+
+
 def generation_run_estimate(adapter: str | Path, mode: str, pairs: int, steps: int, render: str | Path | None = None,
                             guidance: float | None = None, prior_lesions: bool = False,
                             load: tuple[float, int] | None = None) -> Estimate | None:
-    """`generation_estimate` of a run with these settings, as `generate` and the Generate widget take them: the
-    adapter's grid and its FLAIR pass's network calls read from the sidecars (`render`: the conditional adapter of
-    a rendered joint run); `prior_lesions`: conditional pairs whose lesions are drawn from the prior (two passes)."""
-    return generation_estimate(pairs, steps, mode, render=bool(render), grid=adapter_grid(adapter, mode),
-                               flair_calls=flair_calls_per_step(adapter, mode, render, guidance), load=load,
-                               flair_passes=2 if mode == "conditional" and prior_lesions else 1)
+    """`generation_run_work` at `load` (default: now) and this machine's recorded pace, as `generation_estimate`
+    says it."""
+    return generation_estimate(pairs, steps, mode, load=load,
+                               **_run_settings(adapter, mode, render, guidance, prior_lesions))
 
 
-__all__ = ["adapter_grid", "flair_calls_per_step", "generation_run_estimate"]
+__all__ = ["adapter_grid", "flair_calls_per_step", "generation_run_estimate", "generation_run_work",
+           "pace_recordable"]
