@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -45,6 +46,7 @@ def test_old_sidecar_without_mode_and_with_unknown_entries_loads(tmp_path):
     (lambda d: d.update(mode="conditional", kind="neuromf_controlnet_adapter"), "lacks its 'controlnet'"),
     (lambda d: d.update(inpaint_guidance=-1), "'inpaint_guidance' must be a number >= 0"),
     (lambda d: d.update(inpaint_guidance="high"), "'inpaint_guidance' must be a finite number or null"),
+    (lambda d: d.update(render_guidance=-0.5), "'render_guidance' must be a number >= 0"),
 ])
 def test_bad_sidecars_name_file_and_problem(tmp_path, edit, match):
     values = _joint().to_dict()
@@ -53,6 +55,16 @@ def test_bad_sidecars_name_file_and_problem(tmp_path, edit, match):
     with pytest.raises(WeightFileError, match=match) as info:
         AdapterMeta.load(tmp_path)
     assert str(tmp_path / SIDECAR) in str(info.value)
+
+
+def test_each_use_of_a_conditional_adapter_has_its_own_guidance_falling_back_to_guidance():
+    """Rendering a joint mask's FLAIR and inpainting each take their own sidecar guidance where one was measured,
+    else the adapter's `guidance`; a guidance given explicitly wins over both."""
+    plain = replace(_joint(), guidance=1.3)
+    assert (plain.guidance_scale(), plain.render_guidance_scale(), plain.inpaint_guidance_scale()) == (1.3,) * 3
+    tuned = replace(plain, render_guidance=1.2, inpaint_guidance=1.1)
+    assert (tuned.guidance_scale(), tuned.render_guidance_scale(), tuned.inpaint_guidance_scale()) == (1.3, 1.2, 1.1)
+    assert tuned.render_guidance_scale(1.0) == 1.0 and tuned.inpaint_guidance_scale(2.0) == 2.0
 
 
 def test_missing_and_unreadable_sidecar(tmp_path):
@@ -67,7 +79,9 @@ def test_shipped_adapters_load_through_the_dataclass():
     joint, conditional = adapter_meta("embedded", "joint"), adapter_meta("embedded", "conditional")
     assert joint.mode == "joint" and joint.strategy in ("vae", "downsample", "sdf") and joint.n_mask > 0
     assert conditional.mode == "conditional" and conditional.controlnet["in_channels"] == 4
-    # the 2 mm conditional adapter inpaints and generates at the mask guidances measured (apart) on tiled decodes
+    # the 2 mm conditional adapter inpaints, generates and renders joint masks at the mask guidances measured (each
+    # apart) on tiled decodes
     assert (conditional.inpaint_guidance_scale(), conditional.guidance_scale()) == (1.3, 1.3)
+    assert conditional.render_guidance_scale() == 1.2
     assert generation_mode(resolve_adapter_dir("embedded", "conditional")) == "conditional"
     assert generation_mode(resolve_adapter_dir("embedded", "joint")) == "joint"

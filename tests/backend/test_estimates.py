@@ -209,7 +209,7 @@ def test_the_load_a_job_shared_the_machine_with_leaves_its_own_threads_out(tmp_p
 
 
 def test_a_run_estimate_reads_the_adapters_grid_and_guidance_from_their_sidecars():
-    """The shipped 2 mm adapters: a 96³ grid (no scaling) and the renderer's own mask guidance 1.3, two network
+    """The shipped 2 mm adapters: a 96³ grid (no scaling) and the renderer's own mask guidance (1.2), two network
     calls per FLAIR step; a prior-drawn conditional lesion doubles the FLAIR work; an unreadable adapter falls back
     to the plain rate rather than failing an estimate."""
     from neuromf.estimates import generation_estimate, measured_rates

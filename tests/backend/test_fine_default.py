@@ -181,4 +181,5 @@ def test_fine_joint_adapter_draws_masks_that_the_conditional_adapter_renders():
     assert plain.image.shape == plain.mask.shape == rendered.image.shape == (96, 96, 96)
     assert np.array_equal(plain.mask, rendered.mask) and not np.allclose(plain.image, rendered.image, atol=1e-3)
     assert rendered.meta["rendered_by"].endswith("cond_fine")
-    assert rendered.meta["guidance"] == adapter_meta("embedded", "conditional").guidance == 1.3  # the renderer's own
+    # the renderer's own guidance for joint masks, chosen apart from its conditional one
+    assert rendered.meta["guidance"] == adapter_meta("embedded", "conditional").render_guidance_scale() == 1.2

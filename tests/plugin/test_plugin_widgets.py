@@ -897,7 +897,7 @@ def test_time_estimates_show_before_jobs_start(make_napari_viewer, qtbot, tmp_pa
     assert measured_rates() == TEST_RATES
     viewer = make_napari_viewer()
     generate = ready(qtbot, GenerateWidget(viewer))
-    # the shipped renderer's own mask guidance (1.3): two network calls per FLAIR step
+    # the shipped renderer's own mask guidance for joint masks (1.2): two network calls per FLAIR step
     one = generation_estimate(1, 32, "joint", render=True, grid=(96, 96, 96), flair_calls=2)
     qtbot.waitUntil(lambda: generate.estimate.text() == f"Expected time: {one.describe()}", timeout=5000)
     assert DEFAULT_ADAPTER == generate.adapter.text() and "joint + FLAIR passes" in one.basis

@@ -309,8 +309,8 @@ def register(add: AddCommand) -> None:
                    help="conditional mode and --render: mask guidance u_empty + S (u_mask - u_empty), the empty mask "
                         "as the unconditional branch (1 = none; > 1 renders the lesion more strongly, two model "
                         "calls per step); default: the adapter's own (its sidecar's 'guidance', 1 unless set; "
-                        "inpaint mode: its 'inpaint_guidance' where set; 1.3 for the shipped 2 mm adapter in "
-                        "every mode)")
+                        "inpaint mode: its 'inpaint_guidance', rendering joint masks: its 'render_guidance', where "
+                        "set; for the shipped 2 mm adapter 1.3, and 1.2 rendering joint masks)")
     p.add_argument("--joint-guidance", type=SCALE, default=None, metavar="S",
                    help="joint mode (x-prediction adapters): the mask estimate guided against the empty mask's path "
                         "from the same noise, x_empty + S (x - x_empty) (1 = none; > 1 commits more strongly to a "

@@ -34,7 +34,8 @@ def flair_calls_per_step(adapter: str | Path, mode: str, render: str | Path | No
         meta = AdapterMeta.load(resolve_adapter_dir(conditional, "conditional"))
     except Exception:  # any unreadable or half-typed adapter: the plain rate
         return 1
-    scale = meta.inpaint_guidance_scale(guidance) if mode == "inpaint" else meta.guidance_scale(guidance)
+    scale = {"inpaint": meta.inpaint_guidance_scale, "joint": meta.render_guidance_scale}.get(
+        mode, meta.guidance_scale)(guidance)
     return network_calls_per_run(1, scale)
 
 

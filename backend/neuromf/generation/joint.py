@@ -140,7 +140,7 @@ def generate_pairs(adapter: str | Path = "embedded", n: int = 4, steps: int = 1,
     renderer = load_renderer(render, joint.meta, dev) if render is not None else None
     rendering = {}  # what each rendered pair records
     if renderer is not None:
-        guidance = renderer.meta.guidance_scale(guidance)
+        guidance = renderer.meta.render_guidance_scale(guidance)
         rendering = {"rendered_by": str(resolve_adapter_dir(render, "conditional")), "guidance": guidance}
     prep = joint.meta.prep
     affine = model_grid_affine(prep.shape, prep.spacing)

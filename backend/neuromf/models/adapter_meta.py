@@ -76,6 +76,9 @@ class AdapterMeta:
     # a conditional adapter's mask guidance for inpainting into a real scan, where it was measured apart from
     # `guidance` (the lesion there is generated in a real scan's context); None: `guidance`
     inpaint_guidance: float | None = None
+    # a conditional adapter's mask guidance when it renders the FLAIR for a joint model's mask, measured apart from
+    # `guidance` (joint masks are drawn, not the prior's training lesions); None: `guidance`
+    render_guidance: float | None = None
     # how generation samples unless told otherwise (set where measured): {"sampler", "steps", "render": a
     # conditional adapter that renders a joint pair's FLAIR}; None: one MeanFlow step, no rendering
     sampling: dict[str, Any] | None = None
@@ -95,6 +98,13 @@ class AdapterMeta:
         if guidance is not None:
             return guidance
         return self.guidance if self.inpaint_guidance is None else self.inpaint_guidance
+
+    def render_guidance_scale(self, guidance: float | None = None) -> float:
+        """The mask guidance to render a joint mask's FLAIR with: `guidance`, else this adapter's
+        `render_guidance`, else its `guidance`."""
+        if guidance is not None:
+            return guidance
+        return self.guidance if self.render_guidance is None else self.render_guidance
 
     def sampling_settings(self, sampler: str | None = None, steps: int | None = None,
                           render: str | Path | None = OWN) -> tuple[str, int, str | Path | None]:
@@ -161,7 +171,7 @@ class AdapterMeta:
         meta = cls(**{k: v for k, v in values.items() if k in names})
         if not isinstance(meta.channels, dict) or {"image", "mask"} - set(meta.channels):
             raise WeightFileError(f"{source}: adapter sidecar's 'channels' must hold 'image' and 'mask' counts")
-        for name in ("guidance", "inpaint_guidance"):
+        for name in ("guidance", "inpaint_guidance", "render_guidance"):
             scale = getattr(meta, name)
             if (scale is not None or name == "guidance") and (isinstance(scale, bool) or not isinstance(
                     scale, (int, float)) or not math.isfinite(scale) or scale < 0):
