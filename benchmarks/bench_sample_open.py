@@ -3,8 +3,9 @@
 Each version (`--before REV`: that commit's `napari_neuromf`, taken with `git archive`; `after`: this working
 tree) runs in its own napari process, the two interleaved round by round (order swapped every round) so drifting
 machine load hits both alike. In each process, after napari's own first use (an image, a labels and a text
-points layer added and cleared), each action runs `--opens` times into an empty viewer, called from inside a
-running Qt event loop as napari's menus and drag and drop call it in the app:
+points layer added and cleared), each action runs `--opens` times into an empty viewer, through napari's own GUI
+entry points (`QtViewer._qt_open`, the sample menu's `_add_sample`) from inside a running Qt event loop, as in
+the app:
 
 - `sample`: File > Open Sample > the phantom case (FLAIR + lesion); `pair_sample`: the pre-made generated pair;
 - `pair_over_scan`: the generated pair opened over the phantom case (another grid: the pair is shown alone);
@@ -83,12 +84,15 @@ def _measure(opens: int, dock: bool) -> dict:
 
     flair, roi = phantom_case_paths()
     fine = _one_mm_copy(flair)
-    actions = {"sample": lambda: viewer.open_sample("napari-neuromf", "fcd_phantom_case"),
-               "pair_sample": lambda: viewer.open_sample("napari-neuromf", "generated_pair"),
-               "pair_over_scan": lambda: viewer.open_sample("napari-neuromf", "generated_pair"),
-               "file_open": lambda: viewer.open(str(flair), plugin="napari-neuromf"),
-               "file_open_pair": lambda: viewer.open([str(flair), str(roi)], plugin="napari-neuromf"),
-               "file_open_1mm": lambda: viewer.open(str(fine), plugin="napari-neuromf")}
+    from napari._qt._qplugins._qnpe2 import _add_sample  # what File > Open Sample's items call
+
+    qt_viewer = viewer.window._qt_viewer  # its _qt_open: what File > Open and drag and drop call
+    actions = {"sample": lambda: _add_sample(qt_viewer, "napari-neuromf", "fcd_phantom_case"),
+               "pair_sample": lambda: _add_sample(qt_viewer, "napari-neuromf", "generated_pair"),
+               "pair_over_scan": lambda: _add_sample(qt_viewer, "napari-neuromf", "generated_pair"),
+               "file_open": lambda: qt_viewer._qt_open([str(flair)], stack=False),
+               "file_open_pair": lambda: qt_viewer._qt_open([str(flair), str(roi)], stack=False),
+               "file_open_1mm": lambda: qt_viewer._qt_open([str(fine)], stack=False)}
     setups = {"pair_over_scan": lambda: viewer.open_sample("napari-neuromf", "fcd_phantom_case")}  # not timed
     if dock:
         widget, pair = generate_dock_with_pair(viewer, spin)

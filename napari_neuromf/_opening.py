@@ -1,12 +1,13 @@
 """Opening volumes without holding napari's GUI thread: read in a worker, then one layer per turn of the event loop.
 
 napari calls a reader, and a sample, on its GUI thread and adds all they return in one go. For one 2 mm FLAIR that
-held the GUI ~0.3-0.35 s on a 2-core CPU (reading, the viewer's dims going from 2D to 3D ~0.1 s, the layer's
-visual and controls ~0.1-0.2 s, turning the view axial); a 1 mm scan adds ~0.3-0.5 s of reading. So while napari's
-event loop runs (File > Open, drag and drop, File > Open Sample), `open_in_turns` spreads that work: the files are
-read in a worker (napari shows it as activity), an empty viewer gets its three axial dims in a turn of their own,
-then each layer arrives in a turn of its own. A script that builds a viewer before `napari.run()` (or a test)
-calls the reader outside the event loop and gets its layers back at once, as napari's reader contract has it.
+held the GUI ~0.3-0.35 s on a 2-core CPU (reading, the viewer's dims going from 2D to 3D ~0.1 s, the layer's visual
+and controls ~0.1-0.2 s, turning the view axial); a 1 mm scan adds ~0.3-0.5 s of reading. So when napari's GUI opens
+something (File > Open, drag and drop, File > Open Sample), `open_in_turns` spreads that work: the files are read in
+a worker (napari shows it as activity), an empty viewer gets its three axial dims in a turn of their own, then each
+layer arrives in a turn of its own. Only napari's own GUI actions go this way (`opened_from_the_gui`): a script, a
+notebook or napari's console that calls ``viewer.open`` gets its layers back at once, as napari's reader contract
+has it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -23,16 +25,32 @@ if TYPE_CHECKING:
 TURN_MS = 30  # between two steps of an opening: a turn of the event loop to draw and take input
 
 
-def event_loop_running() -> bool:
-    """Whether this call comes from inside a running Qt event loop on the GUI thread (napari's menus, drag and
-    drop, its console), where a reader may hand its layers to the viewer a turn later instead of returning them."""
+# napari's own GUI entry points that open files and samples (File > Open and drag and drop, the reader dialog,
+# File > Open Sample), as (function, file): a call from one of them hands its layers over in later turns. A call
+# from anywhere else (a script, a notebook, napari's console, a test) gets its layers back at once, as napari's
+# reader and sample contracts have it; so does every call if a napari version renames these.
+GUI_OPENERS = (("_qt_open", "qt_viewer.py"), ("open_with_dialog_choices", "qt_reader_dialog.py"),
+               ("_add_sample", "_qnpe2.py"))
+
+
+def opened_from_the_gui() -> bool:
+    """Whether this call comes from napari's GUI opening a file or a sample (`GUI_OPENERS` on the call stack),
+    inside its running Qt event loop on the GUI thread: then the layers may come a turn later."""
     import sys
 
     if threading.current_thread() is not threading.main_thread() or "qtpy" not in sys.modules:
         return False
     from qtpy.QtCore import QCoreApplication, QThread
 
-    return QCoreApplication.instance() is not None and QThread.currentThread().loopLevel() > 0
+    if QCoreApplication.instance() is None or QThread.currentThread().loopLevel() < 1:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if any(code.co_name == name and Path(code.co_filename).name == file for name, file in GUI_OPENERS):
+            return "napari" in Path(code.co_filename).parts
+        frame = frame.f_back
+    return False
 
 
 class Opening:
@@ -210,4 +228,5 @@ def _next_step(viewer_ref: weakref.ref) -> None:
             _schedule(viewer_ref)
 
 
-__all__ = ["TURN_MS", "Opening", "add_in_turns", "adding", "event_loop_running", "open_in_turns", "sample_in_turns"]
+__all__ = ["GUI_OPENERS", "TURN_MS", "Opening", "add_in_turns", "adding", "open_in_turns", "opened_from_the_gui",
+           "sample_in_turns"]

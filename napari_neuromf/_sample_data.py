@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from napari_neuromf._layers import LayerDataError, case_layers, load_nifti, pair_layers
-from napari_neuromf._opening import event_loop_running, sample_in_turns
+from napari_neuromf._opening import opened_from_the_gui, sample_in_turns
 from napari_neuromf._viewing import guard_current_viewer
 from neuromf.weights import sample_data_root  # no torch import: the module reads tensors lazily
 
@@ -54,10 +54,10 @@ def fcd_phantom_case() -> list:
 
 
 def _delivered(layers: list) -> list:
-    """A sample's layers for napari: all of them, or, from napari's running event loop (File > Open Sample), the
+    """A sample's layers for napari: all of them, or, from napari's GUI (File > Open Sample), the
     first hidden and the rest in later turns (`_opening.sample_in_turns`: the GUI is not held for all of them)."""
     viewer = guard_current_viewer()
-    return sample_in_turns(viewer, layers) if viewer is not None and event_loop_running() else layers
+    return sample_in_turns(viewer, layers) if viewer is not None and opened_from_the_gui() else layers
 
 
 def _sample_pair(mode: str) -> list:

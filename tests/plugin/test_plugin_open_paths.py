@@ -168,10 +168,14 @@ def test_file_open_in_the_running_app_reads_in_a_worker_and_adds_a_layer_per_tur
     seen = notes()
     insertions, timer = _record_insertions(viewer)
     paths = [str(image_path), str(broken), str(mask_path)]
-    returned = in_running_gui(lambda: viewer.open(paths, plugin="napari-neuromf"),
-                              lambda: _opened(viewer))
+
+    def file_open() -> int:
+        viewer.window._qt_viewer._qt_open(paths, stack=False)  # what File > Open and a drop call
+        return len(viewer.layers)
+
+    returned = in_running_gui(file_open, lambda: _opened(viewer))
     timer.stop()
-    assert returned == [[]]  # nothing added in the call itself: the layers came in later turns
+    assert returned == [0]  # nothing added in the call itself: the layers came in later turns
     assert [layer.name for layer in data_layers(viewer)] == ["lps_FLAIR", "lps_FLAIR_roi"]
     assert all(layer.visible for layer in data_layers(viewer)) and is_view_aid(viewer.layers[-1])
     added = {name: (tick, visible) for tick, name, visible in insertions}
@@ -186,15 +190,32 @@ def test_file_open_in_the_running_app_reads_in_a_worker_and_adds_a_layer_per_tur
     assert np.asarray(lesion.data)[:, :, int(round(lesion.world_to_data(viewer.dims.point)[2]))].any()
 
 
+def test_a_script_in_the_running_app_gets_its_layers_at_once(viewer, qtbot, tmp_path):
+    """`viewer.open` from code running inside the event loop (a notebook cell, napari's console) is not napari's
+    GUI opening a file: it returns the layers, as napari's reader contract has it."""
+    image_path, mask_path, _ = _lps_case(tmp_path)
+    returned = in_running_gui(lambda: [layer.name for layer in viewer.open([str(image_path), str(mask_path)],
+                                                                            plugin="napari-neuromf")],
+                              lambda: True)
+    assert returned == [["lps_FLAIR", "lps_FLAIR_roi"]]
+    assert all(layer.visible for layer in data_layers(viewer))
+    _assert_axial_radiological(viewer, qtbot)
+
+
 def test_a_sample_in_the_running_app_comes_a_layer_per_turn(viewer, qtbot):
     """File > Open Sample in the running app: napari gets the FLAIR only, hidden (a sample must return a layer);
     showing it and the lesion follow in later turns, the lesion above the FLAIR, the view on the lesion."""
+    from napari._qt._qplugins._qnpe2 import _add_sample  # what the menu item calls
 
     insertions, timer = _record_insertions(viewer)
-    returned = in_running_gui(lambda: viewer.open_sample("napari-neuromf", "generated_pair"),
-                              lambda: _opened(viewer))
+
+    def open_sample() -> list:
+        _add_sample(viewer.window._qt_viewer, "napari-neuromf", "generated_pair")
+        return [(layer.name, layer.visible) for layer in viewer.layers]
+
+    returned = in_running_gui(open_sample, lambda: _opened(viewer))
     timer.stop()
-    assert [layer.name for layer in returned[0]] == ["gen_000 FLAIR"]
+    assert returned == [[("gen_000 FLAIR", False)]]
     assert [layer.name for layer in data_layers(viewer)] == ["gen_000 FLAIR", "gen_000 lesion"]
     assert all(layer.visible for layer in data_layers(viewer))
     added = {name: tick for tick, name, _ in insertions}
