@@ -284,6 +284,9 @@ def test_a_cli_training_of_a_packaged_config_says_its_time_and_keeps_a_pace_cloc
 
     (tmp_path / "rates.json").write_text(json.dumps(RATES))
     monkeypatch.setenv(RATES_ENV, str(tmp_path / "rates.json"))
+    # one load for both estimates compared below: the machine's own load moves between two readings (a CI run
+    # said "×1.5 at load 2.0" in one and nothing in the other)
+    monkeypatch.setattr("neuromf.estimates.current_load", lambda: (1.0, 2))
     cfg = load_config("joint_3mm", {"training.device": "cpu", "training.batch_size": 4})
     expected, (clock, per_step) = _timing(Namespace(config="joint_3mm", resume=False), cfg)
     assert isinstance(clock, PaceClock) and clock.load is not None and per_step == pytest.approx(4.0 * 4 / 8)
