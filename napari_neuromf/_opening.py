@@ -81,11 +81,11 @@ def open_in_turns(viewer: napari.Viewer, read: Callable[[], tuple[list[tuple], l
     viewer_ref, opening = weakref.ref(viewer), _queued(viewer, Opening())
 
     def arrived(tuples: list[tuple], errors: list[str]) -> None:
-        _notify(errors)
+        notify_unreadable(errors)
         _fill(viewer_ref, opening, tuples)
 
     def failed(err: Exception) -> None:
-        _notify([f"{what}: unexpected error ({type(err).__name__}: {err})"])
+        notify_unreadable([f"{what}: unexpected error ({type(err).__name__}: {err})"])
         _fill(viewer_ref, opening, [])
 
     worker = create_worker(read, _progress={"total": 0, "desc": f"Opening {what}"})
@@ -148,7 +148,8 @@ def _fill(viewer_ref: weakref.ref, opening: Opening, tuples: Sequence[tuple],
         _schedule(viewer_ref)
 
 
-def _notify(errors: list[str]) -> None:
+def notify_unreadable(errors: list[str]) -> None:
+    """One error notification per file the reader could not read (its path and the problem)."""
     from napari.utils.notifications import show_error
 
     for message in errors:
@@ -228,5 +229,5 @@ def _next_step(viewer_ref: weakref.ref) -> None:
             _schedule(viewer_ref)
 
 
-__all__ = ["GUI_OPENERS", "TURN_MS", "Opening", "add_in_turns", "adding", "open_in_turns", "opened_from_the_gui",
-           "sample_in_turns"]
+__all__ = ["GUI_OPENERS", "TURN_MS", "Opening", "add_in_turns", "adding", "notify_unreadable", "open_in_turns",
+           "opened_from_the_gui", "sample_in_turns"]

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from napari_neuromf._layers import LayerDataError, is_nifti_path, read_layer
-from napari_neuromf._opening import open_in_turns, opened_from_the_gui
+from napari_neuromf._opening import notify_unreadable, open_in_turns, opened_from_the_gui
 from napari_neuromf._viewing import guard_current_viewer
 
 PathOrPaths = str | Sequence[str]
@@ -29,16 +29,13 @@ def read_nifti_files(path: PathOrPaths, **_: object) -> list:
     Open, drag and drop, the reader dialog), the files are read in a worker and their layers added a turn at a
     time (``_opening``), and the sentinel is returned at once: the GUI is never held for the whole opening.
     """
-    from napari.utils.notifications import show_error
-
     viewer = guard_current_viewer()
     paths = [path] if isinstance(path, str | Path) else list(path)
     if viewer is not None and opened_from_the_gui():
         open_in_turns(viewer, lambda: read_files(paths), ", ".join(Path(p).name for p in paths))
         return [(None,)]
     layers, errors = read_files(paths)
-    for message in errors:
-        show_error(f"NeuroMF reader: {message}")
+    notify_unreadable(errors)
     return layers or [(None,)]
 
 
