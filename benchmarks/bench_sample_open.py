@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     REPO_ROOT,
     RESULTS_DIR,
+    compact_json,
     generate_dock_with_pair,
     gui_thread_ticks,
     warmed_napari_viewer,
@@ -220,7 +221,7 @@ def main() -> None:
                       "wall_s": round(time.time() - started, 1),
                       "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(compact_json(result) + "\n")
     print(json.dumps({"timing_ms": {v: {a: {k: t[k]["median"] for k in t} for a, t in acts.items()}
                                     for v, acts in timing.items()}, "ratios": ratios}, indent=2))
 

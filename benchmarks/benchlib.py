@@ -227,6 +227,17 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def compact_json(obj: Any) -> str:
+    """JSON with one-space indents and every list of plain numbers or strings on one line: the results stay
+    readable and small (the repository's tracked files have a size budget)."""
+    import re
+
+    text = json.dumps(obj, indent=1, default=_json_default)
+    flat = r"-?[0-9.eE+-]+|null|true|false|\"[^\"\n]*\""
+    one_line_list = rf"\[\s*((?:(?:{flat}),\s*)*(?:{flat}))\s*\]"
+    return re.sub(one_line_list, lambda m: json.dumps(json.loads(m.group(0))), text)
+
+
 def finish(result: dict[str, Any], out: Path, started: float) -> dict[str, Any]:
     """Add run time and end load, write `out`, print the JSON."""
     result.setdefault("env", {})
@@ -243,7 +254,7 @@ def finish(result: dict[str, Any], out: Path, started: float) -> dict[str, Any]:
         result["pass"] = all(t["pass"] for t in targets.values())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2, default=_json_default)
+    text = compact_json(result)
     out.write_text(text + "\n")
     print(text)
     print(f"written: {out}", file=sys.stderr)

@@ -6,6 +6,7 @@ widget construction; ``when_backend_ready`` imports the backend once, in a worke
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_neuromf import _environment, _jobs, _state
-from napari_neuromf._opening import TURN_MS, add_in_turns
+from napari_neuromf._opening import TURN_MS, add_in_turns, insert_layer
 from napari_neuromf._viewing import is_view_aid
 
 if TYPE_CHECKING:
@@ -407,7 +408,8 @@ def add_layers(widget: QWidget, tuples: list, then: Callable[[list], None] | Non
     """
     openings: list = widget.__dict__.setdefault("_openings", [])
     openings[:] = [opening for opening in openings if not opening.done]
-    openings.append(add_in_turns(widget.viewer, tuples, then=then, add=add_layer))
+    add = functools.partial(add_layer, hold_overlays=True)
+    openings.append(add_in_turns(widget.viewer, tuples, then=then, add=add))
 
 
 def layers_pending(widget: QWidget) -> bool:
@@ -420,8 +422,9 @@ def pending_layer_tuples(widget: QWidget) -> list[tuple]:
     return [t for opening in widget.__dict__.get("_openings", []) if not opening.done for t in opening.tuples]
 
 
-def add_layer(viewer: napari.Viewer, data_tuple: tuple) -> Layer:
-    """Add a LayerDataTuple, or update the layer of the same name and type in place (previews, reloads)."""
+def add_layer(viewer: napari.Viewer, data_tuple: tuple, hold_overlays: bool = False) -> Layer:
+    """Add a LayerDataTuple, or update the layer of the same name and type in place (previews, reloads);
+    ``hold_overlays``: a new Labels layer's editing overlays wait for the opening's next step (`insert_layer`)."""
     data, kwargs, kind = data_tuple
     name = kwargs.get("name")
     if name in viewer.layers:
@@ -431,4 +434,4 @@ def add_layer(viewer: napari.Viewer, data_tuple: tuple) -> Layer:
             layer.metadata = kwargs.get("metadata", {})
             layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
             return layer
-    return getattr(viewer, f"add_{kind}")(data, **kwargs)
+    return insert_layer(viewer, data_tuple, hold_overlays)

@@ -13,6 +13,7 @@ has it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -23,6 +24,12 @@ if TYPE_CHECKING:
     import napari
 
 TURN_MS = 30  # between two steps of an opening: a turn of the event loop to draw and take input
+
+# A Labels layer's editing overlays (napari's polygon tool and brush outline). napari builds their visuals when the
+# layer is inserted, about half of a hidden Labels layer's insertion, but only for overlays that are visible: the
+# others get theirs when they turn visible. `insert_layer` holds them back; `_show_overlays` lets them in a turn later.
+EDITING_OVERLAYS = ("polygon", "brush_stroke")
+_held_overlays: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its overlays held back
 
 
 # napari's own GUI entry points that open files and samples (File > Open and drag and drop, the reader dialog,
@@ -65,7 +72,7 @@ class Opening:
         self.tuples: list[tuple] = []
         self.layers: list = []
         self.then = then
-        self.add = add or _add_new
+        self.add = add or functools.partial(insert_layer, hold_overlays=True)
         self.done = False
 
 
@@ -98,8 +105,8 @@ def open_in_turns(viewer: napari.Viewer, read: Callable[[], tuple[list[tuple], l
 def add_in_turns(viewer: napari.Viewer, tuples: Sequence[tuple], then: Callable[[list], Any] | None = None,
                  add: Callable[[napari.Viewer, tuple], Any] | None = None) -> Opening:
     """Add layer data tuples to ``viewer`` a turn of the event loop at a time, after the openings under way: an
-    empty viewer's dims turned axial first, then each layer added hidden and shown a turn later (`add`, default
-    napari's ``add_<kind>``), then ``then(layers)``."""
+    empty viewer's dims turned axial first, then each layer added hidden and shown a turn later (`add(viewer,
+    data_tuple)`, default `insert_layer` holding back editing overlays for a turn), then ``then(layers)``."""
     opening = _queued(viewer, Opening(then, add))
     _fill(weakref.ref(viewer), opening, tuples)
     return opening
@@ -164,11 +171,29 @@ def _prepare_axial(viewer: napari.Viewer) -> None:
         show_axial(viewer, view_guard(viewer).convention, letters=False)
 
 
-def _add_new(viewer: napari.Viewer, data_tuple: tuple) -> Any:
-    """napari's ``add_<kind>``, the layer's source set to its file as napari sets it for a reader's layers."""
+def insert_layer(viewer: napari.Viewer, data_tuple: tuple, hold_overlays: bool = False) -> Any:
+    """A new layer from a layer data tuple, added to ``viewer`` as napari's ``add_<kind>`` does, its source set to
+    its file as napari sets it for a reader's layers; with ``hold_overlays`` its editing overlays
+    (`EDITING_OVERLAYS`) are held back until `_show_overlays` (an opening's next step)."""
+    from napari.layers import Layer
+
     data, kwargs, kind = data_tuple
     with _file_source(((kwargs.get("metadata") or {}).get("nifti") or {}).get("path")):
-        return getattr(viewer, f"add_{kind}")(data, **kwargs)
+        layer = Layer.create(data, kwargs, kind)
+    overlays = getattr(layer, "_overlays", {}) if hold_overlays else {}  # napari's own (private): else none held
+    held = [overlays[name] for name in EDITING_OVERLAYS if name in overlays and overlays[name].visible]
+    for overlay in held:
+        overlay.visible = False
+    if held:
+        _held_overlays[layer] = held
+    viewer.layers.append(layer)
+    return layer
+
+
+def _show_overlays(layer: Any) -> None:
+    """Let in the editing overlays `insert_layer` held back (napari builds their visuals now)."""
+    for overlay in _held_overlays.pop(layer, []):
+        overlay.visible = True
 
 
 def _file_source(path: str | None) -> contextlib.AbstractContextManager:
@@ -182,9 +207,10 @@ def _file_source(path: str | None) -> contextlib.AbstractContextManager:
 
 
 def _add_then_show(opening: Opening, data_tuple: tuple) -> list[Callable[[napari.Viewer], Any]]:
-    """Two steps: the layer added hidden (napari makes its model, visual and controls, and repaints its lists),
-    then shown (napari slices it and the canvas draws it): each about half of a shown layer's stretch. A layer
-    `add` updated in place (a preview of the same name) keeps its visibility."""
+    """Two steps, three for a Labels layer: the layer added hidden (napari makes its model, visual and controls,
+    and repaints its lists), its editing overlays let in (`insert_layer` held them back), then the layer shown
+    (napari slices it and the canvas draws it). A layer `add` updated in place (a preview of the same name) keeps
+    its visibility."""
     data, kwargs, kind = data_tuple
     new: list = []
 
@@ -195,11 +221,15 @@ def _add_then_show(opening: Opening, data_tuple: tuple) -> list[Callable[[napari
         opening.layers.append(layer)
         new.append(layer if id(layer) not in before else None)
 
+    def overlays(viewer: napari.Viewer) -> None:
+        if new and new[0] is not None:
+            _show_overlays(new[0])
+
     def show(viewer: napari.Viewer) -> None:
         if new and new[0] is not None and new[0] in viewer.layers:
             new[0].visible = kwargs.get("visible", True)
 
-    return [add, show]
+    return [add, overlays, show] if kind == "labels" else [add, show]
 
 
 def _schedule(viewer_ref: weakref.ref) -> None:
@@ -229,5 +259,5 @@ def _next_step(viewer_ref: weakref.ref) -> None:
             _schedule(viewer_ref)
 
 
-__all__ = ["GUI_OPENERS", "TURN_MS", "Opening", "add_in_turns", "adding", "notify_unreadable", "open_in_turns",
-           "opened_from_the_gui", "sample_in_turns"]
+__all__ = ["EDITING_OVERLAYS", "GUI_OPENERS", "TURN_MS", "Opening", "add_in_turns", "adding", "insert_layer",
+           "notify_unreadable", "open_in_turns", "opened_from_the_gui", "sample_in_turns"]

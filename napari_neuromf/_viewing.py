@@ -146,6 +146,7 @@ class ViewGuard:
         self._refreshing = False
         self._fit_pending = False  # a first volume arrived: reset the view once its letters are placed
         self._letters_timer: Any = None  # a QTimer, made on the first insertion (the guard is not a QObject)
+        self._letters_new = False  # the letters' layer is made, hidden, and waits for its first showing
         self._camera_timer: Any = None  # a QTimer: the letters follow zoom and pan at most every CAMERA_FOLLOW_MS
         self._fitted: tuple[tuple[float, ...], float] | None = None  # (camera centre, zoom) of the last fit
         self._arrived: list = []  # the volumes of the opening under way (weak references): a pair among them?
@@ -197,8 +198,13 @@ class ViewGuard:
         self._letters_timer.start()  # restarted by each layer of an opening added a turn apart: after the last
 
     def _letters_after_insert(self) -> None:
+        from napari_neuromf._opening import adding
+
         viewer = self.viewer
         if viewer is None or not self.volumes():
+            return
+        if adding(viewer):  # layers of the opening still to come, a turn apart: after the last (its own turn)
+            self._letters_timer.start()
             return
         self.refresh(add_letters=True)
         self._raise_markers()
@@ -285,6 +291,9 @@ class ViewGuard:
             if caption.text != (text or "") or caption.visible != (text is not None):  # each set redraws: only changes
                 caption.text = text or ""
                 caption.position = "bottom_left"  # the top centre holds the A letter
+                # no background box: napari re-sets a shown box's transform at every layer added, shown or moved,
+                # and vispy rebuilds its shader at the next draw (~20-40 ms of each such draw on a 2-core CPU)
+                caption.box = False
                 caption.visible = text is not None
             self._place_markers(show=text is not None, add=add_letters)
         finally:
@@ -318,16 +327,32 @@ class ViewGuard:
             return
         if markers is None:
             # made hidden and shown a turn later: making the layer (its visual and controls) and its first draw
-            # (vispy builds the text's shaders for each new layer) each cost ~0.1-0.15 s of GUI-thread work
+            # (vispy builds the markers' and text's shaders for each new layer) each cost ~0.1-0.15 s of GUI work
             markers = add_letters(viewer, positions, visible=False)
-            from qtpy.QtCore import QTimer
-
-            QTimer.singleShot(LETTERS_DELAY_MS, self.refresh)
+            self._letters_new = True
+            self._show_new_letters_later()
             return
         elif markers.data.shape != positions.shape or not np.allclose(markers.data, positions):
             markers.data = positions
-        if markers.visible != show:
+        if markers.visible != show and not self._letters_new:
             markers.visible = show
+
+    def _show_new_letters_later(self) -> None:
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(LETTERS_DELAY_MS, self._show_new_letters)
+
+    def _show_new_letters(self) -> None:
+        """The new letters' first showing, in a turn of its own: after the layers of the openings under way are
+        in (`_opening.adding`), so their first draw does not land in the same stretch as a layer's insertion."""
+        from napari_neuromf._opening import adding
+
+        viewer = self.viewer
+        if viewer is not None and adding(viewer):
+            self._show_new_letters_later()
+            return
+        self._letters_new = False
+        self.refresh()
 
     def _raise_markers(self) -> None:
         viewer, markers = self.viewer, None if self.viewer is None else self._markers()

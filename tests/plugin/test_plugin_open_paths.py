@@ -167,6 +167,18 @@ def test_file_open_in_the_running_app_reads_in_a_worker_and_adds_a_layer_per_tur
     prefer_this_reader()
     seen = notes()
     insertions, timer = _record_insertions(viewer)
+    editing_when_inserted, letters_shown_while_adding = {}, []
+
+    def inserted(event) -> None:
+        from napari_neuromf._opening import EDITING_OVERLAYS, adding
+
+        layer = event.value
+        if is_view_aid(layer):  # the letters' first showing: only once the opening's layers are all in
+            layer.events.visible.connect(lambda _: letters_shown_while_adding.append(adding(viewer)))
+        overlays = getattr(layer, "_overlays", {})
+        editing_when_inserted[layer.name] = [overlays[name].visible for name in EDITING_OVERLAYS if name in overlays]
+
+    viewer.layers.events.inserted.connect(inserted)
     paths = [str(image_path), str(broken), str(mask_path)]
 
     def file_open() -> int:
@@ -188,6 +200,29 @@ def test_file_open_in_the_running_app_reads_in_a_worker_and_adds_a_layer_per_tur
     lesion = viewer.layers["lps_FLAIR_roi"]
     assert lesion.data[tuple(np.round(lesion.world_to_data(blob)).astype(int))] == 1
     assert np.asarray(lesion.data)[:, :, int(round(lesion.world_to_data(viewer.dims.point)[2]))].any()
+    # the lesion's editing overlays (polygon tool, brush outline) came a turn after it: held when it went in, then
+    # let in, and napari built their visuals (painting on the lesion works)
+    assert editing_when_inserted["lps_FLAIR_roi"] == [False, False]
+    _assert_editing_overlays_built(viewer, lesion)
+    assert letters_shown_while_adding == [False]  # first shown after the last layer, in a turn of its own
+    assert viewer.canvas.overlays.text.box is False  # no caption box to rebuild at each layer change
+
+
+def _assert_editing_overlays_built(viewer, lesion) -> None:
+    from napari_neuromf._opening import EDITING_OVERLAYS
+
+    held = [lesion._overlays[name] for name in EDITING_OVERLAYS]
+    assert all(overlay.visible for overlay in held)
+    built = viewer.window._qt_viewer.canvas._layer_overlay_to_visual[lesion]  # napari's own record of them
+    assert all(overlay in built for overlay in held)
+
+
+def test_a_labels_layer_a_dock_adds_at_once_keeps_its_editing_overlays(viewer):
+    """Outside an opening (a dock's preview or reload, added in one go), nothing is held back."""
+    from napari_neuromf._helpers import add_layer
+
+    lesion = add_layer(viewer, (np.zeros(SHAPE, np.uint8), {"name": "lesion"}, "labels"))
+    _assert_editing_overlays_built(viewer, lesion)
 
 
 def test_a_script_in_the_running_app_gets_its_layers_at_once(viewer, qtbot, tmp_path):
@@ -380,3 +415,4 @@ def test_only_the_letters_are_drawn_not_their_points(make_napari_viewer, qtbot, 
         cols = slice(int((x - 14) * scale), int((x + 14) * scale))
         assert yellow[rows, cols].sum() > 10, f"letter {letter} not drawn where its point is"
         assert grey[rows, cols].sum() == 0, f"a marker drawn beside the letter {letter}"
+
