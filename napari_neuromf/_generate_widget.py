@@ -43,7 +43,7 @@ from napari_neuromf._helpers import (
     tip,
     when_backend_ready,
 )
-from napari_neuromf._jobs import Caution, Failure, format_eta
+from napari_neuromf._jobs import Caution, Failure, format_eta, start_worker
 from napari_neuromf._layers import pair_layers
 from napari_neuromf._viewing import show_alone, view_guard
 from neuromf.config import SAMPLERS
@@ -348,7 +348,7 @@ class GenerateWidget(QWidget):
 
         worker.returned.connect(done)
         worker.errored.connect(lambda *_: pending.discard(prefix))
-        worker.start()
+        start_worker(worker)
 
     def selected_pairs(self) -> list[str]:
         """Names (``gen_000``) of the pairs selected in the list."""
@@ -591,7 +591,7 @@ class GenerateWidget(QWidget):
         self.compare_button.setEnabled(False)
         worker.finished.connect(lambda: self.compare_button.setEnabled(True))
         self.compare_worker = worker
-        worker.start()
+        start_worker(worker)
         return worker
 
     def _show_comparison(self, comparison: _compare.Comparison) -> None:

@@ -37,6 +37,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_neuromf import _environment, _jobs, _state
+from napari_neuromf._jobs import start_worker
 from napari_neuromf._opening import TURN_MS, add_in_turns, insert_layer
 from napari_neuromf._viewing import is_view_aid
 
@@ -225,7 +226,7 @@ def launch(widget: QWidget, worker: Any) -> Any:
         widget.busy = False
 
     worker.finished.connect(finished)
-    worker.start()
+    start_worker(worker)
     return worker
 
 
@@ -265,7 +266,7 @@ def when_backend_ready(widget: QWidget, apply: Callable[[_environment.Environmen
 
         _backend_worker = create_worker(_environment.environment)
         _backend_worker.returned.connect(deliver)
-        _backend_worker.start()
+        start_worker(_backend_worker)
 
 
 # ------------------------------------------------------------------------------------------- dock tabs

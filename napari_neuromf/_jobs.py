@@ -1,9 +1,12 @@
 """What every background job of the widgets shares, Qt-free: the items a worker yields besides results
 (Failure, Caution, Phase), cancelling (Cancelled, StopFlag), progress counting with an ETA, error texts that name
-the problem and the remedy, and giving GPU memory back after a run."""
+the problem and the remedy, giving GPU memory back after a run, and starting the Qt workers that run them so that
+Python's exit waits for them."""
 
 from __future__ import annotations
 
+import atexit
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -157,3 +160,31 @@ def release_memory() -> None:
     from neuromf.pipelines.joint import release_memory as backend_release
 
     backend_release()
+
+
+EXIT_WAIT_MS = 15_000  # at exit, how long running workers get to stop (a generation stops within a network step)
+
+
+def start_worker(worker: Any) -> Any:
+    """``worker.start()`` (a napari/superqt worker), with `_wait_for_workers_at_exit` registered last: Python runs
+    exit handlers last-registered first, so it runs before PyQt's own clean-up, which deletes the workers' signal
+    objects; a worker that finishes after that emits into a deleted object and aborts the process."""
+    atexit.unregister(_wait_for_workers_at_exit)
+    atexit.register(_wait_for_workers_at_exit)
+    worker.start()
+    return worker
+
+
+def _wait_for_workers_at_exit() -> None:
+    """Ask the workers still running when Python exits (napari closed during a generation, a file being read, a
+    pair's figures being worked out) to stop, and wait up to `EXIT_WAIT_MS` for them: without it the process ends
+    in "wrapped C/C++ object of type WorkerBaseSignals has been deleted", then "Aborted". Generators stop at their
+    next yield."""
+    if "superqt.utils._qthreading" not in sys.modules:
+        return
+    from superqt.utils import WorkerBase
+
+    try:
+        WorkerBase.await_workers(msecs=EXIT_WAIT_MS)
+    except RuntimeError:  # one did not stop in time: nothing more can be done for it
+        pass

@@ -85,6 +85,8 @@ def open_in_turns(viewer: napari.Viewer, read: Callable[[], tuple[list[tuple], l
     openings asked for before it."""
     from napari.qt.threading import create_worker
 
+    from napari_neuromf._jobs import start_worker
+
     viewer_ref, opening = weakref.ref(viewer), _queued(viewer, Opening())
 
     def arrived(tuples: list[tuple], errors: list[str]) -> None:
@@ -98,7 +100,7 @@ def open_in_turns(viewer: napari.Viewer, read: Callable[[], tuple[list[tuple], l
     worker = create_worker(read, _progress={"total": 0, "desc": f"Opening {what}"})
     worker.returned.connect(lambda result: arrived(*result))
     worker.errored.connect(failed)
-    worker.start()
+    start_worker(worker)
     return opening
 
 

@@ -416,3 +416,36 @@ def test_only_the_letters_are_drawn_not_their_points(make_napari_viewer, qtbot, 
         assert yellow[rows, cols].sum() > 10, f"letter {letter} not drawn where its point is"
         assert grey[rows, cols].sum() == 0, f"a marker drawn beside the letter {letter}"
 
+
+EXIT_SCRIPT = """
+import sys, time
+from pathlib import Path
+import napari
+from napari_neuromf._opening import open_in_turns
+
+viewer = napari.Viewer(show=False)
+marker = Path(sys.argv[1])
+
+def read():
+    time.sleep(1.0)
+    marker.write_text("read")
+    return [], []
+
+open_in_turns(viewer, read, "a slow file")
+print("exiting", flush=True)
+"""
+
+
+def test_python_exiting_while_a_file_is_read_waits_for_the_worker_instead_of_aborting(tmp_path):
+    """napari closed (the script ends) while a NeuroMF worker still runs: Python's exit waits for it; before, the
+    worker emitted into Qt objects PyQt had already deleted and the process aborted (exit code 134)."""
+    import os
+    import subprocess
+    import sys
+
+    marker = tmp_path / "read.txt"
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(marker)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "NEUROMF_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exiting" in done.stdout and marker.read_text() == "read"  # the worker ran to its end
+    assert "has been deleted" not in done.stderr
