@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     from qt_driver import QtDriver, hide_qt_binding_toast
     from qtpy.QtWidgets import QApplication
 
+    from napari_neuromf._viewing import is_view_aid
+
     hide_qt_binding_toast()
     app = QApplication.instance() or QApplication(sys.argv)
     viewer = napari.Viewer(title="NeuroMF", show=True)
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         centre = voxels.mean(axis=0) if len(voxels) else np.array(lesion.data.shape) / 2
         viewer.dims.set_point(2, float(lesion.data_to_world(centre)[2]))  # the axial slice through the lesion
         for layer in viewer.layers:
-            layer.visible = layer.name.startswith("gen_000")
+            if not is_view_aid(layer):  # the R/L/A/P letters stay
+                layer.visible = layer.name.startswith("gen_000")
         generate.pairs.item(0).setSelected(True)
         shoot("Generate", f"FLAIRs generated for lesions drawn from the training lesions (seed {args.seed})")
 
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         lesion.opacity = 1.0
         viewer.dims.set_point(2, float(points.data[0][2]))  # the axial slice through the chosen site
         for layer in viewer.layers:
-            layer.visible = layer.name.startswith("gen_001") or layer is points
+            if not is_view_aid(layer):
+                layer.visible = layer.name.startswith("gen_001") or layer is points
         viewer.layers.move(viewer.layers.index(points), len(viewer.layers))  # the point above the new pair
         points.face_color, points.border_color = "cyan", "black"
         shoot("Generate", "a joint pair (2 mm, site-conditioned) with its lesion at the point of a Points layer",
