@@ -7,6 +7,7 @@ widget construction; ``when_backend_ready`` imports the backend once, in a worke
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -226,7 +227,9 @@ def launch(widget: QWidget, worker: Any) -> Any:
         widget.busy = False
 
     worker.finished.connect(finished)
-    start_worker(worker)
+    run = getattr(widget, "run", None)
+    stop = getattr(run, "cancel", None) or getattr(run, "stop", None)  # set at exit: the job ends within a step
+    start_worker(worker, stop if isinstance(stop, threading.Event) else None)
     return worker
 
 

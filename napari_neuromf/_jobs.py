@@ -9,6 +9,7 @@ import atexit
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,12 +166,18 @@ def release_memory() -> None:
 EXIT_WAIT_MS = 15_000  # at exit, how long running workers get to stop (a generation stops within a network step)
 
 
-def start_worker(worker: Any) -> Any:
+_stops_at_exit: weakref.WeakSet = weakref.WeakSet()  # the running jobs' stop flags, set when Python exits
+
+
+def start_worker(worker: Any, stop: threading.Event | None = None) -> Any:
     """``worker.start()`` (a napari/superqt worker), with `_wait_for_workers_at_exit` registered last: Python runs
     exit handlers last-registered first, so it runs before PyQt's own clean-up, which deletes the workers' signal
-    objects; a worker that finishes after that emits into a deleted object and aborts the process."""
+    objects; a worker that finishes after that emits into a deleted object and aborts the process. ``stop``: the
+    job's own stop flag (a run's ``cancel`` or ``stop``), set at exit so the job ends within a step."""
     atexit.unregister(_wait_for_workers_at_exit)
     atexit.register(_wait_for_workers_at_exit)
+    if stop is not None:
+        _stops_at_exit.add(stop)
     worker.start()
     return worker
 
@@ -178,8 +185,10 @@ def start_worker(worker: Any) -> Any:
 def _wait_for_workers_at_exit() -> None:
     """Ask the workers still running when Python exits (napari closed during a generation, a file being read, a
     pair's figures being worked out) to stop, and wait up to `EXIT_WAIT_MS` for them: without it the process ends
-    in "wrapped C/C++ object of type WorkerBaseSignals has been deleted", then "Aborted". Generators stop at their
-    next yield."""
+    in "wrapped C/C++ object of type WorkerBaseSignals has been deleted", then "Aborted". The jobs' stop flags are
+    set first; generators also stop at their next yield."""
+    for stop in list(_stops_at_exit):  # a generation stops before its next network step, a training at its next
+        stop.set()
     if "superqt.utils._qthreading" not in sys.modules:
         return
     from superqt.utils import WorkerBase

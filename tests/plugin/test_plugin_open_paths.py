@@ -451,3 +451,44 @@ def test_python_exiting_while_a_file_is_read_waits_for_the_worker_instead_of_abo
     assert done.returncode == 0, done.stderr[-3000:]
     assert "exiting" in done.stdout and marker.read_text() == "read"  # the worker ran to its end
     assert "has been deleted" not in done.stderr
+
+
+STOP_SCRIPT = """
+import sys, threading, time
+from pathlib import Path
+import napari
+from napari.qt.threading import create_worker
+from napari_neuromf._jobs import start_worker
+
+viewer = napari.Viewer(show=False)
+marker, stop = Path(sys.argv[1]), threading.Event()
+
+def long_job():  # a generation between two network steps: it looks at its stop flag, not at the worker
+    for _ in range(1200):
+        if stop.wait(0.05):
+            marker.write_text("stopped")
+            return 0
+    marker.write_text("ran to its end")
+    return 1
+
+start_worker(create_worker(long_job), stop)
+time.sleep(0.3)
+print("exiting", flush=True)
+"""
+
+
+def test_python_exiting_during_a_long_job_sets_its_stop_flag_and_waits_for_it(tmp_path):
+    """A job that would run a minute more (napari closed mid-generation): Python's exit sets the job's own stop
+    flag, so it ends at its next step, and the process exits cleanly well inside the exit's wait."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "job.txt"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", STOP_SCRIPT, str(marker)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "NEUROMF_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert marker.read_text() == "stopped" and time.monotonic() - started < 55
+    assert "has been deleted" not in done.stderr
