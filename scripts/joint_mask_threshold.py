@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     guidance = meta.guidance_scale(None)
     voxel_cm3 = float(np.prod(meta.prep.spacing)) / 1000.0
     floor = smallest_lesion_voxels(args.adapter, meta.prep.spacing)
-    reference = json.loads((resolve_adapter_dir(args.adapter, "joint") / "lesion_reference.json").read_text())
-    real = np.asarray(reference["volumes_cm3"], dtype=float)
-    low, _ = shipped_reference(resolve_adapter_dir(args.adapter, "joint")).volume_range
+    reference = shipped_reference(resolve_adapter_dir(args.adapter, "joint"))
+    real = np.asarray(reference.volumes_cm3, dtype=float)
+    low, _ = reference.volume_range
 
     def voxels(z: torch.Tensor, threshold_mm: float) -> float:
         channels = z[:, meta.n_image:] / meta.mask_scale
@@ -87,16 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         for threshold in args.thresholds:
             volumes, redrawn, small = [], 0, 0
             for index in range(args.n):
-                k, z = 0, draws[(index, 0)]
-                while k < MASK_DRAWS - 1 and voxels(z, threshold) < floor:
+                k = 0
+                count = voxels(draws[(index, 0)], threshold)
+                while k < MASK_DRAWS - 1 and count < floor:
                     k += 1
                     if (index, k) not in draws:  # as generate_pairs: fresh noise and a fresh site
                         _, z_new, _ = next(iter(sample_joint(joint, 1, args.steps, derived_seed(seed, index, k),
                                                              device, "euler", guidance)))
                         draws[(index, k)] = z_new
-                    z = draws[(index, k)]
+                    count = voxels(draws[(index, k)], threshold)
                 redrawn += k > 0
-                volume = voxels(z, threshold) * voxel_cm3
+                volume = count * voxel_cm3
                 small += volume < low
                 volumes.append(volume)
             ks = ks_2samp(volumes, real)

@@ -438,19 +438,25 @@ print("exiting", flush=True)
 """
 
 
-def test_python_exiting_while_a_file_is_read_waits_for_the_worker_instead_of_aborting(tmp_path):
-    """napari closed (the script ends) while a NeuroMF worker still runs: Python's exit waits for it; before, the
-    worker emitted into Qt objects PyQt had already deleted and the process aborted (exit code 134)."""
+def _run_exiting(script: str, marker, tmp_path):
+    """Run ``script`` (given ``marker``'s path) in a fresh Python that exits while its worker runs; it must exit
+    cleanly, without a worker emitting into deleted Qt objects."""
     import os
     import subprocess
     import sys
 
-    marker = tmp_path / "read.txt"
-    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(marker)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script, str(marker)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "NEUROMF_HOME": str(tmp_path / "home")})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "exiting" in done.stdout and marker.read_text() == "read"  # the worker ran to its end
-    assert "has been deleted" not in done.stderr
+    assert "exiting" in done.stdout and "has been deleted" not in done.stderr
+
+
+def test_python_exiting_while_a_file_is_read_waits_for_the_worker_instead_of_aborting(tmp_path):
+    """napari closed (the script ends) while a NeuroMF worker still runs: Python's exit waits for it; before, the
+    worker emitted into Qt objects PyQt had already deleted and the process aborted (exit code 134)."""
+    marker = tmp_path / "read.txt"
+    _run_exiting(EXIT_SCRIPT, marker, tmp_path)
+    assert marker.read_text() == "read"  # the worker ran to its end
 
 
 STOP_SCRIPT = """
@@ -480,15 +486,9 @@ print("exiting", flush=True)
 def test_python_exiting_during_a_long_job_sets_its_stop_flag_and_waits_for_it(tmp_path):
     """A job that would run a minute more (napari closed mid-generation): Python's exit sets the job's own stop
     flag, so it ends at its next step, and the process exits cleanly well inside the exit's wait."""
-    import os
-    import subprocess
-    import sys
     import time
 
     marker = tmp_path / "job.txt"
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", STOP_SCRIPT, str(marker)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "NEUROMF_HOME": str(tmp_path / "home")})
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run_exiting(STOP_SCRIPT, marker, tmp_path)
     assert marker.read_text() == "stopped" and time.monotonic() - started < 55
-    assert "has been deleted" not in done.stderr
