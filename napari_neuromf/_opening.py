@@ -166,11 +166,9 @@ def notify_unreadable(errors: list[str]) -> None:
 
 
 def _prepare_axial(viewer: napari.Viewer) -> None:
-    from napari_neuromf._viewing import show_axial, view_guard
+    from napari_neuromf._viewing import ready_for_volume, view_guard
 
-    if len(viewer.layers) == 0:  # nothing arrived meanwhile
-        viewer.dims.ndim = 3
-        show_axial(viewer, view_guard(viewer).convention, letters=False)
+    ready_for_volume(viewer, view_guard(viewer).convention)  # a no-op unless the viewer is still empty and 2D
 
 
 def insert_layer(viewer: napari.Viewer, data_tuple: tuple, hold_overlays: bool = False) -> Any:

@@ -63,6 +63,35 @@ def show_axial(viewer: napari.Viewer, convention: str = RADIOLOGICAL, letters: b
     guard.refresh(add_letters=letters)
 
 
+def ready_for_volume(viewer: napari.Viewer, convention: str = RADIOLOGICAL) -> None:
+    """An empty 2D viewer given three dims in the axial view of ``convention``; a no-op otherwise. napari turns an
+    empty viewer's dims from 2D to 3D inside the call that adds its first volume (a slider widget per axis, the
+    slice slider shown, so the canvas is resized and redrawn), and the view is turned axial in the same call: on a
+    2-core CPU about a third of a sample opening's stretch (docs/user_guide_walk.md, "An emptied viewer ready for
+    the next volume"). Made ready beforehand, the insertion only sets the dims' ranges. The slice slider shows
+    while the viewer is empty (three steps, napari's default range)."""
+    if len(viewer.layers) or viewer.dims.ndim != 2 or viewer.dims.ndisplay != 2:
+        return
+    viewer.dims.ndim = 3
+    show_axial(viewer, convention, letters=False)
+
+
+def napari_view(viewer: napari.Viewer) -> None:
+    """napari's own view of its dims: axes in their order, default labels, the camera's default orientation (for
+    data that is not a volume of ours, shown where one was)."""
+    from napari.components.camera import Camera
+
+    viewer.dims.order = tuple(range(viewer.dims.ndim))
+    viewer.dims.axis_labels = viewer.layers.axis_labels if len(viewer.layers) else \
+        tuple(str(i) for i in range(-viewer.dims.ndim, 0))
+    viewer.scene.camera.orientation = Camera().orientation
+
+
+def viewer_window_open(viewer: napari.Viewer) -> bool:
+    """Whether ``viewer``'s window is still open (``Viewer.close`` removes its layers, then deletes its window)."""
+    return getattr(getattr(viewer, "window", None), "_qt_window", None) is not None
+
+
 def current_convention(viewer: napari.Viewer) -> str | None:
     """The convention the viewer shows now (None when it is not one of ours, e.g. the user rotated it)."""
     orientation = tuple(str(o) for o in viewer.scene.camera.orientation)
@@ -77,6 +106,7 @@ MARKER_LETTERS = ("R", "L", "A", "P")
 # inside the volume's edge, as a fraction of its extent: on the field of view's margin (air in a head scan), so the
 # letters are on screen whenever the image is (a zoom that fits the image can cut off anything beyond it)
 MARKER_MARGIN = 0.06
+EMPTY_READY_MS = 30  # a viewer emptied of its volumes is made ready for the next a turn of the event loop later
 LETTERS_DELAY_MS = 50  # the letters wait this long after the last volume of an opening: a turn of the event loop
 MARKER_MARGIN_PX = 20  # the letters' centres stay this far inside the visible canvas (text of 16 px, centred)
 CAMERA_FOLLOW_MS = 50  # at most one move of the letters per this many ms while the camera zooms or pans
@@ -147,12 +177,14 @@ class ViewGuard:
         self._fit_pending = False  # a first volume arrived: reset the view once its letters are placed
         self._letters_timer: Any = None  # a QTimer, made on the first insertion (the guard is not a QObject)
         self._letters_new = False  # the letters' layer is made, hidden, and waits for its first showing
+        self._letters_hidden = False  # the guard hid the letters (made hidden, or the view not axial): it shows them
         self._camera_timer: Any = None  # a QTimer: the letters follow zoom and pan at most every CAMERA_FOLLOW_MS
         self._fitted: tuple[tuple[float, ...], float] | None = None  # (camera centre, zoom) of the last fit
         self._arrived: list = []  # the volumes of the opening under way (weak references): a pair among them?
         self.alone_note: str | None = None  # what the last pair shown alone hid, and how to show it again
+        self._volumes_seen = False  # a volume of ours was shown here: an emptied viewer is made ready for the next
         viewer.layers.events.inserted.connect(self._inserted)
-        viewer.layers.events.removed.connect(self.refresh)
+        viewer.layers.events.removed.connect(self._removed)
         viewer.dims.events.order.connect(self.refresh)
         viewer.dims.events.ndisplay.connect(self.refresh)
         viewer.dims.events.point.connect(self._follow_slice)
@@ -172,8 +204,13 @@ class ViewGuard:
 
     def _inserted(self, event: Any) -> None:
         layer, viewer = event.value, self.viewer
-        if viewer is None or not is_ras_volume(layer):
+        if viewer is None:
             return
+        if not is_ras_volume(layer):
+            if self._volumes_seen and len(viewer.layers) == 1 and not is_view_aid(layer):
+                napari_view(viewer)  # other data into a viewer our volumes left axial (and flipped): napari's view
+            return
+        self._volumes_seen = True
         volumes = self.volumes()
         fresh = len(volumes) == 1 or current_convention(viewer) is None  # a first volume, or the user turned away
         if fresh:
@@ -196,6 +233,21 @@ class ViewGuard:
             self._letters_timer.setInterval(LETTERS_DELAY_MS)
             self._letters_timer.timeout.connect(self._letters_after_insert)
         self._letters_timer.start()  # restarted by each layer of an opening added a turn apart: after the last
+
+    def _removed(self, *_: Any) -> None:
+        self.refresh()
+        viewer = self.viewer
+        if viewer is not None and len(viewer.layers) == 0 and self._volumes_seen:
+            from qtpy.QtCore import QTimer
+
+            QTimer.singleShot(EMPTY_READY_MS, self._ready_for_volume)
+
+    def _ready_for_volume(self) -> None:
+        """The emptied viewer of a volume (layers removed, still open) turned axial in a turn of its own
+        (`ready_for_volume`), so the next volume's insertion does not turn it."""
+        viewer = self.viewer
+        if viewer is not None and len(viewer.layers) == 0 and viewer_window_open(viewer):
+            ready_for_volume(viewer, self.convention)
 
     def _letters_after_insert(self) -> None:
         from napari_neuromf._opening import adding
@@ -329,13 +381,15 @@ class ViewGuard:
             # made hidden and shown a turn later: making the layer (its visual and controls) and its first draw
             # (vispy builds the markers' and text's shaders for each new layer) each cost ~0.1-0.15 s of GUI work
             markers = add_letters(viewer, positions, visible=False)
-            self._letters_new = True
+            self._letters_new = self._letters_hidden = True
             self._show_new_letters_later()
             return
         elif markers.data.shape != positions.shape or not np.allclose(markers.data, positions):
             markers.data = positions
-        if markers.visible != show and not self._letters_new:
-            markers.visible = show
+        if markers.visible and not show:
+            markers.visible, self._letters_hidden = False, True
+        elif show and not markers.visible and self._letters_hidden and not self._letters_new:
+            markers.visible, self._letters_hidden = True, False  # letters a user hid (its eye) stay hidden
 
     def _show_new_letters_later(self) -> None:
         from qtpy.QtCore import QTimer

@@ -262,6 +262,83 @@ def test_a_sample_in_the_running_app_comes_a_layer_per_turn(viewer, qtbot):
     assert np.asarray(lesion.data)[:, :, int(round(lesion.world_to_data(viewer.dims.point)[2]))].any()
 
 
+def _sliders_shown(viewer) -> list[int]:
+    return [axis for axis, widget in enumerate(viewer.window._qt_viewer.dims.slider_widgets) if not widget.isHidden()]
+
+
+def test_a_viewer_emptied_of_its_volumes_is_ready_for_the_next(viewer, qtbot):
+    """After every layer is removed, the viewer turns axial with three dims (its slice slider shown, no caption) a
+    turn later, so napari's insertion of the next sample's first layer neither changes the dims' count (napari
+    builds a slider per axis then) nor shows a slider (the canvas would be resized and redrawn in the same call);
+    the sample still ends axial radiological with its letters. A 2D image added to the emptied viewer gets napari's
+    own view (axes in order, the camera's default orientation), not a flipped one."""
+    from napari._qt._qplugins._qnpe2 import _add_sample
+    from napari.components.camera import Camera
+
+    from napari_neuromf._viewing import AXIAL_ORDER
+
+    viewer.layers.clear()  # never showed a volume of ours: napari's empty 2D viewer is left alone
+    qtbot.wait(100)
+    assert viewer.dims.ndim == 2
+
+    viewer.open_sample("napari-neuromf", "fcd_phantom_case")
+    _assert_axial_radiological(viewer, qtbot)
+    viewer.layers.clear()
+    qtbot.waitUntil(lambda: viewer.dims.ndim == 3, timeout=5000)
+    assert tuple(viewer.dims.order) == AXIAL_ORDER and _sliders_shown(viewer) == [2]  # the superior axis's
+    _assert_caption_gone(viewer)
+
+    dims_changes = []
+    viewer.dims.events.ndim.connect(lambda event: dims_changes.append(event.value))
+    in_running_gui(lambda: _add_sample(viewer.window._qt_viewer, "napari-neuromf", "generated_pair"),
+                   lambda: _opened(viewer))
+    assert dims_changes == []
+    _assert_axial_radiological(viewer, qtbot)
+    assert _sliders_shown(viewer) == [2] and viewer.dims.nsteps[2] > 3  # now over the pair's slices
+
+    viewer.layers.clear()
+    qtbot.waitUntil(lambda: viewer.dims.ndim == 3, timeout=5000)
+    viewer.add_image(np.zeros((20, 30), np.float32), name="photo")
+    assert viewer.dims.ndim == 2 and tuple(viewer.dims.order) == (0, 1)
+    assert tuple(viewer.scene.camera.orientation) == tuple(Camera().orientation)
+    _assert_caption_gone(viewer)
+
+
+def test_a_viewer_closed_right_after_it_was_emptied_is_left_alone(make_napari_viewer, qtbot):
+    """The turn that readies an emptied viewer comes after ``Viewer.close`` (which removes the layers, then the
+    window): it does nothing to the closed viewer."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-neuromf", "fcd_phantom_case")
+    qtbot.waitUntil(lambda: len(_letters(viewer)) == 4, timeout=10_000)
+    viewer.close()
+    qtbot.wait(200)
+    assert viewer.dims.ndim == 2 and len(viewer.layers) == 0
+
+
+def test_letters_the_guard_hid_come_back_but_letters_a_user_hid_stay_hidden(viewer, qtbot):
+    """A sagittal turn hides the letters and the axial view brings them back; letters hidden by the user (the
+    layer's eye) stay hidden through zooms, slices, a sagittal turn and back, and a further opening."""
+    from napari_neuromf._viewing import MARKERS_NAME, RADIOLOGICAL, show_axial
+
+    viewer.open_sample("napari-neuromf", "fcd_phantom_case")
+    _assert_axial_radiological(viewer, qtbot)
+    letters = viewer.layers[MARKERS_NAME]
+    viewer.dims.order = (0, 1, 2)
+    qtbot.waitUntil(lambda: not letters.visible, timeout=5000)
+    show_axial(viewer, RADIOLOGICAL)
+    qtbot.waitUntil(lambda: letters.visible, timeout=5000)
+
+    letters.visible = False  # the user clicks the letters' eye
+    viewer.camera.zoom *= 1.5
+    viewer.dims.set_point(2, viewer.dims.point[2] + 4)
+    viewer.dims.order = (0, 1, 2)
+    show_axial(viewer, RADIOLOGICAL)
+    viewer.open_sample("napari-neuromf", "generated_pair")
+    qtbot.wait(400)
+    assert MARKERS_NAME in viewer.layers and not viewer.layers[MARKERS_NAME].visible
+    assert viewer.canvas.overlays.text.visible  # the caption is not the user's to hide this way
+
+
 def test_open_sample_shows_the_lesion_axial_radiological(viewer, qtbot):
     viewer.dims.order = (0, 1, 2)  # a viewer left sagittal before
     viewer.open_sample("napari-neuromf", "fcd_phantom_case")
