@@ -15,8 +15,12 @@ Every rate is timed in CPU seconds of this process (`time.process_time`), not wa
 that is the time the work takes a core of its own, whatever else runs beside it (a wall clock measures the other
 jobs too: rates timed by the wall clock at load 3-4 next to niced jobs were about as fast as at load 1, so bringing
 them back to an idle machine by the load divided them by 2-2.5 and the estimates came out 2-3x too short).
+With several torch threads (`--threads 2`, what the napari widgets use on a 2-core machine) CPU seconds add up
+over the threads, so `--clock wall` times them by the wall clock instead: on an idle machine only (nothing else
+runnable), where the wall clock is the job's own time; the estimates then take the rates as that machine's idle
+time with that many threads (`neuromf.estimates`, a rate timed by the wall clock at load ~0).
 Writes JSON (default `backend/neuromf/measured_rates.json`, the file the backend reads) with the machine, torch
-threads, load averages at start and end and `clock: "process_cpu"`.
+threads, load averages at start and end and the clock (`"process_cpu"` or `"wall"`).
 Run it through the CPU lock on a shared machine (`flock /work/logs/cpu.lock python benchmarks/measure_rates.py`).
 """
 
@@ -175,6 +179,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--generate-steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="CPU seconds of this process (one thread), or the wall clock (several threads, idle "
+                             "machine only)")
     parser.add_argument("--parts", default="mask_test,training,generation,joint_batch",
                         help="comma-separated parts to measure; the others are kept from an existing --out file")
     args = parser.parse_args()
@@ -183,6 +190,11 @@ def main() -> None:
 
     from neuromf.utils import atomic_write_json
 
+    global clock
+    if args.clock == "wall":
+        clock = time.perf_counter
+    elif args.threads > 1:
+        parser.error("--threads > 1 needs --clock wall: CPU seconds add up over the threads")
     torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
     rates = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -190,7 +202,7 @@ def main() -> None:
                      "(per part); the napari widgets' time estimates multiply them out (neuromf.estimates)")
     env = rates.setdefault("env", {})
     for part in parts:
-        env[part] = {**environment("cpu"), "clock": "process_cpu"}
+        env[part] = {**environment("cpu"), "clock": "process_cpu" if args.clock == "cpu" else "wall"}
     if "mask_test" in parts:
         rates["mask_test"] = measure_mask_test(args.cases)
     if "training" in parts:

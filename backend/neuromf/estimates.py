@@ -13,8 +13,9 @@ one busy thread takes `slowdown(load, cores)` = max(1, (load + 1) / cores) times
 `load` the other runnable threads (the 1-minute load average). The rates are CPU seconds of the measuring process
 (`clock: "process_cpu"` in their machine record): with one torch thread, the time on an idle machine whatever the
 load was while they were measured. An estimate is that idle time times the slowdown of the load now
-(`current_load`); the estimate says both. (Rates timed by the wall clock, as older files were, are brought back to
-an idle machine by the slowdown of the load they were measured at.) It is a model of fair sharing, not a
+(`current_load`); the estimate says both. Rates timed by the wall clock (`clock: "wall"`: several torch threads, as
+the widgets run them, measured on an idle machine; the shipped mask-test and training rates) are brought back to an
+idle machine by the slowdown of the load they were measured at. It is a model of fair sharing, not a
 forecast: the load can change while the job runs (the widgets then show the time left from the job's own pace),
 niced jobs take less than their share, and a job of several torch threads gains less than the thread count on a
 busy machine.
