@@ -28,7 +28,7 @@ class QtDriver:
         """Run a Qt event loop for `seconds`, as the app's own loop runs (not `processEvents` in a poll: that never
         deletes what `deleteLater` left from outside a loop, e.g. napari's progress bar of a `viewer.open`, and
         napari's activity indicator then animates for the rest of the session: ~25 window repaints a second, which
-        on a software-OpenGL display took a quarter of a 2-core CPU and made a generation 1.6x slower)."""
+        on a software-OpenGL display took a quarter of a 2-core CPU and made a generation 1.2-1.6x slower)."""
         from qtpy.QtCore import QEventLoop, QTimer
 
         loop = QEventLoop()
