@@ -335,6 +335,12 @@ def record_pace(part: str, rates_idle_s: float, taken_s: float, load: tuple[floa
     return ratio
 
 
+def format_rate(seconds: float) -> str:
+    """Seconds per unit of work, to two significant figures: ``"0.31 s"``, ``"4.0 s"``, ``"16 s"`` (a rate under a
+    second rounded to whole seconds read "× 0 s")."""
+    return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
 def format_duration(seconds: float) -> str:
     """``"40 s"``, ``"4 min"``, ``"1 h 20 min"`` (rounded: an estimate, not a stopwatch)."""
     if seconds < 90:
@@ -398,8 +404,8 @@ def mask_test_estimate(vae_folder: str, cases: int, grid: Any | None = None, rat
         return None
     per_case, note = _scaled(rate["per_case_s"], rate["grid"], grid)
     return _under_load(rate["load_s"] + cases * per_case,
-                       f"{cases} cases × {per_case:.0f} s, {machine(rates, 'mask_test')}{note}", rates, "mask_test",
-                       load)
+                       f"{cases} cases × {format_rate(per_case)}, {machine(rates, 'mask_test')}{note}", rates,
+                       "mask_test", load)
 
 
 def training_step_seconds(config: str, batch_size: int, rates: dict[str, Any] | None = None) -> float | None:
@@ -425,8 +431,8 @@ def training_estimate(config: str, cases: int, steps: int, batch_size: int, enco
     # a config trains on its base model's grid: its rate holds for it, whatever grid is asked
     per_case, note = rate["per_case_encoding_s"], ""
     encoding = cases * per_case if encode else 0.0
-    parts = [f"encoding {cases} cases × {per_case:.0f} s" if encode else "cases already encoded",
-             f"{steps} steps × {per_step:.1f} s"]
+    parts = [f"encoding {cases} cases × {format_rate(per_case)}" if encode else "cases already encoded",
+             f"{steps} steps × {format_rate(per_step)}"]
     return _under_load((rate["load_s"] or 0.0) + encoding + steps * per_step,
                        f"{', '.join(parts)}; {machine(rates, 'training')}{note}", rates, "training", load)
 
@@ -528,6 +534,7 @@ def runs_on_cpu(device: str) -> bool:
 
 __all__ = ["FINISH_CALLS", "NICE_WEIGHT_STEP", "OVERSUBSCRIBED", "PACE_FILE_NAME", "PACE_QUIET_LOAD", "RATES_ENV",
            "RATES_FILE", "CpuSnapshot", "Estimate", "GenerationWork", "PaceClock", "cpu_snapshot", "current_load",
-           "format_duration", "generation_estimate", "generation_work", "joint_batch_factor", "load_since", "machine",
-           "machine_pace", "mask_test_estimate", "measured_rates", "pace_file", "rates_file", "record_pace",
-           "runnable_now", "runs_on_cpu", "slowdown", "torch_threads", "training_estimate", "training_step_seconds"]
+           "format_duration", "format_rate", "generation_estimate", "generation_work", "joint_batch_factor",
+           "load_since", "machine", "machine_pace", "mask_test_estimate", "measured_rates", "pace_file", "rates_file",
+           "record_pace", "runnable_now", "runs_on_cpu", "slowdown", "torch_threads", "training_estimate",
+           "training_step_seconds"]

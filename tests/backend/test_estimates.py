@@ -83,6 +83,17 @@ def test_durations_read_as_estimates():
     assert [format_duration(s) for s in (3, 42, 100, 3000, 4900)] == ["3 s", "40 s", "2 min", "50 min", "1 h 22 min"]
 
 
+def test_rates_under_a_second_read_as_such_in_the_basis():
+    """A rate of 0.31 s per case read "× 0 s" when rounded to whole seconds."""
+    from neuromf.estimates import format_rate, training_estimate
+
+    assert [format_rate(s) for s in (0.31, 0.85, 4.04, 8.82, 16.1)] == ["0.31 s", "0.85 s", "4 s", "8.8 s", "16 s"]
+    rates = {**RATES, "training": {"joint_3mm": {"cases": 8, "batch_size": 8, "load_s": 0.5,
+                                                 "per_case_encoding_s": 0.31, "per_step_s": 0.85}}}
+    basis = training_estimate("joint_3mm", 18, 150, 8, rates=rates, load=AS_MEASURED).basis
+    assert "encoding 18 cases × 0.31 s" in basis and "150 steps × 0.85 s" in basis
+
+
 def test_a_rates_file_of_ones_own_machine_replaces_the_shipped_one(tmp_path, monkeypatch):
     import json
 
