@@ -182,16 +182,14 @@ def layer_choice(viewer: napari.Viewer, layer_type: type[Layer], tooltip: str, f
     def refresh(*_: Any) -> None:
         try:
             combo.reset_choices()
-        except RuntimeError:  # the dock was closed (Qt object deleted) while the viewer lives on
-            disconnect()
+        except RuntimeError:  # the dock was closed (Qt object deleted) while the viewer lives on: let go
+            for event in events:
+                event.disconnect(refresh)
 
-    def disconnect(*_: Any) -> None:
-        for event in events:
-            event.disconnect(refresh)
-
+    # not on the combo's `destroyed` signal: a Python callback of a widget's own destruction, in a reference cycle
+    # with that widget, segfaulted once in the suite (PyQt called it while the garbage collector freed the cycle)
     for event in events:
         event.connect(refresh)
-    combo.native.destroyed.connect(disconnect)
     combo.reset_choices()
     return combo
 

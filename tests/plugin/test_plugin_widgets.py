@@ -957,3 +957,21 @@ def test_a_generated_pair_opened_without_figures_gets_them_and_the_verdict(make_
     assert figures["check"]["criteria"][-1] == "contrast"  # rendered by the conditional model: the FLAIR is judged
     qtbot.waitUntil(lambda: widget.pairs.count() == 1 and "cm³" in widget.pairs.item(0).text(), timeout=5000)
     assert widget.pairs.item(0).data(Qt.UserRole) == prefix
+
+
+def test_a_layer_picker_lets_go_of_the_viewer_once_its_widget_is_deleted(make_napari_viewer, qtbot):
+    """A dock's layer picker follows the viewer's layers; once its widget is deleted (the dock closed, the viewer
+    open) the next layer change disconnects it instead of raising."""
+    from napari.layers import Image
+
+    from napari_neuromf._helpers import layer_choice
+
+    viewer = make_napari_viewer()
+    combo = layer_choice(viewer, Image, "a picker")
+    viewer.add_image(np.zeros((4, 4), np.float32), name="first")
+    assert [layer.name for layer in combo.choices] == ["first"]
+    connected = len(viewer.layers.events.inserted.callbacks)
+    combo.native.deleteLater()
+    qtbot.wait(50)
+    viewer.add_image(np.zeros((4, 4), np.float32), name="second")
+    assert len(viewer.layers.events.inserted.callbacks) == connected - 1
