@@ -166,9 +166,9 @@ def notify_unreadable(errors: list[str]) -> None:
 
 
 def _prepare_axial(viewer: napari.Viewer) -> None:
-    from napari_neuromf._viewing import ready_for_volume, view_guard
+    from napari_neuromf._viewing import view_guard
 
-    ready_for_volume(viewer, view_guard(viewer).convention)  # a no-op unless the viewer is still empty and 2D
+    view_guard(viewer).ready_for_volume()  # a no-op unless the viewer is still empty and 2D
 
 
 def insert_layer(viewer: napari.Viewer, data_tuple: tuple, hold_overlays: bool = False) -> Any:

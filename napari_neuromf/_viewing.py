@@ -82,8 +82,7 @@ def napari_view(viewer: napari.Viewer) -> None:
     from napari.components.camera import Camera
 
     viewer.dims.order = tuple(range(viewer.dims.ndim))
-    viewer.dims.axis_labels = viewer.layers.axis_labels if len(viewer.layers) else \
-        tuple(str(i) for i in range(-viewer.dims.ndim, 0))
+    viewer.dims.axis_labels = viewer.layers.axis_labels
     viewer.scene.camera.orientation = Camera().orientation
 
 
@@ -240,11 +239,11 @@ class ViewGuard:
         if viewer is not None and len(viewer.layers) == 0 and self._volumes_seen:
             from qtpy.QtCore import QTimer
 
-            QTimer.singleShot(EMPTY_READY_MS, self._ready_for_volume)
+            QTimer.singleShot(EMPTY_READY_MS, self.ready_for_volume)
 
-    def _ready_for_volume(self) -> None:
-        """The emptied viewer of a volume (layers removed, still open) turned axial in a turn of its own
-        (`ready_for_volume`), so the next volume's insertion does not turn it."""
+    def ready_for_volume(self) -> None:
+        """The viewer, while empty and open, turned axial in the guard's convention in a turn of its own
+        (`ready_for_volume`): after its volumes were removed, or before an opening's first layer."""
         viewer = self.viewer
         if viewer is not None and len(viewer.layers) == 0 and viewer_window_open(viewer):
             ready_for_volume(viewer, self.convention)
