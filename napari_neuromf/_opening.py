@@ -40,16 +40,24 @@ GUI_OPENERS = (("_qt_open", "qt_viewer.py"), ("open_with_dialog_choices", "qt_re
                ("_add_sample", "_qnpe2.py"))
 
 
-def opened_from_the_gui() -> bool:
-    """Whether this call comes from napari's GUI opening a file or a sample (`GUI_OPENERS` on the call stack),
-    inside its running Qt event loop on the GUI thread: then the layers may come a turn later."""
+def in_gui_event_loop() -> bool:
+    """Whether this runs on the GUI thread inside a running Qt event loop (napari's app, a test's wait): where work
+    may be spread over later turns. A script or a test calling outside a loop gets its result at once."""
     import sys
 
     if threading.current_thread() is not threading.main_thread() or "qtpy" not in sys.modules:
         return False
     from qtpy.QtCore import QCoreApplication, QThread
 
-    if QCoreApplication.instance() is None or QThread.currentThread().loopLevel() < 1:
+    return QCoreApplication.instance() is not None and QThread.currentThread().loopLevel() >= 1
+
+
+def opened_from_the_gui() -> bool:
+    """Whether this call comes from napari's GUI opening a file or a sample (`GUI_OPENERS` on the call stack),
+    inside its running Qt event loop on the GUI thread: then the layers may come a turn later."""
+    import sys
+
+    if not in_gui_event_loop():
         return False
     frame = sys._getframe(1)
     while frame is not None:
@@ -126,7 +134,7 @@ def sample_in_turns(viewer: napari.Viewer, tuples: Sequence[tuple]) -> list[tupl
             if layer.data is data:
                 layer.visible = kwargs.get("visible", True)
 
-    _fill(weakref.ref(viewer), _queued(viewer, Opening()), tuples[1:], first=[show])
+    _fill(weakref.ref(viewer), _queued(viewer, Opening()), tuples[1:], first=[_axial_if_waiting, show])
     return [(data, {**kwargs, "visible": False}, kind)]
 
 
@@ -169,6 +177,12 @@ def _prepare_axial(viewer: napari.Viewer) -> None:
     from napari_neuromf._viewing import view_guard
 
     view_guard(viewer).ready_for_volume()  # a no-op unless the viewer is still empty and 2D
+
+
+def _axial_if_waiting(viewer: napari.Viewer) -> None:
+    from napari_neuromf._viewing import view_guard
+
+    view_guard(viewer).axial_if_waiting()  # a first volume that arrived hidden: its axial turn, before it shows
 
 
 def insert_layer(viewer: napari.Viewer, data_tuple: tuple, hold_overlays: bool = False) -> Any:
@@ -227,6 +241,7 @@ def _add_then_show(opening: Opening, data_tuple: tuple) -> list[Callable[[napari
 
     def show(viewer: napari.Viewer) -> None:
         if new and new[0] is not None and new[0] in viewer.layers:
+            _axial_if_waiting(viewer)  # usually turned already (`_prepare_axial`, the empty viewer's own turn)
             new[0].visible = kwargs.get("visible", True)
 
     return [add, overlays, show] if kind == "labels" else [add, show]
@@ -259,5 +274,5 @@ def _next_step(viewer_ref: weakref.ref) -> None:
             _schedule(viewer_ref)
 
 
-__all__ = ["EDITING_OVERLAYS", "GUI_OPENERS", "TURN_MS", "Opening", "add_in_turns", "adding", "insert_layer",
-           "notify_unreadable", "open_in_turns", "opened_from_the_gui", "sample_in_turns"]
+__all__ = ["EDITING_OVERLAYS", "GUI_OPENERS", "TURN_MS", "Opening", "add_in_turns", "adding", "in_gui_event_loop",
+           "insert_layer", "notify_unreadable", "open_in_turns", "opened_from_the_gui", "sample_in_turns"]

@@ -15,7 +15,10 @@ the caption true to what is displayed (hidden as soon as the view is not one of 
 keeps R/L and A/P letters just inside the volume's edges. The letters are a small Points layer with text, not a
 canvas overlay: napari has one text overlay (the caption) and it sits at canvas corners; points placed at the
 patient's right/left/anterior/posterior side of the volume stay at the image edges under zoom, pan and flips,
-and they are right by construction whatever the camera does, since they mark anatomy, not the screen.
+and they are right by construction whatever the camera does, since they mark anatomy, not the screen. In napari's
+running app the caption first shows once its glyphs are loaded (`_canvas_text`, a few per turn of the event loop),
+and a first volume napari inserts hidden (a sample's) is turned axial in its opening's next step: the first opening
+of a session does not hold the GUI for either.
 
 The view is fitted to the volumes when they open; napari keeps the zoom when the canvas changes size (a dock
 opened beside it, the window resized), which would cut the image and its R/L letters at the canvas's edges. So
@@ -102,6 +105,7 @@ def current_convention(viewer: napari.Viewer) -> str | None:
 MARKERS_NAME = "orientation letters"
 GRID_LETTERS = "neuromf_grid_letters"  # metadata key of a grid viewbox's own letters (`add_letters`)
 MARKER_LETTERS = ("R", "L", "A", "P")
+VIEW_TEXT = "".join(CAPTIONS.values()) + "".join(MARKER_LETTERS)  # every character the guard draws on the canvas
 # inside the volume's edge, as a fraction of its extent: on the field of view's margin (air in a head scan), so the
 # letters are on screen whenever the image is (a zoom that fits the image can cut off anything beyond it)
 MARKER_MARGIN = 0.06
@@ -182,6 +186,8 @@ class ViewGuard:
         self._arrived: list = []  # the volumes of the opening under way (weak references): a pair among them?
         self.alone_note: str | None = None  # what the last pair shown alone hid, and how to show it again
         self._volumes_seen = False  # a volume of ours was shown here: an emptied viewer is made ready for the next
+        self._axial_waits = False  # a first volume arrived hidden: turned axial at its opening's next step
+        self._glyphs_loading = False  # the canvas text's glyphs are being loaded (`_canvas_text`): the caption waits
         viewer.layers.events.inserted.connect(self._inserted)
         viewer.layers.events.removed.connect(self._removed)
         viewer.dims.events.order.connect(self.refresh)
@@ -212,7 +218,14 @@ class ViewGuard:
         self._volumes_seen = True
         volumes = self.volumes()
         fresh = len(volumes) == 1 or current_convention(viewer) is None  # a first volume, or the user turned away
-        if fresh:
+        from napari_neuromf._opening import adding
+
+        if fresh and not layer.visible and adding(viewer):
+            # hidden, and its opening shows it in a later step: turned axial in a turn of its own before that
+            # (`axial_if_waiting`), not inside napari's insertion (the first camera turn of a session imports
+            # scipy.spatial: ~0.05 s)
+            self._axial_waits = True
+        elif fresh:
             show_axial(viewer, self.convention, letters=False)
         from napari.layers import Labels
 
@@ -240,6 +253,39 @@ class ViewGuard:
             from qtpy.QtCore import QTimer
 
             QTimer.singleShot(EMPTY_READY_MS, self.ready_for_volume)
+
+    def axial_if_waiting(self) -> None:
+        """Turn the view axial for a first volume that arrived hidden (an opening's step, before showing it)."""
+        viewer = self.viewer
+        if self._axial_waits and viewer is not None:
+            self._axial_waits = False
+            if self.volumes() and (len(self.volumes()) == 1 or current_convention(viewer) is None):
+                show_axial(viewer, self.convention, letters=False)
+
+    def warm_glyphs(self) -> None:
+        """Load the canvas glyphs of the caption and letters in turns of their own (`_canvas_text`), if an event loop
+        runs; the caption shows once they are in."""
+        from napari_neuromf._canvas_text import warm_glyphs
+        from napari_neuromf._opening import in_gui_event_loop
+
+        viewer = self.viewer
+        if viewer is not None and not self._glyphs_loading and in_gui_event_loop():
+            self._glyphs_loading = warm_glyphs(viewer, VIEW_TEXT, self._glyphs_loaded)
+
+    def _glyphs_loaded(self) -> None:
+        self._glyphs_loading = False
+        self.refresh()
+
+    def _caption_waits(self) -> bool:
+        """Whether the caption, not shown yet, waits for its glyphs: loading in turns of the event loop (started
+        here if they are missing). A caption already shown stays; outside an event loop (a script) it never waits:
+        its first draw rasterizes them."""
+        from napari_neuromf._opening import in_gui_event_loop
+
+        if not in_gui_event_loop() or self.viewer.canvas.overlays.text.visible:
+            return False
+        self.warm_glyphs()
+        return self._glyphs_loading
 
     def ready_for_volume(self) -> None:
         """The viewer, while empty and open, turned axial in the guard's convention in a turn of its own
@@ -339,13 +385,15 @@ class ViewGuard:
         self._refreshing = True
         try:
             caption, text = viewer.canvas.overlays.text, self.caption_text()
-            if caption.text != (text or "") or caption.visible != (text is not None):  # each set redraws: only changes
-                caption.text = text or ""
+            # shown when its glyphs are in, a few turns later: its first draw does not rasterize them
+            shown = None if text is not None and self._caption_waits() else text
+            if caption.text != (shown or "") or caption.visible != (shown is not None):  # each set redraws: changes
+                caption.text = shown or ""
                 caption.position = "bottom_left"  # the top centre holds the A letter
                 # no background box: napari re-sets a shown box's transform at every layer added, shown or moved,
                 # and vispy rebuilds its shader at the next draw (~20-40 ms of each such draw on a 2-core CPU)
                 caption.box = False
-                caption.visible = text is not None
+                caption.visible = shown is not None
             self._place_markers(show=text is not None, add=add_letters)
         finally:
             self._refreshing = False
@@ -401,7 +449,7 @@ class ViewGuard:
         from napari_neuromf._opening import adding
 
         viewer = self.viewer
-        if viewer is not None and adding(viewer):
+        if viewer is not None and (adding(viewer) or self._glyphs_loading):  # their glyphs too are loading
             self._show_new_letters_later()
             return
         self._letters_new = False
@@ -475,6 +523,7 @@ def view_guard(viewer: napari.Viewer) -> ViewGuard:
     if guard is None:
         guard = _guards[viewer] = ViewGuard(viewer)
         prefer_this_reader()
+        guard.warm_glyphs()  # a dock opened, or a first opening: the caption's glyphs before its first showing
     return guard
 
 

@@ -262,6 +262,38 @@ def test_a_sample_in_the_running_app_comes_a_layer_per_turn(viewer, qtbot):
     assert np.asarray(lesion.data)[:, :, int(round(lesion.world_to_data(viewer.dims.point)[2]))].any()
 
 
+def test_a_first_sample_turns_axial_and_loads_the_caption_glyphs_after_napaaris_insertion(viewer, qtbot):
+    """A viewer's first opening (the slowest of a session): the first volume, which napari inserts hidden, is turned
+    axial at its opening's next step, before it shows, not inside napari's insertion; the caption shows only once
+    all its glyphs and the letters' are in the canvas font (loaded a few per turn), so its first draw rasterizes
+    none of them."""
+    from napari._qt._qplugins._qnpe2 import _add_sample
+
+    from napari_neuromf._canvas_text import VISPY_LAYOUT_GLYPHS, canvas_font
+    from napari_neuromf._viewing import AXIAL_ORDER, VIEW_TEXT
+
+    font = canvas_font(viewer)
+    needed = set(VIEW_TEXT + VISPY_LAYOUT_GLYPHS) - {"\n"}
+    seen: dict = {}
+    caption = viewer.canvas.overlays.text
+    caption.events.visible.connect(lambda visible: seen.setdefault("missing when the caption showed",
+                                                                   needed - set(font._glyphs)) if visible else None)
+
+    def open_sample() -> tuple:
+        _add_sample(viewer.window._qt_viewer, "napari-neuromf", "fcd_phantom_case")
+        flair = viewer.layers[0]
+        flair.events.visible.connect(lambda _: seen.setdefault("order when shown", tuple(viewer.dims.order)))
+        return tuple(viewer.dims.order), len(needed - set(font._glyphs))
+
+    returned = in_running_gui(open_sample, lambda: _opened(viewer) and caption.visible)
+    order_after_insertion, missing_after_insertion = returned[0]
+    assert order_after_insertion != AXIAL_ORDER  # napari's insertion left the view as napari made it
+    assert missing_after_insertion > 10  # glyphs still to load after napari's insertion (a fresh viewer's font)
+    assert seen["order when shown"] == AXIAL_ORDER
+    assert seen["missing when the caption showed"] == set()
+    _assert_axial_radiological(viewer, qtbot)
+
+
 def _sliders_shown(viewer) -> list[int]:
     return [axis for axis, widget in enumerate(viewer.window._qt_viewer.dims.slider_widgets) if not widget.isHidden()]
 

@@ -23,7 +23,9 @@ SAMPLES = ("fcd_phantom_case", "generated_pair", "conditional_pair")
 # at load 3.5, 0.71 s in a CI run of the whole suite). Each sample opens twice and the lower figure counts: a block
 # the code causes shows in both, a busy machine's slow turn seldom twice
 BLOCK_MS = 700
-FIRST_BLOCK_MS = 1500  # the first one of a session (measured 0.72-0.76 s; 1.1-1.3 s before the letters moved out)
+# the first one of a viewer: measured 0.17 s alone since its axial turn and the caption's glyphs come in turns of
+# their own (0.72-0.76 s before; 1.1-1.3 s before the letters moved out)
+FIRST_BLOCK_MS = 700
 # a generated pair arriving in the Generate dock (its FLAIR and lesion added a turn apart, each hidden, then shown):
 # measured 0.14-0.16 s, the first into an empty viewer 0.27-0.29 s (its dims made axial in a turn of their own; 0.34 s
 # before, 0.61 s in a CI run of the whole suite on 2 cores); 0.31-0.48 s when both came in one turn
@@ -87,7 +89,7 @@ def test_each_sample_opens_without_blocking_the_gui(make_napari_viewer, qtbot):
             gaps.append(_longest_gap_ms(qtbot, viewer, lambda key=key: _menu_sample(viewer, key)))
             assert len(data_layers(viewer)) == 2, key
         worst[key] = round(min(gaps))
-    print(f"longest GUI-thread gap per sample (ms): {worst}")
+    print(f"longest GUI-thread gap, first sample {first:.0f} ms, per sample (ms): {worst}")
     assert max(worst.values()) < BLOCK_MS, f"longest GUI-thread gap per sample (ms): {worst}"
 
 

@@ -62,6 +62,24 @@ def test_case_opens_axial_radiological_with_orientation_labels(make_napari_viewe
     assert np.array_equal(np.cross(screen[horizontal], screen[vertical]), screen[depth])  # R x A = S
 
 
+def test_canvas_glyphs_load_in_later_turns_then_call_back_once(make_napari_viewer, qtbot):
+    """`_canvas_text.warm_glyphs`: nothing is rasterized in the call (it only schedules), every glyph is in the
+    canvas font when ``then`` runs, and a second warm-up of the same text has nothing to wait for."""
+    from napari_neuromf._canvas_text import canvas_font, warm_glyphs
+
+    viewer = make_napari_viewer()
+    font = canvas_font(viewer)
+    text = "Wxyz%&0123456789"
+    calls: list[set] = []
+    assert warm_glyphs(viewer, text, lambda: calls.append(set(text) - set(font._glyphs)))
+    assert not set(text) & set(font._glyphs)  # scheduled, not done in the caller's turn
+    qtbot.waitUntil(lambda: bool(calls), timeout=5000)
+    assert calls == [set()]
+    assert not warm_glyphs(viewer, text, lambda: calls.append(set()))
+    qtbot.wait(50)
+    assert len(calls) == 1
+
+
 def test_window_keeps_the_lesion_hyperintense_and_lesions_look_alike(make_napari_viewer, qtbot, phantom_subset):
     from napari_neuromf._data_widget import FCDDataWidget
     from napari_neuromf._layers import LESION_COLOUR, LESION_NAME, pair_layers

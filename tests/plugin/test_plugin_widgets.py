@@ -850,7 +850,8 @@ def test_generated_pair_side_by_side_with_a_real_case_shares_the_slice(make_napa
         other.dims.set_point(2, float(gen.data_to_world((0, 0, k))[2]))
         qtbot.waitUntil(lambda k=k: shown(k), timeout=5000)
         assert not np.array_equal(real.data[:, :, k], real.data[:, :, int(lesion_slice)])  # a different slice
-    assert "radiological" in other.canvas.overlays.text.text  # one orientation caption for both views
+    # one orientation caption for both views (shown once its glyphs are loaded, a few turns after the viewer opened)
+    qtbot.waitUntil(lambda: "radiological" in other.canvas.overlays.text.text, timeout=5000)
     # each view its own letters, on the slice shown, R on screen left of L and A above P (radiological), inside
     # its own half of the canvas
     other.reset_view()
