@@ -228,14 +228,27 @@ def _cpu_model() -> str:
 
 
 def compact_json(obj: Any) -> str:
-    """JSON with one-space indents and every list of plain numbers or strings on one line: the results stay
-    readable and small (the repository's tracked files have a size budget)."""
+    """JSON with one-space indents, every list of plain numbers or strings and every object of such values on one
+    line: the results stay readable and small (the repository's tracked files have a size budget)."""
     import re
 
     text = json.dumps(obj, indent=1, default=_json_default)
     flat = r"-?[0-9.eE+-]+|null|true|false|\"[^\"\n]*\""
     one_line_list = rf"\[\s*((?:(?:{flat}),\s*)*(?:{flat}))\s*\]"
-    return re.sub(one_line_list, lambda m: json.dumps(json.loads(m.group(0))), text)
+    text = re.sub(one_line_list, _one_line, text)
+    # an object of plain values (numbers, strings, one-line lists) on one line too
+    member = rf"\"[^\"\n]*\": (?:{flat}|\[[^\[\]{{}}\n]*\])"
+    one_line_object = rf"\{{\s*((?:{member},\s*)*{member})\s*\}}"
+    return re.sub(one_line_object, _one_line, text)
+
+
+def _one_line(match: Any) -> str:
+    """A matched JSON list or object on one line; left as it is where the match is not JSON on its own (a string
+    holding an escaped quote can fool the patterns)."""
+    try:
+        return json.dumps(json.loads(match.group(0)))
+    except json.JSONDecodeError:
+        return match.group(0)
 
 
 def finish(result: dict[str, Any], out: Path, started: float) -> dict[str, Any]:
