@@ -7,8 +7,9 @@ points layer added and cleared), each action runs `--opens` times into an empty 
 entry points (`QtViewer._qt_open`, the sample menu's `_add_sample`) from inside a running Qt event loop, as in
 the app:
 
-- `first_sample`: once per process, the viewer's first NeuroMF opening, File > Open Sample > the phantom case into
-  the viewer napari was first used in (2D dims, no NeuroMF text drawn yet; the sample's modules load in it);
+- `first_sample` (or `first_file_open` with `--first file_open`): once per process, the viewer's first NeuroMF
+  opening, File > Open Sample > the phantom case (File > Open of its FLAIR) into the viewer napari was first used
+  in (2D dims, no NeuroMF text drawn yet; NeuroMF's sample or reader modules load in it);
 - `sample`: File > Open Sample > the phantom case (FLAIR + lesion); `pair_sample`: the pre-made generated pair;
 - `pair_over_scan`: the generated pair opened over the phantom case (another grid: the pair is shown alone);
 - `file_open`: File > Open of the phantom case's FLAIR through NeuroMF's reader; `file_open_pair`: its FLAIR and
@@ -48,12 +49,12 @@ from benchlib import (  # noqa: E402
     warmed_napari_viewer,
 )
 
-ACTIONS = ("first_sample", "sample", "pair_sample", "pair_over_scan", "file_open", "file_open_pair", "file_open_1mm",
-           "dock_first_pair", "dock_next_pair")
+ACTIONS = ("first_sample", "first_file_open", "sample", "pair_sample", "pair_over_scan", "file_open", "file_open_pair",
+           "file_open_1mm", "dock_first_pair", "dock_next_pair")
 KEYS = ("longest_ms", "second_ms", "third_ms", "ours_ms")
 
 
-def _measure(opens: int, dock: bool) -> dict:
+def _measure(opens: int, dock: bool, first: str) -> dict:
     """In the child process: every action `opens` times; per opening the two longest gaps and `ours_ms`."""
     import functools
 
@@ -97,10 +98,15 @@ def _measure(opens: int, dock: bool) -> dict:
                                              "third_ms": round(gaps[2], 1), "ours_ms": round(ours["ms"], 1)})
 
     # NeuroMF's first opening in this viewer: its sample modules load, the viewer's dims and canvas font are fresh
-    measured("first_sample", lambda: _add_sample(qt_viewer, "napari-neuromf", "fcd_phantom_case"))
-    from napari_neuromf._sample_data import phantom_case_paths
+    from neuromf.weights import sample_data_root  # not NeuroMF's sample or reader modules: they load in the first
 
-    flair, roi = phantom_case_paths()
+    anat = sample_data_root() / "fcd_phantoms" / "sub-00001" / "anat"
+    flair, roi = sorted(anat.glob("*FLAIR.nii.gz"))[0], sorted(anat.glob("*FLAIR_roi.nii.gz"))[0]
+    if first == "file_open":
+        _viewing.prefer_this_reader()  # as a session after any earlier use: napari asks for the reader only once
+        measured("first_file_open", lambda: qt_viewer._qt_open([str(flair)], stack=False))
+    else:
+        measured("first_sample", lambda: _add_sample(qt_viewer, "napari-neuromf", "fcd_phantom_case"))
     fine = _one_mm_copy(flair)
     actions = {"sample": lambda: _add_sample(qt_viewer, "napari-neuromf", "fcd_phantom_case"),
                "pair_sample": lambda: _add_sample(qt_viewer, "napari-neuromf", "generated_pair"),
@@ -162,11 +168,12 @@ def _tree_of(rev: str, into: Path) -> Path:
     return into
 
 
-def _run_child(plugin_root: Path, opens: int, dock: bool) -> dict:
+def _run_child(plugin_root: Path, opens: int, dock: bool, first: str) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(plugin_root), str(REPO_ROOT / "backend"), str(REPO_ROOT)])
-    done = subprocess.run([sys.executable, __file__, "--child", "--opens", str(opens)] + ([] if dock else
-                          ["--no-dock"]), env=env, capture_output=True, text=True, timeout=1200)
+    command = [sys.executable, __file__, "--child", "--opens", str(opens), "--first", first]
+    done = subprocess.run(command + ([] if dock else ["--no-dock"]), env=env, capture_output=True, text=True,
+                          timeout=1200)
     if done.returncode != 0:
         raise RuntimeError(f"child for {plugin_root} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -184,10 +191,12 @@ def main() -> None:
     parser.add_argument("--opens", type=int, default=3, help="openings of each action per process")
     parser.add_argument("--no-dock", dest="dock", action="store_false", help="skip the Generate dock's pair")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_sample_open.json")
+    parser.add_argument("--first", choices=("sample", "file_open"), default="sample",
+                        help="each process's first NeuroMF opening: File > Open Sample or File > Open")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_measure(args.opens, args.dock)))
+        print(json.dumps(_measure(args.opens, args.dock, args.first)))
         return
 
     started, load_start = time.time(), [round(x, 2) for x in os.getloadavg()]
@@ -201,7 +210,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = ("before", "after") if round_ % 2 == 0 else ("after", "before")
             for version in order:
-                runs[version].append(_run_child(roots[version], args.opens, args.dock))
+                runs[version].append(_run_child(roots[version], args.opens, args.dock, args.first))
                 print(f"round {round_ + 1}/{args.rounds}: {version} done", file=sys.stderr)
     timing: dict[str, dict] = {}
     for version, children in runs.items():
@@ -217,7 +226,8 @@ def main() -> None:
     result = {"what": "GUI-thread CPU stretches (ms) when a volume opens, two plugin versions side by side",
               "method": "longest and second-longest gap between two ticks of a 10 ms QTimer, time.thread_time; "
                         f"{args.rounds} processes per version interleaved (order swapped each round), "
-                        f"{args.opens} openings of each action per process into an empty viewer (first_sample: once, "
+                        f"{args.opens} openings of each action per process into an empty viewer (first_sample or "
+                        "first_file_open: once, "
                         "the process's first NeuroMF opening); napari's own first use paid before measuring",
               "versions": {"before": args.before, "after": f"{commit}{' (uncommitted changes)' if dirty else ''}"},
               "timing_ms": timing, "ratios_longest_after_over_before": ratios,
