@@ -12,10 +12,6 @@ resumable checkpoint are loaded on top of `--old` (to follow a run while it trai
 `--texture` also judges each decoder's decodes with scanner texture added (`neuromf.data.texture`) at the level
 in its sidecar (`texture_sigma`), or, when it has none, fitted here on the first 16 training scans (never on the
 held-out ones).
-
-`--intensity-map` also judges each decoder's decodes (and, with `--texture`, textured ones) through a monotone
-intensity map fitted on the round trips of the first 16 training scans (`fit_intensity_map`: the originals'
-brightness and histogram shape), arms `<side>_mapped` and `<side>_mapped_textured`.
 """
 
 from __future__ import annotations
@@ -32,9 +28,7 @@ from safetensors import safe_open
 from neuromf.config import load_config
 from neuromf.eval.realism import (
     TEXTURE_FIT_CASES,
-    apply_intensity_map,
     cnn_two_sample_test,
-    fit_intensity_map,
     fit_vae_texture,
     realism_report,
     textured,
@@ -123,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vae_realism.json"))
     parser.add_argument("--picture", type=Path, default=None)
     parser.add_argument("--texture", action="store_true", help="also judge decodes with scanner texture added")
-    parser.add_argument("--intensity-map", action="store_true",
-                        help="also judge decodes through an intensity map fitted on training round trips")
     parser.add_argument("--new-tile", type=int, default=None, metavar="N",
                         help="the new side decodes in overlapping tiles of N latent voxels a side (`--new embedded "
                              "--new-tile 16`: the shipped decoder, tiled, against itself whole)")
@@ -162,17 +154,6 @@ def main(argv: list[str] | None = None) -> int:
                    if vae.texture_sigma is not None else fit_vae_texture(vae, training))
             decodes[f"{label}_textured"] = textured(decodes[label], fit["texture_sigma"], seed=args.seed)
             arms.append((f"{label}_textured", decodes[f"{label}_textured"], fit))
-        if args.intensity_map:
-            if training is None:
-                training = load_volumes(cfg, "train", progress=False, max_cases=TEXTURE_FIT_CASES)[0]
-            intensity_map = fit_intensity_map(training, round_trip(vae, training))
-            decodes[f"{label}_mapped"] = apply_intensity_map(decodes[label], intensity_map)
-            arms.append((f"{label}_mapped", decodes[f"{label}_mapped"], {"intensity_map": intensity_map}))
-            if args.texture:
-                decodes[f"{label}_mapped_textured"] = textured(decodes[f"{label}_mapped"], fit["texture_sigma"],
-                                                               seed=args.seed)
-                arms.append((f"{label}_mapped_textured", decodes[f"{label}_mapped_textured"],
-                             {"intensity_map": intensity_map, **fit}))
         for name, decoded, extra in arms:
             report = realism_report(originals, decoded, seed=args.seed, cnn_steps=args.cnn_steps)
             tiles = {"decode_tile": vae.decode_tile} if vae.decode_tile else {}

@@ -11,8 +11,6 @@ figures measure that directly on volumes of one grid (N, 1, H, W, D), intensitie
   volume, cross-validated the same way.
 - `fit_texture_sigma`: the level of scanner texture (`neuromf.data.texture`) that gives decodes the originals'
   sharpness, fitted on training scans and stored in the VAE's sidecar.
-- `fit_intensity_map`: a monotone intensity map that gives decodes the originals' brightness and histogram shape
-  (quantile matching), fitted on training scans; measured, not applied by generation.
 """
 
 from __future__ import annotations
@@ -251,45 +249,6 @@ def fit_texture_sigma(originals: torch.Tensor, decoded: torch.Tensor, target: fl
 
 
 TEXTURE_FIT_CASES = 16  # enough for one scalar; a round trip of a 2 mm scan costs seconds on a CPU
-# where the intensity map matches quantiles: dense in the bright tail, where the lesions are; from the 1st
-# percentile, so the darkest brain voxels do not set where the background's faint decoded values go
-INTENSITY_MAP_LEVELS = np.concatenate([np.linspace(0.01, 0.98, 50), [0.99, 0.995, 0.998, 0.999, 1.0]])
-
-
-def fit_intensity_map(originals: torch.Tensor, decoded: torch.Tensor) -> dict:
-    """A map of decoded intensities onto the originals' (`apply_intensity_map`): a brightness factor (the mean over
-    cases of the original's brain median over the decode's) and a monotone shape map, quantile matching of
-    intensities divided by their own brain median (`INTENSITY_MAP_LEVELS`, pooled over cases: scans differ in
-    brightness, so pooled raw quantiles would mix cases). Fit it on training round trips; judge it on held-out ones."""
-    ratios, source, target = [], [], []
-    for original, decode in zip(originals, decoded):
-        # each inside its own brain mask, as `apply_intensity_map` sees a decode (no original beside it)
-        o = as_volume(original)[brain_mask(original)]
-        d = as_volume(decode)[brain_mask(decode)]
-        ratios.append(np.median(o) / max(np.median(d), 1e-6))
-        source.append(d / max(np.median(d), 1e-6))
-        target.append(o / max(np.median(o), 1e-6))
-    return {"brightness": round(float(np.mean(ratios)), 6),
-            "decoded": np.quantile(np.concatenate(source), INTENSITY_MAP_LEVELS).round(6).tolist(),
-            "original": np.quantile(np.concatenate(target), INTENSITY_MAP_LEVELS).round(6).tolist(),
-            "cases": len(originals)}
-
-
-def apply_intensity_map(volumes: torch.Tensor, intensity_map: dict) -> torch.Tensor:
-    """`volumes` (N, 1, H, W, D) through `fit_intensity_map`'s map: each divided by its own brain median, the shape
-    map applied (piecewise linear, 0 kept at 0, values past its brightest point shifted by that point's offset),
-    then multiplied back by that median times the brightness factor."""
-    x = np.concatenate([[0.0], intensity_map["decoded"]])
-    y = np.concatenate([[0.0], intensity_map["original"]])
-    x = np.maximum.accumulate(x + np.arange(len(x)) * 1e-9)  # strictly increasing for np.interp
-    mapped = []
-    for volume in volumes:
-        values = volume.numpy()
-        median = max(float(np.median(as_volume(values)[brain_mask(values)])), 1e-6)
-        unit = values / median
-        shaped = np.interp(unit, x, y) + np.clip(unit - x[-1], 0.0, None)
-        mapped.append(torch.from_numpy((shaped * median * intensity_map["brightness"]).astype(values.dtype)))
-    return torch.stack(mapped)
 
 
 @torch.no_grad()
