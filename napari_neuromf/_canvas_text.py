@@ -52,8 +52,8 @@ def load_glyphs(font: Any, chars: str) -> None:
 
 def warm_glyphs(viewer: napari.Viewer, text: str, then: Callable[[], Any]) -> bool:
     """Rasterize the glyphs ``text`` needs on ``viewer``'s canvas, `GLYPHS_PER_TURN` per turn of the event loop,
-    then call ``then()``. Returns False when there is nothing to wait for (all loaded, or no font to load them
-    into): ``then`` is not called."""
+    then call ``then()`` (also when the warm-up stops early: the font gone, the window closed). Returns False when
+    there is nothing to wait for (all loaded, or no font to load them into): ``then`` is not called."""
     font = canvas_font(viewer)
     if font is None or not glyphs_missing(font, text):
         return False
@@ -63,13 +63,12 @@ def warm_glyphs(viewer: napari.Viewer, text: str, then: Callable[[], Any]) -> bo
 
     def next_turn() -> None:
         live = font_ref()
-        if live is None:
-            return
         try:
-            missing = glyphs_missing(live, text)
-            load_glyphs(live, missing[:GLYPHS_PER_TURN])
-        except RuntimeError:  # the viewer's window closed meanwhile
-            return
+            missing = "" if live is None else glyphs_missing(live, text)
+            if missing:
+                load_glyphs(live, missing[:GLYPHS_PER_TURN])
+        except RuntimeError:  # the viewer's window closed meanwhile: stop, and let the caller go on
+            missing = ""
         if len(missing) > GLYPHS_PER_TURN:
             QTimer.singleShot(0, next_turn)
         else:

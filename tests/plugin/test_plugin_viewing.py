@@ -80,6 +80,20 @@ def test_canvas_glyphs_load_in_later_turns_then_call_back_once(make_napari_viewe
     assert len(calls) == 1
 
 
+def test_a_viewer_closed_while_its_glyphs_load_is_left_alone(make_napari_viewer, qtbot):
+    """The glyph warm-up's later turns find the viewer closed: no error, no caption, the callback still runs."""
+    from napari_neuromf._canvas_text import warm_glyphs
+    from napari_neuromf._viewing import VIEW_TEXT, view_guard
+
+    viewer = make_napari_viewer()
+    guard = view_guard(viewer)
+    called = []
+    assert warm_glyphs(viewer, VIEW_TEXT, lambda: (called.append(True), guard._glyphs_loaded()))
+    viewer.close()
+    qtbot.waitUntil(lambda: bool(called), timeout=5000)
+    assert not viewer.canvas.overlays.text.visible
+
+
 def test_window_keeps_the_lesion_hyperintense_and_lesions_look_alike(make_napari_viewer, qtbot, phantom_subset):
     from napari_neuromf._data_widget import FCDDataWidget
     from napari_neuromf._layers import LESION_COLOUR, LESION_NAME, pair_layers
