@@ -256,9 +256,16 @@ def _schedule(viewer_ref: weakref.ref) -> None:
 def _next_step(viewer_ref: weakref.ref) -> None:
     """Run the next step of the viewer's first opening, then schedule the one after (also when a step raised: the
     openings behind it still come); an opening whose files are being read holds the queue until they are."""
+    from napari_neuromf._viewing import viewer_window_open
+
     viewer = viewer_ref()
     queue = [] if viewer is None else _queues.get(viewer, [])
     if not queue or queue[0].steps is None:
+        return
+    if not viewer_window_open(viewer):  # closed meanwhile: napari's dims and controls no longer take layers
+        for opening in queue:
+            opening.done = True
+        queue.clear()
         return
     try:
         if queue[0].steps:

@@ -347,6 +347,29 @@ def test_a_viewer_closed_right_after_it_was_emptied_is_left_alone(make_napari_vi
     assert viewer.dims.ndim == 2 and len(viewer.layers) == 0
 
 
+def test_a_viewer_closed_while_a_sample_opens_in_turns_gets_nothing_more(make_napari_viewer, qtbot):
+    """File > Open Sample in the running app, then the window closed before the sample's later layers came: the
+    opening stops (napari's closed dims raised when a layer was added), no error, nothing left queued."""
+    from napari._qt._qplugins._qnpe2 import _add_sample
+    from qtpy.QtCore import QTimer
+
+    from napari_neuromf._opening import adding
+
+    viewer = make_napari_viewer(show=True)
+    done: list = []
+
+    def open_then_close() -> bool:
+        QTimer.singleShot(0, viewer.close)  # right after the menu's call, before the opening's next step
+        _add_sample(viewer.window._qt_viewer, "napari-neuromf", "fcd_phantom_case")
+        done.append(adding(viewer))
+        return True
+
+    in_running_gui(open_then_close, lambda: bool(done))
+    qtbot.wait(500)  # the opening's later steps' turns
+    assert done == [True]  # the sample's other steps were queued when the window closed
+    assert not adding(viewer) and len(viewer.layers) == 0
+
+
 def test_letters_the_guard_hid_come_back_but_letters_a_user_hid_stay_hidden(viewer, qtbot):
     """A sagittal turn hides the letters and the axial view brings them back; letters hidden by the user (the
     layer's eye) stay hidden through zooms, slices, a sagittal turn and back, and a further opening."""
