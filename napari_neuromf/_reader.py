@@ -27,11 +27,15 @@ def read_nifti_files(path: PathOrPaths, **_: object) -> list:
     clear notification instead of an exception dialog. The viewer opened into shows the volumes axial, with
     orientation letters and a caption that stays true (``_viewing.ViewGuard``). Called by napari's GUI (File >
     Open, drag and drop, the reader dialog), the files are read in a worker and their layers added a turn at a
-    time (``_opening``), and the sentinel is returned at once: the GUI is never held for the whole opening.
+    time (``_opening``), and the sentinel is returned at once: the GUI is never held for the whole opening. A
+    window closed before the reader runs (napari's progress bar for the opening lets events in) gets the sentinel
+    alone: nothing is added to a closed viewer.
     """
     viewer = guard_current_viewer()
     paths = [path] if isinstance(path, str | Path) else list(path)
-    if viewer is not None and opened_from_the_gui():
+    if opened_from_the_gui():
+        if viewer is None:  # its window closed while napari's progress bar let events in: nothing to open into
+            return [(None,)]
         open_in_turns(viewer, lambda: read_files(paths), ", ".join(Path(p).name for p in paths))
         return [(None,)]
     layers, errors = read_files(paths)

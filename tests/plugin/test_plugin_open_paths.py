@@ -370,6 +370,31 @@ def test_a_viewer_closed_while_a_sample_opens_in_turns_gets_nothing_more(make_na
     assert not adding(viewer) and len(viewer.layers) == 0
 
 
+def test_a_window_closed_during_file_open_gets_no_layers_and_no_error(make_napari_viewer, qtbot, tmp_path):
+    """File > Open, and the window closed while napari's own progress bar for the opening lets events in (inside
+    napari's call, before NeuroMF's reader runs): the reader finds no viewer to open into and returns napari's null
+    layer, so napari adds nothing to the closed viewer (it raised in napari's closed dims widget)."""
+    from qtpy.QtCore import QTimer
+
+    from napari_neuromf._viewing import prefer_this_reader
+
+    viewer = make_napari_viewer(show=True)
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((24, 24, 24), np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), path)
+    prefer_this_reader()
+    done: list = []
+
+    def open_then_close() -> bool:
+        QTimer.singleShot(0, viewer.close)  # runs at the first event napari's progress bar lets in
+        viewer.window._qt_viewer._qt_open([str(path)], stack=False)
+        done.append(True)
+        return True
+
+    in_running_gui(open_then_close, lambda: bool(done))
+    qtbot.wait(300)
+    assert done == [True] and len(viewer.layers) == 0
+
+
 def test_letters_the_guard_hid_come_back_but_letters_a_user_hid_stay_hidden(viewer, qtbot):
     """A sagittal turn hides the letters and the axial view brings them back; letters hidden by the user (the
     layer's eye) stay hidden through zooms, slices, a sagittal turn and back, and a further opening."""
