@@ -66,6 +66,29 @@ def atomic_write(path: Path, write: Callable[[Path], None], before_rename: Calla
     return path
 
 
+def atomic_write_figure(path: Path, fig: Any, palette: bool = False) -> Path:
+    """A matplotlib figure written as PNG through `atomic_write`. ``palette``: as a 256-colour palette PNG, for
+    plots (lines, markers, text: about a third of the size, the same picture), never for pictures of scans, whose
+    grey levels it would merge."""
+
+    def write(tmp: Path) -> None:
+        if not palette:
+            fig.savefig(tmp, format="png")
+            return
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        buffer.seek(0)
+        with Image.open(buffer) as image:
+            image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(tmp, format="PNG",
+                                                                                      optimize=True)
+
+    return atomic_write(path, write)
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write `text` to `path` atomically (see `atomic_write`)."""
     return atomic_write(path, lambda p: p.write_text(text))

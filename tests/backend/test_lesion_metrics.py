@@ -363,6 +363,33 @@ def test_site_map_draws_real_and_generated_sites(tmp_path):
     assert empty.is_file()
 
 
+def test_plots_are_written_as_palette_pngs_that_look_the_same(tmp_path):
+    """`atomic_write_figure(..., palette=True)` (plots: loss curves, site maps, the downstream figure): a palette PNG,
+    smaller than the full-colour one, with the same pixels up to antialiasing shades."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from neuromf.utils import atomic_write_figure
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    steps = np.arange(200)
+    for k in range(4):
+        ax.plot(steps, np.exp(-steps / (30 + 20 * k)) + 0.02 * np.sin(steps / (3 + k)), label=f"part {k}")
+    ax.set_yscale("log")
+    ax.legend()
+    full = atomic_write_figure(tmp_path / "full.png", fig)
+    small = atomic_write_figure(tmp_path / "palette.png", fig, palette=True)
+    plt.close(fig)
+    with Image.open(full) as a, Image.open(small) as b:
+        assert b.mode == "P" and a.size == b.size
+        diff = np.abs(np.asarray(a.convert("RGB")).astype(int) - np.asarray(b.convert("RGB")).astype(int))
+    assert small.stat().st_size < 0.8 * full.stat().st_size
+    assert diff.mean() < 1.0 and np.percentile(diff, 99.9) < 40  # a few antialiasing shades merged
+
+
 def test_signed_boundary_distance_counts_whole_voxels_from_the_mask_boundary():
     mask = np.zeros((11, 11, 11), bool)
     mask[3:8, 3:8, 3:8] = True

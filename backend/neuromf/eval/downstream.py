@@ -517,7 +517,7 @@ def plot_benchmark(summary: dict[str, Any], out_png: Path, title: str = "") -> P
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
-    return _save(fig, out_png, title)
+    return _save(fig, out_png, title, palette=True)
 
 
 def _result_path(out_dir: Path, arm: Arm, seed: int) -> Path:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from neuromf.eval.metrics import as_volume
-from neuromf.utils import atomic_write
+from neuromf.utils import atomic_write_figure
 
 
 def lesion_montage(image: np.ndarray, mask: np.ndarray, out_png: Path, title: str = "") -> Path:
@@ -94,18 +94,19 @@ def site_map(real_positions: list[list[float]], generated: list[tuple[list[float
         ax.set_xlim(0, 0.5 if i == 0 else 1)
         ax.set_ylim(0, 1)
     axes[0].legend(fontsize=7, loc="lower right")
-    return _save(fig, out_png, title, fontsize=9)
+    return _save(fig, out_png, title, fontsize=9, palette=True)
 
 
-def _save(fig: Any, out_png: Path, title: str = "", fontsize: int = 10) -> Path:
-    """Title, tight layout, PNG written atomically, figure closed (also when the write fails)."""
+def _save(fig: Any, out_png: Path, title: str = "", fontsize: int = 10, palette: bool = False) -> Path:
+    """Title, tight layout, PNG written atomically (``palette``: a plot, as a palette PNG: `atomic_write_figure`),
+    figure closed (also when the write fails)."""
     import matplotlib.pyplot as plt
 
     if title:
         fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     try:
-        atomic_write(Path(out_png), lambda p: fig.savefig(p, format="png"))
+        atomic_write_figure(Path(out_png), fig, palette=palette)
     finally:
         plt.close(fig)
     return Path(out_png)

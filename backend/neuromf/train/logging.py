@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from neuromf.utils import atomic_write
+from neuromf.utils import atomic_write, atomic_write_figure
 
 
 class EpochLog:
@@ -97,6 +97,6 @@ def plot_loss_curve(rows: list[dict[str, float]], png: Path) -> Path:
     else:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(png, lambda p: fig.savefig(p, format="png"))
+    atomic_write_figure(png, fig, palette=True)
     plt.close(fig)
     return png
