@@ -253,6 +253,13 @@ def _schedule(viewer_ref: weakref.ref) -> None:
     QTimer.singleShot(TURN_MS, lambda: _next_step(viewer_ref))
 
 
+def _abandon(queue: list[Opening]) -> None:
+    """Every opening of a closed viewer's queue: done, nothing more added."""
+    for opening in queue:
+        opening.done = True
+    queue.clear()
+
+
 def _next_step(viewer_ref: weakref.ref) -> None:
     """Run the next step of the viewer's first opening, then schedule the one after (also when a step raised: the
     openings behind it still come); an opening whose files are being read holds the queue until they are."""
@@ -263,17 +270,13 @@ def _next_step(viewer_ref: weakref.ref) -> None:
     if not queue or queue[0].steps is None:
         return
     if not viewer_window_open(viewer):  # closed meanwhile: napari's dims and controls no longer take layers
-        for opening in queue:
-            opening.done = True
-        queue.clear()
+        _abandon(queue)
         return
     try:
         if queue[0].steps:
             queue[0].steps.pop(0)(viewer)
-    except RuntimeError:  # the viewer's window was closed meanwhile (its Qt objects are gone)
-        for opening in queue:
-            opening.done = True
-        queue.clear()
+    except RuntimeError:  # the window closed during the step (its Qt objects are gone)
+        _abandon(queue)
     finally:
         while queue and queue[0].steps == []:
             queue.pop(0).done = True

@@ -34,9 +34,8 @@ def read_nifti_files(path: PathOrPaths, **_: object) -> list:
     viewer = guard_current_viewer()
     paths = [path] if isinstance(path, str | Path) else list(path)
     if opened_from_the_gui():
-        if viewer is None:  # its window closed while napari's progress bar let events in: nothing to open into
-            return [(None,)]
-        open_in_turns(viewer, lambda: read_files(paths), ", ".join(Path(p).name for p in paths))
+        if viewer is not None:  # None: its window closed while napari's progress bar let events in
+            open_in_turns(viewer, lambda: read_files(paths), ", ".join(Path(p).name for p in paths))
         return [(None,)]
     layers, errors = read_files(paths)
     notify_unreadable(errors)

@@ -217,7 +217,7 @@ class ViewGuard:
             return
         self._volumes_seen = True
         volumes = self.volumes()
-        fresh = len(volumes) == 1 or current_convention(viewer) is None  # a first volume, or the user turned away
+        fresh = self._needs_axial(volumes)
         from napari_neuromf._opening import adding
 
         if fresh and not layer.visible and adding(viewer):
@@ -259,8 +259,12 @@ class ViewGuard:
         viewer = self.viewer
         if self._axial_waits and viewer is not None:
             self._axial_waits = False
-            if self.volumes() and (len(self.volumes()) == 1 or current_convention(viewer) is None):
+            if self._needs_axial(self.volumes()):
                 show_axial(viewer, self.convention, letters=False)
+
+    def _needs_axial(self, volumes: list) -> bool:
+        """A first volume, or the user turned the view away from ours: the guard turns it axial."""
+        return bool(volumes) and (len(volumes) == 1 or current_convention(self.viewer) is None)
 
     def warm_glyphs(self) -> None:
         """Load the canvas glyphs of the caption and letters in turns of their own (`_canvas_text`), if an event loop
