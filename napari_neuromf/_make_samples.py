@@ -15,7 +15,9 @@ lesions). Rerun it after retraining an embedded adapter:
 
     python -m napari_neuromf._make_samples [--out napari_neuromf/samples]
 
-(minutes on a CPU: the joint pair takes 64 network calls on the 2 mm grid).
+(minutes on a CPU: the joint pair takes 64 network calls on the 2 mm grid). It also records every sample's
+first-layer grid in ``samples/grids.json``: File > Open Sample adds that layer before reading any file
+(`_sample_data.record_sample_grids`).
 """
 
 from __future__ import annotations
@@ -93,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     for mode in PAIRS:
         for path in write_pair(generate(mode), mode, args.out):
             print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    if args.out.resolve() == SAMPLES_DIR:  # the grids of the samples File > Open Sample reads
+        from napari_neuromf._sample_data import record_sample_grids
+
+        print(f"wrote {record_sample_grids()}")
     return 0
 
 

@@ -91,10 +91,6 @@ def open_in_turns(viewer: napari.Viewer, read: Callable[[], tuple[list[tuple], l
     """Run ``read`` (-> layer data tuples and error messages) in a worker (napari shows it as activity), then show
     each error as a notification and add the layers to ``viewer`` one per turn (`add_in_turns`), after the
     openings asked for before it."""
-    from napari.qt.threading import create_worker
-
-    from napari_neuromf._jobs import start_worker
-
     viewer_ref, opening = weakref.ref(viewer), _queued(viewer, Opening())
 
     def arrived(tuples: list[tuple], errors: list[str]) -> None:
@@ -105,11 +101,21 @@ def open_in_turns(viewer: napari.Viewer, read: Callable[[], tuple[list[tuple], l
         notify_unreadable([f"{what}: unexpected error ({type(err).__name__}: {err})"])
         _fill(viewer_ref, opening, [])
 
-    worker = create_worker(read, _progress={"total": 0, "desc": f"Opening {what}"})
-    worker.returned.connect(lambda result: arrived(*result))
-    worker.errored.connect(failed)
-    start_worker(worker)
+    _read_in_worker(read, what, arrived, failed)
     return opening
+
+
+def _read_in_worker(read: Callable[[], tuple[list[tuple], list[str]]], what: str,
+                    arrived: Callable[[list[tuple], list[str]], Any], failed: Callable[[Exception], Any]) -> None:
+    """``read`` in a napari worker, shown as activity ("Opening <what>"); ``arrived(*result)`` or ``failed(error)``
+    on the GUI thread."""
+    from napari.qt.threading import create_worker
+
+    from napari_neuromf._jobs import start_worker
+
+    worker = create_worker(read, _progress={"total": 0, "desc": f"Opening {what}"}, _start_thread=False,
+                           _connect={"returned": lambda result: arrived(*result), "errored": failed})  # not re-raised
+    start_worker(worker)
 
 
 def add_in_turns(viewer: napari.Viewer, tuples: Sequence[tuple], then: Callable[[list], Any] | None = None,
@@ -128,14 +134,87 @@ def sample_in_turns(viewer: napari.Viewer, tuples: Sequence[tuple]) -> list[tupl
     if not tuples:
         return list(tuples)
     data, kwargs, kind = tuples[0]
+    first: list = []
 
-    def show(viewer: napari.Viewer) -> None:
-        for layer in viewer.layers:
-            if layer.data is data:
-                layer.visible = kwargs.get("visible", True)
+    def found(viewer: napari.Viewer) -> None:
+        first.extend(layer for layer in viewer.layers if layer.data is data)
 
-    _fill(weakref.ref(viewer), _queued(viewer, Opening()), tuples[1:], first=[_axial_if_waiting, show])
+    _fill(weakref.ref(viewer), _queued(viewer, Opening()), tuples[1:],
+          first=[found, _axial_if_waiting, _shower(first, kwargs)])
     return [(data, {**kwargs, "visible": False}, kind)]
+
+
+def sample_read_in_turns(viewer: napari.Viewer, placeholder: tuple,
+                         read: Callable[[], tuple[list[tuple], list[str]]], what: str) -> list[tuple]:
+    """What a sample whose first layer's grid is known before reading returns to napari: ``placeholder``, a layer of
+    that grid holding zeros (allocated lazily), added hidden in napari's call, while ``read`` (-> layer data tuples
+    and warnings) runs in a worker. At the opening's first step the placeholder takes the first layer's voxels,
+    contrast and metadata (napari's sample source stays), then it shows; the other layers follow a turn at a time.
+    So napari's call holds neither the reading nor its imports (nibabel: ~40 ms). A first layer read on another
+    grid or type replaces the placeholder; a failed read removes it and says why (an error notification)."""
+    from napari.utils.notifications import show_error, show_warning
+
+    zeros, kwargs, kind = placeholder
+    viewer_ref, opening, first = weakref.ref(viewer), _queued(viewer, Opening()), []
+
+    def arrived(tuples: list[tuple], warnings: list[str]) -> None:
+        for message in warnings:
+            show_warning(message)
+        take_over = _taker(zeros, tuples[0] if tuples else None, first)
+        _fill(viewer_ref, opening, tuples[1:], first=[take_over, _axial_if_waiting, _shower(first, kwargs)])
+
+    def failed(err: Exception) -> None:
+        show_error(str(err) if isinstance(err, RuntimeError | ValueError | OSError)
+                   else f"{what}: unexpected error ({type(err).__name__}: {err})")
+        _fill(viewer_ref, opening, [], first=[_taker(zeros, None, first)])
+
+    _read_in_worker(read, what, arrived, failed)
+    return [(zeros, {**kwargs, "visible": False}, kind)]
+
+
+def _shower(first: list, kwargs: dict) -> Callable[[napari.Viewer], None]:
+    """The step that shows a sample's first layer (found or made by an earlier step) as its kwargs ask."""
+    def show(viewer: napari.Viewer) -> None:
+        for layer in first:
+            if layer in viewer.layers:
+                layer.visible = kwargs.get("visible", True)
+    return show
+
+
+def _taker(zeros: Any, data_tuple: tuple | None, first: list) -> Callable[[napari.Viewer], None]:
+    """The step where the placeholder layer (the one whose data is ``zeros``) becomes ``data_tuple``'s layer: the
+    same layer given its voxels, contrast limits and metadata when grid and type agree, else replaced by a new hidden
+    layer; removed when nothing was read. The layer ends in ``first``. A placeholder the user removed meanwhile
+    stays removed."""
+    def take_over(viewer: napari.Viewer) -> None:
+        layer = next((layer for layer in viewer.layers if layer.data is zeros), None)
+        if layer is None:
+            return
+        if data_tuple is None:
+            viewer.layers.remove(layer)
+            return
+        data, kwargs, kind = data_tuple
+        if kind == type(layer).__name__.lower() and _same_grid(layer, data, kwargs):
+            layer.metadata = kwargs.get("metadata") or {}
+            layer.data = data
+            if "contrast_limits" in kwargs:
+                layer.contrast_limits_range = layer.contrast_limits = kwargs["contrast_limits"]
+            first.append(layer)
+            return
+        index = viewer.layers.index(layer)
+        viewer.layers.remove(layer)
+        new = insert_layer(viewer, (data, {**kwargs, "visible": False}, kind))
+        viewer.layers.move(viewer.layers.index(new), index)
+        first.append(new)
+    return take_over
+
+
+def _same_grid(layer: Any, data: Any, kwargs: dict) -> bool:
+    import numpy as np
+
+    return (tuple(layer.data.shape) == tuple(data.shape) and layer.data.dtype == data.dtype
+            and np.allclose(layer.scale, kwargs.get("scale", 1.0)) and np.allclose(layer.translate,
+                                                                                kwargs.get("translate", 0.0)))
 
 
 def adding(viewer: napari.Viewer) -> bool:
@@ -285,4 +364,5 @@ def _next_step(viewer_ref: weakref.ref) -> None:
 
 
 __all__ = ["EDITING_OVERLAYS", "GUI_OPENERS", "TURN_MS", "Opening", "add_in_turns", "adding", "in_gui_event_loop",
-           "insert_layer", "notify_unreadable", "open_in_turns", "opened_from_the_gui", "sample_in_turns"]
+           "insert_layer", "notify_unreadable", "open_in_turns", "opened_from_the_gui", "sample_in_turns",
+           "sample_read_in_turns"]

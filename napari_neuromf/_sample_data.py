@@ -11,17 +11,20 @@ SampleDataError with the reason and the remedy instead: File > Open Sample shows
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
-from napari_neuromf._layers import LayerDataError, case_layers, load_nifti, pair_layers
-from napari_neuromf._opening import opened_from_the_gui, sample_in_turns
+from napari_neuromf._opening import opened_from_the_gui, sample_in_turns, sample_read_in_turns
 from napari_neuromf._viewing import guard_current_viewer
-from neuromf.weights import sample_data_root  # no torch import: the module reads tensors lazily
+from neuromf.utils import atomic_write_json, sample_data_root
 
 PHANTOM_CASE = "sub-00001"
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"  # the pre-made pairs (see _make_samples)
 # file prefixes, as in _make_samples (which imports torch), and the layers' names: "gen_000 FLAIR", "cond_000 lesion"
 PAIRS = {"joint": "gen_000", "conditional": "cond_000"}
+# each sample's first layer's grid (name, shape, dtype, scale, translate), recorded by `record_sample_grids` when the
+# samples are made: napari's File > Open Sample call then adds that layer before any file is read (`_open`)
+GRIDS_FILE = SAMPLES_DIR / "grids.json"
 
 
 class SampleDataError(RuntimeError):
@@ -41,27 +44,79 @@ def phantom_case_paths(case_id: str = PHANTOM_CASE) -> tuple[Path, Path | None]:
 
 def fcd_phantom_case() -> list:
     """FLAIR (Image) + lesion (Labels) of phantom patient sub-00001, overlaid in world millimetres."""
-    from napari.utils.notifications import show_warning
+    return _open("fcd_phantom_case", _phantom_layers)
+
+
+def _phantom_layers() -> tuple[list[tuple], list[str]]:
+    """The phantom case's layers and the problems to warn about (a mask left out)."""
+    from napari_neuromf._layers import LayerDataError, case_layers
 
     try:
         image, mask = phantom_case_paths()
         layers, problems = case_layers(image, mask, PHANTOM_CASE)
     except (FileNotFoundError, LayerDataError, ValueError) as err:
         raise SampleDataError(f"NeuroMF sample data: {err}") from err
-    for problem in problems:
-        show_warning(f"NeuroMF sample data: {problem}")
-    return _delivered(layers)
+    return layers, [f"NeuroMF sample data: {problem}" for problem in problems]
 
 
-def _delivered(layers: list) -> list:
-    """A sample's layers for napari: all of them, or, from napari's GUI (File > Open Sample), the
-    first hidden and the rest in later turns (`_opening.sample_in_turns`: the GUI is not held for all of them)."""
+def _open(key: str, read: Callable[[], tuple[list[tuple], list[str]]]) -> list:
+    """A sample's layers for napari. From a script: all of them, read now. From napari's GUI (File > Open Sample),
+    whose call holds its GUI thread: the first layer hidden and the rest in later turns (`_opening`); with the first
+    layer's grid recorded (`GRIDS_FILE`), that layer is added as a placeholder of its grid and the files are read in
+    a worker (`sample_read_in_turns`), else they are read here (`sample_in_turns`)."""
+    from napari.utils.notifications import show_warning
+
     viewer = guard_current_viewer()
+    if viewer is not None and opened_from_the_gui():
+        placeholder = _placeholder(key)
+        if placeholder is not None:
+            return sample_read_in_turns(viewer, placeholder, read, f"the NeuroMF sample {key}")
+    layers, warnings = read()
+    for message in warnings:
+        show_warning(message)
     return sample_in_turns(viewer, layers) if viewer is not None and opened_from_the_gui() else layers
 
 
-def _sample_pair(mode: str) -> list:
-    """The pre-made pair of `mode` (seed 0, the Generate dock's 2 mm defaults) as layers."""
+def _placeholder(key: str) -> tuple | None:
+    """The hidden stand-in for sample ``key``'s first layer: zeros (allocated lazily) on its recorded grid, a grey
+    image marked as this plugin's (the view guard turns it axial as it does the FLAIR); None when no grid is
+    recorded or the record is unreadable."""
+    import numpy as np
+
+    try:
+        grid = json.loads(GRIDS_FILE.read_text())[key]
+        zeros = np.zeros(tuple(int(n) for n in grid["shape"]), dtype=np.dtype(grid["dtype"]))
+        kwargs = {"name": str(grid["name"]), "scale": tuple(float(v) for v in grid["scale"]),
+                  "translate": tuple(float(v) for v in grid["translate"]), "colormap": "gray",
+                  "contrast_limits": (0.0, 1.0), "metadata": {"neuromf": {"role": "image", "sample": key}}}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return zeros, kwargs, "image"
+
+
+def sample_reads() -> dict[str, Callable[[], tuple[list[tuple], list[str]]]]:
+    """Sample key -> the function reading its layers (and warnings), as the manifest's sample commands do."""
+    return {"fcd_phantom_case": _phantom_layers, "generated_pair": lambda: _pair_layers("joint"),
+            "conditional_pair": lambda: _pair_layers("conditional")}
+
+
+def sample_grid(key: str) -> dict:
+    """The grid of sample ``key``'s first layer as read now: what `GRIDS_FILE` records for it."""
+    (data, kwargs, _), *_ = sample_reads()[key]()[0]
+    return {"name": kwargs["name"], "shape": [int(n) for n in data.shape], "dtype": str(data.dtype),
+            "scale": [float(v) for v in kwargs["scale"]], "translate": [float(v) for v in kwargs["translate"]]}
+
+
+def record_sample_grids(path: Path = GRIDS_FILE) -> Path:
+    """Write every sample's first-layer grid to ``path`` (atomically); run whenever the samples are remade."""
+    atomic_write_json(path, {key: sample_grid(key) for key in sample_reads()})
+    return path
+
+
+def _pair_layers(mode: str) -> tuple[list[tuple], list[str]]:
+    """The pre-made pair of `mode` (seed 0, the Generate dock's 2 mm defaults) as layers (no warnings)."""
+    from napari_neuromf._layers import LayerDataError, load_nifti, pair_layers
+
     prefix = PAIRS[mode]
     files = [SAMPLES_DIR / f"{prefix}_FLAIR.nii.gz", SAMPLES_DIR / f"{prefix}_FLAIR_roi.nii.gz",
              SAMPLES_DIR / f"{prefix}.json"]
@@ -76,16 +131,16 @@ def _sample_pair(mode: str) -> list:
     if image.shape != mask.shape or abs(affine - mask_affine).max() > 1e-3:
         raise SampleDataError(f"NeuroMF sample data: {files[1].name} is not on the grid of {files[0].name}; "
                               "remake both with 'python -m napari_neuromf._make_samples'")
-    return _delivered(pair_layers(prefix, image, mask, affine, meta))  # distinct names: both samples can be open
+    return pair_layers(prefix, image, mask, affine, meta), []  # distinct names: both samples can be open
 
 
 def generated_pair() -> list:
     """One (FLAIR, lesion) pair from the shipped 2 mm joint adapter, its FLAIR drawn by the 2 mm conditional
     adapter (seed 0, 32 Euler steps), pre-made."""
-    return _sample_pair("joint")
+    return _open("generated_pair", lambda: _pair_layers("joint"))
 
 
 def conditional_pair() -> list:
     """A FLAIR generated for a lesion drawn from the training lesions by the shipped 2 mm conditional adapter
     (seed 0), pre-made."""
-    return _sample_pair("conditional")
+    return _open("conditional_pair", lambda: _pair_layers("conditional"))

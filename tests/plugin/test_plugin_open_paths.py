@@ -262,6 +262,72 @@ def test_a_sample_in_the_running_app_comes_a_layer_per_turn(viewer, qtbot):
     assert np.asarray(lesion.data)[:, :, int(round(lesion.world_to_data(viewer.dims.point)[2]))].any()
 
 
+def _menu_sample_layer(viewer, key: str):
+    """File > Open Sample > NeuroMF > ``key`` as the menu calls it; the layer napari added in its call, and whether it
+    held any voxel or a file's record then."""
+    from napari._qt._qplugins._qnpe2 import _add_sample
+
+    _add_sample(viewer.window._qt_viewer, "napari-neuromf", key)
+    layer = viewer.layers[0]
+    return layer, bool(np.asarray(layer.data).any()), "nifti" in layer.metadata
+
+
+def test_a_sample_is_read_after_napaaris_call_into_the_layer_napari_added(viewer, qtbot):
+    """napari's File > Open Sample call adds the sample's first layer as zeros on the recorded grid (hidden): no file
+    is read, nor nibabel imported, in the call. That same layer then gets the FLAIR's voxels, contrast and
+    metadata, as the sample gives them outside the GUI, and shows; napari's record of its sample source stays."""
+    from napari_neuromf import _sample_data
+
+    (added, had_voxels, had_record), = in_running_gui(lambda: _menu_sample_layer(viewer, "generated_pair"),
+                                                      lambda: _opened(viewer))
+    assert not had_voxels and not had_record
+    flair = viewer.layers["gen_000 FLAIR"]
+    assert flair is added and flair.visible and viewer.layers.index(flair) == 0
+    (data, kwargs, kind), _lesion = _sample_data.generated_pair()  # outside the GUI: the layers, read at once
+    assert kind == "image" and flair.data.dtype == data.dtype
+    np.testing.assert_array_equal(flair.data, data)
+    assert tuple(flair.contrast_limits) == tuple(flair.contrast_limits_range) == kwargs["contrast_limits"]
+    assert tuple(flair.scale) == kwargs["scale"] and tuple(flair.translate) == kwargs["translate"]
+    assert flair.metadata["neuromf"] == kwargs["metadata"]["neuromf"] and flair.metadata["neuromf"]["seed"] == 0
+    assert flair.metadata["nifti"]["canonical_shape"] == kwargs["metadata"]["nifti"]["canonical_shape"]
+    assert (flair.source.reader_plugin, flair.source.sample) == (None, ("napari-neuromf", "generated_pair"))
+    _assert_axial_radiological(viewer, qtbot)
+
+
+def test_a_sample_whose_recorded_grid_is_stale_is_shown_as_read(viewer, qtbot, monkeypatch, tmp_path):
+    """A grid record that no longer matches the files (samples remade without `record_sample_grids`): the
+    placeholder is replaced, in its place, by the layer as read."""
+    import json
+
+    from napari_neuromf import _sample_data
+
+    grids = json.loads(_sample_data.GRIDS_FILE.read_text())
+    grids["generated_pair"]["shape"] = [90, 96, 96]
+    monkeypatch.setattr(_sample_data, "GRIDS_FILE", tmp_path / "grids.json")
+    _sample_data.GRIDS_FILE.write_text(json.dumps(grids))
+    (added, _, _), = in_running_gui(lambda: _menu_sample_layer(viewer, "generated_pair"), lambda: _opened(viewer))
+    assert added.data.shape == (90, 96, 96) and added not in viewer.layers
+    assert [layer.name for layer in data_layers(viewer)] == ["gen_000 FLAIR", "gen_000 lesion"]
+    assert all(layer.data.shape == (96, 96, 96) and layer.visible for layer in data_layers(viewer))
+    assert np.asarray(viewer.layers["gen_000 FLAIR"].data).any()
+    _assert_axial_radiological(viewer, qtbot)
+
+
+def test_a_sample_that_cannot_be_read_leaves_no_layer_and_says_why(viewer, qtbot, monkeypatch, tmp_path):
+    """The files of a sample gone after napari added its placeholder: the placeholder goes, and one error
+    notification says what is missing and how to make it."""
+    from napari_neuromf import _sample_data
+    from napari_neuromf._opening import adding
+
+    monkeypatch.setattr(_sample_data, "SAMPLES_DIR", tmp_path)  # the grid record stays: napari adds the placeholder
+    shown = notes()
+    (added, _, _), = in_running_gui(lambda: _menu_sample_layer(viewer, "generated_pair"),
+                                    lambda: not adding(viewer) and not viewer.layers)
+    assert added.name == "gen_000 FLAIR"
+    errors = [message for message in shown() if "pre-made joint pair is missing" in message]
+    assert len(errors) == 1 and "python -m napari_neuromf._make_samples" in errors[0], shown()
+
+
 def test_a_first_sample_turns_axial_and_loads_the_caption_glyphs_after_napaaris_insertion(viewer, qtbot):
     """A viewer's first opening (the slowest of a session): the first volume, which napari inserts hidden, is turned
     axial at its opening's next step, before it shows, not inside napari's insertion; the caption shows only once

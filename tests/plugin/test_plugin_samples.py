@@ -124,11 +124,13 @@ def test_generated_pairs_arrive_without_blocking_the_gui(make_napari_viewer, qtb
 
 def test_samples_load_without_torch_in_a_fresh_process():
     """What the GUI-thread test cannot see once an earlier test imported torch: in a fresh interpreter the three
-    samples read their files with nibabel alone (torch and MONAI take 5-15 s to import; `neuromf.weights`, which
-    finds the sample data, reads tensors with a lazy torch import) and each takes < 1 s of CPU time."""
+    samples read their files with nibabel alone (torch and MONAI take 5-15 s to import) and each takes < 1 s of CPU
+    time; the samples' module itself imports no nibabel (napari imports it inside File > Open Sample's call, where
+    ~40 ms of nibabel's imports held the GUI: the placeholder path reads, and imports, in a worker)."""
     code = """
 import json, sys, time
 import napari_neuromf._sample_data as samples
+assert "nibabel" not in sys.modules, "importing the samples' module imported nibabel"
 times = {}
 for name in ("fcd_phantom_case", "generated_pair", "conditional_pair"):
     t = time.process_time()  # CPU time: what reading the sample costs, whatever else the machine is doing
@@ -218,6 +220,20 @@ def test_generated_samples_carry_their_provenance(make_napari_viewer):
     assert np.isfinite(image.data).all() and 0.0 <= float(image.data.min())
     # the FLAIR is brighter under its lesion than around it (a conditional FLAIR carries the lesion)
     assert float(image.data[lesion.data > 0].mean()) > float(image.data[image.data > 0.1].mean())
+
+
+def test_the_recorded_sample_grids_are_the_files_grids():
+    """`samples/grids.json` (what File > Open Sample's placeholder layer is made from) holds each sample's first
+    layer as it reads now: name, shape, dtype, scale and translate; remade with the samples (`_make_samples`)."""
+    from napari_neuromf import _sample_data
+
+    recorded = json.loads(_sample_data.GRIDS_FILE.read_text())
+    assert set(recorded) == set(_sample_data.sample_reads()) == set(SAMPLES)
+    for key in SAMPLES:
+        assert recorded[key] == _sample_data.sample_grid(key), key
+        zeros, kwargs, kind = _sample_data._placeholder(key)
+        assert kind == "image" and list(zeros.shape) == recorded[key]["shape"] and not zeros.any()
+        assert kwargs["name"] == recorded[key]["name"] and list(kwargs["scale"]) == recorded[key]["scale"]
 
 
 def test_a_missing_premade_pair_says_how_to_make_it(make_napari_viewer, monkeypatch, tmp_path):
