@@ -134,13 +134,9 @@ def sample_in_turns(viewer: napari.Viewer, tuples: Sequence[tuple]) -> list[tupl
     if not tuples:
         return list(tuples)
     data, kwargs, kind = tuples[0]
-    first: list = []
-
-    def found(viewer: napari.Viewer) -> None:
-        first.extend(layer for layer in viewer.layers if layer.data is data)
-
-    _fill(weakref.ref(viewer), _queued(viewer, Opening()), tuples[1:],
-          first=[found, _axial_if_waiting, _shower(first, kwargs)])
+    opening, first = _queued(viewer, Opening()), []
+    _fill(weakref.ref(viewer), opening, tuples[1:],
+          first=[_taker(opening, data, tuples[0], first), _axial_if_waiting, _shower(first, kwargs)])
     return [(data, {**kwargs, "visible": False}, kind)]
 
 
@@ -160,13 +156,13 @@ def sample_read_in_turns(viewer: napari.Viewer, placeholder: tuple,
     def arrived(tuples: list[tuple], warnings: list[str]) -> None:
         for message in warnings:
             show_warning(message)
-        take_over = _taker(zeros, tuples[0] if tuples else None, first)
+        take_over = _taker(opening, zeros, tuples[0] if tuples else None, first)
         _fill(viewer_ref, opening, tuples[1:], first=[take_over, _axial_if_waiting, _shower(first, kwargs)])
 
     def failed(err: Exception) -> None:
         show_error(str(err) if isinstance(err, RuntimeError | ValueError | OSError)
                    else f"{what}: unexpected error ({type(err).__name__}: {err})")
-        _fill(viewer_ref, opening, [], first=[_taker(zeros, None, first)])
+        _fill(viewer_ref, opening, [], first=[_taker(opening, zeros, None, first)])
 
     _read_in_worker(read, what, arrived, failed)
     return [(zeros, {**kwargs, "visible": False}, kind)]
@@ -181,19 +177,24 @@ def _shower(first: list, kwargs: dict) -> Callable[[napari.Viewer], None]:
     return show
 
 
-def _taker(zeros: Any, data_tuple: tuple | None, first: list) -> Callable[[napari.Viewer], None]:
-    """The step where the placeholder layer (the one whose data is ``zeros``) becomes ``data_tuple``'s layer: the
-    same layer given its voxels, contrast limits and metadata when grid and type agree, else replaced by a new hidden
-    layer; removed when nothing was read. The layer ends in ``first``. A placeholder the user removed meanwhile
-    stays removed."""
+def _taker(opening: Opening, added: Any, data_tuple: tuple | None, first: list) -> Callable[[napari.Viewer], None]:
+    """The step that finds the layer napari added in a sample's call (the one whose data is ``added``) and makes it
+    ``data_tuple``'s layer: as it is when ``added`` is that tuple's data; else (a placeholder) the same layer given
+    the tuple's voxels, contrast limits and metadata when grid and type agree, or replaced in place by a new hidden
+    layer; removed when nothing was read. The layer ends in ``first``. When the user removed it meanwhile, the
+    rest of the sample is not added either."""
     def take_over(viewer: napari.Viewer) -> None:
-        layer = next((layer for layer in viewer.layers if layer.data is zeros), None)
+        layer = next((layer for layer in viewer.layers if layer.data is added), None)
         if layer is None:
+            opening.steps = []  # the user took the sample away: its other layers do not come back
             return
         if data_tuple is None:
             viewer.layers.remove(layer)
             return
         data, kwargs, kind = data_tuple
+        if data is added:
+            first.append(layer)
+            return
         if kind == type(layer).__name__.lower() and _same_grid(layer, data, kwargs):
             layer.metadata = kwargs.get("metadata") or {}
             layer.data = data

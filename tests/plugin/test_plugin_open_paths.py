@@ -328,6 +328,21 @@ def test_a_sample_that_cannot_be_read_leaves_no_layer_and_says_why(viewer, qtbot
     assert len(errors) == 1 and "python -m napari_neuromf._make_samples" in errors[0], shown()
 
 
+def test_a_sample_whose_first_layer_the_user_removed_brings_no_more_layers(viewer, qtbot):
+    """The user removes (or clears) the sample's layer napari just added, before its other layers came: the
+    sample stops there; its lesion does not appear in the emptied viewer."""
+    from napari_neuromf._opening import adding
+
+    def open_then_remove() -> str:
+        layer, _, _ = _menu_sample_layer(viewer, "generated_pair")
+        viewer.layers.remove(layer)
+        return layer.name
+
+    assert in_running_gui(open_then_remove, lambda: not adding(viewer)) == ["gen_000 FLAIR"]
+    qtbot.wait(300)
+    assert data_layers(viewer) == []
+
+
 def test_a_first_sample_turns_axial_and_loads_the_caption_glyphs_after_napaaris_insertion(viewer, qtbot):
     """A viewer's first opening (the slowest of a session): the first volume, which napari inserts hidden, is turned
     axial at its opening's next step, before it shows, not inside napari's insertion; the caption shows only once
