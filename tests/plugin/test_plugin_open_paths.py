@@ -219,6 +219,31 @@ def _assert_editing_overlays_built(viewer, lesion) -> None:
     assert all(overlay in built for overlay in held)
 
 
+def test_an_unexpected_error_while_reading_is_one_notification_not_an_exception(viewer, qtbot, tmp_path,
+                                                                                monkeypatch):
+    """A File > Open whose reading fails unexpectedly (not a bad file: those are named by the reader): one error
+    notification naming the files, nothing added, and nothing raised into napari's event loop (superqt re-raises
+    a worker's errors there unless its error handler is given at creation; pytest-qt fails the test if so)."""
+    from napari_neuromf import _reader
+    from napari_neuromf._opening import adding
+    from napari_neuromf._viewing import prefer_this_reader
+
+    image_path, _, _ = _lps_case(tmp_path)
+
+    def broken_read(paths):
+        raise MemoryError("no memory left for the volume")
+
+    monkeypatch.setattr(_reader, "read_files", broken_read)
+    prefer_this_reader()
+    seen = notes()
+    in_running_gui(lambda: viewer.window._qt_viewer._qt_open([str(image_path)], stack=False),
+                   lambda: not adding(viewer))
+    qtbot.wait(100)
+    errors = [message for message in seen() if "unexpected error" in message]
+    assert len(errors) == 1 and "lps_FLAIR.nii.gz" in errors[0] and "MemoryError" in errors[0], seen()
+    assert data_layers(viewer) == []
+
+
 def test_a_labels_layer_a_dock_adds_at_once_keeps_its_editing_overlays(viewer):
     """Outside an opening (a dock's preview or reload, added in one go), nothing is held back."""
     from napari_neuromf._helpers import add_layer
