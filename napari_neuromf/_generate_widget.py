@@ -212,9 +212,10 @@ class GenerateWidget(QWidget):
         self.compare_viewer: Any = None
         self.save_button = tip(QPushButton("Save pairs"), "Write the selected pairs (or all) as NIfTI")
         self.save_button.clicked.connect(self.save_pairs)
+        # let go of the viewer at its first layer change after the dock is deleted (`_refresh_pairs`), not from the
+        # dock's own `destroyed` signal (a callback of a widget's destruction segfaulted once, see `layer_choice`)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._refresh_pairs)
-        self.destroyed.connect(self._disconnect)
 
         form = QFormLayout()
         form.addRow("Model", self.adapter)
@@ -314,8 +315,13 @@ class GenerateWidget(QWidget):
 
     def _refresh_pairs(self, *_: Any) -> None:
         """The list of open generated pairs, each with its lesion figures and the lesion check's verdict (worked
-        out in a worker for a pair opened without them, e.g. a sample)."""
-        selected = set(self.selected_pairs())
+        out in a worker for a pair opened without them, e.g. a sample). Once the dock is deleted (closed while the
+        viewer lives on) it disconnects itself from the viewer instead."""
+        try:
+            selected = set(self.selected_pairs())
+        except RuntimeError:  # the dock's Qt objects are gone
+            self._disconnect()
+            return
         self.pairs.clear()
         for prefix, info in _generate_run.generated_pairs(self.viewer.layers).items():
             if "lesion" not in info and getattr(self, "ready", False):

@@ -976,3 +976,22 @@ def test_a_layer_picker_lets_go_of_the_viewer_once_its_widget_is_deleted(make_na
     qtbot.wait(50)
     viewer.add_image(np.zeros((4, 4), np.float32), name="second")
     assert len(viewer.layers.events.inserted.callbacks) == connected - 1
+
+
+def test_the_generate_dock_lets_go_of_the_viewer_once_it_is_deleted(make_napari_viewer, qtbot):
+    """The Generate dock follows the viewer's layers (its pair list); once the dock is deleted (closed, the viewer
+    open) the next layer change disconnects it instead of raising, without a callback on its own destruction."""
+    from napari_neuromf._generate_widget import GenerateWidget
+
+    viewer = make_napari_viewer()
+    widget = GenerateWidget(viewer)
+
+    def the_docks() -> list:  # the viewer's layer-list callbacks that are the dock's own methods
+        return [callback[1] for event in (viewer.layers.events.inserted, viewer.layers.events.removed)
+                for callback in event.callbacks if isinstance(callback, tuple) and callback[1] == "_refresh_pairs"]
+
+    assert the_docks() == ["_refresh_pairs", "_refresh_pairs"]
+    widget.deleteLater()
+    qtbot.wait(50)
+    viewer.add_image(np.zeros((4, 4), np.float32), name="after the dock")
+    assert the_docks() == []
