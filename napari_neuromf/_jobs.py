@@ -173,7 +173,17 @@ def start_worker(worker: Any, stop: threading.Event | None = None) -> Any:
     """``worker.start()`` (a napari/superqt worker), with `_wait_for_workers_at_exit` registered last: Python runs
     exit handlers last-registered first, so it runs before PyQt's own clean-up, which deletes the workers' signal
     objects; a worker that finishes after that emits into a deleted object and aborts the process. ``stop``: the
-    job's own stop flag (a run's ``cancel`` or ``stop``), set at exit so the job ends within a step."""
+    job's own stop flag (a run's ``cancel`` or ``stop``), set at exit so the job ends within a step.
+
+    napari's workers share Qt's global thread pool, as many threads as cores (2 on a small machine): with that many
+    long jobs running (a generation, a training, a mask test), a new worker would wait in the pool's queue until
+    one ended, File > Open's reading included. The pool grows by a thread when it is full, so every worker starts
+    now."""
+    from qtpy.QtCore import QThreadPool
+
+    pool = QThreadPool.globalInstance()
+    if pool.activeThreadCount() >= pool.maxThreadCount():
+        pool.setMaxThreadCount(pool.activeThreadCount() + 1)
     atexit.unregister(_wait_for_workers_at_exit)
     atexit.register(_wait_for_workers_at_exit)
     if stop is not None:

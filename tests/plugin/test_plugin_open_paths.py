@@ -219,6 +219,34 @@ def _assert_editing_overlays_built(viewer, lesion) -> None:
     assert all(overlay in built for overlay in held)
 
 
+def test_file_open_reads_at_once_while_long_jobs_hold_every_thread_of_the_pool(viewer, qtbot, tmp_path):
+    """Long jobs (a generation, a training, a mask test) run in napari workers, which share Qt's global thread pool:
+    as many threads as cores, 2 on the target machine. With that many jobs running, File > Open's reading worker
+    would wait in the pool's queue until a job ended (minutes); NeuroMF's workers get a thread of their own."""
+    import threading
+
+    from napari.qt.threading import create_worker
+    from qtpy.QtCore import QThreadPool
+
+    from napari_neuromf._jobs import start_worker
+    from napari_neuromf._viewing import prefer_this_reader
+
+    image_path, _, _ = _lps_case(tmp_path)
+    release = threading.Event()
+    pool = QThreadPool.globalInstance()
+    jobs = [start_worker(create_worker(release.wait, 60)) for _ in range(pool.maxThreadCount())]
+    try:
+        qtbot.waitUntil(lambda: all(job.is_running for job in jobs), timeout=10_000)
+        prefer_this_reader()
+        in_running_gui(lambda: viewer.window._qt_viewer._qt_open([str(image_path)], stack=False),
+                       lambda: _opened(viewer), timeout_s=20)
+        assert [layer.name for layer in data_layers(viewer)] == ["lps_FLAIR"]
+        assert not release.is_set() and all(job.is_running for job in jobs)  # read while every job still ran
+    finally:
+        release.set()
+        qtbot.waitUntil(lambda: not any(job.is_running for job in jobs), timeout=10_000)
+
+
 def test_an_unexpected_error_while_reading_is_one_notification_not_an_exception(viewer, qtbot, tmp_path,
                                                                                 monkeypatch):
     """A File > Open whose reading fails unexpectedly (not a bad file: those are named by the reader): one error
@@ -471,8 +499,10 @@ def test_a_viewer_closed_while_a_sample_opens_in_turns_gets_nothing_more(make_na
         return True
 
     in_running_gui(open_then_close, lambda: bool(done))
-    qtbot.wait(500)  # the opening's later steps' turns
     assert done == [True]  # the sample's other steps were queued when the window closed
+    # the files are read in a worker (a loaded machine may take a while); its arrival finds the window closed
+    qtbot.waitUntil(lambda: not adding(viewer), timeout=20_000)
+    qtbot.wait(200)  # the turn a further step would have taken
     assert not adding(viewer) and len(viewer.layers) == 0
 
 
