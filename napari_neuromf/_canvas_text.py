@@ -29,8 +29,10 @@ _loaded: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # texture font
 def canvas_font(viewer: napari.Viewer) -> Any | None:
     """The texture font the canvas's text visuals draw with (normal weight, napari's overlay face); None when this
     napari has no such font or the viewer's window is gone."""
+    from napari_neuromf._viewing import unproxied
+
     try:
-        info = viewer.window._qt_viewer.canvas.font_info()
+        info = unproxied(viewer).window._qt_viewer.canvas.font_info()
         return info.font_manager.get_font(info.face, False, False)
     except (AttributeError, RuntimeError, TypeError):
         return None

@@ -123,7 +123,7 @@ def show_comparison(viewer: napari.Viewer, comparison: Comparison) -> list:
     if np.any(labelled.data):
         go_to_lesion(viewer, labelled)
     view_guard(viewer).fit_to()
-    viewer.layers.selection.active = layers[2]  # the generated FLAIR, not the last letters added
+    viewer.layers.selection.active = layers[2]  # the generated FLAIR: its contrast controls first
     return layers
 
 

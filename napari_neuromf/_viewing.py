@@ -91,7 +91,7 @@ def napari_view(viewer: napari.Viewer) -> None:
 
 def viewer_window_open(viewer: napari.Viewer) -> bool:
     """Whether ``viewer``'s window is still open (``Viewer.close`` removes its layers, then deletes its window)."""
-    return getattr(getattr(viewer, "window", None), "_qt_window", None) is not None
+    return getattr(getattr(unproxied(viewer), "window", None), "_qt_window", None) is not None
 
 
 def current_convention(viewer: napari.Viewer) -> str | None:
@@ -119,13 +119,28 @@ def add_letters(viewer: napari.Viewer, positions: np.ndarray, name: str = MARKER
                 grid_box: bool = False) -> Any:
     """The letters R, L, A, P at ``positions`` (`marker_positions`) as a text-only Points layer, a view aid.
     ``grid_box``: one viewbox's own letters in grid mode (the side-by-side window), placed by whoever made them
-    and left alone by the `ViewGuard` (which hides its single letters layer in grid mode); both follow the slice."""
+    and left alone by the `ViewGuard` (which hides its single letters layer in grid mode); both follow the slice.
+    The layers selected before stay selected (napari selects a new layer): the layer controls stay the data's (a
+    FLAIR's contrast, a lesion's brush), not the letters' point symbols."""
+    selected = list(viewer.layers.selection)
     markers = viewer.add_points(
         positions, name=name, size=0.1, face_color="transparent", border_color="transparent", border_width=0,
         features={"letter": list(MARKER_LETTERS)}, metadata={"neuromf_view_aid": True, GRID_LETTERS: grid_box},
         text={"string": "{letter}", "size": 16, "color": "yellow", "anchor": "center"}, visible=visible)
     markers.editable = False
+    viewer.layers.selection.clear()
+    viewer.layers.selection.update(selected)
     return markers
+
+
+def unproxied(obj: Any) -> Any:
+    """The object behind napari's `PublicOnlyProxy` (what a plugin dock is given as its viewer), else ``obj``. The
+    guard, the openings and the canvas text use napari's private API on purpose (documented where they do)."""
+    try:
+        from napari.utils._proxies import PublicOnlyProxy
+    except ImportError:  # a napari without the proxy: docks get the viewer itself
+        return obj
+    return obj.__wrapped__ if isinstance(obj, PublicOnlyProxy) else obj
 
 
 def is_view_aid(layer: Any) -> bool:
@@ -188,6 +203,7 @@ class ViewGuard:
         self._volumes_seen = False  # a volume of ours was shown here: an emptied viewer is made ready for the next
         self._axial_waits = False  # a first volume arrived hidden: turned axial at its opening's next step
         self._glyphs_loading = False  # the canvas text's glyphs are being loaded (`_canvas_text`): the caption waits
+        self._glyphs_warmed = False  # a warm-up ran to its end: the caption never waits again (one try per viewer)
         viewer.layers.events.inserted.connect(self._inserted)
         viewer.layers.events.removed.connect(self._removed)
         viewer.dims.events.order.connect(self.refresh)
@@ -273,11 +289,11 @@ class ViewGuard:
         from napari_neuromf._opening import in_gui_event_loop
 
         viewer = self.viewer
-        if viewer is not None and not self._glyphs_loading and in_gui_event_loop():
+        if viewer is not None and not (self._glyphs_loading or self._glyphs_warmed) and in_gui_event_loop():
             self._glyphs_loading = warm_glyphs(viewer, VIEW_TEXT, self._glyphs_loaded)
 
     def _glyphs_loaded(self) -> None:
-        self._glyphs_loading = False
+        self._glyphs_loading, self._glyphs_warmed = False, True
         self.refresh()
 
     def _caption_waits(self) -> bool:
@@ -522,7 +538,10 @@ _guards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def view_guard(viewer: napari.Viewer) -> ViewGuard:
-    """The viewer's ViewGuard, installed on first use."""
+    """The viewer's ViewGuard, installed on first use. A dock gets napari's public-only proxy of the viewer; the
+    guard holds the viewer itself (through the proxy, every object reached anew is a new proxy: the canvas font
+    never was the same object twice, and its glyph warm-up restarted for ever)."""
+    viewer = unproxied(viewer)
     guard = _guards.get(viewer)
     if guard is None:
         guard = _guards[viewer] = ViewGuard(viewer)

@@ -43,7 +43,7 @@ def _letters(viewer):
 def _assert_axial_radiological(viewer, qtbot):
     """Axial, A up, patient R on screen left, caption saying so, letters on the right sides of the volume (placed
     in the next turn of the event loop after an opening)."""
-    from napari_neuromf._viewing import AXIAL_ORDER, RADIOLOGICAL, current_convention
+    from napari_neuromf._viewing import AXIAL_ORDER, RADIOLOGICAL, current_convention, is_view_aid
 
     qtbot.waitUntil(lambda: set(_letters(viewer)) == {"R", "L", "A", "P"}, timeout=10_000)
     assert tuple(viewer.dims.order) == AXIAL_ORDER and tuple(viewer.dims.displayed) == (1, 0)
@@ -55,6 +55,9 @@ def _assert_axial_radiological(viewer, qtbot):
     assert set(letters) == {"R", "L", "A", "P"}
     assert letters["R"][0] > letters["L"][0] and letters["A"][1] > letters["P"][1]
     assert all(point[2] == viewer.dims.point[2] for point in letters.values())  # on the slice shown
+    # the layer controls are a data layer's (napari selects each new layer: the letters came last)
+    active = viewer.layers.selection.active
+    assert active is not None and not is_view_aid(active), active
 
 
 def _assert_caption_gone(viewer):

@@ -33,6 +33,36 @@ def _open_case(qtbot, widget, folder: Path, row: int = 0):
     return widget.viewer.layers[f"{case_id} FLAIR"], widget.viewer.layers[f"{case_id} lesion"]
 
 
+def test_a_case_opened_from_the_dock_napari_made_shows_its_caption_and_letters(make_napari_viewer, qtbot,
+                                                                              phantom_subset):
+    """The FCD data dock as napari makes it (Plugins menu: the dock gets napari's public-only proxy of the viewer),
+    a case opened in the running app: the caption and the letters show once their glyphs are in. Through the
+    proxy every object reached was a new proxy, so the glyph warm-up never found its font again and restarted for
+    ever (the GUI thread spinning, neither caption nor letters ever shown)."""
+    from gui_helpers import in_running_gui
+
+    from napari_neuromf._canvas_text import canvas_font
+    from napari_neuromf._viewing import is_view_aid, unproxied, view_guard
+
+    viewer = make_napari_viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-neuromf", "FCD data")
+    assert widget.viewer is not viewer and unproxied(widget.viewer) is viewer  # napari's proxy
+    assert canvas_font(widget.viewer) is canvas_font(viewer) is not None
+    assert view_guard(widget.viewer) is view_guard(viewer)
+    ready(qtbot, widget)
+    widget.folder.setText(str(phantom_subset))
+    widget.scan()
+    wait_idle(qtbot, widget)
+    widget.table.selectRow(0)
+    caption = viewer.canvas.overlays.text
+
+    def shown() -> bool:
+        return caption.visible and any(is_view_aid(layer) and layer.visible for layer in viewer.layers)
+
+    in_running_gui(widget.load_selected, shown, timeout_s=20)
+    assert "radiological" in caption.text and not view_guard(viewer)._glyphs_loading
+
+
 def test_case_opens_axial_radiological_with_orientation_labels(make_napari_viewer, qtbot, phantom_subset):
     from napari_neuromf._data_widget import FCDDataWidget
     from napari_neuromf._viewing import NEUROLOGICAL, RADIOLOGICAL, current_convention
