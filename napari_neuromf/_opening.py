@@ -122,7 +122,11 @@ def add_in_turns(viewer: napari.Viewer, tuples: Sequence[tuple], then: Callable[
                  add: Callable[[napari.Viewer, tuple], Any] | None = None) -> Opening:
     """Add layer data tuples to ``viewer`` a turn of the event loop at a time, after the openings under way: an
     empty viewer's dims turned axial first, then each layer added hidden and shown a turn later (`add(viewer,
-    data_tuple)`, default `insert_layer` holding back editing overlays for a turn), then ``then(layers)``."""
+    data_tuple)`, default `insert_layer` holding back editing overlays for a turn), then ``then(layers)``. A dock's
+    viewer (napari's public-only proxy) is queued as the viewer behind it: the queue outlives the proxy."""
+    from napari_neuromf._viewing import unproxied
+
+    viewer = unproxied(viewer)
     opening = _queued(viewer, Opening(then, add))
     _fill(weakref.ref(viewer), opening, tuples)
     return opening
