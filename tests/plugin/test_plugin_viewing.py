@@ -78,7 +78,10 @@ def test_case_opens_axial_radiological_with_orientation_labels(make_napari_viewe
     assert tuple(map(str, viewer.scene.camera.orientation2d)) == ("up", "left")
     assert current_convention(viewer) == RADIOLOGICAL
     caption = viewer.canvas.overlays.text
-    assert caption.visible and "radiological" in caption.text and "left = patient Right (R)" in caption.text
+    # in a running event loop (pytest-qt's waits run one) the caption shows once its glyphs are loaded, a few turns
+    # after the case: the widget may be idle before that on a loaded machine
+    qtbot.waitUntil(lambda: caption.visible, timeout=10_000)
+    assert "radiological" in caption.text and "left = patient Right (R)" in caption.text
 
     widget.convention.setCurrentText(NEUROLOGICAL.capitalize())
     assert tuple(map(str, viewer.scene.camera.orientation2d)) == ("up", "right")
