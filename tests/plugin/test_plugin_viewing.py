@@ -8,6 +8,7 @@ remembered across sessions (in a temporary user data folder).
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,11 @@ def test_a_case_opened_from_the_dock_napari_made_shows_its_caption_and_letters(m
     def shown() -> bool:
         return caption.visible and any(is_view_aid(layer) and layer.visible for layer in viewer.layers)
 
-    in_running_gui(widget.load_selected, shown, timeout_s=20)
+    with warnings.catch_warnings(record=True) as caught:  # napari warns of private access through its proxy
+        warnings.simplefilter("always")
+        in_running_gui(widget.load_selected, shown, timeout_s=20)
     assert "radiological" in caption.text and not view_guard(viewer)._glyphs_loading
+    assert not [str(w.message) for w in caught if "Private attribute access" in str(w.message)]
 
 
 def test_case_opens_axial_radiological_with_orientation_labels(make_napari_viewer, qtbot, phantom_subset):
