@@ -98,11 +98,15 @@ def open_in_turns(viewer: napari.Viewer, read: Callable[[], tuple[list[tuple], l
         _fill(viewer_ref, opening, tuples)
 
     def failed(err: Exception) -> None:
-        notify_unreadable([f"{what}: unexpected error ({type(err).__name__}: {err})"])
+        notify_unreadable([_unexpected(what, err)])
         _fill(viewer_ref, opening, [])
 
     _read_in_worker(read, what, arrived, failed)
     return opening
+
+
+def _unexpected(what: str, err: Exception) -> str:
+    return f"{what}: unexpected error ({type(err).__name__}: {err})"
 
 
 def _read_in_worker(read: Callable[[], tuple[list[tuple], list[str]]], what: str,
@@ -138,9 +142,8 @@ def sample_in_turns(viewer: napari.Viewer, tuples: Sequence[tuple]) -> list[tupl
     if not tuples:
         return list(tuples)
     data, kwargs, kind = tuples[0]
-    opening, first = _queued(viewer, Opening()), []
-    _fill(weakref.ref(viewer), opening, tuples[1:],
-          first=[_taker(opening, data, tuples[0], first), _axial_if_waiting, _shower(first, kwargs)])
+    opening = _queued(viewer, Opening())
+    _fill(weakref.ref(viewer), opening, tuples[1:], first=_first_layer_steps(opening, data, tuples[0]))
     return [(data, {**kwargs, "visible": False}, kind)]
 
 
@@ -155,30 +158,32 @@ def sample_read_in_turns(viewer: napari.Viewer, placeholder: tuple,
     from napari.utils.notifications import show_error, show_warning
 
     zeros, kwargs, kind = placeholder
-    viewer_ref, opening, first = weakref.ref(viewer), _queued(viewer, Opening()), []
+    viewer_ref, opening = weakref.ref(viewer), _queued(viewer, Opening())
 
     def arrived(tuples: list[tuple], warnings: list[str]) -> None:
         for message in warnings:
             show_warning(message)
-        take_over = _taker(opening, zeros, tuples[0] if tuples else None, first)
-        _fill(viewer_ref, opening, tuples[1:], first=[take_over, _axial_if_waiting, _shower(first, kwargs)])
+        _fill(viewer_ref, opening, tuples[1:], first=_first_layer_steps(opening, zeros, tuples[0] if tuples else None))
 
     def failed(err: Exception) -> None:
-        show_error(str(err) if isinstance(err, RuntimeError | ValueError | OSError)
-                   else f"{what}: unexpected error ({type(err).__name__}: {err})")
-        _fill(viewer_ref, opening, [], first=[_taker(opening, zeros, None, first)])
+        show_error(str(err) if isinstance(err, RuntimeError | ValueError | OSError) else _unexpected(what, err))
+        _fill(viewer_ref, opening, [], first=_first_layer_steps(opening, zeros, None))
 
     _read_in_worker(read, what, arrived, failed)
     return [(zeros, {**kwargs, "visible": False}, kind)]
 
 
-def _shower(first: list, kwargs: dict) -> Callable[[napari.Viewer], None]:
-    """The step that shows a sample's first layer (found or made by an earlier step) as its kwargs ask."""
+def _first_layer_steps(opening: Opening, added: Any, data_tuple: tuple | None) -> list[Callable[[napari.Viewer], Any]]:
+    """A sample's first steps: the layer napari added in its call becomes ``data_tuple``'s (`_taker`), the view
+    turns axial if it waits for that, then the layer shows as the tuple's kwargs ask."""
+    first: list = []  # the first layer, once `_taker` found or made it
+
     def show(viewer: napari.Viewer) -> None:
         for layer in first:
             if layer in viewer.layers:
-                layer.visible = kwargs.get("visible", True)
-    return show
+                layer.visible = data_tuple[1].get("visible", True)
+
+    return [_taker(opening, added, data_tuple, first), _axial_if_waiting, show]
 
 
 def _taker(opening: Opening, added: Any, data_tuple: tuple | None, first: list) -> Callable[[napari.Viewer], None]:

@@ -44,7 +44,7 @@ def phantom_case_paths(case_id: str = PHANTOM_CASE) -> tuple[Path, Path | None]:
 
 def fcd_phantom_case() -> list:
     """FLAIR (Image) + lesion (Labels) of phantom patient sub-00001, overlaid in world millimetres."""
-    return _open("fcd_phantom_case", _phantom_layers)
+    return _open("fcd_phantom_case")
 
 
 def _phantom_layers() -> tuple[list[tuple], list[str]]:
@@ -59,22 +59,24 @@ def _phantom_layers() -> tuple[list[tuple], list[str]]:
     return layers, [f"NeuroMF sample data: {problem}" for problem in problems]
 
 
-def _open(key: str, read: Callable[[], tuple[list[tuple], list[str]]]) -> list:
-    """A sample's layers for napari. From a script: all of them, read now. From napari's GUI (File > Open Sample),
-    whose call holds its GUI thread: the first layer hidden and the rest in later turns (`_opening`); with the first
-    layer's grid recorded (`GRIDS_FILE`), that layer is added as a placeholder of its grid and the files are read in
-    a worker (`sample_read_in_turns`), else they are read here (`sample_in_turns`)."""
+def _open(key: str) -> list:
+    """Sample ``key``'s layers for napari (read by `sample_reads`). From a script: all of them, read now. From
+    napari's GUI (File > Open Sample), whose call holds its GUI thread: the first layer hidden and the rest in later
+    turns (`_opening`); with the first layer's grid recorded (`GRIDS_FILE`), that layer is added as a placeholder of
+    its grid and the files are read in a worker (`sample_read_in_turns`), else they are read here
+    (`sample_in_turns`)."""
     from napari.utils.notifications import show_warning
 
+    read = sample_reads()[key]
     viewer = guard_current_viewer()
-    if viewer is not None and opened_from_the_gui():
-        placeholder = _placeholder(key)
-        if placeholder is not None:
-            return sample_read_in_turns(viewer, placeholder, read, f"the NeuroMF sample {key}")
+    from_the_gui = viewer is not None and opened_from_the_gui()
+    placeholder = _placeholder(key) if from_the_gui else None
+    if placeholder is not None:
+        return sample_read_in_turns(viewer, placeholder, read, f"the NeuroMF sample {key}")
     layers, warnings = read()
     for message in warnings:
         show_warning(message)
-    return sample_in_turns(viewer, layers) if viewer is not None and opened_from_the_gui() else layers
+    return sample_in_turns(viewer, layers) if from_the_gui else layers
 
 
 def _placeholder(key: str) -> tuple | None:
@@ -137,10 +139,10 @@ def _pair_layers(mode: str) -> tuple[list[tuple], list[str]]:
 def generated_pair() -> list:
     """One (FLAIR, lesion) pair from the shipped 2 mm joint adapter, its FLAIR drawn by the 2 mm conditional
     adapter (seed 0, 32 Euler steps), pre-made."""
-    return _open("generated_pair", lambda: _pair_layers("joint"))
+    return _open("generated_pair")
 
 
 def conditional_pair() -> list:
     """A FLAIR generated for a lesion drawn from the training lesions by the shipped 2 mm conditional adapter
     (seed 0), pre-made."""
-    return _open("conditional_pair", lambda: _pair_layers("conditional"))
+    return _open("conditional_pair")
